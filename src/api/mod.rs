@@ -1,0 +1,227 @@
+//! The HTTP API (axum) under `/v1`, plus `/healthz`.
+//!
+//! Doc ids are percent-encoded in URLs (`sensors%2Fgreenhouse-3`). Write
+//! responses are sent after the write is durable. Every error is JSON
+//! `{"error": {"code", "message"}}`; bodies are parsed by us (not by axum's
+//! extractors) so that malformed input gets the same shape, and a rejected body
+//! never reaches the store.
+
+mod error;
+
+pub use error::{ApiError, ErrorBody, ErrorDetail};
+
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::Value as Json_;
+
+use crate::doc::{Change, DocId, Op, Pointer};
+use crate::node::Node;
+use error::WrappedRejection;
+
+/// Body of `POST /v1/docs`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRequest {
+    /// The id; generated when absent.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// The initial content, a JSON object.
+    pub value: Json_,
+}
+
+/// Query of `GET /v1/docs/{id}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GetQuery {
+    /// A JSON Pointer to a subtree.
+    pub path: Option<String>,
+}
+
+/// Body of `DELETE /v1/docs/{id}`'s response.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DeleteResponse {
+    /// The document.
+    pub id: String,
+    /// Heads at deletion.
+    pub heads: Vec<String>,
+    /// Always true.
+    pub deleted: bool,
+}
+
+/// Builds the router for `node`.
+pub fn router(node: Node) -> Router {
+    let limit = node.config().api.max_body_bytes;
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/v1/status", get(status))
+        .route("/v1/docs", post(create).get(list))
+        .route("/v1/docs/{id}", get(read).patch(patch).delete(delete))
+        .route("/v1/docs/{id}/ops", post(ops))
+        .route("/v1/docs/{id}/heads", get(heads))
+        .route("/v1/docs/{id}/history", get(history))
+        .fallback(no_route)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(node)
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+async fn healthz() -> Json<Json_> {
+    Json(serde_json::json!({"ok": true}))
+}
+
+async fn status(State(node): State<Node>) -> Json<crate::Status> {
+    Json(node.status().await)
+}
+
+async fn no_route() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "no_route",
+        "no such endpoint; see README for the API",
+    )
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this endpoint",
+    )
+}
+
+fn doc_id(path: Result<Path<String>, PathRejection>) -> ApiResult<DocId> {
+    let Path(id) = path.map_err(|r| WrappedRejection(r, None))?;
+    Ok(DocId::new(id)?)
+}
+
+fn body(b: Result<Bytes, BytesRejection>) -> ApiResult<Bytes> {
+    b.map_err(|r| {
+        let msg = (r.status() == StatusCode::PAYLOAD_TOO_LARGE)
+            .then(|| "request body is larger than api.max_body_bytes".to_string());
+        WrappedRejection(r, msg).into()
+    })
+}
+
+fn parse<T: serde::de::DeserializeOwned>(b: &Bytes) -> ApiResult<T> {
+    serde_json::from_slice(b).map_err(ApiError::bad_json)
+}
+
+/// Accepts `application/json`, `application/merge-patch+json`, or no content type.
+fn check_json_content_type(headers: &HeaderMap, merge_patch: bool) -> ApiResult<()> {
+    let Some(ct) = headers.get(header::CONTENT_TYPE) else {
+        return Ok(());
+    };
+    let ct = ct
+        .to_str()
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim();
+    let ok = ct.eq_ignore_ascii_case("application/json")
+        || (merge_patch && ct.eq_ignore_ascii_case("application/merge-patch+json"));
+    if ok {
+        Ok(())
+    } else {
+        let want = if merge_patch {
+            "application/merge-patch+json or application/json"
+        } else {
+            "application/json"
+        };
+        Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!("content type {ct:?} is not supported here; send {want}"),
+        ))
+    }
+}
+
+async fn create(
+    State(node): State<Node>,
+    headers: HeaderMap,
+    b: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    check_json_content_type(&headers, false)?;
+    let req: CreateRequest = parse(&body(b)?)?;
+    let id = req.id.map(DocId::new).transpose()?;
+    let result = node.docs().create(id, req.value).await?;
+    Ok((StatusCode::CREATED, Json(result)).into_response())
+}
+
+async fn list(State(node): State<Node>) -> ApiResult<Response> {
+    Ok(Json(node.docs().list().await?).into_response())
+}
+
+async fn read(
+    State(node): State<Node>,
+    path: Result<Path<String>, PathRejection>,
+    q: Result<Query<GetQuery>, QueryRejection>,
+) -> ApiResult<Response> {
+    let id = doc_id(path)?;
+    let Query(q) = q.map_err(|r| WrappedRejection(r, None))?;
+    let ptr = q.path.as_deref().map(Pointer::parse).transpose()?;
+    Ok(Json(node.docs().get(id, ptr).await?).into_response())
+}
+
+async fn patch(
+    State(node): State<Node>,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    b: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let id = doc_id(path)?;
+    check_json_content_type(&headers, true)?;
+    let patch: Json_ = parse(&body(b)?)?;
+    Ok(Json(node.docs().write(id, Change::Patch(patch)).await?).into_response())
+}
+
+async fn ops(
+    State(node): State<Node>,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    b: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let id = doc_id(path)?;
+    check_json_content_type(&headers, false)?;
+    let ops: Vec<Op> = parse(&body(b)?)?;
+    Ok(Json(node.docs().write(id, Change::Ops(ops)).await?).into_response())
+}
+
+async fn heads(
+    State(node): State<Node>,
+    path: Result<Path<String>, PathRejection>,
+) -> ApiResult<Response> {
+    let id = doc_id(path)?;
+    let heads = node.docs().heads(id.clone()).await?;
+    Ok(Json(serde_json::json!({"id": id, "heads": heads})).into_response())
+}
+
+async fn history(
+    State(node): State<Node>,
+    path: Result<Path<String>, PathRejection>,
+) -> ApiResult<Response> {
+    let id = doc_id(path)?;
+    Ok(Json(node.docs().history(id).await?).into_response())
+}
+
+async fn delete(
+    State(node): State<Node>,
+    path: Result<Path<String>, PathRejection>,
+) -> ApiResult<Response> {
+    let id = doc_id(path)?;
+    let r = node.docs().delete(id).await?;
+    Ok(Json(DeleteResponse {
+        id: r.id.to_string(),
+        heads: r.heads,
+        deleted: true,
+    })
+    .into_response())
+}

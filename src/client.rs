@@ -1,0 +1,246 @@
+//! A typed HTTP client of the node's API, used by the CLI, the benchmark and tests.
+
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde_json::Value as Json;
+
+use crate::api::{CreateRequest, DeleteResponse, ErrorBody};
+use crate::doc::{DocInfo, HistoryEntry, Op, WriteResult};
+use crate::node::Status;
+
+/// Errors of the client, each a one-line reason.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The node could not be reached.
+    #[error(
+        "cannot reach a mergeflow node at {url}: {reason} (is `mergeflow start` running? set --api or MERGEFLOW_API)"
+    )]
+    Unreachable {
+        /// The API base URL.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// The node answered with an error.
+    #[error("{message} ({status} {code})")]
+    Api {
+        /// HTTP status.
+        status: u16,
+        /// Error code from the body.
+        code: String,
+        /// Error message from the body.
+        message: String,
+    },
+    /// The node's answer was not what the client expected.
+    #[error("unexpected response from {url}: {reason}")]
+    Protocol {
+        /// The URL.
+        url: String,
+        /// What was wrong.
+        reason: String,
+    },
+}
+
+/// A client of one node.
+#[derive(Clone, Debug)]
+pub struct Client {
+    base: String,
+    http: reqwest::Client,
+}
+
+/// Percent-encodes a doc id for a URL path segment (`/` becomes `%2F`).
+pub fn encode_id(id: &str) -> String {
+    let mut out = String::with_capacity(id.len());
+    for b in id.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+impl Client {
+    /// A client for the API at `base` (`http://127.0.0.1:7700` or `127.0.0.1:7700`).
+    pub fn new(base: &str) -> Client {
+        let base = base.trim_end_matches('/');
+        let base = if base.contains("://") {
+            base.to_string()
+        } else {
+            format!("http://{base}")
+        };
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(120))
+            .build()
+            .expect("reqwest client builds");
+        Client { base, http }
+    }
+
+    /// The base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    fn doc_url(&self, id: &str, suffix: &str) -> String {
+        format!("{}/v1/docs/{}{suffix}", self.base, encode_id(id))
+    }
+
+    async fn send<T: DeserializeOwned>(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> Result<T, ClientError> {
+        let resp = req.send().await.map_err(|e| {
+            let mut reason = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                reason = s.to_string();
+                src = s.source();
+            }
+            ClientError::Unreachable {
+                url: self.base.clone(),
+                reason,
+            }
+        })?;
+        let status = resp.status();
+        let url = resp.url().to_string();
+        let bytes = resp.bytes().await.map_err(|e| ClientError::Protocol {
+            url: url.clone(),
+            reason: e.to_string(),
+        })?;
+        if !status.is_success() {
+            return Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
+                Ok(b) => ClientError::Api {
+                    status: status.as_u16(),
+                    code: b.error.code,
+                    message: b.error.message,
+                },
+                Err(_) => ClientError::Api {
+                    status: status.as_u16(),
+                    code: "http".into(),
+                    message: String::from_utf8_lossy(&bytes).chars().take(200).collect(),
+                },
+            });
+        }
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol {
+            url,
+            reason: e.to_string(),
+        })
+    }
+
+    /// `POST /v1/docs`
+    ///
+    /// # Errors
+    /// [`ClientError`].
+    pub async fn create(&self, id: Option<&str>, value: Json) -> Result<WriteResult, ClientError> {
+        let body = CreateRequest {
+            id: id.map(str::to_string),
+            value,
+        };
+        self.send(self.http.post(format!("{}/v1/docs", self.base)).json(&body))
+            .await
+    }
+
+    /// `GET /v1/docs/{id}` (with `?path=`).
+    ///
+    /// # Errors
+    /// [`ClientError`].
+    pub async fn get(&self, id: &str, path: Option<&str>) -> Result<Json, ClientError> {
+        let mut req = self.http.get(self.doc_url(id, ""));
+        if let Some(p) = path {
+            req = req.query(&[("path", p)]);
+        }
+        self.send(req).await
+    }
+
+    /// `PATCH /v1/docs/{id}` with a merge patch.
+    ///
+    /// # Errors
+    /// [`ClientError`].
+    pub async fn patch(&self, id: &str, patch: &Json) -> Result<WriteResult, ClientError> {
+        let req = self
+            .http
+            .patch(self.doc_url(id, ""))
+            .header("content-type", "application/merge-patch+json")
+            .body(patch.to_string());
+        self.send(req).await
+    }
+
+    /// `POST /v1/docs/{id}/ops`
+    ///
+    /// # Errors
+    /// [`ClientError`].
+    pub async fn ops(&self, id: &str, ops: &[Op]) -> Result<WriteResult, ClientError> {
+        self.send(self.http.post(self.doc_url(id, "/ops")).json(ops))
+            .await
+    }
+
+    /// `GET /v1/docs`
+    ///
+    /// # Errors
+    /// [`ClientError`].
+    pub async fn list(&self) -> Result<Vec<DocInfo>, ClientError> {
+        self.send(self.http.get(format!("{}/v1/docs", self.base)))
+            .await
+    }
+
+    /// `GET /v1/docs/{id}/heads`
+    ///
+    /// # Errors
+    /// [`ClientError`].
+    pub async fn heads(&self, id: &str) -> Result<Vec<String>, ClientError> {
+        #[derive(serde::Deserialize)]
+        struct Heads {
+            heads: Vec<String>,
+        }
+        let h: Heads = self.send(self.http.get(self.doc_url(id, "/heads"))).await?;
+        Ok(h.heads)
+    }
+
+    /// `GET /v1/docs/{id}/history`
+    ///
+    /// # Errors
+    /// [`ClientError`].
+    pub async fn history(&self, id: &str) -> Result<Vec<HistoryEntry>, ClientError> {
+        self.send(self.http.get(self.doc_url(id, "/history"))).await
+    }
+
+    /// `DELETE /v1/docs/{id}`
+    ///
+    /// # Errors
+    /// [`ClientError`].
+    pub async fn delete(&self, id: &str) -> Result<DeleteResponse, ClientError> {
+        self.send(self.http.delete(self.doc_url(id, ""))).await
+    }
+
+    /// `GET /v1/status`
+    ///
+    /// # Errors
+    /// [`ClientError`].
+    pub async fn status(&self) -> Result<Status, ClientError> {
+        self.send(self.http.get(format!("{}/v1/status", self.base)))
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_encoded_as_one_segment() {
+        assert_eq!(encode_id("sensors/greenhouse-3"), "sensors%2Fgreenhouse-3");
+        assert_eq!(encode_id("a:b.c_d"), "a%3Ab.c_d");
+    }
+
+    #[test]
+    fn base_gets_a_scheme() {
+        assert_eq!(
+            Client::new("127.0.0.1:7700/").base(),
+            "http://127.0.0.1:7700"
+        );
+        assert_eq!(Client::new("http://h:1").base(), "http://h:1");
+    }
+}

@@ -1,0 +1,520 @@
+//! Configuration: defaults < TOML file < `MERGEFLOW_<TABLE>_<KEY>` env < flags.
+//!
+//! Every key is documented in `config.example.toml` (a test parses it). An unknown
+//! key or a bad value is an error that names the key and where it came from.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::doc::{DocsConfig, StringMode};
+
+/// The node's configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// `[node]`
+    pub node: NodeConfig,
+    /// `[store]`
+    pub store: StoreConfig,
+    /// `[doc]`
+    pub doc: DocConfig,
+    /// `[api]`
+    pub api: ApiConfig,
+    /// `[log]`
+    pub log: LogConfig,
+    /// `[perf]`
+    pub perf: PerfConfig,
+}
+
+/// `[node]`: identity and where data lives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Data directory (created if missing).
+    pub data_dir: PathBuf,
+}
+
+/// `[store]`: sled and the document cache.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// sled's page cache, in bytes.
+    pub cache_bytes: u64,
+    /// Documents kept loaded in memory.
+    pub cache_docs: usize,
+    /// Compact a document's change tail into a snapshot at this many changes.
+    pub compact_after_changes: u64,
+}
+
+/// `[doc]`: document limits and JSON mapping.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DocConfig {
+    /// `scalar` or `text`: how JSON strings are stored.
+    pub strings: StringMode,
+    /// Largest change, in bytes.
+    pub max_change_bytes: u64,
+    /// Largest stored document, in bytes.
+    pub max_doc_bytes: u64,
+}
+
+/// `[api]`: the HTTP API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Listen address; port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Largest request body, in bytes.
+    pub max_body_bytes: usize,
+}
+
+/// `[log]`: tracing output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// An env-filter directive such as `info` or `mergeflow=debug,info`.
+    /// `RUST_LOG`, when set, wins.
+    pub level: String,
+    /// `text` or `json`.
+    pub format: LogFormat,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[perf]`: queue sizes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PerfConfig {
+    /// Writers that may wait for the group-commit flush at once; more wait for room.
+    pub flush_queue: usize,
+    /// Milliseconds that shutdown waits for in-flight requests before giving up.
+    pub shutdown_timeout_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let docs = DocsConfig::default();
+        Config {
+            node: NodeConfig {
+                data_dir: PathBuf::from("mergeflow-data"),
+            },
+            store: StoreConfig {
+                cache_bytes: 64 << 20,
+                cache_docs: docs.cache_docs,
+                compact_after_changes: docs.compact_after_changes,
+            },
+            doc: DocConfig {
+                strings: docs.strings,
+                max_change_bytes: docs.max_change_bytes,
+                max_doc_bytes: docs.max_doc_bytes,
+            },
+            api: ApiConfig {
+                listen: SocketAddr::from(([127, 0, 0, 1], 7700)),
+                max_body_bytes: 4 << 20,
+            },
+            log: LogConfig {
+                level: "info".into(),
+                format: LogFormat::Text,
+            },
+            perf: PerfConfig {
+                flush_queue: 4096,
+                shutdown_timeout_ms: 10_000,
+            },
+        }
+    }
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Config::default().node
+    }
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Config::default().store
+    }
+}
+
+impl Default for DocConfig {
+    fn default() -> Self {
+        Config::default().doc
+    }
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Config::default().api
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Config::default().log
+    }
+}
+
+impl Default for PerfConfig {
+    fn default() -> Self {
+        Config::default().perf
+    }
+}
+
+/// Errors loading configuration; each names the key or file and line.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file cannot be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML or has a bad or unknown key.
+    #[error("config file {path}: {message}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// An environment variable names an unknown key or has a bad value.
+    #[error("environment variable {var}: {message}")]
+    Env {
+        /// The variable.
+        var: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A value is out of its allowed range.
+    #[error("config key {key}: {message}")]
+    Invalid {
+        /// `table.key`
+        key: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Values given as command-line flags; `None` leaves the lower layers.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    /// `--data-dir`
+    pub data_dir: Option<PathBuf>,
+    /// `--api`
+    pub api_listen: Option<SocketAddr>,
+    /// `--log-format`
+    pub log_format: Option<LogFormat>,
+    /// `--log-level`
+    pub log_level: Option<String>,
+}
+
+impl Config {
+    /// Loads the config: defaults, then `file`, then `MERGEFLOW_*` variables from
+    /// `env`, then `flags`; validates the result.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the file line, variable or key at fault.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        flags: &Overrides,
+    ) -> Result<Config, ConfigError> {
+        let mut config = match file {
+            None => Config::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                Config::from_toml(&text).map_err(|message| ConfigError::File {
+                    path: path.to_path_buf(),
+                    message,
+                })?
+            }
+        };
+        config.apply_env(env)?;
+        if let Some(d) = &flags.data_dir {
+            config.node.data_dir = d.clone();
+        }
+        if let Some(a) = flags.api_listen {
+            config.api.listen = a;
+        }
+        if let Some(f) = flags.log_format {
+            config.log.format = f;
+        }
+        if let Some(l) = &flags.log_level {
+            config.log.level = l.clone();
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML text, with the parser's message (line, column, key) on error.
+    ///
+    /// # Errors
+    /// The message.
+    pub fn from_toml(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())
+    }
+
+    /// Applies `MERGEFLOW_<TABLE>_<KEY>=value` variables; other variables are ignored.
+    fn apply_env(
+        &mut self,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(), ConfigError> {
+        let current = toml::Table::try_from(&*self).expect("config serializes");
+        let mut tables: BTreeMap<String, toml::Table> = BTreeMap::new();
+        let mut any = false;
+        for (var, raw) in env {
+            let Some(rest) = var.strip_prefix("MERGEFLOW_") else {
+                continue;
+            };
+            let rest = rest.to_ascii_lowercase();
+            let Some((table, key)) = current.keys().find_map(|t| {
+                Some((
+                    t.as_str(),
+                    rest.strip_prefix(t.as_str())?.strip_prefix('_')?,
+                ))
+            }) else {
+                continue; // Not a config table (e.g. MERGEFLOW_API for the CLI).
+            };
+            let err = |message: String| ConfigError::Env {
+                var: var.clone(),
+                message,
+            };
+            let Some(old) = current[table].as_table().and_then(|t| t.get(key)) else {
+                let known: Vec<_> = current[table]
+                    .as_table()
+                    .into_iter()
+                    .flatten()
+                    .map(|(k, _)| k.as_str())
+                    .collect();
+                return Err(err(format!(
+                    "unknown config key {table}.{key}; [{table}] has: {}",
+                    known.join(", ")
+                )));
+            };
+            let value = match old {
+                toml::Value::String(_) => toml::Value::String(raw.clone()),
+                _ => toml::from_str::<toml::Table>(&format!("v = {raw}"))
+                    .ok()
+                    .and_then(|mut t| t.remove("v"))
+                    .filter(|v| v.same_type(old))
+                    .ok_or_else(|| {
+                        err(format!(
+                            "{table}.{key} expects a TOML {}, got {raw:?}",
+                            old.type_str()
+                        ))
+                    })?,
+            };
+            tables
+                .entry(table.to_string())
+                .or_default()
+                .insert(key.to_string(), value);
+            any = true;
+        }
+        if !any {
+            return Ok(());
+        }
+        let mut merged = current;
+        for (table, values) in tables {
+            if let Some(t) = merged.get_mut(&table).and_then(|t| t.as_table_mut()) {
+                t.extend(values);
+            }
+        }
+        *self = merged
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Env {
+                var: "MERGEFLOW_*".into(),
+                message: e.to_string(),
+            })?;
+        Ok(())
+    }
+
+    /// Checks ranges and cross-key rules.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                message: message.to_string(),
+            })
+        };
+        if self.store.cache_docs == 0 {
+            return invalid("store.cache_docs", "must be at least 1");
+        }
+        if self.store.compact_after_changes == 0 {
+            return invalid("store.compact_after_changes", "must be at least 1");
+        }
+        if self.doc.max_change_bytes == 0 {
+            return invalid("doc.max_change_bytes", "must be at least 1");
+        }
+        if self.doc.max_doc_bytes < self.doc.max_change_bytes {
+            return invalid("doc.max_doc_bytes", "must be at least doc.max_change_bytes");
+        }
+        if self.api.max_body_bytes < 1024 {
+            return invalid("api.max_body_bytes", "must be at least 1024");
+        }
+        if self.perf.flush_queue == 0 {
+            return invalid("perf.flush_queue", "must be at least 1");
+        }
+        if self.node.data_dir.as_os_str().is_empty() {
+            return invalid("node.data_dir", "must not be empty");
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return invalid(
+                "log.level",
+                &format!("{:?} is not a filter: {e}", self.log.level),
+            );
+        }
+        Ok(())
+    }
+
+    /// The document service settings.
+    pub fn docs(&self) -> DocsConfig {
+        DocsConfig {
+            strings: self.doc.strings,
+            max_change_bytes: self.doc.max_change_bytes,
+            max_doc_bytes: self.doc.max_doc_bytes,
+            compact_after_changes: self.store.compact_after_changes,
+            cache_docs: self.store.cache_docs,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(vars: &[(&str, &str)]) -> Vec<(String, String)> {
+        vars.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn example_file_parses_and_matches_defaults() {
+        let text = include_str!("../config.example.toml");
+        assert_eq!(Config::from_toml(text).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn example_file_documents_every_key() {
+        let text = include_str!("../config.example.toml");
+        let table = toml::Table::try_from(Config::default()).unwrap();
+        for (t, keys) in table {
+            assert!(text.contains(&format!("[{t}]")), "table [{t}] missing");
+            for (k, _) in keys.as_table().unwrap() {
+                assert!(text.contains(&format!("\n{k} = ")), "key {t}.{k} missing");
+            }
+        }
+    }
+
+    #[test]
+    fn layers_apply_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "[api]\nlisten = \"127.0.0.1:1\"\n[doc]\nmax_change_bytes = 5000\nstrings = \"text\"\n",
+        )
+        .unwrap();
+        let e = env(&[
+            ("MERGEFLOW_API_LISTEN", "127.0.0.1:2"),
+            ("MERGEFLOW_NODE_DATA_DIR", "/tmp/x"),
+            ("MERGEFLOW_API", "http://ignored"),
+            ("OTHER", "1"),
+        ]);
+        let c = Config::load(Some(&file), e.clone(), &Overrides::default()).unwrap();
+        assert_eq!(c.api.listen.port(), 2);
+        assert_eq!(c.doc.max_change_bytes, 5000);
+        assert_eq!(c.doc.strings, StringMode::Text);
+        assert_eq!(c.node.data_dir, PathBuf::from("/tmp/x"));
+        let flags = Overrides {
+            api_listen: Some("127.0.0.1:3".parse().unwrap()),
+            ..Default::default()
+        };
+        assert_eq!(
+            Config::load(Some(&file), e, &flags)
+                .unwrap()
+                .api
+                .listen
+                .port(),
+            3
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_key() {
+        let cases = [
+            ("[api]\nlistn = \"x\"\n", "listn"),
+            ("[nope]\n", "nope"),
+            ("[api]\nlisten = \"not an addr\"\n", "listen"),
+            ("[doc]\nmax_change_bytes = \"big\"\n", "max_change_bytes"),
+            ("[doc]\nstrings = \"rope\"\n", "strings"),
+            ("[api\n", "line 1"),
+        ];
+        for (text, want) in cases {
+            let err = Config::from_toml(text).unwrap_err();
+            assert!(err.contains(want), "{text:?}: {err}");
+        }
+        let err = Config::load(
+            None,
+            env(&[("MERGEFLOW_DOC_MAX_CHANGE_BYTE", "1")]),
+            &Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("MERGEFLOW_DOC_MAX_CHANGE_BYTE") && err.contains("doc.max_change_byte"),
+            "{err}"
+        );
+        let err = Config::load(
+            None,
+            env(&[("MERGEFLOW_DOC_MAX_CHANGE_BYTES", "lots")]),
+            &Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("expects a TOML integer"), "{err}");
+        let err = Config::load(
+            None,
+            env(&[("MERGEFLOW_API_LISTEN", "nowhere")]),
+            &Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("MERGEFLOW_"), "{err}");
+    }
+
+    #[test]
+    fn ranges_are_checked() {
+        let mut c = Config::default();
+        c.doc.max_doc_bytes = 1;
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("doc.max_doc_bytes")
+        );
+        let mut c = Config::default();
+        c.log.level = "=bad=".into();
+        assert!(c.validate().unwrap_err().to_string().contains("log.level"));
+    }
+}

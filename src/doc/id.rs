@@ -1,0 +1,124 @@
+//! Document ids: `[A-Za-z0-9._:/-]{1,200}`, chosen by the writer or generated.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use super::DocError;
+
+/// Longest doc id, in bytes.
+pub const MAX_ID_LEN: usize = 200;
+
+/// A validated document id such as `sensors/greenhouse-3`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct DocId(String);
+
+impl DocId {
+    /// Validates `s` as a doc id.
+    ///
+    /// # Errors
+    /// [`DocError::InvalidId`] naming the first offending character or the length.
+    pub fn new(s: impl Into<String>) -> Result<DocId, DocError> {
+        let s = s.into();
+        if s.is_empty() || s.len() > MAX_ID_LEN {
+            return Err(DocError::InvalidId {
+                id: preview(&s),
+                reason: format!("length must be 1 to {MAX_ID_LEN} bytes, got {}", s.len()),
+            });
+        }
+        if let Some((i, c)) = s.char_indices().find(|(_, c)| !valid_char(*c)) {
+            return Err(DocError::InvalidId {
+                id: preview(&s),
+                reason: format!("character {c:?} at byte {i} is not one of A-Z a-z 0-9 . _ : / -"),
+            });
+        }
+        Ok(DocId(s))
+    }
+
+    /// A fresh random id: 26 lowercase base32 characters (128 bits).
+    pub fn generate() -> DocId {
+        const ALPHABET: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
+        let bits: u128 = rand::random();
+        let s = (0..26)
+            .map(|i| ALPHABET[((bits >> (i * 5)) & 31) as usize] as char)
+            .collect();
+        DocId(s)
+    }
+
+    /// The id as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+fn valid_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '/' | '-')
+}
+
+fn preview(s: &str) -> String {
+    let mut p: String = s.chars().take(60).collect();
+    if p.len() < s.len() {
+        p.push('…');
+    }
+    p
+}
+
+impl fmt::Display for DocId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl TryFrom<String> for DocId {
+    type Error = DocError;
+    fn try_from(s: String) -> Result<Self, DocError> {
+        DocId::new(s)
+    }
+}
+
+impl From<DocId> for String {
+    fn from(id: DocId) -> String {
+        id.0
+    }
+}
+
+impl std::str::FromStr for DocId {
+    type Err = DocError;
+    fn from_str(s: &str) -> Result<Self, DocError> {
+        DocId::new(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_documented_examples() {
+        for ok in ["sensors/greenhouse-3", "a", "x:y.z_1-2", &"a".repeat(200)] {
+            assert_eq!(DocId::new(ok).unwrap().as_str(), ok);
+        }
+    }
+
+    #[test]
+    fn rejects_bad_ids_with_reason() {
+        let err = DocId::new("").unwrap_err().to_string();
+        assert!(err.contains("length"), "{err}");
+        let err = DocId::new("a".repeat(201)).unwrap_err().to_string();
+        assert!(err.contains("length"), "{err}");
+        let err = DocId::new("a b").unwrap_err().to_string();
+        assert!(err.contains("' ' at byte 1"), "{err}");
+        assert!(DocId::new("a\0b").is_err());
+        assert!(DocId::new("é").is_err());
+    }
+
+    #[test]
+    fn generated_ids_are_valid_and_distinct() {
+        let a = DocId::generate();
+        let b = DocId::generate();
+        assert_ne!(a, b);
+        assert_eq!(DocId::new(a.as_str()).unwrap(), a);
+        assert_eq!(a.as_str().len(), 26);
+    }
+}

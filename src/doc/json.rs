@@ -1,0 +1,225 @@
+//! JSON <-> Automerge.
+//!
+//! Automerge to JSON: maps -> objects (keys in Automerge's sorted order), lists ->
+//! arrays, text -> strings, counters and timestamps -> numbers, bytes -> arrays of
+//! numbers, null/bool/int/uint/f64 as themselves. Where concurrent writes left a
+//! conflict, the value Automerge picks as the winner is shown.
+//!
+//! JSON to Automerge: objects -> maps, arrays -> lists, numbers -> int (i64), uint
+//! (above i64::MAX) or f64, strings -> scalar strings or text objects
+//! ([`StringMode`]), null/bool as themselves.
+
+use automerge::transaction::Transactable;
+use automerge::{ObjId, ObjType, Prop, ReadDoc, ScalarValue, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Number, Value as Json};
+
+use super::DocError;
+
+/// How JSON strings are stored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StringMode {
+    /// Scalar strings: a concurrent write replaces the whole string (last writer wins).
+    #[default]
+    Scalar,
+    /// Text objects: concurrent edits merge character by character; merge patches
+    /// update them with a minimal diff.
+    Text,
+}
+
+/// Renders the object `obj` of type `ty` as JSON.
+///
+/// # Errors
+/// Automerge errors on a malformed object id.
+pub fn to_json<R: ReadDoc>(doc: &R, obj: &ObjId, ty: ObjType) -> Result<Json, DocError> {
+    Ok(match ty {
+        ObjType::Map | ObjType::Table => {
+            let mut out = Map::new();
+            for key in doc.keys(obj) {
+                if let Some((v, id)) = doc.get(obj, key.as_str())? {
+                    out.insert(key, value_to_json(doc, v, &id)?);
+                }
+            }
+            Json::Object(out)
+        }
+        ObjType::List => {
+            let len = doc.length(obj);
+            let mut out = Vec::with_capacity(len);
+            for i in 0..len {
+                match doc.get(obj, i)? {
+                    Some((v, id)) => out.push(value_to_json(doc, v, &id)?),
+                    None => out.push(Json::Null),
+                }
+            }
+            Json::Array(out)
+        }
+        ObjType::Text => Json::String(doc.text(obj)?),
+    })
+}
+
+/// Renders one value (scalar or object) as JSON.
+pub(crate) fn value_to_json<R: ReadDoc>(
+    doc: &R,
+    v: Value<'_>,
+    id: &ObjId,
+) -> Result<Json, DocError> {
+    match v {
+        Value::Object(ty) => to_json(doc, id, ty),
+        Value::Scalar(s) => Ok(scalar_to_json(&s)),
+    }
+}
+
+/// Renders a scalar as JSON.
+pub(crate) fn scalar_to_json(s: &ScalarValue) -> Json {
+    match s {
+        ScalarValue::Bytes(b) => Json::Array(b.iter().map(|x| Json::from(*x)).collect()),
+        ScalarValue::Str(s) => Json::String(s.to_string()),
+        ScalarValue::Int(i) => Json::from(*i),
+        ScalarValue::Uint(u) => Json::from(*u),
+        ScalarValue::F64(f) => Number::from_f64(*f).map_or(Json::Null, Json::Number),
+        ScalarValue::Counter(c) => Json::from(i64::from(c)),
+        ScalarValue::Timestamp(t) => Json::from(*t),
+        ScalarValue::Boolean(b) => Json::Bool(*b),
+        ScalarValue::Unknown { bytes, .. } => {
+            Json::Array(bytes.iter().map(|x| Json::from(*x)).collect())
+        }
+        ScalarValue::Null => Json::Null,
+    }
+}
+
+/// Converts a JSON scalar (not object, array or string in text mode) to Automerge.
+pub(crate) fn json_to_scalar(v: &Json) -> ScalarValue {
+    match v {
+        Json::Null => ScalarValue::Null,
+        Json::Bool(b) => ScalarValue::Boolean(*b),
+        Json::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                ScalarValue::Int(i)
+            } else if let Some(u) = n.as_u64() {
+                ScalarValue::Uint(u)
+            } else {
+                ScalarValue::F64(n.as_f64().unwrap_or(f64::NAN))
+            }
+        }
+        Json::String(s) => ScalarValue::Str(s.as_str().into()),
+        Json::Array(_) | Json::Object(_) => unreachable!("json_to_scalar called on a container"),
+    }
+}
+
+/// Where a new value goes: put at a map key or list index, or inserted into a list.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Slot {
+    /// Put (overwrite).
+    Put,
+    /// Insert before the index.
+    Insert,
+}
+
+/// Writes `v` into `obj` at `prop`, creating nested objects.
+pub(crate) fn write_json<T: Transactable>(
+    tx: &mut T,
+    obj: &ObjId,
+    prop: Prop,
+    slot: Slot,
+    v: &Json,
+    strings: StringMode,
+) -> Result<(), DocError> {
+    let new_obj = |tx: &mut T, ty: ObjType| -> Result<ObjId, DocError> {
+        Ok(match (slot, &prop) {
+            (Slot::Insert, Prop::Seq(i)) => tx.insert_object(obj, *i, ty)?,
+            _ => tx.put_object(obj, prop.clone(), ty)?,
+        })
+    };
+    match v {
+        Json::Object(map) => {
+            let child = new_obj(tx, ObjType::Map)?;
+            for (k, v) in map {
+                write_json(tx, &child, Prop::Map(k.clone()), Slot::Put, v, strings)?;
+            }
+        }
+        Json::Array(items) => {
+            let child = new_obj(tx, ObjType::List)?;
+            for (i, v) in items.iter().enumerate() {
+                write_json(tx, &child, Prop::Seq(i), Slot::Insert, v, strings)?;
+            }
+        }
+        Json::String(s) if strings == StringMode::Text => {
+            let child = new_obj(tx, ObjType::Text)?;
+            tx.splice_text(&child, 0, 0, s)?;
+        }
+        scalar => write_scalar(tx, obj, prop, slot, json_to_scalar(scalar))?,
+    }
+    Ok(())
+}
+
+/// Puts or inserts a scalar.
+pub(crate) fn write_scalar<T: Transactable>(
+    tx: &mut T,
+    obj: &ObjId,
+    prop: Prop,
+    slot: Slot,
+    value: ScalarValue,
+) -> Result<(), DocError> {
+    match (slot, prop) {
+        (Slot::Insert, Prop::Seq(i)) => tx.insert(obj, i, value)?,
+        (_, prop) => tx.put(obj, prop, value)?,
+    }
+    Ok(())
+}
+
+/// A short name of what a value is, for error messages.
+pub(crate) fn describe(v: &Value<'_>) -> String {
+    match v {
+        Value::Object(ObjType::Map | ObjType::Table) => "an object".into(),
+        Value::Object(ObjType::List) => "a list".into(),
+        Value::Object(ObjType::Text) => "text".into(),
+        Value::Scalar(s) => match s.as_ref() {
+            ScalarValue::Str(_) => "a string".into(),
+            ScalarValue::Counter(_) => "a counter".into(),
+            ScalarValue::Int(_) | ScalarValue::Uint(_) | ScalarValue::F64(_) => "a number".into(),
+            ScalarValue::Boolean(_) => "a boolean".into(),
+            ScalarValue::Null => "null".into(),
+            ScalarValue::Timestamp(_) => "a timestamp".into(),
+            ScalarValue::Bytes(_) | ScalarValue::Unknown { .. } => "bytes".into(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use automerge::{Automerge, ROOT};
+    use serde_json::json;
+
+    fn roundtrip(v: Json, strings: StringMode) -> Json {
+        let mut doc = Automerge::new();
+        let mut tx = doc.transaction();
+        for (k, v) in v.as_object().unwrap() {
+            write_json(&mut tx, &ROOT, Prop::Map(k.clone()), Slot::Put, v, strings).unwrap();
+        }
+        tx.commit();
+        to_json(&doc, &ROOT, ObjType::Map).unwrap()
+    }
+
+    #[test]
+    fn json_roundtrips_in_both_string_modes() {
+        let v = json!({
+            "s": "héllo", "i": -3, "u": u64::MAX, "f": 1.5, "b": true, "n": null,
+            "list": [1, "two", [3], {"four": 4}], "nested": {"a": {"b": {}}}, "empty": []
+        });
+        assert_eq!(roundtrip(v.clone(), StringMode::Scalar), v);
+        assert_eq!(roundtrip(v.clone(), StringMode::Text), v);
+    }
+
+    #[test]
+    fn scalars_render_as_json() {
+        assert_eq!(scalar_to_json(&ScalarValue::counter(7)), json!(7));
+        assert_eq!(scalar_to_json(&ScalarValue::Timestamp(5)), json!(5));
+        assert_eq!(
+            scalar_to_json(&ScalarValue::Bytes(vec![1, 2])),
+            json!([1, 2])
+        );
+        assert_eq!(scalar_to_json(&ScalarValue::F64(f64::NAN)), json!(null));
+    }
+}

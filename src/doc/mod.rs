@@ -1,0 +1,103 @@
+//! Documents: ids, JSON <-> Automerge, merge patches, explicit ops, JSON Pointer
+//! paths, size limits, and the document service that applies writes durably.
+//!
+//! This module owns the in-memory Automerge documents. It reaches sled only
+//! through [`crate::store::Store`] and never on the async executor.
+
+mod id;
+mod json;
+mod ops;
+mod patch;
+mod path;
+mod service;
+
+pub use id::{DocId, MAX_ID_LEN};
+pub use json::{StringMode, to_json};
+pub use ops::{Op, ValueKind, apply_ops};
+pub use patch::apply_merge_patch;
+pub use path::Pointer;
+pub(crate) use service::now_ms;
+pub use service::{Change, DocInfo, Docs, DocsConfig, HistoryEntry, WriteResult};
+
+use crate::store::StoreError;
+
+/// Errors from document operations. Each says what and where.
+#[derive(Debug, thiserror::Error)]
+pub enum DocError {
+    /// The doc id does not match `[A-Za-z0-9._:/-]{1,200}`.
+    #[error("invalid doc id {id:?}: {reason}")]
+    InvalidId {
+        /// The id (shortened).
+        id: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// No document with this id.
+    #[error("doc {0:?} not found")]
+    NotFound(String),
+    /// The document was deleted; its tombstone stays.
+    #[error("doc {0:?} was deleted")]
+    Deleted(String),
+    /// A create named an id that exists.
+    #[error("doc {0:?} already exists")]
+    AlreadyExists(String),
+    /// A JSON Pointer is malformed.
+    #[error("invalid path {path:?}: {reason}")]
+    BadPath {
+        /// The pointer as given.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A JSON Pointer names nothing in the document.
+    #[error("path {0:?} does not exist in the document")]
+    PathNotFound(String),
+    /// The value at a path has the wrong type for the operation.
+    #[error("path {path:?} holds {found}, but {op} needs {expected}")]
+    TypeMismatch {
+        /// The pointer.
+        path: String,
+        /// The operation.
+        op: &'static str,
+        /// What the operation needs.
+        expected: &'static str,
+        /// What is there.
+        found: String,
+    },
+    /// A value or request cannot be applied.
+    #[error("{0}")]
+    BadValue(String),
+    /// The change is bigger than `doc.max_change_bytes`.
+    #[error("change of {size} bytes exceeds the cap doc.max_change_bytes = {cap}")]
+    ChangeTooLarge {
+        /// Encoded change size.
+        size: u64,
+        /// The cap.
+        cap: u64,
+    },
+    /// The document would grow past `doc.max_doc_bytes`.
+    #[error("doc would grow to {size} bytes, over the cap doc.max_doc_bytes = {cap}")]
+    DocTooLarge {
+        /// Stored size after the change.
+        size: u64,
+        /// The cap.
+        cap: u64,
+    },
+    /// A stored document does not load.
+    #[error("stored doc {id:?} does not load: {reason}")]
+    Corrupt {
+        /// The doc.
+        id: String,
+        /// What Automerge said.
+        reason: String,
+    },
+    /// Automerge refused an operation.
+    #[error("automerge: {0}")]
+    Automerge(#[from] automerge::AutomergeError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A blocking task panicked or the node is shutting down.
+    #[error("internal error: {0}")]
+    Internal(String),
+}

@@ -1,0 +1,198 @@
+//! JSON merge patch (RFC 7396) applied to an Automerge document.
+//!
+//! Semantics follow the RFC: `null` deletes a key, an object merges recursively,
+//! anything else replaces. Two refinements keep CRDT merges useful:
+//! - a value equal to what is stored writes nothing, so re-sending a patch is a
+//!   no-op and does not create conflicts with concurrent writers;
+//! - a string written over a text object updates it with a minimal diff, and an
+//!   integer written over a counter increments it by the difference, so
+//!   concurrent patches to text and counters merge instead of replacing each other.
+//!
+//! The document root is always an object, so a patch must be an object.
+
+use automerge::transaction::Transactable;
+use automerge::{ObjId, ObjType, Prop, ROOT, ScalarValue, Value};
+use serde_json::{Map, Value as Json};
+
+use super::DocError;
+use super::json::{Slot, StringMode, json_to_scalar, scalar_to_json, to_json, write_json};
+
+/// Applies `patch` to the document root inside `tx`.
+///
+/// # Errors
+/// [`DocError::BadValue`] if `patch` is not an object; Automerge errors.
+pub fn apply_merge_patch<T: Transactable>(
+    tx: &mut T,
+    patch: &Json,
+    strings: StringMode,
+) -> Result<(), DocError> {
+    let Json::Object(map) = patch else {
+        return Err(DocError::BadValue(
+            "a merge patch must be a JSON object: the document root is an object".into(),
+        ));
+    };
+    merge_map(tx, &ROOT, map, strings)
+}
+
+fn merge_map<T: Transactable>(
+    tx: &mut T,
+    obj: &ObjId,
+    patch: &Map<String, Json>,
+    strings: StringMode,
+) -> Result<(), DocError> {
+    for (key, new) in patch {
+        let current = tx.get(obj, key.as_str())?;
+        match (new, current) {
+            (Json::Null, Some(_)) => tx.delete(obj, key.as_str())?,
+            (Json::Null, None) => {}
+            (Json::Object(sub), Some((Value::Object(ObjType::Map | ObjType::Table), id))) => {
+                merge_map(tx, &id, sub, strings)?
+            }
+            (Json::Object(sub), _) => {
+                let id = tx.put_object(obj, key.as_str(), ObjType::Map)?;
+                merge_map(tx, &id, sub, strings)?
+            }
+            (Json::String(s), Some((Value::Object(ObjType::Text), id))) => {
+                if tx.text(&id)? != *s {
+                    tx.update_text(&id, s)?;
+                }
+            }
+            (Json::Number(n), Some((Value::Scalar(cur), _)))
+                if matches!(cur.as_ref(), ScalarValue::Counter(_)) && n.is_i64() =>
+            {
+                let now = match cur.as_ref() {
+                    ScalarValue::Counter(c) => i64::from(c),
+                    _ => unreachable!(),
+                };
+                let delta = n.as_i64().unwrap_or(0).wrapping_sub(now);
+                if delta != 0 {
+                    tx.increment(obj, key.as_str(), delta)?;
+                }
+            }
+            (new, Some((Value::Scalar(cur), _))) if !new.is_array() => {
+                if scalar_to_json(&cur) != *new || !same_kind(&cur, new) {
+                    put(tx, obj, key, new, strings)?;
+                }
+            }
+            (new, Some((Value::Object(ty), id))) if new.is_array() && ty == ObjType::List => {
+                if to_json(tx, &id, ty)? != *new {
+                    put(tx, obj, key, new, strings)?;
+                }
+            }
+            (new, _) => put(tx, obj, key, new, strings)?,
+        }
+    }
+    Ok(())
+}
+
+/// True when writing `new` over `cur` would store the same Automerge type (so an
+/// equal-looking value really is equal: a string over a string, not text).
+fn same_kind(cur: &ScalarValue, new: &Json) -> bool {
+    match new {
+        Json::String(_) => matches!(cur, ScalarValue::Str(_)),
+        _ => *cur == json_to_scalar(new),
+    }
+}
+
+fn put<T: Transactable>(
+    tx: &mut T,
+    obj: &ObjId,
+    key: &str,
+    v: &Json,
+    strings: StringMode,
+) -> Result<(), DocError> {
+    write_json(tx, obj, Prop::Map(key.to_string()), Slot::Put, v, strings)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use automerge::{Automerge, ReadDoc};
+    use serde_json::json;
+
+    fn patched(start: Json, patch: Json, strings: StringMode) -> (Json, usize) {
+        let mut doc = Automerge::new();
+        let mut tx = doc.transaction();
+        apply_merge_patch(&mut tx, &start, strings).unwrap();
+        tx.commit();
+        let mut tx = doc.transaction();
+        apply_merge_patch(&mut tx, &patch, strings).unwrap();
+        let ops = tx.pending_ops();
+        tx.commit();
+        (to_json(&doc, &ROOT, ObjType::Map).unwrap(), ops)
+    }
+
+    /// The examples of RFC 7396 section 3 whose target and patch are objects.
+    #[test]
+    fn rfc7396_examples() {
+        let cases = [
+            (json!({"a":"b"}), json!({"a":"c"}), json!({"a":"c"})),
+            (json!({"a":"b"}), json!({"b":"c"}), json!({"a":"b","b":"c"})),
+            (json!({"a":"b"}), json!({"a":null}), json!({})),
+            (
+                json!({"a":"b","b":"c"}),
+                json!({"a":null}),
+                json!({"b":"c"}),
+            ),
+            (json!({"a":["b"]}), json!({"a":"c"}), json!({"a":"c"})),
+            (json!({"a":"c"}), json!({"a":["b"]}), json!({"a":["b"]})),
+            (
+                json!({"a":{"b":"c"}}),
+                json!({"a":{"b":"d","c":null}}),
+                json!({"a":{"b":"d"}}),
+            ),
+            (json!({"a":[{"b":"c"}]}), json!({"a":[1]}), json!({"a":[1]})),
+            (
+                json!({}),
+                json!({"a":{"bb":{"ccc":null}}}),
+                json!({"a":{"bb":{}}}),
+            ),
+        ];
+        for strings in [StringMode::Scalar, StringMode::Text] {
+            for (start, patch, want) in &cases {
+                let (got, _) = patched(start.clone(), patch.clone(), strings);
+                assert_eq!(&got, want, "start {start} patch {patch} ({strings:?})");
+            }
+        }
+    }
+
+    #[test]
+    fn equal_values_write_nothing() {
+        let v = json!({"a": 1, "s": "x", "l": [1, 2], "m": {"k": true}, "f": 2.5});
+        for strings in [StringMode::Scalar, StringMode::Text] {
+            let (_, ops) = patched(v.clone(), v.clone(), strings);
+            assert_eq!(ops, 0, "{strings:?}");
+        }
+    }
+
+    #[test]
+    fn number_types_are_not_confused() {
+        let (got, ops) = patched(json!({"a": 1}), json!({"a": 1.0}), StringMode::Scalar);
+        assert_eq!(got, json!({"a": 1.0}));
+        assert_eq!(ops, 1);
+    }
+
+    #[test]
+    fn non_object_patch_is_refused() {
+        let mut doc = Automerge::new();
+        let mut tx = doc.transaction();
+        for p in [json!(1), json!([1]), json!("x"), json!(null)] {
+            let err = apply_merge_patch(&mut tx, &p, StringMode::Scalar).unwrap_err();
+            assert!(matches!(err, DocError::BadValue(_)), "{err}");
+        }
+        assert_eq!(tx.pending_ops(), 0);
+    }
+
+    #[test]
+    fn integer_over_counter_increments() {
+        let mut doc = Automerge::new();
+        let mut tx = doc.transaction();
+        tx.put(ROOT, "n", ScalarValue::counter(5)).unwrap();
+        tx.commit();
+        let mut tx = doc.transaction();
+        apply_merge_patch(&mut tx, &json!({"n": 8}), StringMode::Scalar).unwrap();
+        tx.commit();
+        let (v, _) = doc.get(ROOT, "n").unwrap().unwrap();
+        assert_eq!(v.to_scalar().cloned(), Some(ScalarValue::counter(8)));
+    }
+}

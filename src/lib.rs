@@ -1,0 +1,42 @@
+//! mergeflow: a peer-to-peer sync node that stores JSON documents as Automerge
+//! CRDTs in sled.
+//!
+//! # Layout
+//!
+//! - [`node`]: [`Node`] and [`NodeBuilder`]; wires the store, the document
+//!   service and the HTTP API; lifecycle and shutdown.
+//! - [`store`]: the only code that touches sled: trees, key encoding, group
+//!   commit, schema version, node identity.
+//! - [`doc`]: doc ids, JSON <-> Automerge, merge patches, ops, JSON Pointer
+//!   paths, size limits, the document service.
+//! - [`api`]: the axum HTTP API and its JSON error mapping.
+//! - [`config`]: TOML file + `MERGEFLOW_*` env + flags, validated.
+//! - `main.rs`: the CLI, a thin client of the HTTP API plus `start`.
+//!
+//! # Example
+//! ```no_run
+//! # async fn demo() -> Result<(), mergeflow::Error> {
+//! let node = mergeflow::Node::builder().data_dir("./data").start().await?;
+//! let doc = node.doc("notes/today")?;
+//! doc.patch(serde_json::json!({"title": "hello"})).await?; // durable on return
+//! assert_eq!(doc.get_path("/title").await?, "hello");
+//! node.shutdown().await?;
+//! # Ok(()) }
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod api;
+pub mod bench;
+pub mod client;
+pub mod config;
+pub mod doc;
+pub mod node;
+pub mod store;
+
+mod error;
+
+pub use config::Config;
+pub use doc::{DocError, DocId};
+pub use error::Error;
+pub use node::{DocHandle, Node, NodeBuilder, Status};

@@ -1,0 +1,405 @@
+//! The `mergeflow` command: `start` runs a node; every other command is a thin
+//! client of a running node's HTTP API (`--api` / `MERGEFLOW_API`).
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use serde_json::Value as Json;
+
+use mergeflow::client::Client;
+use mergeflow::config::{Config, LogFormat, Overrides};
+use mergeflow::doc::Op;
+
+#[derive(Parser)]
+#[command(
+    name = "mergeflow",
+    version,
+    about = "A peer-to-peer sync node for JSON documents (Automerge CRDTs in sled)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a node (data in ./mergeflow-data, API on 127.0.0.1:7700 by default).
+    Start(StartArgs),
+    /// Create, read, edit and delete documents on a running node.
+    Doc {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        cmd: DocCmd,
+    },
+    /// Show a running node's status.
+    Status {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Measure durable write throughput and latency against a running node.
+    Bench {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Comma-separated writer counts to run, one after another.
+        #[arg(long, default_value = "1,32", value_delimiter = ',')]
+        concurrency: Vec<usize>,
+        /// Seconds per run.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// Documents the writers spread over.
+        #[arg(long, default_value_t = 64)]
+        docs: usize,
+        /// Instead of measuring, create this many documents `fill/doc-N`.
+        #[arg(long)]
+        fill: Option<usize>,
+    },
+}
+
+#[derive(Args)]
+struct StartArgs {
+    /// Data directory [default: ./mergeflow-data; config node.data_dir].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// HTTP API listen address [default: 127.0.0.1:7700; config api.listen].
+    #[arg(long)]
+    api: Option<SocketAddr>,
+    /// TOML config file (see config.example.toml).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Log format [config log.format].
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
+    /// Log filter such as `info` or `mergeflow=debug` [config log.level; RUST_LOG wins].
+    #[arg(long)]
+    log_level: Option<String>,
+}
+
+#[derive(Args)]
+struct ClientArgs {
+    /// API of the node to talk to.
+    #[arg(
+        long,
+        env = "MERGEFLOW_API",
+        default_value = "http://127.0.0.1:7700",
+        global = true
+    )]
+    api: String,
+    /// Print raw JSON responses.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum DocCmd {
+    /// Create a document from a JSON object (VALUE, or stdin when VALUE is - or absent).
+    Create {
+        /// Id such as sensors/greenhouse-3; generated when absent.
+        #[arg(long)]
+        id: Option<String>,
+        /// JSON object.
+        value: Option<String>,
+    },
+    /// Print a document, or the value at --path (a JSON Pointer).
+    Get {
+        /// Document id.
+        id: String,
+        /// JSON Pointer such as /readings/0.
+        #[arg(long)]
+        path: Option<String>,
+    },
+    /// Apply a JSON merge patch (RFC 7396); creates the document if absent.
+    Patch {
+        /// Document id.
+        id: String,
+        /// JSON object (or - for stdin).
+        patch: Option<String>,
+    },
+    /// Apply a JSON list of ops as one change, all or nothing.
+    Ops {
+        /// Document id.
+        id: String,
+        /// JSON array such as [{"op":"increment","path":"/n"}] (or - for stdin).
+        ops: Option<String>,
+    },
+    /// List documents.
+    List,
+    /// Print a document's heads.
+    Heads {
+        /// Document id.
+        id: String,
+    },
+    /// Print a document's change history.
+    History {
+        /// Document id.
+        id: String,
+    },
+    /// Delete a document (it leaves a tombstone).
+    Delete {
+        /// Document id.
+        id: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            eprintln!("error: {}", chain.join(": "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Start(args) => start(args).await,
+        Cmd::Doc { client, cmd } => doc(client, cmd).await,
+        Cmd::Status { client } => {
+            let c = Client::new(&client.api);
+            let s = c.status().await?;
+            if client.json {
+                print_json(&s);
+            } else {
+                println!("peer_id   {}", s.peer_id);
+                println!("version   {}", s.version);
+                println!("docs      {}", s.docs);
+                println!("uptime_s  {}", s.uptime_s);
+                println!("data_dir  {}", s.data_dir);
+                println!("boot      {}", s.boot);
+                println!("store     {} bytes", s.store_bytes);
+            }
+            Ok(())
+        }
+        Cmd::Bench {
+            client,
+            concurrency,
+            seconds,
+            docs,
+            fill,
+        } => {
+            let c = Client::new(&client.api);
+            if let Some(n) = fill {
+                let secs = mergeflow::bench::fill(&c, n, 32).await?;
+                println!(
+                    "created {n} docs in {secs:.2}s ({:.0} docs/s)",
+                    n as f64 / secs
+                );
+                return Ok(());
+            }
+            for conc in concurrency {
+                let r = mergeflow::bench::load(&c, conc, Duration::from_secs_f64(seconds), docs)
+                    .await?;
+                if client.json {
+                    println!("{}", serde_json::to_string(&r)?);
+                } else {
+                    println!(
+                        "concurrency {:>3}: {:>8.0} durable writes/s  p50 {:.3} ms  p99 {:.3} ms  max {:.3} ms  ({} writes, {} errors, {:.1}s)",
+                        r.concurrency,
+                        r.writes_per_s,
+                        r.p50_ms,
+                        r.p99_ms,
+                        r.max_ms,
+                        r.writes,
+                        r.errors,
+                        r.seconds
+                    );
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn start(args: StartArgs) -> Result<()> {
+    let flags = Overrides {
+        data_dir: args.data_dir,
+        api_listen: args.api,
+        log_format: args.log_format,
+        log_level: args.log_level,
+    };
+    let config = Config::load(args.config.as_deref(), std::env::vars(), &flags)?;
+    init_logging(&config);
+    let node = mergeflow::Node::builder()
+        .config(config)
+        .serve_api(true)
+        .start()
+        .await?;
+    let api = node
+        .api_addr()
+        .map(|a| format!("http://{a}"))
+        .unwrap_or_default();
+    // One line on stdout for people and scripts; logs go to stderr.
+    println!(
+        "mergeflow {} ready: api={api} peer_id={} data_dir={}",
+        env!("CARGO_PKG_VERSION"),
+        node.peer_id(),
+        node.data_dir().display()
+    );
+    wait_for_signal().await?;
+    tracing::info!("shutting down");
+    node.shutdown().await?;
+    Ok(())
+}
+
+async fn wait_for_signal() -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("waiting for SIGINT")?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+fn init_logging(config: &Config) {
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+/// Reads a JSON argument, or stdin when it is `-` or absent.
+fn json_arg(arg: Option<String>, what: &str) -> Result<Json> {
+    let text = match arg.as_deref() {
+        None | Some("-") => {
+            let mut s = String::new();
+            std::io::stdin()
+                .read_to_string(&mut s)
+                .with_context(|| format!("reading {what} from stdin"))?;
+            s
+        }
+        Some(s) => s.to_string(),
+    };
+    serde_json::from_str(&text).with_context(|| format!("{what} is not valid JSON"))
+}
+
+async fn doc(args: ClientArgs, cmd: DocCmd) -> Result<()> {
+    let c = Client::new(&args.api);
+    let json = args.json;
+    match cmd {
+        DocCmd::Create { id, value } => {
+            let value = json_arg(value, "VALUE")?;
+            let r = c.create(id.as_deref(), value).await?;
+            write_result(json, "created", &r)
+        }
+        DocCmd::Get { id, path } => {
+            let v = c.get(&id, path.as_deref()).await?;
+            print_json(&v);
+            Ok(())
+        }
+        DocCmd::Patch { id, patch } => {
+            let patch = json_arg(patch, "PATCH")?;
+            let r = c.patch(&id, &patch).await?;
+            write_result(json, "patched", &r)
+        }
+        DocCmd::Ops { id, ops } => {
+            let ops: Vec<Op> = serde_json::from_value(json_arg(ops, "OPS")?)
+                .context("OPS must be a JSON array of ops such as [{\"op\":\"set\",\"path\":\"/a\",\"value\":1}]")?;
+            let r = c.ops(&id, &ops).await?;
+            write_result(json, "applied", &r)
+        }
+        DocCmd::List => {
+            let docs = c.list().await?;
+            if json {
+                print_json(&docs);
+            } else {
+                println!(
+                    "{:<40} {:>6} {:>10}  UPDATED (unix ms)",
+                    "ID", "HEADS", "BYTES"
+                );
+                for d in docs {
+                    println!(
+                        "{:<40} {:>6} {:>10}  {}",
+                        d.id,
+                        d.heads.len(),
+                        d.size_bytes,
+                        d.updated_at
+                    );
+                }
+            }
+            Ok(())
+        }
+        DocCmd::Heads { id } => {
+            let heads = c.heads(&id).await?;
+            if json {
+                print_json(&heads);
+            } else {
+                heads.iter().for_each(|h| println!("{h}"));
+            }
+            Ok(())
+        }
+        DocCmd::History { id } => {
+            let h = c.history(&id).await?;
+            if json {
+                print_json(&h);
+            } else {
+                for e in h {
+                    let who = e.peer_id.as_deref().unwrap_or("unknown peer");
+                    println!(
+                        "{}  {}  seq {:<4} t={}  {}  ({who})",
+                        &e.hash[..12.min(e.hash.len())],
+                        &e.actor[..8.min(e.actor.len())],
+                        e.seq,
+                        e.time,
+                        e.message.unwrap_or_default()
+                    );
+                }
+            }
+            Ok(())
+        }
+        DocCmd::Delete { id } => {
+            let r = c.delete(&id).await?;
+            if json {
+                print_json(&r);
+            } else {
+                println!("deleted {}", r.id);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn write_result(json: bool, verb: &str, r: &mergeflow::doc::WriteResult) -> Result<()> {
+    if json {
+        print_json(r);
+    } else if r.changed {
+        println!("{verb} {} heads {}", r.id, r.heads.join(","));
+    } else {
+        println!("unchanged {} heads {}", r.id, r.heads.join(","));
+    }
+    if r.heads.is_empty() && r.changed {
+        bail!("the node returned no heads for a write");
+    }
+    Ok(())
+}
+
+fn print_json<T: serde::Serialize>(v: &T) {
+    match serde_json::to_string_pretty(v) {
+        Ok(s) => println!("{s}"),
+        Err(e) => eprintln!("error: cannot print JSON: {e}"),
+    }
+}

@@ -1,0 +1,393 @@
+//! The node: opens the store, starts the document service and (optionally) the
+//! HTTP API, and shuts them down in order.
+//!
+//! Shutdown order: stop accepting API requests and wait for in-flight ones (their
+//! writes are acknowledged only after their flush), flush the store once more,
+//! stop the flush thread.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use automerge::ActorId;
+use libp2p::PeerId;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::Error;
+use crate::config::Config;
+use crate::doc::{Change, DocError, DocId, Docs, HistoryEntry, Pointer, WriteResult};
+use crate::store::{GroupCommit, Store};
+
+/// Builds a [`Node`].
+///
+/// # Examples
+/// ```no_run
+/// # async fn demo() -> Result<(), mergeflow::Error> {
+/// let node = mergeflow::Node::builder().data_dir("./my-data").start().await?;
+/// let doc = node.doc("sensors/greenhouse-3")?;
+/// doc.patch(serde_json::json!({"celsius": 21.5})).await?;
+/// node.shutdown().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct NodeBuilder {
+    config: Config,
+    serve_api: bool,
+}
+
+impl NodeBuilder {
+    /// Uses `config` (replacing anything set before).
+    pub fn config(mut self, config: Config) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Sets the data directory.
+    pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.config.node.data_dir = dir.into();
+        self
+    }
+
+    /// Serves the HTTP API on `addr` (port 0 picks a free port; see
+    /// [`Node::api_addr`]). Without this the node serves no API.
+    pub fn api(mut self, addr: SocketAddr) -> Self {
+        self.config.api.listen = addr;
+        self.serve_api = true;
+        self
+    }
+
+    /// Serves the HTTP API on the configured `api.listen`.
+    pub fn serve_api(mut self, on: bool) -> Self {
+        self.serve_api = on;
+        self
+    }
+
+    /// Opens the store and starts the node.
+    ///
+    /// # Errors
+    /// Invalid config, a data dir of another schema version or a corrupt one
+    /// ([`Error::Store`]), or an API address that cannot be bound.
+    pub async fn start(self) -> Result<Node, Error> {
+        self.config.validate()?;
+        let config = self.config;
+        let dir = config.node.data_dir.clone();
+        let cache = config.store.cache_bytes;
+        let (store, key) = tokio::task::spawn_blocking(move || {
+            let store = Store::open(&dir, cache)?;
+            let key = store.identity()?;
+            Ok::<_, crate::store::StoreError>((store, key))
+        })
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))??;
+        let peer_id = key.public().to_peer_id();
+        let actor = ActorId::random();
+        let boot = {
+            let (store, actor, peer) = (store.clone(), actor.clone(), peer_id.to_string());
+            tokio::task::spawn_blocking(move || {
+                store.record_boot(&actor, &peer, crate::doc::now_ms())
+            })
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))??
+        };
+        let (commit, flush_thread) = GroupCommit::start(store.clone(), config.perf.flush_queue);
+        let docs = {
+            let (store, commit, actor, cfg) =
+                (store.clone(), commit.clone(), actor.clone(), config.docs());
+            tokio::task::spawn_blocking(move || Docs::new(store, commit, actor, cfg))
+                .await
+                .map_err(|e| Error::Internal(e.to_string()))??
+        };
+        let inner = Arc::new(NodeInner {
+            docs,
+            store,
+            commit,
+            flush_thread: Mutex::new(Some(flush_thread)),
+            peer_id,
+            boot,
+            started: Instant::now(),
+            config,
+            cancel: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            api_addr: Mutex::new(None),
+        });
+        let node = Node { inner };
+        if self.serve_api {
+            let listener = tokio::net::TcpListener::bind(node.inner.config.api.listen)
+                .await
+                .map_err(|source| Error::Bind {
+                    addr: node.inner.config.api.listen,
+                    source,
+                })?;
+            let addr = listener.local_addr().map_err(|source| Error::Bind {
+                addr: node.inner.config.api.listen,
+                source,
+            })?;
+            *node.inner.api_addr.lock().expect("not poisoned") = Some(addr);
+            let app = crate::api::router(node.clone());
+            let cancel = node.inner.cancel.clone();
+            node.inner.tasks.spawn(async move {
+                let serve = axum::serve(listener, app)
+                    .with_graceful_shutdown(async move { cancel.cancelled().await });
+                if let Err(e) = serve.await {
+                    tracing::error!(err = %e, "API server failed");
+                }
+            });
+        }
+        tracing::info!(
+            peer = %node.inner.peer_id,
+            actor = %node.inner.docs.actor(),
+            boot,
+            docs = node.inner.docs.count(),
+            data_dir = %node.inner.config.node.data_dir.display(),
+            "node started"
+        );
+        Ok(node)
+    }
+}
+
+/// A running mergeflow node. Cheap to clone; all clones share the node.
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<NodeInner>,
+}
+
+struct NodeInner {
+    docs: Docs,
+    store: Store,
+    commit: GroupCommit,
+    flush_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    peer_id: PeerId,
+    boot: u64,
+    started: Instant,
+    config: Config,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+    api_addr: Mutex<Option<SocketAddr>>,
+}
+
+/// A snapshot of the node's state, as served by `GET /v1/status`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    /// libp2p peer id.
+    pub peer_id: String,
+    /// mergeflow version.
+    pub version: String,
+    /// Live documents.
+    pub docs: u64,
+    /// Seconds since start.
+    pub uptime_s: u64,
+    /// Data directory.
+    pub data_dir: String,
+    /// This boot's Automerge actor id (hex).
+    pub actor: String,
+    /// Boot number of this data dir.
+    pub boot: u64,
+    /// HTTP API address, if served.
+    pub api: Option<String>,
+    /// Store size on disk, in bytes.
+    pub store_bytes: u64,
+    /// Group-commit flushes since start.
+    pub flushes: u64,
+    /// Writes acknowledged by those flushes.
+    pub flushed_writes: u64,
+}
+
+impl Node {
+    /// A builder with default configuration.
+    pub fn builder() -> NodeBuilder {
+        NodeBuilder::default()
+    }
+
+    /// A handle to document `id` (which need not exist yet).
+    ///
+    /// # Errors
+    /// [`Error::Doc`] with [`DocError::InvalidId`] for a malformed id.
+    pub fn doc(&self, id: &str) -> Result<DocHandle, Error> {
+        Ok(DocHandle {
+            docs: self.inner.docs.clone(),
+            id: DocId::new(id)?,
+        })
+    }
+
+    /// The document service.
+    pub fn docs(&self) -> &Docs {
+        &self.inner.docs
+    }
+
+    /// The node's libp2p peer id.
+    pub fn peer_id(&self) -> PeerId {
+        self.inner.peer_id
+    }
+
+    /// The address the HTTP API listens on, if it is served.
+    pub fn api_addr(&self) -> Option<SocketAddr> {
+        *self.inner.api_addr.lock().expect("not poisoned")
+    }
+
+    /// The configuration the node runs with.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.inner.config.node.data_dir
+    }
+
+    /// Current status.
+    pub async fn status(&self) -> Status {
+        let store = self.inner.store.clone();
+        let store_bytes = tokio::task::spawn_blocking(move || store.size_on_disk().unwrap_or(0))
+            .await
+            .unwrap_or(0);
+        let stats = self.inner.commit.stats();
+        Status {
+            peer_id: self.inner.peer_id.to_string(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            docs: self.inner.docs.count(),
+            uptime_s: self.inner.started.elapsed().as_secs(),
+            data_dir: self.inner.config.node.data_dir.display().to_string(),
+            actor: self.inner.docs.actor().to_hex_string(),
+            boot: self.inner.boot,
+            api: self.api_addr().map(|a| format!("http://{a}")),
+            store_bytes,
+            flushes: stats.flushes.load(std::sync::atomic::Ordering::Relaxed),
+            flushed_writes: stats.writes.load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+
+    /// A token cancelled when the node shuts down.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.inner.cancel.clone()
+    }
+
+    /// Stops the node: the API stops accepting and finishes in-flight requests
+    /// (bounded by `perf.shutdown_timeout_ms`), the store is flushed, the flush
+    /// thread exits. Idempotent.
+    ///
+    /// # Errors
+    /// A failed final flush.
+    pub async fn shutdown(&self) -> Result<(), Error> {
+        self.inner.cancel.cancel();
+        self.inner.tasks.close();
+        let timeout = Duration::from_millis(self.inner.config.perf.shutdown_timeout_ms);
+        if tokio::time::timeout(timeout, self.inner.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                ?timeout,
+                "in-flight requests did not finish before the shutdown timeout"
+            );
+        }
+        let flushed = self.inner.docs.flush().await;
+        self.inner.commit.stop().await;
+        let thread = self.inner.flush_thread.lock().expect("not poisoned").take();
+        if let Some(t) = thread {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+        match flushed {
+            Ok(()) | Err(DocError::Store(crate::store::StoreError::Closed)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        tracing::info!("node stopped");
+        Ok(())
+    }
+}
+
+/// A handle to one document.
+#[derive(Clone)]
+pub struct DocHandle {
+    docs: Docs,
+    id: DocId,
+}
+
+impl DocHandle {
+    /// The document id.
+    pub fn id(&self) -> &DocId {
+        &self.id
+    }
+
+    /// The whole document as JSON.
+    ///
+    /// # Errors
+    /// [`DocError::NotFound`], [`DocError::Deleted`].
+    pub async fn get(&self) -> Result<serde_json::Value, Error> {
+        Ok(self.docs.get(self.id.clone(), None).await?)
+    }
+
+    /// The value at a JSON Pointer.
+    ///
+    /// # Errors
+    /// As [`DocHandle::get`], plus [`DocError::BadPath`] and [`DocError::PathNotFound`].
+    pub async fn get_path(&self, path: &str) -> Result<serde_json::Value, Error> {
+        let ptr = Pointer::parse(path)?;
+        Ok(self.docs.get(self.id.clone(), Some(ptr)).await?)
+    }
+
+    /// Applies a JSON merge patch (creating the document if absent); returns once
+    /// it is durable.
+    ///
+    /// # Errors
+    /// See [`Docs::write`].
+    pub async fn patch(&self, patch: serde_json::Value) -> Result<WriteResult, Error> {
+        Ok(self
+            .docs
+            .write(self.id.clone(), Change::Patch(patch))
+            .await?)
+    }
+
+    /// Applies explicit ops as one change, all or nothing; returns once durable.
+    ///
+    /// # Errors
+    /// See [`Docs::write`].
+    pub async fn ops(&self, ops: Vec<crate::doc::Op>) -> Result<WriteResult, Error> {
+        Ok(self.docs.write(self.id.clone(), Change::Ops(ops)).await?)
+    }
+
+    /// Runs `f` over an Automerge transaction as one change; returns once durable.
+    /// If `f` fails, nothing is stored.
+    ///
+    /// # Errors
+    /// `f`'s error, size caps, store errors.
+    pub async fn change<F>(&self, f: F) -> Result<WriteResult, Error>
+    where
+        F: FnOnce(
+                &mut automerge::transaction::Transaction<'_>,
+            ) -> Result<(), automerge::AutomergeError>
+            + Send
+            + 'static,
+    {
+        Ok(self
+            .docs
+            .write(self.id.clone(), Change::Closure(Box::new(f)))
+            .await?)
+    }
+
+    /// Current heads.
+    ///
+    /// # Errors
+    /// [`DocError::NotFound`], [`DocError::Deleted`].
+    pub async fn heads(&self) -> Result<Vec<String>, Error> {
+        Ok(self.docs.heads(self.id.clone()).await?)
+    }
+
+    /// The document's changes.
+    ///
+    /// # Errors
+    /// [`DocError::NotFound`], [`DocError::Deleted`].
+    pub async fn history(&self) -> Result<Vec<HistoryEntry>, Error> {
+        Ok(self.docs.history(self.id.clone()).await?)
+    }
+
+    /// Deletes the document, leaving a tombstone.
+    ///
+    /// # Errors
+    /// [`DocError::NotFound`], [`DocError::Deleted`].
+    pub async fn delete(&self) -> Result<WriteResult, Error> {
+        Ok(self.docs.delete(self.id.clone()).await?)
+    }
+}

@@ -1,0 +1,569 @@
+//! The store: the only code in mergeflow that touches sled.
+//!
+//! # On-disk layout
+//!
+//! ```text
+//! <data_dir>/FORMAT      "mergeflow-store <version>\n", checked before sled is opened
+//! <data_dir>/db/         the sled database
+//!   tree "meta"          schema_version, node identity (libp2p keypair), boot counter
+//!   tree "actors"        Automerge actor id (16 bytes) -> ActorRecord (JSON)
+//!   tree "docs"          every document, keyed so one sled batch covers one write:
+//!                          b'm' ++ id              -> DocMeta (JSON)
+//!                          b's' ++ id ++ 0x00      -> compacted Automerge save
+//!                          b'c' ++ id ++ 0x00 ++ seq (u64 BE) -> one raw change
+//! ```
+//!
+//! Doc ids never contain 0x00, so `b'c' ++ id ++ 0x00` is a prefix that matches one
+//! document's changes only (`a` and `a/b` do not collide).
+//!
+//! # Durability
+//!
+//! Every mutation here is a single sled batch on one tree, so it is atomic: after a
+//! crash either all of it is there or none of it. Mutations become durable when a
+//! [`GroupCommit::flush`] that started after them returns. sled 0.34 `flush` writes
+//! the log and calls `sync_file_range` on Linux: that survives a process kill and
+//! an OS that keeps running, but it does not flush the drive's write cache, so it is
+//! not a power-loss guarantee. Compaction replaces the snapshot and removes the
+//! changes it covers in the same batch, so a kill at any point of it loses nothing.
+//!
+//! The store is synchronous; async callers run it inside `spawn_blocking` (see
+//! `doc::Docs`).
+
+mod commit;
+mod format;
+
+pub use commit::{FlushStats, GroupCommit};
+pub use format::{SCHEMA_VERSION, check_format};
+
+use std::path::{Path, PathBuf};
+
+use automerge::ActorId;
+use libp2p::identity::Keypair;
+use serde::{Deserialize, Serialize};
+
+/// Errors from the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// sled reported an I/O or corruption error.
+    #[error("store error in {path}: {source}")]
+    Sled {
+        /// The database directory.
+        path: PathBuf,
+        /// What sled said.
+        #[source]
+        source: sled::Error,
+    },
+    /// A file or record is not what mergeflow wrote.
+    #[error("data dir {path} is corrupt: {what}")]
+    Corrupt {
+        /// The data dir or file.
+        path: PathBuf,
+        /// What was wrong.
+        what: String,
+    },
+    /// The data dir was written by another version of mergeflow.
+    #[error(
+        "data dir {path} has schema version {found}, this mergeflow reads version {expected}; \
+         refusing to open it (nothing was changed)"
+    )]
+    SchemaVersion {
+        /// The data dir.
+        path: PathBuf,
+        /// The version found on disk.
+        found: String,
+        /// The version this build understands.
+        expected: u32,
+    },
+    /// A file-system error outside sled.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What we were doing.
+        what: &'static str,
+        /// The path involved.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A flush failed (disk full, I/O error); the write may not be durable.
+    #[error("store flush failed: {0}")]
+    Flush(String),
+    /// The flush thread is gone (the node is shutting down).
+    #[error("the store is closed")]
+    Closed,
+}
+
+/// Per-document bookkeeping kept beside the data, used for listing without loading
+/// documents.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DocMeta {
+    /// Current heads (hex change hashes).
+    pub heads: Vec<String>,
+    /// Bytes stored for the doc: snapshot plus tail of changes.
+    pub size_bytes: u64,
+    /// Number of changes in the tail (not yet compacted into the snapshot).
+    pub tail_changes: u64,
+    /// Sequence number the next appended change gets.
+    pub next_seq: u64,
+    /// Unix milliseconds of creation.
+    pub created_at_ms: u64,
+    /// Unix milliseconds of the last change.
+    pub updated_at_ms: u64,
+    /// Set when the doc was deleted: a tombstone. Data is gone, the meta stays.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deleted_at_ms: Option<u64>,
+}
+
+/// What the store remembers about one boot's Automerge actor id.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ActorRecord {
+    /// The libp2p peer id of the node that wrote with this actor.
+    pub peer_id: String,
+    /// Boot number of that node (1 for the first boot).
+    pub boot: u64,
+    /// Unix milliseconds when the boot started.
+    pub started_at_ms: u64,
+}
+
+/// A document's stored data: the snapshot (if any) and the tail of changes after it.
+#[derive(Debug, Default)]
+pub struct DocData {
+    /// Compacted Automerge save, empty if the doc was never compacted.
+    pub snapshot: Vec<u8>,
+    /// Raw changes appended after the snapshot, in append order.
+    pub changes: Vec<Vec<u8>>,
+}
+
+/// The sled database of one node.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    meta: sled::Tree,
+    actors: sled::Tree,
+    docs: sled::Tree,
+    path: PathBuf,
+}
+
+const META_SCHEMA: &[u8] = b"schema_version";
+const META_IDENTITY: &[u8] = b"identity";
+const META_BOOTS: &[u8] = b"boots";
+
+impl Store {
+    /// Opens (or creates) the store in `data_dir`.
+    ///
+    /// # Errors
+    /// [`StoreError::SchemaVersion`] if the data dir was written by another format
+    /// version (checked before sled touches anything), [`StoreError::Corrupt`] or
+    /// [`StoreError::Sled`] if the files cannot be read.
+    pub fn open(data_dir: &Path, cache_capacity_bytes: u64) -> Result<Store, StoreError> {
+        let fresh = check_format(data_dir)?;
+        let db_path = data_dir.join("db");
+        let config = sled::Config::new()
+            .path(&db_path)
+            .cache_capacity(cache_capacity_bytes)
+            // We flush explicitly (group commit); the background flusher only adds
+            // a safety net for data nobody waits on.
+            .flush_every_ms(Some(1000));
+        // sled panics on some kinds of damaged files; turn that into an error.
+        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()));
+        let db = match opened {
+            Ok(Ok(db)) => db,
+            Ok(Err(e)) => return Err(sled_err(&db_path, e)),
+            Err(_) => {
+                return Err(StoreError::Corrupt {
+                    path: db_path,
+                    what: "sled panicked while opening the database".into(),
+                });
+            }
+        };
+        let sled = |e| sled_err(&db_path, e);
+        let meta = db.open_tree("meta").map_err(sled)?;
+        let actors = db.open_tree("actors").map_err(sled)?;
+        let docs = db.open_tree("docs").map_err(sled)?;
+        let store = Store {
+            db,
+            meta,
+            actors,
+            docs,
+            path: db_path.clone(),
+        };
+        match store.meta.get(META_SCHEMA).map_err(sled)? {
+            Some(v) => {
+                let found = String::from_utf8_lossy(&v).to_string();
+                if found != SCHEMA_VERSION.to_string() {
+                    return Err(StoreError::SchemaVersion {
+                        path: data_dir.to_path_buf(),
+                        found,
+                        expected: SCHEMA_VERSION,
+                    });
+                }
+            }
+            None if fresh || store.meta.is_empty() => {
+                store
+                    .meta
+                    .insert(META_SCHEMA, SCHEMA_VERSION.to_string().as_bytes())
+                    .map_err(sled)?;
+            }
+            None => {
+                return Err(StoreError::Corrupt {
+                    path: db_path,
+                    what: "meta tree has data but no schema_version".into(),
+                });
+            }
+        }
+        Ok(store)
+    }
+
+    /// The sled directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn sled_err(&self, e: sled::Error) -> StoreError {
+        sled_err(&self.path, e)
+    }
+
+    /// Loads the node's libp2p identity, creating and storing an ed25519 keypair on
+    /// first boot.
+    ///
+    /// # Errors
+    /// [`StoreError::Corrupt`] if a stored key does not decode.
+    pub fn identity(&self) -> Result<Keypair, StoreError> {
+        if let Some(bytes) = self.meta.get(META_IDENTITY).map_err(|e| self.sled_err(e))? {
+            return Keypair::from_protobuf_encoding(&bytes).map_err(|e| StoreError::Corrupt {
+                path: self.path.clone(),
+                what: format!("node identity does not decode: {e}"),
+            });
+        }
+        let key = Keypair::generate_ed25519();
+        let bytes = key
+            .to_protobuf_encoding()
+            .expect("ed25519 keys always encode");
+        self.meta
+            .insert(META_IDENTITY, bytes)
+            .map_err(|e| self.sled_err(e))?;
+        Ok(key)
+    }
+
+    /// Records a new boot: increments the boot counter and maps `actor` to this node.
+    /// Flushes before returning, so no change is ever written by an unrecorded actor.
+    ///
+    /// # Errors
+    /// sled errors.
+    pub fn record_boot(
+        &self,
+        actor: &ActorId,
+        peer_id: &str,
+        now_ms: u64,
+    ) -> Result<u64, StoreError> {
+        let boots = match self.meta.get(META_BOOTS).map_err(|e| self.sled_err(e))? {
+            Some(v) => decode_u64(&v).ok_or_else(|| StoreError::Corrupt {
+                path: self.path.clone(),
+                what: "boot counter is not 8 bytes".into(),
+            })?,
+            None => 0,
+        };
+        let boot = boots + 1;
+        let record = ActorRecord {
+            peer_id: peer_id.to_string(),
+            boot,
+            started_at_ms: now_ms,
+        };
+        self.meta
+            .insert(META_BOOTS, &boot.to_be_bytes())
+            .map_err(|e| self.sled_err(e))?;
+        self.actors
+            .insert(
+                actor.to_bytes(),
+                serde_json::to_vec(&record).expect("serializable"),
+            )
+            .map_err(|e| self.sled_err(e))?;
+        self.flush()?;
+        Ok(boot)
+    }
+
+    /// Looks up which node and boot wrote with `actor`.
+    ///
+    /// # Errors
+    /// sled errors or an undecodable record.
+    pub fn actor(&self, actor: &ActorId) -> Result<Option<ActorRecord>, StoreError> {
+        match self
+            .actors
+            .get(actor.to_bytes())
+            .map_err(|e| self.sled_err(e))?
+        {
+            None => Ok(None),
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|e| self.corrupt(format!("actor record: {e}"))),
+        }
+    }
+
+    fn corrupt(&self, what: String) -> StoreError {
+        StoreError::Corrupt {
+            path: self.path.clone(),
+            what,
+        }
+    }
+
+    /// Flushes everything written so far to disk. Prefer [`GroupCommit`].
+    ///
+    /// # Errors
+    /// sled I/O errors.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush().map(|_| ()).map_err(|e| self.sled_err(e))
+    }
+
+    /// Reads a document's meta.
+    ///
+    /// # Errors
+    /// sled errors or an undecodable record.
+    pub fn doc_meta(&self, id: &str) -> Result<Option<DocMeta>, StoreError> {
+        match self.docs.get(meta_key(id)).map_err(|e| self.sled_err(e))? {
+            None => Ok(None),
+            Some(v) => self.decode_meta(id, &v).map(Some),
+        }
+    }
+
+    fn decode_meta(&self, id: &str, v: &[u8]) -> Result<DocMeta, StoreError> {
+        serde_json::from_slice(v).map_err(|e| self.corrupt(format!("meta of doc {id:?}: {e}")))
+    }
+
+    /// Reads a document's snapshot and change tail.
+    ///
+    /// # Errors
+    /// sled errors.
+    pub fn doc_data(&self, id: &str) -> Result<DocData, StoreError> {
+        let snapshot = self
+            .docs
+            .get(snapshot_key(id))
+            .map_err(|e| self.sled_err(e))?
+            .map(|v| v.to_vec())
+            .unwrap_or_default();
+        let mut changes = Vec::new();
+        for kv in self.docs.scan_prefix(change_prefix(id)) {
+            let (_, v) = kv.map_err(|e| self.sled_err(e))?;
+            changes.push(v.to_vec());
+        }
+        Ok(DocData { snapshot, changes })
+    }
+
+    /// Appends one change to a doc and writes its new meta, atomically.
+    /// `meta.next_seq` must already point past `seq`.
+    ///
+    /// # Errors
+    /// sled errors.
+    pub fn append_change(
+        &self,
+        id: &str,
+        seq: u64,
+        change: &[u8],
+        meta: &DocMeta,
+    ) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        batch.insert(change_key(id, seq), change);
+        batch.insert(meta_key(id), encode_meta(meta));
+        self.docs.apply_batch(batch).map_err(|e| self.sled_err(e))
+    }
+
+    /// Replaces the snapshot and removes the changes with sequence numbers below
+    /// `meta.next_seq` (all of which `snapshot` must include), atomically.
+    ///
+    /// # Errors
+    /// sled errors.
+    pub fn compact(&self, id: &str, snapshot: &[u8], meta: &DocMeta) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for kv in self.docs.scan_prefix(change_prefix(id)) {
+            let (k, _) = kv.map_err(|e| self.sled_err(e))?;
+            let seq = decode_u64(&k[k.len() - 8..]).unwrap_or(u64::MAX);
+            if seq < meta.next_seq {
+                batch.remove(k);
+            }
+        }
+        batch.insert(snapshot_key(id), snapshot);
+        batch.insert(meta_key(id), encode_meta(meta));
+        self.docs.apply_batch(batch).map_err(|e| self.sled_err(e))
+    }
+
+    /// Deletes a doc's data and leaves `meta` (with `deleted_at_ms` set) as its
+    /// tombstone, atomically.
+    ///
+    /// # Errors
+    /// sled errors.
+    pub fn tombstone(&self, id: &str, meta: &DocMeta) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for kv in self.docs.scan_prefix(change_prefix(id)) {
+            let (k, _) = kv.map_err(|e| self.sled_err(e))?;
+            batch.remove(k);
+        }
+        batch.remove(snapshot_key(id));
+        batch.insert(meta_key(id), encode_meta(meta));
+        self.docs.apply_batch(batch).map_err(|e| self.sled_err(e))
+    }
+
+    /// Lists every doc (tombstones included) with its meta, in id order.
+    ///
+    /// # Errors
+    /// sled errors or an undecodable record.
+    pub fn list_docs(&self) -> Result<Vec<(String, DocMeta)>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.docs.scan_prefix(b"m") {
+            let (k, v) = kv.map_err(|e| self.sled_err(e))?;
+            let id = String::from_utf8_lossy(&k[1..]).to_string();
+            let meta = self.decode_meta(&id, &v)?;
+            out.push((id, meta));
+        }
+        Ok(out)
+    }
+
+    /// Counts live (not deleted) docs.
+    ///
+    /// # Errors
+    /// As [`Store::list_docs`].
+    pub fn count_docs(&self) -> Result<usize, StoreError> {
+        Ok(self
+            .list_docs()?
+            .iter()
+            .filter(|(_, m)| m.deleted_at_ms.is_none())
+            .count())
+    }
+
+    /// Size of the database on disk, in bytes.
+    ///
+    /// # Errors
+    /// sled errors.
+    pub fn size_on_disk(&self) -> Result<u64, StoreError> {
+        self.db.size_on_disk().map_err(|e| self.sled_err(e))
+    }
+}
+
+fn sled_err(path: &Path, e: sled::Error) -> StoreError {
+    match e {
+        sled::Error::Corruption { .. } => StoreError::Corrupt {
+            path: path.to_path_buf(),
+            what: e.to_string(),
+        },
+        e => StoreError::Sled {
+            path: path.to_path_buf(),
+            source: e,
+        },
+    }
+}
+
+fn encode_meta(meta: &DocMeta) -> Vec<u8> {
+    serde_json::to_vec(meta).expect("DocMeta serializes")
+}
+
+fn decode_u64(b: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(b.try_into().ok()?))
+}
+
+fn meta_key(id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(id.len() + 1);
+    k.push(b'm');
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+fn snapshot_key(id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(id.len() + 2);
+    k.push(b's');
+    k.extend_from_slice(id.as_bytes());
+    k.push(0);
+    k
+}
+
+fn change_prefix(id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(id.len() + 10);
+    k.push(b'c');
+    k.extend_from_slice(id.as_bytes());
+    k.push(0);
+    k
+}
+
+fn change_key(id: &str, seq: u64) -> Vec<u8> {
+    let mut k = change_prefix(id);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(next_seq: u64) -> DocMeta {
+        DocMeta {
+            heads: vec![],
+            size_bytes: 0,
+            tail_changes: next_seq,
+            next_seq,
+            created_at_ms: 1,
+            updated_at_ms: 1,
+            deleted_at_ms: None,
+        }
+    }
+
+    #[test]
+    fn change_keys_of_prefix_ids_do_not_collide() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), 1 << 20).unwrap();
+        s.append_change("a", 0, b"x", &meta(1)).unwrap();
+        s.append_change("a/b", 0, b"y", &meta(1)).unwrap();
+        s.append_change("a", 1, b"z", &meta(2)).unwrap();
+        assert_eq!(
+            s.doc_data("a").unwrap().changes,
+            vec![b"x".to_vec(), b"z".to_vec()]
+        );
+        assert_eq!(s.doc_data("a/b").unwrap().changes, vec![b"y".to_vec()]);
+        let ids: Vec<_> = s.list_docs().unwrap().into_iter().map(|(i, _)| i).collect();
+        assert_eq!(ids, vec!["a", "a/b"]);
+    }
+
+    #[test]
+    fn compaction_removes_only_covered_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), 1 << 20).unwrap();
+        for seq in 0..5 {
+            s.append_change("d", seq, &[seq as u8], &meta(seq + 1))
+                .unwrap();
+        }
+        s.compact("d", b"snap", &meta(3)).unwrap();
+        let data = s.doc_data("d").unwrap();
+        assert_eq!(data.snapshot, b"snap");
+        assert_eq!(data.changes, vec![vec![3u8], vec![4u8]]);
+    }
+
+    #[test]
+    fn identity_and_boots_persist_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let (peer, actor) = {
+            let s = Store::open(dir.path(), 1 << 20).unwrap();
+            let key = s.identity().unwrap();
+            let peer = key.public().to_peer_id().to_string();
+            let actor = ActorId::random();
+            assert_eq!(s.record_boot(&actor, &peer, 5).unwrap(), 1);
+            (peer, actor)
+        };
+        let s = Store::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(
+            s.identity().unwrap().public().to_peer_id().to_string(),
+            peer
+        );
+        let rec = s.actor(&actor).unwrap().unwrap();
+        assert_eq!((rec.peer_id.as_str(), rec.boot), (peer.as_str(), 1));
+        assert_eq!(s.record_boot(&ActorId::random(), &peer, 6).unwrap(), 2);
+    }
+
+    #[test]
+    fn tombstone_keeps_meta_and_drops_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), 1 << 20).unwrap();
+        s.append_change("d", 0, b"x", &meta(1)).unwrap();
+        let mut m = meta(1);
+        m.deleted_at_ms = Some(9);
+        s.tombstone("d", &m).unwrap();
+        assert!(s.doc_data("d").unwrap().changes.is_empty());
+        assert_eq!(s.doc_meta("d").unwrap().unwrap().deleted_at_ms, Some(9));
+        assert_eq!(s.count_docs().unwrap(), 0);
+    }
+}

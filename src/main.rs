@@ -161,8 +161,18 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-            eprintln!("error: {}", chain.join(": "));
+            // Our errors often include their cause in their message; print each
+            // part of the chain once.
+            let mut line = String::new();
+            for cause in e.chain().map(|c| c.to_string()) {
+                if !line.contains(&cause) {
+                    if !line.is_empty() {
+                        line.push_str(": ");
+                    }
+                    line.push_str(&cause);
+                }
+            }
+            eprintln!("error: {line}");
             ExitCode::FAILURE
         }
     }
@@ -256,6 +266,7 @@ async fn start(args: StartArgs) -> Result<()> {
     wait_for_signal().await?;
     tracing::info!("shutting down");
     node.shutdown().await?;
+    drop(node); // closes sled, then seals the data dir
     Ok(())
 }
 

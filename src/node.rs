@@ -100,6 +100,7 @@ impl NodeBuilder {
                 .await
                 .map_err(|e| Error::Internal(e.to_string()))??
         };
+        let seal_dir = config.node.data_dir.clone();
         let inner = Arc::new(NodeInner {
             docs,
             store,
@@ -112,6 +113,10 @@ impl NodeBuilder {
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
             api_addr: Mutex::new(None),
+            seal: SealOnDrop {
+                data_dir: seal_dir,
+                armed: false.into(),
+            },
         });
         let node = Node { inner };
         if self.serve_api {
@@ -166,6 +171,28 @@ struct NodeInner {
     cancel: CancellationToken,
     tasks: TaskTracker,
     api_addr: Mutex<Option<SocketAddr>>,
+    /// Declared last so it drops after the store: seals the data dir once sled
+    /// has closed, if the node was shut down cleanly.
+    seal: SealOnDrop,
+}
+
+/// Writes the clean-shutdown seal (see `store::seal`) when dropped, if armed.
+struct SealOnDrop {
+    data_dir: PathBuf,
+    armed: std::sync::atomic::AtomicBool,
+}
+
+impl Drop for SealOnDrop {
+    fn drop(&mut self) {
+        if !self.armed.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        match crate::store::seal(&self.data_dir) {
+            Ok(true) => tracing::debug!("data dir sealed"),
+            Ok(false) => tracing::info!("data dir not sealed: the store is still open elsewhere"),
+            Err(e) => tracing::warn!(err = %e, "could not seal the data dir"),
+        }
+    }
 }
 
 /// A snapshot of the node's state, as served by `GET /v1/status`.
@@ -266,7 +293,9 @@ impl Node {
 
     /// Stops the node: the API stops accepting and finishes in-flight requests
     /// (bounded by `perf.shutdown_timeout_ms`), the store is flushed, the flush
-    /// thread exits. Idempotent.
+    /// thread exits. Idempotent. When the last clone of the node (and every
+    /// [`DocHandle`]) is dropped afterwards, the data dir is sealed so the next
+    /// start can detect files damaged in between.
     ///
     /// # Errors
     /// A failed final flush.
@@ -293,6 +322,11 @@ impl Node {
             Ok(()) | Err(DocError::Store(crate::store::StoreError::Closed)) => {}
             Err(e) => return Err(e.into()),
         }
+        // Seal the data dir when the last handle to the store is dropped.
+        self.inner
+            .seal
+            .armed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         tracing::info!("node stopped");
         Ok(())
     }

@@ -4,6 +4,8 @@
 //!
 //! ```text
 //! <data_dir>/FORMAT      "mergeflow-store <version>\n", checked before sled is opened
+//! <data_dir>/SEAL        lengths and CRC32s of sled's files, written at clean shutdown
+//!                        and checked before the next open (see `seal`)
 //! <data_dir>/db/         the sled database
 //!   tree "meta"          schema_version, node identity (libp2p keypair), boot counter
 //!   tree "actors"        Automerge actor id (16 bytes) -> ActorRecord (JSON)
@@ -31,9 +33,11 @@
 
 mod commit;
 mod format;
+mod seal;
 
 pub use commit::{FlushStats, GroupCommit};
 pub use format::{SCHEMA_VERSION, check_format};
+pub use seal::seal;
 
 use std::path::{Path, PathBuf};
 
@@ -85,6 +89,9 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    /// Another process has the data dir open.
+    #[error("data dir {0} is in use by another process (is another mergeflow node running on it?)")]
+    InUse(PathBuf),
     /// A flush failed (disk full, I/O error); the write may not be durable.
     #[error("store flush failed: {0}")]
     Flush(String),
@@ -158,6 +165,14 @@ impl Store {
     pub fn open(data_dir: &Path, cache_capacity_bytes: u64) -> Result<Store, StoreError> {
         let fresh = check_format(data_dir)?;
         let db_path = data_dir.join("db");
+        // sled holds an exclusive flock on db/db while open; check it ourselves
+        // first, for a clear error and before the seal is looked at.
+        if let Ok(f) = std::fs::File::open(db_path.join("db"))
+            && let Err(std::fs::TryLockError::WouldBlock) = f.try_lock()
+        {
+            return Err(StoreError::InUse(data_dir.to_path_buf()));
+        }
+        seal::verify_and_unseal(data_dir)?;
         let config = sled::Config::new()
             .path(&db_path)
             .cache_capacity(cache_capacity_bytes)

@@ -1,0 +1,145 @@
+//! Helpers for tests that run the `mergeflow` binary.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// Generous deadline for a node to come up (debug build, loaded CI machine).
+pub const START_DEADLINE: Duration = Duration::from_secs(60);
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_mergeflow"))
+}
+
+/// The test seed: `MERGEFLOW_TEST_SEED` or a fixed default. Printed so a failing
+/// run can be repeated.
+pub fn seed(default: u64) -> u64 {
+    let seed = std::env::var("MERGEFLOW_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default);
+    println!("seed = {seed} (set MERGEFLOW_TEST_SEED to repeat)");
+    seed
+}
+
+/// A `mergeflow start` process on a free loopback port.
+pub struct NodeProc {
+    pub child: Child,
+    pub api: String,
+    pub stderr: mpsc::Receiver<String>,
+}
+
+impl NodeProc {
+    /// Starts a node on `data_dir` and waits for its ready line.
+    pub fn start(data_dir: &Path) -> NodeProc {
+        Self::try_start(data_dir, &[])
+            .unwrap_or_else(|(code, err)| panic!("node did not start (exit {code:?}):\n{err}"))
+    }
+
+    /// Starts a node; on failure returns its exit code and stderr.
+    pub fn try_start(data_dir: &Path, extra: &[&str]) -> Result<NodeProc, (Option<i32>, String)> {
+        let mut child = Command::new(bin())
+            .arg("start")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--api", "127.0.0.1:0", "--log-level", "warn"])
+            .args(extra)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn mergeflow");
+        let (out_tx, out_rx) = mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = out_tx.send(line);
+            }
+        });
+        let (err_tx, err_rx) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = err_tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + START_DEADLINE;
+        loop {
+            match out_rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(line) => {
+                    if let Some(api) = line.split_whitespace().find_map(|w| w.strip_prefix("api="))
+                    {
+                        return Ok(NodeProc {
+                            child,
+                            api: api.to_string(),
+                            stderr: err_rx,
+                        });
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {}
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                // Drain stderr: the reader thread ends when the pipe closes.
+                let err: Vec<String> = err_rx.iter().collect();
+                return Err((status.code(), err.join("\n")));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("node did not print its ready line within {START_DEADLINE:?}");
+            }
+        }
+    }
+
+    /// SIGKILL, no chance to flush.
+    pub fn kill9(mut self) {
+        self.child.kill().expect("kill -9");
+        self.child.wait().expect("reap");
+    }
+
+    /// SIGTERM and wait; returns the exit code.
+    pub fn terminate(mut self) -> Option<i32> {
+        let pid = self.child.id().to_string();
+        let ok = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill -TERM");
+        assert!(ok.success());
+        let deadline = Instant::now() + START_DEADLINE;
+        loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                return s.code();
+            }
+            assert!(Instant::now() < deadline, "node did not exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Every file under `dir` with its bytes, for "unchanged" checks.
+pub fn snapshot_files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push((p.clone(), std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}

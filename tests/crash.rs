@@ -1,0 +1,106 @@
+//! Crash test: concurrent clients write through the HTTP API, the node is killed
+//! with SIGKILL at a random moment, restarted, and every acknowledged write must
+//! be there. Several cycles on one data dir.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{NodeProc, seed};
+use mergeflow::client::Client;
+use mergeflow::doc::Op;
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use serde_json::json;
+
+const CYCLES: usize = 4;
+const WRITERS: usize = 8;
+const DOCS: usize = 4;
+
+/// (doc, key) -> value of every acknowledged write.
+type Acked = Arc<Mutex<BTreeMap<(String, String), i64>>>;
+
+#[test]
+fn acknowledged_writes_survive_kill_9() {
+    let seed = seed(0x5eed_c4a5);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let acked: Acked = Arc::default();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+
+    for cycle in 0..CYCLES {
+        let node = NodeProc::start(&data);
+        let client = Client::new(&node.api);
+        // Everything acknowledged before must be there after the restart.
+        rt.block_on(verify(&client, &acked, cycle, seed));
+
+        let kill_after = Duration::from_millis(rng.random_range(100..600));
+        let mut tasks = Vec::new();
+        for w in 0..WRITERS {
+            let (client, acked) = (client.clone(), acked.clone());
+            tasks.push(rt.spawn(async move {
+                for i in 0i64.. {
+                    let doc = format!("crash/doc-{}", (w + i as usize) % DOCS);
+                    let key = format!("c{cycle}-w{w}-{i}");
+                    // Alternate the two write paths.
+                    let res = if i % 2 == 0 {
+                        client.patch(&doc, &json!({ key.clone(): i })).await
+                    } else {
+                        let op = Op::Set {
+                            path: format!("/{key}"),
+                            value: json!(i),
+                            kind: None,
+                        };
+                        client.ops(&doc, &[op]).await
+                    };
+                    match res {
+                        Ok(_) => {
+                            acked.lock().unwrap().insert((doc, key), i);
+                        }
+                        Err(_) => return, // the node died; stop this writer
+                    }
+                }
+            }));
+        }
+        std::thread::sleep(kill_after); // the kill moment is what we randomise
+        node.kill9();
+        for t in tasks {
+            rt.block_on(t).unwrap();
+        }
+        println!(
+            "cycle {cycle}: killed after {kill_after:?}, {} acked writes so far",
+            acked.lock().unwrap().len()
+        );
+    }
+    let node = NodeProc::start(&data);
+    let client = Client::new(&node.api);
+    rt.block_on(verify(&client, &acked, CYCLES, seed));
+    assert!(
+        acked.lock().unwrap().len() > CYCLES * WRITERS,
+        "too few writes were acknowledged to test anything"
+    );
+    assert_eq!(node.terminate(), Some(0));
+}
+
+async fn verify(client: &Client, acked: &Acked, cycle: usize, seed: u64) {
+    let expected = acked.lock().unwrap().clone();
+    let mut docs: BTreeMap<String, serde_json::Value> = BTreeMap::new();
+    for (doc, _) in expected.keys() {
+        if !docs.contains_key(doc) {
+            let v = client.get(doc, None).await.unwrap_or_else(|e| {
+                panic!("seed {seed} cycle {cycle}: doc {doc} unreadable after restart: {e}")
+            });
+            docs.insert(doc.clone(), v);
+        }
+    }
+    for ((doc, key), value) in &expected {
+        assert_eq!(
+            docs[doc].get(key),
+            Some(&json!(value)),
+            "seed {seed} cycle {cycle}: acknowledged write {doc}/{key}={value} lost"
+        );
+    }
+}

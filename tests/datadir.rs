@@ -1,0 +1,153 @@
+//! Data dir lifecycle through the real binary: clean restarts keep data and
+//! identity, a data dir of another schema version or with a damaged file is
+//! refused with a clear error and left unchanged, and one data dir cannot be
+//! opened by two nodes.
+
+mod common;
+
+use common::{NodeProc, snapshot_files};
+use mergeflow::client::Client;
+use serde_json::json;
+
+fn write_some(api: &str) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let c = Client::new(api);
+        for i in 0..40 {
+            c.patch(&format!("docs/{}", i % 4), &json!({ format!("k{i}"): i }))
+                .await
+                .unwrap();
+        }
+    });
+}
+
+#[test]
+fn sigterm_exits_0_and_a_restart_keeps_data_and_identity() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let node = NodeProc::start(&data);
+    write_some(&node.api);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let before = rt.block_on(Client::new(&node.api).status()).unwrap();
+    assert_eq!(node.terminate(), Some(0), "SIGTERM must exit 0");
+    assert!(
+        data.join("SEAL").exists(),
+        "a clean stop seals the data dir"
+    );
+
+    let node = NodeProc::start(&data);
+    let c = Client::new(&node.api);
+    let after = rt.block_on(c.status()).unwrap();
+    assert_eq!(after.peer_id, before.peer_id, "identity is kept");
+    assert_ne!(
+        after.actor, before.actor,
+        "every boot gets a fresh actor id"
+    );
+    assert_eq!(after.boot, before.boot + 1);
+    assert_eq!(after.docs, 4);
+    let v = rt.block_on(c.get("docs/1", None)).unwrap();
+    assert_eq!(v["k37"], json!(37));
+    let history = rt.block_on(c.history("docs/1")).unwrap();
+    assert!(
+        history
+            .iter()
+            .all(|h| h.peer_id.as_deref() == Some(before.peer_id.as_str()))
+    );
+    assert!(
+        !data.join("SEAL").exists(),
+        "the seal is removed while running"
+    );
+}
+
+#[test]
+fn unknown_schema_version_is_refused_and_files_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let node = NodeProc::start(&data);
+    write_some(&node.api);
+    assert_eq!(node.terminate(), Some(0));
+    std::fs::write(data.join("FORMAT"), "mergeflow-store 99\n").unwrap();
+    let files = snapshot_files(&data);
+
+    let (code, err) = NodeProc::try_start(&data, &[])
+        .err()
+        .expect("must not start");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("schema version 99") && err.contains("refusing"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "one line of error: {err}");
+    assert!(snapshot_files(&data) == files, "files changed");
+}
+
+#[test]
+fn damaged_sled_file_is_refused_and_files_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let node = NodeProc::start(&data);
+    write_some(&node.api);
+    assert_eq!(node.terminate(), Some(0));
+    // Flip bytes in the middle of sled's log, as a bad sector would.
+    let log = data.join("db").join("db");
+    let mut bytes = std::fs::read(&log).unwrap();
+    let mid = bytes.len() / 3;
+    for b in &mut bytes[mid..mid + 64] {
+        *b ^= 0xff;
+    }
+    std::fs::write(&log, bytes).unwrap();
+    let files = snapshot_files(&data);
+
+    let (code, err) = NodeProc::try_start(&data, &[])
+        .err()
+        .expect("must not start");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("corrupt") && err.contains("db/db") && err.contains("checksum"),
+        "{err}"
+    );
+    assert!(snapshot_files(&data) == files, "files changed");
+}
+
+#[test]
+fn garbage_format_file_is_refused_and_files_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let node = NodeProc::start(&data);
+    assert_eq!(node.terminate(), Some(0));
+    std::fs::write(data.join("FORMAT"), [0u8, 159, 146, 150]).unwrap();
+    let files = snapshot_files(&data);
+    let (code, err) = NodeProc::try_start(&data, &[])
+        .err()
+        .expect("must not start");
+    assert_eq!(code, Some(1));
+    assert!(err.contains("FORMAT") && err.contains("corrupt"), "{err}");
+    assert!(snapshot_files(&data) == files, "files changed");
+}
+
+#[test]
+fn a_second_node_on_the_same_data_dir_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let first = NodeProc::start(&data);
+    let (code, err) = NodeProc::try_start(&data, &[])
+        .err()
+        .expect("must not start");
+    assert_eq!(code, Some(1));
+    assert!(err.contains("in use"), "{err}");
+    drop(first);
+}
+
+#[test]
+fn bad_config_names_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(&cfg, "[store]\ncache_doc = 5\n").unwrap();
+    let data = dir.path().join("data");
+    let (code, err) = NodeProc::try_start(&data, &["--config", cfg.to_str().unwrap()])
+        .err()
+        .expect("must not start");
+    assert_eq!(code, Some(1));
+    assert!(err.contains("cache_doc") && err.contains("c.toml"), "{err}");
+    assert!(!data.exists(), "nothing is created on a config error");
+}

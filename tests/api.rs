@@ -1,0 +1,207 @@
+//! The HTTP API end to end on an in-process node: every endpoint, every error
+//! shape, and that rejected requests change nothing.
+
+use mergeflow::client::{Client, ClientError};
+use mergeflow::{Node, config::Config};
+use serde_json::{Value, json};
+
+async fn node(
+    dir: &std::path::Path,
+    tweak: impl FnOnce(&mut Config),
+) -> (Node, Client, reqwest::Client) {
+    let mut config = Config::default();
+    config.node.data_dir = dir.join("data");
+    tweak(&mut config);
+    let node = Node::builder()
+        .config(config)
+        .api("127.0.0.1:0".parse().unwrap())
+        .start()
+        .await
+        .unwrap();
+    let client = Client::new(&node.api_addr().unwrap().to_string());
+    (node, client, reqwest::Client::new())
+}
+
+/// Sends a raw request and returns (status, JSON body).
+async fn raw(req: reqwest::RequestBuilder) -> (u16, Value) {
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let body = resp.bytes().await.unwrap();
+    (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+}
+
+fn code(body: &Value) -> &str {
+    body["error"]["code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("not an error body: {body}"))
+}
+
+#[tokio::test]
+async fn document_lifecycle_over_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node, c, _) = node(dir.path(), |_| {}).await;
+
+    let created = c
+        .create(
+            Some("sensors/greenhouse-3"),
+            json!({"celsius": 21.5, "tags": ["a"]}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(created.id.as_str(), "sensors/greenhouse-3");
+    assert_eq!(created.heads.len(), 1);
+    let generated = c.create(None, json!({})).await.unwrap();
+    assert_eq!(generated.id.as_str().len(), 26);
+
+    assert_eq!(
+        c.get("sensors/greenhouse-3", None).await.unwrap(),
+        json!({"celsius": 21.5, "tags": ["a"]})
+    );
+    assert_eq!(
+        c.get("sensors/greenhouse-3", Some("/tags/0"))
+            .await
+            .unwrap(),
+        json!("a")
+    );
+
+    let patched = c
+        .patch(
+            "sensors/greenhouse-3",
+            &json!({"celsius": 22, "tags": null, "meta": {"room": "b"}}),
+        )
+        .await
+        .unwrap();
+    assert!(patched.changed);
+    assert_ne!(patched.heads, created.heads);
+    let same = c
+        .patch("sensors/greenhouse-3", &json!({"celsius": 22}))
+        .await
+        .unwrap();
+    assert!(!same.changed, "an equal patch changes nothing");
+    assert_eq!(same.heads, patched.heads);
+
+    let ops: Vec<mergeflow::doc::Op> = serde_json::from_value(json!([
+        {"op": "increment", "path": "/count", "by": 2},
+        {"op": "set", "path": "/notes", "value": "hllo", "as": "text"},
+        {"op": "splice", "path": "/notes", "pos": 1, "text": "e"},
+        {"op": "set", "path": "/readings", "value": []},
+        {"op": "insert", "path": "/readings/-", "value": 1},
+        {"op": "delete", "path": "/meta/room"}
+    ]))
+    .unwrap();
+    c.ops("sensors/greenhouse-3", &ops).await.unwrap();
+    assert_eq!(
+        c.get("sensors/greenhouse-3", None).await.unwrap(),
+        json!({"celsius": 22, "count": 2, "notes": "hello", "readings": [1], "meta": {}})
+    );
+
+    let heads = c.heads("sensors/greenhouse-3").await.unwrap();
+    let history = c.history("sensors/greenhouse-3").await.unwrap();
+    assert_eq!(history.len(), 3);
+    assert_eq!(history.last().unwrap().hash, heads[0]);
+    assert_eq!(history[1].deps, vec![history[0].hash.clone()]);
+    assert_eq!(
+        history[0].peer_id.as_deref(),
+        Some(node.peer_id().to_string().as_str())
+    );
+    assert_eq!(history[0].message.as_deref(), Some("create"));
+
+    let list = c.list().await.unwrap();
+    assert_eq!(list.len(), 2);
+    let entry = list
+        .iter()
+        .find(|d| d.id == "sensors/greenhouse-3")
+        .unwrap();
+    assert_eq!(entry.heads, heads);
+    assert!(entry.size_bytes > 0 && entry.updated_at > 0);
+
+    let status = c.status().await.unwrap();
+    assert_eq!(status.docs, 2);
+    assert_eq!(status.peer_id, node.peer_id().to_string());
+
+    c.delete("sensors/greenhouse-3").await.unwrap();
+    match c.get("sensors/greenhouse-3", None).await {
+        Err(ClientError::Api {
+            status: 410, code, ..
+        }) => assert_eq!(code, "deleted"),
+        other => panic!("expected 410, got {other:?}"),
+    }
+    match c.patch("sensors/greenhouse-3", &json!({"a": 1})).await {
+        Err(ClientError::Api { status: 410, .. }) => {}
+        other => panic!("a tombstone must not be written to: {other:?}"),
+    }
+    assert_eq!(c.list().await.unwrap().len(), 1);
+    assert_eq!(c.status().await.unwrap().docs, 1);
+    node.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn errors_are_json_with_fitting_status_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node, c, http) = node(dir.path(), |cfg| {
+        cfg.api.max_body_bytes = 64 * 1024;
+        cfg.doc.max_change_bytes = 16 * 1024;
+    })
+    .await;
+    let base = format!("http://{}", node.api_addr().unwrap());
+    let doc = format!("{base}/v1/docs/d%2F1");
+    c.create(Some("d/1"), json!({"a": 1, "s": "x"}))
+        .await
+        .unwrap();
+    let heads = c.heads("d/1").await.unwrap();
+
+    let big = json!({"big": "x".repeat(20 * 1024)}).to_string();
+    let huge = json!({"big": "x".repeat(100 * 1024)}).to_string();
+    let json_ct = ("content-type", "application/json");
+    let cases: Vec<(reqwest::RequestBuilder, u16, &str)> = vec![
+        (http.patch(&doc).header(json_ct.0, json_ct.1).body("{\"a\":"), 400, "bad_json"),
+        (http.patch(&doc).header(json_ct.0, json_ct.1).body("[1,2]"), 422, "bad_value"),
+        (http.patch(&doc).header("content-type", "text/plain").body("{}"), 415, "unsupported_media_type"),
+        (http.patch(&doc).header(json_ct.0, json_ct.1).body(big), 413, "change_too_large"),
+        (http.patch(&doc).header(json_ct.0, json_ct.1).body(huge), 413, "body_too_large"),
+        (http.post(format!("{doc}/ops")).header(json_ct.0, json_ct.1).body("{}"), 400, "bad_json"),
+        (http.post(format!("{doc}/ops")).json(&json!([{"op": "set", "path": "/b", "value": 1}, {"op": "increment", "path": "/a"}])), 422, "bad_value"),
+        (http.post(format!("{doc}/ops")).json(&json!([{"op": "delete", "path": "/nope"}])), 422, "bad_value"),
+        (http.post(format!("{doc}/ops")).json(&json!([{"op": "splice", "path": "/s", "pos": 0}])), 422, "bad_value"),
+        (http.post(format!("{base}/v1/docs")).json(&json!({"id": "d/1", "value": {}})), 409, "already_exists"),
+        (http.post(format!("{base}/v1/docs")).json(&json!({"id": "bad id", "value": {}})), 400, "invalid_doc_id"),
+        (http.post(format!("{base}/v1/docs")).json(&json!({"value": [1]})), 422, "bad_value"),
+        (http.post(format!("{base}/v1/docs")).json(&json!({"value": {}, "extra": 1})), 400, "bad_json"),
+        (http.get(format!("{base}/v1/docs/missing")), 404, "not_found"),
+        (http.get(format!("{doc}?path=/zz")), 404, "path_not_found"),
+        (http.get(format!("{doc}?path=zz")), 400, "bad_path"),
+        (http.get(format!("{base}/v1/docs/a%20b")), 400, "invalid_doc_id"),
+        (http.delete(format!("{base}/v1/docs/missing")), 404, "not_found"),
+        (http.get(format!("{base}/v1/nothing")), 404, "no_route"),
+        (http.put(format!("{base}/v1/docs")), 405, "method_not_allowed"),
+    ];
+    for (i, (req, status, want)) in cases.into_iter().enumerate() {
+        let (got, body) = raw(req).await;
+        assert_eq!((got, code(&body)), (status, want), "case {i}: {body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "case {i}"
+        );
+    }
+    assert_eq!(
+        c.heads("d/1").await.unwrap(),
+        heads,
+        "a rejected request changed the doc"
+    );
+    assert_eq!(c.get("d/1", None).await.unwrap(), json!({"a": 1, "s": "x"}));
+    assert_eq!(c.list().await.unwrap().len(), 1);
+
+    // merge-patch content type and a doc created by PATCH.
+    let (s, _) = raw(http
+        .patch(format!("{base}/v1/docs/new"))
+        .header("content-type", "application/merge-patch+json")
+        .body("{\"x\":1}"))
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(c.get("new", None).await.unwrap(), json!({"x": 1}));
+    let (s, body) = raw(http.get(format!("{base}/healthz"))).await;
+    assert_eq!((s, body), (200, json!({"ok": true})));
+    node.shutdown().await.unwrap();
+}

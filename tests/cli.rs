@@ -1,0 +1,171 @@
+//! The CLI as a client of a running node: every `doc` subcommand, `status`,
+//! `--json`, stdin input, and one-line failures with a non-zero exit.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+use common::bin;
+use mergeflow::Node;
+use serde_json::{Value, json};
+
+struct Cli {
+    api: String,
+}
+
+impl Cli {
+    fn run(&self, args: &[&str]) -> Output {
+        self.run_stdin(args, None)
+    }
+
+    fn run_stdin(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut child = Command::new(bin())
+            .args(args)
+            .env("MERGEFLOW_API", &self.api)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut input = child.stdin.take().unwrap();
+        if let Some(s) = stdin {
+            input.write_all(s.as_bytes()).unwrap();
+        }
+        drop(input);
+        child.wait_with_output().unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        serde_json::from_str(&self.ok(&a)).unwrap()
+    }
+
+    /// Runs a command that must fail; returns its one-line stderr.
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert_eq!(out.status.code(), Some(1), "{args:?} should fail");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+        assert!(err.starts_with("error: "), "{err}");
+        err
+    }
+}
+
+async fn start_node(dir: &std::path::Path) -> Node {
+    Node::builder()
+        .data_dir(dir.join("data"))
+        .api("127.0.0.1:0".parse().unwrap())
+        .start()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn doc_commands_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path()).await;
+    let cli = Cli {
+        api: node.api_addr().unwrap().to_string(),
+    };
+    tokio::task::spawn_blocking(move || {
+        let r = cli.json(&[
+            "doc",
+            "create",
+            "--id",
+            "sensors/gh-3",
+            r#"{"celsius": 20}"#,
+        ]);
+        assert_eq!(r["id"], "sensors/gh-3");
+        let out = cli.run_stdin(
+            &["doc", "create", "--id", "from/stdin"],
+            Some(r#"{"a": 1}"#),
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).starts_with("created from/stdin"));
+        let out = cli.run_stdin(
+            &["doc", "patch", "from/stdin", "-"],
+            Some(r#"{"piped": true}"#),
+        );
+        assert!(out.status.success());
+        assert_eq!(
+            cli.json(&["doc", "get", "from/stdin"]),
+            json!({"a": 1, "piped": true})
+        );
+
+        assert!(
+            cli.ok(&["doc", "patch", "sensors/gh-3", r#"{"celsius": 21}"#])
+                .starts_with("patched sensors/gh-3")
+        );
+        cli.ok(&[
+            "doc",
+            "ops",
+            "sensors/gh-3",
+            r#"[{"op":"increment","path":"/n","by":5}]"#,
+        ]);
+        assert_eq!(
+            cli.json(&["doc", "get", "sensors/gh-3"]),
+            json!({"celsius": 21, "n": 5})
+        );
+        assert_eq!(
+            cli.json(&["doc", "get", "sensors/gh-3", "--path", "/n"]),
+            json!(5)
+        );
+        let heads = cli.json(&["doc", "heads", "sensors/gh-3"]);
+        assert_eq!(heads.as_array().unwrap().len(), 1);
+        let history = cli.json(&["doc", "history", "sensors/gh-3"]);
+        assert_eq!(history.as_array().unwrap().len(), 3);
+        assert!(cli.ok(&["doc", "history", "sensors/gh-3"]).contains("ops"));
+        let list = cli.json(&["doc", "list"]);
+        assert_eq!(list.as_array().unwrap().len(), 2);
+        assert!(cli.ok(&["doc", "list"]).contains("sensors/gh-3"));
+        let status = cli.json(&["status"]);
+        assert_eq!(status["docs"], 2);
+        assert!(cli.ok(&["status"]).contains("peer_id"));
+        assert!(
+            cli.ok(&["doc", "delete", "sensors/gh-3"])
+                .contains("deleted")
+        );
+
+        let err = cli.fails(&["doc", "get", "sensors/gh-3"]);
+        assert!(err.contains("deleted") && err.contains("410"), "{err}");
+        let err = cli.fails(&["doc", "get", "nope"]);
+        assert!(err.contains("not found") && err.contains("404"), "{err}");
+        let err = cli.fails(&["doc", "patch", "x", "{not json"]);
+        assert!(err.contains("PATCH is not valid JSON"), "{err}");
+        let err = cli.fails(&["doc", "ops", "x", r#"[{"op":"frob"}]"#]);
+        assert!(err.contains("OPS must be a JSON array"), "{err}");
+        let err = cli.fails(&["doc", "get", "bad id"]);
+        assert!(err.contains("invalid doc id"), "{err}");
+    })
+    .await
+    .unwrap();
+    node.shutdown().await.unwrap();
+}
+
+#[test]
+fn node_not_running_is_a_one_line_error() {
+    // A port that was free a moment ago: nothing listens on it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cli = Cli {
+        api: format!("http://127.0.0.1:{port}"),
+    };
+    for args in [&["status"][..], &["doc", "list"], &["doc", "get", "a"]] {
+        let err = cli.fails(args);
+        assert!(err.contains("cannot reach a mergeflow node"), "{err}");
+    }
+}

@@ -1,0 +1,186 @@
+//! The library API: concurrent writers, closures over Automerge transactions,
+//! compaction and cache eviction across reopen, size caps.
+
+use std::path::Path;
+
+use automerge::ReadDoc;
+use automerge::transaction::Transactable;
+use mergeflow::config::Config;
+use mergeflow::{DocError, Error, Node};
+use serde_json::json;
+
+async fn open(dir: &Path, tweak: impl FnOnce(&mut Config)) -> Node {
+    let mut config = Config::default();
+    config.node.data_dir = dir.join("data");
+    tweak(&mut config);
+    Node::builder().config(config).start().await.unwrap()
+}
+
+async fn reopen(node: Node, dir: &Path, tweak: impl FnOnce(&mut Config)) -> Node {
+    node.shutdown().await.unwrap();
+    drop(node);
+    open(dir, tweak).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_writers_to_one_doc_lose_no_update() {
+    const WRITERS: usize = 32;
+    const EACH: usize = 25;
+    let dir = tempfile::tempdir().unwrap();
+    let node = open(dir.path(), |c| c.store.compact_after_changes = 64).await;
+    let mut tasks = Vec::new();
+    for w in 0..WRITERS {
+        let doc = node.doc("shared/counter").unwrap();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..EACH {
+                if i % 2 == 0 {
+                    doc.patch(json!({ format!("w{w}-{i}"): i })).await.unwrap();
+                } else {
+                    let ops = serde_json::from_value(json!([
+                        {"op": "increment", "path": "/count"},
+                        {"op": "set", "path": format!("/w{w}-{i}"), "value": i}
+                    ]))
+                    .unwrap();
+                    doc.ops(ops).await.unwrap();
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let check = |v: serde_json::Value| {
+        for w in 0..WRITERS {
+            for i in 0..EACH {
+                assert_eq!(v[format!("w{w}-{i}")], json!(i), "write w{w}-{i} lost");
+            }
+        }
+        assert_eq!(v["count"], json!(WRITERS * (EACH / 2)), "lost increments");
+    };
+    check(node.doc("shared/counter").unwrap().get().await.unwrap());
+    let history = node.doc("shared/counter").unwrap().history().await.unwrap();
+    assert_eq!(history.len(), WRITERS * EACH, "one change per write");
+    let node = reopen(node, dir.path(), |_| {}).await;
+    check(node.doc("shared/counter").unwrap().get().await.unwrap());
+    node.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn change_closure_is_one_change_or_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = open(dir.path(), |_| {}).await;
+    let doc = node.doc("notes/1").unwrap();
+    let r = doc
+        .change(|tx| {
+            tx.put(automerge::ROOT, "title", "hi")?;
+            let list = tx.put_object(automerge::ROOT, "items", automerge::ObjType::List)?;
+            tx.insert(&list, 0, 1)?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        doc.get().await.unwrap(),
+        json!({"title": "hi", "items": [1]})
+    );
+    let failed = doc
+        .change(|tx| {
+            tx.put(automerge::ROOT, "title", "changed")?;
+            // Deleting from a scalar is an Automerge error.
+            let (_, title) = tx.get(automerge::ROOT, "title")?.unwrap();
+            tx.delete(&title, 0)?;
+            Ok(())
+        })
+        .await;
+    assert!(
+        matches!(failed, Err(Error::Doc(DocError::Automerge(_)))),
+        "{failed:?}"
+    );
+    assert_eq!(doc.get().await.unwrap()["title"], json!("hi"));
+    assert_eq!(
+        doc.heads().await.unwrap(),
+        r.heads,
+        "a failed change stores nothing"
+    );
+    node.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn compaction_and_eviction_keep_every_change_across_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let tweak = |c: &mut Config| {
+        c.store.compact_after_changes = 8;
+        c.store.cache_docs = 4;
+    };
+    let node = open(dir.path(), tweak).await;
+    for round in 0..30 {
+        for d in 0..12 {
+            node.doc(&format!("c/{d}"))
+                .unwrap()
+                .patch(json!({ format!("r{round}"): d, "last": round }))
+                .await
+                .unwrap();
+        }
+    }
+    let listed = node.docs().list().await.unwrap();
+    assert_eq!(listed.len(), 12);
+    let node = reopen(node, dir.path(), tweak).await;
+    for d in 0..12 {
+        let v = node.doc(&format!("c/{d}")).unwrap().get().await.unwrap();
+        for round in 0..30 {
+            assert_eq!(v[format!("r{round}")], json!(d), "c/{d} lost round {round}");
+        }
+        assert_eq!(v["last"], json!(29));
+        let history = node
+            .doc(&format!("c/{d}"))
+            .unwrap()
+            .history()
+            .await
+            .unwrap();
+        assert_eq!(history.len(), 30);
+    }
+    node.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn size_caps_name_the_cap_and_store_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = open(dir.path(), |c| {
+        c.doc.max_change_bytes = 2_000;
+        c.doc.max_doc_bytes = 5_000;
+    })
+    .await;
+    let doc = node.doc("capped").unwrap();
+    let err = doc
+        .patch(json!({"big": "x".repeat(4_000)}))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("doc.max_change_bytes = 2000"),
+        "{err}"
+    );
+    assert!(matches!(
+        doc.get().await,
+        Err(Error::Doc(DocError::NotFound(_)))
+    ));
+    let mut last = None;
+    for i in 0..10 {
+        match doc
+            .patch(json!({ format!("k{i}"): "y".repeat(1_000) }))
+            .await
+        {
+            Ok(r) => last = Some(r.heads),
+            Err(e) => {
+                assert!(e.to_string().contains("doc.max_doc_bytes = 5000"), "{e}");
+                break;
+            }
+        }
+    }
+    let heads = last.expect("some writes fit");
+    assert_eq!(
+        doc.heads().await.unwrap(),
+        heads,
+        "the refused write left no trace"
+    );
+    node.shutdown().await.unwrap();
+}

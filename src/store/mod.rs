@@ -178,7 +178,8 @@ impl Store {
             .cache_capacity(cache_capacity_bytes)
             // We flush explicitly (group commit); the background flusher only adds
             // a safety net for data nobody waits on.
-            .flush_every_ms(Some(1000));
+            .flush_every_ms(Some(1000))
+            .mode(sled::Mode::HighThroughput);
         // sled panics on some kinds of damaged files; turn that into an error.
         let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()));
         let db = match opened {

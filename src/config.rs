@@ -98,6 +98,10 @@ pub enum LogFormat {
 pub struct PerfConfig {
     /// Writers that may wait for the group-commit flush at once; more wait for room.
     pub flush_queue: usize,
+    /// Writes queued for the writer thread; more wait for room.
+    pub write_queue: usize,
+    /// Most writes applied together in one sled batch.
+    pub write_batch: usize,
     /// Milliseconds that shutdown waits for in-flight requests before giving up.
     pub shutdown_timeout_ms: u64,
 }
@@ -129,6 +133,8 @@ impl Default for Config {
             },
             perf: PerfConfig {
                 flush_queue: 4096,
+                write_queue: docs.write_queue,
+                write_batch: docs.write_batch,
                 shutdown_timeout_ms: 10_000,
             },
         }
@@ -374,6 +380,12 @@ impl Config {
         if self.perf.flush_queue == 0 {
             return invalid("perf.flush_queue", "must be at least 1");
         }
+        if self.perf.write_queue == 0 {
+            return invalid("perf.write_queue", "must be at least 1");
+        }
+        if self.perf.write_batch == 0 {
+            return invalid("perf.write_batch", "must be at least 1");
+        }
         if self.node.data_dir.as_os_str().is_empty() {
             return invalid("node.data_dir", "must not be empty");
         }
@@ -394,6 +406,8 @@ impl Config {
             max_doc_bytes: self.doc.max_doc_bytes,
             compact_after_changes: self.store.compact_after_changes,
             cache_docs: self.store.cache_docs,
+            write_queue: self.perf.write_queue,
+            write_batch: self.perf.write_batch,
         }
     }
 }

@@ -2,8 +2,8 @@
 //! HTTP API, and shuts them down in order.
 //!
 //! Shutdown order: stop accepting API requests and wait for in-flight ones (their
-//! writes are acknowledged only after their flush), flush the store once more,
-//! stop the flush thread.
+//! writes are acknowledged only after their flush), stop the writer thread once
+//! it has handed off its queue, flush the store once more, stop the flush thread.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -312,6 +312,7 @@ impl Node {
                 "in-flight requests did not finish before the shutdown timeout"
             );
         }
+        self.inner.docs.close().await;
         let flushed = self.inner.docs.flush().await;
         self.inner.commit.stop().await;
         let thread = self.inner.flush_thread.lock().expect("not poisoned").take();

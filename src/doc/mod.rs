@@ -10,6 +10,7 @@ mod ops;
 mod patch;
 mod path;
 mod service;
+mod writer;
 
 pub use id::{DocId, MAX_ID_LEN};
 pub use json::{StringMode, to_json};
@@ -17,7 +18,7 @@ pub use ops::{Op, ValueKind, apply_ops};
 pub use patch::apply_merge_patch;
 pub use path::Pointer;
 pub(crate) use service::now_ms;
-pub use service::{Change, DocInfo, Docs, DocsConfig, HistoryEntry, WriteResult};
+pub use service::{Change, ChangeFn, DocInfo, Docs, DocsConfig, HistoryEntry, WriteResult};
 
 use crate::store::StoreError;
 

@@ -193,6 +193,6 @@ mod tests {
         apply_merge_patch(&mut tx, &json!({"n": 8}), StringMode::Scalar).unwrap();
         tx.commit();
         let (v, _) = doc.get(ROOT, "n").unwrap().unwrap();
-        assert_eq!(v.to_scalar().cloned(), Some(ScalarValue::counter(8)));
+        assert_eq!(v.as_scalar().cloned(), Some(ScalarValue::counter(8)));
     }
 }

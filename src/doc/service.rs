@@ -1,38 +1,41 @@
-//! The document service: loads documents on demand into a bounded cache, applies
-//! writes as Automerge changes, appends them to the store and acknowledges them
-//! after a group-commit flush.
+//! The document service: loads documents on demand into a bounded cache, reads
+//! them on blocking threads, and hands every write to one writer thread
+//! (`writer.rs`) that applies writes in batches.
 //!
 //! # When is a write durable?
 //!
-//! 1. Under the document's lock (on a blocking thread): the change is applied to
-//!    the in-memory doc and appended to sled with the doc's new meta in one atomic
-//!    batch. Readers may see it from here on.
-//! 2. The lock is released and the writer waits for a [`GroupCommit::flush`]
-//!    that starts after step 1. Concurrent writers (to any docs) share flushes.
+//! 1. The writer thread takes every queued write (up to `perf.write_batch`),
+//!    applies each to its in-memory doc under the doc's lock and adds the
+//!    change and the doc's new meta to one sled batch. Readers may see a
+//!    change from here on.
+//! 2. The batch is applied to sled atomically, then handed to the group-commit
+//!    flush thread, which acknowledges every write whose flush has returned.
 //! 3. Only then does [`Docs`] return `Ok`: the change survives a process kill.
 //!
-//! If a step fails before the append, the in-memory doc is thrown away and
-//! reloaded from the store on next use, so memory never holds a change the store
-//! lacks (other than between steps 1 and 2).
+//! If a write fails before step 2, its doc is rolled back in memory; if the
+//! batch fails, every doc it touched is reloaded from the store, so memory never
+//! holds a change the store lacks (other than between steps 1 and 2).
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use automerge::transaction::{CommitOptions, Transactable, Transaction};
+use automerge::transaction::Transaction;
 use automerge::{
     ActorId, Automerge, AutomergeError, Change as AmChange, LoadOptions, ObjType, ROOT, ReadDoc,
     TextEncoding,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
+use tokio::sync::{mpsc, oneshot};
 
-use super::json::{Slot, StringMode, to_json, value_to_json, write_json};
-use super::ops::{Op, apply_ops};
-use super::patch::apply_merge_patch;
+use super::json::{StringMode, to_json, value_to_json};
+use super::ops::Op;
 use super::path::{Pointer, prop_for, resolve_obj};
+use super::writer::{WriteOp, WriteReq, WriterMsg};
 use super::{DocError, DocId};
 use crate::store::{DocMeta, GroupCommit, Store};
 
@@ -49,6 +52,10 @@ pub struct DocsConfig {
     pub compact_after_changes: u64,
     /// Documents kept loaded in memory; colder ones are evicted.
     pub cache_docs: usize,
+    /// Writes queued for the writer thread; more wait for room.
+    pub write_queue: usize,
+    /// Most writes the writer thread applies in one sled batch.
+    pub write_batch: usize,
 }
 
 impl Default for DocsConfig {
@@ -59,6 +66,8 @@ impl Default for DocsConfig {
             max_doc_bytes: 64 << 20,
             compact_after_changes: 256,
             cache_docs: 1024,
+            write_queue: 4096,
+            write_batch: 256,
         }
     }
 }
@@ -106,6 +115,9 @@ pub struct HistoryEntry {
     pub deps: Vec<String>,
 }
 
+/// A library user's change: a closure over the Automerge transaction.
+pub type ChangeFn = Box<dyn FnOnce(&mut Transaction<'_>) -> Result<(), AutomergeError> + Send>;
+
 /// What a write does inside its transaction.
 pub enum Change {
     /// An RFC 7396 merge patch.
@@ -113,38 +125,42 @@ pub enum Change {
     /// Explicit ops, all or nothing.
     Ops(Vec<Op>),
     /// A closure over the Automerge transaction (library users).
-    Closure(Box<dyn FnOnce(&mut Transaction<'_>) -> Result<(), AutomergeError> + Send>),
+    Closure(ChangeFn),
 }
 
 /// The document service. Cheap to clone.
 #[derive(Clone)]
 pub struct Docs {
     inner: Arc<Inner>,
+    writer: mpsc::Sender<WriterMsg>,
 }
 
-struct Inner {
-    store: Store,
-    commit: GroupCommit,
-    actor: ActorId,
-    cfg: DocsConfig,
+pub(super) struct Inner {
+    pub(super) store: Store,
+    pub(super) commit: GroupCommit,
+    pub(super) actor: ActorId,
+    pub(super) cfg: DocsConfig,
     cache: Mutex<Cache>,
-    live_docs: AtomicI64,
+    pub(super) live_docs: AtomicI64,
+    writer_thread: Mutex<Option<JoinHandle<()>>>,
 }
+
+pub(super) type SlotRef = Arc<Mutex<Option<Loaded>>>;
 
 #[derive(Default)]
 struct Cache {
-    map: HashMap<DocId, (Arc<Mutex<Option<Loaded>>>, u64)>,
+    map: HashMap<DocId, (SlotRef, u64)>,
     tick: u64,
 }
 
 /// A document in memory. `meta` is `None` when the document does not exist.
-struct Loaded {
-    doc: Automerge,
-    meta: Option<DocMeta>,
+pub(super) struct Loaded {
+    pub(super) doc: Automerge,
+    pub(super) meta: Option<DocMeta>,
 }
 
 impl Docs {
-    /// Starts the service over `store`, writing with `actor`.
+    /// Starts the service over `store`, writing with `actor`, and its writer thread.
     ///
     /// # Errors
     /// Store errors while counting documents.
@@ -155,16 +171,23 @@ impl Docs {
         cfg: DocsConfig,
     ) -> Result<Docs, DocError> {
         let live = store.count_docs()? as i64;
-        Ok(Docs {
-            inner: Arc::new(Inner {
-                store,
-                commit,
-                actor,
-                cfg,
-                cache: Mutex::new(Cache::default()),
-                live_docs: AtomicI64::new(live),
-            }),
-        })
+        let (tx, rx) = mpsc::channel(cfg.write_queue.max(1));
+        let inner = Arc::new(Inner {
+            store,
+            commit,
+            actor,
+            cfg,
+            cache: Mutex::new(Cache::default()),
+            live_docs: AtomicI64::new(live),
+            writer_thread: Mutex::new(None),
+        });
+        let thread_inner = inner.clone();
+        let handle = std::thread::Builder::new()
+            .name("mergeflow-writer".into())
+            .spawn(move || super::writer::run(thread_inner, rx))
+            .map_err(|e| DocError::Internal(format!("cannot start the writer thread: {e}")))?;
+        *inner.writer_thread.lock().expect("not poisoned") = Some(handle);
+        Ok(Docs { inner, writer: tx })
     }
 
     /// Number of live (not deleted) documents.
@@ -178,7 +201,7 @@ impl Docs {
     }
 
     /// Creates a document with `value` (a JSON object) as its content. A `None` id
-    /// is generated.
+    /// is generated. Returns once the write is durable.
     ///
     /// # Errors
     /// [`DocError::AlreadyExists`], [`DocError::Deleted`] if the id has a
@@ -191,25 +214,7 @@ impl Docs {
                 "\"value\" must be a JSON object: the document root is an object".into(),
             ));
         };
-        let strings = self.inner.cfg.strings;
-        let result = self
-            .with_doc(id.clone(), move |inner, id, loaded| {
-                match &loaded.meta {
-                    Some(m) if m.deleted_at_ms.is_some() => {
-                        return Err(DocError::Deleted(id.to_string()));
-                    }
-                    Some(_) => return Err(DocError::AlreadyExists(id.to_string())),
-                    None => {}
-                }
-                inner.commit_change(id, loaded, "create", true, |tx| {
-                    for (k, v) in &map {
-                        write_json(tx, &ROOT, k.as_str().into(), Slot::Put, v, strings)?;
-                    }
-                    Ok(())
-                })
-            })
-            .await?;
-        self.durable(result).await
+        self.submit(id, WriteOp::Create(map)).await
     }
 
     /// Applies `change` to document `id` as one Automerge change, creating the
@@ -219,26 +224,7 @@ impl Docs {
     /// [`DocError::Deleted`], the change's own errors (nothing is stored then),
     /// size caps, store errors.
     pub async fn write(&self, id: DocId, change: Change) -> Result<WriteResult, DocError> {
-        let strings = self.inner.cfg.strings;
-        let result = self
-            .with_doc(id, move |inner, id, loaded| {
-                if let Some(m) = &loaded.meta
-                    && m.deleted_at_ms.is_some()
-                {
-                    return Err(DocError::Deleted(id.to_string()));
-                }
-                let (message, f): (_, Box<dyn FnOnce(&mut Transaction<'_>) -> _>) = match change {
-                    Change::Patch(p) => (
-                        "patch",
-                        Box::new(move |tx| apply_merge_patch(tx, &p, strings)),
-                    ),
-                    Change::Ops(ops) => ("ops", Box::new(move |tx| apply_ops(tx, &ops, strings))),
-                    Change::Closure(f) => ("change", Box::new(move |tx| Ok(f(tx)?))),
-                };
-                inner.commit_change(id, loaded, message, false, f)
-            })
-            .await?;
-        self.durable(result).await
+        self.submit(id, WriteOp::Change(change)).await
     }
 
     /// Deletes document `id`, leaving a tombstone, and returns once it is durable.
@@ -246,25 +232,19 @@ impl Docs {
     /// # Errors
     /// [`DocError::NotFound`], [`DocError::Deleted`], store errors.
     pub async fn delete(&self, id: DocId) -> Result<WriteResult, DocError> {
-        let result = self
-            .with_doc(id, |inner, id, loaded| {
-                let meta = live_meta(id, loaded)?;
-                let mut meta = meta.clone();
-                meta.deleted_at_ms = Some(now_ms());
-                meta.size_bytes = 0;
-                meta.tail_changes = 0;
-                inner.store.tombstone(id.as_str(), &meta)?;
-                loaded.doc = new_doc(&inner.actor);
-                loaded.meta = Some(meta.clone());
-                inner.live_docs.fetch_sub(1, Ordering::Relaxed);
-                Ok(WriteResult {
-                    id: id.clone(),
-                    heads: meta.heads,
-                    changed: true,
-                })
-            })
-            .await?;
-        self.durable(result).await
+        self.submit(id, WriteOp::Delete).await
+    }
+
+    /// Queues a write for the writer thread and waits for its durable result.
+    /// Cancel safe in the sense that dropping the future does not undo the write.
+    async fn submit(&self, id: DocId, op: WriteOp) -> Result<WriteResult, DocError> {
+        let (reply, rx) = oneshot::channel();
+        self.writer
+            .send(WriterMsg::Write(WriteReq { id, op, reply }))
+            .await
+            .map_err(|_| DocError::Store(crate::store::StoreError::Closed))?;
+        rx.await
+            .map_err(|_| DocError::Store(crate::store::StoreError::Closed))?
     }
 
     /// Reads document `id`, or the subtree at `path` (a JSON Pointer).
@@ -355,7 +335,7 @@ impl Docs {
         .await
     }
 
-    /// Waits for a flush covering everything written so far.
+    /// Waits for a flush covering everything acknowledged so far.
     ///
     /// # Errors
     /// Store errors.
@@ -363,11 +343,19 @@ impl Docs {
         Ok(self.inner.commit.flush().await?)
     }
 
-    async fn durable(&self, result: WriteResult) -> Result<WriteResult, DocError> {
-        // Always flush, even for a no-op: the heads we return may include a
-        // concurrent writer's change whose flush has not finished yet.
-        self.inner.commit.flush().await?;
-        Ok(result)
+    /// Stops the writer thread after it has handed every queued write to the
+    /// flush thread. Later writes fail with `shutting_down`. Idempotent.
+    pub async fn close(&self) {
+        let _ = self.writer.send(WriterMsg::Stop).await;
+        let handle = self
+            .inner
+            .writer_thread
+            .lock()
+            .expect("not poisoned")
+            .take();
+        if let Some(h) = handle {
+            let _ = tokio::task::spawn_blocking(move || h.join()).await;
+        }
     }
 
     /// Runs `f` on a blocking thread with document `id` loaded and locked.
@@ -379,33 +367,31 @@ impl Docs {
         let inner = self.inner.clone();
         blocking(move || {
             let slot = inner.entry(&id);
-            let mut guard = match slot.lock() {
-                Ok(g) => g,
-                // A panic while the doc was locked: its memory state is suspect.
-                Err(poisoned) => {
-                    slot.clear_poison();
-                    let mut g = poisoned.into_inner();
-                    *g = None;
-                    g
-                }
-            };
-            if guard.is_none() {
-                *guard = Some(inner.load(&id)?);
-            }
-            let loaded = guard.as_mut().expect("loaded above");
-            let result = f(&inner, &id, loaded);
-            if matches!(result, Err(DocError::Internal(_))) {
-                *guard = None;
-            }
-            result
+            let mut guard = lock_slot(&slot);
+            let loaded = inner.ensure_loaded(&id, &mut guard)?;
+            f(&inner, &id, loaded)
         })
         .await
     }
 }
 
+/// Locks a cache slot. After a panic while it was locked, the doc's memory state
+/// is suspect: it is dropped and reloaded from the store.
+pub(super) fn lock_slot(slot: &SlotRef) -> MutexGuard<'_, Option<Loaded>> {
+    match slot.lock() {
+        Ok(g) => g,
+        Err(poisoned) => {
+            slot.clear_poison();
+            let mut g = poisoned.into_inner();
+            *g = None;
+            g
+        }
+    }
+}
+
 impl Inner {
     /// The cache slot of `id`, evicting cold unused documents past the cap.
-    fn entry(&self, id: &DocId) -> Arc<Mutex<Option<Loaded>>> {
+    pub(super) fn entry(&self, id: &DocId) -> SlotRef {
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         cache.tick += 1;
         let tick = cache.tick;
@@ -421,7 +407,19 @@ impl Inner {
         slot
     }
 
-    fn load(&self, id: &DocId) -> Result<Loaded, DocError> {
+    /// The loaded doc in `slot`, loading it from the store first if needed.
+    pub(super) fn ensure_loaded<'a>(
+        &self,
+        id: &DocId,
+        slot: &'a mut Option<Loaded>,
+    ) -> Result<&'a mut Loaded, DocError> {
+        if slot.is_none() {
+            *slot = Some(self.load(id)?);
+        }
+        Ok(slot.as_mut().expect("loaded above"))
+    }
+
+    pub(super) fn load(&self, id: &DocId) -> Result<Loaded, DocError> {
         let Some(meta) = self.store.doc_meta(id.as_str())? else {
             return Ok(Loaded {
                 doc: new_doc(&self.actor),
@@ -435,6 +433,8 @@ impl Inner {
             });
         }
         let data = self.store.doc_data(id.as_str())?;
+        let mut meta = meta;
+        meta.tail_changes = data.changes.len() as u64;
         let corrupt = |reason: String| DocError::Corrupt {
             id: id.to_string(),
             reason,
@@ -466,128 +466,11 @@ impl Inner {
             meta: Some(meta),
         })
     }
-
-    /// Runs `f` in a transaction; on success appends the change durably-to-be and
-    /// compacts when due. On any error nothing is stored.
-    fn commit_change<F>(
-        &self,
-        id: &DocId,
-        loaded: &mut Loaded,
-        message: &str,
-        create: bool,
-        f: F,
-    ) -> Result<WriteResult, DocError>
-    where
-        F: FnOnce(&mut Transaction<'_>) -> Result<(), DocError>,
-    {
-        let mut tx = loaded.doc.transaction();
-        if let Err(e) = f(&mut tx) {
-            tx.rollback();
-            return Err(e);
-        }
-        if tx.pending_ops() == 0 && !create && loaded.meta.is_some() {
-            tx.rollback();
-            let heads = loaded
-                .meta
-                .as_ref()
-                .map(|m| m.heads.clone())
-                .unwrap_or_default();
-            return Ok(WriteResult {
-                id: id.clone(),
-                heads,
-                changed: false,
-            });
-        }
-        let now = now_ms();
-        let opts = || {
-            CommitOptions::default()
-                .with_message(message)
-                .with_time((now / 1000) as i64)
-        };
-        let hash = match tx.commit_with(opts()) {
-            (Some(h), _) => h,
-            (None, _) => loaded.doc.empty_commit(opts()),
-        };
-        let change = loaded
-            .doc
-            .get_change_by_hash(&hash)
-            .ok_or_else(|| DocError::Internal("committed change is missing".into()))?;
-        let bytes = change.raw_bytes();
-        let size = bytes.len() as u64;
-        let prev = loaded.meta.clone();
-        let mut meta = prev.clone().unwrap_or(DocMeta {
-            heads: vec![],
-            size_bytes: 0,
-            tail_changes: 0,
-            next_seq: 0,
-            created_at_ms: now,
-            updated_at_ms: now,
-            deleted_at_ms: None,
-        });
-        let cfg = &self.cfg;
-        let cap_error = if size > cfg.max_change_bytes {
-            Some(DocError::ChangeTooLarge {
-                size,
-                cap: cfg.max_change_bytes,
-            })
-        } else if meta.size_bytes + size > cfg.max_doc_bytes {
-            Some(DocError::DocTooLarge {
-                size: meta.size_bytes + size,
-                cap: cfg.max_doc_bytes,
-            })
-        } else {
-            None
-        };
-        if let Some(e) = cap_error {
-            // The change is in memory only: reload the doc from the store.
-            *loaded = self.load(id)?;
-            return Err(e);
-        }
-        let seq = meta.next_seq;
-        meta.next_seq += 1;
-        meta.tail_changes += 1;
-        meta.size_bytes += size;
-        meta.updated_at_ms = now;
-        meta.heads = loaded
-            .doc
-            .get_heads()
-            .iter()
-            .map(|h| h.to_string())
-            .collect();
-        if let Err(e) = self.store.append_change(id.as_str(), seq, bytes, &meta) {
-            *loaded = self.load(id).unwrap_or(Loaded {
-                doc: new_doc(&self.actor),
-                meta: prev,
-            });
-            return Err(e.into());
-        }
-        if loaded.meta.is_none() {
-            self.live_docs.fetch_add(1, Ordering::Relaxed);
-        }
-        if meta.tail_changes >= cfg.compact_after_changes {
-            let snapshot = loaded.doc.save();
-            meta.size_bytes = snapshot.len() as u64;
-            meta.tail_changes = 0;
-            if let Err(e) = self.store.compact(id.as_str(), &snapshot, &meta) {
-                // The change itself is stored; compaction is retried next time.
-                tracing::warn!(doc = %id, err = %e, "compaction failed");
-                meta.size_bytes = loaded.meta.as_ref().map_or(0, |m| m.size_bytes) + size;
-                meta.tail_changes = cfg.compact_after_changes;
-            }
-        }
-        let heads = meta.heads.clone();
-        loaded.meta = Some(meta);
-        Ok(WriteResult {
-            id: id.clone(),
-            heads,
-            changed: true,
-        })
-    }
 }
 
 /// Evicts least recently used entries nobody holds until `keep` remain (or only
 /// held entries are left).
-fn evict(map: &mut HashMap<DocId, (Arc<Mutex<Option<Loaded>>>, u64)>, keep: usize) {
+fn evict(map: &mut HashMap<DocId, (SlotRef, u64)>, keep: usize) {
     let mut idle: Vec<(u64, DocId)> = map
         .iter()
         .filter(|(_, (slot, _))| Arc::strong_count(slot) == 1)
@@ -600,7 +483,7 @@ fn evict(map: &mut HashMap<DocId, (Arc<Mutex<Option<Loaded>>>, u64)>, keep: usiz
     }
 }
 
-fn live_meta<'a>(id: &DocId, loaded: &'a Loaded) -> Result<&'a DocMeta, DocError> {
+pub(super) fn live_meta<'a>(id: &DocId, loaded: &'a Loaded) -> Result<&'a DocMeta, DocError> {
     match &loaded.meta {
         None => Err(DocError::NotFound(id.to_string())),
         Some(m) if m.deleted_at_ms.is_some() => Err(DocError::Deleted(id.to_string())),
@@ -608,7 +491,7 @@ fn live_meta<'a>(id: &DocId, loaded: &'a Loaded) -> Result<&'a DocMeta, DocError
     }
 }
 
-fn new_doc(actor: &ActorId) -> Automerge {
+pub(super) fn new_doc(actor: &ActorId) -> Automerge {
     Automerge::new_with_encoding(TextEncoding::UnicodeCodePoint).with_actor(actor.clone())
 }
 

@@ -15,10 +15,14 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{Store, StoreError};
 
-type Waiter = oneshot::Sender<Result<(), Arc<str>>>;
+/// The message acks get when the flush thread is gone.
+pub(super) const CLOSED: &str = "the store is closed";
+
+/// Called once with the result of the flush that covers a write.
+pub type Ack = Box<dyn FnOnce(Result<(), Arc<str>>) + Send>;
 
 enum Msg {
-    Flush(Waiter),
+    Flush(Vec<Ack>),
     Stop,
 }
 
@@ -55,12 +59,12 @@ impl GroupCommit {
                 let mut stop = false;
                 while !stop {
                     match rx.blocking_recv() {
-                        Some(Msg::Flush(w)) => waiters.push(w),
+                        Some(Msg::Flush(acks)) => waiters.extend(acks),
                         Some(Msg::Stop) | None => stop = true,
                     }
                     while let Ok(msg) = rx.try_recv() {
                         match msg {
-                            Msg::Flush(w) => waiters.push(w),
+                            Msg::Flush(acks) => waiters.extend(acks),
                             Msg::Stop => stop = true,
                         }
                     }
@@ -72,8 +76,8 @@ impl GroupCommit {
                     thread_stats
                         .writes
                         .fetch_add(waiters.len() as u64, Ordering::Relaxed);
-                    for w in waiters.drain(..) {
-                        let _ = w.send(result.clone());
+                    for ack in waiters.drain(..) {
+                        ack(result.clone());
                     }
                 }
             })
@@ -90,14 +94,30 @@ impl GroupCommit {
     /// carrying sled's message if the flush failed.
     pub async fn flush(&self) -> Result<(), StoreError> {
         let (tx, rx) = oneshot::channel();
+        let ack: Ack = Box::new(move |r| {
+            let _ = tx.send(r);
+        });
         self.tx
-            .send(Msg::Flush(tx))
+            .send(Msg::Flush(vec![ack]))
             .await
             .map_err(|_| StoreError::Closed)?;
         match rx.await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(msg)) => Err(StoreError::Flush(msg.to_string())),
+            Ok(Err(msg)) => Err(msg.into()),
             Err(_) => Err(StoreError::Closed),
+        }
+    }
+
+    /// From a blocking thread: calls every ack with the result of a flush that
+    /// starts after this call (or with an error if the thread is gone). Waits only
+    /// for room in the queue, not for the flush.
+    pub fn submit_blocking(&self, acks: Vec<Ack>) {
+        if let Err(mpsc::error::SendError(Msg::Flush(acks))) =
+            self.tx.blocking_send(Msg::Flush(acks))
+        {
+            for ack in acks {
+                ack(Err(Arc::from(CLOSED)));
+            }
         }
     }
 

@@ -35,11 +35,13 @@ mod commit;
 mod format;
 mod seal;
 
-pub use commit::{FlushStats, GroupCommit};
+pub use commit::{Ack, FlushStats, GroupCommit};
 pub use format::{SCHEMA_VERSION, check_format};
 pub use seal::seal;
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use automerge::ActorId;
 use libp2p::identity::Keypair;
@@ -92,12 +94,26 @@ pub enum StoreError {
     /// Another process has the data dir open.
     #[error("data dir {0} is in use by another process (is another mergeflow node running on it?)")]
     InUse(PathBuf),
+    /// Applying a batch failed; nothing of it was stored.
+    #[error("store write failed: {0}")]
+    Write(String),
     /// A flush failed (disk full, I/O error); the write may not be durable.
     #[error("store flush failed: {0}")]
     Flush(String),
     /// The flush thread is gone (the node is shutting down).
     #[error("the store is closed")]
     Closed,
+}
+
+/// What the flush thread reports to an ack when its flush failed.
+impl From<Arc<str>> for StoreError {
+    fn from(msg: Arc<str>) -> Self {
+        if &*msg == commit::CLOSED {
+            StoreError::Closed
+        } else {
+            StoreError::Flush(msg.to_string())
+        }
+    }
 }
 
 /// Per-document bookkeeping kept beside the data, used for listing without loading
@@ -139,6 +155,56 @@ pub struct DocData {
     pub snapshot: Vec<u8>,
     /// Raw changes appended after the snapshot, in append order.
     pub changes: Vec<Vec<u8>>,
+}
+
+/// Document writes to apply together, atomically, with [`Store::apply`].
+///
+/// A document's change tail is always the contiguous sequence range
+/// `next_seq - tail_changes .. next_seq`, so compaction and deletion name the
+/// keys to remove without reading the tree; a removal also cancels an insert of
+/// the same key earlier in the batch.
+#[derive(Default)]
+pub struct WriteBatch {
+    batch: sled::Batch,
+    ops: usize,
+}
+
+impl WriteBatch {
+    /// Appends change `seq` of doc `id` and its new meta.
+    pub fn append_change(&mut self, id: &str, seq: u64, change: &[u8], meta: &DocMeta) {
+        self.batch.insert(change_key(id, seq), change);
+        self.batch.insert(meta_key(id), encode_meta(meta));
+        self.ops += 2;
+    }
+
+    /// Replaces doc `id`'s snapshot (which must include every change in `tail`)
+    /// and removes the changes in `tail`.
+    pub fn compact(&mut self, id: &str, snapshot: &[u8], meta: &DocMeta, tail: Range<u64>) {
+        for seq in tail {
+            self.batch.remove(change_key(id, seq));
+            self.ops += 1;
+        }
+        self.batch.insert(snapshot_key(id), snapshot);
+        self.batch.insert(meta_key(id), encode_meta(meta));
+        self.ops += 2;
+    }
+
+    /// Removes doc `id`'s snapshot and the changes in `tail`, leaving `meta` (with
+    /// `deleted_at_ms` set) as its tombstone.
+    pub fn tombstone(&mut self, id: &str, meta: &DocMeta, tail: Range<u64>) {
+        for seq in tail {
+            self.batch.remove(change_key(id, seq));
+            self.ops += 1;
+        }
+        self.batch.remove(snapshot_key(id));
+        self.batch.insert(meta_key(id), encode_meta(meta));
+        self.ops += 2;
+    }
+
+    /// True if nothing was added.
+    pub fn is_empty(&self) -> bool {
+        self.ops == 0
+    }
 }
 
 /// The sled database of one node.
@@ -364,57 +430,14 @@ impl Store {
         Ok(DocData { snapshot, changes })
     }
 
-    /// Appends one change to a doc and writes its new meta, atomically.
-    /// `meta.next_seq` must already point past `seq`.
+    /// Applies `batch` atomically: after a crash all of it is there or none.
     ///
     /// # Errors
-    /// sled errors.
-    pub fn append_change(
-        &self,
-        id: &str,
-        seq: u64,
-        change: &[u8],
-        meta: &DocMeta,
-    ) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
-        batch.insert(change_key(id, seq), change);
-        batch.insert(meta_key(id), encode_meta(meta));
-        self.docs.apply_batch(batch).map_err(|e| self.sled_err(e))
-    }
-
-    /// Replaces the snapshot and removes the changes with sequence numbers below
-    /// `meta.next_seq` (all of which `snapshot` must include), atomically.
-    ///
-    /// # Errors
-    /// sled errors.
-    pub fn compact(&self, id: &str, snapshot: &[u8], meta: &DocMeta) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
-        for kv in self.docs.scan_prefix(change_prefix(id)) {
-            let (k, _) = kv.map_err(|e| self.sled_err(e))?;
-            let seq = decode_u64(&k[k.len() - 8..]).unwrap_or(u64::MAX);
-            if seq < meta.next_seq {
-                batch.remove(k);
-            }
-        }
-        batch.insert(snapshot_key(id), snapshot);
-        batch.insert(meta_key(id), encode_meta(meta));
-        self.docs.apply_batch(batch).map_err(|e| self.sled_err(e))
-    }
-
-    /// Deletes a doc's data and leaves `meta` (with `deleted_at_ms` set) as its
-    /// tombstone, atomically.
-    ///
-    /// # Errors
-    /// sled errors.
-    pub fn tombstone(&self, id: &str, meta: &DocMeta) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
-        for kv in self.docs.scan_prefix(change_prefix(id)) {
-            let (k, _) = kv.map_err(|e| self.sled_err(e))?;
-            batch.remove(k);
-        }
-        batch.remove(snapshot_key(id));
-        batch.insert(meta_key(id), encode_meta(meta));
-        self.docs.apply_batch(batch).map_err(|e| self.sled_err(e))
+    /// sled errors; then nothing of the batch is applied.
+    pub fn apply(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        self.docs
+            .apply_batch(batch.batch)
+            .map_err(|e| self.sled_err(e))
     }
 
     /// Lists every doc (tombstones included) with its meta, in id order.
@@ -523,9 +546,13 @@ mod tests {
     fn change_keys_of_prefix_ids_do_not_collide() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path(), 1 << 20).unwrap();
-        s.append_change("a", 0, b"x", &meta(1)).unwrap();
-        s.append_change("a/b", 0, b"y", &meta(1)).unwrap();
-        s.append_change("a", 1, b"z", &meta(2)).unwrap();
+        let mut b = WriteBatch::default();
+        b.append_change("a", 0, b"x", &meta(1));
+        b.append_change("a/b", 0, b"y", &meta(1));
+        s.apply(b).unwrap();
+        let mut b = WriteBatch::default();
+        b.append_change("a", 1, b"z", &meta(2));
+        s.apply(b).unwrap();
         assert_eq!(
             s.doc_data("a").unwrap().changes,
             vec![b"x".to_vec(), b"z".to_vec()]
@@ -539,14 +566,22 @@ mod tests {
     fn compaction_removes_only_covered_changes() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path(), 1 << 20).unwrap();
-        for seq in 0..5 {
-            s.append_change("d", seq, &[seq as u8], &meta(seq + 1))
-                .unwrap();
+        let mut b = WriteBatch::default();
+        for seq in 0..3 {
+            b.append_change("d", seq, &[seq as u8], &meta(seq + 1));
         }
-        s.compact("d", b"snap", &meta(3)).unwrap();
+        s.apply(b).unwrap();
+        // Changes 3 and 4 are in the same batch as the compaction of 0..4:
+        // the removal of 3 cancels its insert, 4 stays.
+        let mut b = WriteBatch::default();
+        for seq in 3..5 {
+            b.append_change("d", seq, &[seq as u8], &meta(seq + 1));
+        }
+        b.compact("d", b"snap", &meta(5), 0..4);
+        s.apply(b).unwrap();
         let data = s.doc_data("d").unwrap();
         assert_eq!(data.snapshot, b"snap");
-        assert_eq!(data.changes, vec![vec![3u8], vec![4u8]]);
+        assert_eq!(data.changes, vec![vec![4u8]]);
     }
 
     #[test]
@@ -574,10 +609,14 @@ mod tests {
     fn tombstone_keeps_meta_and_drops_data() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path(), 1 << 20).unwrap();
-        s.append_change("d", 0, b"x", &meta(1)).unwrap();
+        let mut b = WriteBatch::default();
+        b.append_change("d", 0, b"x", &meta(1));
+        s.apply(b).unwrap();
         let mut m = meta(1);
         m.deleted_at_ms = Some(9);
-        s.tombstone("d", &m).unwrap();
+        let mut b = WriteBatch::default();
+        b.tombstone("d", &m, 0..1);
+        s.apply(b).unwrap();
         assert!(s.doc_data("d").unwrap().changes.is_empty());
         assert_eq!(s.doc_meta("d").unwrap().unwrap().deleted_at_ms, Some(9));
         assert_eq!(s.count_docs().unwrap(), 0);

@@ -192,7 +192,8 @@ mod tests {
 
     #[test]
     fn changed_missing_or_new_files_are_refused_and_kept() {
-        let cases: [(&str, fn(&Path)); 4] = [
+        type Damage = fn(&Path);
+        let cases: [(&str, Damage); 4] = [
             ("checksum differs", |p| {
                 std::fs::write(p.join("db/db"), b"log bytez").unwrap()
             }),

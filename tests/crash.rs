@@ -15,9 +15,10 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde_json::json;
 
-const CYCLES: usize = 4;
+const CYCLES: usize = 6;
 const WRITERS: usize = 8;
 const DOCS: usize = 4;
+const COMPACT_OFTEN: (&str, &str) = ("MERGEFLOW_STORE_COMPACT_AFTER_CHANGES", "16");
 
 /// (doc, key) -> value of every acknowledged write.
 type Acked = Arc<Mutex<BTreeMap<(String, String), i64>>>;
@@ -32,7 +33,9 @@ fn acknowledged_writes_survive_kill_9() {
     let rt = tokio::runtime::Runtime::new().unwrap();
 
     for cycle in 0..CYCLES {
-        let node = NodeProc::start(&data);
+        // Compact often, so that kills land inside compactions too.
+        let node = NodeProc::try_start_env(&data, &[], &[COMPACT_OFTEN])
+            .unwrap_or_else(|(code, err)| panic!("seed {seed}: restart failed ({code:?}): {err}"));
         let client = Client::new(&node.api);
         // Everything acknowledged before must be there after the restart.
         rt.block_on(verify(&client, &acked, cycle, seed));

@@ -41,6 +41,15 @@ impl NodeProc {
 
     /// Starts a node; on failure returns its exit code and stderr.
     pub fn try_start(data_dir: &Path, extra: &[&str]) -> Result<NodeProc, (Option<i32>, String)> {
+        Self::try_start_env(data_dir, extra, &[])
+    }
+
+    /// As [`NodeProc::try_start`], with extra environment variables.
+    pub fn try_start_env(
+        data_dir: &Path,
+        extra: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Result<NodeProc, (Option<i32>, String)> {
         let mut child = Command::new(bin())
             .arg("start")
             .arg("--data-dir")
@@ -48,6 +57,7 @@ impl NodeProc {
             .args(["--api", "127.0.0.1:0", "--log-level", "warn"])
             .args(extra)
             .env_remove("RUST_LOG")
+            .envs(envs.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

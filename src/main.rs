@@ -29,6 +29,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run a node (data in ./mergeflow-data, API on 127.0.0.1:7700 by default).
+    #[command(args_override_self = true)]
     Start(StartArgs),
     /// Create, read, edit and delete documents on a running node.
     Doc {

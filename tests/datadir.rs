@@ -151,3 +151,28 @@ fn bad_config_names_the_key() {
     assert!(err.contains("cache_doc") && err.contains("c.toml"), "{err}");
     assert!(!data.exists(), "nothing is created on a config error");
 }
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeProc::try_start(
+        &dir.path().join("data"),
+        &["--log-format", "json", "--log-level", "info"],
+    )
+    .unwrap_or_else(|(c, e)| panic!("start failed {c:?}: {e}"));
+    let deadline = std::time::Instant::now() + common::START_DEADLINE;
+    loop {
+        let line = node
+            .stderr
+            .recv_timeout(deadline - std::time::Instant::now())
+            .expect("a log line");
+        let v: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        if v["fields"]["message"] == "node started" {
+            assert_eq!(v["level"], "INFO");
+            assert!(v["fields"]["peer"].is_string(), "{v}");
+            break;
+        }
+    }
+    assert_eq!(node.terminate(), Some(0));
+}

@@ -5,6 +5,8 @@
 
 mod common;
 
+use std::path::Path;
+
 use common::{NodeProc, snapshot_files};
 use mergeflow::client::Client;
 use serde_json::json;
@@ -59,70 +61,61 @@ fn sigterm_exits_0_and_a_restart_keeps_data_and_identity() {
     );
 }
 
-#[test]
-fn unknown_schema_version_is_refused_and_files_unchanged() {
+/// Starts a node, writes, stops it cleanly, applies `damage` to the data dir and
+/// checks that the next start fails with exit 1 and one line of error, leaving
+/// every file as it was. Returns the error.
+fn refused_after(damage: impl FnOnce(&Path)) -> String {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let node = NodeProc::start(&data);
     write_some(&node.api);
     assert_eq!(node.terminate(), Some(0));
-    std::fs::write(data.join("FORMAT"), "mergeflow-store 99\n").unwrap();
+    damage(&data);
     let files = snapshot_files(&data);
-
     let (code, err) = NodeProc::try_start(&data, &[])
         .err()
         .expect("must not start");
     assert_eq!(code, Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "one line of error: {err}");
+    assert!(snapshot_files(&data) == files, "files changed");
+    err
+}
+
+#[test]
+fn unknown_schema_version_is_refused_and_files_unchanged() {
+    let err = refused_after(|data| {
+        std::fs::write(data.join("FORMAT"), "mergeflow-store 99\n").unwrap();
+    });
     assert!(
         err.contains("schema version 99") && err.contains("refusing"),
         "{err}"
     );
-    assert_eq!(err.lines().count(), 1, "one line of error: {err}");
-    assert!(snapshot_files(&data) == files, "files changed");
 }
 
 #[test]
 fn damaged_sled_file_is_refused_and_files_unchanged() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let node = NodeProc::start(&data);
-    write_some(&node.api);
-    assert_eq!(node.terminate(), Some(0));
-    // Flip bytes in the middle of sled's log, as a bad sector would.
-    let log = data.join("db").join("db");
-    let mut bytes = std::fs::read(&log).unwrap();
-    let mid = bytes.len() / 3;
-    for b in &mut bytes[mid..mid + 64] {
-        *b ^= 0xff;
-    }
-    std::fs::write(&log, bytes).unwrap();
-    let files = snapshot_files(&data);
-
-    let (code, err) = NodeProc::try_start(&data, &[])
-        .err()
-        .expect("must not start");
-    assert_eq!(code, Some(1), "{err}");
+    let err = refused_after(|data| {
+        // Flip bytes in the middle of sled's log, as a bad sector would.
+        let log = data.join("db").join("db");
+        let mut bytes = std::fs::read(&log).unwrap();
+        let mid = bytes.len() / 3;
+        for b in &mut bytes[mid..mid + 64] {
+            *b ^= 0xff;
+        }
+        std::fs::write(&log, bytes).unwrap();
+    });
     assert!(
         err.contains("corrupt") && err.contains("db/db") && err.contains("checksum"),
         "{err}"
     );
-    assert!(snapshot_files(&data) == files, "files changed");
 }
 
 #[test]
 fn garbage_format_file_is_refused_and_files_unchanged() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let node = NodeProc::start(&data);
-    assert_eq!(node.terminate(), Some(0));
-    std::fs::write(data.join("FORMAT"), [0u8, 159, 146, 150]).unwrap();
-    let files = snapshot_files(&data);
-    let (code, err) = NodeProc::try_start(&data, &[])
-        .err()
-        .expect("must not start");
-    assert_eq!(code, Some(1));
+    let err = refused_after(|data| {
+        std::fs::write(data.join("FORMAT"), [0u8, 159, 146, 150]).unwrap();
+    });
     assert!(err.contains("FORMAT") && err.contains("corrupt"), "{err}");
-    assert!(snapshot_files(&data) == files, "files changed");
 }
 
 #[test]

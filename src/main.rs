@@ -248,6 +248,7 @@ async fn start(args: StartArgs) -> Result<()> {
     };
     let config = Config::load(args.config.as_deref(), std::env::vars(), &flags)?;
     init_logging(&config);
+    let stop = shutdown_signal()?;
     let node = mergeflow::Node::builder()
         .config(config)
         .serve_api(true)
@@ -264,21 +265,25 @@ async fn start(args: StartArgs) -> Result<()> {
         node.peer_id(),
         node.data_dir().display()
     );
-    wait_for_signal().await?;
+    stop.await;
     tracing::info!("shutting down");
     node.shutdown().await?;
     drop(node); // closes sled, then seals the data dir
     Ok(())
 }
 
-async fn wait_for_signal() -> Result<()> {
+/// Resolves on SIGINT or SIGTERM. Install it before announcing readiness: until
+/// the handlers exist, SIGTERM would kill the process without a clean stop.
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r.context("waiting for SIGINT")?,
-        _ = term.recv() => {}
-    }
-    Ok(())
+    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+    })
 }
 
 fn init_logging(config: &Config) {

@@ -111,6 +111,12 @@ fn damaged_sled_file_is_refused_and_files_unchanged() {
 }
 
 #[test]
+fn missing_database_is_refused() {
+    let err = refused_after(|data| std::fs::remove_dir_all(data.join("db")).unwrap());
+    assert!(err.contains("missing"), "{err}");
+}
+
+#[test]
 fn garbage_format_file_is_refused_and_files_unchanged() {
     let err = refused_after(|data| {
         std::fs::write(data.join("FORMAT"), [0u8, 159, 146, 150]).unwrap();

@@ -184,3 +184,40 @@ async fn size_caps_name_the_cap_and_store_nothing() {
     );
     node.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_panicking_change_fails_alone_and_writes_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = open(dir.path(), |_| {}).await;
+    let doc = node.doc("p/1").unwrap();
+    doc.patch(json!({"before": 1})).await.unwrap();
+    let heads = doc.heads().await.unwrap();
+    let err = doc
+        .change(|tx| {
+            tx.put(automerge::ROOT, "half", 1)?;
+            panic!("a bug in the caller's closure");
+        })
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("panic"), "{err}");
+    assert!(node.docs().writer_alive());
+    assert_eq!(
+        doc.heads().await.unwrap(),
+        heads,
+        "the panicked change left no trace"
+    );
+    assert_eq!(doc.get().await.unwrap(), json!({"before": 1}));
+    doc.patch(json!({"after": 2})).await.unwrap();
+    node.doc("p/2")
+        .unwrap()
+        .patch(json!({"x": 1}))
+        .await
+        .unwrap();
+    drop(doc); // a handle keeps the store (and the data dir's lock) open
+    let node = reopen(node, dir.path(), |_| {}).await;
+    assert_eq!(
+        node.doc("p/1").unwrap().get().await.unwrap(),
+        json!({"before": 1, "after": 2})
+    );
+    node.shutdown().await.unwrap();
+}

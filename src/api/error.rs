@@ -57,29 +57,36 @@ impl ApiError {
 
 impl From<DocError> for ApiError {
     fn from(e: DocError) -> Self {
-        use StatusCode as S;
-        let (status, code) = match &e {
-            DocError::InvalidId { .. } => (S::BAD_REQUEST, "invalid_doc_id"),
-            DocError::NotFound(_) => (S::NOT_FOUND, "not_found"),
-            DocError::Deleted(_) => (S::GONE, "deleted"),
-            DocError::AlreadyExists(_) => (S::CONFLICT, "already_exists"),
-            DocError::BadPath { .. } => (S::BAD_REQUEST, "bad_path"),
-            DocError::PathNotFound(_) => (S::NOT_FOUND, "path_not_found"),
-            DocError::TypeMismatch { .. } => (S::UNPROCESSABLE_ENTITY, "type_mismatch"),
-            DocError::BadValue(_) => (S::UNPROCESSABLE_ENTITY, "bad_value"),
-            DocError::ChangeTooLarge { .. } => (S::PAYLOAD_TOO_LARGE, "change_too_large"),
-            DocError::DocTooLarge { .. } => (S::PAYLOAD_TOO_LARGE, "doc_too_large"),
-            DocError::Corrupt { .. } => (S::INTERNAL_SERVER_ERROR, "doc_corrupt"),
-            DocError::Automerge(_) => (S::UNPROCESSABLE_ENTITY, "automerge"),
-            DocError::Store(StoreError::Closed) => (S::SERVICE_UNAVAILABLE, "shutting_down"),
-            DocError::Store(StoreError::Flush(_)) => (S::INSUFFICIENT_STORAGE, "flush_failed"),
-            DocError::Store(_) => (S::INTERNAL_SERVER_ERROR, "store_error"),
-            DocError::Internal(_) => (S::INTERNAL_SERVER_ERROR, "internal"),
-        };
+        let (status, code) = status_of(&e);
         if status.is_server_error() {
             tracing::error!(err = %e, code, "request failed");
         }
         ApiError::new(status, code, e.to_string())
+    }
+}
+
+/// Status and code of a document error; an op's error takes its cause's.
+fn status_of(e: &DocError) -> (StatusCode, &'static str) {
+    use StatusCode as S;
+    match e {
+        DocError::InOp { source, .. } => status_of(source),
+        DocError::InvalidId { .. } => (S::BAD_REQUEST, "invalid_doc_id"),
+        DocError::NotFound(_) => (S::NOT_FOUND, "not_found"),
+        DocError::Deleted(_) => (S::GONE, "deleted"),
+        DocError::AlreadyExists(_) => (S::CONFLICT, "already_exists"),
+        DocError::BadPath { .. } => (S::BAD_REQUEST, "bad_path"),
+        DocError::PathNotFound(_) => (S::NOT_FOUND, "path_not_found"),
+        DocError::TypeMismatch { .. } => (S::UNPROCESSABLE_ENTITY, "type_mismatch"),
+        DocError::BadValue(_) => (S::UNPROCESSABLE_ENTITY, "bad_value"),
+        DocError::ChangeTooLarge { .. } => (S::PAYLOAD_TOO_LARGE, "change_too_large"),
+        DocError::DocTooLarge { .. } => (S::PAYLOAD_TOO_LARGE, "doc_too_large"),
+        DocError::Corrupt { .. } => (S::INTERNAL_SERVER_ERROR, "doc_corrupt"),
+        DocError::Automerge(_) => (S::UNPROCESSABLE_ENTITY, "automerge"),
+        DocError::Store(StoreError::Closed) => (S::SERVICE_UNAVAILABLE, "shutting_down"),
+        DocError::Store(StoreError::Flush(_)) => (S::INSUFFICIENT_STORAGE, "flush_failed"),
+        DocError::Store(StoreError::Write(_)) => (S::INSUFFICIENT_STORAGE, "write_failed"),
+        DocError::Store(_) => (S::INTERNAL_SERVER_ERROR, "store_error"),
+        DocError::Internal(_) => (S::INTERNAL_SERVER_ERROR, "internal"),
     }
 }
 

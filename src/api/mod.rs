@@ -73,8 +73,17 @@ pub fn router(node: Node) -> Router {
 
 type ApiResult<T> = Result<T, ApiError>;
 
-async fn healthz() -> Json<Json_> {
-    Json(serde_json::json!({"ok": true}))
+async fn healthz(State(node): State<Node>) -> Response {
+    if node.docs().writer_alive() {
+        Json(serde_json::json!({"ok": true})).into_response()
+    } else {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "writer_stopped",
+            "the writer thread has stopped; writes fail until the node restarts",
+        )
+        .into_response()
+    }
 }
 
 async fn status(State(node): State<Node>) -> Json<crate::Status> {

@@ -27,6 +27,13 @@ impl DocId {
                 reason: format!("length must be 1 to {MAX_ID_LEN} bytes, got {}", s.len()),
             });
         }
+        if s == "." || s == ".." {
+            // URL normalisation turns /v1/docs/. into /v1/docs: unreachable over HTTP.
+            return Err(DocError::InvalidId {
+                id: s,
+                reason: "\".\" and \"..\" are not allowed".into(),
+            });
+        }
         if let Some((i, c)) = s.char_indices().find(|(_, c)| !valid_char(*c)) {
             return Err(DocError::InvalidId {
                 id: preview(&s),
@@ -111,6 +118,8 @@ mod tests {
         assert!(err.contains("' ' at byte 1"), "{err}");
         assert!(DocId::new("a\0b").is_err());
         assert!(DocId::new("é").is_err());
+        assert!(DocId::new(".").is_err() && DocId::new("..").is_err());
+        assert!(DocId::new("...").is_ok() && DocId::new("a/..").is_ok());
     }
 
     #[test]

@@ -84,6 +84,15 @@ pub enum DocError {
         /// The cap.
         cap: u64,
     },
+    /// One op of an ops list failed; nothing of the list was applied.
+    #[error("op {index}: {source}")]
+    InOp {
+        /// Position of the op in the list.
+        index: usize,
+        /// What went wrong.
+        #[source]
+        source: Box<DocError>,
+    },
     /// A stored document does not load.
     #[error("stored doc {id:?} does not load: {reason}")]
     Corrupt {

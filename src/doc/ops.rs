@@ -112,10 +112,13 @@ pub fn apply_ops<T: Transactable>(
     Ok(())
 }
 
-fn at_index(i: usize, e: DocError) -> DocError {
+fn at_index(index: usize, e: DocError) -> DocError {
     match e {
         DocError::Store(_) | DocError::Internal(_) => e,
-        e => DocError::BadValue(format!("op {i}: {e}")),
+        e => DocError::InOp {
+            index,
+            source: Box::new(e),
+        },
     }
 }
 
@@ -124,6 +127,14 @@ fn apply_op<T: Transactable>(tx: &mut T, op: &Op, strings: StringMode) -> Result
         Op::Set { path, value, kind } => {
             let ptr = Pointer::parse(path)?;
             let (obj, ty, token) = parent(tx, &ptr, true)?;
+            if ty == ObjType::Text {
+                return Err(mismatch(
+                    &ptr,
+                    "set",
+                    "an object or list parent (use splice for text)",
+                    "text".into(),
+                ));
+            }
             let prop = prop_for(&ptr, ty, tx.length(&obj), &token, true)?;
             let slot = match prop {
                 Prop::Seq(i) if i == tx.length(&obj) => Slot::Insert,
@@ -135,7 +146,12 @@ fn apply_op<T: Transactable>(tx: &mut T, op: &Op, strings: StringMode) -> Result
             let ptr = Pointer::parse(path)?;
             let (obj, ty, token) = parent(tx, &ptr, false)?;
             if ty != ObjType::List {
-                return Err(mismatch(&ptr, "insert", "a list", "an object".into()));
+                let found = if ty == ObjType::Text {
+                    "text (use splice)"
+                } else {
+                    "an object"
+                };
+                return Err(mismatch(&ptr, "insert", "a list", found.into()));
             }
             let prop = prop_for(&ptr, ty, tx.length(&obj), &token, true)?;
             write_kind(tx, &obj, prop, Slot::Insert, value, *kind, strings, &ptr)
@@ -420,6 +436,23 @@ mod tests {
             err.contains("op 1") && err.contains("out of range"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn set_and_insert_into_text_point_to_splice() {
+        for op in ["set", "insert"] {
+            let err = run(
+                json!({}),
+                json!([{"op": "set", "path": "/t", "value": "ab", "as": "text"},
+                       {"op": op, "path": "/t/0", "value": 5}]),
+            )
+            .unwrap_err();
+            assert!(
+                matches!(&err, DocError::InOp { index: 1, source } if matches!(**source, DocError::TypeMismatch { .. })),
+                "{err}"
+            );
+            assert!(err.to_string().contains("use splice"), "{err}");
+        }
     }
 
     #[test]

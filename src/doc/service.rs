@@ -235,9 +235,20 @@ impl Docs {
         self.submit(id, WriteOp::Delete).await
     }
 
+    /// True while the writer thread runs (it stops only at shutdown).
+    pub fn writer_alive(&self) -> bool {
+        !self.writer.is_closed()
+    }
+
     /// Queues a write for the writer thread and waits for its durable result.
     /// Cancel safe in the sense that dropping the future does not undo the write.
     async fn submit(&self, id: DocId, op: WriteOp) -> Result<WriteResult, DocError> {
+        // Load a cold doc here, on a blocking thread, so the writer thread (shared
+        // by all docs) does not stall on it. Eviction may race this; then the
+        // writer loads it itself.
+        if !self.inner.is_loaded(&id) {
+            self.with_doc(id.clone(), |_, _, _| Ok(())).await?;
+        }
         let (reply, rx) = oneshot::channel();
         self.writer
             .send(WriterMsg::Write(WriteReq { id, op, reply }))
@@ -407,6 +418,15 @@ impl Inner {
         slot
     }
 
+    /// True if `id` is in the cache and loaded (a slot being used counts as loaded).
+    fn is_loaded(&self, id: &DocId) -> bool {
+        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        cache
+            .map
+            .get(id)
+            .is_some_and(|(slot, _)| slot.try_lock().map_or(true, |g| g.is_some()))
+    }
+
     /// The loaded doc in `slot`, loading it from the store first if needed.
     pub(super) fn ensure_loaded<'a>(
         &self,
@@ -457,6 +477,17 @@ impl Inner {
                 .map_err(|e| format!("change: {e}"))?;
             doc.apply_changes(changes)
                 .map_err(|e| format!("applying changes: {e}"))?;
+            // Automerge quietly holds back changes whose dependencies are
+            // missing; the recorded heads tell whether everything applied.
+            let mut heads: Vec<String> = doc.get_heads().iter().map(|h| h.to_string()).collect();
+            let mut want = meta.heads.clone();
+            heads.sort();
+            want.sort();
+            if heads != want {
+                return Err(format!(
+                    "the stored changes lead to heads {heads:?}, but the doc's metadata records {want:?}"
+                ));
+            }
             Ok(doc.with_actor(self.actor.clone()))
         }))
         .map_err(|_| corrupt("automerge panicked while loading".into()))?

@@ -8,6 +8,7 @@
 //! Automerge work per write is tens of microseconds, so one core keeps up with
 //! what the HTTP layer can deliver.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -81,9 +82,26 @@ fn write_round(inner: &Inner, reqs: Vec<WriteReq>) {
         let slot = inner.entry(&req.id);
         let result = {
             let mut guard = lock_slot(&slot);
-            inner
-                .ensure_loaded(&req.id, &mut guard)
-                .and_then(|loaded| apply(inner, &req.id, loaded, req.op, &mut batch))
+            // A panic (in a library user's closure, or in Automerge) must cost
+            // this write only, not the writer thread. The batch is only touched
+            // after the change succeeded, so it holds nothing of this write.
+            let applied = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                inner
+                    .ensure_loaded(&req.id, &mut guard)
+                    .and_then(|loaded| apply(inner, &req.id, loaded, req.op, &mut batch))
+            }));
+            let result = applied.unwrap_or_else(|_| {
+                Err(DocError::Internal(format!(
+                    "panic while writing doc {:?}",
+                    req.id.as_str()
+                )))
+            });
+            // After an internal error the doc in memory may hold a change the
+            // store will never get: reload it on next use.
+            if matches!(result, Err(DocError::Internal(_))) {
+                *guard = None;
+            }
+            result
         };
         let result = result.map(|(r, delta)| {
             if r.changed {
@@ -267,7 +285,10 @@ where
     };
     if let Some(e) = cap_error {
         // The change is committed in memory only: go back to the heads before it.
-        let mut doc = loaded.doc.fork_at(&before)?;
+        // (fork_at replays the history: slow for big docs, but only on this error.)
+        let mut doc = loaded.doc.fork_at(&before).map_err(|fe| {
+            DocError::Internal(format!("cannot undo a change over a size cap: {fe}"))
+        })?;
         doc.set_actor(inner.actor.clone());
         loaded.doc = doc;
         return Err(e);

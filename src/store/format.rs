@@ -14,20 +14,31 @@ pub const SCHEMA_VERSION: u32 = 1;
 
 const MAGIC: &str = "mergeflow-store";
 
+/// Where a data dir is in its life, as its FORMAT file says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// No database yet: FORMAT was just written, or an earlier first boot
+    /// stopped before the database was set up.
+    New,
+    /// The database was set up (FORMAT's second line says `initialized`); its
+    /// files must exist.
+    Initialized,
+}
+
 /// Checks (or, in a new data dir, creates) `<data_dir>/FORMAT`.
-///
-/// Returns `true` if the data dir is new.
 ///
 /// # Errors
 /// [`StoreError::SchemaVersion`] for another version, [`StoreError::Corrupt`] for a
 /// FORMAT file that is not ours or a database without one, [`StoreError::Io`] if
 /// the directory cannot be created or read.
-pub fn check_format(data_dir: &Path) -> Result<bool, StoreError> {
+pub fn check_format(data_dir: &Path) -> Result<Stage, StoreError> {
     let format_path = data_dir.join("FORMAT");
     match std::fs::read(&format_path) {
         Ok(bytes) => {
             let text = String::from_utf8_lossy(&bytes);
-            let version = text
+            let mut lines = text.lines();
+            let first = lines.next().unwrap_or("");
+            let version = first
                 .trim()
                 .strip_prefix(MAGIC)
                 .map(str::trim)
@@ -45,7 +56,14 @@ pub fn check_format(data_dir: &Path) -> Result<bool, StoreError> {
                     expected: SCHEMA_VERSION,
                 });
             }
-            Ok(false)
+            match lines.next().map(str::trim) {
+                None | Some("") => Ok(Stage::New),
+                Some("initialized") => Ok(Stage::Initialized),
+                Some(other) => Err(StoreError::Corrupt {
+                    path: format_path.clone(),
+                    what: format!("unexpected second line {:?}", truncate(other)),
+                }),
+            }
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if data_dir.join("db").exists() {
@@ -55,19 +73,23 @@ pub fn check_format(data_dir: &Path) -> Result<bool, StoreError> {
                 });
             }
             std::fs::create_dir_all(data_dir).map_err(io("cannot create data dir", data_dir))?;
-            write_format(data_dir)?;
-            Ok(true)
+            write_format(data_dir, Stage::New)?;
+            Ok(Stage::New)
         }
         Err(e) => Err(io("cannot read", &format_path)(e)),
     }
 }
 
 /// Writes FORMAT atomically (temp file, fsync, rename, fsync of the directory).
-fn write_format(data_dir: &Path) -> Result<(), StoreError> {
+pub fn write_format(data_dir: &Path, stage: Stage) -> Result<(), StoreError> {
     let tmp = data_dir.join("FORMAT.tmp");
     let dst = data_dir.join("FORMAT");
     let mut f = std::fs::File::create(&tmp).map_err(io("cannot create", &tmp))?;
-    writeln!(f, "{MAGIC} {SCHEMA_VERSION}").map_err(io("cannot write", &tmp))?;
+    let second = match stage {
+        Stage::New => "",
+        Stage::Initialized => "initialized\n",
+    };
+    write!(f, "{MAGIC} {SCHEMA_VERSION}\n{second}").map_err(io("cannot write", &tmp))?;
     f.sync_all().map_err(io("cannot sync", &tmp))?;
     std::fs::rename(&tmp, &dst).map_err(io("cannot rename to", &dst))?;
     if let Ok(dir) = std::fs::File::open(data_dir) {
@@ -93,8 +115,10 @@ mod tests {
     fn new_dir_gets_format_and_reopens() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().join("data");
-        assert!(check_format(&d).unwrap());
-        assert!(!check_format(&d).unwrap());
+        assert_eq!(check_format(&d).unwrap(), Stage::New);
+        assert_eq!(check_format(&d).unwrap(), Stage::New);
+        write_format(&d, Stage::Initialized).unwrap();
+        assert_eq!(check_format(&d).unwrap(), Stage::Initialized);
     }
 
     #[test]

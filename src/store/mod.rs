@@ -36,7 +36,7 @@ mod format;
 mod seal;
 
 pub use commit::{Ack, FlushStats, GroupCommit};
-pub use format::{SCHEMA_VERSION, check_format};
+pub use format::{SCHEMA_VERSION, Stage, check_format};
 pub use seal::seal;
 
 use std::ops::Range;
@@ -97,8 +97,9 @@ pub enum StoreError {
     /// Applying a batch failed; nothing of it was stored.
     #[error("store write failed: {0}")]
     Write(String),
-    /// A flush failed (disk full, I/O error); the write may not be durable.
-    #[error("store flush failed: {0}")]
+    /// A flush failed (disk full, I/O error). The write was not acknowledged; it
+    /// is in memory and may still reach the disk with a later flush.
+    #[error("store flush failed: {0}; the write was not acknowledged and may or may not be stored")]
     Flush(String),
     /// The flush thread is gone (the node is shutting down).
     #[error("the store is closed")]
@@ -229,7 +230,7 @@ impl Store {
     /// version (checked before sled touches anything), [`StoreError::Corrupt`] or
     /// [`StoreError::Sled`] if the files cannot be read.
     pub fn open(data_dir: &Path, cache_capacity_bytes: u64) -> Result<Store, StoreError> {
-        let fresh = check_format(data_dir)?;
+        let stage = check_format(data_dir)?;
         let db_path = data_dir.join("db");
         // sled holds an exclusive flock on db/db while open; check it ourselves
         // first, for a clear error and before the seal is looked at.
@@ -238,7 +239,13 @@ impl Store {
         {
             return Err(StoreError::InUse(data_dir.to_path_buf()));
         }
-        seal::verify_and_unseal(data_dir)?;
+        let sealed = seal::verify(data_dir)?;
+        if stage == Stage::Initialized && !db_path.exists() {
+            return Err(StoreError::Corrupt {
+                path: db_path,
+                what: "the database directory is missing (FORMAT says this is a data dir)".into(),
+            });
+        }
         let config = sled::Config::new()
             .path(&db_path)
             .cache_capacity(cache_capacity_bytes)
@@ -258,6 +265,10 @@ impl Store {
                 });
             }
         };
+        // Only now that sled has opened (and may write) is the seal stale.
+        if sealed {
+            seal::unseal(data_dir)?;
+        }
         let sled = |e| sled_err(&db_path, e);
         let meta = db.open_tree("meta").map_err(sled)?;
         let actors = db.open_tree("actors").map_err(sled)?;
@@ -280,11 +291,12 @@ impl Store {
                     });
                 }
             }
-            None if fresh || store.meta.is_empty() => {
+            None if stage == Stage::New && store.meta.is_empty() => {
                 store
                     .meta
                     .insert(META_SCHEMA, SCHEMA_VERSION.to_string().as_bytes())
                     .map_err(sled)?;
+                store.flush()?;
             }
             None => {
                 return Err(StoreError::Corrupt {
@@ -292,6 +304,9 @@ impl Store {
                     what: "meta tree has data but no schema_version".into(),
                 });
             }
+        }
+        if stage == Stage::New {
+            format::write_format(data_dir, Stage::Initialized)?;
         }
         Ok(store)
     }

@@ -69,16 +69,17 @@ pub fn seal(data_dir: &Path) -> Result<bool, StoreError> {
     Ok(true)
 }
 
-/// Checks the seal, if there is one, and removes it. Must run before sled opens.
+/// Checks the seal, if there is one. Must run before sled opens. Returns whether
+/// there was one (then call [`unseal`] once sled has opened).
 ///
 /// # Errors
 /// [`StoreError::Corrupt`] naming the first file that changed since the clean
 /// shutdown (nothing is modified then), I/O errors.
-pub fn verify_and_unseal(data_dir: &Path) -> Result<(), StoreError> {
+pub fn verify(data_dir: &Path) -> Result<bool, StoreError> {
     let path = data_dir.join(SEAL);
     let bytes = match std::fs::read(&path) {
         Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(io("cannot read", &path)(e)),
     };
     let corrupt = |path: PathBuf, what: String| StoreError::Corrupt {
@@ -118,6 +119,15 @@ pub fn verify_and_unseal(data_dir: &Path) -> Result<(), StoreError> {
             "the file appeared".into(),
         ));
     }
+    Ok(true)
+}
+
+/// Removes the seal: from now on the files change.
+///
+/// # Errors
+/// I/O errors.
+pub fn unseal(data_dir: &Path) -> Result<(), StoreError> {
+    let path = data_dir.join(SEAL);
     std::fs::remove_file(&path).map_err(io("cannot remove", &path))?;
     sync_dir(data_dir);
     Ok(())
@@ -126,7 +136,11 @@ pub fn verify_and_unseal(data_dir: &Path) -> Result<(), StoreError> {
 /// Length and CRC32 of every file under `<data_dir>/db`, sorted by path.
 fn scan(data_dir: &Path) -> Result<Vec<FileSeal>, StoreError> {
     let mut out = Vec::new();
-    let mut stack = vec![data_dir.join("db")];
+    let db = data_dir.join("db");
+    if !db.exists() {
+        return Ok(out); // every sealed file then counts as missing
+    }
+    let mut stack = vec![db];
     while let Some(dir) = stack.pop() {
         for entry in std::fs::read_dir(&dir).map_err(io("cannot list", &dir))? {
             let p = entry.map_err(io("cannot list", &dir))?.path();
@@ -185,9 +199,10 @@ mod tests {
     fn unchanged_files_unseal() {
         let d = dir_with_db();
         assert!(seal(d.path()).unwrap());
-        verify_and_unseal(d.path()).unwrap();
+        assert!(verify(d.path()).unwrap());
+        unseal(d.path()).unwrap();
         assert!(!d.path().join(SEAL).exists());
-        verify_and_unseal(d.path()).unwrap(); // no seal: nothing to check
+        assert!(!verify(d.path()).unwrap()); // no seal: nothing to check
     }
 
     #[test]
@@ -211,7 +226,7 @@ mod tests {
             let d = dir_with_db();
             assert!(seal(d.path()).unwrap());
             damage(d.path());
-            let err = verify_and_unseal(d.path()).unwrap_err().to_string();
+            let err = verify(d.path()).unwrap_err().to_string();
             assert!(
                 err.contains(want) && err.contains("refusing"),
                 "{want}: {err}"

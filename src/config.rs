@@ -45,6 +45,8 @@ pub struct StoreConfig {
     pub cache_bytes: u64,
     /// Documents kept loaded in memory.
     pub cache_docs: usize,
+    /// Stored bytes of the documents kept loaded in memory.
+    pub cache_doc_bytes: u64,
     /// Compact a document's change tail into a snapshot at this many changes.
     pub compact_after_changes: u64,
 }
@@ -116,6 +118,7 @@ impl Default for Config {
             store: StoreConfig {
                 cache_bytes: 64 << 20,
                 cache_docs: docs.cache_docs,
+                cache_doc_bytes: docs.cache_doc_bytes,
                 compact_after_changes: docs.compact_after_changes,
             },
             doc: DocConfig {
@@ -406,6 +409,7 @@ impl Config {
             max_doc_bytes: self.doc.max_doc_bytes,
             compact_after_changes: self.store.compact_after_changes,
             cache_docs: self.store.cache_docs,
+            cache_doc_bytes: self.store.cache_doc_bytes,
             write_queue: self.perf.write_queue,
             write_batch: self.perf.write_batch,
         }

@@ -221,3 +221,28 @@ async fn a_panicking_change_fails_alone_and_writes_go_on() {
     );
     node.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn the_doc_cache_is_bounded_by_count_and_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = open(dir.path(), |c| {
+        c.store.cache_docs = 8;
+        c.store.cache_doc_bytes = 2_000;
+    })
+    .await;
+    for d in 0..40 {
+        let doc = node.doc(&format!("cached/{d}")).unwrap();
+        doc.patch(json!({"body": "x".repeat(400), "n": d})).await.unwrap();
+        let (docs, bytes) = node.docs().cache_usage();
+        // ~450 stored bytes per doc: the byte bound (2,000) binds before the
+        // count (8). Only the doc in use may push it over, by its own size.
+        assert!(docs <= 5, "{docs} docs cached");
+        assert!(bytes <= 2_000 + 1_000, "{bytes} bytes cached");
+    }
+    // Evicted docs come back from the store intact.
+    for d in 0..40 {
+        let v = node.doc(&format!("cached/{d}")).unwrap().get().await.unwrap();
+        assert_eq!(v["n"], json!(d));
+    }
+    node.shutdown().await.unwrap();
+}

@@ -52,6 +52,9 @@ pub struct DocsConfig {
     pub compact_after_changes: u64,
     /// Documents kept loaded in memory; colder ones are evicted.
     pub cache_docs: usize,
+    /// Stored bytes of the documents kept in memory; past it colder ones are
+    /// evicted. (A loaded doc takes a few times its stored size.)
+    pub cache_doc_bytes: u64,
     /// Writes queued for the writer thread; more wait for room.
     pub write_queue: usize,
     /// Most writes the writer thread applies in one sled batch.
@@ -66,6 +69,7 @@ impl Default for DocsConfig {
             max_doc_bytes: 64 << 20,
             compact_after_changes: 256,
             cache_docs: 1024,
+            cache_doc_bytes: 256 << 20,
             write_queue: 4096,
             write_batch: 256,
         }
@@ -147,10 +151,43 @@ pub(super) struct Inner {
 
 pub(super) type SlotRef = Arc<Mutex<Option<Loaded>>>;
 
+/// Loaded documents, bounded by count and by stored bytes. Only entries nobody
+/// holds are evicted, least recently used first; an evicted doc is reloaded
+/// from the store on next use.
 #[derive(Default)]
 struct Cache {
-    map: HashMap<DocId, (SlotRef, u64)>,
+    map: HashMap<DocId, CacheEntry>,
     tick: u64,
+    bytes: u64,
+}
+
+struct CacheEntry {
+    slot: SlotRef,
+    used: u64,
+    bytes: u64,
+}
+
+impl Cache {
+    fn evict(&mut self, max_docs: usize, max_bytes: u64) {
+        if self.map.len() <= max_docs && self.bytes <= max_bytes {
+            return;
+        }
+        let mut idle: Vec<(u64, DocId)> = self
+            .map
+            .iter()
+            .filter(|(_, e)| Arc::strong_count(&e.slot) == 1)
+            .map(|(id, e)| (e.used, id.clone()))
+            .collect();
+        idle.sort_unstable();
+        for (_, id) in idle {
+            if self.map.len() <= max_docs && self.bytes <= max_bytes {
+                break;
+            }
+            if let Some(e) = self.map.remove(&id) {
+                self.bytes -= e.bytes;
+            }
+        }
+    }
 }
 
 /// A document in memory. `meta` is `None` when the document does not exist.
@@ -193,6 +230,11 @@ impl Docs {
     /// Number of live (not deleted) documents.
     pub fn count(&self) -> u64 {
         self.inner.live_docs.load(Ordering::Relaxed).max(0) as u64
+    }
+
+    /// Documents loaded in memory and their stored bytes.
+    pub fn cache_usage(&self) -> (usize, u64) {
+        self.inner.cache_usage()
     }
 
     /// This boot's Automerge actor id.
@@ -380,7 +422,9 @@ impl Docs {
             let slot = inner.entry(&id);
             let mut guard = lock_slot(&slot);
             let loaded = inner.ensure_loaded(&id, &mut guard)?;
-            f(&inner, &id, loaded)
+            let result = f(&inner, &id, loaded);
+            inner.note_size(&id, loaded);
+            result
         })
         .await
     }
@@ -406,16 +450,37 @@ impl Inner {
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         cache.tick += 1;
         let tick = cache.tick;
-        if let Some((slot, used)) = cache.map.get_mut(id) {
-            *used = tick;
-            return slot.clone();
-        }
-        if cache.map.len() >= self.cfg.cache_docs {
-            evict(&mut cache.map, self.cfg.cache_docs.saturating_sub(1));
+        if let Some(e) = cache.map.get_mut(id) {
+            e.used = tick;
+            return e.slot.clone();
         }
         let slot = Arc::new(Mutex::new(None));
-        cache.map.insert(id.clone(), (slot.clone(), tick));
+        let entry = CacheEntry {
+            slot: slot.clone(),
+            used: tick,
+            bytes: 0,
+        };
+        cache.map.insert(id.clone(), entry);
+        cache.evict(self.cfg.cache_docs, self.cfg.cache_doc_bytes);
         slot
+    }
+
+    /// Records the stored size of a loaded doc, for the cache's byte bound.
+    pub(super) fn note_size(&self, id: &DocId, loaded: &Loaded) {
+        let bytes = loaded.meta.as_ref().map_or(0, |m| m.size_bytes);
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(e) = cache.map.get_mut(id) else {
+            return;
+        };
+        let old = std::mem::replace(&mut e.bytes, bytes);
+        cache.bytes = cache.bytes - old + bytes;
+        cache.evict(self.cfg.cache_docs, self.cfg.cache_doc_bytes);
+    }
+
+    /// Docs in the cache and their stored bytes.
+    pub(super) fn cache_usage(&self) -> (usize, u64) {
+        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        (cache.map.len(), cache.bytes)
     }
 
     /// True if `id` is in the cache and loaded (a slot being used counts as loaded).
@@ -424,7 +489,7 @@ impl Inner {
         cache
             .map
             .get(id)
-            .is_some_and(|(slot, _)| slot.try_lock().map_or(true, |g| g.is_some()))
+            .is_some_and(|e| e.slot.try_lock().map_or(true, |g| g.is_some()))
     }
 
     /// The loaded doc in `slot`, loading it from the store first if needed.
@@ -496,21 +561,6 @@ impl Inner {
             doc,
             meta: Some(meta),
         })
-    }
-}
-
-/// Evicts least recently used entries nobody holds until `keep` remain (or only
-/// held entries are left).
-fn evict(map: &mut HashMap<DocId, (SlotRef, u64)>, keep: usize) {
-    let mut idle: Vec<(u64, DocId)> = map
-        .iter()
-        .filter(|(_, (slot, _))| Arc::strong_count(slot) == 1)
-        .map(|(id, (_, used))| (*used, id.clone()))
-        .collect();
-    idle.sort_unstable();
-    let excess = map.len().saturating_sub(keep);
-    for (_, id) in idle.into_iter().take(excess) {
-        map.remove(&id);
     }
 }
 

@@ -101,6 +101,9 @@ fn write_round(inner: &Inner, reqs: Vec<WriteReq>) {
             if matches!(result, Err(DocError::Internal(_))) {
                 *guard = None;
             }
+            if let Some(loaded) = guard.as_ref() {
+                inner.note_size(&req.id, loaded);
+            }
             result
         };
         let result = result.map(|(r, delta)| {

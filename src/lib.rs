@@ -9,6 +9,8 @@
 //!   commit, schema version, node identity.
 //! - [`doc`]: doc ids, JSON <-> Automerge, merge patches, ops, JSON Pointer
 //!   paths, size limits, the document service.
+//! - [`sync`]: the sans-IO sync protocol core (fast path, repair sessions,
+//!   anti-entropy digests); no I/O, no clock.
 //! - [`api`]: the axum HTTP API and its JSON error mapping.
 //! - [`config`]: TOML file + `MERGEFLOW_*` env + flags, validated.
 //! - `main.rs`: the CLI, a thin client of the HTTP API plus `start`.
@@ -33,6 +35,7 @@ pub mod config;
 pub mod doc;
 pub mod node;
 pub mod store;
+pub mod sync;
 
 mod error;
 

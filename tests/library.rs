@@ -232,7 +232,9 @@ async fn the_doc_cache_is_bounded_by_count_and_bytes() {
     .await;
     for d in 0..40 {
         let doc = node.doc(&format!("cached/{d}")).unwrap();
-        doc.patch(json!({"body": "x".repeat(400), "n": d})).await.unwrap();
+        doc.patch(json!({"body": "x".repeat(400), "n": d}))
+            .await
+            .unwrap();
         let (docs, bytes) = node.docs().cache_usage();
         // ~450 stored bytes per doc: the byte bound (2,000) binds before the
         // count (8). Only the doc in use may push it over, by its own size.
@@ -241,7 +243,12 @@ async fn the_doc_cache_is_bounded_by_count_and_bytes() {
     }
     // Evicted docs come back from the store intact.
     for d in 0..40 {
-        let v = node.doc(&format!("cached/{d}")).unwrap().get().await.unwrap();
+        let v = node
+            .doc(&format!("cached/{d}"))
+            .unwrap()
+            .get()
+            .await
+            .unwrap();
         assert_eq!(v["n"], json!(d));
     }
     node.shutdown().await.unwrap();

@@ -1,0 +1,173 @@
+//! Anti-entropy digests: a fixed number of buckets, each the XOR of
+//! `h(doc id, heads)` over the docs that hash into it.
+//!
+//! Two nodes holding the same docs at the same heads have equal bucket arrays,
+//! so in-sync peers exchange only `buckets * 8` bytes; a difference narrows the
+//! search to the differing buckets, then to the differing docs. XOR makes the
+//! digest order-free and lets a heads change update it in O(1).
+
+use std::collections::HashMap;
+
+use automerge::ChangeHash;
+use sha2::{Digest as _, Sha256};
+
+/// What a doc contributes to the digest: its live heads, or its tombstone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DocState {
+    /// A live doc at these heads.
+    Live(Vec<ChangeHash>),
+    /// A deleted doc. Tombstones sync too, so they are in the digest.
+    Deleted,
+}
+
+/// A stable 64-bit hash of a doc's id and state, the same on every node.
+pub fn entry_hash(doc: &str, state: &DocState) -> u64 {
+    let mut h = Sha256::new();
+    h.update(doc.as_bytes());
+    h.update([0u8]);
+    match state {
+        DocState::Live(heads) => {
+            let mut heads = heads.clone();
+            heads.sort();
+            for head in heads {
+                h.update(head.0);
+            }
+        }
+        DocState::Deleted => h.update(b"\xffdeleted"),
+    }
+    let out = h.finalize();
+    u64::from_le_bytes(out[..8].try_into().expect("8 bytes"))
+}
+
+/// The bucket a doc id falls in.
+pub fn bucket_of(doc: &str, buckets: u32) -> u32 {
+    let out = Sha256::digest(doc.as_bytes());
+    (u32::from_le_bytes(out[..4].try_into().expect("4 bytes"))) % buckets.max(1)
+}
+
+/// A node's digest, kept up to date as docs change.
+#[derive(Debug, Clone)]
+pub struct Digest {
+    buckets: Vec<u64>,
+    entries: HashMap<String, u64>,
+}
+
+impl Digest {
+    /// An empty digest with `buckets` buckets.
+    pub fn new(buckets: u32) -> Digest {
+        Digest {
+            buckets: vec![0; buckets.max(1) as usize],
+            entries: HashMap::new(),
+        }
+    }
+
+    /// Records `doc`'s current state; returns false if it was already recorded so.
+    pub fn set(&mut self, doc: &str, state: &DocState) -> bool {
+        let new = entry_hash(doc, state);
+        let bucket = bucket_of(doc, self.buckets.len() as u32) as usize;
+        match self.entries.insert(doc.to_string(), new) {
+            Some(old) if old == new => false,
+            Some(old) => {
+                self.buckets[bucket] ^= old ^ new;
+                true
+            }
+            None => {
+                self.buckets[bucket] ^= new;
+                true
+            }
+        }
+    }
+
+    /// The bucket hashes.
+    pub fn buckets(&self) -> &[u64] {
+        &self.buckets
+    }
+
+    /// Indexes of buckets that differ from `theirs` (all, if the sizes differ).
+    pub fn differing(&self, theirs: &[u64]) -> Vec<u32> {
+        if theirs.len() != self.buckets.len() {
+            return (0..self.buckets.len() as u32).collect();
+        }
+        (0..self.buckets.len())
+            .filter(|&i| self.buckets[i] != theirs[i])
+            .map(|i| i as u32)
+            .collect()
+    }
+
+    /// The docs in `bucket` with their entry hashes, sorted by id.
+    pub fn bucket_entries(&self, bucket: u32) -> Vec<(String, u64)> {
+        let n = self.buckets.len() as u32;
+        let mut out: Vec<(String, u64)> = self
+            .entries
+            .iter()
+            .filter(|(doc, _)| bucket_of(doc, n) == bucket)
+            .map(|(d, h)| (d.clone(), *h))
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// The entry hash recorded for `doc`.
+    pub fn entry(&self, doc: &str) -> Option<u64> {
+        self.entries.get(doc).copied()
+    }
+
+    /// Number of docs recorded.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True if no doc is recorded.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(b: u8) -> ChangeHash {
+        ChangeHash([b; 32])
+    }
+
+    #[test]
+    fn equal_sets_have_equal_digests_in_any_order() {
+        let mut a = Digest::new(16);
+        let mut b = Digest::new(16);
+        for i in 0..100u8 {
+            a.set(&format!("doc/{i}"), &DocState::Live(vec![h(i), h(i + 1)]));
+        }
+        for i in (0..100u8).rev() {
+            b.set(&format!("doc/{i}"), &DocState::Live(vec![h(i + 1), h(i)]));
+        }
+        assert_eq!(a.buckets(), b.buckets());
+        assert!(a.differing(b.buckets()).is_empty());
+    }
+
+    #[test]
+    fn one_change_shows_in_exactly_one_bucket() {
+        let mut a = Digest::new(16);
+        for i in 0..50u8 {
+            a.set(&format!("d{i}"), &DocState::Live(vec![h(i)]));
+        }
+        let before = a.buckets().to_vec();
+        assert!(a.set("d7", &DocState::Live(vec![h(200)])));
+        assert!(!a.set("d7", &DocState::Live(vec![h(200)])));
+        let diff = a.differing(&before);
+        assert_eq!(diff, vec![bucket_of("d7", 16)]);
+        let entries = a.bucket_entries(diff[0]);
+        assert!(entries.iter().any(|(d, _)| d == "d7"));
+        // Back to the old state: the digest is back too.
+        a.set("d7", &DocState::Live(vec![h(7)]));
+        assert_eq!(a.buckets(), &before[..]);
+    }
+
+    #[test]
+    fn tombstones_differ_from_live_docs() {
+        assert_ne!(
+            entry_hash("a", &DocState::Deleted),
+            entry_hash("a", &DocState::Live(vec![]))
+        );
+    }
+}

@@ -1,0 +1,626 @@
+//! The sync protocol core: sans-IO. It owns per-peer sync sessions and the
+//! anti-entropy digest, takes `(now, input)` and returns outputs (messages to
+//! send); it does no I/O, reads no clock and spawns nothing, so a seeded
+//! simulator drives it in `tests/sim.rs` exactly as the network shell will.
+//!
+//! Documents are reached through [`DocAccess`], which the shell implements over
+//! the document service (and the simulator over in-memory Automerge docs).
+//!
+//! # Protocol
+//!
+//! - **Fast path.** A local change is broadcast as [`Message::Change`]. A
+//!   receiver that has its dependencies applies it; one that lacks them starts
+//!   an Automerge sync session for that doc with the sender.
+//! - **Repair path.** [`Message::Sync`] carries the Automerge sync protocol for
+//!   one doc; each (peer, doc) pair has its own `sync::State`. A session ends
+//!   when neither side has anything to send. A session that goes
+//!   `max_idle_rounds` rounds without our heads moving is reset and counted,
+//!   so sync never silently sticks.
+//! - **Anti-entropy.** On connect and every `anti_entropy_ms` (jittered), a node
+//!   sends its [`Message::Digest`]: bucket hashes over `h(doc id, heads)`. The
+//!   receiver answers each differing bucket with [`Message::Bucket`] (its docs
+//!   and their hashes); the first side then syncs every doc whose hash differs,
+//!   from a fresh sync state, since a difference after a loss may mean a stale
+//!   one. Lost messages, partitions and restarts are all repaired this way.
+//! - **Tombstones.** A deleted doc is in the digest as deleted; a peer holding it
+//!   live is told with [`Message::Deleted`] and deletes it too. Changes and sync
+//!   messages for a deleted doc are ignored, so it does not come back.
+//!
+//! # Example: two cores converge
+//!
+//! See `tests/sim.rs` for a full simulator; in short, the shell loops:
+//! `for out in core.handle(now, &mut rng, input, &mut docs) { deliver(out) }`.
+
+pub mod digest;
+
+use std::collections::{BTreeMap, HashMap};
+
+use automerge::sync;
+use rand::RngExt;
+
+pub use digest::{Digest, DocState};
+
+/// A peer, as the shell names it (a libp2p peer id in the node).
+pub type PeerKey = String;
+
+/// Sync core settings.
+#[derive(Debug, Clone)]
+pub struct SyncConfig {
+    /// Number of digest buckets.
+    pub buckets: u32,
+    /// Milliseconds between anti-entropy digests to each peer (jittered by
+    /// up to a quarter either way).
+    pub anti_entropy_ms: u64,
+    /// Sync rounds for one doc without our heads moving before the session is
+    /// reset.
+    pub max_idle_rounds: u32,
+    /// Largest change sent on the fast path; bigger ones go by sync.
+    pub max_gossip_change_bytes: usize,
+    /// Most entries accepted in one [`Message::Bucket`].
+    pub max_bucket_entries: usize,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        SyncConfig {
+            buckets: 64,
+            anti_entropy_ms: 30_000,
+            max_idle_rounds: 16,
+            max_gossip_change_bytes: 64 * 1024,
+            max_bucket_entries: 100_000,
+        }
+    }
+}
+
+/// A message between two peers.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Message {
+    /// One change of one doc (fast path).
+    Change {
+        /// The doc.
+        doc: String,
+        /// The raw Automerge change.
+        change: Vec<u8>,
+    },
+    /// The sender's digest.
+    Digest {
+        /// Bucket hashes.
+        buckets: Vec<u64>,
+    },
+    /// The sender's docs in one bucket, answering a digest that differed there.
+    Bucket {
+        /// The bucket.
+        bucket: u32,
+        /// (doc id, entry hash), sorted by id.
+        entries: Vec<(String, u64)>,
+    },
+    /// An Automerge sync message for one doc.
+    Sync {
+        /// The doc.
+        doc: String,
+        /// The encoded `automerge::sync::Message`.
+        data: Vec<u8>,
+    },
+    /// The doc is deleted on the sender.
+    Deleted {
+        /// The doc.
+        doc: String,
+    },
+}
+
+/// An event for the core.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// A connection to a peer is up.
+    PeerUp(PeerKey),
+    /// The connection to a peer is gone.
+    PeerDown(PeerKey),
+    /// A message arrived.
+    Received {
+        /// The sender.
+        from: PeerKey,
+        /// The message.
+        msg: Message,
+    },
+    /// A local write committed a change (already applied to the doc).
+    LocalChange {
+        /// The doc.
+        doc: String,
+        /// The raw change.
+        change: Vec<u8>,
+        /// The doc's state after it.
+        state: DocState,
+    },
+    /// A local delete.
+    LocalDelete {
+        /// The doc.
+        doc: String,
+    },
+    /// Time passed; the shell calls this regularly (e.g. every 100 ms).
+    Tick,
+}
+
+/// Something the shell must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    /// Send a message to one peer.
+    Send {
+        /// The peer.
+        to: PeerKey,
+        /// The message.
+        msg: Message,
+    },
+    /// Send a message to every connected peer (gossip).
+    Broadcast(Message),
+    /// A peer sent something invalid: count it, lower its score.
+    Rejected {
+        /// The peer.
+        peer: PeerKey,
+        /// What was wrong.
+        reason: String,
+    },
+    /// A remote change or deletion was merged into a doc.
+    Merged {
+        /// The doc.
+        doc: String,
+        /// The peer it came from.
+        from: PeerKey,
+        /// The doc's state now.
+        state: DocState,
+    },
+}
+
+/// What applying a fast-path change did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Applied {
+    /// The doc changed (or already had the change); its state now.
+    Ok(DocState),
+    /// The change's dependencies are missing; nothing was applied.
+    MissingDeps,
+    /// The doc is deleted here; the change was ignored.
+    Deleted,
+}
+
+/// The shell's documents, as the core needs them. Errors are strings that name
+/// what was wrong with the peer's input; they reject that input only.
+pub trait DocAccess {
+    /// The state of `doc`, or `None` if this node has never heard of it.
+    fn state(&mut self, doc: &str) -> Option<DocState>;
+    /// The next sync message for `doc` to a peer with `state`, encoded; `None`
+    /// when there is nothing to send. A deleted or unknown doc syncs as empty.
+    fn generate_sync(&mut self, doc: &str, state: &mut sync::State) -> Option<Vec<u8>>;
+    /// Applies a peer's sync message (creating the doc if new) and returns the
+    /// doc's state after it. A deleted doc ignores it.
+    ///
+    /// # Errors
+    /// A message that does not decode or apply.
+    fn receive_sync(
+        &mut self,
+        doc: &str,
+        state: &mut sync::State,
+        data: &[u8],
+    ) -> Result<DocState, String>;
+    /// Applies one fast-path change.
+    ///
+    /// # Errors
+    /// A change that does not decode or apply.
+    fn apply_change(&mut self, doc: &str, change: &[u8]) -> Result<Applied, String>;
+    /// Deletes `doc` because a peer deleted it.
+    ///
+    /// # Errors
+    /// The shell could not store the tombstone.
+    fn delete(&mut self, doc: &str) -> Result<(), String>;
+}
+
+/// Counters of the core, for metrics and tests.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SyncStats {
+    /// Fast-path changes applied.
+    pub changes_applied: u64,
+    /// Fast-path changes that lacked dependencies.
+    pub changes_missing_deps: u64,
+    /// Sync messages received.
+    pub sync_received: u64,
+    /// Sync sessions reset for making no progress.
+    pub sessions_reset: u64,
+    /// Digests received that matched ours.
+    pub digests_in_sync: u64,
+    /// Docs found different by anti-entropy.
+    pub docs_differing: u64,
+    /// Inputs rejected.
+    pub rejected: u64,
+}
+
+struct Session {
+    state: sync::State,
+    idle_rounds: u32,
+    last_entry: Option<u64>,
+    used_at: u64,
+}
+
+impl Session {
+    fn new(now: u64) -> Session {
+        Session {
+            state: sync::State::new(),
+            idle_rounds: 0,
+            last_entry: None,
+            used_at: now,
+        }
+    }
+}
+
+struct Peer {
+    sessions: HashMap<String, Session>,
+    next_digest_at: u64,
+    last_in_sync_at: Option<u64>,
+}
+
+/// The sync core of one node.
+pub struct Core {
+    cfg: SyncConfig,
+    digest: Digest,
+    peers: BTreeMap<PeerKey, Peer>,
+    stats: SyncStats,
+}
+
+impl Core {
+    /// A core that knows `docs` in their current states.
+    pub fn new(cfg: SyncConfig, docs: impl IntoIterator<Item = (String, DocState)>) -> Core {
+        let mut digest = Digest::new(cfg.buckets);
+        for (doc, state) in docs {
+            digest.set(&doc, &state);
+        }
+        Core {
+            cfg,
+            digest,
+            peers: BTreeMap::new(),
+            stats: SyncStats::default(),
+        }
+    }
+
+    /// The digest.
+    pub fn digest(&self) -> &Digest {
+        &self.digest
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &SyncStats {
+        &self.stats
+    }
+
+    /// Connected peers.
+    pub fn peers(&self) -> impl Iterator<Item = &PeerKey> {
+        self.peers.keys()
+    }
+
+    /// When a digest from `peer` last matched ours, if ever.
+    pub fn last_in_sync(&self, peer: &str) -> Option<u64> {
+        self.peers.get(peer).and_then(|p| p.last_in_sync_at)
+    }
+
+    /// Number of docs with a sync session open to `peer`.
+    pub fn open_sessions(&self, peer: &str) -> usize {
+        self.peers.get(peer).map_or(0, |p| p.sessions.len())
+    }
+
+    /// Handles one input at time `now` (milliseconds on any monotonic clock).
+    pub fn handle<R: rand::Rng, D: DocAccess>(
+        &mut self,
+        now: u64,
+        rng: &mut R,
+        input: Input,
+        docs: &mut D,
+    ) -> Vec<Output> {
+        let mut out = Vec::new();
+        match input {
+            Input::PeerUp(peer) => {
+                let next = now + self.jittered(rng);
+                self.peers.insert(
+                    peer.clone(),
+                    Peer {
+                        sessions: HashMap::new(),
+                        next_digest_at: next,
+                        last_in_sync_at: None,
+                    },
+                );
+                out.push(self.digest_to(peer));
+            }
+            Input::PeerDown(peer) => {
+                self.peers.remove(&peer);
+            }
+            Input::Tick => {
+                // A session the other side finished leaves ours open; drop
+                // sessions unused for two anti-entropy periods.
+                let stale_before = now.saturating_sub(2 * self.cfg.anti_entropy_ms);
+                for p in self.peers.values_mut() {
+                    p.sessions.retain(|_, s| s.used_at >= stale_before);
+                }
+                let due: Vec<PeerKey> = self
+                    .peers
+                    .iter()
+                    .filter(|(_, p)| p.next_digest_at <= now)
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for peer in due {
+                    let next = now + self.jittered(rng);
+                    if let Some(p) = self.peers.get_mut(&peer) {
+                        p.next_digest_at = next;
+                    }
+                    out.push(self.digest_to(peer));
+                }
+            }
+            Input::LocalChange { doc, change, state } => {
+                self.digest.set(&doc, &state);
+                if change.len() <= self.cfg.max_gossip_change_bytes {
+                    out.push(Output::Broadcast(Message::Change { doc, change }));
+                } else {
+                    let peers: Vec<PeerKey> = self.peers.keys().cloned().collect();
+                    for peer in peers {
+                        self.sync_doc(now, &peer, &doc, true, docs, &mut out);
+                    }
+                }
+            }
+            Input::LocalDelete { doc } => {
+                self.digest.set(&doc, &DocState::Deleted);
+                for p in self.peers.values_mut() {
+                    p.sessions.remove(&doc);
+                }
+                out.push(Output::Broadcast(Message::Deleted { doc }));
+            }
+            Input::Received { from, msg } => {
+                if !self.peers.contains_key(&from) {
+                    // Only connected peers talk to us; the shell guarantees it,
+                    // but a late message after PeerDown is dropped here.
+                    return out;
+                }
+                self.received(now, from, msg, docs, &mut out);
+            }
+        }
+        out
+    }
+
+    fn jittered<R: rand::Rng>(&self, rng: &mut R) -> u64 {
+        let base = self.cfg.anti_entropy_ms.max(1);
+        let quarter = base / 4;
+        base - quarter + rng.random_range(0..=quarter * 2)
+    }
+
+    fn digest_to(&self, peer: PeerKey) -> Output {
+        Output::Send {
+            to: peer,
+            msg: Message::Digest {
+                buckets: self.digest.buckets().to_vec(),
+            },
+        }
+    }
+
+    fn reject(&mut self, peer: &str, reason: String, out: &mut Vec<Output>) {
+        self.stats.rejected += 1;
+        out.push(Output::Rejected {
+            peer: peer.to_string(),
+            reason,
+        });
+    }
+
+    fn received<D: DocAccess>(
+        &mut self,
+        now: u64,
+        from: PeerKey,
+        msg: Message,
+        docs: &mut D,
+        out: &mut Vec<Output>,
+    ) {
+        match msg {
+            Message::Digest { buckets } => {
+                if buckets.len() != self.digest.buckets().len() {
+                    let reason = format!(
+                        "digest has {} buckets, we use {}",
+                        buckets.len(),
+                        self.digest.buckets().len()
+                    );
+                    return self.reject(&from, reason, out);
+                }
+                let differing = self.digest.differing(&buckets);
+                if differing.is_empty() {
+                    self.stats.digests_in_sync += 1;
+                    if let Some(p) = self.peers.get_mut(&from) {
+                        p.last_in_sync_at = Some(now);
+                    }
+                }
+                for bucket in differing {
+                    out.push(Output::Send {
+                        to: from.clone(),
+                        msg: Message::Bucket {
+                            bucket,
+                            entries: self.digest.bucket_entries(bucket),
+                        },
+                    });
+                }
+            }
+            Message::Bucket { bucket, entries } => {
+                if bucket >= self.digest.buckets().len() as u32
+                    || entries.len() > self.cfg.max_bucket_entries
+                {
+                    let reason = format!("bucket {bucket} with {} entries", entries.len());
+                    return self.reject(&from, reason, out);
+                }
+                let theirs: HashMap<&str, u64> =
+                    entries.iter().map(|(d, h)| (d.as_str(), *h)).collect();
+                let mine = self.digest.bucket_entries(bucket);
+                let mut differing: Vec<String> = Vec::new();
+                for (doc, hash) in &mine {
+                    if theirs.get(doc.as_str()) != Some(hash) {
+                        differing.push(doc.clone());
+                    }
+                }
+                for (doc, _) in &entries {
+                    if self.digest.entry(doc).is_none() {
+                        if crate::doc::DocId::new(doc.as_str()).is_err() {
+                            return self.reject(&from, format!("invalid doc id {doc:?}"), out);
+                        }
+                        differing.push(doc.clone());
+                    }
+                }
+                self.stats.docs_differing += differing.len() as u64;
+                for doc in differing {
+                    if docs.state(&doc) == Some(DocState::Deleted) {
+                        out.push(Output::Send {
+                            to: from.clone(),
+                            msg: Message::Deleted { doc },
+                        });
+                    } else {
+                        self.sync_doc(now, &from, &doc, true, docs, out);
+                    }
+                }
+            }
+            Message::Sync { doc, data } => {
+                if crate::doc::DocId::new(doc.as_str()).is_err() {
+                    return self.reject(&from, format!("invalid doc id {doc:?}"), out);
+                }
+                self.stats.sync_received += 1;
+                let Some(peer) = self.peers.get_mut(&from) else {
+                    return;
+                };
+                let session = peer
+                    .sessions
+                    .entry(doc.clone())
+                    .or_insert_with(|| Session::new(now));
+                session.used_at = now;
+                let before = self.digest.entry(&doc);
+                match docs.receive_sync(&doc, &mut session.state, &data) {
+                    Err(e) => {
+                        peer.sessions.remove(&doc);
+                        return self.reject(&from, format!("sync message for {doc:?}: {e}"), out);
+                    }
+                    Ok(state) => {
+                        if self.digest.set(&doc, &state) {
+                            out.push(Output::Merged {
+                                doc: doc.clone(),
+                                from: from.clone(),
+                                state,
+                            });
+                        }
+                    }
+                }
+                let after = self.digest.entry(&doc);
+                self.continue_session(now, &from, &doc, before != after, docs, out);
+            }
+            Message::Change { doc, change } => {
+                if crate::doc::DocId::new(doc.as_str()).is_err() {
+                    return self.reject(&from, format!("invalid doc id {doc:?}"), out);
+                }
+                match docs.apply_change(&doc, &change) {
+                    Err(e) => self.reject(&from, format!("change for {doc:?}: {e}"), out),
+                    Ok(Applied::Deleted) => {}
+                    Ok(Applied::MissingDeps) => {
+                        self.stats.changes_missing_deps += 1;
+                        self.sync_doc(now, &from, &doc, false, docs, out);
+                    }
+                    Ok(Applied::Ok(state)) => {
+                        self.stats.changes_applied += 1;
+                        if self.digest.set(&doc, &state) {
+                            out.push(Output::Merged { doc, from, state });
+                        }
+                    }
+                }
+            }
+            Message::Deleted { doc } => {
+                if crate::doc::DocId::new(doc.as_str()).is_err() {
+                    return self.reject(&from, format!("invalid doc id {doc:?}"), out);
+                }
+                if docs.state(&doc) == Some(DocState::Deleted) {
+                    return;
+                }
+                if let Err(e) = docs.delete(&doc) {
+                    return self.reject(&from, format!("delete of {doc:?}: {e}"), out);
+                }
+                self.digest.set(&doc, &DocState::Deleted);
+                for p in self.peers.values_mut() {
+                    p.sessions.remove(&doc);
+                }
+                out.push(Output::Merged {
+                    doc,
+                    from,
+                    state: DocState::Deleted,
+                });
+            }
+        }
+    }
+
+    /// Starts (or, with `reset`, restarts from a fresh state) a sync session for
+    /// `doc` with `peer` and sends its first message.
+    #[allow(clippy::too_many_arguments)]
+    fn sync_doc<D: DocAccess>(
+        &mut self,
+        now: u64,
+        peer: &str,
+        doc: &str,
+        reset: bool,
+        docs: &mut D,
+        out: &mut Vec<Output>,
+    ) {
+        let Some(p) = self.peers.get_mut(peer) else {
+            return;
+        };
+        let session = p
+            .sessions
+            .entry(doc.to_string())
+            .or_insert_with(|| Session::new(now));
+        if reset {
+            *session = Session::new(now);
+        }
+        if let Some(data) = docs.generate_sync(doc, &mut session.state) {
+            out.push(Output::Send {
+                to: peer.to_string(),
+                msg: Message::Sync {
+                    doc: doc.to_string(),
+                    data,
+                },
+            });
+        }
+    }
+
+    /// After a sync message was applied: send the next one, close the session
+    /// when there is nothing to send, reset it when it stopped making progress.
+    fn continue_session<D: DocAccess>(
+        &mut self,
+        now: u64,
+        peer: &str,
+        doc: &str,
+        progressed: bool,
+        docs: &mut D,
+        out: &mut Vec<Output>,
+    ) {
+        let max_idle = self.cfg.max_idle_rounds;
+        let entry = self.digest.entry(doc);
+        let Some(p) = self.peers.get_mut(peer) else {
+            return;
+        };
+        let Some(session) = p.sessions.get_mut(doc) else {
+            return;
+        };
+        if progressed || session.last_entry != entry {
+            session.idle_rounds = 0;
+            session.last_entry = entry;
+        } else {
+            session.idle_rounds += 1;
+        }
+        if session.idle_rounds > max_idle {
+            // Stuck: start over from a fresh state (anti-entropy would too).
+            *session = Session::new(now);
+            self.stats.sessions_reset += 1;
+        }
+        match docs.generate_sync(doc, &mut session.state) {
+            Some(data) => out.push(Output::Send {
+                to: peer.to_string(),
+                msg: Message::Sync {
+                    doc: doc.to_string(),
+                    data,
+                },
+            }),
+            None => {
+                p.sessions.remove(doc);
+            }
+        }
+    }
+}

@@ -31,6 +31,7 @@
 //! See `tests/sim.rs` for a full simulator; in short, the shell loops:
 //! `for out in core.handle(now, &mut rng, input, &mut docs) { deliver(out) }`.
 
+pub mod codec;
 pub mod digest;
 
 use std::collections::{BTreeMap, HashMap};

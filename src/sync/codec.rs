@@ -1,0 +1,256 @@
+//! Wire encoding of [`Message`]: versioned, size-capped, fallible.
+//!
+//! ```text
+//! message = version:u8 (=1) kind:u8 body
+//! Change  (1) = str(doc) bytes(change)
+//! Digest  (2) = count:u32 u64*count
+//! Bucket  (3) = bucket:u32 count:u32 (str(doc) hash:u64)*count
+//! Sync    (4) = str(doc) bytes(data)
+//! Deleted (5) = str(doc)
+//! str/bytes = len:u32 payload          integers little-endian
+//! ```
+//!
+//! Decoding never panics and never allocates more than the input's size: every
+//! length is checked against the bytes left before anything is reserved.
+
+use super::Message;
+
+/// Current wire version.
+pub const VERSION: u8 = 1;
+
+/// Why bytes are not a valid message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// Bigger than the cap.
+    #[error("message of {size} bytes exceeds the cap of {cap}")]
+    TooLarge {
+        /// Its size.
+        size: usize,
+        /// The cap.
+        cap: usize,
+    },
+    /// A version we do not speak.
+    #[error("unsupported message version {0}")]
+    Version(u8),
+    /// An unknown message kind.
+    #[error("unknown message kind {0}")]
+    Kind(u8),
+    /// Ends early or has bytes left over.
+    #[error("malformed message: {0}")]
+    Malformed(&'static str),
+}
+
+/// Encodes `msg`.
+pub fn encode(msg: &Message) -> Vec<u8> {
+    let mut out = vec![VERSION];
+    match msg {
+        Message::Change { doc, change } => {
+            out.push(1);
+            put_bytes(&mut out, doc.as_bytes());
+            put_bytes(&mut out, change);
+        }
+        Message::Digest { buckets } => {
+            out.push(2);
+            put_u32(&mut out, buckets.len() as u32);
+            for b in buckets {
+                out.extend_from_slice(&b.to_le_bytes());
+            }
+        }
+        Message::Bucket { bucket, entries } => {
+            out.push(3);
+            put_u32(&mut out, *bucket);
+            put_u32(&mut out, entries.len() as u32);
+            for (doc, hash) in entries {
+                put_bytes(&mut out, doc.as_bytes());
+                out.extend_from_slice(&hash.to_le_bytes());
+            }
+        }
+        Message::Sync { doc, data } => {
+            out.push(4);
+            put_bytes(&mut out, doc.as_bytes());
+            put_bytes(&mut out, data);
+        }
+        Message::Deleted { doc } => {
+            out.push(5);
+            put_bytes(&mut out, doc.as_bytes());
+        }
+    }
+    out
+}
+
+/// Decodes a message of at most `cap` bytes.
+///
+/// # Errors
+/// [`DecodeError`] saying what is wrong; never panics.
+pub fn decode(bytes: &[u8], cap: usize) -> Result<Message, DecodeError> {
+    if bytes.len() > cap {
+        return Err(DecodeError::TooLarge {
+            size: bytes.len(),
+            cap,
+        });
+    }
+    let mut r = Reader { buf: bytes };
+    let version = r.u8()?;
+    if version != VERSION {
+        return Err(DecodeError::Version(version));
+    }
+    let msg = match r.u8()? {
+        1 => Message::Change {
+            doc: r.string()?,
+            change: r.bytes()?.to_vec(),
+        },
+        2 => {
+            let n = r.count(8)?;
+            let mut buckets = Vec::with_capacity(n);
+            for _ in 0..n {
+                buckets.push(r.u64()?);
+            }
+            Message::Digest { buckets }
+        }
+        3 => {
+            let bucket = r.u32()?;
+            // Each entry takes at least 4 (length) + 8 (hash) bytes.
+            let n = r.count(12)?;
+            let mut entries = Vec::with_capacity(n);
+            for _ in 0..n {
+                entries.push((r.string()?, r.u64()?));
+            }
+            Message::Bucket { bucket, entries }
+        }
+        4 => Message::Sync {
+            doc: r.string()?,
+            data: r.bytes()?.to_vec(),
+        },
+        5 => Message::Deleted { doc: r.string()? },
+        k => return Err(DecodeError::Kind(k)),
+    };
+    if !r.buf.is_empty() {
+        return Err(DecodeError::Malformed("bytes after the end of the message"));
+    }
+    Ok(msg)
+}
+
+fn put_u32(out: &mut Vec<u8>, v: u32) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    put_u32(out, b.len() as u32);
+    out.extend_from_slice(b);
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        if self.buf.len() < n {
+            return Err(DecodeError::Malformed("ends early"));
+        }
+        let (head, rest) = self.buf.split_at(n);
+        self.buf = rest;
+        Ok(head)
+    }
+
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+    }
+
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+    }
+
+    /// A count of items of at least `min_size` bytes each, checked against the
+    /// bytes left so a forged count cannot make us reserve memory.
+    fn count(&mut self, min_size: usize) -> Result<usize, DecodeError> {
+        let n = self.u32()? as usize;
+        if n.saturating_mul(min_size) > self.buf.len() {
+            return Err(DecodeError::Malformed("count larger than the message"));
+        }
+        Ok(n)
+    }
+
+    fn bytes(&mut self) -> Result<&'a [u8], DecodeError> {
+        let n = self.u32()? as usize;
+        self.take(n)
+    }
+
+    fn string(&mut self) -> Result<String, DecodeError> {
+        let b = self.bytes()?;
+        String::from_utf8(b.to_vec()).map_err(|_| DecodeError::Malformed("string is not UTF-8"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::{RngExt, SeedableRng};
+
+    fn samples() -> Vec<Message> {
+        vec![
+            Message::Change {
+                doc: "a/b".into(),
+                change: vec![1, 2, 3],
+            },
+            Message::Digest {
+                buckets: vec![0, u64::MAX, 42],
+            },
+            Message::Bucket {
+                bucket: 7,
+                entries: vec![("x".into(), 1), ("yé".into(), 2)],
+            },
+            Message::Sync {
+                doc: "d".into(),
+                data: vec![],
+            },
+            Message::Deleted { doc: "gone".into() },
+        ]
+    }
+
+    #[test]
+    fn every_kind_round_trips() {
+        for m in samples() {
+            assert_eq!(decode(&encode(&m), 1 << 20).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn bad_input_is_an_error_never_a_panic() {
+        assert_eq!(decode(&[], 10), Err(DecodeError::Malformed("ends early")));
+        assert_eq!(decode(&[9, 1], 10), Err(DecodeError::Version(9)));
+        assert_eq!(decode(&[1, 99], 10), Err(DecodeError::Kind(99)));
+        assert!(matches!(decode(&[0; 100], 10), Err(DecodeError::TooLarge { .. })));
+        // A forged huge count must not allocate.
+        let forged = [1, 2, 0xff, 0xff, 0xff, 0xff];
+        assert!(decode(&forged, 100).is_err());
+        let mut trailing = encode(&samples()[0]);
+        trailing.push(0);
+        assert!(decode(&trailing, 100).is_err());
+        // Every truncation and random corruption of valid messages: no panic.
+        let seed = 0x0c0de;
+        let mut rng = StdRng::seed_from_u64(seed);
+        for m in samples() {
+            let bytes = encode(&m);
+            for cut in 0..bytes.len() {
+                let _ = decode(&bytes[..cut], 1 << 20);
+            }
+            for _ in 0..500 {
+                let mut b = bytes.clone();
+                let i = rng.random_range(0..b.len());
+                b[i] = rng.random();
+                let _ = decode(&b, 1 << 20);
+            }
+        }
+        for _ in 0..2000 {
+            let len = rng.random_range(0..64);
+            let b: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+            let _ = decode(&b, 1 << 20);
+        }
+    }
+}

@@ -104,6 +104,9 @@ pub struct PerfConfig {
     pub write_queue: usize,
     /// Most writes applied together in one sled batch.
     pub write_batch: usize,
+    /// Sync core outputs queued for the network; more are dropped (and repaired
+    /// by anti-entropy).
+    pub sync_queue: usize,
     /// Milliseconds that shutdown waits for in-flight requests before giving up.
     pub shutdown_timeout_ms: u64,
 }
@@ -138,6 +141,7 @@ impl Default for Config {
                 flush_queue: 4096,
                 write_queue: docs.write_queue,
                 write_batch: docs.write_batch,
+                sync_queue: 4096,
                 shutdown_timeout_ms: 10_000,
             },
         }
@@ -385,6 +389,9 @@ impl Config {
         }
         if self.perf.write_queue == 0 {
             return invalid("perf.write_queue", "must be at least 1");
+        }
+        if self.perf.sync_queue == 0 {
+            return invalid("perf.sync_queue", "must be at least 1");
         }
         if self.perf.write_batch == 0 {
             return invalid("perf.write_batch", "must be at least 1");

@@ -20,6 +20,8 @@ use crate::Error;
 use crate::config::Config;
 use crate::doc::{Change, DocError, DocId, Docs, HistoryEntry, Pointer, WriteResult};
 use crate::store::{GroupCommit, Store};
+use crate::sync::{Input, Output, SyncConfig};
+use tokio::sync::mpsc;
 
 /// Builds a [`Node`].
 ///
@@ -36,6 +38,7 @@ use crate::store::{GroupCommit, Store};
 pub struct NodeBuilder {
     config: Config,
     serve_api: bool,
+    sync: Option<SyncConfig>,
 }
 
 impl NodeBuilder {
@@ -62,6 +65,14 @@ impl NodeBuilder {
     /// Serves the HTTP API on the configured `api.listen`.
     pub fn serve_api(mut self, on: bool) -> Self {
         self.serve_api = on;
+        self
+    }
+
+    /// Runs the sync core: the node then takes [`Input`]s with
+    /// [`Node::sync_input`] and yields [`Output`]s from
+    /// [`Node::take_sync_outputs`], for a network shell to carry.
+    pub fn sync(mut self, cfg: SyncConfig) -> Self {
+        self.sync = Some(cfg);
         self
     }
 
@@ -93,10 +104,17 @@ impl NodeBuilder {
             .map_err(|e| Error::Internal(e.to_string()))??
         };
         let (commit, flush_thread) = GroupCommit::start(store.clone(), config.perf.flush_queue);
+        let (sync, sync_rx) = match self.sync {
+            Some(cfg) => {
+                let (tx, rx) = mpsc::channel(config.perf.sync_queue);
+                (Some((cfg, tx)), Some(rx))
+            }
+            None => (None, None),
+        };
         let docs = {
             let (store, commit, actor, cfg) =
                 (store.clone(), commit.clone(), actor.clone(), config.docs());
-            tokio::task::spawn_blocking(move || Docs::new(store, commit, actor, cfg))
+            tokio::task::spawn_blocking(move || Docs::new(store, commit, actor, cfg, sync))
                 .await
                 .map_err(|e| Error::Internal(e.to_string()))??
         };
@@ -113,12 +131,26 @@ impl NodeBuilder {
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
             api_addr: Mutex::new(None),
+            sync_out: Mutex::new(sync_rx),
             seal: SealOnDrop {
                 data_dir: seal_dir,
                 armed: false.into(),
             },
         });
         let node = Node { inner };
+        if node.inner.sync_out.lock().expect("not poisoned").is_some() {
+            // The core keeps no clock: tick it.
+            let (docs, cancel) = (node.inner.docs.clone(), node.inner.cancel.clone());
+            node.inner.tasks.spawn(async move {
+                let mut every = tokio::time::interval(Duration::from_millis(100));
+                loop {
+                    tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        _ = every.tick() => { docs.sync_input(Input::Tick); }
+                    }
+                }
+            });
+        }
         if self.serve_api {
             let listener = tokio::net::TcpListener::bind(node.inner.config.api.listen)
                 .await
@@ -171,6 +203,7 @@ struct NodeInner {
     cancel: CancellationToken,
     tasks: TaskTracker,
     api_addr: Mutex<Option<SocketAddr>>,
+    sync_out: Mutex<Option<mpsc::Receiver<Output>>>,
     /// Declared last so it drops after the store: seals the data dir once sled
     /// has closed, if the node was shut down cleanly.
     seal: SealOnDrop,
@@ -237,6 +270,17 @@ impl Node {
             docs: self.inner.docs.clone(),
             id: DocId::new(id)?,
         })
+    }
+
+    /// Hands input to the sync core (see [`NodeBuilder::sync`]); `false` if it
+    /// was dropped because the queue is full or the node does not sync.
+    pub fn sync_input(&self, input: Input) -> bool {
+        self.inner.docs.sync_input(input)
+    }
+
+    /// The sync core's outputs, once (the network shell takes them).
+    pub fn take_sync_outputs(&self) -> Option<mpsc::Receiver<Output>> {
+        self.inner.sync_out.lock().expect("not poisoned").take()
     }
 
     /// The document service.

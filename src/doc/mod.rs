@@ -9,6 +9,7 @@ mod json;
 mod ops;
 mod patch;
 mod path;
+mod remote;
 mod service;
 mod writer;
 

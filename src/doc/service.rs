@@ -35,9 +35,10 @@ use tokio::sync::{mpsc, oneshot};
 use super::json::{StringMode, to_json, value_to_json};
 use super::ops::Op;
 use super::path::{Pointer, prop_for, resolve_obj};
-use super::writer::{WriteOp, WriteReq, WriterMsg};
+use super::writer::{SyncRuntime, WriteOp, WriteReq, WriterMsg};
 use super::{DocError, DocId};
 use crate::store::{DocMeta, GroupCommit, Store};
+use crate::sync::{Core, DocState, Input, Output, SyncConfig};
 
 /// Limits and choices of the document service.
 #[derive(Debug, Clone)]
@@ -197,17 +198,41 @@ pub(super) struct Loaded {
 }
 
 impl Docs {
-    /// Starts the service over `store`, writing with `actor`, and its writer thread.
+    /// Starts the service over `store`, writing with `actor`, and its writer
+    /// thread. With `sync`, the writer also runs the sync core, whose outputs go
+    /// to the given channel (the network shell's).
     ///
     /// # Errors
-    /// Store errors while counting documents.
+    /// Store errors while reading document metadata.
     pub fn new(
         store: Store,
         commit: GroupCommit,
         actor: ActorId,
         cfg: DocsConfig,
+        sync: Option<(SyncConfig, mpsc::Sender<Output>)>,
     ) -> Result<Docs, DocError> {
-        let live = store.count_docs()? as i64;
+        let metas = store.list_docs()?;
+        let live = metas
+            .iter()
+            .filter(|(_, m)| m.deleted_at_ms.is_none())
+            .count() as i64;
+        let sync = sync.map(|(sync_cfg, out)| {
+            let states = metas.into_iter().map(|(id, m)| {
+                let state = if m.deleted_at_ms.is_some() {
+                    DocState::Deleted
+                } else {
+                    DocState::Live(m.heads.iter().filter_map(|h| h.parse().ok()).collect())
+                };
+                (id, state)
+            });
+            SyncRuntime {
+                core: Core::new(sync_cfg, states),
+                out,
+                rng: rand::make_rng(),
+                started: std::time::Instant::now(),
+                dropped_outputs: 0,
+            }
+        });
         let (tx, rx) = mpsc::channel(cfg.write_queue.max(1));
         let inner = Arc::new(Inner {
             store,
@@ -221,7 +246,7 @@ impl Docs {
         let thread_inner = inner.clone();
         let handle = std::thread::Builder::new()
             .name("mergeflow-writer".into())
-            .spawn(move || super::writer::run(thread_inner, rx))
+            .spawn(move || super::writer::run(thread_inner, rx, sync))
             .map_err(|e| DocError::Internal(format!("cannot start the writer thread: {e}")))?;
         *inner.writer_thread.lock().expect("not poisoned") = Some(handle);
         Ok(Docs { inner, writer: tx })
@@ -275,6 +300,14 @@ impl Docs {
     /// [`DocError::NotFound`], [`DocError::Deleted`], store errors.
     pub async fn delete(&self, id: DocId) -> Result<WriteResult, DocError> {
         self.submit(id, WriteOp::Delete).await
+    }
+
+    /// Hands input to the sync core. Remote input must not wait behind a full
+    /// queue (it would stall the network loop), so it is dropped instead, and
+    /// anti-entropy repairs what that loses. Returns `false` if it was dropped
+    /// (queue full or node stopping).
+    pub fn sync_input(&self, input: Input) -> bool {
+        self.writer.try_send(WriterMsg::Sync(input)).is_ok()
     }
 
     /// True while the writer thread runs (it stops only at shutdown).

@@ -7,6 +7,16 @@
 //! thread means no per-write thread hand-off and one sled batch per round; the
 //! Automerge work per write is tens of microseconds, so one core keeps up with
 //! what the HTTP layer can deliver.
+//!
+//! When the node syncs with peers, the writer also hosts the sync core
+//! ([`crate::sync::Core`]): remote input is applied in the same rounds and
+//! batches as local writes (see `remote.rs`), and the core's outputs go to the
+//! network shell over a bounded channel. A local change is handed to the core,
+//! and so may be sent to peers, before the round's flush completes: that saves
+//! the flush time on the propagation path, and is safe because every boot
+//! writes with a fresh actor id, so a change lost here in a crash cannot be
+//! forked by a different change with the same actor and sequence number; a peer
+//! that holds it gives it back through sync.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -20,15 +30,44 @@ use tokio::sync::{mpsc, oneshot};
 use super::json::{Slot, write_json};
 use super::ops::apply_ops;
 use super::patch::apply_merge_patch;
-use super::service::{Change, Inner, Loaded, SlotRef, WriteResult, live_meta, lock_slot, now_ms};
+use super::remote::Round;
+use super::service::{Change, Inner, Loaded, WriteResult, live_meta, lock_slot, now_ms};
 use super::{DocError, DocId};
 use crate::store::{Ack, DocMeta, StoreError, WriteBatch};
+use crate::sync::{Core, DocState, Input, Output};
 
 /// A message to the writer thread.
 pub(super) enum WriterMsg {
     Write(WriteReq),
+    /// Input for the sync core (ignored when the node does not sync).
+    Sync(Input),
     /// Finish the writes queued before this and exit.
     Stop,
+}
+
+/// The sync core and where its outputs go, owned by the writer thread.
+pub(crate) struct SyncRuntime {
+    pub(crate) core: Core,
+    pub(crate) out: mpsc::Sender<Output>,
+    pub(crate) rng: rand::rngs::StdRng,
+    pub(crate) started: std::time::Instant,
+    pub(crate) dropped_outputs: u64,
+}
+
+impl SyncRuntime {
+    fn handle(&mut self, input: Input, round: &mut Round<'_>) {
+        let now = self.started.elapsed().as_millis() as u64;
+        for out in self.core.handle(now, &mut self.rng, input, round) {
+            if let Output::Rejected { peer, reason } = &out {
+                tracing::warn!(peer = %peer, err = %reason, "rejected input from peer");
+            }
+            // Never block the writer on the network: a full queue drops the
+            // output, and anti-entropy repairs whatever that loses.
+            if self.out.try_send(out).is_err() {
+                self.dropped_outputs += 1;
+            }
+        }
+    }
 }
 
 /// One write and where to send its result.
@@ -49,36 +88,49 @@ pub(super) enum WriteOp {
 }
 
 /// The writer thread's loop. Returns when told to stop or when every sender is gone.
-pub(super) fn run(inner: Arc<Inner>, mut rx: mpsc::Receiver<WriterMsg>) {
+pub(super) fn run(
+    inner: Arc<Inner>,
+    mut rx: mpsc::Receiver<WriterMsg>,
+    mut sync: Option<SyncRuntime>,
+) {
     let max = inner.cfg.write_batch.max(1);
     let mut stop = false;
     while !stop {
-        let mut reqs = Vec::new();
+        let mut msgs = Vec::new();
         match rx.blocking_recv() {
-            Some(WriterMsg::Write(r)) => reqs.push(r),
             Some(WriterMsg::Stop) | None => break,
+            Some(m) => msgs.push(m),
         }
-        while reqs.len() < max {
+        while msgs.len() < max {
             match rx.try_recv() {
-                Ok(WriterMsg::Write(r)) => reqs.push(r),
                 Ok(WriterMsg::Stop) => {
                     stop = true;
                     break;
                 }
+                Ok(m) => msgs.push(m),
                 Err(_) => break,
             }
         }
-        write_round(&inner, reqs);
+        write_round(&inner, msgs, sync.as_mut());
     }
 }
 
-/// Applies one round of writes: memory, one sled batch, then the flush thread.
-fn write_round(inner: &Inner, reqs: Vec<WriteReq>) {
-    let mut batch = WriteBatch::default();
-    let mut touched: Vec<SlotRef> = Vec::new();
-    let mut live_delta = 0i64;
-    let mut results = Vec::with_capacity(reqs.len());
-    for req in reqs {
+/// Applies one round: local writes and remote input in memory, one sled batch,
+/// then the flush thread.
+fn write_round(inner: &Inner, msgs: Vec<WriterMsg>, mut sync: Option<&mut SyncRuntime>) {
+    let mut round = Round::new(inner);
+    let mut results = Vec::with_capacity(msgs.len());
+    for msg in msgs {
+        let req = match msg {
+            WriterMsg::Write(req) => req,
+            WriterMsg::Sync(input) => {
+                if let Some(sync) = sync.as_deref_mut() {
+                    sync.handle(input, &mut round);
+                }
+                continue;
+            }
+            WriterMsg::Stop => continue,
+        };
         let slot = inner.entry(&req.id);
         let result = {
             let mut guard = lock_slot(&slot);
@@ -88,7 +140,7 @@ fn write_round(inner: &Inner, reqs: Vec<WriteReq>) {
             let applied = std::panic::catch_unwind(AssertUnwindSafe(|| {
                 inner
                     .ensure_loaded(&req.id, &mut guard)
-                    .and_then(|loaded| apply(inner, &req.id, loaded, req.op, &mut batch))
+                    .and_then(|loaded| apply(inner, &req.id, loaded, req.op, &mut round.batch))
             }));
             let result = applied.unwrap_or_else(|_| {
                 Err(DocError::Internal(format!(
@@ -106,15 +158,24 @@ fn write_round(inner: &Inner, reqs: Vec<WriteReq>) {
             }
             result
         };
-        let result = result.map(|(r, delta)| {
+        let result = result.map(|(r, delta, input)| {
             if r.changed {
-                touched.push(slot);
+                round.touched.push(slot);
             }
-            live_delta += delta;
+            round.live_delta += delta;
+            if let (Some(sync), Some(input)) = (sync.as_deref_mut(), input) {
+                sync.handle(input, &mut round);
+            }
             r
         });
         results.push((req.reply, result));
     }
+    let Round {
+        batch,
+        touched,
+        live_delta,
+        ..
+    } = round;
     if !batch.is_empty()
         && let Err(e) = inner.store.apply(batch)
     {
@@ -143,20 +204,24 @@ fn write_round(inner: &Inner, reqs: Vec<WriteReq>) {
             })),
         }
     }
-    if !acks.is_empty() {
+    // Merged remote changes need a flush too, even with nobody waiting on it.
+    if !acks.is_empty() || !touched.is_empty() {
         inner.commit.submit_blocking(acks);
     }
 }
 
+/// What a local write did: its result, the change in the number of live
+/// docs, and what to tell the sync core.
+type Outcome = (WriteResult, i64, Option<Input>);
+
 /// Applies one write to its loaded doc and adds what to store to `batch`.
-/// Returns the result and the change in the number of live docs.
 fn apply(
     inner: &Inner,
     id: &DocId,
     loaded: &mut Loaded,
     op: WriteOp,
     batch: &mut WriteBatch,
-) -> Result<(WriteResult, i64), DocError> {
+) -> Result<Outcome, DocError> {
     let strings = inner.cfg.strings;
     let deleted = |m: &Option<DocMeta>| m.as_ref().is_some_and(|m| m.deleted_at_ms.is_some());
     match op {
@@ -202,13 +267,16 @@ fn apply(
                 heads: meta.heads,
                 changed: true,
             };
-            Ok((result, -1))
+            let input = Input::LocalDelete {
+                doc: id.to_string(),
+            };
+            Ok((result, -1, Some(input)))
         }
     }
 }
 
 /// Sequence numbers of a doc's stored change tail.
-fn tail_range(meta: &DocMeta) -> std::ops::Range<u64> {
+pub(super) fn tail_range(meta: &DocMeta) -> std::ops::Range<u64> {
     meta.next_seq.saturating_sub(meta.tail_changes)..meta.next_seq
 }
 
@@ -221,7 +289,7 @@ fn commit<F>(
     message: &str,
     batch: &mut WriteBatch,
     f: F,
-) -> Result<(WriteResult, i64), DocError>
+) -> Result<Outcome, DocError>
 where
     F: FnOnce(&mut Transaction<'_>) -> Result<(), DocError>,
 {
@@ -244,7 +312,7 @@ where
             heads,
             changed: false,
         };
-        return Ok((result, 0));
+        return Ok((result, 0, None));
     }
     let now = now_ms();
     let opts = || {
@@ -308,18 +376,34 @@ where
         .map(|h| h.to_string())
         .collect();
     batch.append_change(id.as_str(), seq, bytes, &meta);
-    if meta.tail_changes >= cfg.compact_after_changes {
-        let tail = tail_range(&meta);
-        let snapshot = loaded.doc.save();
-        meta.size_bytes = snapshot.len() as u64;
-        meta.tail_changes = 0;
-        batch.compact(id.as_str(), &snapshot, &meta, tail);
-    }
+    let input = Input::LocalChange {
+        doc: id.to_string(),
+        change: bytes.to_vec(),
+        state: DocState::Live(loaded.doc.get_heads()),
+    };
+    maybe_compact(inner, id, loaded, &mut meta, batch);
     let result = WriteResult {
         id: id.clone(),
         heads: meta.heads.clone(),
         changed: true,
     };
     loaded.meta = Some(meta);
-    Ok((result, i64::from(creating)))
+    Ok((result, i64::from(creating), Some(input)))
+}
+
+/// Compacts the doc's change tail into a snapshot when it is due.
+pub(super) fn maybe_compact(
+    inner: &Inner,
+    id: &DocId,
+    loaded: &Loaded,
+    meta: &mut DocMeta,
+    batch: &mut WriteBatch,
+) {
+    if meta.tail_changes >= inner.cfg.compact_after_changes {
+        let tail = tail_range(meta);
+        let snapshot = loaded.doc.save();
+        meta.size_bytes = snapshot.len() as u64;
+        meta.tail_changes = 0;
+        batch.compact(id.as_str(), &snapshot, meta, tail);
+    }
 }

@@ -158,11 +158,15 @@ impl<'a> Reader<'a> {
     }
 
     fn u32(&mut self) -> Result<u32, DecodeError> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
     }
 
     fn u64(&mut self) -> Result<u64, DecodeError> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
     }
 
     /// A count of items of at least `min_size` bytes each, checked against the
@@ -225,7 +229,10 @@ mod tests {
         assert_eq!(decode(&[], 10), Err(DecodeError::Malformed("ends early")));
         assert_eq!(decode(&[9, 1], 10), Err(DecodeError::Version(9)));
         assert_eq!(decode(&[1, 99], 10), Err(DecodeError::Kind(99)));
-        assert!(matches!(decode(&[0; 100], 10), Err(DecodeError::TooLarge { .. })));
+        assert!(matches!(
+            decode(&[0; 100], 10),
+            Err(DecodeError::TooLarge { .. })
+        ));
         // A forged huge count must not allocate.
         let forged = [1, 2, 0xff, 0xff, 0xff, 0xff];
         assert!(decode(&forged, 100).is_err());

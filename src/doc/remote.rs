@@ -1,0 +1,249 @@
+//! Remote input applied on the writer thread: the sync core's [`DocAccess`]
+//! over the document service.
+//!
+//! Changes that arrive from peers (fast-path changes, sync messages, deletes)
+//! are merged into the in-memory doc and added to the writer's current
+//! [`Round`] batch, so they reach sled atomically with the round and are
+//! flushed by the same group commit as local writes. Automerge runs on remote
+//! bytes inside `catch_unwind`: a document that makes it panic costs that
+//! message (the doc is reloaded from the store), never the node.
+
+use std::panic::AssertUnwindSafe;
+
+use automerge::sync::{self, SyncDoc};
+use automerge::{Automerge, ChangeHash, ReadDoc};
+
+use super::service::{Inner, Loaded, SlotRef, lock_slot, new_doc, now_ms};
+use super::{DocError, DocId};
+use crate::store::{DocMeta, WriteBatch};
+use crate::sync::{Applied, DocAccess, DocState};
+
+/// What one writer round has collected so far.
+pub(super) struct Round<'a> {
+    pub(super) inner: &'a Inner,
+    pub(super) batch: WriteBatch,
+    /// Docs whose memory state is ahead of the store until the batch applies.
+    pub(super) touched: Vec<SlotRef>,
+    /// Change in the number of live docs once the batch applies.
+    pub(super) live_delta: i64,
+}
+
+impl<'a> Round<'a> {
+    pub(super) fn new(inner: &'a Inner) -> Round<'a> {
+        Round {
+            inner,
+            batch: WriteBatch::default(),
+            touched: Vec::new(),
+            live_delta: 0,
+        }
+    }
+
+    /// Runs `f` on doc `id`, loaded and locked, containing panics: after a panic
+    /// or an internal error the doc is dropped from memory.
+    fn with_loaded<R>(
+        &mut self,
+        id: &str,
+        f: impl FnOnce(&mut Self, &DocId, &mut Loaded) -> Result<R, String>,
+    ) -> Result<R, String> {
+        let id = DocId::new(id).map_err(|e| e.to_string())?;
+        let slot = self.inner.entry(&id);
+        let mut guard = lock_slot(&slot);
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            let loaded = self
+                .inner
+                .ensure_loaded(&id, &mut guard)
+                .map_err(|e| e.to_string())?;
+            f(self, &id, loaded)
+        }))
+        .unwrap_or_else(|_| Err("automerge panicked on this input".to_string()));
+        if result.is_err() {
+            *guard = None;
+        } else if let Some(loaded) = guard.as_ref() {
+            self.inner.note_size(&id, loaded);
+        }
+        drop(guard);
+        self.touched.push(slot);
+        result
+    }
+}
+
+/// The state a loaded doc contributes to the digest.
+fn doc_state(loaded: &Loaded) -> Option<DocState> {
+    match &loaded.meta {
+        None => None,
+        Some(m) if m.deleted_at_ms.is_some() => Some(DocState::Deleted),
+        Some(_) => Some(DocState::Live(loaded.doc.get_heads())),
+    }
+}
+
+fn deleted(loaded: &Loaded) -> bool {
+    loaded
+        .meta
+        .as_ref()
+        .is_some_and(|m| m.deleted_at_ms.is_some())
+}
+
+/// Adds the changes merged since `before` to the batch and updates the meta.
+/// Over the doc size cap, the merge is undone in memory and refused.
+fn store_merged(
+    round: &mut Round<'_>,
+    id: &DocId,
+    loaded: &mut Loaded,
+    before: &[ChangeHash],
+) -> Result<DocState, String> {
+    let inner = round.inner;
+    let new = loaded.doc.get_changes(before);
+    if new.is_empty() {
+        return Ok(doc_state(loaded).unwrap_or(DocState::Live(vec![])));
+    }
+    let now = now_ms();
+    let creating = loaded.meta.is_none();
+    let mut meta = loaded.meta.clone().unwrap_or(DocMeta {
+        heads: vec![],
+        size_bytes: 0,
+        tail_changes: 0,
+        next_seq: 0,
+        created_at_ms: now,
+        updated_at_ms: now,
+        deleted_at_ms: None,
+    });
+    let added: u64 = new.iter().map(|c| c.raw_bytes().len() as u64).sum();
+    if meta.size_bytes + added > inner.cfg.max_doc_bytes {
+        let mut doc = loaded
+            .doc
+            .fork_at(before)
+            .map_err(|e| format!("cannot undo an oversized merge: {e}"))?;
+        doc.set_actor(inner.actor.clone());
+        loaded.doc = doc;
+        return Err(DocError::DocTooLarge {
+            size: meta.size_bytes + added,
+            cap: inner.cfg.max_doc_bytes,
+        }
+        .to_string());
+    }
+    meta.heads = loaded
+        .doc
+        .get_heads()
+        .iter()
+        .map(|h| h.to_string())
+        .collect();
+    meta.updated_at_ms = now;
+    for change in &new {
+        let seq = meta.next_seq;
+        meta.next_seq += 1;
+        meta.tail_changes += 1;
+        meta.size_bytes += change.raw_bytes().len() as u64;
+        round
+            .batch
+            .append_change(id.as_str(), seq, change.raw_bytes(), &meta);
+    }
+    super::writer::maybe_compact(inner, id, loaded, &mut meta, &mut round.batch);
+    loaded.meta = Some(meta);
+    if creating {
+        round.live_delta += 1;
+    }
+    Ok(DocState::Live(loaded.doc.get_heads()))
+}
+
+impl DocAccess for Round<'_> {
+    fn state(&mut self, doc: &str) -> Option<DocState> {
+        self.with_loaded(doc, |_, _, loaded| Ok(doc_state(loaded)))
+            .ok()
+            .flatten()
+    }
+
+    fn generate_sync(&mut self, doc: &str, state: &mut sync::State) -> Option<Vec<u8>> {
+        self.with_loaded(doc, |_, _, loaded| {
+            let msg = if deleted(loaded) || loaded.meta.is_none() {
+                Automerge::new().generate_sync_message(state)
+            } else {
+                loaded.doc.generate_sync_message(state)
+            };
+            Ok(msg.map(|m| m.encode()))
+        })
+        .ok()
+        .flatten()
+    }
+
+    fn receive_sync(
+        &mut self,
+        doc: &str,
+        state: &mut sync::State,
+        data: &[u8],
+    ) -> Result<DocState, String> {
+        let msg = std::panic::catch_unwind(|| sync::Message::decode(data))
+            .map_err(|_| "automerge panicked decoding a sync message".to_string())?
+            .map_err(|e| format!("sync message does not decode: {e}"))?;
+        self.with_loaded(doc, |round, id, loaded| {
+            if deleted(loaded) {
+                return Ok(DocState::Deleted);
+            }
+            let before = loaded.doc.get_heads();
+            loaded
+                .doc
+                .receive_sync_message(state, msg)
+                .map_err(|e| e.to_string())?;
+            store_merged(round, id, loaded, &before)
+        })
+    }
+
+    fn apply_change(&mut self, doc: &str, change: &[u8]) -> Result<Applied, String> {
+        let change = std::panic::catch_unwind(|| automerge::Change::from_bytes(change.to_vec()))
+            .map_err(|_| "automerge panicked decoding a change".to_string())?
+            .map_err(|e| format!("change does not decode: {e}"))?;
+        if change.raw_bytes().len() as u64 > self.inner.cfg.max_change_bytes {
+            return Err(format!(
+                "change of {} bytes exceeds doc.max_change_bytes",
+                change.raw_bytes().len()
+            ));
+        }
+        self.with_loaded(doc, |round, id, loaded| {
+            if deleted(loaded) {
+                return Ok(Applied::Deleted);
+            }
+            if loaded.doc.get_change_by_hash(&change.hash()).is_some() {
+                return Ok(Applied::Ok(
+                    doc_state(loaded).unwrap_or(DocState::Live(vec![])),
+                ));
+            }
+            if !loaded.doc.get_missing_deps(change.deps()).is_empty() {
+                return Ok(Applied::MissingDeps);
+            }
+            let before = loaded.doc.get_heads();
+            loaded
+                .doc
+                .apply_changes([change])
+                .map_err(|e| e.to_string())?;
+            store_merged(round, id, loaded, &before).map(Applied::Ok)
+        })
+    }
+
+    fn delete(&mut self, doc: &str) -> Result<(), String> {
+        self.with_loaded(doc, |round, id, loaded| {
+            if deleted(loaded) {
+                return Ok(());
+            }
+            let existed = loaded.meta.is_some();
+            let mut meta = loaded.meta.clone().unwrap_or(DocMeta {
+                heads: vec![],
+                size_bytes: 0,
+                tail_changes: 0,
+                next_seq: 0,
+                created_at_ms: now_ms(),
+                updated_at_ms: now_ms(),
+                deleted_at_ms: None,
+            });
+            let tail = super::writer::tail_range(&meta);
+            meta.deleted_at_ms = Some(now_ms());
+            meta.size_bytes = 0;
+            meta.tail_changes = 0;
+            round.batch.tombstone(id.as_str(), &meta, tail);
+            loaded.doc = new_doc(&round.inner.actor);
+            loaded.meta = Some(meta);
+            if existed {
+                round.live_delta -= 1;
+            }
+            Ok(())
+        })
+    }
+}

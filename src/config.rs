@@ -23,6 +23,8 @@ pub struct Config {
     pub doc: DocConfig,
     /// `[api]`
     pub api: ApiConfig,
+    /// `[net]`
+    pub net: NetTable,
     /// `[log]`
     pub log: LogConfig,
     /// `[perf]`
@@ -71,6 +73,22 @@ pub struct ApiConfig {
     pub listen: SocketAddr,
     /// Largest request body, in bytes.
     pub max_body_bytes: usize,
+}
+
+/// `[net]`: peer-to-peer sync.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetTable {
+    /// Multiaddrs to listen on. Flag: `--listen` (repeatable).
+    pub listen: Vec<String>,
+    /// Multiaddrs of peers to dial and keep dialing. Flag: `--peer` (repeatable).
+    pub peers: Vec<String>,
+    /// Discover peers on the local network with mDNS. Flag: `--no-mdns`.
+    pub mdns: bool,
+    /// Milliseconds between anti-entropy digests to each peer.
+    pub anti_entropy_ms: u64,
+    /// Largest sync message, in bytes.
+    pub max_message_bytes: usize,
 }
 
 /// `[log]`: tracing output.
@@ -133,6 +151,13 @@ impl Default for Config {
                 listen: SocketAddr::from(([127, 0, 0, 1], 7700)),
                 max_body_bytes: 4 << 20,
             },
+            net: NetTable {
+                listen: vec!["/ip4/0.0.0.0/tcp/0".into()],
+                peers: vec![],
+                mdns: true,
+                anti_entropy_ms: 30_000,
+                max_message_bytes: 16 << 20,
+            },
             log: LogConfig {
                 level: "info".into(),
                 format: LogFormat::Text,
@@ -169,6 +194,12 @@ impl Default for DocConfig {
 impl Default for ApiConfig {
     fn default() -> Self {
         Config::default().api
+    }
+}
+
+impl Default for NetTable {
+    fn default() -> Self {
+        Config::default().net
     }
 }
 
@@ -233,6 +264,12 @@ pub struct Overrides {
     pub log_format: Option<LogFormat>,
     /// `--log-level`
     pub log_level: Option<String>,
+    /// `--listen` (replaces `net.listen` when given)
+    pub listen: Vec<String>,
+    /// `--peer` (added to `net.peers`)
+    pub peers: Vec<String>,
+    /// `--no-mdns`
+    pub no_mdns: bool,
 }
 
 impl Config {
@@ -271,6 +308,13 @@ impl Config {
         }
         if let Some(l) = &flags.log_level {
             config.log.level = l.clone();
+        }
+        if !flags.listen.is_empty() {
+            config.net.listen = flags.listen.clone();
+        }
+        config.net.peers.extend(flags.peers.iter().cloned());
+        if flags.no_mdns {
+            config.net.mdns = false;
         }
         config.validate()?;
         Ok(config)
@@ -395,6 +439,20 @@ impl Config {
         }
         if self.perf.write_batch == 0 {
             return invalid("perf.write_batch", "must be at least 1");
+        }
+        for (key, addrs) in [
+            ("net.listen", &self.net.listen),
+            ("net.peers", &self.net.peers),
+        ] {
+            if let Err(e) = crate::net::parse_addrs(key, addrs) {
+                return invalid(key, &e.to_string());
+            }
+        }
+        if self.net.anti_entropy_ms == 0 {
+            return invalid("net.anti_entropy_ms", "must be at least 1");
+        }
+        if self.net.max_message_bytes < 1024 {
+            return invalid("net.max_message_bytes", "must be at least 1024");
         }
         if self.node.data_dir.as_os_str().is_empty() {
             return invalid("node.data_dir", "must not be empty");

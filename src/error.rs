@@ -27,6 +27,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The network could not start.
+    #[error(transparent)]
+    Net(#[from] crate::net::NetError),
     /// A bug or a panicked task.
     #[error("internal error: {0}")]
     Internal(String),

@@ -11,6 +11,7 @@
 //!   paths, size limits, the document service.
 //! - [`sync`]: the sans-IO sync protocol core (fast path, repair sessions,
 //!   anti-entropy digests); no I/O, no clock.
+//! - [`net`]: the libp2p swarm task that carries sync messages between peers.
 //! - [`api`]: the axum HTTP API and its JSON error mapping.
 //! - [`config`]: TOML file + `MERGEFLOW_*` env + flags, validated.
 //! - `main.rs`: the CLI, a thin client of the HTTP API plus `start`.
@@ -33,6 +34,7 @@ pub mod bench;
 pub mod client;
 pub mod config;
 pub mod doc;
+pub mod net;
 pub mod node;
 pub mod store;
 pub mod sync;

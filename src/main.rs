@@ -79,6 +79,15 @@ struct StartArgs {
     /// Log filter such as `info` or `mergeflow=debug` [config log.level; RUST_LOG wins].
     #[arg(long)]
     log_level: Option<String>,
+    /// Multiaddr to listen on for peers, e.g. /ip4/0.0.0.0/tcp/4001 (repeatable) [config net.listen].
+    #[arg(long)]
+    listen: Vec<String>,
+    /// Multiaddr of a peer to dial and keep dialing (repeatable) [config net.peers].
+    #[arg(long)]
+    peer: Vec<String>,
+    /// Do not discover peers with mDNS [config net.mdns].
+    #[arg(long)]
+    no_mdns: bool,
 }
 
 #[derive(Args)]
@@ -245,6 +254,9 @@ async fn start(args: StartArgs) -> Result<()> {
         api_listen: args.api,
         log_format: args.log_format,
         log_level: args.log_level,
+        listen: args.listen,
+        peers: args.peer,
+        no_mdns: args.no_mdns,
     };
     let config = Config::load(args.config.as_deref(), std::env::vars(), &flags)?;
     init_logging(&config);
@@ -252,6 +264,7 @@ async fn start(args: StartArgs) -> Result<()> {
     let node = mergeflow::Node::builder()
         .config(config)
         .serve_api(true)
+        .network(true)
         .start()
         .await?;
     let api = node

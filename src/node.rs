@@ -39,6 +39,7 @@ pub struct NodeBuilder {
     config: Config,
     serve_api: bool,
     sync: Option<SyncConfig>,
+    network: bool,
 }
 
 impl NodeBuilder {
@@ -76,6 +77,13 @@ impl NodeBuilder {
         self
     }
 
+    /// Joins the peer-to-peer network as configured in `[net]` (listen
+    /// addresses, peers, mDNS): runs the sync core and the libp2p swarm.
+    pub fn network(mut self, on: bool) -> Self {
+        self.network = on;
+        self
+    }
+
     /// Opens the store and starts the node.
     ///
     /// # Errors
@@ -94,6 +102,7 @@ impl NodeBuilder {
         .await
         .map_err(|e| Error::Internal(e.to_string()))??;
         let peer_id = key.public().to_peer_id();
+        let net_key = self.network.then(|| key.clone());
         let actor = ActorId::random();
         let boot = {
             let (store, actor, peer) = (store.clone(), actor.clone(), peer_id.to_string());
@@ -104,7 +113,13 @@ impl NodeBuilder {
             .map_err(|e| Error::Internal(e.to_string()))??
         };
         let (commit, flush_thread) = GroupCommit::start(store.clone(), config.perf.flush_queue);
-        let (sync, sync_rx) = match self.sync {
+        let sync_cfg = self.sync.or_else(|| {
+            self.network.then(|| SyncConfig {
+                anti_entropy_ms: config.net.anti_entropy_ms,
+                ..SyncConfig::default()
+            })
+        });
+        let (sync, sync_rx) = match sync_cfg {
             Some(cfg) => {
                 let (tx, rx) = mpsc::channel(config.perf.sync_queue);
                 (Some((cfg, tx)), Some(rx))
@@ -132,6 +147,7 @@ impl NodeBuilder {
             tasks: TaskTracker::new(),
             api_addr: Mutex::new(None),
             sync_out: Mutex::new(sync_rx),
+            net: Mutex::new(None),
             seal: SealOnDrop {
                 data_dir: seal_dir,
                 armed: false.into(),
@@ -150,6 +166,27 @@ impl NodeBuilder {
                     }
                 }
             });
+        }
+        if let Some(key) = net_key {
+            let outputs = node
+                .take_sync_outputs()
+                .expect("sync is on with the network");
+            let net = &node.inner.config.net;
+            let cfg = crate::net::NetConfig {
+                listen: crate::net::parse_addrs("net.listen", &net.listen)?,
+                peers: crate::net::parse_addrs("net.peers", &net.peers)?,
+                mdns: net.mdns,
+                max_message_bytes: net.max_message_bytes,
+            };
+            let state = crate::net::spawn(
+                key,
+                cfg,
+                node.inner.docs.clone(),
+                outputs,
+                node.inner.cancel.clone(),
+                &node.inner.tasks,
+            )?;
+            *node.inner.net.lock().expect("not poisoned") = Some(state);
         }
         if self.serve_api {
             let listener = tokio::net::TcpListener::bind(node.inner.config.api.listen)
@@ -204,6 +241,7 @@ struct NodeInner {
     tasks: TaskTracker,
     api_addr: Mutex<Option<SocketAddr>>,
     sync_out: Mutex<Option<mpsc::Receiver<Output>>>,
+    net: Mutex<Option<Arc<Mutex<crate::net::NetState>>>>,
     /// Declared last so it drops after the store: seals the data dir once sled
     /// has closed, if the node was shut down cleanly.
     seal: SealOnDrop,
@@ -249,6 +287,10 @@ pub struct Status {
     pub api: Option<String>,
     /// Store size on disk, in bytes.
     pub store_bytes: u64,
+    /// Peer-to-peer listen addresses, with `/p2p/<peer id>` (empty without network).
+    pub listen_addrs: Vec<String>,
+    /// Connected peers.
+    pub peers: usize,
     /// Group-commit flushes since start.
     pub flushes: u64,
     /// Writes acknowledged by those flushes.
@@ -283,6 +325,24 @@ impl Node {
         self.inner.sync_out.lock().expect("not poisoned").take()
     }
 
+    /// Known peers (empty without network).
+    pub fn peers(&self) -> Vec<crate::net::PeerInfo> {
+        match &*self.inner.net.lock().expect("not poisoned") {
+            Some(net) => {
+                let mut v: Vec<_> = net
+                    .lock()
+                    .expect("not poisoned")
+                    .peers
+                    .values()
+                    .cloned()
+                    .collect();
+                v.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
+                v
+            }
+            None => vec![],
+        }
+    }
+
     /// The document service.
     pub fn docs(&self) -> &Docs {
         &self.inner.docs
@@ -315,7 +375,17 @@ impl Node {
             .await
             .unwrap_or(0);
         let stats = self.inner.commit.stats();
+        let (listen_addrs, peers) = match &*self.inner.net.lock().expect("not poisoned") {
+            Some(net) => {
+                let net = net.lock().expect("not poisoned");
+                let connected = net.peers.values().filter(|p| p.connected).count();
+                (net.listen_addrs.clone(), connected)
+            }
+            None => (vec![], 0),
+        };
         Status {
+            listen_addrs,
+            peers,
             peer_id: self.inner.peer_id.to_string(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             docs: self.inner.docs.count(),

@@ -54,7 +54,10 @@ impl NodeProc {
             .arg("start")
             .arg("--data-dir")
             .arg(data_dir)
-            .args(["--api", "127.0.0.1:0", "--log-level", "warn"])
+            // Loopback only, and no mDNS: tests send nothing off this machine
+            // and do not find each other's nodes.
+            .args(["--api", "127.0.0.1:0", "--log-level", "warn", "--no-mdns"])
+            .args(["--listen", "/ip4/127.0.0.1/tcp/0"])
             .args(extra)
             .env_remove("RUST_LOG")
             .envs(envs.iter().copied())

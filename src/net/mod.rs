@@ -1,0 +1,424 @@
+//! The network shell: one task owns the libp2p Swarm and carries the sync
+//! core's messages between peers.
+//!
+//! Transport is TCP with noise (authenticated, encrypted) and yamux. Every
+//! sync message travels as one request of a request-response protocol
+//! (`/mergeflow/sync/1`) with an empty acknowledgement; frames are
+//! length-prefixed and capped at `net.max_message_bytes`, and bytes that do
+//! not decode are dropped, counted and logged against the peer, which never
+//! reaches the core. The core's broadcast (the fast path) is a direct send to
+//! every connected peer; gossipsub for larger meshes is still to come.
+//!
+//! Peers are found by mDNS (on the local network, when enabled) and by dialing
+//! the configured `net.peers`, redialled with exponential backoff (up to a
+//! minute) for as long as the node runs.
+
+use std::collections::{BTreeSet, HashMap};
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use libp2p::futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
+use libp2p::identity::Keypair;
+use libp2p::multiaddr::Protocol;
+use libp2p::request_response::{self, ProtocolSupport};
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, StreamProtocol, identify, mdns, noise, tcp, yamux};
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::doc::Docs;
+use crate::sync::{Input, Output, codec};
+
+/// Errors starting the network.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// A listen or peer address does not parse.
+    #[error("invalid multiaddr {addr:?} in {key}: {reason}")]
+    Addr {
+        /// The config key.
+        key: &'static str,
+        /// The address.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+    /// The transport could not be built or could not listen.
+    #[error("network: {0}")]
+    Transport(String),
+}
+
+/// What the network shell needs to know.
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    /// Addresses to listen on.
+    pub listen: Vec<Multiaddr>,
+    /// Peers to dial and keep dialing.
+    pub peers: Vec<Multiaddr>,
+    /// Discover peers on the local network with mDNS.
+    pub mdns: bool,
+    /// Largest sync message, in bytes.
+    pub max_message_bytes: usize,
+}
+
+/// A peer as shown by the status endpoint.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct PeerInfo {
+    /// Its peer id.
+    pub peer_id: String,
+    /// Addresses we know for it.
+    pub addrs: Vec<String>,
+    /// Connected now.
+    pub connected: bool,
+    /// Messages from it that did not decode.
+    pub rejected: u64,
+}
+
+/// Live network state, shared with the API.
+#[derive(Debug, Default)]
+pub struct NetState {
+    /// Our listen addresses with `/p2p/<peer id>`.
+    pub listen_addrs: Vec<String>,
+    /// Known peers.
+    pub peers: HashMap<PeerId, PeerInfo>,
+}
+
+/// Parses multiaddrs from config.
+///
+/// # Errors
+/// [`NetError::Addr`] naming the key and address.
+pub fn parse_addrs(key: &'static str, addrs: &[String]) -> Result<Vec<Multiaddr>, NetError> {
+    addrs
+        .iter()
+        .map(|a| {
+            a.parse::<Multiaddr>().map_err(|e| NetError::Addr {
+                key,
+                addr: a.clone(),
+                reason: e.to_string(),
+            })
+        })
+        .collect()
+}
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    sync: request_response::Behaviour<SyncCodec>,
+    identify: identify::Behaviour,
+    mdns: Toggle<mdns::tokio::Behaviour>,
+}
+
+const PROTOCOL: StreamProtocol = StreamProtocol::new("/mergeflow/sync/1");
+
+/// Length-prefixed frames (u32 LE), capped: requests carry one encoded sync
+/// message, responses are empty.
+#[derive(Clone)]
+struct SyncCodec {
+    max: usize,
+}
+
+async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T, max: usize) -> io::Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    io.read_exact(&mut len).await?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len > max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes exceeds net.max_message_bytes = {max}"),
+        ));
+    }
+    let mut buf = vec![0u8; len];
+    io.read_exact(&mut buf).await?;
+    Ok(buf)
+}
+
+async fn write_frame<T: AsyncWrite + Unpin + Send>(io: &mut T, data: &[u8]) -> io::Result<()> {
+    io.write_all(&(data.len() as u32).to_le_bytes()).await?;
+    io.write_all(data).await?;
+    io.close().await
+}
+
+impl request_response::Codec for SyncCodec {
+    type Protocol = StreamProtocol;
+    type Request = Vec<u8>;
+    type Response = ();
+
+    async fn read_request<T: AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<Vec<u8>> {
+        read_frame(io, self.max).await
+    }
+
+    async fn read_response<T: AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<()> {
+        read_frame(io, 0).await.map(|_| ())
+    }
+
+    async fn write_request<T: AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: Vec<u8>,
+    ) -> io::Result<()> {
+        write_frame(io, &req).await
+    }
+
+    async fn write_response<T: AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        (): (),
+    ) -> io::Result<()> {
+        write_frame(io, &[]).await
+    }
+}
+
+/// A peer we dial and keep dialing.
+struct StaticPeer {
+    addr: Multiaddr,
+    peer: Option<PeerId>,
+    next_attempt: Instant,
+    backoff: Duration,
+}
+
+/// Starts the swarm task. It runs until `cancel` fires.
+///
+/// # Errors
+/// [`NetError`] if the transport cannot be built or an address cannot be listened on.
+pub fn spawn(
+    key: Keypair,
+    cfg: NetConfig,
+    docs: Docs,
+    mut outputs: mpsc::Receiver<Output>,
+    cancel: CancellationToken,
+    tasks: &tokio_util::task::TaskTracker,
+) -> Result<Arc<Mutex<NetState>>, NetError> {
+    let local = key.public().to_peer_id();
+    let mdns_on = cfg.mdns;
+    let max = cfg.max_message_bytes;
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .map_err(|e| NetError::Transport(e.to_string()))?
+        .with_behaviour(|key| {
+            let mdns = if mdns_on {
+                Some(mdns::tokio::Behaviour::new(mdns::Config::default(), local)?)
+            } else {
+                None
+            };
+            Ok(Behaviour {
+                sync: request_response::Behaviour::with_codec(
+                    SyncCodec { max },
+                    [(PROTOCOL, ProtocolSupport::Full)],
+                    request_response::Config::default()
+                        .with_request_timeout(Duration::from_secs(30))
+                        .with_max_concurrent_streams(256),
+                ),
+                identify: identify::Behaviour::new(identify::Config::new(
+                    "/mergeflow/1".into(),
+                    key.public(),
+                )),
+                mdns: mdns.into(),
+            })
+        })
+        .map_err(|e| NetError::Transport(e.to_string()))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build();
+    for addr in &cfg.listen {
+        swarm
+            .listen_on(addr.clone())
+            .map_err(|e| NetError::Transport(format!("cannot listen on {addr}: {e}")))?;
+    }
+    let state = Arc::new(Mutex::new(NetState::default()));
+    let mut statics: Vec<StaticPeer> = cfg
+        .peers
+        .iter()
+        .map(|addr| StaticPeer {
+            addr: addr.clone(),
+            peer: addr.iter().find_map(|p| match p {
+                Protocol::P2p(id) => Some(id),
+                _ => None,
+            }),
+            next_attempt: Instant::now(),
+            backoff: Duration::from_millis(250),
+        })
+        .collect();
+    let shared = state.clone();
+    tasks.spawn(async move {
+        let mut connected: BTreeSet<PeerId> = BTreeSet::new();
+        let mut redial = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = redial.tick() => {
+                    let now = Instant::now();
+                    for p in statics.iter_mut() {
+                        let up = p.peer.is_some_and(|id| connected.contains(&id));
+                        if up || p.next_attempt > now {
+                            continue;
+                        }
+                        if let Err(e) = swarm.dial(p.addr.clone()) {
+                            tracing::debug!(addr = %p.addr, err = %e, "dial failed");
+                        }
+                        p.next_attempt = now + p.backoff;
+                        p.backoff = (p.backoff * 2).min(Duration::from_secs(60));
+                    }
+                }
+                out = outputs.recv() => {
+                    let Some(out) = out else { break };
+                    send(&mut swarm, &connected, out);
+                }
+                ev = swarm.select_next_some() => {
+                    on_event(ev, &mut swarm, &docs, &mut connected, &mut statics, &shared, local);
+                }
+            }
+        }
+        tracing::debug!("network stopped");
+    });
+    Ok(state)
+}
+
+fn send(swarm: &mut libp2p::Swarm<Behaviour>, connected: &BTreeSet<PeerId>, out: Output) {
+    match out {
+        Output::Send { to, msg } => {
+            let Ok(peer) = to.parse::<PeerId>() else {
+                return;
+            };
+            swarm
+                .behaviour_mut()
+                .sync
+                .send_request(&peer, codec::encode(&msg));
+        }
+        Output::Broadcast(msg) => {
+            let bytes = codec::encode(&msg);
+            for peer in connected {
+                swarm.behaviour_mut().sync.send_request(peer, bytes.clone());
+            }
+        }
+        Output::Rejected { .. } | Output::Merged { .. } => {}
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn on_event(
+    ev: SwarmEvent<BehaviourEvent>,
+    swarm: &mut libp2p::Swarm<Behaviour>,
+    docs: &Docs,
+    connected: &mut BTreeSet<PeerId>,
+    statics: &mut [StaticPeer],
+    state: &Mutex<NetState>,
+    local: PeerId,
+) {
+    match ev {
+        SwarmEvent::NewListenAddr { address, .. } => {
+            let full = address.with(Protocol::P2p(local));
+            tracing::info!(addr = %full, "listening");
+            state
+                .lock()
+                .expect("not poisoned")
+                .listen_addrs
+                .push(full.to_string());
+        }
+        SwarmEvent::ConnectionEstablished {
+            peer_id,
+            endpoint,
+            num_established,
+            ..
+        } => {
+            let mut st = state.lock().expect("not poisoned");
+            let info = st.peers.entry(peer_id).or_insert_with(|| PeerInfo {
+                peer_id: peer_id.to_string(),
+                addrs: vec![],
+                connected: true,
+                rejected: 0,
+            });
+            info.connected = true;
+            let addr = endpoint.get_remote_address().to_string();
+            if !info.addrs.contains(&addr) {
+                info.addrs.push(addr);
+            }
+            drop(st);
+            for p in statics.iter_mut() {
+                if p.peer == Some(peer_id) {
+                    p.backoff = Duration::from_millis(250);
+                }
+            }
+            if num_established.get() == 1 && connected.insert(peer_id) {
+                tracing::info!(peer = %peer_id, "peer connected");
+                docs.sync_input(Input::PeerUp(peer_id.to_string()));
+            }
+        }
+        SwarmEvent::ConnectionClosed {
+            peer_id,
+            num_established: 0,
+            ..
+        } if connected.remove(&peer_id) => {
+            tracing::info!(peer = %peer_id, "peer disconnected");
+            if let Some(info) = state.lock().expect("not poisoned").peers.get_mut(&peer_id) {
+                info.connected = false;
+            }
+            docs.sync_input(Input::PeerDown(peer_id.to_string()));
+        }
+        SwarmEvent::Behaviour(BehaviourEvent::Sync(request_response::Event::Message {
+            peer,
+            message:
+                request_response::Message::Request {
+                    request, channel, ..
+                },
+            ..
+        })) => {
+            let _ = swarm.behaviour_mut().sync.send_response(channel, ());
+            match codec::decode(&request, usize::MAX) {
+                Ok(msg) => {
+                    if !docs.sync_input(Input::Received {
+                        from: peer.to_string(),
+                        msg,
+                    }) {
+                        tracing::debug!(peer = %peer, "sync queue full: message dropped");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(peer = %peer, err = %e, "undecodable message from peer");
+                    if let Some(info) = state.lock().expect("not poisoned").peers.get_mut(&peer) {
+                        info.rejected += 1;
+                    }
+                }
+            }
+        }
+        SwarmEvent::Behaviour(BehaviourEvent::Sync(request_response::Event::OutboundFailure {
+            peer,
+            error,
+            ..
+        })) => {
+            tracing::debug!(peer = %peer, err = %error, "sync message not delivered");
+        }
+        SwarmEvent::Behaviour(BehaviourEvent::Sync(request_response::Event::InboundFailure {
+            peer,
+            error,
+            ..
+        })) => {
+            tracing::debug!(peer = %peer, err = %error, "inbound sync message failed");
+            if let Some(info) = state.lock().expect("not poisoned").peers.get_mut(&peer) {
+                info.rejected += 1;
+            }
+        }
+        SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(list))) => {
+            for (peer, addr) in list {
+                if !connected.contains(&peer) && peer != local {
+                    let _ = swarm.dial(addr.with(Protocol::P2p(peer)));
+                }
+            }
+        }
+        _ => {}
+    }
+}

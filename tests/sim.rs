@@ -179,9 +179,10 @@ impl Sim {
         for out in outputs {
             match out {
                 Output::Send { to, msg } => self.send(node, peer_index(&to), msg),
-                Output::Broadcast(msg) => {
+                Output::Broadcast { msg, except } => {
+                    let except = except.map(|e| peer_index(&e));
                     for to in 0..self.nodes.len() {
-                        if to != node {
+                        if to != node && Some(to) != except {
                             self.send(node, to, msg.clone());
                         }
                     }

@@ -41,9 +41,9 @@ impl Shell {
                             .get(&to)
                             .map(|n| vec![(to.clone(), n.clone(), msg)])
                             .unwrap_or_default(),
-                        Output::Broadcast(msg) => nodes
+                        Output::Broadcast { msg, except } => nodes
                             .iter()
-                            .filter(|(k, _)| **k != from)
+                            .filter(|(k, _)| **k != from && Some(*k) != except.as_ref())
                             .map(|(k, n)| (k.clone(), n.clone(), msg.clone()))
                             .collect(),
                         Output::Rejected { peer, reason } => {

@@ -7,7 +7,8 @@
 //! length-prefixed and capped at `net.max_message_bytes`, and bytes that do
 //! not decode are dropped, counted and logged against the peer, which never
 //! reaches the core. The core's broadcast (the fast path) is a direct send to
-//! every connected peer; gossipsub for larger meshes is still to come.
+//! every connected peer, and receivers relay new changes once, so a change
+//! floods a connected mesh; gossipsub for larger meshes is still to come.
 //!
 //! Peers are found by mDNS (on the local network, when enabled) and by dialing
 //! the configured `net.peers`, redialled with exponential backoff (up to a
@@ -299,9 +300,10 @@ fn send(swarm: &mut libp2p::Swarm<Behaviour>, connected: &BTreeSet<PeerId>, out:
                 .sync
                 .send_request(&peer, codec::encode(&msg));
         }
-        Output::Broadcast(msg) => {
+        Output::Broadcast { msg, except } => {
             let bytes = codec::encode(&msg);
-            for peer in connected {
+            let except = except.and_then(|e| e.parse::<PeerId>().ok());
+            for peer in connected.iter().filter(|p| Some(**p) != except) {
                 swarm.behaviour_mut().sync.send_request(peer, bytes.clone());
             }
         }

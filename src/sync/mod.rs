@@ -9,8 +9,9 @@
 //! # Protocol
 //!
 //! - **Fast path.** A local change is broadcast as [`Message::Change`]. A
-//!   receiver that has its dependencies applies it; one that lacks them starts
-//!   an Automerge sync session for that doc with the sender.
+//!   receiver that has its dependencies applies it and relays it to its other
+//!   peers (once: a change it already has is not relayed again); one that
+//!   lacks them starts an Automerge sync session for that doc with the sender.
 //! - **Repair path.** [`Message::Sync`] carries the Automerge sync protocol for
 //!   one doc; each (peer, doc) pair has its own `sync::State`. A session ends
 //!   when neither side has anything to send. A session that goes
@@ -151,8 +152,13 @@ pub enum Output {
         /// The message.
         msg: Message,
     },
-    /// Send a message to every connected peer (gossip).
-    Broadcast(Message),
+    /// Send a message to every connected peer but `except` (gossip).
+    Broadcast {
+        /// The message.
+        msg: Message,
+        /// The peer it came from, when relaying.
+        except: Option<PeerKey>,
+    },
     /// A peer sent something invalid: count it, lower its score.
     Rejected {
         /// The peer.
@@ -353,7 +359,10 @@ impl Core {
             Input::LocalChange { doc, change, state } => {
                 self.digest.set(&doc, &state);
                 if change.len() <= self.cfg.max_gossip_change_bytes {
-                    out.push(Output::Broadcast(Message::Change { doc, change }));
+                    out.push(Output::Broadcast {
+                        msg: Message::Change { doc, change },
+                        except: None,
+                    });
                 } else {
                     let peers: Vec<PeerKey> = self.peers.keys().cloned().collect();
                     for peer in peers {
@@ -366,7 +375,10 @@ impl Core {
                 for p in self.peers.values_mut() {
                     p.sessions.remove(&doc);
                 }
-                out.push(Output::Broadcast(Message::Deleted { doc }));
+                out.push(Output::Broadcast {
+                    msg: Message::Deleted { doc },
+                    except: None,
+                });
             }
             Input::Received { from, msg } => {
                 if !self.peers.contains_key(&from) {
@@ -520,6 +532,16 @@ impl Core {
                     Ok(Applied::Ok(state)) => {
                         self.stats.changes_applied += 1;
                         if self.digest.set(&doc, &state) {
+                            // New to us: relay it to our other peers, who may not
+                            // be connected to its origin. A peer that has it
+                            // already applies nothing and relays nothing.
+                            out.push(Output::Broadcast {
+                                msg: Message::Change {
+                                    doc: doc.clone(),
+                                    change,
+                                },
+                                except: Some(from.clone()),
+                            });
                             out.push(Output::Merged { doc, from, state });
                         }
                     }

@@ -89,6 +89,11 @@ pub struct NetTable {
     pub anti_entropy_ms: u64,
     /// Largest sync message, in bytes.
     pub max_message_bytes: usize,
+    /// Pre-shared network key, 64 hex digits (`mergeflow keygen`); empty means
+    /// an open network that any node can join.
+    pub key: String,
+    /// Peer ids allowed to connect; empty allows any (that has the key).
+    pub allow: Vec<String>,
 }
 
 /// `[log]`: tracing output.
@@ -157,6 +162,8 @@ impl Default for Config {
                 mdns: true,
                 anti_entropy_ms: 30_000,
                 max_message_bytes: 16 << 20,
+                key: String::new(),
+                allow: vec![],
             },
             log: LogConfig {
                 level: "info".into(),
@@ -447,6 +454,14 @@ impl Config {
             if let Err(e) = crate::net::parse_addrs(key, addrs) {
                 return invalid(key, &e.to_string());
             }
+        }
+        if !self.net.key.is_empty()
+            && let Err(e) = crate::net::parse_key(&self.net.key)
+        {
+            return invalid("net.key", &e);
+        }
+        if let Err(e) = crate::net::parse_peer_ids(&self.net.allow) {
+            return invalid("net.allow", &e);
         }
         if self.net.anti_entropy_ms == 0 {
             return invalid("net.anti_entropy_ms", "must be at least 1");

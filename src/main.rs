@@ -43,6 +43,8 @@ enum Cmd {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Print a new random network key for `net.key` (64 hex digits).
+    Keygen,
     /// Measure durable write throughput and latency against a running node.
     Bench {
         #[command(flatten)]
@@ -191,6 +193,10 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Start(args) => start(args).await,
+        Cmd::Keygen => {
+            println!("{}", mergeflow::net::generate_key());
+            Ok(())
+        }
         Cmd::Doc { client, cmd } => doc(client, cmd).await,
         Cmd::Status { client } => {
             let c = Client::new(&client.api);

@@ -177,7 +177,18 @@ impl NodeBuilder {
                 peers: crate::net::parse_addrs("net.peers", &net.peers)?,
                 mdns: net.mdns,
                 max_message_bytes: net.max_message_bytes,
+                // Both were validated with the config.
+                key: (!net.key.is_empty())
+                    .then(|| crate::net::parse_key(&net.key).ok())
+                    .flatten(),
+                allow: crate::net::parse_peer_ids(&net.allow).unwrap_or_default(),
             };
+            if cfg.key.is_none() && cfg.allow.is_empty() {
+                tracing::warn!(
+                    "open network: any node that can reach this one can join and read \
+                     and write every document; set net.key (mergeflow keygen) and/or net.allow"
+                );
+            }
             let state = crate::net::spawn(
                 key,
                 cfg,

@@ -118,3 +118,98 @@ async fn three_nodes_converge_and_a_late_joiner_catches_up() {
         n.shutdown().await.unwrap();
     }
 }
+
+async fn start_with(
+    dir: &std::path::Path,
+    peers: Vec<String>,
+    key: &str,
+    allow: Vec<String>,
+) -> Node {
+    let mut config = Config::default();
+    config.node.data_dir = dir.to_path_buf();
+    config.net.listen = vec!["/ip4/127.0.0.1/tcp/0".into()];
+    config.net.mdns = false;
+    config.net.peers = peers;
+    config.net.anti_entropy_ms = 500;
+    config.net.key = key.to_string();
+    config.net.allow = allow;
+    Node::builder()
+        .config(config)
+        .network(true)
+        .start()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_key_or_off_the_allowlist_nothing_is_read_or_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = mergeflow::net::generate_key();
+    let other_key = mergeflow::net::generate_key();
+    // b is the only peer a allows; it has a's key.
+    let b_peer = {
+        // Learn b's peer id by starting it once (identity is kept in its data dir).
+        let b = start_with(&dir.path().join("b"), vec![], &key, vec![]).await;
+        let id = b.peer_id().to_string();
+        b.shutdown().await.unwrap();
+        id
+    };
+    let a = start_with(&dir.path().join("a"), vec![], &key, vec![b_peer.clone()]).await;
+    let a_addr = addr(&a).await;
+    a.doc("secret")
+        .unwrap()
+        .patch(json!({"s": 1}))
+        .await
+        .unwrap();
+    let b = start_with(&dir.path().join("b"), vec![a_addr.clone()], &key, vec![]).await;
+    let no_key = start_with(&dir.path().join("nokey"), vec![a_addr.clone()], "", vec![]).await;
+    let wrong_key = start_with(
+        &dir.path().join("wrong"),
+        vec![a_addr.clone()],
+        &other_key,
+        vec![],
+    )
+    .await;
+    let not_allowed = start_with(&dir.path().join("na"), vec![a_addr.clone()], &key, vec![]).await;
+    for n in [&no_key, &wrong_key, &not_allowed] {
+        n.doc("intruder")
+            .unwrap()
+            .patch(json!({"x": 1}))
+            .await
+            .unwrap();
+    }
+    // b, with the key and on the list, gets the doc: the network works.
+    converged(&[&a, &b], "allowed peer").await;
+    // Let several anti-entropy rounds pass at a and b (500 ms each): the others
+    // keep redialling all along.
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(3) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for n in [&no_key, &wrong_key, &not_allowed] {
+        let ids: Vec<String> = n
+            .docs()
+            .list()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|d| d.id)
+            .collect();
+        assert_eq!(ids, vec!["intruder"], "an outsider read a's docs");
+        assert_eq!(n.status().await.peers, 0);
+    }
+    for n in [&a, &b] {
+        let ids: Vec<String> = n
+            .docs()
+            .list()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|d| d.id)
+            .collect();
+        assert_eq!(ids, vec!["secret"], "an outsider wrote to the network");
+    }
+    for n in [a, b, no_key, wrong_key, not_allowed] {
+        n.shutdown().await.unwrap();
+    }
+}

@@ -10,6 +10,11 @@
 //! every connected peer, and receivers relay new changes once, so a change
 //! floods a connected mesh; gossipsub for larger meshes is still to come.
 //!
+//! Who may join: with `net.key` set, connections start with libp2p's private
+//! network handshake (pnet, a pre-shared key), so a node without the key cannot
+//! even complete noise; with `net.allow` set, peers whose id is not listed are
+//! disconnected before any message reaches the core.
+//!
 //! Peers are found by mDNS (on the local network, when enabled) and by dialing
 //! the configured `net.peers`, redialled with exponential backoff (up to a
 //! minute) for as long as the node runs.
@@ -19,9 +24,13 @@ use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use libp2p::core::muxing::StreamMuxerBox;
+use libp2p::core::transport::Transport as _;
+use libp2p::core::upgrade;
 use libp2p::futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
+use libp2p::pnet::{PnetConfig, PreSharedKey};
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
@@ -62,6 +71,45 @@ pub struct NetConfig {
     pub mdns: bool,
     /// Largest sync message, in bytes.
     pub max_message_bytes: usize,
+    /// Pre-shared network key: only nodes with the same key can connect.
+    pub key: Option<[u8; 32]>,
+    /// If not empty, the only peers allowed to connect.
+    pub allow: Vec<PeerId>,
+}
+
+/// Parses a network key: 64 hex digits (what `mergeflow keygen` prints).
+///
+/// # Errors
+/// A message saying what is wrong.
+pub fn parse_key(hex: &str) -> Result<[u8; 32], String> {
+    let hex = hex.trim();
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!(
+            "expected 64 hex digits, got {} characters",
+            hex.len()
+        ));
+    }
+    let mut key = [0u8; 32];
+    for (i, byte) in key.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|e| e.to_string())?;
+    }
+    Ok(key)
+}
+
+/// A new random network key, as 64 hex digits.
+pub fn generate_key() -> String {
+    let key: [u8; 32] = rand::random();
+    key.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Parses peer ids from config.
+///
+/// # Errors
+/// A message naming the bad id.
+pub fn parse_peer_ids(ids: &[String]) -> Result<Vec<PeerId>, String> {
+    ids.iter()
+        .map(|s| s.parse::<PeerId>().map_err(|e| format!("{s:?}: {e}")))
+        .collect()
 }
 
 /// A peer as shown by the status endpoint.
@@ -203,12 +251,32 @@ pub fn spawn(
     let local = key.public().to_peer_id();
     let mdns_on = cfg.mdns;
     let max = cfg.max_message_bytes;
+    let psk = cfg.key.map(PreSharedKey::new);
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            noise::Config::new,
-            yamux::Config::default,
+        .with_other_transport(
+            |key| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
+                // TCP, then (with a network key) the pnet handshake, then noise and
+                // yamux: without the key, nothing past pnet is readable.
+                let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
+                let noise = noise::Config::new(key)?;
+                let transport = match psk {
+                    Some(psk) => tcp
+                        .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
+                        .upgrade(upgrade::Version::V1)
+                        .authenticate(noise)
+                        .multiplex(yamux::Config::default())
+                        .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
+                        .boxed(),
+                    None => tcp
+                        .upgrade(upgrade::Version::V1)
+                        .authenticate(noise)
+                        .multiplex(yamux::Config::default())
+                        .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
+                        .boxed(),
+                };
+                Ok(transport)
+            },
         )
         .map_err(|e| NetError::Transport(e.to_string()))?
         .with_behaviour(|key| {
@@ -255,6 +323,7 @@ pub fn spawn(
         })
         .collect();
     let shared = state.clone();
+    let allow: BTreeSet<PeerId> = cfg.allow.iter().copied().collect();
     tasks.spawn(async move {
         let mut connected: BTreeSet<PeerId> = BTreeSet::new();
         let mut redial = tokio::time::interval(Duration::from_millis(250));
@@ -280,7 +349,7 @@ pub fn spawn(
                     send(&mut swarm, &connected, out);
                 }
                 ev = swarm.select_next_some() => {
-                    on_event(ev, &mut swarm, &docs, &mut connected, &mut statics, &shared, local);
+                    on_event(ev, &mut swarm, &docs, &mut connected, &mut statics, &shared, local, &allow);
                 }
             }
         }
@@ -320,7 +389,9 @@ fn on_event(
     statics: &mut [StaticPeer],
     state: &Mutex<NetState>,
     local: PeerId,
+    allow: &BTreeSet<PeerId>,
 ) {
+    let allowed = |peer: &PeerId| allow.is_empty() || allow.contains(peer);
     match ev {
         SwarmEvent::NewListenAddr { address, .. } => {
             let full = address.with(Protocol::P2p(local));
@@ -330,6 +401,10 @@ fn on_event(
                 .expect("not poisoned")
                 .listen_addrs
                 .push(full.to_string());
+        }
+        SwarmEvent::ConnectionEstablished { peer_id, .. } if !allowed(&peer_id) => {
+            tracing::warn!(peer = %peer_id, "peer not in net.allow: disconnecting");
+            let _ = swarm.disconnect_peer_id(peer_id);
         }
         SwarmEvent::ConnectionEstablished {
             peer_id,
@@ -379,6 +454,9 @@ fn on_event(
                 },
             ..
         })) => {
+            if !allowed(&peer) {
+                return; // raced the disconnect; the response channel just drops
+            }
             let _ = swarm.behaviour_mut().sync.send_response(channel, ());
             match codec::decode(&request, usize::MAX) {
                 Ok(msg) => {

@@ -215,6 +215,15 @@ impl Client {
         self.send(self.http.delete(self.doc_url(id, ""))).await
     }
 
+    /// `GET /v1/peers`
+    ///
+    /// # Errors
+    /// [`ClientError`].
+    pub async fn peers(&self) -> Result<Vec<crate::net::PeerInfo>, ClientError> {
+        self.send(self.http.get(format!("{}/v1/peers", self.base)))
+            .await
+    }
+
     /// `GET /v1/status`
     ///
     /// # Errors

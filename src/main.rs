@@ -43,6 +43,11 @@ enum Cmd {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// List the node's peers: addresses, connection, last time in sync.
+    Peers {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Print a new random network key for `net.key` (64 hex digits).
     Keygen,
     /// Measure durable write throughput and latency against a running node.
@@ -193,6 +198,35 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Start(args) => start(args).await,
+        Cmd::Peers { client } => {
+            let peers = Client::new(&client.api).peers().await?;
+            if client.json {
+                print_json(&peers);
+            } else {
+                println!(
+                    "{:<54} {:<9} {:>8} {:>8}  ADDRESSES",
+                    "PEER", "STATE", "SYNCING", "IN SYNC"
+                );
+                for p in peers {
+                    let state = if p.connected { "connected" } else { "down" };
+                    let in_sync = p
+                        .last_in_sync_at
+                        .map(|t| {
+                            format!("{}s ago", mergeflow::doc::now_ms().saturating_sub(t) / 1000)
+                        })
+                        .unwrap_or_else(|| "never".into());
+                    println!(
+                        "{:<54} {:<9} {:>8} {:>8}  {}",
+                        p.peer_id,
+                        state,
+                        p.docs_syncing,
+                        in_sync,
+                        p.addrs.join(" ")
+                    );
+                }
+            }
+            Ok(())
+        }
         Cmd::Keygen => {
             println!("{}", mergeflow::net::generate_key());
             Ok(())
@@ -211,6 +245,10 @@ async fn run(cli: Cli) -> Result<()> {
                 println!("data_dir  {}", s.data_dir);
                 println!("boot      {}", s.boot);
                 println!("store     {} bytes", s.store_bytes);
+                println!("peers     {} connected", s.peers);
+                for a in &s.listen_addrs {
+                    println!("listen    {a}");
+                }
             }
             Ok(())
         }

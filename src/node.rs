@@ -347,6 +347,13 @@ impl Node {
                     .values()
                     .cloned()
                     .collect();
+                let view = self.inner.docs.sync_view();
+                for p in &mut v {
+                    if let Some(s) = view.get(&p.peer_id) {
+                        p.last_in_sync_at = s.last_in_sync_at;
+                        p.docs_syncing = s.docs_syncing;
+                    }
+                }
                 v.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
                 v
             }

@@ -60,6 +60,7 @@ pub fn router(node: Node) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/v1/status", get(status))
+        .route("/v1/peers", get(peers))
         .route("/v1/docs", post(create).get(list))
         .route("/v1/docs/{id}", get(read).patch(patch).delete(delete))
         .route("/v1/docs/{id}/ops", post(ops))
@@ -88,6 +89,10 @@ async fn healthz(State(node): State<Node>) -> Response {
 
 async fn status(State(node): State<Node>) -> Json<crate::Status> {
     Json(node.status().await)
+}
+
+async fn peers(State(node): State<Node>) -> Json<Vec<crate::net::PeerInfo>> {
+    Json(node.peers())
 }
 
 async fn no_route() -> ApiError {

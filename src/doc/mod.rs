@@ -18,8 +18,10 @@ pub use json::{StringMode, to_json};
 pub use ops::{Op, ValueKind, apply_ops};
 pub use patch::apply_merge_patch;
 pub use path::Pointer;
-pub(crate) use service::now_ms;
-pub use service::{Change, ChangeFn, DocInfo, Docs, DocsConfig, HistoryEntry, WriteResult};
+pub use service::now_ms;
+pub use service::{
+    Change, ChangeFn, DocInfo, Docs, DocsConfig, HistoryEntry, PeerSyncView, WriteResult,
+};
 
 use crate::store::StoreError;
 

@@ -35,6 +35,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::json::{StringMode, to_json, value_to_json};
 use super::ops::Op;
 use super::path::{Pointer, prop_for, resolve_obj};
+pub use super::writer::PeerSyncView;
 use super::writer::{SyncRuntime, WriteOp, WriteReq, WriterMsg};
 use super::{DocError, DocId};
 use crate::store::{DocMeta, GroupCommit, Store};
@@ -148,6 +149,7 @@ pub(super) struct Inner {
     cache: Mutex<Cache>,
     pub(super) live_docs: AtomicI64,
     writer_thread: Mutex<Option<JoinHandle<()>>>,
+    pub(super) sync_view: Mutex<std::collections::BTreeMap<String, PeerSyncView>>,
 }
 
 pub(super) type SlotRef = Arc<Mutex<Option<Loaded>>>;
@@ -242,6 +244,7 @@ impl Docs {
             cache: Mutex::new(Cache::default()),
             live_docs: AtomicI64::new(live),
             writer_thread: Mutex::new(None),
+            sync_view: Mutex::new(Default::default()),
         });
         let thread_inner = inner.clone();
         let handle = std::thread::Builder::new()
@@ -308,6 +311,15 @@ impl Docs {
     /// (queue full or node stopping).
     pub fn sync_input(&self, input: Input) -> bool {
         self.writer.try_send(WriterMsg::Sync(input)).is_ok()
+    }
+
+    /// Sync progress per connected peer (refreshed every tick).
+    pub fn sync_view(&self) -> std::collections::BTreeMap<String, PeerSyncView> {
+        self.inner
+            .sync_view
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// True while the writer thread runs (it stops only at shutdown).
@@ -610,7 +622,7 @@ pub(super) fn new_doc(actor: &ActorId) -> Automerge {
 }
 
 /// Unix time in milliseconds.
-pub(crate) fn now_ms() -> u64 {
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)

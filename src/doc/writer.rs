@@ -45,6 +45,15 @@ pub(super) enum WriterMsg {
     Stop,
 }
 
+/// What the API shows about one peer's sync, published by the writer thread.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PeerSyncView {
+    /// Unix ms when a digest from the peer last matched ours.
+    pub last_in_sync_at: Option<u64>,
+    /// Docs with a sync session open to the peer.
+    pub docs_syncing: usize,
+}
+
 /// The sync core and where its outputs go, owned by the writer thread.
 pub(crate) struct SyncRuntime {
     pub(crate) core: Core,
@@ -57,6 +66,7 @@ pub(crate) struct SyncRuntime {
 impl SyncRuntime {
     fn handle(&mut self, input: Input, round: &mut Round<'_>) {
         let now = self.started.elapsed().as_millis() as u64;
+        let tick = matches!(input, Input::Tick);
         for out in self.core.handle(now, &mut self.rng, input, round) {
             if let Output::Rejected { peer, reason } = &out {
                 tracing::warn!(peer = %peer, err = %reason, "rejected input from peer");
@@ -66,6 +76,30 @@ impl SyncRuntime {
             if self.out.try_send(out).is_err() {
                 self.dropped_outputs += 1;
             }
+        }
+        if tick {
+            // Publish what the API shows about each peer's sync.
+            let unix_now = now_ms();
+            let view = self
+                .core
+                .peers()
+                .map(|p| {
+                    let last = self
+                        .core
+                        .last_in_sync(p)
+                        .map(|t| unix_now.saturating_sub(now.saturating_sub(t)));
+                    let v = PeerSyncView {
+                        last_in_sync_at: last,
+                        docs_syncing: self.core.open_sessions(p),
+                    };
+                    (p.clone(), v)
+                })
+                .collect();
+            *round
+                .inner
+                .sync_view
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = view;
         }
     }
 }

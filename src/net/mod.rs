@@ -123,6 +123,10 @@ pub struct PeerInfo {
     pub connected: bool,
     /// Messages from it that did not decode.
     pub rejected: u64,
+    /// Unix ms when its digest last matched ours (all docs in sync), if ever.
+    pub last_in_sync_at: Option<u64>,
+    /// Docs with a sync session open to it (still converging).
+    pub docs_syncing: usize,
 }
 
 /// Live network state, shared with the API.
@@ -418,6 +422,8 @@ fn on_event(
                 addrs: vec![],
                 connected: true,
                 rejected: 0,
+                last_in_sync_at: None,
+                docs_syncing: 0,
             });
             info.connected = true;
             let addr = endpoint.get_remote_address().to_string();

@@ -330,6 +330,7 @@ pub fn spawn(
     let allow: BTreeSet<PeerId> = cfg.allow.iter().copied().collect();
     tasks.spawn(async move {
         let mut connected: BTreeSet<PeerId> = BTreeSet::new();
+        let mut in_flight: InFlight = HashMap::new();
         let mut redial = tokio::time::interval(Duration::from_millis(250));
         loop {
             tokio::select! {
@@ -350,10 +351,10 @@ pub fn spawn(
                 }
                 out = outputs.recv() => {
                     let Some(out) = out else { break };
-                    send(&mut swarm, &connected, out);
+                    send(&mut swarm, &connected, &mut in_flight, out);
                 }
                 ev = swarm.select_next_some() => {
-                    on_event(ev, &mut swarm, &docs, &mut connected, &mut statics, &shared, local, &allow);
+                    on_event(ev, &mut swarm, &docs, &mut connected, &mut in_flight, &mut statics, &shared, local, &allow);
                 }
             }
         }
@@ -362,22 +363,36 @@ pub fn spawn(
     Ok(state)
 }
 
-fn send(swarm: &mut libp2p::Swarm<Behaviour>, connected: &BTreeSet<PeerId>, out: Output) {
+/// Requests in flight that concern a doc, so a failed delivery can be repaired.
+type InFlight = HashMap<request_response::OutboundRequestId, String>;
+
+fn send(
+    swarm: &mut libp2p::Swarm<Behaviour>,
+    connected: &BTreeSet<PeerId>,
+    in_flight: &mut InFlight,
+    out: Output,
+) {
     match out {
         Output::Send { to, msg } => {
             let Ok(peer) = to.parse::<PeerId>() else {
                 return;
             };
-            swarm
+            let id = swarm
                 .behaviour_mut()
                 .sync
                 .send_request(&peer, codec::encode(&msg));
+            if let Some(doc) = msg.doc() {
+                in_flight.insert(id, doc.to_string());
+            }
         }
         Output::Broadcast { msg, except } => {
             let bytes = codec::encode(&msg);
             let except = except.and_then(|e| e.parse::<PeerId>().ok());
             for peer in connected.iter().filter(|p| Some(**p) != except) {
-                swarm.behaviour_mut().sync.send_request(peer, bytes.clone());
+                let id = swarm.behaviour_mut().sync.send_request(peer, bytes.clone());
+                if let Some(doc) = msg.doc() {
+                    in_flight.insert(id, doc.to_string());
+                }
             }
         }
         Output::Rejected { .. } | Output::Merged { .. } => {}
@@ -390,6 +405,7 @@ fn on_event(
     swarm: &mut libp2p::Swarm<Behaviour>,
     docs: &Docs,
     connected: &mut BTreeSet<PeerId>,
+    in_flight: &mut InFlight,
     statics: &mut [StaticPeer],
     state: &Mutex<NetState>,
     local: PeerId,
@@ -484,9 +500,22 @@ fn on_event(
         SwarmEvent::Behaviour(BehaviourEvent::Sync(request_response::Event::OutboundFailure {
             peer,
             error,
+            request_id,
             ..
         })) => {
             tracing::debug!(peer = %peer, err = %error, "sync message not delivered");
+            if let Some(doc) = in_flight.remove(&request_id) {
+                docs.sync_input(Input::SendFailed {
+                    peer: peer.to_string(),
+                    doc,
+                });
+            }
+        }
+        SwarmEvent::Behaviour(BehaviourEvent::Sync(request_response::Event::Message {
+            message: request_response::Message::Response { request_id, .. },
+            ..
+        })) => {
+            in_flight.remove(&request_id);
         }
         SwarmEvent::Behaviour(BehaviourEvent::Sync(request_response::Event::InboundFailure {
             peer,

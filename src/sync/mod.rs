@@ -23,6 +23,9 @@
 //!   and their hashes); the first side then syncs every doc whose hash differs,
 //!   from a fresh sync state, since a difference after a loss may mean a stale
 //!   one. Lost messages, partitions and restarts are all repaired this way.
+//! - **Passing on.** Changes merged by sync (not by the fast path) are synced
+//!   on to the node's other peers, so a change repaired into one node reaches
+//!   the rest of a connected mesh without waiting for their anti-entropy.
 //! - **Tombstones.** A deleted doc is in the digest as deleted; a peer holding it
 //!   live is told with [`Message::Deleted`] and deletes it too. Changes and sync
 //!   messages for a deleted doc are ignored, so it does not come back.
@@ -60,6 +63,12 @@ pub struct SyncConfig {
     pub max_gossip_change_bytes: usize,
     /// Most entries accepted in one [`Message::Bucket`].
     pub max_bucket_entries: usize,
+    /// Sync sessions this node starts at once with one peer; docs found
+    /// differing beyond that wait their turn.
+    pub max_sessions_per_peer: usize,
+    /// A session that hears nothing from the peer for this long is restarted
+    /// from a fresh state (its message or the answer was lost).
+    pub session_timeout_ms: u64,
 }
 
 impl Default for SyncConfig {
@@ -70,6 +79,20 @@ impl Default for SyncConfig {
             max_idle_rounds: 16,
             max_gossip_change_bytes: 64 * 1024,
             max_bucket_entries: 100_000,
+            max_sessions_per_peer: 64,
+            session_timeout_ms: 5_000,
+        }
+    }
+}
+
+impl Message {
+    /// The doc the message is about, if it is about one.
+    pub fn doc(&self) -> Option<&str> {
+        match self {
+            Message::Change { doc, .. } | Message::Sync { doc, .. } | Message::Deleted { doc } => {
+                Some(doc)
+            }
+            Message::Digest { .. } | Message::Bucket { .. } => None,
         }
     }
 }
@@ -136,6 +159,14 @@ pub enum Input {
     /// A local delete.
     LocalDelete {
         /// The doc.
+        doc: String,
+    },
+    /// A message about `doc` could not be delivered to `peer` (the shell saw
+    /// the request fail): that doc is synced with the peer again.
+    SendFailed {
+        /// The peer.
+        peer: PeerKey,
+        /// The doc the message was about.
         doc: String,
     },
     /// Time passed; the shell calls this regularly (e.g. every 100 ms).
@@ -258,6 +289,9 @@ impl Session {
 
 struct Peer {
     sessions: HashMap<String, Session>,
+    /// Docs anti-entropy found differing, waiting for a session slot.
+    pending: std::collections::VecDeque<String>,
+    pending_set: std::collections::HashSet<String>,
     next_digest_at: u64,
     last_in_sync_at: Option<u64>,
 }
@@ -305,9 +339,11 @@ impl Core {
         self.peers.get(peer).and_then(|p| p.last_in_sync_at)
     }
 
-    /// Number of docs with a sync session open to `peer`.
+    /// Number of docs syncing with `peer`: open sessions plus docs waiting for one.
     pub fn open_sessions(&self, peer: &str) -> usize {
-        self.peers.get(peer).map_or(0, |p| p.sessions.len())
+        self.peers
+            .get(peer)
+            .map_or(0, |p| p.sessions.len() + p.pending.len())
     }
 
     /// Handles one input at time `now` (milliseconds on any monotonic clock).
@@ -326,6 +362,8 @@ impl Core {
                     peer.clone(),
                     Peer {
                         sessions: HashMap::new(),
+                        pending: Default::default(),
+                        pending_set: Default::default(),
                         next_digest_at: next,
                         last_in_sync_at: None,
                     },
@@ -336,11 +374,27 @@ impl Core {
                 self.peers.remove(&peer);
             }
             Input::Tick => {
-                // A session the other side finished leaves ours open; drop
-                // sessions unused for two anti-entropy periods.
-                let stale_before = now.saturating_sub(2 * self.cfg.anti_entropy_ms);
+                // A session that heard nothing for a while lost a message (or
+                // the peer finished without telling): start it over, in turn.
+                let stale_before = now.saturating_sub(self.cfg.session_timeout_ms);
                 for p in self.peers.values_mut() {
-                    p.sessions.retain(|_, s| s.used_at >= stale_before);
+                    let stale: Vec<String> = p
+                        .sessions
+                        .iter()
+                        .filter(|(_, s)| s.used_at < stale_before)
+                        .map(|(d, _)| d.clone())
+                        .collect();
+                    for doc in stale {
+                        p.sessions.remove(&doc);
+                        self.stats.sessions_reset += 1;
+                        if p.pending_set.insert(doc.clone()) {
+                            p.pending.push_back(doc);
+                        }
+                    }
+                }
+                let peers: Vec<PeerKey> = self.peers.keys().cloned().collect();
+                for peer in &peers {
+                    self.start_pending(now, peer, docs, &mut out);
                 }
                 let due: Vec<PeerKey> = self
                     .peers
@@ -379,6 +433,15 @@ impl Core {
                     msg: Message::Deleted { doc },
                     except: None,
                 });
+            }
+            Input::SendFailed { peer, doc } => {
+                if let Some(p) = self.peers.get_mut(&peer) {
+                    p.sessions.remove(&doc);
+                    if p.pending_set.insert(doc.clone()) {
+                        p.pending.push_back(doc);
+                    }
+                    self.start_pending(now, &peer, docs, &mut out);
+                }
             }
             Input::Received { from, msg } => {
                 if !self.peers.contains_key(&from) {
@@ -481,10 +544,13 @@ impl Core {
                             to: from.clone(),
                             msg: Message::Deleted { doc },
                         });
-                    } else {
-                        self.sync_doc(now, &from, &doc, true, docs, out);
+                    } else if let Some(p) = self.peers.get_mut(&from)
+                        && p.pending_set.insert(doc.clone())
+                    {
+                        p.pending.push_back(doc);
                     }
                 }
+                self.start_pending(now, &from, docs, out);
             }
             Message::Sync { doc, data } => {
                 if crate::doc::DocId::new(doc.as_str()).is_err() {
@@ -517,6 +583,11 @@ impl Core {
                 }
                 let after = self.digest.entry(&doc);
                 self.continue_session(now, &from, &doc, before != after, docs, out);
+                if before != after {
+                    // Changes that came by sync did not travel the fast path:
+                    // pass them on to the other peers, who may lack them too.
+                    self.sync_with_others(now, &from, &doc, docs, out);
+                }
             }
             Message::Change { doc, change } => {
                 if crate::doc::DocId::new(doc.as_str()).is_err() {
@@ -526,8 +597,10 @@ impl Core {
                     Err(e) => self.reject(&from, format!("change for {doc:?}: {e}"), out),
                     Ok(Applied::Deleted) => {}
                     Ok(Applied::MissingDeps) => {
+                        // From a fresh state: an open session may be waiting on
+                        // an answer (in flight) and would send nothing.
                         self.stats.changes_missing_deps += 1;
-                        self.sync_doc(now, &from, &doc, false, docs, out);
+                        self.sync_doc(now, &from, &doc, true, docs, out);
                     }
                     Ok(Applied::Ok(state)) => {
                         self.stats.changes_applied += 1;
@@ -561,6 +634,10 @@ impl Core {
                 for p in self.peers.values_mut() {
                     p.sessions.remove(&doc);
                 }
+                out.push(Output::Broadcast {
+                    msg: Message::Deleted { doc: doc.clone() },
+                    except: Some(from.clone()),
+                });
                 out.push(Output::Merged {
                     doc,
                     from,
@@ -570,8 +647,65 @@ impl Core {
         }
     }
 
+    /// Queues a sync of `doc` with every connected peer but `except`.
+    fn sync_with_others<D: DocAccess>(
+        &mut self,
+        now: u64,
+        except: &str,
+        doc: &str,
+        docs: &mut D,
+        out: &mut Vec<Output>,
+    ) {
+        let others: Vec<PeerKey> = self
+            .peers
+            .keys()
+            .filter(|k| k.as_str() != except)
+            .cloned()
+            .collect();
+        for peer in others {
+            if let Some(p) = self.peers.get_mut(&peer)
+                && !p.sessions.contains_key(doc)
+                && p.pending_set.insert(doc.to_string())
+            {
+                p.pending.push_back(doc.to_string());
+            }
+            self.start_pending(now, &peer, docs, out);
+        }
+    }
+
+    /// Starts sessions for pending docs while `peer` has free session slots.
+    /// Each starts from a fresh state: a difference found by anti-entropy
+    /// after a loss may mean a stale one.
+    fn start_pending<D: DocAccess>(
+        &mut self,
+        now: u64,
+        peer: &str,
+        docs: &mut D,
+        out: &mut Vec<Output>,
+    ) {
+        let max = self.cfg.max_sessions_per_peer.max(1);
+        loop {
+            let Some(p) = self.peers.get_mut(peer) else {
+                return;
+            };
+            if p.sessions.len() >= max {
+                return;
+            }
+            let Some(doc) = p.pending.pop_front() else {
+                return;
+            };
+            p.pending_set.remove(&doc);
+            if !self.sync_doc(now, peer, &doc, true, docs, out)
+                && let Some(p) = self.peers.get_mut(peer)
+            {
+                // Nothing to send: the session is done before it began.
+                p.sessions.remove(&doc);
+            }
+        }
+    }
+
     /// Starts (or, with `reset`, restarts from a fresh state) a sync session for
-    /// `doc` with `peer` and sends its first message.
+    /// `doc` with `peer` and sends its first message; returns whether it sent one.
     #[allow(clippy::too_many_arguments)]
     fn sync_doc<D: DocAccess>(
         &mut self,
@@ -581,9 +715,9 @@ impl Core {
         reset: bool,
         docs: &mut D,
         out: &mut Vec<Output>,
-    ) {
+    ) -> bool {
         let Some(p) = self.peers.get_mut(peer) else {
-            return;
+            return false;
         };
         let session = p
             .sessions
@@ -592,14 +726,18 @@ impl Core {
         if reset {
             *session = Session::new(now);
         }
-        if let Some(data) = docs.generate_sync(doc, &mut session.state) {
-            out.push(Output::Send {
-                to: peer.to_string(),
-                msg: Message::Sync {
-                    doc: doc.to_string(),
-                    data,
-                },
-            });
+        match docs.generate_sync(doc, &mut session.state) {
+            Some(data) => {
+                out.push(Output::Send {
+                    to: peer.to_string(),
+                    msg: Message::Sync {
+                        doc: doc.to_string(),
+                        data,
+                    },
+                });
+                true
+            }
+            None => false,
         }
     }
 
@@ -633,17 +771,30 @@ impl Core {
             *session = Session::new(now);
             self.stats.sessions_reset += 1;
         }
-        match docs.generate_sync(doc, &mut session.state) {
-            Some(data) => out.push(Output::Send {
-                to: peer.to_string(),
-                msg: Message::Sync {
-                    doc: doc.to_string(),
-                    data,
-                },
-            }),
-            None => {
-                p.sessions.remove(doc);
+        let done = match docs.generate_sync(doc, &mut session.state) {
+            Some(data) => {
+                out.push(Output::Send {
+                    to: peer.to_string(),
+                    msg: Message::Sync {
+                        doc: doc.to_string(),
+                        data,
+                    },
+                });
+                // The peer told us its heads and we just sent ours: if they are
+                // the same, both sides are in sync and the peer will have nothing
+                // to answer, so the session ends here rather than idling until
+                // it goes stale (it would hold a session slot meanwhile).
+                let mut theirs = session.state.their_heads.clone().unwrap_or_default();
+                let mut ours = session.state.last_sent_heads.clone();
+                theirs.sort();
+                ours.sort();
+                session.state.their_heads.is_some() && theirs == ours
             }
+            None => true,
+        };
+        if done {
+            p.sessions.remove(doc);
+            self.start_pending(now, peer, docs, out);
         }
     }
 }

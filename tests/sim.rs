@@ -65,15 +65,19 @@ impl DocAccess for SimDocs {
         doc: &str,
         state: &mut sync::State,
         data: &[u8],
-    ) -> Result<DocState, String> {
+    ) -> Result<Option<DocState>, String> {
         let msg = sync::Message::decode(data).map_err(|e| e.to_string())?;
         if self.deleted.contains(doc) {
-            return Ok(DocState::Deleted);
+            return Ok(Some(DocState::Deleted));
         }
         self.doc_mut(doc)
             .receive_sync_message(state, msg)
             .map_err(|e| e.to_string())?;
-        Ok(self.doc_state(doc))
+        if self.docs[doc].get_heads().is_empty() {
+            self.docs.remove(doc); // nothing arrived: the doc still does not exist
+            return Ok(None);
+        }
+        Ok(Some(self.doc_state(doc)))
     }
 
     fn apply_change(&mut self, doc: &str, change: &[u8]) -> Result<Applied, String> {

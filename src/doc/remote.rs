@@ -26,6 +26,11 @@ pub(super) struct Round<'a> {
     pub(super) touched: Vec<SlotRef>,
     /// Change in the number of live docs once the batch applies.
     pub(super) live_delta: i64,
+    /// Docs whose memory state is suspect (an error or panic mid-change). They
+    /// are dropped from memory only after the batch is applied: reloading them
+    /// mid-round would lose this round's earlier changes to them and reuse
+    /// their sequence numbers. Until then they refuse further input.
+    pub(super) poisoned: Vec<(DocId, SlotRef)>,
 }
 
 impl<'a> Round<'a> {
@@ -35,6 +40,19 @@ impl<'a> Round<'a> {
             batch: WriteBatch::default(),
             touched: Vec::new(),
             live_delta: 0,
+            poisoned: Vec::new(),
+        }
+    }
+
+    /// True if `id` had an error earlier in this round.
+    pub(super) fn is_poisoned(&self, id: &DocId) -> bool {
+        self.poisoned.iter().any(|(p, _)| p == id)
+    }
+
+    /// Marks `id` suspect until the round ends (see `poisoned`).
+    pub(super) fn poison(&mut self, id: &DocId, slot: SlotRef) {
+        if !self.is_poisoned(id) {
+            self.poisoned.push((id.clone(), slot));
         }
     }
 
@@ -46,6 +64,11 @@ impl<'a> Round<'a> {
         f: impl FnOnce(&mut Self, &DocId, &mut Loaded) -> Result<R, String>,
     ) -> Result<R, String> {
         let id = DocId::new(id).map_err(|e| e.to_string())?;
+        if self.is_poisoned(&id) {
+            return Err(format!(
+                "doc {id:?} failed earlier in this round; retried later"
+            ));
+        }
         let slot = self.inner.entry(&id);
         let mut guard = lock_slot(&slot);
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
@@ -56,12 +79,13 @@ impl<'a> Round<'a> {
             f(self, &id, loaded)
         }))
         .unwrap_or_else(|_| Err("automerge panicked on this input".to_string()));
-        if result.is_err() {
-            *guard = None;
-        } else if let Some(loaded) = guard.as_ref() {
+        if let Some(loaded) = guard.as_ref() {
             self.inner.note_size(&id, loaded);
         }
         drop(guard);
+        if result.is_err() {
+            self.poison(&id, slot.clone());
+        }
         self.touched.push(slot);
         result
     }
@@ -170,20 +194,22 @@ impl DocAccess for Round<'_> {
         doc: &str,
         state: &mut sync::State,
         data: &[u8],
-    ) -> Result<DocState, String> {
+    ) -> Result<Option<DocState>, String> {
         let msg = std::panic::catch_unwind(|| sync::Message::decode(data))
             .map_err(|_| "automerge panicked decoding a sync message".to_string())?
             .map_err(|e| format!("sync message does not decode: {e}"))?;
         self.with_loaded(doc, |round, id, loaded| {
             if deleted(loaded) {
-                return Ok(DocState::Deleted);
+                return Ok(Some(DocState::Deleted));
             }
             let before = loaded.doc.get_heads();
             loaded
                 .doc
                 .receive_sync_message(state, msg)
                 .map_err(|e| e.to_string())?;
-            store_merged(round, id, loaded, &before)
+            let merged = store_merged(round, id, loaded, &before)?;
+            // A message without changes for a doc we do not have creates nothing.
+            Ok(loaded.meta.is_some().then_some(merged))
         })
     }
 

@@ -220,12 +220,8 @@ impl Docs {
             .count() as i64;
         let sync = sync.map(|(sync_cfg, out)| {
             let states = metas.into_iter().map(|(id, m)| {
-                let state = if m.deleted_at_ms.is_some() {
-                    DocState::Deleted
-                } else {
-                    DocState::Live(m.heads.iter().filter_map(|h| h.parse().ok()).collect())
-                };
-                (id, state)
+                let s = stored_state(&m);
+                (id, s)
             });
             SyncRuntime {
                 core: Core::new(sync_cfg, states),
@@ -619,6 +615,15 @@ pub(super) fn live_meta<'a>(id: &DocId, loaded: &'a Loaded) -> Result<&'a DocMet
 
 pub(super) fn new_doc(actor: &ActorId) -> Automerge {
     Automerge::new_with_encoding(TextEncoding::UnicodeCodePoint).with_actor(actor.clone())
+}
+
+/// A doc's digest state as its stored metadata records it.
+pub(super) fn stored_state(meta: &DocMeta) -> DocState {
+    if meta.deleted_at_ms.is_some() {
+        DocState::Deleted
+    } else {
+        DocState::Live(meta.heads.iter().filter_map(|h| h.parse().ok()).collect())
+    }
 }
 
 /// Unix time in milliseconds.

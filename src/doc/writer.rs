@@ -165,6 +165,14 @@ fn write_round(inner: &Inner, msgs: Vec<WriterMsg>, mut sync: Option<&mut SyncRu
             }
             WriterMsg::Stop => continue,
         };
+        if round.is_poisoned(&req.id) {
+            let e = DocError::Internal(format!(
+                "doc {:?} failed earlier in this write round; retry",
+                req.id.as_str()
+            ));
+            results.push((req.reply, Err(e)));
+            continue;
+        }
         let slot = inner.entry(&req.id);
         let result = {
             let mut guard = lock_slot(&slot);
@@ -182,16 +190,16 @@ fn write_round(inner: &Inner, msgs: Vec<WriterMsg>, mut sync: Option<&mut SyncRu
                     req.id.as_str()
                 )))
             });
-            // After an internal error the doc in memory may hold a change the
-            // store will never get: reload it on next use.
-            if matches!(result, Err(DocError::Internal(_))) {
-                *guard = None;
-            }
             if let Some(loaded) = guard.as_ref() {
                 inner.note_size(&req.id, loaded);
             }
             result
         };
+        // After an internal error the doc in memory may hold a change the
+        // store will never get: reload it, once this round's batch is stored.
+        if matches!(result, Err(DocError::Internal(_))) {
+            round.poison(&req.id, slot.clone());
+        }
         let result = result.map(|(r, delta, input)| {
             if r.changed {
                 round.touched.push(slot);
@@ -208,11 +216,29 @@ fn write_round(inner: &Inner, msgs: Vec<WriterMsg>, mut sync: Option<&mut SyncRu
         batch,
         touched,
         live_delta,
+        poisoned,
         ..
     } = round;
-    if !batch.is_empty()
-        && let Err(e) = inner.store.apply(batch)
-    {
+    let applied = if batch.is_empty() {
+        Ok(())
+    } else {
+        inner.store.apply(batch)
+    };
+    for (_, slot) in poisoned {
+        *lock_slot(&slot) = None;
+    }
+    if let Err(e) = applied {
+        if let Some(sync) = sync {
+            // The core saw this round's changes as merged; they were not stored.
+            match inner.store.list_docs() {
+                Ok(metas) => sync.core.reset_digest(
+                    metas
+                        .into_iter()
+                        .map(|(id, m)| (id, super::service::stored_state(&m))),
+                ),
+                Err(le) => tracing::error!(err = %le, "cannot rebuild the sync digest"),
+            }
+        }
         // Nothing of the batch is stored: drop the docs it touched from memory.
         tracing::error!(err = %e, "store write failed");
         for slot in touched {

@@ -227,8 +227,9 @@ pub trait DocAccess {
     /// The next sync message for `doc` to a peer with `state`, encoded; `None`
     /// when there is nothing to send. A deleted or unknown doc syncs as empty.
     fn generate_sync(&mut self, doc: &str, state: &mut sync::State) -> Option<Vec<u8>>;
-    /// Applies a peer's sync message (creating the doc if new) and returns the
-    /// doc's state after it. A deleted doc ignores it.
+    /// Applies a peer's sync message (creating the doc if it brings changes)
+    /// and returns the doc's state after it: `None` if the doc still does not
+    /// exist here (the message carried no changes). A deleted doc ignores it.
     ///
     /// # Errors
     /// A message that does not decode or apply.
@@ -237,7 +238,7 @@ pub trait DocAccess {
         doc: &str,
         state: &mut sync::State,
         data: &[u8],
-    ) -> Result<DocState, String>;
+    ) -> Result<Option<DocState>, String>;
     /// Applies one fast-path change.
     ///
     /// # Errors
@@ -316,6 +317,20 @@ impl Core {
             digest,
             peers: BTreeMap::new(),
             stats: SyncStats::default(),
+        }
+    }
+
+    /// Rebuilds the digest from the docs' stored states, e.g. after a failed
+    /// store write left it claiming changes that were never stored; open
+    /// sessions restart from fresh states.
+    pub fn reset_digest(&mut self, docs: impl IntoIterator<Item = (String, DocState)>) {
+        let mut digest = Digest::new(self.cfg.buckets);
+        for (doc, state) in docs {
+            digest.set(&doc, &state);
+        }
+        self.digest = digest;
+        for p in self.peers.values_mut() {
+            p.sessions.clear();
         }
     }
 
@@ -445,9 +460,9 @@ impl Core {
             }
             Input::Received { from, msg } => {
                 if !self.peers.contains_key(&from) {
-                    // Only connected peers talk to us; the shell guarantees it,
-                    // but a late message after PeerDown is dropped here.
-                    return out;
+                    // The shell delivers messages only from connected peers, so
+                    // this one's PeerUp was lost (a full queue): register it now.
+                    out.extend(self.handle(now, rng, Input::PeerUp(from.clone()), docs));
                 }
                 self.received(now, from, msg, docs, &mut out);
             }
@@ -571,7 +586,8 @@ impl Core {
                         peer.sessions.remove(&doc);
                         return self.reject(&from, format!("sync message for {doc:?}: {e}"), out);
                     }
-                    Ok(state) => {
+                    Ok(None) => {}
+                    Ok(Some(state)) => {
                         if self.digest.set(&doc, &state) {
                             out.push(Output::Merged {
                                 doc: doc.clone(),

@@ -428,10 +428,7 @@ impl Core {
             Input::LocalChange { doc, change, state } => {
                 self.digest.set(&doc, &state);
                 if change.len() <= self.cfg.max_gossip_change_bytes {
-                    out.push(Output::Broadcast {
-                        msg: Message::Change { doc, change },
-                        except: None,
-                    });
+                    self.broadcast(Message::Change { doc, change }, None, &mut out);
                 } else {
                     let peers: Vec<PeerKey> = self.peers.keys().cloned().collect();
                     for peer in peers {
@@ -444,10 +441,7 @@ impl Core {
                 for p in self.peers.values_mut() {
                     p.sessions.remove(&doc);
                 }
-                out.push(Output::Broadcast {
-                    msg: Message::Deleted { doc },
-                    except: None,
-                });
+                self.broadcast(Message::Deleted { doc }, None, &mut out);
             }
             Input::SendFailed { peer, doc } => {
                 if let Some(p) = self.peers.get_mut(&peer) {
@@ -468,6 +462,14 @@ impl Core {
             }
         }
         out
+    }
+
+    /// Queues `msg` for every peer but `except`; nothing when there is nobody
+    /// to send it to (a lone node pays nothing for the fast path).
+    fn broadcast(&self, msg: Message, except: Option<PeerKey>, out: &mut Vec<Output>) {
+        if self.peers.keys().any(|p| Some(p) != except.as_ref()) {
+            out.push(Output::Broadcast { msg, except });
+        }
     }
 
     fn jittered<R: rand::Rng>(&self, rng: &mut R) -> u64 {
@@ -624,13 +626,11 @@ impl Core {
                             // New to us: relay it to our other peers, who may not
                             // be connected to its origin. A peer that has it
                             // already applies nothing and relays nothing.
-                            out.push(Output::Broadcast {
-                                msg: Message::Change {
-                                    doc: doc.clone(),
-                                    change,
-                                },
-                                except: Some(from.clone()),
-                            });
+                            let msg = Message::Change {
+                                doc: doc.clone(),
+                                change,
+                            };
+                            self.broadcast(msg, Some(from.clone()), out);
                             out.push(Output::Merged { doc, from, state });
                         }
                     }
@@ -650,10 +650,11 @@ impl Core {
                 for p in self.peers.values_mut() {
                     p.sessions.remove(&doc);
                 }
-                out.push(Output::Broadcast {
-                    msg: Message::Deleted { doc: doc.clone() },
-                    except: Some(from.clone()),
-                });
+                self.broadcast(
+                    Message::Deleted { doc: doc.clone() },
+                    Some(from.clone()),
+                    out,
+                );
                 out.push(Output::Merged {
                     doc,
                     from,

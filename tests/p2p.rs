@@ -119,6 +119,16 @@ async fn three_nodes_converge_and_a_late_joiner_catches_up() {
     }
 }
 
+async fn doc_ids(node: &Node) -> Vec<String> {
+    node.docs()
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.id)
+        .collect()
+}
+
 async fn start_with(
     dir: &std::path::Path,
     peers: Vec<String>,
@@ -187,26 +197,12 @@ async fn without_the_key_or_off_the_allowlist_nothing_is_read_or_written() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     for n in [&no_key, &wrong_key, &not_allowed] {
-        let ids: Vec<String> = n
-            .docs()
-            .list()
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|d| d.id)
-            .collect();
+        let ids = doc_ids(n).await;
         assert_eq!(ids, vec!["intruder"], "an outsider read a's docs");
         assert_eq!(n.status().await.peers, 0);
     }
     for n in [&a, &b] {
-        let ids: Vec<String> = n
-            .docs()
-            .list()
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|d| d.id)
-            .collect();
+        let ids = doc_ids(n).await;
         assert_eq!(ids, vec!["secret"], "an outsider wrote to the network");
     }
     for n in [a, b, no_key, wrong_key, not_allowed] {

@@ -122,15 +122,7 @@ fn store_merged(
     }
     let now = now_ms();
     let creating = loaded.meta.is_none();
-    let mut meta = loaded.meta.clone().unwrap_or(DocMeta {
-        heads: vec![],
-        size_bytes: 0,
-        tail_changes: 0,
-        next_seq: 0,
-        created_at_ms: now,
-        updated_at_ms: now,
-        deleted_at_ms: None,
-    });
+    let mut meta = loaded.meta.clone().unwrap_or_else(|| DocMeta::new(now));
     let added: u64 = new.iter().map(|c| c.raw_bytes().len() as u64).sum();
     if meta.size_bytes + added > inner.cfg.max_doc_bytes {
         let mut doc = loaded
@@ -250,15 +242,10 @@ impl DocAccess for Round<'_> {
                 return Ok(());
             }
             let existed = loaded.meta.is_some();
-            let mut meta = loaded.meta.clone().unwrap_or(DocMeta {
-                heads: vec![],
-                size_bytes: 0,
-                tail_changes: 0,
-                next_seq: 0,
-                created_at_ms: now_ms(),
-                updated_at_ms: now_ms(),
-                deleted_at_ms: None,
-            });
+            let mut meta = loaded
+                .meta
+                .clone()
+                .unwrap_or_else(|| DocMeta::new(now_ms()));
             let tail = super::writer::tail_range(&meta);
             meta.deleted_at_ms = Some(now_ms());
             meta.size_bytes = 0;

@@ -391,15 +391,7 @@ where
         .ok_or_else(|| DocError::Internal("committed change is missing".into()))?;
     let bytes = change.raw_bytes();
     let size = bytes.len() as u64;
-    let mut meta = loaded.meta.clone().unwrap_or(DocMeta {
-        heads: vec![],
-        size_bytes: 0,
-        tail_changes: 0,
-        next_seq: 0,
-        created_at_ms: now,
-        updated_at_ms: now,
-        deleted_at_ms: None,
-    });
+    let mut meta = loaded.meta.clone().unwrap_or_else(|| DocMeta::new(now));
     let cfg = &inner.cfg;
     let cap_error = if size > cfg.max_change_bytes {
         Some(DocError::ChangeTooLarge {

@@ -138,6 +138,21 @@ pub struct DocMeta {
     pub deleted_at_ms: Option<u64>,
 }
 
+impl DocMeta {
+    /// The meta of a doc that is being created at `now_ms`: no changes yet.
+    pub fn new(now_ms: u64) -> DocMeta {
+        DocMeta {
+            heads: vec![],
+            size_bytes: 0,
+            tail_changes: 0,
+            next_seq: 0,
+            created_at_ms: now_ms,
+            updated_at_ms: now_ms,
+            deleted_at_ms: None,
+        }
+    }
+}
+
 /// What the store remembers about one boot's Automerge actor id.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ActorRecord {

@@ -745,13 +745,7 @@ impl Core {
         }
         match docs.generate_sync(doc, &mut session.state) {
             Some(data) => {
-                out.push(Output::Send {
-                    to: peer.to_string(),
-                    msg: Message::Sync {
-                        doc: doc.to_string(),
-                        data,
-                    },
-                });
+                out.push(sync_message(peer, doc, data));
                 true
             }
             None => false,
@@ -790,13 +784,7 @@ impl Core {
         }
         let done = match docs.generate_sync(doc, &mut session.state) {
             Some(data) => {
-                out.push(Output::Send {
-                    to: peer.to_string(),
-                    msg: Message::Sync {
-                        doc: doc.to_string(),
-                        data,
-                    },
-                });
+                out.push(sync_message(peer, doc, data));
                 // The peer told us its heads and we just sent ours: if they are
                 // the same, both sides are in sync and the peer will have nothing
                 // to answer, so the session ends here rather than idling until
@@ -813,5 +801,16 @@ impl Core {
             p.sessions.remove(doc);
             self.start_pending(now, peer, docs, out);
         }
+    }
+}
+
+/// An output sending one sync message for `doc` to `peer`.
+fn sync_message(peer: &str, doc: &str, data: Vec<u8>) -> Output {
+    Output::Send {
+        to: peer.to_string(),
+        msg: Message::Sync {
+            doc: doc.to_string(),
+            data,
+        },
     }
 }

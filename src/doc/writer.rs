@@ -68,9 +68,6 @@ impl SyncRuntime {
         let now = self.started.elapsed().as_millis() as u64;
         let tick = matches!(input, Input::Tick);
         for out in self.core.handle(now, &mut self.rng, input, round) {
-            if let Output::Rejected { peer, reason } = &out {
-                tracing::warn!(peer = %peer, err = %reason, "rejected input from peer");
-            }
             // Never block the writer on the network: a full queue drops the
             // output, and anti-entropy repairs whatever that loses.
             if self.out.try_send(out).is_err() {

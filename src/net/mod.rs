@@ -339,6 +339,7 @@ pub fn spawn(
     tasks.spawn(async move {
         let mut connected: BTreeSet<PeerId> = BTreeSet::new();
         let mut in_flight: InFlight = HashMap::new();
+        let mut bans: Bans = HashMap::new();
         let mut redial = tokio::time::interval(Duration::from_millis(250));
         loop {
             tokio::select! {
@@ -359,16 +360,55 @@ pub fn spawn(
                 }
                 out = outputs.recv() => {
                     let Some(out) = out else { break };
-                    send(&mut swarm, &connected, &mut in_flight, out);
+                    send(&mut swarm, &connected, &mut in_flight, &shared, &mut bans, out);
                 }
                 ev = swarm.select_next_some() => {
-                    on_event(ev, &mut swarm, &docs, &mut connected, &mut in_flight, &mut statics, &shared, local, &allow);
+                    on_event(ev, &mut swarm, &docs, &mut connected, &mut in_flight, &mut bans, &mut statics, &shared, local, &allow);
                 }
             }
         }
         tracing::debug!("network stopped");
     });
     Ok(state)
+}
+
+/// Rejected inputs after which a peer is disconnected and banned.
+const MAX_STRIKES: u64 = 10;
+/// How long a banned peer is refused.
+const BAN: Duration = Duration::from_secs(300);
+
+/// Banned peers and when their ban ends.
+type Bans = HashMap<PeerId, Instant>;
+
+/// Counts a rejected input against `peer`; past [`MAX_STRIKES`] the peer is
+/// disconnected and refused for [`BAN`]. A misbehaving peer costs itself, not
+/// the others.
+fn strike(
+    swarm: &mut libp2p::Swarm<Behaviour>,
+    state: &Mutex<NetState>,
+    bans: &mut Bans,
+    peer: PeerId,
+    reason: &str,
+) {
+    let strikes = {
+        let mut st = state.lock().expect("not poisoned");
+        let info = st.peers.entry(peer).or_insert_with(|| PeerInfo {
+            peer_id: peer.to_string(),
+            addrs: vec![],
+            connected: false,
+            rejected: 0,
+            last_in_sync_at: None,
+            docs_syncing: 0,
+        });
+        info.rejected += 1;
+        info.rejected
+    };
+    tracing::warn!(peer = %peer, err = %reason, strikes, "rejected input from peer");
+    if strikes >= MAX_STRIKES && !bans.contains_key(&peer) {
+        tracing::warn!(peer = %peer, "too many bad messages: disconnecting and banning the peer");
+        bans.insert(peer, Instant::now() + BAN);
+        let _ = swarm.disconnect_peer_id(peer);
+    }
 }
 
 /// Requests in flight that concern a doc, so a failed delivery can be repaired.
@@ -378,6 +418,8 @@ fn send(
     swarm: &mut libp2p::Swarm<Behaviour>,
     connected: &BTreeSet<PeerId>,
     in_flight: &mut InFlight,
+    state: &Mutex<NetState>,
+    bans: &mut Bans,
     out: Output,
 ) {
     match out {
@@ -403,7 +445,12 @@ fn send(
                 }
             }
         }
-        Output::Rejected { .. } | Output::Merged { .. } => {}
+        Output::Rejected { peer, reason } => {
+            if let Ok(peer) = peer.parse::<PeerId>() {
+                strike(swarm, state, bans, peer, &reason);
+            }
+        }
+        Output::Merged { .. } => {}
     }
 }
 
@@ -414,6 +461,7 @@ fn on_event(
     docs: &Docs,
     connected: &mut BTreeSet<PeerId>,
     in_flight: &mut InFlight,
+    bans: &mut Bans,
     statics: &mut [StaticPeer],
     state: &Mutex<NetState>,
     local: PeerId,
@@ -432,6 +480,14 @@ fn on_event(
         }
         SwarmEvent::ConnectionEstablished { peer_id, .. } if !allowed(&peer_id) => {
             tracing::warn!(peer = %peer_id, "peer not in net.allow: disconnecting");
+            let _ = swarm.disconnect_peer_id(peer_id);
+        }
+        SwarmEvent::ConnectionEstablished { peer_id, .. }
+            if bans
+                .get(&peer_id)
+                .is_some_and(|until| *until > Instant::now()) =>
+        {
+            tracing::debug!(peer = %peer_id, "banned peer: disconnecting");
             let _ = swarm.disconnect_peer_id(peer_id);
         }
         SwarmEvent::ConnectionEstablished {
@@ -497,12 +553,13 @@ fn on_event(
                         tracing::debug!(peer = %peer, "sync queue full: message dropped");
                     }
                 }
-                Err(e) => {
-                    tracing::warn!(peer = %peer, err = %e, "undecodable message from peer");
-                    if let Some(info) = state.lock().expect("not poisoned").peers.get_mut(&peer) {
-                        info.rejected += 1;
-                    }
-                }
+                Err(e) => strike(
+                    swarm,
+                    state,
+                    bans,
+                    peer,
+                    &format!("undecodable message: {e}"),
+                ),
             }
         }
         SwarmEvent::Behaviour(BehaviourEvent::Sync(request_response::Event::OutboundFailure {
@@ -530,9 +587,15 @@ fn on_event(
             error,
             ..
         })) => {
-            tracing::debug!(peer = %peer, err = %error, "inbound sync message failed");
-            if let Some(info) = state.lock().expect("not poisoned").peers.get_mut(&peer) {
-                info.rejected += 1;
+            // Only a frame we refused is the peer's fault; timeouts and closed
+            // connections happen to honest peers too.
+            match error {
+                request_response::InboundFailure::Io(e)
+                    if e.kind() == io::ErrorKind::InvalidData =>
+                {
+                    strike(swarm, state, bans, peer, &format!("bad frame: {e}"));
+                }
+                e => tracing::debug!(peer = %peer, err = %e, "inbound sync message failed"),
             }
         }
         SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(list))) => {

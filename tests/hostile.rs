@@ -1,0 +1,217 @@
+//! A hostile peer speaking raw libp2p to a node: garbage, oversized frames,
+//! malformed and invalid messages. The node must keep serving its honest
+//! peer, count the bad input against the hostile one, and finally ban it.
+
+use std::io;
+use std::time::{Duration, Instant};
+
+use libp2p::futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
+use libp2p::request_response::{self, ProtocolSupport};
+use libp2p::swarm::SwarmEvent;
+use libp2p::{Multiaddr, StreamProtocol, noise, tcp, yamux};
+use mergeflow::Node;
+use mergeflow::config::Config;
+use mergeflow::sync::{Message, codec};
+use serde_json::json;
+
+/// Sends its request bytes verbatim (so it can lie about frame lengths).
+#[derive(Clone, Default)]
+struct RawCodec;
+
+impl request_response::Codec for RawCodec {
+    type Protocol = StreamProtocol;
+    type Request = Vec<u8>;
+    type Response = ();
+
+    async fn read_request<T: AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<Vec<u8>> {
+        let mut v = Vec::new();
+        io.read_to_end(&mut v).await?;
+        Ok(v)
+    }
+
+    async fn read_response<T: AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<()> {
+        let mut v = Vec::new();
+        io.take(1024).read_to_end(&mut v).await?;
+        Ok(())
+    }
+
+    async fn write_request<T: AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: Vec<u8>,
+    ) -> io::Result<()> {
+        io.write_all(&req).await?;
+        io.close().await
+    }
+
+    async fn write_response<T: AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        _: (),
+    ) -> io::Result<()> {
+        io.close().await
+    }
+}
+
+fn framed(body: &[u8]) -> Vec<u8> {
+    let mut v = (body.len() as u32).to_le_bytes().to_vec();
+    v.extend_from_slice(body);
+    v
+}
+
+async fn start(dir: &std::path::Path, peers: Vec<String>) -> Node {
+    let mut config = Config::default();
+    config.node.data_dir = dir.to_path_buf();
+    config.net.listen = vec!["/ip4/127.0.0.1/tcp/0".into()];
+    config.net.mdns = false;
+    config.net.peers = peers;
+    config.net.max_message_bytes = 64 * 1024;
+    Node::builder()
+        .config(config)
+        .network(true)
+        .start()
+        .await
+        .unwrap()
+}
+
+async fn addr(node: &Node) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(a) = node.status().await.listen_addrs.first() {
+            return a.clone();
+        }
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_peer_is_rejected_and_banned_while_honest_peers_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = start(&dir.path().join("a"), vec![]).await;
+    let a_addr: Multiaddr = addr(&a).await.parse().unwrap();
+    let honest = start(&dir.path().join("honest"), vec![a_addr.to_string()]).await;
+
+    let mut hostile = libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default(),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .unwrap()
+        .with_behaviour(|_| {
+            request_response::Behaviour::with_codec(
+                RawCodec,
+                [(
+                    StreamProtocol::new("/mergeflow/sync/1"),
+                    ProtocolSupport::Full,
+                )],
+                request_response::Config::default(),
+            )
+        })
+        .unwrap()
+        .build();
+    let hostile_id = *hostile.local_peer_id();
+    hostile.dial(a_addr.clone()).unwrap();
+    let a_peer = a.peer_id();
+
+    // Every kind of bad input, again and again.
+    let bad: Vec<Vec<u8>> = vec![
+        framed(b"\xde\xad\xbe\xef garbage"),
+        (100u32 << 20).to_le_bytes().to_vec(), // claims a 100 MiB frame
+        framed(&[1, 99, 0, 0]),                // unknown kind
+        framed(&[7, 1]),                       // unknown version
+        framed(&codec::encode(&Message::Sync {
+            doc: "d".into(),
+            data: b"not automerge".to_vec(),
+        })),
+        framed(&codec::encode(&Message::Change {
+            doc: "d".into(),
+            change: vec![0x85, 0x6f, 0x4a, 0x83, 1, 2, 3],
+        })),
+        framed(&codec::encode(&Message::Bucket {
+            bucket: 9999,
+            entries: vec![],
+        })),
+        framed(&codec::encode(&Message::Deleted {
+            doc: "bad id!".into(),
+        })),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut honest_i = 0;
+    let mut connected = false;
+    // An interval, not a sleep per loop: the hostile swarm's events (the node's
+    // own sync traffic to it) would keep restarting a fresh sleep.
+    let mut every = tokio::time::interval(Duration::from_millis(20));
+    loop {
+        tokio::select! {
+            ev = hostile.select_next_some() => {
+                if let SwarmEvent::ConnectionEstablished { .. } = ev {
+                    connected = true;
+                }
+                if let SwarmEvent::ConnectionClosed { .. } = ev {
+                    connected = false;
+                }
+
+            }
+            _ = every.tick() => {
+                if connected {
+                    for b in &bad {
+                        hostile.behaviour_mut().send_request(&a_peer, b.clone());
+                    }
+                }
+                // The honest peer keeps writing and a keeps serving it.
+                honest.doc("honest/doc").unwrap().patch(json!({ "i": honest_i })).await.unwrap();
+                honest_i += 1;
+            }
+        }
+        let peers = a.peers();
+        let banned = peers
+            .iter()
+            .find(|p| p.peer_id == hostile_id.to_string())
+            .is_some_and(|p| p.rejected >= 10 && !p.connected);
+        let synced =
+            a.doc("honest/doc").unwrap().get().await.ok() == Some(json!({"i": honest_i - 1}));
+        if banned && synced {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not banned or not synced: {peers:?}"
+        );
+    }
+    // a still serves its honest peer after the attack.
+    honest
+        .doc("honest/after")
+        .unwrap()
+        .patch(json!({"ok": true}))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while a.doc("honest/after").unwrap().get().await.ok() != Some(json!({"ok": true})) {
+        assert!(
+            Instant::now() < deadline,
+            "a stopped serving its honest peer"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let info = a
+        .peers()
+        .into_iter()
+        .find(|p| p.peer_id == honest.peer_id().to_string())
+        .unwrap();
+    assert_eq!(info.rejected, 0, "the honest peer was blamed");
+    a.shutdown().await.unwrap();
+    honest.shutdown().await.unwrap();
+}

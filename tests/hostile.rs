@@ -9,8 +9,10 @@ use libp2p::futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Stream
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, StreamProtocol, noise, tcp, yamux};
+mod common;
+
+use common::{listen_addr, p2p_node};
 use mergeflow::Node;
-use mergeflow::config::Config;
 use mergeflow::sync::{Message, codec};
 use serde_json::json;
 
@@ -70,36 +72,14 @@ fn framed(body: &[u8]) -> Vec<u8> {
 }
 
 async fn start(dir: &std::path::Path, peers: Vec<String>) -> Node {
-    let mut config = Config::default();
-    config.node.data_dir = dir.to_path_buf();
-    config.net.listen = vec!["/ip4/127.0.0.1/tcp/0".into()];
-    config.net.mdns = false;
-    config.net.peers = peers;
-    config.net.max_message_bytes = 64 * 1024;
-    Node::builder()
-        .config(config)
-        .network(true)
-        .start()
-        .await
-        .unwrap()
-}
-
-async fn addr(node: &Node) -> String {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(a) = node.status().await.listen_addrs.first() {
-            return a.clone();
-        }
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    p2p_node(dir, peers, |c| c.net.max_message_bytes = 64 * 1024).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hostile_peer_is_rejected_and_banned_while_honest_peers_sync() {
     let dir = tempfile::tempdir().unwrap();
     let a = start(&dir.path().join("a"), vec![]).await;
-    let a_addr: Multiaddr = addr(&a).await.parse().unwrap();
+    let a_addr: Multiaddr = listen_addr(&a).await.parse().unwrap();
     let honest = start(&dir.path().join("honest"), vec![a_addr.to_string()]).await;
 
     let mut hostile = libp2p::SwarmBuilder::with_new_identity()

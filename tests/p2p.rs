@@ -4,35 +4,14 @@
 
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{listen_addr, p2p_node};
 use mergeflow::Node;
-use mergeflow::config::Config;
 use serde_json::json;
 
 async fn start(dir: &std::path::Path, peers: Vec<String>) -> Node {
-    let mut config = Config::default();
-    config.node.data_dir = dir.to_path_buf();
-    config.net.listen = vec!["/ip4/127.0.0.1/tcp/0".into()];
-    config.net.mdns = false;
-    config.net.peers = peers;
-    config.net.anti_entropy_ms = 1_000;
-    Node::builder()
-        .config(config)
-        .network(true)
-        .start()
-        .await
-        .unwrap()
-}
-
-/// The node's first listen address, once the swarm reports it.
-async fn addr(node: &Node) -> String {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(a) = node.status().await.listen_addrs.first() {
-            return a.clone();
-        }
-        assert!(Instant::now() < deadline, "no listen address");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    p2p_node(dir, peers, |c| c.net.anti_entropy_ms = 1_000).await
 }
 
 /// Polls until every node has the same list of docs with the same heads.
@@ -71,7 +50,7 @@ async fn converged(nodes: &[&Node], what: &str) {
 async fn three_nodes_converge_and_a_late_joiner_catches_up() {
     let dir = tempfile::tempdir().unwrap();
     let a = start(&dir.path().join("a"), vec![]).await;
-    let a_addr = addr(&a).await;
+    let a_addr = listen_addr(&a).await;
     let b = start(&dir.path().join("b"), vec![a_addr.clone()]).await;
     let c = start(&dir.path().join("c"), vec![a_addr.clone()]).await;
 
@@ -100,7 +79,7 @@ async fn three_nodes_converge_and_a_late_joiner_catches_up() {
             .await
             .unwrap();
     }
-    let b_addr = addr(&b).await;
+    let b_addr = listen_addr(&b).await;
     let late = start(&dir.path().join("late"), vec![b_addr]).await;
     let t = Instant::now();
     converged(&[&a, &b, &c, &late], "late joiner").await;
@@ -135,20 +114,12 @@ async fn start_with(
     key: &str,
     allow: Vec<String>,
 ) -> Node {
-    let mut config = Config::default();
-    config.node.data_dir = dir.to_path_buf();
-    config.net.listen = vec!["/ip4/127.0.0.1/tcp/0".into()];
-    config.net.mdns = false;
-    config.net.peers = peers;
-    config.net.anti_entropy_ms = 500;
-    config.net.key = key.to_string();
-    config.net.allow = allow;
-    Node::builder()
-        .config(config)
-        .network(true)
-        .start()
-        .await
-        .unwrap()
+    p2p_node(dir, peers, |c| {
+        c.net.anti_entropy_ms = 500;
+        c.net.key = key.to_string();
+        c.net.allow = allow;
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -165,7 +136,7 @@ async fn without_the_key_or_off_the_allowlist_nothing_is_read_or_written() {
         id
     };
     let a = start_with(&dir.path().join("a"), vec![], &key, vec![b_peer.clone()]).await;
-    let a_addr = addr(&a).await;
+    let a_addr = listen_addr(&a).await;
     a.doc("secret")
         .unwrap()
         .patch(json!({"s": 1}))

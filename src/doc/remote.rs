@@ -125,34 +125,16 @@ fn store_merged(
     let mut meta = loaded.meta.clone().unwrap_or_else(|| DocMeta::new(now));
     let added: u64 = new.iter().map(|c| c.raw_bytes().len() as u64).sum();
     if meta.size_bytes + added > inner.cfg.max_doc_bytes {
-        let mut doc = loaded
-            .doc
-            .fork_at(before)
+        super::writer::roll_back(inner, loaded, before)
             .map_err(|e| format!("cannot undo an oversized merge: {e}"))?;
-        doc.set_actor(inner.actor.clone());
-        loaded.doc = doc;
         return Err(DocError::DocTooLarge {
             size: meta.size_bytes + added,
             cap: inner.cfg.max_doc_bytes,
         }
         .to_string());
     }
-    meta.heads = loaded
-        .doc
-        .get_heads()
-        .iter()
-        .map(|h| h.to_string())
-        .collect();
-    meta.updated_at_ms = now;
-    for change in &new {
-        let seq = meta.next_seq;
-        meta.next_seq += 1;
-        meta.tail_changes += 1;
-        meta.size_bytes += change.raw_bytes().len() as u64;
-        round
-            .batch
-            .append_change(id.as_str(), seq, change.raw_bytes(), &meta);
-    }
+    let bytes = new.iter().map(|c| c.raw_bytes());
+    super::writer::append_changes(&mut round.batch, id, &mut meta, loaded, now, bytes);
     super::writer::maybe_compact(inner, id, loaded, &mut meta, &mut round.batch);
     loaded.meta = Some(meta);
     if creating {

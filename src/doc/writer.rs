@@ -405,26 +405,12 @@ where
     };
     if let Some(e) = cap_error {
         // The change is committed in memory only: go back to the heads before it.
-        // (fork_at replays the history: slow for big docs, but only on this error.)
-        let mut doc = loaded.doc.fork_at(&before).map_err(|fe| {
+        roll_back(inner, loaded, &before).map_err(|fe| {
             DocError::Internal(format!("cannot undo a change over a size cap: {fe}"))
         })?;
-        doc.set_actor(inner.actor.clone());
-        loaded.doc = doc;
         return Err(e);
     }
-    let seq = meta.next_seq;
-    meta.next_seq += 1;
-    meta.tail_changes += 1;
-    meta.size_bytes += size;
-    meta.updated_at_ms = now;
-    meta.heads = loaded
-        .doc
-        .get_heads()
-        .iter()
-        .map(|h| h.to_string())
-        .collect();
-    batch.append_change(id.as_str(), seq, bytes, &meta);
+    append_changes(batch, id, &mut meta, loaded, now, [bytes]);
     let input = Input::LocalChange {
         doc: id.to_string(),
         change: bytes.to_vec(),
@@ -438,6 +424,46 @@ where
     };
     loaded.meta = Some(meta);
     Ok((result, i64::from(creating), Some(input)))
+}
+
+/// Adds `changes` to the batch as the doc's next tail entries, with its meta
+/// (new heads, update time, sequence, tail and size) written alongside.
+pub(super) fn append_changes<'a>(
+    batch: &mut WriteBatch,
+    id: &DocId,
+    meta: &mut DocMeta,
+    loaded: &Loaded,
+    now: u64,
+    changes: impl IntoIterator<Item = &'a [u8]>,
+) {
+    meta.heads = loaded
+        .doc
+        .get_heads()
+        .iter()
+        .map(|h| h.to_string())
+        .collect();
+    meta.updated_at_ms = now;
+    for bytes in changes {
+        let seq = meta.next_seq;
+        meta.next_seq += 1;
+        meta.tail_changes += 1;
+        meta.size_bytes += bytes.len() as u64;
+        batch.append_change(id.as_str(), seq, bytes, meta);
+    }
+}
+
+/// Undoes in memory every change after `before`: for a change refused after
+/// Automerge applied it. (fork_at replays the history: slow for big docs, but
+/// only on this error path.)
+pub(super) fn roll_back(
+    inner: &Inner,
+    loaded: &mut Loaded,
+    before: &[ChangeHash],
+) -> Result<(), automerge::AutomergeError> {
+    let mut doc = loaded.doc.fork_at(before)?;
+    doc.set_actor(inner.actor.clone());
+    loaded.doc = doc;
+    Ok(())
 }
 
 /// Compacts the doc's change tail into a snapshot when it is due.

@@ -156,3 +156,36 @@ pub fn snapshot_files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     out.sort();
     out
 }
+
+/// An in-process node on the network: listening on loopback, mDNS off, dialing
+/// `peers`; `tweak` adjusts the rest of its config.
+pub async fn p2p_node(
+    dir: &Path,
+    peers: Vec<String>,
+    tweak: impl FnOnce(&mut mergeflow::config::Config),
+) -> mergeflow::Node {
+    let mut config = mergeflow::config::Config::default();
+    config.node.data_dir = dir.to_path_buf();
+    config.net.listen = vec!["/ip4/127.0.0.1/tcp/0".into()];
+    config.net.mdns = false;
+    config.net.peers = peers;
+    tweak(&mut config);
+    mergeflow::Node::builder()
+        .config(config)
+        .network(true)
+        .start()
+        .await
+        .unwrap()
+}
+
+/// The node's first p2p listen address (with /p2p/<id>), once the swarm has one.
+pub async fn listen_addr(node: &mergeflow::Node) -> String {
+    let deadline = Instant::now() + START_DEADLINE;
+    loop {
+        if let Some(a) = node.status().await.listen_addrs.first() {
+            return a.clone();
+        }
+        assert!(Instant::now() < deadline, "no listen address");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

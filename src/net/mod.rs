@@ -338,7 +338,7 @@ pub fn spawn(
     let allow: BTreeSet<PeerId> = cfg.allow.iter().copied().collect();
     tasks.spawn(async move {
         let mut connected: BTreeSet<PeerId> = BTreeSet::new();
-        let mut in_flight: InFlight = HashMap::new();
+        let mut in_flight = InFlight::default();
         let mut bans: Bans = HashMap::new();
         let mut redial = tokio::time::interval(Duration::from_millis(250));
         loop {
@@ -411,8 +411,49 @@ fn strike(
     }
 }
 
-/// Requests in flight that concern a doc, so a failed delivery can be repaired.
-type InFlight = HashMap<request_response::OutboundRequestId, String>;
+/// Requests one peer may have unanswered; past it, messages to that peer are
+/// dropped (anti-entropy repairs them) instead of piling up for a peer that is
+/// slow or does not answer.
+const MAX_IN_FLIGHT: usize = 1024;
+
+/// Requests in flight: per peer (for the cap) and the doc each is about (so a
+/// failed delivery can be repaired).
+#[derive(Default)]
+struct InFlight {
+    by_id: HashMap<request_response::OutboundRequestId, (PeerId, Option<String>)>,
+    per_peer: HashMap<PeerId, usize>,
+}
+
+impl InFlight {
+    fn send(
+        &mut self,
+        swarm: &mut libp2p::Swarm<Behaviour>,
+        peer: PeerId,
+        bytes: Vec<u8>,
+        doc: Option<&str>,
+    ) {
+        let n = self.per_peer.entry(peer).or_default();
+        if *n >= MAX_IN_FLIGHT {
+            tracing::debug!(peer = %peer, "too many unanswered requests: message dropped");
+            return;
+        }
+        *n += 1;
+        let id = swarm.behaviour_mut().sync.send_request(&peer, bytes);
+        self.by_id.insert(id, (peer, doc.map(str::to_string)));
+    }
+
+    /// The request ended (answered or failed); returns the doc it was about.
+    fn done(&mut self, id: request_response::OutboundRequestId) -> Option<String> {
+        let (peer, doc) = self.by_id.remove(&id)?;
+        if let Some(n) = self.per_peer.get_mut(&peer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_peer.remove(&peer);
+            }
+        }
+        doc
+    }
+}
 
 fn send(
     swarm: &mut libp2p::Swarm<Behaviour>,
@@ -427,22 +468,13 @@ fn send(
             let Ok(peer) = to.parse::<PeerId>() else {
                 return;
             };
-            let id = swarm
-                .behaviour_mut()
-                .sync
-                .send_request(&peer, codec::encode(&msg));
-            if let Some(doc) = msg.doc() {
-                in_flight.insert(id, doc.to_string());
-            }
+            in_flight.send(swarm, peer, codec::encode(&msg), msg.doc());
         }
         Output::Broadcast { msg, except } => {
             let bytes = codec::encode(&msg);
             let except = except.and_then(|e| e.parse::<PeerId>().ok());
             for peer in connected.iter().filter(|p| Some(**p) != except) {
-                let id = swarm.behaviour_mut().sync.send_request(peer, bytes.clone());
-                if let Some(doc) = msg.doc() {
-                    in_flight.insert(id, doc.to_string());
-                }
+                in_flight.send(swarm, *peer, bytes.clone(), msg.doc());
             }
         }
         Output::Rejected { peer, reason } => {
@@ -569,7 +601,7 @@ fn on_event(
             ..
         })) => {
             tracing::debug!(peer = %peer, err = %error, "sync message not delivered");
-            if let Some(doc) = in_flight.remove(&request_id) {
+            if let Some(doc) = in_flight.done(request_id) {
                 docs.sync_input(Input::SendFailed {
                     peer: peer.to_string(),
                     doc,
@@ -580,7 +612,7 @@ fn on_event(
             message: request_response::Message::Response { request_id, .. },
             ..
         })) => {
-            in_flight.remove(&request_id);
+            in_flight.done(request_id);
         }
         SwarmEvent::Behaviour(BehaviourEvent::Sync(request_response::Event::InboundFailure {
             peer,

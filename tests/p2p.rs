@@ -16,7 +16,7 @@ async fn start(dir: &std::path::Path, peers: Vec<String>) -> Node {
 
 /// Polls until every node has the same list of docs with the same heads.
 async fn converged(nodes: &[&Node], what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + Duration::from_secs(300);
     loop {
         let mut views = Vec::new();
         for n in nodes {

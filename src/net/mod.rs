@@ -129,6 +129,20 @@ pub struct PeerInfo {
     pub docs_syncing: usize,
 }
 
+impl PeerInfo {
+    /// A peer we have just heard of: not connected, nothing known yet.
+    fn new(peer: PeerId) -> PeerInfo {
+        PeerInfo {
+            peer_id: peer.to_string(),
+            addrs: vec![],
+            connected: false,
+            rejected: 0,
+            last_in_sync_at: None,
+            docs_syncing: 0,
+        }
+    }
+}
+
 /// Live network state, shared with the API.
 #[derive(Debug, Default)]
 pub struct NetState {
@@ -392,14 +406,7 @@ fn strike(
 ) {
     let strikes = {
         let mut st = state.lock().expect("not poisoned");
-        let info = st.peers.entry(peer).or_insert_with(|| PeerInfo {
-            peer_id: peer.to_string(),
-            addrs: vec![],
-            connected: false,
-            rejected: 0,
-            last_in_sync_at: None,
-            docs_syncing: 0,
-        });
+        let info = st.peers.entry(peer).or_insert_with(|| PeerInfo::new(peer));
         info.rejected += 1;
         info.rejected
     };
@@ -529,14 +536,10 @@ fn on_event(
             ..
         } => {
             let mut st = state.lock().expect("not poisoned");
-            let info = st.peers.entry(peer_id).or_insert_with(|| PeerInfo {
-                peer_id: peer_id.to_string(),
-                addrs: vec![],
-                connected: true,
-                rejected: 0,
-                last_in_sync_at: None,
-                docs_syncing: 0,
-            });
+            let info = st
+                .peers
+                .entry(peer_id)
+                .or_insert_with(|| PeerInfo::new(peer_id));
             info.connected = true;
             let addr = endpoint.get_remote_address().to_string();
             if !info.addrs.contains(&addr) {

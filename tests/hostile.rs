@@ -122,6 +122,7 @@ async fn a_hostile_peer_is_rejected_and_banned_while_honest_peers_sync() {
         })),
         framed(&codec::encode(&Message::Bucket {
             bucket: 9999,
+            answer: true,
             entries: vec![],
         })),
         framed(&codec::encode(&Message::Deleted {

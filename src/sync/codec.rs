@@ -4,7 +4,7 @@
 //! message = version:u8 (=1) kind:u8 body
 //! Change  (1) = str(doc) bytes(change)
 //! Digest  (2) = count:u32 u64*count
-//! Bucket  (3) = bucket:u32 count:u32 (str(doc) hash:u64)*count
+//! Bucket  (3) = bucket:u32 answer:u8 count:u32 (str(doc) hash:u64)*count
 //! Sync    (4) = str(doc) bytes(data)
 //! Deleted (5) = str(doc)
 //! str/bytes = len:u32 payload          integers little-endian
@@ -56,9 +56,14 @@ pub fn encode(msg: &Message) -> Vec<u8> {
                 out.extend_from_slice(&b.to_le_bytes());
             }
         }
-        Message::Bucket { bucket, entries } => {
+        Message::Bucket {
+            bucket,
+            entries,
+            answer,
+        } => {
             out.push(3);
             put_u32(&mut out, *bucket);
+            out.push(u8::from(*answer));
             put_u32(&mut out, entries.len() as u32);
             for (doc, hash) in entries {
                 put_bytes(&mut out, doc.as_bytes());
@@ -109,13 +114,22 @@ pub fn decode(bytes: &[u8], cap: usize) -> Result<Message, DecodeError> {
         }
         3 => {
             let bucket = r.u32()?;
+            let answer = match r.u8()? {
+                0 => false,
+                1 => true,
+                _ => return Err(DecodeError::Malformed("bucket answer flag is not 0 or 1")),
+            };
             // Each entry takes at least 4 (length) + 8 (hash) bytes.
             let n = r.count(12)?;
             let mut entries = Vec::with_capacity(n);
             for _ in 0..n {
                 entries.push((r.string()?, r.u64()?));
             }
-            Message::Bucket { bucket, entries }
+            Message::Bucket {
+                bucket,
+                entries,
+                answer,
+            }
         }
         4 => Message::Sync {
             doc: r.string()?,
@@ -208,6 +222,7 @@ mod tests {
             Message::Bucket {
                 bucket: 7,
                 entries: vec![("x".into(), 1), ("yé".into(), 2)],
+                answer: true,
             },
             Message::Sync {
                 doc: "d".into(),

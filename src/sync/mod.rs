@@ -22,7 +22,10 @@
 //!   receiver answers each differing bucket with [`Message::Bucket`] (its docs
 //!   and their hashes); the first side then syncs every doc whose hash differs,
 //!   from a fresh sync state, since a difference after a loss may mean a stale
-//!   one. Lost messages, partitions and restarts are all repaired this way.
+//!   one, and pushes whole every doc the other side lacks (a primed session
+//!   whose first message carries all changes). Docs only the other side holds
+//!   are left to it to push; the bucket is sent back (once) so it knows. Lost
+//!   messages, partitions and restarts are all repaired this way.
 //! - **Passing on.** Changes merged by sync (not by the fast path) are synced
 //!   on to the node's other peers, so a change repaired into one node reaches
 //!   the rest of a connected mesh without waiting for their anti-entropy.
@@ -118,6 +121,9 @@ pub enum Message {
         bucket: u32,
         /// (doc id, entry hash), sorted by id.
         entries: Vec<(String, u64)>,
+        /// The sender wants the receiver's entries for this bucket in return
+        /// (so it can push the docs the receiver lacks).
+        answer: bool,
     },
     /// An Automerge sync message for one doc.
     Sync {
@@ -293,6 +299,9 @@ struct Peer {
     /// Docs anti-entropy found differing, waiting for a session slot.
     pending: std::collections::VecDeque<String>,
     pending_set: std::collections::HashSet<String>,
+    /// Pending docs the peer lacks entirely: their session starts by sending
+    /// every change.
+    push: std::collections::HashSet<String>,
     next_digest_at: u64,
     last_in_sync_at: Option<u64>,
 }
@@ -379,6 +388,7 @@ impl Core {
                         sessions: HashMap::new(),
                         pending: Default::default(),
                         pending_set: Default::default(),
+                        push: Default::default(),
                         next_digest_at: next,
                         last_in_sync_at: None,
                     },
@@ -526,11 +536,16 @@ impl Core {
                         msg: Message::Bucket {
                             bucket,
                             entries: self.digest.bucket_entries(bucket),
+                            answer: true,
                         },
                     });
                 }
             }
-            Message::Bucket { bucket, entries } => {
+            Message::Bucket {
+                bucket,
+                entries,
+                answer,
+            } => {
                 if bucket >= self.digest.buckets().len() as u32
                     || entries.len() > self.cfg.max_bucket_entries
                 {
@@ -540,32 +555,53 @@ impl Core {
                 let theirs: HashMap<&str, u64> =
                     entries.iter().map(|(d, h)| (d.as_str(), *h)).collect();
                 let mine = self.digest.bucket_entries(bucket);
-                let mut differing: Vec<String> = Vec::new();
+                // Docs both hold differently are synced; docs only we hold are
+                // pushed whole (one message instead of a negotiation); docs
+                // only they hold are left to them to push, and we send our
+                // entries back if they asked, so that they know what we lack.
+                let mut differing: Vec<(String, bool)> = Vec::new();
                 for (doc, hash) in &mine {
-                    if theirs.get(doc.as_str()) != Some(hash) {
-                        differing.push(doc.clone());
+                    match theirs.get(doc.as_str()) {
+                        Some(h) if h == hash => {}
+                        Some(_) => differing.push((doc.clone(), false)),
+                        None => differing.push((doc.clone(), true)),
                     }
                 }
+                let mut lacking = 0;
                 for (doc, _) in &entries {
                     if self.digest.entry(doc).is_none() {
                         if crate::doc::DocId::new(doc.as_str()).is_err() {
                             return self.reject(&from, format!("invalid doc id {doc:?}"), out);
                         }
-                        differing.push(doc.clone());
+                        lacking += 1;
                     }
                 }
-                self.stats.docs_differing += differing.len() as u64;
-                for doc in differing {
+                self.stats.docs_differing += (differing.len() + lacking) as u64;
+                for (doc, push) in differing {
                     if docs.state(&doc) == Some(DocState::Deleted) {
                         out.push(Output::Send {
                             to: from.clone(),
                             msg: Message::Deleted { doc },
                         });
                     } else if let Some(p) = self.peers.get_mut(&from)
+                        && !p.sessions.contains_key(&doc)
                         && p.pending_set.insert(doc.clone())
                     {
+                        if push {
+                            p.push.insert(doc.clone());
+                        }
                         p.pending.push_back(doc);
                     }
+                }
+                if lacking > 0 && answer {
+                    out.push(Output::Send {
+                        to: from.clone(),
+                        msg: Message::Bucket {
+                            bucket,
+                            entries: mine,
+                            answer: false,
+                        },
+                    });
                 }
                 self.start_pending(now, &from, docs, out);
             }
@@ -742,6 +778,13 @@ impl Core {
             .or_insert_with(|| Session::new(now));
         if reset {
             *session = Session::new(now);
+        }
+        if p.push.remove(doc) {
+            // The peer has none of this doc: tell the sync state so, and the
+            // first message carries every change.
+            session.state.their_heads = Some(vec![]);
+            session.state.their_need = Some(vec![]);
+            session.state.their_have = Some(vec![sync::Have::default()]);
         }
         match docs.generate_sync(doc, &mut session.state) {
             Some(data) => {

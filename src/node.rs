@@ -302,6 +302,9 @@ pub struct Status {
     pub listen_addrs: Vec<String>,
     /// Connected peers.
     pub peers: usize,
+    /// Hash of every doc id and its heads; equal on two nodes exactly when
+    /// they hold the same docs at the same heads (absent without sync).
+    pub digest: Option<String>,
     /// Group-commit flushes since start.
     pub flushes: u64,
     /// Writes acknowledged by those flushes.
@@ -404,6 +407,7 @@ impl Node {
         Status {
             listen_addrs,
             peers,
+            digest: self.inner.docs.sync_fingerprint(),
             peer_id: self.inner.peer_id.to_string(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             docs: self.inner.docs.count(),

@@ -150,6 +150,8 @@ pub(super) struct Inner {
     pub(super) live_docs: AtomicI64,
     writer_thread: Mutex<Option<JoinHandle<()>>>,
     pub(super) sync_view: Mutex<std::collections::BTreeMap<String, PeerSyncView>>,
+    /// The sync digest's fingerprint after the writer's last round.
+    pub(super) sync_fingerprint: Mutex<Option<String>>,
 }
 
 pub(super) type SlotRef = Arc<Mutex<Option<Loaded>>>;
@@ -241,6 +243,7 @@ impl Docs {
             live_docs: AtomicI64::new(live),
             writer_thread: Mutex::new(None),
             sync_view: Mutex::new(Default::default()),
+            sync_fingerprint: Mutex::new(None),
         });
         let thread_inner = inner.clone();
         let handle = std::thread::Builder::new()
@@ -313,6 +316,18 @@ impl Docs {
     pub fn sync_view(&self) -> std::collections::BTreeMap<String, PeerSyncView> {
         self.inner
             .sync_view
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// A hash of every doc id and its heads (the sync digest's
+    /// [`fingerprint`](crate::sync::Digest::fingerprint)) as of the writer's
+    /// last round: two nodes with equal fingerprints hold the same docs at the
+    /// same heads. `None` without sync, or before the first round.
+    pub fn sync_fingerprint(&self) -> Option<String> {
+        self.inner
+            .sync_fingerprint
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()

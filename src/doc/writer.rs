@@ -143,6 +143,13 @@ pub(super) fn run(
             }
         }
         write_round(&inner, msgs, sync.as_mut());
+        if let Some(sync) = &sync {
+            let fp = sync.core.digest().fingerprint();
+            *inner
+                .sync_fingerprint
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(fp);
+        }
     }
 }
 

@@ -6,7 +6,7 @@
 //! search to the differing buckets, then to the differing docs. XOR makes the
 //! digest order-free and lets a heads change update it in O(1).
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use automerge::ChangeHash;
 use sha2::{Digest as _, Sha256};
@@ -49,15 +49,20 @@ pub fn bucket_of(doc: &str, buckets: u32) -> u32 {
 #[derive(Debug, Clone)]
 pub struct Digest {
     buckets: Vec<u64>,
-    entries: HashMap<String, u64>,
+    /// Entry hashes by bucket, then by doc id: answering a bucket costs only
+    /// that bucket's docs.
+    entries: Vec<BTreeMap<String, u64>>,
+    len: usize,
 }
 
 impl Digest {
     /// An empty digest with `buckets` buckets.
     pub fn new(buckets: u32) -> Digest {
+        let n = buckets.max(1) as usize;
         Digest {
-            buckets: vec![0; buckets.max(1) as usize],
-            entries: HashMap::new(),
+            buckets: vec![0; n],
+            entries: vec![BTreeMap::new(); n],
+            len: 0,
         }
     }
 
@@ -65,14 +70,17 @@ impl Digest {
     pub fn set(&mut self, doc: &str, state: &DocState) -> bool {
         let new = entry_hash(doc, state);
         let bucket = bucket_of(doc, self.buckets.len() as u32) as usize;
-        match self.entries.insert(doc.to_string(), new) {
-            Some(old) if old == new => false,
+        match self.entries[bucket].get_mut(doc) {
+            Some(old) if *old == new => false,
             Some(old) => {
-                self.buckets[bucket] ^= old ^ new;
+                self.buckets[bucket] ^= *old ^ new;
+                *old = new;
                 true
             }
             None => {
+                self.entries[bucket].insert(doc.to_string(), new);
                 self.buckets[bucket] ^= new;
+                self.len += 1;
                 true
             }
         }
@@ -96,30 +104,38 @@ impl Digest {
 
     /// The docs in `bucket` with their entry hashes, sorted by id.
     pub fn bucket_entries(&self, bucket: u32) -> Vec<(String, u64)> {
-        let n = self.buckets.len() as u32;
-        let mut out: Vec<(String, u64)> = self
-            .entries
-            .iter()
-            .filter(|(doc, _)| bucket_of(doc, n) == bucket)
-            .map(|(d, h)| (d.clone(), *h))
-            .collect();
-        out.sort();
-        out
+        self.entries
+            .get(bucket as usize)
+            .map(|e| e.iter().map(|(d, h)| (d.clone(), *h)).collect())
+            .unwrap_or_default()
     }
 
     /// The entry hash recorded for `doc`.
     pub fn entry(&self, doc: &str) -> Option<u64> {
-        self.entries.get(doc).copied()
+        let bucket = bucket_of(doc, self.buckets.len() as u32) as usize;
+        self.entries[bucket].get(doc).copied()
     }
 
     /// Number of docs recorded.
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.len
     }
 
     /// True if no doc is recorded.
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.len == 0
+    }
+
+    /// One hash of the whole digest, hex: equal on two nodes exactly when
+    /// their buckets are (for practical purposes, when they hold the same docs
+    /// at the same heads). Scripts compare it to tell convergence.
+    pub fn fingerprint(&self) -> String {
+        let mut h = Sha256::new();
+        for b in &self.buckets {
+            h.update(b.to_le_bytes());
+        }
+        let out = h.finalize();
+        out[..16].iter().map(|b| format!("{b:02x}")).collect()
     }
 }
 

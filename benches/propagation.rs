@@ -72,6 +72,12 @@ async fn propagate(a: &Node, others: &[Node], writes: usize) -> Vec<Duration> {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let writes: usize = std::env::var("WRITES")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -131,8 +137,18 @@ async fn main() {
     let total = a.docs().count();
     let t = Instant::now();
     let fresh = start(&dir.path().join("fresh"), vec![a_addr.clone()]).await;
+    let progress = std::env::var_os("PROGRESS").is_some();
+    let mut next_report = Duration::from_secs(1);
     while fresh.docs().count() < total {
         tokio::time::sleep(Duration::from_millis(10)).await;
+        if progress && t.elapsed() >= next_report {
+            eprintln!(
+                "  {:>5.1} s: {} docs",
+                t.elapsed().as_secs_f64(),
+                fresh.docs().count()
+            );
+            next_report += Duration::from_secs(1);
+        }
     }
     println!(
         "catch-up of a fresh node to {total} docs: {:.2} s (start to last doc stored)",

@@ -128,6 +128,15 @@ async fn a_hostile_peer_is_rejected_and_banned_while_honest_peers_sync() {
         framed(&codec::encode(&Message::Deleted {
             doc: "bad id!".into(),
         })),
+        framed(&codec::encode(&Message::Doc {
+            doc: "d".into(),
+            data: b"not an automerge doc".to_vec(),
+        })),
+        // A batch inside a batch.
+        framed(&codec::encode_batch(&[
+            codec::encode_batch(&[vec![1, 5], vec![1, 5]]),
+            vec![1, 5],
+        ])),
     ];
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut honest_i = 0;

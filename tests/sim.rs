@@ -98,6 +98,23 @@ impl DocAccess for SimDocs {
         self.deleted.insert(doc.to_string());
         Ok(())
     }
+
+    fn doc_bytes(&mut self, doc: &str) -> Option<Vec<u8>> {
+        if self.deleted.contains(doc) {
+            return None;
+        }
+        self.docs.get_mut(doc).map(|d| d.save())
+    }
+
+    fn merge_doc(&mut self, doc: &str, data: &[u8]) -> Result<Option<DocState>, String> {
+        if self.deleted.contains(doc) {
+            return Ok(Some(DocState::Deleted));
+        }
+        self.doc_mut(doc)
+            .load_incremental(data)
+            .map_err(|e| e.to_string())?;
+        Ok(Some(self.doc_state(doc)))
+    }
 }
 
 struct Node {

@@ -218,6 +218,47 @@ impl DocAccess for Round<'_> {
         })
     }
 
+    fn doc_bytes(&mut self, doc: &str) -> Option<Vec<u8>> {
+        let id = DocId::new(doc).ok()?;
+        // A doc in memory may be ahead of the store (this round's changes):
+        // save it. Otherwise its stored chunks are already what a peer loads,
+        // with no Automerge work here at all.
+        if let Some(slot) = self.inner.cached(&id) {
+            let guard = lock_slot(&slot);
+            if let Some(loaded) = guard.as_ref() {
+                if loaded.meta.is_none() || deleted(loaded) {
+                    return None;
+                }
+                return std::panic::catch_unwind(AssertUnwindSafe(|| loaded.doc.save())).ok();
+            }
+        }
+        let meta = self.inner.store.doc_meta(doc).ok()??;
+        if meta.deleted_at_ms.is_some() {
+            return None;
+        }
+        let data = self.inner.store.doc_data(doc).ok()?;
+        let mut out = data.snapshot;
+        for change in data.changes {
+            out.extend_from_slice(&change);
+        }
+        Some(out)
+    }
+
+    fn merge_doc(&mut self, doc: &str, data: &[u8]) -> Result<Option<DocState>, String> {
+        self.with_loaded(doc, |round, id, loaded| {
+            if deleted(loaded) {
+                return Ok(Some(DocState::Deleted));
+            }
+            let before = loaded.doc.get_heads();
+            loaded
+                .doc
+                .load_incremental(data)
+                .map_err(|e| format!("pushed doc does not load: {e}"))?;
+            let merged = store_merged(round, id, loaded, &before)?;
+            Ok(loaded.meta.is_some().then_some(merged))
+        })
+    }
+
     fn delete(&mut self, doc: &str) -> Result<(), String> {
         self.with_loaded(doc, |round, id, loaded| {
             if deleted(loaded) {

@@ -309,7 +309,13 @@ impl Docs {
     /// anti-entropy repairs what that loses. Returns `false` if it was dropped
     /// (queue full or node stopping).
     pub fn sync_input(&self, input: Input) -> bool {
-        self.writer.try_send(WriterMsg::Sync(input)).is_ok()
+        self.sync_inputs(vec![input])
+    }
+
+    /// Queues several inputs for the sync core as one writer message (so a
+    /// frame of many messages takes one queue slot); false if the queue is full.
+    pub fn sync_inputs(&self, inputs: Vec<Input>) -> bool {
+        self.writer.try_send(WriterMsg::Sync(inputs)).is_ok()
     }
 
     /// Sync progress per connected peer (refreshed every tick).
@@ -519,6 +525,12 @@ impl Inner {
         cache.map.insert(id.clone(), entry);
         cache.evict(self.cfg.cache_docs, self.cfg.cache_doc_bytes);
         slot
+    }
+
+    /// The cache slot of `id`, if it has one (without creating one).
+    pub(super) fn cached(&self, id: &DocId) -> Option<SlotRef> {
+        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        cache.map.get(id).map(|e| e.slot.clone())
     }
 
     /// Records the stored size of a loaded doc, for the cache's byte bound.

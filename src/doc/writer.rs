@@ -39,8 +39,9 @@ use crate::sync::{Core, DocState, Input, Output};
 /// A message to the writer thread.
 pub(super) enum WriterMsg {
     Write(WriteReq),
-    /// Input for the sync core (ignored when the node does not sync).
-    Sync(Input),
+    /// Input for the sync core (ignored when the node does not sync), e.g.
+    /// the messages of one network frame.
+    Sync(Vec<Input>),
     /// Finish the writes queued before this and exit.
     Stop,
 }
@@ -67,11 +68,25 @@ impl SyncRuntime {
     fn handle(&mut self, input: Input, round: &mut Round<'_>) {
         let now = self.started.elapsed().as_millis() as u64;
         let tick = matches!(input, Input::Tick);
+        if tracing::enabled!(tracing::Level::TRACE)
+            && let Input::Received { from, msg } = &input
+        {
+            tracing::trace!(peer = %from, kind = msg.kind(), doc = ?msg.doc(), "sync input");
+        }
         for out in self.core.handle(now, &mut self.rng, input, round) {
+            if let Output::Send { to, msg } = &out {
+                tracing::trace!(peer = %to, kind = msg.kind(), doc = ?msg.doc(), "sync output");
+            }
             // Never block the writer on the network: a full queue drops the
             // output, and anti-entropy repairs whatever that loses.
             if self.out.try_send(out).is_err() {
                 self.dropped_outputs += 1;
+                if self.dropped_outputs.is_power_of_two() {
+                    tracing::debug!(
+                        dropped = self.dropped_outputs,
+                        "network queue full: sync output dropped"
+                    );
+                }
             }
         }
         if tick {
@@ -161,9 +176,11 @@ fn write_round(inner: &Inner, msgs: Vec<WriterMsg>, mut sync: Option<&mut SyncRu
     for msg in msgs {
         let req = match msg {
             WriterMsg::Write(req) => req,
-            WriterMsg::Sync(input) => {
+            WriterMsg::Sync(inputs) => {
                 if let Some(sync) = sync.as_deref_mut() {
-                    sync.handle(input, &mut round);
+                    for input in inputs {
+                        sync.handle(input, &mut round);
+                    }
                 }
                 continue;
             }

@@ -349,6 +349,7 @@ pub fn spawn(
         })
         .collect();
     let shared = state.clone();
+    let frame_target = FRAME_TARGET.min(max);
     let allow: BTreeSet<PeerId> = cfg.allow.iter().copied().collect();
     tasks.spawn(async move {
         let mut connected: BTreeSet<PeerId> = BTreeSet::new();
@@ -374,7 +375,14 @@ pub fn spawn(
                 }
                 out = outputs.recv() => {
                     let Some(out) = out else { break };
-                    send(&mut swarm, &connected, &mut in_flight, &shared, &mut bans, out);
+                    // Take everything queued, then send it packed per peer.
+                    let mut outbox = Outbox::default();
+                    outbox.add(&mut swarm, &connected, &shared, &mut bans, out);
+                    while outbox.len() < MAX_OUTBOX {
+                        let Ok(out) = outputs.try_recv() else { break };
+                        outbox.add(&mut swarm, &connected, &shared, &mut bans, out);
+                    }
+                    outbox.flush(&mut swarm, &mut in_flight, frame_target);
                 }
                 ev = swarm.select_next_some() => {
                     on_event(ev, &mut swarm, &docs, &mut connected, &mut in_flight, &mut bans, &mut statics, &shared, local, &allow);
@@ -418,16 +426,23 @@ fn strike(
     }
 }
 
-/// Requests one peer may have unanswered; past it, messages to that peer are
+/// Frames one peer may have unanswered; past it, messages to that peer are
 /// dropped (anti-entropy repairs them) instead of piling up for a peer that is
 /// slow or does not answer.
-const MAX_IN_FLIGHT: usize = 1024;
+const MAX_IN_FLIGHT: usize = 256;
 
-/// Requests in flight: per peer (for the cap) and the doc each is about (so a
+/// Frames are filled up to this many bytes (or `net.max_message_bytes`, if
+/// smaller); a bigger message travels alone.
+const FRAME_TARGET: usize = 1 << 20;
+
+/// Most queued outputs taken at once before sending.
+const MAX_OUTBOX: usize = 4096;
+
+/// Frames in flight: per peer (for the cap) and the docs each is about (so a
 /// failed delivery can be repaired).
 #[derive(Default)]
 struct InFlight {
-    by_id: HashMap<request_response::OutboundRequestId, (PeerId, Option<String>)>,
+    by_id: HashMap<request_response::OutboundRequestId, (PeerId, Vec<String>)>,
     per_peer: HashMap<PeerId, usize>,
 }
 
@@ -436,60 +451,114 @@ impl InFlight {
         &mut self,
         swarm: &mut libp2p::Swarm<Behaviour>,
         peer: PeerId,
-        bytes: Vec<u8>,
-        doc: Option<&str>,
+        frame: Vec<u8>,
+        docs: Vec<String>,
     ) {
         let n = self.per_peer.entry(peer).or_default();
         if *n >= MAX_IN_FLIGHT {
-            tracing::debug!(peer = %peer, "too many unanswered requests: message dropped");
+            tracing::debug!(peer = %peer, "too many unanswered frames: frame dropped");
             return;
         }
         *n += 1;
-        let id = swarm.behaviour_mut().sync.send_request(&peer, bytes);
-        self.by_id.insert(id, (peer, doc.map(str::to_string)));
+        let id = swarm.behaviour_mut().sync.send_request(&peer, frame);
+        self.by_id.insert(id, (peer, docs));
     }
 
-    /// The request ended (answered or failed); returns the doc it was about.
-    fn done(&mut self, id: request_response::OutboundRequestId) -> Option<String> {
-        let (peer, doc) = self.by_id.remove(&id)?;
+    /// The frame ended (answered or failed); returns the docs it was about.
+    fn done(&mut self, id: request_response::OutboundRequestId) -> Vec<String> {
+        let Some((peer, docs)) = self.by_id.remove(&id) else {
+            return vec![];
+        };
         if let Some(n) = self.per_peer.get_mut(&peer) {
             *n = n.saturating_sub(1);
             if *n == 0 {
                 self.per_peer.remove(&peer);
             }
         }
-        doc
+        docs
     }
 }
 
-fn send(
-    swarm: &mut libp2p::Swarm<Behaviour>,
-    connected: &BTreeSet<PeerId>,
-    in_flight: &mut InFlight,
-    state: &Mutex<NetState>,
-    bans: &mut Bans,
-    out: Output,
-) {
-    match out {
-        Output::Send { to, msg } => {
-            let Ok(peer) = to.parse::<PeerId>() else {
-                return;
-            };
-            in_flight.send(swarm, peer, codec::encode(&msg), msg.doc());
+/// One encoded message waiting to be framed, and the doc it is about.
+struct Queued {
+    bytes: Vec<u8>,
+    doc: Option<String>,
+}
+
+/// Messages taken from the sync core's queue, per peer, in order.
+#[derive(Default)]
+struct Outbox {
+    per_peer: HashMap<PeerId, Vec<Queued>>,
+    len: usize,
+}
+
+impl Outbox {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn push(&mut self, peer: PeerId, bytes: Vec<u8>, doc: Option<&str>) {
+        self.len += 1;
+        self.per_peer.entry(peer).or_default().push(Queued {
+            bytes,
+            doc: doc.map(str::to_string),
+        });
+    }
+
+    /// Takes one output of the sync core: messages are queued, rejections
+    /// strike the peer at once.
+    fn add(
+        &mut self,
+        swarm: &mut libp2p::Swarm<Behaviour>,
+        connected: &BTreeSet<PeerId>,
+        state: &Mutex<NetState>,
+        bans: &mut Bans,
+        out: Output,
+    ) {
+        match out {
+            Output::Send { to, msg } => {
+                if let Ok(peer) = to.parse::<PeerId>() {
+                    self.push(peer, codec::encode(&msg), msg.doc());
+                }
+            }
+            Output::Broadcast { msg, except } => {
+                let bytes = codec::encode(&msg);
+                let except = except.and_then(|e| e.parse::<PeerId>().ok());
+                for peer in connected.iter().filter(|p| Some(**p) != except) {
+                    self.push(*peer, bytes.clone(), msg.doc());
+                }
+            }
+            Output::Rejected { peer, reason } => {
+                if let Ok(peer) = peer.parse::<PeerId>() {
+                    strike(swarm, state, bans, peer, &reason);
+                }
+            }
+            Output::Merged { .. } => {}
         }
-        Output::Broadcast { msg, except } => {
-            let bytes = codec::encode(&msg);
-            let except = except.and_then(|e| e.parse::<PeerId>().ok());
-            for peer in connected.iter().filter(|p| Some(**p) != except) {
-                in_flight.send(swarm, *peer, bytes.clone(), msg.doc());
+    }
+
+    /// Sends everything queued, each peer's messages packed in order into
+    /// frames of up to `target` bytes.
+    fn flush(self, swarm: &mut libp2p::Swarm<Behaviour>, in_flight: &mut InFlight, target: usize) {
+        for (peer, queued) in self.per_peer {
+            let mut msgs: Vec<Vec<u8>> = Vec::new();
+            let mut docs: Vec<String> = Vec::new();
+            let mut size = codec::BATCH_OVERHEAD;
+            for q in queued {
+                let add = q.bytes.len() + codec::BATCH_PER_MESSAGE;
+                if !msgs.is_empty() && size + add > target {
+                    let frame = codec::encode_batch(&std::mem::take(&mut msgs));
+                    in_flight.send(swarm, peer, frame, std::mem::take(&mut docs));
+                    size = codec::BATCH_OVERHEAD;
+                }
+                size += add;
+                msgs.push(q.bytes);
+                docs.extend(q.doc);
+            }
+            if !msgs.is_empty() {
+                in_flight.send(swarm, peer, codec::encode_batch(&msgs), docs);
             }
         }
-        Output::Rejected { peer, reason } => {
-            if let Ok(peer) = peer.parse::<PeerId>() {
-                strike(swarm, state, bans, peer, &reason);
-            }
-        }
-        Output::Merged { .. } => {}
     }
 }
 
@@ -579,13 +648,18 @@ fn on_event(
                 return; // raced the disconnect; the response channel just drops
             }
             let _ = swarm.behaviour_mut().sync.send_response(channel, ());
-            match codec::decode(&request, usize::MAX) {
-                Ok(msg) => {
-                    if !docs.sync_input(Input::Received {
-                        from: peer.to_string(),
-                        msg,
-                    }) {
-                        tracing::debug!(peer = %peer, "sync queue full: message dropped");
+            match codec::decode_frame(&request, usize::MAX) {
+                Ok(msgs) => {
+                    let from = peer.to_string();
+                    let inputs = msgs
+                        .into_iter()
+                        .map(|msg| Input::Received {
+                            from: from.clone(),
+                            msg,
+                        })
+                        .collect();
+                    if !docs.sync_inputs(inputs) {
+                        tracing::debug!(peer = %peer, "sync queue full: frame dropped");
                     }
                 }
                 Err(e) => strike(
@@ -604,11 +678,16 @@ fn on_event(
             ..
         })) => {
             tracing::debug!(peer = %peer, err = %error, "sync message not delivered");
-            if let Some(doc) = in_flight.done(request_id) {
-                docs.sync_input(Input::SendFailed {
+            let failed: Vec<Input> = in_flight
+                .done(request_id)
+                .into_iter()
+                .map(|doc| Input::SendFailed {
                     peer: peer.to_string(),
                     doc,
-                });
+                })
+                .collect();
+            if !failed.is_empty() {
+                docs.sync_inputs(failed);
             }
         }
         SwarmEvent::Behaviour(BehaviourEvent::Sync(request_response::Event::Message {

@@ -7,8 +7,14 @@
 //! Bucket  (3) = bucket:u32 answer:u8 count:u32 (str(doc) hash:u64)*count
 //! Sync    (4) = str(doc) bytes(data)
 //! Deleted (5) = str(doc)
+//! Batch   (6) = count:u32 bytes(message)*count     (no batch inside a batch)
+//! Doc     (7) = str(doc) bytes(automerge chunks)
 //! str/bytes = len:u32 payload          integers little-endian
 //! ```
+//!
+//! A network frame holds one message or one batch: the shell packs whatever
+//! is queued for a peer into as few frames as the size cap allows, so catching
+//! up on thousands of docs costs a few round trips, not thousands.
 //!
 //! Decoding never panics and never allocates more than the input's size: every
 //! length is checked against the bytes left before anything is reserved.
@@ -79,8 +85,74 @@ pub fn encode(msg: &Message) -> Vec<u8> {
             out.push(5);
             put_bytes(&mut out, doc.as_bytes());
         }
+        Message::Doc { doc, data } => {
+            out.push(7);
+            put_bytes(&mut out, doc.as_bytes());
+            put_bytes(&mut out, data);
+        }
     }
     out
+}
+
+/// Kind byte of a batch.
+const BATCH: u8 = 6;
+
+/// Bytes a batch adds to its messages: a header, and a length per message.
+pub const BATCH_OVERHEAD: usize = 6;
+/// Bytes a batch adds per message.
+pub const BATCH_PER_MESSAGE: usize = 4;
+
+/// Packs encoded messages (from [`encode`]) into one frame; a single message
+/// is sent as itself.
+pub fn encode_batch(msgs: &[Vec<u8>]) -> Vec<u8> {
+    if let [one] = msgs {
+        return one.clone();
+    }
+    let size: usize = msgs.iter().map(|m| m.len() + BATCH_PER_MESSAGE).sum();
+    let mut out = Vec::with_capacity(BATCH_OVERHEAD + size);
+    out.push(VERSION);
+    out.push(BATCH);
+    put_u32(&mut out, msgs.len() as u32);
+    for m in msgs {
+        put_bytes(&mut out, m);
+    }
+    out
+}
+
+/// Decodes a frame of at most `cap` bytes: one message, or a batch of them.
+///
+/// # Errors
+/// [`DecodeError`] for the first thing wrong; a frame is taken whole or not at all.
+pub fn decode_frame(bytes: &[u8], cap: usize) -> Result<Vec<Message>, DecodeError> {
+    if bytes.len() > cap {
+        return Err(DecodeError::TooLarge {
+            size: bytes.len(),
+            cap,
+        });
+    }
+    if bytes.get(1) != Some(&BATCH) {
+        return decode(bytes, cap).map(|m| vec![m]);
+    }
+    let mut r = Reader { buf: bytes };
+    let version = r.u8()?;
+    if version != VERSION {
+        return Err(DecodeError::Version(version));
+    }
+    r.u8()?;
+    // Each message takes at least 4 (length) + 2 (version, kind) bytes.
+    let n = r.count(6)?;
+    let mut msgs = Vec::with_capacity(n);
+    for _ in 0..n {
+        let inner = r.bytes()?;
+        if inner.get(1) == Some(&BATCH) {
+            return Err(DecodeError::Malformed("batch inside a batch"));
+        }
+        msgs.push(decode(inner, cap)?);
+    }
+    if !r.buf.is_empty() {
+        return Err(DecodeError::Malformed("bytes after the end of the batch"));
+    }
+    Ok(msgs)
 }
 
 /// Decodes a message of at most `cap` bytes.
@@ -136,6 +208,10 @@ pub fn decode(bytes: &[u8], cap: usize) -> Result<Message, DecodeError> {
             data: r.bytes()?.to_vec(),
         },
         5 => Message::Deleted { doc: r.string()? },
+        7 => Message::Doc {
+            doc: r.string()?,
+            data: r.bytes()?.to_vec(),
+        },
         k => return Err(DecodeError::Kind(k)),
     };
     if !r.buf.is_empty() {
@@ -229,6 +305,10 @@ mod tests {
                 data: vec![],
             },
             Message::Deleted { doc: "gone".into() },
+            Message::Doc {
+                doc: "whole".into(),
+                data: vec![9; 5],
+            },
         ]
     }
 
@@ -236,6 +316,37 @@ mod tests {
     fn every_kind_round_trips() {
         for m in samples() {
             assert_eq!(decode(&encode(&m), 1 << 20).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn batches_round_trip_and_refuse_nesting() {
+        let encoded: Vec<Vec<u8>> = samples().iter().map(encode).collect();
+        let frame = encode_batch(&encoded);
+        assert_eq!(decode_frame(&frame, 1 << 20).unwrap(), samples());
+        // One message is framed as itself.
+        assert_eq!(encode_batch(&encoded[..1]), encoded[0]);
+        assert_eq!(decode_frame(&encoded[0], 1 << 20).unwrap(), samples()[..1]);
+        assert_eq!(decode_frame(&encode_batch(&[]), 100).unwrap(), vec![]);
+        let nested = encode_batch(&[frame.clone(), encoded[0].clone()]);
+        assert_eq!(
+            decode_frame(&nested, 1 << 20),
+            Err(DecodeError::Malformed("batch inside a batch"))
+        );
+        assert!(matches!(
+            decode_frame(&frame, 10),
+            Err(DecodeError::TooLarge { .. })
+        ));
+        let seed = 0xba7c4;
+        let mut rng = StdRng::seed_from_u64(seed);
+        for cut in 0..frame.len() {
+            assert!(decode_frame(&frame[..cut], 1 << 20).is_err(), "cut {cut}");
+        }
+        for _ in 0..2000 {
+            let mut b = frame.clone();
+            let i = rng.random_range(0..b.len());
+            b[i] = rng.random();
+            let _ = decode_frame(&b, 1 << 20);
         }
     }
 

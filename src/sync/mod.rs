@@ -22,8 +22,11 @@
 //!   receiver answers each differing bucket with [`Message::Bucket`] (its docs
 //!   and their hashes); the first side then syncs every doc whose hash differs,
 //!   from a fresh sync state, since a difference after a loss may mean a stale
-//!   one, and pushes whole every doc the other side lacks (a primed session
-//!   whose first message carries all changes). Docs only the other side holds
+//!   one, and pushes whole every doc the other side lacks as a
+//!   [`Message::Doc`] (its stored bytes, no session and no answer; at most
+//!   `max_pushes_per_tick` per tick, so a catch-up cannot flood the queues;
+//!   a doc over `max_push_bytes` goes by a primed session whose first message
+//!   carries every change instead). Docs only the other side holds
 //!   are left to it to push; the bucket is sent back (once) so it knows. Lost
 //!   messages, partitions and restarts are all repaired this way.
 //! - **Passing on.** Changes merged by sync (not by the fast path) are synced
@@ -46,6 +49,7 @@ use std::collections::{BTreeMap, HashMap};
 use automerge::sync;
 use rand::RngExt;
 
+use digest::entry_hash;
 pub use digest::{Digest, DocState};
 
 /// A peer, as the shell names it (a libp2p peer id in the node).
@@ -72,6 +76,10 @@ pub struct SyncConfig {
     /// A session that hears nothing from the peer for this long is restarted
     /// from a fresh state (its message or the answer was lost).
     pub session_timeout_ms: u64,
+    /// Docs pushed whole (to peers that lack them) per tick, over all peers.
+    pub max_pushes_per_tick: usize,
+    /// Largest doc pushed whole in one message; bigger ones sync in rounds.
+    pub max_push_bytes: usize,
 }
 
 impl Default for SyncConfig {
@@ -84,17 +92,32 @@ impl Default for SyncConfig {
             max_bucket_entries: 100_000,
             max_sessions_per_peer: 64,
             session_timeout_ms: 5_000,
+            max_pushes_per_tick: 1024,
+            max_push_bytes: 1 << 20,
         }
     }
 }
 
 impl Message {
+    /// The message's kind, for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Change { .. } => "change",
+            Message::Digest { .. } => "digest",
+            Message::Bucket { .. } => "bucket",
+            Message::Sync { .. } => "sync",
+            Message::Deleted { .. } => "deleted",
+            Message::Doc { .. } => "doc",
+        }
+    }
+
     /// The doc the message is about, if it is about one.
     pub fn doc(&self) -> Option<&str> {
         match self {
-            Message::Change { doc, .. } | Message::Sync { doc, .. } | Message::Deleted { doc } => {
-                Some(doc)
-            }
+            Message::Change { doc, .. }
+            | Message::Sync { doc, .. }
+            | Message::Deleted { doc }
+            | Message::Doc { doc, .. } => Some(doc),
             Message::Digest { .. } | Message::Bucket { .. } => None,
         }
     }
@@ -136,6 +159,14 @@ pub enum Message {
     Deleted {
         /// The doc.
         doc: String,
+    },
+    /// A whole doc, pushed to a peer that lacks it: Automerge chunks (a saved
+    /// doc and/or changes) that the receiver merges. Needs no answer.
+    Doc {
+        /// The doc.
+        doc: String,
+        /// The chunks.
+        data: Vec<u8>,
     },
 }
 
@@ -255,6 +286,16 @@ pub trait DocAccess {
     /// # Errors
     /// The shell could not store the tombstone.
     fn delete(&mut self, doc: &str) -> Result<(), String>;
+    /// Every change of live `doc` as Automerge chunks that
+    /// [`merge_doc`](Self::merge_doc) takes (a save, or stored chunks as they
+    /// are); `None` if the doc is not live here or cannot be read.
+    fn doc_bytes(&mut self, doc: &str) -> Option<Vec<u8>>;
+    /// Merges a peer's pushed doc (from its `doc_bytes`), creating the doc if
+    /// needed, and returns its state after; a deleted doc ignores it.
+    ///
+    /// # Errors
+    /// Bytes that do not load.
+    fn merge_doc(&mut self, doc: &str, data: &[u8]) -> Result<Option<DocState>, String>;
 }
 
 /// Counters of the core, for metrics and tests.
@@ -274,6 +315,10 @@ pub struct SyncStats {
     pub docs_differing: u64,
     /// Inputs rejected.
     pub rejected: u64,
+    /// Whole docs pushed to peers that lacked them.
+    pub docs_pushed_out: u64,
+    /// Whole docs merged from peers' pushes.
+    pub docs_pushed_in: u64,
 }
 
 struct Session {
@@ -299,9 +344,12 @@ struct Peer {
     /// Docs anti-entropy found differing, waiting for a session slot.
     pending: std::collections::VecDeque<String>,
     pending_set: std::collections::HashSet<String>,
-    /// Pending docs the peer lacks entirely: their session starts by sending
-    /// every change.
+    /// Pending docs the peer lacks entirely, too big to push in one message:
+    /// their session starts by sending every change.
     push: std::collections::HashSet<String>,
+    /// Docs the peer lacks, waiting to be pushed whole.
+    to_push: std::collections::VecDeque<String>,
+    to_push_set: std::collections::HashSet<String>,
     next_digest_at: u64,
     last_in_sync_at: Option<u64>,
 }
@@ -312,11 +360,14 @@ pub struct Core {
     digest: Digest,
     peers: BTreeMap<PeerKey, Peer>,
     stats: SyncStats,
+    /// Pushes left in this tick (see `SyncConfig::max_pushes_per_tick`).
+    push_budget: usize,
 }
 
 impl Core {
     /// A core that knows `docs` in their current states.
     pub fn new(cfg: SyncConfig, docs: impl IntoIterator<Item = (String, DocState)>) -> Core {
+        let cfg_pushes = cfg.max_pushes_per_tick;
         let mut digest = Digest::new(cfg.buckets);
         for (doc, state) in docs {
             digest.set(&doc, &state);
@@ -326,6 +377,7 @@ impl Core {
             digest,
             peers: BTreeMap::new(),
             stats: SyncStats::default(),
+            push_budget: cfg_pushes,
         }
     }
 
@@ -367,7 +419,7 @@ impl Core {
     pub fn open_sessions(&self, peer: &str) -> usize {
         self.peers
             .get(peer)
-            .map_or(0, |p| p.sessions.len() + p.pending.len())
+            .map_or(0, |p| p.sessions.len() + p.pending.len() + p.to_push.len())
     }
 
     /// Handles one input at time `now` (milliseconds on any monotonic clock).
@@ -389,6 +441,8 @@ impl Core {
                         pending: Default::default(),
                         pending_set: Default::default(),
                         push: Default::default(),
+                        to_push: Default::default(),
+                        to_push_set: Default::default(),
                         next_digest_at: next,
                         last_in_sync_at: None,
                     },
@@ -420,6 +474,10 @@ impl Core {
                 let peers: Vec<PeerKey> = self.peers.keys().cloned().collect();
                 for peer in &peers {
                     self.start_pending(now, peer, docs, &mut out);
+                }
+                self.push_budget = self.cfg.max_pushes_per_tick;
+                for peer in &peers {
+                    self.push_docs(now, peer, docs, &mut out);
                 }
                 let due: Vec<PeerKey> = self
                     .peers
@@ -577,19 +635,22 @@ impl Core {
                     }
                 }
                 self.stats.docs_differing += (differing.len() + lacking) as u64;
+                let deleted = |doc: &str, hash: u64| hash == entry_hash(doc, &DocState::Deleted);
                 for (doc, push) in differing {
-                    if docs.state(&doc) == Some(DocState::Deleted) {
+                    let Some(p) = self.peers.get_mut(&from) else {
+                        break;
+                    };
+                    let hash = self.digest.entry(&doc).unwrap_or_default();
+                    if deleted(&doc, hash) {
                         out.push(Output::Send {
                             to: from.clone(),
                             msg: Message::Deleted { doc },
                         });
-                    } else if let Some(p) = self.peers.get_mut(&from)
-                        && !p.sessions.contains_key(&doc)
-                        && p.pending_set.insert(doc.clone())
-                    {
-                        if push {
-                            p.push.insert(doc.clone());
+                    } else if push {
+                        if p.to_push_set.insert(doc.clone()) {
+                            p.to_push.push_back(doc);
                         }
+                    } else if !p.sessions.contains_key(&doc) && p.pending_set.insert(doc.clone()) {
                         p.pending.push_back(doc);
                     }
                 }
@@ -604,6 +665,30 @@ impl Core {
                     });
                 }
                 self.start_pending(now, &from, docs, out);
+                self.push_docs(now, &from, docs, out);
+            }
+            Message::Doc { doc, data } => {
+                if crate::doc::DocId::new(doc.as_str()).is_err() {
+                    return self.reject(&from, format!("invalid doc id {doc:?}"), out);
+                }
+                let before = self.digest.entry(&doc);
+                match docs.merge_doc(&doc, &data) {
+                    Err(e) => self.reject(&from, format!("doc {doc:?}: {e}"), out),
+                    Ok(None) => {}
+                    Ok(Some(state)) => {
+                        self.stats.docs_pushed_in += 1;
+                        if self.digest.set(&doc, &state) {
+                            out.push(Output::Merged {
+                                doc: doc.clone(),
+                                from: from.clone(),
+                                state,
+                            });
+                        }
+                        if before != self.digest.entry(&doc) {
+                            self.sync_with_others(now, &from, &doc, docs, out);
+                        }
+                    }
+                }
             }
             Message::Sync { doc, data } => {
                 if crate::doc::DocId::new(doc.as_str()).is_err() {
@@ -723,6 +808,49 @@ impl Core {
                 p.pending.push_back(doc.to_string());
             }
             self.start_pending(now, &peer, docs, out);
+        }
+    }
+
+    /// Pushes docs `peer` lacks, whole, while this tick's budget lasts; one
+    /// too big for a message goes to a primed session instead.
+    fn push_docs<D: DocAccess>(
+        &mut self,
+        now: u64,
+        peer: &str,
+        docs: &mut D,
+        out: &mut Vec<Output>,
+    ) {
+        let mut big = false;
+        while self.push_budget > 0 {
+            let Some(p) = self.peers.get_mut(peer) else {
+                return;
+            };
+            let Some(doc) = p.to_push.pop_front() else {
+                break;
+            };
+            p.to_push_set.remove(&doc);
+            match docs.doc_bytes(&doc) {
+                Some(data) if data.len() <= self.cfg.max_push_bytes => {
+                    self.push_budget -= 1;
+                    self.stats.docs_pushed_out += 1;
+                    out.push(Output::Send {
+                        to: peer.to_string(),
+                        msg: Message::Doc { doc, data },
+                    });
+                }
+                Some(_) => {
+                    if !p.sessions.contains_key(&doc) && p.pending_set.insert(doc.clone()) {
+                        p.push.insert(doc.clone());
+                        p.pending.push_back(doc);
+                        big = true;
+                    }
+                }
+                // Deleted or gone since: the digest exchange sorts it out.
+                None => {}
+            }
+        }
+        if big {
+            self.start_pending(now, peer, docs, out);
         }
     }
 

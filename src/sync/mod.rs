@@ -838,13 +838,12 @@ impl Core {
                         msg: Message::Doc { doc, data },
                     });
                 }
-                Some(_) => {
-                    if !p.sessions.contains_key(&doc) && p.pending_set.insert(doc.clone()) {
-                        p.push.insert(doc.clone());
-                        p.pending.push_back(doc);
-                        big = true;
-                    }
+                Some(_) if !p.sessions.contains_key(&doc) && p.pending_set.insert(doc.clone()) => {
+                    p.push.insert(doc.clone());
+                    p.pending.push_back(doc);
+                    big = true;
                 }
+                Some(_) => {}
                 // Deleted or gone since: the digest exchange sorts it out.
                 None => {}
             }

@@ -30,6 +30,9 @@ pub enum Error {
     /// The network could not start.
     #[error(transparent)]
     Net(#[from] crate::net::NetError),
+    /// An argument is invalid (e.g. a doc glob); the message says which and why.
+    #[error("{0}")]
+    BadRequest(String),
     /// A bug or a panicked task.
     #[error("internal error: {0}")]
     Internal(String),

@@ -34,6 +34,7 @@ pub mod bench;
 pub mod client;
 pub mod config;
 pub mod doc;
+pub mod feed;
 pub mod net;
 pub mod node;
 pub mod store;

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use automerge::ActorId;
+use futures_util::Stream;
 use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -19,6 +20,7 @@ use tokio_util::task::TaskTracker;
 use crate::Error;
 use crate::config::Config;
 use crate::doc::{Change, DocError, DocId, Docs, HistoryEntry, Pointer, WriteResult};
+use crate::feed::{DocGlob, Feed, FeedItem};
 use crate::store::{GroupCommit, Store};
 use crate::sync::{Input, Output, SyncConfig};
 use tokio::sync::mpsc;
@@ -126,16 +128,21 @@ impl NodeBuilder {
             }
             None => (None, None),
         };
+        let feed = Arc::new(Feed::new(boot));
         let docs = {
             let (store, commit, actor, cfg) =
                 (store.clone(), commit.clone(), actor.clone(), config.docs());
-            tokio::task::spawn_blocking(move || Docs::new(store, commit, actor, cfg, sync))
-                .await
-                .map_err(|e| Error::Internal(e.to_string()))??
+            let (feed, origin) = (feed.clone(), peer_id.to_string());
+            tokio::task::spawn_blocking(move || {
+                Docs::new(store, commit, actor, cfg, sync, feed, origin)
+            })
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))??
         };
         let seal_dir = config.node.data_dir.clone();
         let inner = Arc::new(NodeInner {
             docs,
+            feed,
             store,
             commit,
             flush_thread: Mutex::new(Some(flush_thread)),
@@ -241,6 +248,7 @@ pub struct Node {
 
 struct NodeInner {
     docs: Docs,
+    feed: Arc<Feed>,
     store: Store,
     commit: GroupCommit,
     flush_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -367,6 +375,33 @@ impl Node {
     /// The document service.
     pub fn docs(&self) -> &Docs {
         &self.inner.docs
+    }
+
+    /// Every durable change (local write, merge from a peer, delete) of docs
+    /// whose id matches `glob` (`*` within a `/` segment, `**` across), from
+    /// now on. See [`crate::feed`].
+    ///
+    /// # Errors
+    /// [`Error::BadRequest`] for an invalid glob.
+    pub fn subscribe(
+        &self,
+        glob: &str,
+    ) -> Result<impl Stream<Item = FeedItem> + Send + use<>, Error> {
+        self.subscribe_after(glob, None)
+    }
+
+    /// As [`subscribe`](Self::subscribe), first replaying the events after
+    /// event id `after` that the feed still holds (or a [`FeedItem::Missed`]).
+    ///
+    /// # Errors
+    /// [`Error::BadRequest`] for an invalid glob.
+    pub fn subscribe_after(
+        &self,
+        glob: &str,
+        after: Option<&str>,
+    ) -> Result<impl Stream<Item = FeedItem> + Send + use<>, Error> {
+        let glob = DocGlob::new(glob).map_err(Error::BadRequest)?;
+        Ok(self.inner.feed.subscribe(glob, after))
     }
 
     /// The node's libp2p peer id.

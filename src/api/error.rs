@@ -95,6 +95,7 @@ impl From<crate::Error> for ApiError {
         match e {
             crate::Error::Doc(d) => d.into(),
             crate::Error::Store(s) => DocError::Store(s).into(),
+            crate::Error::BadRequest(m) => ApiError::new(StatusCode::BAD_REQUEST, "bad_request", m),
             e => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
         }
     }

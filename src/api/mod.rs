@@ -66,6 +66,7 @@ pub fn router(node: Node) -> Router {
         .route("/v1/docs/{id}/ops", post(ops))
         .route("/v1/docs/{id}/heads", get(heads))
         .route("/v1/docs/{id}/history", get(history))
+        .route("/v1/events", get(events))
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
@@ -216,6 +217,55 @@ async fn heads(
     let id = doc_id(path)?;
     let heads = node.docs().heads(id.clone()).await?;
     Ok(Json(serde_json::json!({"id": id, "heads": heads})).into_response())
+}
+
+/// Query of `GET /v1/events`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsQuery {
+    /// Doc id glob (default `**`: every doc).
+    pub doc: Option<String>,
+    /// Resume after this event id (as the `Last-Event-ID` header does).
+    pub after: Option<String>,
+}
+
+/// Server-Sent Events: `event: change` with a [`crate::feed::ChangeEvent`] as
+/// data and its id as the event id, for every durable change of a matching
+/// doc; `event: missed` (data `{"count": n|null}`) when events were lost to
+/// this client (it fell behind, or resumed from an id no longer held): re-read
+/// the docs it follows. A comment line every 15 s keeps proxies from closing
+/// the stream. The stream ends when the node shuts down.
+async fn events(
+    State(node): State<Node>,
+    headers: HeaderMap,
+    query: Result<Query<EventsQuery>, QueryRejection>,
+) -> ApiResult<Response> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    use futures_util::StreamExt;
+    let Query(q) = query.map_err(|r| WrappedRejection(r, None))?;
+    let last = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let after = q.after.or(last);
+    let glob = q.doc.as_deref().unwrap_or("**");
+    let feed = node.subscribe_after(glob, after.as_deref())?;
+    let stop = node.shutdown_token().cancelled_owned();
+    let stream = feed.take_until(stop).map(|item| {
+        let event = match item {
+            crate::feed::FeedItem::Change(e) => Event::default()
+                .event("change")
+                .id(e.id.clone())
+                .json_data(&*e),
+            crate::feed::FeedItem::Missed { count } => Event::default()
+                .event("missed")
+                .json_data(serde_json::json!({ "count": count })),
+        };
+        Ok::<_, axum::Error>(event.unwrap_or_else(|e| Event::default().comment(e.to_string())))
+    });
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(std::time::Duration::from_secs(15)))
+        .into_response())
 }
 
 async fn history(

@@ -31,6 +31,28 @@ pub(super) struct Round<'a> {
     /// mid-round would lose this round's earlier changes to them and reuse
     /// their sequence numbers. Until then they refuse further input.
     pub(super) poisoned: Vec<(DocId, SlotRef)>,
+    /// Changes for the change feed, in the order applied.
+    pub(super) events: Vec<PendingEvent>,
+    /// The peer whose input is being applied (`None` for local writes).
+    pub(super) from: Option<String>,
+}
+
+/// What a change did to a doc, for the feed.
+pub(super) enum Touch {
+    /// New heads; the heads before.
+    Changed(Vec<ChangeHash>),
+    /// Deleted.
+    Deleted,
+}
+
+/// A change applied in this round, published to the feed once durable.
+pub(super) struct PendingEvent {
+    pub(super) doc: DocId,
+    pub(super) touch: Touch,
+    /// Heads after (hex).
+    pub(super) after: Vec<String>,
+    /// The peer it came from; `None` for a local write.
+    pub(super) from: Option<String>,
 }
 
 impl<'a> Round<'a> {
@@ -41,6 +63,8 @@ impl<'a> Round<'a> {
             touched: Vec::new(),
             live_delta: 0,
             poisoned: Vec::new(),
+            events: Vec::new(),
+            from: None,
         }
     }
 
@@ -136,6 +160,12 @@ fn store_merged(
     let bytes = new.iter().map(|c| c.raw_bytes());
     super::writer::append_changes(&mut round.batch, id, &mut meta, loaded, now, bytes);
     super::writer::maybe_compact(inner, id, loaded, &mut meta, &mut round.batch);
+    round.events.push(PendingEvent {
+        doc: id.clone(),
+        touch: Touch::Changed(before.to_vec()),
+        after: meta.heads.clone(),
+        from: Some(round.from.clone().unwrap_or_default()),
+    });
     loaded.meta = Some(meta);
     if creating {
         round.live_delta += 1;
@@ -278,6 +308,12 @@ impl DocAccess for Round<'_> {
             loaded.meta = Some(meta);
             if existed {
                 round.live_delta -= 1;
+                round.events.push(PendingEvent {
+                    doc: id.clone(),
+                    touch: Touch::Deleted,
+                    after: vec![],
+                    from: Some(round.from.clone().unwrap_or_default()),
+                });
             }
             Ok(())
         })

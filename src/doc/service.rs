@@ -38,6 +38,7 @@ use super::path::{Pointer, prop_for, resolve_obj};
 pub use super::writer::PeerSyncView;
 use super::writer::{SyncRuntime, WriteOp, WriteReq, WriterMsg};
 use super::{DocError, DocId};
+use crate::feed::Feed;
 use crate::store::{DocMeta, GroupCommit, Store};
 use crate::sync::{Core, DocState, Input, Output, SyncConfig};
 
@@ -152,6 +153,10 @@ pub(super) struct Inner {
     pub(super) sync_view: Mutex<std::collections::BTreeMap<String, PeerSyncView>>,
     /// The sync digest's fingerprint after the writer's last round.
     pub(super) sync_fingerprint: Mutex<Option<String>>,
+    /// Where merged changes are announced.
+    pub(super) feed: Arc<Feed>,
+    /// This node's peer id: the origin of local writes in the feed.
+    pub(super) origin: String,
 }
 
 pub(super) type SlotRef = Arc<Mutex<Option<Loaded>>>;
@@ -214,6 +219,8 @@ impl Docs {
         actor: ActorId,
         cfg: DocsConfig,
         sync: Option<(SyncConfig, mpsc::Sender<Output>)>,
+        feed: Arc<Feed>,
+        origin: String,
     ) -> Result<Docs, DocError> {
         let metas = store.list_docs()?;
         let live = metas
@@ -244,6 +251,8 @@ impl Docs {
             writer_thread: Mutex::new(None),
             sync_view: Mutex::new(Default::default()),
             sync_fingerprint: Mutex::new(None),
+            feed,
+            origin,
         });
         let thread_inner = inner.clone();
         let handle = std::thread::Builder::new()

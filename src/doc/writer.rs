@@ -30,9 +30,10 @@ use tokio::sync::{mpsc, oneshot};
 use super::json::{Slot, write_json};
 use super::ops::apply_ops;
 use super::patch::apply_merge_patch;
-use super::remote::Round;
+use super::remote::{PendingEvent, Round, Touch};
 use super::service::{Change, Inner, Loaded, WriteResult, live_meta, lock_slot, now_ms};
 use super::{DocError, DocId};
+use crate::feed::NewEvent;
 use crate::store::{Ack, DocMeta, StoreError, WriteBatch};
 use crate::sync::{Core, DocState, Input, Output};
 
@@ -73,7 +74,16 @@ impl SyncRuntime {
         {
             tracing::trace!(peer = %from, kind = msg.kind(), doc = ?msg.doc(), "sync input");
         }
-        for out in self.core.handle(now, &mut self.rng, input, round) {
+        round.from = match &input {
+            Input::Received { from, .. } => Some(from.clone()),
+            _ => None,
+        };
+        let outputs = self.core.handle(now, &mut self.rng, input, round);
+        round.from = None;
+        for out in outputs {
+            if matches!(out, Output::Merged { .. }) {
+                continue; // the round's events carry merges to the feed
+            }
             if let Output::Send { to, msg } = &out {
                 tracing::trace!(peer = %to, kind = msg.kind(), doc = ?msg.doc(), "sync output");
             }
@@ -221,7 +231,15 @@ fn write_round(inner: &Inner, msgs: Vec<WriterMsg>, mut sync: Option<&mut SyncRu
         if matches!(result, Err(DocError::Internal(_))) {
             round.poison(&req.id, slot.clone());
         }
-        let result = result.map(|(r, delta, input)| {
+        let result = result.map(|(r, delta, input, touch)| {
+            if let Some(touch) = touch {
+                round.events.push(PendingEvent {
+                    doc: req.id.clone(),
+                    touch,
+                    after: r.heads.clone(),
+                    from: None,
+                });
+            }
             if r.changed {
                 round.touched.push(slot);
             }
@@ -238,6 +256,7 @@ fn write_round(inner: &Inner, msgs: Vec<WriterMsg>, mut sync: Option<&mut SyncRu
         touched,
         live_delta,
         poisoned,
+        events,
         ..
     } = round;
     let applied = if batch.is_empty() {
@@ -272,7 +291,17 @@ fn write_round(inner: &Inner, msgs: Vec<WriterMsg>, mut sync: Option<&mut SyncRu
         return;
     }
     inner.live_docs.fetch_add(live_delta, Ordering::Relaxed);
-    let mut acks: Vec<Ack> = Vec::with_capacity(results.len());
+    let mut acks: Vec<Ack> = Vec::with_capacity(results.len() + 1);
+    if !events.is_empty() {
+        // Published once durable, in the order the round applied them.
+        let events = feed_events(inner, events);
+        let feed = inner.feed.clone();
+        acks.push(Box::new(move |flushed| {
+            if flushed.is_ok() {
+                feed.publish(events);
+            }
+        }));
+    }
     for (reply, result) in results {
         match result {
             Err(e) => {
@@ -292,8 +321,8 @@ fn write_round(inner: &Inner, msgs: Vec<WriterMsg>, mut sync: Option<&mut SyncRu
 }
 
 /// What a local write did: its result, the change in the number of live
-/// docs, and what to tell the sync core.
-type Outcome = (WriteResult, i64, Option<Input>);
+/// docs, what to tell the sync core, and what to tell the change feed.
+type Outcome = (WriteResult, i64, Option<Input>, Option<Touch>);
 
 /// Applies one write to its loaded doc and adds what to store to `batch`.
 fn apply(
@@ -351,8 +380,94 @@ fn apply(
             let input = Input::LocalDelete {
                 doc: id.to_string(),
             };
-            Ok((result, -1, Some(input)))
+            Ok((result, -1, Some(input), Some(Touch::Deleted)))
         }
+    }
+}
+
+/// Turns a round's changes into feed events; changed paths are worked out
+/// (an Automerge diff per change) only once someone has subscribed.
+fn feed_events(inner: &Inner, events: Vec<PendingEvent>) -> Vec<NewEvent> {
+    let with_paths = inner.feed.has_subscribed();
+    events
+        .into_iter()
+        .map(|e| {
+            let (paths, truncated) = match (&e.touch, with_paths) {
+                (Touch::Changed(before), true) => changed_paths(inner, &e.doc, before, &e.after),
+                _ => (vec![], false),
+            };
+            let deleted = matches!(e.touch, Touch::Deleted);
+            NewEvent {
+                doc: e.doc.to_string(),
+                heads: if deleted { vec![] } else { e.after },
+                local: e.from.is_none(),
+                origin: e.from.unwrap_or_else(|| inner.origin.clone()),
+                deleted,
+                paths,
+                paths_truncated: truncated,
+            }
+        })
+        .collect()
+}
+
+/// JSON Pointers of what changed in `doc` between two sets of heads.
+fn changed_paths(
+    inner: &Inner,
+    doc: &DocId,
+    before: &[ChangeHash],
+    after: &[String],
+) -> (Vec<String>, bool) {
+    let Some(slot) = inner.cached(doc) else {
+        return (vec![], true);
+    };
+    let guard = lock_slot(&slot);
+    let Some(loaded) = guard.as_ref() else {
+        return (vec![], true);
+    };
+    let after: Vec<ChangeHash> = after.iter().filter_map(|h| h.parse().ok()).collect();
+    let patches = std::panic::catch_unwind(AssertUnwindSafe(|| loaded.doc.diff(before, &after)));
+    let Ok(patches) = patches else {
+        return (vec![], true);
+    };
+    let mut paths = std::collections::BTreeSet::new();
+    let mut truncated = false;
+    for patch in patches {
+        let mut pointer = String::new();
+        for (_, prop) in &patch.path {
+            push_prop(&mut pointer, prop);
+        }
+        if let Some(prop) = patch_prop(&patch.action) {
+            push_prop(&mut pointer, &prop);
+        }
+        if paths.len() == crate::feed::MAX_PATHS && !paths.contains(&pointer) {
+            truncated = true;
+            break;
+        }
+        paths.insert(pointer);
+    }
+    (paths.into_iter().collect(), truncated)
+}
+
+/// The map key or list index a patch acts on, when it names one.
+fn patch_prop(action: &automerge::PatchAction) -> Option<automerge::Prop> {
+    use automerge::{PatchAction as A, Prop};
+    match action {
+        A::PutMap { key, .. } | A::DeleteMap { key } => Some(Prop::Map(key.clone())),
+        A::PutSeq { index, .. } | A::Insert { index, .. } | A::DeleteSeq { index, .. } => {
+            Some(Prop::Seq(*index))
+        }
+        A::Increment { prop, .. } | A::Conflict { prop } => Some(prop.clone()),
+        // Text splices and marks: the path of the text is what changed.
+        _ => None,
+    }
+}
+
+/// Appends one RFC 6901 reference token.
+fn push_prop(pointer: &mut String, prop: &automerge::Prop) {
+    pointer.push('/');
+    match prop {
+        automerge::Prop::Map(k) => pointer.push_str(&k.replace('~', "~0").replace('/', "~1")),
+        automerge::Prop::Seq(i) => pointer.push_str(&i.to_string()),
     }
 }
 
@@ -393,7 +508,7 @@ where
             heads,
             changed: false,
         };
-        return Ok((result, 0, None));
+        return Ok((result, 0, None, None));
     }
     let now = now_ms();
     let opts = || {
@@ -447,7 +562,12 @@ where
         changed: true,
     };
     loaded.meta = Some(meta);
-    Ok((result, i64::from(creating), Some(input)))
+    Ok((
+        result,
+        i64::from(creating),
+        Some(input),
+        Some(Touch::Changed(before)),
+    ))
 }
 
 /// Adds `changes` to the batch as the doc's next tail entries, with its meta

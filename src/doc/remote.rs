@@ -95,6 +95,7 @@ impl<'a> Round<'a> {
         }
         let slot = self.inner.entry(&id);
         let mut guard = lock_slot(&slot);
+        let ops_before = self.batch.len();
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
             let loaded = self
                 .inner
@@ -110,7 +111,12 @@ impl<'a> Round<'a> {
         if result.is_err() {
             self.poison(&id, slot.clone());
         }
-        self.touched.push(slot);
+        // Only a doc this input changed must stay in memory until the batch
+        // is stored, and only changes need a flush: a read (a sync message
+        // that brought nothing) costs no disk write.
+        if self.batch.len() != ops_before {
+            self.touched.push(slot);
+        }
         result
     }
 }

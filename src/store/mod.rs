@@ -221,6 +221,11 @@ impl WriteBatch {
     pub fn is_empty(&self) -> bool {
         self.ops == 0
     }
+
+    /// Number of keys inserted or removed so far.
+    pub fn len(&self) -> usize {
+        self.ops
+    }
 }
 
 /// The sled database of one node.

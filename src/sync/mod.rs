@@ -108,6 +108,7 @@ impl Message {
             Message::Sync { .. } => "sync",
             Message::Deleted { .. } => "deleted",
             Message::Doc { .. } => "doc",
+            Message::Have { .. } => "have",
         }
     }
 
@@ -117,7 +118,8 @@ impl Message {
             Message::Change { doc, .. }
             | Message::Sync { doc, .. }
             | Message::Deleted { doc }
-            | Message::Doc { doc, .. } => Some(doc),
+            | Message::Doc { doc, .. }
+            | Message::Have { doc, .. } => Some(doc),
             Message::Digest { .. } | Message::Bucket { .. } => None,
         }
     }
@@ -167,6 +169,14 @@ pub enum Message {
         doc: String,
         /// The chunks.
         data: Vec<u8>,
+    },
+    /// The sender has stored (flushed) the doc at these heads, after merging
+    /// changes it got from the receiver: a confirmation for replica acks.
+    Have {
+        /// The doc.
+        doc: String,
+        /// The sender's heads.
+        heads: Vec<automerge::ChangeHash>,
     },
 }
 
@@ -242,6 +252,15 @@ pub enum Output {
         from: PeerKey,
         /// The doc's state now.
         state: DocState,
+    },
+    /// A peer confirmed it stores `doc` at `heads` ([`Message::Have`]).
+    Held {
+        /// The peer.
+        peer: PeerKey,
+        /// The doc.
+        doc: String,
+        /// Its heads.
+        heads: Vec<automerge::ChangeHash>,
     },
 }
 
@@ -690,6 +709,16 @@ impl Core {
                     }
                 }
             }
+            Message::Have { doc, heads } => {
+                if crate::doc::DocId::new(doc.as_str()).is_err() {
+                    return self.reject(&from, format!("invalid doc id {doc:?}"), out);
+                }
+                out.push(Output::Held {
+                    peer: from,
+                    doc,
+                    heads,
+                });
+            }
             Message::Sync { doc, data } => {
                 if crate::doc::DocId::new(doc.as_str()).is_err() {
                     return self.reject(&from, format!("invalid doc id {doc:?}"), out);
@@ -935,12 +964,30 @@ impl Core {
     ) {
         let max_idle = self.cfg.max_idle_rounds;
         let entry = self.digest.entry(doc);
+        let ours = match docs.state(doc) {
+            Some(DocState::Live(mut heads)) => {
+                heads.sort();
+                Some(heads)
+            }
+            _ => None,
+        };
         let Some(p) = self.peers.get_mut(peer) else {
             return;
         };
         let Some(session) = p.sessions.get_mut(doc) else {
             return;
         };
+        if let Some(ours) = &ours
+            && they_know_we_agree(&session.state, ours)
+        {
+            // Their heads are ours and their message names ours as shared:
+            // they need nothing and know we need nothing. Answering would
+            // make them (their session closed) open a new one and answer in
+            // turn, and so on forever.
+            p.sessions.remove(doc);
+            self.start_pending(now, peer, docs, out);
+            return;
+        }
         if progressed || session.last_entry != entry {
             session.idle_rounds = 0;
             session.last_entry = entry;
@@ -972,6 +1019,25 @@ impl Core {
             self.start_pending(now, peer, docs, out);
         }
     }
+}
+
+/// True when the peer's last message said its heads are `ours` (sorted) and
+/// that it knows we share them.
+fn they_know_we_agree(state: &sync::State, ours: &[automerge::ChangeHash]) -> bool {
+    let sorted = |h: &[automerge::ChangeHash]| {
+        let mut h = h.to_vec();
+        h.sort();
+        h
+    };
+    let heads_equal = state
+        .their_heads
+        .as_deref()
+        .is_some_and(|t| sorted(t) == ours);
+    let knows = state
+        .their_have
+        .as_deref()
+        .is_some_and(|have| have.iter().any(|h| sorted(&h.last_sync) == ours));
+    heads_equal && knows
 }
 
 /// An output sending one sync message for `doc` to `peer`.

@@ -49,7 +49,7 @@ impl Shell {
                         Output::Rejected { peer, reason } => {
                             panic!("{from} rejected {peer}: {reason}")
                         }
-                        Output::Merged { .. } => vec![],
+                        Output::Merged { .. } | Output::Held { .. } => vec![],
                     }
                 };
                 for (_, node, msg) in targets {

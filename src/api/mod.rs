@@ -65,6 +65,7 @@ pub fn router(node: Node) -> Router {
         .route("/v1/docs/{id}", get(read).patch(patch).delete(delete))
         .route("/v1/docs/{id}/ops", post(ops))
         .route("/v1/docs/{id}/heads", get(heads))
+        .route("/v1/docs/{id}/sync", get(doc_sync))
         .route("/v1/docs/{id}/history", get(history))
         .route("/v1/events", get(events))
         .fallback(no_route)
@@ -159,16 +160,83 @@ fn check_json_content_type(headers: &HeaderMap, merge_patch: bool) -> ApiResult<
     }
 }
 
+/// Query of the write endpoints: wait for replicas.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WriteQuery {
+    /// Answer only once this many peers confirmed they stored the write.
+    pub replicas: Option<usize>,
+    /// How long to wait for them (default 5,000 ms, at most 600,000); after
+    /// it the answer is 504 with how many confirmed (the write stays).
+    pub timeout_ms: Option<u64>,
+}
+
+/// Most replicas a write can ask for.
+const MAX_REPLICAS: usize = 64;
+
+fn write_query(q: Result<Query<WriteQuery>, QueryRejection>) -> ApiResult<WriteQuery> {
+    let Query(q) = q.map_err(|r| WrappedRejection(r, None))?;
+    if q.replicas.is_some_and(|n| n > MAX_REPLICAS) || q.timeout_ms.is_some_and(|t| t > 600_000) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_query",
+            format!("replicas must be at most {MAX_REPLICAS} and timeout_ms at most 600000"),
+        ));
+    }
+    Ok(q)
+}
+
+/// Sends a durable write's result, after waiting for replicas if asked:
+/// `replicas` (the peers that confirmed) is added to the body; a timeout is
+/// 504 `replicas_timeout` with the same fields.
+async fn answer_write(
+    node: &Node,
+    q: &WriteQuery,
+    status: StatusCode,
+    result: crate::doc::WriteResult,
+) -> ApiResult<Response> {
+    let Some(want) = q.replicas.filter(|n| *n > 0) else {
+        return Ok((status, Json(result)).into_response());
+    };
+    let timeout = std::time::Duration::from_millis(q.timeout_ms.unwrap_or(5_000));
+    let waited = node
+        .docs()
+        .wait_replicas(&result.id, &result.heads, want, timeout)
+        .await;
+    let mut body = serde_json::to_value(&result)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    match waited {
+        Ok(peers) => {
+            body["replicas"] = serde_json::json!(peers);
+            Ok((status, Json(body)).into_response())
+        }
+        Err(peers) => {
+            body["replicas"] = serde_json::json!(peers);
+            body["error"] = serde_json::json!({
+                "code": "replicas_timeout",
+                "message": format!(
+                    "the write is durable here, but {} of {want} replicas confirmed within {} ms",
+                    peers.len(),
+                    timeout.as_millis()
+                ),
+            });
+            Ok((StatusCode::GATEWAY_TIMEOUT, Json(body)).into_response())
+        }
+    }
+}
+
 async fn create(
     State(node): State<Node>,
     headers: HeaderMap,
+    q: Result<Query<WriteQuery>, QueryRejection>,
     b: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
+    let q = write_query(q)?;
     check_json_content_type(&headers, false)?;
     let req: CreateRequest = parse(&body(b)?)?;
     let id = req.id.map(DocId::new).transpose()?;
     let result = node.docs().create(id, req.value).await?;
-    Ok((StatusCode::CREATED, Json(result)).into_response())
+    answer_write(&node, &q, StatusCode::CREATED, result).await
 }
 
 async fn list(State(node): State<Node>) -> ApiResult<Response> {
@@ -190,24 +258,91 @@ async fn patch(
     State(node): State<Node>,
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
+    q: Result<Query<WriteQuery>, QueryRejection>,
     b: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let id = doc_id(path)?;
+    let q = write_query(q)?;
     check_json_content_type(&headers, true)?;
     let patch: Json_ = parse(&body(b)?)?;
-    Ok(Json(node.docs().write(id, Change::Patch(patch)).await?).into_response())
+    let result = node.docs().write(id, Change::Patch(patch)).await?;
+    answer_write(&node, &q, StatusCode::OK, result).await
 }
 
 async fn ops(
     State(node): State<Node>,
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
+    q: Result<Query<WriteQuery>, QueryRejection>,
     b: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let id = doc_id(path)?;
+    let q = write_query(q)?;
     check_json_content_type(&headers, false)?;
     let ops: Vec<Op> = parse(&body(b)?)?;
-    Ok(Json(node.docs().write(id, Change::Ops(ops)).await?).into_response())
+    let result = node.docs().write(id, Change::Ops(ops)).await?;
+    answer_write(&node, &q, StatusCode::OK, result).await
+}
+
+/// Body of `GET /v1/docs/{id}/sync`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SyncReport {
+    /// The doc.
+    pub id: String,
+    /// Our heads.
+    pub heads: Vec<String>,
+    /// Connected peers, and any others that confirmed a version of the doc.
+    pub peers: Vec<PeerDocSync>,
+}
+
+/// One peer's known state of one doc.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PeerDocSync {
+    /// The peer.
+    pub peer_id: String,
+    /// Connected now.
+    pub connected: bool,
+    /// Heads it last confirmed it stores (none if it has not confirmed any
+    /// since it connected).
+    pub heads: Vec<String>,
+    /// Unix ms of that confirmation.
+    pub confirmed_at: Option<u64>,
+    /// It confirmed it stores our current heads.
+    pub holds_our_heads: bool,
+}
+
+async fn doc_sync(
+    State(node): State<Node>,
+    path: Result<Path<String>, PathRejection>,
+) -> ApiResult<Response> {
+    let id = doc_id(path)?;
+    let heads = node.docs().heads(id.clone()).await?;
+    let held = node.docs().held(&id);
+    let mut peers: Vec<PeerDocSync> = node
+        .peers()
+        .into_iter()
+        .filter(|p| p.connected || held.contains_key(&p.peer_id))
+        .map(|p| {
+            let h = held.get(&p.peer_id);
+            let theirs: Vec<String> = h
+                .map(|h| h.heads.iter().map(|x| x.to_string()).collect())
+                .unwrap_or_default();
+            PeerDocSync {
+                holds_our_heads: h.is_some() && heads.iter().all(|x| theirs.contains(x)),
+                connected: p.connected,
+                confirmed_at: h.map(|h| h.at_ms),
+                heads: theirs,
+                peer_id: p.peer_id,
+            }
+        })
+        .collect();
+    peers.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
+    Ok(Json(SyncReport {
+        id: id.to_string(),
+        heads,
+        peers,
+    })
+    .into_response())
 }
 
 async fn heads(

@@ -10,6 +10,7 @@ mod ops;
 mod patch;
 mod path;
 mod remote;
+mod replicas;
 mod service;
 mod writer;
 
@@ -18,6 +19,7 @@ pub use json::{StringMode, to_json};
 pub use ops::{Op, ValueKind, apply_ops};
 pub use patch::apply_merge_patch;
 pub use path::Pointer;
+pub use replicas::Held;
 pub use service::now_ms;
 pub use service::{
     Change, ChangeFn, DocInfo, Docs, DocsConfig, HistoryEntry, PeerSyncView, WriteResult,

@@ -25,8 +25,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use automerge::transaction::Transaction;
 use automerge::{
-    ActorId, Automerge, AutomergeError, Change as AmChange, LoadOptions, ObjType, ROOT, ReadDoc,
-    TextEncoding,
+    ActorId, Automerge, AutomergeError, Change as AmChange, ChangeHash, LoadOptions, ObjType, ROOT,
+    ReadDoc, TextEncoding,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
@@ -157,6 +157,8 @@ pub(super) struct Inner {
     pub(super) feed: Arc<Feed>,
     /// This node's peer id: the origin of local writes in the feed.
     pub(super) origin: String,
+    /// What peers confirmed they store; writers waiting for replicas.
+    pub(super) replicas: super::replicas::Replicas,
 }
 
 pub(super) type SlotRef = Arc<Mutex<Option<Loaded>>>;
@@ -253,6 +255,7 @@ impl Docs {
             sync_fingerprint: Mutex::new(None),
             feed,
             origin,
+            replicas: Default::default(),
         });
         let thread_inner = inner.clone();
         let handle = std::thread::Builder::new()
@@ -346,6 +349,37 @@ impl Docs {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// Waits until `want` peers have confirmed they store `heads` of `id`
+    /// (see [`Held`](super::Held)), for at most `timeout`. Returns the peers
+    /// that confirmed: `Ok` with at least `want`, `Err` with fewer on timeout.
+    pub async fn wait_replicas(
+        &self,
+        id: &DocId,
+        heads: &[String],
+        want: usize,
+        timeout: std::time::Duration,
+    ) -> Result<Vec<String>, Vec<String>> {
+        let hashes: Vec<ChangeHash> = heads.iter().filter_map(|h| h.parse().ok()).collect();
+        let (now, rx) = self.inner.replicas.wait(id.as_str(), hashes.clone(), want);
+        let Some(rx) = rx else {
+            return Ok(now.into_iter().collect());
+        };
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(peers)) => Ok(peers.into_iter().collect()),
+            _ => Err(self
+                .inner
+                .replicas
+                .give_up(id.as_str(), &hashes)
+                .into_iter()
+                .collect()),
+        }
+    }
+
+    /// What each peer last confirmed it stores of `id` (since it connected).
+    pub fn held(&self, id: &DocId) -> std::collections::BTreeMap<String, super::Held> {
+        self.inner.replicas.held(id.as_str())
     }
 
     /// True while the writer thread runs (it stops only at shutdown).

@@ -76,6 +76,10 @@ impl SyncRuntime {
         }
         round.from = match &input {
             Input::Received { from, .. } => Some(from.clone()),
+            Input::PeerDown(peer) => {
+                round.inner.replicas.peer_gone(peer);
+                None
+            }
             _ => None,
         };
         let outputs = self.core.handle(now, &mut self.rng, input, round);
@@ -83,6 +87,10 @@ impl SyncRuntime {
         for out in outputs {
             if matches!(out, Output::Merged { .. }) {
                 continue; // the round's events carry merges to the feed
+            }
+            if let Output::Held { peer, doc, heads } = out {
+                confirm(round, &peer, &doc, heads);
+                continue;
             }
             if let Output::Send { to, msg } = &out {
                 tracing::trace!(peer = %to, kind = msg.kind(), doc = ?msg.doc(), "sync output");
@@ -124,6 +132,35 @@ impl SyncRuntime {
                 .unwrap_or_else(|p| p.into_inner()) = view;
         }
     }
+}
+
+/// Records a peer's confirmation; whether its heads include a waiting
+/// writer's is checked on the doc when they are not literally among them.
+fn confirm(round: &mut Round<'_>, peer: &str, doc: &str, heads: Vec<ChangeHash>) {
+    let inner = round.inner;
+    let Ok(id) = DocId::new(doc) else {
+        return;
+    };
+    let covers = |want: &[ChangeHash], theirs: &[ChangeHash]| {
+        let Some(slot) = inner.cached(&id) else {
+            return false;
+        };
+        let guard = lock_slot(&slot);
+        let Some(loaded) = guard.as_ref() else {
+            return false;
+        };
+        // Every change we have is in their history unless get_changes(theirs)
+        // lists it; if we lack one of their heads we cannot tell.
+        if theirs
+            .iter()
+            .any(|h| loaded.doc.get_change_by_hash(h).is_none())
+        {
+            return false;
+        }
+        let after = loaded.doc.get_changes(theirs);
+        !after.iter().any(|c| want.contains(&c.hash()))
+    };
+    inner.replicas.confirm(peer, doc, heads, now_ms(), covers);
 }
 
 /// One write and where to send its result.
@@ -293,12 +330,21 @@ fn write_round(inner: &Inner, msgs: Vec<WriterMsg>, mut sync: Option<&mut SyncRu
     inner.live_docs.fetch_add(live_delta, Ordering::Relaxed);
     let mut acks: Vec<Ack> = Vec::with_capacity(results.len() + 1);
     if !events.is_empty() {
-        // Published once durable, in the order the round applied them.
+        // Published once durable, in the order the round applied them; the
+        // peers whose changes were merged are told we hold them.
+        let confirms = confirmations(&events);
+        let out = sync.as_ref().map(|s| s.out.clone());
         let events = feed_events(inner, events);
         let feed = inner.feed.clone();
         acks.push(Box::new(move |flushed| {
-            if flushed.is_ok() {
-                feed.publish(events);
+            if flushed.is_err() {
+                return;
+            }
+            feed.publish(events);
+            if let Some(out) = out {
+                for (to, msg) in confirms {
+                    let _ = out.try_send(Output::Send { to, msg });
+                }
             }
         }));
     }
@@ -383,6 +429,28 @@ fn apply(
             Ok((result, -1, Some(input), Some(Touch::Deleted)))
         }
     }
+}
+
+/// A [`Message::Have`](crate::sync::Message::Have) for each (peer, doc)
+/// whose changes this round merged, with the doc's last heads.
+fn confirmations(events: &[PendingEvent]) -> Vec<(String, crate::sync::Message)> {
+    let mut last: std::collections::BTreeMap<(&str, &str), &[String]> = Default::default();
+    for e in events {
+        if let (Some(from), Touch::Changed(_)) = (&e.from, &e.touch)
+            && !from.is_empty()
+        {
+            last.insert((from.as_str(), e.doc.as_str()), &e.after);
+        }
+    }
+    last.into_iter()
+        .map(|((peer, doc), heads)| {
+            let msg = crate::sync::Message::Have {
+                doc: doc.to_string(),
+                heads: heads.iter().filter_map(|h| h.parse().ok()).collect(),
+            };
+            (peer.to_string(), msg)
+        })
+        .collect()
 }
 
 /// Turns a round's changes into feed events; changed paths are worked out

@@ -533,7 +533,7 @@ impl Outbox {
                     strike(swarm, state, bans, peer, &reason);
                 }
             }
-            Output::Merged { .. } => {}
+            Output::Merged { .. } | Output::Held { .. } => {}
         }
     }
 

@@ -9,6 +9,7 @@
 //! Deleted (5) = str(doc)
 //! Batch   (6) = count:u32 bytes(message)*count     (no batch inside a batch)
 //! Doc     (7) = str(doc) bytes(automerge chunks)
+//! Have    (8) = str(doc) count:u32 hash:[u8; 32]*count
 //! str/bytes = len:u32 payload          integers little-endian
 //! ```
 //!
@@ -89,6 +90,14 @@ pub fn encode(msg: &Message) -> Vec<u8> {
             out.push(7);
             put_bytes(&mut out, doc.as_bytes());
             put_bytes(&mut out, data);
+        }
+        Message::Have { doc, heads } => {
+            out.push(8);
+            put_bytes(&mut out, doc.as_bytes());
+            put_u32(&mut out, heads.len() as u32);
+            for h in heads {
+                out.extend_from_slice(&h.0);
+            }
         }
     }
     out
@@ -212,6 +221,16 @@ pub fn decode(bytes: &[u8], cap: usize) -> Result<Message, DecodeError> {
             doc: r.string()?,
             data: r.bytes()?.to_vec(),
         },
+        8 => {
+            let doc = r.string()?;
+            let n = r.count(32)?;
+            let mut heads = Vec::with_capacity(n);
+            for _ in 0..n {
+                let h: [u8; 32] = r.take(32)?.try_into().expect("32 bytes");
+                heads.push(automerge::ChangeHash(h));
+            }
+            Message::Have { doc, heads }
+        }
         k => return Err(DecodeError::Kind(k)),
     };
     if !r.buf.is_empty() {
@@ -308,6 +327,13 @@ mod tests {
             Message::Doc {
                 doc: "whole".into(),
                 data: vec![9; 5],
+            },
+            Message::Have {
+                doc: "h".into(),
+                heads: vec![
+                    automerge::ChangeHash([3; 32]),
+                    automerge::ChangeHash([4; 32]),
+                ],
             },
         ]
     }

@@ -94,6 +94,11 @@ pub struct NetTable {
     pub key: String,
     /// Peer ids allowed to connect; empty allows any (that has the key).
     pub allow: Vec<String>,
+    /// Most connections at once (in and out); more are refused.
+    pub max_connections: u32,
+    /// Learn of peers beyond `peers` and mDNS through Kademlia (the peers'
+    /// peers), and connect to them.
+    pub kademlia: bool,
 }
 
 /// `[log]`: tracing output.
@@ -164,6 +169,8 @@ impl Default for Config {
                 max_message_bytes: 16 << 20,
                 key: String::new(),
                 allow: vec![],
+                max_connections: 256,
+                kademlia: true,
             },
             log: LogConfig {
                 level: "info".into(),
@@ -468,6 +475,16 @@ impl Config {
         }
         if self.net.max_message_bytes < 1024 {
             return invalid("net.max_message_bytes", "must be at least 1024");
+        }
+        if self.net.max_connections == 0 {
+            return invalid("net.max_connections", "must be at least 1");
+        }
+        if !self.net.key.is_empty() && self.net.listen.iter().any(|a| a.contains("/quic")) {
+            return invalid(
+                "net.listen",
+                "QUIC cannot carry the network key (libp2p's pnet works over TCP only): \
+                 remove the /quic-v1 listen address or net.key",
+            );
         }
         if self.node.data_dir.as_os_str().is_empty() {
             return invalid("node.data_dir", "must not be empty");

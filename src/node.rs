@@ -189,6 +189,8 @@ impl NodeBuilder {
                     .then(|| crate::net::parse_key(&net.key).ok())
                     .flatten(),
                 allow: crate::net::parse_peer_ids(&net.allow).unwrap_or_default(),
+                max_connections: net.max_connections,
+                kademlia: net.kademlia,
             };
             if cfg.key.is_none() && cfg.allow.is_empty() {
                 tracing::warn!(

@@ -180,3 +180,61 @@ async fn without_the_key_or_off_the_allowlist_nothing_is_read_or_written() {
         n.shutdown().await.unwrap();
     }
 }
+
+/// Two nodes that each know only a third one find each other through
+/// Kademlia and connect directly; a QUIC-only node joins too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_of_peers_are_found_through_kademlia_and_quic_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = common::p2p_node(&dir.path().join("hub"), vec![], |c| {
+        c.net.listen = vec![
+            "/ip4/127.0.0.1/tcp/0".into(),
+            "/ip4/127.0.0.1/udp/0/quic-v1".into(),
+        ];
+    })
+    .await;
+    let hub_tcp = common::listen_addr(&hub).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let hub_quic = loop {
+        let addrs = hub.status().await.listen_addrs;
+        if let Some(a) = addrs.iter().find(|a| a.contains("/quic-v1")) {
+            break a.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no QUIC listen address: {addrs:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let b = common::p2p_node(&dir.path().join("b"), vec![hub_tcp], |_| {}).await;
+    let c = common::p2p_node(&dir.path().join("c"), vec![hub_quic], |c| {
+        c.net.listen = vec!["/ip4/127.0.0.1/udp/0/quic-v1".into()];
+    })
+    .await;
+    let c_id = c.peer_id().to_string();
+    let b_id = b.peer_id().to_string();
+    loop {
+        let b_sees_c = b.peers().iter().any(|p| p.peer_id == c_id && p.connected);
+        let c_sees_b = c.peers().iter().any(|p| p.peer_id == b_id && p.connected);
+        if b_sees_c && c_sees_b {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "b and c did not find each other: b {:?} c {:?}",
+            b.peers(),
+            c.peers()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // And data flows over the QUIC connection.
+    c.doc("quic/doc")
+        .unwrap()
+        .patch(json!({"v": 1}))
+        .await
+        .unwrap();
+    converged(&[&hub, &b, &c], "after a write on the QUIC-only node").await;
+    for n in [c, b, hub] {
+        n.shutdown().await.unwrap();
+    }
+}

@@ -34,7 +34,10 @@ use libp2p::pnet::{PnetConfig, PreSharedKey};
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, StreamProtocol, identify, mdns, noise, tcp, yamux};
+use libp2p::{
+    Multiaddr, PeerId, StreamProtocol, connection_limits, identify, kad, mdns, noise, ping, quic,
+    tcp, yamux,
+};
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -75,6 +78,10 @@ pub struct NetConfig {
     pub key: Option<[u8; 32]>,
     /// If not empty, the only peers allowed to connect.
     pub allow: Vec<PeerId>,
+    /// Most connections at once.
+    pub max_connections: u32,
+    /// Discover peers' peers with Kademlia.
+    pub kademlia: bool,
 }
 
 /// Parses a network key: 64 hex digits (what `mergeflow keygen` prints).
@@ -171,12 +178,17 @@ pub fn parse_addrs(key: &'static str, addrs: &[String]) -> Result<Vec<Multiaddr>
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
+    limits: connection_limits::Behaviour,
     sync: request_response::Behaviour<SyncCodec>,
     identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    kad: Toggle<kad::Behaviour<kad::store::MemoryStore>>,
     mdns: Toggle<mdns::tokio::Behaviour>,
 }
 
 const PROTOCOL: StreamProtocol = StreamProtocol::new("/mergeflow/sync/1");
+/// Our own Kademlia network, apart from any public one.
+const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/mergeflow/kad/1");
 
 /// Length-prefixed frames (u32 LE), capped: requests carry one encoded sync
 /// message, responses are empty.
@@ -276,6 +288,8 @@ pub fn spawn(
 ) -> Result<Arc<Mutex<NetState>>, NetError> {
     let local = key.public().to_peer_id();
     let mdns_on = cfg.mdns;
+    let kad_on = cfg.kademlia;
+    let max_connections = cfg.max_connections;
     let max = cfg.max_message_bytes;
     let psk = cfg.key.map(PreSharedKey::new);
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
@@ -294,11 +308,18 @@ pub fn spawn(
                         .multiplex(yamux::Config::default())
                         .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
                         .boxed(),
+                    // Without a network key, QUIC too (TLS 1.3 inside, one
+                    // round trip to connect, no head-of-line blocking).
                     None => tcp
                         .upgrade(upgrade::Version::V1)
                         .authenticate(noise)
                         .multiplex(yamux::Config::default())
                         .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
+                        .or_transport(
+                            quic::tokio::Transport::new(quic::Config::new(key))
+                                .map(|(peer, conn), _| (peer, StreamMuxerBox::new(conn))),
+                        )
+                        .map(|either, _| either.into_inner())
                         .boxed(),
                 };
                 Ok(transport)
@@ -311,7 +332,24 @@ pub fn spawn(
             } else {
                 None
             };
+            let kad = kad_on.then(|| {
+                let mut cfg = kad::Config::new(KAD_PROTOCOL);
+                cfg.set_periodic_bootstrap_interval(Some(Duration::from_secs(60)));
+                let mut kad =
+                    kad::Behaviour::with_config(local, kad::store::MemoryStore::new(local), cfg);
+                // Answer queries on any address: nodes on a LAN or loopback
+                // never get an external address confirmed.
+                kad.set_mode(Some(kad::Mode::Server));
+                kad
+            });
             Ok(Behaviour {
+                limits: connection_limits::Behaviour::new(
+                    connection_limits::ConnectionLimits::default()
+                        .with_max_established(Some(max_connections))
+                        .with_max_established_per_peer(Some(4))
+                        .with_max_pending_incoming(Some(max_connections.min(64))),
+                ),
+                kad: kad.into(),
                 sync: request_response::Behaviour::with_codec(
                     SyncCodec { max },
                     [(PROTOCOL, ProtocolSupport::Full)],
@@ -323,6 +361,15 @@ pub fn spawn(
                     "/mergeflow/1".into(),
                     key.public(),
                 )),
+                // A peer that stops answering (a partition, a pulled cable)
+                // is noticed within PING_INTERVAL + PING_TIMEOUT and its
+                // connection closed, so it shows as disconnected and is
+                // redialled, instead of holding requests until they time out.
+                ping: ping::Behaviour::new(
+                    ping::Config::new()
+                        .with_interval(PING_INTERVAL)
+                        .with_timeout(PING_TIMEOUT),
+                ),
                 mdns: mdns.into(),
             })
         })
@@ -392,6 +439,22 @@ pub fn spawn(
         tracing::debug!("network stopped");
     });
     Ok(state)
+}
+
+/// How often each connection is pinged.
+const PING_INTERVAL: Duration = Duration::from_secs(5);
+/// A ping unanswered for this long closes the connection.
+const PING_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// True if two addresses name the same endpoint, ignoring a `/p2p/<id>` suffix.
+fn same_addr(a: &Multiaddr, b: &Multiaddr) -> bool {
+    let strip = |m: &Multiaddr| -> Vec<Protocol<'static>> {
+        m.iter()
+            .filter(|p| !matches!(p, Protocol::P2p(_)))
+            .map(|p| p.acquire())
+            .collect()
+    };
+    strip(a) == strip(b)
 }
 
 /// Rejected inputs after which a peer is disconnected and banned.
@@ -604,6 +667,16 @@ fn on_event(
             num_established,
             ..
         } => {
+            if let libp2p::core::ConnectedPoint::Dialer { address, .. } = &endpoint {
+                // A static peer given without /p2p/<id>: learn its id, so it
+                // counts as connected and is not dialled again and again.
+                for p in statics.iter_mut() {
+                    if p.peer.is_none() && same_addr(&p.addr, address) {
+                        tracing::debug!(peer = %peer_id, addr = %p.addr, "static peer identified");
+                        p.peer = Some(peer_id);
+                    }
+                }
+            }
             let mut st = state.lock().expect("not poisoned");
             let info = st
                 .peers
@@ -711,6 +784,42 @@ fn on_event(
                 }
                 e => tracing::debug!(peer = %peer, err = %e, "inbound sync message failed"),
             }
+        }
+        SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
+            peer,
+            connection,
+            result: Err(e),
+        })) => {
+            tracing::info!(peer = %peer, err = %e, "peer does not answer pings: closing the connection");
+            swarm.close_connection(connection);
+        }
+        SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+            peer_id,
+            info,
+            ..
+        })) => {
+            // What a peer says it listens on feeds Kademlia, which tells the
+            // peers' peers about it.
+            if let Some(kad) = swarm.behaviour_mut().kad.as_mut() {
+                for addr in info.listen_addrs {
+                    kad.add_address(&peer_id, addr);
+                }
+            }
+        }
+        SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::RoutingUpdated {
+            peer,
+            addresses,
+            ..
+        })) if peer != local
+            && !connected.contains(&peer)
+            && allowed(&peer)
+            && !bans.contains_key(&peer) =>
+        {
+            tracing::debug!(peer = %peer, "learned of a peer through Kademlia: dialling");
+            let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
+                .addresses(addresses.into_vec())
+                .build();
+            let _ = swarm.dial(opts);
         }
         SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(list))) => {
             for (peer, addr) in list {

@@ -67,7 +67,9 @@ readonly API_PORT=7700
 readonly P2P_PORT=4001
 readonly MAX_NODES=200
 readonly MARKER=.mf-netns-cluster
-readonly STATE=${MF_CLUSTER_DIR:-/tmp/mergeflow-netns}
+STATE=${MF_CLUSTER_DIR:-/tmp/mergeflow-netns}
+[[ $STATE == /* ]] || STATE=$PWD/$STATE
+readonly STATE
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 readonly REPO_ROOT
 

@@ -99,6 +99,11 @@ pub struct NetTable {
     /// Learn of peers beyond `peers` and mDNS through Kademlia (the peers'
     /// peers), and connect to them.
     pub kademlia: bool,
+    /// Carry the fast path (changes, deletes) on a gossipsub topic, forwarded
+    /// through a mesh of peers, instead of sending each change straight to
+    /// every connected peer (relayed once by each). Off by default: on
+    /// loopback it is slower (see BENCHMARKS.md); it pays off in large meshes.
+    pub gossipsub: bool,
 }
 
 /// `[log]`: tracing output.
@@ -171,6 +176,7 @@ impl Default for Config {
                 allow: vec![],
                 max_connections: 256,
                 kademlia: true,
+                gossipsub: false,
             },
             log: LogConfig {
                 level: "info".into(),

@@ -191,6 +191,7 @@ impl NodeBuilder {
                 allow: crate::net::parse_peer_ids(&net.allow).unwrap_or_default(),
                 max_connections: net.max_connections,
                 kademlia: net.kademlia,
+                gossipsub: net.gossipsub,
             };
             if cfg.key.is_none() && cfg.allow.is_empty() {
                 tracing::warn!(

@@ -171,8 +171,12 @@ async fn a_hostile_peer_is_rejected_and_banned_while_honest_peers_sync() {
             .iter()
             .find(|p| p.peer_id == hostile_id.to_string())
             .is_some_and(|p| p.rejected >= 10 && !p.connected);
-        let synced =
-            a.doc("honest/doc").unwrap().get().await.ok() == Some(json!({"i": honest_i - 1}));
+        // The honest peer's writes keep arriving during the attack (the
+        // latest may still be in flight, so "recent enough" is the check).
+        let seen = a.doc("honest/doc").unwrap().get().await.ok();
+        let synced = seen
+            .and_then(|v| v["i"].as_i64())
+            .is_some_and(|i| i >= 5 && i + 50 >= honest_i - 1);
         if banned && synced {
             break;
         }

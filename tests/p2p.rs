@@ -182,11 +182,13 @@ async fn without_the_key_or_off_the_allowlist_nothing_is_read_or_written() {
 }
 
 /// Two nodes that each know only a third one find each other through
-/// Kademlia and connect directly; a QUIC-only node joins too.
+/// Kademlia and connect directly; a QUIC-only node joins too. The fast path
+/// runs on gossipsub here.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peers_of_peers_are_found_through_kademlia_and_quic_works() {
     let dir = tempfile::tempdir().unwrap();
     let hub = common::p2p_node(&dir.path().join("hub"), vec![], |c| {
+        c.net.gossipsub = true;
         c.net.listen = vec![
             "/ip4/127.0.0.1/tcp/0".into(),
             "/ip4/127.0.0.1/udp/0/quic-v1".into(),
@@ -206,8 +208,12 @@ async fn peers_of_peers_are_found_through_kademlia_and_quic_works() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
-    let b = common::p2p_node(&dir.path().join("b"), vec![hub_tcp], |_| {}).await;
+    let b = common::p2p_node(&dir.path().join("b"), vec![hub_tcp], |c| {
+        c.net.gossipsub = true;
+    })
+    .await;
     let c = common::p2p_node(&dir.path().join("c"), vec![hub_quic], |c| {
+        c.net.gossipsub = true;
         c.net.listen = vec!["/ip4/127.0.0.1/udp/0/quic-v1".into()];
     })
     .await;
@@ -237,4 +243,31 @@ async fn peers_of_peers_are_found_through_kademlia_and_quic_works() {
     for n in [c, b, hub] {
         n.shutdown().await.unwrap();
     }
+}
+
+/// A doc whose raw changes exceed a peer's size cap, but whose compacted form
+/// fits, syncs to that peer; the sender is not struck as hostile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_doc_of_many_small_changes_syncs_under_a_peer_cap_on_stored_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = start(&dir.path().join("a"), vec![]).await;
+    let doc = a.doc("big/many-changes").unwrap();
+    for i in 0..2_000 {
+        doc.patch(json!({ "n": i })).await.unwrap();
+    }
+    let a_addr = listen_addr(&a).await;
+    let b = p2p_node(&dir.path().join("b"), vec![a_addr], |c| {
+        c.doc.max_doc_bytes = 64 * 1024;
+        c.doc.max_change_bytes = 16 * 1024;
+    })
+    .await;
+    converged(&[&a, &b], "a big doc under b's cap").await;
+    assert_eq!(
+        b.doc("big/many-changes").unwrap().get().await.unwrap(),
+        json!({ "n": 1_999 })
+    );
+    let struck: u64 = b.peers().iter().map(|p| p.rejected).sum();
+    assert_eq!(struck, 0, "an honest peer was struck: {:?}", b.peers());
+    b.shutdown().await.unwrap();
+    a.shutdown().await.unwrap();
 }

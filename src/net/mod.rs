@@ -35,15 +35,15 @@ use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{
-    Multiaddr, PeerId, StreamProtocol, connection_limits, identify, kad, mdns, noise, ping, quic,
-    tcp, yamux,
+    Multiaddr, PeerId, StreamProtocol, connection_limits, gossipsub, identify, kad, mdns, noise,
+    ping, quic, tcp, yamux,
 };
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::doc::Docs;
-use crate::sync::{Input, Output, codec};
+use crate::sync::{Input, Message, Output, codec};
 
 /// Errors starting the network.
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +82,8 @@ pub struct NetConfig {
     pub max_connections: u32,
     /// Discover peers' peers with Kademlia.
     pub kademlia: bool,
+    /// Carry the fast path on gossipsub instead of direct sends.
+    pub gossipsub: bool,
 }
 
 /// Parses a network key: 64 hex digits (what `mergeflow keygen` prints).
@@ -183,10 +185,16 @@ struct Behaviour {
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     kad: Toggle<kad::Behaviour<kad::store::MemoryStore>>,
+    gossipsub: Toggle<gossipsub::Behaviour>,
     mdns: Toggle<mdns::tokio::Behaviour>,
 }
 
 const PROTOCOL: StreamProtocol = StreamProtocol::new("/mergeflow/sync/1");
+/// The gossipsub topic of the fast path: changes and deletes.
+fn changes_topic() -> gossipsub::IdentTopic {
+    gossipsub::IdentTopic::new("mergeflow/changes/1")
+}
+
 /// Our own Kademlia network, apart from any public one.
 const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/mergeflow/kad/1");
 
@@ -289,6 +297,7 @@ pub fn spawn(
     let local = key.public().to_peer_id();
     let mdns_on = cfg.mdns;
     let kad_on = cfg.kademlia;
+    let gossip_on = cfg.gossipsub;
     let max_connections = cfg.max_connections;
     let max = cfg.max_message_bytes;
     let psk = cfg.key.map(PreSharedKey::new);
@@ -342,7 +351,24 @@ pub fn spawn(
                 kad.set_mode(Some(kad::Mode::Server));
                 kad
             });
+            let gossipsub = if gossip_on {
+                let gossip_cfg = gossipsub::ConfigBuilder::default()
+                    .validation_mode(gossipsub::ValidationMode::Strict)
+                    .validate_messages()
+                    .max_transmit_size(max)
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                let mut gossipsub = gossipsub::Behaviour::new(
+                    gossipsub::MessageAuthenticity::Signed(key.clone()),
+                    gossip_cfg,
+                )?;
+                gossipsub.subscribe(&changes_topic())?;
+                Some(gossipsub)
+            } else {
+                None
+            };
             Ok(Behaviour {
+                gossipsub: gossipsub.into(),
                 limits: connection_limits::Behaviour::new(
                     connection_limits::ConnectionLimits::default()
                         .with_max_established(Some(max_connections))
@@ -585,9 +611,32 @@ impl Outbox {
                 }
             }
             Output::Broadcast { msg, except } => {
+                // The fast path goes by gossipsub, which forwards it through
+                // the mesh: a relay (`except` set) is gossipsub's job, so only
+                // an origin publishes. Peers not (yet) on the topic, e.g. just
+                // connected, get it directly.
                 let bytes = codec::encode(&msg);
+                let mut on_topic: BTreeSet<PeerId> = BTreeSet::new();
+                if let Some(gossip) = swarm.behaviour_mut().gossipsub.as_mut() {
+                    let topic = changes_topic();
+                    if except.is_none()
+                        && let Err(e) = gossip.publish(topic.clone(), bytes.clone())
+                        && !matches!(e, gossipsub::PublishError::NoPeersSubscribedToTopic)
+                    {
+                        tracing::debug!(err = %e, "gossip publish failed");
+                    }
+                    let hash = topic.hash();
+                    on_topic = gossip
+                        .all_peers()
+                        .filter(|(_, topics)| topics.contains(&&hash))
+                        .map(|(p, _)| *p)
+                        .collect();
+                }
                 let except = except.and_then(|e| e.parse::<PeerId>().ok());
-                for peer in connected.iter().filter(|p| Some(**p) != except) {
+                for peer in connected
+                    .iter()
+                    .filter(|p| Some(**p) != except && !on_topic.contains(p))
+                {
                     self.push(*peer, bytes.clone(), msg.doc());
                 }
             }
@@ -789,9 +838,54 @@ fn on_event(
             peer,
             connection,
             result: Err(e),
-        })) => {
+        })) if !matches!(e, ping::Failure::Unsupported) => {
             tracing::info!(peer = %peer, err = %e, "peer does not answer pings: closing the connection");
             swarm.close_connection(connection);
+        }
+        SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+            propagation_source,
+            message_id,
+            message,
+        })) => {
+            // Only changes and deletes travel by gossip; anything else, or
+            // bytes that do not decode, is rejected, which lowers the
+            // forwarder's gossipsub score and counts against it here.
+            let decoded = codec::decode(&message.data, usize::MAX).and_then(|m| match m {
+                Message::Change { .. } | Message::Deleted { .. } => Ok(m),
+                _ => Err(codec::DecodeError::Malformed(
+                    "only changes and deletes travel by gossip",
+                )),
+            });
+            let Some(gossip) = swarm.behaviour_mut().gossipsub.as_mut() else {
+                return;
+            };
+            match decoded {
+                Ok(msg) => {
+                    gossip.report_message_validation_result(
+                        &message_id,
+                        &propagation_source,
+                        gossipsub::MessageAcceptance::Accept,
+                    );
+                    docs.sync_input(Input::Received {
+                        from: propagation_source.to_string(),
+                        msg,
+                    });
+                }
+                Err(e) => {
+                    gossip.report_message_validation_result(
+                        &message_id,
+                        &propagation_source,
+                        gossipsub::MessageAcceptance::Reject,
+                    );
+                    strike(
+                        swarm,
+                        state,
+                        bans,
+                        propagation_source,
+                        &format!("bad gossip message: {e}"),
+                    );
+                }
+            }
         }
         SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
             peer_id,

@@ -686,7 +686,11 @@ pub(super) fn maybe_compact(
     meta: &mut DocMeta,
     batch: &mut WriteBatch,
 ) {
-    if meta.tail_changes >= inner.cfg.compact_after_changes {
+    // Also when the raw changes alone would put the doc over its cap (a big
+    // merge from a peer): what is stored then is the compact save.
+    if meta.tail_changes >= inner.cfg.compact_after_changes
+        || meta.size_bytes > inner.cfg.max_doc_bytes
+    {
         let tail = tail_range(meta);
         let snapshot = loaded.doc.save();
         meta.size_bytes = snapshot.len() as u64;

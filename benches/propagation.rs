@@ -1,11 +1,16 @@
 //! Propagation and catch-up over real libp2p on loopback, in one process:
 //! - a small change written on A, until it is readable on B (2 nodes), p50/p99;
 //! - the same to all of 4 other nodes (5 nodes, star around A);
-//! - a fresh node catching up on N small docs (default 10,000).
+//! - a fresh node catching up on N small docs (default 10,000);
+//! - a fresh node catching up on one doc of N small changes (default 100,000),
+//!   on a new pair of nodes.
 //!
 //! Prints numbers; asserts nothing. Run: `cargo bench --bench propagation`
-//! (or `scripts/bench.sh --p2p`). Env: `DOCS` (catch-up size), `WRITES`.
+//! (or `scripts/bench.sh --p2p`). Env: `DOCS` (catch-up size), `WRITES`,
+//! `CHANGES` (changes in the one big doc), `PROGRESS` (report each second).
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use mergeflow::Node;
@@ -40,6 +45,17 @@ async fn wait_peers(node: &Node, n: usize) {
     while node.status().await.peers < n {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1 << 20) as f64
 }
 
 fn pct(v: &mut [Duration], p: f64) -> f64 {
@@ -78,14 +94,10 @@ async fn main() {
             .with_writer(std::io::stderr)
             .init();
     }
-    let writes: usize = std::env::var("WRITES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1000);
-    let docs: usize = std::env::var("DOCS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10_000);
+    let writes = env_usize("WRITES", 1000);
+    let docs = env_usize("DOCS", 10_000);
+    let changes = env_usize("CHANGES", 100_000);
+    let progress = std::env::var_os("PROGRESS").is_some();
     let dir = tempfile::tempdir().unwrap();
     let a = start(&dir.path().join("a"), vec![]).await;
     let a_addr = addr(&a).await;
@@ -137,7 +149,6 @@ async fn main() {
     let total = a.docs().count();
     let t = Instant::now();
     let fresh = start(&dir.path().join("fresh"), vec![a_addr.clone()]).await;
-    let progress = std::env::var_os("PROGRESS").is_some();
     let mut next_report = Duration::from_secs(1);
     while fresh.docs().count() < total {
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -153,6 +164,121 @@ async fn main() {
     println!(
         "catch-up of a fresh node to {total} docs: {:.2} s (start to last doc stored)",
         t.elapsed().as_secs_f64()
+    );
+    fresh.shutdown().await.unwrap();
+    a.shutdown().await.unwrap();
+    drop((fresh, a, dir));
+
+    catch_up_one_doc(changes, progress).await;
+}
+
+/// Catch-up to one big doc: a new node A (own temp dir, none of the docs
+/// above) writes `changes` small changes to one doc; then a fresh node F dials
+/// A, and the time until F's heads for the doc equal A's is measured.
+///
+/// Default caps suffice at 100,000 changes: the doc is stored as ~220 KiB
+/// (`doc.max_doc_bytes` is 64 MiB), and the merge on F, which counts the raw
+/// bytes of every change it adds (~105 B each, ~10 MiB), stays under it too.
+async fn catch_up_one_doc(changes: usize, progress: bool) {
+    const ID: &str = "bench/big";
+    let dir = tempfile::tempdir().unwrap();
+    let a = start(&dir.path().join("a"), vec![]).await;
+    let a_addr = addr(&a).await;
+
+    let t = Instant::now();
+    let written = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for w in 0..32 {
+        let (doc, written) = (a.doc(ID).unwrap(), written.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in (w..changes).step_by(32) {
+                doc.patch(json!({"n": i})).await.unwrap();
+                written.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    let reporter = progress.then(|| {
+        let written = written.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(1));
+            every.tick().await;
+            let mut last = 0;
+            loop {
+                every.tick().await;
+                let n = written.load(Ordering::Relaxed);
+                eprintln!(
+                    "  {:>5.1} s: {n} changes written ({} in the last second)",
+                    t.elapsed().as_secs_f64(),
+                    n - last
+                );
+                last = n;
+            }
+        })
+    });
+    for t in tasks {
+        t.await.unwrap();
+    }
+    if let Some(r) = reporter {
+        r.abort();
+    }
+    println!(
+        "wrote one doc of {changes} changes on A in {:.2} s (32 writers)",
+        t.elapsed().as_secs_f64()
+    );
+    let a_doc = a.doc(ID).unwrap();
+    let want = a_doc.heads().await.unwrap();
+
+    let t = Instant::now();
+    let fresh = start(&dir.path().join("fresh"), vec![a_addr]).await;
+    let f_doc = fresh.doc(ID).unwrap();
+    // Progress from its own task: one `heads` call can wait behind F merging
+    // the whole doc, and the report should not wait with it.
+    let reporter = progress.then(|| {
+        let (fresh, f_doc, want) = (fresh.clone(), f_doc.clone(), want.clone());
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(1));
+            every.tick().await;
+            loop {
+                every.tick().await;
+                let state = match f_doc.heads().await {
+                    Ok(h) if h == want => "caught up",
+                    Ok(_) => "present, behind",
+                    Err(_) => "absent",
+                };
+                eprintln!(
+                    "  {:>5.1} s: doc {state}, store {:.1} MiB",
+                    t.elapsed().as_secs_f64(),
+                    mib(fresh.status().await.store_bytes)
+                );
+            }
+        })
+    });
+    while f_doc.heads().await.ok().as_ref() != Some(&want) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    println!(
+        "catch-up of a fresh node to one doc of {changes} changes: {:.2} s (start to heads equal)",
+        t.elapsed().as_secs_f64()
+    );
+    if let Some(r) = reporter {
+        r.abort();
+    }
+    // Sizes on disk once everything is flushed (sled buffers recent writes).
+    a.docs().flush().await.unwrap();
+    fresh.docs().flush().await.unwrap();
+    let doc_bytes = |n: &Node| {
+        let n = n.clone();
+        async move {
+            let list = n.docs().list().await.unwrap();
+            list.iter().find(|d| d.id == ID).map_or(0, |d| d.size_bytes)
+        }
+    };
+    println!(
+        "store size after one doc of {changes} changes: A {:.1} MiB, F {:.1} MiB (the doc: A {:.1} KiB, F {:.1} KiB stored)",
+        mib(a.status().await.store_bytes),
+        mib(fresh.status().await.store_bytes),
+        doc_bytes(&a).await as f64 / 1024.0,
+        doc_bytes(&fresh).await as f64 / 1024.0,
     );
     fresh.shutdown().await.unwrap();
     a.shutdown().await.unwrap();

@@ -106,25 +106,6 @@ struct Recent {
     events: VecDeque<Arc<ChangeEvent>>,
 }
 
-/// An event before it has a sequence number.
-#[derive(Debug, Clone)]
-pub struct NewEvent {
-    /// The doc.
-    pub doc: String,
-    /// Heads after (hex).
-    pub heads: Vec<String>,
-    /// Where it came from.
-    pub origin: String,
-    /// Written on this node.
-    pub local: bool,
-    /// A delete.
-    pub deleted: bool,
-    /// What changed.
-    pub paths: Vec<String>,
-    /// More changed than `paths` lists.
-    pub paths_truncated: bool,
-}
-
 impl Feed {
     /// An empty feed for boot number `boot`.
     pub fn new(boot: u64) -> Feed {
@@ -146,23 +127,16 @@ impl Feed {
         self.subscribed.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Publishes events, in order.
-    pub fn publish(&self, events: impl IntoIterator<Item = NewEvent>) {
+    /// Publishes events, in order, giving each its id and sequence number
+    /// (whatever `id` and `seq` they carry are replaced).
+    pub fn publish(&self, events: impl IntoIterator<Item = ChangeEvent>) {
         let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-        for e in events {
+        for mut e in events {
             let seq = recent.next_seq;
             recent.next_seq += 1;
-            let event = Arc::new(ChangeEvent {
-                id: format!("{}-{seq}", self.boot),
-                seq,
-                doc: e.doc,
-                heads: e.heads,
-                origin: e.origin,
-                local: e.local,
-                deleted: e.deleted,
-                paths: e.paths,
-                paths_truncated: e.paths_truncated,
-            });
+            e.seq = seq;
+            e.id = format!("{}-{seq}", self.boot);
+            let event = Arc::new(e);
             if recent.events.len() == KEEP {
                 recent.events.pop_front();
             }

@@ -121,6 +121,27 @@ impl<'a> Round<'a> {
     }
 }
 
+impl Round<'_> {
+    /// Merges remote input into `doc` with `apply` and stores what it added;
+    /// a deleted doc ignores it. `None` if the doc still does not exist (the
+    /// input carried no changes).
+    fn merge(
+        &mut self,
+        doc: &str,
+        apply: impl FnOnce(&mut Automerge) -> Result<(), String>,
+    ) -> Result<Option<DocState>, String> {
+        self.with_loaded(doc, |round, id, loaded| {
+            if deleted(loaded) {
+                return Ok(Some(DocState::Deleted));
+            }
+            let before = loaded.doc.get_heads();
+            apply(&mut loaded.doc)?;
+            let merged = store_merged(round, id, loaded, &before)?;
+            Ok(loaded.meta.is_some().then_some(merged))
+        })
+    }
+}
+
 /// The state a loaded doc contributes to the digest.
 fn doc_state(loaded: &Loaded) -> Option<DocState> {
     match &loaded.meta {
@@ -213,18 +234,9 @@ impl DocAccess for Round<'_> {
         let msg = std::panic::catch_unwind(|| sync::Message::decode(data))
             .map_err(|_| "automerge panicked decoding a sync message".to_string())?
             .map_err(|e| format!("sync message does not decode: {e}"))?;
-        self.with_loaded(doc, |round, id, loaded| {
-            if deleted(loaded) {
-                return Ok(Some(DocState::Deleted));
-            }
-            let before = loaded.doc.get_heads();
-            loaded
-                .doc
-                .receive_sync_message(state, msg)
-                .map_err(|e| e.to_string())?;
-            let merged = store_merged(round, id, loaded, &before)?;
-            // A message without changes for a doc we do not have creates nothing.
-            Ok(loaded.meta.is_some().then_some(merged))
+        self.merge(doc, |am| {
+            am.receive_sync_message(state, msg)
+                .map_err(|e| e.to_string())
         })
     }
 
@@ -286,17 +298,10 @@ impl DocAccess for Round<'_> {
     }
 
     fn merge_doc(&mut self, doc: &str, data: &[u8]) -> Result<Option<DocState>, String> {
-        self.with_loaded(doc, |round, id, loaded| {
-            if deleted(loaded) {
-                return Ok(Some(DocState::Deleted));
-            }
-            let before = loaded.doc.get_heads();
-            loaded
-                .doc
-                .load_incremental(data)
-                .map_err(|e| format!("pushed doc does not load: {e}"))?;
-            let merged = store_merged(round, id, loaded, &before)?;
-            Ok(loaded.meta.is_some().then_some(merged))
+        self.merge(doc, |am| {
+            am.load_incremental(data)
+                .map(|_| ())
+                .map_err(|e| format!("pushed doc does not load: {e}"))
         })
     }
 

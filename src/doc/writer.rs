@@ -33,7 +33,7 @@ use super::patch::apply_merge_patch;
 use super::remote::{PendingEvent, Round, Touch};
 use super::service::{Change, Inner, Loaded, WriteResult, live_meta, lock_slot, now_ms};
 use super::{DocError, DocId};
-use crate::feed::NewEvent;
+use crate::feed::ChangeEvent;
 use crate::store::{Ack, DocMeta, StoreError, WriteBatch};
 use crate::sync::{Core, DocState, Input, Output};
 
@@ -455,7 +455,7 @@ fn confirmations(events: &[PendingEvent]) -> Vec<(String, crate::sync::Message)>
 
 /// Turns a round's changes into feed events; changed paths are worked out
 /// (an Automerge diff per change) only once someone has subscribed.
-fn feed_events(inner: &Inner, events: Vec<PendingEvent>) -> Vec<NewEvent> {
+fn feed_events(inner: &Inner, events: Vec<PendingEvent>) -> Vec<ChangeEvent> {
     let with_paths = inner.feed.has_subscribed();
     events
         .into_iter()
@@ -465,7 +465,9 @@ fn feed_events(inner: &Inner, events: Vec<PendingEvent>) -> Vec<NewEvent> {
                 _ => (vec![], false),
             };
             let deleted = matches!(e.touch, Touch::Deleted);
-            NewEvent {
+            ChangeEvent {
+                id: String::new(), // the feed numbers events as it publishes
+                seq: 0,
                 doc: e.doc.to_string(),
                 heads: if deleted { vec![] } else { e.after },
                 local: e.from.is_none(),

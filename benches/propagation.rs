@@ -24,6 +24,9 @@ async fn start(dir: &std::path::Path, peers: Vec<String>) -> Node {
     config.net.mdns = false;
     config.net.peers = peers;
     config.log.level = "error".into();
+    // KADEMLIA=0 turns peer discovery off: the 5 nodes then stay a star
+    // around A instead of a full mesh.
+    config.net.kademlia = std::env::var("KADEMLIA").map_or(true, |v| v != "0");
     Node::builder()
         .config(config)
         .network(true)

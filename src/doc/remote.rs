@@ -318,6 +318,7 @@ impl DocAccess for Round<'_> {
             let tail = super::writer::tail_range(&meta);
             meta.deleted_at_ms = Some(now_ms());
             meta.size_bytes = 0;
+            meta.snapshot_bytes = 0;
             meta.tail_changes = 0;
             round.batch.tombstone(id.as_str(), &meta, tail);
             loaded.doc = new_doc(&round.inner.actor);

@@ -125,6 +125,9 @@ pub struct DocMeta {
     pub heads: Vec<String>,
     /// Bytes stored for the doc: snapshot plus tail of changes.
     pub size_bytes: u64,
+    /// Bytes of the snapshot alone (0 in metas written before it was kept).
+    #[serde(default)]
+    pub snapshot_bytes: u64,
     /// Number of changes in the tail (not yet compacted into the snapshot).
     pub tail_changes: u64,
     /// Sequence number the next appended change gets.
@@ -144,6 +147,7 @@ impl DocMeta {
         DocMeta {
             heads: vec![],
             size_bytes: 0,
+            snapshot_bytes: 0,
             tail_changes: 0,
             next_seq: 0,
             created_at_ms: now_ms,
@@ -557,6 +561,7 @@ mod tests {
         DocMeta {
             heads: vec![],
             size_bytes: 0,
+            snapshot_bytes: 0,
             tail_changes: next_seq,
             next_seq,
             created_at_ms: 1,

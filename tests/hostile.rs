@@ -209,3 +209,90 @@ async fn a_hostile_peer_is_rejected_and_banned_while_honest_peers_sync() {
     a.shutdown().await.unwrap();
     honest.shutdown().await.unwrap();
 }
+
+/// A peer publishing garbage on the gossip topic (with `net.gossipsub` on):
+/// its messages are rejected, it is struck for each and finally banned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_gossiping_garbage_is_rejected_and_banned() {
+    use libp2p::gossipsub;
+    let dir = tempfile::tempdir().unwrap();
+    let a = p2p_node(&dir.path().join("a"), vec![], |c| c.net.gossipsub = true).await;
+    let a_addr: Multiaddr = listen_addr(&a).await.parse().unwrap();
+    let a_peer = a.peer_id();
+    let mut hostile = libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default(),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .unwrap()
+        .with_behaviour(|key| {
+            gossipsub::Behaviour::<
+                gossipsub::IdentityTransform,
+                gossipsub::AllowAllSubscriptionFilter,
+            >::new(
+                gossipsub::MessageAuthenticity::Signed(key.clone()),
+                gossipsub::Config::default(),
+            )
+            .unwrap()
+        })
+        .unwrap()
+        .build();
+    let topic = gossipsub::IdentTopic::new("mergeflow/changes/1");
+    hostile.behaviour_mut().subscribe(&topic).unwrap();
+    let hostile_id = hostile.local_peer_id().to_string();
+    hostile.dial(a_addr).unwrap();
+    // Each round's messages differ (a counter), so none is a duplicate.
+    let bad = |n: u64| -> Vec<Vec<u8>> {
+        vec![
+            format!("garbage {n}").into_bytes(),
+            codec::encode(&Message::Digest {
+                buckets: vec![n; 64],
+            }), // not for gossip
+            codec::encode(&Message::Change {
+                doc: "bad id!".into(),
+                change: n.to_le_bytes().to_vec(),
+            }),
+        ]
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut a_subscribed = false;
+    let mut every = tokio::time::interval(Duration::from_millis(20));
+    let mut n = 0u64;
+    loop {
+        tokio::select! {
+            ev = hostile.select_next_some() => {
+                if let SwarmEvent::Behaviour(gossipsub::Event::Subscribed { peer_id, .. }) = ev
+                    && peer_id == a_peer
+                {
+                    a_subscribed = true;
+                }
+            }
+            _ = every.tick() => {
+                if a_subscribed {
+                    n += 1;
+                    for data in bad(n) {
+                        let _ = hostile.behaviour_mut().publish(topic.clone(), data);
+                    }
+                }
+            }
+        }
+        let peers = a.peers();
+        let banned = peers
+            .iter()
+            .find(|p| p.peer_id == hostile_id)
+            .is_some_and(|p| p.rejected >= 10 && !p.connected);
+        if banned {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not banned: {peers:?}");
+    }
+    // a is fine: it still takes writes.
+    a.doc("after/gossip")
+        .unwrap()
+        .patch(json!({"ok": 1}))
+        .await
+        .unwrap();
+    a.shutdown().await.unwrap();
+}

@@ -377,6 +377,13 @@ impl Docs {
         }
     }
 
+    /// Records a peer's [`Message::Have`](crate::sync::Message::Have): it
+    /// stores `doc` at `heads`. The network task calls this directly, so
+    /// confirmations never queue behind writes.
+    pub fn confirm_held(&self, peer: &str, doc: &str, heads: Vec<ChangeHash>) {
+        super::writer::confirm(&self.inner, peer, doc, heads);
+    }
+
     /// What each peer last confirmed it stores of `id` (since it connected).
     pub fn held(&self, id: &DocId) -> std::collections::BTreeMap<String, super::Held> {
         self.inner.replicas.held(id.as_str())

@@ -89,7 +89,7 @@ impl SyncRuntime {
                 continue; // the round's events carry merges to the feed
             }
             if let Output::Held { peer, doc, heads } = out {
-                confirm(round, &peer, &doc, heads);
+                confirm(round.inner, &peer, &doc, heads);
                 continue;
             }
             if let Output::Send { to, msg } = &out {
@@ -136,8 +136,7 @@ impl SyncRuntime {
 
 /// Records a peer's confirmation; whether its heads include a waiting
 /// writer's is checked on the doc when they are not literally among them.
-fn confirm(round: &mut Round<'_>, peer: &str, doc: &str, heads: Vec<ChangeHash>) {
-    let inner = round.inner;
+pub(super) fn confirm(inner: &Inner, peer: &str, doc: &str, heads: Vec<ChangeHash>) {
     let Ok(id) = DocId::new(doc) else {
         return;
     };

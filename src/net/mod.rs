@@ -773,14 +773,19 @@ fn on_event(
             match codec::decode_frame(&request, usize::MAX) {
                 Ok(msgs) => {
                     let from = peer.to_string();
-                    let inputs = msgs
-                        .into_iter()
-                        .map(|msg| Input::Received {
-                            from: from.clone(),
-                            msg,
-                        })
-                        .collect();
-                    if !docs.sync_inputs(inputs) {
+                    let mut inputs = Vec::with_capacity(msgs.len());
+                    for msg in msgs {
+                        match msg {
+                            // Confirmations go straight to the waiting
+                            // writers, not through the writer thread.
+                            Message::Have { doc, heads } => docs.confirm_held(&from, &doc, heads),
+                            msg => inputs.push(Input::Received {
+                                from: from.clone(),
+                                msg,
+                            }),
+                        }
+                    }
+                    if !inputs.is_empty() && !docs.sync_inputs(inputs) {
                         tracing::debug!(peer = %peer, "sync queue full: frame dropped");
                     }
                 }

@@ -923,7 +923,13 @@ fn on_event(
         SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(list))) => {
             for (peer, addr) in list {
                 if !connected.contains(&peer) && peer != local {
-                    let _ = swarm.dial(addr.with(Protocol::P2p(peer)));
+                    // mDNS addresses may already end in /p2p/<id>.
+                    let addr = if addr.iter().any(|p| matches!(p, Protocol::P2p(_))) {
+                        addr
+                    } else {
+                        addr.with(Protocol::P2p(peer))
+                    };
+                    let _ = swarm.dial(addr);
                 }
             }
         }

@@ -71,6 +71,23 @@ fn framed(body: &[u8]) -> Vec<u8> {
     v
 }
 
+/// A bare libp2p peer (TCP, noise, yamux) running `behaviour` only.
+fn raw_swarm<B: libp2p::swarm::NetworkBehaviour>(
+    behaviour: impl FnOnce(&libp2p::identity::Keypair) -> B,
+) -> libp2p::Swarm<B> {
+    libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default(),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .unwrap()
+        .with_behaviour(behaviour)
+        .unwrap()
+        .build()
+}
+
 async fn start(dir: &std::path::Path, peers: Vec<String>) -> Node {
     p2p_node(dir, peers, |c| c.net.max_message_bytes = 64 * 1024).await
 }
@@ -82,26 +99,16 @@ async fn a_hostile_peer_is_rejected_and_banned_while_honest_peers_sync() {
     let a_addr: Multiaddr = listen_addr(&a).await.parse().unwrap();
     let honest = start(&dir.path().join("honest"), vec![a_addr.to_string()]).await;
 
-    let mut hostile = libp2p::SwarmBuilder::with_new_identity()
-        .with_tokio()
-        .with_tcp(
-            tcp::Config::default(),
-            noise::Config::new,
-            yamux::Config::default,
+    let mut hostile = raw_swarm(|_| {
+        request_response::Behaviour::with_codec(
+            RawCodec,
+            [(
+                StreamProtocol::new("/mergeflow/sync/1"),
+                ProtocolSupport::Full,
+            )],
+            request_response::Config::default(),
         )
-        .unwrap()
-        .with_behaviour(|_| {
-            request_response::Behaviour::with_codec(
-                RawCodec,
-                [(
-                    StreamProtocol::new("/mergeflow/sync/1"),
-                    ProtocolSupport::Full,
-                )],
-                request_response::Config::default(),
-            )
-        })
-        .unwrap()
-        .build();
+    });
     let hostile_id = *hostile.local_peer_id();
     hostile.dial(a_addr.clone()).unwrap();
     let a_peer = a.peer_id();
@@ -219,26 +226,13 @@ async fn a_peer_gossiping_garbage_is_rejected_and_banned() {
     let a = p2p_node(&dir.path().join("a"), vec![], |c| c.net.gossipsub = true).await;
     let a_addr: Multiaddr = listen_addr(&a).await.parse().unwrap();
     let a_peer = a.peer_id();
-    let mut hostile = libp2p::SwarmBuilder::with_new_identity()
-        .with_tokio()
-        .with_tcp(
-            tcp::Config::default(),
-            noise::Config::new,
-            yamux::Config::default,
+    let mut hostile = raw_swarm(|key| {
+        gossipsub::Behaviour::<gossipsub::IdentityTransform, gossipsub::AllowAllSubscriptionFilter>::new(
+            gossipsub::MessageAuthenticity::Signed(key.clone()),
+            gossipsub::Config::default(),
         )
         .unwrap()
-        .with_behaviour(|key| {
-            gossipsub::Behaviour::<
-                gossipsub::IdentityTransform,
-                gossipsub::AllowAllSubscriptionFilter,
-            >::new(
-                gossipsub::MessageAuthenticity::Signed(key.clone()),
-                gossipsub::Config::default(),
-            )
-            .unwrap()
-        })
-        .unwrap()
-        .build();
+    });
     let topic = gossipsub::IdentTopic::new("mergeflow/changes/1");
     hostile.behaviour_mut().subscribe(&topic).unwrap();
     let hostile_id = hostile.local_peer_id().to_string();

@@ -80,6 +80,16 @@ impl Pointer {
     }
 }
 
+/// Appends `prop` to `pointer` as one reference token, escaped the way
+/// [`Pointer::parse`] unescapes it (`~` as `~0`, `/` as `~1`).
+pub(crate) fn push_prop(pointer: &mut String, prop: &Prop) {
+    pointer.push('/');
+    match prop {
+        Prop::Map(k) => pointer.push_str(&k.replace('~', "~0").replace('/', "~1")),
+        Prop::Seq(i) => pointer.push_str(&i.to_string()),
+    }
+}
+
 /// Turns `token` into a property of an object of type `ty`: a key for maps, an
 /// index (`< len`, or `<= len` when `allow_end`) for lists and text.
 /// `"-"` means the end of a list when `allow_end`.
@@ -164,6 +174,20 @@ pub(crate) fn resolve_obj<R: ReadDoc>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pushed_tokens_parse_back() {
+        let mut p = String::new();
+        for prop in [
+            Prop::Map("a/b".into()),
+            Prop::Map("~c".into()),
+            Prop::Seq(0),
+        ] {
+            push_prop(&mut p, &prop);
+        }
+        assert_eq!(p, "/a~1b/~0c/0");
+        assert_eq!(Pointer::parse(&p).unwrap().tokens(), ["a/b", "~c", "0"]);
+    }
 
     #[test]
     fn parses_rfc6901_examples() {

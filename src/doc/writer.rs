@@ -30,6 +30,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::json::{Slot, write_json};
 use super::ops::apply_ops;
 use super::patch::apply_merge_patch;
+use super::path::push_prop;
 use super::remote::{PendingEvent, Round, Touch};
 use super::service::{Change, Inner, Loaded, WriteResult, live_meta, lock_slot, now_ms};
 use super::{DocError, DocId};
@@ -529,15 +530,6 @@ fn patch_prop(action: &automerge::PatchAction) -> Option<automerge::Prop> {
         A::Increment { prop, .. } | A::Conflict { prop } => Some(prop.clone()),
         // Text splices and marks: the path of the text is what changed.
         _ => None,
-    }
-}
-
-/// Appends one RFC 6901 reference token.
-fn push_prop(pointer: &mut String, prop: &automerge::Prop) {
-    pointer.push('/');
-    match prop {
-        automerge::Prop::Map(k) => pointer.push_str(&k.replace('~', "~0").replace('/', "~1")),
-        automerge::Prop::Seq(i) => pointer.push_str(&i.to_string()),
     }
 }
 

@@ -318,6 +318,7 @@ async fn doc_sync(
     let id = doc_id(path)?;
     let heads = node.docs().heads(id.clone()).await?;
     let held = node.docs().held(&id);
+    let ours: Vec<automerge::ChangeHash> = heads.iter().filter_map(|h| h.parse().ok()).collect();
     let mut peers: Vec<PeerDocSync> = node
         .peers()
         .into_iter()
@@ -328,7 +329,7 @@ async fn doc_sync(
                 .map(|h| h.heads.iter().map(|x| x.to_string()).collect())
                 .unwrap_or_default();
             PeerDocSync {
-                holds_our_heads: h.is_some() && heads.iter().all(|x| theirs.contains(x)),
+                holds_our_heads: h.is_some_and(|h| h.includes(&ours)),
                 connected: p.connected,
                 confirmed_at: h.map(|h| h.at_ms),
                 heads: theirs,

@@ -22,6 +22,18 @@ pub struct Held {
     pub at_ms: u64,
 }
 
+impl Held {
+    /// True if these heads literally include every one of `want` (the peer
+    /// confirmed exactly that version or a merge of it with others).
+    pub fn includes(&self, want: &[ChangeHash]) -> bool {
+        includes(&self.heads, want)
+    }
+}
+
+fn includes(theirs: &[ChangeHash], want: &[ChangeHash]) -> bool {
+    want.iter().all(|h| theirs.contains(h))
+}
+
 struct Waiter {
     heads: Vec<ChangeHash>,
     want: usize,
@@ -70,8 +82,7 @@ impl Replicas {
                 if w.confirmed.contains(peer) {
                     continue;
                 }
-                let literal = w.heads.iter().all(|h| heads.contains(h));
-                if literal || covers(&w.heads, &heads) {
+                if includes(&heads, &w.heads) || covers(&w.heads, &heads) {
                     w.confirmed.insert(peer.to_string());
                     if w.confirmed.len() >= w.want
                         && let Some(done) = w.done.take()
@@ -135,7 +146,7 @@ impl Replicas {
             .map(|peers| {
                 peers
                     .iter()
-                    .filter(|(_, h)| heads.iter().all(|x| h.heads.contains(x)))
+                    .filter(|(_, h)| h.includes(&heads))
                     .map(|(p, _)| p.clone())
                     .collect()
             })

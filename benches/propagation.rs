@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use mergeflow::Node;
+use mergeflow::feed::FeedItem;
 use mergeflow::config::Config;
 use serde_json::json;
 
@@ -68,20 +69,35 @@ fn pct(v: &mut [Duration], p: f64) -> f64 {
 }
 
 /// Writes `writes` small changes on `a`; for each, waits until every node in
-/// `others` has the writer's heads. Returns per-write latencies.
+/// `others` has stored the writer's heads, as its change feed reports them
+/// (an event is published once the change is durable there). Returns
+/// per-write latencies. Waiting on the feed, not polling `heads()`, keeps the
+/// measuring client from competing with the nodes for the doc and the CPU.
 async fn propagate(a: &Node, others: &[Node], writes: usize) -> Vec<Duration> {
+    use futures_util::StreamExt;
     let doc = a.doc("bench/propagation").unwrap();
+    let mut feeds: Vec<_> = others
+        .iter()
+        .map(|o| Box::pin(o.subscribe("bench/propagation").unwrap()))
+        .collect();
     let mut lat = Vec::with_capacity(writes);
     for i in 0..writes {
         let t = Instant::now();
         let r = doc.patch(json!({"i": i})).await.unwrap();
-        for o in others {
-            let d = o.doc("bench/propagation").unwrap();
+        let mut want = r.heads.clone();
+        want.sort();
+        for feed in &mut feeds {
             loop {
-                if d.heads().await.ok().as_ref() == Some(&r.heads) {
-                    break;
+                match feed.next().await.expect("feed ended") {
+                    FeedItem::Change(e) => {
+                        let mut got = e.heads.clone();
+                        got.sort();
+                        if got == want {
+                            break;
+                        }
+                    }
+                    FeedItem::Missed { .. } => panic!("the benchmark fell behind a feed"),
                 }
-                tokio::task::yield_now().await;
             }
         }
         lat.push(t.elapsed());

@@ -122,7 +122,7 @@ impl Feed {
     }
 
     /// True once anyone subscribed: until then nobody can need the changed
-    /// paths, which cost a diff per change.
+    /// paths, which cost Automerge a patch log per change.
     pub fn has_subscribed(&self) -> bool {
         self.subscribed.load(std::sync::atomic::Ordering::Relaxed)
     }

@@ -87,16 +87,27 @@ async fn changes_merged_from_a_peer_name_their_origin() {
     let w = a
         .doc("shared/doc")
         .unwrap()
-        .patch(json!({"v": 1}))
+        .patch(json!({"v": 1, "meta": {"room": "k"}}))
         .await
         .unwrap();
-    // Poll until b has it: a write before the peers connected arrives by
-    // anti-entropy, after by the fast path; either way one event says so.
+    // A write before the peers connected arrives by anti-entropy (a pushed
+    // doc), after by the fast path; either way one event says so, with the
+    // paths it changed on b.
     let e = next_change(&mut feed).await;
     assert_eq!(e.doc, "shared/doc");
     assert!(!e.local);
     assert_eq!(e.origin, a.peer_id().to_string());
     assert_eq!(e.heads, w.heads);
+    assert_eq!(e.paths, ["/meta", "/meta/room", "/v"]);
+    let w = a
+        .doc("shared/doc")
+        .unwrap()
+        .patch(json!({"meta": {"room": "j"}}))
+        .await
+        .unwrap();
+    let e = next_change(&mut feed).await;
+    assert_eq!(e.heads, w.heads);
+    assert_eq!(e.paths, ["/meta/room"]);
     b.shutdown().await.unwrap();
     a.shutdown().await.unwrap();
 }

@@ -11,7 +11,7 @@
 use std::panic::AssertUnwindSafe;
 
 use automerge::sync::{self, SyncDoc};
-use automerge::{Automerge, ChangeHash, ReadDoc};
+use automerge::{Automerge, ChangeHash, PatchLog, ReadDoc};
 
 use super::service::{Inner, Loaded, SlotRef, lock_slot, new_doc, now_ms};
 use super::{DocError, DocId};
@@ -39,8 +39,10 @@ pub(super) struct Round<'a> {
 
 /// What a change did to a doc, for the feed.
 pub(super) enum Touch {
-    /// New heads; the heads before.
-    Changed(Vec<ChangeHash>),
+    /// Changed: the JSON Pointers of what changed (only while someone is
+    /// subscribed to the feed; see [`super::writer::patch_log`]), and whether
+    /// more changed than are listed.
+    Changed(Vec<String>, bool),
     /// Deleted.
     Deleted,
 }
@@ -128,15 +130,16 @@ impl Round<'_> {
     fn merge(
         &mut self,
         doc: &str,
-        apply: impl FnOnce(&mut Automerge) -> Result<(), String>,
+        apply: impl FnOnce(&mut Automerge, &mut PatchLog) -> Result<(), String>,
     ) -> Result<Option<DocState>, String> {
         self.with_loaded(doc, |round, id, loaded| {
             if deleted(loaded) {
                 return Ok(Some(DocState::Deleted));
             }
             let before = loaded.doc.get_heads();
-            apply(&mut loaded.doc)?;
-            let merged = store_merged(round, id, loaded, &before)?;
+            let mut log = super::writer::patch_log(round.inner);
+            apply(&mut loaded.doc, &mut log)?;
+            let merged = store_merged(round, id, loaded, &before, &mut log)?;
             Ok(loaded.meta.is_some().then_some(merged))
         })
     }
@@ -165,6 +168,7 @@ fn store_merged(
     id: &DocId,
     loaded: &mut Loaded,
     before: &[ChangeHash],
+    log: &mut PatchLog,
 ) -> Result<DocState, String> {
     let inner = round.inner;
     let new = loaded.doc.get_changes(before);
@@ -192,9 +196,10 @@ fn store_merged(
     let bytes = new.iter().map(|c| c.raw_bytes());
     super::writer::append_changes(&mut round.batch, id, &mut meta, loaded, now, bytes);
     super::writer::maybe_compact(inner, id, loaded, &mut meta, &mut round.batch);
+    let (paths, truncated) = super::writer::changed_paths(&loaded.doc, log);
     round.events.push(PendingEvent {
         doc: id.clone(),
-        touch: Touch::Changed(before.to_vec()),
+        touch: Touch::Changed(paths, truncated),
         after: meta.heads.clone(),
         from: Some(round.from.clone().unwrap_or_default()),
     });
@@ -234,8 +239,8 @@ impl DocAccess for Round<'_> {
         let msg = std::panic::catch_unwind(|| sync::Message::decode(data))
             .map_err(|_| "automerge panicked decoding a sync message".to_string())?
             .map_err(|e| format!("sync message does not decode: {e}"))?;
-        self.merge(doc, |am| {
-            am.receive_sync_message(state, msg)
+        self.merge(doc, |am, log| {
+            am.receive_sync_message_log_patches(state, msg, log)
                 .map_err(|e| e.to_string())
         })
     }
@@ -263,11 +268,12 @@ impl DocAccess for Round<'_> {
                 return Ok(Applied::MissingDeps);
             }
             let before = loaded.doc.get_heads();
+            let mut log = super::writer::patch_log(round.inner);
             loaded
                 .doc
-                .apply_changes([change])
+                .apply_changes_log_patches([change], &mut log)
                 .map_err(|e| e.to_string())?;
-            store_merged(round, id, loaded, &before).map(Applied::Ok)
+            store_merged(round, id, loaded, &before, &mut log).map(Applied::Ok)
         })
     }
 
@@ -298,8 +304,8 @@ impl DocAccess for Round<'_> {
     }
 
     fn merge_doc(&mut self, doc: &str, data: &[u8]) -> Result<Option<DocState>, String> {
-        self.merge(doc, |am| {
-            am.load_incremental(data)
+        self.merge(doc, |am, log| {
+            am.load_incremental_log_patches(data, log)
                 .map(|_| ())
                 .map_err(|e| format!("pushed doc does not load: {e}"))
         })

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use automerge::transaction::{CommitOptions, Transactable, Transaction};
-use automerge::{ChangeHash, ROOT, ReadDoc};
+use automerge::{Automerge, ChangeHash, PatchLog, ROOT, ReadDoc};
 use serde_json::{Map, Value as Json};
 use tokio::sync::{mpsc, oneshot};
 
@@ -437,7 +437,7 @@ fn apply(
 fn confirmations(events: &[PendingEvent]) -> Vec<(String, crate::sync::Message)> {
     let mut last: std::collections::BTreeMap<(&str, &str), &[String]> = Default::default();
     for e in events {
-        if let (Some(from), Touch::Changed(_)) = (&e.from, &e.touch)
+        if let (Some(from), Touch::Changed(..)) = (&e.from, &e.touch)
             && !from.is_empty()
         {
             last.insert((from.as_str(), e.doc.as_str()), &e.after);
@@ -454,18 +454,15 @@ fn confirmations(events: &[PendingEvent]) -> Vec<(String, crate::sync::Message)>
         .collect()
 }
 
-/// Turns a round's changes into feed events; changed paths are worked out
-/// (an Automerge diff per change) only once someone has subscribed.
+/// Turns a round's changes into feed events.
 fn feed_events(inner: &Inner, events: Vec<PendingEvent>) -> Vec<ChangeEvent> {
-    let with_paths = inner.feed.has_subscribed();
     events
         .into_iter()
         .map(|e| {
-            let (paths, truncated) = match (&e.touch, with_paths) {
-                (Touch::Changed(before), true) => changed_paths(inner, &e.doc, before, &e.after),
-                _ => (vec![], false),
+            let (paths, truncated, deleted) = match e.touch {
+                Touch::Changed(paths, truncated) => (paths, truncated, false),
+                Touch::Deleted => (vec![], false, true),
             };
-            let deleted = matches!(e.touch, Touch::Deleted);
             ChangeEvent {
                 id: String::new(), // the feed numbers events as it publishes
                 seq: 0,
@@ -481,22 +478,19 @@ fn feed_events(inner: &Inner, events: Vec<PendingEvent>) -> Vec<ChangeEvent> {
         .collect()
 }
 
-/// JSON Pointers of what changed in `doc` between two sets of heads.
-fn changed_paths(
-    inner: &Inner,
-    doc: &DocId,
-    before: &[ChangeHash],
-    after: &[String],
-) -> (Vec<String>, bool) {
-    let Some(slot) = inner.cached(doc) else {
-        return (vec![], true);
-    };
-    let guard = lock_slot(&slot);
-    let Some(loaded) = guard.as_ref() else {
-        return (vec![], true);
-    };
-    let after: Vec<ChangeHash> = after.iter().filter_map(|h| h.parse().ok()).collect();
-    let patches = std::panic::catch_unwind(AssertUnwindSafe(|| loaded.doc.diff(before, &after)));
+/// A patch log for one change: active (Automerge records what the change
+/// does, at a cost proportional to the change) only while someone is
+/// subscribed to the feed, since only subscribers read changed paths.
+pub(super) fn patch_log(inner: &Inner) -> PatchLog {
+    PatchLog::new(inner.feed.has_subscribed())
+}
+
+/// JSON Pointers of what the changes recorded in `log` changed in `doc` (at
+/// most [`crate::feed::MAX_PATHS`]; the flag says more changed). Nothing for
+/// an inactive log (it records nothing). Computed right after the changes
+/// applied, while the doc is still at the state the log describes.
+pub(super) fn changed_paths(doc: &Automerge, log: &mut PatchLog) -> (Vec<String>, bool) {
+    let patches = std::panic::catch_unwind(AssertUnwindSafe(|| doc.make_patches(log)));
     let Ok(patches) = patches else {
         return (vec![], true);
     };
@@ -553,7 +547,10 @@ where
 {
     let creating = loaded.meta.is_none();
     let before: Vec<ChangeHash> = loaded.doc.get_heads();
-    let mut tx = loaded.doc.transaction();
+    let mut tx = loaded
+        .doc
+        .transaction_log_patches(patch_log(inner))
+        .map_err(|e| DocError::Internal(e.to_string()))?;
     if let Err(e) = f(&mut tx) {
         tx.rollback();
         return Err(e);
@@ -578,10 +575,10 @@ where
             .with_message(message)
             .with_time((now / 1000) as i64)
     };
-    let hash = match tx.commit_with(opts()) {
-        (Some(h), _) => h,
+    let (hash, mut log) = match tx.commit_with(opts()) {
+        (Some(h), log) => (h, log),
         // A create with no keys still gets a change, so the doc has heads.
-        (None, _) => loaded.doc.empty_commit(opts()),
+        (None, log) => (loaded.doc.empty_commit(opts()), log),
     };
     let change = loaded
         .doc
@@ -624,11 +621,12 @@ where
         changed: true,
     };
     loaded.meta = Some(meta);
+    let (paths, truncated) = changed_paths(&loaded.doc, &mut log);
     Ok((
         result,
         i64::from(creating),
         Some(input),
-        Some(Touch::Changed(before)),
+        Some(Touch::Changed(paths, truncated)),
     ))
 }
 

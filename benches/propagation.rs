@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use mergeflow::Node;
-use mergeflow::feed::FeedItem;
 use mergeflow::config::Config;
+use mergeflow::feed::FeedItem;
 use serde_json::json;
 
 async fn start(dir: &std::path::Path, peers: Vec<String>) -> Node {

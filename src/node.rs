@@ -115,12 +115,18 @@ impl NodeBuilder {
             .map_err(|e| Error::Internal(e.to_string()))??
         };
         let (commit, flush_thread) = GroupCommit::start(store.clone(), config.perf.flush_queue);
-        let sync_cfg = self.sync.or_else(|| {
-            self.network.then(|| SyncConfig {
-                anti_entropy_ms: config.net.anti_entropy_ms,
-                ..SyncConfig::default()
+        let sync_cfg = self
+            .sync
+            .or_else(|| {
+                self.network.then(|| SyncConfig {
+                    anti_entropy_ms: config.net.anti_entropy_ms,
+                    ..SyncConfig::default()
+                })
             })
-        });
+            .map(|cfg| SyncConfig {
+                local: peer_id.to_string(),
+                ..cfg
+            });
         let (sync, sync_rx) = match sync_cfg {
             Some(cfg) => {
                 let (tx, rx) = mpsc::channel(config.perf.sync_queue);

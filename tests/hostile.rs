@@ -117,7 +117,7 @@ async fn a_hostile_peer_is_rejected_and_banned_while_honest_peers_sync() {
     let bad: Vec<Vec<u8>> = vec![
         framed(b"\xde\xad\xbe\xef garbage"),
         (100u32 << 20).to_le_bytes().to_vec(), // claims a 100 MiB frame
-        framed(&[1, 99, 0, 0]),                // unknown kind
+        framed(&[codec::VERSION, 99, 0, 0]),   // unknown kind
         framed(&[7, 1]),                       // unknown version
         framed(&codec::encode(&Message::Sync {
             doc: "d".into(),
@@ -126,6 +126,8 @@ async fn a_hostile_peer_is_rejected_and_banned_while_honest_peers_sync() {
         framed(&codec::encode(&Message::Change {
             doc: "d".into(),
             change: vec![0x85, 0x6f, 0x4a, 0x83, 1, 2, 3],
+            ack: true,
+            seen: vec![],
         })),
         framed(&codec::encode(&Message::Bucket {
             bucket: 9999,
@@ -247,6 +249,8 @@ async fn a_peer_gossiping_garbage_is_rejected_and_banned() {
             codec::encode(&Message::Change {
                 doc: "bad id!".into(),
                 change: n.to_le_bytes().to_vec(),
+                ack: false,
+                seen: vec![],
             }),
         ]
     };

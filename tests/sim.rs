@@ -149,6 +149,11 @@ struct Sim {
     sent: u64,
     /// Messages other than digests: a converged, idle cluster sends none.
     sent_not_digest: u64,
+    /// Fast-path changes sent.
+    sent_changes: u64,
+    /// linked[i][j]: nodes i and j are connected (all pairs unless a test
+    /// builds another topology).
+    linked: Vec<Vec<bool>>,
 }
 
 fn peer_name(i: usize) -> String {
@@ -161,13 +166,27 @@ fn peer_index(name: &str) -> usize {
 
 impl Sim {
     fn new(seed: u64, n: usize) -> Sim {
+        let all: Vec<(usize, usize)> = (0..n)
+            .flat_map(|i| (0..n).filter(move |j| *j != i).map(move |j| (i, j)))
+            .collect();
+        Sim::with_links(seed, n, &all)
+    }
+
+    /// `n` nodes connected only along `links` (each pair either way).
+    fn with_links(seed: u64, n: usize, links: &[(usize, usize)]) -> Sim {
         let cfg = SyncConfig {
             anti_entropy_ms: 2_000,
             ..SyncConfig::default()
         };
         let nodes = (0..n)
             .map(|i| Node {
-                core: Core::new(cfg.clone(), []),
+                core: Core::new(
+                    SyncConfig {
+                        local: peer_name(i),
+                        ..cfg.clone()
+                    },
+                    [],
+                ),
                 docs: SimDocs {
                     actor: ActorId::from(vec![i as u8 + 1; 16]),
                     docs: BTreeMap::new(),
@@ -185,10 +204,16 @@ impl Sim {
             faults: None,
             sent: 0,
             sent_not_digest: 0,
+            sent_changes: 0,
+            linked: vec![vec![false; n]; n],
         };
+        for &(i, j) in links {
+            sim.linked[i][j] = true;
+            sim.linked[j][i] = true;
+        }
         for i in 0..n {
             for j in 0..n {
-                if i != j {
+                if sim.linked[i][j] {
                     sim.input(i, Input::PeerUp(peer_name(j)));
                 }
             }
@@ -206,7 +231,7 @@ impl Sim {
                 Output::Broadcast { msg, except } => {
                     let except = except.map(|e| peer_index(&e));
                     for to in 0..self.nodes.len() {
-                        if to != node && Some(to) != except {
+                        if self.linked[node][to] && Some(to) != except {
                             self.send(node, to, msg.clone());
                         }
                     }
@@ -220,7 +245,11 @@ impl Sim {
     }
 
     fn send(&mut self, from: usize, to: usize, msg: Message) {
+        assert!(self.linked[from][to], "n{from} sent to n{to}, not its peer");
         self.sent += 1;
+        if matches!(msg, Message::Change { .. }) {
+            self.sent_changes += 1;
+        }
         if !matches!(msg, Message::Digest { .. }) {
             self.sent_not_digest += 1;
         }
@@ -300,6 +329,7 @@ impl Sim {
                 doc: doc.to_string(),
                 change,
                 state,
+                ack: false,
             },
         );
     }
@@ -459,4 +489,29 @@ fn in_sync_peers_exchange_only_digests() {
     );
     let stats = sim.nodes[1].core.stats();
     assert!(stats.digests_in_sync > 0, "{stats:?}");
+}
+
+/// The fast path: a change reaches a node that is not the origin's peer
+/// through a relay, long before anti-entropy would bring it; in a full mesh
+/// nobody relays (each node got the change from its origin).
+#[test]
+fn fast_path_relays_only_to_peers_the_origin_did_not_reach() {
+    // n0 - n1 - n2, and n1 - n3 - n0: n2 hears of n0 only through n1.
+    let mut sim = Sim::with_links(3, 4, &[(0, 1), (1, 2), (1, 3), (3, 0)]);
+    sim.advance(1_000); // the first digests, nothing to sync
+    let before = sim.sent_changes;
+    sim.local_edit(0, "line/doc");
+    sim.advance(20); // at most 5 ms a hop; the next digest is >= 1.5 s away
+    assert!(sim.converged(), "the change did not reach every node");
+    // n0 -> n1, n0 -> n3, n1 -> n2 only: n1 and n3 skip each other (both
+    // listed by n0) and nobody sends it back to n0.
+    assert_eq!(sim.sent_changes - before, 3);
+
+    let mut mesh = Sim::new(4, 5);
+    mesh.advance(1_000);
+    let before = mesh.sent_changes;
+    mesh.local_edit(2, "mesh/doc");
+    mesh.advance(20);
+    assert!(mesh.converged());
+    assert_eq!(mesh.sent_changes - before, 4, "a full mesh relays nothing");
 }

@@ -171,6 +171,13 @@ pub struct WriteQuery {
     pub timeout_ms: Option<u64>,
 }
 
+impl WriteQuery {
+    /// The write waits for replicas, so its change asks peers to confirm.
+    fn acks(&self) -> bool {
+        self.replicas.is_some_and(|n| n > 0)
+    }
+}
+
 /// Most replicas a write can ask for.
 const MAX_REPLICAS: usize = 64;
 
@@ -235,7 +242,7 @@ async fn create(
     check_json_content_type(&headers, false)?;
     let req: CreateRequest = parse(&body(b)?)?;
     let id = req.id.map(DocId::new).transpose()?;
-    let result = node.docs().create(id, req.value).await?;
+    let result = node.docs().create_with(id, req.value, q.acks()).await?;
     answer_write(&node, &q, StatusCode::CREATED, result).await
 }
 
@@ -265,7 +272,10 @@ async fn patch(
     let q = write_query(q)?;
     check_json_content_type(&headers, true)?;
     let patch: Json_ = parse(&body(b)?)?;
-    let result = node.docs().write(id, Change::Patch(patch)).await?;
+    let result = node
+        .docs()
+        .write_with(id, Change::Patch(patch), q.acks())
+        .await?;
     answer_write(&node, &q, StatusCode::OK, result).await
 }
 
@@ -280,7 +290,10 @@ async fn ops(
     let q = write_query(q)?;
     check_json_content_type(&headers, false)?;
     let ops: Vec<Op> = parse(&body(b)?)?;
-    let result = node.docs().write(id, Change::Ops(ops)).await?;
+    let result = node
+        .docs()
+        .write_with(id, Change::Ops(ops), q.acks())
+        .await?;
     answer_write(&node, &q, StatusCode::OK, result).await
 }
 

@@ -35,6 +35,9 @@ pub(super) struct Round<'a> {
     pub(super) events: Vec<PendingEvent>,
     /// The peer whose input is being applied (`None` for local writes).
     pub(super) from: Option<String>,
+    /// That peer wants to hear once what it sent is durable here: it came by
+    /// sync or a pushed doc, or as a change sent with `ack`.
+    pub(super) confirm: bool,
 }
 
 /// What a change did to a doc, for the feed.
@@ -55,6 +58,8 @@ pub(super) struct PendingEvent {
     pub(super) after: Vec<String>,
     /// The peer it came from; `None` for a local write.
     pub(super) from: Option<String>,
+    /// Confirm it to that peer with a `Have` once durable.
+    pub(super) confirm: bool,
 }
 
 impl<'a> Round<'a> {
@@ -67,6 +72,7 @@ impl<'a> Round<'a> {
             poisoned: Vec::new(),
             events: Vec::new(),
             from: None,
+            confirm: false,
         }
     }
 
@@ -202,6 +208,7 @@ fn store_merged(
         touch: Touch::Changed(paths, truncated),
         after: meta.heads.clone(),
         from: Some(round.from.clone().unwrap_or_default()),
+        confirm: round.confirm,
     });
     loaded.meta = Some(meta);
     if creating {
@@ -336,6 +343,7 @@ impl DocAccess for Round<'_> {
                     touch: Touch::Deleted,
                     after: vec![],
                     from: Some(round.from.clone().unwrap_or_default()),
+                    confirm: false,
                 });
             }
             Ok(())

@@ -289,13 +289,27 @@ impl Docs {
     /// tombstone, [`DocError::BadValue`] if `value` is not an object, size caps,
     /// store errors.
     pub async fn create(&self, id: Option<DocId>, value: Json) -> Result<WriteResult, DocError> {
+        self.create_with(id, value, false).await
+    }
+
+    /// As [`create`](Self::create); with `ack`, the peers that get the change
+    /// confirm once they stored it (see [`wait_replicas`](Self::wait_replicas)).
+    ///
+    /// # Errors
+    /// As [`create`](Self::create).
+    pub async fn create_with(
+        &self,
+        id: Option<DocId>,
+        value: Json,
+        ack: bool,
+    ) -> Result<WriteResult, DocError> {
         let id = id.unwrap_or_else(DocId::generate);
         let Json::Object(map) = value else {
             return Err(DocError::BadValue(
                 "\"value\" must be a JSON object: the document root is an object".into(),
             ));
         };
-        self.submit(id, WriteOp::Create(map)).await
+        self.submit(id, WriteOp::Create(map), ack).await
     }
 
     /// Applies `change` to document `id` as one Automerge change, creating the
@@ -305,7 +319,22 @@ impl Docs {
     /// [`DocError::Deleted`], the change's own errors (nothing is stored then),
     /// size caps, store errors.
     pub async fn write(&self, id: DocId, change: Change) -> Result<WriteResult, DocError> {
-        self.submit(id, WriteOp::Change(change)).await
+        self.write_with(id, change, false).await
+    }
+
+    /// As [`write`](Self::write); with `ack`, the peers that get the change
+    /// confirm once they stored it (see [`wait_replicas`](Self::wait_replicas)).
+    /// Without it they do not, which saves a message per peer and write.
+    ///
+    /// # Errors
+    /// As [`write`](Self::write).
+    pub async fn write_with(
+        &self,
+        id: DocId,
+        change: Change,
+        ack: bool,
+    ) -> Result<WriteResult, DocError> {
+        self.submit(id, WriteOp::Change(change), ack).await
     }
 
     /// Deletes document `id`, leaving a tombstone, and returns once it is durable.
@@ -313,7 +342,7 @@ impl Docs {
     /// # Errors
     /// [`DocError::NotFound`], [`DocError::Deleted`], store errors.
     pub async fn delete(&self, id: DocId) -> Result<WriteResult, DocError> {
-        self.submit(id, WriteOp::Delete).await
+        self.submit(id, WriteOp::Delete, false).await
     }
 
     /// Hands input to the sync core. Remote input must not wait behind a full
@@ -396,7 +425,7 @@ impl Docs {
 
     /// Queues a write for the writer thread and waits for its durable result.
     /// Cancel safe in the sense that dropping the future does not undo the write.
-    async fn submit(&self, id: DocId, op: WriteOp) -> Result<WriteResult, DocError> {
+    async fn submit(&self, id: DocId, op: WriteOp, ack: bool) -> Result<WriteResult, DocError> {
         // Load a cold doc here, on a blocking thread, so the writer thread (shared
         // by all docs) does not stall on it. Eviction may race this; then the
         // writer loads it itself.
@@ -405,7 +434,7 @@ impl Docs {
         }
         let (reply, rx) = oneshot::channel();
         self.writer
-            .send(WriterMsg::Write(WriteReq { id, op, reply }))
+            .send(WriterMsg::Write(WriteReq { id, op, ack, reply }))
             .await
             .map_err(|_| DocError::Store(crate::store::StoreError::Closed))?;
         rx.await

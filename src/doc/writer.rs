@@ -75,6 +75,13 @@ impl SyncRuntime {
         {
             tracing::trace!(peer = %from, kind = msg.kind(), doc = ?msg.doc(), "sync input");
         }
+        round.confirm = match &input {
+            Input::Received { msg, .. } => match msg {
+                crate::sync::Message::Change { ack, .. } => *ack,
+                _ => true,
+            },
+            _ => false,
+        };
         round.from = match &input {
             Input::Received { from, .. } => Some(from.clone()),
             Input::PeerDown(peer) => {
@@ -85,6 +92,7 @@ impl SyncRuntime {
         };
         let outputs = self.core.handle(now, &mut self.rng, input, round);
         round.from = None;
+        round.confirm = false;
         for out in outputs {
             if matches!(out, Output::Merged { .. }) {
                 continue; // the round's events carry merges to the feed
@@ -167,6 +175,8 @@ pub(super) fn confirm(inner: &Inner, peer: &str, doc: &str, heads: Vec<ChangeHas
 pub(super) struct WriteReq {
     pub(super) id: DocId,
     pub(super) op: WriteOp,
+    /// Peers that get the change confirm once they stored it.
+    pub(super) ack: bool,
     pub(super) reply: oneshot::Sender<Result<WriteResult, DocError>>,
 }
 
@@ -275,13 +285,17 @@ fn write_round(inner: &Inner, msgs: Vec<WriterMsg>, mut sync: Option<&mut SyncRu
                     touch,
                     after: r.heads.clone(),
                     from: None,
+                    confirm: false,
                 });
             }
             if r.changed {
                 round.touched.push(slot);
             }
             round.live_delta += delta;
-            if let (Some(sync), Some(input)) = (sync.as_deref_mut(), input) {
+            if let (Some(sync), Some(mut input)) = (sync.as_deref_mut(), input) {
+                if let Input::LocalChange { ack, .. } = &mut input {
+                    *ack = req.ack;
+                }
                 sync.handle(input, &mut round);
             }
             r
@@ -433,11 +447,12 @@ fn apply(
 }
 
 /// A [`Message::Have`](crate::sync::Message::Have) for each (peer, doc)
-/// whose changes this round merged, with the doc's last heads.
+/// whose changes this round merged and that asked to hear of it (see
+/// `Round::confirm`), with the doc's last heads.
 fn confirmations(events: &[PendingEvent]) -> Vec<(String, crate::sync::Message)> {
     let mut last: std::collections::BTreeMap<(&str, &str), &[String]> = Default::default();
     for e in events {
-        if let (Some(from), Touch::Changed(..)) = (&e.from, &e.touch)
+        if let (Some(from), Touch::Changed(..), true) = (&e.from, &e.touch, e.confirm)
             && !from.is_empty()
         {
             last.insert((from.as_str(), e.doc.as_str()), &e.after);
@@ -613,6 +628,7 @@ where
         doc: id.to_string(),
         change: bytes.to_vec(),
         state: DocState::Live(loaded.doc.get_heads()),
+        ack: false, // set by the caller, which knows the request
     };
     maybe_compact(inner, id, loaded, &mut meta, batch);
     let result = WriteResult {

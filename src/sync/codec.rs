@@ -1,8 +1,8 @@
 //! Wire encoding of [`Message`]: versioned, size-capped, fallible.
 //!
 //! ```text
-//! message = version:u8 (=1) kind:u8 body
-//! Change  (1) = str(doc) bytes(change)
+//! message = version:u8 (=2) kind:u8 body
+//! Change  (1) = str(doc) bytes(change) ack:u8 count:u32 tag:u64*count
 //! Digest  (2) = count:u32 u64*count
 //! Bucket  (3) = bucket:u32 answer:u8 count:u32 (str(doc) hash:u64)*count
 //! Sync    (4) = str(doc) bytes(data)
@@ -23,7 +23,7 @@
 use super::Message;
 
 /// Current wire version.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 
 /// Why bytes are not a valid message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -51,10 +51,20 @@ pub enum DecodeError {
 pub fn encode(msg: &Message) -> Vec<u8> {
     let mut out = vec![VERSION];
     match msg {
-        Message::Change { doc, change } => {
+        Message::Change {
+            doc,
+            change,
+            ack,
+            seen,
+        } => {
             out.push(1);
             put_bytes(&mut out, doc.as_bytes());
             put_bytes(&mut out, change);
+            out.push(u8::from(*ack));
+            put_u32(&mut out, seen.len() as u32);
+            for tag in seen {
+                out.extend_from_slice(&tag.to_le_bytes());
+            }
         }
         Message::Digest { buckets } => {
             out.push(2);
@@ -181,10 +191,25 @@ pub fn decode(bytes: &[u8], cap: usize) -> Result<Message, DecodeError> {
         return Err(DecodeError::Version(version));
     }
     let msg = match r.u8()? {
-        1 => Message::Change {
-            doc: r.string()?,
-            change: r.bytes()?.to_vec(),
-        },
+        1 => {
+            let doc = r.string()?;
+            let change = r.bytes()?.to_vec();
+            let ack = r.flag("change ack flag is not 0 or 1")?;
+            let n = r.count(8)?;
+            if n > super::MAX_SEEN {
+                return Err(DecodeError::Malformed("change lists too many peers"));
+            }
+            let mut seen = Vec::with_capacity(n);
+            for _ in 0..n {
+                seen.push(r.u64()?);
+            }
+            Message::Change {
+                doc,
+                change,
+                ack,
+                seen,
+            }
+        }
         2 => {
             let n = r.count(8)?;
             let mut buckets = Vec::with_capacity(n);
@@ -195,11 +220,7 @@ pub fn decode(bytes: &[u8], cap: usize) -> Result<Message, DecodeError> {
         }
         3 => {
             let bucket = r.u32()?;
-            let answer = match r.u8()? {
-                0 => false,
-                1 => true,
-                _ => return Err(DecodeError::Malformed("bucket answer flag is not 0 or 1")),
-            };
+            let answer = r.flag("bucket answer flag is not 0 or 1")?;
             // Each entry takes at least 4 (length) + 8 (hash) bytes.
             let n = r.count(12)?;
             let mut entries = Vec::with_capacity(n);
@@ -266,6 +287,15 @@ impl<'a> Reader<'a> {
         Ok(self.take(1)?[0])
     }
 
+    /// A byte that must be 0 or 1; `what` names it in the error.
+    fn flag(&mut self, what: &'static str) -> Result<bool, DecodeError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(DecodeError::Malformed(what)),
+        }
+    }
+
     fn u32(&mut self) -> Result<u32, DecodeError> {
         Ok(u32::from_le_bytes(
             self.take(4)?.try_into().expect("4 bytes"),
@@ -310,6 +340,14 @@ mod tests {
             Message::Change {
                 doc: "a/b".into(),
                 change: vec![1, 2, 3],
+                ack: false,
+                seen: vec![],
+            },
+            Message::Change {
+                doc: "c".into(),
+                change: vec![],
+                ack: true,
+                seen: vec![1, u64::MAX],
             },
             Message::Digest {
                 buckets: vec![0, u64::MAX, 42],
@@ -380,13 +418,13 @@ mod tests {
     fn bad_input_is_an_error_never_a_panic() {
         assert_eq!(decode(&[], 10), Err(DecodeError::Malformed("ends early")));
         assert_eq!(decode(&[9, 1], 10), Err(DecodeError::Version(9)));
-        assert_eq!(decode(&[1, 99], 10), Err(DecodeError::Kind(99)));
+        assert_eq!(decode(&[VERSION, 99], 10), Err(DecodeError::Kind(99)));
         assert!(matches!(
             decode(&[0; 100], 10),
             Err(DecodeError::TooLarge { .. })
         ));
         // A forged huge count must not allocate.
-        let forged = [1, 2, 0xff, 0xff, 0xff, 0xff];
+        let forged = [VERSION, 2, 0xff, 0xff, 0xff, 0xff];
         assert!(decode(&forged, 100).is_err());
         let mut trailing = encode(&samples()[0]);
         trailing.push(0);

@@ -8,10 +8,15 @@
 //!
 //! # Protocol
 //!
-//! - **Fast path.** A local change is broadcast as [`Message::Change`]. A
-//!   receiver that has its dependencies applies it and relays it to its other
-//!   peers (once: a change it already has is not relayed again); one that
-//!   lacks them starts an Automerge sync session for that doc with the sender.
+//! - **Fast path.** A local change is broadcast as [`Message::Change`],
+//!   listing (as [`peer_tag`]s) the origin and the peers it goes to. A
+//!   receiver that has its dependencies applies it and relays it to those of
+//!   its other peers that are not listed, adding them to the list (once: a
+//!   change it already has is not relayed again). In a full mesh nothing is
+//!   relayed; a peer that reaches the origin only through others still gets
+//!   it. A receiver that lacks the dependencies starts an Automerge sync
+//!   session for that doc with the sender. A change sent with `ack` asks its
+//!   receivers to confirm with [`Message::Have`] once it is durable.
 //! - **Repair path.** [`Message::Sync`] carries the Automerge sync protocol for
 //!   one doc; each (peer, doc) pair has its own `sync::State`. A session ends
 //!   when neither side has anything to send. A session that goes
@@ -80,6 +85,9 @@ pub struct SyncConfig {
     pub max_pushes_per_tick: usize,
     /// Largest doc pushed whole in one message; bigger ones sync in rounds.
     pub max_push_bytes: usize,
+    /// This node, as its peers name it (its tag goes into the changes it
+    /// originates, so relays do not send them back); empty if unknown.
+    pub local: PeerKey,
 }
 
 impl Default for SyncConfig {
@@ -94,6 +102,7 @@ impl Default for SyncConfig {
             session_timeout_ms: 5_000,
             max_pushes_per_tick: 1024,
             max_push_bytes: 1 << 20,
+            local: PeerKey::new(),
         }
     }
 }
@@ -134,6 +143,13 @@ pub enum Message {
         doc: String,
         /// The raw Automerge change.
         change: Vec<u8>,
+        /// The writer waits for replicas: receivers confirm with
+        /// [`Message::Have`] once the change is durable.
+        ack: bool,
+        /// [`peer_tag`]s of the peers that already have it or are being sent
+        /// it (the origin and its peers, then each relay's targets): a relay
+        /// skips them. At most [`MAX_SEEN`].
+        seen: Vec<u64>,
     },
     /// The sender's digest.
     Digest {
@@ -202,6 +218,8 @@ pub enum Input {
         change: Vec<u8>,
         /// The doc's state after it.
         state: DocState,
+        /// The writer waits for replicas to confirm it.
+        ack: bool,
     },
     /// A local delete.
     LocalDelete {
@@ -512,10 +530,26 @@ impl Core {
                     out.push(self.digest_to(peer));
                 }
             }
-            Input::LocalChange { doc, change, state } => {
+            Input::LocalChange {
+                doc,
+                change,
+                state,
+                ack,
+            } => {
                 self.digest.set(&doc, &state);
                 if change.len() <= self.cfg.max_gossip_change_bytes {
-                    self.broadcast(Message::Change { doc, change }, None, &mut out);
+                    let mut seen = Vec::new();
+                    if !self.cfg.local.is_empty() {
+                        seen.push(peer_tag(&self.cfg.local));
+                    }
+                    add_tags(&mut seen, self.peers.keys());
+                    let msg = Message::Change {
+                        doc,
+                        change,
+                        ack,
+                        seen,
+                    };
+                    self.broadcast(msg, None, &mut out);
                 } else {
                     let peers: Vec<PeerKey> = self.peers.keys().cloned().collect();
                     for peer in peers {
@@ -757,7 +791,12 @@ impl Core {
                     self.sync_with_others(now, &from, &doc, docs, out);
                 }
             }
-            Message::Change { doc, change } => {
+            Message::Change {
+                doc,
+                change,
+                ack,
+                seen,
+            } => {
                 if crate::doc::DocId::new(doc.as_str()).is_err() {
                     return self.reject(&from, format!("invalid doc id {doc:?}"), out);
                 }
@@ -773,14 +812,26 @@ impl Core {
                     Ok(Applied::Ok(state)) => {
                         self.stats.changes_applied += 1;
                         if self.digest.set(&doc, &state) {
-                            // New to us: relay it to our other peers, who may not
-                            // be connected to its origin. A peer that has it
-                            // already applies nothing and relays nothing.
-                            let msg = Message::Change {
-                                doc: doc.clone(),
-                                change,
-                            };
-                            self.broadcast(msg, Some(from.clone()), out);
+                            // New to us: relay it to our other peers that it
+                            // was not sent to (not connected to its origin).
+                            // A peer that has it already relays nothing.
+                            let targets: Vec<PeerKey> = self
+                                .peers
+                                .keys()
+                                .filter(|p| **p != from && !seen.contains(&peer_tag(p)))
+                                .cloned()
+                                .collect();
+                            let mut seen = seen;
+                            add_tags(&mut seen, targets.iter());
+                            for to in targets {
+                                let msg = Message::Change {
+                                    doc: doc.clone(),
+                                    change: change.clone(),
+                                    ack,
+                                    seen: seen.clone(),
+                                };
+                                out.push(Output::Send { to, msg });
+                            }
                             out.push(Output::Merged { doc, from, state });
                         }
                     }
@@ -1017,6 +1068,30 @@ impl Core {
         if done {
             p.sessions.remove(doc);
             self.start_pending(now, peer, docs, out);
+        }
+    }
+}
+
+/// Most peer tags a [`Message::Change`] carries: past it, relays may send a
+/// change to peers that already got it (harmless, only wasteful).
+pub const MAX_SEEN: usize = 64;
+
+/// A short, stable name of a peer for [`Message::Change`]'s `seen` list.
+pub fn peer_tag(peer: &str) -> u64 {
+    use sha2::Digest as _;
+    let h = sha2::Sha256::digest(peer.as_bytes());
+    u64::from_le_bytes(h[..8].try_into().expect("8 bytes"))
+}
+
+/// Adds the tags of `peers` to `seen`, up to [`MAX_SEEN`].
+fn add_tags<'a>(seen: &mut Vec<u64>, peers: impl Iterator<Item = &'a PeerKey>) {
+    for p in peers {
+        if seen.len() >= MAX_SEEN {
+            return;
+        }
+        let tag = peer_tag(p);
+        if !seen.contains(&tag) {
+            seen.push(tag);
         }
     }
 }

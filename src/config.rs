@@ -104,6 +104,13 @@ pub struct NetTable {
     /// every connected peer (relayed once by each). Off by default: on
     /// loopback it is slower (see BENCHMARKS.md); it pays off in large meshes.
     pub gossipsub: bool,
+    /// Most bytes per second this node takes from one peer; frames over it
+    /// are dropped unread (the sender repairs them later) and a peer that
+    /// stays over is banned. 0 means unlimited.
+    pub max_peer_bytes_per_sec: u64,
+    /// Most frames (sync requests) per second taken from one peer. 0 means
+    /// unlimited.
+    pub max_peer_frames_per_sec: u64,
 }
 
 /// `[log]`: tracing output.
@@ -177,6 +184,8 @@ impl Default for Config {
                 max_connections: 256,
                 kademlia: true,
                 gossipsub: false,
+                max_peer_bytes_per_sec: 32 << 20,
+                max_peer_frames_per_sec: 5_000,
             },
             log: LogConfig {
                 level: "info".into(),

@@ -204,8 +204,8 @@ async fn run(cli: Cli) -> Result<()> {
                 print_json(&peers);
             } else {
                 println!(
-                    "{:<54} {:<9} {:>8} {:>8}  ADDRESSES",
-                    "PEER", "STATE", "SYNCING", "IN SYNC"
+                    "{:<54} {:<9} {:>8} {:>8} {:>8} {:>8}  ADDRESSES",
+                    "PEER", "STATE", "SYNCING", "IN SYNC", "STRIKES", "LIMITED"
                 );
                 for p in peers {
                     let state = if p.connected { "connected" } else { "down" };
@@ -216,11 +216,13 @@ async fn run(cli: Cli) -> Result<()> {
                         })
                         .unwrap_or_else(|| "never".into());
                     println!(
-                        "{:<54} {:<9} {:>8} {:>8}  {}",
+                        "{:<54} {:<9} {:>8} {:>8} {:>8} {:>8}  {}",
                         p.peer_id,
                         state,
                         p.docs_syncing,
                         in_sync,
+                        p.rejected,
+                        p.rate_limited,
                         p.addrs.join(" ")
                     );
                 }

@@ -198,6 +198,8 @@ impl NodeBuilder {
                 max_connections: net.max_connections,
                 kademlia: net.kademlia,
                 gossipsub: net.gossipsub,
+                max_peer_bytes_per_sec: net.max_peer_bytes_per_sec,
+                max_peer_frames_per_sec: net.max_peer_frames_per_sec,
             };
             if cfg.key.is_none() && cfg.allow.is_empty() {
                 tracing::warn!(

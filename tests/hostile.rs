@@ -294,3 +294,76 @@ async fn a_peer_gossiping_garbage_is_rejected_and_banned() {
         .unwrap();
     a.shutdown().await.unwrap();
 }
+
+/// A peer that floods valid frames (digests, each of which would make the
+/// node answer) is held to its rate limit: frames over it are dropped
+/// unread and counted, it gets strikes, and the honest peer keeps syncing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_peer_is_rate_limited() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = p2p_node(&dir.path().join("a"), vec![], |c| {
+        c.net.max_peer_frames_per_sec = 100;
+    })
+    .await;
+    let a_addr: Multiaddr = listen_addr(&a).await.parse().unwrap();
+    let honest = start(&dir.path().join("honest"), vec![a_addr.to_string()]).await;
+    let mut flooder = raw_swarm(|_| {
+        request_response::Behaviour::with_codec(
+            RawCodec,
+            [(
+                StreamProtocol::new("/mergeflow/sync/1"),
+                ProtocolSupport::Full,
+            )],
+            request_response::Config::default(),
+        )
+    });
+    let flooder_id = flooder.local_peer_id().to_string();
+    flooder.dial(a_addr).unwrap();
+    let digest = framed(&codec::encode(&Message::Digest {
+        buckets: vec![7; 64],
+    }));
+    const FLOOD: u64 = 3_000;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let info = a.peers().into_iter().find(|p| p.peer_id == flooder_id);
+        // 100 frames of burst, then 100 a second: most of the flood is
+        // dropped, and going over the limit is a strike.
+        if info
+            .as_ref()
+            .is_some_and(|p| p.rate_limited >= FLOOD / 6 && p.rejected > 0)
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "flood not limited: {info:?}");
+        tokio::select! {
+            ev = flooder.select_next_some() => {
+                if let SwarmEvent::ConnectionEstablished { .. } = ev {
+                    for _ in 0..FLOOD {
+                        flooder.behaviour_mut().send_request(&a.peer_id(), digest.clone());
+                    }
+                }
+            }
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+    }
+    // The honest peer is not held back by the flooder's limit.
+    let w = honest
+        .doc("honest/doc")
+        .unwrap()
+        .patch(json!({"ok": 1}))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while a.doc("honest/doc").unwrap().heads().await.ok() != Some(w.heads.clone()) {
+        assert!(Instant::now() < deadline, "the honest peer stopped syncing");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let honest_info = a
+        .peers()
+        .into_iter()
+        .find(|p| p.peer_id == honest.peer_id().to_string())
+        .unwrap();
+    assert_eq!(honest_info.rate_limited, 0);
+    honest.shutdown().await.unwrap();
+    a.shutdown().await.unwrap();
+}

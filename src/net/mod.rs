@@ -7,8 +7,13 @@
 //! length-prefixed and capped at `net.max_message_bytes`, and bytes that do
 //! not decode are dropped, counted and logged against the peer, which never
 //! reaches the core. The core's broadcast (the fast path) is a direct send to
-//! every connected peer, and receivers relay new changes once, so a change
-//! floods a connected mesh; gossipsub for larger meshes is still to come.
+//! every connected peer; receivers relay a new change only to their peers the
+//! origin did not reach (see [`crate::sync`]). With `net.gossipsub` the fast
+//! path goes over a gossipsub topic instead.
+//!
+//! Each peer's inbound frames are rate limited (`net.max_peer_bytes_per_sec`,
+//! `net.max_peer_frames_per_sec`; see [`limit`]): a frame over the limit is not
+//! read or answered, and a peer that stays over collects strikes.
 //!
 //! Who may join: with `net.key` set, connections start with libp2p's private
 //! network handshake (pnet, a pre-shared key), so a node without the key cannot
@@ -44,6 +49,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::doc::Docs;
 use crate::sync::{Input, Message, Output, codec};
+
+pub mod limit;
 
 /// Errors starting the network.
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +91,10 @@ pub struct NetConfig {
     pub kademlia: bool,
     /// Carry the fast path on gossipsub instead of direct sends.
     pub gossipsub: bool,
+    /// Most bytes per second taken from one peer (0: unlimited).
+    pub max_peer_bytes_per_sec: u64,
+    /// Most frames per second taken from one peer (0: unlimited).
+    pub max_peer_frames_per_sec: u64,
 }
 
 /// Parses a network key: 64 hex digits (what `mergeflow keygen` prints).
@@ -130,8 +141,12 @@ pub struct PeerInfo {
     pub addrs: Vec<String>,
     /// Connected now.
     pub connected: bool,
-    /// Messages from it that did not decode.
+    /// Messages from it that did not decode, and seconds it spent over its
+    /// rate limit: strikes (enough of them ban it for a while).
     pub rejected: u64,
+    /// Frames from it dropped for going over its rate limit.
+    #[serde(default)]
+    pub rate_limited: u64,
     /// Unix ms when its digest last matched ours (all docs in sync), if ever.
     pub last_in_sync_at: Option<u64>,
     /// Docs with a sync session open to it (still converging).
@@ -146,6 +161,7 @@ impl PeerInfo {
             addrs: vec![],
             connected: false,
             rejected: 0,
+            rate_limited: 0,
             last_in_sync_at: None,
             docs_syncing: 0,
         }
@@ -428,6 +444,12 @@ pub fn spawn(
         let mut connected: BTreeSet<PeerId> = BTreeSet::new();
         let mut in_flight = InFlight::default();
         let mut bans: Bans = HashMap::new();
+        let limit = limit::RateLimit::new(
+            cfg.max_peer_bytes_per_sec,
+            cfg.max_peer_frames_per_sec,
+            max,
+        );
+        let mut buckets: HashMap<PeerId, limit::Bucket> = HashMap::new();
         let mut redial = tokio::time::interval(Duration::from_millis(250));
         loop {
             tokio::select! {
@@ -458,6 +480,22 @@ pub fn spawn(
                     outbox.flush(&mut swarm, &mut in_flight, frame_target);
                 }
                 ev = swarm.select_next_some() => {
+                    if let SwarmEvent::Behaviour(BehaviourEvent::Sync(request_response::Event::Message {
+                        peer,
+                        message: request_response::Message::Request { request, .. },
+                        ..
+                    })) = &ev
+                    {
+                        let now = Instant::now();
+                        let bucket = buckets.entry(*peer).or_insert_with(|| limit.bucket(now));
+                        if !limit.admit(bucket, request.len(), now) {
+                            over_limit(&mut swarm, &shared, &mut bans, *peer, bucket, now);
+                            continue; // dropped unanswered: the sender repairs it later
+                        }
+                    }
+                    if let SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } = &ev {
+                        buckets.remove(peer_id);
+                    }
                     on_event(ev, &mut swarm, &docs, &mut connected, &mut in_flight, &mut bans, &mut statics, &shared, local, &allow);
                 }
             }
@@ -512,6 +550,33 @@ fn strike(
         tracing::warn!(peer = %peer, "too many bad messages: disconnecting and banning the peer");
         bans.insert(peer, Instant::now() + BAN);
         let _ = swarm.disconnect_peer_id(peer);
+    }
+}
+
+/// A frame from `peer` went over its rate limit and was dropped: counted,
+/// and a strike at most once a second (so a peer over the limit for
+/// [`MAX_STRIKES`] seconds is banned, while a short burst costs little).
+fn over_limit(
+    swarm: &mut libp2p::Swarm<Behaviour>,
+    state: &Mutex<NetState>,
+    bans: &mut Bans,
+    peer: PeerId,
+    bucket: &mut limit::Bucket,
+    now: Instant,
+) {
+    state
+        .lock()
+        .expect("not poisoned")
+        .peers
+        .entry(peer)
+        .or_insert_with(|| PeerInfo::new(peer))
+        .rate_limited += 1;
+    if bucket
+        .struck_at
+        .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+    {
+        bucket.struck_at = Some(now);
+        strike(swarm, state, bans, peer, "over its rate limit");
     }
 }
 

@@ -318,6 +318,24 @@ impl DocAccess for Round<'_> {
         })
     }
 
+    fn saved_sync_state(&mut self, peer: &str, doc: &str) -> Option<sync::State> {
+        let bytes = self.inner.store.sync_state(doc, peer).ok()??;
+        // A state that does not decode (an older format, a damaged record)
+        // is only a lost hint: the session starts from nothing.
+        std::panic::catch_unwind(|| sync::State::decode(&bytes))
+            .ok()?
+            .ok()
+    }
+
+    fn save_sync_state(&mut self, peer: &str, doc: &str, state: &sync::State) {
+        if state.shared_heads.is_empty() {
+            return;
+        }
+        if let Err(e) = self.inner.store.put_sync_state(doc, peer, &state.encode()) {
+            tracing::debug!(doc, peer, err = %e, "sync state not saved");
+        }
+    }
+
     fn delete(&mut self, doc: &str) -> Result<(), String> {
         self.with_loaded(doc, |round, id, loaded| {
             if deleted(loaded) {

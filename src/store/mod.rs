@@ -479,6 +479,34 @@ impl Store {
             .map_err(|e| self.sled_err(e))
     }
 
+    /// The Automerge sync state (encoded: the heads both sides had when a
+    /// sync session with `peer` last ended in agreement) for doc `id`, so a
+    /// session after a restart starts from what both already share instead
+    /// of from nothing.
+    ///
+    /// # Errors
+    /// sled errors.
+    pub fn sync_state(&self, id: &str, peer: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .docs
+            .get(sync_state_key(id, peer))
+            .map_err(|e| self.sled_err(e))?
+            .map(|v| v.to_vec()))
+    }
+
+    /// Records a sync state (see [`sync_state`](Self::sync_state)). It is a
+    /// hint, not data: it is written without waiting for a flush, and losing
+    /// it costs only a longer first sync.
+    ///
+    /// # Errors
+    /// sled errors.
+    pub fn put_sync_state(&self, id: &str, peer: &str, state: &[u8]) -> Result<(), StoreError> {
+        self.docs
+            .insert(sync_state_key(id, peer), state)
+            .map(|_| ())
+            .map_err(|e| self.sled_err(e))
+    }
+
     /// Lists every doc (tombstones included) with its meta, in id order.
     ///
     /// # Errors
@@ -544,6 +572,16 @@ fn change_prefix(id: &str) -> Vec<u8> {
     k.push(b'c');
     k.extend_from_slice(id.as_bytes());
     k.push(0);
+    k
+}
+
+/// Key of the sync state we share with `peer` for doc `id`.
+fn sync_state_key(id: &str, peer: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(id.len() + peer.len() + 2);
+    k.push(b'p');
+    k.extend_from_slice(id.as_bytes());
+    k.push(0);
+    k.extend_from_slice(peer.as_bytes());
     k
 }
 

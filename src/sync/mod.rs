@@ -37,6 +37,10 @@
 //! - **Passing on.** Changes merged by sync (not by the fast path) are synced
 //!   on to the node's other peers, so a change repaired into one node reaches
 //!   the rest of a connected mesh without waiting for their anti-entropy.
+//! - **Saved sync state.** When a session ends with both sides at the same
+//!   heads, the shell may keep that state ([`DocAccess::save_sync_state`]);
+//!   a later session with the peer (after a restart, say) starts from it, so
+//!   its first messages cover only changes since then.
 //! - **Tombstones.** A deleted doc is in the digest as deleted; a peer holding it
 //!   live is told with [`Message::Deleted`] and deletes it too. Changes and sync
 //!   messages for a deleted doc are ignored, so it does not come back.
@@ -333,6 +337,18 @@ pub trait DocAccess {
     /// # Errors
     /// Bytes that do not load.
     fn merge_doc(&mut self, doc: &str, data: &[u8]) -> Result<Option<DocState>, String>;
+
+    /// The sync state saved for (`peer`, `doc`) when a session last ended in
+    /// agreement (only its shared heads matter), if the shell keeps one. A
+    /// new session starts from it, so after a restart the first messages
+    /// cover only changes since then, not the doc's whole history.
+    fn saved_sync_state(&mut self, _peer: &str, _doc: &str) -> Option<sync::State> {
+        None
+    }
+
+    /// Keeps `state` for (`peer`, `doc`): a session just ended with both
+    /// sides at the same heads.
+    fn save_sync_state(&mut self, _peer: &str, _doc: &str, _state: &sync::State) {}
 }
 
 /// Counters of the core, for metrics and tests.
@@ -761,10 +777,13 @@ impl Core {
                 let Some(peer) = self.peers.get_mut(&from) else {
                     return;
                 };
-                let session = peer
-                    .sessions
-                    .entry(doc.clone())
-                    .or_insert_with(|| Session::new(now));
+                let session = peer.sessions.entry(doc.clone()).or_insert_with(|| {
+                    let mut s = Session::new(now);
+                    if let Some(saved) = docs.saved_sync_state(&from, &doc) {
+                        s.state = saved;
+                    }
+                    s
+                });
                 session.used_at = now;
                 let before = self.digest.entry(&doc);
                 match docs.receive_sync(&doc, &mut session.state, &data) {
@@ -979,12 +998,16 @@ impl Core {
         let Some(p) = self.peers.get_mut(peer) else {
             return false;
         };
+        let fresh = reset || !p.sessions.contains_key(doc);
         let session = p
             .sessions
             .entry(doc.to_string())
             .or_insert_with(|| Session::new(now));
-        if reset {
+        if fresh {
             *session = Session::new(now);
+            if let Some(saved) = docs.saved_sync_state(peer, doc) {
+                session.state = saved;
+            }
         }
         if p.push.remove(doc) {
             // The peer has none of this doc: tell the sync state so, and the
@@ -1031,6 +1054,7 @@ impl Core {
         if let Some(ours) = &ours
             && they_know_we_agree(&session.state, ours)
         {
+            docs.save_sync_state(peer, doc, &session.state);
             // Their heads are ours and their message names ours as shared:
             // they need nothing and know we need nothing. Answering would
             // make them (their session closed) open a new one and answer in
@@ -1061,7 +1085,11 @@ impl Core {
                 let mut ours = session.state.last_sent_heads.clone();
                 theirs.sort();
                 ours.sort();
-                session.state.their_heads.is_some() && theirs == ours
+                let agreed = session.state.their_heads.is_some() && theirs == ours;
+                if agreed {
+                    docs.save_sync_state(peer, doc, &session.state);
+                }
+                agreed
             }
             None => true,
         };

@@ -88,6 +88,20 @@ fn raw_swarm<B: libp2p::swarm::NetworkBehaviour>(
         .build()
 }
 
+/// A bare peer speaking mergeflow's sync protocol with raw bytes.
+fn raw_sync_peer() -> libp2p::Swarm<request_response::Behaviour<RawCodec>> {
+    raw_swarm(|_| {
+        request_response::Behaviour::with_codec(
+            RawCodec,
+            [(
+                StreamProtocol::new("/mergeflow/sync/1"),
+                ProtocolSupport::Full,
+            )],
+            request_response::Config::default(),
+        )
+    })
+}
+
 async fn start(dir: &std::path::Path, peers: Vec<String>) -> Node {
     p2p_node(dir, peers, |c| c.net.max_message_bytes = 64 * 1024).await
 }
@@ -99,16 +113,7 @@ async fn a_hostile_peer_is_rejected_and_banned_while_honest_peers_sync() {
     let a_addr: Multiaddr = listen_addr(&a).await.parse().unwrap();
     let honest = start(&dir.path().join("honest"), vec![a_addr.to_string()]).await;
 
-    let mut hostile = raw_swarm(|_| {
-        request_response::Behaviour::with_codec(
-            RawCodec,
-            [(
-                StreamProtocol::new("/mergeflow/sync/1"),
-                ProtocolSupport::Full,
-            )],
-            request_response::Config::default(),
-        )
-    });
+    let mut hostile = raw_sync_peer();
     let hostile_id = *hostile.local_peer_id();
     hostile.dial(a_addr.clone()).unwrap();
     let a_peer = a.peer_id();
@@ -307,16 +312,7 @@ async fn a_flooding_peer_is_rate_limited() {
     .await;
     let a_addr: Multiaddr = listen_addr(&a).await.parse().unwrap();
     let honest = start(&dir.path().join("honest"), vec![a_addr.to_string()]).await;
-    let mut flooder = raw_swarm(|_| {
-        request_response::Behaviour::with_codec(
-            RawCodec,
-            [(
-                StreamProtocol::new("/mergeflow/sync/1"),
-                ProtocolSupport::Full,
-            )],
-            request_response::Config::default(),
-        )
-    });
+    let mut flooder = raw_sync_peer();
     let flooder_id = flooder.local_peer_id().to_string();
     flooder.dial(a_addr).unwrap();
     let digest = framed(&codec::encode(&Message::Digest {

@@ -137,14 +137,20 @@ async fn converged(nodes: &[&Node], docs: &[&str]) {
     }
 }
 
+/// Nodes `a` and `b` (data dirs under `dir`), joined in a new shell.
+async fn two_joined(dir: &std::path::Path) -> (Shell, Node, Node) {
+    let shell = Shell::default();
+    let a = start(&dir.join("a")).await;
+    let b = start(&dir.join("b")).await;
+    shell.join("a", &a);
+    shell.join("b", &b);
+    (shell, a, b)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_converge_and_merged_changes_survive_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let shell = Shell::default();
-    let a = start(&dir.path().join("a")).await;
-    let b = start(&dir.path().join("b")).await;
-    shell.join("a", &a);
-    shell.join("b", &b);
+    let (shell, a, b) = two_joined(dir.path()).await;
 
     // Concurrent edits to the same doc from both sides.
     for i in 0..20 {
@@ -222,11 +228,7 @@ async fn write_many(node: &Node, doc: &str, n: usize) {
 async fn sync_after_restart_starts_from_the_saved_state() {
     const HISTORY: usize = 3_000;
     let dir = tempfile::tempdir().unwrap();
-    let shell = Shell::default();
-    let a = start(&dir.path().join("a")).await;
-    let b = start(&dir.path().join("b")).await;
-    shell.join("a", &a);
-    shell.join("b", &b);
+    let (shell, a, b) = two_joined(dir.path()).await;
     a.doc("long")
         .unwrap()
         .patch(json!({"n": -1}))

@@ -352,6 +352,7 @@ impl DocAccess for Round<'_> {
             meta.snapshot_bytes = 0;
             meta.tail_changes = 0;
             round.batch.tombstone(id.as_str(), &meta, tail);
+            super::writer::forget_sync_states(round.inner, id);
             loaded.doc = new_doc(&round.inner.actor);
             loaded.meta = Some(meta);
             if existed {

@@ -431,6 +431,7 @@ fn apply(
             meta.snapshot_bytes = 0;
             meta.tail_changes = 0;
             batch.tombstone(id.as_str(), &meta, tail_range(&old));
+            forget_sync_states(inner, id);
             loaded.doc = super::service::new_doc(&inner.actor);
             loaded.meta = Some(meta.clone());
             let result = WriteResult {
@@ -443,6 +444,14 @@ fn apply(
             };
             Ok((result, -1, Some(input), Some(Touch::Deleted)))
         }
+    }
+}
+
+/// Drops the sync states kept for a doc being deleted (hints only: an error
+/// is logged, not returned).
+pub(super) fn forget_sync_states(inner: &Inner, id: &DocId) {
+    if let Err(e) = inner.store.remove_sync_states(id.as_str()) {
+        tracing::debug!(doc = %id.as_str(), err = %e, "sync states of a deleted doc not removed");
     }
 }
 

@@ -507,6 +507,19 @@ impl Store {
             .map_err(|e| self.sled_err(e))
     }
 
+    /// Forgets every sync state kept for doc `id` (it was deleted).
+    ///
+    /// # Errors
+    /// sled errors.
+    pub fn remove_sync_states(&self, id: &str) -> Result<(), StoreError> {
+        let prefix = sync_state_key(id, "");
+        for kv in self.docs.scan_prefix(&prefix) {
+            let (k, _) = kv.map_err(|e| self.sled_err(e))?;
+            self.docs.remove(k).map_err(|e| self.sled_err(e))?;
+        }
+        Ok(())
+    }
+
     /// Lists every doc (tombstones included) with its meta, in id order.
     ///
     /// # Errors
@@ -606,6 +619,21 @@ mod tests {
             updated_at_ms: 1,
             deleted_at_ms: None,
         }
+    }
+
+    #[test]
+    fn sync_states_are_per_doc_and_peer_and_go_with_the_doc() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), 1 << 20).unwrap();
+        s.put_sync_state("a", "p1", b"1").unwrap();
+        s.put_sync_state("a", "p2", b"2").unwrap();
+        s.put_sync_state("a/b", "p1", b"3").unwrap();
+        assert_eq!(s.sync_state("a", "p2").unwrap(), Some(b"2".to_vec()));
+        s.remove_sync_states("a").unwrap();
+        assert_eq!(s.sync_state("a", "p1").unwrap(), None);
+        assert_eq!(s.sync_state("a", "p2").unwrap(), None);
+        assert_eq!(s.sync_state("a/b", "p1").unwrap(), Some(b"3".to_vec()));
+        assert!(s.list_docs().unwrap().is_empty(), "states are not docs");
     }
 
     #[test]

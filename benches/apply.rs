@@ -1,6 +1,8 @@
 //! What Automerge costs us per change as a doc's history grows: a local
 //! commit (a write on this node) against applying the same change on a peer
-//! (`apply_changes`, what every receiver of the fast path does).
+//! (`apply_changes`, what every receiver of the fast path does), one change
+//! per call and all of them in one call (what a receiver does with a frame
+//! of changes to one doc).
 //!
 //! Prints numbers; asserts nothing. Run: `cargo bench --bench apply`.
 //! Env `OPS` (comma-separated history sizes, default 100,1000,5000,20000).
@@ -23,24 +25,29 @@ fn commit(doc: &mut Automerge, key: String, value: i64) -> automerge::Change {
     doc.get_change_by_hash(&hash.unwrap()).unwrap().clone()
 }
 
-/// (local commit, remote apply) per change, after `history` changes spread
-/// over `keys` root keys.
-fn measure(history: usize, keys: usize) -> (Duration, Duration) {
+/// (local commit, remote apply one per call, remote apply all in one call)
+/// per change, after `history` changes spread over `keys` root keys.
+fn measure(history: usize, keys: usize) -> (Duration, Duration, Duration) {
     let mut writer = Automerge::new().with_actor(ActorId::from([1u8; 16]));
     for i in 0..history {
         commit(&mut writer, format!("k{}", i % keys), i as i64);
     }
-    let mut peer = Automerge::load(&writer.save()).unwrap();
+    let saved = writer.save();
+    let mut peer = Automerge::load(&saved).unwrap();
+    let mut batch_peer = Automerge::load(&saved).unwrap();
     let t = Instant::now();
     let changes: Vec<_> = (0..MEASURED as usize)
         .map(|i| commit(&mut writer, format!("k{}", i % keys), i as i64))
         .collect();
     let local = t.elapsed() / MEASURED;
     let t = Instant::now();
-    for c in changes {
+    for c in changes.clone() {
         peer.apply_changes([c]).unwrap();
     }
-    (local, t.elapsed() / MEASURED)
+    let one_by_one = t.elapsed() / MEASURED;
+    let t = Instant::now();
+    batch_peer.apply_changes(changes).unwrap();
+    (local, one_by_one, t.elapsed() / MEASURED)
 }
 
 fn main() {
@@ -49,14 +56,17 @@ fn main() {
         .split(',')
         .filter_map(|s| s.trim().parse().ok())
         .collect();
-    println!("history  keys  local commit  remote apply  (per change, mean of {MEASURED})");
+    println!(
+        "history  keys  local commit  remote apply  remote apply, {MEASURED} per call  (per change)"
+    );
     for &n in &sizes {
         for keys in [1, 50] {
-            let (local, remote) = measure(n, keys);
+            let (local, remote, batched) = measure(n, keys);
             println!(
-                "{n:>7}  {keys:>4}  {:>9.1} us  {:>9.1} us",
+                "{n:>7}  {keys:>4}  {:>9.1} us  {:>9.1} us  {:>9.1} us",
                 local.as_secs_f64() * 1e6,
-                remote.as_secs_f64() * 1e6
+                remote.as_secs_f64() * 1e6,
+                batched.as_secs_f64() * 1e6
             );
         }
     }

@@ -7,6 +7,7 @@
 //!
 //! Prints numbers; asserts nothing. Run: `cargo bench --bench propagation`
 //! (or `scripts/bench.sh --p2p`). Env: `DOCS` (catch-up size), `WRITES`,
+//! `HOT` (changes to the hot doc, A -> B, default 20,000),
 //! `CHANGES` (changes in the one big doc), `PROGRESS` (report each second).
 
 use std::sync::Arc;
@@ -109,6 +110,39 @@ async fn propagate(a: &Node, others: &[Node], writes: usize, id: &str) -> Vec<Du
     lat
 }
 
+/// A hot doc: 32 writers on `a` write `n` changes to one doc as fast as they
+/// can while `b` receives them; prints A's write rate and how far behind `b`
+/// is when the last write is done (the receiver applies a frame's changes
+/// to one doc in one Automerge call; one by one, each call walks the doc).
+async fn sustained(a: &Node, b: &Node, n: usize) {
+    const ID: &str = "bench/hot";
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..32 {
+        let doc = a.doc(ID).unwrap();
+        tasks.push(tokio::spawn(async move {
+            for i in (w..n).step_by(32) {
+                doc.patch(json!({"n": i})).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let wrote = t.elapsed();
+    let heads = a.doc(ID).unwrap().heads().await.unwrap();
+    let t = Instant::now();
+    while b.doc(ID).unwrap().heads().await.ok().as_ref() != Some(&heads) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    println!(
+        "hot doc: {n} changes from 32 writers on A in {:.2} s ({:.0}/s); B had them all {:.2} s after the last write",
+        wrote.as_secs_f64(),
+        n as f64 / wrote.as_secs_f64(),
+        t.elapsed().as_secs_f64()
+    );
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     if std::env::var_os("RUST_LOG").is_some() {
@@ -132,6 +166,7 @@ async fn main() {
         pct(&mut lat, 0.5),
         pct(&mut lat, 0.99)
     );
+    sustained(&a, &b, env_usize("HOT", 20_000)).await;
     let mut others = vec![b];
     for i in 0..3 {
         others.push(start(&dir.path().join(format!("n{i}")), vec![a_addr.clone()]).await);

@@ -353,6 +353,13 @@ impl Node {
         self.inner.docs.sync_input(input)
     }
 
+    /// Hands the sync core what one network frame carried, as one queue
+    /// message (fast-path changes of one doc in it are applied together).
+    /// False if the queue is full.
+    pub fn sync_inputs(&self, inputs: Vec<Input>) -> bool {
+        self.inner.docs.sync_inputs(inputs)
+    }
+
     /// The sync core's outputs, once (the network shell takes them).
     pub fn take_sync_outputs(&self) -> Option<mpsc::Receiver<Output>> {
         self.inner.sync_out.lock().expect("not poisoned").take()

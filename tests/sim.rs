@@ -86,6 +86,9 @@ impl DocAccess for SimDocs {
         }
         let change = Change::from_bytes(change.to_vec()).map_err(|e| e.to_string())?;
         let d = self.doc_mut(doc);
+        if d.get_change_by_hash(&change.hash()).is_some() {
+            return Ok(Applied::Had(self.doc_state(doc)));
+        }
         if !d.get_missing_deps(change.deps()).is_empty() {
             return Ok(Applied::MissingDeps);
         }

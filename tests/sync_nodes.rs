@@ -263,3 +263,75 @@ async fn sync_after_restart_starts_from_the_saved_state() {
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
 }
+
+/// A frame of fast-path changes (as a busy peer sends them) is applied as a
+/// batch: changes that depend on earlier ones in the same frame (or come
+/// before them), duplicates, and changes of two docs interleaved all land,
+/// and the doc ends at the sender's heads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_of_changes_applies_as_a_batch() {
+    use automerge::ReadDoc;
+    use automerge::transaction::Transactable;
+    use mergeflow::sync::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let node = start(&dir.path().join("n")).await;
+    let mut outputs = node.take_sync_outputs().unwrap();
+    tokio::spawn(async move { while outputs.recv().await.is_some() {} });
+    node.sync_input(Input::PeerUp("x".into()));
+    let mut docs = [automerge::Automerge::new(), automerge::Automerge::new()];
+    let mut frame: Vec<Input> = Vec::new();
+    for i in 0..300 {
+        let (name, d) = if i % 3 == 0 {
+            ("batch/b", &mut docs[1])
+        } else {
+            ("batch/a", &mut docs[0])
+        };
+        let mut tx = d.transaction();
+        tx.put(automerge::ROOT, "n", i as i64).unwrap();
+        let (hash, _) = tx.commit();
+        let change = d
+            .get_change_by_hash(&hash.unwrap())
+            .unwrap()
+            .raw_bytes()
+            .to_vec();
+        let msg = Message::Change {
+            doc: name.into(),
+            change,
+            ack: false,
+            seen: vec![],
+        };
+        if i == 10 {
+            frame.push(frame[0].clone()); // a duplicate
+        }
+        frame.push(Input::Received {
+            from: "x".into(),
+            msg,
+        });
+    }
+    // Frames overtake each other: a change before the one it depends on.
+    frame.swap(20, 21);
+    assert!(node.sync_inputs(frame));
+    for (name, d) in [("batch/a", &docs[0]), ("batch/b", &docs[1])] {
+        let mut want: Vec<String> = d.get_heads().iter().map(|h| h.to_string()).collect();
+        want.sort();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let heads = node.doc(name).unwrap().heads().await.ok();
+            if heads.as_ref() == Some(&want) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name}: {heads:?}, want {want:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    assert_eq!(read(&node, "batch/a").await, Some(json!({"n": 299})));
+    assert_eq!(read(&node, "batch/b").await, Some(json!({"n": 297})));
+    assert_eq!(
+        node.doc("batch/a").unwrap().history().await.unwrap().len(),
+        200
+    );
+    node.shutdown().await.unwrap();
+}

@@ -151,6 +151,20 @@ impl Round<'_> {
     }
 }
 
+/// Decodes a change from a peer, refusing one over `max` bytes.
+fn decode_change(bytes: &[u8], max: u64) -> Result<automerge::Change, String> {
+    let change = std::panic::catch_unwind(|| automerge::Change::from_bytes(bytes.to_vec()))
+        .map_err(|_| "automerge panicked decoding a change".to_string())?
+        .map_err(|e| format!("change does not decode: {e}"))?;
+    if change.raw_bytes().len() as u64 > max {
+        return Err(format!(
+            "change of {} bytes exceeds doc.max_change_bytes",
+            change.raw_bytes().len()
+        ));
+    }
+    Ok(change)
+}
+
 /// The state a loaded doc contributes to the digest.
 fn doc_state(loaded: &Loaded) -> Option<DocState> {
     match &loaded.meta {
@@ -253,35 +267,93 @@ impl DocAccess for Round<'_> {
     }
 
     fn apply_change(&mut self, doc: &str, change: &[u8]) -> Result<Applied, String> {
-        let change = std::panic::catch_unwind(|| automerge::Change::from_bytes(change.to_vec()))
-            .map_err(|_| "automerge panicked decoding a change".to_string())?
-            .map_err(|e| format!("change does not decode: {e}"))?;
-        if change.raw_bytes().len() as u64 > self.inner.cfg.max_change_bytes {
-            return Err(format!(
-                "change of {} bytes exceeds doc.max_change_bytes",
-                change.raw_bytes().len()
-            ));
+        self.apply_changes(doc, &[change])
+            .pop()
+            .expect("one result per change")
+    }
+
+    fn apply_changes(&mut self, doc: &str, changes: &[&[u8]]) -> Vec<Result<Applied, String>> {
+        let max = self.inner.cfg.max_change_bytes;
+        // Each entry is overwritten below, with its verdict or an error.
+        let mut results: Vec<Result<Applied, String>> =
+            vec![Ok(Applied::MissingDeps); changes.len()];
+        let mut decoded: Vec<(usize, automerge::Change)> = Vec::new();
+        for (i, bytes) in changes.iter().enumerate() {
+            match decode_change(bytes, max) {
+                Ok(c) => decoded.push((i, c)),
+                Err(e) => results[i] = Err(e),
+            }
         }
-        self.with_loaded(doc, |round, id, loaded| {
-            if deleted(loaded) {
-                return Ok(Applied::Deleted);
+        let outcome = self.with_loaded(doc, |round, id, loaded| {
+            // Which are new and ready: deps in the doc or in the batch (in any
+            // order: passes until nothing more becomes ready).
+            let mut verdicts: Vec<(usize, Applied)> = Vec::new();
+            let mut ready = Vec::new();
+            let mut ready_hashes = std::collections::HashSet::new();
+            let mut waiting = Vec::new();
+            for (i, change) in decoded {
+                if deleted(loaded) {
+                    verdicts.push((i, Applied::Deleted));
+                } else if loaded.doc.get_change_by_hash(&change.hash()).is_some() {
+                    let state = doc_state(loaded).unwrap_or(DocState::Live(vec![]));
+                    verdicts.push((i, Applied::Had(state)));
+                } else {
+                    waiting.push((i, change));
+                }
             }
-            if loaded.doc.get_change_by_hash(&change.hash()).is_some() {
-                return Ok(Applied::Ok(
-                    doc_state(loaded).unwrap_or(DocState::Live(vec![])),
-                ));
+            loop {
+                let before = ready.len();
+                let mut still = Vec::new();
+                for (i, change) in waiting {
+                    if ready_hashes.contains(&change.hash()) {
+                        let state = doc_state(loaded).unwrap_or(DocState::Live(vec![]));
+                        verdicts.push((i, Applied::Had(state))); // a duplicate in the batch
+                    } else if loaded
+                        .doc
+                        .get_missing_deps(change.deps())
+                        .iter()
+                        .all(|d| ready_hashes.contains(d))
+                    {
+                        ready_hashes.insert(change.hash());
+                        ready.push((i, change));
+                    } else {
+                        still.push((i, change));
+                    }
+                }
+                waiting = still;
+                if ready.len() == before || waiting.is_empty() {
+                    break;
+                }
             }
-            if !loaded.doc.get_missing_deps(change.deps()).is_empty() {
-                return Ok(Applied::MissingDeps);
+            verdicts.extend(waiting.into_iter().map(|(i, _)| (i, Applied::MissingDeps)));
+            if !ready.is_empty() {
+                let before = loaded.doc.get_heads();
+                let mut log = super::writer::patch_log(round.inner);
+                let (idx, batch): (Vec<usize>, Vec<automerge::Change>) = ready.into_iter().unzip();
+                loaded
+                    .doc
+                    .apply_changes_log_patches(batch, &mut log)
+                    .map_err(|e| e.to_string())?;
+                let state = store_merged(round, id, loaded, &before, &mut log)?;
+                verdicts.extend(idx.into_iter().map(|i| (i, Applied::Ok(state.clone()))));
             }
-            let before = loaded.doc.get_heads();
-            let mut log = super::writer::patch_log(round.inner);
-            loaded
-                .doc
-                .apply_changes_log_patches([change], &mut log)
-                .map_err(|e| e.to_string())?;
-            store_merged(round, id, loaded, &before, &mut log).map(Applied::Ok)
-        })
+            Ok(verdicts)
+        });
+        match outcome {
+            Ok(verdicts) => {
+                for (i, v) in verdicts {
+                    results[i] = Ok(v);
+                }
+            }
+            // The doc refused the batch as a whole (a size cap, a panic):
+            // every change that was not already refused shares the error.
+            Err(e) => {
+                for r in results.iter_mut().filter(|r| r.is_ok()) {
+                    *r = Err(e.clone());
+                }
+            }
+        }
+        results
     }
 
     fn doc_bytes(&mut self, doc: &str) -> Option<Vec<u8>> {

@@ -18,6 +18,8 @@
 //! forked by a different change with the same actor and sequence number; a peer
 //! that holds it gives it back through sync.
 
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -36,7 +38,7 @@ use super::service::{Change, Inner, Loaded, WriteResult, live_meta, lock_slot, n
 use super::{DocError, DocId};
 use crate::feed::ChangeEvent;
 use crate::store::{Ack, DocMeta, StoreError, WriteBatch};
-use crate::sync::{Core, DocState, Input, Output};
+use crate::sync::{Core, DocState, FastChange, Input, Message, Output};
 
 /// A message to the writer thread.
 pub(super) enum WriterMsg {
@@ -67,6 +69,60 @@ pub(crate) struct SyncRuntime {
 }
 
 impl SyncRuntime {
+    /// Handles a round's remote input (every frame it took from the queue).
+    /// Fast-path changes of one doc from one peer go to the core together,
+    /// so they cost one Automerge apply (which walks the doc's ops once per
+    /// call); everything else follows in order.
+    fn handle_all(&mut self, inputs: Vec<Input>, round: &mut Round<'_>) {
+        let mut groups: Vec<(String, String, Vec<FastChange>)> = Vec::new();
+        let mut index: HashMap<(String, String), usize> = HashMap::new();
+        let mut rest = Vec::new();
+        for input in inputs {
+            match input {
+                Input::Received {
+                    from,
+                    msg:
+                        Message::Change {
+                            doc,
+                            change,
+                            ack,
+                            seen,
+                        },
+                } => {
+                    let c = FastChange { change, ack, seen };
+                    match index.entry((from, doc)) {
+                        Entry::Occupied(e) => groups[*e.get()].2.push(c),
+                        Entry::Vacant(e) => {
+                            let (from, doc) = e.key().clone();
+                            e.insert(groups.len());
+                            groups.push((from, doc, vec![c]));
+                        }
+                    }
+                }
+                other => rest.push(other),
+            }
+        }
+        for (from, doc, changes) in groups {
+            let input = match <[FastChange; 1]>::try_from(changes) {
+                // One change: as it came, so logs and stats read the same.
+                Ok([c]) => Input::Received {
+                    from,
+                    msg: Message::Change {
+                        doc,
+                        change: c.change,
+                        ack: c.ack,
+                        seen: c.seen,
+                    },
+                },
+                Err(changes) => Input::ReceivedChanges { from, doc, changes },
+            };
+            self.handle(input, round);
+        }
+        for input in rest {
+            self.handle(input, round);
+        }
+    }
+
     fn handle(&mut self, input: Input, round: &mut Round<'_>) {
         let now = self.started.elapsed().as_millis() as u64;
         let tick = matches!(input, Input::Tick);
@@ -80,10 +136,13 @@ impl SyncRuntime {
                 crate::sync::Message::Change { ack, .. } => *ack,
                 _ => true,
             },
+            Input::ReceivedChanges { changes, .. } => changes.iter().any(|c| c.ack),
             _ => false,
         };
         round.from = match &input {
-            Input::Received { from, .. } => Some(from.clone()),
+            Input::Received { from, .. } | Input::ReceivedChanges { from, .. } => {
+                Some(from.clone())
+            }
             Input::PeerDown(peer) => {
                 round.inner.replicas.peer_gone(peer);
                 None
@@ -230,19 +289,25 @@ pub(super) fn run(
 fn write_round(inner: &Inner, msgs: Vec<WriterMsg>, mut sync: Option<&mut SyncRuntime>) {
     let mut round = Round::new(inner);
     let mut results = Vec::with_capacity(msgs.len());
+    // Remote input first, all of the round's together: fast-path changes of
+    // one doc from one peer then cost one Automerge apply, however many
+    // frames brought them (a receiver that falls behind catches up in
+    // fewer, bigger applies instead of slowing down further).
+    let mut inputs = Vec::new();
+    let mut reqs = Vec::with_capacity(msgs.len());
     for msg in msgs {
-        let req = match msg {
-            WriterMsg::Write(req) => req,
-            WriterMsg::Sync(inputs) => {
-                if let Some(sync) = sync.as_deref_mut() {
-                    for input in inputs {
-                        sync.handle(input, &mut round);
-                    }
-                }
-                continue;
-            }
-            WriterMsg::Stop => continue,
-        };
+        match msg {
+            WriterMsg::Write(req) => reqs.push(req),
+            WriterMsg::Sync(i) => inputs.extend(i),
+            WriterMsg::Stop => {}
+        }
+    }
+    if let Some(sync) = sync.as_deref_mut()
+        && !inputs.is_empty()
+    {
+        sync.handle_all(inputs, &mut round);
+    }
+    for req in reqs {
         if round.is_poisoned(&req.id) {
             let e = DocError::Internal(format!(
                 "doc {:?} failed earlier in this write round; retry",

@@ -214,6 +214,17 @@ pub enum Input {
         /// The message.
         msg: Message,
     },
+    /// Several fast-path changes of one doc from one peer (what one frame
+    /// carried), applied in one go: Automerge's remote apply walks the
+    /// doc's ops once per call, so a batch costs about what one change does.
+    ReceivedChanges {
+        /// The sender.
+        from: PeerKey,
+        /// The doc.
+        doc: String,
+        /// The changes, in the order received.
+        changes: Vec<FastChange>,
+    },
     /// A local write committed a change (already applied to the doc).
     LocalChange {
         /// The doc.
@@ -240,6 +251,17 @@ pub enum Input {
     },
     /// Time passed; the shell calls this regularly (e.g. every 100 ms).
     Tick,
+}
+
+/// One change as [`Message::Change`] carries it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FastChange {
+    /// The raw Automerge change.
+    pub change: Vec<u8>,
+    /// The writer waits for replicas.
+    pub ack: bool,
+    /// Peer tags the change was already sent to.
+    pub seen: Vec<u64>,
 }
 
 /// Something the shell must do.
@@ -289,8 +311,10 @@ pub enum Output {
 /// What applying a fast-path change did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Applied {
-    /// The doc changed (or already had the change); its state now.
+    /// The change was new and is applied; the doc's state now.
     Ok(DocState),
+    /// The doc already had the change; its state.
+    Had(DocState),
     /// The change's dependencies are missing; nothing was applied.
     MissingDeps,
     /// The doc is deleted here; the change was ignored.
@@ -322,6 +346,13 @@ pub trait DocAccess {
     /// # Errors
     /// A change that does not decode or apply.
     fn apply_change(&mut self, doc: &str, change: &[u8]) -> Result<Applied, String>;
+
+    /// Applies several changes of `doc` (in order), with one result each. The
+    /// default applies them one by one; a shell should apply all that are
+    /// ready in one Automerge call.
+    fn apply_changes(&mut self, doc: &str, changes: &[&[u8]]) -> Vec<Result<Applied, String>> {
+        changes.iter().map(|c| self.apply_change(doc, c)).collect()
+    }
     /// Deletes `doc` because a peer deleted it.
     ///
     /// # Errors
@@ -405,7 +436,21 @@ struct Peer {
     to_push_set: std::collections::HashSet<String>,
     next_digest_at: u64,
     last_in_sync_at: Option<u64>,
+    /// Fast-path changes that arrived before their dependencies (frames can
+    /// overtake each other), per doc, with when the first was held. They are
+    /// retried with the doc's next changes from this peer; a doc still
+    /// missing dependencies after [`HOLD_MS`] is synced instead.
+    held: HashMap<String, (u64, Vec<FastChange>)>,
+    /// Changes in `held`, for the cap.
+    held_count: usize,
 }
+
+/// How long out-of-order changes wait for their dependencies before the doc
+/// is synced with the sender.
+pub const HOLD_MS: u64 = 500;
+
+/// Most changes held per peer; past it the doc is synced at once.
+const MAX_HELD: usize = 4096;
 
 /// The sync core of one node.
 pub struct Core {
@@ -498,6 +543,8 @@ impl Core {
                         to_push_set: Default::default(),
                         next_digest_at: next,
                         last_in_sync_at: None,
+                        held: HashMap::new(),
+                        held_count: 0,
                     },
                 );
                 out.push(self.digest_to(peer));
@@ -526,6 +573,7 @@ impl Core {
                 }
                 let peers: Vec<PeerKey> = self.peers.keys().cloned().collect();
                 for peer in &peers {
+                    self.expire_held(now, peer, docs, &mut out);
                     self.start_pending(now, peer, docs, &mut out);
                 }
                 self.push_budget = self.cfg.max_pushes_per_tick;
@@ -588,6 +636,12 @@ impl Core {
                     }
                     self.start_pending(now, &peer, docs, &mut out);
                 }
+            }
+            Input::ReceivedChanges { from, doc, changes } => {
+                if !self.peers.contains_key(&from) {
+                    out.extend(self.handle(now, rng, Input::PeerUp(from.clone()), docs));
+                }
+                self.received_changes(now, from, doc, changes, docs, &mut out);
             }
             Input::Received { from, msg } => {
                 if !self.peers.contains_key(&from) {
@@ -816,45 +870,8 @@ impl Core {
                 ack,
                 seen,
             } => {
-                if crate::doc::DocId::new(doc.as_str()).is_err() {
-                    return self.reject(&from, format!("invalid doc id {doc:?}"), out);
-                }
-                match docs.apply_change(&doc, &change) {
-                    Err(e) => self.reject(&from, format!("change for {doc:?}: {e}"), out),
-                    Ok(Applied::Deleted) => {}
-                    Ok(Applied::MissingDeps) => {
-                        // From a fresh state: an open session may be waiting on
-                        // an answer (in flight) and would send nothing.
-                        self.stats.changes_missing_deps += 1;
-                        self.sync_doc(now, &from, &doc, true, docs, out);
-                    }
-                    Ok(Applied::Ok(state)) => {
-                        self.stats.changes_applied += 1;
-                        if self.digest.set(&doc, &state) {
-                            // New to us: relay it to our other peers that it
-                            // was not sent to (not connected to its origin).
-                            // A peer that has it already relays nothing.
-                            let targets: Vec<PeerKey> = self
-                                .peers
-                                .keys()
-                                .filter(|p| **p != from && !seen.contains(&peer_tag(p)))
-                                .cloned()
-                                .collect();
-                            let mut seen = seen;
-                            add_tags(&mut seen, targets.iter());
-                            for to in targets {
-                                let msg = Message::Change {
-                                    doc: doc.clone(),
-                                    change: change.clone(),
-                                    ack,
-                                    seen: seen.clone(),
-                                };
-                                out.push(Output::Send { to, msg });
-                            }
-                            out.push(Output::Merged { doc, from, state });
-                        }
-                    }
-                }
+                let changes = vec![FastChange { change, ack, seen }];
+                self.received_changes(now, from, doc, changes, docs, out);
             }
             Message::Deleted { doc } => {
                 if crate::doc::DocId::new(doc.as_str()).is_err() {
@@ -881,6 +898,132 @@ impl Core {
                     state: DocState::Deleted,
                 });
             }
+        }
+    }
+
+    /// Fast-path changes of `doc` from `from`: each new one is relayed to
+    /// the peers it was not sent to; missing dependencies start a sync with
+    /// the sender.
+    fn received_changes<D: DocAccess>(
+        &mut self,
+        now: u64,
+        from: PeerKey,
+        doc: String,
+        changes: Vec<FastChange>,
+        docs: &mut D,
+        out: &mut Vec<Output>,
+    ) {
+        if crate::doc::DocId::new(doc.as_str()).is_err() {
+            return self.reject(&from, format!("invalid doc id {doc:?}"), out);
+        }
+        // Changes held for this doc (waiting on these, perhaps) go first.
+        let mut changes = changes;
+        let mut held_since = None;
+        if let Some(p) = self.peers.get_mut(&from)
+            && let Some((since, mut held)) = p.held.remove(&doc)
+        {
+            p.held_count -= held.len();
+            held_since = Some(since);
+            held.append(&mut changes);
+            changes = held;
+        }
+        let raw: Vec<&[u8]> = changes.iter().map(|c| c.change.as_slice()).collect();
+        let results = docs.apply_changes(&doc, &raw);
+        let mut missing = Vec::new();
+        let mut last = None;
+        let mut error = None;
+        for (c, result) in changes.iter().zip(results) {
+            match result {
+                // One strike per batch, not per change: a batch refused as a
+                // whole (a size cap) is one bad input.
+                Err(e) => error = error.or(Some(e)),
+                Ok(Applied::Deleted) => {}
+                Ok(Applied::MissingDeps) => missing.push(c.clone()),
+                Ok(Applied::Had(state)) => last = Some(state),
+                Ok(Applied::Ok(state)) => {
+                    self.stats.changes_applied += 1;
+                    // New to us: relay it to our other peers that it was not
+                    // sent to (not connected to its origin).
+                    let targets: Vec<PeerKey> = self
+                        .peers
+                        .keys()
+                        .filter(|p| **p != from && !c.seen.contains(&peer_tag(p)))
+                        .cloned()
+                        .collect();
+                    let mut seen = c.seen.clone();
+                    add_tags(&mut seen, targets.iter());
+                    for to in targets {
+                        let msg = Message::Change {
+                            doc: doc.clone(),
+                            change: c.change.clone(),
+                            ack: c.ack,
+                            seen: seen.clone(),
+                        };
+                        out.push(Output::Send { to, msg });
+                    }
+                    last = Some(state);
+                }
+            }
+        }
+        if let Some(e) = error {
+            self.reject(&from, format!("change for {doc:?}: {e}"), out);
+        }
+        if let Some(state) = last
+            && self.digest.set(&doc, &state)
+        {
+            out.push(Output::Merged {
+                doc: doc.clone(),
+                from: from.clone(),
+                state,
+            });
+        }
+        if missing.is_empty() {
+            return;
+        }
+        // Their dependencies are most likely in a frame still on its way:
+        // hold them a while rather than start a sync at once (which, for a
+        // busy doc, would start one per reordered frame).
+        let Some(p) = self.peers.get_mut(&from) else {
+            return;
+        };
+        if p.held_count + missing.len() <= MAX_HELD {
+            p.held_count += missing.len();
+            p.held.insert(doc, (held_since.unwrap_or(now), missing));
+        } else {
+            self.stats.changes_missing_deps += missing.len() as u64;
+            // From a fresh state: an open session may be waiting on an
+            // answer (in flight) and would send nothing.
+            self.sync_doc(now, &from, &doc, true, docs, out);
+        }
+    }
+
+    /// Docs whose held changes waited [`HOLD_MS`] in vain are synced with
+    /// the peer (the held changes are dropped: the sync brings them).
+    fn expire_held<D: DocAccess>(
+        &mut self,
+        now: u64,
+        peer: &str,
+        docs: &mut D,
+        out: &mut Vec<Output>,
+    ) {
+        let Some(p) = self.peers.get_mut(peer) else {
+            return;
+        };
+        let expired: Vec<String> = p
+            .held
+            .iter()
+            .filter(|(_, (since, _))| since + HOLD_MS <= now)
+            .map(|(doc, _)| doc.clone())
+            .collect();
+        for doc in expired {
+            let Some(p) = self.peers.get_mut(peer) else {
+                return;
+            };
+            if let Some((_, held)) = p.held.remove(&doc) {
+                p.held_count -= held.len();
+                self.stats.changes_missing_deps += held.len() as u64;
+            }
+            self.sync_doc(now, peer, &doc, true, docs, out);
         }
     }
 

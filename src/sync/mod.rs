@@ -424,6 +424,8 @@ impl Session {
 }
 
 struct Peer {
+    /// Its [`peer_tag`], computed once: every change sent or relayed checks it.
+    tag: u64,
     sessions: HashMap<String, Session>,
     /// Docs anti-entropy found differing, waiting for a session slot.
     pending: std::collections::VecDeque<String>,
@@ -455,6 +457,8 @@ const MAX_HELD: usize = 4096;
 /// The sync core of one node.
 pub struct Core {
     cfg: SyncConfig,
+    /// The [`peer_tag`] of `cfg.local`, if it is set.
+    local_tag: Option<u64>,
     digest: Digest,
     peers: BTreeMap<PeerKey, Peer>,
     stats: SyncStats,
@@ -471,6 +475,7 @@ impl Core {
             digest.set(&doc, &state);
         }
         Core {
+            local_tag: (!cfg.local.is_empty()).then(|| peer_tag(&cfg.local)),
             cfg,
             digest,
             peers: BTreeMap::new(),
@@ -535,6 +540,7 @@ impl Core {
                 self.peers.insert(
                     peer.clone(),
                     Peer {
+                        tag: peer_tag(&peer),
                         sessions: HashMap::new(),
                         pending: Default::default(),
                         pending_set: Default::default(),
@@ -602,11 +608,8 @@ impl Core {
             } => {
                 self.digest.set(&doc, &state);
                 if change.len() <= self.cfg.max_gossip_change_bytes {
-                    let mut seen = Vec::new();
-                    if !self.cfg.local.is_empty() {
-                        seen.push(peer_tag(&self.cfg.local));
-                    }
-                    add_tags(&mut seen, self.peers.keys());
+                    let mut seen: Vec<u64> = self.local_tag.into_iter().collect();
+                    add_tags(&mut seen, self.peers.values().map(|p| p.tag));
                     let msg = Message::Change {
                         doc,
                         change,
@@ -944,22 +947,25 @@ impl Core {
                     self.stats.changes_applied += 1;
                     // New to us: relay it to our other peers that it was not
                     // sent to (not connected to its origin).
-                    let targets: Vec<PeerKey> = self
+                    let targets: Vec<(&PeerKey, u64)> = self
                         .peers
-                        .keys()
-                        .filter(|p| **p != from && !c.seen.contains(&peer_tag(p)))
-                        .cloned()
+                        .iter()
+                        .filter(|(k, p)| **k != from && !c.seen.contains(&p.tag))
+                        .map(|(k, p)| (k, p.tag))
                         .collect();
                     let mut seen = c.seen.clone();
-                    add_tags(&mut seen, targets.iter());
-                    for to in targets {
+                    add_tags(&mut seen, targets.iter().map(|(_, tag)| *tag));
+                    for (to, _) in targets {
                         let msg = Message::Change {
                             doc: doc.clone(),
                             change: c.change.clone(),
                             ack: c.ack,
                             seen: seen.clone(),
                         };
-                        out.push(Output::Send { to, msg });
+                        out.push(Output::Send {
+                            to: to.clone(),
+                            msg,
+                        });
                     }
                     last = Some(state);
                 }
@@ -1254,13 +1260,12 @@ pub fn peer_tag(peer: &str) -> u64 {
     u64::from_le_bytes(h[..8].try_into().expect("8 bytes"))
 }
 
-/// Adds the tags of `peers` to `seen`, up to [`MAX_SEEN`].
-fn add_tags<'a>(seen: &mut Vec<u64>, peers: impl Iterator<Item = &'a PeerKey>) {
-    for p in peers {
+/// Adds `tags` to `seen`, up to [`MAX_SEEN`].
+fn add_tags(seen: &mut Vec<u64>, tags: impl Iterator<Item = u64>) {
+    for tag in tags {
         if seen.len() >= MAX_SEEN {
             return;
         }
-        let tag = peer_tag(p);
         if !seen.contains(&tag) {
             seen.push(tag);
         }

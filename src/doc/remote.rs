@@ -291,12 +291,14 @@ impl DocAccess for Round<'_> {
             let mut ready = Vec::new();
             let mut ready_hashes = std::collections::HashSet::new();
             let mut waiting = Vec::new();
+            // The doc as it is before the batch, for changes it already has.
+            let current = doc_state(loaded).unwrap_or(DocState::Live(vec![]));
+            let is_deleted = deleted(loaded);
             for (i, change) in decoded {
-                if deleted(loaded) {
+                if is_deleted {
                     verdicts.push((i, Applied::Deleted));
                 } else if loaded.doc.get_change_by_hash(&change.hash()).is_some() {
-                    let state = doc_state(loaded).unwrap_or(DocState::Live(vec![]));
-                    verdicts.push((i, Applied::Had(state)));
+                    verdicts.push((i, Applied::Had(current.clone())));
                 } else {
                     waiting.push((i, change));
                 }
@@ -306,8 +308,8 @@ impl DocAccess for Round<'_> {
                 let mut still = Vec::new();
                 for (i, change) in waiting {
                     if ready_hashes.contains(&change.hash()) {
-                        let state = doc_state(loaded).unwrap_or(DocState::Live(vec![]));
-                        verdicts.push((i, Applied::Had(state))); // a duplicate in the batch
+                        // A duplicate within the batch.
+                        verdicts.push((i, Applied::Had(current.clone())));
                     } else if loaded
                         .doc
                         .get_missing_deps(change.deps())

@@ -103,20 +103,7 @@ impl SyncRuntime {
             }
         }
         for (from, doc, changes) in groups {
-            let input = match <[FastChange; 1]>::try_from(changes) {
-                // One change: as it came, so logs and stats read the same.
-                Ok([c]) => Input::Received {
-                    from,
-                    msg: Message::Change {
-                        doc,
-                        change: c.change,
-                        ack: c.ack,
-                        seen: c.seen,
-                    },
-                },
-                Err(changes) => Input::ReceivedChanges { from, doc, changes },
-            };
-            self.handle(input, round);
+            self.handle(Input::ReceivedChanges { from, doc, changes }, round);
         }
         for input in rest {
             self.handle(input, round);
@@ -126,14 +113,20 @@ impl SyncRuntime {
     fn handle(&mut self, input: Input, round: &mut Round<'_>) {
         let now = self.started.elapsed().as_millis() as u64;
         let tick = matches!(input, Input::Tick);
-        if tracing::enabled!(tracing::Level::TRACE)
-            && let Input::Received { from, msg } = &input
-        {
-            tracing::trace!(peer = %from, kind = msg.kind(), doc = ?msg.doc(), "sync input");
+        if tracing::enabled!(tracing::Level::TRACE) {
+            match &input {
+                Input::Received { from, msg } => {
+                    tracing::trace!(peer = %from, kind = msg.kind(), doc = ?msg.doc(), "sync input");
+                }
+                Input::ReceivedChanges { from, doc, changes } => {
+                    tracing::trace!(peer = %from, kind = "change", doc, n = changes.len(), "sync input");
+                }
+                _ => {}
+            }
         }
         round.confirm = match &input {
             Input::Received { msg, .. } => match msg {
-                crate::sync::Message::Change { ack, .. } => *ack,
+                Message::Change { ack, .. } => *ack,
                 _ => true,
             },
             Input::ReceivedChanges { changes, .. } => changes.iter().any(|c| c.ack),

@@ -61,17 +61,11 @@ pub fn encode(msg: &Message) -> Vec<u8> {
             put_bytes(&mut out, doc.as_bytes());
             put_bytes(&mut out, change);
             out.push(u8::from(*ack));
-            put_u32(&mut out, seen.len() as u32);
-            for tag in seen {
-                out.extend_from_slice(&tag.to_le_bytes());
-            }
+            put_u64s(&mut out, seen);
         }
         Message::Digest { buckets } => {
             out.push(2);
-            put_u32(&mut out, buckets.len() as u32);
-            for b in buckets {
-                out.extend_from_slice(&b.to_le_bytes());
-            }
+            put_u64s(&mut out, buckets);
         }
         Message::Bucket {
             bucket,
@@ -199,10 +193,7 @@ pub fn decode(bytes: &[u8], cap: usize) -> Result<Message, DecodeError> {
             if n > super::MAX_SEEN {
                 return Err(DecodeError::Malformed("change lists too many peers"));
             }
-            let mut seen = Vec::with_capacity(n);
-            for _ in 0..n {
-                seen.push(r.u64()?);
-            }
+            let seen = r.u64s(n)?;
             Message::Change {
                 doc,
                 change,
@@ -212,11 +203,9 @@ pub fn decode(bytes: &[u8], cap: usize) -> Result<Message, DecodeError> {
         }
         2 => {
             let n = r.count(8)?;
-            let mut buckets = Vec::with_capacity(n);
-            for _ in 0..n {
-                buckets.push(r.u64()?);
+            Message::Digest {
+                buckets: r.u64s(n)?,
             }
-            Message::Digest { buckets }
         }
         3 => {
             let bucket = r.u32()?;
@@ -264,6 +253,14 @@ fn put_u32(out: &mut Vec<u8>, v: u32) {
     out.extend_from_slice(&v.to_le_bytes());
 }
 
+/// A count, then the values.
+fn put_u64s(out: &mut Vec<u8>, values: &[u64]) {
+    put_u32(out, values.len() as u32);
+    for v in values {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+}
+
 fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
     put_u32(out, b.len() as u32);
     out.extend_from_slice(b);
@@ -306,6 +303,11 @@ impl<'a> Reader<'a> {
         Ok(u64::from_le_bytes(
             self.take(8)?.try_into().expect("8 bytes"),
         ))
+    }
+
+    /// `n` values (`n` from [`count`](Self::count), so already checked).
+    fn u64s(&mut self, n: usize) -> Result<Vec<u64>, DecodeError> {
+        (0..n).map(|_| self.u64()).collect()
     }
 
     /// A count of items of at least `min_size` bytes each, checked against the

@@ -3,8 +3,9 @@
 //!
 //! Changes that arrive from peers (fast-path changes, sync messages, deletes)
 //! are merged into the in-memory doc and added to the writer's current
-//! [`Round`] batch, so they reach sled atomically with the round and are
-//! flushed by the same group commit as local writes. Automerge runs on remote
+//! [`Round`] batch, so they reach sled with the round and are flushed by the
+//! same group commit as local writes (or, when nobody waits on them, within
+//! `store.remote_flush_ms`). Automerge runs on remote
 //! bytes inside `catch_unwind`: a document that makes it panic costs that
 //! message (the doc is reloaded from the store), never the node.
 
@@ -376,7 +377,7 @@ impl DocAccess for Round<'_> {
         if meta.deleted_at_ms.is_some() {
             return None;
         }
-        let data = self.inner.store.doc_data(doc).ok()?;
+        let data = self.inner.store.doc_data(doc, &meta).ok()?;
         let mut out = data.snapshot;
         for change in data.changes {
             out.extend_from_slice(&change);

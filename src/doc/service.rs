@@ -6,9 +6,10 @@
 //!
 //! 1. The writer thread takes every queued write (up to `perf.write_batch`),
 //!    applies each to its in-memory doc under the doc's lock and adds the
-//!    change and the doc's new meta to one sled batch. Readers may see a
+//!    change and the doc's new meta to one [`crate::store::WriteBatch`]. Readers may see a
 //!    change from here on.
-//! 2. The batch is applied to sled atomically, then handed to the group-commit
+//! 2. The batch is applied to sled (after a crash each doc is at one of the
+//!    states the batch passed through), then handed to the group-commit
 //!    flush thread, which acknowledges every write whose flush has returned.
 //! 3. Only then does [`Docs`] return `Ok`: the change survives a process kill.
 //!
@@ -664,9 +665,7 @@ impl Inner {
                 meta: Some(meta),
             });
         }
-        let data = self.store.doc_data(id.as_str())?;
-        let mut meta = meta;
-        meta.tail_changes = data.changes.len() as u64;
+        let data = self.store.doc_data(id.as_str(), &meta)?;
         let corrupt = |reason: String| DocError::Corrupt {
             id: id.to_string(),
             reason,

@@ -51,6 +51,10 @@ pub struct StoreConfig {
     pub cache_doc_bytes: u64,
     /// Compact a document's change tail into a snapshot at this many changes.
     pub compact_after_changes: u64,
+    /// Remote changes merged from the fast path that nobody waits on are
+    /// flushed within this many milliseconds instead of one flush each; 0
+    /// flushes each before its change-feed event.
+    pub remote_flush_ms: u64,
 }
 
 /// `[doc]`: document limits and JSON mapping.
@@ -163,6 +167,7 @@ impl Default for Config {
                 cache_docs: docs.cache_docs,
                 cache_doc_bytes: docs.cache_doc_bytes,
                 compact_after_changes: docs.compact_after_changes,
+                remote_flush_ms: 100,
             },
             doc: DocConfig {
                 strings: docs.strings,
@@ -447,6 +452,12 @@ impl Config {
         }
         if self.store.compact_after_changes == 0 {
             return invalid("store.compact_after_changes", "must be at least 1");
+        }
+        if self.store.remote_flush_ms > 60_000 {
+            return invalid(
+                "store.remote_flush_ms",
+                "must be at most 60000 (one minute)",
+            );
         }
         if self.doc.max_change_bytes == 0 {
             return invalid("doc.max_change_bytes", "must be at least 1");

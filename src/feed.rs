@@ -1,5 +1,8 @@
 //! The change feed: one event per merged change (a local write, a change
-//! merged from a peer, a delete), published once the change is durable.
+//! merged from a peer, a delete), published in the order the writer applied
+//! them, once the change is durable (a local write, or a merge a peer waits
+//! to have confirmed) or stored (other merges from peers, flushed within
+//! `store.remote_flush_ms`).
 //!
 //! Events carry a per-boot sequence number. The feed keeps the most recent
 //! events in memory so that a subscriber that reconnects with the id of the

@@ -114,7 +114,11 @@ impl NodeBuilder {
             .await
             .map_err(|e| Error::Internal(e.to_string()))??
         };
-        let (commit, flush_thread) = GroupCommit::start(store.clone(), config.perf.flush_queue);
+        let (commit, flush_thread) = GroupCommit::start(
+            store.clone(),
+            config.perf.flush_queue,
+            std::time::Duration::from_millis(config.store.remote_flush_ms),
+        );
         let sync_cfg = self
             .sync
             .or_else(|| {
@@ -328,6 +332,9 @@ pub struct Status {
     pub flushes: u64,
     /// Writes acknowledged by those flushes.
     pub flushed_writes: u64,
+    /// Rounds of merged remote changes that went to the change feed before
+    /// their flush (they are flushed within `store.remote_flush_ms`).
+    pub lazy_rounds: u64,
 }
 
 impl Node {
@@ -472,6 +479,7 @@ impl Node {
             store_bytes,
             flushes: stats.flushes.load(std::sync::atomic::Ordering::Relaxed),
             flushed_writes: stats.writes.load(std::sync::atomic::Ordering::Relaxed),
+            lazy_rounds: stats.lazy.load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 

@@ -2,8 +2,9 @@
 //!
 //! It takes every write waiting in its queue (up to `write_batch`), applies each
 //! to its document under the document's lock, collects the changes into one
-//! [`WriteBatch`], applies that to sled atomically and hands the writers'
-//! replies to the group-commit thread, which answers them after its flush. One
+//! [`WriteBatch`], applies that to sled (crash-safe per doc, see
+//! [`WriteBatch`]) and hands the writers' replies to the group-commit thread,
+//! which answers them after its flush. One
 //! thread means no per-write thread hand-off and one sled batch per round; the
 //! Automerge work per write is tens of microseconds, so one core keeps up with
 //! what the HTTP layer can deliver.
@@ -401,10 +402,19 @@ fn write_round(inner: &Inner, msgs: Vec<WriterMsg>, mut sync: Option<&mut SyncRu
     }
     inner.live_docs.fetch_add(live_delta, Ordering::Relaxed);
     let mut acks: Vec<Ack> = Vec::with_capacity(results.len() + 1);
+    // A round that only merged remote changes nobody waits on (no local
+    // write, no peer asking for a confirmation) need not wait for a flush
+    // before its feed events: the flush thread flushes it within
+    // `store.remote_flush_ms`. A crash in that window loses changes that
+    // their origin still holds (it acknowledged none of them before its own
+    // flush) and that sync brings back.
+    let mut durable = results.iter().any(|(_, r)| r.is_ok());
     if !events.is_empty() {
-        // Published once durable, in the order the round applied them; the
-        // peers whose changes were merged are told we hold them.
+        // Published in the order the round applied them, once durable (or,
+        // for a lazy round, once every earlier round's were); the peers whose
+        // changes were merged are told we hold them, after the flush.
         let confirms = confirmations(&events);
+        durable |= !confirms.is_empty();
         let out = sync.as_ref().map(|s| s.out.clone());
         let events = feed_events(inner, events);
         let feed = inner.feed.clone();
@@ -434,7 +444,7 @@ fn write_round(inner: &Inner, msgs: Vec<WriterMsg>, mut sync: Option<&mut SyncRu
     }
     // Merged remote changes need a flush too, even with nobody waiting on it.
     if !acks.is_empty() || !touched.is_empty() {
-        inner.commit.submit_blocking(acks);
+        inner.commit.submit_blocking(acks, durable);
     }
 }
 

@@ -6,10 +6,19 @@
 //! them all. A request that arrives during a flush waits for the next one, so the
 //! flush that answers it always started after the writer's batch was applied:
 //! the flush covers the write.
+//!
+//! Batches that nobody waits on (remote changes merged from the fast path,
+//! see `doc::writer`) can be submitted *lazily*: their acks run in order with
+//! everyone else's but without waiting for a flush, and the thread flushes
+//! them within the lazy window (`store.remote_flush_ms`), or sooner with the
+//! next write that does wait. A sled flush costs ~0.4 ms of CPU, more than
+//! applying a small remote change, so a receiver that flushed each one spent
+//! most of its time there.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -22,7 +31,11 @@ pub(super) const CLOSED: &str = "the store is closed";
 pub type Ack = Box<dyn FnOnce(Result<(), Arc<str>>) + Send>;
 
 enum Msg {
+    /// Acks to run after a flush that starts after this message.
     Flush(Vec<Ack>),
+    /// Acks to run in order with the others, flushed or not; a flush follows
+    /// within the lazy window.
+    Lazy(Vec<Ack>),
     Stop,
 }
 
@@ -40,47 +53,25 @@ pub struct FlushStats {
     pub flushes: AtomicU64,
     /// Writes acknowledged by those flushes.
     pub writes: AtomicU64,
+    /// Lazy batches answered before their flush.
+    pub lazy: AtomicU64,
 }
 
 impl GroupCommit {
     /// Starts the flush thread for `store`. `queue` bounds the writers waiting for a
-    /// flush; more wait for room.
+    /// flush; more wait for room. Lazy batches are flushed at most `lazy` after
+    /// the first of them was answered; with `lazy` zero they wait for a flush
+    /// like any other.
     ///
     /// The thread exits after [`GroupCommit::stop`] or when every clone is dropped,
     /// answering the requests queued before; join it with the returned handle.
-    pub fn start(store: Store, queue: usize) -> (GroupCommit, JoinHandle<()>) {
-        let (tx, mut rx) = mpsc::channel::<Msg>(queue);
+    pub fn start(store: Store, queue: usize, lazy: Duration) -> (GroupCommit, JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel::<Msg>(queue);
         let stats = Arc::new(FlushStats::default());
         let thread_stats = stats.clone();
         let handle = std::thread::Builder::new()
             .name("mergeflow-flush".into())
-            .spawn(move || {
-                let mut waiters = Vec::with_capacity(queue);
-                let mut stop = false;
-                while !stop {
-                    match rx.blocking_recv() {
-                        Some(Msg::Flush(acks)) => waiters.extend(acks),
-                        Some(Msg::Stop) | None => stop = true,
-                    }
-                    while let Ok(msg) = rx.try_recv() {
-                        match msg {
-                            Msg::Flush(acks) => waiters.extend(acks),
-                            Msg::Stop => stop = true,
-                        }
-                    }
-                    let result = store.flush().map_err(|e| {
-                        tracing::error!(err = %e, "store flush failed");
-                        Arc::<str>::from(e.to_string())
-                    });
-                    thread_stats.flushes.fetch_add(1, Ordering::Relaxed);
-                    thread_stats
-                        .writes
-                        .fetch_add(waiters.len() as u64, Ordering::Relaxed);
-                    for ack in waiters.drain(..) {
-                        ack(result.clone());
-                    }
-                }
-            })
+            .spawn(move || flush_loop(&store, rx, queue, lazy, &thread_stats))
             .expect("spawn flush thread");
         (GroupCommit { tx, stats }, handle)
     }
@@ -111,9 +102,18 @@ impl GroupCommit {
     /// From a blocking thread: calls every ack with the result of a flush that
     /// starts after this call (or with an error if the thread is gone). Waits only
     /// for room in the queue, not for the flush.
-    pub fn submit_blocking(&self, acks: Vec<Ack>) {
-        if let Err(mpsc::error::SendError(Msg::Flush(acks))) =
-            self.tx.blocking_send(Msg::Flush(acks))
+    ///
+    /// With `durable` false the acks run as soon as the acks queued before them
+    /// have, with `Ok` and possibly before a flush; the batch is flushed within
+    /// the lazy window. For writes nobody is told are durable.
+    pub fn submit_blocking(&self, acks: Vec<Ack>, durable: bool) {
+        let msg = if durable {
+            Msg::Flush(acks)
+        } else {
+            Msg::Lazy(acks)
+        };
+        if let Err(mpsc::error::SendError(Msg::Flush(acks) | Msg::Lazy(acks))) =
+            self.tx.blocking_send(msg)
         {
             for ack in acks {
                 ack(Err(Arc::from(CLOSED)));
@@ -133,6 +133,88 @@ impl GroupCommit {
     }
 }
 
+/// The flush thread: answers acks in the order they came, flushing first when
+/// one of them waits for a flush or the lazy window has run out.
+fn flush_loop(
+    store: &Store,
+    mut rx: mpsc::Receiver<Msg>,
+    queue: usize,
+    mut lazy: Duration,
+    stats: &FlushStats,
+) {
+    // A clock for the lazy window; the thread runs nothing else on it.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .inspect_err(|e| {
+            // Then every batch waits for a flush: slower, still correct.
+            tracing::error!(err = %e, "flush thread has no timer; lazy flushes are off");
+        })
+        .ok();
+    if rt.is_none() {
+        lazy = Duration::ZERO;
+    }
+    let mut waiters: Vec<Ack> = Vec::with_capacity(queue);
+    // When the oldest batch that was answered before its flush was answered.
+    let mut unflushed: Option<Instant> = None;
+    let mut stop = false;
+    while !stop {
+        let mut must_flush = false;
+        let mut lazy_batches = 0u64;
+        let first = match (&rt, unflushed) {
+            (Some(rt), Some(since)) => {
+                let deadline = tokio::time::Instant::from_std(since + lazy);
+                // `None` when the window ran out first.
+                rt.block_on(async { tokio::time::timeout_at(deadline, rx.recv()).await })
+                    .ok()
+            }
+            _ => Some(rx.blocking_recv()),
+        };
+        // `first` is `None` when the lazy window ran out with nothing new:
+        // then only the flush is due.
+        let mut msgs: Vec<Option<Msg>> = first.into_iter().collect();
+        must_flush |= msgs.is_empty();
+        while let Ok(msg) = rx.try_recv() {
+            msgs.push(Some(msg));
+        }
+        for msg in msgs {
+            match msg {
+                Some(Msg::Flush(acks)) => {
+                    must_flush = true;
+                    waiters.extend(acks);
+                }
+                Some(Msg::Lazy(acks)) => {
+                    lazy_batches += 1;
+                    waiters.extend(acks);
+                }
+                Some(Msg::Stop) | None => {
+                    stop = true;
+                    must_flush = true;
+                }
+            }
+        }
+        must_flush |= lazy_batches > 0 && lazy.is_zero();
+        let result = if must_flush {
+            unflushed = None;
+            stats.flushes.fetch_add(1, Ordering::Relaxed);
+            store.flush().map_err(|e| {
+                tracing::error!(err = %e, "store flush failed");
+                Arc::<str>::from(e.to_string())
+            })
+        } else {
+            stats.lazy.fetch_add(lazy_batches, Ordering::Relaxed);
+            unflushed.get_or_insert_with(Instant::now);
+            Ok(())
+        };
+        stats
+            .writes
+            .fetch_add(waiters.len() as u64, Ordering::Relaxed);
+        for ack in waiters.drain(..) {
+            ack(result.clone());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,7 +223,7 @@ mod tests {
     async fn concurrent_writers_share_flushes() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), 1 << 20).unwrap();
-        let (gc, thread) = GroupCommit::start(store.clone(), 64);
+        let (gc, thread) = GroupCommit::start(store.clone(), 64, Duration::ZERO);
         let mut tasks = Vec::new();
         for i in 0..64u64 {
             let gc = gc.clone();
@@ -161,6 +243,42 @@ mod tests {
         assert!(
             flushes < writes,
             "no flush was shared: flushes {flushes} writes {writes}"
+        );
+        drop(gc);
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn lazy_acks_run_in_order_and_are_flushed_within_the_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let (gc, thread) = GroupCommit::start(store.clone(), 64, Duration::from_millis(20));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let ack = |name: &'static str| -> Ack {
+            let tx = tx.clone();
+            Box::new(move |r| tx.send((name, r.is_ok())).unwrap())
+        };
+        gc.submit_blocking(vec![ack("lazy 1")], false);
+        assert_eq!(rx.recv().unwrap(), ("lazy 1", true));
+        assert_eq!(
+            gc.stats().flushes.load(Ordering::Relaxed),
+            0,
+            "answered before a flush"
+        );
+        // The window runs out with nothing else queued: a flush follows.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while gc.stats().flushes.load(Ordering::Relaxed) == 0 {
+            assert!(Instant::now() < deadline, "no flush after the lazy window");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // A lazy batch behind a durable one waits for the durable one's flush.
+        gc.submit_blocking(vec![ack("durable")], true);
+        gc.submit_blocking(vec![ack("lazy 2")], false);
+        assert_eq!(rx.recv().unwrap(), ("durable", true));
+        assert_eq!(rx.recv().unwrap(), ("lazy 2", true));
+        assert!(
+            gc.stats().flushes.load(Ordering::Relaxed) >= 2,
+            "the durable batch had a flush of its own"
         );
         drop(gc);
         thread.join().unwrap();

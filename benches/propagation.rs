@@ -7,8 +7,12 @@
 //!
 //! Prints numbers; asserts nothing. Run: `cargo bench --bench propagation`
 //! (or `scripts/bench.sh --p2p`). Env: `DOCS` (catch-up size), `WRITES`,
-//! `HOT` (changes to the hot doc, A -> B, default 20,000),
-//! `CHANGES` (changes in the one big doc), `PROGRESS` (report each second).
+//! `POOL` (propagation writes go round-robin to this many docs, default 1),
+//! `HOT` (changes to the hot doc, A -> B, default 20,000; 0 skips it),
+//! `CHANGES` (changes in the one big doc), `PROGRESS` (report each second),
+//! `KADEMLIA=0`, `REMOTE_FLUSH_MS` (the node setting). Each propagation run
+//! also prints the CPU time of the whole process per write and the flushes
+//! per write on each node.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -29,6 +33,11 @@ async fn start(dir: &std::path::Path, peers: Vec<String>) -> Node {
     // KADEMLIA=0 turns peer discovery off: the 5 nodes then stay a star
     // around A instead of a full mesh.
     config.net.kademlia = std::env::var("KADEMLIA").map_or(true, |v| v != "0");
+    // REMOTE_FLUSH_MS=0: every merged remote change is flushed before its
+    // feed event (the default batches those flushes, see config.example.toml).
+    if let Ok(ms) = std::env::var("REMOTE_FLUSH_MS") {
+        config.store.remote_flush_ms = ms.parse().expect("REMOTE_FLUSH_MS: milliseconds");
+    }
     Node::builder()
         .config(config)
         .network(true)
@@ -59,6 +68,21 @@ fn env_usize(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+/// CPU time (user + system) this process has used, from `/proc/self/stat`
+/// (Linux; zero elsewhere). Every node of the bench runs in this process.
+fn cpu_time() -> Duration {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return Duration::ZERO;
+    };
+    // Fields after the command name (which may hold spaces) start at ") ".
+    let rest = stat.rsplit_once(") ").map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest.split(' ').filter_map(|x| x.parse().ok()).collect();
+    // utime and stime are fields 14 and 15 of the line, 11 and 12 here
+    // (the state letter does not parse), in clock ticks of 10 ms.
+    let ticks = f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0);
+    Duration::from_millis(ticks * 10)
+}
+
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1 << 20) as f64
 }
@@ -80,13 +104,24 @@ fn pct(v: &mut [Duration], p: f64) -> f64 {
 /// `benches/apply.rs`), so runs on one shared doc would not be comparable.
 async fn propagate(a: &Node, others: &[Node], writes: usize, id: &str) -> Vec<Duration> {
     use futures_util::StreamExt;
-    let doc = a.doc(id).unwrap();
+    let pool = env_usize("POOL", 1);
+    let glob = format!("{id}/*");
     let mut feeds: Vec<_> = others
         .iter()
-        .map(|o| Box::pin(o.subscribe(id).unwrap()))
+        .map(|o| Box::pin(o.subscribe(&glob).unwrap()))
         .collect();
     let mut lat = Vec::with_capacity(writes);
+    let flushes = |n: &Node| {
+        let n = n.clone();
+        async move { n.status().await.flushes }
+    };
+    let mut before = Vec::new();
+    for n in std::iter::once(a).chain(others) {
+        before.push(flushes(n).await);
+    }
+    let cpu = cpu_time();
     for i in 0..writes {
+        let doc = a.doc(&format!("{id}/{}", i % pool)).unwrap();
         let t = Instant::now();
         let r = doc.patch(json!({"i": i})).await.unwrap();
         let mut want = r.heads.clone();
@@ -107,6 +142,22 @@ async fn propagate(a: &Node, others: &[Node], writes: usize, id: &str) -> Vec<Du
         }
         lat.push(t.elapsed());
     }
+    println!(
+        "  CPU of all {} nodes per write: {:.0} us",
+        others.len() + 1,
+        (cpu_time() - cpu).as_secs_f64() * 1e6 / writes as f64
+    );
+    let mut per_write = Vec::new();
+    for (n, b) in std::iter::once(a).chain(others).zip(before) {
+        per_write.push(format!(
+            "{:.2}",
+            (flushes(n).await - b) as f64 / writes as f64
+        ));
+    }
+    println!(
+        "  flushes per write on A, then each receiver: {}",
+        per_write.join(" ")
+    );
     lat
 }
 
@@ -178,7 +229,10 @@ async fn main() {
         pct(&mut lat, 0.99)
     );
     // After the 5-node run, so its load does not touch those numbers.
-    sustained(&a, &others[0], env_usize("HOT", 20_000)).await;
+    let hot = env_usize("HOT", 20_000);
+    if hot > 0 {
+        sustained(&a, &others[0], hot).await;
+    }
     for o in others {
         o.shutdown().await.unwrap();
     }

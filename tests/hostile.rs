@@ -102,24 +102,10 @@ fn raw_sync_peer() -> libp2p::Swarm<request_response::Behaviour<RawCodec>> {
     })
 }
 
-async fn start(dir: &std::path::Path, peers: Vec<String>) -> Node {
-    p2p_node(dir, peers, |c| c.net.max_message_bytes = 64 * 1024).await
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hostile_peer_is_rejected_and_banned_while_honest_peers_sync() {
-    let dir = tempfile::tempdir().unwrap();
-    let a = start(&dir.path().join("a"), vec![]).await;
-    let a_addr: Multiaddr = listen_addr(&a).await.parse().unwrap();
-    let honest = start(&dir.path().join("honest"), vec![a_addr.to_string()]).await;
-
-    let mut hostile = raw_sync_peer();
-    let hostile_id = *hostile.local_peer_id();
-    hostile.dial(a_addr.clone()).unwrap();
-    let a_peer = a.peer_id();
-
-    // Every kind of bad input, again and again.
-    let bad: Vec<Vec<u8>> = vec![
+/// Every kind of bad frame: garbage, a length over the cap, unknown kinds and
+/// versions, messages whose payload is not Automerge, invalid ids, nesting.
+fn bad_frames() -> Vec<Vec<u8>> {
+    vec![
         framed(b"\xde\xad\xbe\xef garbage"),
         (100u32 << 20).to_le_bytes().to_vec(), // claims a 100 MiB frame
         framed(&[codec::VERSION, 99, 0, 0]),   // unknown kind
@@ -151,7 +137,27 @@ async fn a_hostile_peer_is_rejected_and_banned_while_honest_peers_sync() {
             codec::encode_batch(&[vec![1, 5], vec![1, 5]]),
             vec![1, 5],
         ])),
-    ];
+    ]
+}
+
+async fn start(dir: &std::path::Path, peers: Vec<String>) -> Node {
+    p2p_node(dir, peers, |c| c.net.max_message_bytes = 64 * 1024).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_peer_is_rejected_and_banned_while_honest_peers_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = start(&dir.path().join("a"), vec![]).await;
+    let a_addr: Multiaddr = listen_addr(&a).await.parse().unwrap();
+    let honest = start(&dir.path().join("honest"), vec![a_addr.to_string()]).await;
+
+    let mut hostile = raw_sync_peer();
+    let hostile_id = *hostile.local_peer_id();
+    hostile.dial(a_addr.clone()).unwrap();
+    let a_peer = a.peer_id();
+
+    // Every kind of bad input, again and again.
+    let bad = bad_frames();
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut honest_i = 0;
     let mut connected = false;
@@ -214,6 +220,120 @@ async fn a_hostile_peer_is_rejected_and_banned_while_honest_peers_sync() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let info = a
+        .peers()
+        .into_iter()
+        .find(|p| p.peer_id == honest.peer_id().to_string())
+        .unwrap();
+    assert_eq!(info.rejected, 0, "the honest peer was blamed");
+    a.shutdown().await.unwrap();
+    honest.shutdown().await.unwrap();
+}
+
+/// A peer that does not speak the frame-stream protocol (an older node, or
+/// a minimal client) still gets everything, by request-response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_without_frame_streams_gets_frames_by_request_response() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = start(&dir.path().join("a"), vec![]).await;
+    let a_addr: Multiaddr = listen_addr(&a).await.parse().unwrap();
+    let mut peer = raw_sync_peer();
+    let peer_id = peer.local_peer_id().to_string();
+    peer.dial(a_addr).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut every = tokio::time::interval(Duration::from_millis(20));
+    let mut i = 0;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => panic!("no frame about the doc reached the peer"),
+            // Once the node counts the peer as connected, every write's fast
+            // path goes to it (the first ones may race the connection).
+            _ = every.tick() => {
+                if a.peers().iter().any(|p| p.peer_id == peer_id && p.connected) {
+                    a.doc("fallback/doc").unwrap().patch(json!({"v": i})).await.unwrap();
+                    i += 1;
+                }
+            }
+            ev = peer.select_next_some() => {
+                if let SwarmEvent::Behaviour(request_response::Event::Message {
+                    message: request_response::Message::Request { request, .. },
+                    ..
+                }) = ev
+                {
+                    // RawCodec keeps the 4-byte length prefix.
+                    let msgs = codec::decode_frame(&request[4..], usize::MAX).unwrap();
+                    if msgs.iter().any(|m| m.doc() == Some("fallback/doc")) {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    a.shutdown().await.unwrap();
+}
+
+/// The same bad frames over the long-lived frame stream (`/mergeflow/frames/1`),
+/// a new stream each round because the node closes one at a frame over the
+/// cap: the peer is struck and banned, the honest peer keeps syncing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_streaming_bad_frames_is_rejected_and_banned() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = start(&dir.path().join("a"), vec![]).await;
+    let a_addr: Multiaddr = listen_addr(&a).await.parse().unwrap();
+    let honest = start(&dir.path().join("honest"), vec![a_addr.to_string()]).await;
+
+    let mut hostile = raw_swarm(|_| libp2p_stream::Behaviour::new());
+    let hostile_id = *hostile.local_peer_id();
+    let mut control = hostile.behaviour().new_control();
+    hostile.dial(a_addr).unwrap();
+    // The swarm runs on its own; the attack opens streams through `control`.
+    let swarm = tokio::spawn(async move {
+        loop {
+            hostile.select_next_some().await;
+        }
+    });
+    let a_peer = a.peer_id();
+    let protocol = StreamProtocol::new("/mergeflow/frames/1");
+    let bad = bad_frames();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut every = tokio::time::interval(Duration::from_millis(20));
+    let mut honest_i = 0;
+    loop {
+        every.tick().await;
+        let open = control.open_stream(a_peer, protocol.clone());
+        if let Ok(Ok(mut stream)) = tokio::time::timeout(Duration::from_secs(5), open).await {
+            for b in &bad {
+                if stream.write_all(b).await.is_err() {
+                    break;
+                }
+            }
+            let _ = stream.flush().await;
+        }
+        honest
+            .doc("honest/doc")
+            .unwrap()
+            .patch(json!({ "i": honest_i }))
+            .await
+            .unwrap();
+        honest_i += 1;
+        let peers = a.peers();
+        let banned = peers
+            .iter()
+            .find(|p| p.peer_id == hostile_id.to_string())
+            .is_some_and(|p| p.rejected >= 10 && !p.connected);
+        let seen = a.doc("honest/doc").unwrap().get().await.ok();
+        let synced = seen
+            .and_then(|v| v["i"].as_i64())
+            .is_some_and(|i| i >= 5 && i + 50 >= honest_i - 1);
+        if banned && synced {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not banned or not synced: {peers:?}"
+        );
+    }
+    swarm.abort();
     let info = a
         .peers()
         .into_iter()

@@ -51,6 +51,7 @@ use crate::doc::Docs;
 use crate::sync::{Input, Message, Output, codec};
 
 pub mod limit;
+mod link;
 
 /// Errors starting the network.
 #[derive(Debug, thiserror::Error)]
@@ -198,6 +199,8 @@ pub fn parse_addrs(key: &'static str, addrs: &[String]) -> Result<Vec<Multiaddr>
 struct Behaviour {
     limits: connection_limits::Behaviour,
     sync: request_response::Behaviour<SyncCodec>,
+    /// Long-lived frame streams (`link.rs`); request-response is the fallback.
+    stream: libp2p_stream::Behaviour,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     kad: Toggle<kad::Behaviour<kad::store::MemoryStore>>,
@@ -399,6 +402,7 @@ pub fn spawn(
                         .with_request_timeout(Duration::from_secs(30))
                         .with_max_concurrent_streams(256),
                 ),
+                stream: libp2p_stream::Behaviour::new(),
                 identify: identify::Behaviour::new(identify::Config::new(
                     "/mergeflow/1".into(),
                     key.public(),
@@ -439,6 +443,13 @@ pub fn spawn(
         .collect();
     let shared = state.clone();
     let frame_target = FRAME_TARGET.min(max);
+    let (mut links, mut link_events) = link::Links::start(
+        swarm.behaviour().stream.new_control(),
+        max,
+        cancel.clone(),
+        tasks.clone(),
+    )
+    .map_err(NetError::Transport)?;
     let allow: BTreeSet<PeerId> = cfg.allow.iter().copied().collect();
     tasks.spawn(async move {
         let mut connected: BTreeSet<PeerId> = BTreeSet::new();
@@ -477,8 +488,30 @@ pub fn spawn(
                         let Ok(out) = outputs.try_recv() else { break };
                         outbox.add(&mut swarm, &connected, &shared, &mut bans, out);
                     }
-                    outbox.flush(&mut swarm, &mut in_flight, frame_target);
+                    outbox.flush(&mut swarm, &mut in_flight, &mut links, frame_target);
                 }
+                Some(ev) = link_events.recv() => match ev {
+                    link::LinkEvent::Frame(peer, frame) => {
+                        let now = Instant::now();
+                        let bucket = buckets.entry(peer).or_insert_with(|| limit.bucket(now));
+                        if !limit.admit(bucket, frame.len(), now) {
+                            over_limit(&mut swarm, &shared, &mut bans, peer, bucket, now);
+                            continue;
+                        }
+                        if allow.is_empty() || allow.contains(&peer) {
+                            on_frame(&mut swarm, &docs, &shared, &mut bans, peer, &frame);
+                        }
+                    }
+                    link::LinkEvent::Refused(peer, reason) => {
+                        strike(&mut swarm, &shared, &mut bans, peer, &reason);
+                    }
+                    link::LinkEvent::Unsent { peer, frames, opened } => {
+                        links.failed(peer, opened);
+                        for (frame, docs) in frames {
+                            in_flight.send(&mut swarm, peer, frame, docs);
+                        }
+                    }
+                },
                 ev = swarm.select_next_some() => {
                     if let SwarmEvent::Behaviour(BehaviourEvent::Sync(request_response::Event::Message {
                         peer,
@@ -495,6 +528,7 @@ pub fn spawn(
                     }
                     if let SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } = &ev {
                         buckets.remove(peer_id);
+                        links.disconnected(peer_id);
                     }
                     on_event(ev, &mut swarm, &docs, &mut connected, &mut in_flight, &mut bans, &mut statics, &shared, local, &allow);
                 }
@@ -716,7 +750,20 @@ impl Outbox {
 
     /// Sends everything queued, each peer's messages packed in order into
     /// frames of up to `target` bytes.
-    fn flush(self, swarm: &mut libp2p::Swarm<Behaviour>, in_flight: &mut InFlight, target: usize) {
+    fn flush(
+        self,
+        swarm: &mut libp2p::Swarm<Behaviour>,
+        in_flight: &mut InFlight,
+        links: &mut link::Links,
+        target: usize,
+    ) {
+        // By the peer's frame stream when it takes the frame, else by
+        // request-response.
+        let mut send = |swarm: &mut libp2p::Swarm<Behaviour>, peer, frame, docs| {
+            if let Some((frame, docs)) = links.send(peer, (frame, docs)) {
+                in_flight.send(swarm, peer, frame, docs);
+            }
+        };
         for (peer, queued) in self.per_peer {
             let mut msgs: Vec<Vec<u8>> = Vec::new();
             let mut docs: Vec<String> = Vec::new();
@@ -725,7 +772,7 @@ impl Outbox {
                 let add = q.bytes.len() + codec::BATCH_PER_MESSAGE;
                 if !msgs.is_empty() && size + add > target {
                     let frame = codec::encode_batch(&std::mem::take(&mut msgs));
-                    in_flight.send(swarm, peer, frame, std::mem::take(&mut docs));
+                    send(swarm, peer, frame, std::mem::take(&mut docs));
                     size = codec::BATCH_OVERHEAD;
                 }
                 size += add;
@@ -733,9 +780,47 @@ impl Outbox {
                 docs.extend(q.doc);
             }
             if !msgs.is_empty() {
-                in_flight.send(swarm, peer, codec::encode_batch(&msgs), docs);
+                send(swarm, peer, codec::encode_batch(&msgs), docs);
             }
         }
+    }
+}
+
+/// A frame from `peer` (by request-response or its frame stream): its
+/// messages go to the sync core, confirmations straight to the waiting
+/// writers; an undecodable frame is a strike.
+fn on_frame(
+    swarm: &mut libp2p::Swarm<Behaviour>,
+    docs: &Docs,
+    state: &Mutex<NetState>,
+    bans: &mut Bans,
+    peer: PeerId,
+    frame: &[u8],
+) {
+    match codec::decode_frame(frame, usize::MAX) {
+        Ok(msgs) => {
+            let from = peer.to_string();
+            let mut inputs = Vec::with_capacity(msgs.len());
+            for msg in msgs {
+                match msg {
+                    Message::Have { doc, heads } => docs.confirm_held(&from, &doc, heads),
+                    msg => inputs.push(Input::Received {
+                        from: from.clone(),
+                        msg,
+                    }),
+                }
+            }
+            if !inputs.is_empty() && !docs.sync_inputs(inputs) {
+                tracing::debug!(peer = %peer, "sync queue full: frame dropped");
+            }
+        }
+        Err(e) => strike(
+            swarm,
+            state,
+            bans,
+            peer,
+            &format!("undecodable message: {e}"),
+        ),
     }
 }
 
@@ -835,33 +920,7 @@ fn on_event(
                 return; // raced the disconnect; the response channel just drops
             }
             let _ = swarm.behaviour_mut().sync.send_response(channel, ());
-            match codec::decode_frame(&request, usize::MAX) {
-                Ok(msgs) => {
-                    let from = peer.to_string();
-                    let mut inputs = Vec::with_capacity(msgs.len());
-                    for msg in msgs {
-                        match msg {
-                            // Confirmations go straight to the waiting
-                            // writers, not through the writer thread.
-                            Message::Have { doc, heads } => docs.confirm_held(&from, &doc, heads),
-                            msg => inputs.push(Input::Received {
-                                from: from.clone(),
-                                msg,
-                            }),
-                        }
-                    }
-                    if !inputs.is_empty() && !docs.sync_inputs(inputs) {
-                        tracing::debug!(peer = %peer, "sync queue full: frame dropped");
-                    }
-                }
-                Err(e) => strike(
-                    swarm,
-                    state,
-                    bans,
-                    peer,
-                    &format!("undecodable message: {e}"),
-                ),
-            }
+            on_frame(swarm, docs, state, bans, peer, &request);
         }
         SwarmEvent::Behaviour(BehaviourEvent::Sync(request_response::Event::OutboundFailure {
             peer,

@@ -1,0 +1,288 @@
+//! Long-lived streams for sync frames: one outbound stream per peer.
+//!
+//! Request-response opens a yamux substream for every frame, negotiates the
+//! protocol on it and waits for an empty answer: about five socket writes per
+//! message, and for a small fast-path change that was most of the network's
+//! share of the CPU. Here each peer gets one stream, opened on the first
+//! frame, that carries length-prefixed frames (the same framing and cap as
+//! the request-response codec) until it fails or the peer disconnects.
+//!
+//! A frame the link cannot take (its queue is full, the peer does not speak
+//! the protocol, the stream failed before the frame was written) goes back to
+//! the swarm task, which sends it by request-response instead. A frame that
+//! was written but lost with its connection is repaired like any lost
+//! message: by sync and anti-entropy when the peer reconnects.
+//!
+//! Inbound frames go to the swarm task over a bounded channel, where they
+//! pass the same rate limits, decoding and strikes as request-response frames.
+
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::sync::{Arc, Mutex};
+
+use libp2p::futures::{AsyncWriteExt, StreamExt};
+use libp2p::{PeerId, Stream, StreamProtocol};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// The protocol of the long-lived frame stream.
+pub(super) const LINK_PROTOCOL: StreamProtocol = StreamProtocol::new("/mergeflow/frames/1");
+
+/// Frames queued for one peer's stream; past it, frames go by request-response.
+const LINK_QUEUE: usize = 256;
+
+/// Inbound frame streams one peer may hold open at once; more are dropped.
+const MAX_INBOUND_PER_PEER: usize = 4;
+
+/// Frames read from all inbound streams, waiting for the swarm task.
+const INBOUND_QUEUE: usize = 1024;
+
+/// A frame and the docs it is about (to repair them if it is lost).
+pub(super) type Frame = (Vec<u8>, Vec<String>);
+
+/// What the link tasks tell the swarm task.
+pub(super) enum LinkEvent {
+    /// A frame read from a peer's stream.
+    Frame(PeerId, Vec<u8>),
+    /// A peer sent a frame we refuse (over the size cap); its stream is closed.
+    Refused(PeerId, String),
+    /// Frames the link did not write; `opened` is false when the stream could
+    /// not be opened at all (the peer does not speak the protocol, or is gone).
+    Unsent {
+        peer: PeerId,
+        frames: Vec<Frame>,
+        opened: bool,
+    },
+}
+
+/// The outbound links, owned by the swarm task.
+pub(super) struct Links {
+    control: libp2p_stream::Control,
+    out: HashMap<PeerId, mpsc::Sender<Frame>>,
+    /// Peers whose stream could not be opened: request-response only, until
+    /// they reconnect.
+    no_link: HashSet<PeerId>,
+    events: mpsc::Sender<LinkEvent>,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Links {
+    /// Starts accepting inbound frame streams (at most `max` bytes a frame).
+    ///
+    /// # Errors
+    /// The protocol is already registered on `control`'s behaviour.
+    pub(super) fn start(
+        mut control: libp2p_stream::Control,
+        max: usize,
+        cancel: CancellationToken,
+        tasks: TaskTracker,
+    ) -> Result<(Links, mpsc::Receiver<LinkEvent>), String> {
+        let incoming = control
+            .accept(LINK_PROTOCOL)
+            .map_err(|e| format!("cannot accept {LINK_PROTOCOL}: {e}"))?;
+        let (events, rx) = mpsc::channel(INBOUND_QUEUE);
+        tasks.spawn(accept(
+            incoming,
+            max,
+            events.clone(),
+            cancel.clone(),
+            tasks.clone(),
+        ));
+        let links = Links {
+            control,
+            out: HashMap::new(),
+            no_link: HashSet::new(),
+            events,
+            cancel,
+            tasks,
+        };
+        Ok((links, rx))
+    }
+
+    /// Queues a frame on `peer`'s stream, opening one if there is none.
+    /// Returns the frame if the link cannot take it; send it another way.
+    pub(super) fn send(&mut self, peer: PeerId, frame: Frame) -> Option<Frame> {
+        if self.no_link.contains(&peer) {
+            return Some(frame);
+        }
+        let tx = self.out.entry(peer).or_insert_with(|| {
+            let (tx, rx) = mpsc::channel(LINK_QUEUE);
+            self.tasks.spawn(write_stream(
+                self.control.clone(),
+                peer,
+                rx,
+                self.events.clone(),
+                self.cancel.clone(),
+            ));
+            tx
+        });
+        match tx.try_send(frame) {
+            Ok(()) => None,
+            Err(mpsc::error::TrySendError::Full(frame)) => Some(frame),
+            Err(mpsc::error::TrySendError::Closed(frame)) => {
+                self.out.remove(&peer);
+                Some(frame)
+            }
+        }
+    }
+
+    /// The link to `peer` failed; with `opened` false, stop trying until
+    /// the peer reconnects.
+    pub(super) fn failed(&mut self, peer: PeerId, opened: bool) {
+        self.out.remove(&peer);
+        if !opened {
+            self.no_link.insert(peer);
+        }
+    }
+
+    /// `peer` has no connection left: its link ends (and may be tried again).
+    pub(super) fn disconnected(&mut self, peer: &PeerId) {
+        self.out.remove(peer);
+        self.no_link.remove(peer);
+    }
+}
+
+/// Writes queued frames to one peer's stream until it fails, the queue is
+/// dropped (the peer disconnected) or the node stops.
+async fn write_stream(
+    mut control: libp2p_stream::Control,
+    peer: PeerId,
+    mut rx: mpsc::Receiver<Frame>,
+    events: mpsc::Sender<LinkEvent>,
+    cancel: CancellationToken,
+) {
+    let opened = tokio::select! {
+        _ = cancel.cancelled() => return,
+        s = control.open_stream(peer, LINK_PROTOCOL) => s,
+    };
+    let mut stream = match opened {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(peer = %peer, err = %e, "no frame stream; using request-response");
+            rx.close();
+            let mut frames = Vec::new();
+            while let Some(f) = rx.recv().await {
+                frames.push(f);
+            }
+            let _ = events
+                .send(LinkEvent::Unsent {
+                    peer,
+                    frames,
+                    opened: false,
+                })
+                .await;
+            return;
+        }
+    };
+    let mut buf = Vec::new();
+    loop {
+        let frame = tokio::select! {
+            _ = cancel.cancelled() => return,
+            f = rx.recv() => match f {
+                Some(f) => f,
+                None => break,
+            },
+        };
+        buf.clear();
+        buf.extend_from_slice(&(frame.0.len() as u32).to_le_bytes());
+        buf.extend_from_slice(&frame.0);
+        if let Err(e) = write_all_flush(&mut stream, &buf).await {
+            tracing::debug!(peer = %peer, err = %e, "frame stream failed");
+            rx.close();
+            let mut frames = vec![frame];
+            while let Some(f) = rx.recv().await {
+                frames.push(f);
+            }
+            let _ = events
+                .send(LinkEvent::Unsent {
+                    peer,
+                    frames,
+                    opened: true,
+                })
+                .await;
+            return;
+        }
+    }
+    let _ = stream.close().await;
+}
+
+async fn write_all_flush(stream: &mut Stream, buf: &[u8]) -> io::Result<()> {
+    stream.write_all(buf).await?;
+    stream.flush().await
+}
+
+/// Takes inbound frame streams, at most [`MAX_INBOUND_PER_PEER`] per peer,
+/// and reads each in its own task.
+async fn accept(
+    mut incoming: libp2p_stream::IncomingStreams,
+    max: usize,
+    events: mpsc::Sender<LinkEvent>,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+) {
+    let open: Arc<Mutex<HashMap<PeerId, usize>>> = Arc::default();
+    loop {
+        let (peer, stream) = tokio::select! {
+            _ = cancel.cancelled() => return,
+            s = incoming.next() => match s {
+                Some(s) => s,
+                None => return,
+            },
+        };
+        {
+            let mut open = open.lock().expect("not poisoned");
+            let n = open.entry(peer).or_default();
+            if *n >= MAX_INBOUND_PER_PEER {
+                tracing::debug!(peer = %peer, "too many frame streams: one dropped");
+                continue;
+            }
+            *n += 1;
+        }
+        tasks.spawn(read_stream(
+            peer,
+            stream,
+            max,
+            events.clone(),
+            cancel.clone(),
+            open.clone(),
+        ));
+    }
+}
+
+/// Reads frames from one inbound stream until it ends or sends a frame over
+/// the cap.
+async fn read_stream(
+    peer: PeerId,
+    mut stream: Stream,
+    max: usize,
+    events: mpsc::Sender<LinkEvent>,
+    cancel: CancellationToken,
+    open: Arc<Mutex<HashMap<PeerId, usize>>>,
+) {
+    loop {
+        let read = tokio::select! {
+            _ = cancel.cancelled() => break,
+            r = super::read_frame(&mut stream, max) => r,
+        };
+        let event = match read {
+            Ok(frame) => LinkEvent::Frame(peer, frame),
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                LinkEvent::Refused(peer, e.to_string())
+            }
+            Err(_) => break, // closed, or the connection is gone
+        };
+        let refused = matches!(event, LinkEvent::Refused(..));
+        if events.send(event).await.is_err() || refused {
+            break;
+        }
+    }
+    let mut open = open.lock().expect("not poisoned");
+    if let Some(n) = open.get_mut(&peer) {
+        *n -= 1;
+        if *n == 0 {
+            open.remove(&peer);
+        }
+    }
+}

@@ -5,7 +5,7 @@
 //! [`WriteBatch`], applies that to sled (crash-safe per doc, see
 //! [`WriteBatch`]) and hands the writers' replies to the group-commit thread,
 //! which answers them after its flush. One
-//! thread means no per-write thread hand-off and one sled batch per round; the
+//! thread means no per-write thread hand-off and one store batch per round; the
 //! Automerge work per write is tens of microseconds, so one core keeps up with
 //! what the HTTP layer can deliver.
 //!
@@ -378,18 +378,26 @@ fn write_round(inner: &Inner, msgs: Vec<WriterMsg>, mut sync: Option<&mut SyncRu
         *lock_slot(&slot) = None;
     }
     if let Err(e) = applied {
-        if let Some(sync) = sync {
-            // The core saw this round's changes as merged; they were not stored.
-            match inner.store.list_docs() {
-                Ok(metas) => sync.core.reset_digest(
-                    metas
-                        .into_iter()
-                        .map(|(id, m)| (id, super::service::stored_state(&m))),
-                ),
-                Err(le) => tracing::error!(err = %le, "cannot rebuild the sync digest"),
+        // A prefix of the batch may be stored (each doc at a state it passed
+        // through, see `WriteBatch`): the digest, the live count and the docs
+        // in memory are rebuilt from what the store holds.
+        match inner.store.list_docs() {
+            Ok(metas) => {
+                let live = metas
+                    .iter()
+                    .filter(|(_, m)| m.deleted_at_ms.is_none())
+                    .count();
+                inner.live_docs.store(live as i64, Ordering::Relaxed);
+                if let Some(sync) = sync {
+                    sync.core.reset_digest(
+                        metas
+                            .into_iter()
+                            .map(|(id, m)| (id, super::service::stored_state(&m))),
+                    );
+                }
             }
+            Err(le) => tracing::error!(err = %le, "cannot re-read the docs after a failed write"),
         }
-        // Nothing of the batch is stored: drop the docs it touched from memory.
         tracing::error!(err = %e, "store write failed");
         for slot in touched {
             *lock_slot(&slot) = None;
@@ -740,13 +748,16 @@ pub(super) fn append_changes<'a>(
         .map(|h| h.to_string())
         .collect();
     meta.updated_at_ms = now;
-    for bytes in changes {
-        let seq = meta.next_seq;
+    let first = meta.next_seq;
+    let changes: Vec<&[u8]> = changes.into_iter().collect();
+    for bytes in &changes {
         meta.next_seq += 1;
         meta.tail_changes += 1;
         meta.size_bytes += bytes.len() as u64;
-        batch.append_change(id.as_str(), seq, bytes, meta);
     }
+    // The meta carries the heads after all of them, so they are stored
+    // together (see `WriteBatch::append_changes`).
+    batch.append_changes(id.as_str(), first, &changes, meta);
 }
 
 /// Undoes in memory every change after `before`: for a change refused after

@@ -95,8 +95,10 @@ pub enum StoreError {
     /// Another process has the data dir open.
     #[error("data dir {0} is in use by another process (is another mergeflow node running on it?)")]
     InUse(PathBuf),
-    /// Applying a batch failed; nothing of it was stored.
-    #[error("store write failed: {0}")]
+    /// Applying a batch failed part-way: some of its writes may be stored
+    /// (each doc at a state it passed through), so a failed write's outcome
+    /// is unknown; re-read before retrying an op that is not idempotent.
+    #[error("store write failed (the write may or may not be stored): {0}")]
     Write(String),
     /// A flush failed (disk full, I/O error). The write was not acknowledged; it
     /// is in memory and may still reach the disk with a later flush.
@@ -189,7 +191,8 @@ pub struct DocData {
 /// # Crash safety without a sled batch per round
 ///
 /// An appended change is two plain inserts: the change under `next_seq`, then
-/// the meta that counts it. sled recovers a prefix of its log, so after a
+/// the meta that counts it (several changes of one doc appended together are
+/// one atomic batch instead, since their meta names the heads after all). sled recovers a prefix of its log, so after a
 /// crash a doc has either both (the change is there) or at most the change
 /// without the meta: a key at the old `next_seq` that nothing reads and the
 /// next append overwrites. Compaction and deletion, which replace several keys
@@ -215,11 +218,33 @@ enum BatchOp {
 impl WriteBatch {
     /// Appends change `seq` of doc `id` and its new meta.
     pub fn append_change(&mut self, id: &str, seq: u64, change: &[u8], meta: &DocMeta) {
-        self.ops.push(BatchOp::Append {
-            change: (change_key(id, seq), change.to_vec()),
-            meta: (meta_key(id), encode_meta(meta)),
-        });
-        self.keys += 2;
+        self.append_changes(id, seq, &[change], meta);
+    }
+
+    /// Appends `changes` to doc `id` as sequence numbers `first..` and its
+    /// meta after all of them. One change is two plain inserts (see above);
+    /// several are one atomic batch, because the meta's heads are those
+    /// after the last: a meta that counted only some of them would name
+    /// heads its tail cannot produce.
+    pub fn append_changes(&mut self, id: &str, first: u64, changes: &[&[u8]], meta: &DocMeta) {
+        match changes {
+            [] => {}
+            [change] => {
+                self.ops.push(BatchOp::Append {
+                    change: (change_key(id, first), change.to_vec()),
+                    meta: (meta_key(id), encode_meta(meta)),
+                });
+                self.keys += 2;
+            }
+            _ => {
+                let b = self.atomic();
+                for (seq, change) in (first..).zip(changes) {
+                    b.insert(change_key(id, seq), *change);
+                }
+                b.insert(meta_key(id), encode_meta(meta));
+                self.keys += changes.len() + 1;
+            }
+        }
     }
 
     /// An atomic batch at the end of the ops, to add to.
@@ -773,6 +798,25 @@ mod tests {
         b.tombstone("d", &m, 0..2);
         s.apply(b).unwrap();
         assert_eq!(s.docs.scan_prefix(change_prefix("d")).count(), 0);
+    }
+
+    #[test]
+    fn several_changes_of_a_doc_are_appended_atomically() {
+        // Their meta names the heads after the last one: no crash may leave
+        // it stored with only some of them, so they go in one sled batch.
+        let mut b = WriteBatch::default();
+        b.append_changes("d", 0, &[b"x", b"y", b"z"], &meta(3));
+        assert!(matches!(b.ops.as_slice(), [BatchOp::Atomic(_)]));
+        assert_eq!(b.len(), 4);
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), 1 << 20).unwrap();
+        s.apply(b).unwrap();
+        let got = s.doc_data("d", &meta(3)).unwrap().changes;
+        assert_eq!(got, vec![b"x".to_vec(), b"y".to_vec(), b"z".to_vec()]);
+        // One change: two plain inserts.
+        let mut b = WriteBatch::default();
+        b.append_changes("d", 3, &[b"w"], &meta(4));
+        assert!(matches!(b.ops.as_slice(), [BatchOp::Append { .. }]));
     }
 
     #[test]

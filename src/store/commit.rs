@@ -194,6 +194,9 @@ fn flush_loop(
             }
         }
         must_flush |= lazy_batches > 0 && lazy.is_zero();
+        // A steady stream of lazy batches must not put the flush off: the
+        // wait above returns a queued message before checking its deadline.
+        must_flush |= unflushed.is_some_and(|since| since.elapsed() >= lazy);
         let result = if must_flush {
             unflushed = None;
             stats.flushes.fetch_add(1, Ordering::Relaxed);
@@ -280,6 +283,22 @@ mod tests {
             gc.stats().flushes.load(Ordering::Relaxed) >= 2,
             "the durable batch had a flush of its own"
         );
+        drop(gc);
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn a_steady_stream_of_lazy_batches_is_still_flushed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let (gc, thread) = GroupCommit::start(store, 64, Duration::from_millis(20));
+        // Lazy batches as fast as the queue takes them: it is never empty,
+        // so the window's timer alone would never fire.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while gc.stats().flushes.load(Ordering::Relaxed) == 0 {
+            assert!(Instant::now() < deadline, "lazy batches were never flushed");
+            gc.submit_blocking(Vec::new(), false);
+        }
         drop(gc);
         thread.join().unwrap();
     }

@@ -36,7 +36,10 @@ const LINK_QUEUE: usize = 256;
 const MAX_INBOUND_PER_PEER: usize = 4;
 
 /// Frames read from all inbound streams, waiting for the swarm task.
-const INBOUND_QUEUE: usize = 1024;
+const INBOUND_QUEUE: usize = 256;
+
+/// A stream that cannot be opened in this long counts as unsupported.
+const OPEN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A frame and the docs it is about (to repair them if it is lost).
 pub(super) type Frame = (Vec<u8>, Vec<String>);
@@ -47,10 +50,12 @@ pub(super) enum LinkEvent {
     Frame(PeerId, Vec<u8>),
     /// A peer sent a frame we refuse (over the size cap); its stream is closed.
     Refused(PeerId, String),
-    /// Frames the link did not write; `opened` is false when the stream could
-    /// not be opened at all (the peer does not speak the protocol, or is gone).
+    /// Frames link `link` did not write; `opened` is false when the stream
+    /// could not be opened at all (the peer does not speak the protocol, or
+    /// is gone).
     Unsent {
         peer: PeerId,
+        link: u64,
         frames: Vec<Frame>,
         opened: bool,
     },
@@ -59,7 +64,10 @@ pub(super) enum LinkEvent {
 /// The outbound links, owned by the swarm task.
 pub(super) struct Links {
     control: libp2p_stream::Control,
-    out: HashMap<PeerId, mpsc::Sender<Frame>>,
+    /// Each peer's link: its number (so a report from an older link is not
+    /// taken for the current one's) and its queue.
+    out: HashMap<PeerId, (u64, mpsc::Sender<Frame>)>,
+    next_link: u64,
     /// Peers whose stream could not be opened: request-response only, until
     /// they reconnect.
     no_link: HashSet<PeerId>,
@@ -93,6 +101,7 @@ impl Links {
         let links = Links {
             control,
             out: HashMap::new(),
+            next_link: 0,
             no_link: HashSet::new(),
             events,
             cancel,
@@ -107,16 +116,18 @@ impl Links {
         if self.no_link.contains(&peer) {
             return Some(frame);
         }
-        let tx = self.out.entry(peer).or_insert_with(|| {
+        let (_, tx) = self.out.entry(peer).or_insert_with(|| {
             let (tx, rx) = mpsc::channel(LINK_QUEUE);
+            self.next_link += 1;
             self.tasks.spawn(write_stream(
                 self.control.clone(),
                 peer,
+                self.next_link,
                 rx,
                 self.events.clone(),
                 self.cancel.clone(),
             ));
-            tx
+            (self.next_link, tx)
         });
         match tx.try_send(frame) {
             Ok(()) => None,
@@ -128,12 +139,15 @@ impl Links {
         }
     }
 
-    /// The link to `peer` failed; with `opened` false, stop trying until
-    /// the peer reconnects.
-    pub(super) fn failed(&mut self, peer: PeerId, opened: bool) {
-        self.out.remove(&peer);
-        if !opened {
-            self.no_link.insert(peer);
+    /// Link `link` to `peer` failed; with `opened` false, stop trying until
+    /// the peer reconnects. A report from a link that is no longer the
+    /// peer's (it reconnected since) changes nothing.
+    pub(super) fn failed(&mut self, peer: PeerId, link: u64, opened: bool) {
+        if self.out.get(&peer).is_some_and(|(id, _)| *id == link) {
+            self.out.remove(&peer);
+            if !opened {
+                self.no_link.insert(peer);
+            }
         }
     }
 
@@ -149,13 +163,16 @@ impl Links {
 async fn write_stream(
     mut control: libp2p_stream::Control,
     peer: PeerId,
+    link: u64,
     mut rx: mpsc::Receiver<Frame>,
     events: mpsc::Sender<LinkEvent>,
     cancel: CancellationToken,
 ) {
     let opened = tokio::select! {
         _ = cancel.cancelled() => return,
-        s = control.open_stream(peer, LINK_PROTOCOL) => s,
+        s = tokio::time::timeout(OPEN_TIMEOUT, control.open_stream(peer, LINK_PROTOCOL)) => {
+            s.map_err(|_| "timed out".to_string()).and_then(|s| s.map_err(|e| e.to_string()))
+        }
     };
     let mut stream = match opened {
         Ok(s) => s,
@@ -169,6 +186,7 @@ async fn write_stream(
             let _ = events
                 .send(LinkEvent::Unsent {
                     peer,
+                    link,
                     frames,
                     opened: false,
                 })
@@ -188,7 +206,12 @@ async fn write_stream(
         buf.clear();
         buf.extend_from_slice(&(frame.0.len() as u32).to_le_bytes());
         buf.extend_from_slice(&frame.0);
-        if let Err(e) = write_all_flush(&mut stream, &buf).await {
+        let written = tokio::select! {
+            // A peer that stops reading must not hold up shutdown.
+            _ = cancel.cancelled() => return,
+            w = write_all_flush(&mut stream, &buf) => w,
+        };
+        if let Err(e) = written {
             tracing::debug!(peer = %peer, err = %e, "frame stream failed");
             rx.close();
             let mut frames = vec![frame];
@@ -198,6 +221,7 @@ async fn write_stream(
             let _ = events
                 .send(LinkEvent::Unsent {
                     peer,
+                    link,
                     frames,
                     opened: true,
                 })

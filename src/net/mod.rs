@@ -492,6 +492,13 @@ pub fn spawn(
                 }
                 Some(ev) = link_events.recv() => match ev {
                     link::LinkEvent::Frame(peer, frame) => {
+                        // Read before a disconnect or ban and handled after it:
+                        // dropped, or the sync core would take the peer for
+                        // connected again (anti-entropy repairs what it held).
+                        let banned = bans.get(&peer).is_some_and(|until| *until > Instant::now());
+                        if banned || !connected.contains(&peer) {
+                            continue;
+                        }
                         let now = Instant::now();
                         let bucket = buckets.entry(peer).or_insert_with(|| limit.bucket(now));
                         if !limit.admit(bucket, frame.len(), now) {
@@ -505,10 +512,14 @@ pub fn spawn(
                     link::LinkEvent::Refused(peer, reason) => {
                         strike(&mut swarm, &shared, &mut bans, peer, &reason);
                     }
-                    link::LinkEvent::Unsent { peer, frames, opened } => {
-                        links.failed(peer, opened);
-                        for (frame, docs) in frames {
-                            in_flight.send(&mut swarm, peer, frame, docs);
+                    link::LinkEvent::Unsent { peer, link, frames, opened } => {
+                        links.failed(peer, link, opened);
+                        // To a peer that is gone they would only make us dial
+                        // it; sync repairs them when it is back.
+                        if connected.contains(&peer) {
+                            for (frame, docs) in frames {
+                                in_flight.send(&mut swarm, peer, frame, docs);
+                            }
                         }
                     }
                 },

@@ -140,6 +140,32 @@ fn bad_frames() -> Vec<Vec<u8>> {
     ]
 }
 
+/// True once `a` has banned `hostile` (10 strikes, disconnected) and holds
+/// a recent value of the honest peer's counter on `honest/doc` (its writes
+/// keep arriving during the attack; the latest may still be in flight, so
+/// "recent enough" is the check). Fails the test past `deadline`.
+async fn banned_while_honest_syncs(
+    a: &Node,
+    hostile: &str,
+    honest_i: i64,
+    deadline: Instant,
+) -> bool {
+    let peers = a.peers();
+    let banned = peers
+        .iter()
+        .find(|p| p.peer_id == hostile)
+        .is_some_and(|p| p.rejected >= 10 && !p.connected);
+    let seen = a.doc("honest/doc").unwrap().get().await.ok();
+    let synced = seen
+        .and_then(|v| v["i"].as_i64())
+        .is_some_and(|i| i >= 5 && i + 50 >= honest_i - 1);
+    assert!(
+        banned && synced || Instant::now() < deadline,
+        "not banned or not synced: {peers:?}"
+    );
+    banned && synced
+}
+
 async fn start(dir: &std::path::Path, peers: Vec<String>) -> Node {
     p2p_node(dir, peers, |c| c.net.max_message_bytes = 64 * 1024).await
 }
@@ -186,24 +212,9 @@ async fn a_hostile_peer_is_rejected_and_banned_while_honest_peers_sync() {
                 honest_i += 1;
             }
         }
-        let peers = a.peers();
-        let banned = peers
-            .iter()
-            .find(|p| p.peer_id == hostile_id.to_string())
-            .is_some_and(|p| p.rejected >= 10 && !p.connected);
-        // The honest peer's writes keep arriving during the attack (the
-        // latest may still be in flight, so "recent enough" is the check).
-        let seen = a.doc("honest/doc").unwrap().get().await.ok();
-        let synced = seen
-            .and_then(|v| v["i"].as_i64())
-            .is_some_and(|i| i >= 5 && i + 50 >= honest_i - 1);
-        if banned && synced {
+        if banned_while_honest_syncs(&a, &hostile_id.to_string(), honest_i, deadline).await {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "not banned or not synced: {peers:?}"
-        );
     }
     // a still serves its honest peer after the attack.
     honest
@@ -316,22 +327,9 @@ async fn a_peer_streaming_bad_frames_is_rejected_and_banned() {
             .await
             .unwrap();
         honest_i += 1;
-        let peers = a.peers();
-        let banned = peers
-            .iter()
-            .find(|p| p.peer_id == hostile_id.to_string())
-            .is_some_and(|p| p.rejected >= 10 && !p.connected);
-        let seen = a.doc("honest/doc").unwrap().get().await.ok();
-        let synced = seen
-            .and_then(|v| v["i"].as_i64())
-            .is_some_and(|i| i >= 5 && i + 50 >= honest_i - 1);
-        if banned && synced {
+        if banned_while_honest_syncs(&a, &hostile_id.to_string(), honest_i, deadline).await {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "not banned or not synced: {peers:?}"
-        );
     }
     swarm.abort();
     let info = a

@@ -178,19 +178,7 @@ async fn write_stream(
         Ok(s) => s,
         Err(e) => {
             tracing::debug!(peer = %peer, err = %e, "no frame stream; using request-response");
-            rx.close();
-            let mut frames = Vec::new();
-            while let Some(f) = rx.recv().await {
-                frames.push(f);
-            }
-            let _ = events
-                .send(LinkEvent::Unsent {
-                    peer,
-                    link,
-                    frames,
-                    opened: false,
-                })
-                .await;
+            give_back(peer, link, Vec::new(), rx, &events, false).await;
             return;
         }
     };
@@ -213,23 +201,35 @@ async fn write_stream(
         };
         if let Err(e) = written {
             tracing::debug!(peer = %peer, err = %e, "frame stream failed");
-            rx.close();
-            let mut frames = vec![frame];
-            while let Some(f) = rx.recv().await {
-                frames.push(f);
-            }
-            let _ = events
-                .send(LinkEvent::Unsent {
-                    peer,
-                    link,
-                    frames,
-                    opened: true,
-                })
-                .await;
+            give_back(peer, link, vec![frame], rx, &events, true).await;
             return;
         }
     }
     let _ = stream.close().await;
+}
+
+/// Closes a failed link's queue and hands its frames (`unsent` first) back
+/// to the swarm task.
+async fn give_back(
+    peer: PeerId,
+    link: u64,
+    mut unsent: Vec<Frame>,
+    mut rx: mpsc::Receiver<Frame>,
+    events: &mpsc::Sender<LinkEvent>,
+    opened: bool,
+) {
+    rx.close();
+    while let Some(f) = rx.recv().await {
+        unsent.push(f);
+    }
+    let _ = events
+        .send(LinkEvent::Unsent {
+            peer,
+            link,
+            frames: unsent,
+            opened,
+        })
+        .await;
 }
 
 async fn write_all_flush(stream: &mut Stream, buf: &[u8]) -> io::Result<()> {

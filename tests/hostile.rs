@@ -166,6 +166,18 @@ async fn banned_while_honest_syncs(
     banned && synced
 }
 
+/// Checks that `a` counted nothing against `honest`, then stops both.
+async fn honest_not_blamed_then_stop(a: Node, honest: Node) {
+    let info = a
+        .peers()
+        .into_iter()
+        .find(|p| p.peer_id == honest.peer_id().to_string())
+        .unwrap();
+    assert_eq!(info.rejected, 0, "the honest peer was blamed");
+    a.shutdown().await.unwrap();
+    honest.shutdown().await.unwrap();
+}
+
 async fn start(dir: &std::path::Path, peers: Vec<String>) -> Node {
     p2p_node(dir, peers, |c| c.net.max_message_bytes = 64 * 1024).await
 }
@@ -231,14 +243,7 @@ async fn a_hostile_peer_is_rejected_and_banned_while_honest_peers_sync() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let info = a
-        .peers()
-        .into_iter()
-        .find(|p| p.peer_id == honest.peer_id().to_string())
-        .unwrap();
-    assert_eq!(info.rejected, 0, "the honest peer was blamed");
-    a.shutdown().await.unwrap();
-    honest.shutdown().await.unwrap();
+    honest_not_blamed_then_stop(a, honest).await;
 }
 
 /// A peer that does not speak the frame-stream protocol (an older node, or
@@ -332,14 +337,7 @@ async fn a_peer_streaming_bad_frames_is_rejected_and_banned() {
         }
     }
     swarm.abort();
-    let info = a
-        .peers()
-        .into_iter()
-        .find(|p| p.peer_id == honest.peer_id().to_string())
-        .unwrap();
-    assert_eq!(info.rejected, 0, "the honest peer was blamed");
-    a.shutdown().await.unwrap();
-    honest.shutdown().await.unwrap();
+    honest_not_blamed_then_stop(a, honest).await;
 }
 
 /// A peer publishing garbage on the gossip topic (with `net.gossipsub` on):

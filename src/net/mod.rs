@@ -1,12 +1,13 @@
 //! The network shell: one task owns the libp2p Swarm and carries the sync
 //! core's messages between peers.
 //!
-//! Transport is TCP with noise (authenticated, encrypted) and yamux. Every
-//! sync message travels as one request of a request-response protocol
-//! (`/mergeflow/sync/1`) with an empty acknowledgement; frames are
-//! length-prefixed and capped at `net.max_message_bytes`, and bytes that do
-//! not decode are dropped, counted and logged against the peer, which never
-//! reaches the core. The core's broadcast (the fast path) is a direct send to
+//! Transport is TCP with noise (authenticated, encrypted) and yamux. Sync
+//! messages are packed into length-prefixed frames capped at
+//! `net.max_message_bytes`, sent on one long-lived stream per peer
+//! (`/mergeflow/frames/1`, see `link.rs`), or, when that stream cannot take
+//! them, as requests of a request-response protocol (`/mergeflow/sync/1`)
+//! with an empty acknowledgement. Bytes that do not decode are dropped,
+//! counted and logged against the peer, and never reach the core. The core's broadcast (the fast path) is a direct send to
 //! every connected peer; receivers relay a new change only to their peers the
 //! origin did not reach (see [`crate::sync`]). With `net.gossipsub` the fast
 //! path goes over a gossipsub topic instead.

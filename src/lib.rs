@@ -39,6 +39,7 @@ pub mod net;
 pub mod node;
 pub mod store;
 pub mod sync;
+pub mod workflow;
 
 mod error;
 

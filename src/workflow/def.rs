@@ -1,0 +1,656 @@
+//! Workflow definitions: one TOML file per workflow, parsed and checked
+//! before anything runs, with errors that name the file, the step and the
+//! key.
+//!
+//! ```toml
+//! name = "fahrenheit"
+//! [on]
+//! doc = "sensors/*"
+//! path = "/celsius"
+//! origin = "any"
+//!
+//! [[steps]]
+//! id = "convert"
+//! kind = "derive"
+//! set = { "/fahrenheit" = "doc.celsius * 9 / 5 + 32" }
+//!
+//! [[steps]]
+//! id = "alert"
+//! kind = "http"
+//! needs = ["convert"]
+//! when = "doc.fahrenheit > 100"
+//! url = "http://127.0.0.1:9000/alerts"
+//! retry = { attempts = 5, backoff = "exponential", initial = "200ms", max = "30s" }
+//! ```
+//!
+//! Expressions (`when`, the values of `set`) are kept as text here; the
+//! expression engine checks them when it compiles the workflow.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::feed::DocGlob;
+
+/// A definition that cannot be used: where, and what is wrong.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("workflow {source_name}: {what}")]
+pub struct DefError {
+    /// The file (or API request) the definition came from.
+    pub source_name: String,
+    /// What is wrong, naming the step and key.
+    pub what: String,
+}
+
+/// Which merges a trigger takes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    /// Writes made on this node.
+    Local,
+    /// Changes merged from peers.
+    Remote,
+    /// Both.
+    #[default]
+    Any,
+}
+
+/// A conflict policy of a `resolve` step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    /// Highest hybrid logical clock wins.
+    Timestamp,
+    /// Higher version field, or the causally later write, wins.
+    Version,
+    /// The value from the node with the higher configured priority wins.
+    Priority,
+    /// Operations with the same idempotency key apply once.
+    Idempotent,
+}
+
+/// How retries wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backoff {
+    /// The same wait each time.
+    Fixed,
+    /// Doubling waits, up to the maximum.
+    Exponential,
+}
+
+/// Retries of a failed step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retry {
+    /// Attempts in all, the first included.
+    pub attempts: u32,
+    /// How waits grow.
+    pub backoff: Backoff,
+    /// The first wait.
+    pub initial: Duration,
+    /// The longest wait.
+    pub max: Duration,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Retry {
+            attempts: 3,
+            backoff: Backoff::Exponential,
+            initial: Duration::from_millis(200),
+            max: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What a step does.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Values computed from expressions, written at JSON Pointers of the
+    /// triggering doc when they differ (on every peer).
+    Derive {
+        /// JSON Pointer -> expression.
+        set: BTreeMap<String, String>,
+    },
+    /// A conflict policy applied to conflicting values at `path`.
+    Resolve {
+        /// JSON Pointer glob.
+        path: String,
+        /// Which value wins.
+        policy: Policy,
+    },
+    /// Values written into another doc (e.g. an aggregate).
+    Write {
+        /// The doc written to.
+        doc: String,
+        /// JSON Pointer (in `doc`) -> expression.
+        set: BTreeMap<String, String>,
+    },
+    /// POST of the doc and run metadata to `url` (on one owner peer).
+    Http {
+        /// http:// or https:// address.
+        url: String,
+        /// Longest wait for an answer.
+        timeout: Duration,
+    },
+    /// A command with the JSON on stdin (on one owner peer).
+    Exec {
+        /// Program and arguments (no shell).
+        command: Vec<String>,
+        /// Longest run.
+        timeout: Duration,
+    },
+}
+
+/// One step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Step {
+    /// Unique within the workflow.
+    pub id: String,
+    /// Steps that must succeed first.
+    pub needs: Vec<String>,
+    /// Condition; the step is skipped when false.
+    pub when: Option<String>,
+    /// What it does.
+    pub action: Action,
+    /// Retries when it fails.
+    pub retry: Retry,
+}
+
+/// When a workflow runs.
+#[derive(Debug, Clone)]
+pub struct Trigger {
+    /// Doc id glob (None: no doc trigger, a schedule only).
+    pub doc: Option<(String, DocGlob)>,
+    /// JSON Pointer glob on the changed paths.
+    pub path: Option<String>,
+    /// Condition on the doc.
+    pub when: Option<String>,
+    /// Which merges count.
+    pub origin: Origin,
+    /// Run every this long (on one owner peer).
+    pub every: Option<Duration>,
+}
+
+/// A checked workflow.
+#[derive(Debug, Clone)]
+pub struct Workflow {
+    /// Unique name, `[a-z0-9-]+`.
+    pub name: String,
+    /// When it runs.
+    pub trigger: Trigger,
+    /// Its steps, in an order where every step comes after those it needs.
+    pub steps: Vec<Step>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWorkflow {
+    name: String,
+    on: RawTrigger,
+    #[serde(default)]
+    steps: Vec<RawStep>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTrigger {
+    doc: Option<String>,
+    path: Option<String>,
+    when: Option<String>,
+    #[serde(default)]
+    origin: Origin,
+    schedule: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStep {
+    id: String,
+    kind: String,
+    #[serde(default)]
+    needs: Vec<String>,
+    when: Option<String>,
+    set: Option<BTreeMap<String, String>>,
+    path: Option<String>,
+    policy: Option<String>,
+    doc: Option<String>,
+    url: Option<String>,
+    command: Option<Vec<String>>,
+    timeout: Option<String>,
+    retry: Option<RawRetry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetry {
+    attempts: Option<u32>,
+    backoff: Option<String>,
+    initial: Option<String>,
+    max: Option<String>,
+}
+
+/// Parses `text`, a workflow definition from `source_name`, and checks it.
+///
+/// # Errors
+/// The first problem found, naming the step and key.
+pub fn parse(source_name: &str, text: &str) -> Result<Workflow, DefError> {
+    let err = |what: String| DefError {
+        source_name: source_name.to_string(),
+        what,
+    };
+    let raw: RawWorkflow = toml::from_str(text).map_err(|e| err(e.to_string()))?;
+    check(raw).map_err(err)
+}
+
+fn check(raw: RawWorkflow) -> Result<Workflow, String> {
+    let name_ok = !raw.name.is_empty()
+        && raw.name.len() <= 64
+        && raw
+            .name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if !name_ok {
+        return Err(format!(
+            "name {:?}: use 1 to 64 of a-z, 0-9 and -",
+            raw.name
+        ));
+    }
+    let trigger = check_trigger(raw.on)?;
+    if raw.steps.is_empty() {
+        return Err("no [[steps]]: a workflow needs at least one".into());
+    }
+    let mut steps = Vec::with_capacity(raw.steps.len());
+    for s in raw.steps {
+        let id = s.id.clone();
+        steps.push(check_step(s).map_err(|e| format!("step {id:?}: {e}"))?);
+    }
+    let steps = order(steps)?;
+    Ok(Workflow {
+        name: raw.name,
+        trigger,
+        steps,
+    })
+}
+
+fn check_trigger(on: RawTrigger) -> Result<Trigger, String> {
+    let doc = match on.doc {
+        Some(p) => Some((
+            p.clone(),
+            DocGlob::new(&p).map_err(|e| format!("[on] doc: {e}"))?,
+        )),
+        None => None,
+    };
+    if let Some(p) = &on.path
+        && !p.starts_with('/')
+    {
+        return Err(format!("[on] path {p:?}: a JSON Pointer starts with /"));
+    }
+    let every = match on.schedule.as_deref() {
+        None => None,
+        Some(s) => Some(parse_every(s).map_err(|e| format!("[on] schedule {s:?}: {e}"))?),
+    };
+    if doc.is_none() && every.is_none() {
+        return Err("[on] needs doc (a doc id glob) or schedule".into());
+    }
+    Ok(Trigger {
+        doc,
+        path: on.path,
+        when: on.when,
+        origin: on.origin,
+        every,
+    })
+}
+
+/// `every <duration>`; cron expressions are not supported yet.
+fn parse_every(s: &str) -> Result<Duration, String> {
+    let Some(d) = s.strip_prefix("every ") else {
+        return Err(
+            "use \"every <duration>\", e.g. \"every 30s\" (cron is not supported yet)".into(),
+        );
+    };
+    let d = parse_duration(d.trim())?;
+    if d < Duration::from_secs(1) {
+        return Err("at least 1s".into());
+    }
+    Ok(d)
+}
+
+/// `250ms`, `30s`, `5m`, `2h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("duration {s:?}: a whole number then ms, s, m or h"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
+        "h" => Ok(Duration::from_secs(n.saturating_mul(3600))),
+        _ => Err(format!("duration {s:?}: a whole number then ms, s, m or h")),
+    }
+}
+
+fn check_step(s: RawStep) -> Result<Step, String> {
+    if s.id.is_empty() {
+        return Err("id is empty".into());
+    }
+    // Each kind takes its own keys; any other key is a mistake worth naming.
+    let given = [
+        ("set", s.set.is_some()),
+        ("path", s.path.is_some()),
+        ("policy", s.policy.is_some()),
+        ("doc", s.doc.is_some()),
+        ("url", s.url.is_some()),
+        ("command", s.command.is_some()),
+        ("timeout", s.timeout.is_some()),
+    ];
+    let takes: &[&str] = match s.kind.as_str() {
+        "derive" => &["set"],
+        "resolve" => &["path", "policy"],
+        "write" => &["doc", "set"],
+        "http" => &["url", "timeout"],
+        "exec" => &["command", "timeout"],
+        k => {
+            return Err(format!(
+                "kind {k:?}: one of derive, resolve, write, http, exec"
+            ));
+        }
+    };
+    for (key, present) in given {
+        if present && !takes.contains(&key) {
+            return Err(format!("kind {} does not take {key}", s.kind));
+        }
+    }
+    let need =
+        |v: Option<String>, key: &str| v.ok_or_else(|| format!("kind {} needs {key}", s.kind));
+    let timeout = match &s.timeout {
+        Some(t) => parse_duration(t).map_err(|e| format!("timeout: {e}"))?,
+        None => Duration::from_secs(10),
+    };
+    let pointers = |set: Option<BTreeMap<String, String>>| -> Result<_, String> {
+        let set = set.ok_or_else(|| format!("kind {} needs set", s.kind))?;
+        if set.is_empty() {
+            return Err("set is empty".into());
+        }
+        if let Some(p) = set.keys().find(|p| !p.starts_with('/')) {
+            return Err(format!("set {p:?}: a JSON Pointer starts with /"));
+        }
+        Ok(set)
+    };
+    let action = match s.kind.as_str() {
+        "derive" => Action::Derive {
+            set: pointers(s.set)?,
+        },
+        "resolve" => {
+            let path = need(s.path, "path")?;
+            if !path.starts_with('/') {
+                return Err(format!("path {path:?}: a JSON Pointer starts with /"));
+            }
+            let policy = match need(s.policy, "policy")?.as_str() {
+                "timestamp" => Policy::Timestamp,
+                "version" => Policy::Version,
+                "priority" => Policy::Priority,
+                "idempotent" => Policy::Idempotent,
+                p => {
+                    return Err(format!(
+                        "policy {p:?}: one of timestamp, version, priority, idempotent"
+                    ));
+                }
+            };
+            Action::Resolve { path, policy }
+        }
+        "write" => {
+            let doc = need(s.doc, "doc")?;
+            Action::Write {
+                doc,
+                set: pointers(s.set)?,
+            }
+        }
+        "http" => {
+            let url = need(s.url, "url")?;
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(format!("url {url:?}: http:// or https://"));
+            }
+            Action::Http { url, timeout }
+        }
+        _ => {
+            let command = s.command.ok_or("kind exec needs command")?;
+            if command.is_empty() {
+                return Err("command is empty".into());
+            }
+            Action::Exec { command, timeout }
+        }
+    };
+    let retry = match s.retry {
+        None => Retry::default(),
+        Some(r) => check_retry(r).map_err(|e| format!("retry: {e}"))?,
+    };
+    Ok(Step {
+        id: s.id,
+        needs: s.needs,
+        when: s.when,
+        action,
+        retry,
+    })
+}
+
+fn check_retry(r: RawRetry) -> Result<Retry, String> {
+    let d = Retry::default();
+    let attempts = r.attempts.unwrap_or(d.attempts);
+    if attempts == 0 {
+        return Err("attempts: at least 1".into());
+    }
+    let backoff = match r.backoff.as_deref() {
+        None => d.backoff,
+        Some("fixed") => Backoff::Fixed,
+        Some("exponential") => Backoff::Exponential,
+        Some(b) => return Err(format!("backoff {b:?}: fixed or exponential")),
+    };
+    let initial = r.initial.as_deref().map_or(Ok(d.initial), parse_duration)?;
+    let max = r.max.as_deref().map_or(Ok(d.max), parse_duration)?;
+    if max < initial {
+        return Err("max is shorter than initial".into());
+    }
+    Ok(Retry {
+        attempts,
+        backoff,
+        initial,
+        max,
+    })
+}
+
+/// Orders steps so that each follows the steps it needs (file order where
+/// free); an unknown need, a duplicate id or a cycle is an error.
+fn order(steps: Vec<Step>) -> Result<Vec<Step>, String> {
+    let mut index: HashMap<&str, usize> = HashMap::new();
+    for (i, s) in steps.iter().enumerate() {
+        if index.insert(&s.id, i).is_some() {
+            return Err(format!("step {:?}: id used twice", s.id));
+        }
+    }
+    for s in &steps {
+        if let Some(n) = s.needs.iter().find(|n| !index.contains_key(n.as_str())) {
+            return Err(format!("step {:?}: needs {n:?}, which is not a step", s.id));
+        }
+    }
+    let mut done = vec![false; steps.len()];
+    let mut sorted = Vec::with_capacity(steps.len());
+    while sorted.len() < steps.len() {
+        let ready = (0..steps.len())
+            .find(|&i| !done[i] && steps[i].needs.iter().all(|n| done[index[n.as_str()]]));
+        let Some(i) = ready else {
+            let stuck: Vec<&str> = (0..steps.len())
+                .filter(|&i| !done[i])
+                .map(|i| steps[i].id.as_str())
+                .collect();
+            return Err(format!(
+                "steps {} need each other (a cycle through needs)",
+                stuck.join(", ")
+            ));
+        };
+        done[i] = true;
+        sorted.push(i);
+    }
+    let mut slots: Vec<Option<Step>> = steps.into_iter().map(Some).collect();
+    Ok(sorted.into_iter().filter_map(|i| slots[i].take()).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+name = "fahrenheit"
+[on]
+doc = "sensors/*"
+path = "/celsius"
+when = "doc.celsius != ()"
+origin = "any"
+
+[[steps]]
+id = "alert"
+kind = "http"
+needs = ["convert"]
+when = "doc.fahrenheit > 100"
+url = "http://127.0.0.1:9000/alerts"
+retry = { attempts = 5, backoff = "exponential", initial = "200ms", max = "30s" }
+
+[[steps]]
+id = "convert"
+kind = "derive"
+set = { "/fahrenheit" = "doc.celsius * 9 / 5 + 32" }
+"#;
+
+    #[test]
+    fn the_example_parses_and_orders_steps_by_needs() {
+        let w = parse("fahrenheit.toml", EXAMPLE).unwrap();
+        assert_eq!(w.name, "fahrenheit");
+        assert!(w.trigger.doc.as_ref().unwrap().1.matches("sensors/a"));
+        assert!(!w.trigger.doc.as_ref().unwrap().1.matches("sensors/a/b"));
+        assert_eq!(w.trigger.origin, Origin::Any);
+        let ids: Vec<&str> = w.steps.iter().map(|s| s.id.as_str()).collect();
+        assert_eq!(ids, ["convert", "alert"]);
+        assert_eq!(w.steps[1].retry.attempts, 5);
+        assert_eq!(w.steps[1].retry.initial, Duration::from_millis(200));
+        assert!(
+            matches!(&w.steps[1].action, Action::Http { timeout, .. } if *timeout == Duration::from_secs(10))
+        );
+    }
+
+    fn error_of(text: &str) -> String {
+        parse("w.toml", text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn each_mistake_is_named_with_its_step_and_key() {
+        let base = "name = \"w\"\n[on]\ndoc = \"d/*\"\n";
+        let cases: &[(&str, &str)] = &[
+            (
+                "name = \"Bad Name\"\n[on]\ndoc = \"d\"\n[[steps]]\nid = \"a\"\nkind = \"derive\"\nset = { \"/x\" = \"1\" }\n",
+                "name \"Bad Name\"",
+            ),
+            (
+                "[[steps]]\nid = \"a\"\nkind = \"teleport\"\n",
+                "step \"a\": kind \"teleport\"",
+            ),
+            (
+                "[[steps]]\nid = \"a\"\nkind = \"http\"\n",
+                "step \"a\": kind http needs url",
+            ),
+            (
+                "[[steps]]\nid = \"a\"\nkind = \"derive\"\nurl = \"http://x\"\nset = { \"/x\" = \"1\" }\n",
+                "kind derive does not take url",
+            ),
+            (
+                "[[steps]]\nid = \"a\"\nkind = \"derive\"\nset = { \"x\" = \"1\" }\n",
+                "set \"x\": a JSON Pointer",
+            ),
+            (
+                "[[steps]]\nid = \"a\"\nkind = \"resolve\"\npath = \"/v\"\npolicy = \"loudest\"\n",
+                "policy \"loudest\"",
+            ),
+            (
+                "[[steps]]\nid = \"a\"\nkind = \"exec\"\ncommand = [\"true\"]\ntimeout = \"5 parsecs\"\n",
+                "timeout: duration",
+            ),
+            (
+                "[[steps]]\nid = \"a\"\nkind = \"exec\"\ncommand = [\"true\"]\nneeds = [\"b\"]\n",
+                "needs \"b\", which is not a step",
+            ),
+            (
+                "[[steps]]\nid = \"a\"\nkind = \"exec\"\ncommand = [\"true\"]\nneeds = [\"b\"]\n[[steps]]\nid = \"b\"\nkind = \"exec\"\ncommand = [\"true\"]\nneeds = [\"a\"]\n",
+                "steps a, b need each other",
+            ),
+            (
+                "[[steps]]\nid = \"a\"\nkind = \"exec\"\ncommand = [\"true\"]\n[[steps]]\nid = \"a\"\nkind = \"exec\"\ncommand = [\"true\"]\n",
+                "id used twice",
+            ),
+            (
+                "[[steps]]\nid = \"a\"\nkind = \"exec\"\ncommand = [\"true\"]\nretry = { attempts = 0 }\n",
+                "retry: attempts",
+            ),
+            (
+                "[[steps]]\nid = \"a\"\nkind = \"exec\"\ncommand = [\"true\"]\ncolour = \"red\"\n",
+                "unknown field `colour`",
+            ),
+            ("", "no [[steps]]"),
+        ];
+        for (tail, want) in cases {
+            let text = if tail.starts_with("name") {
+                tail.to_string()
+            } else {
+                format!("{base}{tail}")
+            };
+            let got = error_of(&text);
+            assert!(got.starts_with("workflow w.toml: "), "{got}");
+            assert!(got.contains(want), "for {tail:?}: {got}");
+        }
+        assert!(
+            error_of("name = \"w\"\n[on]\norigin = \"here\"\n").contains("unknown variant `here`")
+        );
+        assert!(error_of("name = \"w\"\n[on]\norigin = \"local\"\n[[steps]]\nid = \"a\"\nkind = \"exec\"\ncommand = [\"true\"]\n").contains("[on] needs doc"));
+        assert!(error_of("name = \"w\"\n[on]\nschedule = \"0 * * * *\"\n[[steps]]\nid = \"a\"\nkind = \"exec\"\ncommand = [\"true\"]\n").contains("cron is not supported yet"));
+    }
+
+    #[test]
+    fn schedules_and_durations() {
+        let w = parse(
+            "s.toml",
+            "name = \"tick\"\n[on]\nschedule = \"every 30s\"\n[[steps]]\nid = \"a\"\nkind = \"exec\"\ncommand = [\"true\"]\n",
+        )
+        .unwrap();
+        assert_eq!(w.trigger.every, Some(Duration::from_secs(30)));
+        assert!(w.trigger.doc.is_none());
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert!(parse_duration("s").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn every_example_under_examples_workflows_parses() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/workflows");
+        let mut kinds = std::collections::BTreeSet::new();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap();
+            let w = parse(&path.display().to_string(), &text).unwrap();
+            for s in &w.steps {
+                kinds.insert(match s.action {
+                    Action::Derive { .. } => "derive",
+                    Action::Resolve { .. } => "resolve",
+                    Action::Write { .. } => "write",
+                    Action::Http { .. } => "http",
+                    Action::Exec { .. } => "exec",
+                });
+            }
+        }
+        let all = ["derive", "exec", "http", "resolve", "write"];
+        assert_eq!(
+            kinds.into_iter().collect::<Vec<_>>(),
+            all,
+            "an example of every step kind"
+        );
+    }
+}

@@ -192,8 +192,7 @@ async fn write_stream(
             },
         };
         buf.clear();
-        buf.extend_from_slice(&(frame.0.len() as u32).to_le_bytes());
-        buf.extend_from_slice(&frame.0);
+        super::put_frame(&mut buf, &frame.0);
         let written = tokio::select! {
             // A peer that stops reading must not hold up shutdown.
             _ = cancel.cancelled() => return,

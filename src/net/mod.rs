@@ -7,8 +7,8 @@
 //! (`/mergeflow/frames/1`, see `link.rs`), or, when that stream cannot take
 //! them, as requests of a request-response protocol (`/mergeflow/sync/1`)
 //! with an empty acknowledgement. Bytes that do not decode are dropped,
-//! counted and logged against the peer, and never reach the core. The core's broadcast (the fast path) is a direct send to
-//! every connected peer; receivers relay a new change only to their peers the
+//! counted and logged against the peer, and never reach the core. The core's
+//! broadcast (the fast path) is a direct send to every connected peer; receivers relay a new change only to their peers the
 //! origin did not reach (see [`crate::sync`]). With `net.gossipsub` the fast
 //! path goes over a gossipsub topic instead.
 //!
@@ -248,9 +248,16 @@ async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T, max: usize) -> io::
     Ok(buf)
 }
 
+/// Appends `data` to `out` as one frame: its length (u32 LE), then itself.
+fn put_frame(out: &mut Vec<u8>, data: &[u8]) {
+    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    out.extend_from_slice(data);
+}
+
 async fn write_frame<T: AsyncWrite + Unpin + Send>(io: &mut T, data: &[u8]) -> io::Result<()> {
-    io.write_all(&(data.len() as u32).to_le_bytes()).await?;
-    io.write_all(data).await?;
+    let mut buf = Vec::with_capacity(4 + data.len());
+    put_frame(&mut buf, data);
+    io.write_all(&buf).await?;
     io.close().await
 }
 
@@ -496,14 +503,10 @@ pub fn spawn(
                         // Read before a disconnect or ban and handled after it:
                         // dropped, or the sync core would take the peer for
                         // connected again (anti-entropy repairs what it held).
-                        let banned = bans.get(&peer).is_some_and(|until| *until > Instant::now());
-                        if banned || !connected.contains(&peer) {
+                        if is_banned(&bans, &peer) || !connected.contains(&peer) {
                             continue;
                         }
-                        let now = Instant::now();
-                        let bucket = buckets.entry(peer).or_insert_with(|| limit.bucket(now));
-                        if !limit.admit(bucket, frame.len(), now) {
-                            over_limit(&mut swarm, &shared, &mut bans, peer, bucket, now);
+                        if !admit_frame(&limit, &mut buckets, &mut swarm, &shared, &mut bans, peer, frame.len()) {
                             continue;
                         }
                         if allow.is_empty() || allow.contains(&peer) {
@@ -530,13 +533,9 @@ pub fn spawn(
                         message: request_response::Message::Request { request, .. },
                         ..
                     })) = &ev
+                        && !admit_frame(&limit, &mut buckets, &mut swarm, &shared, &mut bans, *peer, request.len())
                     {
-                        let now = Instant::now();
-                        let bucket = buckets.entry(*peer).or_insert_with(|| limit.bucket(now));
-                        if !limit.admit(bucket, request.len(), now) {
-                            over_limit(&mut swarm, &shared, &mut bans, *peer, bucket, now);
-                            continue; // dropped unanswered: the sender repairs it later
-                        }
+                        continue; // dropped unanswered: the sender repairs it later
                     }
                     if let SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } = &ev {
                         buckets.remove(peer_id);
@@ -597,6 +596,32 @@ fn strike(
         bans.insert(peer, Instant::now() + BAN);
         let _ = swarm.disconnect_peer_id(peer);
     }
+}
+
+/// True while `peer` is banned.
+fn is_banned(bans: &Bans, peer: &PeerId) -> bool {
+    bans.get(peer).is_some_and(|until| *until > Instant::now())
+}
+
+/// Charges a frame of `len` bytes from `peer` (by request-response or its
+/// frame stream) to the peer's rate limit; false if it is over, and then
+/// counted (see [`over_limit`]).
+fn admit_frame(
+    limit: &limit::RateLimit,
+    buckets: &mut HashMap<PeerId, limit::Bucket>,
+    swarm: &mut libp2p::Swarm<Behaviour>,
+    state: &Mutex<NetState>,
+    bans: &mut Bans,
+    peer: PeerId,
+    len: usize,
+) -> bool {
+    let now = Instant::now();
+    let bucket = buckets.entry(peer).or_insert_with(|| limit.bucket(now));
+    if limit.admit(bucket, len, now) {
+        return true;
+    }
+    over_limit(swarm, state, bans, peer, bucket, now);
+    false
 }
 
 /// A frame from `peer` went over its rate limit and was dropped: counted,
@@ -864,11 +889,7 @@ fn on_event(
             tracing::warn!(peer = %peer_id, "peer not in net.allow: disconnecting");
             let _ = swarm.disconnect_peer_id(peer_id);
         }
-        SwarmEvent::ConnectionEstablished { peer_id, .. }
-            if bans
-                .get(&peer_id)
-                .is_some_and(|until| *until > Instant::now()) =>
-        {
+        SwarmEvent::ConnectionEstablished { peer_id, .. } if is_banned(bans, &peer_id) => {
             tracing::debug!(peer = %peer_id, "banned peer: disconnecting");
             let _ = swarm.disconnect_peer_id(peer_id);
         }

@@ -421,6 +421,16 @@ impl Session {
             used_at: now,
         }
     }
+
+    /// A new session with `peer` on `doc`, from the sync state saved when
+    /// their last session ended in agreement, if the shell kept one.
+    fn resumed<D: DocAccess>(now: u64, peer: &str, doc: &str, docs: &mut D) -> Session {
+        let mut s = Session::new(now);
+        if let Some(saved) = docs.saved_sync_state(peer, doc) {
+            s.state = saved;
+        }
+        s
+    }
 }
 
 struct Peer {
@@ -834,13 +844,10 @@ impl Core {
                 let Some(peer) = self.peers.get_mut(&from) else {
                     return;
                 };
-                let session = peer.sessions.entry(doc.clone()).or_insert_with(|| {
-                    let mut s = Session::new(now);
-                    if let Some(saved) = docs.saved_sync_state(&from, &doc) {
-                        s.state = saved;
-                    }
-                    s
-                });
+                let session = peer
+                    .sessions
+                    .entry(doc.clone())
+                    .or_insert_with(|| Session::resumed(now, &from, &doc, docs));
                 session.used_at = now;
                 let before = self.digest.entry(&doc);
                 match docs.receive_sync(&doc, &mut session.state, &data) {
@@ -1153,10 +1160,7 @@ impl Core {
             .entry(doc.to_string())
             .or_insert_with(|| Session::new(now));
         if fresh {
-            *session = Session::new(now);
-            if let Some(saved) = docs.saved_sync_state(peer, doc) {
-                session.state = saved;
-            }
+            *session = Session::resumed(now, peer, doc, docs);
         }
         if p.push.remove(doc) {
             // The peer has none of this doc: tell the sync state so, and the

@@ -162,8 +162,9 @@ async fn propagate(a: &Node, others: &[Node], writes: usize, id: &str) -> Vec<Du
 }
 
 /// A hot doc: 32 writers on `a` write `n` changes to one doc as fast as they
-/// can while `b` and every other connected node (4 in the bench) receive them; prints A's write rate and how far behind `b`
-/// is when the last write is done (the receiver applies a frame's changes
+/// can while `b` and every other connected node (4 in the bench) receive
+/// them; prints A's write rate and how far behind `b` is when the last write
+/// is done (the receiver applies a frame's changes
 /// to one doc in one Automerge call; one by one, each call walks the doc).
 async fn sustained(a: &Node, b: &Node, n: usize) {
     const ID: &str = "bench/hot";

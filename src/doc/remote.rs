@@ -5,9 +5,9 @@
 //! are merged into the in-memory doc and added to the writer's current
 //! [`Round`] batch, so they reach sled with the round and are flushed by the
 //! same group commit as local writes (or, when nobody waits on them, within
-//! `store.remote_flush_ms`). Automerge runs on remote
-//! bytes inside `catch_unwind`: a document that makes it panic costs that
-//! message (the doc is reloaded from the store), never the node.
+//! `store.remote_flush_ms`). Automerge runs on remote bytes inside
+//! `catch_unwind`: a document that makes it panic costs that message (the
+//! doc is reloaded from the store), never the node.
 
 use std::panic::AssertUnwindSafe;
 

@@ -4,8 +4,8 @@
 //! to its document under the document's lock, collects the changes into one
 //! [`WriteBatch`], applies that to sled (crash-safe per doc, see
 //! [`WriteBatch`]) and hands the writers' replies to the group-commit thread,
-//! which answers them after its flush. One
-//! thread means no per-write thread hand-off and one store batch per round; the
+//! which answers them after its flush. One thread means no per-write thread
+//! hand-off and one store batch per round; the
 //! Automerge work per write is tens of microseconds, so one core keeps up with
 //! what the HTTP layer can deliver.
 //!

@@ -23,11 +23,12 @@
 //! sled recovers a prefix of its log, and every mutation here is ordered so that
 //! any prefix leaves each doc at a state it was in (an append writes the change,
 //! then the meta that counts it; see [`WriteBatch`]). Mutations become durable
-//! when a [`GroupCommit::flush`] that started after them returns. sled 0.34 `flush` writes
-//! the log and calls `sync_file_range` on Linux: that survives a process kill and
-//! an OS that keeps running, but it does not flush the drive's write cache, so it is
-//! not a power-loss guarantee. Compaction replaces the snapshot and removes the
-//! changes it covers in the same batch, so a kill at any point of it loses nothing.
+//! when a [`GroupCommit::flush`] that started after them returns. sled 0.34
+//! `flush` writes the log and calls `sync_file_range` on Linux: that survives a
+//! process kill and an OS that keeps running, but it does not flush the drive's
+//! write cache, so it is not a power-loss guarantee. Compaction replaces the
+//! snapshot and removes the changes it covers in one atomic batch, so a kill
+//! at any point of it loses nothing.
 //!
 //! The store is synchronous; async callers run it inside `spawn_blocking` (see
 //! `doc::Docs`).
@@ -192,9 +193,9 @@ pub struct DocData {
 ///
 /// An appended change is two plain inserts: the change under `next_seq`, then
 /// the meta that counts it (several changes of one doc appended together are
-/// one atomic batch instead, since their meta names the heads after all). sled recovers a prefix of its log, so after a
-/// crash a doc has either both (the change is there) or at most the change
-/// without the meta: a key at the old `next_seq` that nothing reads and the
+/// one atomic batch instead, since their meta names the heads after all).
+/// sled recovers a prefix of its log, so after a crash a doc has either both
+/// (the change is there) or at most the change without the meta: a key at the old `next_seq` that nothing reads and the
 /// next append overwrites. Compaction and deletion, which replace several keys
 /// at once, are atomic sled batches. (sled's `apply_batch` writes and syncs
 /// its log buffer twice on every call, flush or not, through its I/O thread

@@ -47,8 +47,42 @@ pub struct ChangeEvent {
     pub deleted: bool,
     /// JSON Pointers of what changed (at most [`MAX_PATHS`]; see `paths_truncated`).
     pub paths: Vec<String>,
-    /// More paths changed than are listed.
+    /// The list may be incomplete: more paths changed than are listed, or
+    /// paths were not recorded (the change was made before anyone subscribed).
     pub paths_truncated: bool,
+    /// The workflow run that wrote the change, if one did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cause: Option<Cause>,
+}
+
+/// A change written by a workflow: which, and how deep in a chain of
+/// triggered runs (a run started by a user's write has depth 1). Stored as
+/// the Automerge change message, so peers see it too.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Cause {
+    /// The workflow's name.
+    pub workflow: String,
+    /// Runs in the chain up to and including the one that wrote it.
+    pub depth: u32,
+}
+
+impl Cause {
+    const PREFIX: &'static str = "workflow ";
+
+    /// The change message that records this cause.
+    pub fn message(&self) -> String {
+        format!("{}{} depth {}", Self::PREFIX, self.workflow, self.depth)
+    }
+
+    /// The cause a change message records, if any.
+    pub fn from_message(message: &str) -> Option<Cause> {
+        let rest = message.strip_prefix(Self::PREFIX)?;
+        let (workflow, depth) = rest.split_once(" depth ")?;
+        Some(Cause {
+            workflow: workflow.to_string(),
+            depth: depth.parse().ok()?,
+        })
+    }
 }
 
 /// Most paths listed in one event.

@@ -22,7 +22,7 @@ pub use path::Pointer;
 pub use replicas::Held;
 pub use service::now_ms;
 pub use service::{
-    Change, ChangeFn, DocInfo, Docs, DocsConfig, HistoryEntry, PeerSyncView, WriteResult,
+    Change, ChangeFn, DocInfo, Docs, DocsConfig, HistoryEntry, PeerSyncView, Snapshot, WriteResult,
 };
 
 use crate::store::StoreError;

@@ -61,6 +61,9 @@ pub(super) struct PendingEvent {
     pub(super) from: Option<String>,
     /// Confirm it to that peer with a `Have` once durable.
     pub(super) confirm: bool,
+    /// The workflow run that wrote it (for merged changes: the deepest
+    /// cause among them).
+    pub(super) cause: Option<crate::feed::Cause>,
 }
 
 impl<'a> Round<'a> {
@@ -218,12 +221,17 @@ fn store_merged(
     super::writer::append_changes(&mut round.batch, id, &mut meta, loaded, now, bytes);
     super::writer::maybe_compact(inner, id, loaded, &mut meta, &mut round.batch);
     let (paths, truncated) = super::writer::changed_paths(&loaded.doc, log);
+    let cause = new
+        .iter()
+        .filter_map(|c| crate::feed::Cause::from_message(c.message()?))
+        .max_by_key(|c| c.depth);
     round.events.push(PendingEvent {
         doc: id.clone(),
         touch: Touch::Changed(paths, truncated),
         after: meta.heads.clone(),
         from: Some(round.from.clone().unwrap_or_default()),
         confirm: round.confirm,
+        cause,
     });
     loaded.meta = Some(meta);
     if creating {
@@ -438,6 +446,7 @@ impl DocAccess for Round<'_> {
                     after: vec![],
                     from: Some(round.from.clone().unwrap_or_default()),
                     confirm: false,
+                    cause: None,
                 });
             }
             Ok(())

@@ -91,6 +91,17 @@ pub struct WriteResult {
     pub changed: bool,
 }
 
+/// A document read with its heads (see [`Docs::snapshot`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    /// The document.
+    pub json: Json,
+    /// Its heads (hex).
+    pub heads: Vec<String>,
+    /// Messages of the changes since the heads asked about.
+    pub messages_since: Option<Vec<Option<String>>>,
+}
+
 /// A document in a listing.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct DocInfo {
@@ -123,6 +134,20 @@ pub struct HistoryEntry {
     pub deps: Vec<String>,
 }
 
+/// The JSON value at `ptr` (not the root) in `doc`.
+///
+/// # Errors
+/// [`DocError::PathNotFound`] when nothing is there.
+pub(super) fn json_at<R: ReadDoc>(doc: &R, ptr: &Pointer) -> Result<Json, DocError> {
+    let (parents, last) = ptr.split_last().ok_or_else(|| ptr.not_found())?;
+    let (obj, ty) = resolve_obj(doc, ptr, parents)?;
+    let prop = prop_for(ptr, ty, doc.length(&obj), last, false).map_err(|_| ptr.not_found())?;
+    match doc.get(&obj, prop)? {
+        Some((v, vid)) => value_to_json(doc, v, &vid),
+        None => Err(ptr.not_found()),
+    }
+}
+
 /// A library user's change: a closure over the Automerge transaction.
 pub type ChangeFn = Box<dyn FnOnce(&mut Transaction<'_>) -> Result<(), AutomergeError> + Send>;
 
@@ -134,6 +159,10 @@ pub enum Change {
     Ops(Vec<Op>),
     /// A closure over the Automerge transaction (library users).
     Closure(ChangeFn),
+    /// Values put at JSON Pointers, each only where the doc holds a
+    /// different value when the change is made (derived values: writing one
+    /// that is already there would be a needless change).
+    SetIfDifferent(Vec<(Pointer, Json)>),
 }
 
 /// The document service. Cheap to clone.
@@ -310,7 +339,7 @@ impl Docs {
                 "\"value\" must be a JSON object: the document root is an object".into(),
             ));
         };
-        self.submit(id, WriteOp::Create(map), ack).await
+        self.submit(id, WriteOp::Create(map), ack, None).await
     }
 
     /// Applies `change` to document `id` as one Automerge change, creating the
@@ -335,7 +364,22 @@ impl Docs {
         change: Change,
         ack: bool,
     ) -> Result<WriteResult, DocError> {
-        self.submit(id, WriteOp::Change(change), ack).await
+        self.submit(id, WriteOp::Change(change), ack, None).await
+    }
+
+    /// As [`write`](Self::write), for a workflow run: the change carries
+    /// `cause` (as its message, and in the feed).
+    ///
+    /// # Errors
+    /// As [`write`](Self::write).
+    pub async fn write_caused(
+        &self,
+        id: DocId,
+        change: Change,
+        cause: crate::feed::Cause,
+    ) -> Result<WriteResult, DocError> {
+        self.submit(id, WriteOp::Change(change), false, Some(cause))
+            .await
     }
 
     /// Deletes document `id`, leaving a tombstone, and returns once it is durable.
@@ -343,7 +387,7 @@ impl Docs {
     /// # Errors
     /// [`DocError::NotFound`], [`DocError::Deleted`], store errors.
     pub async fn delete(&self, id: DocId) -> Result<WriteResult, DocError> {
-        self.submit(id, WriteOp::Delete, false).await
+        self.submit(id, WriteOp::Delete, false, None).await
     }
 
     /// Hands input to the sync core. Remote input must not wait behind a full
@@ -426,7 +470,13 @@ impl Docs {
 
     /// Queues a write for the writer thread and waits for its durable result.
     /// Cancel safe in the sense that dropping the future does not undo the write.
-    async fn submit(&self, id: DocId, op: WriteOp, ack: bool) -> Result<WriteResult, DocError> {
+    async fn submit(
+        &self,
+        id: DocId,
+        op: WriteOp,
+        ack: bool,
+        cause: Option<crate::feed::Cause>,
+    ) -> Result<WriteResult, DocError> {
         // Load a cold doc here, on a blocking thread, so the writer thread (shared
         // by all docs) does not stall on it. Eviction may race this; then the
         // writer loads it itself.
@@ -435,7 +485,13 @@ impl Docs {
         }
         let (reply, rx) = oneshot::channel();
         self.writer
-            .send(WriterMsg::Write(WriteReq { id, op, ack, reply }))
+            .send(WriterMsg::Write(WriteReq {
+                id,
+                op,
+                ack,
+                cause,
+                reply,
+            }))
             .await
             .map_err(|_| DocError::Store(crate::store::StoreError::Closed))?;
         rx.await
@@ -453,14 +509,35 @@ impl Docs {
             let Some(ptr) = path.filter(|p| !p.is_root()) else {
                 return to_json(doc, &ROOT, ObjType::Map);
             };
-            let (parents, last) = ptr.split_last().expect("not root");
-            let (obj, ty) = resolve_obj(doc, &ptr, parents)?;
-            let prop =
-                prop_for(&ptr, ty, doc.length(&obj), last, false).map_err(|_| ptr.not_found())?;
-            match doc.get(&obj, prop)? {
-                Some((v, vid)) => value_to_json(doc, v, &vid),
-                None => Err(ptr.not_found()),
-            }
+            json_at(doc, &ptr)
+        })
+        .await
+    }
+
+    /// Document `id` and its heads, read together, with the messages of the
+    /// changes made since `since` (hex heads; `None` if one is not in the doc).
+    ///
+    /// # Errors
+    /// [`DocError::NotFound`], [`DocError::Deleted`].
+    pub async fn snapshot(&self, id: DocId, since: Vec<String>) -> Result<Snapshot, DocError> {
+        self.with_doc(id, move |_, id, loaded| {
+            let heads = live_meta(id, loaded)?.heads.clone();
+            let since: Option<Vec<ChangeHash>> = since.iter().map(|h| h.parse().ok()).collect();
+            let messages = since
+                .filter(|s| s.iter().all(|h| loaded.doc.get_change_by_hash(h).is_some()))
+                .map(|s| {
+                    loaded
+                        .doc
+                        .get_changes(&s)
+                        .iter()
+                        .map(|c| c.message().map(str::to_string))
+                        .collect()
+                });
+            Ok(Snapshot {
+                json: to_json(&loaded.doc, &ROOT, ObjType::Map)?,
+                heads,
+                messages_since: messages,
+            })
         })
         .await
     }

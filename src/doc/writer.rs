@@ -230,6 +230,8 @@ pub(super) struct WriteReq {
     pub(super) op: WriteOp,
     /// Peers that get the change confirm once they stored it.
     pub(super) ack: bool,
+    /// The workflow run writing it, if one is.
+    pub(super) cause: Option<crate::feed::Cause>,
     pub(super) reply: oneshot::Sender<Result<WriteResult, DocError>>,
 }
 
@@ -317,9 +319,10 @@ fn write_round(inner: &Inner, msgs: Vec<WriterMsg>, mut sync: Option<&mut SyncRu
             // this write only, not the writer thread. The batch is only touched
             // after the change succeeded, so it holds nothing of this write.
             let applied = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                inner
-                    .ensure_loaded(&req.id, &mut guard)
-                    .and_then(|loaded| apply(inner, &req.id, loaded, req.op, &mut round.batch))
+                inner.ensure_loaded(&req.id, &mut guard).and_then(|loaded| {
+                    let cause = req.cause.as_ref();
+                    apply(inner, &req.id, loaded, req.op, cause, &mut round.batch)
+                })
             }));
             let result = applied.unwrap_or_else(|_| {
                 Err(DocError::Internal(format!(
@@ -345,6 +348,7 @@ fn write_round(inner: &Inner, msgs: Vec<WriterMsg>, mut sync: Option<&mut SyncRu
                     after: r.heads.clone(),
                     from: None,
                     confirm: false,
+                    cause: req.cause.clone(),
                 });
             }
             if r.changed {
@@ -466,8 +470,11 @@ fn apply(
     id: &DocId,
     loaded: &mut Loaded,
     op: WriteOp,
+    cause: Option<&crate::feed::Cause>,
     batch: &mut WriteBatch,
 ) -> Result<Outcome, DocError> {
+    let caused = cause.map(|c| c.message());
+    let message = |kind: &'static str| caused.clone().unwrap_or_else(|| kind.to_string());
     let strings = inner.cfg.strings;
     let deleted = |m: &Option<DocMeta>| m.as_ref().is_some_and(|m| m.deleted_at_ms.is_some());
     match op {
@@ -478,7 +485,7 @@ fn apply(
             if loaded.meta.is_some() {
                 return Err(DocError::AlreadyExists(id.to_string()));
             }
-            commit(inner, id, loaded, "create", batch, |tx| {
+            commit(inner, id, loaded, &message("create"), batch, |tx| {
                 for (k, v) in &map {
                     write_json(tx, &ROOT, k.as_str().into(), Slot::Put, v, strings)?;
                 }
@@ -490,13 +497,31 @@ fn apply(
                 return Err(DocError::Deleted(id.to_string()));
             }
             match change {
-                Change::Patch(p) => commit(inner, id, loaded, "patch", batch, |tx| {
+                Change::Patch(p) => commit(inner, id, loaded, &message("patch"), batch, |tx| {
                     apply_merge_patch(tx, &p, strings)
                 }),
-                Change::Ops(ops) => commit(inner, id, loaded, "ops", batch, |tx| {
+                Change::Ops(ops) => commit(inner, id, loaded, &message("ops"), batch, |tx| {
                     apply_ops(tx, &ops, strings)
                 }),
-                Change::Closure(f) => commit(inner, id, loaded, "change", batch, |tx| Ok(f(tx)?)),
+                Change::SetIfDifferent(values) => {
+                    commit(inner, id, loaded, &message("set"), batch, |tx| {
+                        for (ptr, value) in &values {
+                            if super::service::json_at(tx, ptr).ok().as_ref() == Some(value) {
+                                continue;
+                            }
+                            let op = super::Op::Set {
+                                path: ptr.as_str().to_string(),
+                                value: value.clone(),
+                                kind: None,
+                            };
+                            apply_ops(tx, std::slice::from_ref(&op), strings)?;
+                        }
+                        Ok(())
+                    })
+                }
+                Change::Closure(f) => commit(inner, id, loaded, &message("change"), batch, |tx| {
+                    Ok(f(tx)?)
+                }),
             }
         }
         WriteOp::Delete => {
@@ -573,6 +598,7 @@ fn feed_events(inner: &Inner, events: Vec<PendingEvent>) -> Vec<ChangeEvent> {
                 deleted,
                 paths,
                 paths_truncated: truncated,
+                cause: e.cause,
             }
         })
         .collect()
@@ -586,8 +612,8 @@ pub(super) fn patch_log(inner: &Inner) -> PatchLog {
 }
 
 /// JSON Pointers of what the changes recorded in `log` changed in `doc` (at
-/// most [`crate::feed::MAX_PATHS`]; the flag says more changed). Nothing for
-/// an inactive log (it records nothing). Computed right after the changes
+/// most [`crate::feed::MAX_PATHS`]; the flag says the list may be incomplete).
+/// Nothing, flagged, for an inactive log (it records nothing). Computed right after the changes
 /// applied, while the doc is still at the state the log describes.
 pub(super) fn changed_paths(doc: &Automerge, log: &mut PatchLog) -> (Vec<String>, bool) {
     let patches = std::panic::catch_unwind(AssertUnwindSafe(|| doc.make_patches(log)));
@@ -610,6 +636,10 @@ pub(super) fn changed_paths(doc: &Automerge, log: &mut PatchLog) -> (Vec<String>
         }
         paths.insert(pointer);
     }
+    // No paths at all: the log was inactive (nobody followed the feed when
+    // the change was made; a subscriber may have arrived since) or the change
+    // shows nothing. Either way the list cannot be trusted to be complete.
+    let truncated = truncated || paths.is_empty();
     (paths.into_iter().collect(), truncated)
 }
 

@@ -41,6 +41,8 @@ pub use commit::{Ack, FlushStats, GroupCommit};
 pub use format::{SCHEMA_VERSION, Stage, check_format};
 pub use seal::seal;
 
+mod runs;
+
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

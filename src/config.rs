@@ -29,6 +29,27 @@ pub struct Config {
     pub log: LogConfig,
     /// `[perf]`
     pub perf: PerfConfig,
+    /// `[workflow]`
+    pub workflow: WorkflowConfig,
+}
+
+/// `[workflow]`: where definitions come from and how runs are kept.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkflowConfig {
+    /// Directory of workflow definitions (`*.toml`), loaded at start and
+    /// re-read when its files change; empty means `<data_dir>/workflows`.
+    pub dir: PathBuf,
+    /// Longest chain of runs triggered by runs' own writes.
+    pub max_depth: u32,
+    /// Runs executing at once.
+    pub concurrency: usize,
+    /// Finished runs kept in the run log (older ones are pruned).
+    pub keep_runs: u64,
+    /// A merge from a peer triggers its runs after this many milliseconds,
+    /// so that the peer's own derived writes, usually right behind, arrive
+    /// first and make the run a no-op; 0 runs at once.
+    pub remote_delay_ms: u64,
 }
 
 /// `[node]`: identity and where data lives.
@@ -37,6 +58,8 @@ pub struct Config {
 pub struct NodeConfig {
     /// Data directory (created if missing).
     pub data_dir: PathBuf,
+    /// Labels workflows can select nodes by, and expressions read as `node`.
+    pub labels: BTreeMap<String, String>,
 }
 
 /// `[store]`: sled and the document cache.
@@ -161,6 +184,7 @@ impl Default for Config {
         Config {
             node: NodeConfig {
                 data_dir: PathBuf::from("mergeflow-data"),
+                labels: BTreeMap::new(),
             },
             store: StoreConfig {
                 cache_bytes: 64 << 20,
@@ -203,6 +227,13 @@ impl Default for Config {
                 sync_queue: 4096,
                 shutdown_timeout_ms: 10_000,
             },
+            workflow: WorkflowConfig {
+                dir: PathBuf::new(),
+                max_depth: 8,
+                concurrency: 64,
+                keep_runs: 10_000,
+                remote_delay_ms: 100,
+            },
         }
     }
 }
@@ -240,6 +271,12 @@ impl Default for NetTable {
 impl Default for LogConfig {
     fn default() -> Self {
         Config::default().log
+    }
+}
+
+impl Default for WorkflowConfig {
+    fn default() -> Self {
+        Config::default().workflow
     }
 }
 
@@ -457,6 +494,29 @@ impl Config {
             return invalid(
                 "store.remote_flush_ms",
                 "must be at most 60000 (one minute)",
+            );
+        }
+        if self.workflow.max_depth == 0 {
+            return invalid("workflow.max_depth", "must be at least 1");
+        }
+        if self.workflow.concurrency == 0 {
+            return invalid("workflow.concurrency", "must be at least 1");
+        }
+        if self.workflow.remote_delay_ms > 60_000 {
+            return invalid(
+                "workflow.remote_delay_ms",
+                "must be at most 60000 (one minute)",
+            );
+        }
+        if let Some(k) = self
+            .node
+            .labels
+            .keys()
+            .find(|k| k.is_empty() || k.len() > 64)
+        {
+            return invalid(
+                "node.labels",
+                &format!("label name {k:?}: 1 to 64 characters"),
             );
         }
         if self.doc.max_change_bytes == 0 {

@@ -150,6 +150,21 @@ impl NodeBuilder {
             .map_err(|e| Error::Internal(e.to_string()))??
         };
         let seal_dir = config.node.data_dir.clone();
+        let cancel = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let mut workflow_cfg = config.workflow.clone();
+        if workflow_cfg.dir.as_os_str().is_empty() {
+            workflow_cfg.dir = config.node.data_dir.join("workflows");
+        }
+        let workflows = crate::workflow::Engine::start(
+            docs.clone(),
+            store.clone(),
+            feed.clone(),
+            config.node.labels.clone(),
+            workflow_cfg,
+            cancel.clone(),
+            &tasks,
+        );
         let inner = Arc::new(NodeInner {
             docs,
             feed,
@@ -160,8 +175,9 @@ impl NodeBuilder {
             boot,
             started: Instant::now(),
             config,
-            cancel: CancellationToken::new(),
-            tasks: TaskTracker::new(),
+            cancel,
+            tasks,
+            workflows,
             api_addr: Mutex::new(None),
             sync_out: Mutex::new(sync_rx),
             net: Mutex::new(None),
@@ -263,6 +279,7 @@ pub struct Node {
 
 struct NodeInner {
     docs: Docs,
+    workflows: crate::workflow::Engine,
     feed: Arc<Feed>,
     store: Store,
     commit: GroupCommit,
@@ -395,6 +412,11 @@ impl Node {
             }
             None => vec![],
         }
+    }
+
+    /// The workflow engine: definitions, runs, retry and skip.
+    pub fn workflows(&self) -> &crate::workflow::Engine {
+        &self.inner.workflows
     }
 
     /// The document service.

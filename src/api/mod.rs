@@ -7,6 +7,7 @@
 //! never reaches the store.
 
 mod error;
+mod workflows;
 
 pub use error::{ApiError, ErrorBody, ErrorDetail};
 
@@ -68,6 +69,7 @@ pub fn router(node: Node) -> Router {
         .route("/v1/docs/{id}/sync", get(doc_sync))
         .route("/v1/docs/{id}/history", get(history))
         .route("/v1/events", get(events))
+        .merge(workflows::routes())
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))

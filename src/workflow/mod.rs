@@ -1,4 +1,11 @@
-//! Workflows triggered by merges (issue 5). So far: the definition format,
-//! parsed and checked ([`def`]); matching, runs and effects come next.
+//! Workflows triggered by merges (issue 5): the definition format
+//! ([`def`]), expressions ([`expr`]), and the engine that runs them.
 
 pub mod def;
+pub mod engine;
+pub mod expr;
+pub mod plan;
+pub mod run;
+
+pub use engine::{Engine, EngineStats, WorkflowError, WorkflowInfo};
+pub use run::{Run, RunStatus, StepRun, StepState};

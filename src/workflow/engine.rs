@@ -1,0 +1,1389 @@
+//! The engine: loads definitions from the workflow directory, turns change
+//! events into runs, executes their steps, and keeps the run log.
+//!
+//! # How a merge becomes a run
+//!
+//! 1. Every change event (a local write or a merge from a peer, see
+//!    [`crate::feed`]) is matched against each workflow's trigger: doc glob,
+//!    origin, changed-path glob. A match marks (workflow, doc) pending. Events
+//!    for a pending (workflow, doc) coalesce: triggers fire on state, so one
+//!    run takes the newest state. Merges from peers wait
+//!    `workflow.remote_delay_ms` first, so that the peer's own derived writes,
+//!    usually right behind, arrive before the run looks.
+//! 2. A run reads the doc and its heads together. If the workflow's trigger
+//!    cursor for that doc already holds those heads, the state was taken
+//!    before and nothing happens: no state runs twice on one node. Otherwise
+//!    the `[on] when` condition is tested (false: only the cursor moves), and
+//!    the run record is written with the cursor in one sled batch.
+//! 3. Steps execute in order; `derive` and `write` compute their values and
+//!    write only what differs, as one change whose message names the
+//!    workflow and the chain depth (see [`crate::feed::Cause`]). A change a
+//!    workflow wrote does not trigger that workflow again; changes it
+//!    triggers elsewhere are one level deeper, and a run deeper than
+//!    `workflow.max_depth` is dead-lettered instead of run.
+//! 4. A step that fails retries with its backoff (expression errors are
+//!    final at once: they would fail the same way again); after the last
+//!    attempt the run is dead with its error, and waits for `retry` or
+//!    `skip`.
+//!
+//! Runs of one (workflow, doc) never overlap. After a restart, open runs
+//! resume (steps already done are not repeated), and every doc whose heads
+//! differ from its cursor gets a run, so states merged while the node was
+//! down, or while no definition was loaded, are taken too.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use futures_util::{Stream, StreamExt};
+use serde::Serialize;
+use serde_json::Value as Json;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::def::{Action, Backoff, DefError, Retry};
+use super::expr::{Bound, Input, Sandbox};
+use super::plan::{Plan, kind_name};
+use super::run::{Run, RunStatus, StepRun, StepState, run_key};
+use crate::config::WorkflowConfig;
+use crate::doc::{Change, DocError, DocId, Docs, Pointer, now_ms};
+use crate::feed::{Cause, DocGlob, Feed, FeedItem};
+use crate::store::{Store, StoreError};
+
+/// How often the workflow directory is checked for changed files.
+const DIR_POLL: Duration = Duration::from_secs(1);
+/// Most paths kept for `changed` while events coalesce.
+const MAX_CHANGED: usize = 256;
+/// Runs created between two prunings of the run log.
+const PRUNE_EVERY: u64 = 1000;
+
+/// Errors of the management API.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkflowError {
+    /// No such run.
+    #[error("no run {0}")]
+    NoRun(u64),
+    /// No such workflow.
+    #[error("no workflow named {0:?}")]
+    NoWorkflow(String),
+    /// The run is not in a state the action applies to.
+    #[error("run {id} is {status:?}: {what}")]
+    WrongState {
+        /// The run.
+        id: u64,
+        /// Its status.
+        status: RunStatus,
+        /// What the action needs.
+        what: &'static str,
+    },
+    /// A definition that does not load.
+    #[error(transparent)]
+    Def(#[from] DefError),
+    /// The run log could not be read or written.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A stored run record does not decode.
+    #[error("run log record {id} does not decode: {what}")]
+    Corrupt {
+        /// The run.
+        id: u64,
+        /// The decoder's message.
+        what: String,
+    },
+    /// The engine has stopped (the node is shutting down).
+    #[error("the workflow engine has stopped")]
+    Stopped,
+}
+
+/// A workflow as the API lists it.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkflowInfo {
+    /// Its name (for an invalid file: the file name).
+    pub name: String,
+    /// The file it came from.
+    pub file: String,
+    /// False if the file does not load; `error` says why.
+    pub valid: bool,
+    /// Why it does not load.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The trigger's doc glob.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub doc: Option<String>,
+    /// The trigger's path glob.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Step ids and kinds, in execution order.
+    pub steps: Vec<StepInfo>,
+}
+
+/// A step as the API lists it.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepInfo {
+    /// Its id.
+    pub id: String,
+    /// Its kind.
+    pub kind: &'static str,
+    /// Steps it needs.
+    pub needs: Vec<String>,
+}
+
+impl WorkflowInfo {
+    fn of(plan: &Plan) -> WorkflowInfo {
+        WorkflowInfo {
+            name: plan.name().to_string(),
+            file: plan.source_name.clone(),
+            valid: true,
+            error: None,
+            doc: plan.def.trigger.doc.as_ref().map(|(p, _)| p.clone()),
+            path: plan.def.trigger.path.clone(),
+            steps: plan
+                .def
+                .steps
+                .iter()
+                .map(|s| StepInfo {
+                    id: s.id.clone(),
+                    kind: kind_name(&s.action),
+                    needs: s.needs.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Counters since start.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct EngineStats {
+    /// Workflows loaded and valid.
+    pub workflows: u64,
+    /// Definition files that do not load.
+    pub invalid: u64,
+    /// Runs created.
+    pub runs: u64,
+    /// Runs finished with every step done or skipped.
+    pub done: u64,
+    /// Runs dead-lettered.
+    pub dead: u64,
+    /// Runs whose steps wrote nothing (the values were already there).
+    pub unchanged: u64,
+    /// Triggers folded into a pending run of the same (workflow, doc).
+    pub coalesced: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    runs: AtomicU64,
+    done: AtomicU64,
+    dead: AtomicU64,
+    unchanged: AtomicU64,
+    coalesced: AtomicU64,
+}
+
+#[derive(Default)]
+struct Catalog {
+    /// Valid workflows by name.
+    plans: BTreeMap<String, Arc<Plan>>,
+    /// Files that do not load: (file, error).
+    invalid: Vec<(String, String)>,
+    /// (file, modified, length) of every file read, to notice changes.
+    seen: Vec<(PathBuf, Option<SystemTime>, u64)>,
+}
+
+struct Shared {
+    sandbox: Sandbox,
+    docs: Docs,
+    store: Store,
+    labels: BTreeMap<String, String>,
+    cfg: WorkflowConfig,
+    dir: PathBuf,
+    catalog: RwLock<Catalog>,
+    counters: Counters,
+}
+
+enum Command {
+    Retry(u64, oneshot::Sender<Result<Run, WorkflowError>>),
+    Skip(u64, oneshot::Sender<Result<Run, WorkflowError>>),
+}
+
+/// The workflow engine of one node. Cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    shared: Arc<Shared>,
+    cmds: mpsc::Sender<Command>,
+}
+
+impl Engine {
+    /// Starts the engine: loads the definitions in `cfg.dir` (resolved by
+    /// the caller: not empty), resumes open runs, and follows `feed` until
+    /// `cancel`. `labels` are the node's (`node.labels`).
+    pub fn start(
+        docs: Docs,
+        store: Store,
+        feed: Arc<Feed>,
+        labels: BTreeMap<String, String>,
+        cfg: WorkflowConfig,
+        cancel: CancellationToken,
+        tasks: &tokio_util::task::TaskTracker,
+    ) -> Engine {
+        let shared = Arc::new(Shared {
+            sandbox: Sandbox::new(),
+            docs,
+            store,
+            labels,
+            dir: cfg.dir.clone(),
+            cfg,
+            catalog: RwLock::new(Catalog::default()),
+            counters: Counters::default(),
+        });
+        let (tx, rx) = mpsc::channel(64);
+        let engine = Engine {
+            shared: shared.clone(),
+            cmds: tx,
+        };
+        tasks.spawn(Runner::new(shared, feed).run(rx, cancel));
+        engine
+    }
+
+    /// Every workflow: the valid ones by name, then the files that do not load.
+    pub fn list(&self) -> Vec<WorkflowInfo> {
+        let catalog = self.shared.catalog();
+        let mut out: Vec<WorkflowInfo> = catalog
+            .plans
+            .values()
+            .map(|p| WorkflowInfo::of(p))
+            .collect();
+        out.extend(catalog.invalid.iter().map(|(file, error)| {
+            WorkflowInfo {
+                name: Path::new(file)
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().to_string())
+                    .unwrap_or_default(),
+                file: file.clone(),
+                valid: false,
+                error: Some(error.clone()),
+                doc: None,
+                path: None,
+                steps: vec![],
+            }
+        }));
+        out
+    }
+
+    /// One workflow by name.
+    ///
+    /// # Errors
+    /// [`WorkflowError::NoWorkflow`].
+    pub fn get(&self, name: &str) -> Result<WorkflowInfo, WorkflowError> {
+        self.list()
+            .into_iter()
+            .find(|w| w.name == name)
+            .ok_or_else(|| WorkflowError::NoWorkflow(name.to_string()))
+    }
+
+    /// Checks a definition without loading it.
+    ///
+    /// # Errors
+    /// What is wrong with it.
+    pub fn validate(&self, source_name: &str, text: &str) -> Result<WorkflowInfo, WorkflowError> {
+        let plan = Plan::load(&self.shared.sandbox, source_name, text)?;
+        Ok(WorkflowInfo::of(&plan))
+    }
+
+    /// Runs, newest first: of `workflow` and in `status` if given, at most `limit`.
+    ///
+    /// # Errors
+    /// Run log errors.
+    pub fn runs(
+        &self,
+        workflow: Option<&str>,
+        status: Option<RunStatus>,
+        limit: usize,
+    ) -> Result<Vec<Run>, WorkflowError> {
+        let mut out = Vec::new();
+        for (id, bytes) in self.shared.store.runs()?.into_iter().rev() {
+            if out.len() >= limit {
+                break;
+            }
+            let run = decode(id, &bytes)?;
+            if workflow.is_some_and(|w| w != run.workflow)
+                || status.is_some_and(|s| s != run.status)
+            {
+                continue;
+            }
+            out.push(run);
+        }
+        Ok(out)
+    }
+
+    /// One run.
+    ///
+    /// # Errors
+    /// [`WorkflowError::NoRun`], run log errors.
+    pub fn run(&self, id: u64) -> Result<Run, WorkflowError> {
+        let bytes = self.shared.store.run(id)?.ok_or(WorkflowError::NoRun(id))?;
+        decode(id, &bytes)
+    }
+
+    /// Runs a dead run again from its failed step, on the doc's current state.
+    ///
+    /// # Errors
+    /// [`WorkflowError::NoRun`], [`WorkflowError::WrongState`] unless dead.
+    pub async fn retry(&self, id: u64) -> Result<Run, WorkflowError> {
+        self.command(|tx| Command::Retry(id, tx)).await
+    }
+
+    /// Marks a dead run skipped: nothing more is attempted.
+    ///
+    /// # Errors
+    /// [`WorkflowError::NoRun`], [`WorkflowError::WrongState`] unless dead.
+    pub async fn skip(&self, id: u64) -> Result<Run, WorkflowError> {
+        self.command(|tx| Command::Skip(id, tx)).await
+    }
+
+    async fn command(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<Run, WorkflowError>>) -> Command,
+    ) -> Result<Run, WorkflowError> {
+        let (tx, rx) = oneshot::channel();
+        self.cmds
+            .send(make(tx))
+            .await
+            .map_err(|_| WorkflowError::Stopped)?;
+        rx.await.map_err(|_| WorkflowError::Stopped)?
+    }
+
+    /// Counters since start.
+    pub fn stats(&self) -> EngineStats {
+        let c = &self.shared.counters;
+        let catalog = self.shared.catalog();
+        EngineStats {
+            workflows: catalog.plans.len() as u64,
+            invalid: catalog.invalid.len() as u64,
+            runs: c.runs.load(Ordering::Relaxed),
+            done: c.done.load(Ordering::Relaxed),
+            dead: c.dead.load(Ordering::Relaxed),
+            unchanged: c.unchanged.load(Ordering::Relaxed),
+            coalesced: c.coalesced.load(Ordering::Relaxed),
+        }
+    }
+}
+
+fn decode(id: u64, bytes: &[u8]) -> Result<Run, WorkflowError> {
+    serde_json::from_slice(bytes).map_err(|e| WorkflowError::Corrupt {
+        id,
+        what: e.to_string(),
+    })
+}
+
+impl Shared {
+    fn catalog(&self) -> std::sync::RwLockReadGuard<'_, Catalog> {
+        self.catalog.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn put_run(&self, run: &Run, cursor: Option<&[u8]>) -> Result<(), StoreError> {
+        let record = serde_json::to_vec(run).expect("a run serializes");
+        let cursor = cursor.map(|heads| (run.workflow.as_str(), run.doc.as_str(), heads));
+        self.store.put_run(run.id, &record, cursor)
+    }
+
+    /// Reads the workflow directory if any file in it changed since the last
+    /// read. Returns the workflows that are new or whose text changed.
+    fn reload(&self) -> Vec<Arc<Plan>> {
+        let mut files: Vec<(PathBuf, Option<SystemTime>, u64)> = match std::fs::read_dir(&self.dir)
+        {
+            Ok(entries) => entries
+                .filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+                .map(|p| {
+                    let m = std::fs::metadata(&p).ok();
+                    let modified = m.as_ref().and_then(|m| m.modified().ok());
+                    (p, modified, m.map_or(0, |m| m.len()))
+                })
+                .collect(),
+            Err(_) => vec![], // No directory: no workflows.
+        };
+        files.sort();
+        if files == self.catalog().seen {
+            return vec![];
+        }
+        let mut plans = BTreeMap::new();
+        let mut invalid = Vec::new();
+        let mut origin: HashMap<String, String> = HashMap::new();
+        for (path, _, _) in &files {
+            let name = path.display().to_string();
+            let loaded = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read {name}: {e}"))
+                .and_then(|text| {
+                    Plan::load(&self.sandbox, &name, &text).map_err(|e| e.to_string())
+                });
+            match loaded {
+                Ok(plan) => {
+                    if let Some(first) = origin.get(plan.name()) {
+                        invalid.push((
+                            name.clone(),
+                            format!(
+                                "workflow {name}: name {:?} is already used by {first}",
+                                plan.name()
+                            ),
+                        ));
+                        continue;
+                    }
+                    origin.insert(plan.name().to_string(), name.clone());
+                    plans.insert(plan.name().to_string(), plan);
+                }
+                Err(e) => {
+                    tracing::error!(file = %name, err = %e, "workflow definition does not load; other workflows keep running");
+                    invalid.push((name, e));
+                }
+            }
+        }
+        let mut catalog = self.catalog.write().unwrap_or_else(|p| p.into_inner());
+        let fresh: Vec<Arc<Plan>> = plans
+            .values()
+            .filter(|p| {
+                catalog
+                    .plans
+                    .get(p.name())
+                    .is_none_or(|old| old.text != p.text)
+            })
+            .cloned()
+            .collect();
+        for p in &fresh {
+            tracing::info!(workflow = %p.name(), file = %p.source_name, "workflow loaded");
+        }
+        for name in catalog.plans.keys().filter(|n| !plans.contains_key(*n)) {
+            tracing::info!(workflow = %name, "workflow unloaded");
+        }
+        catalog.plans = plans;
+        catalog.invalid = invalid;
+        catalog.seen = files;
+        fresh
+    }
+}
+
+type Key = (String, String);
+
+/// A (workflow, doc) waiting for a run.
+struct Pending {
+    depth: u32,
+    changed: BTreeSet<String>,
+    trigger: &'static str,
+    due: Instant,
+}
+
+/// The engine's task: owns the queue of pending runs and those in flight.
+struct Runner {
+    shared: Arc<Shared>,
+    feed: Arc<Feed>,
+    events: Option<Pin<Box<dyn Stream<Item = FeedItem> + Send>>>,
+    pending: HashMap<Key, Pending>,
+    /// Keys whose pending run is due, in order.
+    ready: VecDeque<Key>,
+    /// Keys whose pending run waits, by due time.
+    delayed: BTreeMap<(Instant, u64), Key>,
+    /// Keys in `ready` or `delayed`.
+    queued: HashSet<Key>,
+    /// Runs to resume (after a restart, or a retry), waiting for their key.
+    resumes: VecDeque<Run>,
+    in_flight: HashSet<Key>,
+    /// Heads to move the cursor of an in-flight key to when its run ends
+    /// with nothing pending (the run's own writes, or states that trigger
+    /// nothing).
+    take_after: HashMap<Key, Vec<String>>,
+    tasks: JoinSet<Key>,
+    seq: u64,
+    created_at_last_prune: u64,
+}
+
+impl Runner {
+    fn new(shared: Arc<Shared>, feed: Arc<Feed>) -> Runner {
+        Runner {
+            shared,
+            feed,
+            events: None,
+            pending: HashMap::new(),
+            ready: VecDeque::new(),
+            delayed: BTreeMap::new(),
+            queued: HashSet::new(),
+            resumes: VecDeque::new(),
+            in_flight: HashSet::new(),
+            take_after: HashMap::new(),
+            tasks: JoinSet::new(),
+            seq: 0,
+            created_at_last_prune: 0,
+        }
+    }
+
+    async fn run(mut self, mut cmds: mpsc::Receiver<Command>, cancel: CancellationToken) {
+        self.reload().await;
+        match self.open_runs() {
+            Ok(runs) => self.resumes.extend(runs),
+            Err(e) => {
+                tracing::error!(err = %e, "cannot read the run log; open runs are not resumed")
+            }
+        }
+        let mut poll = tokio::time::interval(DIR_POLL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            self.start_runs();
+            let next_due = self.delayed.first_key_value().map(|((t, _), _)| *t);
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                Some(item) = next_event(&mut self.events) => self.on_event(item).await,
+                Some(done) = self.tasks.join_next(), if !self.tasks.is_empty() => {
+                    match done {
+                        Ok(key) => self.finished(key),
+                        Err(e) => tracing::error!(err = %e, "a workflow run task failed"),
+                    }
+                }
+                _ = sleep_until(next_due), if next_due.is_some() => self.promote(),
+                _ = poll.tick() => self.reload().await,
+                Some(cmd) = cmds.recv() => self.command(cmd),
+            }
+        }
+        // Dropping the JoinSet aborts runs in flight; their records stay
+        // open and resume after restart.
+    }
+
+    /// Reloads definitions; subscribes to the feed once there are any (not
+    /// before: the feed records changed paths only while someone listens),
+    /// and takes the doc states new workflows have not seen.
+    async fn reload(&mut self) {
+        let shared = self.shared.clone();
+        let fresh = tokio::task::spawn_blocking(move || shared.reload())
+            .await
+            .unwrap_or_default();
+        if fresh.is_empty() {
+            return;
+        }
+        if self.events.is_none() {
+            let glob = DocGlob::new("**").expect("a valid glob");
+            self.events = Some(Box::pin(self.feed.subscribe(glob, None)));
+        }
+        self.rescan(&fresh).await;
+    }
+
+    /// Queues a run for every doc of `plans` whose heads differ from its cursor.
+    async fn rescan(&mut self, plans: &[Arc<Plan>]) {
+        let docs = match self.shared.docs.list().await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(err = %e, "cannot list docs for workflow triggers");
+                return;
+            }
+        };
+        for plan in plans {
+            let Some((_, glob)) = &plan.def.trigger.doc else {
+                continue;
+            };
+            for d in docs.iter().filter(|d| glob.matches(&d.id)) {
+                let heads = serde_json::to_vec(&d.heads).expect("heads serialize");
+                match self.shared.store.cursor(plan.name(), &d.id) {
+                    Ok(Some(c)) if c == heads => continue,
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::error!(err = %e, "cannot read a workflow cursor");
+                        return;
+                    }
+                }
+                let key = (plan.name().to_string(), d.id.clone());
+                self.add(key, 1, &[], "startup", Duration::ZERO);
+            }
+        }
+    }
+
+    fn open_runs(&self) -> Result<Vec<Run>, WorkflowError> {
+        let mut out = Vec::new();
+        for (id, bytes) in self.shared.store.runs()? {
+            let run = decode(id, &bytes)?;
+            if run.status.is_open() {
+                out.push(run);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn on_event(&mut self, item: FeedItem) {
+        let e = match item {
+            FeedItem::Change(e) => e,
+            FeedItem::Missed { count } => {
+                tracing::warn!(
+                    ?count,
+                    "workflow engine fell behind the change feed; rescanning docs"
+                );
+                let plans: Vec<Arc<Plan>> = self.shared.catalog().plans.values().cloned().collect();
+                self.rescan(&plans).await;
+                return;
+            }
+        };
+        let plans: Vec<Arc<Plan>> = self
+            .shared
+            .catalog()
+            .plans
+            .values()
+            .filter(|p| {
+                p.def
+                    .trigger
+                    .doc
+                    .as_ref()
+                    .is_some_and(|(_, g)| g.matches(&e.doc))
+            })
+            .cloned()
+            .collect();
+        for plan in plans {
+            let key = (plan.name().to_string(), e.doc.clone());
+            let own = e.cause.as_ref().is_some_and(|c| c.workflow == plan.name());
+            if own || !plan.matches(&e) {
+                // Not a trigger: the state is taken as it is, unless a run
+                // of this (workflow, doc) is coming anyway.
+                if e.deleted || self.pending.contains_key(&key) {
+                    continue;
+                }
+                if self.in_flight.contains(&key) {
+                    self.take_after.insert(key, e.heads.clone());
+                } else {
+                    self.take(&key, &e.heads);
+                }
+                continue;
+            }
+            self.take_after.remove(&key);
+            let depth = e.cause.as_ref().map_or(1, |c| c.depth.saturating_add(1));
+            let delay = if e.local {
+                Duration::ZERO
+            } else {
+                Duration::from_millis(self.shared.cfg.remote_delay_ms)
+            };
+            self.add(key, depth, &e.paths, "change", delay);
+        }
+    }
+
+    /// Marks `key` pending, or folds the trigger into its pending run.
+    fn add(
+        &mut self,
+        key: Key,
+        depth: u32,
+        changed: &[String],
+        trigger: &'static str,
+        delay: Duration,
+    ) {
+        let due = Instant::now() + delay;
+        match self.pending.get_mut(&key) {
+            Some(p) => {
+                p.depth = p.depth.max(depth);
+                for c in changed {
+                    if p.changed.len() < MAX_CHANGED {
+                        p.changed.insert(c.clone());
+                    }
+                }
+                self.shared
+                    .counters
+                    .coalesced
+                    .fetch_add(1, Ordering::Relaxed);
+                // An earlier due time (a local write after a remote one)
+                // is taken when the run is queued next; a queued run keeps
+                // its place.
+                if !self.queued.contains(&key) && !self.in_flight.contains(&key) {
+                    p.due = p.due.min(due);
+                    self.schedule(key);
+                }
+            }
+            None => {
+                self.pending.insert(
+                    key.clone(),
+                    Pending {
+                        depth,
+                        changed: changed.iter().take(MAX_CHANGED).cloned().collect(),
+                        trigger,
+                        due,
+                    },
+                );
+                if !self.in_flight.contains(&key) {
+                    self.schedule(key);
+                }
+            }
+        }
+    }
+
+    fn schedule(&mut self, key: Key) {
+        let due = self.pending[&key].due;
+        self.queued.insert(key.clone());
+        if due <= Instant::now() {
+            self.ready.push_back(key);
+        } else {
+            self.seq += 1;
+            self.delayed.insert((due, self.seq), key);
+        }
+    }
+
+    /// Moves the delayed keys that are due to `ready`.
+    fn promote(&mut self) {
+        let now = Instant::now();
+        while let Some(entry) = self.delayed.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            let key = entry.remove();
+            self.ready.push_back(key);
+        }
+    }
+
+    /// Starts due runs up to the concurrency limit, resumes first.
+    fn start_runs(&mut self) {
+        let max = self.shared.cfg.concurrency;
+        let mut waiting = VecDeque::new();
+        while self.tasks.len() < max
+            && let Some(run) = self.resumes.pop_front()
+        {
+            let key = (run.workflow.clone(), run.doc.clone());
+            if self.in_flight.contains(&key) {
+                waiting.push_back(run);
+                continue;
+            }
+            let plan = self.shared.catalog().plans.get(&run.workflow).cloned();
+            self.in_flight.insert(key.clone());
+            let shared = self.shared.clone();
+            self.tasks.spawn(async move {
+                resume(&shared, plan, run).await;
+                key
+            });
+        }
+        waiting.extend(self.resumes.drain(..));
+        self.resumes = waiting;
+        while self.tasks.len() < max
+            && let Some(key) = self.ready.pop_front()
+        {
+            self.queued.remove(&key);
+            let Some(p) = self.pending.remove(&key) else {
+                continue;
+            };
+            let Some(plan) = self.shared.catalog().plans.get(&key.0).cloned() else {
+                continue; // Unloaded since.
+            };
+            self.in_flight.insert(key.clone());
+            let shared = self.shared.clone();
+            let created = self.shared.counters.runs.load(Ordering::Relaxed);
+            if created >= self.created_at_last_prune + PRUNE_EVERY {
+                self.created_at_last_prune = created;
+                let shared = self.shared.clone();
+                tokio::task::spawn_blocking(move || prune(&shared));
+            }
+            self.tasks.spawn(async move {
+                start(&shared, plan, &key.1, p).await;
+                key
+            });
+        }
+    }
+
+    /// Moves the cursor of `key` to `heads` with no run.
+    fn take(&self, key: &Key, heads: &[String]) {
+        let heads = serde_json::to_vec(heads).expect("heads serialize");
+        if let Err(err) = self.shared.store.put_cursor(&key.0, &key.1, &heads) {
+            tracing::warn!(err = %err, "cannot move a workflow cursor");
+        }
+    }
+
+    fn finished(&mut self, key: Key) {
+        self.in_flight.remove(&key);
+        if let Some(heads) = self.take_after.remove(&key)
+            && !self.pending.contains_key(&key)
+        {
+            self.take(&key, &heads);
+        }
+        if self.pending.contains_key(&key) && !self.queued.contains(&key) {
+            self.schedule(key);
+        }
+    }
+
+    fn command(&mut self, cmd: Command) {
+        let (id, reply, retry) = match cmd {
+            Command::Retry(id, reply) => (id, reply, true),
+            Command::Skip(id, reply) => (id, reply, false),
+        };
+        let result = (|| {
+            let bytes = self.shared.store.run(id)?.ok_or(WorkflowError::NoRun(id))?;
+            let mut run = decode(id, &bytes)?;
+            if run.status != RunStatus::Dead {
+                return Err(WorkflowError::WrongState {
+                    id,
+                    status: run.status,
+                    what: "only a dead run can be retried or skipped",
+                });
+            }
+            run.updated_ms = now_ms();
+            if retry {
+                run.status = RunStatus::Queued;
+                run.trigger = "retry".into();
+                run.error = None;
+                for s in &mut run.steps {
+                    if matches!(
+                        s.state,
+                        StepState::Failed | StepState::Cancelled | StepState::Running
+                    ) {
+                        s.state = StepState::Pending;
+                        s.attempts = 0;
+                        s.error = None;
+                    }
+                }
+            } else {
+                run.status = RunStatus::Skipped;
+            }
+            self.shared.put_run(&run, None)?;
+            Ok(run)
+        })();
+        if let Ok(run) = &result
+            && retry
+        {
+            self.resumes.push_back(run.clone());
+        }
+        let _ = reply.send(result);
+    }
+}
+
+async fn next_event(
+    events: &mut Option<Pin<Box<dyn Stream<Item = FeedItem> + Send>>>,
+) -> Option<FeedItem> {
+    match events {
+        Some(s) => s.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Removes the oldest finished runs beyond `workflow.keep_runs`. Dead runs
+/// stay until retried or skipped: they wait for someone.
+fn prune(shared: &Shared) {
+    let runs = match shared.store.runs() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(err = %e, "cannot read the run log to prune it");
+            return;
+        }
+    };
+    let finished: Vec<u64> = runs
+        .iter()
+        .filter(|(id, bytes)| {
+            decode(*id, bytes)
+                .is_ok_and(|r| matches!(r.status, RunStatus::Done | RunStatus::Skipped))
+        })
+        .map(|(id, _)| *id)
+        .collect();
+    let keep = shared.cfg.keep_runs as usize;
+    if finished.len() > keep {
+        let old = &finished[..finished.len() - keep];
+        if let Err(e) = shared.store.remove_runs(old) {
+            tracing::warn!(err = %e, "cannot prune the run log");
+        }
+    }
+}
+
+/// Starts a run of `plan` on the current state of `doc`, if that state was
+/// not taken before.
+async fn start(shared: &Shared, plan: Arc<Plan>, doc: &str, p: Pending) {
+    let Ok(id) = DocId::new(doc) else { return };
+    let taken: Vec<String> = match shared.store.cursor(plan.name(), doc) {
+        Ok(c) => c
+            .and_then(|c| serde_json::from_slice(&c).ok())
+            .unwrap_or_default(),
+        Err(e) => {
+            tracing::error!(err = %e, "cannot read a workflow cursor");
+            return;
+        }
+    };
+    let snap = match shared.docs.snapshot(id, taken.clone()).await {
+        Ok(s) => s,
+        Err(DocError::NotFound(_) | DocError::Deleted(_)) => return,
+        Err(e) => {
+            tracing::warn!(workflow = %plan.name(), doc, err = %e, "cannot read the triggering doc");
+            return;
+        }
+    };
+    let (json, heads) = (snap.json, snap.heads);
+    let cursor = serde_json::to_vec(&heads).expect("heads serialize");
+    if heads == taken {
+        return; // taken before
+    }
+    // Only this workflow's own writes since the state it took last: nothing
+    // new to react to (its writes never trigger it).
+    let own_only = !taken.is_empty()
+        && snap.messages_since.is_some_and(|m| {
+            m.iter().all(|m| {
+                m.as_deref()
+                    .and_then(Cause::from_message)
+                    .is_some_and(|c| c.workflow == plan.name())
+            })
+        });
+    if own_only {
+        if let Err(e) = shared.store.put_cursor(plan.name(), doc, &cursor) {
+            tracing::warn!(err = %e, "cannot move a workflow cursor");
+        }
+        return;
+    }
+    let changed: Vec<String> = p.changed.into_iter().collect();
+    let bound = match shared.sandbox.bind(&Input {
+        doc: &json,
+        id: doc,
+        changed: &changed,
+        node: &shared.labels,
+    }) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(workflow = %plan.name(), doc, err = %e, "doc not readable by expressions");
+            return;
+        }
+    };
+    let mut dead = None;
+    if p.depth > shared.cfg.max_depth {
+        let e = format!(
+            "chain of triggered runs is {} deep, over workflow.max_depth = {}: a workflow loop? \
+             (retry runs it anyway)",
+            p.depth, shared.cfg.max_depth
+        );
+        tracing::error!(workflow = %plan.name(), doc, "{e}");
+        dead = Some(e);
+    } else if let Some(when) = &plan.when {
+        match shared.sandbox.test(when, &bound) {
+            Ok(true) => {}
+            Ok(false) => {
+                if let Err(e) = shared.store.put_cursor(plan.name(), doc, &cursor) {
+                    tracing::warn!(err = %e, "cannot move a workflow cursor");
+                }
+                return;
+            }
+            Err(e) => dead = Some(format!("[on] when: {e}")),
+        }
+    }
+    let run_id = match shared.store.next_run_id() {
+        Ok(id) => id,
+        Err(e) => {
+            tracing::error!(err = %e, "cannot number a workflow run");
+            return;
+        }
+    };
+    let now = now_ms();
+    let mut run = Run {
+        id: run_id,
+        key: run_key(plan.name(), doc, &heads),
+        workflow: plan.name().to_string(),
+        doc: doc.to_string(),
+        heads,
+        depth: p.depth,
+        trigger: p.trigger.to_string(),
+        status: RunStatus::Running,
+        created_ms: now,
+        updated_ms: now,
+        error: None,
+        steps: plan
+            .def
+            .steps
+            .iter()
+            .map(|s| StepRun {
+                id: s.id.clone(),
+                kind: kind_name(&s.action).to_string(),
+                state: StepState::Pending,
+                attempts: 0,
+                started_ms: None,
+                finished_ms: None,
+                output: None,
+                error: None,
+            })
+            .collect(),
+    };
+    shared.counters.runs.fetch_add(1, Ordering::Relaxed);
+    if let Some(e) = dead {
+        run.status = RunStatus::Dead;
+        run.error = Some(e);
+        shared.counters.dead.fetch_add(1, Ordering::Relaxed);
+    }
+    if let Err(e) = shared.put_run(&run, Some(&cursor)) {
+        tracing::error!(err = %e, "cannot write the run log; the run does not start");
+        return;
+    }
+    if run.status == RunStatus::Running {
+        execute(shared, &plan, run, json, Some(bound)).await;
+    }
+}
+
+/// Resumes an open run (after a restart, or a retry) on the doc's current state.
+async fn resume(shared: &Shared, plan: Option<Arc<Plan>>, mut run: Run) {
+    let Some(plan) = plan.filter(|p| same_steps(p, &run)) else {
+        run.status = RunStatus::Dead;
+        run.error = Some(format!(
+            "workflow {:?} is no longer loaded, or its steps changed; the run cannot resume",
+            run.workflow
+        ));
+        run.updated_ms = now_ms();
+        shared.counters.dead.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = shared.put_run(&run, None) {
+            tracing::error!(err = %e, "cannot write the run log");
+        }
+        return;
+    };
+    let json = match DocId::new(run.doc.as_str()) {
+        Ok(id) => shared.docs.get(id, None).await,
+        Err(e) => Err(e),
+    };
+    let json = match json {
+        Ok(j) => j,
+        Err(e) => {
+            run.status = RunStatus::Dead;
+            run.error = Some(format!("cannot read doc {:?}: {e}", run.doc));
+            run.updated_ms = now_ms();
+            shared.counters.dead.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = shared.put_run(&run, None) {
+                tracing::error!(err = %e, "cannot write the run log");
+            }
+            return;
+        }
+    };
+    tracing::info!(run = run.id, workflow = %run.workflow, doc = %run.doc, "resuming workflow run");
+    run.status = RunStatus::Running;
+    execute(shared, &plan, run, json, None).await;
+}
+
+fn same_steps(plan: &Plan, run: &Run) -> bool {
+    plan.def.steps.len() == run.steps.len()
+        && plan
+            .def
+            .steps
+            .iter()
+            .zip(&run.steps)
+            .all(|(a, b)| a.id == b.id)
+}
+
+/// Why a step failed: `Final` failures would fail the same way again.
+enum StepError {
+    Final(String),
+    Retry(String),
+}
+
+/// Executes the steps of `run` that are not done yet, in order, writing the
+/// record as steps finish.
+async fn execute(
+    shared: &Shared,
+    plan: &Plan,
+    mut run: Run,
+    mut json: Json,
+    mut bound: Option<Bound>,
+) {
+    let cause = Cause {
+        workflow: run.workflow.clone(),
+        depth: run.depth,
+    };
+    let mut wrote_any = false;
+    let last = plan.def.steps.len().saturating_sub(1);
+    for (i, (step, sp)) in plan.def.steps.iter().zip(&plan.steps).enumerate() {
+        if matches!(run.steps[i].state, StepState::Done | StepState::Skipped) {
+            continue;
+        }
+        let state_of = |id: &str| run.steps.iter().find(|s| s.id == id).map(|s| s.state);
+        let failed = step
+            .needs
+            .iter()
+            .find(|n| matches!(state_of(n), Some(StepState::Failed | StepState::Cancelled)));
+        let skipped = step
+            .needs
+            .iter()
+            .find(|n| state_of(n) == Some(StepState::Skipped));
+        let s = &mut run.steps[i];
+        if let Some(n) = failed {
+            s.state = StepState::Cancelled;
+            s.error = Some(format!("needs {n:?}, which failed"));
+            continue;
+        }
+        if let Some(n) = skipped {
+            s.state = StepState::Skipped;
+            s.error = Some(format!("needs {n:?}, which was skipped"));
+            continue;
+        }
+        if bound.is_none() {
+            let input = Input {
+                doc: &json,
+                id: &run.doc,
+                changed: &[],
+                node: &shared.labels,
+            };
+            match shared.sandbox.bind(&input) {
+                Ok(b) => bound = Some(b),
+                Err(e) => {
+                    s.state = StepState::Failed;
+                    s.error = Some(e);
+                    continue;
+                }
+            }
+        }
+        let b = bound.as_ref().expect("bound above");
+        if let Some(when) = &sp.when {
+            match shared.sandbox.test(when, b) {
+                Ok(true) => {}
+                Ok(false) => {
+                    s.state = StepState::Skipped;
+                    s.error = Some("when is false".into());
+                    continue;
+                }
+                Err(e) => {
+                    s.state = StepState::Failed;
+                    s.error = Some(format!("when: {e}"));
+                    continue;
+                }
+            }
+        }
+        s.state = StepState::Running;
+        s.started_ms.get_or_insert_with(now_ms);
+        loop {
+            run.steps[i].attempts += 1;
+            let outcome = match &step.action {
+                Action::Derive { .. } => derive(shared, sp, b, &run.doc, &json, &cause).await,
+                Action::Write { .. } => write(shared, sp, b, &cause).await,
+                _ => Err(StepError::Final(format!(
+                    "kind {} cannot run in this version yet",
+                    kind_name(&step.action)
+                ))),
+            };
+            let s = &mut run.steps[i];
+            match outcome {
+                Ok((output, wrote)) => {
+                    if !wrote.is_empty() {
+                        wrote_any = true;
+                        if matches!(step.action, Action::Derive { .. }) {
+                            for (ptr, v) in wrote {
+                                set_pointer(&mut json, ptr.as_str(), v);
+                            }
+                            bound = None; // later steps see the derived values
+                        }
+                    }
+                    s.state = StepState::Done;
+                    s.output = Some(output);
+                    s.error = None;
+                    break;
+                }
+                Err(StepError::Final(e)) => {
+                    s.state = StepState::Failed;
+                    s.error = Some(e);
+                    break;
+                }
+                Err(StepError::Retry(e)) => {
+                    if s.attempts >= step.retry.attempts {
+                        s.state = StepState::Failed;
+                        s.error = Some(e);
+                        break;
+                    }
+                    let wait = backoff(&step.retry, s.attempts);
+                    s.error = Some(format!(
+                        "{e} (attempt {} of {}; next in {wait:?})",
+                        s.attempts, step.retry.attempts
+                    ));
+                    run.updated_ms = now_ms();
+                    if let Err(e) = shared.put_run(&run, None) {
+                        tracing::warn!(err = %e, "cannot write the run log");
+                    }
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+        run.steps[i].finished_ms = Some(now_ms());
+        if i < last {
+            run.updated_ms = now_ms();
+            if let Err(e) = shared.put_run(&run, None) {
+                tracing::warn!(err = %e, "cannot write the run log");
+            }
+        }
+    }
+    let failed = run.steps.iter().find(|s| s.state == StepState::Failed);
+    run.updated_ms = now_ms();
+    if let Some(f) = failed {
+        run.status = RunStatus::Dead;
+        run.error = Some(format!(
+            "step {:?}: {}",
+            f.id,
+            f.error.as_deref().unwrap_or("failed")
+        ));
+        shared.counters.dead.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(run = run.id, workflow = %run.workflow, doc = %run.doc, err = %run.error.as_deref().unwrap_or(""), "workflow run dead-lettered");
+    } else {
+        run.status = RunStatus::Done;
+        shared.counters.done.fetch_add(1, Ordering::Relaxed);
+        if !wrote_any {
+            shared.counters.unchanged.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    if let Err(e) = shared.put_run(&run, None) {
+        tracing::error!(err = %e, "cannot write the run log");
+    }
+}
+
+/// The wait before attempt `attempts + 1`.
+fn backoff(retry: &Retry, attempts: u32) -> Duration {
+    match retry.backoff {
+        Backoff::Fixed => retry.initial,
+        Backoff::Exponential => {
+            let factor = 1u32
+                .checked_shl(attempts.saturating_sub(1))
+                .unwrap_or(u32::MAX);
+            retry.initial.saturating_mul(factor).min(retry.max)
+        }
+    }
+}
+
+type Wrote = Vec<(Pointer, Json)>;
+
+/// The values of `sp.set` that differ from what `current` holds.
+fn changes(
+    shared: &Shared,
+    sp: &super::plan::StepPlan,
+    bound: &Bound,
+    current: &Json,
+) -> Result<Wrote, StepError> {
+    let mut wrote = Vec::new();
+    for (ptr, expr) in &sp.set {
+        let value = shared
+            .sandbox
+            .eval(expr, bound)
+            .map_err(|e| StepError::Final(format!("set {:?}: {e}", ptr.as_str())))?;
+        let Some(value) = value else { continue }; // () leaves the path as it is
+        if current.pointer(ptr.as_str()) == Some(&value) {
+            continue;
+        }
+        wrote.push((ptr.clone(), value));
+    }
+    Ok(wrote)
+}
+
+fn write_error(e: DocError) -> StepError {
+    match e {
+        DocError::Store(_) | DocError::Internal(_) => StepError::Retry(e.to_string()),
+        e => StepError::Final(e.to_string()),
+    }
+}
+
+/// A `derive` step: values written into the triggering doc where they differ.
+async fn derive(
+    shared: &Shared,
+    sp: &super::plan::StepPlan,
+    bound: &Bound,
+    doc: &str,
+    json: &Json,
+    cause: &Cause,
+) -> Result<(Json, Wrote), StepError> {
+    let wrote = changes(shared, sp, bound, json)?;
+    write_values(shared, doc, wrote, cause).await
+}
+
+/// A `write` step: values written into the target doc where they differ.
+async fn write(
+    shared: &Shared,
+    sp: &super::plan::StepPlan,
+    bound: &Bound,
+    cause: &Cause,
+) -> Result<(Json, Wrote), StepError> {
+    let target = sp.target.clone().expect("write steps have a target");
+    let current = match shared.docs.get(target.clone(), None).await {
+        Ok(j) => j,
+        Err(DocError::NotFound(_)) => Json::Object(Default::default()),
+        Err(e) => return Err(write_error(e)),
+    };
+    let wrote = changes(shared, sp, bound, &current)?;
+    write_values(shared, target.as_str(), wrote, cause).await
+}
+
+/// Writes `wrote` into `doc` as one change, each value only where the doc
+/// (as the writer sees it, not as the run read it) holds another.
+async fn write_values(
+    shared: &Shared,
+    doc: &str,
+    wrote: Wrote,
+    cause: &Cause,
+) -> Result<(Json, Wrote), StepError> {
+    let nothing = || serde_json::json!({ "doc": doc, "wrote": [] });
+    if wrote.is_empty() {
+        return Ok((nothing(), wrote));
+    }
+    let id = DocId::new(doc).map_err(|e| StepError::Final(e.to_string()))?;
+    let result = shared
+        .docs
+        .write_caused(id, Change::SetIfDifferent(wrote.clone()), cause.clone())
+        .await
+        .map_err(write_error)?;
+    if !result.changed {
+        return Ok((nothing(), vec![]));
+    }
+    let paths: Vec<&str> = wrote.iter().map(|(p, _)| p.as_str()).collect();
+    let output = serde_json::json!({ "doc": doc, "wrote": paths, "heads": result.heads });
+    Ok((output, wrote))
+}
+
+/// Sets `value` at JSON Pointer `ptr` in `json`, creating missing maps.
+fn set_pointer(json: &mut Json, ptr: &str, value: Json) {
+    let tokens: Vec<String> = ptr
+        .split('/')
+        .skip(1)
+        .map(|t| t.replace("~1", "/").replace("~0", "~"))
+        .collect();
+    let mut at = json;
+    for (i, t) in tokens.iter().enumerate() {
+        let last = i + 1 == tokens.len();
+        match at {
+            Json::Object(m) => {
+                if last {
+                    m.insert(t.clone(), value);
+                    return;
+                }
+                at = m
+                    .entry(t.clone())
+                    .or_insert_with(|| Json::Object(Default::default()));
+            }
+            Json::Array(a) => {
+                let Some(slot) = t.parse::<usize>().ok().and_then(|i| a.get_mut(i)) else {
+                    return;
+                };
+                if last {
+                    *slot = value;
+                    return;
+                }
+                at = slot;
+            }
+            _ => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_maximum() {
+        let r = Retry {
+            attempts: 10,
+            backoff: Backoff::Exponential,
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(1),
+        };
+        let waits: Vec<u64> = (1..=6).map(|a| backoff(&r, a).as_millis() as u64).collect();
+        assert_eq!(waits, [100, 200, 400, 800, 1000, 1000]);
+        assert_eq!(backoff(&r, 200), Duration::from_secs(1));
+        let fixed = Retry {
+            backoff: Backoff::Fixed,
+            ..r
+        };
+        assert_eq!(backoff(&fixed, 5), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn set_pointer_creates_maps_and_unescapes() {
+        let mut j = serde_json::json!({"a": [1, 2]});
+        set_pointer(&mut j, "/b/c~1d", Json::from(3));
+        set_pointer(&mut j, "/a/1", Json::from(5));
+        assert_eq!(j, serde_json::json!({"a": [1, 5], "b": {"c/d": 3}}));
+    }
+}

@@ -1,0 +1,239 @@
+//! A checked definition made ready to run: its expressions compiled, its
+//! trigger's path glob built, and the target docs of `write` steps parsed.
+
+use std::sync::Arc;
+
+use super::def::{self, Action, DefError, Origin, Workflow};
+use super::expr::{Expr, Sandbox};
+use crate::doc::{DocId, Pointer};
+use crate::feed::ChangeEvent;
+
+/// A workflow ready to run.
+#[derive(Debug)]
+pub struct Plan {
+    /// The definition.
+    pub def: Workflow,
+    /// Where it came from (a file path).
+    pub source_name: String,
+    /// The definition's text, to tell a changed file from an unchanged one.
+    pub text: String,
+    /// The trigger's condition.
+    pub when: Option<Expr>,
+    path: Option<globset::GlobMatcher>,
+    /// One per step of `def.steps`, in the same order.
+    pub steps: Vec<StepPlan>,
+}
+
+/// One step ready to run.
+#[derive(Debug)]
+pub struct StepPlan {
+    /// The step's condition.
+    pub when: Option<Expr>,
+    /// `derive` and `write`: where each value goes, and its expression.
+    pub set: Vec<(Pointer, Expr)>,
+    /// `write`: the doc written to.
+    pub target: Option<DocId>,
+}
+
+impl Plan {
+    /// Parses, checks and compiles a definition.
+    ///
+    /// # Errors
+    /// What is wrong, naming the file, the step and the key (and for
+    /// expressions, the line and position).
+    pub fn load(sandbox: &Sandbox, source_name: &str, text: &str) -> Result<Arc<Plan>, DefError> {
+        let def = def::parse(source_name, text)?;
+        let err = |what: String| DefError {
+            source_name: source_name.to_string(),
+            what,
+        };
+        let compile = |what: &str, src: &Option<String>| -> Result<Option<Expr>, DefError> {
+            src.as_deref()
+                .map(|s| sandbox.compile(s))
+                .transpose()
+                .map_err(|e| err(format!("{what}: {e}")))
+        };
+        let when = compile("[on] when", &def.trigger.when)?;
+        let path = match &def.trigger.path {
+            None => None,
+            Some(p) => Some(
+                globset::GlobBuilder::new(p)
+                    .literal_separator(true)
+                    .build()
+                    .map_err(|e| err(format!("[on] path {p:?}: {e}")))?
+                    .compile_matcher(),
+            ),
+        };
+        let mut steps = Vec::with_capacity(def.steps.len());
+        for s in &def.steps {
+            let at = |key: &str| format!("step {:?}: {key}", s.id);
+            let when = compile(&at("when"), &s.when)?;
+            let (set, target) = match &s.action {
+                Action::Derive { set } => (set, None),
+                Action::Write { doc, set } => {
+                    let target =
+                        DocId::new(doc.as_str()).map_err(|e| err(format!("{}: {e}", at("doc"))))?;
+                    (set, Some(target))
+                }
+                Action::Resolve { .. } | Action::Http { .. } | Action::Exec { .. } => {
+                    return Err(err(format!(
+                        "step {:?}: kind {} cannot run in this version yet (derive and write can)",
+                        s.id,
+                        kind_name(&s.action)
+                    )));
+                }
+            };
+            let mut compiled = Vec::with_capacity(set.len());
+            for (pointer, src) in set {
+                let key = at(&format!("set {pointer:?}"));
+                let ptr = Pointer::parse(pointer).map_err(|e| err(format!("{key}: {e}")))?;
+                if ptr.is_root() {
+                    return Err(err(format!("{key}: cannot replace the whole document")));
+                }
+                let expr = sandbox
+                    .compile(src)
+                    .map_err(|e| err(format!("{key}: {e}")))?;
+                compiled.push((ptr, expr));
+            }
+            steps.push(StepPlan {
+                when,
+                set: compiled,
+                target,
+            });
+        }
+        Ok(Arc::new(Plan {
+            def,
+            source_name: source_name.to_string(),
+            text: text.to_string(),
+            when,
+            path,
+            steps,
+        }))
+    }
+
+    /// The workflow's name.
+    pub fn name(&self) -> &str {
+        &self.def.name
+    }
+
+    /// True if a change event triggers this workflow: its doc, its origin
+    /// and (with an `[on] path`) one of its changed paths match. A deleted
+    /// doc triggers nothing.
+    pub fn matches(&self, e: &ChangeEvent) -> bool {
+        let Some((_, glob)) = &self.def.trigger.doc else {
+            return false;
+        };
+        let origin_ok = match self.def.trigger.origin {
+            Origin::Any => true,
+            Origin::Local => e.local,
+            Origin::Remote => !e.local,
+        };
+        origin_ok && !e.deleted && glob.matches(&e.doc) && self.path_matches(e)
+    }
+
+    /// True if the event touched the trigger's path glob: a changed path or
+    /// one of its parents matches, or a changed path is a parent of what the
+    /// glob names (the whole subtree was replaced), or the event lists only
+    /// some of its paths.
+    fn path_matches(&self, e: &ChangeEvent) -> bool {
+        let (Some(glob), Some(pattern)) = (&self.path, &self.def.trigger.path) else {
+            return true;
+        };
+        if e.paths_truncated {
+            return true;
+        }
+        e.paths.iter().any(|p| {
+            let mut at = p.as_str();
+            loop {
+                if glob.is_match(at) {
+                    return true;
+                }
+                match at.rfind('/') {
+                    Some(0) | None => break,
+                    Some(i) => at = &at[..i],
+                }
+            }
+            p == "/" || pattern.starts_with(&format!("{p}/"))
+        })
+    }
+}
+
+/// The name of a step's kind, as written in definitions.
+pub fn kind_name(action: &Action) -> &'static str {
+    match action {
+        Action::Derive { .. } => "derive",
+        Action::Resolve { .. } => "resolve",
+        Action::Write { .. } => "write",
+        Action::Http { .. } => "http",
+        Action::Exec { .. } => "exec",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(doc: &str, local: bool, paths: &[&str]) -> ChangeEvent {
+        ChangeEvent {
+            id: String::new(),
+            seq: 0,
+            doc: doc.into(),
+            heads: vec!["h".into()],
+            origin: "p".into(),
+            local,
+            deleted: false,
+            paths: paths.iter().map(|p| p.to_string()).collect(),
+            paths_truncated: false,
+            cause: None,
+        }
+    }
+
+    const F: &str = r#"
+name = "f"
+[on]
+doc = "sensors/*"
+path = "/readings/*/celsius"
+origin = "remote"
+[[steps]]
+id = "c"
+kind = "derive"
+set = { "/f" = "doc.c * 2" }
+"#;
+
+    #[test]
+    fn triggers_match_doc_origin_and_path() {
+        let p = Plan::load(&Sandbox::new(), "f.toml", F).unwrap();
+        assert!(p.matches(&event("sensors/a", false, &["/readings/x/celsius"])));
+        assert!(p.matches(&event("sensors/a", false, &["/readings/x/celsius/deep"])));
+        assert!(
+            p.matches(&event("sensors/a", false, &["/readings"])),
+            "parent replaced"
+        );
+        assert!(!p.matches(&event("sensors/a", false, &["/readings/x/kelvin"])));
+        assert!(!p.matches(&event("sensors/a", true, &["/readings/x/celsius"])));
+        assert!(!p.matches(&event("rooms/a", false, &["/readings/x/celsius"])));
+        let mut cut = event("sensors/a", false, &[]);
+        cut.paths_truncated = true;
+        assert!(p.matches(&cut));
+        let mut gone = event("sensors/a", false, &["/readings/x/celsius"]);
+        gone.deleted = true;
+        assert!(!p.matches(&gone));
+    }
+
+    #[test]
+    fn bad_expressions_and_kinds_not_runnable_yet_are_load_errors() {
+        let s = Sandbox::new();
+        let bad = F.replace("doc.c * 2", "doc.c * ");
+        let err = Plan::load(&s, "f.toml", &bad).unwrap_err().to_string();
+        assert!(
+            err.contains("f.toml") && err.contains("step \"c\": set \"/f\""),
+            "{err}"
+        );
+        assert!(err.contains("line 1"), "{err}");
+        let http = "name = \"h\"\n[on]\ndoc = \"d\"\n[[steps]]\nid = \"a\"\nkind = \"http\"\nurl = \"http://127.0.0.1:1/\"\n";
+        let err = Plan::load(&s, "h.toml", http).unwrap_err().to_string();
+        assert!(err.contains("cannot run in this version yet"), "{err}");
+        let root = F.replace("\"/f\"", "\"\"");
+        assert!(Plan::load(&s, "f.toml", &root).is_err());
+    }
+}

@@ -1,0 +1,437 @@
+//! Workflows triggered by merges: derive on a cluster, loops stopped by the
+//! depth limit, states taken after a restart, dead runs retried and skipped,
+//! and bad definitions listed as invalid while the others run.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use mergeflow::workflow::{Run, RunStatus};
+use rand::{RngExt, SeedableRng};
+use serde_json::{Value, json};
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+const FAHRENHEIT: &str = r#"
+name = "fahrenheit"
+[on]
+doc = "sensors/*"
+path = "/celsius"
+when = "doc.celsius != ()"
+
+[[steps]]
+id = "convert"
+kind = "derive"
+set = { "/fahrenheit" = "doc.celsius * 9.0 / 5.0 + 32.0" }
+"#;
+
+fn write_def(dir: &Path, file: &str, text: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join(file), text).unwrap();
+}
+
+/// Polls `check` until it returns `Some`, or panics with `what` after the deadline.
+async fn until<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn path_of(node: &mergeflow::Node, doc: &str, path: &str) -> Option<Value> {
+    node.doc(doc).unwrap().get_path(path).await.ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn derive_on_three_nodes_writes_each_value_once_and_everywhere() {
+    let seed = common::seed(5);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let defs = dir.path().join("workflows");
+    write_def(&defs, "fahrenheit.toml", FAHRENHEIT);
+    let tweak = |c: &mut mergeflow::config::Config| c.workflow.dir = defs.clone();
+    let a = common::p2p_node(&dir.path().join("a"), vec![], tweak).await;
+    let a_addr = common::listen_addr(&a).await;
+    let b = common::p2p_node(&dir.path().join("b"), vec![a_addr.clone()], tweak).await;
+    let c = common::p2p_node(&dir.path().join("c"), vec![a_addr], tweak).await;
+    let nodes = [&a, &b, &c];
+    until("peers to connect", || async {
+        (a.status().await.peers >= 2).then_some(())
+    })
+    .await;
+
+    let writes = 6;
+    for i in 0..writes {
+        let celsius = 10 + 5 * i;
+        let on = nodes[rng.random_range(0..3)];
+        on.doc("sensors/s1")
+            .unwrap()
+            .patch(json!({ "celsius": celsius }))
+            .await
+            .unwrap();
+        let want = json!(celsius as f64 * 9.0 / 5.0 + 32.0);
+        for n in nodes {
+            until("the derived value on every node", || async {
+                let f = path_of(n, "sensors/s1", "/fahrenheit").await;
+                let c = path_of(n, "sensors/s1", "/celsius").await;
+                (f.as_ref() == Some(&want) && c == Some(json!(celsius))).then_some(())
+            })
+            .await;
+        }
+    }
+
+    // Every node ends with the same history. Each trigger state has one
+    // derived change, bar concurrent identical writes (same deps); no
+    // derived change was made on top of another one (a sequential duplicate).
+    until("identical histories", || async {
+        let h: Vec<Vec<String>> = futures_util::future::join_all(nodes.iter().map(|n| async {
+            let mut h: Vec<String> = n
+                .doc("sensors/s1")
+                .unwrap()
+                .history()
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|e| e.hash)
+                .collect();
+            h.sort();
+            h
+        }))
+        .await;
+        (h[0] == h[1] && h[1] == h[2]).then_some(())
+    })
+    .await;
+    let entries = a.doc("sensors/s1").unwrap().history().await.unwrap();
+    let derived: Vec<_> = entries
+        .iter()
+        .filter(|e| e.message.as_deref() == Some("workflow fahrenheit depth 1"))
+        .collect();
+    // For each derived change, the trigger writes in its causal past: two
+    // derived changes with the same ones are for the same trigger state,
+    // and then they must be concurrent (neither in the other's past).
+    let deps: std::collections::HashMap<&str, &Vec<String>> =
+        entries.iter().map(|e| (e.hash.as_str(), &e.deps)).collect();
+    let past = |from: &str| {
+        let mut seen = std::collections::BTreeSet::new();
+        let mut stack: Vec<&str> = deps[from].iter().map(String::as_str).collect();
+        while let Some(h) = stack.pop() {
+            if seen.insert(h) {
+                stack.extend(deps[h].iter().map(String::as_str));
+            }
+        }
+        seen
+    };
+    let derived_set: std::collections::BTreeSet<&str> =
+        derived.iter().map(|e| e.hash.as_str()).collect();
+    let mut by_state: std::collections::BTreeMap<Vec<&str>, Vec<&str>> = Default::default();
+    for d in &derived {
+        let triggers: Vec<&str> = past(&d.hash)
+            .into_iter()
+            .filter(|h| !derived_set.contains(h))
+            .collect();
+        by_state.entry(triggers).or_default().push(&d.hash);
+    }
+    for same in by_state.values() {
+        for x in same {
+            for y in same {
+                assert!(!past(y).contains(x), "{y} was derived again on top of {x}");
+            }
+        }
+    }
+    assert_eq!(
+        by_state.len(),
+        writes,
+        "one derived state per write: {derived:#?}"
+    );
+    println!(
+        "{} derived changes for {writes} writes on 3 nodes",
+        derived.len()
+    );
+
+    // Every node ran the workflow on every state it saw; the runs on the
+    // nodes that did not write found the value there.
+    for n in nodes {
+        until("every run done", || async {
+            let runs = n.workflows().runs(Some("fahrenheit"), None, 1000).unwrap();
+            (!runs.is_empty() && runs.iter().all(|r| r.status == RunStatus::Done)).then_some(())
+        })
+        .await;
+    }
+    for n in nodes {
+        n.shutdown().await.unwrap();
+    }
+}
+
+const PING: &str = r#"
+name = "ping"
+[on]
+doc = "loop/a"
+[[steps]]
+id = "bump"
+kind = "write"
+doc = "loop/b"
+set = { "/n" = "doc.n + 1" }
+"#;
+
+const PONG: &str = r#"
+name = "pong"
+[on]
+doc = "loop/b"
+[[steps]]
+id = "bump"
+kind = "write"
+doc = "loop/a"
+set = { "/n" = "doc.n + 1" }
+"#;
+
+async fn local_node(
+    dir: &Path,
+    defs: &Path,
+    tweak: impl FnOnce(&mut mergeflow::config::Config),
+) -> mergeflow::Node {
+    let mut config = mergeflow::config::Config::default();
+    config.node.data_dir = dir.to_path_buf();
+    config.workflow.dir = defs.to_path_buf();
+    tweak(&mut config);
+    mergeflow::Node::builder()
+        .config(config)
+        .network(false)
+        .start()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_depth_limit_stops_a_loop_between_two_workflows() {
+    let dir = tempfile::tempdir().unwrap();
+    let defs = dir.path().join("workflows");
+    write_def(&defs, "ping.toml", PING);
+    write_def(&defs, "pong.toml", PONG);
+    let node = local_node(&dir.path().join("n"), &defs, |c| c.workflow.max_depth = 4).await;
+    until("both workflows loaded", || async {
+        (node.workflows().list().len() == 2).then_some(())
+    })
+    .await;
+    node.doc("loop/a")
+        .unwrap()
+        .patch(json!({"n": 0}))
+        .await
+        .unwrap();
+    let dead: Run = until("a dead run", || async {
+        node.workflows()
+            .runs(None, Some(RunStatus::Dead), 10)
+            .unwrap()
+            .into_iter()
+            .next()
+    })
+    .await;
+    assert_eq!(dead.workflow, "ping");
+    assert_eq!(dead.depth, 5);
+    assert!(
+        dead.error
+            .as_deref()
+            .unwrap()
+            .contains("workflow.max_depth = 4"),
+        "{dead:?}"
+    );
+    // Depths 1..4 ran: ping wrote b = 1 and 3, pong wrote a = 2 and 4.
+    assert_eq!(path_of(&node, "loop/b", "/n").await, Some(json!(3)));
+    assert_eq!(path_of(&node, "loop/a", "/n").await, Some(json!(4)));
+    let done = node
+        .workflows()
+        .runs(None, Some(RunStatus::Done), 100)
+        .unwrap();
+    assert_eq!(done.len(), 4, "{done:#?}");
+    node.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn states_merged_before_a_workflow_loaded_are_taken_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("n");
+    let defs = dir.path().join("workflows");
+    std::fs::create_dir_all(&defs).unwrap();
+    {
+        let node = local_node(&data, &defs, |_| {}).await;
+        for i in 0..5 {
+            node.doc(&format!("sensors/s{i}"))
+                .unwrap()
+                .patch(json!({ "celsius": i }))
+                .await
+                .unwrap();
+        }
+        node.doc("other/x")
+            .unwrap()
+            .patch(json!({"celsius": 1}))
+            .await
+            .unwrap();
+        node.shutdown().await.unwrap();
+    }
+    write_def(&defs, "fahrenheit.toml", FAHRENHEIT);
+    {
+        let node = local_node(&data, &defs, |_| {}).await;
+        for i in 0..5 {
+            let want = json!(i as f64 * 9.0 / 5.0 + 32.0);
+            until("derived values of docs written earlier", || async {
+                (path_of(&node, &format!("sensors/s{i}"), "/fahrenheit").await
+                    == Some(want.clone()))
+                .then_some(())
+            })
+            .await;
+        }
+        assert_eq!(path_of(&node, "other/x", "/fahrenheit").await, None);
+        let runs = until("the runs to finish", || async {
+            let runs = node.workflows().runs(None, None, 100).unwrap();
+            runs.iter()
+                .all(|r| r.status == RunStatus::Done)
+                .then_some(runs)
+        })
+        .await;
+        assert_eq!(runs.len(), 5, "{runs:#?}");
+        assert!(runs.iter().all(|r| r.trigger == "startup"), "{runs:#?}");
+        node.shutdown().await.unwrap();
+    }
+    // A restart finds nothing new: no state runs twice.
+    let node = local_node(&data, &defs, |_| {}).await;
+    node.doc("sensors/s0")
+        .unwrap()
+        .patch(json!({"celsius": 100}))
+        .await
+        .unwrap();
+    until("the new write's run", || async {
+        (path_of(&node, "sensors/s0", "/fahrenheit").await == Some(json!(212.0))).then_some(())
+    })
+    .await;
+    let runs = until("the run to finish", || async {
+        let runs = node.workflows().runs(None, None, 100).unwrap();
+        runs.iter()
+            .all(|r| r.status == RunStatus::Done)
+            .then_some(runs)
+    })
+    .await;
+    assert_eq!(runs.len(), 6, "{runs:#?}");
+    // The write may land before the engine follows the feed; then the
+    // startup scan takes it. Either way, once.
+    assert!(["change", "startup"].contains(&runs[0].trigger.as_str()));
+    node.shutdown().await.unwrap();
+}
+
+const TOTAL: &str = r#"
+name = "total"
+[on]
+doc = "orders/*"
+path = "/price"
+[[steps]]
+id = "sum"
+kind = "derive"
+set = { "/total" = "doc.price * doc.qty" }
+[[steps]]
+id = "flag"
+kind = "derive"
+needs = ["sum"]
+when = "doc.total > 100"
+set = { "/big" = "true" }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_runs_say_why_and_can_be_retried_or_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let defs = dir.path().join("workflows");
+    write_def(&defs, "total.toml", TOTAL);
+    write_def(
+        &defs,
+        "broken.toml",
+        "name = \"broken\"\n[on]\ndoc = \"x\"\n[[steps]]\nid = \"a\"\nkind = \"derive\"\nset = { \"/y\" = \"doc.x +\" }\n",
+    );
+    let node = local_node(&dir.path().join("n"), &defs, |_| {}).await;
+    let list = until("definitions loaded", || async {
+        let l = node.workflows().list();
+        (l.len() == 2).then_some(l)
+    })
+    .await;
+    let broken = list.iter().find(|w| !w.valid).unwrap();
+    assert!(broken.file.ends_with("broken.toml"));
+    let err = broken.error.as_deref().unwrap();
+    assert!(
+        err.contains("step \"a\": set \"/y\"") && err.contains("line 1"),
+        "{err}"
+    );
+    assert!(list.iter().any(|w| w.valid && w.name == "total"));
+
+    let wf = node.workflows();
+    node.doc("orders/1")
+        .unwrap()
+        .patch(json!({"price": "ten", "qty": 2}))
+        .await
+        .unwrap();
+    node.doc("orders/2")
+        .unwrap()
+        .patch(json!({"price": "ten", "qty": 2}))
+        .await
+        .unwrap();
+    let dead = until("two dead runs", || async {
+        let d = wf.runs(Some("total"), Some(RunStatus::Dead), 10).unwrap();
+        (d.len() == 2).then_some(d)
+    })
+    .await;
+    for d in &dead {
+        let e = d.error.as_deref().unwrap();
+        assert!(e.starts_with("step \"sum\": set \"/total\""), "{e}");
+        assert_eq!(d.steps[0].attempts, 1, "expression errors are not retried");
+        assert_eq!(
+            d.steps[1].error.as_deref(),
+            Some("needs \"sum\", which failed")
+        );
+    }
+    let d1 = dead.iter().find(|d| d.doc == "orders/1").unwrap();
+    let d2 = dead.iter().find(|d| d.doc == "orders/2").unwrap();
+
+    // Fixing the data is a new state, and a new run; a retry then runs the
+    // dead run again on the current state, where it finds nothing to write.
+    node.doc("orders/1")
+        .unwrap()
+        .patch(json!({"price": 2, "qty": 60}))
+        .await
+        .unwrap();
+    until("the new state's run", || async {
+        let total = path_of(&node, "orders/1", "/total").await;
+        let big = path_of(&node, "orders/1", "/big").await;
+        (total == Some(json!(120)) && big == Some(json!(true))).then_some(())
+    })
+    .await;
+    let retried = wf.retry(d1.id).await.unwrap();
+    assert_eq!(retried.status, RunStatus::Queued);
+    let after = until("the retried run to finish", || async {
+        let r = wf.run(d1.id).unwrap();
+        (r.status == RunStatus::Done).then_some(r)
+    })
+    .await;
+    assert_eq!(after.trigger, "retry");
+    assert_eq!(
+        after.steps[0].output.as_ref().unwrap()["wrote"],
+        json!([]),
+        "already there"
+    );
+
+    let skipped = wf.skip(d2.id).await.unwrap();
+    assert_eq!(skipped.status, RunStatus::Skipped);
+    let again = wf.skip(d2.id).await.unwrap_err().to_string();
+    assert!(again.contains("only a dead run"), "{again}");
+    assert!(
+        wf.retry(999_999)
+            .await
+            .unwrap_err()
+            .to_string()
+            .contains("no run 999999")
+    );
+    node.shutdown().await.unwrap();
+}

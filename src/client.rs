@@ -232,6 +232,63 @@ impl Client {
         self.send(self.http.get(format!("{}/v1/status", self.base)))
             .await
     }
+
+    /// `GET /v1/workflows`
+    ///
+    /// # Errors
+    /// [`ClientError`].
+    pub async fn workflows(&self) -> Result<Vec<Json>, ClientError> {
+        self.send(self.http.get(format!("{}/v1/workflows", self.base)))
+            .await
+    }
+
+    /// `GET /v1/workflows/{name}`
+    ///
+    /// # Errors
+    /// [`ClientError`].
+    pub async fn workflow(&self, name: &str) -> Result<Json, ClientError> {
+        let url = format!("{}/v1/workflows/{}", self.base, encode_id(name));
+        self.send(self.http.get(url)).await
+    }
+
+    /// `GET /v1/runs`, newest first.
+    ///
+    /// # Errors
+    /// [`ClientError`].
+    pub async fn runs(
+        &self,
+        workflow: Option<&str>,
+        status: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<crate::workflow::Run>, ClientError> {
+        let mut query = vec![("limit", limit.to_string())];
+        query.extend(workflow.map(|w| ("workflow", w.to_string())));
+        query.extend(status.map(|s| ("status", s.to_string())));
+        let url = format!("{}/v1/runs", self.base);
+        self.send(self.http.get(url).query(&query)).await
+    }
+
+    /// `GET /v1/runs/{id}`
+    ///
+    /// # Errors
+    /// [`ClientError`].
+    pub async fn run(&self, id: u64) -> Result<crate::workflow::Run, ClientError> {
+        self.send(self.http.get(format!("{}/v1/runs/{id}", self.base)))
+            .await
+    }
+
+    /// `POST /v1/runs/{id}/retry` (`retry`) or `.../skip`.
+    ///
+    /// # Errors
+    /// [`ClientError`].
+    pub async fn run_action(
+        &self,
+        id: u64,
+        action: &str,
+    ) -> Result<crate::workflow::Run, ClientError> {
+        let url = format!("{}/v1/runs/{id}/{action}", self.base);
+        self.send(self.http.post(url)).await
+    }
 }
 
 #[cfg(test)]

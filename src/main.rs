@@ -48,6 +48,29 @@ enum Cmd {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Workflow definitions: list the node's, show one, check a file.
+    Workflow {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        cmd: WorkflowCmd,
+    },
+    /// Workflow runs, newest first; `runs show|retry|skip ID` for one.
+    Runs {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Only runs of this workflow.
+        #[arg(long)]
+        workflow: Option<String>,
+        /// Only runs in this state: queued, running, done, dead, skipped.
+        #[arg(long)]
+        status: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[command(subcommand)]
+        cmd: Option<RunsCmd>,
+    },
     /// Print a new random network key for `net.key` (64 hex digits).
     Keygen,
     /// Measure durable write throughput and latency against a running node.
@@ -163,6 +186,42 @@ enum DocCmd {
     },
 }
 
+#[derive(Subcommand)]
+enum WorkflowCmd {
+    /// List the node's workflows, the invalid ones with their error.
+    List,
+    /// Show one workflow.
+    Show {
+        /// Its name.
+        name: String,
+    },
+    /// Check a definition file here, without a node: prints what it loads
+    /// as, or what is wrong and where (exit code 1).
+    Validate {
+        /// The TOML file.
+        file: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum RunsCmd {
+    /// Show one run: each step's state, attempts, timings, output and error.
+    Show {
+        /// Run id.
+        id: u64,
+    },
+    /// Run a dead run again from its failed step, on the doc's current state.
+    Retry {
+        /// Run id.
+        id: u64,
+    },
+    /// Mark a dead run skipped.
+    Skip {
+        /// Run id.
+        id: u64,
+    },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -234,6 +293,14 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Doc { client, cmd } => doc(client, cmd).await,
+        Cmd::Workflow { client, cmd } => workflow(client, cmd).await,
+        Cmd::Runs {
+            client,
+            workflow,
+            status,
+            limit,
+            cmd,
+        } => runs(client, workflow, status, limit, cmd).await,
         Cmd::Status { client } => {
             let c = Client::new(&client.api);
             let s = c.status().await?;
@@ -248,6 +315,11 @@ async fn run(cli: Cli) -> Result<()> {
                 println!("boot      {}", s.boot);
                 println!("store     {} bytes", s.store_bytes);
                 println!("peers     {} connected", s.peers);
+                let w = &s.workflows;
+                println!(
+                    "workflows {} loaded, {} invalid; runs {} ({} done, {} dead)",
+                    w.workflows, w.invalid, w.runs, w.done, w.dead
+                );
                 for a in &s.listen_addrs {
                     println!("listen    {a}");
                 }
@@ -292,6 +364,116 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+async fn workflow(client: ClientArgs, cmd: WorkflowCmd) -> Result<()> {
+    let c = Client::new(&client.api);
+    match cmd {
+        WorkflowCmd::List => {
+            let list = c.workflows().await?;
+            if client.json {
+                print_json(&list);
+                return Ok(());
+            }
+            println!("{:<24} {:<8} {:<24} STEPS / ERROR", "NAME", "VALID", "DOCS");
+            for w in list {
+                let steps: Vec<String> = w["steps"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|s| {
+                        format!(
+                            "{}:{}",
+                            s["id"].as_str().unwrap_or(""),
+                            s["kind"].as_str().unwrap_or("")
+                        )
+                    })
+                    .collect();
+                let valid = w["valid"].as_bool().unwrap_or(false);
+                let tail = if valid {
+                    steps.join(" -> ")
+                } else {
+                    w["error"].as_str().unwrap_or("").to_string()
+                };
+                println!(
+                    "{:<24} {:<8} {:<24} {tail}",
+                    w["name"].as_str().unwrap_or(""),
+                    if valid { "yes" } else { "NO" },
+                    w["doc"].as_str().unwrap_or("-"),
+                );
+            }
+            Ok(())
+        }
+        WorkflowCmd::Show { name } => {
+            print_json(&c.workflow(&name).await?);
+            Ok(())
+        }
+        WorkflowCmd::Validate { file } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let sandbox = mergeflow::workflow::expr::Sandbox::new();
+            let plan = mergeflow::workflow::plan::Plan::load(
+                &sandbox,
+                &file.display().to_string(),
+                &text,
+            )?;
+            let order: Vec<&str> = plan.def.steps.iter().map(|s| s.id.as_str()).collect();
+            println!(
+                "{}: workflow {:?} is valid; steps run in the order {}",
+                file.display(),
+                plan.name(),
+                order.join(" -> ")
+            );
+            Ok(())
+        }
+    }
+}
+
+async fn runs(
+    client: ClientArgs,
+    workflow: Option<String>,
+    status: Option<String>,
+    limit: usize,
+    cmd: Option<RunsCmd>,
+) -> Result<()> {
+    let c = Client::new(&client.api);
+    let (id, action) = match cmd {
+        None => {
+            let runs = c
+                .runs(workflow.as_deref(), status.as_deref(), limit)
+                .await?;
+            if client.json {
+                print_json(&runs);
+                return Ok(());
+            }
+            println!(
+                "{:>10} {:<8} {:<20} {:<28} {:<8} {:>5}  ERROR",
+                "ID", "STATUS", "WORKFLOW", "DOC", "TRIGGER", "DEPTH"
+            );
+            for r in runs {
+                println!(
+                    "{:>10} {:<8} {:<20} {:<28} {:<8} {:>5}  {}",
+                    r.id,
+                    format!("{:?}", r.status).to_lowercase(),
+                    r.workflow,
+                    r.doc,
+                    r.trigger,
+                    r.depth,
+                    r.error.as_deref().unwrap_or("")
+                );
+            }
+            return Ok(());
+        }
+        Some(RunsCmd::Show { id }) => (id, None),
+        Some(RunsCmd::Retry { id }) => (id, Some("retry")),
+        Some(RunsCmd::Skip { id }) => (id, Some("skip")),
+    };
+    let run = match action {
+        None => c.run(id).await?,
+        Some(a) => c.run_action(id, a).await?,
+    };
+    print_json(&run);
+    Ok(())
 }
 
 async fn start(args: StartArgs) -> Result<()> {

@@ -352,6 +352,8 @@ pub struct Status {
     /// Rounds of merged remote changes that went to the change feed before
     /// their flush (they are flushed within `store.remote_flush_ms`).
     pub lazy_rounds: u64,
+    /// Workflow definitions and runs since start.
+    pub workflows: crate::workflow::EngineStats,
 }
 
 impl Node {
@@ -502,6 +504,7 @@ impl Node {
             flushes: stats.flushes.load(std::sync::atomic::Ordering::Relaxed),
             flushed_writes: stats.writes.load(std::sync::atomic::Ordering::Relaxed),
             lazy_rounds: stats.lazy.load(std::sync::atomic::Ordering::Relaxed),
+            workflows: self.inner.workflows.stats(),
         }
     }
 

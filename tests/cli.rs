@@ -169,3 +169,70 @@ fn node_not_running_is_a_one_line_error() {
         assert!(err.contains("cannot reach a mergeflow node"), "{err}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn workflow_and_runs_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let defs = dir.path().join("data").join("workflows");
+    std::fs::create_dir_all(&defs).unwrap();
+    let good = "name = \"double\"\n[on]\ndoc = \"n/*\"\n[[steps]]\nid = \"x2\"\nkind = \"derive\"\nset = { \"/twice\" = \"doc.v * 2\" }\n";
+    let bad = "name = \"bad\"\n[on]\ndoc = \"n/*\"\n[[steps]]\nid = \"s\"\nkind = \"derive\"\nset = { \"/y\" = \"doc.v *\" }\n";
+    std::fs::write(defs.join("double.toml"), good).unwrap();
+    std::fs::write(dir.path().join("bad.toml"), bad).unwrap();
+    let node = start_node(dir.path()).await;
+    let cli = Cli {
+        api: node.api_addr().unwrap().to_string(),
+    };
+
+    // validate works on a file, without asking the node.
+    let out = cli.ok(&[
+        "workflow",
+        "validate",
+        defs.join("double.toml").to_str().unwrap(),
+    ]);
+    assert!(out.contains("workflow \"double\" is valid"), "{out}");
+    let err = cli.fails(&[
+        "workflow",
+        "validate",
+        dir.path().join("bad.toml").to_str().unwrap(),
+    ]);
+    assert!(
+        err.contains("bad.toml") && err.contains("step \"s\": set \"/y\""),
+        "{err}"
+    );
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let list = cli.json(&["workflow", "list"]);
+        if list.as_array().unwrap().len() == 1 {
+            assert_eq!(list[0]["name"], "double");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "workflow not loaded");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    cli.ok(&["doc", "patch", "n/1", "{\"v\": 21}"]);
+    let run = loop {
+        let runs = cli.json(&["runs", "--workflow", "double", "--status", "done"]);
+        if let Some(r) = runs.as_array().unwrap().first() {
+            break r.clone();
+        }
+        assert!(std::time::Instant::now() < deadline, "no run");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(
+        cli.json(&["doc", "get", "n/1"]),
+        json!({"v": 21, "twice": 42})
+    );
+    let id = run["id"].to_string();
+    let shown = cli.json(&["runs", "show", &id]);
+    assert_eq!(shown["steps"][0]["state"], "done");
+    assert_eq!(shown["steps"][0]["output"]["wrote"], json!(["/twice"]));
+    let table = cli.ok(&["runs"]);
+    assert!(table.contains("double") && table.contains("n/1"), "{table}");
+    let err = cli.fails(&["runs", "retry", &id]);
+    assert!(err.contains("only a dead run"), "{err}");
+    let err = cli.fails(&["runs", "--status", "sideways"]);
+    assert!(err.contains("status \"sideways\""), "{err}");
+    node.shutdown().await.unwrap();
+}

@@ -156,7 +156,7 @@ impl WorkflowInfo {
 }
 
 /// Counters since start.
-#[derive(Debug, Default, Clone, Serialize)]
+#[derive(Debug, Default, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct EngineStats {
     /// Workflows loaded and valid.
     pub workflows: u64,

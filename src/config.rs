@@ -50,6 +50,9 @@ pub struct WorkflowConfig {
     /// so that the peer's own derived writes, usually right behind, arrive
     /// first and make the run a no-op; 0 runs at once.
     pub remote_delay_ms: u64,
+    /// How long a node waits for the owner of an effect to deliver it
+    /// before taking it over itself.
+    pub effect_wait_ms: u64,
 }
 
 /// `[node]`: identity and where data lives.
@@ -233,6 +236,7 @@ impl Default for Config {
                 concurrency: 64,
                 keep_runs: 10_000,
                 remote_delay_ms: 100,
+                effect_wait_ms: 60_000,
             },
         }
     }

@@ -160,7 +160,7 @@ impl NodeBuilder {
             docs.clone(),
             store.clone(),
             feed.clone(),
-            config.node.labels.clone(),
+            (peer_id.to_string(), config.node.labels.clone()),
             workflow_cfg,
             cancel.clone(),
             &tasks,
@@ -235,6 +235,18 @@ impl NodeBuilder {
                 node.inner.cancel.clone(),
                 &node.inner.tasks,
             )?;
+            let live = state.clone();
+            node.inner
+                .workflows
+                .set_live_peers(Arc::new(move || match live.lock() {
+                    Ok(net) => net
+                        .peers
+                        .values()
+                        .filter(|p| p.connected)
+                        .map(|p| p.peer_id.clone())
+                        .collect(),
+                    Err(_) => vec![],
+                }));
             *node.inner.net.lock().expect("not poisoned") = Some(state);
         }
         if self.serve_api {

@@ -435,3 +435,156 @@ async fn dead_runs_say_why_and_can_be_retried_or_skipped() {
     );
     node.shutdown().await.unwrap();
 }
+
+/// A local HTTP receiver for effects: counts answered deliveries per
+/// idempotency key; in hang mode it takes the next request and never
+/// answers it (the owner "dies" mid-delivery).
+#[derive(Default)]
+struct Receiver {
+    delivered: std::collections::HashMap<String, u32>,
+    hung: Vec<(String, String)>,
+    hang_next: bool,
+}
+
+async fn receiver() -> (String, std::sync::Arc<std::sync::Mutex<Receiver>>) {
+    use axum::routing::post;
+    let state: std::sync::Arc<std::sync::Mutex<Receiver>> = Default::default();
+    let s = state.clone();
+    let app = axum::Router::new().route(
+        "/alerts",
+        post(
+            move |headers: axum::http::HeaderMap, body: axum::Json<Value>| {
+                let s = s.clone();
+                async move {
+                    let key = headers["idempotency-key"].to_str().unwrap().to_string();
+                    assert_eq!(body["run"]["idempotency_key"], key);
+                    let node = body["run"]["node"].as_str().unwrap().to_string();
+                    let hang = {
+                        let mut r = s.lock().unwrap();
+                        if r.hang_next {
+                            r.hang_next = false;
+                            r.hung.push((key.clone(), node));
+                            true
+                        } else {
+                            *r.delivered.entry(key).or_default() += 1;
+                            false
+                        }
+                    };
+                    if hang {
+                        std::future::pending::<()>().await;
+                    }
+                    "ok"
+                }
+            },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/alerts", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, state)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_effect_is_delivered_once_per_key_even_when_its_owner_dies() {
+    let seed = common::seed(7);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let (url, recv) = receiver().await;
+    let dir = tempfile::tempdir().unwrap();
+    let defs = dir.path().join("workflows");
+    let alert = format!(
+        "name = \"alert\"\n[on]\ndoc = \"sensors/*\"\npath = \"/celsius\"\n[[steps]]\nid = \"post\"\nkind = \"http\"\nurl = \"{url}\"\ntimeout = \"60s\"\nretry = {{ attempts = 10, initial = \"100ms\", max = \"1s\" }}\n"
+    );
+    write_def(&defs, "alert.toml", &alert);
+    let tweak = |c: &mut mergeflow::config::Config| c.workflow.dir = defs.clone();
+    let a = common::p2p_node(&dir.path().join("a"), vec![], tweak).await;
+    let a_addr = common::listen_addr(&a).await;
+    let b = common::p2p_node(&dir.path().join("b"), vec![a_addr.clone()], tweak).await;
+    let c = common::p2p_node(&dir.path().join("c"), vec![a_addr], tweak).await;
+    let nodes = vec![a, b, c];
+    // Every node knows that every other runs the workflow, over a full mesh.
+    for n in &nodes {
+        for m in &nodes {
+            let doc = format!("_mergeflow/nodes/{}", m.peer_id());
+            until("membership docs everywhere", || async {
+                let connected = n.peers().iter().filter(|p| p.connected).count() >= 2;
+                let member = path_of(n, &doc, "/workflows/alert").await == Some(json!(true));
+                (connected && member).then_some(())
+            })
+            .await;
+        }
+    }
+
+    let writes = 5;
+    for i in 0..writes {
+        let before = recv.lock().unwrap().delivered.len();
+        nodes[rng.random_range(0..3)]
+            .doc("sensors/s1")
+            .unwrap()
+            .patch(json!({ "celsius": i }))
+            .await
+            .unwrap();
+        until("the delivery of the new state", || async {
+            (recv.lock().unwrap().delivered.len() > before).then_some(())
+        })
+        .await;
+    }
+    // Every node finishes its run of every state: one delivered it, the
+    // others saw its marker.
+    for n in &nodes {
+        until("every run done", || async {
+            let runs = n.workflows().runs(Some("alert"), None, 100).unwrap();
+            // A node may fold a state into the next one (triggers fire on
+            // state), so it may have fewer runs; none is left waiting.
+            let ok = !runs.is_empty() && runs.iter().all(|r| r.status == RunStatus::Done);
+            ok.then_some(())
+        })
+        .await;
+    }
+
+    // The owner of the next state takes the request and dies before it
+    // answers; another node delivers it.
+    recv.lock().unwrap().hang_next = true;
+    nodes[rng.random_range(0..3)]
+        .doc("sensors/s1")
+        .unwrap()
+        .patch(json!({ "celsius": 99 }))
+        .await
+        .unwrap();
+    let (key, owner) = until("the owner to take the request", || async {
+        recv.lock().unwrap().hung.first().cloned()
+    })
+    .await;
+    let dead = nodes
+        .iter()
+        .position(|n| n.peer_id().to_string() == owner)
+        .unwrap();
+    nodes[dead].shutdown().await.unwrap();
+    until("another node to deliver it", || async {
+        recv.lock()
+            .unwrap()
+            .delivered
+            .contains_key(&key)
+            .then_some(())
+    })
+    .await;
+
+    {
+        let r = recv.lock().unwrap();
+        assert_eq!(
+            r.delivered.len(),
+            writes + 1,
+            "every trigger state delivered: {:?}",
+            r.delivered
+        );
+        assert!(
+            r.delivered.values().all(|n| *n == 1),
+            "each key once: {:?}",
+            r.delivered
+        );
+    }
+    for (i, n) in nodes.iter().enumerate() {
+        if i != dead {
+            n.shutdown().await.unwrap();
+        }
+    }
+}

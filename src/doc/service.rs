@@ -542,6 +542,42 @@ impl Docs {
         .await
     }
 
+    /// True if every change in `older` (hex hashes) is in the history of
+    /// the state `newer` (the state itself included); false if a hash is
+    /// not in the doc.
+    ///
+    /// # Errors
+    /// [`DocError::NotFound`], [`DocError::Deleted`].
+    pub async fn covers(
+        &self,
+        id: DocId,
+        older: Vec<String>,
+        newer: Vec<String>,
+    ) -> Result<bool, DocError> {
+        self.with_doc(id, move |_, id, loaded| {
+            live_meta(id, loaded)?;
+            let parse = |v: &[String]| -> Option<Vec<ChangeHash>> {
+                v.iter().map(|h| h.parse().ok()).collect()
+            };
+            let (Some(older), Some(newer)) = (parse(&older), parse(&newer)) else {
+                return Ok(false);
+            };
+            let doc = &loaded.doc;
+            if older
+                .iter()
+                .chain(&newer)
+                .any(|h| doc.get_change_by_hash(h).is_none())
+            {
+                return Ok(false);
+            }
+            // Changes outside `newer`'s history; `older` must not be among them.
+            let outside: std::collections::HashSet<ChangeHash> =
+                doc.get_changes(&newer).iter().map(|c| c.hash()).collect();
+            Ok(older.iter().all(|h| !outside.contains(h)))
+        })
+        .await
+    }
+
     /// Current heads of document `id`.
     ///
     /// # Errors

@@ -46,11 +46,12 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::def::{Action, Backoff, DefError, Retry};
+use super::effect::{Failure, SYSTEM_PREFIX};
 use super::expr::{Bound, Input, Sandbox};
 use super::plan::{Plan, kind_name};
 use super::run::{Run, RunStatus, StepRun, StepState, run_key};
 use crate::config::WorkflowConfig;
-use crate::doc::{Change, DocError, DocId, Docs, Pointer, now_ms};
+use crate::doc::{Change, DocError, DocId, Docs, Op, Pointer, now_ms};
 use crate::feed::{Cause, DocGlob, Feed, FeedItem};
 use crate::store::{Store, StoreError};
 
@@ -193,10 +194,17 @@ struct Catalog {
     seen: Vec<(PathBuf, Option<SystemTime>, u64)>,
 }
 
+/// The peer ids of the connected peers (set by the node once its network runs).
+pub type LivePeers = Arc<dyn Fn() -> Vec<String> + Send + Sync>;
+
 struct Shared {
     sandbox: Sandbox,
     docs: Docs,
     store: Store,
+    /// This node's peer id.
+    local: String,
+    live: RwLock<Option<LivePeers>>,
+    http: reqwest::Client,
     labels: BTreeMap<String, String>,
     cfg: WorkflowConfig,
     dir: PathBuf,
@@ -219,20 +227,27 @@ pub struct Engine {
 impl Engine {
     /// Starts the engine: loads the definitions in `cfg.dir` (resolved by
     /// the caller: not empty), resumes open runs, and follows `feed` until
-    /// `cancel`. `labels` are the node's (`node.labels`).
+    /// `cancel`. `node` is this node's peer id and labels (`node.labels`).
     pub fn start(
         docs: Docs,
         store: Store,
         feed: Arc<Feed>,
-        labels: BTreeMap<String, String>,
+        node: (String, BTreeMap<String, String>),
         cfg: WorkflowConfig,
         cancel: CancellationToken,
         tasks: &tokio_util::task::TaskTracker,
     ) -> Engine {
+        let (local, labels) = node;
         let shared = Arc::new(Shared {
             sandbox: Sandbox::new(),
             docs,
             store,
+            local,
+            live: RwLock::new(None),
+            http: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(10))
+                .build()
+                .expect("reqwest client builds"),
             labels,
             dir: cfg.dir.clone(),
             cfg,
@@ -246,6 +261,12 @@ impl Engine {
         };
         tasks.spawn(Runner::new(shared, feed).run(rx, cancel));
         engine
+    }
+
+    /// Tells the engine how to list the connected peers, among which effects
+    /// find their owner. Until then this node owns every effect.
+    pub fn set_live_peers(&self, live: LivePeers) {
+        *self.shared.live.write().unwrap_or_else(|p| p.into_inner()) = Some(live);
     }
 
     /// Every workflow: the valid ones by name, then the files that do not load.
@@ -443,7 +464,8 @@ impl Shared {
             }
         }
         let mut catalog = self.catalog.write().unwrap_or_else(|p| p.into_inner());
-        let fresh: Vec<Arc<Plan>> = plans
+        let removed = catalog.plans.keys().any(|n| !plans.contains_key(n));
+        let mut fresh: Vec<Arc<Plan>> = plans
             .values()
             .filter(|p| {
                 catalog
@@ -462,7 +484,56 @@ impl Shared {
         catalog.plans = plans;
         catalog.invalid = invalid;
         catalog.seen = files;
+        if removed && fresh.is_empty() {
+            // Nothing new to scan, but the membership doc must drop it:
+            // reload() announces when anything is returned.
+            fresh.extend(catalog.plans.values().next().cloned());
+        }
         fresh
+    }
+
+    /// Writes this node's membership doc: the workflows it runs, so that
+    /// peers count it among the owners of their effects.
+    async fn announce(&self) {
+        let names: serde_json::Map<String, Json> = self
+            .catalog()
+            .plans
+            .keys()
+            .map(|n| (n.clone(), Json::Bool(true)))
+            .collect();
+        let Ok(id) = DocId::new(super::effect::member_doc(&self.local)) else {
+            return;
+        };
+        let values = vec![
+            (
+                Pointer::parse("/workflows").expect("valid"),
+                Json::Object(names),
+            ),
+            (
+                Pointer::parse("/labels").expect("valid"),
+                serde_json::to_value(&self.labels).expect("labels serialize"),
+            ),
+        ];
+        if let Err(e) = self.docs.write(id, Change::SetIfDifferent(values)).await {
+            tracing::warn!(err = %e, "cannot write this node's workflow membership doc");
+        }
+    }
+
+    /// The nodes an effect of `workflow` may run on: this one, and each
+    /// connected peer whose membership doc lists the workflow.
+    async fn candidates(&self, workflow: &str) -> Vec<String> {
+        let live = self.live.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut out = vec![self.local.clone()];
+        for peer in live.map(|f| f()).unwrap_or_default() {
+            let Ok(id) = DocId::new(super::effect::member_doc(&peer)) else {
+                continue;
+            };
+            let ptr = Pointer::parse(&format!("/workflows/{workflow}")).expect("a valid pointer");
+            if self.docs.get(id, Some(ptr)).await.ok() == Some(Json::Bool(true)) {
+                out.push(peer);
+            }
+        }
+        out
     }
 }
 
@@ -561,6 +632,7 @@ impl Runner {
         if fresh.is_empty() {
             return;
         }
+        self.shared.announce().await;
         if self.events.is_none() {
             let glob = DocGlob::new("**").expect("a valid glob");
             self.events = Some(Box::pin(self.feed.subscribe(glob, None)));
@@ -581,7 +653,8 @@ impl Runner {
             let Some((_, glob)) = &plan.def.trigger.doc else {
                 continue;
             };
-            for d in docs.iter().filter(|d| glob.matches(&d.id)) {
+            let user = |d: &&crate::doc::DocInfo| !d.id.starts_with(SYSTEM_PREFIX);
+            for d in docs.iter().filter(user).filter(|d| glob.matches(&d.id)) {
                 let heads = serde_json::to_vec(&d.heads).expect("heads serialize");
                 match self.shared.store.cursor(plan.name(), &d.id) {
                     Ok(Some(c)) if c == heads => continue,
@@ -621,6 +694,9 @@ impl Runner {
                 return;
             }
         };
+        if e.doc.starts_with(SYSTEM_PREFIX) {
+            return;
+        }
         let plans: Vec<Arc<Plan>> = self
             .shared
             .catalog()
@@ -1140,12 +1216,43 @@ async fn execute(
         }
         s.state = StepState::Running;
         s.started_ms.get_or_insert_with(now_ms);
+        let effect = matches!(step.action, Action::Http { .. } | Action::Exec { .. });
+        let effect_key = format!("{}-{}", run.key, step.id);
+        if effect && let Some(by) = await_turn(shared, &mut run, i, &effect_key).await {
+            let s = &mut run.steps[i];
+            s.state = StepState::Done;
+            s.output =
+                Some(serde_json::json!({ "delivered_by": by, "idempotency_key": effect_key }));
+            s.error = None;
+            s.finished_ms = Some(now_ms());
+            continue;
+        }
+        let input = effect.then(|| effect_input(shared, &run, &step.id, &effect_key, &json));
         loop {
             run.steps[i].attempts += 1;
             let outcome = match &step.action {
                 Action::Derive { .. } => derive(shared, sp, b, &run.doc, &json, &cause).await,
                 Action::Write { .. } => write(shared, sp, b, &cause).await,
-                _ => Err(StepError::Final(format!(
+                Action::Http { url, timeout } => {
+                    let input = input.as_ref().expect("effects have input");
+                    let out =
+                        super::effect::http(&shared.http, url, *timeout, input, &effect_key).await;
+                    delivered(shared, &run, &effect_key, out).await
+                }
+                Action::Exec { command, timeout } => {
+                    let input = input.as_ref().expect("effects have input");
+                    let env: BTreeMap<&str, String> = [
+                        ("MERGEFLOW_RUN_KEY", run.key.clone()),
+                        ("MERGEFLOW_IDEMPOTENCY_KEY", effect_key.clone()),
+                        ("MERGEFLOW_WORKFLOW", run.workflow.clone()),
+                        ("MERGEFLOW_DOC", run.doc.clone()),
+                        ("MERGEFLOW_STEP", step.id.clone()),
+                    ]
+                    .into();
+                    let out = super::effect::exec(command, *timeout, input, &env).await;
+                    delivered(shared, &run, &effect_key, out).await
+                }
+                Action::Resolve { .. } => Err(StepError::Final(format!(
                     "kind {} cannot run in this version yet",
                     kind_name(&step.action)
                 ))),
@@ -1220,6 +1327,150 @@ async fn execute(
     if let Err(e) = shared.put_run(&run, None) {
         tracing::error!(err = %e, "cannot write the run log");
     }
+}
+
+/// How often a node that does not own an effect checks for its delivery
+/// and for its owner's liveness.
+const TURN_POLL: Duration = Duration::from_millis(200);
+
+/// Waits until this node owns the effect `key` of step `i` (returns `None`)
+/// or another node recorded its delivery (returns who). A node that waited
+/// `workflow.effect_wait_ms` for a live owner takes the effect over: the
+/// owner may have coalesced this trigger into a later state and never run
+/// this key (at-least-once: the receiver sees the key twice at worst).
+async fn await_turn(shared: &Shared, run: &mut Run, i: usize, key: &str) -> Option<String> {
+    let started = Instant::now();
+    let wait = Duration::from_millis(shared.cfg.effect_wait_ms);
+    let mut shown: Option<String> = None;
+    let step = run.steps[i].id.clone();
+    loop {
+        if let Some(by) = delivery(shared, run, &step, key).await {
+            return Some(by);
+        }
+        let candidates = shared.candidates(&run.workflow).await;
+        let owner = super::effect::owner(key, &candidates).cloned();
+        if owner.as_deref() == Some(shared.local.as_str()) || owner.is_none() {
+            return None;
+        }
+        if started.elapsed() >= wait {
+            tracing::warn!(run = run.id, key, owner = ?owner, "effect not delivered by its owner in time; taking it over");
+            return None;
+        }
+        if shown != owner {
+            run.steps[i].output = Some(serde_json::json!({ "waiting_for": owner }));
+            run.updated_ms = now_ms();
+            if let Err(e) = shared.put_run(run, None) {
+                tracing::warn!(err = %e, "cannot write the run log");
+            }
+            shown = owner;
+        }
+        tokio::time::sleep(TURN_POLL).await;
+    }
+}
+
+/// Who delivered effect `key` of `run`'s step `step`, if its marker has
+/// arrived; or who delivered the same step for a later state of the doc
+/// (one whose history holds this run's state): another node coalesced this
+/// trigger into that one, and triggers fire on state, so that delivery
+/// stands for this one too.
+async fn delivery(shared: &Shared, run: &Run, step: &str, key: &str) -> Option<String> {
+    let id = DocId::new(super::effect::marker_doc(&run.workflow, &run.doc)).ok()?;
+    let Ok(Json::Object(markers)) = shared.docs.get(id, None).await else {
+        return None;
+    };
+    if let Some(by) = markers.get(key).and_then(|m| m["by"].as_str()) {
+        return Some(by.to_string());
+    }
+    let doc = DocId::new(run.doc.as_str()).ok()?;
+    for m in markers.values().filter(|m| m["step"] == step) {
+        let Some(heads) = m["heads"].as_array() else {
+            continue;
+        };
+        let heads: Vec<String> = heads
+            .iter()
+            .filter_map(|h| h.as_str().map(str::to_string))
+            .collect();
+        if heads != run.heads
+            && matches!(
+                shared
+                    .docs
+                    .covers(doc.clone(), run.heads.clone(), heads)
+                    .await,
+                Ok(true)
+            )
+        {
+            let by = m["by"].as_str().unwrap_or("?");
+            return Some(format!("{by} (a later state)"));
+        }
+    }
+    None
+}
+
+/// The JSON an effect gets: the run's metadata and the doc.
+fn effect_input(shared: &Shared, run: &Run, step: &str, key: &str, doc: &Json) -> Json {
+    serde_json::json!({
+        "run": {
+            "id": run.id,
+            "key": run.key,
+            "idempotency_key": key,
+            "workflow": run.workflow,
+            "doc": run.doc,
+            "heads": run.heads,
+            "step": step,
+            "node": shared.local,
+            "depth": run.depth,
+        },
+        "doc": doc,
+    })
+}
+
+/// After an effect: on success, records the delivery in the marker doc (so
+/// the nodes that did not own it stop waiting), dropping the oldest markers
+/// past [`super::effect::MAX_MARKERS`].
+async fn delivered(
+    shared: &Shared,
+    run: &Run,
+    key: &str,
+    out: Result<Json, Failure>,
+) -> Result<(Json, Wrote), StepError> {
+    let out = out.map_err(|f| match f {
+        Failure::Final(e) => StepError::Final(e),
+        Failure::Retry(e) => StepError::Retry(e),
+    })?;
+    let marker = super::effect::marker_doc(&run.workflow, &run.doc);
+    if let Ok(id) = DocId::new(marker) {
+        let mut ops = vec![Op::Set {
+            path: format!("/{key}"),
+            value: serde_json::json!({
+                "by": shared.local,
+                "at": now_ms(),
+                "step": key.split_once('-').map_or("", |(_, s)| s),
+                "heads": run.heads,
+            }),
+            kind: None,
+        }];
+        if let Ok(Json::Object(old)) = shared.docs.get(id.clone(), None).await
+            && old.len() >= super::effect::MAX_MARKERS
+        {
+            let mut by_age: Vec<(u64, &String)> = old
+                .iter()
+                .map(|(k, v)| (v["at"].as_u64().unwrap_or(0), k))
+                .collect();
+            by_age.sort();
+            let excess = old.len() + 1 - super::effect::MAX_MARKERS;
+            for (_, k) in by_age.into_iter().take(excess) {
+                ops.push(Op::Delete {
+                    path: format!("/{k}"),
+                });
+            }
+        }
+        if let Err(e) = shared.docs.write(id, Change::Ops(ops)).await {
+            tracing::warn!(err = %e, key, "effect delivered, but its marker was not written; other nodes may deliver it again");
+        }
+    }
+    let mut out = out;
+    out["idempotency_key"] = Json::String(key.to_string());
+    Ok((out, vec![]))
 }
 
 /// The wait before attempt `attempts + 1`.

@@ -2,6 +2,7 @@
 //! ([`def`]), expressions ([`expr`]), and the engine that runs them.
 
 pub mod def;
+pub mod effect;
 pub mod engine;
 pub mod expr;
 pub mod plan;

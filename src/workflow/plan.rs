@@ -1,6 +1,7 @@
 //! A checked definition made ready to run: its expressions compiled, its
 //! trigger's path glob built, and the target docs of `write` steps parsed.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::def::{self, Action, DefError, Origin, Workflow};
@@ -75,11 +76,18 @@ impl Plan {
                         DocId::new(doc.as_str()).map_err(|e| err(format!("{}: {e}", at("doc"))))?;
                     (set, Some(target))
                 }
-                Action::Resolve { .. } | Action::Http { .. } | Action::Exec { .. } => {
+                Action::Http { url, .. } if url.starts_with("https://") => {
                     return Err(err(format!(
-                        "step {:?}: kind {} cannot run in this version yet (derive and write can)",
+                        "{}: https is not supported by this build yet (no TLS client); \
+                         use http:// (e.g. to a local relay)",
+                        at("url")
+                    )));
+                }
+                Action::Http { .. } | Action::Exec { .. } => (&BTreeMap::new(), None),
+                Action::Resolve { .. } => {
+                    return Err(err(format!(
+                        "step {:?}: kind resolve cannot run in this version yet",
                         s.id,
-                        kind_name(&s.action)
                     )));
                 }
             };
@@ -230,9 +238,11 @@ set = { "/f" = "doc.c * 2" }
             "{err}"
         );
         assert!(err.contains("line 1"), "{err}");
-        let http = "name = \"h\"\n[on]\ndoc = \"d\"\n[[steps]]\nid = \"a\"\nkind = \"http\"\nurl = \"http://127.0.0.1:1/\"\n";
+        let http = "name = \"h\"\n[on]\ndoc = \"d\"\n[[steps]]\nid = \"a\"\nkind = \"http\"\nurl = \"https://example.org/\"\n";
         let err = Plan::load(&s, "h.toml", http).unwrap_err().to_string();
-        assert!(err.contains("cannot run in this version yet"), "{err}");
+        assert!(err.contains("https is not supported"), "{err}");
+        let plain = http.replace("https://example.org/", "http://127.0.0.1:1/");
+        assert!(Plan::load(&s, "h.toml", &plain).is_ok());
         let root = F.replace("\"/f\"", "\"\"");
         assert!(Plan::load(&s, "f.toml", &root).is_err());
     }

@@ -1,0 +1,226 @@
+//! Effects: steps that act outside the node (`http`, `exec`), and who runs
+//! them.
+//!
+//! An effect of a run executes on one owner: rendezvous hashing of the
+//! effect's key over the live nodes that run the workflow (this node, and
+//! each connected peer whose membership doc lists the workflow). The highest
+//! ranked live node always sees itself as owner, so some node executes it;
+//! when the owner goes away the next in rank takes over. An effect is
+//! at-least-once: it carries a stable idempotency key (`<run key>-<step id>`,
+//! the same on every node), and the owner records the delivery in a
+//! marker doc that the other nodes wait for.
+
+use std::collections::BTreeMap;
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::{Value as Json, json};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Prefix of the system docs (membership, effect markers); never triggers.
+pub const SYSTEM_PREFIX: &str = "_mergeflow/";
+/// Most bytes of an answer or of a command's output kept in the run record.
+const MAX_OUTPUT: usize = 16 * 1024;
+/// Markers kept per (workflow, doc) marker doc.
+pub const MAX_MARKERS: usize = 64;
+
+/// Why an effect failed: `Final` failures would fail the same way again.
+pub enum Failure {
+    /// Do not retry (e.g. HTTP 4xx).
+    Final(String),
+    /// Retry with backoff (timeouts, connection errors, 5xx, exit codes).
+    Retry(String),
+}
+
+/// The membership doc of node `peer`: which workflows it runs.
+pub fn member_doc(peer: &str) -> String {
+    format!("{SYSTEM_PREFIX}nodes/{peer}")
+}
+
+/// The doc holding delivery markers of `workflow`'s effects on `doc`.
+pub fn marker_doc(workflow: &str, doc: &str) -> String {
+    let h = Sha256::digest(doc.as_bytes());
+    let hex: String = h[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("{SYSTEM_PREFIX}effects/{workflow}/{hex}")
+}
+
+/// The node ranked first for `key` among `candidates` (rendezvous hashing).
+pub fn owner<'a>(key: &str, candidates: &'a [String]) -> Option<&'a String> {
+    candidates.iter().max_by_key(|peer| {
+        let mut h = Sha256::new();
+        h.update(key.as_bytes());
+        h.update([0]);
+        h.update(peer.as_bytes());
+        let d = h.finalize();
+        (
+            u128::from_be_bytes(d[..16].try_into().expect("16 bytes")),
+            (*peer).clone(),
+        )
+    })
+}
+
+fn cut(s: &str) -> String {
+    if s.len() <= MAX_OUTPUT {
+        return s.to_string();
+    }
+    let mut end = MAX_OUTPUT;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes in all)", &s[..end], s.len())
+}
+
+/// POSTs `body` to `url` with `Idempotency-Key: key`. 2xx is success; 408,
+/// 429 and 5xx are retried; other answers are final.
+pub async fn http(
+    client: &reqwest::Client,
+    url: &str,
+    timeout: Duration,
+    body: &Json,
+    key: &str,
+) -> Result<Json, Failure> {
+    let resp = client
+        .post(url)
+        .timeout(timeout)
+        .header("Idempotency-Key", key)
+        .json(body)
+        .send()
+        .await
+        .map_err(|e| {
+            let mut reason = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                reason = format!("{reason}: {s}");
+                src = s.source();
+            }
+            Failure::Retry(format!("POST {url}: {reason}"))
+        })?;
+    let status = resp.status();
+    let text = resp.text().await.unwrap_or_default();
+    let answer = json!({ "status": status.as_u16(), "body": cut(&text) });
+    if status.is_success() {
+        return Ok(answer);
+    }
+    let msg = format!("POST {url}: HTTP {status}: {}", cut(&text));
+    if status.is_server_error() || status.as_u16() == 408 || status.as_u16() == 429 {
+        Err(Failure::Retry(msg))
+    } else {
+        Err(Failure::Final(msg))
+    }
+}
+
+/// Runs `command` (no shell) with `input` as JSON on stdin and `env` added
+/// to its environment; kills it after `timeout`. Exit code 0 is success.
+pub async fn exec(
+    command: &[String],
+    timeout: Duration,
+    input: &Json,
+    env: &BTreeMap<&str, String>,
+) -> Result<Json, Failure> {
+    let (program, args) = command.split_first().expect("checked at load: not empty");
+    let mut child = tokio::process::Command::new(program)
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| Failure::Retry(format!("cannot start {program:?}: {e}")))?;
+    let mut stdin = child.stdin.take().expect("piped");
+    let mut stdout = child.stdout.take().expect("piped");
+    let mut stderr = child.stderr.take().expect("piped");
+    let bytes = serde_json::to_vec(input).expect("JSON serializes");
+    let run = async {
+        // A command that does not read its stdin must not block us.
+        let feed = async {
+            let _ = stdin.write_all(&bytes).await;
+            drop(stdin);
+        };
+        let mut out = Vec::new();
+        let mut err = Vec::new();
+        let mut out_r = (&mut stdout).take(MAX_OUTPUT as u64 * 4);
+        let mut err_r = (&mut stderr).take(MAX_OUTPUT as u64 * 4);
+        let (_, _, _, status) = tokio::join!(
+            feed,
+            out_r.read_to_end(&mut out),
+            err_r.read_to_end(&mut err),
+            child.wait()
+        );
+        (status, out, err)
+    };
+    let (status, out, err) = tokio::time::timeout(timeout, run)
+        .await
+        .map_err(|_| Failure::Retry(format!("{program:?} ran longer than {timeout:?}; killed")))?;
+    let status = status.map_err(|e| Failure::Retry(format!("{program:?}: {e}")))?;
+    let stdout = cut(&String::from_utf8_lossy(&out));
+    let stderr = cut(&String::from_utf8_lossy(&err));
+    if status.success() {
+        Ok(json!({ "exit": 0, "stdout": stdout, "stderr": stderr }))
+    } else {
+        Err(Failure::Retry(format!(
+            "{program:?} exited with {status}: {}",
+            stderr.trim_end()
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rendezvous_owner_is_stable_and_moves_only_when_the_owner_leaves() {
+        let peers: Vec<String> = (0..5).map(|i| format!("peer-{i}")).collect();
+        let mut moved = 0;
+        for k in 0..200 {
+            let key = format!("key-{k}");
+            let first = owner(&key, &peers).unwrap().clone();
+            assert_eq!(owner(&key, &peers), Some(&first), "stable");
+            let mut rest = peers.clone();
+            rest.retain(|p| *p != "peer-0");
+            let after = owner(&key, &rest).unwrap();
+            if first != "peer-0" {
+                assert_eq!(*after, first, "only keys owned by the leaver move");
+            } else {
+                moved += 1;
+            }
+        }
+        // About a fifth of the keys were peer-0's.
+        assert!((20..=70).contains(&moved), "{moved}");
+        assert_eq!(owner("k", &[]), None);
+    }
+
+    #[tokio::test]
+    async fn exec_feeds_stdin_passes_env_and_reports_failures() {
+        let env: BTreeMap<&str, String> = [("MERGEFLOW_RUN_KEY", "abc".to_string())].into();
+        let cat = [
+            "sh".to_string(),
+            "-c".into(),
+            "cat; echo \" $MERGEFLOW_RUN_KEY\"".into(),
+        ];
+        let out = exec(&cat, Duration::from_secs(10), &json!({"a": 1}), &env)
+            .await
+            .ok()
+            .unwrap();
+        assert_eq!(out["stdout"], "{\"a\":1} abc\n");
+        let fail = ["sh".to_string(), "-c".into(), "echo bad >&2; exit 3".into()];
+        match exec(&fail, Duration::from_secs(10), &json!({}), &env).await {
+            Err(Failure::Retry(e)) => {
+                assert!(e.contains("exit status: 3") && e.contains("bad"), "{e}")
+            }
+            _ => panic!("exit 3 is a failure"),
+        }
+        let slow = ["sleep".to_string(), "30".into()];
+        match exec(&slow, Duration::from_millis(200), &json!({}), &env).await {
+            Err(Failure::Retry(e)) => assert!(e.contains("killed"), "{e}"),
+            _ => panic!("a timeout is a failure"),
+        }
+        let missing = ["/no/such/program".to_string()];
+        assert!(matches!(
+            exec(&missing, Duration::from_secs(1), &json!({}), &env).await,
+            Err(Failure::Retry(_))
+        ));
+    }
+}

@@ -63,6 +63,9 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     /// Labels workflows can select nodes by, and expressions read as `node`.
     pub labels: BTreeMap<String, String>,
+    /// This node's priority: a `resolve` step with `policy = "priority"`
+    /// keeps the value written by the node with the higher priority.
+    pub priority: i64,
 }
 
 /// `[store]`: sled and the document cache.
@@ -188,6 +191,7 @@ impl Default for Config {
             node: NodeConfig {
                 data_dir: PathBuf::from("mergeflow-data"),
                 labels: BTreeMap::new(),
+                priority: 0,
             },
             store: StoreConfig {
                 cache_bytes: 64 << 20,
@@ -599,6 +603,7 @@ impl Config {
             cache_doc_bytes: self.store.cache_doc_bytes,
             write_queue: self.perf.write_queue,
             write_batch: self.perf.write_batch,
+            priority: self.node.priority,
         }
     }
 }

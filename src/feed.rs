@@ -78,6 +78,7 @@ impl Cause {
     pub fn from_message(message: &str) -> Option<Cause> {
         let rest = message.strip_prefix(Self::PREFIX)?;
         let (workflow, depth) = rest.split_once(" depth ")?;
+        let depth = depth.split(' ').next()?;
         Some(Cause {
             workflow: workflow.to_string(),
             depth: depth.parse().ok()?,

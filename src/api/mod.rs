@@ -274,11 +274,47 @@ async fn patch(
     let q = write_query(q)?;
     check_json_content_type(&headers, true)?;
     let patch: Json_ = parse(&body(b)?)?;
-    let result = node
-        .docs()
-        .write_with(id, Change::Patch(patch), q.acks())
-        .await?;
+    let result = write(&node, &headers, id, Change::Patch(patch), q.acks()).await?;
     answer_write(&node, &q, StatusCode::OK, result).await
+}
+
+/// A write, applied at most once per doc and `Idempotency-Key` header
+/// value when the request has one.
+async fn write(
+    node: &Node,
+    headers: &HeaderMap,
+    id: DocId,
+    change: Change,
+    acks: bool,
+) -> ApiResult<crate::doc::WriteResult> {
+    let key = match headers.get("idempotency-key") {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "bad_header",
+                        "Idempotency-Key: printable ASCII only",
+                    )
+                })?
+                .to_string(),
+        ),
+    };
+    if let Some(k) = &key {
+        crate::doc::stamp::check_idempotency_key(k).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_header",
+                format!("Idempotency-Key: {e}"),
+            )
+        })?;
+    }
+    let docs = node.docs();
+    Ok(match key {
+        None => docs.write_with(id, change, acks).await?,
+        Some(k) => docs.write_idempotent(id, change, acks, k).await?,
+    })
 }
 
 async fn ops(
@@ -292,10 +328,7 @@ async fn ops(
     let q = write_query(q)?;
     check_json_content_type(&headers, false)?;
     let ops: Vec<Op> = parse(&body(b)?)?;
-    let result = node
-        .docs()
-        .write_with(id, Change::Ops(ops), q.acks())
-        .await?;
+    let result = write(&node, &headers, id, Change::Ops(ops), q.acks()).await?;
     answer_write(&node, &q, StatusCode::OK, result).await
 }
 

@@ -4,6 +4,7 @@
 //! This module owns the in-memory Automerge documents. It reaches sled only
 //! through [`crate::store::Store`] and never on the async executor.
 
+pub mod conflict;
 mod id;
 mod json;
 mod ops;
@@ -12,6 +13,7 @@ mod path;
 mod remote;
 mod replicas;
 mod service;
+pub mod stamp;
 mod writer;
 
 pub use id::{DocId, MAX_ID_LEN};

@@ -221,6 +221,11 @@ fn store_merged(
     super::writer::append_changes(&mut round.batch, id, &mut meta, loaded, now, bytes);
     super::writer::maybe_compact(inner, id, loaded, &mut meta, &mut round.batch);
     let (paths, truncated) = super::writer::changed_paths(&loaded.doc, log);
+    for c in &new {
+        if let Some(m) = c.message() {
+            inner.clock.observe(super::stamp::Stamp::parse(m).hlc);
+        }
+    }
     let cause = new
         .iter()
         .filter_map(|c| crate::feed::Cause::from_message(c.message()?))

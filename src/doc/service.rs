@@ -37,7 +37,7 @@ use super::json::{StringMode, to_json, value_to_json};
 use super::ops::Op;
 use super::path::{Pointer, prop_for, resolve_obj};
 pub use super::writer::PeerSyncView;
-use super::writer::{SyncRuntime, WriteOp, WriteReq, WriterMsg};
+use super::writer::{SyncRuntime, WriteOp, WriteReq, WriteTags, WriterMsg};
 use super::{DocError, DocId};
 use crate::feed::Feed;
 use crate::store::{DocMeta, GroupCommit, Store};
@@ -63,6 +63,8 @@ pub struct DocsConfig {
     pub write_queue: usize,
     /// Most writes the writer thread applies in one sled batch.
     pub write_batch: usize,
+    /// This node's priority, stamped on its changes (see [`super::stamp`]).
+    pub priority: i64,
 }
 
 impl Default for DocsConfig {
@@ -76,6 +78,7 @@ impl Default for DocsConfig {
             cache_doc_bytes: 256 << 20,
             write_queue: 4096,
             write_batch: 256,
+            priority: 0,
         }
     }
 }
@@ -189,6 +192,8 @@ pub(super) struct Inner {
     pub(super) origin: String,
     /// What peers confirmed they store; writers waiting for replicas.
     pub(super) replicas: super::replicas::Replicas,
+    /// This node's hybrid logical clock, stamped on its changes.
+    pub(super) clock: super::stamp::Clock,
 }
 
 pub(super) type SlotRef = Arc<Mutex<Option<Loaded>>>;
@@ -286,6 +291,7 @@ impl Docs {
             feed,
             origin,
             replicas: Default::default(),
+            clock: Default::default(),
         });
         let thread_inner = inner.clone();
         let handle = std::thread::Builder::new()
@@ -339,7 +345,8 @@ impl Docs {
                 "\"value\" must be a JSON object: the document root is an object".into(),
             ));
         };
-        self.submit(id, WriteOp::Create(map), ack, None).await
+        self.submit(id, WriteOp::Create(map), ack, WriteTags::default())
+            .await
     }
 
     /// Applies `change` to document `id` as one Automerge change, creating the
@@ -364,7 +371,30 @@ impl Docs {
         change: Change,
         ack: bool,
     ) -> Result<WriteResult, DocError> {
-        self.submit(id, WriteOp::Change(change), ack, None).await
+        self.submit(id, WriteOp::Change(change), ack, WriteTags::default())
+            .await
+    }
+
+    /// As [`write_with`](Self::write_with), applied at most once per
+    /// idempotency `key` and doc: if a change with that key is already in
+    /// the doc's history (made here, or merged from a peer), nothing is
+    /// applied and the result says `changed: false`.
+    ///
+    /// # Errors
+    /// [`DocError::BadValue`] for a malformed key; as [`write`](Self::write).
+    pub async fn write_idempotent(
+        &self,
+        id: DocId,
+        change: Change,
+        ack: bool,
+        key: String,
+    ) -> Result<WriteResult, DocError> {
+        super::stamp::check_idempotency_key(&key).map_err(DocError::BadValue)?;
+        let tags = WriteTags {
+            cause: None,
+            idem: Some(key),
+        };
+        self.submit(id, WriteOp::Change(change), ack, tags).await
     }
 
     /// As [`write`](Self::write), for a workflow run: the change carries
@@ -378,8 +408,11 @@ impl Docs {
         change: Change,
         cause: crate::feed::Cause,
     ) -> Result<WriteResult, DocError> {
-        self.submit(id, WriteOp::Change(change), false, Some(cause))
-            .await
+        let tags = WriteTags {
+            cause: Some(cause),
+            idem: None,
+        };
+        self.submit(id, WriteOp::Change(change), false, tags).await
     }
 
     /// Deletes document `id`, leaving a tombstone, and returns once it is durable.
@@ -387,7 +420,8 @@ impl Docs {
     /// # Errors
     /// [`DocError::NotFound`], [`DocError::Deleted`], store errors.
     pub async fn delete(&self, id: DocId) -> Result<WriteResult, DocError> {
-        self.submit(id, WriteOp::Delete, false, None).await
+        self.submit(id, WriteOp::Delete, false, WriteTags::default())
+            .await
     }
 
     /// Hands input to the sync core. Remote input must not wait behind a full
@@ -475,7 +509,7 @@ impl Docs {
         id: DocId,
         op: WriteOp,
         ack: bool,
-        cause: Option<crate::feed::Cause>,
+        tags: WriteTags,
     ) -> Result<WriteResult, DocError> {
         // Load a cold doc here, on a blocking thread, so the writer thread (shared
         // by all docs) does not stall on it. Eviction may race this; then the
@@ -489,7 +523,7 @@ impl Docs {
                 id,
                 op,
                 ack,
-                cause,
+                tags,
                 reply,
             }))
             .await
@@ -538,6 +572,23 @@ impl Docs {
                 heads,
                 messages_since: messages,
             })
+        })
+        .await
+    }
+
+    /// The conflicted places of document `id` whose JSON Pointer `wanted`
+    /// accepts (see [`super::conflict`]).
+    ///
+    /// # Errors
+    /// [`DocError::NotFound`], [`DocError::Deleted`].
+    pub async fn conflicts(
+        &self,
+        id: DocId,
+        wanted: Box<dyn Fn(&str) -> bool + Send>,
+    ) -> Result<Vec<super::conflict::Conflict>, DocError> {
+        self.with_doc(id, move |_, id, loaded| {
+            live_meta(id, loaded)?;
+            super::conflict::conflicts(&loaded.doc, &*wanted)
         })
         .await
     }

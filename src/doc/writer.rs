@@ -230,9 +230,18 @@ pub(super) struct WriteReq {
     pub(super) op: WriteOp,
     /// Peers that get the change confirm once they stored it.
     pub(super) ack: bool,
+    /// Who wrote it and its idempotency key.
+    pub(super) tags: WriteTags,
+    pub(super) reply: oneshot::Sender<Result<WriteResult, DocError>>,
+}
+
+/// What a write says about itself beyond its content.
+#[derive(Default)]
+pub(super) struct WriteTags {
     /// The workflow run writing it, if one is.
     pub(super) cause: Option<crate::feed::Cause>,
-    pub(super) reply: oneshot::Sender<Result<WriteResult, DocError>>,
+    /// Apply at most once per doc with this key.
+    pub(super) idem: Option<String>,
 }
 
 /// What a write does.
@@ -320,8 +329,7 @@ fn write_round(inner: &Inner, msgs: Vec<WriterMsg>, mut sync: Option<&mut SyncRu
             // after the change succeeded, so it holds nothing of this write.
             let applied = std::panic::catch_unwind(AssertUnwindSafe(|| {
                 inner.ensure_loaded(&req.id, &mut guard).and_then(|loaded| {
-                    let cause = req.cause.as_ref();
-                    apply(inner, &req.id, loaded, req.op, cause, &mut round.batch)
+                    apply(inner, &req.id, loaded, req.op, &req.tags, &mut round.batch)
                 })
             }));
             let result = applied.unwrap_or_else(|_| {
@@ -348,7 +356,7 @@ fn write_round(inner: &Inner, msgs: Vec<WriterMsg>, mut sync: Option<&mut SyncRu
                     after: r.heads.clone(),
                     from: None,
                     confirm: false,
-                    cause: req.cause.clone(),
+                    cause: req.tags.cause.clone(),
                 });
             }
             if r.changed {
@@ -470,11 +478,21 @@ fn apply(
     id: &DocId,
     loaded: &mut Loaded,
     op: WriteOp,
-    cause: Option<&crate::feed::Cause>,
+    tags: &WriteTags,
     batch: &mut WriteBatch,
 ) -> Result<Outcome, DocError> {
-    let caused = cause.map(|c| c.message());
-    let message = |kind: &'static str| caused.clone().unwrap_or_else(|| kind.to_string());
+    if let Some(key) = &tags.idem
+        && let Some(result) = applied_before(id, loaded, key)
+    {
+        return Ok((result, 0, None, None));
+    }
+    let stamp = super::stamp::Stamp {
+        hlc: inner.clock.tick(now_ms()),
+        prio: inner.cfg.priority,
+        idem: tags.idem.clone(),
+    };
+    let caused = tags.cause.as_ref().map(|c| c.message());
+    let message = |kind: &'static str| stamp.message(caused.as_deref().unwrap_or(kind));
     let strings = inner.cfg.strings;
     let deleted = |m: &Option<DocMeta>| m.as_ref().is_some_and(|m| m.deleted_at_ms.is_some());
     match op {
@@ -546,6 +564,21 @@ fn apply(
             Ok((result, -1, Some(input), Some(Touch::Deleted)))
         }
     }
+}
+
+/// The result of a write with idempotency key `key` if one is already in
+/// the doc's history: nothing to apply again.
+fn applied_before(id: &DocId, loaded: &Loaded, key: &str) -> Option<WriteResult> {
+    let meta = loaded.meta.as_ref()?;
+    let seen = loaded.doc.get_changes(&[]).iter().any(|c| {
+        c.message()
+            .is_some_and(|m| super::stamp::Stamp::parse(m).idem.as_deref() == Some(key))
+    });
+    seen.then(|| WriteResult {
+        id: id.clone(),
+        heads: meta.heads.clone(),
+        changed: false,
+    })
 }
 
 /// Drops the sync states kept for a doc being deleted (hints only: an error

@@ -45,12 +45,13 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::def::{Action, Backoff, DefError, Retry};
+use super::def::{Action, Backoff, DefError, Policy, Retry};
 use super::effect::{Failure, SYSTEM_PREFIX};
 use super::expr::{Bound, Input, Sandbox};
 use super::plan::{Plan, kind_name};
 use super::run::{Run, RunStatus, StepRun, StepState, run_key};
 use crate::config::WorkflowConfig;
+use crate::doc::conflict::ConflictValue;
 use crate::doc::{Change, DocError, DocId, Docs, Op, Pointer, now_ms};
 use crate::feed::{Cause, DocGlob, Feed, FeedItem};
 use crate::store::{Store, StoreError};
@@ -1252,17 +1253,16 @@ async fn execute(
                     let out = super::effect::exec(command, *timeout, input, &env).await;
                     delivered(shared, &run, &effect_key, out).await
                 }
-                Action::Resolve { .. } => Err(StepError::Final(format!(
-                    "kind {} cannot run in this version yet",
-                    kind_name(&step.action)
-                ))),
+                Action::Resolve { policy, .. } => {
+                    resolve(shared, sp, &run.doc, *policy, &cause).await
+                }
             };
             let s = &mut run.steps[i];
             match outcome {
                 Ok((output, wrote)) => {
                     if !wrote.is_empty() {
                         wrote_any = true;
-                        if matches!(step.action, Action::Derive { .. }) {
+                        if matches!(step.action, Action::Derive { .. } | Action::Resolve { .. }) {
                             for (ptr, v) in wrote {
                                 set_pointer(&mut json, ptr.as_str(), v);
                             }
@@ -1528,6 +1528,83 @@ async fn derive(
 ) -> Result<(Json, Wrote), StepError> {
     let wrote = changes(shared, sp, bound, json)?;
     write_values(shared, doc, wrote, cause).await
+}
+
+/// A `resolve` step: at each conflicted place its glob names, the value the
+/// policy picks is written, unless reads already return it.
+async fn resolve(
+    shared: &Shared,
+    sp: &super::plan::StepPlan,
+    doc: &str,
+    policy: Policy,
+    cause: &Cause,
+) -> Result<(Json, Wrote), StepError> {
+    let glob = sp.glob.clone().expect("resolve steps have a glob");
+    let id = DocId::new(doc).map_err(|e| StepError::Final(e.to_string()))?;
+    let conflicts = shared
+        .docs
+        .conflicts(id, Box::new(move |p| glob.is_match(p)))
+        .await
+        .map_err(write_error)?;
+    let mut report = Vec::new();
+    let mut wrote = Vec::new();
+    for c in conflicts {
+        let Some(winner) = pick(policy, &c.values) else {
+            continue;
+        };
+        report.push(serde_json::json!({
+            "path": c.path,
+            "values": c.values.len(),
+            "winner": winner.value,
+        }));
+        if winner.value != c.visible {
+            let ptr = Pointer::parse(&c.path).map_err(|e| StepError::Final(e.to_string()))?;
+            wrote.push((ptr, winner.value.clone()));
+        }
+    }
+    let (mut output, wrote) = write_values(shared, doc, wrote, cause).await?;
+    output["conflicts"] = Json::Array(report);
+    Ok((output, wrote))
+}
+
+/// The value `policy` keeps among conflicting ones; ties go to the higher
+/// clock, then to the higher actor and op counter, so every peer picks the
+/// same.
+fn pick(policy: Policy, values: &[ConflictValue]) -> Option<&ConflictValue> {
+    let order = |v: &ConflictValue| (v.stamp.hlc, v.actor.clone(), v.counter);
+    match policy {
+        Policy::Timestamp => values.iter().max_by_key(|v| order(v)),
+        Policy::Priority => values.iter().max_by_key(|v| (v.stamp.prio, order(v))),
+        Policy::Version => {
+            let version = |v: &ConflictValue| v.value.get("version").and_then(Json::as_f64);
+            values.iter().max_by(|a, b| {
+                let (va, vb) = (version(a), version(b));
+                va.partial_cmp(&vb)
+                    .unwrap_or(std::cmp::Ordering::Equal)
+                    .then_with(|| order(a).cmp(&order(b)))
+            })
+        }
+        Policy::Idempotent => {
+            // Values written by changes with one idempotency key are one
+            // operation applied more than once: only its first application
+            // (lowest clock) counts. Among distinct operations the latest wins.
+            let mut first: BTreeMap<&str, &ConflictValue> = BTreeMap::new();
+            let mut distinct: Vec<&ConflictValue> = Vec::new();
+            for v in values {
+                match v.stamp.idem.as_deref() {
+                    None => distinct.push(v),
+                    Some(k) => {
+                        let e = first.entry(k).or_insert(v);
+                        if order(v) < order(e) {
+                            *e = v;
+                        }
+                    }
+                }
+            }
+            distinct.extend(first.into_values());
+            distinct.into_iter().max_by_key(|v| order(v))
+        }
+    }
 }
 
 /// A `write` step: values written into the target doc where they differ.

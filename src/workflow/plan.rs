@@ -34,6 +34,8 @@ pub struct StepPlan {
     pub set: Vec<(Pointer, Expr)>,
     /// `write`: the doc written to.
     pub target: Option<DocId>,
+    /// `resolve`: the JSON Pointer glob of the places it resolves.
+    pub glob: Option<globset::GlobMatcher>,
 }
 
 impl Plan {
@@ -83,13 +85,19 @@ impl Plan {
                         at("url")
                     )));
                 }
-                Action::Http { .. } | Action::Exec { .. } => (&BTreeMap::new(), None),
-                Action::Resolve { .. } => {
-                    return Err(err(format!(
-                        "step {:?}: kind resolve cannot run in this version yet",
-                        s.id,
-                    )));
+                Action::Http { .. } | Action::Exec { .. } | Action::Resolve { .. } => {
+                    (&BTreeMap::new(), None)
                 }
+            };
+            let glob = match &s.action {
+                Action::Resolve { path, .. } => Some(
+                    globset::GlobBuilder::new(path)
+                        .literal_separator(true)
+                        .build()
+                        .map_err(|e| err(format!("{}: {e}", at("path"))))?
+                        .compile_matcher(),
+                ),
+                _ => None,
             };
             let mut compiled = Vec::with_capacity(set.len());
             for (pointer, src) in set {
@@ -107,6 +115,7 @@ impl Plan {
                 when,
                 set: compiled,
                 target,
+                glob,
             });
         }
         Ok(Arc::new(Plan {

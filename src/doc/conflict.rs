@@ -1,0 +1,146 @@
+//! Conflicts: where concurrent writes left more than one value at a place
+//! in a doc, each value with what its change says about itself (see
+//! [`super::stamp`]). Read by `resolve` workflow steps, which pick a winner
+//! by policy.
+
+use std::collections::HashMap;
+
+use automerge::{ActorId, Automerge, ObjId, ObjType, Prop, ROOT, ReadDoc, Value};
+use serde_json::Value as Json;
+
+use super::DocError;
+use super::json::value_to_json;
+use super::path::push_prop;
+use super::stamp::Stamp;
+
+/// Deepest level searched for conflicts.
+const MAX_DEPTH: usize = 32;
+
+/// The values concurrent writes left at one place.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Conflict {
+    /// JSON Pointer of the place.
+    pub path: String,
+    /// The value reads return now (Automerge's own pick).
+    pub visible: Json,
+    /// Every value, with who wrote it.
+    pub values: Vec<ConflictValue>,
+}
+
+/// One of the values at a conflicted place.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConflictValue {
+    /// The value.
+    pub value: Json,
+    /// Actor (hex) of the change that wrote it.
+    pub actor: String,
+    /// Op counter of the write.
+    pub counter: u64,
+    /// What that change says about itself.
+    pub stamp: Stamp,
+}
+
+/// Every conflicted place in `doc` whose JSON Pointer `wanted` accepts.
+///
+/// # Errors
+/// Automerge read errors.
+pub fn conflicts(
+    doc: &Automerge,
+    wanted: &dyn Fn(&str) -> bool,
+) -> Result<Vec<Conflict>, DocError> {
+    let mut found = Vec::new();
+    walk(
+        doc,
+        &ROOT,
+        ObjType::Map,
+        String::new(),
+        0,
+        wanted,
+        &mut found,
+    )?;
+    if found.is_empty() {
+        return Ok(vec![]);
+    }
+    // Which change made each op: (actor, first op counter, op count) -> stamp.
+    let mut by_actor: HashMap<ActorId, Vec<(u64, u64, Stamp)>> = HashMap::new();
+    for c in doc.get_changes(&[]) {
+        let stamp = c.message().map(Stamp::parse).unwrap_or_default();
+        by_actor.entry(c.actor_id().clone()).or_default().push((
+            c.start_op().get(),
+            c.len() as u64,
+            stamp,
+        ));
+    }
+    let mut out = Vec::with_capacity(found.len());
+    for (path, visible, raw) in found {
+        let values = raw
+            .into_iter()
+            .map(|(value, actor, counter)| {
+                let stamp = by_actor
+                    .get(&actor)
+                    .and_then(|v| {
+                        v.iter()
+                            .find(|(start, len, _)| (*start..start + len).contains(&counter))
+                    })
+                    .map(|(_, _, s)| s.clone())
+                    .unwrap_or_default();
+                ConflictValue {
+                    value,
+                    actor: actor.to_hex_string(),
+                    counter,
+                    stamp,
+                }
+            })
+            .collect();
+        out.push(Conflict {
+            path,
+            visible,
+            values,
+        });
+    }
+    Ok(out)
+}
+
+type Found = Vec<(String, Json, Vec<(Json, ActorId, u64)>)>;
+
+fn walk(
+    doc: &Automerge,
+    obj: &ObjId,
+    ty: ObjType,
+    at: String,
+    depth: usize,
+    wanted: &dyn Fn(&str) -> bool,
+    found: &mut Found,
+) -> Result<(), DocError> {
+    if depth > MAX_DEPTH {
+        return Ok(());
+    }
+    let props: Vec<Prop> = match ty {
+        ObjType::Map | ObjType::Table => doc.keys(obj).map(Prop::Map).collect(),
+        ObjType::List => (0..doc.length(obj)).map(Prop::Seq).collect(),
+        ObjType::Text => return Ok(()),
+    };
+    for prop in props {
+        let mut path = at.clone();
+        push_prop(&mut path, &prop);
+        let all = doc.get_all(obj, prop.clone())?;
+        if all.len() > 1 && wanted(&path) {
+            let mut raw = Vec::with_capacity(all.len());
+            for (v, id) in &all {
+                let value = value_to_json(doc, v.clone(), id)?;
+                if let ObjId::Id(counter, actor, _) = id {
+                    raw.push((value, actor.clone(), *counter));
+                }
+            }
+            let visible = match doc.get(obj, prop.clone())? {
+                Some((v, id)) => value_to_json(doc, v, &id)?,
+                None => Json::Null,
+            };
+            found.push((path.clone(), visible, raw));
+        }
+        if let Some((Value::Object(child_ty), child)) = doc.get(obj, prop)? {
+            walk(doc, &child, child_ty, path, depth + 1, wanted, found)?;
+        }
+    }
+    Ok(())
+}

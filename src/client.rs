@@ -251,6 +251,31 @@ impl Client {
         self.send(self.http.get(url)).await
     }
 
+    /// `POST /v1/workflows`: stores a definition that syncs to every node.
+    ///
+    /// # Errors
+    /// [`ClientError`].
+    pub async fn apply_workflow(&self, text: String) -> Result<Json, ClientError> {
+        let url = format!("{}/v1/workflows", self.base);
+        self.send(
+            self.http
+                .post(url)
+                .header("content-type", "application/toml")
+                .body(text),
+        )
+        .await
+    }
+
+    /// `POST /v1/workflows/{name}/enable` or `.../disable`.
+    ///
+    /// # Errors
+    /// [`ClientError`].
+    pub async fn set_workflow_enabled(&self, name: &str, on: bool) -> Result<Json, ClientError> {
+        let action = if on { "enable" } else { "disable" };
+        let url = format!("{}/v1/workflows/{}/{action}", self.base, encode_id(name));
+        self.send(self.http.post(url)).await
+    }
+
     /// `GET /v1/runs`, newest first.
     ///
     /// # Errors

@@ -184,6 +184,20 @@ impl Feed {
         }
     }
 
+    /// From now on, changes record the paths they touch (see
+    /// [`has_subscribed`](Self::has_subscribed)).
+    pub fn record_paths(&self) {
+        self.subscribed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// As [`subscribe`](Self::subscribe), without asking for changed paths:
+    /// events list paths only while another subscriber wants them (or after
+    /// [`record_paths`](Self::record_paths)).
+    pub fn subscribe_quiet(&self, glob: DocGlob) -> impl Stream<Item = FeedItem> + Send + use<> {
+        self.stream(glob, None)
+    }
+
     /// Events matching `glob` from now on, after those since `after` (an
     /// event id) if given.
     pub fn subscribe(
@@ -191,8 +205,15 @@ impl Feed {
         glob: DocGlob,
         after: Option<&str>,
     ) -> impl Stream<Item = FeedItem> + Send + use<> {
-        self.subscribed
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.record_paths();
+        self.stream(glob, after)
+    }
+
+    fn stream(
+        &self,
+        glob: DocGlob,
+        after: Option<&str>,
+    ) -> impl Stream<Item = FeedItem> + Send + use<> {
         let (rx, backlog, last) = {
             let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
             let rx = self.tx.subscribe();

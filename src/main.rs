@@ -201,6 +201,22 @@ enum WorkflowCmd {
         /// The TOML file.
         file: PathBuf,
     },
+    /// Store a definition on the node; it syncs, and every node whose labels
+    /// match runs it (a workflow-dir file of the same name wins on its node).
+    Apply {
+        /// The TOML file.
+        file: PathBuf,
+    },
+    /// Let a workflow run again, on every node.
+    Enable {
+        /// Its name.
+        name: String,
+    },
+    /// Stop a workflow from running, on every node (runs in flight finish).
+    Disable {
+        /// Its name.
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -368,6 +384,10 @@ async fn run(cli: Cli) -> Result<()> {
 
 async fn workflow(client: ClientArgs, cmd: WorkflowCmd) -> Result<()> {
     let c = Client::new(&client.api);
+    let cmd_kind = match &cmd {
+        WorkflowCmd::Enable { .. } => "enable",
+        _ => "disable",
+    };
     match cmd {
         WorkflowCmd::List => {
             let list = c.workflows().await?;
@@ -406,6 +426,30 @@ async fn workflow(client: ClientArgs, cmd: WorkflowCmd) -> Result<()> {
         }
         WorkflowCmd::Show { name } => {
             print_json(&c.workflow(&name).await?);
+            Ok(())
+        }
+        WorkflowCmd::Apply { file } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let w = c.apply_workflow(text).await?;
+            if client.json {
+                print_json(&w);
+            } else {
+                println!(
+                    "applied workflow {}; it reaches every node as its doc syncs",
+                    w["name"]
+                );
+            }
+            Ok(())
+        }
+        WorkflowCmd::Enable { name } | WorkflowCmd::Disable { name } => {
+            let on = matches!(cmd_kind, "enable");
+            let w = c.set_workflow_enabled(&name, on).await?;
+            if client.json {
+                print_json(&w);
+            } else {
+                println!("{cmd_kind}d workflow {name:?} on every node");
+            }
             Ok(())
         }
         WorkflowCmd::Validate { file } => {

@@ -744,3 +744,262 @@ async fn a_retried_write_with_an_idempotency_key_applies_once() {
     assert_eq!(bad.status(), 400);
     node.shutdown().await.unwrap();
 }
+
+fn sh(script: String) -> String {
+    format!("command = [\"sh\", \"-c\", {}]", toml_string(&script))
+}
+
+fn toml_string(s: &str) -> String {
+    serde_json::to_string(s).unwrap() // a JSON string is a valid TOML basic string
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schedule_fires_an_exec_step_on_its_ticks() {
+    let dir = tempfile::tempdir().unwrap();
+    let defs = dir.path().join("workflows");
+    let out = dir.path().join("ticks.txt");
+    let def = format!(
+        "name = \"tick\"\n[on]\nschedule = \"every 1s\"\n[[steps]]\nid = \"log\"\nkind = \"exec\"\n{}\n",
+        sh(format!(
+            "cat > /dev/null; echo \"$MERGEFLOW_RUN_KEY $MERGEFLOW_STEP\" >> {}",
+            out.display()
+        ))
+    );
+    write_def(&defs, "tick.toml", &def);
+    let node = local_node(&dir.path().join("n"), &defs, |_| {}).await;
+    let lines = until("two ticks", || async {
+        let text = std::fs::read_to_string(&out).unwrap_or_default();
+        let lines: Vec<String> = text.lines().map(str::to_string).collect();
+        (lines.len() >= 2).then_some(lines)
+    })
+    .await;
+    assert_ne!(lines[0], lines[1], "each tick has its own key");
+    assert!(lines.iter().all(|l| l.ends_with(" log")));
+    let runs = node.workflows().runs(Some("tick"), None, 10).unwrap();
+    assert!(runs.iter().all(|r| r.trigger == "schedule"));
+    node.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_killed_mid_step_resumes_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let defs = dir.path().join("workflows");
+    let data = dir.path().join("n");
+    let hold = dir.path().join("hold");
+    let out = dir.path().join("out.txt");
+    std::fs::write(&hold, "").unwrap();
+    // The step hangs while `hold` exists, then records the doc it was given.
+    let script = format!(
+        "while [ -f {hold} ]; do sleep 0.05; done; cat >> {out}; echo >> {out}",
+        hold = hold.display(),
+        out = out.display()
+    );
+    let def = format!(
+        "name = \"slow\"\n[on]\ndoc = \"jobs/*\"\n[[steps]]\nid = \"work\"\nkind = \"exec\"\ntimeout = \"60s\"\n{}\n",
+        sh(script)
+    );
+    write_def(&defs, "slow.toml", &def);
+    let node = local_node(&data, &defs, |_| {}).await;
+    until("the workflow loaded", || async {
+        (!node.workflows().list().is_empty()).then_some(())
+    })
+    .await;
+    node.doc("jobs/1")
+        .unwrap()
+        .patch(json!({"n": 1}))
+        .await
+        .unwrap();
+    let run = until("the step to be running", || async {
+        let r = node
+            .workflows()
+            .runs(Some("slow"), None, 10)
+            .unwrap()
+            .into_iter()
+            .next()?;
+        (r.status == RunStatus::Running
+            && r.steps[0].state == mergeflow::workflow::StepState::Running)
+            .then_some(r)
+    })
+    .await;
+    node.shutdown().await.unwrap(); // the run dies with the node, mid-step
+    drop(node);
+    assert!(!out.exists(), "the step never finished");
+    std::fs::remove_file(&hold).unwrap();
+
+    let node = local_node(&data, &defs, |_| {}).await;
+    let done = until("the run to resume and finish", || async {
+        let r = node.workflows().run(run.id).unwrap();
+        (r.status == RunStatus::Done).then_some(r)
+    })
+    .await;
+    assert_eq!(done.key, run.key, "the same run, same idempotency key");
+    assert_eq!(done.steps[0].attempts, 2, "one attempt died with the node");
+    let text = std::fs::read_to_string(&out).unwrap();
+    let got: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert_eq!(got["doc"], json!({"n": 1}));
+    assert_eq!(got["run"]["key"], run.key);
+    // Resumed, not triggered again: one run for the one state.
+    assert_eq!(
+        node.workflows().runs(Some("slow"), None, 10).unwrap().len(),
+        1
+    );
+    node.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_effect_is_retried_then_dead_lettered() {
+    use axum::routing::post;
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let h = hits.clone();
+    let app = axum::Router::new().route(
+        "/fail",
+        post(move || {
+            let h = h.clone();
+            async move {
+                h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                (
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                    "down for maintenance",
+                )
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/fail", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let dir = tempfile::tempdir().unwrap();
+    let defs = dir.path().join("workflows");
+    let def = format!(
+        "name = \"hook\"\n[on]\ndoc = \"jobs/*\"\n[[steps]]\nid = \"post\"\nkind = \"http\"\nurl = \"{url}\"\nretry = {{ attempts = 3, backoff = \"fixed\", initial = \"50ms\" }}\n"
+    );
+    write_def(&defs, "hook.toml", &def);
+    let node = local_node(&dir.path().join("n"), &defs, |_| {}).await;
+    until("the workflow loaded", || async {
+        (!node.workflows().list().is_empty()).then_some(())
+    })
+    .await;
+    node.doc("jobs/1")
+        .unwrap()
+        .patch(json!({"n": 1}))
+        .await
+        .unwrap();
+    let dead = until("the run dead-lettered", || async {
+        node.workflows()
+            .runs(Some("hook"), Some(RunStatus::Dead), 10)
+            .unwrap()
+            .into_iter()
+            .next()
+    })
+    .await;
+    assert_eq!(dead.steps[0].attempts, 3);
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 3);
+    let e = dead.error.unwrap();
+    assert!(
+        e.contains("503") && e.contains("down for maintenance"),
+        "{e}"
+    );
+    node.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_applied_workflow_reaches_every_node_and_disabling_stops_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("no-workflows");
+    let tweak = |c: &mut mergeflow::config::Config| c.workflow.dir = empty.clone();
+    let a = common::p2p_node(&dir.path().join("a"), vec![], tweak).await;
+    let a_addr = common::listen_addr(&a).await;
+    let b = common::p2p_node(&dir.path().join("b"), vec![a_addr], tweak).await;
+    until("peers to connect", || async {
+        (a.status().await.peers >= 1).then_some(())
+    })
+    .await;
+
+    a.workflows().apply(FAHRENHEIT).await.unwrap();
+    until("b to run the applied workflow", || async {
+        let w = b.workflows().get("fahrenheit").ok()?;
+        (w.state == "active").then_some(())
+    })
+    .await;
+    b.doc("sensors/x")
+        .unwrap()
+        .patch(json!({"celsius": 100}))
+        .await
+        .unwrap();
+    until("b to derive", || async {
+        (path_of(&b, "sensors/x", "/fahrenheit").await == Some(json!(212.0))).then_some(())
+    })
+    .await;
+
+    a.workflows()
+        .set_enabled("fahrenheit", false)
+        .await
+        .unwrap();
+    until("b to see it disabled", || async {
+        let w = b.workflows().get("fahrenheit").ok()?;
+        (w.state == "disabled").then_some(())
+    })
+    .await;
+    b.doc("sensors/y")
+        .unwrap()
+        .patch(json!({"celsius": 0}))
+        .await
+        .unwrap();
+    // The write has reached a, which runs nothing either.
+    until("the write on a", || async {
+        (path_of(&a, "sensors/y", "/celsius").await == Some(json!(0))).then_some(())
+    })
+    .await;
+    assert_eq!(path_of(&b, "sensors/y", "/fahrenheit").await, None);
+    assert_eq!(
+        b.workflows()
+            .runs(None, None, 10)
+            .unwrap()
+            .iter()
+            .filter(|r| r.doc == "sensors/y")
+            .count(),
+        0
+    );
+
+    // A bad definition is refused before it is stored.
+    let err = a
+        .workflows()
+        .apply("name = \"x\"\n")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("request body"), "{err}");
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workflow_runs_only_on_nodes_whose_labels_it_selects() {
+    let dir = tempfile::tempdir().unwrap();
+    let defs = dir.path().join("workflows");
+    write_def(
+        &defs,
+        "f.toml",
+        &FAHRENHEIT.replace(
+            "name = \"fahrenheit\"",
+            "name = \"fahrenheit\"\nnodes = { role = \"gateway\" }",
+        ),
+    );
+    let sensor = local_node(&dir.path().join("s"), &defs, |c| {
+        c.node.labels.insert("role".into(), "sensor".into());
+    })
+    .await;
+    let gateway = local_node(&dir.path().join("g"), &defs, |c| {
+        c.node.labels.insert("role".into(), "gateway".into());
+    })
+    .await;
+    let state = |n: &mergeflow::Node| n.workflows().get("fahrenheit").map(|w| w.state);
+    until("both to load it", || async {
+        (state(&sensor).is_ok() && state(&gateway).is_ok()).then_some(())
+    })
+    .await;
+    assert_eq!(state(&sensor).unwrap(), "not for this node (labels)");
+    assert_eq!(state(&gateway).unwrap(), "active");
+    for n in [sensor, gateway] {
+        n.shutdown().await.unwrap();
+    }
+}

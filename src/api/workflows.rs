@@ -20,7 +20,9 @@ const MAX_LIMIT: usize = 10_000;
 /// The workflow routes, merged into the main router.
 pub(super) fn routes() -> Router<Node> {
     Router::new()
-        .route("/v1/workflows", get(list))
+        .route("/v1/workflows", get(list).post(apply))
+        .route("/v1/workflows/{name}/enable", post(enable))
+        .route("/v1/workflows/{name}/disable", post(disable))
         .route("/v1/workflows/validate", post(validate))
         .route("/v1/workflows/{name}", get(show))
         .route("/v1/runs", get(runs))
@@ -38,7 +40,7 @@ impl From<WorkflowError> for ApiError {
             WorkflowError::WrongState { .. } => (StatusCode::CONFLICT, "wrong_state"),
             WorkflowError::Def(_) => (StatusCode::BAD_REQUEST, "invalid_workflow"),
             WorkflowError::Stopped => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
-            WorkflowError::Store(_) | WorkflowError::Corrupt { .. } => {
+            WorkflowError::Store(_) | WorkflowError::Corrupt { .. } | WorkflowError::Write(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "store_error")
             }
         };
@@ -65,14 +67,41 @@ async fn validate(
     b: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let b = body(b)?;
-    let text = std::str::from_utf8(&b).map_err(|e| {
+    Ok(Json(node.workflows().validate("request body", utf8(&b)?)?).into_response())
+}
+
+/// `POST /v1/workflows`: the body is a definition (TOML), stored in a
+/// system doc that syncs, so every node whose labels match runs it.
+async fn apply(State(node): State<Node>, b: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
+    let b = body(b)?;
+    let text = utf8(&b)?;
+    Ok(Json(node.workflows().apply(text).await?).into_response())
+}
+
+async fn enable(
+    State(node): State<Node>,
+    path: Result<Path<String>, PathRejection>,
+) -> ApiResult<Response> {
+    let Path(name) = path.map_err(|r| WrappedRejection(r, None))?;
+    Ok(Json(node.workflows().set_enabled(&name, true).await?).into_response())
+}
+
+async fn disable(
+    State(node): State<Node>,
+    path: Result<Path<String>, PathRejection>,
+) -> ApiResult<Response> {
+    let Path(name) = path.map_err(|r| WrappedRejection(r, None))?;
+    Ok(Json(node.workflows().set_enabled(&name, false).await?).into_response())
+}
+
+fn utf8(b: &[u8]) -> ApiResult<&str> {
+    std::str::from_utf8(b).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
             "bad_body",
             format!("the definition is not UTF-8: {e}"),
         )
-    })?;
-    Ok(Json(node.workflows().validate("request body", text)?).into_response())
+    })
 }
 
 /// Query of `GET /v1/runs`.

@@ -169,6 +169,8 @@ pub struct Trigger {
     pub origin: Origin,
     /// Run every this long (on one owner peer).
     pub every: Option<Duration>,
+    /// Run at the times of this cron expression, in UTC (on one owner peer).
+    pub cron: Option<croner::Cron>,
 }
 
 /// A checked workflow.
@@ -176,6 +178,8 @@ pub struct Trigger {
 pub struct Workflow {
     /// Unique name, `[a-z0-9-]+`.
     pub name: String,
+    /// Runs only on nodes carrying all these labels (`node.labels`).
+    pub nodes: BTreeMap<String, String>,
     /// When it runs.
     pub trigger: Trigger,
     /// Its steps, in an order where every step comes after those it needs.
@@ -186,6 +190,8 @@ pub struct Workflow {
 #[serde(deny_unknown_fields)]
 struct RawWorkflow {
     name: String,
+    #[serde(default)]
+    nodes: BTreeMap<String, String>,
     on: RawTrigger,
     #[serde(default)]
     steps: Vec<RawStep>,
@@ -267,6 +273,7 @@ fn check(raw: RawWorkflow) -> Result<Workflow, String> {
     let steps = order(steps)?;
     Ok(Workflow {
         name: raw.name,
+        nodes: raw.nodes,
         trigger,
         steps,
     })
@@ -285,11 +292,22 @@ fn check_trigger(on: RawTrigger) -> Result<Trigger, String> {
     {
         return Err(format!("[on] path {p:?}: a JSON Pointer starts with /"));
     }
-    let every = match on.schedule.as_deref() {
-        None => None,
-        Some(s) => Some(parse_every(s).map_err(|e| format!("[on] schedule {s:?}: {e}"))?),
+    let (every, cron) = match on.schedule.as_deref() {
+        None => (None, None),
+        Some(s) if s.starts_with("every ") => (
+            Some(parse_every(s).map_err(|e| format!("[on] schedule {s:?}: {e}"))?),
+            None,
+        ),
+        Some(s) => {
+            let cron = <croner::Cron as std::str::FromStr>::from_str(s).map_err(|e| {
+                format!(
+                    "[on] schedule {s:?}: neither \"every <duration>\" nor a cron expression: {e}"
+                )
+            })?;
+            (None, Some(cron))
+        }
     };
-    if doc.is_none() && every.is_none() {
+    if doc.is_none() && every.is_none() && cron.is_none() {
         return Err("[on] needs doc (a doc id glob) or schedule".into());
     }
     Ok(Trigger {
@@ -298,15 +316,14 @@ fn check_trigger(on: RawTrigger) -> Result<Trigger, String> {
         when: on.when,
         origin: on.origin,
         every,
+        cron,
     })
 }
 
-/// `every <duration>`; cron expressions are not supported yet.
+/// `every <duration>`.
 fn parse_every(s: &str) -> Result<Duration, String> {
     let Some(d) = s.strip_prefix("every ") else {
-        return Err(
-            "use \"every <duration>\", e.g. \"every 30s\" (cron is not supported yet)".into(),
-        );
+        return Err("use \"every <duration>\", e.g. \"every 30s\"".into());
     };
     let d = parse_duration(d.trim())?;
     if d < Duration::from_secs(1) {
@@ -610,7 +627,10 @@ set = { "/fahrenheit" = "doc.celsius * 9 / 5 + 32" }
             error_of("name = \"w\"\n[on]\norigin = \"here\"\n").contains("unknown variant `here`")
         );
         assert!(error_of("name = \"w\"\n[on]\norigin = \"local\"\n[[steps]]\nid = \"a\"\nkind = \"exec\"\ncommand = [\"true\"]\n").contains("[on] needs doc"));
-        assert!(error_of("name = \"w\"\n[on]\nschedule = \"0 * * * *\"\n[[steps]]\nid = \"a\"\nkind = \"exec\"\ncommand = [\"true\"]\n").contains("cron is not supported yet"));
+        assert!(error_of("name = \"w\"\n[on]\nschedule = \"every day\"\n[[steps]]\nid = \"a\"\nkind = \"exec\"\ncommand = [\"true\"]\n").contains("schedule \"every day\""));
+        assert!(error_of("name = \"w\"\n[on]\nschedule = \"61 * * * *\"\n[[steps]]\nid = \"a\"\nkind = \"exec\"\ncommand = [\"true\"]\n").contains("nor a cron expression"));
+        let cron = parse("c.toml", "name = \"w\"\n[on]\nschedule = \"*/5 * * * *\"\n[[steps]]\nid = \"a\"\nkind = \"exec\"\ncommand = [\"true\"]\n").unwrap();
+        assert!(cron.trigger.cron.is_some());
     }
 
     #[test]

@@ -96,6 +96,9 @@ pub enum WorkflowError {
         /// The decoder's message.
         what: String,
     },
+    /// A definition or flag could not be stored.
+    #[error("cannot store the workflow's system doc: {0}")]
+    Write(String),
     /// The engine has stopped (the node is shutting down).
     #[error("the workflow engine has stopped")]
     Stopped,
@@ -110,6 +113,9 @@ pub struct WorkflowInfo {
     pub file: String,
     /// False if the file does not load; `error` says why.
     pub valid: bool,
+    /// `active` (runs here), `disabled`, `not for this node (labels)`, or
+    /// `invalid`.
+    pub state: &'static str,
     /// Why it does not load.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -135,11 +141,12 @@ pub struct StepInfo {
 }
 
 impl WorkflowInfo {
-    fn of(plan: &Plan) -> WorkflowInfo {
+    fn of(plan: &Plan, state: &'static str) -> WorkflowInfo {
         WorkflowInfo {
             name: plan.name().to_string(),
             file: plan.source_name.clone(),
             valid: true,
+            state,
             error: None,
             doc: plan.def.trigger.doc.as_ref().map(|(p, _)| p.clone()),
             path: plan.def.trigger.path.clone(),
@@ -185,10 +192,29 @@ struct Counters {
     coalesced: AtomicU64,
 }
 
+/// A definition applied through the API, as its system doc holds it.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Applied {
+    /// The TOML text (absent when only the enabled flag was set, e.g. to
+    /// disable a workflow defined by a file).
+    pub text: Option<String>,
+    /// False: the workflow does not run, wherever it is defined.
+    pub enabled: bool,
+}
+
+/// The system doc of an applied definition.
+pub fn applied_doc(name: &str) -> String {
+    format!("{SYSTEM_PREFIX}workflows/{name}")
+}
+
 #[derive(Default)]
 struct Catalog {
-    /// Valid workflows by name.
+    /// Workflows running here, by name.
     plans: BTreeMap<String, Arc<Plan>>,
+    /// Valid workflows not running here, with why.
+    inactive: BTreeMap<String, (Arc<Plan>, &'static str)>,
+    /// The applied definitions the catalog was built with.
+    applied: BTreeMap<String, Applied>,
     /// Files that do not load: (file, error).
     invalid: Vec<(String, String)>,
     /// (file, modified, length) of every file read, to notice changes.
@@ -276,16 +302,30 @@ impl Engine {
         let mut out: Vec<WorkflowInfo> = catalog
             .plans
             .values()
-            .map(|p| WorkflowInfo::of(p))
+            .map(|p| WorkflowInfo::of(p, "active"))
+            .chain(
+                catalog
+                    .inactive
+                    .values()
+                    .map(|(p, why)| WorkflowInfo::of(p, why)),
+            )
             .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
         out.extend(catalog.invalid.iter().map(|(file, error)| {
+            let stem = file
+                .strip_prefix("applied:")
+                .map(str::to_string)
+                .unwrap_or_else(|| {
+                    Path::new(file)
+                        .file_stem()
+                        .map(|s| s.to_string_lossy().to_string())
+                        .unwrap_or_default()
+                });
             WorkflowInfo {
-                name: Path::new(file)
-                    .file_stem()
-                    .map(|s| s.to_string_lossy().to_string())
-                    .unwrap_or_default(),
+                name: stem,
                 file: file.clone(),
                 valid: false,
+                state: "invalid",
                 error: Some(error.clone()),
                 doc: None,
                 path: None,
@@ -312,7 +352,57 @@ impl Engine {
     /// What is wrong with it.
     pub fn validate(&self, source_name: &str, text: &str) -> Result<WorkflowInfo, WorkflowError> {
         let plan = Plan::load(&self.shared.sandbox, source_name, text)?;
-        Ok(WorkflowInfo::of(&plan))
+        Ok(WorkflowInfo::of(&plan, "valid"))
+    }
+
+    /// Stores a definition in its system doc (`_mergeflow/workflows/<name>`),
+    /// which syncs to every node; each runs it where its labels match. A
+    /// file of the same name on a node wins there.
+    ///
+    /// # Errors
+    /// What is wrong with the definition; store errors.
+    pub async fn apply(&self, text: &str) -> Result<WorkflowInfo, WorkflowError> {
+        let plan = Plan::load(&self.shared.sandbox, "request body", text)?;
+        let id = DocId::new(applied_doc(plan.name()))
+            .map_err(|e| WorkflowError::Write(e.to_string()))?;
+        let values = vec![
+            (
+                Pointer::parse("/text").expect("valid"),
+                Json::String(text.to_string()),
+            ),
+            (Pointer::parse("/enabled").expect("valid"), Json::Bool(true)),
+        ];
+        self.shared
+            .docs
+            .write(id, Change::SetIfDifferent(values))
+            .await
+            .map_err(|e| WorkflowError::Write(e.to_string()))?;
+        Ok(WorkflowInfo::of(&plan, "applied"))
+    }
+
+    /// Enables or disables workflow `name` on every node (through its system
+    /// doc, which syncs), whether a file or `apply` defined it.
+    ///
+    /// # Errors
+    /// [`WorkflowError::NoWorkflow`] for a name this node does not know.
+    pub async fn set_enabled(
+        &self,
+        name: &str,
+        enabled: bool,
+    ) -> Result<WorkflowInfo, WorkflowError> {
+        let mut info = self.get(name)?;
+        let id = DocId::new(applied_doc(name)).map_err(|e| WorkflowError::Write(e.to_string()))?;
+        let values = vec![(
+            Pointer::parse("/enabled").expect("valid"),
+            Json::Bool(enabled),
+        )];
+        self.shared
+            .docs
+            .write(id, Change::SetIfDifferent(values))
+            .await
+            .map_err(|e| WorkflowError::Write(e.to_string()))?;
+        info.state = if enabled { "enabled" } else { "disabled" };
+        Ok(info)
     }
 
     /// Runs, newest first: of `workflow` and in `status` if given, at most `limit`.
@@ -412,9 +502,11 @@ impl Shared {
         self.store.put_run(run.id, &record, cursor)
     }
 
-    /// Reads the workflow directory if any file in it changed since the last
-    /// read. Returns the workflows that are new or whose text changed.
-    fn reload(&self) -> Vec<Arc<Plan>> {
+    /// Rebuilds the catalog from the workflow directory and the applied
+    /// definitions, if a file changed since the last read or `applied`
+    /// differs from what the catalog holds. Returns the workflows that are
+    /// newly active here or whose text changed, and whether anything changed.
+    fn reload(&self, applied: &BTreeMap<String, Applied>) -> (Vec<Arc<Plan>>, bool) {
         let mut files: Vec<(PathBuf, Option<SystemTime>, u64)> = match std::fs::read_dir(&self.dir)
         {
             Ok(entries) => entries
@@ -430,43 +522,66 @@ impl Shared {
             Err(_) => vec![], // No directory: no workflows.
         };
         files.sort();
-        if files == self.catalog().seen {
-            return vec![];
+        {
+            let catalog = self.catalog();
+            if files == catalog.seen && *applied == catalog.applied {
+                return (vec![], false);
+            }
         }
+        let mut sources: Vec<(String, Result<String, String>)> = files
+            .iter()
+            .map(|(path, _, _)| {
+                let name = path.display().to_string();
+                let text =
+                    std::fs::read_to_string(path).map_err(|e| format!("cannot read {name}: {e}"));
+                (name, text)
+            })
+            .collect();
+        sources.extend(applied.iter().filter_map(|(name, a)| {
+            let text = a.text.clone()?;
+            Some((format!("applied:{name}"), Ok(text)))
+        }));
         let mut plans = BTreeMap::new();
         let mut invalid = Vec::new();
+        let mut inactive = BTreeMap::new();
         let mut origin: HashMap<String, String> = HashMap::new();
-        for (path, _, _) in &files {
-            let name = path.display().to_string();
-            let loaded = std::fs::read_to_string(path)
-                .map_err(|e| format!("cannot read {name}: {e}"))
-                .and_then(|text| {
-                    Plan::load(&self.sandbox, &name, &text).map_err(|e| e.to_string())
-                });
-            match loaded {
-                Ok(plan) => {
-                    if let Some(first) = origin.get(plan.name()) {
-                        invalid.push((
-                            name.clone(),
-                            format!(
-                                "workflow {name}: name {:?} is already used by {first}",
-                                plan.name()
-                            ),
-                        ));
-                        continue;
-                    }
-                    origin.insert(plan.name().to_string(), name.clone());
-                    plans.insert(plan.name().to_string(), plan);
-                }
+        for (source, text) in sources {
+            let loaded = text.and_then(|text| {
+                Plan::load(&self.sandbox, &source, &text).map_err(|e| e.to_string())
+            });
+            let plan = match loaded {
+                Ok(plan) => plan,
                 Err(e) => {
-                    tracing::error!(file = %name, err = %e, "workflow definition does not load; other workflows keep running");
-                    invalid.push((name, e));
+                    tracing::error!(source = %source, err = %e, "workflow definition does not load; other workflows keep running");
+                    invalid.push((source, e));
+                    continue;
                 }
+            };
+            let name = plan.name().to_string();
+            if let Some(first) = origin.get(&name) {
+                invalid.push((
+                    source.clone(),
+                    format!("workflow {source}: name {name:?} is already used by {first}"),
+                ));
+                continue;
+            }
+            origin.insert(name.clone(), source);
+            let enabled = applied.get(&name).is_none_or(|a| a.enabled);
+            let here = plan
+                .def
+                .nodes
+                .iter()
+                .all(|(k, v)| self.labels.get(k) == Some(v));
+            if !enabled {
+                inactive.insert(name, (plan, "disabled"));
+            } else if !here {
+                inactive.insert(name, (plan, "not for this node (labels)"));
+            } else {
+                plans.insert(name, plan);
             }
         }
         let mut catalog = self.catalog.write().unwrap_or_else(|p| p.into_inner());
-        let removed = catalog.plans.keys().any(|n| !plans.contains_key(n));
-        let mut fresh: Vec<Arc<Plan>> = plans
+        let fresh: Vec<Arc<Plan>> = plans
             .values()
             .filter(|p| {
                 catalog
@@ -477,20 +592,17 @@ impl Shared {
             .cloned()
             .collect();
         for p in &fresh {
-            tracing::info!(workflow = %p.name(), file = %p.source_name, "workflow loaded");
+            tracing::info!(workflow = %p.name(), source = %p.source_name, "workflow loaded");
         }
         for name in catalog.plans.keys().filter(|n| !plans.contains_key(*n)) {
             tracing::info!(workflow = %name, "workflow unloaded");
         }
         catalog.plans = plans;
+        catalog.inactive = inactive;
         catalog.invalid = invalid;
         catalog.seen = files;
-        if removed && fresh.is_empty() {
-            // Nothing new to scan, but the membership doc must drop it:
-            // reload() announces when anything is returned.
-            fresh.extend(catalog.plans.values().next().cloned());
-        }
-        fresh
+        catalog.applied = applied.clone();
+        (fresh, true)
     }
 
     /// Writes this node's membership doc: the workflows it runs, so that
@@ -570,6 +682,12 @@ struct Runner {
     tasks: JoinSet<Key>,
     seq: u64,
     created_at_last_prune: u64,
+    /// Next scheduled time (Unix ms) of each scheduled workflow running here.
+    ticks: BTreeMap<String, u64>,
+    /// Definitions applied through the API, as last read.
+    applied: BTreeMap<String, Applied>,
+    /// Their docs changed since.
+    applied_dirty: bool,
 }
 
 impl Runner {
@@ -588,10 +706,17 @@ impl Runner {
             tasks: JoinSet::new(),
             seq: 0,
             created_at_last_prune: 0,
+            ticks: BTreeMap::new(),
+            applied: BTreeMap::new(),
+            applied_dirty: true,
         }
     }
 
     async fn run(mut self, mut cmds: mpsc::Receiver<Command>, cancel: CancellationToken) {
+        // Followed from the start, quietly (no changed paths until a
+        // workflow runs here): applied definitions may arrive from peers.
+        let glob = DocGlob::new("**").expect("a valid glob");
+        self.events = Some(Box::pin(self.feed.subscribe_quiet(glob)));
         self.reload().await;
         match self.open_runs() {
             Ok(runs) => self.resumes.extend(runs),
@@ -604,6 +729,11 @@ impl Runner {
         loop {
             self.start_runs();
             let next_due = self.delayed.first_key_value().map(|((t, _), _)| *t);
+            let next_tick = self
+                .ticks
+                .values()
+                .min()
+                .map(|t| Instant::now() + Duration::from_millis(t.saturating_sub(now_ms())));
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 Some(item) = next_event(&mut self.events) => self.on_event(item).await,
@@ -614,6 +744,7 @@ impl Runner {
                     }
                 }
                 _ = sleep_until(next_due), if next_due.is_some() => self.promote(),
+                _ = sleep_until(next_tick), if next_tick.is_some() => self.fire_schedules().await,
                 _ = poll.tick() => self.reload().await,
                 Some(cmd) = cmds.recv() => self.command(cmd),
             }
@@ -622,23 +753,88 @@ impl Runner {
         // open and resume after restart.
     }
 
-    /// Reloads definitions; subscribes to the feed once there are any (not
-    /// before: the feed records changed paths only while someone listens),
-    /// and takes the doc states new workflows have not seen.
+    /// Reloads definitions (the applied ones too when their docs changed);
+    /// asks the feed for changed paths once any workflow runs here (not
+    /// before: recording them costs every change), and takes the doc states
+    /// new workflows have not seen.
     async fn reload(&mut self) {
+        if self.applied_dirty {
+            self.applied_dirty = false;
+            match read_applied(&self.shared.docs).await {
+                Ok(a) => self.applied = a,
+                Err(e) => tracing::error!(err = %e, "cannot read applied workflow definitions"),
+            }
+        }
         let shared = self.shared.clone();
-        let fresh = tokio::task::spawn_blocking(move || shared.reload())
+        let applied = self.applied.clone();
+        let (fresh, changed) = tokio::task::spawn_blocking(move || shared.reload(&applied))
             .await
             .unwrap_or_default();
-        if fresh.is_empty() {
+        if !changed {
             return;
         }
         self.shared.announce().await;
-        if self.events.is_none() {
-            let glob = DocGlob::new("**").expect("a valid glob");
-            self.events = Some(Box::pin(self.feed.subscribe(glob, None)));
+        if !self.shared.catalog().plans.is_empty() {
+            self.feed.record_paths();
         }
+        let now = now_ms();
+        let scheduled: Vec<(String, Option<u64>)> = self
+            .shared
+            .catalog()
+            .plans
+            .values()
+            .map(|p| (p.name().to_string(), next_fire(&p.def.trigger, now)))
+            .collect();
+        self.ticks = scheduled
+            .into_iter()
+            .filter_map(|(name, next)| {
+                // A workflow that kept its schedule keeps its next time.
+                let next = self.ticks.get(&name).copied().or(next)?;
+                Some((name, next))
+            })
+            .collect();
         self.rescan(&fresh).await;
+    }
+
+    /// Starts the scheduled runs that are due, each on its owner only: the
+    /// first in rendezvous order, for the tick's key, among the live nodes
+    /// that run the workflow. A tick missed while this node was down, or
+    /// while the previous scheduled run was still going, is skipped.
+    async fn fire_schedules(&mut self) {
+        let now = now_ms();
+        let due: Vec<(String, u64)> = self
+            .ticks
+            .iter()
+            .filter(|(_, t)| **t <= now)
+            .map(|(n, t)| (n.clone(), *t))
+            .collect();
+        for (name, at) in due {
+            let Some(plan) = self.shared.catalog().plans.get(&name).cloned() else {
+                self.ticks.remove(&name);
+                continue;
+            };
+            match next_fire(&plan.def.trigger, now) {
+                Some(next) => self.ticks.insert(name.clone(), next),
+                None => self.ticks.remove(&name),
+            };
+            let heads = vec![format!("schedule:{at}")];
+            let key = run_key(&name, "", &heads);
+            let candidates = self.shared.candidates(&name).await;
+            if super::effect::owner(&key, &candidates) != Some(&self.shared.local) {
+                continue;
+            }
+            let slot = (name.clone(), String::new());
+            if self.in_flight.contains(&slot) {
+                tracing::warn!(workflow = %name, "scheduled run skipped: the previous one is still running");
+                continue;
+            }
+            self.in_flight.insert(slot.clone());
+            let shared = self.shared.clone();
+            self.tasks.spawn(async move {
+                start_scheduled(&shared, plan, key, heads).await;
+                slot
+            });
+        }
     }
 
     /// Queues a run for every doc of `plans` whose heads differ from its cursor.
@@ -696,6 +892,10 @@ impl Runner {
             }
         };
         if e.doc.starts_with(SYSTEM_PREFIX) {
+            if e.doc.starts_with(&applied_doc("")) {
+                self.applied_dirty = true;
+                self.reload().await;
+            }
             return;
         }
         let plans: Vec<Arc<Plan>> = self
@@ -921,6 +1121,34 @@ impl Runner {
     }
 }
 
+/// The applied definitions, from their system docs.
+async fn read_applied(docs: &Docs) -> Result<BTreeMap<String, Applied>, DocError> {
+    let prefix = applied_doc("");
+    let mut out = BTreeMap::new();
+    for d in docs
+        .list()
+        .await?
+        .into_iter()
+        .filter(|d| d.id.starts_with(&prefix))
+    {
+        let name = d.id[prefix.len()..].to_string();
+        let Ok(id) = DocId::new(d.id.as_str()) else {
+            continue;
+        };
+        let Ok(j) = docs.get(id, None).await else {
+            continue;
+        };
+        out.insert(
+            name,
+            Applied {
+                text: j["text"].as_str().map(str::to_string),
+                enabled: j["enabled"].as_bool().unwrap_or(true),
+            },
+        );
+    }
+    Ok(out)
+}
+
 async fn next_event(
     events: &mut Option<Pin<Box<dyn Stream<Item = FeedItem> + Send>>>,
 ) -> Option<FeedItem> {
@@ -1060,21 +1288,7 @@ async fn start(shared: &Shared, plan: Arc<Plan>, doc: &str, p: Pending) {
         created_ms: now,
         updated_ms: now,
         error: None,
-        steps: plan
-            .def
-            .steps
-            .iter()
-            .map(|s| StepRun {
-                id: s.id.clone(),
-                kind: kind_name(&s.action).to_string(),
-                state: StepState::Pending,
-                attempts: 0,
-                started_ms: None,
-                finished_ms: None,
-                output: None,
-                error: None,
-            })
-            .collect(),
+        steps: new_steps(&plan),
     };
     shared.counters.runs.fetch_add(1, Ordering::Relaxed);
     if let Some(e) = dead {
@@ -1089,6 +1303,85 @@ async fn start(shared: &Shared, plan: Arc<Plan>, doc: &str, p: Pending) {
     if run.status == RunStatus::Running {
         execute(shared, &plan, run, json, Some(bound)).await;
     }
+}
+
+/// When a scheduled workflow fires next after `after` (Unix ms): interval
+/// schedules at multiples of the interval (so every node agrees on the
+/// tick), cron schedules at the expression's next time in UTC.
+fn next_fire(trigger: &super::def::Trigger, after: u64) -> Option<u64> {
+    if let Some(every) = trigger.every {
+        let ms = (every.as_millis() as u64).max(1);
+        return Some((after / ms + 1) * ms);
+    }
+    let cron = trigger.cron.as_ref()?;
+    let start = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(after as i64)?;
+    let next = cron.find_next_occurrence(&start, false).ok()?;
+    Some(next.timestamp_millis() as u64)
+}
+
+/// Runs a scheduled workflow once: no triggering doc (`doc` is `{}` to its
+/// expressions, `id` is empty); its effects run here, the owner of the tick.
+async fn start_scheduled(shared: &Shared, plan: Arc<Plan>, key: String, heads: Vec<String>) {
+    let json = Json::Object(Default::default());
+    let bound = match shared.sandbox.bind(&Input {
+        doc: &json,
+        id: "",
+        changed: &[],
+        node: &shared.labels,
+    }) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(workflow = %plan.name(), err = %e, "scheduled run not started");
+            return;
+        }
+    };
+    if let Some(when) = &plan.when
+        && !shared.sandbox.test(when, &bound).unwrap_or(false)
+    {
+        return;
+    }
+    let Ok(id) = shared.store.next_run_id() else {
+        tracing::error!("cannot number a workflow run");
+        return;
+    };
+    let now = now_ms();
+    let run = Run {
+        id,
+        key,
+        workflow: plan.name().to_string(),
+        doc: String::new(),
+        heads,
+        depth: 1,
+        trigger: "schedule".into(),
+        status: RunStatus::Running,
+        created_ms: now,
+        updated_ms: now,
+        error: None,
+        steps: new_steps(&plan),
+    };
+    shared.counters.runs.fetch_add(1, Ordering::Relaxed);
+    if let Err(e) = shared.put_run(&run, None) {
+        tracing::error!(err = %e, "cannot write the run log; the run does not start");
+        return;
+    }
+    execute(shared, &plan, run, json, Some(bound)).await;
+}
+
+fn new_steps(plan: &Plan) -> Vec<StepRun> {
+    plan.def
+        .steps
+        .iter()
+        .map(|s| StepRun {
+            id: s.id.clone(),
+            kind: kind_name(&s.action).to_string(),
+            state: StepState::Pending,
+            attempts: 0,
+            started_ms: None,
+            finished_ms: None,
+            output: None,
+            error: None,
+        })
+        .collect()
 }
 
 /// Resumes an open run (after a restart, or a retry) on the doc's current state.
@@ -1107,6 +1400,7 @@ async fn resume(shared: &Shared, plan: Option<Arc<Plan>>, mut run: Run) {
         return;
     };
     let json = match DocId::new(run.doc.as_str()) {
+        _ if run.doc.is_empty() => Ok(Json::Object(Default::default())), // scheduled
         Ok(id) => shared.docs.get(id, None).await,
         Err(e) => Err(e),
     };
@@ -1219,7 +1513,11 @@ async fn execute(
         s.started_ms.get_or_insert_with(now_ms);
         let effect = matches!(step.action, Action::Http { .. } | Action::Exec { .. });
         let effect_key = format!("{}-{}", run.key, step.id);
-        if effect && let Some(by) = await_turn(shared, &mut run, i, &effect_key).await {
+        let owned = run.trigger == "schedule"; // the tick's owner started it
+        if effect
+            && !owned
+            && let Some(by) = await_turn(shared, &mut run, i, &effect_key).await
+        {
             let s = &mut run.steps[i];
             s.state = StepState::Done;
             s.output =
@@ -1231,6 +1529,14 @@ async fn execute(
         let input = effect.then(|| effect_input(shared, &run, &step.id, &effect_key, &json));
         loop {
             run.steps[i].attempts += 1;
+            if effect {
+                // Effects take time: the log shows the attempt while it runs
+                // (and counts it if the node dies in it).
+                run.updated_ms = now_ms();
+                if let Err(e) = shared.put_run(&run, None) {
+                    tracing::warn!(err = %e, "cannot write the run log");
+                }
+            }
             let outcome = match &step.action {
                 Action::Derive { .. } => derive(shared, sp, b, &run.doc, &json, &cause).await,
                 Action::Write { .. } => write(shared, sp, b, &cause).await,

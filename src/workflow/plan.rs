@@ -70,6 +70,16 @@ impl Plan {
         let mut steps = Vec::with_capacity(def.steps.len());
         for s in &def.steps {
             let at = |key: &str| format!("step {:?}: {key}", s.id);
+            if def.trigger.doc.is_none()
+                && matches!(s.action, Action::Derive { .. } | Action::Resolve { .. })
+            {
+                return Err(err(format!(
+                    "step {:?}: kind {} works on the triggering doc; a schedule-only workflow has none \
+                     (use write, http or exec, or add [on] doc)",
+                    s.id,
+                    kind_name(&s.action)
+                )));
+            }
             let when = compile(&at("when"), &s.when)?;
             let (set, target) = match &s.action {
                 Action::Derive { set } => (set, None),

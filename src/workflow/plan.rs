@@ -248,6 +248,20 @@ set = { "/f" = "doc.c * 2" }
     }
 
     #[test]
+    fn every_example_under_examples_workflows_loads() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/workflows");
+        let s = Sandbox::new();
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap();
+            Plan::load(&s, &path.display().to_string(), &text).unwrap();
+            n += 1;
+        }
+        assert!(n >= 3);
+    }
+
+    #[test]
     fn bad_expressions_and_kinds_not_runnable_yet_are_load_errors() {
         let s = Sandbox::new();
         let bad = F.replace("doc.c * 2", "doc.c * ");

@@ -86,6 +86,26 @@ impl Cause {
     }
 }
 
+/// A workflow run that was created or changed state (see
+/// `crate::workflow`): live only, not kept for resuming subscribers (the
+/// run log is: `GET /v1/runs`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RunEvent {
+    /// Run id.
+    pub run: u64,
+    /// The workflow.
+    pub workflow: String,
+    /// The triggering doc (empty for a scheduled run).
+    pub doc: String,
+    /// `queued`, `running`, `done`, `dead` or `skipped`.
+    pub status: String,
+    /// Why it is dead.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Unix ms of the update.
+    pub at_ms: u64,
+}
+
 /// Most paths listed in one event.
 pub const MAX_PATHS: usize = 64;
 
@@ -134,6 +154,7 @@ const LIVE_CAPACITY: usize = 4096;
 /// The feed of one node.
 pub struct Feed {
     boot: u64,
+    runs: broadcast::Sender<Arc<RunEvent>>,
     subscribed: std::sync::atomic::AtomicBool,
     tx: broadcast::Sender<Arc<ChangeEvent>>,
     recent: Mutex<Recent>,
@@ -148,8 +169,10 @@ impl Feed {
     /// An empty feed for boot number `boot`.
     pub fn new(boot: u64) -> Feed {
         let (tx, _) = broadcast::channel(LIVE_CAPACITY);
+        let (runs, _) = broadcast::channel(LIVE_CAPACITY);
         Feed {
             boot,
+            runs,
             subscribed: Default::default(),
             tx,
             recent: Mutex::new(Recent {
@@ -182,6 +205,33 @@ impl Feed {
             // Sent under the lock, so live order matches `recent`'s order.
             let _ = self.tx.send(event);
         }
+    }
+
+    /// Announces a run update to the run subscribers (nobody listening is fine).
+    pub fn publish_run(&self, e: RunEvent) {
+        let _ = self.runs.send(Arc::new(e));
+    }
+
+    /// Run updates from now on, of runs on docs matching `glob` (scheduled
+    /// runs, which have no doc, only with `**`). A subscriber that falls
+    /// more than 4,096 behind skips what it missed.
+    pub fn subscribe_runs(
+        &self,
+        glob: DocGlob,
+    ) -> impl Stream<Item = Arc<RunEvent>> + Send + use<> {
+        let all = glob.matches("any/thing/at/all") && glob.matches("x");
+        let rx = self.runs.subscribe();
+        futures_util::stream::unfold((rx, glob), move |(mut rx, glob)| async move {
+            loop {
+                match rx.recv().await {
+                    Ok(e) if (e.doc.is_empty() && all) || glob.matches(&e.doc) => {
+                        return Some((e, (rx, glob)));
+                    }
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        })
     }
 
     /// From now on, changes record the paths they touch (see

@@ -465,6 +465,19 @@ impl Node {
         Ok(self.inner.feed.subscribe(glob, after))
     }
 
+    /// Workflow run updates from now on, of runs on docs matching `glob`
+    /// (the `run` events of `/v1/events`).
+    ///
+    /// # Errors
+    /// [`Error::BadRequest`] for an invalid glob.
+    pub fn subscribe_runs(
+        &self,
+        glob: &str,
+    ) -> Result<impl Stream<Item = Arc<crate::feed::RunEvent>> + Send + use<>, Error> {
+        let glob = DocGlob::new(glob).map_err(Error::BadRequest)?;
+        Ok(self.inner.feed.subscribe_runs(glob))
+    }
+
     /// The node's libp2p peer id.
     pub fn peer_id(&self) -> PeerId {
         self.inner.peer_id

@@ -211,7 +211,23 @@ async fn workflow_and_runs_commands() {
         assert!(std::time::Instant::now() < deadline, "workflow not loaded");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+    // Run updates appear on /v1/events as `event: run`.
+    let mut events = reqwest::Client::new()
+        .get(format!("http://{}/v1/events?doc=n/*", cli.api))
+        .send()
+        .await
+        .unwrap();
     cli.ok(&["doc", "patch", "n/1", "{\"v\": 21}"]);
+    let mut seen = String::new();
+    while !seen.contains("event: run") || !seen.contains("\"status\":\"done\"") {
+        let chunk = tokio::time::timeout(std::time::Duration::from_secs(30), events.chunk())
+            .await
+            .expect("run events in time")
+            .unwrap()
+            .expect("stream open");
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(seen.contains("\"workflow\":\"double\""), "{seen}");
     let run = loop {
         let runs = cli.json(&["runs", "--workflow", "double", "--status", "done"]);
         if let Some(r) = runs.as_array().unwrap().first() {

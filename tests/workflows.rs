@@ -869,11 +869,18 @@ async fn a_failing_effect_is_retried_then_dead_lettered() {
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     let dir = tempfile::tempdir().unwrap();
     let defs = dir.path().join("workflows");
+    let alerts = dir.path().join("alerts.jsonl");
     let def = format!(
-        "name = \"hook\"\n[on]\ndoc = \"jobs/*\"\n[[steps]]\nid = \"post\"\nkind = \"http\"\nurl = \"{url}\"\nretry = {{ attempts = 3, backoff = \"fixed\", initial = \"50ms\" }}\n"
+        "name = \"hook\"\n[on]\ndoc = \"jobs/*\"\n[[steps]]\nid = \"post\"\nkind = \"http\"\nurl = \"{url}\"\nretry = {{ attempts = 3, backoff = \"fixed\", initial = \"50ms\" }}\n[on_failure]\nkind = \"exec\"\n{}\n",
+        sh(format!(
+            "cat >> {}; echo >> {}",
+            alerts.display(),
+            alerts.display()
+        ))
     );
     write_def(&defs, "hook.toml", &def);
     let node = local_node(&dir.path().join("n"), &defs, |_| {}).await;
+    let mut runs_feed = Box::pin(node.subscribe_runs("jobs/*").unwrap());
     until("the workflow loaded", || async {
         (!node.workflows().list().is_empty()).then_some(())
     })
@@ -893,10 +900,37 @@ async fn a_failing_effect_is_retried_then_dead_lettered() {
     .await;
     assert_eq!(dead.steps[0].attempts, 3);
     assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 3);
-    let e = dead.error.unwrap();
+    let e = dead.error.clone().unwrap();
     assert!(
         e.contains("503") && e.contains("down for maintenance"),
         "{e}"
+    );
+    // The on_failure effect got the dead run.
+    let alert: Value = until("the on_failure alert", || async {
+        let text = std::fs::read_to_string(&alerts).ok()?;
+        serde_json::from_str(text.lines().next()?).ok()
+    })
+    .await;
+    assert_eq!(alert["run"]["id"], dead.id);
+    assert_eq!(alert["run"]["status"], "dead");
+    // The run's updates were on the feed, ending dead.
+    use futures_util::StreamExt;
+    let mut statuses = Vec::new();
+    while let Ok(Some(e)) = tokio::time::timeout(Duration::from_secs(10), runs_feed.next()).await {
+        statuses.push(e.status.clone());
+        if e.status == "dead" {
+            break;
+        }
+    }
+    assert_eq!(
+        statuses.first().map(String::as_str),
+        Some("running"),
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.last().map(String::as_str),
+        Some("dead"),
+        "{statuses:?}"
     );
     node.shutdown().await.unwrap();
 }

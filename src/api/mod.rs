@@ -434,8 +434,9 @@ async fn events(
     let after = q.after.or(last);
     let glob = q.doc.as_deref().unwrap_or("**");
     let feed = node.subscribe_after(glob, after.as_deref())?;
+    let runs = node.subscribe_runs(glob)?;
     let stop = node.shutdown_token().cancelled_owned();
-    let stream = feed.take_until(stop).map(|item| {
+    let changes = feed.map(|item| {
         let event = match item {
             crate::feed::FeedItem::Change(e) => Event::default()
                 .event("change")
@@ -445,8 +446,17 @@ async fn events(
                 .event("missed")
                 .json_data(serde_json::json!({ "count": count })),
         };
-        Ok::<_, axum::Error>(event.unwrap_or_else(|e| Event::default().comment(e.to_string())))
+        event.unwrap_or_else(|e| Event::default().comment(e.to_string()))
     });
+    let runs = runs.map(|e| {
+        Event::default()
+            .event("run")
+            .json_data(&*e)
+            .unwrap_or_else(|e| Event::default().comment(e.to_string()))
+    });
+    let stream = futures_util::stream::select(changes, runs)
+        .take_until(stop)
+        .map(Ok::<_, axum::Error>);
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(std::time::Duration::from_secs(15)))
         .into_response())

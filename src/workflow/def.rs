@@ -184,6 +184,9 @@ pub struct Workflow {
     pub trigger: Trigger,
     /// Its steps, in an order where every step comes after those it needs.
     pub steps: Vec<Step>,
+    /// An effect (`http` or `exec`) run when a run is dead-lettered, with
+    /// the run record as its input: for alerting.
+    pub on_failure: Option<Step>,
 }
 
 #[derive(Deserialize)]
@@ -195,6 +198,16 @@ struct RawWorkflow {
     on: RawTrigger,
     #[serde(default)]
     steps: Vec<RawStep>,
+    on_failure: Option<RawFailure>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFailure {
+    kind: String,
+    url: Option<String>,
+    command: Option<Vec<String>>,
+    timeout: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -271,7 +284,31 @@ fn check(raw: RawWorkflow) -> Result<Workflow, String> {
         steps.push(check_step(s).map_err(|e| format!("step {id:?}: {e}"))?);
     }
     let steps = order(steps)?;
+    let on_failure = match raw.on_failure {
+        None => None,
+        Some(f) => {
+            if f.kind != "http" && f.kind != "exec" {
+                return Err(format!("[on_failure] kind {:?}: http or exec", f.kind));
+            }
+            let step = RawStep {
+                id: "on_failure".into(),
+                kind: f.kind,
+                needs: vec![],
+                when: None,
+                set: None,
+                path: None,
+                policy: None,
+                doc: None,
+                url: f.url,
+                command: f.command,
+                timeout: f.timeout,
+                retry: None,
+            };
+            Some(check_step(step).map_err(|e| format!("[on_failure]: {e}"))?)
+        }
+    };
     Ok(Workflow {
+        on_failure,
         name: raw.name,
         nodes: raw.nodes,
         trigger,

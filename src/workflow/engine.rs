@@ -227,6 +227,7 @@ pub type LivePeers = Arc<dyn Fn() -> Vec<String> + Send + Sync>;
 struct Shared {
     sandbox: Sandbox,
     docs: Docs,
+    feed: Arc<Feed>,
     store: Store,
     /// This node's peer id.
     local: String,
@@ -268,6 +269,7 @@ impl Engine {
         let shared = Arc::new(Shared {
             sandbox: Sandbox::new(),
             docs,
+            feed: feed.clone(),
             store,
             local,
             live: RwLock::new(None),
@@ -496,10 +498,21 @@ impl Shared {
         self.catalog.read().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Stores a run record (with the cursor it moves, if given) and
+    /// announces the update on the feed's run events.
     fn put_run(&self, run: &Run, cursor: Option<&[u8]>) -> Result<(), StoreError> {
         let record = serde_json::to_vec(run).expect("a run serializes");
         let cursor = cursor.map(|heads| (run.workflow.as_str(), run.doc.as_str(), heads));
-        self.store.put_run(run.id, &record, cursor)
+        self.store.put_run(run.id, &record, cursor)?;
+        self.feed.publish_run(crate::feed::RunEvent {
+            run: run.id,
+            workflow: run.workflow.clone(),
+            doc: run.doc.clone(),
+            status: format!("{:?}", run.status).to_lowercase(),
+            error: run.error.clone(),
+            at_ms: run.updated_ms,
+        });
+        Ok(())
     }
 
     /// Rebuilds the catalog from the workflow directory and the applied
@@ -1302,6 +1315,8 @@ async fn start(shared: &Shared, plan: Arc<Plan>, doc: &str, p: Pending) {
     }
     if run.status == RunStatus::Running {
         execute(shared, &plan, run, json, Some(bound)).await;
+    } else {
+        alert_failure(shared, &plan, &run).await;
     }
 }
 
@@ -1623,6 +1638,11 @@ async fn execute(
         ));
         shared.counters.dead.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(run = run.id, workflow = %run.workflow, doc = %run.doc, err = %run.error.as_deref().unwrap_or(""), "workflow run dead-lettered");
+        if let Err(e) = shared.put_run(&run, None) {
+            tracing::error!(err = %e, "cannot write the run log");
+        }
+        alert_failure(shared, plan, &run).await;
+        return;
     } else {
         run.status = RunStatus::Done;
         shared.counters.done.fetch_add(1, Ordering::Relaxed);
@@ -1632,6 +1652,52 @@ async fn execute(
     }
     if let Err(e) = shared.put_run(&run, None) {
         tracing::error!(err = %e, "cannot write the run log");
+    }
+}
+
+/// Runs the workflow's `on_failure` effect for a dead run, on one node: the
+/// rendezvous owner of `<run key>-on_failure` among the live nodes running
+/// the workflow. Its input is `{"run": <the run record>, "node": <peer id>}`;
+/// it is retried with its backoff, then given up with an error in the log.
+async fn alert_failure(shared: &Shared, plan: &Plan, run: &Run) {
+    let Some(step) = &plan.def.on_failure else {
+        return;
+    };
+    let key = format!("{}-on_failure", run.key);
+    let candidates = shared.candidates(&run.workflow).await;
+    if super::effect::owner(&key, &candidates) != Some(&shared.local) {
+        return;
+    }
+    let input = serde_json::json!({ "run": run, "node": shared.local });
+    for attempt in 1..=step.retry.attempts {
+        let out = match &step.action {
+            Action::Http { url, timeout } => {
+                super::effect::http(&shared.http, url, *timeout, &input, &key).await
+            }
+            Action::Exec { command, timeout } => {
+                let env: BTreeMap<&str, String> = [
+                    ("MERGEFLOW_RUN_KEY", run.key.clone()),
+                    ("MERGEFLOW_IDEMPOTENCY_KEY", key.clone()),
+                    ("MERGEFLOW_WORKFLOW", run.workflow.clone()),
+                    ("MERGEFLOW_DOC", run.doc.clone()),
+                    ("MERGEFLOW_STEP", "on_failure".into()),
+                ]
+                .into();
+                super::effect::exec(command, *timeout, &input, &env).await
+            }
+            _ => return,
+        };
+        match out {
+            Ok(_) => return,
+            Err(Failure::Final(e)) => {
+                tracing::error!(run = run.id, err = %e, "on_failure effect failed");
+                return;
+            }
+            Err(Failure::Retry(e)) if attempt == step.retry.attempts => {
+                tracing::error!(run = run.id, err = %e, "on_failure effect failed after its last attempt");
+            }
+            Err(Failure::Retry(_)) => tokio::time::sleep(backoff(&step.retry, attempt)).await,
+        }
     }
 }
 

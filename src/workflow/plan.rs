@@ -67,6 +67,13 @@ impl Plan {
                     .compile_matcher(),
             ),
         };
+        if let Some(Action::Http { url, .. }) = def.on_failure.as_ref().map(|s| &s.action)
+            && url.starts_with("https://")
+        {
+            return Err(err(
+                "[on_failure] url: https is not supported by this build yet (no TLS client)".into(),
+            ));
+        }
         let mut steps = Vec::with_capacity(def.steps.len());
         for s in &def.steps {
             let at = |key: &str| format!("step {:?}: {key}", s.id);

@@ -53,6 +53,9 @@ pub struct WorkflowConfig {
     /// How long a node waits for the owner of an effect to deliver it
     /// before taking it over itself.
     pub effect_wait_ms: u64,
+    /// Let definitions applied through the API (which sync from any peer)
+    /// run `exec` steps on this node. Off: only workflow-dir files may.
+    pub allow_applied_exec: bool,
 }
 
 /// `[node]`: identity and where data lives.
@@ -241,6 +244,7 @@ impl Default for Config {
                 keep_runs: 10_000,
                 remote_delay_ms: 100,
                 effect_wait_ms: 60_000,
+                allow_applied_exec: false,
             },
         }
     }

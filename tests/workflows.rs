@@ -742,6 +742,18 @@ async fn a_retried_write_with_an_idempotency_key_applies_once() {
         .await
         .unwrap();
     assert_eq!(bad.status(), 400);
+    // System docs are written by the workflow API only.
+    let sys = format!(
+        "http://{}/v1/docs/_mergeflow%2Fworkflows%2Fx",
+        node.api_addr().unwrap()
+    );
+    let refused = http
+        .patch(&sys)
+        .json(&json!({"text": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 403);
     node.shutdown().await.unwrap();
 }
 
@@ -994,14 +1006,14 @@ async fn an_applied_workflow_reaches_every_node_and_disabling_stops_it() {
         0
     );
 
-    // A bad definition is refused before it is stored.
-    let err = a
-        .workflows()
-        .apply("name = \"x\"\n")
-        .await
-        .unwrap_err()
-        .to_string();
+    // A bad definition is refused before it is stored; so is one that
+    // would run commands on every node.
+    let wf = a.workflows();
+    let err = wf.apply("name = \"x\"\n").await.unwrap_err().to_string();
     assert!(err.contains("request body"), "{err}");
+    let exec = "name = \"x\"\n[on]\ndoc = \"d/*\"\n[[steps]]\nid = \"s\"\nkind = \"exec\"\ncommand = [\"true\"]\n";
+    let err = wf.apply(exec).await.unwrap_err().to_string();
+    assert!(err.contains("workflow.allow_applied_exec"), "{err}");
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
 }

@@ -244,6 +244,9 @@ async fn create(
     check_json_content_type(&headers, false)?;
     let req: CreateRequest = parse(&body(b)?)?;
     let id = req.id.map(DocId::new).transpose()?;
+    if let Some(id) = &id {
+        writable(id)?;
+    }
     let result = node.docs().create_with(id, req.value, q.acks()).await?;
     answer_write(&node, &q, StatusCode::CREATED, result).await
 }
@@ -278,6 +281,26 @@ async fn patch(
     answer_write(&node, &q, StatusCode::OK, result).await
 }
 
+/// Refuses writes to the node's system docs (`_mergeflow/...`: workflow
+/// definitions, membership, effect markers), which only the workflow API
+/// writes.
+fn writable(id: &DocId) -> ApiResult<()> {
+    if id
+        .as_str()
+        .starts_with(crate::workflow::effect::SYSTEM_PREFIX)
+    {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "reserved_doc",
+            format!(
+                "doc {:?} is a system doc; use /v1/workflows to change workflows",
+                id.as_str()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// A write, applied at most once per doc and `Idempotency-Key` header
 /// value when the request has one.
 async fn write(
@@ -287,6 +310,7 @@ async fn write(
     change: Change,
     acks: bool,
 ) -> ApiResult<crate::doc::WriteResult> {
+    writable(&id)?;
     let key = match headers.get("idempotency-key") {
         None => None,
         Some(v) => Some(
@@ -475,6 +499,7 @@ async fn delete(
     path: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Response> {
     let id = doc_id(path)?;
+    writable(&id)?;
     let r = node.docs().delete(id).await?;
     Ok(Json(DeleteResponse {
         id: r.id.to_string(),

@@ -62,7 +62,7 @@ pub(super) struct PendingEvent {
     /// Confirm it to that peer with a `Have` once durable.
     pub(super) confirm: bool,
     /// The workflow run that wrote it (for merged changes: the deepest
-    /// cause among them).
+    /// cause among them, and none if any of them has none).
     pub(super) cause: Option<crate::feed::Cause>,
 }
 
@@ -223,13 +223,16 @@ fn store_merged(
     let (paths, truncated) = super::writer::changed_paths(&loaded.doc, log);
     for c in &new {
         if let Some(m) = c.message() {
-            inner.clock.observe(super::stamp::Stamp::parse(m).hlc);
+            inner.clock.observe(super::stamp::Stamp::parse(m).hlc, now);
         }
     }
-    let cause = new
+    // A merge holding any change no workflow made is a user's change as far
+    // as triggers go: it must not pass for a workflow's own write.
+    let causes: Option<Vec<crate::feed::Cause>> = new
         .iter()
-        .filter_map(|c| crate::feed::Cause::from_message(c.message()?))
-        .max_by_key(|c| c.depth);
+        .map(|c| crate::feed::Cause::from_message(c.message()?))
+        .collect();
+    let cause = causes.and_then(|c| c.into_iter().max_by_key(|c| c.depth));
     round.events.push(PendingEvent {
         doc: id.clone(),
         touch: Touch::Changed(paths, truncated),

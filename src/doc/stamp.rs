@@ -15,6 +15,9 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// Furthest ahead of this node's wall clock a peer's stamp is believed.
+pub const MAX_DRIFT_MS: u64 = 60 * 60 * 1000;
+
 /// A node's hybrid logical clock.
 #[derive(Debug, Default)]
 pub struct Clock(AtomicU64);
@@ -25,7 +28,7 @@ impl Clock {
         let physical = now_ms << 16;
         let mut old = self.0.load(Ordering::Relaxed);
         loop {
-            let new = physical.max(old + 1);
+            let new = physical.max(old.saturating_add(1));
             match self
                 .0
                 .compare_exchange_weak(old, new, Ordering::Relaxed, Ordering::Relaxed)
@@ -36,8 +39,12 @@ impl Clock {
         }
     }
 
-    /// Takes in the stamp of a change merged from a peer.
-    pub fn observe(&self, peer: u64) {
+    /// Takes in the stamp of a change merged from a peer, made at most
+    /// [`MAX_DRIFT_MS`] ahead of `now_ms` (a stamp further ahead is taken as
+    /// that far: one peer with a wrong clock must not drag every node's
+    /// clock into the future for good).
+    pub fn observe(&self, peer: u64, now_ms: u64) {
+        let peer = peer.min(now_ms.saturating_add(MAX_DRIFT_MS) << 16);
         let mut old = self.0.load(Ordering::Relaxed);
         loop {
             let new = old.max(peer).saturating_add(1);
@@ -121,9 +128,14 @@ mod tests {
         assert!(b > a);
         let back = c.tick(10); // the wall clock stepped back
         assert!(back > b);
-        c.observe(5000 << 16);
+        c.observe(5000 << 16, 1000);
         let after = c.tick(1000);
         assert!(after > 5000 << 16, "T_new = max(T_old, T_peer) + tick");
+        // A stamp from far in the future counts as MAX_DRIFT_MS ahead.
+        let d = Clock::default();
+        d.observe(u64::MAX, 1000);
+        assert_eq!(d.now(), ((1000 + MAX_DRIFT_MS) << 16) + 1);
+        assert!(d.tick(1000) > d.now() - 1);
     }
 
     #[test]

@@ -386,8 +386,13 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 fn check_step(s: RawStep) -> Result<Step, String> {
-    if s.id.is_empty() {
-        return Err("id is empty".into());
+    let id_ok = !s.id.is_empty()
+        && s.id.len() <= 64
+        && s.id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if !id_ok {
+        return Err("id: use 1 to 64 of A-Z, a-z, 0-9, _ and -".into());
     }
     // Each kind takes its own keys; any other key is a mistake worth naming.
     let given = [

@@ -110,6 +110,24 @@ pub async fn http(
     }
 }
 
+/// Reads `r` to its end, keeping the first bytes (4 x [`MAX_OUTPUT`]) and
+/// discarding the rest: a command that writes a lot must not block on a
+/// full pipe.
+async fn read_capped(r: &mut (impl tokio::io::AsyncRead + Unpin)) -> Vec<u8> {
+    let cap = MAX_OUTPUT * 4;
+    let mut kept = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) | Err(_) => return kept,
+            Ok(n) => {
+                let room = cap.saturating_sub(kept.len());
+                kept.extend_from_slice(&buf[..n.min(room)]);
+            }
+        }
+    }
+}
+
 /// Runs `command` (no shell) with `input` as JSON on stdin and `env` added
 /// to its environment; kills it after `timeout`. Exit code 0 is success.
 pub async fn exec(
@@ -138,14 +156,10 @@ pub async fn exec(
             let _ = stdin.write_all(&bytes).await;
             drop(stdin);
         };
-        let mut out = Vec::new();
-        let mut err = Vec::new();
-        let mut out_r = (&mut stdout).take(MAX_OUTPUT as u64 * 4);
-        let mut err_r = (&mut stderr).take(MAX_OUTPUT as u64 * 4);
-        let (_, _, _, status) = tokio::join!(
+        let (_, out, err, status) = tokio::join!(
             feed,
-            out_r.read_to_end(&mut out),
-            err_r.read_to_end(&mut err),
+            read_capped(&mut stdout),
+            read_capped(&mut stderr),
             child.wait()
         );
         (status, out, err)
@@ -212,6 +226,17 @@ mod tests {
             }
             _ => panic!("exit 3 is a failure"),
         }
+        // Far more output than a pipe holds: read and cut, not blocked.
+        let loud = [
+            "sh".to_string(),
+            "-c".into(),
+            "head -c 2000000 /dev/zero | tr '\\0' x".into(),
+        ];
+        let out = exec(&loud, Duration::from_secs(20), &json!({}), &env)
+            .await
+            .ok()
+            .unwrap();
+        assert!(out["stdout"].as_str().unwrap().contains("bytes in all"));
         let slow = ["sleep".to_string(), "30".into()];
         match exec(&slow, Duration::from_millis(200), &json!({}), &env).await {
             Err(Failure::Retry(e)) => assert!(e.contains("killed"), "{e}"),

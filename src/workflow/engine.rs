@@ -365,6 +365,20 @@ impl Engine {
     /// What is wrong with the definition; store errors.
     pub async fn apply(&self, text: &str) -> Result<WorkflowInfo, WorkflowError> {
         let plan = Plan::load(&self.shared.sandbox, "request body", text)?;
+        let runs_commands = plan
+            .def
+            .steps
+            .iter()
+            .chain(&plan.def.on_failure)
+            .any(|s| matches!(s.action, Action::Exec { .. }));
+        if runs_commands && !self.shared.cfg.allow_applied_exec {
+            return Err(WorkflowError::Def(DefError {
+                source_name: "request body".into(),
+                what: "exec steps cannot be applied through the API unless \
+                       workflow.allow_applied_exec = true; put the file in the workflow dir"
+                    .into(),
+            }));
+        }
         let id = DocId::new(applied_doc(plan.name()))
             .map_err(|e| WorkflowError::Write(e.to_string()))?;
         let values = vec![
@@ -571,6 +585,22 @@ impl Shared {
                 }
             };
             let name = plan.name().to_string();
+            let runs_commands = plan
+                .def
+                .steps
+                .iter()
+                .chain(&plan.def.on_failure)
+                .any(|s| matches!(s.action, Action::Exec { .. }));
+            if source.starts_with("applied:") && runs_commands && !self.cfg.allow_applied_exec {
+                invalid.push((
+                    source.clone(),
+                    format!(
+                        "workflow {source}: exec steps in applied definitions are off on this node \
+                         (workflow.allow_applied_exec); put the file in the workflow dir instead"
+                    ),
+                ));
+                continue;
+            }
             if let Some(first) = origin.get(&name) {
                 invalid.push((
                     source.clone(),
@@ -843,10 +873,9 @@ impl Runner {
             }
             self.in_flight.insert(slot.clone());
             let shared = self.shared.clone();
-            self.tasks.spawn(async move {
+            self.tasks.spawn(guarded(slot, async move {
                 start_scheduled(&shared, plan, key, heads).await;
-                slot
-            });
+            }));
         }
     }
 
@@ -1037,10 +1066,9 @@ impl Runner {
             let plan = self.shared.catalog().plans.get(&run.workflow).cloned();
             self.in_flight.insert(key.clone());
             let shared = self.shared.clone();
-            self.tasks.spawn(async move {
+            self.tasks.spawn(guarded(key, async move {
                 resume(&shared, plan, run).await;
-                key
-            });
+            }));
         }
         waiting.extend(self.resumes.drain(..));
         self.resumes = waiting;
@@ -1048,6 +1076,9 @@ impl Runner {
             && let Some(key) = self.ready.pop_front()
         {
             self.queued.remove(&key);
+            if self.in_flight.contains(&key) {
+                continue; // stays pending; finished() queues it again
+            }
             let Some(p) = self.pending.remove(&key) else {
                 continue;
             };
@@ -1062,10 +1093,10 @@ impl Runner {
                 let shared = self.shared.clone();
                 tokio::task::spawn_blocking(move || prune(&shared));
             }
-            self.tasks.spawn(async move {
-                start(&shared, plan, &key.1, p).await;
-                key
-            });
+            let doc = key.1.clone();
+            self.tasks.spawn(guarded(key, async move {
+                start(&shared, plan, &doc, p).await;
+            }));
         }
     }
 
@@ -1160,6 +1191,20 @@ async fn read_applied(docs: &Docs) -> Result<BTreeMap<String, Applied>, DocError
         );
     }
     Ok(out)
+}
+
+/// Runs `run` and hands back `key` even if it panics (a panic in a run is
+/// logged and costs that run; its (workflow, doc) stays usable).
+async fn guarded(key: Key, run: impl std::future::Future<Output = ()>) -> Key {
+    use futures_util::FutureExt;
+    if std::panic::AssertUnwindSafe(run)
+        .catch_unwind()
+        .await
+        .is_err()
+    {
+        tracing::error!(workflow = %key.0, doc = %key.1, "a workflow run panicked");
+    }
+    key
 }
 
 async fn next_event(

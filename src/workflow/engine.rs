@@ -1573,7 +1573,9 @@ async fn execute(
         s.started_ms.get_or_insert_with(now_ms);
         let effect = matches!(step.action, Action::Http { .. } | Action::Exec { .. });
         let effect_key = format!("{}-{}", run.key, step.id);
-        let owned = run.trigger == "schedule"; // the tick's owner started it
+        // A scheduled run (no doc) was started by the tick's owner, retried
+        // or resumed here: its effects are this node's.
+        let owned = run.doc.is_empty();
         if effect
             && !owned
             && let Some(by) = await_turn(shared, &mut run, i, &effect_key).await

@@ -1049,3 +1049,56 @@ async fn a_workflow_runs_only_on_nodes_whose_labels_it_selects() {
         n.shutdown().await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_that_fold_states_differently_still_finish_their_effects() {
+    let (url, recv) = receiver().await;
+    let dir = tempfile::tempdir().unwrap();
+    let defs = dir.path().join("workflows");
+    let alert = format!(
+        "name = \"alert\"\n[on]\ndoc = \"sensors/*\"\npath = \"/celsius\"\n[[steps]]\nid = \"post\"\nkind = \"http\"\nurl = \"{url}\"\nwhen = \"doc.celsius > 2\"\n"
+    );
+    write_def(&defs, "alert.toml", &alert);
+    // Nobody may fall back on taking over: effects must finish by the owner.
+    let tweak = |c: &mut mergeflow::config::Config| {
+        c.workflow.dir = defs.clone();
+        c.workflow.effect_wait_ms = 600_000;
+    };
+    let a = common::p2p_node(&dir.path().join("a"), vec![], tweak).await;
+    let a_addr = common::listen_addr(&a).await;
+    let b = common::p2p_node(&dir.path().join("b"), vec![a_addr], tweak).await;
+    for (n, m) in [(&a, &b), (&b, &a)] {
+        let doc = format!("_mergeflow/nodes/{}", m.peer_id());
+        until("membership docs", || async {
+            (path_of(n, &doc, "/workflows/alert").await == Some(json!(true))).then_some(())
+        })
+        .await;
+    }
+    // A burst: each node folds the states as they reach it.
+    for i in 0..8 {
+        let on = if i % 2 == 0 { &a } else { &b };
+        on.doc("sensors/s1")
+            .unwrap()
+            .patch(json!({ "celsius": i }))
+            .await
+            .unwrap();
+    }
+    for n in [&a, &b] {
+        until("every run done, none waiting", || async {
+            let runs = n.workflows().runs(Some("alert"), None, 100).unwrap();
+            (!runs.is_empty() && runs.iter().all(|r| r.status == RunStatus::Done)).then_some(())
+        })
+        .await;
+    }
+    {
+        let r = recv.lock().unwrap();
+        assert!(!r.delivered.is_empty(), "the newest state was delivered");
+        assert!(
+            r.delivered.values().all(|n| *n == 1),
+            "each key once: {:?}",
+            r.delivered
+        );
+    }
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}

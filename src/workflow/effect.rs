@@ -1,14 +1,17 @@
 //! Effects: steps that act outside the node (`http`, `exec`), and who runs
 //! them.
 //!
-//! An effect of a run executes on one owner: rendezvous hashing of the
-//! effect's key over the live nodes that run the workflow (this node, and
-//! each connected peer whose membership doc lists the workflow). The highest
-//! ranked live node always sees itself as owner, so some node executes it;
-//! when the owner goes away the next in rank takes over. An effect is
-//! at-least-once: it carries a stable idempotency key (`<run key>-<step id>`,
-//! the same on every node), and the owner records the delivery in a
-//! marker doc that the other nodes wait for.
+//! The effects of one (workflow, doc) execute on one owner: rendezvous
+//! hashing of the pair over the live nodes that run the workflow (this node,
+//! and each connected peer whose membership doc lists the workflow). Per
+//! doc, not per state, because nodes may fold a doc's states differently;
+//! the owner's handling of a later state stands for the earlier ones. The
+//! highest ranked live node always sees itself as owner, so some node
+//! executes it; when the owner goes away the next in rank takes over. An
+//! effect is at-least-once: it carries a stable idempotency key
+//! (`<run key>-<step id>`, the same on every node for the same state), and
+//! the owner records what it handled in a marker doc that the other nodes
+//! wait for.
 
 use std::collections::BTreeMap;
 use std::process::Stdio;

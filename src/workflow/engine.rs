@@ -1560,6 +1560,11 @@ async fn execute(
                 Ok(false) => {
                     s.state = StepState::Skipped;
                     s.error = Some("when is false".into());
+                    let effect = matches!(step.action, Action::Http { .. } | Action::Exec { .. });
+                    if effect && owns_effects(shared, &run).await.0 {
+                        let key = format!("{}-{}", run.key, step.id);
+                        mark(shared, &run, &key, true).await;
+                    }
                     continue;
                 }
                 Err(e) => {
@@ -1766,9 +1771,8 @@ async fn await_turn(shared: &Shared, run: &mut Run, i: usize, key: &str) -> Opti
         if let Some(by) = delivery(shared, run, &step, key).await {
             return Some(by);
         }
-        let candidates = shared.candidates(&run.workflow).await;
-        let owner = super::effect::owner(key, &candidates).cloned();
-        if owner.as_deref() == Some(shared.local.as_str()) || owner.is_none() {
+        let (mine, owner) = owns_effects(shared, run).await;
+        if mine {
             return None;
         }
         if started.elapsed() >= wait {
@@ -1797,8 +1801,17 @@ async fn delivery(shared: &Shared, run: &Run, step: &str, key: &str) -> Option<S
     let Ok(Json::Object(markers)) = shared.docs.get(id, None).await else {
         return None;
     };
-    if let Some(by) = markers.get(key).and_then(|m| m["by"].as_str()) {
-        return Some(by.to_string());
+    let said = |m: &Json, by: &str| {
+        if m["skipped"] == Json::Bool(true) {
+            format!("{by} (skipped: its when was false)")
+        } else {
+            by.to_string()
+        }
+    };
+    if let Some(m) = markers.get(key)
+        && let Some(by) = m["by"].as_str()
+    {
+        return Some(said(m, by));
     }
     let doc = DocId::new(run.doc.as_str()).ok()?;
     for m in markers.values().filter(|m| m["step"] == step) {
@@ -1819,7 +1832,7 @@ async fn delivery(shared: &Shared, run: &Run, step: &str, key: &str) -> Option<S
             )
         {
             let by = m["by"].as_str().unwrap_or("?");
-            return Some(format!("{by} (a later state)"));
+            return Some(format!("{} for a later state", said(m, by)));
         }
     }
     None
@@ -1856,6 +1869,20 @@ async fn delivered(
         Failure::Final(e) => StepError::Final(e),
         Failure::Retry(e) => StepError::Retry(e),
     })?;
+    mark(shared, run, key, false).await;
+    let mut out = out;
+    out["idempotency_key"] = Json::String(key.to_string());
+    Ok((out, vec![]))
+}
+
+/// Records in the marker doc that this node handled effect `key` of `run`
+/// (delivered it, or, as its owner, `skipped` it because its `when` was
+/// false), so the nodes waiting for it stop waiting. Keeps the newest
+/// [`super::effect::MAX_MARKERS`].
+async fn mark(shared: &Shared, run: &Run, key: &str, skipped: bool) {
+    if run.doc.is_empty() {
+        return; // scheduled: nobody waits
+    }
     let marker = super::effect::marker_doc(&run.workflow, &run.doc);
     if let Ok(id) = DocId::new(marker) {
         let mut ops = vec![Op::Set {
@@ -1865,6 +1892,7 @@ async fn delivered(
                 "at": now_ms(),
                 "step": key.split_once('-').map_or("", |(_, s)| s),
                 "heads": run.heads,
+                "skipped": skipped,
             }),
             kind: None,
         }];
@@ -1884,12 +1912,27 @@ async fn delivered(
             }
         }
         if let Err(e) = shared.docs.write(id, Change::Ops(ops)).await {
-            tracing::warn!(err = %e, key, "effect delivered, but its marker was not written; other nodes may deliver it again");
+            tracing::warn!(err = %e, key, "effect handled, but its marker was not written; other nodes may deliver it again");
         }
     }
-    let mut out = out;
-    out["idempotency_key"] = Json::String(key.to_string());
-    Ok((out, vec![]))
+}
+
+/// True if this node owns the effects of `run`'s (workflow, doc): the
+/// rendezvous winner of that pair among the live nodes running the
+/// workflow. Per doc, not per state: nodes may fold states differently
+/// (triggers fire on state), and the owner's handling of a later state
+/// stands for the earlier ones.
+async fn owns_effects(shared: &Shared, run: &Run) -> (bool, Option<String>) {
+    let candidates = shared.candidates(&run.workflow).await;
+    let owner = super::effect::owner(&effect_owner_key(run), &candidates).cloned();
+    (
+        owner.is_none() || owner.as_deref() == Some(shared.local.as_str()),
+        owner,
+    )
+}
+
+fn effect_owner_key(run: &Run) -> String {
+    format!("{}\0{}", run.workflow, run.doc)
 }
 
 /// The wait before attempt `attempts + 1`.

@@ -103,6 +103,29 @@ pub struct Snapshot {
     pub heads: Vec<String>,
     /// Messages of the changes since the heads asked about.
     pub messages_since: Option<Vec<Option<String>>>,
+    /// The heads with the asking workflow's own changes peeled off (each
+    /// replaced by what it was written on), sorted: the state that triggered
+    /// it, the same on every node whether or not it has the derived writes.
+    pub trigger_heads: Vec<String>,
+}
+
+/// `doc`'s heads, with every head that workflow `own` wrote replaced by its
+/// deps until none is (at most 1,000 steps; a long chain stops there).
+fn peel(doc: &Automerge, own: &str) -> Vec<String> {
+    let mut heads: std::collections::BTreeSet<ChangeHash> = doc.get_heads().into_iter().collect();
+    for _ in 0..1000 {
+        let mine = heads.iter().copied().find(|h| {
+            doc.get_change_by_hash(h)
+                .and_then(|c| c.message().and_then(crate::feed::Cause::from_message))
+                .is_some_and(|c| c.workflow == own)
+        });
+        let Some(h) = mine else { break };
+        heads.remove(&h);
+        if let Some(c) = doc.get_change_by_hash(&h) {
+            heads.extend(c.deps().iter().copied());
+        }
+    }
+    heads.iter().map(|h| h.to_string()).collect()
 }
 
 /// A document in a listing.
@@ -553,7 +576,12 @@ impl Docs {
     ///
     /// # Errors
     /// [`DocError::NotFound`], [`DocError::Deleted`].
-    pub async fn snapshot(&self, id: DocId, since: Vec<String>) -> Result<Snapshot, DocError> {
+    pub async fn snapshot(
+        &self,
+        id: DocId,
+        since: Vec<String>,
+        own: Option<String>,
+    ) -> Result<Snapshot, DocError> {
         self.with_doc(id, move |_, id, loaded| {
             let heads = live_meta(id, loaded)?.heads.clone();
             let since: Option<Vec<ChangeHash>> = since.iter().map(|h| h.parse().ok()).collect();
@@ -567,10 +595,15 @@ impl Docs {
                         .map(|c| c.message().map(str::to_string))
                         .collect()
                 });
+            let trigger_heads = match &own {
+                Some(w) => peel(&loaded.doc, w),
+                None => heads.clone(),
+            };
             Ok(Snapshot {
                 json: to_json(&loaded.doc, &ROOT, ObjType::Map)?,
                 heads,
                 messages_since: messages,
+                trigger_heads,
             })
         })
         .await

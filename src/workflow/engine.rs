@@ -1263,7 +1263,11 @@ async fn start(shared: &Shared, plan: Arc<Plan>, doc: &str, p: Pending) {
             return;
         }
     };
-    let snap = match shared.docs.snapshot(id, taken.clone()).await {
+    let snap = match shared
+        .docs
+        .snapshot(id, taken.clone(), Some(plan.name().to_string()))
+        .await
+    {
         Ok(s) => s,
         Err(DocError::NotFound(_) | DocError::Deleted(_)) => return,
         Err(e) => {
@@ -1271,7 +1275,7 @@ async fn start(shared: &Shared, plan: Arc<Plan>, doc: &str, p: Pending) {
             return;
         }
     };
-    let (json, heads) = (snap.json, snap.heads);
+    let (json, heads, trigger_heads) = (snap.json, snap.heads, snap.trigger_heads);
     let cursor = serde_json::to_vec(&heads).expect("heads serialize");
     if heads == taken {
         return; // taken before
@@ -1336,10 +1340,10 @@ async fn start(shared: &Shared, plan: Arc<Plan>, doc: &str, p: Pending) {
     let now = now_ms();
     let mut run = Run {
         id: run_id,
-        key: run_key(plan.name(), doc, &heads),
+        key: run_key(plan.name(), doc, &trigger_heads),
         workflow: plan.name().to_string(),
         doc: doc.to_string(),
-        heads,
+        heads: trigger_heads,
         depth: p.depth,
         trigger: p.trigger.to_string(),
         status: RunStatus::Running,

@@ -365,13 +365,7 @@ impl Engine {
     /// What is wrong with the definition; store errors.
     pub async fn apply(&self, text: &str) -> Result<WorkflowInfo, WorkflowError> {
         let plan = Plan::load(&self.shared.sandbox, "request body", text)?;
-        let runs_commands = plan
-            .def
-            .steps
-            .iter()
-            .chain(&plan.def.on_failure)
-            .any(|s| matches!(s.action, Action::Exec { .. }));
-        if runs_commands && !self.shared.cfg.allow_applied_exec {
+        if runs_commands(&plan) && !self.shared.cfg.allow_applied_exec {
             return Err(WorkflowError::Def(DefError {
                 source_name: "request body".into(),
                 what: "exec steps cannot be applied through the API unless \
@@ -500,6 +494,15 @@ impl Engine {
     }
 }
 
+/// True if the workflow runs commands (an exec step or exec on_failure).
+fn runs_commands(plan: &Plan) -> bool {
+    plan.def
+        .steps
+        .iter()
+        .chain(&plan.def.on_failure)
+        .any(|s| matches!(s.action, Action::Exec { .. }))
+}
+
 fn decode(id: u64, bytes: &[u8]) -> Result<Run, WorkflowError> {
     serde_json::from_slice(bytes).map_err(|e| WorkflowError::Corrupt {
         id,
@@ -585,13 +588,10 @@ impl Shared {
                 }
             };
             let name = plan.name().to_string();
-            let runs_commands = plan
-                .def
-                .steps
-                .iter()
-                .chain(&plan.def.on_failure)
-                .any(|s| matches!(s.action, Action::Exec { .. }));
-            if source.starts_with("applied:") && runs_commands && !self.cfg.allow_applied_exec {
+            if source.starts_with("applied:")
+                && runs_commands(&plan)
+                && !self.cfg.allow_applied_exec
+            {
                 invalid.push((
                     source.clone(),
                     format!(
@@ -1337,21 +1337,8 @@ async fn start(shared: &Shared, plan: Arc<Plan>, doc: &str, p: Pending) {
             return;
         }
     };
-    let now = now_ms();
-    let mut run = Run {
-        id: run_id,
-        key: run_key(plan.name(), doc, &trigger_heads),
-        workflow: plan.name().to_string(),
-        doc: doc.to_string(),
-        heads: trigger_heads,
-        depth: p.depth,
-        trigger: p.trigger.to_string(),
-        status: RunStatus::Running,
-        created_ms: now,
-        updated_ms: now,
-        error: None,
-        steps: new_steps(&plan),
-    };
+    let key = run_key(plan.name(), doc, &trigger_heads);
+    let mut run = new_run(&plan, run_id, key, doc, trigger_heads, p.depth, p.trigger);
     shared.counters.runs.fetch_add(1, Ordering::Relaxed);
     if let Some(e) = dead {
         run.status = RunStatus::Dead;
@@ -1408,21 +1395,7 @@ async fn start_scheduled(shared: &Shared, plan: Arc<Plan>, key: String, heads: V
         tracing::error!("cannot number a workflow run");
         return;
     };
-    let now = now_ms();
-    let run = Run {
-        id,
-        key,
-        workflow: plan.name().to_string(),
-        doc: String::new(),
-        heads,
-        depth: 1,
-        trigger: "schedule".into(),
-        status: RunStatus::Running,
-        created_ms: now,
-        updated_ms: now,
-        error: None,
-        steps: new_steps(&plan),
-    };
+    let run = new_run(&plan, id, key, "", heads, 1, "schedule");
     shared.counters.runs.fetch_add(1, Ordering::Relaxed);
     if let Err(e) = shared.put_run(&run, None) {
         tracing::error!(err = %e, "cannot write the run log; the run does not start");
@@ -1431,8 +1404,19 @@ async fn start_scheduled(shared: &Shared, plan: Arc<Plan>, key: String, heads: V
     execute(shared, &plan, run, json, Some(bound)).await;
 }
 
-fn new_steps(plan: &Plan) -> Vec<StepRun> {
-    plan.def
+/// A new running run of `plan`, every step pending.
+fn new_run(
+    plan: &Plan,
+    id: u64,
+    key: String,
+    doc: &str,
+    heads: Vec<String>,
+    depth: u32,
+    trigger: &str,
+) -> Run {
+    let now = now_ms();
+    let steps = plan
+        .def
         .steps
         .iter()
         .map(|s| StepRun {
@@ -1445,7 +1429,21 @@ fn new_steps(plan: &Plan) -> Vec<StepRun> {
             output: None,
             error: None,
         })
-        .collect()
+        .collect();
+    Run {
+        id,
+        key,
+        workflow: plan.name().to_string(),
+        doc: doc.to_string(),
+        heads,
+        depth,
+        trigger: trigger.to_string(),
+        status: RunStatus::Running,
+        created_ms: now,
+        updated_ms: now,
+        error: None,
+        steps,
+    }
 }
 
 /// Resumes an open run (after a restart, or a retry) on the doc's current state.

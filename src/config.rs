@@ -44,7 +44,8 @@ pub struct WorkflowConfig {
     pub max_depth: u32,
     /// Runs executing at once.
     pub concurrency: usize,
-    /// Finished runs kept in the run log (older ones are pruned).
+    /// Finished runs kept in the run log (older ones are pruned); dead runs
+    /// are kept up to as many again.
     pub keep_runs: u64,
     /// A merge from a peer triggers its runs after this many milliseconds,
     /// so that the peer's own derived writes, usually right behind, arrive

@@ -1103,3 +1103,49 @@ async fn nodes_that_fold_states_differently_still_finish_their_effects() {
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_run_log_is_pruned_to_keep_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let defs = dir.path().join("workflows");
+    write_def(&defs, "fahrenheit.toml", FAHRENHEIT);
+    let node = local_node(&dir.path().join("n"), &defs, |c| c.workflow.keep_runs = 3).await;
+    until("the workflow loaded", || async {
+        (!node.workflows().list().is_empty()).then_some(())
+    })
+    .await;
+    for i in 0..20 {
+        node.doc(&format!("sensors/s{i}"))
+            .unwrap()
+            .patch(json!({ "celsius": i }))
+            .await
+            .unwrap();
+    }
+    until("the last derived value", || async {
+        (path_of(&node, "sensors/s19", "/fahrenheit").await.is_some()).then_some(())
+    })
+    .await;
+    // Pruned every 3 runs to the newest 3 finished (plus the runs since):
+    // each poll adds a run, so a prune comes after the others finished.
+    let mut extra = 0;
+    let kept = until("the log pruned", || {
+        extra += 1;
+        let doc = format!("sensors/extra-{extra}");
+        let node = &node;
+        async move {
+            let runs = node.workflows().runs(None, None, 100).unwrap();
+            if runs.len() <= 6 {
+                return Some(runs);
+            }
+            node.doc(&doc)
+                .unwrap()
+                .patch(json!({ "celsius": 1 }))
+                .await
+                .unwrap();
+            None
+        }
+    })
+    .await;
+    assert!(kept.len() <= 6, "{}", kept.len());
+    node.shutdown().await.unwrap();
+}

@@ -912,9 +912,11 @@ impl Runner {
     fn open_runs(&self) -> Result<Vec<Run>, WorkflowError> {
         let mut out = Vec::new();
         for (id, bytes) in self.shared.store.runs()? {
-            let run = decode(id, &bytes)?;
-            if run.status.is_open() {
-                out.push(run);
+            // One damaged record costs that run, not every resume.
+            match decode(id, &bytes) {
+                Ok(run) if run.status.is_open() => out.push(run),
+                Ok(_) => {}
+                Err(e) => tracing::error!(err = %e, "run not resumed"),
             }
         }
         Ok(out)
@@ -1088,7 +1090,8 @@ impl Runner {
             self.in_flight.insert(key.clone());
             let shared = self.shared.clone();
             let created = self.shared.counters.runs.load(Ordering::Relaxed);
-            if created >= self.created_at_last_prune + PRUNE_EVERY {
+            let every = PRUNE_EVERY.min(self.shared.cfg.keep_runs.max(1));
+            if created >= self.created_at_last_prune + every {
                 self.created_at_last_prune = created;
                 let shared = self.shared.clone();
                 tokio::task::spawn_blocking(move || prune(&shared));
@@ -1223,8 +1226,9 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-/// Removes the oldest finished runs beyond `workflow.keep_runs`. Dead runs
-/// stay until retried or skipped: they wait for someone.
+/// Removes the oldest finished runs beyond `workflow.keep_runs`, and the
+/// oldest dead runs beyond as many again (dead runs wait for retry or skip,
+/// but not without bound).
 fn prune(shared: &Shared) {
     let runs = match shared.store.runs() {
         Ok(r) => r,
@@ -1233,20 +1237,31 @@ fn prune(shared: &Shared) {
             return;
         }
     };
-    let finished: Vec<u64> = runs
-        .iter()
-        .filter(|(id, bytes)| {
-            decode(*id, bytes)
-                .is_ok_and(|r| matches!(r.status, RunStatus::Done | RunStatus::Skipped))
-        })
-        .map(|(id, _)| *id)
-        .collect();
     let keep = shared.cfg.keep_runs as usize;
-    if finished.len() > keep {
-        let old = &finished[..finished.len() - keep];
-        if let Err(e) = shared.store.remove_runs(old) {
-            tracing::warn!(err = %e, "cannot prune the run log");
-        }
+    let of = |wanted: &dyn Fn(RunStatus) -> bool| -> Vec<u64> {
+        runs.iter()
+            .filter(|(id, bytes)| decode(*id, bytes).is_ok_and(|r| wanted(r.status)))
+            .map(|(id, _)| *id)
+            .collect()
+    };
+    let finished = of(&|s| matches!(s, RunStatus::Done | RunStatus::Skipped));
+    // Dead runs wait for someone, but not without bound: past keep_runs of
+    // them the oldest go too, with a warning.
+    let dead = of(&|s| s == RunStatus::Dead);
+    let mut old: Vec<u64> = finished[..finished.len().saturating_sub(keep)].to_vec();
+    let old_dead = &dead[..dead.len().saturating_sub(keep)];
+    if !old_dead.is_empty() {
+        tracing::warn!(
+            count = old_dead.len(),
+            keep,
+            "pruning the oldest dead runs: more than workflow.keep_runs are waiting for retry or skip"
+        );
+        old.extend_from_slice(old_dead);
+    }
+    if !old.is_empty()
+        && let Err(e) = shared.store.remove_runs(&old)
+    {
+        tracing::warn!(err = %e, "cannot prune the run log");
     }
 }
 

@@ -373,21 +373,33 @@ impl Engine {
                     .into(),
             }));
         }
-        let id = DocId::new(applied_doc(plan.name()))
-            .map_err(|e| WorkflowError::Write(e.to_string()))?;
-        let values = vec![
-            (
-                Pointer::parse("/text").expect("valid"),
-                Json::String(text.to_string()),
-            ),
-            (Pointer::parse("/enabled").expect("valid"), Json::Bool(true)),
+        let values = [
+            ("/text", Json::String(text.to_string())),
+            ("/enabled", Json::Bool(true)),
         ];
+        self.write_applied(plan.name(), &values).await?;
+        Ok(WorkflowInfo::of(&plan, "applied"))
+    }
+
+    /// Sets `values` (JSON Pointer, value) in workflow `name`'s system doc.
+    async fn write_applied(
+        &self,
+        name: &str,
+        values: &[(&str, Json)],
+    ) -> Result<(), WorkflowError> {
+        let failed = |e: DocError| WorkflowError::Write(e.to_string());
+        let id = DocId::new(applied_doc(name)).map_err(failed)?;
+        let values = values
+            .iter()
+            .map(|(p, v)| Ok((Pointer::parse(p)?, v.clone())))
+            .collect::<Result<Vec<_>, DocError>>()
+            .map_err(failed)?;
         self.shared
             .docs
             .write(id, Change::SetIfDifferent(values))
             .await
-            .map_err(|e| WorkflowError::Write(e.to_string()))?;
-        Ok(WorkflowInfo::of(&plan, "applied"))
+            .map_err(failed)?;
+        Ok(())
     }
 
     /// Enables or disables workflow `name` on every node (through its system
@@ -401,16 +413,8 @@ impl Engine {
         enabled: bool,
     ) -> Result<WorkflowInfo, WorkflowError> {
         let mut info = self.get(name)?;
-        let id = DocId::new(applied_doc(name)).map_err(|e| WorkflowError::Write(e.to_string()))?;
-        let values = vec![(
-            Pointer::parse("/enabled").expect("valid"),
-            Json::Bool(enabled),
-        )];
-        self.shared
-            .docs
-            .write(id, Change::SetIfDifferent(values))
-            .await
-            .map_err(|e| WorkflowError::Write(e.to_string()))?;
+        self.write_applied(name, &[("/enabled", Json::Bool(enabled))])
+            .await?;
         info.state = if enabled { "enabled" } else { "disabled" };
         Ok(info)
     }
@@ -1577,8 +1581,7 @@ async fn execute(
                 Ok(false) => {
                     s.state = StepState::Skipped;
                     s.error = Some("when is false".into());
-                    let effect = matches!(step.action, Action::Http { .. } | Action::Exec { .. });
-                    if effect && owns_effects(shared, &run).await.0 {
+                    if step.action.is_effect() && owns_effects(shared, &run).await.0 {
                         let key = format!("{}-{}", run.key, step.id);
                         mark(shared, &run, &key, true).await;
                     }
@@ -1593,7 +1596,7 @@ async fn execute(
         }
         s.state = StepState::Running;
         s.started_ms.get_or_insert_with(now_ms);
-        let effect = matches!(step.action, Action::Http { .. } | Action::Exec { .. });
+        let effect = step.action.is_effect();
         let effect_key = format!("{}-{}", run.key, step.id);
         // A scheduled run (no doc) was started by the tick's owner, retried
         // or resumed here: its effects are this node's.
@@ -1624,23 +1627,10 @@ async fn execute(
             let outcome = match &step.action {
                 Action::Derive { .. } => derive(shared, sp, b, &run.doc, &json, &cause).await,
                 Action::Write { .. } => write(shared, sp, b, &cause).await,
-                Action::Http { url, timeout } => {
+                Action::Http { .. } | Action::Exec { .. } => {
                     let input = input.as_ref().expect("effects have input");
                     let out =
-                        super::effect::http(&shared.http, url, *timeout, input, &effect_key).await;
-                    delivered(shared, &run, &effect_key, out).await
-                }
-                Action::Exec { command, timeout } => {
-                    let input = input.as_ref().expect("effects have input");
-                    let env: BTreeMap<&str, String> = [
-                        ("MERGEFLOW_RUN_KEY", run.key.clone()),
-                        ("MERGEFLOW_IDEMPOTENCY_KEY", effect_key.clone()),
-                        ("MERGEFLOW_WORKFLOW", run.workflow.clone()),
-                        ("MERGEFLOW_DOC", run.doc.clone()),
-                        ("MERGEFLOW_STEP", step.id.clone()),
-                    ]
-                    .into();
-                    let out = super::effect::exec(command, *timeout, input, &env).await;
+                        run_effect(shared, &step.action, &run, &step.id, &effect_key, input).await;
                     delivered(shared, &run, &effect_key, out).await
                 }
                 Action::Resolve { policy, .. } => {
@@ -1739,24 +1729,7 @@ async fn alert_failure(shared: &Shared, plan: &Plan, run: &Run) {
     }
     let input = serde_json::json!({ "run": run, "node": shared.local });
     for attempt in 1..=step.retry.attempts {
-        let out = match &step.action {
-            Action::Http { url, timeout } => {
-                super::effect::http(&shared.http, url, *timeout, &input, &key).await
-            }
-            Action::Exec { command, timeout } => {
-                let env: BTreeMap<&str, String> = [
-                    ("MERGEFLOW_RUN_KEY", run.key.clone()),
-                    ("MERGEFLOW_IDEMPOTENCY_KEY", key.clone()),
-                    ("MERGEFLOW_WORKFLOW", run.workflow.clone()),
-                    ("MERGEFLOW_DOC", run.doc.clone()),
-                    ("MERGEFLOW_STEP", "on_failure".into()),
-                ]
-                .into();
-                super::effect::exec(command, *timeout, &input, &env).await
-            }
-            _ => return,
-        };
-        match out {
+        match run_effect(shared, &step.action, run, &step.id, &key, &input).await {
             Ok(_) => return,
             Err(Failure::Final(e)) => {
                 tracing::error!(run = run.id, err = %e, "on_failure effect failed");
@@ -1767,6 +1740,38 @@ async fn alert_failure(shared: &Shared, plan: &Plan, run: &Run) {
             }
             Err(Failure::Retry(_)) => tokio::time::sleep(backoff(&step.retry, attempt)).await,
         }
+    }
+}
+
+/// Executes effect `action` (http or exec) of `run`'s step `step` once,
+/// with `input` as its JSON and `key` as its idempotency key.
+async fn run_effect(
+    shared: &Shared,
+    action: &Action,
+    run: &Run,
+    step: &str,
+    key: &str,
+    input: &Json,
+) -> Result<Json, Failure> {
+    match action {
+        Action::Http { url, timeout } => {
+            super::effect::http(&shared.http, url, *timeout, input, key).await
+        }
+        Action::Exec { command, timeout } => {
+            let env: BTreeMap<&str, String> = [
+                ("MERGEFLOW_RUN_KEY", run.key.clone()),
+                ("MERGEFLOW_IDEMPOTENCY_KEY", key.to_string()),
+                ("MERGEFLOW_WORKFLOW", run.workflow.clone()),
+                ("MERGEFLOW_DOC", run.doc.clone()),
+                ("MERGEFLOW_STEP", step.to_string()),
+            ]
+            .into();
+            super::effect::exec(command, *timeout, input, &env).await
+        }
+        other => Err(Failure::Final(format!(
+            "kind {} is not an effect",
+            kind_name(other)
+        ))),
     }
 }
 

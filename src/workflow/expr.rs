@@ -217,6 +217,18 @@ mod tests {
         e.eval(&expr, &b)
     }
 
+    /// `doc` bound as doc "d", with no changed paths and no labels.
+    fn bind(e: &Sandbox, doc: &Json) -> Bound {
+        let labels = Default::default();
+        let input = Input {
+            doc,
+            id: "d",
+            changed: &[],
+            node: &labels,
+        };
+        e.bind(&input).unwrap()
+    }
+
     #[test]
     fn expressions_see_doc_id_changed_and_node() {
         let doc = json!({"celsius": 37, "tags": ["a", "b"], "m": {"k": 1.5}});
@@ -262,14 +274,7 @@ mod tests {
         let err = run("\"x\".pad(10000000, \"y\")", doc.clone()).unwrap_err();
         assert!(err.contains("ength") || err.contains("size"), "{err}");
         let e = Sandbox::new();
-        let labels = Default::default();
-        let input = Input {
-            doc: &doc,
-            id: "d",
-            changed: &[],
-            node: &labels,
-        };
-        let b = e.bind(&input).unwrap();
+        let b = bind(&e, &doc);
         let set = e.eval(&e.compile("doc.x = 1").unwrap(), &b);
         let got = e.eval(&e.compile("doc.x").unwrap(), &b);
         assert_eq!(
@@ -284,14 +289,7 @@ mod tests {
     fn conditions_must_be_booleans() {
         let e = Sandbox::new();
         let doc = json!({"t": 5});
-        let labels = Default::default();
-        let input = Input {
-            doc: &doc,
-            id: "d",
-            changed: &[],
-            node: &labels,
-        };
-        let b = e.bind(&input).unwrap();
+        let b = bind(&e, &doc);
         assert_eq!(e.test(&e.compile("doc.t > 3").unwrap(), &b), Ok(true));
         assert_eq!(e.test(&e.compile("doc.none").unwrap(), &b), Ok(false));
         let err = e.test(&e.compile("doc.t").unwrap(), &b).unwrap_err();

@@ -59,13 +59,7 @@ impl Plan {
         let when = compile("[on] when", &def.trigger.when)?;
         let path = match &def.trigger.path {
             None => None,
-            Some(p) => Some(
-                globset::GlobBuilder::new(p)
-                    .literal_separator(true)
-                    .build()
-                    .map_err(|e| err(format!("[on] path {p:?}: {e}")))?
-                    .compile_matcher(),
-            ),
+            Some(p) => Some(pointer_glob(p).map_err(|e| err(format!("[on] path {p:?}: {e}")))?),
         };
         if let Some(Action::Http { url, .. }) = def.on_failure.as_ref().map(|s| &s.action)
             && url.starts_with("https://")
@@ -107,13 +101,9 @@ impl Plan {
                 }
             };
             let glob = match &s.action {
-                Action::Resolve { path, .. } => Some(
-                    globset::GlobBuilder::new(path)
-                        .literal_separator(true)
-                        .build()
-                        .map_err(|e| err(format!("{}: {e}", at("path"))))?
-                        .compile_matcher(),
-                ),
+                Action::Resolve { path, .. } => {
+                    Some(pointer_glob(path).map_err(|e| err(format!("{}: {e}", at("path"))))?)
+                }
                 _ => None,
             };
             let mut compiled = Vec::with_capacity(set.len());
@@ -192,6 +182,14 @@ impl Plan {
     }
 }
 
+/// A JSON Pointer glob: `*` within a `/` segment, `**` across.
+fn pointer_glob(pattern: &str) -> Result<globset::GlobMatcher, globset::Error> {
+    globset::GlobBuilder::new(pattern)
+        .literal_separator(true)
+        .build()
+        .map(|g| g.compile_matcher())
+}
+
 /// The name of a step's kind, as written in definitions.
 pub fn kind_name(action: &Action) -> &'static str {
     match action {
@@ -255,17 +253,25 @@ set = { "/f" = "doc.c * 2" }
     }
 
     #[test]
-    fn every_example_under_examples_workflows_loads() {
+    fn every_example_under_examples_workflows_loads_and_all_kinds_are_there() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/workflows");
         let s = Sandbox::new();
         let mut n = 0;
+        let mut kinds = std::collections::BTreeSet::new();
         for entry in std::fs::read_dir(&dir).unwrap() {
             let path = entry.unwrap().path();
             let text = std::fs::read_to_string(&path).unwrap();
-            Plan::load(&s, &path.display().to_string(), &text).unwrap();
+            let plan = Plan::load(&s, &path.display().to_string(), &text).unwrap();
+            kinds.extend(plan.def.steps.iter().map(|s| kind_name(&s.action)));
             n += 1;
         }
         assert!(n >= 3);
+        let all = ["derive", "exec", "http", "resolve", "write"];
+        assert_eq!(
+            kinds.into_iter().collect::<Vec<_>>(),
+            all,
+            "an example of every step kind"
+        );
     }
 
     #[test]

@@ -242,6 +242,10 @@ pub(super) struct WriteTags {
     pub(super) cause: Option<crate::feed::Cause>,
     /// Apply at most once per doc with this key.
     pub(super) idem: Option<String>,
+    /// Answer without waiting for a flush (the next flush, within
+    /// `store.remote_flush_ms`, covers it): for writes whose writer can
+    /// redo them after a crash, like a workflow run's.
+    pub(super) lazy: bool,
 }
 
 /// What a write does.
@@ -294,6 +298,8 @@ pub(super) fn run(
 fn write_round(inner: &Inner, msgs: Vec<WriterMsg>, mut sync: Option<&mut SyncRuntime>) {
     let mut round = Round::new(inner);
     let mut results = Vec::with_capacity(msgs.len());
+    // Whether a write that succeeded waits for the flush.
+    let mut durable = false;
     // Remote input first, all of the round's together: fast-path changes of
     // one doc from one peer then cost one Automerge apply, however many
     // frames brought them (a receiver that falls behind catches up in
@@ -369,6 +375,7 @@ fn write_round(inner: &Inner, msgs: Vec<WriterMsg>, mut sync: Option<&mut SyncRu
                 }
                 sync.handle(input, &mut round);
             }
+            durable |= !req.tags.lazy;
             r
         });
         results.push((req.reply, result));
@@ -422,13 +429,14 @@ fn write_round(inner: &Inner, msgs: Vec<WriterMsg>, mut sync: Option<&mut SyncRu
     }
     inner.live_docs.fetch_add(live_delta, Ordering::Relaxed);
     let mut acks: Vec<Ack> = Vec::with_capacity(results.len() + 1);
-    // A round that only merged remote changes nobody waits on (no local
-    // write, no peer asking for a confirmation) need not wait for a flush
-    // before its feed events: the flush thread flushes it within
-    // `store.remote_flush_ms`. A crash in that window loses changes that
-    // their origin still holds (it acknowledged none of them before its own
-    // flush) and that sync brings back.
-    let mut durable = results.iter().any(|(_, r)| r.is_ok());
+    // A round that only merged remote changes nobody waits on and made
+    // lazy local writes (no other local write, no peer asking for a
+    // confirmation) need not wait for a flush before its answers and feed
+    // events: the flush thread flushes it within `store.remote_flush_ms`. A
+    // crash in that window loses remote changes that their origin still
+    // holds (it acknowledged none of them before its own flush) and that
+    // sync brings back, and lazy writes that their writer redoes (see
+    // `Docs::write_caused`).
     if !events.is_empty() {
         // Published in the order the round applied them, once durable (or,
         // for a lazy round, once every earlier round's were); the peers whose

@@ -48,6 +48,7 @@ use tokio_util::sync::CancellationToken;
 use super::def::{Action, Backoff, DefError, Policy, Retry};
 use super::effect::{Failure, SYSTEM_PREFIX};
 use super::expr::{Bound, Input, Sandbox};
+use super::log::RunLog;
 use super::plan::{Plan, kind_name};
 use super::run::{Run, RunStatus, StepRun, StepState, run_key};
 use crate::config::WorkflowConfig;
@@ -177,6 +178,9 @@ pub struct EngineStats {
     pub done: u64,
     /// Runs dead-lettered.
     pub dead: u64,
+    /// Dead runs in the log now, waiting for retry or skip (since start or
+    /// before).
+    pub dead_waiting: u64,
     /// Runs whose steps wrote nothing (the values were already there).
     pub unchanged: u64,
     /// Triggers folded into a pending run of the same (workflow, doc).
@@ -229,6 +233,7 @@ struct Shared {
     docs: Docs,
     feed: Arc<Feed>,
     store: Store,
+    log: RunLog,
     /// This node's peer id.
     local: String,
     live: RwLock<Option<LivePeers>>,
@@ -266,11 +271,13 @@ impl Engine {
         tasks: &tokio_util::task::TaskTracker,
     ) -> Engine {
         let (local, labels) = node;
+        let (log, open) = RunLog::open(store.clone());
         let shared = Arc::new(Shared {
             sandbox: Sandbox::new(),
             docs,
             feed: feed.clone(),
             store,
+            log,
             local,
             live: RwLock::new(None),
             http: reqwest::Client::builder()
@@ -288,7 +295,7 @@ impl Engine {
             shared: shared.clone(),
             cmds: tx,
         };
-        tasks.spawn(Runner::new(shared, feed).run(rx, cancel));
+        tasks.spawn(Runner::new(shared, feed).run(rx, open, cancel));
         engine
     }
 
@@ -429,20 +436,7 @@ impl Engine {
         status: Option<RunStatus>,
         limit: usize,
     ) -> Result<Vec<Run>, WorkflowError> {
-        let mut out = Vec::new();
-        for (id, bytes) in self.shared.store.runs()?.into_iter().rev() {
-            if out.len() >= limit {
-                break;
-            }
-            let run = decode(id, &bytes)?;
-            if workflow.is_some_and(|w| w != run.workflow)
-                || status.is_some_and(|s| s != run.status)
-            {
-                continue;
-            }
-            out.push(run);
-        }
-        Ok(out)
+        self.shared.log.list(workflow, status, limit)
     }
 
     /// One run.
@@ -450,8 +444,7 @@ impl Engine {
     /// # Errors
     /// [`WorkflowError::NoRun`], run log errors.
     pub fn run(&self, id: u64) -> Result<Run, WorkflowError> {
-        let bytes = self.shared.store.run(id)?.ok_or(WorkflowError::NoRun(id))?;
-        decode(id, &bytes)
+        self.shared.log.get(id)
     }
 
     /// Runs a dead run again from its failed step, on the doc's current state.
@@ -492,6 +485,7 @@ impl Engine {
             runs: c.runs.load(Ordering::Relaxed),
             done: c.done.load(Ordering::Relaxed),
             dead: c.dead.load(Ordering::Relaxed),
+            dead_waiting: self.shared.log.dead(),
             unchanged: c.unchanged.load(Ordering::Relaxed),
             coalesced: c.coalesced.load(Ordering::Relaxed),
         }
@@ -507,13 +501,6 @@ fn runs_commands(plan: &Plan) -> bool {
         .any(|s| matches!(s.action, Action::Exec { .. }))
 }
 
-fn decode(id: u64, bytes: &[u8]) -> Result<Run, WorkflowError> {
-    serde_json::from_slice(bytes).map_err(|e| WorkflowError::Corrupt {
-        id,
-        what: e.to_string(),
-    })
-}
-
 impl Shared {
     fn catalog(&self) -> std::sync::RwLockReadGuard<'_, Catalog> {
         self.catalog.read().unwrap_or_else(|p| p.into_inner())
@@ -522,9 +509,7 @@ impl Shared {
     /// Stores a run record (with the cursor it moves, if given) and
     /// announces the update on the feed's run events.
     fn put_run(&self, run: &Run, cursor: Option<&[u8]>) -> Result<(), StoreError> {
-        let record = serde_json::to_vec(run).expect("a run serializes");
-        let cursor = cursor.map(|heads| (run.workflow.as_str(), run.doc.as_str(), heads));
-        self.store.put_run(run.id, &record, cursor)?;
+        self.log.put(run, cursor)?;
         self.feed.publish_run(crate::feed::RunEvent {
             run: run.id,
             workflow: run.workflow.clone(),
@@ -759,18 +744,18 @@ impl Runner {
         }
     }
 
-    async fn run(mut self, mut cmds: mpsc::Receiver<Command>, cancel: CancellationToken) {
+    async fn run(
+        mut self,
+        mut cmds: mpsc::Receiver<Command>,
+        open: Vec<Run>,
+        cancel: CancellationToken,
+    ) {
         // Followed from the start, quietly (no changed paths until a
         // workflow runs here): applied definitions may arrive from peers.
         let glob = DocGlob::new("**").expect("a valid glob");
         self.events = Some(Box::pin(self.feed.subscribe_quiet(glob)));
         self.reload().await;
-        match self.open_runs() {
-            Ok(runs) => self.resumes.extend(runs),
-            Err(e) => {
-                tracing::error!(err = %e, "cannot read the run log; open runs are not resumed")
-            }
-        }
+        self.resumes.extend(open);
         let mut poll = tokio::time::interval(DIR_POLL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -911,19 +896,6 @@ impl Runner {
                 self.add(key, 1, &[], "startup", Duration::ZERO);
             }
         }
-    }
-
-    fn open_runs(&self) -> Result<Vec<Run>, WorkflowError> {
-        let mut out = Vec::new();
-        for (id, bytes) in self.shared.store.runs()? {
-            // One damaged record costs that run, not every resume.
-            match decode(id, &bytes) {
-                Ok(run) if run.status.is_open() => out.push(run),
-                Ok(_) => {}
-                Err(e) => tracing::error!(err = %e, "run not resumed"),
-            }
-        }
-        Ok(out)
     }
 
     async fn on_event(&mut self, item: FeedItem) {
@@ -1133,8 +1105,7 @@ impl Runner {
             Command::Skip(id, reply) => (id, reply, false),
         };
         let result = (|| {
-            let bytes = self.shared.store.run(id)?.ok_or(WorkflowError::NoRun(id))?;
-            let mut run = decode(id, &bytes)?;
+            let mut run = self.shared.log.get(id)?;
             if run.status != RunStatus::Dead {
                 return Err(WorkflowError::WrongState {
                     id,
@@ -1234,37 +1205,7 @@ async fn sleep_until(at: Option<Instant>) {
 /// oldest dead runs beyond as many again (dead runs wait for retry or skip,
 /// but not without bound).
 fn prune(shared: &Shared) {
-    let runs = match shared.store.runs() {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::warn!(err = %e, "cannot read the run log to prune it");
-            return;
-        }
-    };
-    let keep = shared.cfg.keep_runs as usize;
-    let of = |wanted: &dyn Fn(RunStatus) -> bool| -> Vec<u64> {
-        runs.iter()
-            .filter(|(id, bytes)| decode(*id, bytes).is_ok_and(|r| wanted(r.status)))
-            .map(|(id, _)| *id)
-            .collect()
-    };
-    let finished = of(&|s| matches!(s, RunStatus::Done | RunStatus::Skipped));
-    // Dead runs wait for someone, but not without bound: past keep_runs of
-    // them the oldest go too, with a warning.
-    let dead = of(&|s| s == RunStatus::Dead);
-    let mut old: Vec<u64> = finished[..finished.len().saturating_sub(keep)].to_vec();
-    let old_dead = &dead[..dead.len().saturating_sub(keep)];
-    if !old_dead.is_empty() {
-        tracing::warn!(
-            count = old_dead.len(),
-            keep,
-            "pruning the oldest dead runs: more than workflow.keep_runs are waiting for retry or skip"
-        );
-        old.extend_from_slice(old_dead);
-    }
-    if !old.is_empty()
-        && let Err(e) = shared.store.remove_runs(&old)
-    {
+    if let Err(e) = shared.log.prune(shared.cfg.keep_runs as usize) {
         tracing::warn!(err = %e, "cannot prune the run log");
     }
 }
@@ -1364,12 +1305,22 @@ async fn start(shared: &Shared, plan: Arc<Plan>, doc: &str, p: Pending) {
         run.error = Some(e);
         shared.counters.dead.fetch_add(1, Ordering::Relaxed);
     }
+    // A run of data steps only (derive, write, resolve) is recorded when it
+    // finishes, with the cursor it moves: if the node dies before, the
+    // cursor has not moved, so the doc's state runs again after restart, and
+    // data steps write only what differs. A run with effects is recorded
+    // before any effect starts, so an attempt is never forgotten.
+    let data_only = !plan.def.steps.iter().any(|s| s.action.is_effect());
+    if run.status == RunStatus::Running && data_only {
+        execute(shared, &plan, run, json, Some(bound), Some(cursor)).await;
+        return;
+    }
     if let Err(e) = shared.put_run(&run, Some(&cursor)) {
         tracing::error!(err = %e, "cannot write the run log; the run does not start");
         return;
     }
     if run.status == RunStatus::Running {
-        execute(shared, &plan, run, json, Some(bound)).await;
+        execute(shared, &plan, run, json, Some(bound), None).await;
     } else {
         alert_failure(shared, &plan, &run).await;
     }
@@ -1420,7 +1371,7 @@ async fn start_scheduled(shared: &Shared, plan: Arc<Plan>, key: String, heads: V
         tracing::error!(err = %e, "cannot write the run log; the run does not start");
         return;
     }
-    execute(shared, &plan, run, json, Some(bound)).await;
+    execute(shared, &plan, run, json, Some(bound), None).await;
 }
 
 /// A new running run of `plan`, every step pending.
@@ -1500,7 +1451,7 @@ async fn resume(shared: &Shared, plan: Option<Arc<Plan>>, mut run: Run) {
     };
     tracing::info!(run = run.id, workflow = %run.workflow, doc = %run.doc, "resuming workflow run");
     run.status = RunStatus::Running;
-    execute(shared, &plan, run, json, None).await;
+    execute(shared, &plan, run, json, None, None).await;
 }
 
 fn same_steps(plan: &Plan, run: &Run) -> bool {
@@ -1520,14 +1471,22 @@ enum StepError {
 }
 
 /// Executes the steps of `run` that are not done yet, in order, writing the
-/// record as steps finish.
+/// record as steps finish. `cursor`, if given, is the trigger cursor to move
+/// with the run's first record.
 async fn execute(
     shared: &Shared,
     plan: &Plan,
     mut run: Run,
     mut json: Json,
     mut bound: Option<Bound>,
+    mut cursor: Option<Vec<u8>>,
 ) {
+    // Writes the record, with the cursor until that has been written once.
+    let mut record = |run: &Run| -> Result<(), StoreError> {
+        shared.put_run(run, cursor.as_deref())?;
+        cursor = None;
+        Ok(())
+    };
     let cause = Cause {
         workflow: run.workflow.clone(),
         depth: run.depth,
@@ -1620,7 +1579,7 @@ async fn execute(
                 // Effects take time: the log shows the attempt while it runs
                 // (and counts it if the node dies in it).
                 run.updated_ms = now_ms();
-                if let Err(e) = shared.put_run(&run, None) {
+                if let Err(e) = record(&run) {
                     tracing::warn!(err = %e, "cannot write the run log");
                 }
             }
@@ -1671,7 +1630,7 @@ async fn execute(
                         s.attempts, step.retry.attempts
                     ));
                     run.updated_ms = now_ms();
-                    if let Err(e) = shared.put_run(&run, None) {
+                    if let Err(e) = record(&run) {
                         tracing::warn!(err = %e, "cannot write the run log");
                     }
                     tokio::time::sleep(wait).await;
@@ -1681,7 +1640,7 @@ async fn execute(
         run.steps[i].finished_ms = Some(now_ms());
         if i < last {
             run.updated_ms = now_ms();
-            if let Err(e) = shared.put_run(&run, None) {
+            if let Err(e) = record(&run) {
                 tracing::warn!(err = %e, "cannot write the run log");
             }
         }
@@ -1697,7 +1656,7 @@ async fn execute(
         ));
         shared.counters.dead.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(run = run.id, workflow = %run.workflow, doc = %run.doc, err = %run.error.as_deref().unwrap_or(""), "workflow run dead-lettered");
-        if let Err(e) = shared.put_run(&run, None) {
+        if let Err(e) = record(&run) {
             tracing::error!(err = %e, "cannot write the run log");
         }
         alert_failure(shared, plan, &run).await;
@@ -1709,7 +1668,7 @@ async fn execute(
             shared.counters.unchanged.fetch_add(1, Ordering::Relaxed);
         }
     }
-    if let Err(e) = shared.put_run(&run, None) {
+    if let Err(e) = record(&run) {
         tracing::error!(err = %e, "cannot write the run log");
     }
 }

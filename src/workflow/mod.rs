@@ -5,6 +5,7 @@ pub mod def;
 pub mod effect;
 pub mod engine;
 pub mod expr;
+mod log;
 pub mod plan;
 pub mod run;
 

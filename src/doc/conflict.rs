@@ -63,13 +63,13 @@ pub fn conflicts(
     }
     // Which change made each op: (actor, first op counter, op count) -> stamp.
     let mut by_actor: HashMap<ActorId, Vec<(u64, u64, Stamp)>> = HashMap::new();
-    for c in doc.get_changes(&[]) {
-        let stamp = c.message().map(Stamp::parse).unwrap_or_default();
-        by_actor.entry(c.actor_id().clone()).or_default().push((
-            c.start_op().get(),
-            c.len() as u64,
-            stamp,
-        ));
+    for c in doc.get_changes_meta(&[]) {
+        let stamp = c.message.as_deref().map(Stamp::parse).unwrap_or_default();
+        let ops = (c.max_op + 1).saturating_sub(c.start_op);
+        by_actor
+            .entry(c.actor.into_owned())
+            .or_default()
+            .push((c.start_op, ops, stamp));
     }
     let mut out = Vec::with_capacity(found.len());
     for (path, visible, raw) in found {

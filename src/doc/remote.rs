@@ -314,7 +314,7 @@ impl DocAccess for Round<'_> {
             for (i, change) in decoded {
                 if is_deleted {
                     verdicts.push((i, Applied::Deleted));
-                } else if loaded.doc.get_change_by_hash(&change.hash()).is_some() {
+                } else if loaded.doc.get_change_meta_by_hash(&change.hash()).is_some() {
                     verdicts.push((i, Applied::Had(current.clone())));
                 } else {
                     waiting.push((i, change));

@@ -115,14 +115,18 @@ fn peel(doc: &Automerge, own: &str) -> Vec<String> {
     let mut heads: std::collections::BTreeSet<ChangeHash> = doc.get_heads().into_iter().collect();
     for _ in 0..1000 {
         let mine = heads.iter().copied().find(|h| {
-            doc.get_change_by_hash(h)
-                .and_then(|c| c.message().and_then(crate::feed::Cause::from_message))
+            doc.get_change_meta_by_hash(h)
+                .and_then(|c| {
+                    c.message
+                        .as_deref()
+                        .and_then(crate::feed::Cause::from_message)
+                })
                 .is_some_and(|c| c.workflow == own)
         });
         let Some(h) = mine else { break };
         heads.remove(&h);
-        if let Some(c) = doc.get_change_by_hash(&h) {
-            heads.extend(c.deps().iter().copied());
+        if let Some(c) = doc.get_change_meta_by_hash(&h) {
+            heads.extend(c.deps.iter().copied());
         }
     }
     heads.iter().map(|h| h.to_string()).collect()
@@ -597,13 +601,16 @@ impl Docs {
             let heads = live_meta(id, loaded)?.heads.clone();
             let since: Option<Vec<ChangeHash>> = since.iter().map(|h| h.parse().ok()).collect();
             let messages = since
-                .filter(|s| s.iter().all(|h| loaded.doc.get_change_by_hash(h).is_some()))
+                .filter(|s| {
+                    s.iter()
+                        .all(|h| loaded.doc.get_change_meta_by_hash(h).is_some())
+                })
                 .map(|s| {
                     loaded
                         .doc
-                        .get_changes(&s)
-                        .iter()
-                        .map(|c| c.message().map(str::to_string))
+                        .get_changes_meta(&s)
+                        .into_iter()
+                        .map(|c| c.message.map(|m| m.into_owned()))
                         .collect()
                 });
             let trigger_heads = match &own {
@@ -661,13 +668,16 @@ impl Docs {
             if older
                 .iter()
                 .chain(&newer)
-                .any(|h| doc.get_change_by_hash(h).is_none())
+                .any(|h| doc.get_change_meta_by_hash(h).is_none())
             {
                 return Ok(false);
             }
             // Changes outside `newer`'s history; `older` must not be among them.
-            let outside: std::collections::HashSet<ChangeHash> =
-                doc.get_changes(&newer).iter().map(|c| c.hash()).collect();
+            let outside: std::collections::HashSet<ChangeHash> = doc
+                .get_changes_meta(&newer)
+                .iter()
+                .map(|c| c.hash)
+                .collect();
             Ok(older.iter().all(|h| !outside.contains(h)))
         })
         .await
@@ -691,8 +701,8 @@ impl Docs {
             live_meta(id, loaded)?;
             let mut peers: HashMap<ActorId, Option<String>> = HashMap::new();
             let mut out = Vec::new();
-            for c in loaded.doc.get_changes(&[]) {
-                let actor = c.actor_id().clone();
+            for c in loaded.doc.get_changes_meta(&[]) {
+                let actor = c.actor.into_owned();
                 let peer_id = match peers.get(&actor) {
                     Some(p) => p.clone(),
                     None => {
@@ -702,13 +712,13 @@ impl Docs {
                     }
                 };
                 out.push(HistoryEntry {
-                    hash: c.hash().to_string(),
+                    hash: c.hash.to_string(),
                     actor: actor.to_hex_string(),
                     peer_id,
-                    seq: c.seq(),
-                    time: c.timestamp(),
-                    message: c.message().map(str::to_string),
-                    deps: c.deps().iter().map(|h| h.to_string()).collect(),
+                    seq: c.seq,
+                    time: c.timestamp,
+                    message: c.message.map(|m| m.into_owned()),
+                    deps: c.deps.iter().map(|h| h.to_string()).collect(),
                 });
             }
             Ok(out)

@@ -214,12 +214,12 @@ pub(super) fn confirm(inner: &Inner, peer: &str, doc: &str, heads: Vec<ChangeHas
         // lists it; if we lack one of their heads we cannot tell.
         if theirs
             .iter()
-            .any(|h| loaded.doc.get_change_by_hash(h).is_none())
+            .any(|h| loaded.doc.get_change_meta_by_hash(h).is_none())
         {
             return false;
         }
-        let after = loaded.doc.get_changes(theirs);
-        !after.iter().any(|c| want.contains(&c.hash()))
+        let after = loaded.doc.get_changes_meta(theirs);
+        !after.iter().any(|c| want.contains(&c.hash))
     };
     inner.replicas.confirm(peer, doc, heads, now_ms(), covers);
 }
@@ -578,8 +578,9 @@ fn apply(
 /// the doc's history: nothing to apply again.
 fn applied_before(id: &DocId, loaded: &Loaded, key: &str) -> Option<WriteResult> {
     let meta = loaded.meta.as_ref()?;
-    let seen = loaded.doc.get_changes(&[]).iter().any(|c| {
-        c.message()
+    let seen = loaded.doc.get_changes_meta(&[]).iter().any(|c| {
+        c.message
+            .as_deref()
             .is_some_and(|m| super::stamp::Stamp::parse(m).idem.as_deref() == Some(key))
     });
     seen.then(|| WriteResult {

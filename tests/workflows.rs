@@ -250,10 +250,15 @@ async fn the_depth_limit_stops_a_loop_between_two_workflows() {
     // Depths 1..4 ran: ping wrote b = 1 and 3, pong wrote a = 2 and 4.
     assert_eq!(path_of(&node, "loop/b", "/n").await, Some(json!(3)));
     assert_eq!(path_of(&node, "loop/a", "/n").await, Some(json!(4)));
-    let done = node
-        .workflows()
-        .runs(None, Some(RunStatus::Done), 100)
-        .unwrap();
+    // Runs of data steps are recorded as they finish: wait for all four.
+    let done = until("the runs at depths 1..4 recorded", || async {
+        let done = node
+            .workflows()
+            .runs(None, Some(RunStatus::Done), 100)
+            .unwrap();
+        (done.len() >= 4).then_some(done)
+    })
+    .await;
     assert_eq!(done.len(), 4, "{done:#?}");
     node.shutdown().await.unwrap();
 }
@@ -295,9 +300,7 @@ async fn states_merged_before_a_workflow_loaded_are_taken_once() {
         assert_eq!(path_of(&node, "other/x", "/fahrenheit").await, None);
         let runs = until("the runs to finish", || async {
             let runs = node.workflows().runs(None, None, 100).unwrap();
-            runs.iter()
-                .all(|r| r.status == RunStatus::Done)
-                .then_some(runs)
+            (runs.len() >= 5 && runs.iter().all(|r| r.status == RunStatus::Done)).then_some(runs)
         })
         .await;
         assert_eq!(runs.len(), 5, "{runs:#?}");
@@ -317,9 +320,7 @@ async fn states_merged_before_a_workflow_loaded_are_taken_once() {
     .await;
     let runs = until("the run to finish", || async {
         let runs = node.workflows().runs(None, None, 100).unwrap();
-        runs.iter()
-            .all(|r| r.status == RunStatus::Done)
-            .then_some(runs)
+        (runs.len() >= 6 && runs.iter().all(|r| r.status == RunStatus::Done)).then_some(runs)
     })
     .await;
     assert_eq!(runs.len(), 6, "{runs:#?}");
@@ -446,6 +447,8 @@ async fn dead_runs_say_why_and_can_be_retried_or_skipped() {
 #[derive(Default)]
 struct Receiver {
     delivered: std::collections::HashMap<String, u32>,
+    /// The node that made each answered delivery, by key.
+    by: std::collections::HashMap<String, String>,
     hung: Vec<(String, String)>,
     hang_next: bool,
 }
@@ -470,7 +473,8 @@ async fn receiver() -> (String, std::sync::Arc<std::sync::Mutex<Receiver>>) {
                             r.hung.push((key.clone(), node));
                             true
                         } else {
-                            *r.delivered.entry(key).or_default() += 1;
+                            *r.delivered.entry(key.clone()).or_default() += 1;
+                            r.by.insert(key, node);
                             false
                         }
                     };
@@ -486,6 +490,26 @@ async fn receiver() -> (String, std::sync::Arc<std::sync::Mutex<Receiver>>) {
     let url = format!("http://{}/alerts", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     (url, state)
+}
+
+/// Waits until every node is connected to every other and knows that each
+/// runs `workflows`.
+async fn full_mesh_running(nodes: &[mergeflow::Node], workflows: &[&str]) {
+    for n in nodes {
+        for m in nodes {
+            let doc = format!("_mergeflow/nodes/{}", m.peer_id());
+            for w in workflows {
+                until("membership docs everywhere", || async {
+                    let connected =
+                        n.peers().iter().filter(|p| p.connected).count() >= nodes.len() - 1;
+                    let member =
+                        path_of(n, &doc, &format!("/workflows/{w}")).await == Some(json!(true));
+                    (connected && member).then_some(())
+                })
+                .await;
+            }
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -505,18 +529,7 @@ async fn an_http_effect_is_delivered_once_per_key_even_when_its_owner_dies() {
     let b = common::p2p_node(&dir.path().join("b"), vec![a_addr.clone()], tweak).await;
     let c = common::p2p_node(&dir.path().join("c"), vec![a_addr], tweak).await;
     let nodes = vec![a, b, c];
-    // Every node knows that every other runs the workflow, over a full mesh.
-    for n in &nodes {
-        for m in &nodes {
-            let doc = format!("_mergeflow/nodes/{}", m.peer_id());
-            until("membership docs everywhere", || async {
-                let connected = n.peers().iter().filter(|p| p.connected).count() >= 2;
-                let member = path_of(n, &doc, "/workflows/alert").await == Some(json!(true));
-                (connected && member).then_some(())
-            })
-            .await;
-        }
-    }
+    full_mesh_running(&nodes, &["alert"]).await;
 
     let writes = 5;
     for i in 0..writes {
@@ -590,6 +603,87 @@ async fn an_http_effect_is_delivered_once_per_key_even_when_its_owner_dies() {
         if i != dead {
             n.shutdown().await.unwrap();
         }
+    }
+}
+
+/// Effects of workflows that only local or only remote changes trigger are
+/// delivered by a node the state triggered: the writer for `local`, one of
+/// the others for `remote` (never the writer, which does not run it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_and_remote_only_effects_are_delivered_by_a_triggered_node() {
+    let seed = common::seed(11);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let (url, recv) = receiver().await;
+    let dir = tempfile::tempdir().unwrap();
+    let defs = dir.path().join("workflows");
+    for (name, origin) in [("mine", "local"), ("theirs", "remote")] {
+        let def = format!(
+            "name = \"{name}\"\n[on]\ndoc = \"{name}/*\"\norigin = \"{origin}\"\n[[steps]]\nid = \"post\"\nkind = \"http\"\nurl = \"{url}\"\n"
+        );
+        write_def(&defs, &format!("{name}.toml"), &def);
+    }
+    // No taking over: the node that owns the effect must be one that runs it.
+    let tweak = |c: &mut mergeflow::config::Config| {
+        c.workflow.dir = defs.clone();
+        c.workflow.effect_wait_ms = 600_000;
+    };
+    let a = common::p2p_node(&dir.path().join("a"), vec![], tweak).await;
+    let a_addr = common::listen_addr(&a).await;
+    let b = common::p2p_node(&dir.path().join("b"), vec![a_addr.clone()], tweak).await;
+    let c = common::p2p_node(&dir.path().join("c"), vec![a_addr], tweak).await;
+    let nodes = vec![a, b, c];
+    full_mesh_running(&nodes, &["mine", "theirs"]).await;
+
+    let writes = 4;
+    for i in 0..writes {
+        for doc in ["mine/x", "theirs/y"] {
+            let seen: Vec<String> = recv.lock().unwrap().by.keys().cloned().collect();
+            let writer = nodes[rng.random_range(0..3)].peer_id().to_string();
+            let node = nodes.iter().find(|n| n.peer_id().to_string() == writer);
+            node.unwrap()
+                .doc(doc)
+                .unwrap()
+                .patch(json!({ "n": i }))
+                .await
+                .unwrap();
+            let what = format!("{doc} state {i} delivered (seed {seed})");
+            let from = until(&what, || async {
+                let r = recv.lock().unwrap();
+                r.by.iter()
+                    .find(|(k, _)| !seen.contains(k))
+                    .map(|(_, from)| from.clone())
+            })
+            .await;
+            if doc.starts_with("mine/") {
+                assert_eq!(
+                    from, writer,
+                    "seed {seed}: a local-only effect runs on its writer"
+                );
+            } else {
+                assert_ne!(
+                    from, writer,
+                    "seed {seed}: the writer of a remote-only state does not run it"
+                );
+            }
+        }
+    }
+    for n in &nodes {
+        until("every run done, none waiting", || async {
+            let runs = n.workflows().runs(None, None, 100).unwrap();
+            runs.iter()
+                .all(|r| r.status == RunStatus::Done)
+                .then_some(())
+        })
+        .await;
+    }
+    let delivered = recv.lock().unwrap().delivered.clone();
+    assert_eq!(delivered.len(), 2 * writes, "seed {seed}: {delivered:?}");
+    assert!(
+        delivered.values().all(|n| *n == 1),
+        "seed {seed}: each key once: {delivered:?}"
+    );
+    for n in nodes {
+        n.shutdown().await.unwrap();
     }
 }
 
@@ -676,24 +770,28 @@ async fn each_conflict_policy_makes_three_peers_converge_on_its_winner() {
         .await;
     }
     // Where reads returned a loser, a node wrote the winner; where they
-    // already returned the winner, nothing was written. No run failed.
-    let mut wrote = 0;
-    for n in [&a, &b, &c] {
-        let runs = until("every resolve run done", || async {
+    // already returned the winner, nothing was written. No run failed. (Runs
+    // of data steps are recorded as they finish, so poll for the writer's.)
+    let wrote = until("every resolve run done, a winner written", || async {
+        let mut wrote = 0;
+        for n in [&a, &b, &c] {
             let runs = n.workflows().runs(Some("policies"), None, 100).unwrap();
-            (!runs.is_empty() && runs.iter().all(|r| r.status == RunStatus::Done)).then_some(runs)
-        })
-        .await;
-        for r in runs {
-            for s in r.steps {
-                let w = s
-                    .output
-                    .as_ref()
-                    .map(|o| o["wrote"].as_array().map_or(0, Vec::len));
-                wrote += w.unwrap_or(0);
+            if runs.is_empty() || runs.iter().any(|r| r.status != RunStatus::Done) {
+                return None;
+            }
+            for r in runs {
+                for s in r.steps {
+                    let w = s
+                        .output
+                        .as_ref()
+                        .map(|o| o["wrote"].as_array().map_or(0, Vec::len));
+                    wrote += w.unwrap_or(0);
+                }
             }
         }
-    }
+        (wrote >= 1).then_some(wrote)
+    })
+    .await;
     assert!(wrote >= 1, "some winner had to be written");
     for n in [a, b, c] {
         n.shutdown().await.unwrap();

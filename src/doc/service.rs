@@ -683,6 +683,36 @@ impl Docs {
         .await
     }
 
+    /// The Automerge actors (hex) that wrote changes `heads` (hex hashes;
+    /// one not in the doc is left out) of document `id`, or with `None`
+    /// every change in its history; sorted, without repeats.
+    ///
+    /// # Errors
+    /// [`DocError::NotFound`], [`DocError::Deleted`].
+    pub async fn actors(
+        &self,
+        id: DocId,
+        heads: Option<Vec<String>>,
+    ) -> Result<Vec<String>, DocError> {
+        self.with_doc(id, move |_, id, loaded| {
+            live_meta(id, loaded)?;
+            let doc = &loaded.doc;
+            let metas = match heads {
+                Some(heads) => heads
+                    .iter()
+                    .filter_map(|h| h.parse::<ChangeHash>().ok())
+                    .filter_map(|h| doc.get_change_meta_by_hash(&h))
+                    .collect(),
+                None => doc.get_changes_meta(&[]),
+            };
+            let mut out: Vec<String> = metas.iter().map(|c| c.actor.to_hex_string()).collect();
+            out.sort();
+            out.dedup();
+            Ok(out)
+        })
+        .await
+    }
+
     /// Current heads of document `id`.
     ///
     /// # Errors

@@ -45,7 +45,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::def::{Action, Backoff, DefError, Policy, Retry};
+use super::def::{Action, Backoff, DefError, Origin, Policy, Retry};
 use super::effect::{Failure, SYSTEM_PREFIX};
 use super::expr::{Bound, Input, Sandbox};
 use super::log::RunLog;
@@ -658,9 +658,24 @@ impl Shared {
                 Pointer::parse("/labels").expect("valid"),
                 serde_json::to_value(&self.labels).expect("labels serialize"),
             ),
+            // New with every boot, so every boot's actor is in this doc's
+            // history: peers tell which node wrote a change by it.
+            (
+                Pointer::parse("/actor").expect("valid"),
+                Json::String(self.docs.actor().to_hex_string()),
+            ),
         ];
         if let Err(e) = self.docs.write(id, Change::SetIfDifferent(values)).await {
             tracing::warn!(err = %e, "cannot write this node's workflow membership doc");
+        }
+    }
+
+    /// The actors (hex) that `peer`'s boots wrote with, as far as its
+    /// membership doc's history tells (each boot writes its actor there).
+    async fn boots_of(&self, peer: &str) -> Vec<String> {
+        match DocId::new(super::effect::member_doc(peer)) {
+            Ok(id) => self.docs.actors(id, None).await.unwrap_or_default(),
+            Err(_) => vec![],
         }
     }
 
@@ -1492,6 +1507,7 @@ async fn execute(
         depth: run.depth,
     };
     let mut wrote_any = false;
+    let origin = plan.def.trigger.origin;
     let last = plan.def.steps.len().saturating_sub(1);
     for (i, (step, sp)) in plan.def.steps.iter().zip(&plan.steps).enumerate() {
         if matches!(run.steps[i].state, StepState::Done | StepState::Skipped) {
@@ -1540,7 +1556,7 @@ async fn execute(
                 Ok(false) => {
                     s.state = StepState::Skipped;
                     s.error = Some("when is false".into());
-                    if step.action.is_effect() && owns_effects(shared, &run).await.0 {
+                    if step.action.is_effect() && owns_effects(shared, origin, &run).await.0 {
                         let key = format!("{}-{}", run.key, step.id);
                         mark(shared, &run, &key, true).await;
                     }
@@ -1557,12 +1573,12 @@ async fn execute(
         s.started_ms.get_or_insert_with(now_ms);
         let effect = step.action.is_effect();
         let effect_key = format!("{}-{}", run.key, step.id);
-        // A scheduled run (no doc) was started by the tick's owner, retried
-        // or resumed here: its effects are this node's.
+        // A scheduled run (no doc) was started by the tick's owner: its
+        // effects are this node's.
         let owned = run.doc.is_empty();
         if effect
             && !owned
-            && let Some(by) = await_turn(shared, &mut run, i, &effect_key).await
+            && let Some(by) = await_turn(shared, origin, &mut run, i, &effect_key).await
         {
             let s = &mut run.steps[i];
             s.state = StepState::Done;
@@ -1681,11 +1697,12 @@ async fn alert_failure(shared: &Shared, plan: &Plan, run: &Run) {
     let Some(step) = &plan.def.on_failure else {
         return;
     };
-    let key = format!("{}-on_failure", run.key);
-    let candidates = shared.candidates(&run.workflow).await;
-    if super::effect::owner(&key, &candidates) != Some(&shared.local) {
+    // One alert per dead state: from the node that owns the run's effects
+    // (the one that ran them, or would have).
+    if !owns_effects(shared, plan.def.trigger.origin, run).await.0 {
         return;
     }
+    let key = format!("{}-on_failure", run.key);
     let input = serde_json::json!({ "run": run, "node": shared.local });
     for attempt in 1..=step.retry.attempts {
         match run_effect(shared, &step.action, run, &step.id, &key, &input).await {
@@ -1743,7 +1760,13 @@ const TURN_POLL: Duration = Duration::from_millis(200);
 /// `workflow.effect_wait_ms` for a live owner takes the effect over: the
 /// owner may have coalesced this trigger into a later state and never run
 /// this key (at-least-once: the receiver sees the key twice at worst).
-async fn await_turn(shared: &Shared, run: &mut Run, i: usize, key: &str) -> Option<String> {
+async fn await_turn(
+    shared: &Shared,
+    origin: Origin,
+    run: &mut Run,
+    i: usize,
+    key: &str,
+) -> Option<String> {
     let started = Instant::now();
     let wait = Duration::from_millis(shared.cfg.effect_wait_ms);
     let mut shown: Option<String> = None;
@@ -1752,7 +1775,7 @@ async fn await_turn(shared: &Shared, run: &mut Run, i: usize, key: &str) -> Opti
         if let Some(by) = delivery(shared, run, &step, key).await {
             return Some(by);
         }
-        let (mine, owner) = owns_effects(shared, run).await;
+        let (mine, owner) = owns_effects(shared, origin, run).await;
         if mine {
             return None;
         }
@@ -1903,8 +1926,29 @@ async fn mark(shared: &Shared, run: &Run, key: &str, skipped: bool) {
 /// workflow. Per doc, not per state: nodes may fold states differently
 /// (triggers fire on state), and the owner's handling of a later state
 /// stands for the earlier ones.
-async fn owns_effects(shared: &Shared, run: &Run) -> (bool, Option<String>) {
-    let candidates = shared.candidates(&run.workflow).await;
+async fn owns_effects(shared: &Shared, origin: Origin, run: &Run) -> (bool, Option<String>) {
+    // Only this node runs it: a scheduled run (started by the tick's owner),
+    // a state written here that only local writes trigger, a retry asked
+    // for here.
+    if run.doc.is_empty() || origin == Origin::Local || run.trigger == "retry" {
+        return (true, None);
+    }
+    let mut candidates = shared.candidates(&run.workflow).await;
+    if origin == Origin::Remote {
+        // The nodes that wrote the state are not triggered by it.
+        let wrote = match DocId::new(run.doc.as_str()) {
+            Ok(id) => shared.docs.actors(id, Some(run.heads.clone())).await,
+            Err(e) => Err(e),
+        };
+        let wrote = wrote.unwrap_or_default();
+        let mut writers = Vec::new();
+        for c in &candidates {
+            if shared.boots_of(c).await.iter().any(|a| wrote.contains(a)) {
+                writers.push(c.clone());
+            }
+        }
+        candidates.retain(|c| !writers.contains(c));
+    }
     let owner = super::effect::owner(&effect_owner_key(run), &candidates).cloned();
     (
         owner.is_none() || owner.as_deref() == Some(shared.local.as_str()),

@@ -377,9 +377,6 @@ async fn catch_up_one_doc(changes: usize, progress: bool) {
     if let Some(r) = reporter {
         r.abort();
     }
-    // Sizes on disk once everything is flushed (sled buffers recent writes).
-    a.docs().flush().await.unwrap();
-    fresh.docs().flush().await.unwrap();
     let doc_bytes = |n: &Node| {
         let n = n.clone();
         async move {
@@ -387,6 +384,14 @@ async fn catch_up_one_doc(changes: usize, progress: bool) {
             list.iter().find(|d| d.id == ID).map_or(0, |d| d.size_bytes)
         }
     };
+    // F's heads are read from memory, where the merge lands before its
+    // round reaches the store: wait for the stored doc, then flush both
+    // (sled buffers recent writes) before measuring sizes on disk.
+    while doc_bytes(&fresh).await == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    a.docs().flush().await.unwrap();
+    fresh.docs().flush().await.unwrap();
     println!(
         "store size after one doc of {changes} changes: A {:.1} MiB, F {:.1} MiB (the doc: A {:.1} KiB, F {:.1} KiB stored)",
         mib(a.status().await.store_bytes),

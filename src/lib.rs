@@ -35,6 +35,7 @@ pub mod client;
 pub mod config;
 pub mod doc;
 pub mod feed;
+pub mod metrics;
 pub mod net;
 pub mod node;
 pub mod store;

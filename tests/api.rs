@@ -208,3 +208,79 @@ async fn errors_are_json_with_fitting_status_and_change_nothing() {
     assert_eq!((s, body), (200, json!({"ok": true})));
     node.shutdown().await.unwrap();
 }
+
+/// The samples of a Prometheus text exposition, by series (name and
+/// labels); panics on a line that is not a comment or `series value`.
+fn samples(text: &str) -> std::collections::BTreeMap<String, f64> {
+    let mut out = std::collections::BTreeMap::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("{line:?}"));
+        let value: f64 = value.parse().unwrap_or_else(|_| panic!("{line:?}"));
+        out.insert(series.to_string(), value);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_prometheus_text_with_writes_docs_and_workflow_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let defs = dir.path().join("workflows");
+    std::fs::create_dir_all(&defs).unwrap();
+    std::fs::write(
+        defs.join("f.toml"),
+        "name = \"f\"\n[on]\ndoc = \"sensors/*\"\n[[steps]]\nid = \"d\"\nkind = \"derive\"\nset = { \"/f\" = \"doc.c * 2\" }\n",
+    )
+    .unwrap();
+    let (node, client, http) = node(dir.path(), |c| c.workflow.dir = defs.clone()).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while node.workflows().list().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "workflow not loaded");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    for i in 0..3 {
+        client
+            .patch(&format!("sensors/s{i}"), &json!({ "c": i }))
+            .await
+            .unwrap();
+    }
+    let url = format!("http://{}/metrics", node.api_addr().unwrap());
+    let (content_type, text, m) = loop {
+        let resp = http.get(&url).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let ct = resp.headers()["content-type"].to_str().unwrap().to_string();
+        let text = resp.text().await.unwrap();
+        let m = samples(&text);
+        if m.get("mergeflow_workflow_runs_done_total") == Some(&3.0) {
+            break (ct, text, m);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "runs not counted:\n{text}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert!(
+        content_type.starts_with("application/openmetrics-text"),
+        "{content_type}"
+    );
+    assert!(text.trim_end().ends_with("# EOF"), "{text}");
+    assert!(text.contains("# TYPE mergeflow_write_duration_seconds histogram"));
+    // The three written, and this node's workflow membership doc.
+    assert_eq!(m["mergeflow_docs"], 4.0);
+    assert_eq!(m["mergeflow_workflows"], 1.0);
+    assert_eq!(m["mergeflow_workflow_dead_letters"], 0.0);
+    assert_eq!(m["mergeflow_peers_connected"], 0.0);
+    // Three writes by the client, three derived writes by the runs.
+    assert!(m["mergeflow_write_duration_seconds_count"] >= 6.0, "{text}");
+    assert_eq!(
+        m["mergeflow_write_duration_seconds_bucket{le=\"+Inf\"}"],
+        m["mergeflow_write_duration_seconds_count"]
+    );
+    assert_eq!(m["mergeflow_workflow_run_duration_seconds_count"], 3.0);
+    assert!(m["mergeflow_flushes_total"] >= 1.0);
+    assert!(m["mergeflow_store_size_bytes"] > 0.0);
+    node.shutdown().await.unwrap();
+}

@@ -61,6 +61,7 @@ pub fn router(node: Node) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/v1/status", get(status))
+        .route("/metrics", get(metrics))
         .route("/v1/peers", get(peers))
         .route("/v1/docs", post(create).get(list))
         .route("/v1/docs/{id}", get(read).patch(patch).delete(delete))
@@ -93,6 +94,21 @@ async fn healthz(State(node): State<Node>) -> Response {
 
 async fn status(State(node): State<Node>) -> Json<crate::Status> {
     Json(node.status().await)
+}
+
+async fn metrics(State(node): State<Node>) -> impl IntoResponse {
+    let status = node.status().await;
+    let timings = crate::metrics::Timings {
+        write: node.docs().write_latency(),
+        run: node.workflows().run_latency(),
+    };
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        crate::metrics::render(&status, &timings),
+    )
 }
 
 async fn peers(State(node): State<Node>) -> Json<Vec<crate::net::PeerInfo>> {

@@ -203,6 +203,8 @@ pub struct Docs {
 }
 
 pub(super) struct Inner {
+    /// Local writes, from the call to the answer.
+    write_latency: prometheus_client::metrics::histogram::Histogram,
     pub(super) store: Store,
     pub(super) commit: GroupCommit,
     pub(super) actor: ActorId,
@@ -324,6 +326,7 @@ impl Docs {
             origin,
             replicas: Default::default(),
             clock: Default::default(),
+            write_latency: crate::metrics::latency_histogram(),
         });
         let thread_inner = inner.clone();
         let handle = std::thread::Builder::new()
@@ -543,6 +546,28 @@ impl Docs {
     /// Queues a write for the writer thread and waits for its durable result.
     /// Cancel safe in the sense that dropping the future does not undo the write.
     async fn submit(
+        &self,
+        id: DocId,
+        op: WriteOp,
+        ack: bool,
+        tags: WriteTags,
+    ) -> Result<WriteResult, DocError> {
+        let started = std::time::Instant::now();
+        let result = self.submit_inner(id, op, ack, tags).await;
+        if result.is_ok() {
+            self.inner
+                .write_latency
+                .observe(started.elapsed().as_secs_f64());
+        }
+        result
+    }
+
+    /// Local writes so far: how long each took, from the call to the answer.
+    pub fn write_latency(&self) -> prometheus_client::metrics::histogram::Histogram {
+        self.inner.write_latency.clone()
+    }
+
+    async fn submit_inner(
         &self,
         id: DocId,
         op: WriteOp,

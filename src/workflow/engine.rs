@@ -243,6 +243,8 @@ struct Shared {
     dir: PathBuf,
     catalog: RwLock<Catalog>,
     counters: Counters,
+    /// Time runs spent executing their steps.
+    run_latency: prometheus_client::metrics::histogram::Histogram,
 }
 
 enum Command {
@@ -289,6 +291,7 @@ impl Engine {
             cfg,
             catalog: RwLock::new(Catalog::default()),
             counters: Counters::default(),
+            run_latency: crate::metrics::latency_histogram(),
         });
         let (tx, rx) = mpsc::channel(64);
         let engine = Engine {
@@ -473,6 +476,11 @@ impl Engine {
             .await
             .map_err(|_| WorkflowError::Stopped)?;
         rx.await.map_err(|_| WorkflowError::Stopped)?
+    }
+
+    /// Runs executed so far: how long each spent running its steps.
+    pub fn run_latency(&self) -> prometheus_client::metrics::histogram::Histogram {
+        self.shared.run_latency.clone()
     }
 
     /// Counters since start.
@@ -1507,6 +1515,7 @@ async fn execute(
         depth: run.depth,
     };
     let mut wrote_any = false;
+    let started = Instant::now();
     let origin = plan.def.trigger.origin;
     let last = plan.def.steps.len().saturating_sub(1);
     for (i, (step, sp)) in plan.def.steps.iter().zip(&plan.steps).enumerate() {
@@ -1663,6 +1672,7 @@ async fn execute(
     }
     let failed = run.steps.iter().find(|s| s.state == StepState::Failed);
     run.updated_ms = now_ms();
+    shared.run_latency.observe(started.elapsed().as_secs_f64());
     if let Some(f) = failed {
         run.status = RunStatus::Dead;
         run.error = Some(format!(

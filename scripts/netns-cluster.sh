@@ -32,6 +32,10 @@
 #   restart NODE           (stop it if running, then) start it again with the same
 #                          data dir and args; appends to its log; waits for ready.
 #   url NODE               print the node's API base URL (http://10.77.0.(10+I):7700).
+#   token                  print the cluster's API token (the APIs listen on
+#                          0.0.0.0, so every node requires it; send
+#                          `Authorization: Bearer <token>`, or set
+#                          MERGEFLOW_API_TOKEN for the CLI).
 #   exec NODE CMD...       run CMD inside the node's namespace.
 #
 # NODE is a number 1..N, `nI` or `mf-nI`.
@@ -54,6 +58,7 @@
 # Example:
 #   scripts/netns-cluster.sh up 3
 #   curl -s -XPOST "$(scripts/netns-cluster.sh url 1)/v1/docs" \
+#        -H "authorization: Bearer $(scripts/netns-cluster.sh token)" \
 #        -H 'content-type: application/json' -d '{"id":"a","value":{"x":1}}'
 #   scripts/netns-cluster.sh wait-converged
 #   scripts/netns-cluster.sh partition 1 2,3; ...; scripts/netns-cluster.sh heal
@@ -101,6 +106,9 @@ node_veth() { echo "mf-e$1"; }
 node_ip() { echo "$NET.$((10 + $1))"; }
 node_dir() { echo "$STATE/n$1"; }
 node_url() { echo "http://$(node_ip "$1"):$API_PORT"; }
+api_token() { cat "$STATE/token"; }
+# curl with the cluster's API token.
+api_curl() { curl -H "authorization: Bearer $(api_token)" "$@"; }
 
 # Cluster size recorded by `up`; dies when there is no cluster.
 size() {
@@ -170,7 +178,7 @@ start_node() {
   # setsid: own session, so a Ctrl-C or closed terminal does not reach the node.
   # Not a process group leader here, so setsid does not fork: $! is the node.
   # NO_COLOR: plain text logs (tracing-subscriber colours them even into a file).
-  NO_COLOR=1 ip netns exec "$(ns "$i")" setsid "$bin" "${args[@]}" </dev/null >>"$dir/log" 2>&1 &
+  MERGEFLOW_API_TOKEN=$(api_token) NO_COLOR=1 ip netns exec "$(ns "$i")" setsid "$bin" "${args[@]}" </dev/null >>"$dir/log" 2>&1 &
   pid=$!
   echo "$pid" >"$dir/pid"
   wait_ready "$i" "$pid" "$off"
@@ -311,6 +319,8 @@ cmd_up() {
   touch "$STATE/$MARKER"
   echo "$n" >"$STATE/size"
   echo "$bin" >"$STATE/bin"
+  # The APIs listen on 0.0.0.0 (reachable from the host), which needs a token.
+  od -An -tx1 -N16 /dev/urandom | tr -d ' \n' >"$STATE/token"
 
   ip link add "$BRIDGE" type bridge
   disable_ipv6 "$BRIDGE"
@@ -341,7 +351,7 @@ node_objs() {
   for ((i = 1; i <= n; i++)); do
     pid=$(node_pid "$i")
     js=
-    [ -n "$pid" ] && js=$(curl -s --max-time 3 "$(node_url "$i")/v1/status" 2>/dev/null || true)
+    [ -n "$pid" ] && js=$(api_curl -s --max-time 3 "$(node_url "$i")/v1/status" 2>/dev/null || true)
     echo "$js" | jq -e 'type == "object" and has("peer_id")' >/dev/null 2>&1 || js=null
     jq -n -c --argjson i "$i" --arg addr "$(node_ip "$i")" --arg url "$(node_url "$i")" \
       --arg pid "$pid" --argjson st "$js" \
@@ -378,13 +388,13 @@ cmd_status() {
 # binary's /v1/status has no digest field, a hash of GET /v1/docs ids + heads.
 node_fingerprint() {
   local i=$1 js
-  js=$(curl -sf --max-time 3 "$(node_url "$i")/v1/status") || return 1
+  js=$(api_curl -sf --max-time 3 "$(node_url "$i")/v1/status") || return 1
   if echo "$js" | jq -e 'has("digest")' >/dev/null; then
     echo "$js" | jq -r '"\(.docs) \(.digest // "null")"'
   else
     local docs list
     docs=$(echo "$js" | jq -r '.docs')
-    list=$(curl -sf --max-time 5 "$(node_url "$i")/v1/docs") || return 1
+    list=$(api_curl -sf --max-time 5 "$(node_url "$i")/v1/docs") || return 1
     echo "$docs docs:$(echo "$list" | jq -S -c '[.[] | {id, heads: (.heads | sort)}] | sort_by(.id)' | sha256sum | cut -c1-16)"
   fi
 }
@@ -578,6 +588,7 @@ main() {
     netem) cmd_netem "$@" ;;
     kill) cmd_kill "$@" ;;
     restart) cmd_restart "$@" ;;
+    token) api_token ;;
     url)
       [ $# -eq 1 ] || die "usage: $0 url NODE"
       local u

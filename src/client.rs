@@ -62,6 +62,15 @@ pub fn encode_id(id: &str) -> String {
     out
 }
 
+fn http_client(headers: reqwest::header::HeaderMap) -> reqwest::Client {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(120))
+        .default_headers(headers)
+        .build()
+        .expect("reqwest client builds")
+}
+
 impl Client {
     /// A client for the API at `base` (`http://127.0.0.1:7700` or `127.0.0.1:7700`).
     pub fn new(base: &str) -> Client {
@@ -71,12 +80,26 @@ impl Client {
         } else {
             format!("http://{base}")
         };
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(120))
-            .build()
-            .expect("reqwest client builds");
+        let http = http_client(reqwest::header::HeaderMap::new());
         Client { base, http }
+    }
+
+    /// Sends `Authorization: Bearer <token>` with every request (for a node
+    /// with `api.token`); `None` sends none.
+    ///
+    /// # Panics
+    /// If `token` holds characters a header cannot (control characters).
+    pub fn with_token(mut self, token: Option<&str>) -> Client {
+        let Some(token) = token.filter(|t| !t.is_empty()) else {
+            return self;
+        };
+        let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+            .expect("an API token is printable text");
+        value.set_sensitive(true);
+        let headers =
+            reqwest::header::HeaderMap::from_iter([(reqwest::header::AUTHORIZATION, value)]);
+        self.http = http_client(headers);
+        self
     }
 
     /// The base URL.

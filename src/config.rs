@@ -110,6 +110,11 @@ pub struct ApiConfig {
     pub listen: SocketAddr,
     /// Largest request body, in bytes.
     pub max_body_bytes: usize,
+    /// Bearer token every request must carry (`Authorization: Bearer
+    /// <token>`), except `/healthz`; empty: none. Required (16 characters or
+    /// more) when `listen` is not a loopback address. Env:
+    /// `MERGEFLOW_API_TOKEN`, which the CLI sends too.
+    pub token: String,
 }
 
 /// `[net]`: peer-to-peer sync.
@@ -212,6 +217,7 @@ impl Default for Config {
             api: ApiConfig {
                 listen: SocketAddr::from(([127, 0, 0, 1], 7700)),
                 max_body_bytes: 4 << 20,
+                token: String::new(),
             },
             net: NetTable {
                 listen: vec!["/ip4/0.0.0.0/tcp/0".into()],
@@ -541,6 +547,20 @@ impl Config {
         if self.api.max_body_bytes < 1024 {
             return invalid("api.max_body_bytes", "must be at least 1024");
         }
+        if self.api.token.is_empty() && !self.api.listen.ip().is_loopback() {
+            return invalid(
+                "api.token",
+                &format!(
+                    "api.listen {} is reachable from other machines: set api.token \
+                     (or MERGEFLOW_API_TOKEN) so that only clients that send it can use \
+                     the API, or listen on 127.0.0.1",
+                    self.api.listen
+                ),
+            );
+        }
+        if !self.api.token.is_empty() && self.api.token.chars().count() < 16 {
+            return invalid("api.token", "must be at least 16 characters");
+        }
         if self.perf.flush_queue == 0 {
             return invalid("perf.flush_queue", "must be at least 1");
         }
@@ -731,5 +751,24 @@ mod tests {
         let mut c = Config::default();
         c.log.level = "=bad=".into();
         assert!(c.validate().unwrap_err().to_string().contains("log.level"));
+    }
+
+    #[test]
+    fn an_api_reachable_from_other_machines_needs_a_token() {
+        let mut c = Config::default();
+        c.api.listen = "0.0.0.0:7700".parse().unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("api.token") && err.contains("0.0.0.0:7700"),
+            "{err}"
+        );
+        c.api.token = "short".into();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("at least 16"), "{err}");
+        c.api.token = "0123456789abcdef".into();
+        c.validate().unwrap();
+        // Loopback needs none.
+        c.api = ApiConfig::default();
+        c.validate().unwrap();
     }
 }

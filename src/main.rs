@@ -130,9 +130,23 @@ struct ClientArgs {
         global = true
     )]
     api: String,
+    /// API token of the node (its api.token).
+    #[arg(
+        long,
+        env = "MERGEFLOW_API_TOKEN",
+        hide_env_values = true,
+        global = true
+    )]
+    token: Option<String>,
     /// Print raw JSON responses.
     #[arg(long, global = true)]
     json: bool,
+}
+
+impl ClientArgs {
+    fn client(&self) -> Client {
+        Client::new(&self.api).with_token(self.token.as_deref())
+    }
 }
 
 #[derive(Subcommand)]
@@ -274,7 +288,7 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Start(args) => start(args).await,
         Cmd::Peers { client } => {
-            let peers = Client::new(&client.api).peers().await?;
+            let peers = client.client().peers().await?;
             if client.json {
                 print_json(&peers);
             } else {
@@ -318,7 +332,7 @@ async fn run(cli: Cli) -> Result<()> {
             cmd,
         } => runs(client, workflow, status, limit, cmd).await,
         Cmd::Status { client } => {
-            let c = Client::new(&client.api);
+            let c = client.client();
             let s = c.status().await?;
             if client.json {
                 print_json(&s);
@@ -349,7 +363,7 @@ async fn run(cli: Cli) -> Result<()> {
             docs,
             fill,
         } => {
-            let c = Client::new(&client.api);
+            let c = client.client();
             if let Some(n) = fill {
                 let secs = mergeflow::bench::fill(&c, n, 32).await?;
                 println!(
@@ -383,7 +397,7 @@ async fn run(cli: Cli) -> Result<()> {
 }
 
 async fn workflow(client: ClientArgs, cmd: WorkflowCmd) -> Result<()> {
-    let c = Client::new(&client.api);
+    let c = client.client();
     let cmd_kind = match &cmd {
         WorkflowCmd::Enable { .. } => "enable",
         _ => "disable",
@@ -480,7 +494,7 @@ async fn runs(
     limit: usize,
     cmd: Option<RunsCmd>,
 ) -> Result<()> {
-    let c = Client::new(&client.api);
+    let c = client.client();
     let (id, action) = match cmd {
         None => {
             let runs = c
@@ -604,7 +618,7 @@ fn json_arg(arg: Option<String>, what: &str) -> Result<Json> {
 }
 
 async fn doc(args: ClientArgs, cmd: DocCmd) -> Result<()> {
-    let c = Client::new(&args.api);
+    let c = args.client();
     let json = args.json;
     match cmd {
         DocCmd::Create { id, value } => {

@@ -284,3 +284,47 @@ async fn metrics_are_prometheus_text_with_writes_docs_and_workflow_runs() {
     assert!(m["mergeflow_store_size_bytes"] > 0.0);
     node.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_token_guards_every_endpoint_but_healthz_and_refusals_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = "test-token-0123456789";
+    let (node, _, http) = node(dir.path(), |c| c.api.token = token.into()).await;
+    let base = format!("http://{}", node.api_addr().unwrap());
+    let (status, _) = raw(http.get(format!("{base}/healthz"))).await;
+    assert_eq!(status, 200, "health checks need no token");
+    // No header, a wrong token, the right token without the Bearer scheme.
+    for auth in [None, Some("Bearer wrong-token-0123456789"), Some(token)] {
+        let mut req = http
+            .post(format!("{base}/v1/docs"))
+            .json(&json!({"id": "a/b", "value": {"x": 1}}));
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status(), 401, "{auth:?}");
+        assert_eq!(resp.headers()["www-authenticate"], "Bearer");
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(code(&body), "unauthorized");
+    }
+    for path in [
+        "/v1/status",
+        "/metrics",
+        "/v1/docs/a%2Fb",
+        "/v1/workflows",
+        "/v1/events",
+        "/nope",
+    ] {
+        let (status, _) = raw(http.get(format!("{base}{path}"))).await;
+        assert_eq!(status, 401, "{path}");
+    }
+    // The refused create changed nothing; with the token, everything works.
+    let client = Client::new(&base).with_token(Some(token));
+    assert!(matches!(
+        client.get("a/b", None).await,
+        Err(ClientError::Api { status: 404, .. })
+    ));
+    client.create(Some("a/b"), json!({"x": 1})).await.unwrap();
+    assert_eq!(client.get("a/b", None).await.unwrap(), json!({"x": 1}));
+    node.shutdown().await.unwrap();
+}

@@ -12,6 +12,8 @@ use serde_json::{Value, json};
 
 struct Cli {
     api: String,
+    /// Sent as MERGEFLOW_API_TOKEN (none: the variable is removed).
+    token: Option<String>,
 }
 
 impl Cli {
@@ -23,6 +25,8 @@ impl Cli {
         let mut child = Command::new(bin())
             .args(args)
             .env("MERGEFLOW_API", &self.api)
+            .env_remove("MERGEFLOW_API_TOKEN")
+            .envs(self.token.iter().map(|t| ("MERGEFLOW_API_TOKEN", t)))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -78,6 +82,7 @@ async fn doc_commands_round_trip() {
     let node = start_node(dir.path()).await;
     let cli = Cli {
         api: node.api_addr().unwrap().to_string(),
+        token: None,
     };
     tokio::task::spawn_blocking(move || {
         let r = cli.json(&[
@@ -163,6 +168,7 @@ fn node_not_running_is_a_one_line_error() {
         .port();
     let cli = Cli {
         api: format!("http://127.0.0.1:{port}"),
+        token: None,
     };
     for args in [&["status"][..], &["doc", "list"], &["doc", "get", "a"]] {
         let err = cli.fails(args);
@@ -182,6 +188,7 @@ async fn workflow_and_runs_commands() {
     let node = start_node(dir.path()).await;
     let cli = Cli {
         api: node.api_addr().unwrap().to_string(),
+        token: None,
     };
 
     // validate works on a file, without asking the node.
@@ -250,5 +257,34 @@ async fn workflow_and_runs_commands() {
     assert!(err.contains("only a dead run"), "{err}");
     let err = cli.fails(&["runs", "--status", "sideways"]);
     assert!(err.contains("status \"sideways\""), "{err}");
+    node.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cli_sends_the_api_token_from_its_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = "cli-token-0123456789";
+    let mut config = mergeflow::config::Config::default();
+    config.node.data_dir = dir.path().join("data");
+    config.api.token = token.into();
+    let node = Node::builder()
+        .config(config)
+        .api("127.0.0.1:0".parse().unwrap())
+        .start()
+        .await
+        .unwrap();
+    let api = format!("http://{}", node.api_addr().unwrap());
+    let without = Cli {
+        api: api.clone(),
+        token: None,
+    };
+    let err = without.fails(&["status"]);
+    assert!(err.contains("token"), "{err}");
+    let with = Cli {
+        api,
+        token: Some(token.into()),
+    };
+    with.ok(&["doc", "patch", "a/b", r#"{"x": 1}"#]);
+    assert_eq!(with.json(&["doc", "get", "a/b"]), json!({"x": 1}));
     node.shutdown().await.unwrap();
 }

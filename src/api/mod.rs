@@ -74,7 +74,46 @@ pub fn router(node: Node) -> Router {
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn_with_state(
+            node.clone(),
+            require_token,
+        ))
         .with_state(node)
+}
+
+/// With `api.token` set, refuses (401, before anything else runs) every
+/// request but `/healthz` that does not send `Authorization: Bearer <token>`.
+async fn require_token(
+    State(node): State<Node>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let want = &node.config().api.token;
+    if want.is_empty() || req.uri().path() == "/healthz" {
+        return next.run(req).await;
+    }
+    let got = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    // Digests compared: the time taken says nothing about the token.
+    let digest = |s: &str| <sha2::Sha256 as sha2::Digest>::digest(s.as_bytes());
+    if digest(got) == digest(want) {
+        return next.run(req).await;
+    }
+    let message = if got.is_empty() {
+        "this API needs a token: send Authorization: Bearer <api.token> (the CLI sends MERGEFLOW_API_TOKEN)"
+    } else {
+        "wrong API token"
+    };
+    let mut resp = ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message).into_response();
+    resp.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Bearer"),
+    );
+    resp
 }
 
 type ApiResult<T> = Result<T, ApiError>;

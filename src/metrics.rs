@@ -13,6 +13,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::Status;
+use crate::sync::SyncStats;
 
 /// Latency histograms (clones share their counts), kept by the parts that
 /// record them: [`crate::doc::Docs::write_latency`],
@@ -31,9 +32,62 @@ pub fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.000_05, 2.0, 20))
 }
 
-/// The Prometheus text exposition of `status` and `timings`.
-pub fn render(status: &Status, timings: &Timings) -> String {
+/// The Prometheus text exposition of `status`, the sync core's counters
+/// (`sync`, absent without network) and `timings`.
+pub fn render(status: &Status, sync: Option<&SyncStats>, timings: &Timings) -> String {
     let mut r = Registry::with_prefix("mergeflow");
+    if let Some(s) = sync {
+        let counters = [
+            (
+                "sync_changes_applied",
+                "Changes from peers applied on the fast path",
+                s.changes_applied,
+            ),
+            (
+                "sync_changes_missing_deps",
+                "Changes from peers that lacked dependencies (repaired by a sync session)",
+                s.changes_missing_deps,
+            ),
+            (
+                "sync_messages_received",
+                "Automerge sync messages received",
+                s.sync_received,
+            ),
+            (
+                "sync_sessions_reset",
+                "Sync sessions reset for making no progress",
+                s.sessions_reset,
+            ),
+            (
+                "sync_inputs_rejected",
+                "Inputs from peers rejected (malformed, oversized, invalid)",
+                s.rejected,
+            ),
+            (
+                "sync_docs_pushed_out",
+                "Whole docs pushed to peers that lacked them",
+                s.docs_pushed_out,
+            ),
+            (
+                "sync_docs_pushed_in",
+                "Whole docs merged from peers' pushes",
+                s.docs_pushed_in,
+            ),
+            (
+                "anti_entropy_digests_in_sync",
+                "Anti-entropy digests received that matched ours",
+                s.digests_in_sync,
+            ),
+            (
+                "anti_entropy_docs_differing",
+                "Docs that anti-entropy found different",
+                s.docs_differing,
+            ),
+        ];
+        for (name, help, value) in counters {
+            r.register(name, help, ConstCounter::new(value));
+        }
+    }
     let gauge = |v: u64| ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX));
     r.register("docs", "Live documents", gauge(status.docs));
     r.register_with_unit(

@@ -146,7 +146,7 @@ async fn metrics(State(node): State<Node>) -> impl IntoResponse {
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        crate::metrics::render(&status, &timings),
+        crate::metrics::render(&status, node.docs().sync_stats().as_ref(), &timings),
     )
 }
 

@@ -215,6 +215,8 @@ pub(super) struct Inner {
     pub(super) sync_view: Mutex<std::collections::BTreeMap<String, PeerSyncView>>,
     /// The sync digest's fingerprint after the writer's last round.
     pub(super) sync_fingerprint: Mutex<Option<String>>,
+    /// The sync core's counters, as of the writer's last round.
+    pub(super) sync_stats: Mutex<Option<crate::sync::SyncStats>>,
     /// Where merged changes are announced.
     pub(super) feed: Arc<Feed>,
     /// This node's peer id: the origin of local writes in the feed.
@@ -322,6 +324,7 @@ impl Docs {
             writer_thread: Mutex::new(None),
             sync_view: Mutex::new(Default::default()),
             sync_fingerprint: Mutex::new(None),
+            sync_stats: Mutex::new(None),
             feed,
             origin,
             replicas: Default::default(),
@@ -483,6 +486,16 @@ impl Docs {
     pub fn sync_view(&self) -> std::collections::BTreeMap<String, PeerSyncView> {
         self.inner
             .sync_view
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The sync core's counters as of the writer's last round; `None`
+    /// without sync, or before the first round.
+    pub fn sync_stats(&self) -> Option<crate::sync::SyncStats> {
+        self.inner
+            .sync_stats
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()

@@ -289,6 +289,8 @@ pub(super) fn run(
                 .sync_fingerprint
                 .lock()
                 .unwrap_or_else(|p| p.into_inner()) = Some(fp);
+            *inner.sync_stats.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(sync.core.stats().clone());
         }
     }
 }

@@ -10,7 +10,7 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::{Registry, Unit};
+use prometheus_client::registry::{Metric, Registry, Unit};
 
 use crate::Status;
 use crate::sync::SyncStats;
@@ -32,142 +32,180 @@ pub fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.000_05, 2.0, 20))
 }
 
+/// One number read at scrape time: a level (gauge) or a count since the
+/// node started (counter), with its unit if it has one.
+struct Sample {
+    name: &'static str,
+    help: &'static str,
+    unit: Option<Unit>,
+    counter: bool,
+    value: u64,
+}
+
+fn gauge(name: &'static str, help: &'static str, value: u64) -> Sample {
+    Sample {
+        name,
+        help,
+        unit: None,
+        counter: false,
+        value,
+    }
+}
+
+fn counter(name: &'static str, help: &'static str, value: u64) -> Sample {
+    Sample {
+        counter: true,
+        ..gauge(name, help, value)
+    }
+}
+
+impl Sample {
+    fn in_unit(self, unit: Unit) -> Sample {
+        Sample {
+            unit: Some(unit),
+            ..self
+        }
+    }
+
+    fn register(&self, r: &mut Registry, metric: impl Metric) {
+        match &self.unit {
+            Some(unit) => r.register_with_unit(self.name, self.help, unit.clone(), metric),
+            None => r.register(self.name, self.help, metric),
+        }
+    }
+}
+
 /// The Prometheus text exposition of `status`, the sync core's counters
 /// (`sync`, absent without network) and `timings`.
 pub fn render(status: &Status, sync: Option<&SyncStats>, timings: &Timings) -> String {
-    let mut r = Registry::with_prefix("mergeflow");
+    let w = &status.workflows;
+    let mut samples = vec![
+        gauge("docs", "Live documents", status.docs),
+        gauge(
+            "store_size",
+            "Size of the store on disk",
+            status.store_bytes,
+        )
+        .in_unit(Unit::Bytes),
+        gauge(
+            "peers_connected",
+            "Peers connected now",
+            status.peers as u64,
+        ),
+        gauge("uptime", "Time since the node started", status.uptime_s).in_unit(Unit::Seconds),
+        counter(
+            "flushes",
+            "Group-commit flushes of the store",
+            status.flushes,
+        ),
+        counter(
+            "flushed_writes",
+            "Writes acknowledged by group-commit flushes",
+            status.flushed_writes,
+        ),
+        counter(
+            "lazy_rounds",
+            "Rounds of merged remote changes published before their flush",
+            status.lazy_rounds,
+        ),
+        gauge(
+            "workflows",
+            "Workflow definitions loaded and valid",
+            w.workflows,
+        ),
+        gauge(
+            "workflows_invalid",
+            "Workflow definition files that do not load",
+            w.invalid,
+        ),
+        counter("workflow_runs_started", "Workflow runs created", w.runs),
+        counter(
+            "workflow_runs_done",
+            "Workflow runs finished with every step done or skipped",
+            w.done,
+        ),
+        counter(
+            "workflow_runs_unchanged",
+            "Workflow runs whose steps wrote nothing (the values were there)",
+            w.unchanged,
+        ),
+        counter("workflow_runs_dead", "Workflow runs dead-lettered", w.dead),
+        gauge(
+            "workflow_dead_letters",
+            "Dead runs in the run log now, waiting for retry or skip",
+            w.dead_waiting,
+        ),
+        counter(
+            "workflow_triggers_coalesced",
+            "Triggers folded into a pending run of the same workflow and doc",
+            w.coalesced,
+        ),
+    ];
     if let Some(s) = sync {
-        let counters = [
-            (
+        samples.extend([
+            counter(
                 "sync_changes_applied",
                 "Changes from peers applied on the fast path",
                 s.changes_applied,
             ),
-            (
+            counter(
                 "sync_changes_missing_deps",
                 "Changes from peers that lacked dependencies (repaired by a sync session)",
                 s.changes_missing_deps,
             ),
-            (
+            counter(
                 "sync_messages_received",
                 "Automerge sync messages received",
                 s.sync_received,
             ),
-            (
+            counter(
                 "sync_sessions_reset",
                 "Sync sessions reset for making no progress",
                 s.sessions_reset,
             ),
-            (
+            counter(
                 "sync_inputs_rejected",
                 "Inputs from peers rejected (malformed, oversized, invalid)",
                 s.rejected,
             ),
-            (
+            counter(
                 "sync_docs_pushed_out",
                 "Whole docs pushed to peers that lacked them",
                 s.docs_pushed_out,
             ),
-            (
+            counter(
                 "sync_docs_pushed_in",
                 "Whole docs merged from peers' pushes",
                 s.docs_pushed_in,
             ),
-            (
+            counter(
                 "anti_entropy_digests_in_sync",
                 "Anti-entropy digests received that matched ours",
                 s.digests_in_sync,
             ),
-            (
+            counter(
                 "anti_entropy_docs_differing",
                 "Docs that anti-entropy found different",
                 s.docs_differing,
             ),
-        ];
-        for (name, help, value) in counters {
-            r.register(name, help, ConstCounter::new(value));
+        ]);
+    }
+    let mut r = Registry::with_prefix("mergeflow");
+    for s in &samples {
+        if s.counter {
+            s.register(&mut r, ConstCounter::new(s.value));
+        } else {
+            s.register(
+                &mut r,
+                ConstGauge::new(i64::try_from(s.value).unwrap_or(i64::MAX)),
+            );
         }
     }
-    let gauge = |v: u64| ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX));
-    r.register("docs", "Live documents", gauge(status.docs));
-    r.register_with_unit(
-        "store_size",
-        "Size of the store on disk",
-        Unit::Bytes,
-        gauge(status.store_bytes),
-    );
-    r.register(
-        "peers_connected",
-        "Peers connected now",
-        gauge(status.peers as u64),
-    );
-    r.register_with_unit(
-        "uptime",
-        "Time since the node started",
-        Unit::Seconds,
-        gauge(status.uptime_s),
-    );
-    r.register(
-        "flushes",
-        "Group-commit flushes of the store",
-        ConstCounter::new(status.flushes),
-    );
-    r.register(
-        "flushed_writes",
-        "Writes acknowledged by group-commit flushes",
-        ConstCounter::new(status.flushed_writes),
-    );
-    r.register(
-        "lazy_rounds",
-        "Rounds of merged remote changes published before their flush",
-        ConstCounter::new(status.lazy_rounds),
-    );
     r.register_with_unit(
         "write_duration",
         "Local writes, from the call to the answer",
         Unit::Seconds,
         timings.write.clone(),
-    );
-    let w = &status.workflows;
-    r.register(
-        "workflows",
-        "Workflow definitions loaded and valid",
-        gauge(w.workflows),
-    );
-    r.register(
-        "workflows_invalid",
-        "Workflow definition files that do not load",
-        gauge(w.invalid),
-    );
-    r.register(
-        "workflow_runs_started",
-        "Workflow runs created",
-        ConstCounter::new(w.runs),
-    );
-    r.register(
-        "workflow_runs_done",
-        "Workflow runs finished with every step done or skipped",
-        ConstCounter::new(w.done),
-    );
-    r.register(
-        "workflow_runs_unchanged",
-        "Workflow runs whose steps wrote nothing (the values were there)",
-        ConstCounter::new(w.unchanged),
-    );
-    r.register(
-        "workflow_runs_dead",
-        "Workflow runs dead-lettered",
-        ConstCounter::new(w.dead),
-    );
-    r.register(
-        "workflow_dead_letters",
-        "Dead runs in the run log now, waiting for retry or skip",
-        gauge(w.dead_waiting),
-    );
-    r.register(
-        "workflow_triggers_coalesced",
-        "Triggers folded into a pending run of the same workflow and doc",
-        ConstCounter::new(w.coalesced),
     );
     r.register_with_unit(
         "workflow_run_duration",

@@ -1,6 +1,8 @@
 //! The HTTP API end to end on an in-process node: every endpoint, every error
 //! shape, and that rejected requests change nothing.
 
+mod common;
+
 use mergeflow::client::{Client, ClientError};
 use mergeflow::{Node, config::Config};
 use serde_json::{Value, json};
@@ -9,15 +11,7 @@ async fn node(
     dir: &std::path::Path,
     tweak: impl FnOnce(&mut Config),
 ) -> (Node, Client, reqwest::Client) {
-    let mut config = Config::default();
-    config.node.data_dir = dir.join("data");
-    tweak(&mut config);
-    let node = Node::builder()
-        .config(config)
-        .api("127.0.0.1:0".parse().unwrap())
-        .start()
-        .await
-        .unwrap();
+    let node = common::api_node(dir, tweak).await;
     let client = Client::new(&node.api_addr().unwrap().to_string());
     (node, client, reqwest::Client::new())
 }
@@ -209,21 +203,6 @@ async fn errors_are_json_with_fitting_status_and_change_nothing() {
     node.shutdown().await.unwrap();
 }
 
-/// The samples of a Prometheus text exposition, by series (name and
-/// labels); panics on a line that is not a comment or `series value`.
-fn samples(text: &str) -> std::collections::BTreeMap<String, f64> {
-    let mut out = std::collections::BTreeMap::new();
-    for line in text
-        .lines()
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-    {
-        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("{line:?}"));
-        let value: f64 = value.parse().unwrap_or_else(|_| panic!("{line:?}"));
-        out.insert(series.to_string(), value);
-    }
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_are_prometheus_text_with_writes_docs_and_workflow_runs() {
     let dir = tempfile::tempdir().unwrap();
@@ -252,7 +231,7 @@ async fn metrics_are_prometheus_text_with_writes_docs_and_workflow_runs() {
         assert_eq!(resp.status(), 200);
         let ct = resp.headers()["content-type"].to_str().unwrap().to_string();
         let text = resp.text().await.unwrap();
-        let m = samples(&text);
+        let m = common::samples(&text);
         if m.get("mergeflow_workflow_runs_done_total") == Some(&3.0) {
             break (ct, text, m);
         }

@@ -68,12 +68,7 @@ impl Cli {
 }
 
 async fn start_node(dir: &std::path::Path) -> Node {
-    Node::builder()
-        .data_dir(dir.join("data"))
-        .api("127.0.0.1:0".parse().unwrap())
-        .start()
-        .await
-        .unwrap()
+    common::api_node(dir, |_| {}).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -264,15 +259,7 @@ async fn workflow_and_runs_commands() {
 async fn the_cli_sends_the_api_token_from_its_environment() {
     let dir = tempfile::tempdir().unwrap();
     let token = "cli-token-0123456789";
-    let mut config = mergeflow::config::Config::default();
-    config.node.data_dir = dir.path().join("data");
-    config.api.token = token.into();
-    let node = Node::builder()
-        .config(config)
-        .api("127.0.0.1:0".parse().unwrap())
-        .start()
-        .await
-        .unwrap();
+    let node = common::api_node(dir.path(), |c| c.api.token = token.into()).await;
     let api = format!("http://{}", node.api_addr().unwrap());
     let without = Cli {
         api: api.clone(),

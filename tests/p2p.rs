@@ -72,18 +72,10 @@ async fn three_nodes_converge_and_a_late_joiner_catches_up() {
     };
     let text =
         mergeflow::metrics::render(&c.status().await, c.docs().sync_stats().as_ref(), &timings);
-    let applied: f64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("mergeflow_sync_changes_applied_total "))
-        .unwrap_or_else(|| panic!("no sync counter in:\n{text}"))
-        .parse()
-        .unwrap();
-    assert!(applied >= 1.0, "{text}");
-    assert!(text.contains("mergeflow_anti_entropy_docs_differing_total "));
-    assert!(
-        text.contains("mergeflow_write_duration_seconds_count 30\n"),
-        "{text}"
-    );
+    let m = common::samples(&text);
+    assert!(m["mergeflow_sync_changes_applied_total"] >= 1.0, "{text}");
+    assert!(m.contains_key("mergeflow_anti_entropy_docs_differing_total"));
+    assert_eq!(m["mergeflow_write_duration_seconds_count"], 30.0, "{text}");
     let v = c.doc("shared/4").unwrap().get().await.unwrap();
     assert_eq!(
         (v["a29"].clone(), v["b29"].clone(), v["c29"].clone()),

@@ -178,6 +178,38 @@ pub async fn p2p_node(
         .unwrap()
 }
 
+/// An in-process node serving its HTTP API on a free loopback port, data in
+/// `dir/data`; `tweak` adjusts the rest of its config.
+pub async fn api_node(
+    dir: &Path,
+    tweak: impl FnOnce(&mut mergeflow::config::Config),
+) -> mergeflow::Node {
+    let mut config = mergeflow::config::Config::default();
+    config.node.data_dir = dir.join("data");
+    tweak(&mut config);
+    mergeflow::Node::builder()
+        .config(config)
+        .api("127.0.0.1:0".parse().unwrap())
+        .start()
+        .await
+        .unwrap()
+}
+
+/// The samples of a Prometheus text exposition, by series (name and
+/// labels); panics on a line that is not a comment or `series value`.
+pub fn samples(text: &str) -> std::collections::BTreeMap<String, f64> {
+    let mut out = std::collections::BTreeMap::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("{line:?}"));
+        let value: f64 = value.parse().unwrap_or_else(|_| panic!("{line:?}"));
+        out.insert(series.to_string(), value);
+    }
+    out
+}
+
 /// The node's first p2p listen address (with /p2p/<id>), once the swarm has one.
 pub async fn listen_addr(node: &mergeflow::Node) -> String {
     let deadline = Instant::now() + START_DEADLINE;

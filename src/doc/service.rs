@@ -132,6 +132,21 @@ fn peel(doc: &Automerge, own: &str) -> Vec<String> {
     heads.iter().map(|h| h.to_string()).collect()
 }
 
+/// True if every change in `older` is in the history of state `newer` (the
+/// state included): none is among the changes `newer` lacks. False if a
+/// hash of `newer` is not in `doc` (then nobody can tell).
+pub(super) fn in_history(doc: &Automerge, older: &[ChangeHash], newer: &[ChangeHash]) -> bool {
+    if newer
+        .iter()
+        .any(|h| doc.get_change_meta_by_hash(h).is_none())
+    {
+        return false;
+    }
+    let outside: std::collections::HashSet<ChangeHash> =
+        doc.get_changes_meta(newer).iter().map(|c| c.hash).collect();
+    older.iter().all(|h| !outside.contains(h))
+}
+
 /// A document in a listing.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct DocInfo {
@@ -703,20 +718,10 @@ impl Docs {
                 return Ok(false);
             };
             let doc = &loaded.doc;
-            if older
+            let known = older
                 .iter()
-                .chain(&newer)
-                .any(|h| doc.get_change_meta_by_hash(h).is_none())
-            {
-                return Ok(false);
-            }
-            // Changes outside `newer`'s history; `older` must not be among them.
-            let outside: std::collections::HashSet<ChangeHash> = doc
-                .get_changes_meta(&newer)
-                .iter()
-                .map(|c| c.hash)
-                .collect();
-            Ok(older.iter().all(|h| !outside.contains(h)))
+                .all(|h| doc.get_change_meta_by_hash(h).is_some());
+            Ok(known && in_history(doc, &older, &newer))
         })
         .await
     }

@@ -210,16 +210,7 @@ pub(super) fn confirm(inner: &Inner, peer: &str, doc: &str, heads: Vec<ChangeHas
         let Some(loaded) = guard.as_ref() else {
             return false;
         };
-        // Every change we have is in their history unless get_changes(theirs)
-        // lists it; if we lack one of their heads we cannot tell.
-        if theirs
-            .iter()
-            .any(|h| loaded.doc.get_change_meta_by_hash(h).is_none())
-        {
-            return false;
-        }
-        let after = loaded.doc.get_changes_meta(theirs);
-        !after.iter().any(|c| want.contains(&c.hash))
+        super::service::in_history(&loaded.doc, want, theirs)
     };
     inner.replicas.confirm(peer, doc, heads, now_ms(), covers);
 }

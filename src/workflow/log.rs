@@ -31,7 +31,7 @@ pub(super) struct RunLog {
 }
 
 /// Decodes a stored run record.
-pub(super) fn decode(id: u64, bytes: &[u8]) -> Result<Run, WorkflowError> {
+fn decode(id: u64, bytes: &[u8]) -> Result<Run, WorkflowError> {
     serde_json::from_slice(bytes).map_err(|e| WorkflowError::Corrupt {
         id,
         what: e.to_string(),

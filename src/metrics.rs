@@ -6,13 +6,19 @@
 //! status call does. Names follow Prometheus conventions: a `mergeflow_`
 //! prefix, base units in the name, `_total` on counters.
 
-use prometheus_client::encoding::text::encode;
-use prometheus_client::metrics::counter::ConstCounter;
-use prometheus_client::metrics::gauge::ConstGauge;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::text::{encode_eof, encode_registry};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Metric, Registry, Unit};
 
 use crate::Status;
+use crate::net::PeerInfo;
 use crate::sync::SyncStats;
 
 /// Latency histograms (clones share their counts), kept by the parts that
@@ -25,6 +31,33 @@ pub struct Timings {
     pub write: Histogram,
     /// Workflow runs: time spent running their steps.
     pub run: Histogram,
+    /// Group-commit flushes of the store (`sled::Db::flush`).
+    pub flush: Histogram,
+}
+
+/// The network's numbers that are not per peer: messages by kind, and
+/// libp2p's own registry (swarm, protocols, bandwidth).
+pub struct NetMetrics {
+    /// Messages sent, by kind.
+    pub sent: BTreeMap<&'static str, u64>,
+    /// Messages received and decoded, by kind.
+    pub received: BTreeMap<&'static str, u64>,
+    /// libp2p's metrics, recorded by the network task.
+    pub libp2p: Arc<Registry>,
+}
+
+/// Everything one scrape shows.
+pub struct Scrape<'a> {
+    /// The node's status.
+    pub status: &'a Status,
+    /// The sync core's counters (absent without network).
+    pub sync: Option<&'a SyncStats>,
+    /// Latency histograms.
+    pub timings: &'a Timings,
+    /// Known peers, connected or not.
+    pub peers: &'a [PeerInfo],
+    /// Network-wide counts (absent without network).
+    pub net: Option<&'a NetMetrics>,
 }
 
 /// A latency histogram in seconds: 50 us to ~26 s, doubling.
@@ -75,9 +108,15 @@ impl Sample {
     }
 }
 
-/// The Prometheus text exposition of `status`, the sync core's counters
-/// (`sync`, absent without network) and `timings`.
-pub fn render(status: &Status, sync: Option<&SyncStats>, timings: &Timings) -> String {
+/// The Prometheus text exposition of a scrape, then libp2p's metrics.
+pub fn render(scrape: &Scrape) -> String {
+    let Scrape {
+        status,
+        sync,
+        timings,
+        peers,
+        net,
+    } = *scrape;
     let w = &status.workflows;
     let mut samples = vec![
         gauge("docs", "Live documents", status.docs),
@@ -213,7 +252,108 @@ pub fn render(status: &Status, sync: Option<&SyncStats>, timings: &Timings) -> S
         Unit::Seconds,
         timings.run.clone(),
     );
+    r.register_with_unit(
+        "flush_duration",
+        "Group-commit flushes of the store",
+        Unit::Seconds,
+        timings.flush.clone(),
+    );
+    register_peers(&mut r, peers);
+    if let Some(net) = net {
+        let messages = Family::<Labels, Counter>::default();
+        for (direction, counts) in [("out", &net.sent), ("in", &net.received)] {
+            for (kind, n) in counts {
+                messages
+                    .get_or_create(&vec![
+                        ("direction", direction.into()),
+                        ("kind", (*kind).into()),
+                    ])
+                    .inc_by(*n);
+            }
+        }
+        r.register(
+            "net_messages",
+            "Sync messages sent (one per recipient; a gossipsub publish once) and received, by kind",
+            messages,
+        );
+    }
     let mut out = String::new();
-    encode(&mut out, &r).expect("writing to a String does not fail");
+    encode_registry(&mut out, &r).expect("writing to a String does not fail");
+    if let Some(net) = net {
+        encode_registry(&mut out, &net.libp2p).expect("writing to a String does not fail");
+    }
+    encode_eof(&mut out).expect("writing to a String does not fail");
     out
+}
+
+/// Label pairs of a series.
+type Labels = Vec<(&'static str, String)>;
+
+/// Per-peer series, labelled `peer="<peer id>"`: one set per peer this node
+/// has known since it started.
+fn register_peers(r: &mut Registry, peers: &[PeerInfo]) {
+    let connected = Family::<Labels, Gauge>::default();
+    let syncing = Family::<Labels, Gauge>::default();
+    let in_sync_at = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+    let messages = Family::<Labels, Counter>::default();
+    let bytes = Family::<Labels, Counter>::default();
+    let rejected = Family::<Labels, Counter>::default();
+    let rate_limited = Family::<Labels, Counter>::default();
+    for p in peers {
+        let peer = || vec![("peer", p.peer_id.clone())];
+        let way = |direction: &'static str| {
+            vec![("peer", p.peer_id.clone()), ("direction", direction.into())]
+        };
+        connected.get_or_create(&peer()).set(i64::from(p.connected));
+        syncing
+            .get_or_create(&peer())
+            .set(i64::try_from(p.docs_syncing).unwrap_or(i64::MAX));
+        if let Some(ms) = p.last_in_sync_at {
+            in_sync_at.get_or_create(&peer()).set(ms as f64 / 1000.0);
+        }
+        let t = &p.traffic;
+        messages.get_or_create(&way("out")).inc_by(t.messages_out);
+        messages.get_or_create(&way("in")).inc_by(t.messages_in);
+        bytes.get_or_create(&way("out")).inc_by(t.bytes_out);
+        bytes.get_or_create(&way("in")).inc_by(t.bytes_in);
+        rejected.get_or_create(&peer()).inc_by(p.rejected);
+        rate_limited.get_or_create(&peer()).inc_by(p.rate_limited);
+    }
+    r.register(
+        "peer_connected",
+        "1 if the peer is connected now",
+        connected,
+    );
+    r.register(
+        "peer_docs_syncing",
+        "Docs with a sync session open to the peer (still converging)",
+        syncing,
+    );
+    r.register_with_unit(
+        "peer_last_in_sync_timestamp",
+        "When the peer's anti-entropy digest last matched ours (all docs in sync)",
+        Unit::Seconds,
+        in_sync_at,
+    );
+    r.register(
+        "peer_messages",
+        "Sync messages exchanged with the peer, by direction",
+        messages,
+    );
+    r.register_with_unit(
+        "peer_traffic",
+        "Bytes of sync frames and gossip exchanged with the peer, by direction",
+        Unit::Bytes,
+        bytes,
+    );
+    r.register(
+        "peer_rejected",
+        "Strikes against the peer: undecodable inputs and seconds over its rate limit",
+        rejected,
+    );
+    r.register(
+        "peer_rate_limited",
+        "Frames from the peer dropped for going over its rate limit",
+        rate_limited,
+    );
 }

@@ -227,7 +227,7 @@ impl NodeBuilder {
                      and write every document; set net.key (mergeflow keygen) and/or net.allow"
                 );
             }
-            let state = crate::net::spawn(
+            let net = crate::net::spawn(
                 key,
                 cfg,
                 node.inner.docs.clone(),
@@ -235,7 +235,7 @@ impl NodeBuilder {
                 node.inner.cancel.clone(),
                 &node.inner.tasks,
             )?;
-            let live = state.clone();
+            let live = net.state.clone();
             node.inner
                 .workflows
                 .set_live_peers(Arc::new(move || match live.lock() {
@@ -247,7 +247,7 @@ impl NodeBuilder {
                         .collect(),
                     Err(_) => vec![],
                 }));
-            *node.inner.net.lock().expect("not poisoned") = Some(state);
+            *node.inner.net.lock().expect("not poisoned") = Some(net);
         }
         if self.serve_api {
             let listener = tokio::net::TcpListener::bind(node.inner.config.api.listen)
@@ -304,7 +304,7 @@ struct NodeInner {
     tasks: TaskTracker,
     api_addr: Mutex<Option<SocketAddr>>,
     sync_out: Mutex<Option<mpsc::Receiver<Output>>>,
-    net: Mutex<Option<Arc<Mutex<crate::net::NetState>>>>,
+    net: Mutex<Option<crate::net::NetHandle>>,
     /// Declared last so it drops after the store: seals the data dir once sled
     /// has closed, if the node was shut down cleanly.
     seal: SealOnDrop,
@@ -403,11 +403,46 @@ impl Node {
         self.inner.sync_out.lock().expect("not poisoned").take()
     }
 
+    /// The Prometheus text exposition served at `/metrics`.
+    pub async fn metrics(&self) -> String {
+        let status = self.status().await;
+        let timings = crate::metrics::Timings {
+            write: self.inner.docs.write_latency(),
+            run: self.inner.workflows.run_latency(),
+            flush: self.inner.commit.stats().duration.clone(),
+        };
+        let (sync, peers, net) = (
+            self.inner.docs.sync_stats(),
+            self.peers(),
+            self.net_metrics(),
+        );
+        crate::metrics::render(&crate::metrics::Scrape {
+            status: &status,
+            sync: sync.as_ref(),
+            timings: &timings,
+            peers: &peers,
+            net: net.as_ref(),
+        })
+    }
+
+    /// The network's message counts by kind and libp2p's own metrics (none
+    /// without network).
+    fn net_metrics(&self) -> Option<crate::metrics::NetMetrics> {
+        let net = self.inner.net.lock().expect("not poisoned").clone()?;
+        let st = net.state.lock().expect("not poisoned");
+        Some(crate::metrics::NetMetrics {
+            sent: st.sent.clone(),
+            received: st.received.clone(),
+            libp2p: net.metrics.clone(),
+        })
+    }
+
     /// Known peers (empty without network).
     pub fn peers(&self) -> Vec<crate::net::PeerInfo> {
         match &*self.inner.net.lock().expect("not poisoned") {
             Some(net) => {
                 let mut v: Vec<_> = net
+                    .state
                     .lock()
                     .expect("not poisoned")
                     .peers
@@ -507,7 +542,7 @@ impl Node {
         let stats = self.inner.commit.stats();
         let (listen_addrs, peers) = match &*self.inner.net.lock().expect("not poisoned") {
             Some(net) => {
-                let net = net.lock().expect("not poisoned");
+                let net = net.state.lock().expect("not poisoned");
                 let connected = net.peers.values().filter(|p| p.connected).count();
                 (net.listen_addrs.clone(), connected)
             }

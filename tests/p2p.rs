@@ -66,16 +66,36 @@ async fn three_nodes_converge_and_a_late_joiner_catches_up() {
     }
     converged(&[&a, &b, &c], "shared docs").await;
     // /metrics counts what the sync core did: c applied peers' changes.
-    let timings = mergeflow::metrics::Timings {
-        write: c.docs().write_latency(),
-        run: c.workflows().run_latency(),
-    };
-    let text =
-        mergeflow::metrics::render(&c.status().await, c.docs().sync_stats().as_ref(), &timings);
+    let text = c.metrics().await;
     let m = common::samples(&text);
-    assert!(m["mergeflow_sync_changes_applied_total"] >= 1.0, "{text}");
-    assert!(m.contains_key("mergeflow_anti_entropy_docs_differing_total"));
-    assert_eq!(m["mergeflow_write_duration_seconds_count"], 30.0, "{text}");
+    let get = |series: &str| {
+        m.get(series)
+            .copied()
+            .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+    };
+    assert!(get("mergeflow_sync_changes_applied_total") >= 1.0);
+    get("mergeflow_anti_entropy_docs_differing_total");
+    assert_eq!(get("mergeflow_write_duration_seconds_count"), 30.0);
+    assert!(get("mergeflow_flush_duration_seconds_count") >= 1.0);
+    // Per peer: c is connected to a, and each sent the other its changes.
+    let a_peer = a.peer_id().to_string();
+    let series =
+        |name: &str, labels: &str| format!("mergeflow_{name}{{peer=\"{a_peer}\"{labels}}}");
+    assert_eq!(get(&series("peer_connected", "")), 1.0);
+    for way in ["in", "out"] {
+        let dir = format!(",direction=\"{way}\"");
+        assert!(get(&series("peer_messages_total", &dir)) >= 1.0);
+        assert!(get(&series("peer_traffic_bytes_total", &dir)) >= 1.0);
+    }
+    assert!(get("mergeflow_net_messages_total{direction=\"in\",kind=\"change\"}") >= 1.0);
+    // libp2p's own metrics follow in the same exposition, ended once.
+    for family in [
+        "libp2p_bandwidth_bytes_total{",
+        "libp2p_swarm_connections_established_total{",
+    ] {
+        assert!(text.contains(family), "no {family} in\n{text}");
+    }
+    assert_eq!(text.matches("# EOF").count(), 1, "{text}");
     let v = c.doc("shared/4").unwrap().get().await.unwrap();
     assert_eq!(
         (v["a29"].clone(), v["b29"].clone(), v["c29"].clone()),

@@ -136,17 +136,12 @@ async fn status(State(node): State<Node>) -> Json<crate::Status> {
 }
 
 async fn metrics(State(node): State<Node>) -> impl IntoResponse {
-    let status = node.status().await;
-    let timings = crate::metrics::Timings {
-        write: node.docs().write_latency(),
-        run: node.workflows().run_latency(),
-    };
     (
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        crate::metrics::render(&status, node.docs().sync_stats().as_ref(), &timings),
+        node.metrics().await,
     )
 }
 

@@ -25,7 +25,7 @@
 //! the configured `net.peers`, redialled with exponential backoff (up to a
 //! minute) for as long as the node runs.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -153,6 +153,24 @@ pub struct PeerInfo {
     pub last_in_sync_at: Option<u64>,
     /// Docs with a sync session open to it (still converging).
     pub docs_syncing: usize,
+    /// What we sent it and what it sent us: sync frames and gossip.
+    #[serde(default)]
+    pub traffic: PeerTraffic,
+}
+
+/// Messages and bytes exchanged with one peer, since this node started.
+/// Bytes are those of our frames (or gossip payloads), not of the
+/// encrypted stream around them (see the `libp2p_bandwidth` metric).
+#[derive(Debug, Clone, Copy, Default, Serialize, serde::Deserialize, PartialEq)]
+pub struct PeerTraffic {
+    /// Messages sent to it (a gossipsub publish is counted under no peer).
+    pub messages_out: u64,
+    /// Bytes of the frames sent to it.
+    pub bytes_out: u64,
+    /// Messages received from it, decoded or not.
+    pub messages_in: u64,
+    /// Bytes of the frames and gossip received from it.
+    pub bytes_in: u64,
 }
 
 impl PeerInfo {
@@ -166,6 +184,7 @@ impl PeerInfo {
             rate_limited: 0,
             last_in_sync_at: None,
             docs_syncing: 0,
+            traffic: PeerTraffic::default(),
         }
     }
 }
@@ -177,6 +196,47 @@ pub struct NetState {
     pub listen_addrs: Vec<String>,
     /// Known peers.
     pub peers: HashMap<PeerId, PeerInfo>,
+    /// Messages sent, by kind ([`Message::kind`]): one per recipient, and
+    /// one per gossipsub publish.
+    pub sent: BTreeMap<&'static str, u64>,
+    /// Messages received and decoded, by kind.
+    pub received: BTreeMap<&'static str, u64>,
+}
+
+impl NetState {
+    /// The entry of `peer`, made if it is new.
+    fn peer(&mut self, peer: PeerId) -> &mut PeerInfo {
+        self.peers
+            .entry(peer)
+            .or_insert_with(|| PeerInfo::new(peer))
+    }
+
+    /// Counts `msgs` (decoded, by kind) and `bytes` received from `peer`.
+    fn count_received<'a>(
+        &mut self,
+        peer: PeerId,
+        bytes: usize,
+        msgs: impl Iterator<Item = &'a Message>,
+    ) {
+        let mut n = 0;
+        for m in msgs {
+            *self.received.entry(m.kind()).or_default() += 1;
+            n += 1;
+        }
+        let t = &mut self.peer(peer).traffic;
+        t.messages_in += n.max(1);
+        t.bytes_in += bytes as u64;
+    }
+}
+
+/// The network task's shared parts: its live state and libp2p's own metrics
+/// (swarm, protocols, bandwidth), recorded as events happen.
+#[derive(Clone)]
+pub struct NetHandle {
+    /// Peers, addresses and traffic.
+    pub state: Arc<Mutex<NetState>>,
+    /// libp2p's metrics, prefixed `libp2p_`.
+    pub metrics: Arc<prometheus_client::registry::Registry>,
 }
 
 /// Parses multiaddrs from config.
@@ -320,7 +380,7 @@ pub fn spawn(
     mut outputs: mpsc::Receiver<Output>,
     cancel: CancellationToken,
     tasks: &tokio_util::task::TaskTracker,
-) -> Result<Arc<Mutex<NetState>>, NetError> {
+) -> Result<NetHandle, NetError> {
     let local = key.public().to_peer_id();
     let mdns_on = cfg.mdns;
     let kad_on = cfg.kademlia;
@@ -328,6 +388,7 @@ pub fn spawn(
     let max_connections = cfg.max_connections;
     let max = cfg.max_message_bytes;
     let psk = cfg.key.map(PreSharedKey::new);
+    let mut registry = prometheus_client::registry::Registry::default();
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
         .with_other_transport(
@@ -362,6 +423,7 @@ pub fn spawn(
             },
         )
         .map_err(|e| NetError::Transport(e.to_string()))?
+        .with_bandwidth_metrics(&mut registry)
         .with_behaviour(|key| {
             let mdns = if mdns_on {
                 Some(mdns::tokio::Behaviour::new(mdns::Config::default(), local)?)
@@ -435,6 +497,7 @@ pub fn spawn(
             .listen_on(addr.clone())
             .map_err(|e| NetError::Transport(format!("cannot listen on {addr}: {e}")))?;
     }
+    let metrics = libp2p::metrics::Metrics::new(&mut registry);
     let state = Arc::new(Mutex::new(NetState::default()));
     let mut statics: Vec<StaticPeer> = cfg
         .peers
@@ -496,7 +559,7 @@ pub fn spawn(
                         let Ok(out) = outputs.try_recv() else { break };
                         outbox.add(&mut swarm, &connected, &shared, &mut bans, out);
                     }
-                    outbox.flush(&mut swarm, &mut in_flight, &mut links, frame_target);
+                    outbox.flush(&mut swarm, &shared, &mut in_flight, &mut links, frame_target);
                 }
                 Some(ev) = link_events.recv() => match ev {
                     link::LinkEvent::Frame(peer, frame) => {
@@ -528,6 +591,7 @@ pub fn spawn(
                     }
                 },
                 ev = swarm.select_next_some() => {
+                    record(&metrics, &ev);
                     if let SwarmEvent::Behaviour(BehaviourEvent::Sync(request_response::Event::Message {
                         peer,
                         message: request_response::Message::Request { request, .. },
@@ -547,7 +611,24 @@ pub fn spawn(
         }
         tracing::debug!("network stopped");
     });
-    Ok(state)
+    Ok(NetHandle {
+        state,
+        metrics: Arc::new(registry),
+    })
+}
+
+/// Records `ev` in libp2p's metrics: the swarm's, and those of the
+/// protocols libp2p-metrics knows.
+fn record(metrics: &libp2p::metrics::Metrics, ev: &SwarmEvent<BehaviourEvent>) {
+    use libp2p::metrics::Recorder;
+    metrics.record(ev);
+    match ev {
+        SwarmEvent::Behaviour(BehaviourEvent::Identify(e)) => metrics.record(e),
+        SwarmEvent::Behaviour(BehaviourEvent::Ping(e)) => metrics.record(e),
+        SwarmEvent::Behaviour(BehaviourEvent::Kad(e)) => metrics.record(e),
+        SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(e)) => metrics.record(e),
+        _ => {}
+    }
 }
 
 /// How often each connection is pinged.
@@ -586,7 +667,7 @@ fn strike(
 ) {
     let strikes = {
         let mut st = state.lock().expect("not poisoned");
-        let info = st.peers.entry(peer).or_insert_with(|| PeerInfo::new(peer));
+        let info = st.peer(peer);
         info.rejected += 1;
         info.rejected
     };
@@ -635,13 +716,7 @@ fn over_limit(
     bucket: &mut limit::Bucket,
     now: Instant,
 ) {
-    state
-        .lock()
-        .expect("not poisoned")
-        .peers
-        .entry(peer)
-        .or_insert_with(|| PeerInfo::new(peer))
-        .rate_limited += 1;
+    state.lock().expect("not poisoned").peer(peer).rate_limited += 1;
     if bucket
         .struck_at
         .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
@@ -715,6 +790,9 @@ struct Queued {
 struct Outbox {
     per_peer: HashMap<PeerId, Vec<Queued>>,
     len: usize,
+    /// Messages queued or published, by kind: counted in [`NetState::sent`]
+    /// at the flush.
+    sent: BTreeMap<&'static str, u64>,
 }
 
 impl Outbox {
@@ -722,11 +800,12 @@ impl Outbox {
         self.len
     }
 
-    fn push(&mut self, peer: PeerId, bytes: Vec<u8>, doc: Option<&str>) {
+    fn push(&mut self, peer: PeerId, bytes: Vec<u8>, msg: &Message) {
         self.len += 1;
+        *self.sent.entry(msg.kind()).or_default() += 1;
         self.per_peer.entry(peer).or_default().push(Queued {
             bytes,
-            doc: doc.map(str::to_string),
+            doc: msg.doc().map(str::to_string),
         });
     }
 
@@ -743,7 +822,7 @@ impl Outbox {
         match out {
             Output::Send { to, msg } => {
                 if let Ok(peer) = to.parse::<PeerId>() {
-                    self.push(peer, codec::encode(&msg), msg.doc());
+                    self.push(peer, codec::encode(&msg), &msg);
                 }
             }
             Output::Broadcast { msg, except } => {
@@ -755,11 +834,12 @@ impl Outbox {
                 let mut on_topic: BTreeSet<PeerId> = BTreeSet::new();
                 if let Some(gossip) = swarm.behaviour_mut().gossipsub.as_mut() {
                     let topic = changes_topic();
-                    if except.is_none()
-                        && let Err(e) = gossip.publish(topic.clone(), bytes.clone())
-                        && !matches!(e, gossipsub::PublishError::NoPeersSubscribedToTopic)
-                    {
-                        tracing::debug!(err = %e, "gossip publish failed");
+                    if except.is_none() {
+                        match gossip.publish(topic.clone(), bytes.clone()) {
+                            Ok(_) => *self.sent.entry(msg.kind()).or_default() += 1,
+                            Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {}
+                            Err(e) => tracing::debug!(err = %e, "gossip publish failed"),
+                        }
                     }
                     let hash = topic.hash();
                     on_topic = gossip
@@ -773,7 +853,7 @@ impl Outbox {
                     .iter()
                     .filter(|p| Some(**p) != except && !on_topic.contains(p))
                 {
-                    self.push(*peer, bytes.clone(), msg.doc());
+                    self.push(*peer, bytes.clone(), &msg);
                 }
             }
             Output::Rejected { peer, reason } => {
@@ -786,14 +866,16 @@ impl Outbox {
     }
 
     /// Sends everything queued, each peer's messages packed in order into
-    /// frames of up to `target` bytes.
+    /// frames of up to `target` bytes, and counts them in `state`.
     fn flush(
         self,
         swarm: &mut libp2p::Swarm<Behaviour>,
+        state: &Mutex<NetState>,
         in_flight: &mut InFlight,
         links: &mut link::Links,
         target: usize,
     ) {
+        let mut traffic: Vec<(PeerId, u64, u64)> = Vec::with_capacity(self.per_peer.len());
         // By the peer's frame stream when it takes the frame, else by
         // request-response.
         let mut send = |swarm: &mut libp2p::Swarm<Behaviour>, peer, frame, docs| {
@@ -802,6 +884,12 @@ impl Outbox {
             }
         };
         for (peer, queued) in self.per_peer {
+            let count = queued.len() as u64;
+            let mut bytes = 0u64;
+            let mut send = |swarm: &mut libp2p::Swarm<Behaviour>, frame: Vec<u8>, docs| {
+                bytes += frame.len() as u64;
+                send(swarm, peer, frame, docs);
+            };
             let mut msgs: Vec<Vec<u8>> = Vec::new();
             let mut docs: Vec<String> = Vec::new();
             let mut size = codec::BATCH_OVERHEAD;
@@ -809,7 +897,7 @@ impl Outbox {
                 let add = q.bytes.len() + codec::BATCH_PER_MESSAGE;
                 if !msgs.is_empty() && size + add > target {
                     let frame = codec::encode_batch(&std::mem::take(&mut msgs));
-                    send(swarm, peer, frame, std::mem::take(&mut docs));
+                    send(swarm, frame, std::mem::take(&mut docs));
                     size = codec::BATCH_OVERHEAD;
                 }
                 size += add;
@@ -817,8 +905,18 @@ impl Outbox {
                 docs.extend(q.doc);
             }
             if !msgs.is_empty() {
-                send(swarm, peer, codec::encode_batch(&msgs), docs);
+                send(swarm, codec::encode_batch(&msgs), docs);
             }
+            traffic.push((peer, count, bytes));
+        }
+        let mut st = state.lock().expect("not poisoned");
+        for (kind, n) in self.sent {
+            *st.sent.entry(kind).or_default() += n;
+        }
+        for (peer, messages, bytes) in traffic {
+            let t = &mut st.peer(peer).traffic;
+            t.messages_out += messages;
+            t.bytes_out += bytes;
         }
     }
 }
@@ -834,7 +932,14 @@ fn on_frame(
     peer: PeerId,
     frame: &[u8],
 ) {
-    match codec::decode_frame(frame, usize::MAX) {
+    let decoded = codec::decode_frame(frame, usize::MAX);
+    let none = Vec::new();
+    state.lock().expect("not poisoned").count_received(
+        peer,
+        frame.len(),
+        decoded.as_ref().unwrap_or(&none).iter(),
+    );
+    match decoded {
         Ok(msgs) => {
             let from = peer.to_string();
             let mut inputs = Vec::with_capacity(msgs.len());
@@ -910,10 +1015,7 @@ fn on_event(
                 }
             }
             let mut st = state.lock().expect("not poisoned");
-            let info = st
-                .peers
-                .entry(peer_id)
-                .or_insert_with(|| PeerInfo::new(peer_id));
+            let info = st.peer(peer_id);
             info.connected = true;
             let addr = endpoint.get_remote_address().to_string();
             if !info.addrs.contains(&addr) {
@@ -1018,6 +1120,11 @@ fn on_event(
                     "only changes and deletes travel by gossip",
                 )),
             });
+            state.lock().expect("not poisoned").count_received(
+                propagation_source,
+                message.data.len(),
+                decoded.iter(),
+            );
             let Some(gossip) = swarm.behaviour_mut().gossipsub.as_mut() else {
                 return;
             };

@@ -47,8 +47,10 @@ pub struct GroupCommit {
 }
 
 /// Counters of the flush thread.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct FlushStats {
+    /// How long each flush took.
+    pub duration: prometheus_client::metrics::histogram::Histogram,
     /// Flushes done.
     pub flushes: AtomicU64,
     /// Writes acknowledged by those flushes.
@@ -67,7 +69,12 @@ impl GroupCommit {
     /// answering the requests queued before; join it with the returned handle.
     pub fn start(store: Store, queue: usize, lazy: Duration) -> (GroupCommit, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel::<Msg>(queue);
-        let stats = Arc::new(FlushStats::default());
+        let stats = Arc::new(FlushStats {
+            duration: crate::metrics::latency_histogram(),
+            flushes: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
+            lazy: AtomicU64::new(0),
+        });
         let thread_stats = stats.clone();
         let handle = std::thread::Builder::new()
             .name("mergeflow-flush".into())
@@ -200,10 +207,13 @@ fn flush_loop(
         let result = if must_flush {
             unflushed = None;
             stats.flushes.fetch_add(1, Ordering::Relaxed);
-            store.flush().map_err(|e| {
+            let started = Instant::now();
+            let flushed = store.flush().map_err(|e| {
                 tracing::error!(err = %e, "store flush failed");
                 Arc::<str>::from(e.to_string())
-            })
+            });
+            stats.duration.observe(started.elapsed().as_secs_f64());
+            flushed
         } else {
             stats.lazy.fetch_add(lazy_batches, Ordering::Relaxed);
             unflushed.get_or_insert_with(Instant::now);

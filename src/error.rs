@@ -30,6 +30,9 @@ pub enum Error {
     /// The network could not start.
     #[error(transparent)]
     Net(#[from] crate::net::NetError),
+    /// A backup could not be written, or a backup file was refused.
+    #[error(transparent)]
+    Backup(#[from] crate::backup::BackupError),
     /// An argument is invalid (e.g. a doc glob); the message says which and why.
     #[error("{0}")]
     BadRequest(String),

@@ -30,6 +30,7 @@
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod backup;
 pub mod bench;
 pub mod client;
 pub mod config;
@@ -38,6 +39,7 @@ pub mod feed;
 pub mod metrics;
 pub mod net;
 pub mod node;
+pub mod progress;
 pub mod store;
 pub mod sync;
 pub mod workflow;

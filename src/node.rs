@@ -181,6 +181,7 @@ impl NodeBuilder {
             api_addr: Mutex::new(None),
             sync_out: Mutex::new(sync_rx),
             net: Mutex::new(None),
+            progress: Arc::default(),
             seal: SealOnDrop {
                 data_dir: seal_dir,
                 armed: false.into(),
@@ -305,6 +306,7 @@ struct NodeInner {
     api_addr: Mutex<Option<SocketAddr>>,
     sync_out: Mutex<Option<mpsc::Receiver<Output>>>,
     net: Mutex<Option<crate::net::NetHandle>>,
+    progress: Arc<crate::progress::Tasks>,
     /// Declared last so it drops after the store: seals the data dir once sled
     /// has closed, if the node was shut down cleanly.
     seal: SealOnDrop,
@@ -366,6 +368,9 @@ pub struct Status {
     pub lazy_rounds: u64,
     /// Workflow definitions and runs since start.
     pub workflows: crate::workflow::EngineStats,
+    /// Long operations in progress (backup, restore).
+    #[serde(default)]
+    pub tasks: Vec<crate::progress::Task>,
 }
 
 impl Node {
@@ -401,6 +406,11 @@ impl Node {
     /// The sync core's outputs, once (the network shell takes them).
     pub fn take_sync_outputs(&self) -> Option<mpsc::Receiver<Output>> {
         self.inner.sync_out.lock().expect("not poisoned").take()
+    }
+
+    /// Long operations in progress.
+    pub fn tasks(&self) -> &Arc<crate::progress::Tasks> {
+        &self.inner.progress
     }
 
     /// The Prometheus text exposition served at `/metrics`.
@@ -565,6 +575,7 @@ impl Node {
             flushed_writes: stats.writes.load(std::sync::atomic::Ordering::Relaxed),
             lazy_rounds: stats.lazy.load(std::sync::atomic::Ordering::Relaxed),
             workflows: self.inner.workflows.stats(),
+            tasks: self.inner.progress.list(),
         }
     }
 

@@ -155,6 +155,42 @@ impl Round<'_> {
     }
 }
 
+impl Round<'_> {
+    /// Merges `data` (an Automerge save or changes, from a backup or an
+    /// import) into doc `id` as a local write: the feed sees a local change.
+    /// Returns the result and, if the doc changed, its state for the sync
+    /// core.
+    pub(super) fn merge_saved(
+        &mut self,
+        id: &DocId,
+        data: &[u8],
+    ) -> Result<(super::WriteResult, Option<DocState>), DocError> {
+        let ops_before = self.batch.len();
+        let state = self
+            .merge(id.as_str(), |am, log| {
+                am.load_incremental_log_patches(data, log)
+                    .map(|_| ())
+                    .map_err(|e| format!("the Automerge data does not load: {e}"))
+            })
+            .map_err(DocError::BadValue)?;
+        let changed = self.batch.len() != ops_before;
+        match state {
+            Some(DocState::Live(heads)) => Ok((
+                super::WriteResult {
+                    id: id.clone(),
+                    heads: heads.iter().map(|h| h.to_string()).collect(),
+                    changed,
+                },
+                changed.then_some(DocState::Live(heads)),
+            )),
+            Some(DocState::Deleted) => Err(DocError::Deleted(id.to_string())),
+            None => Err(DocError::BadValue(
+                "the Automerge data holds no changes".into(),
+            )),
+        }
+    }
+}
+
 /// Decodes a change from a peer, refusing one over `max` bytes.
 fn decode_change(bytes: &[u8], max: u64) -> Result<automerge::Change, String> {
     let change = std::panic::catch_unwind(|| automerge::Change::from_bytes(bytes.to_vec()))
@@ -237,7 +273,7 @@ fn store_merged(
         doc: id.clone(),
         touch: Touch::Changed(paths, truncated),
         after: meta.heads.clone(),
-        from: Some(round.from.clone().unwrap_or_default()),
+        from: round.from.clone(),
         confirm: round.confirm,
         cause,
     });
@@ -377,28 +413,7 @@ impl DocAccess for Round<'_> {
 
     fn doc_bytes(&mut self, doc: &str) -> Option<Vec<u8>> {
         let id = DocId::new(doc).ok()?;
-        // A doc in memory may be ahead of the store (this round's changes):
-        // save it. Otherwise its stored chunks are already what a peer loads,
-        // with no Automerge work here at all.
-        if let Some(slot) = self.inner.cached(&id) {
-            let guard = lock_slot(&slot);
-            if let Some(loaded) = guard.as_ref() {
-                if loaded.meta.is_none() || deleted(loaded) {
-                    return None;
-                }
-                return std::panic::catch_unwind(AssertUnwindSafe(|| loaded.doc.save())).ok();
-            }
-        }
-        let meta = self.inner.store.doc_meta(doc).ok()??;
-        if meta.deleted_at_ms.is_some() {
-            return None;
-        }
-        let data = self.inner.store.doc_data(doc, &meta).ok()?;
-        let mut out = data.snapshot;
-        for change in data.changes {
-            out.extend_from_slice(&change);
-        }
-        Some(out)
+        self.inner.saved_bytes(&id).ok()?
     }
 
     fn merge_doc(&mut self, doc: &str, data: &[u8]) -> Result<Option<DocState>, String> {

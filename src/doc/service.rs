@@ -483,6 +483,45 @@ impl Docs {
             .await
     }
 
+    /// Merges Automerge `data` (a save, or changes) into document `id`,
+    /// creating it if absent, and returns once it is durable: a restore or an
+    /// import. Merging only adds changes, so nothing the doc holds is lost;
+    /// `changed` is false if it held them all already. Peers get the merged
+    /// changes by sync.
+    ///
+    /// # Errors
+    /// [`DocError::Deleted`] (a deleted doc takes no merge),
+    /// [`DocError::BadValue`] for data that does not load, size caps, store
+    /// errors.
+    pub async fn merge(&self, id: DocId, data: Vec<u8>) -> Result<WriteResult, DocError> {
+        self.submit(id, WriteOp::Merge(data), false, WriteTags::default())
+            .await
+    }
+
+    /// Document `id` as one Automerge save (what `Automerge::load` reads),
+    /// or `None` if it does not exist or was deleted. Blocking: reads the
+    /// store.
+    ///
+    /// # Errors
+    /// Store errors, or a doc that does not load.
+    pub fn saved(&self, id: &DocId) -> Result<Option<Vec<u8>>, DocError> {
+        self.inner.saved_bytes(id)
+    }
+
+    /// Every doc's id and whether it was deleted, in id order. Blocking.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn ids(&self) -> Result<Vec<(String, bool)>, DocError> {
+        Ok(self
+            .inner
+            .store
+            .list_docs()?
+            .into_iter()
+            .map(|(id, m)| (id, m.deleted_at_ms.is_some()))
+            .collect())
+    }
+
     /// Hands input to the sync core. Remote input must not wait behind a full
     /// queue (it would stall the network loop), so it is dropped instead, and
     /// anti-entropy repairs what that loses. Returns `false` if it was dropped
@@ -902,6 +941,57 @@ impl Inner {
     pub(super) fn cached(&self, id: &DocId) -> Option<SlotRef> {
         let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         cache.map.get(id).map(|e| e.slot.clone())
+    }
+
+    /// Doc `id` as one Automerge save: what a peer or a backup loads.
+    /// `None` if it does not exist or was deleted.
+    ///
+    /// A doc in memory may be ahead of the store (changes of a round not yet
+    /// stored): it is saved from memory. Otherwise its stored snapshot and
+    /// change tail are already a save, and no Automerge work is done. If the
+    /// writer compacts the doc between the reads of its meta and its data,
+    /// the store reports the tail as inconsistent: the doc is then loaded
+    /// and saved under its lock.
+    pub(super) fn saved_bytes(&self, id: &DocId) -> Result<Option<Vec<u8>>, DocError> {
+        let from_memory = |slot: &SlotRef| -> Result<Option<Option<Vec<u8>>>, DocError> {
+            let guard = lock_slot(slot);
+            let Some(loaded) = guard.as_ref() else {
+                return Ok(None);
+            };
+            if loaded
+                .meta
+                .as_ref()
+                .is_none_or(|m| m.deleted_at_ms.is_some())
+            {
+                return Ok(Some(None));
+            }
+            std::panic::catch_unwind(AssertUnwindSafe(|| loaded.doc.save()))
+                .map(|save| Some(Some(save)))
+                .map_err(|_| DocError::Internal(format!("automerge panicked saving {id:?}")))
+        };
+        if let Some(slot) = self.cached(id)
+            && let Some(save) = from_memory(&slot)?
+        {
+            return Ok(save);
+        }
+        let Some(meta) = self.store.doc_meta(id.as_str())? else {
+            return Ok(None);
+        };
+        if meta.deleted_at_ms.is_some() {
+            return Ok(None);
+        }
+        if let Ok(data) = self.store.doc_data(id.as_str(), &meta) {
+            let mut out = data.snapshot;
+            for change in data.changes {
+                out.extend_from_slice(&change);
+            }
+            return Ok(Some(out));
+        }
+        let slot = self.entry(id);
+        let mut guard = lock_slot(&slot);
+        self.ensure_loaded(id, &mut guard)?;
+        drop(guard);
+        Ok(from_memory(&slot)?.flatten())
     }
 
     /// Records the stored size of a loaded doc, for the cache's byte bound.

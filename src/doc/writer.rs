@@ -247,6 +247,9 @@ pub(super) enum WriteOp {
     Change(Change),
     /// Delete a document, leaving a tombstone.
     Delete,
+    /// Merge an Automerge save (or changes) into a document, creating it if
+    /// absent: a restore or an import. A deleted document refuses it.
+    Merge(Vec<u8>),
 }
 
 /// The writer thread's loop. Returns when told to stop or when every sender is gone.
@@ -318,6 +321,20 @@ fn write_round(inner: &Inner, msgs: Vec<WriterMsg>, mut sync: Option<&mut SyncRu
                 req.id.as_str()
             ));
             results.push((req.reply, Err(e)));
+            continue;
+        }
+        if let WriteOp::Merge(data) = &req.op {
+            let merged = round.merge_saved(&req.id, data);
+            if let (Some(sync), Ok((_, Some(state)))) = (sync.as_deref_mut(), &merged) {
+                let input = Input::LocalMerge {
+                    doc: req.id.to_string(),
+                    state: state.clone(),
+                };
+                sync.handle(input, &mut round);
+            }
+            let merged = merged.map(|(r, _)| r);
+            durable |= merged.is_ok();
+            results.push((req.reply, merged));
             continue;
         }
         let slot = inner.entry(&req.id);
@@ -543,6 +560,8 @@ fn apply(
                 }),
             }
         }
+        // Merged by the round (`Round::merge_saved`), never here.
+        WriteOp::Merge(_) => Err(DocError::Internal("a merge reached the write path".into())),
         WriteOp::Delete => {
             let old = live_meta(id, loaded)?.clone();
             let mut meta = old.clone();

@@ -236,6 +236,14 @@ pub enum Input {
         /// The writer waits for replicas to confirm it.
         ack: bool,
     },
+    /// A local merge (a restore or import) changed a doc: it is synced
+    /// with every peer.
+    LocalMerge {
+        /// The doc.
+        doc: String,
+        /// The doc's state after it.
+        state: DocState,
+    },
     /// A local delete.
     LocalDelete {
         /// The doc.
@@ -633,6 +641,10 @@ impl Core {
                         self.sync_doc(now, &peer, &doc, true, docs, &mut out);
                     }
                 }
+            }
+            Input::LocalMerge { doc, state } => {
+                self.digest.set(&doc, &state);
+                self.sync_with_others(now, "", &doc, docs, &mut out);
             }
             Input::LocalDelete { doc } => {
                 self.digest.set(&doc, &DocState::Deleted);

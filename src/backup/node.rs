@@ -1,0 +1,232 @@
+//! Taking a backup from a running node and merging one into a node.
+
+use std::fs::File;
+use std::io::{BufReader, Write};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use super::{BackupError, BackupWriter, Manifest};
+use crate::doc::{DocError, DocId, now_ms};
+use crate::{Error, Node};
+
+/// Merges in flight at once during a restore: enough for group commit to
+/// flush many together.
+const RESTORE_CONCURRENCY: usize = 64;
+
+/// What a restore did.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct RestoreReport {
+    /// Docs in the backup.
+    pub docs: u64,
+    /// Docs that gained changes from it (new docs included).
+    pub changed: u64,
+    /// Docs that held everything already.
+    pub unchanged: u64,
+    /// Docs deleted on this node, left deleted (a tombstone takes no merge).
+    pub deleted_here: Vec<String>,
+    /// Docs that could not be merged, with why.
+    pub failed: Vec<RestoreFailure>,
+    /// Tombstones in the backup, not applied: a restore only adds.
+    pub tombstones_skipped: u64,
+    /// The node the backup was taken from.
+    pub from_node: String,
+    /// When that backup started (Unix ms).
+    pub backup_started_at_ms: u64,
+}
+
+/// One doc a restore could not merge.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RestoreFailure {
+    /// The doc.
+    pub id: String,
+    /// Why.
+    pub error: String,
+}
+
+impl Node {
+    /// Writes a backup of every document to `out`: each doc's Automerge save
+    /// as of when it is read, with a manifest and checksums (see
+    /// [`crate::backup`]). Every write acknowledged before the call is in
+    /// it; writes made meanwhile may be. The node keeps serving; docs are
+    /// read one at a time, from the store or memory, with no Automerge work
+    /// for docs at rest. Progress shows in [`crate::Status::tasks`].
+    ///
+    /// # Errors
+    /// Writing to `out` failed, or a doc could not be read (named).
+    pub async fn backup<W: Write + Send + 'static>(&self, out: W) -> Result<(Manifest, W), Error> {
+        let docs = self.docs().clone();
+        let node = self.peer_id().to_string();
+        let task = self.tasks().start("backup", None);
+        tokio::task::spawn_blocking(move || {
+            let started = now_ms();
+            let ids = docs.ids()?;
+            let total = ids.len() as u64;
+            let mut w = BackupWriter::new(out, &node, started).map_err(backup_io)?;
+            for (i, (id, deleted)) in ids.into_iter().enumerate() {
+                task.set(i as u64, Some(total));
+                let save = if deleted {
+                    None
+                } else {
+                    let doc = DocId::new(id.as_str())?;
+                    docs.saved(&doc).map_err(|e| {
+                        Error::Internal(format!("backup: cannot read doc {id:?}: {e}"))
+                    })?
+                };
+                match save {
+                    Some(save) => w.doc(&id, &save).map_err(backup_io)?,
+                    // Deleted, possibly since the listing.
+                    None => w.deleted(&id),
+                }
+            }
+            let (manifest, out) = w.finish(now_ms()).map_err(backup_io)?;
+            tracing::info!(
+                docs = manifest.docs.len(),
+                deleted = manifest.deleted.len(),
+                ms = manifest.finished_at_ms - manifest.started_at_ms,
+                "backup taken"
+            );
+            Ok((manifest, out))
+        })
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))?
+    }
+
+    /// Writes a backup to the file `path`: to `<path>.partial`, synced, then
+    /// renamed, so `path` is only ever a whole backup.
+    ///
+    /// # Errors
+    /// As [`backup`](Self::backup), and file errors naming the path.
+    pub async fn backup_to_file(&self, path: &Path) -> Result<Manifest, Error> {
+        let partial = partial_path(path);
+        let file = File::create(&partial).map_err(|e| file_err(&partial, e))?;
+        let result = self.backup(std::io::BufWriter::new(file)).await;
+        let (manifest, out) = match result {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = std::fs::remove_file(&partial);
+                return Err(e);
+            }
+        };
+        let file = out
+            .into_inner()
+            .map_err(|e| file_err(&partial, e.into_error()))?;
+        file.sync_all().map_err(|e| file_err(&partial, e))?;
+        std::fs::rename(&partial, path).map_err(|e| file_err(path, e))?;
+        Ok(manifest)
+    }
+
+    /// Merges the backup file at `path` into this node. The whole file is
+    /// checked first (a truncated or damaged file is refused before anything
+    /// is merged); then every doc is merged, which only adds changes: the
+    /// node's own newer changes stay. Docs deleted here stay deleted, and the
+    /// backup's tombstones are not applied. Peers get what changed by sync.
+    ///
+    /// # Errors
+    /// [`Error::Backup`] for a file that does not check out; file errors.
+    pub async fn restore_file(&self, path: &Path) -> Result<RestoreReport, Error> {
+        let task = self.tasks().start("restore", None);
+        let open = {
+            let path = path.to_path_buf();
+            move || -> Result<BufReader<File>, Error> {
+                Ok(BufReader::new(
+                    File::open(&path).map_err(|e| file_err(&path, e))?,
+                ))
+            }
+        };
+        let check = open.clone();
+        let manifest = tokio::task::spawn_blocking(move || {
+            super::read(check()?, |_, _| Ok(())).map_err(Error::from)
+        })
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))??;
+        let total = manifest.docs.len() as u64;
+        task.set(0, Some(total));
+        // The file is read again on a blocking thread; its docs come here,
+        // where up to RESTORE_CONCURRENCY merges run at once.
+        let (tx, mut rx) = mpsc::channel::<(String, Vec<u8>)>(RESTORE_CONCURRENCY);
+        let reader = tokio::task::spawn_blocking(move || -> Result<Manifest, Error> {
+            let sent = super::read(open()?, |id, save| {
+                tx.blocking_send((id.to_string(), save))
+                    .map_err(|_| BackupError::Io(std::io::Error::other("restore stopped")))
+            })?;
+            Ok(sent)
+        });
+        let mut report = RestoreReport {
+            docs: total,
+            tombstones_skipped: manifest.deleted.len() as u64,
+            from_node: manifest.node.clone(),
+            backup_started_at_ms: manifest.started_at_ms,
+            ..RestoreReport::default()
+        };
+        let mut merges = tokio::task::JoinSet::new();
+        let mut done = 0u64;
+        loop {
+            let next = if merges.len() < RESTORE_CONCURRENCY {
+                rx.recv().await
+            } else {
+                None
+            };
+            match next {
+                Some((id, save)) => {
+                    let docs = self.docs().clone();
+                    merges.spawn(async move {
+                        let result = match DocId::new(id.as_str()) {
+                            Ok(doc) => docs.merge(doc, save).await,
+                            Err(e) => Err(e),
+                        };
+                        (id, result)
+                    });
+                }
+                None => {
+                    let Some(joined) = merges.join_next().await else {
+                        break;
+                    };
+                    let (id, result) = joined.map_err(|e| Error::Internal(e.to_string()))?;
+                    done += 1;
+                    task.set(done, None);
+                    match result {
+                        Ok(r) if r.changed => report.changed += 1,
+                        Ok(_) => report.unchanged += 1,
+                        Err(DocError::Deleted(_)) => report.deleted_here.push(id),
+                        Err(e) => report.failed.push(RestoreFailure {
+                            id,
+                            error: e.to_string(),
+                        }),
+                    }
+                }
+            }
+        }
+        // The second read checks the file again: it changed between reads?
+        reader.await.map_err(|e| Error::Internal(e.to_string()))??;
+        report.deleted_here.sort();
+        report.failed.sort_by(|a, b| a.id.cmp(&b.id));
+        tracing::info!(
+            docs = report.docs,
+            changed = report.changed,
+            unchanged = report.unchanged,
+            failed = report.failed.len(),
+            "backup restored"
+        );
+        Ok(report)
+    }
+}
+
+/// Where a backup to `path` is written before it is complete.
+pub fn partial_path(path: &Path) -> std::path::PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".partial");
+    path.with_file_name(name)
+}
+
+fn backup_io(e: std::io::Error) -> Error {
+    Error::Backup(BackupError::Io(e))
+}
+
+fn file_err(path: &Path, e: std::io::Error) -> Error {
+    Error::Backup(BackupError::Io(std::io::Error::new(
+        e.kind(),
+        format!("{}: {e}", path.display()),
+    )))
+}

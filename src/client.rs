@@ -62,6 +62,9 @@ pub fn encode_id(id: &str) -> String {
     out
 }
 
+/// How long a backup or restore request may take.
+const LONG_OPERATION: Duration = Duration::from_secs(24 * 3600);
+
 fn http_client(headers: reqwest::header::HeaderMap) -> reqwest::Client {
     reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(5))
@@ -111,10 +114,12 @@ impl Client {
         format!("{}/v1/docs/{}{suffix}", self.base, encode_id(id))
     }
 
-    async fn send<T: DeserializeOwned>(
+    /// Sends `req`; an answer that is not a success becomes
+    /// [`ClientError::Api`] with the node's error code and message.
+    async fn send_raw(
         &self,
         req: reqwest::RequestBuilder,
-    ) -> Result<T, ClientError> {
+    ) -> Result<reqwest::Response, ClientError> {
         let resp = req.send().await.map_err(|e| {
             let mut reason = e.to_string();
             let mut src = std::error::Error::source(&e);
@@ -128,29 +133,143 @@ impl Client {
             }
         })?;
         let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let url = resp.url().to_string();
+        let bytes = resp.bytes().await.map_err(|e| ClientError::Protocol {
+            url,
+            reason: e.to_string(),
+        })?;
+        Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
+            Ok(b) => ClientError::Api {
+                status: status.as_u16(),
+                code: b.error.code,
+                message: b.error.message,
+            },
+            Err(_) => ClientError::Api {
+                status: status.as_u16(),
+                code: "http".into(),
+                message: String::from_utf8_lossy(&bytes).chars().take(200).collect(),
+            },
+        })
+    }
+
+    async fn send<T: DeserializeOwned>(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> Result<T, ClientError> {
+        let resp = self.send_raw(req).await?;
         let url = resp.url().to_string();
         let bytes = resp.bytes().await.map_err(|e| ClientError::Protocol {
             url: url.clone(),
             reason: e.to_string(),
         })?;
-        if !status.is_success() {
-            return Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
-                Ok(b) => ClientError::Api {
-                    status: status.as_u16(),
-                    code: b.error.code,
-                    message: b.error.message,
-                },
-                Err(_) => ClientError::Api {
-                    status: status.as_u16(),
-                    code: "http".into(),
-                    message: String::from_utf8_lossy(&bytes).chars().take(200).collect(),
-                },
-            });
-        }
         serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol {
             url,
             reason: e.to_string(),
         })
+    }
+
+    /// `GET /v1/backup`, written to `out` as it arrives; `progress` gets
+    /// the bytes received so far. The caller checks the file (see
+    /// [`crate::backup::read`]): a backup that failed on the node ends early.
+    ///
+    /// # Errors
+    /// [`ClientError`]; writing to `out` failed ([`ClientError::Protocol`]).
+    pub async fn backup(
+        &self,
+        out: &mut (impl tokio::io::AsyncWrite + Unpin),
+        mut progress: impl FnMut(u64),
+    ) -> Result<u64, ClientError> {
+        use futures_util::StreamExt;
+        use tokio::io::AsyncWriteExt;
+        let url = format!("{}/v1/backup", self.base);
+        let resp = self
+            .send_raw(self.http.get(&url).timeout(LONG_OPERATION))
+            .await?;
+        let mut stream = resp.bytes_stream();
+        let mut received = 0u64;
+        let broken = |reason: String| ClientError::Protocol {
+            url: url.clone(),
+            reason,
+        };
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| broken(format!("the backup stream broke: {e}")))?;
+            out.write_all(&chunk)
+                .await
+                .map_err(|e| broken(format!("cannot write the backup: {e}")))?;
+            received += chunk.len() as u64;
+            progress(received);
+        }
+        out.flush()
+            .await
+            .map_err(|e| broken(format!("cannot write the backup: {e}")))?;
+        Ok(received)
+    }
+
+    /// `POST /v1/restore` with the backup file at `path` as the body;
+    /// `progress` gets the bytes sent so far.
+    ///
+    /// # Errors
+    /// [`ClientError`]: `bad_backup` when the node refuses the file.
+    pub async fn restore(
+        &self,
+        path: &std::path::Path,
+        progress: impl Fn(u64) + Send + Sync + 'static,
+    ) -> Result<crate::backup::RestoreReport, ClientError> {
+        use futures_util::StreamExt;
+        let url = format!("{}/v1/restore", self.base);
+        let file = tokio::fs::File::open(path)
+            .await
+            .map_err(|e| ClientError::Protocol {
+                url: url.clone(),
+                reason: format!("cannot open {}: {e}", path.display()),
+            })?;
+        let mut sent = 0u64;
+        let stream = tokio_util::io::ReaderStream::new(file).map(move |chunk| {
+            if let Ok(c) = &chunk {
+                sent += c.len() as u64;
+                progress(sent);
+            }
+            chunk
+        });
+        let req = self
+            .http
+            .post(&url)
+            .timeout(LONG_OPERATION)
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(reqwest::Body::wrap_stream(stream));
+        self.send(req).await
+    }
+
+    /// `GET /v1/docs/{id}/save`: the doc's Automerge save.
+    ///
+    /// # Errors
+    /// [`ClientError`].
+    pub async fn save(&self, id: &str) -> Result<Vec<u8>, ClientError> {
+        let resp = self
+            .send_raw(self.http.get(self.doc_url(id, "/save")))
+            .await?;
+        let url = resp.url().to_string();
+        let bytes = resp.bytes().await.map_err(|e| ClientError::Protocol {
+            url,
+            reason: e.to_string(),
+        })?;
+        Ok(bytes.to_vec())
+    }
+
+    /// `POST /v1/docs/{id}/merge`: merges Automerge bytes into the doc.
+    ///
+    /// # Errors
+    /// [`ClientError`].
+    pub async fn merge(&self, id: &str, data: Vec<u8>) -> Result<WriteResult, ClientError> {
+        let req = self
+            .http
+            .post(self.doc_url(id, "/merge"))
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(data);
+        self.send(req).await
     }
 
     /// `POST /v1/docs`

@@ -15,6 +15,8 @@ use mergeflow::client::Client;
 use mergeflow::config::{Config, LogFormat, Overrides};
 use mergeflow::doc::Op;
 
+mod cli;
+
 #[derive(Parser)]
 #[command(
     name = "mergeflow",
@@ -70,6 +72,55 @@ enum Cmd {
         limit: usize,
         #[command(subcommand)]
         cmd: Option<RunsCmd>,
+    },
+    /// Take a backup of every document of a running node into FILE
+    /// (checked before it is kept).
+    Backup {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The backup file to write.
+        #[arg(long)]
+        to: PathBuf,
+    },
+    /// Merge a backup into a node: a running one through its API, or a
+    /// stopped one with --data-dir or --config. Nothing the node holds is lost.
+    Restore {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The backup file.
+        file: PathBuf,
+        /// Restore into this data dir (its node must be stopped).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Restore into the data dir of this config (its node must be stopped).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Write one document as JSON or as its Automerge save (with history).
+    Export {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The doc id.
+        id: String,
+        /// Format [default: from --to's extension: .json is JSON, else automerge; JSON to stdout].
+        #[arg(long, value_enum)]
+        format: Option<cli::backup::Format>,
+        /// File to write [default: stdout].
+        #[arg(long)]
+        to: Option<PathBuf>,
+    },
+    /// Import one document: Automerge bytes are merged in; JSON makes the doc
+    /// equal to it (one change).
+    Import {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The doc id.
+        id: String,
+        /// The file.
+        file: PathBuf,
+        /// Format [default: .json is JSON, else automerge].
+        #[arg(long, value_enum)]
+        format: Option<cli::backup::Format>,
     },
     /// Print a new random network key for `net.key` (64 hex digits).
     Keygen,
@@ -318,6 +369,28 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Backup { client, to } => cli::backup::backup(&client.client(), &to).await,
+        Cmd::Restore {
+            client,
+            file,
+            data_dir,
+            config,
+        } => {
+            let offline = cli::backup::Offline { data_dir, config };
+            cli::backup::restore(&client.client(), &file, offline, client.json).await
+        }
+        Cmd::Export {
+            client,
+            id,
+            format,
+            to,
+        } => cli::backup::export(&client.client(), &id, format, to.as_deref()).await,
+        Cmd::Import {
+            client,
+            id,
+            file,
+            format,
+        } => cli::backup::import(&client.client(), &id, &file, format).await,
         Cmd::Keygen => {
             println!("{}", mergeflow::net::generate_key());
             Ok(())

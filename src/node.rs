@@ -42,6 +42,7 @@ pub struct NodeBuilder {
     serve_api: bool,
     sync: Option<SyncConfig>,
     network: bool,
+    no_workflows: bool,
 }
 
 impl NodeBuilder {
@@ -83,6 +84,14 @@ impl NodeBuilder {
     /// addresses, peers, mDNS): runs the sync core and the libp2p swarm.
     pub fn network(mut self, on: bool) -> Self {
         self.network = on;
+        self
+    }
+
+    /// Runs the workflow engine (the default). Off, no workflow runs, and
+    /// the changes made meanwhile are run through the workflows at the next
+    /// start with it on: for maintenance such as an offline restore.
+    pub fn workflows(mut self, on: bool) -> Self {
+        self.no_workflows = !on;
         self
     }
 
@@ -162,8 +171,7 @@ impl NodeBuilder {
             feed.clone(),
             (peer_id.to_string(), config.node.labels.clone()),
             workflow_cfg,
-            cancel.clone(),
-            &tasks,
+            (!self.no_workflows).then(|| (cancel.clone(), &tasks)),
         );
         let inner = Arc::new(NodeInner {
             docs,

@@ -292,9 +292,15 @@ async fn a_token_guards_every_endpoint_but_healthz_and_refusals_change_nothing()
         "/v1/docs/a%2Fb",
         "/v1/workflows",
         "/v1/events",
+        "/v1/backup",
+        "/v1/docs/a%2Fb/save",
         "/nope",
     ] {
         let (status, _) = raw(http.get(format!("{base}{path}"))).await;
+        assert_eq!(status, 401, "{path}");
+    }
+    for path in ["/v1/restore", "/v1/docs/a%2Fb/merge"] {
+        let (status, _) = raw(http.post(format!("{base}{path}")).body(vec![1u8; 64])).await;
         assert_eq!(status, 401, "{path}");
     }
     // The refused create changed nothing; with the token, everything works.

@@ -96,6 +96,14 @@ impl From<crate::Error> for ApiError {
             crate::Error::Doc(d) => d.into(),
             crate::Error::Store(s) => DocError::Store(s).into(),
             crate::Error::BadRequest(m) => ApiError::new(StatusCode::BAD_REQUEST, "bad_request", m),
+            crate::Error::Backup(b @ crate::backup::BackupError::Io(_)) => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "backup_io",
+                b.to_string(),
+            ),
+            crate::Error::Backup(b) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "bad_backup", b.to_string())
+            }
             e => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
         }
     }

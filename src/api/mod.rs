@@ -6,6 +6,7 @@
 //! extractors) so that malformed input gets the same shape, and a rejected body
 //! never reaches the store.
 
+mod backup;
 mod error;
 mod workflows;
 
@@ -71,6 +72,7 @@ pub fn router(node: Node) -> Router {
         .route("/v1/docs/{id}/history", get(history))
         .route("/v1/events", get(events))
         .merge(workflows::routes())
+        .merge(backup::routes())
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))

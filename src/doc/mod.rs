@@ -19,7 +19,7 @@ mod writer;
 pub use id::{DocId, MAX_ID_LEN};
 pub use json::{StringMode, to_json};
 pub use ops::{Op, ValueKind, apply_ops};
-pub use patch::apply_merge_patch;
+pub use patch::{apply_merge_patch, ops_to_match};
 pub use path::Pointer;
 pub use replicas::Held;
 pub use service::now_ms;

@@ -131,11 +131,74 @@ fn put<T: Transactable>(
     write_json(tx, obj, Prop::Map(key.to_string()), Slot::Put, v, strings)
 }
 
+/// The ops that make a doc holding `current` hold `target` (both JSON
+/// objects): keys `target` lacks are deleted, differing values set (objects
+/// recursively, so untouched keys keep their history; anything else whole).
+/// Unlike a merge patch, this can write `null` values. Empty when they are
+/// equal.
+pub fn ops_to_match(current: &Json, target: &Json) -> Vec<super::Op> {
+    let mut ops = Vec::new();
+    diff_into(&mut String::new(), current, target, &mut ops);
+    ops
+}
+
+fn diff_into(path: &mut String, current: &Json, target: &Json, ops: &mut Vec<super::Op>) {
+    match (current, target) {
+        (Json::Object(have), Json::Object(want)) => {
+            for key in have.keys().filter(|k| !want.contains_key(*k)) {
+                let len = path.len();
+                super::path::push_prop(path, &Prop::Map(key.clone()));
+                ops.push(super::Op::Delete { path: path.clone() });
+                path.truncate(len);
+            }
+            for (key, value) in want {
+                let len = path.len();
+                super::path::push_prop(path, &Prop::Map(key.clone()));
+                match have.get(key) {
+                    Some(old) => diff_into(path, old, value, ops),
+                    None => ops.push(set(path, value)),
+                }
+                path.truncate(len);
+            }
+        }
+        (a, b) if a == b => {}
+        (_, b) => ops.push(set(path, b)),
+    }
+}
+
+fn set(path: &str, value: &Json) -> super::Op {
+    super::Op::Set {
+        path: path.to_string(),
+        value: value.clone(),
+        kind: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use automerge::{Automerge, ReadDoc};
     use serde_json::json;
+
+    #[test]
+    fn ops_to_match_make_the_doc_equal_to_the_target() {
+        let start = json!({"a": 1, "gone": true, "o": {"x": 1, "y": [1, 2]}, "s": "t/~"});
+        let target =
+            json!({"a": 2, "o": {"x": 1, "y": [3], "z": null}, "s": "t/~", "new/k~": {"d": 1}});
+        let mut doc = Automerge::new();
+        let mut tx = doc.transaction();
+        apply_merge_patch(&mut tx, &start, StringMode::Text).unwrap();
+        tx.commit();
+        let current = to_json(&doc, &ROOT, ObjType::Map).unwrap();
+        let ops = ops_to_match(&current, &target);
+        let mut tx = doc.transaction();
+        crate::doc::apply_ops(&mut tx, &ops, StringMode::Text).unwrap();
+        tx.commit();
+        assert_eq!(to_json(&doc, &ROOT, ObjType::Map).unwrap(), target);
+        assert!(ops_to_match(&target, &target).is_empty());
+        // Only what differs is written: "o/x" and "s" are left alone.
+        assert_eq!(ops.len(), 5, "{ops:?}");
+    }
 
     fn patched(start: Json, patch: Json, strings: StringMode) -> (Json, usize) {
         let mut doc = Automerge::new();

@@ -262,15 +262,14 @@ pub struct Engine {
 impl Engine {
     /// Starts the engine: loads the definitions in `cfg.dir` (resolved by
     /// the caller: not empty), resumes open runs, and follows `feed` until
-    /// `cancel`. `node` is this node's peer id and labels (`node.labels`).
+    /// `cancel` (with `run` given; without it nothing runs). `node` is this node's peer id and labels (`node.labels`).
     pub fn start(
         docs: Docs,
         store: Store,
         feed: Arc<Feed>,
         node: (String, BTreeMap<String, String>),
         cfg: WorkflowConfig,
-        cancel: CancellationToken,
-        tasks: &tokio_util::task::TaskTracker,
+        run: Option<(CancellationToken, &tokio_util::task::TaskTracker)>,
     ) -> Engine {
         let (local, labels) = node;
         let (log, open) = RunLog::open(store.clone());
@@ -298,7 +297,10 @@ impl Engine {
             shared: shared.clone(),
             cmds: tx,
         };
-        tasks.spawn(Runner::new(shared, feed).run(rx, open, cancel));
+        // Without a runner nothing runs; commands fail as if it had stopped.
+        if let Some((cancel, tasks)) = run {
+            tasks.spawn(Runner::new(shared, feed).run(rx, open, cancel));
+        }
         engine
     }
 

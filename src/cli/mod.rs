@@ -1,0 +1,3 @@
+//! Commands of the `mergeflow` binary that need more than a few lines.
+
+pub mod backup;

@@ -2,6 +2,8 @@
 //! HTTP against a running node, and a filler for reopen measurements.
 //! Prints numbers; asserts nothing.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -30,7 +32,8 @@ pub struct LoadReport {
 }
 
 /// Runs `concurrency` writers for `duration`, each sending merge patches to one
-/// of `docs` documents, and measures acknowledged (durable) writes.
+/// of `docs` documents, and measures acknowledged (durable) writes, counted
+/// in `done` as they are acknowledged.
 ///
 /// # Errors
 /// A client error on the first request (node unreachable).
@@ -39,13 +42,14 @@ pub async fn load(
     concurrency: usize,
     duration: Duration,
     docs: usize,
+    done: Arc<AtomicU64>,
 ) -> Result<LoadReport, ClientError> {
     client.status().await?;
     let start = Instant::now();
     let deadline = start + duration;
     let mut tasks = Vec::new();
     for w in 0..concurrency {
-        let client = client.clone();
+        let (client, done) = (client.clone(), done.clone());
         tasks.push(tokio::spawn(async move {
             let doc = format!("bench/doc-{}", w % docs.max(1));
             let mut lat = Vec::new();
@@ -55,7 +59,10 @@ pub async fn load(
                 let t = Instant::now();
                 let patch = json!({ format!("w{w}"): i, "last": w });
                 match client.patch(&doc, &patch).await {
-                    Ok(_) => lat.push(t.elapsed()),
+                    Ok(_) => {
+                        lat.push(t.elapsed());
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
                     Err(_) => errors += 1,
                 }
                 i += 1;
@@ -91,24 +98,31 @@ pub async fn load(
     })
 }
 
-/// Creates `count` documents `fill/doc-N` with a small body, `concurrency` at a time.
+/// Creates `count` documents `fill/doc-N` with a small body, `concurrency` at
+/// a time, counting them in `done`.
 ///
 /// # Errors
 /// The first failed write.
-pub async fn fill(client: &Client, count: usize, concurrency: usize) -> Result<f64, ClientError> {
+pub async fn fill(
+    client: &Client,
+    count: usize,
+    concurrency: usize,
+    done: Arc<AtomicU64>,
+) -> Result<f64, ClientError> {
     let start = Instant::now();
-    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for _ in 0..concurrency.max(1) {
-        let (client, next) = (client.clone(), next.clone());
+        let (client, next, done) = (client.clone(), next.clone(), done.clone());
         tasks.push(tokio::spawn(async move {
             loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let i = next.fetch_add(1, Ordering::Relaxed);
                 if i >= count {
                     return Ok::<_, ClientError>(());
                 }
                 let value = json!({"n": i, "name": format!("document {i}"), "tags": ["a", "b"]});
                 client.patch(&format!("fill/doc-{i}"), &value).await?;
+                done.fetch_add(1, Ordering::Relaxed);
             }
         }));
     }

@@ -122,6 +122,15 @@ enum Cmd {
         #[arg(long, value_enum)]
         format: Option<cli::backup::Format>,
     },
+    /// Wait until the node is in sync with every connected peer, showing its
+    /// docs against those it still lacks (a new node's initial sync).
+    WaitSynced {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Give up (exit 1) after this many seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
     /// Print a new random network key for `net.key` (64 hex digits).
     Keygen,
     /// Measure durable write throughput and latency against a running node.
@@ -391,6 +400,9 @@ async fn run(cli: Cli) -> Result<()> {
             file,
             format,
         } => cli::backup::import(&client.client(), &id, &file, format).await,
+        Cmd::WaitSynced { client, timeout } => {
+            cli::progress::wait_synced(&client.client(), Duration::from_secs(timeout)).await
+        }
         Cmd::Keygen => {
             println!("{}", mergeflow::net::generate_key());
             Ok(())
@@ -418,6 +430,13 @@ async fn run(cli: Cli) -> Result<()> {
                 println!("boot      {}", s.boot);
                 println!("store     {} bytes", s.store_bytes);
                 println!("peers     {} connected", s.peers);
+                if let Some(n) = s.docs_lacking {
+                    println!("lacking   {n} docs peers hold (on their way)");
+                }
+                for t in &s.tasks {
+                    let total = t.total.map(|n| format!("/{n}")).unwrap_or_default();
+                    println!("task      {} {}{total}", t.kind, t.done);
+                }
                 let w = &s.workflows;
                 println!(
                     "workflows {} loaded, {} invalid; runs {} ({} done, {} dead)",
@@ -438,7 +457,11 @@ async fn run(cli: Cli) -> Result<()> {
         } => {
             let c = client.client();
             if let Some(n) = fill {
-                let secs = mergeflow::bench::fill(&c, n, 32).await?;
+                let template = "{spinner} filling [{bar:30}] {pos}/{len} docs ({per_sec})";
+                let secs = cli::progress::counting(Some(n as u64), template, async |done| {
+                    mergeflow::bench::fill(&c, n, 32, done).await
+                })
+                .await?;
                 println!(
                     "created {n} docs in {secs:.2}s ({:.0} docs/s)",
                     n as f64 / secs
@@ -446,8 +469,14 @@ async fn run(cli: Cli) -> Result<()> {
                 return Ok(());
             }
             for conc in concurrency {
-                let r = mergeflow::bench::load(&c, conc, Duration::from_secs_f64(seconds), docs)
-                    .await?;
+                let template = format!(
+                    "{{spinner}} {conc} writers: {{pos}} durable writes ({{per_sec}}), {seconds}s run"
+                );
+                let run = Duration::from_secs_f64(seconds);
+                let r = cli::progress::counting(None, &template, async |done| {
+                    mergeflow::bench::load(&c, conc, run, docs, done).await
+                })
+                .await?;
                 if client.json {
                     println!("{}", serde_json::to_string(&r)?);
                 } else {

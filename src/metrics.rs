@@ -217,6 +217,11 @@ pub fn render(scrape: &Scrape) -> String {
                 "Whole docs merged from peers' pushes",
                 s.docs_pushed_in,
             ),
+            gauge(
+                "sync_docs_lacking",
+                "Docs peers hold that this node does not yet (on their way)",
+                s.docs_lacking,
+            ),
             counter(
                 "anti_entropy_digests_in_sync",
                 "Anti-entropy digests received that matched ours",

@@ -379,6 +379,10 @@ pub struct Status {
     /// Long operations in progress (backup, restore).
     #[serde(default)]
     pub tasks: Vec<crate::progress::Task>,
+    /// Docs that peers hold and this node does not yet (on their way: a new
+    /// node's initial sync is done when this is 0); absent without sync.
+    #[serde(default)]
+    pub docs_lacking: Option<u64>,
 }
 
 impl Node {
@@ -584,6 +588,7 @@ impl Node {
             lazy_rounds: stats.lazy.load(std::sync::atomic::Ordering::Relaxed),
             workflows: self.inner.workflows.stats(),
             tasks: self.inner.progress.list(),
+            docs_lacking: self.inner.docs.sync_stats().map(|s| s.docs_lacking),
         }
     }
 

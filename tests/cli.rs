@@ -364,3 +364,61 @@ async fn backup_restore_export_and_import_commands() {
 fn backup_partial(path: &std::path::Path) -> std::path::PathBuf {
     mergeflow::backup::partial_path(path)
 }
+
+/// A node with its API and the network on loopback, dialing `peers`.
+async fn p2p_api_node(dir: &std::path::Path, peers: Vec<String>) -> Node {
+    let mut config = mergeflow::config::Config::default();
+    config.node.data_dir = dir.to_path_buf();
+    config.net.listen = vec!["/ip4/127.0.0.1/tcp/0".into()];
+    config.net.mdns = false;
+    config.net.peers = peers;
+    config.net.anti_entropy_ms = 500;
+    Node::builder()
+        .config(config)
+        .network(true)
+        .api("127.0.0.1:0".parse().unwrap())
+        .start()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wait_synced_follows_a_new_nodes_initial_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = p2p_api_node(&dir.path().join("a"), vec![]).await;
+    for i in 0..200 {
+        a.doc(&format!("d/{i}"))
+            .unwrap()
+            .patch(json!({ "i": i }))
+            .await
+            .unwrap();
+    }
+    let alone = Cli {
+        api: a.api_addr().unwrap().to_string(),
+        token: None,
+    };
+    let a_addr = common::listen_addr(&a).await;
+    let b = p2p_api_node(&dir.path().join("b"), vec![a_addr]).await;
+    let cli = Cli {
+        api: b.api_addr().unwrap().to_string(),
+        token: None,
+    };
+    let b_docs = tokio::task::spawn_blocking(move || {
+        let out = cli.ok(&["wait-synced", "--timeout", "120"]);
+        assert!(out.starts_with("in sync with 1 peers"), "{out}");
+        assert!(cli.ok(&["status"]).contains("lacking   0"));
+        cli.json(&["status"])["docs"].as_u64().unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(b_docs, a.docs().count());
+    b.shutdown().await.unwrap();
+    // Without peers it never is: a one-line error after the timeout.
+    tokio::task::spawn_blocking(move || {
+        let err = alone.fails(&["wait-synced", "--timeout", "1"]);
+        assert!(err.contains("not in sync after 1s"), "{err}");
+    })
+    .await
+    .unwrap();
+    a.shutdown().await.unwrap();
+}

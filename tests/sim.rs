@@ -518,3 +518,31 @@ fn fast_path_relays_only_to_peers_the_origin_did_not_reach() {
     assert!(mesh.converged());
     assert_eq!(mesh.sent_changes - before, 4, "a full mesh relays nothing");
 }
+
+/// A node joining late learns from its peer's buckets which docs it lacks,
+/// counts them (its initial sync's progress), and the count falls to zero
+/// as the docs arrive.
+#[test]
+fn a_late_joiner_counts_the_docs_it_lacks_until_they_arrive() {
+    let mut sim = Sim::with_links(11, 2, &[]);
+    for i in 0..300 {
+        sim.local_edit(0, &format!("d/{i}"));
+    }
+    sim.linked[0][1] = true;
+    sim.linked[1][0] = true;
+    sim.input(0, Input::PeerUp(peer_name(1)));
+    sim.input(1, Input::PeerUp(peer_name(0)));
+    let mut most = 0;
+    for _ in 0..2_000 {
+        sim.advance(5);
+        most = most.max(sim.nodes[1].core.lacking());
+        if sim.converged() {
+            break;
+        }
+    }
+    assert!(sim.converged(), "the late joiner did not catch up");
+    assert!(most > 0, "the late joiner never knew what it lacked");
+    sim.advance(200); // a tick prunes what arrived
+    assert_eq!(sim.nodes[1].core.lacking(), 0);
+    println!("the late joiner lacked at most {most} of 300 docs");
+}

@@ -4,10 +4,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use indicatif::{ProgressBar, ProgressStyle};
 use mergeflow::backup::{self, Manifest, RestoreReport};
 use mergeflow::client::{Client, ClientError};
 use mergeflow::config::{Config, Overrides};
+
+use super::progress::bar;
 
 /// How a single doc is exported or imported.
 #[derive(Clone, Copy, Debug, PartialEq, clap::ValueEnum)]
@@ -28,20 +29,6 @@ impl Format {
             None => Format::Json,
         })
     }
-}
-
-fn bar(len: Option<u64>, template: &str) -> ProgressBar {
-    let bar = match len {
-        Some(n) => ProgressBar::new(n),
-        None => ProgressBar::new_spinner(),
-    };
-    bar.set_style(
-        ProgressStyle::with_template(template)
-            .expect("a valid template")
-            .progress_chars("=> "),
-    );
-    bar.enable_steady_tick(Duration::from_millis(120));
-    bar
 }
 
 fn mib(bytes: u64) -> f64 {

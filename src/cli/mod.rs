@@ -1,3 +1,4 @@
 //! Commands of the `mergeflow` binary that need more than a few lines.
 
 pub mod backup;
+pub mod progress;

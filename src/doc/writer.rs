@@ -283,8 +283,9 @@ pub(super) fn run(
                 .sync_fingerprint
                 .lock()
                 .unwrap_or_else(|p| p.into_inner()) = Some(fp);
-            *inner.sync_stats.lock().unwrap_or_else(|p| p.into_inner()) =
-                Some(sync.core.stats().clone());
+            let mut stats = sync.core.stats().clone();
+            stats.docs_lacking = sync.core.lacking() as u64;
+            *inner.sync_stats.lock().unwrap_or_else(|p| p.into_inner()) = Some(stats);
         }
     }
 }

@@ -53,7 +53,7 @@
 pub mod codec;
 pub mod digest;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use automerge::sync;
 use rand::RngExt;
@@ -411,6 +411,9 @@ pub struct SyncStats {
     pub docs_pushed_out: u64,
     /// Whole docs merged from peers' pushes.
     pub docs_pushed_in: u64,
+    /// Docs peers hold that this node does not yet (a level, not a count;
+    /// set by whoever publishes the stats, from [`Core::lacking`]).
+    pub docs_lacking: u64,
 }
 
 struct Session {
@@ -472,6 +475,10 @@ pub const HOLD_MS: u64 = 500;
 /// Most changes held per peer; past it the doc is synced at once.
 const MAX_HELD: usize = 4096;
 
+/// Most docs counted as lacking (a bound on what a peer's buckets can make
+/// us remember).
+const MAX_LACKING: usize = 1 << 20;
+
 /// The sync core of one node.
 pub struct Core {
     cfg: SyncConfig,
@@ -482,6 +489,9 @@ pub struct Core {
     stats: SyncStats,
     /// Pushes left in this tick (see `SyncConfig::max_pushes_per_tick`).
     push_budget: usize,
+    /// Docs a peer listed (in a bucket) that we do not hold yet: what a new
+    /// node still has to receive. Pruned every tick.
+    lacking: HashSet<String>,
 }
 
 impl Core {
@@ -499,6 +509,7 @@ impl Core {
             peers: BTreeMap::new(),
             stats: SyncStats::default(),
             push_budget: cfg_pushes,
+            lacking: HashSet::new(),
         }
     }
 
@@ -534,6 +545,12 @@ impl Core {
     /// When a digest from `peer` last matched ours, if ever.
     pub fn last_in_sync(&self, peer: &str) -> Option<u64> {
         self.peers.get(peer).and_then(|p| p.last_in_sync_at)
+    }
+
+    /// Docs peers hold that we do not yet: they are on their way (pushed
+    /// whole by the peers that hold them).
+    pub fn lacking(&self) -> usize {
+        self.lacking.len()
     }
 
     /// Number of docs syncing with `peer`: open sessions plus docs waiting for one.
@@ -601,6 +618,10 @@ impl Core {
                     self.start_pending(now, peer, docs, &mut out);
                 }
                 self.push_budget = self.cfg.max_pushes_per_tick;
+                if !self.lacking.is_empty() {
+                    let digest = &self.digest;
+                    self.lacking.retain(|doc| digest.entry(doc).is_none());
+                }
                 for peer in &peers {
                     self.push_docs(now, peer, docs, &mut out);
                 }
@@ -780,6 +801,9 @@ impl Core {
                             return self.reject(&from, format!("invalid doc id {doc:?}"), out);
                         }
                         lacking += 1;
+                        if self.lacking.len() < MAX_LACKING {
+                            self.lacking.insert(doc.clone());
+                        }
                     }
                 }
                 self.stats.docs_differing += (differing.len() + lacking) as u64;

@@ -1,0 +1,98 @@
+//! Progress shown in the terminal: bench runs and a node's initial sync.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use mergeflow::client::Client;
+
+/// A bar (or a spinner, without `len`) drawn on stderr when it is a
+/// terminal, ticking on its own.
+pub fn bar(len: Option<u64>, template: &str) -> ProgressBar {
+    let bar = match len {
+        Some(n) => ProgressBar::new(n),
+        None => ProgressBar::new_spinner(),
+    };
+    bar.set_style(
+        ProgressStyle::with_template(template)
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    bar.enable_steady_tick(Duration::from_millis(120));
+    bar
+}
+
+/// Runs `work` while a bar shows `count` (what `work` counts) against
+/// `len`; the bar is cleared when it ends.
+pub async fn counting<T>(
+    len: Option<u64>,
+    template: &str,
+    work: impl AsyncFnOnce(Arc<AtomicU64>) -> T,
+) -> T {
+    let count = Arc::new(AtomicU64::new(0));
+    let bar = bar(len, template);
+    let watch = {
+        let (bar, count) = (bar.clone(), count.clone());
+        tokio::spawn(async move {
+            loop {
+                bar.set_position(count.load(Ordering::Relaxed));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let out = work(count).await;
+    watch.abort();
+    bar.finish_and_clear();
+    out
+}
+
+/// `mergeflow wait-synced`: shows the node's docs against those its peers
+/// hold that it lacks, until it is in sync with every connected peer (no
+/// doc lacking or syncing, and each peer's digest matched since the wait
+/// began).
+pub async fn wait_synced(client: &Client, timeout: Duration) -> Result<()> {
+    let started = Instant::now();
+    let since = mergeflow::doc::now_ms();
+    let bar = bar(
+        Some(0),
+        "{spinner} syncing [{bar:30}] {pos}/{len} docs here, {msg}",
+    );
+    loop {
+        let status = client.status().await?;
+        let peers = client.peers().await?;
+        let connected: Vec<_> = peers.iter().filter(|p| p.connected).collect();
+        let lacking = status.docs_lacking.unwrap_or(0);
+        let syncing: usize = connected.iter().map(|p| p.docs_syncing).sum();
+        let matched = connected
+            .iter()
+            .filter(|p| p.last_in_sync_at.is_some_and(|t| t >= since))
+            .count();
+        bar.set_length(status.docs + lacking);
+        bar.set_position(status.docs);
+        bar.set_message(format!(
+            "{syncing} syncing, {matched}/{} peers in sync",
+            connected.len()
+        ));
+        if !connected.is_empty() && lacking == 0 && syncing == 0 && matched == connected.len() {
+            bar.finish_and_clear();
+            println!(
+                "in sync with {} peers: {} docs, after {:.1}s",
+                connected.len(),
+                status.docs,
+                started.elapsed().as_secs_f64()
+            );
+            return Ok(());
+        }
+        if started.elapsed() > timeout {
+            bar.finish_and_clear();
+            bail!(
+                "not in sync after {}s: {} peers connected ({matched} in sync), {lacking} docs lacking, {syncing} syncing",
+                timeout.as_secs(),
+                connected.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -115,6 +115,8 @@ pub struct ApiConfig {
     /// more) when `listen` is not a loopback address. Env:
     /// `MERGEFLOW_API_TOKEN`, which the CLI sends too.
     pub token: String,
+    /// Serve the web dashboard at `/`.
+    pub dashboard: bool,
 }
 
 /// `[net]`: peer-to-peer sync.
@@ -218,6 +220,7 @@ impl Default for Config {
                 listen: SocketAddr::from(([127, 0, 0, 1], 7700)),
                 max_body_bytes: 4 << 20,
                 token: String::new(),
+                dashboard: true,
             },
             net: NetTable {
                 listen: vec!["/ip4/0.0.0.0/tcp/0".into()],

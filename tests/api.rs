@@ -313,3 +313,52 @@ async fn a_token_guards_every_endpoint_but_healthz_and_refusals_change_nothing()
     assert_eq!(client.get("a/b", None).await.unwrap(), json!({"x": 1}));
     node.shutdown().await.unwrap();
 }
+
+/// The dashboard page is served without the token (it holds no data and asks
+/// for the token itself), loads nothing from elsewhere, and is off with
+/// `api.dashboard = false`. scripts/dashboard-check.sh drives it in Chromium.
+#[tokio::test]
+async fn the_dashboard_is_one_embedded_page_that_loads_nothing_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let (n, _, http) = node(dir.path(), |c| c.api.token = "test-token-0123456789".into()).await;
+    let base = format!("http://{}", n.api_addr().unwrap());
+    let resp = http.get(format!("{base}/")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    let csp = resp.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        csp.contains("default-src 'none'") && csp.contains("connect-src 'self'"),
+        "{csp}"
+    );
+    let page = resp.text().await.unwrap();
+    for needle in [
+        "/v1/status",
+        "/v1/peers",
+        "/v1/docs",
+        "/v1/runs",
+        "/v1/events",
+        "Retry",
+        "Authorization",
+    ] {
+        assert!(page.contains(needle), "the page does not use {needle}");
+    }
+    assert!(!page.contains("http://") && !page.contains("https://") && !page.contains("src=\""));
+    // Its data still needs the token.
+    let (status, _) = raw(http.get(format!("{base}/v1/status"))).await;
+    assert_eq!(status, 401);
+    n.shutdown().await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let (off, _, http) = node(dir.path(), |c| c.api.dashboard = false).await;
+    let (status, body) = raw(http.get(format!("http://{}/", off.api_addr().unwrap()))).await;
+    assert_eq!((status, code(&body)), (404, "no_route"));
+    off.shutdown().await.unwrap();
+}

@@ -59,7 +59,12 @@ pub struct DeleteResponse {
 /// Builds the router for `node`.
 pub fn router(node: Node) -> Router {
     let limit = node.config().api.max_body_bytes;
-    Router::new()
+    let dashboard = if node.config().api.dashboard {
+        Router::new().route("/", get(dashboard))
+    } else {
+        Router::new()
+    };
+    dashboard
         .route("/healthz", get(healthz))
         .route("/v1/status", get(status))
         .route("/metrics", get(metrics))
@@ -91,7 +96,8 @@ async fn require_token(
     next: axum::middleware::Next,
 ) -> Response {
     let want = &node.config().api.token;
-    if want.is_empty() || req.uri().path() == "/healthz" {
+    // The dashboard page holds no data; it asks for the token itself.
+    if want.is_empty() || matches!(req.uri().path(), "/healthz" | "/") {
         return next.run(req).await;
     }
     let got = req
@@ -131,6 +137,25 @@ async fn healthz(State(node): State<Node>) -> Response {
         )
         .into_response()
     }
+}
+
+/// The web dashboard: one page, embedded in the binary, that reads this
+/// node's API. Its content security policy lets it load nothing and connect
+/// nowhere else.
+async fn dashboard() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+                 connect-src 'self'; img-src 'self'; form-action 'none'; frame-ancestors 'none'",
+            ),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        include_str!("dashboard.html"),
+    )
+        .into_response()
 }
 
 async fn status(State(node): State<Node>) -> Json<crate::Status> {

@@ -70,6 +70,11 @@ pub struct NodeConfig {
     /// This node's priority: a `resolve` step with `policy = "priority"`
     /// keeps the value written by the node with the higher priority.
     pub priority: i64,
+    /// Light mode, for small edge devices: the defaults of [`Config::light`]
+    /// (no dashboard, smaller caches and queues, anti-entropy every two
+    /// minutes) under whatever the file, environment and flags set. Flag:
+    /// `--light`; env: `MERGEFLOW_NODE_LIGHT`.
+    pub light: bool,
 }
 
 /// `[store]`: sled and the document cache.
@@ -203,6 +208,7 @@ impl Default for Config {
                 data_dir: PathBuf::from("mergeflow-data"),
                 labels: BTreeMap::new(),
                 priority: 0,
+                light: false,
             },
             store: StoreConfig {
                 cache_bytes: 64 << 20,
@@ -256,6 +262,18 @@ impl Default for Config {
                 effect_wait_ms: 60_000,
                 allow_applied_exec: false,
             },
+        }
+    }
+}
+
+/// Sets every key of `over` in `base`, descending into tables both have.
+fn merge_tables(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge_tables(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
         }
     }
 }
@@ -363,6 +381,8 @@ pub struct Overrides {
     pub peers: Vec<String>,
     /// `--no-mdns`
     pub no_mdns: bool,
+    /// `--light`
+    pub light: bool,
 }
 
 impl Config {
@@ -376,6 +396,10 @@ impl Config {
         env: impl IntoIterator<Item = (String, String)>,
         flags: &Overrides,
     ) -> Result<Config, ConfigError> {
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        let light_env = env
+            .iter()
+            .any(|(k, v)| k == "MERGEFLOW_NODE_LIGHT" && matches!(v.trim(), "1" | "true"));
         let mut config = match file {
             None => Config::default(),
             Some(path) => {
@@ -383,12 +407,28 @@ impl Config {
                     path: path.to_path_buf(),
                     source,
                 })?;
-                Config::from_toml(&text).map_err(|message| ConfigError::File {
+                let file_err = |message| ConfigError::File {
                     path: path.to_path_buf(),
                     message,
-                })?
+                };
+                // Parsed alone first, for errors that name the line.
+                let parsed = Config::from_toml(&text).map_err(file_err)?;
+                if parsed.node.light || light_env || flags.light {
+                    let file: toml::Table =
+                        toml::from_str(&text).map_err(|e| file_err(e.to_string()))?;
+                    let mut base =
+                        toml::Table::try_from(Config::light()).expect("config serializes");
+                    merge_tables(&mut base, file);
+                    base.try_into()
+                        .map_err(|e: toml::de::Error| file_err(e.to_string()))?
+                } else {
+                    parsed
+                }
             }
         };
+        if file.is_none() && (light_env || flags.light) {
+            config = Config::light();
+        }
         config.apply_env(env)?;
         if let Some(d) = &flags.data_dir {
             config.node.data_dir = d.clone();
@@ -411,6 +451,27 @@ impl Config {
         }
         config.validate()?;
         Ok(config)
+    }
+
+    /// The defaults of light mode (`node.light`), for edge devices with
+    /// little memory: no dashboard; an 8 MiB sled cache, 128 docs (8 MiB)
+    /// in the doc cache; queues of 256; 4 workflow runs at once; anti-entropy
+    /// every 120 s; at most 32 connections.
+    pub fn light() -> Config {
+        let mut c = Config::default();
+        c.node.light = true;
+        c.api.dashboard = false;
+        c.store.cache_bytes = 8 << 20;
+        c.store.cache_docs = 128;
+        c.store.cache_doc_bytes = 8 << 20;
+        c.net.anti_entropy_ms = 120_000;
+        c.net.max_connections = 32;
+        c.perf.flush_queue = 256;
+        c.perf.write_queue = 256;
+        c.perf.sync_queue = 256;
+        c.workflow.concurrency = 4;
+        c.workflow.keep_runs = 1_000;
+        c
     }
 
     /// Parses TOML text, with the parser's message (line, column, key) on error.
@@ -662,6 +723,47 @@ mod tests {
                 assert!(text.contains(&format!("\n{k} = ")), "key {t}.{k} missing");
             }
         }
+    }
+
+    #[test]
+    fn light_mode_sets_defaults_under_what_the_user_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "[node]\nlight = true\n[store]\ncache_docs = 500\n").unwrap();
+        let c = Config::load(Some(&file), env(&[]), &Overrides::default()).unwrap();
+        assert!(c.node.light && !c.api.dashboard);
+        assert_eq!(c.store.cache_docs, 500, "the file's key wins");
+        assert_eq!(
+            c.store.cache_doc_bytes,
+            Config::light().store.cache_doc_bytes
+        );
+        assert_eq!(c.net.anti_entropy_ms, 120_000);
+        // The flag and the variable turn it on too, with or without a file.
+        let flags = Overrides {
+            light: true,
+            ..Overrides::default()
+        };
+        assert_eq!(
+            Config::load(None, env(&[]), &flags).unwrap(),
+            Config::light()
+        );
+        let c = Config::load(
+            None,
+            env(&[("MERGEFLOW_NODE_LIGHT", "true")]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c, Config::light());
+        std::fs::write(&file, "[net]\nanti_entropy_ms = 5000\n").unwrap();
+        let c = Config::load(Some(&file), env(&[]), &flags).unwrap();
+        assert_eq!((c.node.light, c.net.anti_entropy_ms), (true, 5000));
+        // Off: the ordinary defaults.
+        assert!(
+            Config::load(None, env(&[]), &Overrides::default())
+                .unwrap()
+                .api
+                .dashboard
+        );
     }
 
     #[test]

@@ -178,6 +178,10 @@ struct StartArgs {
     /// Do not discover peers with mDNS [config net.mdns].
     #[arg(long)]
     no_mdns: bool,
+    /// Light mode for small devices: no dashboard, small caches and queues,
+    /// anti-entropy every 2 min; keys you set still win [config node.light].
+    #[arg(long)]
+    light: bool,
 }
 
 #[derive(Args)]
@@ -645,6 +649,7 @@ async fn start(args: StartArgs) -> Result<()> {
         listen: args.listen,
         peers: args.peer,
         no_mdns: args.no_mdns,
+        light: args.light,
     };
     let config = Config::load(args.config.as_deref(), std::env::vars(), &flags)?;
     init_logging(&config);

@@ -420,6 +420,28 @@ impl Node {
         self.inner.sync_out.lock().expect("not poisoned").take()
     }
 
+    /// Takes the node off the network (`false`: every peer is disconnected
+    /// and none is dialled or accepted) or back on (`true`, the default:
+    /// peers are dialled again, and sync brings both sides up to date). The
+    /// node keeps working locally while offline: an offline-first app's
+    /// "airplane mode". No effect without the network.
+    pub fn set_online(&self, online: bool) {
+        if let Some(net) = &*self.inner.net.lock().expect("not poisoned") {
+            net.online.send_replace(online);
+        }
+    }
+
+    /// False while [`set_online(false)`](Self::set_online) holds, or without
+    /// the network.
+    pub fn is_online(&self) -> bool {
+        self.inner
+            .net
+            .lock()
+            .expect("not poisoned")
+            .as_ref()
+            .is_some_and(|n| *n.online.borrow())
+    }
+
     /// Long operations in progress.
     pub fn tasks(&self) -> &Arc<crate::progress::Tasks> {
         &self.inner.progress

@@ -237,6 +237,8 @@ pub struct NetHandle {
     pub state: Arc<Mutex<NetState>>,
     /// libp2p's metrics, prefixed `libp2p_`.
     pub metrics: Arc<prometheus_client::registry::Registry>,
+    /// Whether the node talks to peers (see [`crate::Node::set_online`]).
+    pub online: tokio::sync::watch::Sender<bool>,
 }
 
 /// Parses multiaddrs from config.
@@ -381,6 +383,7 @@ pub fn spawn(
     cancel: CancellationToken,
     tasks: &tokio_util::task::TaskTracker,
 ) -> Result<NetHandle, NetError> {
+    let online = tokio::sync::watch::Sender::new(true);
     let local = key.public().to_peer_id();
     let mdns_on = cfg.mdns;
     let kad_on = cfg.kademlia;
@@ -521,7 +524,12 @@ pub fn spawn(
         tasks.clone(),
     )
     .map_err(NetError::Transport)?;
-    let allow: BTreeSet<PeerId> = cfg.allow.iter().copied().collect();
+    let mut admit = Admission {
+        allow: cfg.allow.iter().copied().collect(),
+        online: *online.borrow(),
+    };
+    let mut online_rx = online.subscribe();
+    let online_tx = online.clone();
     tasks.spawn(async move {
         let mut connected: BTreeSet<PeerId> = BTreeSet::new();
         let mut in_flight = InFlight::default();
@@ -536,7 +544,22 @@ pub fn spawn(
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
-                _ = redial.tick() => {
+                Ok(()) = online_rx.changed() => {
+                    admit.online = *online_rx.borrow_and_update();
+                    if admit.online {
+                        tracing::info!("online: dialing peers again");
+                        for p in statics.iter_mut() {
+                            p.next_attempt = Instant::now();
+                            p.backoff = Duration::from_millis(250);
+                        }
+                    } else {
+                        tracing::info!(peers = connected.len(), "offline: disconnecting every peer");
+                        for peer in &connected {
+                            let _ = swarm.disconnect_peer_id(*peer);
+                        }
+                    }
+                }
+                _ = redial.tick(), if admit.online => {
                     let now = Instant::now();
                     for p in statics.iter_mut() {
                         let up = p.peer.is_some_and(|id| connected.contains(&id));
@@ -572,7 +595,7 @@ pub fn spawn(
                         if !admit_frame(&limit, &mut buckets, &mut swarm, &shared, &mut bans, peer, frame.len()) {
                             continue;
                         }
-                        if allow.is_empty() || allow.contains(&peer) {
+                        if admit.admits(&peer) {
                             on_frame(&mut swarm, &docs, &shared, &mut bans, peer, &frame);
                         }
                     }
@@ -605,7 +628,7 @@ pub fn spawn(
                         buckets.remove(peer_id);
                         links.disconnected(peer_id);
                     }
-                    on_event(ev, &mut swarm, &docs, &mut connected, &mut in_flight, &mut bans, &mut statics, &shared, local, &allow);
+                    on_event(ev, &mut swarm, &docs, &mut connected, &mut in_flight, &mut bans, &mut statics, &shared, local, &admit);
                 }
             }
         }
@@ -614,6 +637,7 @@ pub fn spawn(
     Ok(NetHandle {
         state,
         metrics: Arc::new(registry),
+        online: online_tx,
     })
 }
 
@@ -628,6 +652,19 @@ fn record(metrics: &libp2p::metrics::Metrics, ev: &SwarmEvent<BehaviourEvent>) {
         SwarmEvent::Behaviour(BehaviourEvent::Kad(e)) => metrics.record(e),
         SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(e)) => metrics.record(e),
         _ => {}
+    }
+}
+
+/// Which peers may talk to us now: those in `net.allow` (any, if empty),
+/// and none while the node is offline.
+struct Admission {
+    allow: BTreeSet<PeerId>,
+    online: bool,
+}
+
+impl Admission {
+    fn admits(&self, peer: &PeerId) -> bool {
+        self.online && (self.allow.is_empty() || self.allow.contains(peer))
     }
 }
 
@@ -977,9 +1014,9 @@ fn on_event(
     statics: &mut [StaticPeer],
     state: &Mutex<NetState>,
     local: PeerId,
-    allow: &BTreeSet<PeerId>,
+    admit: &Admission,
 ) {
-    let allowed = |peer: &PeerId| allow.is_empty() || allow.contains(peer);
+    let allowed = |peer: &PeerId| admit.admits(peer);
     match ev {
         SwarmEvent::NewListenAddr { address, .. } => {
             let full = address.with(Protocol::P2p(local));
@@ -989,6 +1026,10 @@ fn on_event(
                 .expect("not poisoned")
                 .listen_addrs
                 .push(full.to_string());
+        }
+        SwarmEvent::ConnectionEstablished { peer_id, .. } if !admit.online => {
+            tracing::debug!(peer = %peer_id, "offline: disconnecting");
+            let _ = swarm.disconnect_peer_id(peer_id);
         }
         SwarmEvent::ConnectionEstablished { peer_id, .. } if !allowed(&peer_id) => {
             tracing::warn!(peer = %peer_id, "peer not in net.allow: disconnecting");
@@ -1184,7 +1225,9 @@ fn on_event(
                 .build();
             let _ = swarm.dial(opts);
         }
-        SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(list))) => {
+        SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(list)))
+            if admit.online =>
+        {
             for (peer, addr) in list {
                 if !connected.contains(&peer) && peer != local {
                     // mDNS addresses may already end in /p2p/<id>.

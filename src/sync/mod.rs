@@ -466,7 +466,24 @@ struct Peer {
     held: HashMap<String, (u64, Vec<FastChange>)>,
     /// Changes in `held`, for the cap.
     held_count: usize,
+    /// It had repair work open at the last tick (see [`CONFIRM_MS`]).
+    busy: bool,
 }
+
+impl Peer {
+    fn busy(&self) -> bool {
+        !self.sessions.is_empty()
+            || !self.pending.is_empty()
+            || !self.to_push.is_empty()
+            || self.held_count > 0
+    }
+}
+
+/// When the repair work with a peer is done (or the docs this node lacked
+/// have arrived), the next digest goes out within this many milliseconds
+/// instead of a whole anti-entropy period later: both sides learn soon that
+/// they agree (or what is still missing).
+pub const CONFIRM_MS: u64 = 1_000;
 
 /// How long out-of-order changes wait for their dependencies before the doc
 /// is synced with the sender.
@@ -586,6 +603,7 @@ impl Core {
                         last_in_sync_at: None,
                         held: HashMap::new(),
                         held_count: 0,
+                        busy: false,
                     },
                 );
                 out.push(self.digest_to(peer));
@@ -618,9 +636,18 @@ impl Core {
                     self.start_pending(now, peer, docs, &mut out);
                 }
                 self.push_budget = self.cfg.max_pushes_per_tick;
-                if !self.lacking.is_empty() {
+                let lacked = !self.lacking.is_empty();
+                if lacked {
                     let digest = &self.digest;
                     self.lacking.retain(|doc| digest.entry(doc).is_none());
+                }
+                let arrived = lacked && self.lacking.is_empty();
+                for p in self.peers.values_mut() {
+                    let busy = p.busy();
+                    if (p.busy && !busy) || arrived {
+                        p.next_digest_at = p.next_digest_at.min(now + CONFIRM_MS);
+                    }
+                    p.busy = busy;
                 }
                 for peer in &peers {
                     self.push_docs(now, peer, docs, &mut out);

@@ -138,10 +138,12 @@ pub async fn exec(
     timeout: Duration,
     input: &Json,
     env: &BTreeMap<&str, String>,
+    cwd: &std::path::Path,
 ) -> Result<Json, Failure> {
     let (program, args) = command.split_first().expect("checked at load: not empty");
     let mut child = tokio::process::Command::new(program)
         .args(args)
+        .current_dir(cwd)
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -217,13 +219,27 @@ mod tests {
             "-c".into(),
             "cat; echo \" $MERGEFLOW_RUN_KEY\"".into(),
         ];
-        let out = exec(&cat, Duration::from_secs(10), &json!({"a": 1}), &env)
-            .await
-            .ok()
-            .unwrap();
+        let out = exec(
+            &cat,
+            Duration::from_secs(10),
+            &json!({"a": 1}),
+            &env,
+            std::path::Path::new("."),
+        )
+        .await
+        .ok()
+        .unwrap();
         assert_eq!(out["stdout"], "{\"a\":1} abc\n");
         let fail = ["sh".to_string(), "-c".into(), "echo bad >&2; exit 3".into()];
-        match exec(&fail, Duration::from_secs(10), &json!({}), &env).await {
+        match exec(
+            &fail,
+            Duration::from_secs(10),
+            &json!({}),
+            &env,
+            std::path::Path::new("."),
+        )
+        .await
+        {
             Err(Failure::Retry(e)) => {
                 assert!(e.contains("exit status: 3") && e.contains("bad"), "{e}")
             }
@@ -235,19 +251,40 @@ mod tests {
             "-c".into(),
             "head -c 2000000 /dev/zero | tr '\\0' x".into(),
         ];
-        let out = exec(&loud, Duration::from_secs(20), &json!({}), &env)
-            .await
-            .ok()
-            .unwrap();
+        let out = exec(
+            &loud,
+            Duration::from_secs(20),
+            &json!({}),
+            &env,
+            std::path::Path::new("."),
+        )
+        .await
+        .ok()
+        .unwrap();
         assert!(out["stdout"].as_str().unwrap().contains("bytes in all"));
         let slow = ["sleep".to_string(), "30".into()];
-        match exec(&slow, Duration::from_millis(200), &json!({}), &env).await {
+        match exec(
+            &slow,
+            Duration::from_millis(200),
+            &json!({}),
+            &env,
+            std::path::Path::new("."),
+        )
+        .await
+        {
             Err(Failure::Retry(e)) => assert!(e.contains("killed"), "{e}"),
             _ => panic!("a timeout is a failure"),
         }
         let missing = ["/no/such/program".to_string()];
         assert!(matches!(
-            exec(&missing, Duration::from_secs(1), &json!({}), &env).await,
+            exec(
+                &missing,
+                Duration::from_secs(1),
+                &json!({}),
+                &env,
+                std::path::Path::new(".")
+            )
+            .await,
             Err(Failure::Retry(_))
         ));
     }

@@ -1754,7 +1754,9 @@ async fn run_effect(
                 ("MERGEFLOW_STEP", step.to_string()),
             ]
             .into();
-            super::effect::exec(command, *timeout, input, &env).await
+            // In the node's data dir, whatever the process's directory.
+            let data_dir = shared.store.path().parent().unwrap_or(shared.store.path());
+            super::effect::exec(command, *timeout, input, &env, data_dir).await
         }
         other => Err(Failure::Final(format!(
             "kind {} is not an effect",

@@ -264,6 +264,20 @@ pub fn render(scrape: &Scrape) -> String {
         timings.flush.clone(),
     );
     register_peers(&mut r, peers);
+    let changes = Family::<Labels, Counter>::default();
+    for (origin, n) in [
+        ("local", status.changes_local),
+        ("remote", status.changes_remote),
+    ] {
+        changes
+            .get_or_create(&vec![("origin", origin.into())])
+            .inc_by(n);
+    }
+    r.register(
+        "changes_applied",
+        "Automerge changes stored: made here (local) or merged from peers or a restore (remote)",
+        changes,
+    );
     if let Some(net) = net {
         let messages = Family::<Labels, Counter>::default();
         for (direction, counts) in [("out", &net.sent), ("in", &net.received)] {

@@ -376,6 +376,13 @@ pub struct Status {
     pub lazy_rounds: u64,
     /// Workflow definitions and runs since start.
     pub workflows: crate::workflow::EngineStats,
+    /// Automerge changes made on this node since start (writes, workflow
+    /// writes).
+    #[serde(default)]
+    pub changes_local: u64,
+    /// Automerge changes merged from peers (or a restore) since start.
+    #[serde(default)]
+    pub changes_remote: u64,
     /// Long operations in progress (backup, restore).
     #[serde(default)]
     pub tasks: Vec<crate::progress::Task>,
@@ -609,6 +616,8 @@ impl Node {
             flushed_writes: stats.writes.load(std::sync::atomic::Ordering::Relaxed),
             lazy_rounds: stats.lazy.load(std::sync::atomic::Ordering::Relaxed),
             workflows: self.inner.workflows.stats(),
+            changes_local: self.inner.docs.changes_stored().0,
+            changes_remote: self.inner.docs.changes_stored().1,
             tasks: self.inner.progress.list(),
             docs_lacking: self.inner.docs.sync_stats().map(|s| s.docs_lacking),
         }

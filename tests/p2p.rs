@@ -77,6 +77,11 @@ async fn three_nodes_converge_and_a_late_joiner_catches_up() {
     get("mergeflow_anti_entropy_docs_differing_total");
     assert_eq!(get("mergeflow_write_duration_seconds_count"), 30.0);
     assert!(get("mergeflow_flush_duration_seconds_count") >= 1.0);
+    assert_eq!(
+        get("mergeflow_changes_applied_total{origin=\"local\"}"),
+        30.0
+    );
+    assert!(get("mergeflow_changes_applied_total{origin=\"remote\"}") >= 60.0);
     // Per peer: c is connected to a, and each sent the other its changes.
     let a_peer = a.peer_id().to_string();
     let series =

@@ -255,6 +255,10 @@ fn store_merged(
     }
     let bytes = new.iter().map(|c| c.raw_bytes());
     super::writer::append_changes(&mut round.batch, id, &mut meta, loaded, now, bytes);
+    inner
+        .changes
+        .remote
+        .fetch_add(new.len() as u64, std::sync::atomic::Ordering::Relaxed);
     super::writer::maybe_compact(inner, id, loaded, &mut meta, &mut round.batch);
     let (paths, truncated) = super::writer::changed_paths(&loaded.doc, log);
     for c in &new {

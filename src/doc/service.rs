@@ -217,9 +217,20 @@ pub struct Docs {
     writer: mpsc::Sender<WriterMsg>,
 }
 
+/// Automerge changes stored since start, by where they were made.
+#[derive(Default)]
+pub(super) struct ChangeCounts {
+    /// Made on this node (writes, workflow writes).
+    pub(super) local: std::sync::atomic::AtomicU64,
+    /// Merged from peers (fast path, sync, pushed docs) or from a restore.
+    pub(super) remote: std::sync::atomic::AtomicU64,
+}
+
 pub(super) struct Inner {
     /// Local writes, from the call to the answer.
     write_latency: prometheus_client::metrics::histogram::Histogram,
+    /// Automerge changes stored: made here, and merged from peers.
+    pub(super) changes: ChangeCounts,
     pub(super) store: Store,
     pub(super) commit: GroupCommit,
     pub(super) actor: ActorId,
@@ -345,6 +356,7 @@ impl Docs {
             replicas: Default::default(),
             clock: Default::default(),
             write_latency: crate::metrics::latency_histogram(),
+            changes: ChangeCounts::default(),
         });
         let thread_inner = inner.clone();
         let handle = std::thread::Builder::new()
@@ -627,6 +639,15 @@ impl Docs {
                 .observe(started.elapsed().as_secs_f64());
         }
         result
+    }
+
+    /// Automerge changes stored since start: (made here, merged from peers
+    /// or a restore).
+    pub fn changes_stored(&self) -> (u64, u64) {
+        (
+            self.inner.changes.local.load(Ordering::Relaxed),
+            self.inner.changes.remote.load(Ordering::Relaxed),
+        )
     }
 
     /// Local writes so far: how long each took, from the call to the answer.

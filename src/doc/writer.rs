@@ -794,6 +794,7 @@ where
         return Err(e);
     }
     append_changes(batch, id, &mut meta, loaded, now, [bytes]);
+    inner.changes.local.fetch_add(1, Ordering::Relaxed);
     let input = Input::LocalChange {
         doc: id.to_string(),
         change: bytes.to_vec(),

@@ -365,27 +365,14 @@ fn backup_partial(path: &std::path::Path) -> std::path::PathBuf {
     mergeflow::backup::partial_path(path)
 }
 
-/// A node with its API and the network on loopback, dialing `peers`.
-async fn p2p_api_node(dir: &std::path::Path, peers: Vec<String>) -> Node {
-    let mut config = mergeflow::config::Config::default();
-    config.node.data_dir = dir.to_path_buf();
-    config.net.listen = vec!["/ip4/127.0.0.1/tcp/0".into()];
-    config.net.mdns = false;
-    config.net.peers = peers;
-    config.net.anti_entropy_ms = 500;
-    Node::builder()
-        .config(config)
-        .network(true)
-        .api("127.0.0.1:0".parse().unwrap())
-        .start()
-        .await
-        .unwrap()
+fn fast_anti_entropy(c: &mut mergeflow::config::Config) {
+    c.net.anti_entropy_ms = 500;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn wait_synced_follows_a_new_nodes_initial_sync() {
     let dir = tempfile::tempdir().unwrap();
-    let a = p2p_api_node(&dir.path().join("a"), vec![]).await;
+    let a = common::p2p_api_node(&dir.path().join("a"), vec![], fast_anti_entropy).await;
     for i in 0..200 {
         a.doc(&format!("d/{i}"))
             .unwrap()
@@ -398,7 +385,7 @@ async fn wait_synced_follows_a_new_nodes_initial_sync() {
         token: None,
     };
     let a_addr = common::listen_addr(&a).await;
-    let b = p2p_api_node(&dir.path().join("b"), vec![a_addr]).await;
+    let b = common::p2p_api_node(&dir.path().join("b"), vec![a_addr], fast_anti_entropy).await;
     let cli = Cli {
         api: b.api_addr().unwrap().to_string(),
         token: None,

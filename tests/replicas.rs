@@ -7,25 +7,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-async fn api_node(dir: &std::path::Path, peers: Vec<String>) -> mergeflow::Node {
-    let mut config = mergeflow::config::Config::default();
-    config.node.data_dir = dir.to_path_buf();
-    config.net.listen = vec!["/ip4/127.0.0.1/tcp/0".into()];
-    config.net.mdns = false;
-    config.net.peers = peers;
-    mergeflow::Node::builder()
-        .config(config)
-        .network(true)
-        .api("127.0.0.1:0".parse().unwrap())
-        .start()
-        .await
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_wait_for_replicas_and_time_out_with_a_count() {
     let dir = tempfile::tempdir().unwrap();
-    let a = api_node(&dir.path().join("a"), vec![]).await;
+    let a = common::p2p_api_node(&dir.path().join("a"), vec![], |_| {}).await;
     let a_addr = common::listen_addr(&a).await;
     let b = common::p2p_node(&dir.path().join("b"), vec![a_addr.clone()], |_| {}).await;
     let c = common::p2p_node(&dir.path().join("c"), vec![a_addr], |_| {}).await;

@@ -8,42 +8,8 @@
 #        MERGEFLOW_BIN=path uses a binary you built)
 set -euo pipefail
 
-ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-if [ -z "${MERGEFLOW_BIN:-}" ]; then
-    echo "building mergeflow (release)..."
-    (cd "$ROOT" && cargo build --release --quiet)
-    MERGEFLOW_BIN=$ROOT/target/release/mergeflow
-fi
-BIN=$MERGEFLOW_BIN
-WORK=$(mktemp -d)
-declare -A PID API
-cleanup() {
-    for n in "${!PID[@]}"; do kill "${PID[$n]}" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    if [ -n "${KEEP:-}" ]; then echo "data kept in $WORK"; else rm -rf "$WORK"; fi
-}
-trap cleanup EXIT
-die() { echo "cluster: $*" >&2; exit 1; }
+source "$(dirname "$0")/../common.sh"
 
-# start NAME [flags...]: runs a node on loopback and waits for its ready line.
-start() {
-    local name=$1; shift
-    : >"$WORK/$name.out"
-    "$BIN" start --data-dir "$WORK/$name" --api 127.0.0.1:0 --listen /ip4/127.0.0.1/tcp/0 \
-        --no-mdns --log-level warn "$@" >>"$WORK/$name.out" 2>>"$WORK/$name.err" &
-    PID[$name]=$!
-    for _ in $(seq 600); do
-        if grep -q ' ready: ' "$WORK/$name.out"; then
-            API[$name]=$(sed -n 's/.* api=\([^ ]*\) .*/\1/p' "$WORK/$name.out" | tail -1)
-            return
-        fi
-        kill -0 "${PID[$name]}" 2>/dev/null || { cat "$WORK/$name.err" >&2; die "node $name exited"; }
-        sleep 0.1
-    done
-    die "node $name did not start"
-}
-mf() { local name=$1; shift; "$BIN" "$@" --api "${API[$name]}"; }
-p2p_addr() { mf "$1" status | awk '/^listen/ { print $2; exit }'; }
 peer_id() { mf "$1" status | awk '/^peer_id/ { print $2 }'; }
 doc_json() { mf "$1" doc get "$2" --json 2>/dev/null | tr '\n' ' ' | tr -s ' ' || true; }
 
@@ -65,11 +31,11 @@ converged() {
 }
 
 echo "1. starting three nodes (n2 and n3 dial n1)"
-start n1
+start_local n1
 N1=$(p2p_addr n1)
 [ -n "$N1" ] || die "n1 has no p2p address"
-start n2 --peer "$N1"
-start n3 --peer "$N1"
+start_local n2 --peer "$N1"
+start_local n3 --peer "$N1"
 for n in n1 n2 n3; do echo "   $n: api ${API[$n]}, peer $(peer_id $n)"; done
 
 echo "2. each node writes its own key of one doc, at the same time"
@@ -85,7 +51,7 @@ mf n2 doc patch rooms/hall '{"lights": "on"}' >/dev/null
 echo "   n1 holds: $(doc_json n1 rooms/kitchen)"
 
 echo "4. restart n3 on its data dir: it recovers and catches up"
-start n3 --peer "$N1"
+start_local n3 --peer "$N1"
 converged rooms/kitchen
 converged rooms/hall
 mf n3 wait-synced --timeout 60 | sed 's/^/   n3: /'

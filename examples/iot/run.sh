@@ -11,42 +11,8 @@
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
-ROOT=$(cd "$HERE/../.." && pwd)
-if [ -z "${MERGEFLOW_BIN:-}" ]; then
-    echo "building mergeflow (release)..."
-    (cd "$ROOT" && cargo build --release --quiet)
-    MERGEFLOW_BIN=$ROOT/target/release/mergeflow
-fi
-BIN=$MERGEFLOW_BIN
-WORK=$(mktemp -d)
-declare -A PID API
-cleanup() {
-    for n in "${!PID[@]}"; do kill "${PID[$n]}" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    if [ -n "${KEEP:-}" ]; then echo "data kept in $WORK"; else rm -rf "$WORK"; fi
-}
-trap cleanup EXIT
-die() { echo "iot: $*" >&2; exit 1; }
+source "$HERE/../common.sh"
 
-# start NAME [flags...]: runs a node and waits for its ready line.
-start() {
-    local name=$1; shift
-    : >"$WORK/$name.out"
-    "$BIN" start --data-dir "$WORK/$name" --log-level warn "$@" \
-        >>"$WORK/$name.out" 2>>"$WORK/$name.err" &
-    PID[$name]=$!
-    for _ in $(seq 600); do
-        if grep -q ' ready: ' "$WORK/$name.out"; then
-            API[$name]=$(sed -n 's/.* api=\([^ ]*\) .*/\1/p' "$WORK/$name.out" | tail -1)
-            return
-        fi
-        kill -0 "${PID[$name]}" 2>/dev/null || { cat "$WORK/$name.err" >&2; die "node $name exited"; }
-        sleep 0.1
-    done
-    die "node $name did not start"
-}
-stop() { kill "${PID[$1]}"; wait "${PID[$1]}" 2>/dev/null || true; unset "PID[$1]"; }
-mf() { local name=$1; shift; "$BIN" "$@" --api "${API[$name]}"; }
 get() { mf "$1" doc get "$2" --path "$3" --json 2>/dev/null || echo null; }
 # wait_for NAME DOC POINTER VALUE: until NAME reads VALUE there.
 wait_for() {
@@ -56,15 +22,13 @@ wait_for() {
     done
     die "$1: $2$3 is $(get "$1" "$2" "$3"), not $4"
 }
-sensor() {
-    start "$1" --light --api 127.0.0.1:0 --listen /ip4/127.0.0.1/tcp/0 --no-mdns "${@:2}"
-}
+sensor() { start_local "$1" --light "${@:2}"; }
 
 echo "1. the gateway starts with its workflows"
 mkdir -p "$WORK/gateway"
 cp -r "$HERE/workflows" "$WORK/gateway/workflows"
 start gateway --config "$HERE/gateway.toml"
-GW=$(mf gateway status | awk '/^listen/ { print $2; exit }')
+GW=$(p2p_addr gateway)
 mf gateway workflow list | sed 's/^/   /'
 
 echo "2. a setpoint conflict: s1 sets heater-1 to 25 while cut off, the gateway sets 21"

@@ -178,6 +178,27 @@ pub async fn p2p_node(
         .unwrap()
 }
 
+/// As [`p2p_node`], serving its HTTP API on a free loopback port too.
+pub async fn p2p_api_node(
+    dir: &Path,
+    peers: Vec<String>,
+    tweak: impl FnOnce(&mut mergeflow::config::Config),
+) -> mergeflow::Node {
+    let mut config = mergeflow::config::Config::default();
+    config.node.data_dir = dir.to_path_buf();
+    config.net.listen = vec!["/ip4/127.0.0.1/tcp/0".into()];
+    config.net.mdns = false;
+    config.net.peers = peers;
+    tweak(&mut config);
+    mergeflow::Node::builder()
+        .config(config)
+        .network(true)
+        .api("127.0.0.1:0".parse().unwrap())
+        .start()
+        .await
+        .unwrap()
+}
+
 /// An in-process node serving its HTTP API on a free loopback port, data in
 /// `dir/data`; `tweak` adjusts the rest of its config.
 pub async fn api_node(

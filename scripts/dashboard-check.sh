@@ -13,6 +13,7 @@
 #
 # Usage: scripts/dashboard-check.sh   (MERGEFLOW_BIN=path to use a built binary)
 set -euo pipefail
+case "${1:-}" in -h|--help) sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;; esac
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 die() { echo "dashboard-check: $*" >&2; exit 1; }

@@ -7,6 +7,7 @@
 # Usage: examples/cluster/run.sh   (builds the release binary first;
 #        MERGEFLOW_BIN=path uses a binary you built)
 set -euo pipefail
+case "${1:-}" in -h|--help) sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;; esac
 
 source "$(dirname "$0")/../common.sh"
 

@@ -9,6 +9,7 @@
 # Usage: examples/iot/run.sh   (builds the release binary first;
 #        MERGEFLOW_BIN=path uses a binary you built)
 set -euo pipefail
+case "${1:-}" in -h|--help) sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;; esac
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 source "$HERE/../common.sh"

@@ -37,15 +37,28 @@ fn script(path: &str) -> String {
 fn the_cluster_example_converges_after_a_kill() {
     let out = script("examples/cluster/run.sh");
     assert!(out.contains("n3: in sync with 2 peers"), "{out}");
-    assert!(out.trim_end().ends_with("including the one that was killed"), "{out}");
+    assert!(
+        out.trim_end()
+            .ends_with("including the one that was killed"),
+        "{out}"
+    );
 }
 
 #[test]
 fn the_iot_example_derives_resolves_and_alerts() {
     let out = script("examples/iot/run.sh");
-    assert!(out.contains("heater-1 setpoint on s1 after the merge: 21"), "{out}");
-    assert!(out.contains("s3: readings [30.5,32.5,34.5,36.5,38.5], average 34.5"), "{out}");
-    assert!(out.contains("alert: sensors/s3") || out.contains("\"doc\":\"sensors/s3\""), "{out}");
+    assert!(
+        out.contains("heater-1 setpoint on s1 after the merge: 21"),
+        "{out}"
+    );
+    assert!(
+        out.contains("s3: readings [30.5,32.5,34.5,36.5,38.5], average 34.5"),
+        "{out}"
+    );
+    assert!(
+        out.contains("alert: sensors/s3") || out.contains("\"doc\":\"sensors/s3\""),
+        "{out}"
+    );
     assert!(out.trim_end().ends_with("ok"), "{out}");
 }
 

@@ -36,6 +36,7 @@ pub mod client;
 pub mod config;
 pub mod doc;
 pub mod feed;
+pub mod fuzzing;
 pub mod metrics;
 pub mod net;
 pub mod node;

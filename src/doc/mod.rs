@@ -22,10 +22,10 @@ pub use ops::{Op, ValueKind, apply_ops};
 pub use patch::{apply_merge_patch, ops_to_match};
 pub use path::Pointer;
 pub use replicas::Held;
-pub use service::now_ms;
 pub use service::{
     Change, ChangeFn, DocInfo, Docs, DocsConfig, HistoryEntry, PeerSyncView, Snapshot, WriteResult,
 };
+pub use service::{load_stored, load_stored_contained, now_ms};
 
 use crate::store::StoreError;
 

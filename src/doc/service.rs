@@ -1074,37 +1074,9 @@ impl Inner {
         };
         // Stored bytes are ours, but a damaged disk makes them outside input:
         // Automerge may panic on them, so contain that to this document.
-        let doc = std::panic::catch_unwind(AssertUnwindSafe(|| -> Result<Automerge, String> {
-            let mut doc = if data.snapshot.is_empty() {
-                new_doc(&self.actor)
-            } else {
-                let opts = LoadOptions::new().text_encoding(TextEncoding::UnicodeCodePoint);
-                Automerge::load_with_options(&data.snapshot, opts)
-                    .map_err(|e| format!("snapshot: {e}"))?
-            };
-            let changes = data
-                .changes
-                .into_iter()
-                .map(AmChange::from_bytes)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| format!("change: {e}"))?;
-            doc.apply_changes(changes)
-                .map_err(|e| format!("applying changes: {e}"))?;
-            // Automerge quietly holds back changes whose dependencies are
-            // missing; the recorded heads tell whether everything applied.
-            let mut heads: Vec<String> = doc.get_heads().iter().map(|h| h.to_string()).collect();
-            let mut want = meta.heads.clone();
-            heads.sort();
-            want.sort();
-            if heads != want {
-                return Err(format!(
-                    "the stored changes lead to heads {heads:?}, but the doc's metadata records {want:?}"
-                ));
-            }
-            Ok(doc.with_actor(self.actor.clone()))
-        }))
-        .map_err(|_| corrupt("automerge panicked while loading".into()))?
-        .map_err(corrupt)?;
+        let doc = load_stored_contained(&data.snapshot, data.changes, &meta.heads)
+            .map(|doc| doc.with_actor(self.actor.clone()))
+            .map_err(corrupt)?;
         Ok(Loaded {
             doc,
             meta: Some(meta),
@@ -1118,6 +1090,59 @@ pub(super) fn live_meta<'a>(id: &DocId, loaded: &'a Loaded) -> Result<&'a DocMet
         Some(m) if m.deleted_at_ms.is_some() => Err(DocError::Deleted(id.to_string())),
         Some(m) => Ok(m),
     }
+}
+
+/// Loads a stored document: its snapshot (empty: none) and the changes
+/// stored after it, which must lead to `heads` (hex; the doc's metadata).
+/// The caller contains panics (a damaged disk makes these bytes outside
+/// input); `crate::fuzzing::stored_doc` feeds it anything.
+///
+/// # Errors
+/// What does not load or apply, or heads that differ from `heads`.
+pub fn load_stored(
+    snapshot: &[u8],
+    changes: Vec<Vec<u8>>,
+    heads: &[String],
+) -> Result<Automerge, String> {
+    let mut doc = if snapshot.is_empty() {
+        Automerge::new_with_encoding(TextEncoding::UnicodeCodePoint)
+    } else {
+        let opts = LoadOptions::new().text_encoding(TextEncoding::UnicodeCodePoint);
+        Automerge::load_with_options(snapshot, opts).map_err(|e| format!("snapshot: {e}"))?
+    };
+    let changes = changes
+        .into_iter()
+        .map(AmChange::from_bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("change: {e}"))?;
+    doc.apply_changes(changes)
+        .map_err(|e| format!("applying changes: {e}"))?;
+    // Automerge quietly holds back changes whose dependencies are missing;
+    // the recorded heads tell whether everything applied.
+    let mut got: Vec<String> = doc.get_heads().iter().map(|h| h.to_string()).collect();
+    let mut want = heads.to_vec();
+    got.sort();
+    want.sort();
+    if got != want {
+        return Err(format!(
+            "the stored changes lead to heads {got:?}, but the doc's metadata records {want:?}"
+        ));
+    }
+    Ok(doc)
+}
+
+/// [`load_stored`] with a panic in Automerge turned into an error: what the
+/// store's loader runs, so damaged bytes cost their document, not the node.
+///
+/// # Errors
+/// As [`load_stored`], and "automerge panicked while loading".
+pub fn load_stored_contained(
+    snapshot: &[u8],
+    changes: Vec<Vec<u8>>,
+    heads: &[String],
+) -> Result<Automerge, String> {
+    std::panic::catch_unwind(AssertUnwindSafe(|| load_stored(snapshot, changes, heads)))
+        .map_err(|_| "automerge panicked while loading".to_string())?
 }
 
 pub(super) fn new_doc(actor: &ActorId) -> Automerge {

@@ -30,7 +30,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use serde::Deserialize;
+use serde_json::Value as Json;
 
+use crate::doc::conflict::ConflictValue;
 use crate::feed::DocGlob;
 
 /// A definition that cannot be used: where, and what is wrong.
@@ -67,6 +69,48 @@ pub enum Policy {
     Priority,
     /// Operations with the same idempotency key apply once.
     Idempotent,
+}
+
+impl Policy {
+    /// The value `policy` keeps among conflicting ones; ties go to the higher
+    /// clock, then to the higher actor and op counter, so every peer picks the
+    /// same.
+    pub fn pick(self, values: &[ConflictValue]) -> Option<&ConflictValue> {
+        let order = |v: &ConflictValue| (v.stamp.hlc, v.actor.clone(), v.counter);
+        match self {
+            Policy::Timestamp => values.iter().max_by_key(|v| order(v)),
+            Policy::Priority => values.iter().max_by_key(|v| (v.stamp.prio, order(v))),
+            Policy::Version => {
+                let version = |v: &ConflictValue| v.value.get("version").and_then(Json::as_f64);
+                values.iter().max_by(|a, b| {
+                    let (va, vb) = (version(a), version(b));
+                    va.partial_cmp(&vb)
+                        .unwrap_or(std::cmp::Ordering::Equal)
+                        .then_with(|| order(a).cmp(&order(b)))
+                })
+            }
+            Policy::Idempotent => {
+                // Values written by changes with one idempotency key are one
+                // operation applied more than once: only its first application
+                // (lowest clock) counts. Among distinct operations the latest wins.
+                let mut first: BTreeMap<&str, &ConflictValue> = BTreeMap::new();
+                let mut distinct: Vec<&ConflictValue> = Vec::new();
+                for v in values {
+                    match v.stamp.idem.as_deref() {
+                        None => distinct.push(v),
+                        Some(k) => {
+                            let e = first.entry(k).or_insert(v);
+                            if order(v) < order(e) {
+                                *e = v;
+                            }
+                        }
+                    }
+                }
+                distinct.extend(first.into_values());
+                distinct.into_iter().max_by_key(|v| order(v))
+            }
+        }
+    }
 }
 
 /// How retries wait.

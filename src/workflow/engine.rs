@@ -52,7 +52,6 @@ use super::log::RunLog;
 use super::plan::{Plan, kind_name};
 use super::run::{Run, RunStatus, StepRun, StepState, run_key};
 use crate::config::WorkflowConfig;
-use crate::doc::conflict::ConflictValue;
 use crate::doc::{Change, DocError, DocId, Docs, Op, Pointer, now_ms};
 use crate::feed::{Cause, DocGlob, Feed, FeedItem};
 use crate::store::{Store, StoreError};
@@ -2050,7 +2049,7 @@ async fn resolve(
     let mut report = Vec::new();
     let mut wrote = Vec::new();
     for c in conflicts {
-        let Some(winner) = pick(policy, &c.values) else {
+        let Some(winner) = policy.pick(&c.values) else {
             continue;
         };
         report.push(serde_json::json!({
@@ -2066,46 +2065,6 @@ async fn resolve(
     let (mut output, wrote) = write_values(shared, doc, wrote, cause).await?;
     output["conflicts"] = Json::Array(report);
     Ok((output, wrote))
-}
-
-/// The value `policy` keeps among conflicting ones; ties go to the higher
-/// clock, then to the higher actor and op counter, so every peer picks the
-/// same.
-fn pick(policy: Policy, values: &[ConflictValue]) -> Option<&ConflictValue> {
-    let order = |v: &ConflictValue| (v.stamp.hlc, v.actor.clone(), v.counter);
-    match policy {
-        Policy::Timestamp => values.iter().max_by_key(|v| order(v)),
-        Policy::Priority => values.iter().max_by_key(|v| (v.stamp.prio, order(v))),
-        Policy::Version => {
-            let version = |v: &ConflictValue| v.value.get("version").and_then(Json::as_f64);
-            values.iter().max_by(|a, b| {
-                let (va, vb) = (version(a), version(b));
-                va.partial_cmp(&vb)
-                    .unwrap_or(std::cmp::Ordering::Equal)
-                    .then_with(|| order(a).cmp(&order(b)))
-            })
-        }
-        Policy::Idempotent => {
-            // Values written by changes with one idempotency key are one
-            // operation applied more than once: only its first application
-            // (lowest clock) counts. Among distinct operations the latest wins.
-            let mut first: BTreeMap<&str, &ConflictValue> = BTreeMap::new();
-            let mut distinct: Vec<&ConflictValue> = Vec::new();
-            for v in values {
-                match v.stamp.idem.as_deref() {
-                    None => distinct.push(v),
-                    Some(k) => {
-                        let e = first.entry(k).or_insert(v);
-                        if order(v) < order(e) {
-                            *e = v;
-                        }
-                    }
-                }
-            }
-            distinct.extend(first.into_values());
-            distinct.into_iter().max_by_key(|v| order(v))
-        }
-    }
 }
 
 /// A `write` step: values written into the target doc where they differ.

@@ -93,6 +93,9 @@ pub struct StoreConfig {
     /// flushed within this many milliseconds instead of one flush each; 0
     /// flushes each before its change-feed event.
     pub remote_flush_ms: u64,
+    /// Also fsync sled's files after each flush, so that acknowledged writes
+    /// survive power loss and OS crashes, not only a killed process.
+    pub fsync: bool,
 }
 
 /// `[doc]`: document limits and JSON mapping.
@@ -216,6 +219,7 @@ impl Default for Config {
                 cache_doc_bytes: docs.cache_doc_bytes,
                 compact_after_changes: docs.compact_after_changes,
                 remote_flush_ms: 100,
+                fsync: false,
             },
             doc: DocConfig {
                 strings: docs.strings,

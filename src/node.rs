@@ -127,6 +127,7 @@ impl NodeBuilder {
             store.clone(),
             config.perf.flush_queue,
             std::time::Duration::from_millis(config.store.remote_flush_ms),
+            config.store.fsync,
         );
         let sync_cfg = self
             .sync

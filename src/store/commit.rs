@@ -67,7 +67,13 @@ impl GroupCommit {
     ///
     /// The thread exits after [`GroupCommit::stop`] or when every clone is dropped,
     /// answering the requests queued before; join it with the returned handle.
-    pub fn start(store: Store, queue: usize, lazy: Duration) -> (GroupCommit, JoinHandle<()>) {
+    /// With `fsync`, every flush is followed by [`Store::sync_files`].
+    pub fn start(
+        store: Store,
+        queue: usize,
+        lazy: Duration,
+        fsync: bool,
+    ) -> (GroupCommit, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel::<Msg>(queue);
         let stats = Arc::new(FlushStats {
             duration: crate::metrics::latency_histogram(),
@@ -78,7 +84,7 @@ impl GroupCommit {
         let thread_stats = stats.clone();
         let handle = std::thread::Builder::new()
             .name("mergeflow-flush".into())
-            .spawn(move || flush_loop(&store, rx, queue, lazy, &thread_stats))
+            .spawn(move || flush_loop(&store, rx, queue, lazy, fsync, &thread_stats))
             .expect("spawn flush thread");
         (GroupCommit { tx, stats }, handle)
     }
@@ -147,6 +153,7 @@ fn flush_loop(
     mut rx: mpsc::Receiver<Msg>,
     queue: usize,
     mut lazy: Duration,
+    fsync: bool,
     stats: &FlushStats,
 ) {
     // A clock for the lazy window; the thread runs nothing else on it.
@@ -208,10 +215,19 @@ fn flush_loop(
             unflushed = None;
             stats.flushes.fetch_add(1, Ordering::Relaxed);
             let started = Instant::now();
-            let flushed = store.flush().map_err(|e| {
-                tracing::error!(err = %e, "store flush failed");
-                Arc::<str>::from(e.to_string())
-            });
+            let flushed = store
+                .flush()
+                .and_then(|()| {
+                    if fsync {
+                        store.sync_files().map(|_| ())
+                    } else {
+                        Ok(())
+                    }
+                })
+                .map_err(|e| {
+                    tracing::error!(err = %e, "store flush failed");
+                    Arc::<str>::from(e.to_string())
+                });
             stats.duration.observe(started.elapsed().as_secs_f64());
             flushed
         } else {
@@ -236,7 +252,7 @@ mod tests {
     async fn concurrent_writers_share_flushes() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), 1 << 20).unwrap();
-        let (gc, thread) = GroupCommit::start(store.clone(), 64, Duration::ZERO);
+        let (gc, thread) = GroupCommit::start(store.clone(), 64, Duration::ZERO, false);
         let mut tasks = Vec::new();
         for i in 0..64u64 {
             let gc = gc.clone();
@@ -265,7 +281,7 @@ mod tests {
     fn lazy_acks_run_in_order_and_are_flushed_within_the_window() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), 1 << 20).unwrap();
-        let (gc, thread) = GroupCommit::start(store.clone(), 64, Duration::from_millis(20));
+        let (gc, thread) = GroupCommit::start(store.clone(), 64, Duration::from_millis(20), false);
         let (tx, rx) = std::sync::mpsc::channel();
         let ack = |name: &'static str| -> Ack {
             let tx = tx.clone();
@@ -301,7 +317,7 @@ mod tests {
     fn a_steady_stream_of_lazy_batches_is_still_flushed() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), 1 << 20).unwrap();
-        let (gc, thread) = GroupCommit::start(store, 64, Duration::from_millis(20));
+        let (gc, thread) = GroupCommit::start(store, 64, Duration::from_millis(20), false);
         // Lazy batches as fast as the queue takes them: it is never empty,
         // so the window's timer alone would never fire.
         let deadline = Instant::now() + Duration::from_secs(30);

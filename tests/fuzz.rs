@@ -287,3 +287,19 @@ async fn changes_that_make_automerge_panic_cost_their_doc_not_the_node() {
     );
     node.shutdown().await.unwrap();
 }
+
+/// Found by `cargo fuzz run stored_doc` (libFuzzer, 40 s): a 74-byte
+/// snapshot that makes Automerge panic in hexane's RLE decoder
+/// (`rle/decoder.rs:216`, an unwrap of `None`) while loading. Contained.
+#[test]
+fn a_snapshot_that_makes_automerge_panic_is_an_error() {
+    let data = include_bytes!("../fuzz/regressions/stored_doc-hexane-rle-decoder-216.bin");
+    let (snapshot, changes) = fuzzing::split_stored(data);
+    assert!(!snapshot.is_empty() && changes.is_empty());
+    let loaded = mergeflow::doc::load_stored_contained(&snapshot, changes, &[]);
+    assert_eq!(
+        loaded.err().as_deref(),
+        Some("automerge panicked while loading")
+    );
+    fuzzing::stored_doc(data);
+}

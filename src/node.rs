@@ -592,6 +592,7 @@ impl Node {
             .await
             .unwrap_or(0);
         let stats = self.inner.commit.stats();
+        let (changes_local, changes_remote) = self.inner.docs.changes_stored();
         let (listen_addrs, peers) = match &*self.inner.net.lock().expect("not poisoned") {
             Some(net) => {
                 let net = net.state.lock().expect("not poisoned");
@@ -617,8 +618,8 @@ impl Node {
             flushed_writes: stats.writes.load(std::sync::atomic::Ordering::Relaxed),
             lazy_rounds: stats.lazy.load(std::sync::atomic::Ordering::Relaxed),
             workflows: self.inner.workflows.stats(),
-            changes_local: self.inner.docs.changes_stored().0,
-            changes_remote: self.inner.docs.changes_stored().1,
+            changes_local,
+            changes_remote,
             tasks: self.inner.progress.list(),
             docs_lacking: self.inner.docs.sync_stats().map(|s| s.docs_lacking),
         }

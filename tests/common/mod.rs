@@ -157,21 +157,30 @@ pub fn snapshot_files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     out
 }
 
-/// An in-process node on the network: listening on loopback, mDNS off, dialing
-/// `peers`; `tweak` adjusts the rest of its config.
-pub async fn p2p_node(
+/// The config of a node on the network: listening on loopback, mDNS off,
+/// dialing `peers`; `tweak` adjusts the rest.
+fn p2p_config(
     dir: &Path,
     peers: Vec<String>,
     tweak: impl FnOnce(&mut mergeflow::config::Config),
-) -> mergeflow::Node {
+) -> mergeflow::config::Config {
     let mut config = mergeflow::config::Config::default();
     config.node.data_dir = dir.to_path_buf();
     config.net.listen = vec!["/ip4/127.0.0.1/tcp/0".into()];
     config.net.mdns = false;
     config.net.peers = peers;
     tweak(&mut config);
+    config
+}
+
+/// An in-process node on the network (see [`p2p_config`]).
+pub async fn p2p_node(
+    dir: &Path,
+    peers: Vec<String>,
+    tweak: impl FnOnce(&mut mergeflow::config::Config),
+) -> mergeflow::Node {
     mergeflow::Node::builder()
-        .config(config)
+        .config(p2p_config(dir, peers, tweak))
         .network(true)
         .start()
         .await
@@ -184,14 +193,8 @@ pub async fn p2p_api_node(
     peers: Vec<String>,
     tweak: impl FnOnce(&mut mergeflow::config::Config),
 ) -> mergeflow::Node {
-    let mut config = mergeflow::config::Config::default();
-    config.node.data_dir = dir.to_path_buf();
-    config.net.listen = vec!["/ip4/127.0.0.1/tcp/0".into()];
-    config.net.mdns = false;
-    config.net.peers = peers;
-    tweak(&mut config);
     mergeflow::Node::builder()
-        .config(config)
+        .config(p2p_config(dir, peers, tweak))
         .network(true)
         .api("127.0.0.1:0".parse().unwrap())
         .start()

@@ -32,6 +32,7 @@
 pub mod api;
 pub mod backup;
 pub mod bench;
+pub mod chaos;
 pub mod client;
 pub mod config;
 pub mod doc;

@@ -133,6 +133,12 @@ enum Cmd {
     },
     /// Print a new random network key for `net.key` (64 hex digits).
     Keygen,
+    /// Fault-campaign tools run by scripts/chaos.sh: workload, effect
+    /// receiver, checker.
+    Chaos {
+        #[command(subcommand)]
+        cmd: cli::chaos::ChaosCmd,
+    },
     /// Measure durable write throughput and latency against a running node.
     Bench {
         #[command(flatten)]
@@ -410,6 +416,13 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Keygen => {
             println!("{}", mergeflow::net::generate_key());
             Ok(())
+        }
+        Cmd::Chaos { cmd } => {
+            if cli::chaos::run(cmd).await? {
+                Ok(())
+            } else {
+                bail!("the campaign broke a promise (see the VIOLATION lines above)")
+            }
         }
         Cmd::Doc { client, cmd } => doc(client, cmd).await,
         Cmd::Workflow { client, cmd } => workflow(client, cmd).await,

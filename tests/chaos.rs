@@ -86,3 +86,51 @@ async fn a_campaign_with_an_offline_node_loses_nothing_and_delivers_every_final_
         n.shutdown().await.unwrap();
     }
 }
+
+/// Found by `scripts/chaos.sh` (seed 1, disk-full fault): a local change
+/// went to peers before the store had it; when storing failed the doc was
+/// reloaded without it, and the next write reused its actor and sequence
+/// number, so every peer rejected the new change as a duplicate sequence
+/// and banned the node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_the_disk_refused_is_not_sent_and_the_next_one_reaches_peers() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = common::p2p_node(&dir.path().join("a"), vec![], |_| {}).await;
+    let a_addr = common::listen_addr(&a).await;
+    let b = common::p2p_node(&dir.path().join("b"), vec![a_addr], |_| {}).await;
+    let read = |n: &mergeflow::Node| {
+        let doc = n.doc("x").unwrap();
+        async move { doc.get().await.ok() }
+    };
+    let until = |n: mergeflow::Node, key: &'static str| async move {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if read(&n).await.is_some_and(|v| v.get(key).is_some()) {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "{key} never arrived");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+
+    let x = a.doc("x").unwrap();
+    x.patch(serde_json::json!({"k1": 1})).await.unwrap();
+    until(b.clone(), "k1").await;
+    a.docs().fail_store_writes(true);
+    let err = x.patch(serde_json::json!({"k2": 2})).await.unwrap_err();
+    assert!(err.to_string().contains("injected failure"), "{err}");
+    a.docs().fail_store_writes(false);
+    x.patch(serde_json::json!({"k3": 3})).await.unwrap();
+    until(b.clone(), "k3").await;
+    let (va, vb) = (read(&a).await.unwrap(), read(&b).await.unwrap());
+    assert_eq!(va, vb);
+    assert_eq!(
+        va,
+        serde_json::json!({"k1": 1, "k3": 3}),
+        "k2 was never stored"
+    );
+    assert_eq!(a.peers().len(), 1, "b still talks to a");
+    for n in [a, b] {
+        n.shutdown().await.unwrap();
+    }
+}

@@ -306,6 +306,13 @@ pub(super) struct Loaded {
 }
 
 impl Docs {
+    /// Fault injection for tests: while `on`, every store write fails as on
+    /// a full disk (see [`crate::store::Store::fail_writes`]).
+    #[doc(hidden)]
+    pub fn fail_store_writes(&self, on: bool) {
+        self.inner.store.fail_writes(on);
+    }
+
     /// Starts the service over `store`, writing with `actor`, and its writer
     /// thread. With `sync`, the writer also runs the sync core, whose outputs go
     /// to the given channel (the network shell's).

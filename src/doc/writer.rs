@@ -315,6 +315,11 @@ fn write_round(inner: &Inner, msgs: Vec<WriterMsg>, mut sync: Option<&mut SyncRu
     {
         sync.handle_all(inputs, &mut round);
     }
+    // Local changes go to the sync core (and so to peers) only once the
+    // store has them: if storing fails, the doc is reloaded without them and
+    // its next change reuses their actor and sequence numbers, which peers
+    // holding the first one would reject as a duplicate sequence.
+    let mut local: Vec<Input> = Vec::new();
     for req in reqs {
         if round.is_poisoned(&req.id) {
             let e = DocError::Internal(format!(
@@ -380,30 +385,36 @@ fn write_round(inner: &Inner, msgs: Vec<WriterMsg>, mut sync: Option<&mut SyncRu
                 round.touched.push(slot);
             }
             round.live_delta += delta;
-            if let (Some(sync), Some(mut input)) = (sync.as_deref_mut(), input) {
+            if let Some(mut input) = input.filter(|_| sync.is_some()) {
                 if let Input::LocalChange { ack, .. } = &mut input {
                     *ack = req.ack;
                 }
-                sync.handle(input, &mut round);
+                local.push(input);
             }
             durable |= !req.tags.lazy;
             r
         });
         results.push((req.reply, result));
     }
+    let batch = std::mem::take(&mut round.batch);
+    let applied = if batch.is_empty() {
+        Ok(())
+    } else {
+        inner.store.apply(batch)
+    };
+    if let (Some(sync), Ok(())) = (sync.as_deref_mut(), &applied) {
+        for input in local {
+            sync.handle(input, &mut round);
+        }
+        debug_assert!(round.batch.is_empty(), "local changes store nothing more");
+    }
     let Round {
-        batch,
         touched,
         live_delta,
         poisoned,
         events,
         ..
     } = round;
-    let applied = if batch.is_empty() {
-        Ok(())
-    } else {
-        inner.store.apply(batch)
-    };
     for (_, slot) in poisoned {
         *lock_slot(&slot) = None;
     }

@@ -310,6 +310,9 @@ pub struct Store {
     path: PathBuf,
     /// Blob files already fsynced (see [`Store::sync_files`]).
     synced_blobs: Arc<Mutex<HashSet<std::ffi::OsString>>>,
+    /// Fault injection: while set, [`Store::apply`] stores nothing and
+    /// fails as a full disk does (see [`Store::fail_writes`]).
+    fail_writes: Arc<std::sync::atomic::AtomicBool>,
 }
 
 const META_SCHEMA: &[u8] = b"schema_version";
@@ -374,6 +377,7 @@ impl Store {
             docs,
             path: db_path.clone(),
             synced_blobs: Arc::default(),
+            fail_writes: Arc::default(),
         };
         match store.meta.get(META_SCHEMA).map_err(sled)? {
             Some(v) => {
@@ -602,6 +606,12 @@ impl Store {
     /// sled errors; then a prefix of the batch may be applied, which leaves
     /// every doc readable at one of the states above.
     pub fn apply(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        if self.fail_writes.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(StoreError::Write(format!(
+                "injected failure in {} (as a full disk)",
+                self.path.display()
+            )));
+        }
         for op in batch.ops {
             match op {
                 BatchOp::Append { change, meta } => {
@@ -616,6 +626,14 @@ impl Store {
             }
         }
         Ok(())
+    }
+
+    /// Fault injection for tests: while `on`, every [`Store::apply`] fails
+    /// before storing anything, as a full disk makes sled fail.
+    #[doc(hidden)]
+    pub fn fail_writes(&self, on: bool) {
+        self.fail_writes
+            .store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The Automerge sync state (encoded: the heads both sides had when a

@@ -116,10 +116,10 @@ async fn a_write_the_disk_refused_is_not_sent_and_the_next_one_reaches_peers() {
     let x = a.doc("x").unwrap();
     x.patch(serde_json::json!({"k1": 1})).await.unwrap();
     until(b.clone(), "k1").await;
-    a.docs().fail_store_writes(true);
+    a.docs().fail_store(true);
     let err = x.patch(serde_json::json!({"k2": 2})).await.unwrap_err();
     assert!(err.to_string().contains("injected failure"), "{err}");
-    a.docs().fail_store_writes(false);
+    a.docs().fail_store(false);
     x.patch(serde_json::json!({"k3": 3})).await.unwrap();
     until(b.clone(), "k3").await;
     let (va, vb) = (read(&a).await.unwrap(), read(&b).await.unwrap());
@@ -130,6 +130,58 @@ async fn a_write_the_disk_refused_is_not_sent_and_the_next_one_reaches_peers() {
         "k2 was never stored"
     );
     assert_eq!(a.peers().len(), 1, "b still talks to a");
+    for n in [a, b] {
+        n.shutdown().await.unwrap();
+    }
+}
+
+/// Found by `scripts/chaos.sh` (seed 2, disk-full fault): a node whose
+/// store failed counted its peers' changes as bad input and banned every
+/// peer. Its own failure is not the peers' fault: they stay connected with
+/// no strikes, and sync brings the changes once the store works again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_store_fails_does_not_blame_its_peers() {
+    let dir = tempfile::tempdir().unwrap();
+    let fast = |c: &mut mergeflow::config::Config| c.net.anti_entropy_ms = 300;
+    let a = common::p2p_node(&dir.path().join("a"), vec![], fast).await;
+    let a_addr = common::listen_addr(&a).await;
+    let b = common::p2p_node(&dir.path().join("b"), vec![a_addr], fast).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while b.peers().iter().all(|p| !p.connected) {
+        assert!(std::time::Instant::now() < deadline, "never connected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    b.docs().fail_store(true);
+    for i in 0..30 {
+        let doc = a.doc(&format!("y{}", i % 3)).unwrap();
+        doc.patch(serde_json::json!({ format!("k{i}"): i }))
+            .await
+            .unwrap();
+    }
+    let a_id = a.peer_id().to_string();
+    // b refuses what it cannot store; give it time to (wrongly) strike a.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    b.docs().fail_store(false);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut keys = 0;
+        for d in ["y0", "y1", "y2"] {
+            if let Ok(v) = b.doc(d).unwrap().get().await {
+                keys += v.as_object().map_or(0, |o| o.len());
+            }
+        }
+        if keys == 30 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "b has {keys} of 30 keys"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let seen = b.peers().into_iter().find(|p| p.peer_id == a_id).unwrap();
+    assert_eq!(seen.rejected, 0, "a was charged for b's failure");
+    assert!(seen.connected, "b dropped a");
     for n in [a, b] {
         n.shutdown().await.unwrap();
     }

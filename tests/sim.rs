@@ -11,7 +11,9 @@ use automerge::sync::{self, SyncDoc};
 use automerge::transaction::Transactable;
 use automerge::{ActorId, Automerge, Change, ObjType, ROOT, ReadDoc};
 use mergeflow::doc::to_json;
-use mergeflow::sync::{Applied, Core, DocAccess, DocState, Input, Message, Output, SyncConfig};
+use mergeflow::sync::{
+    Applied, Core, DocAccess, DocState, Input, Message, Output, Refusal, SyncConfig,
+};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
@@ -65,7 +67,7 @@ impl DocAccess for SimDocs {
         doc: &str,
         state: &mut sync::State,
         data: &[u8],
-    ) -> Result<Option<DocState>, String> {
+    ) -> Result<Option<DocState>, Refusal> {
         let msg = sync::Message::decode(data).map_err(|e| e.to_string())?;
         if self.deleted.contains(doc) {
             return Ok(Some(DocState::Deleted));
@@ -80,7 +82,7 @@ impl DocAccess for SimDocs {
         Ok(Some(self.doc_state(doc)))
     }
 
-    fn apply_change(&mut self, doc: &str, change: &[u8]) -> Result<Applied, String> {
+    fn apply_change(&mut self, doc: &str, change: &[u8]) -> Result<Applied, Refusal> {
         if self.deleted.contains(doc) {
             return Ok(Applied::Deleted);
         }
@@ -96,7 +98,7 @@ impl DocAccess for SimDocs {
         Ok(Applied::Ok(self.doc_state(doc)))
     }
 
-    fn delete(&mut self, doc: &str) -> Result<(), String> {
+    fn delete(&mut self, doc: &str) -> Result<(), Refusal> {
         self.docs.remove(doc);
         self.deleted.insert(doc.to_string());
         Ok(())
@@ -109,7 +111,7 @@ impl DocAccess for SimDocs {
         self.docs.get_mut(doc).map(|d| d.save())
     }
 
-    fn merge_doc(&mut self, doc: &str, data: &[u8]) -> Result<Option<DocState>, String> {
+    fn merge_doc(&mut self, doc: &str, data: &[u8]) -> Result<Option<DocState>, Refusal> {
         if self.deleted.contains(doc) {
             return Ok(Some(DocState::Deleted));
         }

@@ -17,7 +17,7 @@ use automerge::{Automerge, ChangeHash, PatchLog, ReadDoc};
 use super::service::{Inner, Loaded, SlotRef, lock_slot, new_doc, now_ms};
 use super::{DocError, DocId};
 use crate::store::{DocMeta, WriteBatch};
-use crate::sync::{Applied, DocAccess, DocState};
+use crate::sync::{Applied, DocAccess, DocState, Refusal};
 
 /// What one writer round has collected so far.
 pub(super) struct Round<'a> {
@@ -97,13 +97,13 @@ impl<'a> Round<'a> {
     fn with_loaded<R>(
         &mut self,
         id: &str,
-        f: impl FnOnce(&mut Self, &DocId, &mut Loaded) -> Result<R, String>,
-    ) -> Result<R, String> {
+        f: impl FnOnce(&mut Self, &DocId, &mut Loaded) -> Result<R, Refusal>,
+    ) -> Result<R, Refusal> {
         let id = DocId::new(id).map_err(|e| e.to_string())?;
         if self.is_poisoned(&id) {
-            return Err(format!(
+            return Err(Refusal::Local(format!(
                 "doc {id:?} failed earlier in this round; retried later"
-            ));
+            )));
         }
         let slot = self.inner.entry(&id);
         let mut guard = lock_slot(&slot);
@@ -112,10 +112,10 @@ impl<'a> Round<'a> {
             let loaded = self
                 .inner
                 .ensure_loaded(&id, &mut guard)
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| Refusal::Local(e.to_string()))?;
             f(self, &id, loaded)
         }))
-        .unwrap_or_else(|_| Err("automerge panicked on this input".to_string()));
+        .unwrap_or_else(|_| Err("automerge panicked on this input".to_string().into()));
         if let Some(loaded) = guard.as_ref() {
             self.inner.note_size(&id, loaded);
         }
@@ -141,7 +141,7 @@ impl Round<'_> {
         &mut self,
         doc: &str,
         apply: impl FnOnce(&mut Automerge, &mut PatchLog) -> Result<(), String>,
-    ) -> Result<Option<DocState>, String> {
+    ) -> Result<Option<DocState>, Refusal> {
         self.with_loaded(doc, |round, id, loaded| {
             if deleted(loaded) {
                 return Ok(Some(DocState::Deleted));
@@ -172,7 +172,10 @@ impl Round<'_> {
                     .map(|_| ())
                     .map_err(|e| format!("the Automerge data does not load: {e}"))
             })
-            .map_err(DocError::BadValue)?;
+            .map_err(|e| match e {
+                Refusal::Invalid(e) => DocError::BadValue(e),
+                Refusal::Local(e) => DocError::Internal(e),
+            })?;
         let changed = self.batch.len() != ops_before;
         match state {
             Some(DocState::Live(heads)) => Ok((
@@ -313,7 +316,7 @@ impl DocAccess for Round<'_> {
         doc: &str,
         state: &mut sync::State,
         data: &[u8],
-    ) -> Result<Option<DocState>, String> {
+    ) -> Result<Option<DocState>, Refusal> {
         let msg = std::panic::catch_unwind(|| sync::Message::decode(data))
             .map_err(|_| "automerge panicked decoding a sync message".to_string())?
             .map_err(|e| format!("sync message does not decode: {e}"))?;
@@ -323,22 +326,22 @@ impl DocAccess for Round<'_> {
         })
     }
 
-    fn apply_change(&mut self, doc: &str, change: &[u8]) -> Result<Applied, String> {
+    fn apply_change(&mut self, doc: &str, change: &[u8]) -> Result<Applied, Refusal> {
         self.apply_changes(doc, &[change])
             .pop()
             .expect("one result per change")
     }
 
-    fn apply_changes(&mut self, doc: &str, changes: &[&[u8]]) -> Vec<Result<Applied, String>> {
+    fn apply_changes(&mut self, doc: &str, changes: &[&[u8]]) -> Vec<Result<Applied, Refusal>> {
         let max = self.inner.cfg.max_change_bytes;
         // Each entry is overwritten below, with its verdict or an error.
-        let mut results: Vec<Result<Applied, String>> =
+        let mut results: Vec<Result<Applied, Refusal>> =
             vec![Ok(Applied::MissingDeps); changes.len()];
         let mut decoded: Vec<(usize, automerge::Change)> = Vec::new();
         for (i, bytes) in changes.iter().enumerate() {
             match decode_change(bytes, max) {
                 Ok(c) => decoded.push((i, c)),
-                Err(e) => results[i] = Err(e),
+                Err(e) => results[i] = Err(e.into()),
             }
         }
         let outcome = self.with_loaded(doc, |round, id, loaded| {
@@ -420,7 +423,7 @@ impl DocAccess for Round<'_> {
         self.inner.saved_bytes(&id).ok()?
     }
 
-    fn merge_doc(&mut self, doc: &str, data: &[u8]) -> Result<Option<DocState>, String> {
+    fn merge_doc(&mut self, doc: &str, data: &[u8]) -> Result<Option<DocState>, Refusal> {
         self.merge(doc, |am, log| {
             am.load_incremental_log_patches(data, log)
                 .map(|_| ())
@@ -446,7 +449,7 @@ impl DocAccess for Round<'_> {
         }
     }
 
-    fn delete(&mut self, doc: &str) -> Result<(), String> {
+    fn delete(&mut self, doc: &str) -> Result<(), Refusal> {
         self.with_loaded(doc, |round, id, loaded| {
             if deleted(loaded) {
                 return Ok(());

@@ -306,11 +306,11 @@ pub(super) struct Loaded {
 }
 
 impl Docs {
-    /// Fault injection for tests: while `on`, every store write fails as on
-    /// a full disk (see [`crate::store::Store::fail_writes`]).
+    /// Fault injection for tests: while `on`, the store fails as sled does
+    /// after an I/O error (see [`crate::store::Store::fail`]).
     #[doc(hidden)]
-    pub fn fail_store_writes(&self, on: bool) {
-        self.inner.store.fail_writes(on);
+    pub fn fail_store(&self, on: bool) {
+        self.inner.store.fail(on);
     }
 
     /// Starts the service over `store`, writing with `actor`, and its writer

@@ -310,9 +310,9 @@ pub struct Store {
     path: PathBuf,
     /// Blob files already fsynced (see [`Store::sync_files`]).
     synced_blobs: Arc<Mutex<HashSet<std::ffi::OsString>>>,
-    /// Fault injection: while set, [`Store::apply`] stores nothing and
-    /// fails as a full disk does (see [`Store::fail_writes`]).
-    fail_writes: Arc<std::sync::atomic::AtomicBool>,
+    /// Fault injection: while set, every operation fails (see
+    /// [`Store::fail`]).
+    failing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 const META_SCHEMA: &[u8] = b"schema_version";
@@ -377,7 +377,7 @@ impl Store {
             docs,
             path: db_path.clone(),
             synced_blobs: Arc::default(),
-            fail_writes: Arc::default(),
+            failing: Arc::default(),
         };
         match store.meta.get(META_SCHEMA).map_err(sled)? {
             Some(v) => {
@@ -507,6 +507,7 @@ impl Store {
     /// # Errors
     /// sled I/O errors.
     pub fn flush(&self) -> Result<(), StoreError> {
+        self.injected()?;
         self.db.flush().map(|_| ()).map_err(|e| self.sled_err(e))
     }
 
@@ -559,6 +560,7 @@ impl Store {
     /// # Errors
     /// sled errors or an undecodable record.
     pub fn doc_meta(&self, id: &str) -> Result<Option<DocMeta>, StoreError> {
+        self.injected()?;
         match self.docs.get(meta_key(id)).map_err(|e| self.sled_err(e))? {
             None => Ok(None),
             Some(v) => self.decode_meta(id, &v).map(Some),
@@ -574,6 +576,7 @@ impl Store {
     /// # Errors
     /// sled errors.
     pub fn doc_data(&self, id: &str, meta: &DocMeta) -> Result<DocData, StoreError> {
+        self.injected()?;
         let snapshot = self
             .docs
             .get(snapshot_key(id))
@@ -606,12 +609,7 @@ impl Store {
     /// sled errors; then a prefix of the batch may be applied, which leaves
     /// every doc readable at one of the states above.
     pub fn apply(&self, batch: WriteBatch) -> Result<(), StoreError> {
-        if self.fail_writes.load(std::sync::atomic::Ordering::Relaxed) {
-            return Err(StoreError::Write(format!(
-                "injected failure in {} (as a full disk)",
-                self.path.display()
-            )));
-        }
+        self.injected()?;
         for op in batch.ops {
             match op {
                 BatchOp::Append { change, meta } => {
@@ -628,12 +626,22 @@ impl Store {
         Ok(())
     }
 
-    /// Fault injection for tests: while `on`, every [`Store::apply`] fails
-    /// before storing anything, as a full disk makes sled fail.
+    /// Fault injection for tests: while `on`, every write, flush and doc
+    /// read fails before touching sled, as they all do once sled has hit an
+    /// I/O error (a full disk).
     #[doc(hidden)]
-    pub fn fail_writes(&self, on: bool) {
-        self.fail_writes
-            .store(on, std::sync::atomic::Ordering::Relaxed);
+    pub fn fail(&self, on: bool) {
+        self.failing.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn injected(&self) -> Result<(), StoreError> {
+        if self.failing.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(StoreError::Write(format!(
+                "injected failure in {} (as a full disk)",
+                self.path.display()
+            )));
+        }
+        Ok(())
     }
 
     /// The Automerge sync state (encoded: the heads both sides had when a
@@ -682,6 +690,7 @@ impl Store {
     /// # Errors
     /// sled errors or an undecodable record.
     pub fn list_docs(&self) -> Result<Vec<(String, DocMeta)>, StoreError> {
+        self.injected()?;
         let mut out = Vec::new();
         for kv in self.docs.scan_prefix(b"m") {
             let (k, v) = kv.map_err(|e| self.sled_err(e))?;

@@ -329,6 +329,31 @@ pub enum Applied {
     Deleted,
 }
 
+/// Why the shell did not take a peer's input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The input does not decode or apply: the peer is charged for it.
+    Invalid(String),
+    /// This node failed to take it (its store failed, or the doc failed
+    /// earlier in the same round): not the peer's fault.
+    Local(String),
+}
+
+impl From<String> for Refusal {
+    fn from(e: String) -> Refusal {
+        Refusal::Invalid(e)
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::Invalid(e) => f.write_str(e),
+            Refusal::Local(e) => write!(f, "this node failed: {e}"),
+        }
+    }
+}
+
 /// The shell's documents, as the core needs them. Errors are strings that name
 /// what was wrong with the peer's input; they reject that input only.
 pub trait DocAccess {
@@ -348,24 +373,24 @@ pub trait DocAccess {
         doc: &str,
         state: &mut sync::State,
         data: &[u8],
-    ) -> Result<Option<DocState>, String>;
+    ) -> Result<Option<DocState>, Refusal>;
     /// Applies one fast-path change.
     ///
     /// # Errors
     /// A change that does not decode or apply.
-    fn apply_change(&mut self, doc: &str, change: &[u8]) -> Result<Applied, String>;
+    fn apply_change(&mut self, doc: &str, change: &[u8]) -> Result<Applied, Refusal>;
 
     /// Applies several changes of `doc` (in order), with one result each. The
     /// default applies them one by one; a shell should apply all that are
     /// ready in one Automerge call.
-    fn apply_changes(&mut self, doc: &str, changes: &[&[u8]]) -> Vec<Result<Applied, String>> {
+    fn apply_changes(&mut self, doc: &str, changes: &[&[u8]]) -> Vec<Result<Applied, Refusal>> {
         changes.iter().map(|c| self.apply_change(doc, c)).collect()
     }
     /// Deletes `doc` because a peer deleted it.
     ///
     /// # Errors
     /// The shell could not store the tombstone.
-    fn delete(&mut self, doc: &str) -> Result<(), String>;
+    fn delete(&mut self, doc: &str) -> Result<(), Refusal>;
     /// Every change of live `doc` as Automerge chunks that
     /// [`merge_doc`](Self::merge_doc) takes (a save, or stored chunks as they
     /// are); `None` if the doc is not live here or cannot be read.
@@ -375,7 +400,7 @@ pub trait DocAccess {
     ///
     /// # Errors
     /// Bytes that do not load.
-    fn merge_doc(&mut self, doc: &str, data: &[u8]) -> Result<Option<DocState>, String>;
+    fn merge_doc(&mut self, doc: &str, data: &[u8]) -> Result<Option<DocState>, Refusal>;
 
     /// The sync state saved for (`peer`, `doc`) when a session last ended in
     /// agreement (only its shared heads matter), if the shell keeps one. A
@@ -407,6 +432,8 @@ pub struct SyncStats {
     pub docs_differing: u64,
     /// Inputs rejected.
     pub rejected: u64,
+    /// Peer inputs not taken because this node failed (its store).
+    pub local_failures: u64,
     /// Whole docs pushed to peers that lacked them.
     pub docs_pushed_out: u64,
     /// Whole docs merged from peers' pushes.
@@ -751,6 +778,19 @@ impl Core {
         }
     }
 
+    /// A peer's input the shell did not take: an invalid one is charged to
+    /// the peer; a local failure is not its fault (the input comes again
+    /// with sync once this node can take it).
+    fn refuse(&mut self, peer: &str, what: String, why: Refusal, out: &mut Vec<Output>) {
+        match why {
+            Refusal::Invalid(e) => self.reject(peer, format!("{what}: {e}"), out),
+            Refusal::Local(e) => {
+                self.stats.local_failures += 1;
+                tracing::warn!(peer, "{what} not taken: this node failed: {e}");
+            }
+        }
+    }
+
     fn reject(&mut self, peer: &str, reason: String, out: &mut Vec<Output>) {
         self.stats.rejected += 1;
         out.push(Output::Rejected {
@@ -872,7 +912,7 @@ impl Core {
                 }
                 let before = self.digest.entry(&doc);
                 match docs.merge_doc(&doc, &data) {
-                    Err(e) => self.reject(&from, format!("doc {doc:?}: {e}"), out),
+                    Err(e) => self.refuse(&from, format!("doc {doc:?}"), e, out),
                     Ok(None) => {}
                     Ok(Some(state)) => {
                         self.stats.docs_pushed_in += 1;
@@ -916,7 +956,7 @@ impl Core {
                 match docs.receive_sync(&doc, &mut session.state, &data) {
                     Err(e) => {
                         peer.sessions.remove(&doc);
-                        return self.reject(&from, format!("sync message for {doc:?}: {e}"), out);
+                        return self.refuse(&from, format!("sync message for {doc:?}"), e, out);
                     }
                     Ok(None) => {}
                     Ok(Some(state)) => {
@@ -954,7 +994,7 @@ impl Core {
                     return;
                 }
                 if let Err(e) = docs.delete(&doc) {
-                    return self.reject(&from, format!("delete of {doc:?}: {e}"), out);
+                    return self.refuse(&from, format!("delete of {doc:?}"), e, out);
                 }
                 self.digest.set(&doc, &DocState::Deleted);
                 for p in self.peers.values_mut() {
@@ -1042,7 +1082,7 @@ impl Core {
             }
         }
         if let Some(e) = error {
-            self.reject(&from, format!("change for {doc:?}: {e}"), out);
+            self.refuse(&from, format!("change for {doc:?}"), e, out);
         }
         if let Some(state) = last
             && self.digest.set(&doc, &state)

@@ -666,29 +666,86 @@ async fn start(args: StartArgs) -> Result<()> {
     };
     let config = Config::load(args.config.as_deref(), std::env::vars(), &flags)?;
     init_logging(&config);
-    let stop = shutdown_signal()?;
-    let node = mergeflow::Node::builder()
-        .config(config)
-        .serve_api(true)
-        .network(true)
-        .start()
-        .await?;
-    let api = node
-        .api_addr()
-        .map(|a| format!("http://{a}"))
-        .unwrap_or_default();
-    // One line on stdout for people and scripts; logs go to stderr.
-    println!(
-        "mergeflow {} ready: api={api} peer_id={} data_dir={}",
-        env!("CARGO_PKG_VERSION"),
-        node.peer_id(),
-        node.data_dir().display()
-    );
-    stop.await;
-    tracing::info!("shutting down");
-    node.shutdown().await?;
-    drop(node); // closes sled, then seals the data dir
-    Ok(())
+    let mut stop = std::pin::pin!(shutdown_signal()?);
+    // A store that fails (sled after an I/O error such as a full disk)
+    // refuses everything until reopened: the node is restarted on the same
+    // data dir, with a backoff, as a supervisor would.
+    let mut backoff = Duration::from_secs(1);
+    let mut restarts = 0u32;
+    loop {
+        let started = match mergeflow::Node::builder()
+            .config(config.clone())
+            .serve_api(true)
+            .network(true)
+            .start()
+            .await
+        {
+            Ok(node) => node,
+            Err(e) if restarts > 0 && restarts < MAX_RESTARTS => {
+                tracing::error!(err = %e, restarts, "the node does not start again; retrying in {backoff:?}");
+                restarts += 1;
+                tokio::select! {
+                    _ = &mut stop => return Ok(()),
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let node = started;
+        let api = node
+            .api_addr()
+            .map(|a| format!("http://{a}"))
+            .unwrap_or_default();
+        // One line on stdout for people and scripts; logs go to stderr.
+        println!(
+            "mergeflow {} ready: api={api} peer_id={} data_dir={}",
+            env!("CARGO_PKG_VERSION"),
+            node.peer_id(),
+            node.data_dir().display()
+        );
+        let up = std::time::Instant::now();
+        let failure = tokio::select! {
+            _ = &mut stop => None,
+            e = store_failed(&node) => Some(e),
+        };
+        match &failure {
+            None => tracing::info!("shutting down"),
+            Some(e) => {
+                tracing::error!(err = %e, "the store failed; restarting the node on its data dir")
+            }
+        }
+        let stopped = node.shutdown().await;
+        drop(node); // closes sled, then seals the data dir (after a clean stop)
+        let Some(_) = failure else {
+            return stopped.map_err(Into::into);
+        };
+        if up.elapsed() > Duration::from_secs(60) {
+            (backoff, restarts) = (Duration::from_secs(1), 0);
+        }
+        restarts += 1;
+        tokio::select! {
+            _ = &mut stop => return Ok(()),
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// Restarts after a store failure that may fail to start before giving up.
+const MAX_RESTARTS: u32 = 10;
+/// Longest wait between restarts.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Resolves with the error once the node's store has failed.
+async fn store_failed(node: &mergeflow::Node) -> String {
+    loop {
+        if let Some(e) = node.store_failure() {
+            return e;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM. Install it before announcing readiness: until

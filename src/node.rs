@@ -368,6 +368,9 @@ pub struct Status {
     /// Hash of every doc id and its heads; equal on two nodes exactly when
     /// they hold the same docs at the same heads (absent without sync).
     pub digest: Option<String>,
+    /// Why the store failed, if it has (see [`Node::store_failure`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_error: Option<String>,
     /// Group-commit flushes since start.
     pub flushes: u64,
     /// Writes acknowledged by those flushes.
@@ -585,6 +588,14 @@ impl Node {
         &self.inner.config.node.data_dir
     }
 
+    /// Why the store failed, if it has: sled refuses every operation after
+    /// an I/O error (a full disk), so the node must be restarted on its data
+    /// dir (shut down, drop it, build it again). `mergeflow start` does so by
+    /// itself; `/healthz` answers 503 meanwhile.
+    pub fn store_failure(&self) -> Option<String> {
+        self.inner.store.failure()
+    }
+
     /// Current status.
     pub async fn status(&self) -> Status {
         let store = self.inner.store.clone();
@@ -605,6 +616,7 @@ impl Node {
             listen_addrs,
             peers,
             digest: self.inner.docs.sync_fingerprint(),
+            store_error: self.store_failure(),
             peer_id: self.inner.peer_id.to_string(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             docs: self.inner.docs.count(),

@@ -186,3 +186,38 @@ async fn a_node_whose_store_fails_does_not_blame_its_peers() {
         n.shutdown().await.unwrap();
     }
 }
+
+/// After sled's first I/O error (a full disk) it refuses everything until
+/// reopened: the node says so in `/healthz`, `/v1/status` and
+/// `Node::store_failure`, and a restart on the same data dir (what
+/// `mergeflow start` does by itself) brings back every acknowledged write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_store_is_reported_and_a_restart_recovers_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = common::api_node(dir.path(), |_| {}).await;
+    let api = format!("http://{}", node.api_addr().unwrap());
+    let doc = node.doc("kept").unwrap();
+    doc.patch(serde_json::json!({"a": 1})).await.unwrap();
+    assert_eq!(node.store_failure(), None);
+
+    node.docs().fail_store(true);
+    doc.patch(serde_json::json!({"b": 2})).await.unwrap_err();
+    let why = node.store_failure().expect("the failure is reported");
+    assert!(why.contains("injected failure"), "{why}");
+    let health = reqwest::get(format!("{api}/healthz")).await.unwrap();
+    assert_eq!(health.status(), 503);
+    let body: serde_json::Value = health.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "store_failed", "{body}");
+    assert!(node.status().await.store_error.is_some());
+
+    // What `mergeflow start` does: stop (the final flush fails, so the
+    // data dir is not sealed), drop, and start again on the same dir.
+    assert!(node.shutdown().await.is_err());
+    drop((doc, node));
+    let node = common::api_node(dir.path(), |_| {}).await;
+    assert_eq!(node.store_failure(), None);
+    let doc = node.doc("kept").unwrap();
+    assert_eq!(doc.get().await.unwrap()["a"], 1);
+    doc.patch(serde_json::json!({"c": 3})).await.unwrap();
+    node.shutdown().await.unwrap();
+}

@@ -127,6 +127,16 @@ async fn require_token(
 type ApiResult<T> = Result<T, ApiError>;
 
 async fn healthz(State(node): State<Node>) -> Response {
+    if let Some(e) = node.store_failure() {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_failed",
+            format!(
+                "the store failed ({e}); it refuses every operation until the node restarts on its data dir"
+            ),
+        )
+        .into_response();
+    }
     if node.docs().writer_alive() {
         Json(serde_json::json!({"ok": true})).into_response()
     } else {

@@ -313,6 +313,8 @@ pub struct Store {
     /// Fault injection: while set, every operation fails (see
     /// [`Store::fail`]).
     failing: Arc<std::sync::atomic::AtomicBool>,
+    /// The first I/O error sled reported (see [`Store::failure`]).
+    failure: Arc<Mutex<Option<String>>>,
 }
 
 const META_SCHEMA: &[u8] = b"schema_version";
@@ -378,6 +380,7 @@ impl Store {
             path: db_path.clone(),
             synced_blobs: Arc::default(),
             failing: Arc::default(),
+            failure: Arc::default(),
         };
         match store.meta.get(META_SCHEMA).map_err(sled)? {
             Some(v) => {
@@ -416,7 +419,34 @@ impl Store {
     }
 
     fn sled_err(&self, e: sled::Error) -> StoreError {
+        if matches!(e, sled::Error::Io(_) | sled::Error::ReportableBug(_)) {
+            self.failed(&e.to_string());
+        }
         sled_err(&self.path, e)
+    }
+
+    fn failed(&self, why: &str) {
+        let mut f = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+        if f.is_none() {
+            tracing::error!(
+                err = why,
+                path = %self.path.display(),
+                "the store failed: sled refuses every operation after an I/O error until it is reopened"
+            );
+            *f = Some(why.to_string());
+        }
+    }
+
+    /// The first I/O error sled reported, if any. sled 0.34 keeps it and
+    /// fails every later operation with it, so a store that has failed works
+    /// again only once reopened: the node must restart (`mergeflow start`
+    /// restarts it by itself). Nothing acknowledged is lost: sled's recovery
+    /// keeps every flushed write.
+    pub fn failure(&self) -> Option<String> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Loads the node's libp2p identity, creating and storing an ed25519 keypair on
@@ -630,16 +660,22 @@ impl Store {
     /// read fails before touching sled, as they all do once sled has hit an
     /// I/O error (a full disk).
     #[doc(hidden)]
+    /// [`Store::failure`] reports it while it lasts.
     pub fn fail(&self, on: bool) {
         self.failing.store(on, std::sync::atomic::Ordering::Relaxed);
+        if !on {
+            *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
     }
 
     fn injected(&self) -> Result<(), StoreError> {
         if self.failing.load(std::sync::atomic::Ordering::Relaxed) {
-            return Err(StoreError::Write(format!(
+            let why = format!(
                 "injected failure in {} (as a full disk)",
                 self.path.display()
-            )));
+            );
+            self.failed(&why);
+            return Err(StoreError::Write(why));
         }
         Ok(())
     }

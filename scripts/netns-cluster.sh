@@ -26,9 +26,13 @@
 #   netem NODE ARGS...     `tc qdisc replace dev <node's veth> root netem ARGS`,
 #                          e.g. `netem 2 delay 50ms loss 5%` (egress of NODE).
 #                          Without kernel netem support (CONFIG_NET_SCH_NETEM)
-#                          only `loss P%` works, emulated with iptables
-#                          `-m statistic` on NODE's output to other nodes.
+#                          only `loss P%` and `duplicate P%` work, emulated with
+#                          iptables on NODE's output to other nodes (`-m
+#                          statistic`, DROP and TEE).
 #   kill NODE              kill -9 the node.
+#   pause NODE / resume NODE
+#                          SIGSTOP / SIGCONT the node (it keeps its sockets open
+#                          but answers nothing).
 #   restart NODE           (stop it if running, then) start it again with the same
 #                          data dir and args; appends to its log; waits for ready.
 #   url NODE               print the node's API base URL (http://10.77.0.(10+I):7700).
@@ -48,6 +52,10 @@
 #                      `cargo build --release` when missing).
 #   MF_LOG_LEVEL       node --log-level (default info).
 #   MF_READY_TIMEOUT   seconds to wait for a node's ready line (default 30).
+#   MF_TMPFS           for `up`: nodes whose data dir is a tmpfs of their own,
+#                      e.g. `3=64m` or `1=32m,3=64m`, so that a test can fill
+#                      that node's disk. Mounted before the node starts,
+#                      unmounted by `down`.
 #
 # The host gets 10.77.0.1/24 on bridge mf-br0, so `curl http://10.77.0.11:7700/...`
 # works from the host. Namespaces have no default route, IPv6 is disabled on
@@ -156,6 +164,25 @@ resolve_bin() {
   echo "$bin"
 }
 
+# Mounts node I's data dir as a tmpfs when `up` recorded a size for it.
+mount_tmpfs() {
+  local i=$1 size
+  size=$(awk -v i="$i" '$1 == i { print $2 }' "$STATE/tmpfs" 2>/dev/null || true)
+  [ -n "$size" ] || return 0
+  mkdir -p "$(node_dir "$i")/data"
+  mountpoint -q "$(node_dir "$i")/data" && return 0
+  mount -t tmpfs -o "size=$size,mode=0700" mf-tmpfs "$(node_dir "$i")/data"
+}
+
+# Unmounts every mount under the state dir (the tmpfs data dirs).
+umount_state() {
+  local m
+  [ -d "$STATE" ] || return 0
+  for m in $(awk -v s="$STATE/" 'index($2, s) == 1 { print $2 }' /proc/mounts | sort -r); do
+    umount "$m" 2>/dev/null || umount -l "$m" || note "could not unmount $m"
+  done
+}
+
 # Starts node I in its namespace (appending to its log), records the pid, and
 # waits for the ready line printed after the log's current end.
 start_node() {
@@ -171,6 +198,7 @@ start_node() {
   done
   args+=(--log-level "${MF_LOG_LEVEL:-info}")
   mkdir -p "$dir"
+  mount_tmpfs "$i"
   touch "$dir/log"
   off=$(stat -c %s "$dir/log")
   echo "=== $(date -u +%FT%TZ) netns-cluster: starting node $i: $bin ${args[*]}" >>"$dir/log"
@@ -215,6 +243,7 @@ kill_wait() {
   shift 2
   [ $# -gt 0 ] || return 0
   kill "-$sig" "$@" 2>/dev/null || true
+  kill -CONT "$@" 2>/dev/null || true # a paused process handles TERM only once it runs
   local deadline=$((SECONDS + t))
   while [ "$SECONDS" -lt "$deadline" ]; do
     local alive=0
@@ -256,6 +285,7 @@ cmd_down() {
     [ "$n" = "$BRIDGE" ] || ip link del "$n" 2>/dev/null || true
   done
   ip link del "$BRIDGE" 2>/dev/null || true
+  umount_state
   if [ -d "$STATE" ]; then
     if [ -e "$STATE/$MARKER" ]; then
       rm -rf -- "$STATE"
@@ -314,11 +344,22 @@ cmd_up() {
   trap 'exit 130' INT
   trap 'exit 143' TERM
 
+  umount_state
   rm -rf -- "$STATE"
   mkdir -p "$STATE"
   touch "$STATE/$MARKER"
   echo "$n" >"$STATE/size"
   echo "$bin" >"$STATE/bin"
+  local spec
+  : >"$STATE/tmpfs"
+  if [ -n "${MF_TMPFS:-}" ]; then
+    IFS=, read -r -a spec <<<"$MF_TMPFS"
+    for i in "${spec[@]}"; do
+      [[ $i =~ ^([1-9][0-9]*)=([1-9][0-9]*[kmg]?)$ ]] || die "bad MF_TMPFS entry '$i' (want NODE=SIZE, e.g. 3=64m)"
+      [ "${BASH_REMATCH[1]}" -le "$n" ] || die "MF_TMPFS: no node ${BASH_REMATCH[1]} in a cluster of $n"
+      echo "${BASH_REMATCH[1]} ${BASH_REMATCH[2]}" >>"$STATE/tmpfs"
+    done
+  fi
   # The APIs listen on 0.0.0.0 (reachable from the host), which needs a token.
   od -An -tx1 -N16 /dev/urandom | tr -d ' \n' >"$STATE/token"
 
@@ -352,7 +393,8 @@ node_objs() {
     pid=$(node_pid "$i")
     js=
     [ -n "$pid" ] && js=$(api_curl -s --max-time 3 "$(node_url "$i")/v1/status" 2>/dev/null || true)
-    echo "$js" | jq -e 'type == "object" and has("peer_id")' >/dev/null 2>&1 || js=null
+    # (jq 1.6 -e exits 0 on empty input, so test for it first)
+    { [ -n "$js" ] && echo "$js" | jq -e 'type == "object" and has("peer_id")' >/dev/null 2>&1; } || js=null
     jq -n -c --argjson i "$i" --arg addr "$(node_ip "$i")" --arg url "$(node_url "$i")" \
       --arg pid "$pid" --argjson st "$js" \
       '{node: $i, addr: $addr, api: $url, alive: ($pid != ""),
@@ -521,32 +563,52 @@ cmd_netem() {
   fi
   # Fall back to iptables only when the kernel has no netem qdisc at all.
   [[ $err == *"qdisc kind is unknown"* ]] || die "tc qdisc replace dev $dev root netem $*: $err"
-  local pct='' a=("$@") k=0 bad=()
+  local loss='' dup='' a=("$@") k=0 bad=() which
   while [ "$k" -lt ${#a[@]} ]; do
-    if [ "${a[$k]}" = loss ]; then
+    which=${a[$k]}
+    if [ "$which" = loss ] || [ "$which" = duplicate ]; then
       k=$((k + 1))
       [ "${a[$k]:-}" = random ] && k=$((k + 1))
-      pct=${a[$k]:-}
-      [[ $pct =~ ^[0-9]+(\.[0-9]+)?%$ ]] || die "bad loss '$pct' (want e.g. 5%)"
+      [[ ${a[$k]:-} =~ ^[0-9]+(\.[0-9]+)?%$ ]] || die "bad $which '${a[$k]:-}' (want e.g. 5%)"
+      if [ "$which" = loss ]; then loss=${a[$k]}; else dup=${a[$k]}; fi
     else
       bad+=("${a[$k]}")
     fi
     k=$((k + 1))
   done
-  if [ -z "$pct" ] || [ ${#bad[@]} -gt 0 ]; then
+  if [ -z "$loss$dup" ] || [ ${#bad[@]} -gt 0 ]; then
     die "this kernel has no netem qdisc (CONFIG_NET_SCH_NETEM is off; tc says: $err)." \
-      "Only 'loss P%' can be emulated here (iptables statistic); not supported: ${bad[*]:-(nothing to do)}"
+      "Only 'loss P%' and 'duplicate P%' can be emulated here (iptables); not supported: ${bad[*]:-(nothing to do)}"
   fi
   need_cmd iptables iptables
-  local prob
-  prob=$(awk -v p="${pct%\%}" 'BEGIN { printf "%.6f", p / 100 }')
+  prob() { awk -v p="${1%\%}" 'BEGIN { printf "%.6f", p / 100 }'; }
   ipt_chain "$nsn" MF-NETEM OUTPUT
   ip netns exec "$nsn" iptables -w -F MF-NETEM
   # Only traffic to other nodes: the host's status polling stays reliable.
   ip netns exec "$nsn" iptables -w -A MF-NETEM -d "$HOST_IP" -j RETURN
-  ip netns exec "$nsn" iptables -w -A MF-NETEM -d "$NET.0/24" \
-    -m statistic --mode random --probability "$prob" -j DROP
-  echo "netem n$i: kernel has no netem qdisc; emulating loss $pct on n$i's output to other nodes with iptables (probability $prob)"
+  if [ -n "$dup" ]; then # TEE sends a copy of the packet to its own destination
+    local j n
+    n=$(size)
+    for ((j = 1; j <= n; j++)); do
+      [ "$j" -eq "$i" ] && continue
+      ip netns exec "$nsn" iptables -w -A MF-NETEM -d "$(node_ip "$j")" \
+        -m statistic --mode random --probability "$(prob "$dup")" -j TEE --gateway "$(node_ip "$j")"
+    done
+  fi
+  if [ -n "$loss" ]; then
+    ip netns exec "$nsn" iptables -w -A MF-NETEM -d "$NET.0/24" \
+      -m statistic --mode random --probability "$(prob "$loss")" -j DROP
+  fi
+  echo "netem n$i: kernel has no netem qdisc; emulating${loss:+ loss $loss}${dup:+ duplicate $dup} on n$i's output to other nodes with iptables"
+}
+
+cmd_signal() { # cmd_signal STOP|CONT NODE
+  local sig=$1 i pid
+  i=$(node_num "$2")
+  pid=$(node_pid "$i")
+  [ -n "$pid" ] || die "node $i is not running"
+  kill "-$sig" "$pid"
+  echo "sent SIG$sig to node $i (pid $pid)"
 }
 
 cmd_kill() {
@@ -587,6 +649,8 @@ main() {
     heal) cmd_heal ;;
     netem) cmd_netem "$@" ;;
     kill) cmd_kill "$@" ;;
+    pause) [ $# -eq 1 ] || die "usage: $0 pause NODE"; cmd_signal STOP "$1" ;;
+    resume) [ $# -eq 1 ] || die "usage: $0 resume NODE"; cmd_signal CONT "$1" ;;
     restart) cmd_restart "$@" ;;
     token) api_token ;;
     url)

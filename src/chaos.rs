@@ -778,11 +778,18 @@ async fn wait_effects(
 /// Waits until every node answers with the same non-null digest; returns
 /// when, or `None` at the deadline.
 async fn wait_converged(clients: &[Client], deadline: Instant) -> Option<u64> {
+    let mut next_report = Instant::now() + Duration::from_secs(5);
     loop {
         let mut digests = BTreeSet::new();
         let mut all = true;
+        let mut seen = Vec::new();
         for c in clients {
-            match c.status().await.ok().and_then(|s| s.digest) {
+            let status = c.status().await.ok();
+            seen.push(match &status {
+                Some(s) => format!("{} docs {}", s.docs, s.digest.as_deref().unwrap_or("-")),
+                None => "not answering".to_string(),
+            });
+            match status.and_then(|s| s.digest) {
                 Some(d) => {
                     digests.insert(d);
                 }
@@ -791,6 +798,15 @@ async fn wait_converged(clients: &[Client], deadline: Instant) -> Option<u64> {
         }
         if all && digests.len() == 1 {
             return Some(now_ms());
+        }
+        if Instant::now() >= next_report {
+            next_report += Duration::from_secs(5);
+            let nodes: Vec<String> = seen
+                .iter()
+                .enumerate()
+                .map(|(i, s)| format!("n{}: {s}", i + 1))
+                .collect();
+            eprintln!("not converged yet: {}", nodes.join(", "));
         }
         if Instant::now() >= deadline {
             return None;

@@ -1,0 +1,285 @@
+#!/usr/bin/env bash
+# chaos.sh: a fault campaign against a real mergeflow cluster in network
+# namespaces (scripts/netns-cluster.sh), checked like Jepsen checks a
+# database. Run as root.
+#
+# usage: scripts/chaos.sh [--short | --long] [--duration S] [--nodes N]
+#                         [--seed S] [--kill-cycles N] [--out DIR] [--keep]
+#        scripts/chaos.sh --probe    exit 0 when this machine can run it
+#
+#   --short          the CI mode (default): 5 nodes, 90 s of faults, 20 kill -9
+#                    cycles; about 3 minutes in all.
+#   --long           30 minutes of faults, then 1,000 kill -9 cycles.
+#   --duration S     seconds of mixed faults (overrides the mode's).
+#   --nodes N        cluster size (3..20; default 5).
+#   --seed S         seeds the nemesis schedule, the clients and the receiver
+#                    (default: from the clock; printed, pass it to repeat).
+#   --kill-cycles N  after the mixed faults, kill -9 and restart a node N times.
+#   --out DIR        where the logs and the report go (default
+#                    /tmp/mergeflow-chaos-out; replaced).
+#   --keep           leave the cluster running at the end (then run
+#                    `MF_CLUSTER_DIR=/tmp/mergeflow-chaos scripts/netns-cluster.sh down`).
+#
+# What runs:
+#   workload  `mergeflow chaos workload`: 8 clients write unique keys into 16
+#             docs through every node and log each write as invoke, then ok
+#             (acknowledged), fail (certainly not applied) or info (unknown).
+#   effects   a workflow POSTs every state of each doc to `mergeflow chaos
+#             receive` on the host, which answers 503 to 10% (retries run).
+#   nemesis   one fault at a time on a seeded schedule, each held 3-8 s:
+#             partitions (halves, one node isolated, a bridge node that sees
+#             both halves), packet loss and duplication (netem, or iptables
+#             when the kernel has no netem), delay and reordering (netem
+#             only), kill -9 then restart, SIGSTOP then SIGCONT, and a full
+#             disk (node N's data dir is a 128 MiB tmpfs, filled to the last
+#             byte). A node that dies by itself is logged as a crash and
+#             restarted.
+#   heal      every fault undone; then `mergeflow chaos check` waits for
+#             convergence and prints what was tried and what held:
+#             acknowledged writes lost (must be 0), nodes not at identical
+#             docs and heads (must be 0), seconds from heal to convergence,
+#             docs whose final state's effect never arrived (must be 0),
+#             idempotency keys accepted twice (allowed: at least once),
+#             panics in the node logs and crashes (must be 0), the seed.
+#
+# Exit status: 0 when every promise held, 1 when one broke, 2 on bad usage.
+# Needs: root, ip (iproute2), iptables, curl, jq; installs missing ones with
+# apt-get. MERGEFLOW_BIN picks the binary (default target/release/mergeflow,
+# built when missing; CI uses target/debug/mergeflow).
+set -euo pipefail
+
+REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+readonly REPO_ROOT
+readonly NC=$REPO_ROOT/scripts/netns-cluster.sh
+export MF_CLUSTER_DIR=${MF_CHAOS_CLUSTER_DIR:-/tmp/mergeflow-chaos}
+readonly RECEIVER=10.77.0.1:7790
+
+usage() { sed -n '2,/^set -euo pipefail/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'; }
+die() { echo "chaos: $*" >&2; exit 2; }
+say() { echo "chaos: $*"; }
+
+probe() {
+  [ "$(id -u)" -eq 0 ] || { echo "needs root"; return 1; }
+  local c
+  for c in ip iptables curl jq; do
+    command -v "$c" >/dev/null 2>&1 || { echo "needs $c"; return 1; }
+  done
+  ip netns add mf-chaos-probe 2>/dev/null || { echo "cannot create network namespaces"; return 1; }
+  local ok=0
+  ip netns exec mf-chaos-probe iptables -w -L >/dev/null 2>&1 || ok=1
+  ip netns del mf-chaos-probe
+  [ "$ok" -eq 0 ] || { echo "iptables does not work in a namespace"; return 1; }
+  return 0
+}
+
+MODE=short DURATION='' NODES=5 SEED='' KILL_CYCLES='' OUT=/tmp/mergeflow-chaos-out KEEP=
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -h | --help) usage; exit 0 ;;
+    --probe) probe; exit $? ;;
+    --short) MODE=short; shift ;;
+    --long) MODE=long; shift ;;
+    --duration) DURATION=${2:?--duration needs seconds}; shift 2 ;;
+    --nodes) NODES=${2:?--nodes needs a count}; shift 2 ;;
+    --seed) SEED=${2:?--seed needs a number}; shift 2 ;;
+    --kill-cycles) KILL_CYCLES=${2:?--kill-cycles needs a count}; shift 2 ;;
+    --out) OUT=${2:?--out needs a dir}; shift 2 ;;
+    --keep) KEEP=1; shift ;;
+    *) usage >&2; die "unknown argument '$1'" ;;
+  esac
+done
+if [ "$MODE" = short ]; then
+  DURATION=${DURATION:-90} KILL_CYCLES=${KILL_CYCLES:-20}
+else
+  DURATION=${DURATION:-1800} KILL_CYCLES=${KILL_CYCLES:-1000}
+fi
+SEED=${SEED:-$(($(date +%s%N) % 1000000007))}
+[[ $DURATION =~ ^[0-9]+$ ]] || die "bad --duration '$DURATION'"
+[[ $NODES =~ ^[0-9]+$ ]] && [ "$NODES" -ge 3 ] && [ "$NODES" -le 20 ] || die "--nodes must be 3..20"
+[[ $SEED =~ ^[0-9]+$ ]] || die "bad --seed '$SEED'"
+[[ $KILL_CYCLES =~ ^[0-9]+$ ]] || die "bad --kill-cycles '$KILL_CYCLES'"
+[ "$(id -u)" -eq 0 ] || die "must run as root (network namespaces, iptables); try: sudo $0"
+readonly MODE DURATION NODES SEED KILL_CYCLES OUT KEEP
+
+BIN=${MERGEFLOW_BIN:-target/release/mergeflow}
+[[ $BIN == /* ]] || BIN=$REPO_ROOT/$BIN
+export MERGEFLOW_BIN=$BIN
+if [ ! -x "$BIN" ]; then
+  say "$BIN missing; running cargo build --release"
+  (cd "$REPO_ROOT" && cargo build --release) || die "cargo build --release failed"
+fi
+"$BIN" chaos --help >/dev/null 2>&1 || die "$BIN has no 'chaos' command: rebuild it"
+
+rm -rf -- "$OUT"
+mkdir -p "$OUT"
+FAULTS=$OUT/faults.log
+: >"$FAULTS"
+WORKLOAD_PID='' RECEIVER_PID=''
+
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  if [ -n "$WORKLOAD_PID" ]; then kill "$WORKLOAD_PID" 2>/dev/null || true; fi
+  if [ -n "$RECEIVER_PID" ]; then kill "$RECEIVER_PID" 2>/dev/null || true; fi
+  local i
+  for ((i = 1; i <= NODES; i++)); do
+    cp "$MF_CLUSTER_DIR/n$i/log" "$OUT/n$i.log" 2>/dev/null || true
+  done
+  if [ -z "$KEEP" ]; then "$NC" down >/dev/null 2>&1 || "$NC" down || true; fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# Seeded randomness: R is set in this shell (never in a $(...) subshell,
+# which would not advance the sequence).
+RANDOM=$SEED
+rand() { R=$((RANDOM % $1)); }
+ms() { date +%s%3N; }
+fault() { echo "$(ms) $*" >>"$FAULTS"; say "t+$(($(date +%s) - T0))s $*"; }
+
+say "seed $SEED, $NODES nodes, $DURATION s of faults, $KILL_CYCLES kill -9 cycles, binary $BIN"
+say "output in $OUT (ops.jsonl, effects.jsonl, faults.log, nI.log, report.json)"
+"$NC" down >/dev/null 2>&1 || true
+MF_TMPFS="$NODES=128m" MF_LOG_LEVEL=info "$NC" up "$NODES" >"$OUT/up.log" 2>&1 || {
+  cat "$OUT/up.log" >&2
+  die "could not start the cluster"
+}
+TOKEN=$("$NC" token)
+export MERGEFLOW_API_TOKEN=$TOKEN
+URLS=''
+for ((i = 1; i <= NODES; i++)); do URLS+="${URLS:+,}$("$NC" url "$i")"; done
+NODE_LOGS=()
+for ((i = 1; i <= NODES; i++)); do NODE_LOGS+=(--node-log "$MF_CLUSTER_DIR/n$i/log"); done
+
+HAS_NETEM=
+if ip netns exec mf-n1 tc qdisc add dev lo root netem delay 1ms 2>/dev/null; then
+  ip netns exec mf-n1 tc qdisc del dev lo root
+  HAS_NETEM=1
+fi
+KINDS=(partition-halves partition-isolate partition-bridge loss duplicate kill pause disk-full)
+[ -n "$HAS_NETEM" ] && KINDS+=(delay)
+[ -n "$HAS_NETEM" ] || say "this kernel has no netem qdisc: loss and duplication are emulated with iptables; delay and reordering are not injected"
+
+"$BIN" chaos receive --listen "$RECEIVER" --log "$OUT/effects.jsonl" --seed "$SEED" >"$OUT/receiver.log" 2>&1 &
+RECEIVER_PID=$!
+"$BIN" chaos workload --nodes "$URLS" --clients 8 --docs 16 --seconds 1000000 --seed "$SEED" \
+  --effect-url "http://$RECEIVER/effect" --log "$OUT/ops.jsonl" >"$OUT/workload.log" 2>&1 &
+WORKLOAD_PID=$!
+deadline=$((SECONDS + 120))
+until [ -s "$OUT/ops.jsonl" ]; do
+  kill -0 "$WORKLOAD_PID" 2>/dev/null || { cat "$OUT/workload.log" >&2; die "the workload exited"; }
+  [ "$SECONDS" -lt "$deadline" ] || die "the workload wrote nothing in 120 s"
+  sleep 0.2
+done
+T0=$(date +%s)
+
+# The nodes a fault has taken down on purpose, so a missing one is a crash.
+declare -A DOWN=()
+check_alive() {
+  local i pid
+  for ((i = 1; i <= NODES; i++)); do
+    [ -n "${DOWN[$i]:-}" ] && continue
+    pid=$(cat "$MF_CLUSTER_DIR/n$i/pid" 2>/dev/null || true)
+    if [ -z "$pid" ] || ! kill -0 "$pid" 2>/dev/null; then
+      fault crash "n$i"
+      tail -n 30 "$MF_CLUSTER_DIR/n$i/log" | sed "s/^/chaos: n$i log: /"
+      "$NC" restart "$i" >>"$OUT/nemesis.log" 2>&1 || say "n$i does not restart"
+    fi
+  done
+}
+
+# A random permutation of 1..NODES in PERM.
+shuffle() {
+  local i j t
+  PERM=()
+  for ((i = 1; i <= NODES; i++)); do PERM+=("$i"); done
+  for ((i = NODES - 1; i > 0; i--)); do
+    rand $((i + 1)); j=$R
+    t=${PERM[$i]}; PERM[$i]=${PERM[$j]}; PERM[$j]=$t
+  done
+}
+join() { local IFS=,; echo "$*"; }
+
+FILL=$MF_CLUSTER_DIR/n$NODES/data/chaos-fill
+apply() { # apply KIND: starts the fault; UNDO is the command that ends it
+  local kind=$1 half k a b
+  shuffle
+  k=${PERM[0]}
+  case "$kind" in
+    partition-halves)
+      half=$((NODES / 2))
+      a=$(join "${PERM[@]:0:half}"); b=$(join "${PERM[@]:half}")
+      "$NC" partition "$a" "$b" >>"$OUT/nemesis.log"; fault "$kind" "$a|$b"; UNDO=("$NC" heal) ;;
+    partition-isolate)
+      a=$(join "${PERM[@]:1}")
+      "$NC" partition "$k" "$a" >>"$OUT/nemesis.log"; fault "$kind" "$k|$a"; UNDO=("$NC" heal) ;;
+    partition-bridge) # PERM[0] is in no group, so it reaches both halves
+      half=$(((NODES - 1) / 2))
+      a=$(join "${PERM[@]:1:half}"); b=$(join "${PERM[@]:$((1 + half))}")
+      "$NC" partition "$a" "$b" >>"$OUT/nemesis.log"; fault "$kind" "$a|$b bridge n$k"; UNDO=("$NC" heal) ;;
+    loss)
+      rand 30; a=$((20 + R))
+      "$NC" netem "$k" loss "$a%" >>"$OUT/nemesis.log"; fault "$kind" "n$k $a%"; UNDO=("$NC" heal) ;;
+    duplicate)
+      rand 30; a=$((10 + R))
+      "$NC" netem "$k" duplicate "$a%" >>"$OUT/nemesis.log"; fault "$kind" "n$k $a%"; UNDO=("$NC" heal) ;;
+    delay)
+      rand 150; a=$((50 + R))
+      "$NC" netem "$k" delay "${a}ms" "$((a / 2))ms" reorder 25% 50% >>"$OUT/nemesis.log"
+      fault "$kind" "n$k ${a}ms reorder"; UNDO=("$NC" heal) ;;
+    kill)
+      DOWN[$k]=1
+      "$NC" kill "$k" >>"$OUT/nemesis.log"; fault "$kind" "n$k"; UNDO=(restart "$k") ;;
+    pause)
+      DOWN[$k]=1
+      "$NC" pause "$k" >>"$OUT/nemesis.log"; fault "$kind" "n$k"; UNDO=(resume "$k") ;;
+    disk-full)
+      dd if=/dev/zero of="$FILL" bs=1M >/dev/null 2>&1 || true
+      fault "$kind" "n$NODES $(df -h --output=avail "$(dirname "$FILL")" | tail -n 1 | tr -d ' ') left"
+      UNDO=(rm -f -- "$FILL") ;;
+  esac
+}
+restart() { "$NC" restart "$1" >>"$OUT/nemesis.log" 2>&1; unset 'DOWN[$1]'; }
+resume() { "$NC" resume "$1" >>"$OUT/nemesis.log"; unset 'DOWN[$1]'; }
+
+end=$((SECONDS + DURATION))
+while [ "$SECONDS" -lt "$end" ]; do
+  rand ${#KINDS[@]}
+  apply "${KINDS[$R]}"
+  rand 6; sleep $((3 + R))
+  "${UNDO[@]}" >>"$OUT/nemesis.log"
+  check_alive
+  rand 3; sleep $((1 + R))
+  kill -0 "$WORKLOAD_PID" 2>/dev/null || { cat "$OUT/workload.log" >&2; die "the workload died"; }
+done
+
+if [ "$KILL_CYCLES" -gt 0 ]; then
+  say "t+$(($(date +%s) - T0))s $KILL_CYCLES kill -9 cycles, writes continuing"
+  for ((c = 1; c <= KILL_CYCLES; c++)); do
+    rand "$NODES"; k=$((R + 1))
+    "$NC" kill "$k" >>"$OUT/nemesis.log"
+    echo "$(ms) kill-cycle n$k" >>"$FAULTS"
+    "$NC" restart "$k" >>"$OUT/nemesis.log" 2>&1 || { fault crash "n$k does not restart"; break; }
+    [ $((c % 100)) -eq 0 ] && say "t+$(($(date +%s) - T0))s $c kill -9 cycles"
+  done
+  check_alive
+fi
+
+kill "$WORKLOAD_PID" 2>/dev/null || true
+wait "$WORKLOAD_PID" 2>/dev/null || true
+WORKLOAD_PID=''
+"$NC" heal >>"$OUT/nemesis.log"
+rm -f -- "$FILL"
+for i in "${!DOWN[@]}"; do "$NC" resume "$i" >>"$OUT/nemesis.log" 2>&1 || "$NC" restart "$i" >>"$OUT/nemesis.log" 2>&1; done
+check_alive
+HEALED=$(ms)
+say "t+$(($(date +%s) - T0))s healed; checking"
+
+rc=0
+"$BIN" chaos check --nodes "$URLS" --ops "$OUT/ops.jsonl" --effects "$OUT/effects.jsonl" \
+  --faults "$FAULTS" "${NODE_LOGS[@]}" --healed-at-ms "$HEALED" --seed "$SEED" \
+  --timeout 300 --json-out "$OUT/report.json" | tee "$OUT/report.txt" || rc=1
+[ "$rc" -eq 0 ] || say "a promise broke; repeat with: $0 --seed $SEED --duration $DURATION --nodes $NODES --kill-cycles $KILL_CYCLES"
+exit "$rc"

@@ -447,8 +447,12 @@ pub struct Report {
     pub nodes: usize,
     /// Nodes whose docs or heads differ from the first node's (must be 0).
     pub not_converged: usize,
-    /// Seconds from the heal until every node had the same digest.
+    /// Seconds from the heal until every node had the same digest (every
+    /// doc, the workflows' run and marker docs too).
     pub converge_seconds: Option<f64>,
+    /// Seconds from the heal until the workload's docs had the same heads
+    /// on every node.
+    pub data_converge_seconds: Option<f64>,
     /// Docs whose final state's effect was not accepted (must be 0).
     pub effects_missing: Option<u64>,
     /// Seconds from the heal until every final state's effect was accepted.
@@ -776,10 +780,19 @@ async fn wait_effects(
 }
 
 /// Waits until every node answers with the same non-null digest; returns
-/// when, or `None` at the deadline.
-async fn wait_converged(clients: &[Client], deadline: Instant) -> Option<u64> {
+/// when, or `None` at the deadline. `data` is set to when the chaos docs
+/// (`docs`) first had the same heads on every node.
+async fn wait_converged(
+    clients: &[Client],
+    deadline: Instant,
+    docs: &BTreeSet<String>,
+    data: &mut Option<u64>,
+) -> Option<u64> {
     let mut next_report = Instant::now() + Duration::from_secs(5);
     loop {
+        if data.is_none() && chaos_heads_equal(clients, docs).await {
+            *data = Some(now_ms());
+        }
         let mut digests = BTreeSet::new();
         let mut all = true;
         let mut seen = Vec::new();
@@ -813,6 +826,31 @@ async fn wait_converged(clients: &[Client], deadline: Instant) -> Option<u64> {
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// Whether every node answers and holds the chaos docs at the same heads.
+async fn chaos_heads_equal(clients: &[Client], docs: &BTreeSet<String>) -> bool {
+    let mut first: Option<BTreeMap<String, Vec<String>>> = None;
+    for c in clients {
+        let Ok(list) = c.list().await else {
+            return false;
+        };
+        let heads: BTreeMap<String, Vec<String>> = list
+            .into_iter()
+            .filter(|d| docs.contains(&d.id))
+            .map(|d| {
+                let mut h = d.heads;
+                h.sort_unstable();
+                (d.id, h)
+            })
+            .collect();
+        match &first {
+            None => first = Some(heads),
+            Some(f) if *f != heads => return false,
+            Some(_) => {}
+        }
+    }
+    true
 }
 
 fn count_panics(logs: &[PathBuf]) -> u64 {
@@ -866,8 +904,11 @@ pub async fn check(opts: &CheckOptions) -> anyhow::Result<Report> {
         .map(|n| Client::new(n).with_token(opts.token.as_deref()))
         .collect();
     let deadline = Instant::now() + opts.timeout;
-    let converged = wait_converged(&clients, deadline).await;
-    report.converge_seconds = converged.map(|t| t.saturating_sub(healed) as f64 / 1000.0);
+    let mut data_at = None;
+    let converged = wait_converged(&clients, deadline, &chaos_docs, &mut data_at).await;
+    let since_heal = |t: u64| t.saturating_sub(healed) as f64 / 1000.0;
+    report.converge_seconds = converged.map(since_heal);
+    report.data_converge_seconds = data_at.map(since_heal);
     let mut views = read_views(&clients, &chaos_docs).await?;
     if let Some(path) = &opts.effects {
         // The chaos docs' heads are final once the digests match: the
@@ -890,7 +931,7 @@ pub async fn check(opts: &CheckOptions) -> anyhow::Result<Report> {
     let deadline = Instant::now() + opts.timeout;
     while views.iter().any(|v| v.heads != views[0].heads) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        wait_converged(&clients, deadline).await;
+        wait_converged(&clients, deadline, &chaos_docs, &mut data_at).await;
         views = read_views(&clients, &chaos_docs).await?;
     }
     judge_writes(&mut report, &outcomes, &views);

@@ -98,13 +98,14 @@ pub async fn load(
     })
 }
 
-/// Creates `count` documents `fill/doc-N` with a small body, `concurrency` at
+/// Creates `count` documents `<prefix>/doc-N` with a small body, `concurrency` at
 /// a time, counting them in `done`.
 ///
 /// # Errors
 /// The first failed write.
 pub async fn fill(
     client: &Client,
+    prefix: &str,
     count: usize,
     concurrency: usize,
     done: Arc<AtomicU64>,
@@ -114,6 +115,7 @@ pub async fn fill(
     let mut tasks = Vec::new();
     for _ in 0..concurrency.max(1) {
         let (client, next, done) = (client.clone(), next.clone(), done.clone());
+        let prefix = prefix.to_string();
         tasks.push(tokio::spawn(async move {
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
@@ -121,7 +123,7 @@ pub async fn fill(
                     return Ok::<_, ClientError>(());
                 }
                 let value = json!({"n": i, "name": format!("document {i}"), "tags": ["a", "b"]});
-                client.patch(&format!("fill/doc-{i}"), &value).await?;
+                client.patch(&format!("{prefix}/doc-{i}"), &value).await?;
                 done.fetch_add(1, Ordering::Relaxed);
             }
         }));

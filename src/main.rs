@@ -152,9 +152,12 @@ enum Cmd {
         /// Documents the writers spread over.
         #[arg(long, default_value_t = 64)]
         docs: usize,
-        /// Instead of measuring, create this many documents `fill/doc-N`.
+        /// Instead of measuring, create this many documents `<prefix>/doc-N`.
         #[arg(long)]
         fill: Option<usize>,
+        /// The id prefix of the documents --fill creates.
+        #[arg(long, default_value = "fill")]
+        fill_prefix: String,
     },
 }
 
@@ -471,12 +474,13 @@ async fn run(cli: Cli) -> Result<()> {
             seconds,
             docs,
             fill,
+            fill_prefix,
         } => {
             let c = client.client();
             if let Some(n) = fill {
                 let template = "{spinner} filling [{bar:30}] {pos}/{len} docs ({per_sec})";
                 let secs = cli::progress::counting(Some(n as u64), template, async |done| {
-                    mergeflow::bench::fill(&c, n, 32, done).await
+                    mergeflow::bench::fill(&c, &fill_prefix, n, 32, done).await
                 })
                 .await?;
                 println!(

@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# scale.sh: how convergence and traffic grow with the cluster. Run as root.
+#
+# usage: scripts/scale.sh [--nodes 5,10,20] [--docs 10000]
+#
+# For each cluster size N it starts N nodes in network namespaces
+# (scripts/netns-cluster.sh, every node dialing every other), creates --docs
+# documents spread evenly over the nodes (`mergeflow bench --fill` against
+# each node at once, 32 writers each), and prints:
+#   - seconds to write them all (every write acknowledged by its node);
+#   - seconds from the last acknowledged write until every node has the same
+#     digest (scripts/netns-cluster.sh wait-converged, polled every 0.5 s);
+#   - messages and bytes the nodes sent each other, per write: the sum over
+#     nodes of mergeflow_peer_messages_total / mergeflow_peer_traffic_bytes_total
+#     {direction="out"} (frames of our protocol, not TCP/IP overhead);
+#   - the nodes' RSS after convergence (mean and max).
+# Prints numbers; asserts nothing. MERGEFLOW_BIN as for netns-cluster.sh
+# (default target/release/mergeflow).
+set -euo pipefail
+
+REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+readonly NC=$REPO_ROOT/scripts/netns-cluster.sh
+export MF_CLUSTER_DIR=${MF_SCALE_CLUSTER_DIR:-/tmp/mergeflow-scale}
+
+SIZES=5,10,20 DOCS=10000
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --nodes) SIZES=${2:?}; shift 2 ;;
+    --docs) DOCS=${2:?}; shift 2 ;;
+    -h | --help) sed -n '2,/^set -euo pipefail/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "scale: unknown argument '$1'" >&2; exit 2 ;;
+  esac
+done
+[ "$(id -u)" -eq 0 ] || { echo "scale: must run as root (network namespaces)" >&2; exit 2; }
+BIN=${MERGEFLOW_BIN:-target/release/mergeflow}
+[[ $BIN == /* ]] || BIN=$REPO_ROOT/$BIN
+export MERGEFLOW_BIN=$BIN
+[ -x "$BIN" ] || (cd "$REPO_ROOT" && cargo build --release)
+
+UP=''
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  [ -z "$UP" ] || "$NC" down >/dev/null 2>&1 || "$NC" down || true
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+now() { date +%s.%N; }
+secs() { awk -v a="$2" -v b="$1" 'BEGIN { printf "%.1f", a - b }'; }
+# "messages bytes" sent to peers, summed over nodes 1..N.
+traffic() {
+  local n=$1 i
+  for ((i = 1; i <= n; i++)); do
+    curl -sf -H "authorization: Bearer $("$NC" token)" "$("$NC" url "$i")/metrics"
+  done | awk '/^mergeflow_peer_messages_total\{.*direction="out"/ { m += $NF }
+              /^mergeflow_peer_traffic_bytes_total\{.*direction="out"/ { b += $NF }
+              END { printf "%d %d\n", m, b }'
+}
+rss() { # "mean max" in MiB over nodes 1..N
+  local n=$1 i
+  for ((i = 1; i <= n; i++)); do
+    awk '/^VmRSS/ { print $2 }' "/proc/$(cat "$MF_CLUSTER_DIR/n$i/pid")/status"
+  done | awk '{ s += $1; if ($1 > m) m = $1 } END { printf "%.1f %.1f\n", s / NR / 1024, m / 1024 }'
+}
+
+echo "scale: $DOCS docs per run, sizes $SIZES, binary $BIN ($(nproc) cores)"
+printf '%-6s %-8s %-10s %-12s %-14s %-14s %-12s\n' nodes docs write_s converge_s msgs/write bytes/write rss_MiB_mean/max
+IFS=, read -r -a sizes <<<"$SIZES"
+for n in "${sizes[@]}"; do
+  "$NC" down >/dev/null 2>&1 || true
+  UP=1
+  "$NC" up "$n" >/tmp/mergeflow-scale-up.log 2>&1 || { cat /tmp/mergeflow-scale-up.log >&2; exit 1; }
+  "$NC" wait-converged --timeout 120 >/dev/null
+  token=$("$NC" token)
+  read -r m0 b0 <<<"$(traffic "$n")"
+  per=$((DOCS / n))
+  t0=$(now)
+  pids=()
+  for ((i = 1; i <= n; i++)); do
+    "$BIN" bench --api "$("$NC" url "$i")" --token "$token" --fill "$per" --fill-prefix "n$i" \
+      >"/tmp/mergeflow-scale-fill-$i.log" 2>&1 &
+    pids+=($!)
+  done
+  for p in "${pids[@]}"; do wait "$p" || { echo "scale: a fill failed" >&2; cat /tmp/mergeflow-scale-fill-*.log >&2; exit 1; }; done
+  t1=$(now)
+  "$NC" wait-converged --timeout 900 >/tmp/mergeflow-scale-converge.log
+  t2=$(now)
+  read -r m1 b1 <<<"$(traffic "$n")"
+  writes=$((per * n))
+  printf '%-6s %-8s %-10s %-12s %-14s %-14s %-12s\n' "$n" "$writes" "$(secs "$t0" "$t1")" "$(secs "$t1" "$t2")" \
+    "$(awk -v a="$m1" -v b="$m0" -v w="$writes" 'BEGIN { printf "%.1f", (a - b) / w }')" \
+    "$(awk -v a="$b1" -v b="$b0" -v w="$writes" 'BEGIN { printf "%.0f", (a - b) / w }')" \
+    "$(rss "$n" | tr ' ' /)"
+  "$NC" down >/dev/null
+  UP=''
+done

@@ -345,6 +345,7 @@ impl Store {
                 what: "the database directory is missing (FORMAT says this is a data dir)".into(),
             });
         }
+        remove_unfinished_snapshots(&db_path)?;
         let config = sled::Config::new()
             .path(&db_path)
             .cache_capacity(cache_capacity_bytes)
@@ -552,10 +553,16 @@ impl Store {
     /// # Errors
     /// [`StoreError::Flush`] naming the file that could not be synced.
     pub fn sync_files(&self) -> Result<usize, StoreError> {
+        // A failed fsync may have dropped dirty pages that a later fsync
+        // would not report: the store is failed and must be reopened.
         let sync = |p: &Path| {
             std::fs::File::open(p)
                 .and_then(|f| f.sync_all())
-                .map_err(|e| StoreError::Flush(format!("fsync {}: {e}", p.display())))
+                .map_err(|e| {
+                    let why = format!("fsync {}: {e}", p.display());
+                    self.failed(&why);
+                    StoreError::Flush(why)
+                })
         };
         let mut n = 0;
         sync(&self.path.join("db"))?;
@@ -746,6 +753,32 @@ impl Store {
     }
 }
 
+/// Removes the snapshot files sled 0.34 left unfinished (`snap.<lsn>.generating`).
+///
+/// sled writes a snapshot to `snap.<lsn>.generating`, syncs it and renames
+/// it to `snap.<lsn>`; but when it opens, it takes the newest file whose name
+/// starts with `snap.`, unfinished ones included. A snapshot write cut short
+/// (a full disk, found by the chaos campaign; a kill during the write) thus
+/// made every later open fail with "corrupt". An unfinished file is never the
+/// one to read: the previous snapshot and the log are still there.
+fn remove_unfinished_snapshots(db_path: &Path) -> Result<(), StoreError> {
+    let Ok(entries) = std::fs::read_dir(db_path) else {
+        return Ok(()); // a new data dir
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            tracing::warn!(file = %entry.path().display(), "removing a snapshot file sled did not finish writing");
+            std::fs::remove_file(entry.path()).map_err(|e| StoreError::Corrupt {
+                path: entry.path(),
+                what: format!("an unfinished sled snapshot cannot be removed: {e}"),
+            })?;
+        }
+    }
+    Ok(())
+}
+
 fn sled_err(path: &Path, e: sled::Error) -> StoreError {
     match e {
         sled::Error::Corruption { .. } => StoreError::Corrupt {
@@ -862,6 +895,32 @@ mod tests {
         // Nothing new: the log and the db dir only.
         assert_eq!(s.sync_files().unwrap(), 2);
         assert_eq!(s.doc_data("big", &meta(1)).unwrap().changes, vec![big]);
+    }
+
+    /// Found by the chaos campaign: a restart while the disk was still full
+    /// left an empty `snap.<lsn>.generating`, and sled then refused to open
+    /// the data dir ("corrupt") for good.
+    #[test]
+    fn an_unfinished_sled_snapshot_does_not_make_the_store_unopenable() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path(), 1 << 20).unwrap();
+            let mut b = WriteBatch::default();
+            b.append_change("kept", 0, b"x", &meta(1));
+            s.apply(b).unwrap();
+            s.flush().unwrap();
+        }
+        let unfinished = dir
+            .path()
+            .join("db")
+            .join("snap.FFFFFFFFFFFFFFFF.generating");
+        std::fs::write(&unfinished, b"").unwrap();
+        let s = Store::open(dir.path(), 1 << 20).unwrap();
+        assert!(!unfinished.exists());
+        assert_eq!(
+            s.doc_data("kept", &meta(1)).unwrap().changes,
+            vec![b"x".to_vec()]
+        );
     }
 
     #[test]

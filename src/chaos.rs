@@ -142,7 +142,9 @@ fn http_client(token: Option<&str>, timeout: Duration) -> reqwest::Client {
         v.set_sensitive(true);
         headers.insert(reqwest::header::AUTHORIZATION, v);
     }
+    // No proxy: the nodes are local or on the cluster's own network.
     reqwest::Client::builder()
+        .no_proxy()
         .connect_timeout(timeout)
         .timeout(timeout)
         .default_headers(headers)

@@ -66,7 +66,9 @@ pub fn encode_id(id: &str) -> String {
 const LONG_OPERATION: Duration = Duration::from_secs(24 * 3600);
 
 fn http_client(headers: reqwest::header::HeaderMap) -> reqwest::Client {
+    // No proxy: the nodes are local or on the cluster's own network.
     reqwest::Client::builder()
+        .no_proxy()
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(120))
         .default_headers(headers)

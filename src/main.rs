@@ -729,6 +729,14 @@ async fn start(args: StartArgs) -> Result<()> {
             (backoff, restarts) = (Duration::from_secs(1), 0);
         }
         restarts += 1;
+        if restarts >= MAX_RESTARTS {
+            // Failing again and again within a minute of each start: leave it
+            // to a supervisor and a human, with a clear exit status.
+            bail!(
+                "the store failed {restarts} times, each within a minute of starting; giving up (last error: {})",
+                failure.unwrap_or_default()
+            );
+        }
         tokio::select! {
             _ = &mut stop => return Ok(()),
             _ = tokio::time::sleep(backoff) => {}
@@ -737,7 +745,8 @@ async fn start(args: StartArgs) -> Result<()> {
     }
 }
 
-/// Restarts after a store failure that may fail to start before giving up.
+/// Restarts after store failures (each within a minute of the last start,
+/// or failing to start) before giving up.
 const MAX_RESTARTS: u32 = 10;
 /// Longest wait between restarts.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);

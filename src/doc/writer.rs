@@ -315,10 +315,12 @@ fn write_round(inner: &Inner, msgs: Vec<WriterMsg>, mut sync: Option<&mut SyncRu
     {
         sync.handle_all(inputs, &mut round);
     }
-    // Local changes go to the sync core (and so to peers) only once the
-    // store has them: if storing fails, the doc is reloaded without them and
-    // its next change reuses their actor and sequence numbers, which peers
-    // holding the first one would reject as a duplicate sequence.
+    // Local changes and merges go to the sync core (and so to peers) only
+    // once the store has them: if storing fails, the doc is reloaded without
+    // them and its next change reuses their actor and sequence numbers,
+    // which peers holding the first one would reject as a duplicate
+    // sequence. (Any sync the core starts sends what the doc holds, so a
+    // merge handled before the store call could carry this round's changes.)
     let mut local: Vec<Input> = Vec::new();
     for req in reqs {
         if round.is_poisoned(&req.id) {
@@ -331,12 +333,11 @@ fn write_round(inner: &Inner, msgs: Vec<WriterMsg>, mut sync: Option<&mut SyncRu
         }
         if let WriteOp::Merge(data) = &req.op {
             let merged = round.merge_saved(&req.id, data);
-            if let (Some(sync), Ok((_, Some(state)))) = (sync.as_deref_mut(), &merged) {
-                let input = Input::LocalMerge {
+            if let (Some(_), Ok((_, Some(state)))) = (&sync, &merged) {
+                local.push(Input::LocalMerge {
                     doc: req.id.to_string(),
                     state: state.clone(),
-                };
-                sync.handle(input, &mut round);
+                });
             }
             let merged = merged.map(|(r, _)| r);
             durable |= merged.is_ok();

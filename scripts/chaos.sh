@@ -64,11 +64,15 @@ probe() {
   for c in ip iptables curl jq; do
     command -v "$c" >/dev/null 2>&1 || { echo "needs $c"; return 1; }
   done
-  ip netns add mf-chaos-probe 2>/dev/null || { echo "cannot create network namespaces"; return 1; }
-  local ok=0
-  ip netns exec mf-chaos-probe iptables -w -L >/dev/null 2>&1 || ok=1
-  ip netns del mf-chaos-probe
+  local ns=mf-chaos-probe-$$ ok=0
+  ip netns add "$ns" 2>/dev/null || { echo "cannot create network namespaces"; return 1; }
+  ip netns exec "$ns" iptables -w -L >/dev/null 2>&1 || ok=1
+  ip netns del "$ns" 2>/dev/null || true
   [ "$ok" -eq 0 ] || { echo "iptables does not work in a namespace"; return 1; }
+  grep -qw tmpfs /proc/filesystems || { echo "no tmpfs (the disk-full fault needs one)"; return 1; }
+  if ip -4 route show | grep -q '^10\.77\.0\.0/24' && [ ! -d "$MF_CLUSTER_DIR" ]; then
+    echo "10.77.0.0/24 is in use here (another cluster?)"; return 1
+  fi
   return 0
 }
 
@@ -141,7 +145,9 @@ fault() { echo "$(ms) $*" >>"$FAULTS"; say "t+$(($(date +%s) - T0))s $*"; }
 
 say "seed $SEED, $NODES nodes, $DURATION s of faults, $KILL_CYCLES kill -9 cycles, binary $BIN"
 say "output in $OUT (ops.jsonl, effects.jsonl, faults.log, nI.log, report.json)"
-"$NC" down >/dev/null 2>&1 || true
+# Leftovers of an earlier campaign (its state dir exists) are ours to remove;
+# anyone else's cluster makes `up` refuse, and we say so.
+if [ -d "$MF_CLUSTER_DIR" ]; then "$NC" down >/dev/null 2>&1 || true; fi
 MF_TMPFS="$NODES=128m" MF_LOG_LEVEL=info "$NC" up "$NODES" >"$OUT/up.log" 2>&1 || {
   cat "$OUT/up.log" >&2
   die "could not start the cluster"
@@ -203,6 +209,10 @@ shuffle() {
 join() { local IFS=,; echo "$*"; }
 
 FILL=$MF_CLUSTER_DIR/n$NODES/data/chaos-fill
+# A nemesis command that fails is logged as a nemesis-error and the campaign
+# goes on (under set -e it would end it without a report).
+nc() { "$NC" "$@" >>"$OUT/nemesis.log" 2>&1 || { fault nemesis-error "$*"; return 0; }; }
+
 apply() { # apply KIND: starts the fault; UNDO is the command that ends it
   local kind=$1 half k a b
   shuffle
@@ -211,45 +221,45 @@ apply() { # apply KIND: starts the fault; UNDO is the command that ends it
     partition-halves)
       half=$((NODES / 2))
       a=$(join "${PERM[@]:0:half}"); b=$(join "${PERM[@]:half}")
-      "$NC" partition "$a" "$b" >>"$OUT/nemesis.log"; fault "$kind" "$a|$b"; UNDO=("$NC" heal) ;;
+      nc partition "$a" "$b"; fault "$kind" "$a|$b"; UNDO=(nc heal) ;;
     partition-isolate)
       a=$(join "${PERM[@]:1}")
-      "$NC" partition "$k" "$a" >>"$OUT/nemesis.log"; fault "$kind" "$k|$a"; UNDO=("$NC" heal) ;;
+      nc partition "$k" "$a"; fault "$kind" "$k|$a"; UNDO=(nc heal) ;;
     partition-bridge) # PERM[0] is in no group, so it reaches both halves
       half=$(((NODES - 1) / 2))
       a=$(join "${PERM[@]:1:half}"); b=$(join "${PERM[@]:$((1 + half))}")
-      "$NC" partition "$a" "$b" >>"$OUT/nemesis.log"; fault "$kind" "$a|$b bridge n$k"; UNDO=("$NC" heal) ;;
+      nc partition "$a" "$b"; fault "$kind" "$a|$b bridge n$k"; UNDO=(nc heal) ;;
     loss)
       rand 30; a=$((20 + R))
-      "$NC" netem "$k" loss "$a%" >>"$OUT/nemesis.log"; fault "$kind" "n$k $a%"; UNDO=("$NC" heal) ;;
+      nc netem "$k" loss "$a%"; fault "$kind" "n$k $a%"; UNDO=(nc heal) ;;
     duplicate)
       rand 30; a=$((10 + R))
-      "$NC" netem "$k" duplicate "$a%" >>"$OUT/nemesis.log"; fault "$kind" "n$k $a%"; UNDO=("$NC" heal) ;;
+      nc netem "$k" duplicate "$a%"; fault "$kind" "n$k $a%"; UNDO=(nc heal) ;;
     delay)
       rand 150; a=$((50 + R))
-      "$NC" netem "$k" delay "${a}ms" "$((a / 2))ms" reorder 25% 50% >>"$OUT/nemesis.log"
-      fault "$kind" "n$k ${a}ms reorder"; UNDO=("$NC" heal) ;;
+      nc netem "$k" delay "${a}ms" "$((a / 2))ms" reorder 25% 50%
+      fault "$kind" "n$k ${a}ms reorder"; UNDO=(nc heal) ;;
     kill)
       DOWN[$k]=1
-      "$NC" kill "$k" >>"$OUT/nemesis.log"; fault "$kind" "n$k"; UNDO=(restart "$k") ;;
+      nc kill "$k"; fault "$kind" "n$k"; UNDO=(restart "$k") ;;
     pause)
       DOWN[$k]=1
-      "$NC" pause "$k" >>"$OUT/nemesis.log"; fault "$kind" "n$k"; UNDO=(resume "$k") ;;
+      nc pause "$k"; fault "$kind" "n$k"; UNDO=(resume "$k") ;;
     disk-full)
       dd if=/dev/zero of="$FILL" bs=1M >/dev/null 2>&1 || true
       fault "$kind" "n$NODES $(df -h --output=avail "$(dirname "$FILL")" | tail -n 1 | tr -d ' ') left"
       UNDO=(rm -f -- "$FILL") ;;
   esac
 }
-restart() { "$NC" restart "$1" >>"$OUT/nemesis.log" 2>&1; unset 'DOWN[$1]'; }
-resume() { "$NC" resume "$1" >>"$OUT/nemesis.log"; unset 'DOWN[$1]'; }
+restart() { nc restart "$1"; unset 'DOWN[$1]'; }
+resume() { nc resume "$1"; unset 'DOWN[$1]'; }
 
 end=$((SECONDS + DURATION))
 while [ "$SECONDS" -lt "$end" ]; do
   rand ${#KINDS[@]}
   apply "${KINDS[$R]}"
   rand 6; sleep $((3 + R))
-  "${UNDO[@]}" >>"$OUT/nemesis.log"
+  "${UNDO[@]}"
   check_alive
   rand 3; sleep $((1 + R))
   kill -0 "$WORKLOAD_PID" 2>/dev/null || { cat "$OUT/workload.log" >&2; die "the workload died"; }
@@ -259,7 +269,7 @@ if [ "$KILL_CYCLES" -gt 0 ]; then
   say "t+$(($(date +%s) - T0))s $KILL_CYCLES kill -9 cycles, writes continuing"
   for ((c = 1; c <= KILL_CYCLES; c++)); do
     rand "$NODES"; k=$((R + 1))
-    "$NC" kill "$k" >>"$OUT/nemesis.log"
+    nc kill "$k"
     echo "$(ms) kill-cycle n$k" >>"$FAULTS"
     "$NC" restart "$k" >>"$OUT/nemesis.log" 2>&1 || { fault crash "n$k does not restart"; break; }
     [ $((c % 100)) -eq 0 ] && say "t+$(($(date +%s) - T0))s $c kill -9 cycles"
@@ -270,9 +280,9 @@ fi
 kill "$WORKLOAD_PID" 2>/dev/null || true
 wait "$WORKLOAD_PID" 2>/dev/null || true
 WORKLOAD_PID=''
-"$NC" heal >>"$OUT/nemesis.log"
+nc heal
 rm -f -- "$FILL"
-for i in "${!DOWN[@]}"; do "$NC" resume "$i" >>"$OUT/nemesis.log" 2>&1 || "$NC" restart "$i" >>"$OUT/nemesis.log" 2>&1; done
+for i in "${!DOWN[@]}"; do "$NC" resume "$i" >>"$OUT/nemesis.log" 2>&1 || nc restart "$i"; done
 check_alive
 HEALED=$(ms)
 say "t+$(($(date +%s) - T0))s healed; checking"

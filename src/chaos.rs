@@ -447,8 +447,11 @@ pub struct Report {
     pub failed_present: u64,
     /// Nodes.
     pub nodes: usize,
-    /// Nodes whose docs or heads differ from the first node's (must be 0).
+    /// Nodes whose docs or heads differ from the first node's, or that could
+    /// not be read (must be 0).
     pub not_converged: usize,
+    /// Of those, nodes that could not be read at all (down, not answering).
+    pub unreadable: usize,
     /// Seconds from the heal until every node had the same digest (every
     /// doc, the workflows' run and marker docs too).
     pub converge_seconds: Option<f64>,
@@ -541,8 +544,11 @@ impl Report {
             held(self.failed_present > 0),
         );
         row(
-            "nodes not converged",
-            format!("{} of {}", self.not_converged, self.nodes),
+            "nodes not converged (of them unreadable)",
+            format!(
+                "{} of {} ({})",
+                self.not_converged, self.nodes, self.unreadable
+            ),
             held(self.not_converged > 0),
         );
         let secs = |s: Option<f64>| {
@@ -731,18 +737,20 @@ async fn node_view(c: &Client, chaos_docs: &BTreeSet<String>) -> anyhow::Result<
     Ok(view)
 }
 
-async fn read_views(
-    clients: &[Client],
-    chaos_docs: &BTreeSet<String>,
-) -> anyhow::Result<Vec<NodeView>> {
+/// Each node's view; a node that cannot be read (down, not answering) has
+/// none, and the report counts it as not converged.
+async fn read_views(clients: &[Client], chaos_docs: &BTreeSet<String>) -> Vec<Option<NodeView>> {
     let mut views = Vec::new();
     for (i, c) in clients.iter().enumerate() {
-        let view = node_view(c, chaos_docs)
-            .await
-            .map_err(|e| anyhow::anyhow!("reading node {} ({}): {e}", i + 1, c.base()))?;
-        views.push(view);
+        match node_view(c, chaos_docs).await {
+            Ok(v) => views.push(Some(v)),
+            Err(e) => {
+                eprintln!("cannot read node {} ({}): {e}", i + 1, c.base());
+                views.push(None);
+            }
+        }
     }
-    Ok(views)
+    views
 }
 
 /// Polls the effect log until every final state has an accepted delivery,
@@ -911,12 +919,14 @@ pub async fn check(opts: &CheckOptions) -> anyhow::Result<Report> {
     let since_heal = |t: u64| t.saturating_sub(healed) as f64 / 1000.0;
     report.converge_seconds = converged.map(since_heal);
     report.data_converge_seconds = data_at.map(since_heal);
-    let mut views = read_views(&clients, &chaos_docs).await?;
+    let mut views = read_views(&clients, &chaos_docs).await;
     if let Some(path) = &opts.effects {
         // The chaos docs' heads are final once the digests match: the
         // workflow only sends effects, it writes nothing into them.
         let finals: BTreeMap<String, Vec<String>> = views
-            .first()
+            .iter()
+            .flatten()
+            .next()
             .map(|v| {
                 v.heads
                     .iter()
@@ -931,12 +941,21 @@ pub async fn check(opts: &CheckOptions) -> anyhow::Result<Report> {
     // last effect is in, so compare the nodes once they are quiet: read
     // again until every view is the same, up to the deadline.
     let deadline = Instant::now() + opts.timeout;
-    while views.iter().any(|v| v.heads != views[0].heads) && Instant::now() < deadline {
+    let differ = |views: &[Option<NodeView>]| {
+        views
+            .iter()
+            .any(|v| v.as_ref().map(|v| &v.heads) != views[0].as_ref().map(|v| &v.heads))
+    };
+    while differ(&views) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(500)).await;
         wait_converged(&clients, deadline, &chaos_docs, &mut data_at).await;
-        views = read_views(&clients, &chaos_docs).await?;
+        views = read_views(&clients, &chaos_docs).await;
     }
-    judge_writes(&mut report, &outcomes, &views);
+    let readable: Vec<NodeView> = views.iter().flatten().cloned().collect();
+    judge_writes(&mut report, &outcomes, &readable);
+    report.unreadable = views.len() - readable.len();
+    report.nodes = views.len();
+    report.not_converged += report.unreadable;
     report.panics = count_panics(&opts.node_logs);
     Ok(report)
 }

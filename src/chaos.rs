@@ -556,7 +556,12 @@ impl Report {
                 .unwrap_or_else(|| "never".into())
         };
         row(
-            "seconds from heal to convergence",
+            "seconds from heal to same data docs",
+            secs(self.data_converge_seconds),
+            "",
+        );
+        row(
+            "seconds from heal to same everything",
             secs(self.converge_seconds),
             "",
         );

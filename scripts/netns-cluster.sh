@@ -237,6 +237,14 @@ wait_ready() {
   echo "node $i: $(tail -c +"$off" "$dir/log" | grep ' ready: ' | tail -n 1)"
 }
 
+# Whether PID runs: a zombie (dead, not yet reaped by whichever process
+# inherited it) has exited.
+running() {
+  local state
+  state=$(awk '{ print $3 }' "/proc/$1/stat" 2>/dev/null) || return 1
+  [ -n "$state" ] && [ "$state" != Z ]
+}
+
 # Sends SIG to the pids and waits up to T seconds for them to exit.
 kill_wait() {
   local sig=$1 t=$2 p
@@ -247,7 +255,7 @@ kill_wait() {
   local deadline=$((SECONDS + t))
   while [ "$SECONDS" -lt "$deadline" ]; do
     local alive=0
-    for p in "$@"; do kill -0 "$p" 2>/dev/null && alive=1; done
+    for p in "$@"; do running "$p" && alive=1; done
     [ "$alive" -eq 0 ] && return 0
     sleep 0.1
   done

@@ -237,12 +237,16 @@ wait_ready() {
   echo "node $i: $(tail -c +"$off" "$dir/log" | grep ' ready: ' | tail -n 1)"
 }
 
-# Whether PID runs: a zombie (dead, not yet reaped by whichever process
-# inherited it) has exited.
+# Whether PID runs. A zombie (dead, not yet reaped by whichever process
+# inherited it) has exited once its other threads have too: only then are
+# its files closed and sled's lock released.
 running() {
-  local state
+  local state tasks
   state=$(awk '{ print $3 }' "/proc/$1/stat" 2>/dev/null) || return 1
-  [ -n "$state" ] && [ "$state" != Z ]
+  [ -n "$state" ] || return 1
+  [ "$state" != Z ] && return 0
+  tasks=$(ls "/proc/$1/task" 2>/dev/null | wc -l)
+  [ "$tasks" -gt 1 ]
 }
 
 # Sends SIG to the pids and waits up to T seconds for them to exit.

@@ -27,7 +27,7 @@ use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value as Json, json};
 
-use crate::client::{Client, encode_id};
+use crate::client::{Client, encode_id, http_client, root_cause};
 
 /// The docs the workload writes: `chaos/d0` .. `chaos/d<docs-1>`.
 pub const DOC_PREFIX: &str = "chaos/";
@@ -134,35 +134,6 @@ pub struct WorkloadSummary {
     pub info: u64,
 }
 
-fn http_client(token: Option<&str>, timeout: Duration) -> reqwest::Client {
-    let mut headers = reqwest::header::HeaderMap::new();
-    if let Some(t) = token.filter(|t| !t.is_empty()) {
-        let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {t}"))
-            .expect("an API token is printable text");
-        v.set_sensitive(true);
-        headers.insert(reqwest::header::AUTHORIZATION, v);
-    }
-    // No proxy: the nodes are local or on the cluster's own network.
-    reqwest::Client::builder()
-        .no_proxy()
-        .connect_timeout(timeout)
-        .timeout(timeout)
-        .default_headers(headers)
-        .build()
-        .expect("reqwest client builds")
-}
-
-/// The innermost cause of an error, which names what went wrong.
-fn root_cause(e: &dyn std::error::Error) -> String {
-    let mut reason = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        reason = s.to_string();
-        src = s.source();
-    }
-    reason
-}
-
 /// Sends one write and classifies its outcome.
 async fn write_once(
     http: &reqwest::Client,
@@ -211,7 +182,7 @@ pub async fn workload(opts: &WorkloadOptions) -> anyhow::Result<WorkloadSummary>
     anyhow::ensure!(opts.clients > 0 && opts.docs > 0, "need clients and docs");
     let log = JsonLog::create(&opts.log)
         .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", opts.log.display()))?;
-    let http = http_client(opts.token.as_deref(), opts.timeout);
+    let http = http_client(opts.token.as_deref(), opts.timeout, opts.timeout);
     let deadline = Instant::now() + opts.duration;
     let mut tasks = Vec::new();
     for process in 0..opts.clients {

@@ -65,15 +65,46 @@ pub fn encode_id(id: &str) -> String {
 /// How long a backup or restore request may take.
 const LONG_OPERATION: Duration = Duration::from_secs(24 * 3600);
 
-fn http_client(headers: reqwest::header::HeaderMap) -> reqwest::Client {
-    // No proxy: the nodes are local or on the cluster's own network.
+/// A reqwest client for the node's API: `Authorization: Bearer <token>`
+/// when a token is given, no proxy (the nodes are local or on the
+/// cluster's own network).
+///
+/// # Panics
+/// If `token` holds characters a header cannot (control characters).
+pub(crate) fn http_client(
+    token: Option<&str>,
+    connect_timeout: Duration,
+    timeout: Duration,
+) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(t) = token.filter(|t| !t.is_empty()) {
+        let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {t}"))
+            .expect("an API token is printable text");
+        v.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, v);
+    }
     reqwest::Client::builder()
         .no_proxy()
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(120))
+        .connect_timeout(connect_timeout)
+        .timeout(timeout)
         .default_headers(headers)
         .build()
         .expect("reqwest client builds")
+}
+
+/// The CLI's timeouts: to connect, and for a whole request.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The innermost cause of an error, which names what went wrong.
+pub(crate) fn root_cause(e: &dyn std::error::Error) -> String {
+    let mut reason = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        reason = s.to_string();
+        src = s.source();
+    }
+    reason
 }
 
 impl Client {
@@ -85,7 +116,7 @@ impl Client {
         } else {
             format!("http://{base}")
         };
-        let http = http_client(reqwest::header::HeaderMap::new());
+        let http = http_client(None, CONNECT_TIMEOUT, REQUEST_TIMEOUT);
         Client { base, http }
     }
 
@@ -95,15 +126,9 @@ impl Client {
     /// # Panics
     /// If `token` holds characters a header cannot (control characters).
     pub fn with_token(mut self, token: Option<&str>) -> Client {
-        let Some(token) = token.filter(|t| !t.is_empty()) else {
-            return self;
-        };
-        let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
-            .expect("an API token is printable text");
-        value.set_sensitive(true);
-        let headers =
-            reqwest::header::HeaderMap::from_iter([(reqwest::header::AUTHORIZATION, value)]);
-        self.http = http_client(headers);
+        if token.is_some_and(|t| !t.is_empty()) {
+            self.http = http_client(token, CONNECT_TIMEOUT, REQUEST_TIMEOUT);
+        }
         self
     }
 
@@ -122,17 +147,9 @@ impl Client {
         &self,
         req: reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, ClientError> {
-        let resp = req.send().await.map_err(|e| {
-            let mut reason = e.to_string();
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                reason = s.to_string();
-                src = s.source();
-            }
-            ClientError::Unreachable {
-                url: self.base.clone(),
-                reason,
-            }
+        let resp = req.send().await.map_err(|e| ClientError::Unreachable {
+            url: self.base.clone(),
+            reason: root_cause(&e),
         })?;
         let status = resp.status();
         if status.is_success() {

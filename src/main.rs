@@ -677,7 +677,14 @@ async fn start(args: StartArgs) -> Result<()> {
     let mut backoff = Duration::from_secs(1);
     let mut restarts = 0u32;
     loop {
-        let started = match mergeflow::Node::builder()
+        if restarts > 0 {
+            tokio::select! {
+                _ = &mut stop => return Ok(()),
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+        let node = match mergeflow::Node::builder()
             .config(config.clone())
             .serve_api(true)
             .network(true)
@@ -688,16 +695,10 @@ async fn start(args: StartArgs) -> Result<()> {
             Err(e) if restarts > 0 && restarts < MAX_RESTARTS => {
                 tracing::error!(err = %e, restarts, "the node does not start again; retrying in {backoff:?}");
                 restarts += 1;
-                tokio::select! {
-                    _ = &mut stop => return Ok(()),
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
                 continue;
             }
             Err(e) => return Err(e.into()),
         };
-        let node = started;
         let api = node
             .api_addr()
             .map(|a| format!("http://{a}"))
@@ -722,7 +723,7 @@ async fn start(args: StartArgs) -> Result<()> {
         }
         let stopped = node.shutdown().await;
         drop(node); // closes sled, then seals the data dir (after a clean stop)
-        let Some(_) = failure else {
+        let Some(failure) = failure else {
             return stopped.map_err(Into::into);
         };
         if up.elapsed() > Duration::from_secs(60) {
@@ -733,15 +734,9 @@ async fn start(args: StartArgs) -> Result<()> {
             // Failing again and again within a minute of each start: leave it
             // to a supervisor and a human, with a clear exit status.
             bail!(
-                "the store failed {restarts} times, each within a minute of starting; giving up (last error: {})",
-                failure.unwrap_or_default()
+                "the store failed {restarts} times, each within a minute of starting; giving up (last error: {failure})"
             );
         }
-        tokio::select! {
-            _ = &mut stop => return Ok(()),
-            _ = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 

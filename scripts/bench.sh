@@ -24,17 +24,30 @@
 # (these exclude the host's API calls, e.g. wait-converged's status polling).
 # The cluster is always taken down at the end; node logs are copied to a temp
 # dir first (printed). Refuses to start when an mf-* cluster already exists.
+#
+# With --compare (instead of the benchmarks above) it builds and runs
+# benches/compare, its own crate: mergeflow, samod (the Rust automerge-repo,
+# from crates.io) and raw Automerge sync over a plain TCP socket with no
+# storage, two peers each on loopback, one workload: propagation p50/p99,
+# replicated write throughput, catch-up of a fresh peer, and bytes on the
+# wire for each; then the ratios mergeflow/samod and mergeflow/raw. Env:
+# WRITES (1000), TPUT (10000), TPUT_DOCS (100), CATCHUP (2000), ONLY.
 set -euo pipefail
 
 usage() {
   cat <<USAGE
 usage: scripts/bench.sh [--seconds S] [--concurrency 1,32] [--docs N] [--p2p]
        scripts/bench.sh --idle [--docs N]      (as root)
+       scripts/bench.sh --compare
   --seconds S        seconds per throughput run (default 5)
   --concurrency LIST writer counts, comma separated (default 1,32)
   --docs N           documents for the reopen measurement, or with --idle the
                      documents the two nodes hold (default 10000, or \$DOCS)
   --p2p              also run the peer-to-peer benchmark
+  --compare          only run mergeflow, samod and raw Automerge over TCP
+                     side by side (benches/compare; env: WRITES=1000
+                     TPUT=10000 TPUT_DOCS=100 CATCHUP=2000
+                     ONLY=mergeflow,samod,raw)
   --idle             only measure idle traffic, RSS and restart cost of two
                      in-sync nodes in network namespaces (needs root; env:
                      IDLE_SECONDS=120 IDLE_SETTLE=40 RESTART_TAIL=15
@@ -42,7 +55,7 @@ usage: scripts/bench.sh [--seconds S] [--concurrency 1,32] [--docs N] [--p2p]
 USAGE
 }
 
-SECONDS_PER_RUN=5 CONCURRENCY=1,32 DOCS=${DOCS:-10000} P2P='' IDLE=''
+SECONDS_PER_RUN=5 CONCURRENCY=1,32 DOCS=${DOCS:-10000} P2P='' IDLE='' COMPARE=''
 while [ $# -gt 0 ]; do
   case "$1" in
     --seconds) SECONDS_PER_RUN=$2; shift 2 ;;
@@ -50,6 +63,7 @@ while [ $# -gt 0 ]; do
     --docs) DOCS=$2; shift 2 ;;
     --p2p) P2P=1; shift ;;
     --idle) IDLE=1; shift ;;
+    --compare) COMPARE=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "unknown argument: $1" >&2; usage >&2; exit 2 ;;
   esac
@@ -223,6 +237,11 @@ if [ -n "$IDLE" ]; then
 fi
 
 cd "$(dirname "$0")/.."
+if [ -n "$COMPARE" ]; then
+  echo "== mergeflow, samod and raw Automerge sync over TCP, side by side ($(nproc) cores, $(uname -sr))"
+  cargo run --release --quiet --manifest-path benches/compare/Cargo.toml
+  exit 0
+fi
 cargo build --release --quiet
 BIN=target/release/mergeflow
 if [ -n "$IDLE" ]; then

@@ -29,8 +29,8 @@
 #   nemesis   one fault at a time on a seeded schedule, each held 3-8 s:
 #             partitions (halves, one node isolated, a bridge node that sees
 #             both halves), packet loss and duplication (netem, or iptables
-#             when the kernel has no netem), delay and reordering (netem
-#             only), kill -9 then restart, SIGSTOP then SIGCONT, and a full
+#             when the kernel has no netem), delay and reordering (netem,
+#             or tools/nfq-delay behind an NFQUEUE rule), kill -9 then restart, SIGSTOP then SIGCONT, and a full
 #             disk (node N's data dir is a 128 MiB tmpfs, filled to the last
 #             byte). A node that dies by itself is logged as a crash and
 #             restarted.
@@ -165,8 +165,23 @@ if ip netns exec mf-n1 tc qdisc add dev lo root netem delay 1ms 2>/dev/null; the
   HAS_NETEM=1
 fi
 KINDS=(partition-halves partition-isolate partition-bridge loss duplicate kill pause disk-full)
-[ -n "$HAS_NETEM" ] && KINDS+=(delay)
-[ -n "$HAS_NETEM" ] || say "this kernel has no netem qdisc: loss and duplication are emulated with iptables; delay and reordering are not injected"
+if [ -n "$HAS_NETEM" ]; then
+  KINDS+=(delay)
+else
+  # Delay and reordering in userspace: tools/nfq-delay behind an NFQUEUE rule.
+  if [ -z "${MF_NFQ_DELAY:-}" ]; then
+    MF_NFQ_DELAY=$REPO_ROOT/tools/nfq-delay/target/release/nfq-delay
+    (cd "$REPO_ROOT/tools/nfq-delay" && cargo build --release --quiet) >"$OUT/nfq-build.log" 2>&1 \
+      || MF_NFQ_DELAY=''
+  fi
+  if [ -n "$MF_NFQ_DELAY" ] && [ -x "$MF_NFQ_DELAY" ]; then
+    export MF_NFQ_DELAY MF_NFQ_SEED=$SEED
+    KINDS+=(delay)
+    say "this kernel has no netem qdisc: loss and duplication are emulated with iptables, delay and reordering with tools/nfq-delay (NFQUEUE)"
+  else
+    say "this kernel has no netem qdisc and tools/nfq-delay did not build ($OUT/nfq-build.log): loss and duplication are emulated with iptables; delay and reordering are not injected"
+  fi
+fi
 
 "$BIN" chaos receive --listen "$RECEIVER" --log "$OUT/effects.jsonl" --seed "$SEED" >"$OUT/receiver.log" 2>&1 &
 RECEIVER_PID=$!

@@ -26,9 +26,13 @@
 #   netem NODE ARGS...     `tc qdisc replace dev <node's veth> root netem ARGS`,
 #                          e.g. `netem 2 delay 50ms loss 5%` (egress of NODE).
 #                          Without kernel netem support (CONFIG_NET_SCH_NETEM)
-#                          only `loss P%` and `duplicate P%` work, emulated with
+#                          `loss P%` and `duplicate P%` are emulated with
 #                          iptables on NODE's output to other nodes (`-m
-#                          statistic`, DROP and TEE).
+#                          statistic`, DROP and TEE), and `delay D [J]` (with
+#                          any `reorder ...`, which the jitter J brings about)
+#                          by tools/nfq-delay through an NFQUEUE rule when
+#                          $MF_NFQ_DELAY names its binary (seeded by
+#                          $MF_NFQ_SEED, default 1).
 #   kill NODE              kill -9 the node.
 #   pause NODE / resume NODE
 #                          SIGSTOP / SIGCONT the node (it keeps its sockets open
@@ -554,6 +558,7 @@ cmd_heal() {
     [[ " $(our_netns | tr '\n' ' ') " == *" $nsn "* ]] || continue
     ipt_remove_chain "$nsn" MF-PART
     ipt_remove_chain "$nsn" MF-NETEM
+    nfq_stop "$i"
     if ip netns exec "$nsn" tc qdisc show dev "$dev" root 2>/dev/null | grep netem >/dev/null; then
       ip netns exec "$nsn" tc qdisc del dev "$dev" root
     fi
@@ -575,10 +580,21 @@ cmd_netem() {
   fi
   # Fall back to iptables only when the kernel has no netem qdisc at all.
   [[ $err == *"qdisc kind is unknown"* ]] || die "tc qdisc replace dev $dev root netem $*: $err"
-  local loss='' dup='' a=("$@") k=0 bad=() which
+  local loss='' dup='' delay='' jitter=0 a=("$@") k=0 bad=() which
   while [ "$k" -lt ${#a[@]} ]; do
     which=${a[$k]}
-    if [ "$which" = loss ] || [ "$which" = duplicate ]; then
+    if [ "$which" = delay ] && [ -n "${MF_NFQ_DELAY:-}" ]; then
+      k=$((k + 1))
+      [[ ${a[$k]:-} =~ ^([0-9]+)ms$ ]] || die "bad delay '${a[$k]:-}' (want e.g. 50ms)"
+      delay=${BASH_REMATCH[1]}
+      if [[ ${a[$((k + 1))]:-} =~ ^([0-9]+)ms$ ]]; then
+        k=$((k + 1))
+        jitter=${BASH_REMATCH[1]}
+      fi
+    elif [ "$which" = reorder ] && [ -n "${MF_NFQ_DELAY:-}" ]; then
+      # nfq-delay reorders through the jitter; skip netem's percentages.
+      while [[ ${a[$((k + 1))]:-} =~ %$ ]]; do k=$((k + 1)); done
+    elif [ "$which" = loss ] || [ "$which" = duplicate ]; then
       k=$((k + 1))
       [ "${a[$k]:-}" = random ] && k=$((k + 1))
       [[ ${a[$k]:-} =~ ^[0-9]+(\.[0-9]+)?%$ ]] || die "bad $which '${a[$k]:-}' (want e.g. 5%)"
@@ -588,9 +604,10 @@ cmd_netem() {
     fi
     k=$((k + 1))
   done
-  if [ -z "$loss$dup" ] || [ ${#bad[@]} -gt 0 ]; then
+  if [ -z "$loss$dup$delay" ] || [ ${#bad[@]} -gt 0 ]; then
     die "this kernel has no netem qdisc (CONFIG_NET_SCH_NETEM is off; tc says: $err)." \
-      "Only 'loss P%' and 'duplicate P%' can be emulated here (iptables); not supported: ${bad[*]:-(nothing to do)}"
+      "Only 'loss P%' and 'duplicate P%' can be emulated here (iptables), and 'delay D [J]'" \
+      "with MF_NFQ_DELAY set to a tools/nfq-delay binary; not supported: ${bad[*]:-(nothing to do)}"
   fi
   need_cmd iptables iptables
   prob() { awk -v p="${1%\%}" 'BEGIN { printf "%.6f", p / 100 }'; }
@@ -611,7 +628,27 @@ cmd_netem() {
     ip netns exec "$nsn" iptables -w -A MF-NETEM -d "$NET.0/24" \
       -m statistic --mode random --probability "$(prob "$loss")" -j DROP
   fi
-  echo "netem n$i: kernel has no netem qdisc; emulating${loss:+ loss $loss}${dup:+ duplicate $dup} on n$i's output to other nodes with iptables"
+  if [ -n "$delay" ]; then
+    # Queue 0 of this namespace; --queue-bypass lets packets through
+    # unhindered whenever no nfq-delay is bound to it.
+    ip netns exec "$nsn" iptables -w -A MF-NETEM -d "$NET.0/24" -j NFQUEUE --queue-num 0 --queue-bypass
+    nfq_stop "$i"
+    ip netns exec "$nsn" "$MF_NFQ_DELAY" 0 "$delay" "$jitter" "${MF_NFQ_SEED:-1}" \
+      >>"$(node_dir "$i")/nfq-delay.log" 2>&1 &
+    echo $! >"$(node_dir "$i")/nfq.pid"
+  fi
+  echo "netem n$i: kernel has no netem qdisc; emulating${loss:+ loss $loss}${dup:+ duplicate $dup}${delay:+ delay ${delay}ms+0..${jitter}ms (nfq-delay)} on n$i's output to other nodes"
+}
+
+# Stops node I's nfq-delay, if one runs (its rule is gone or bypassed then).
+nfq_stop() {
+  local f p
+  f="$(node_dir "$1")/nfq.pid"
+  [ -f "$f" ] || return 0
+  p=$(cat "$f")
+  rm -f -- "$f"
+  [[ $p =~ ^[0-9]+$ ]] || return 0
+  kill_wait TERM 5 "$p" || kill_wait KILL 5 "$p" || note "nfq-delay $p did not exit"
 }
 
 cmd_signal() { # cmd_signal STOP|CONT NODE

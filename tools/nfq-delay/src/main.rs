@@ -7,8 +7,8 @@
 //! Run it in the network namespace whose iptables send packets to the queue,
 //! e.g. `iptables -A OUTPUT -j NFQUEUE --queue-num 0 --queue-bypass` (with
 //! `--queue-bypass`, packets pass untouched when no nfq-delay is bound).
-//! Stop it with SIGTERM or SIGINT; packets it still holds are then accepted
-//! by the kernel's queue teardown.
+//! Stop it with SIGTERM or SIGINT; the kernel drops the packets it still
+//! holds (at most DELAY + JITTER ms of traffic), which TCP resends.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;

@@ -30,10 +30,10 @@
 #             partitions (halves, one node isolated, a bridge node that sees
 #             both halves), packet loss and duplication (netem, or iptables
 #             when the kernel has no netem), delay and reordering (netem,
-#             or tools/nfq-delay behind an NFQUEUE rule), kill -9 then restart, SIGSTOP then SIGCONT, and a full
-#             disk (node N's data dir is a 128 MiB tmpfs, filled to the last
-#             byte). A node that dies by itself is logged as a crash and
-#             restarted.
+#             or tools/nfq-delay behind an NFQUEUE rule), kill -9 then
+#             restart, SIGSTOP then SIGCONT, and a full disk (node N's data
+#             dir is a 128 MiB tmpfs, filled to the last byte). A node
+#             that dies by itself is logged as a crash and restarted.
 #   heal      every fault undone; then `mergeflow chaos check` waits for
 #             convergence and prints what was tried and what held:
 #             acknowledged writes lost (must be 0), nodes not at identical

@@ -613,6 +613,7 @@ cmd_netem() {
   prob() { awk -v p="${1%\%}" 'BEGIN { printf "%.6f", p / 100 }'; }
   ipt_chain "$nsn" MF-NETEM OUTPUT
   ip netns exec "$nsn" iptables -w -F MF-NETEM
+  nfq_stop "$i" # the new settings replace the old ones, a delay included
   # Only traffic to other nodes: the host's status polling stays reliable.
   ip netns exec "$nsn" iptables -w -A MF-NETEM -d "$HOST_IP" -j RETURN
   if [ -n "$dup" ]; then # TEE sends a copy of the packet to its own destination
@@ -632,7 +633,6 @@ cmd_netem() {
     # Queue 0 of this namespace; --queue-bypass lets packets through
     # unhindered whenever no nfq-delay is bound to it.
     ip netns exec "$nsn" iptables -w -A MF-NETEM -d "$NET.0/24" -j NFQUEUE --queue-num 0 --queue-bypass
-    nfq_stop "$i"
     ip netns exec "$nsn" "$MF_NFQ_DELAY" 0 "$delay" "$jitter" "${MF_NFQ_SEED:-1}" \
       >>"$(node_dir "$i")/nfq-delay.log" 2>&1 &
     echo $! >"$(node_dir "$i")/nfq.pid"

@@ -761,6 +761,8 @@ impl Store {
 /// (a full disk, found by the chaos campaign; a kill during the write) thus
 /// made every later open fail with "corrupt". An unfinished file is never the
 /// one to read: the previous snapshot and the log are still there.
+/// Known upstream as spacejam/sled#1527; the cause is in
+/// docs/upstream-reports.md.
 fn remove_unfinished_snapshots(db_path: &Path) -> Result<(), StoreError> {
     let Ok(entries) = std::fs::read_dir(db_path) else {
         return Ok(()); // a new data dir

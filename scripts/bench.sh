@@ -74,7 +74,7 @@ IDLE_SECONDS=${IDLE_SECONDS:-120} IDLE_SETTLE=${IDLE_SETTLE:-40} RESTART_TAIL=${
 RESTART_CHANGES=${RESTART_CHANGES:-100} CONVERGE_TIMEOUT=${CONVERGE_TIMEOUT:-300}
 IDLE_STATE='' CLUSTER_UP=''
 
-cluster() { MF_CLUSTER_DIR=$IDLE_STATE scripts/netns-cluster.sh "$@"; }
+cluster() { MF_CLUSTER_ID=0 MF_CLUSTER_DIR=$IDLE_STATE scripts/netns-cluster.sh "$@"; }
 now() { date +%s.%N; }
 since() { awk -v a="$(now)" -v b="$1" 'BEGIN { printf "%.1f", a - b }'; }
 # Host veth mf-vI counters: "rx_bytes tx_bytes rx_packets tx_packets";

@@ -5,7 +5,9 @@
 #
 # usage: scripts/chaos.sh [--short | --long] [--duration S] [--nodes N]
 #                         [--seed S] [--kill-cycles N] [--out DIR] [--keep]
-#        scripts/chaos.sh --probe    exit 0 when this machine can run it
+#                         [--cluster K]
+#        scripts/chaos.sh [--cluster K] --probe
+#                                    exit 0 when this machine can run it
 #
 #   --short          the CI mode (default): 5 nodes, 90 s of faults, 20 kill -9
 #                    cycles; about 3 minutes in all.
@@ -16,9 +18,15 @@
 #                    (default: from the clock; printed, pass it to repeat).
 #   --kill-cycles N  after the mixed faults, kill -9 and restart a node N times.
 #   --out DIR        where the logs and the report go (default
-#                    /tmp/mergeflow-chaos-out; replaced).
+#                    /tmp/mergeflow-chaos-out, or .../mergeflow-chaos-out-K; replaced).
 #   --keep           leave the cluster running at the end (then run
-#                    `MF_CLUSTER_DIR=/tmp/mergeflow-chaos scripts/netns-cluster.sh down`).
+#                    `MF_CLUSTER_DIR=/tmp/mergeflow-chaos scripts/netns-cluster.sh down`,
+#                    with MF_CLUSTER_ID=K and /tmp/mergeflow-chaos-K for --cluster K).
+#   --cluster K      run on netns cluster K (1..99; default 0, or $MF_CLUSTER_ID):
+#                    namespaces mfK-*, addresses 10.77.K.0/24, state dir
+#                    /tmp/mergeflow-chaos-K. Campaigns on different clusters
+#                    (a long one by hand and CI's short one, say) do not touch
+#                    each other, though they share the CPUs.
 #
 # What runs:
 #   workload  `mergeflow chaos workload`: 8 clients write unique keys into 16
@@ -51,8 +59,6 @@ set -euo pipefail
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 readonly REPO_ROOT
 readonly NC=$REPO_ROOT/scripts/netns-cluster.sh
-export MF_CLUSTER_DIR=${MF_CHAOS_CLUSTER_DIR:-/tmp/mergeflow-chaos}
-readonly RECEIVER=10.77.0.1:7790
 
 usage() { sed -n '2,/^set -euo pipefail/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'; }
 die() { echo "chaos: $*" >&2; exit 2; }
@@ -70,17 +76,18 @@ probe() {
   ip netns del "$ns" 2>/dev/null || true
   [ "$ok" -eq 0 ] || { echo "iptables does not work in a namespace"; return 1; }
   grep -qw tmpfs /proc/filesystems || { echo "no tmpfs (the disk-full fault needs one)"; return 1; }
-  if ip -4 route show | grep -q '^10\.77\.0\.0/24' && [ ! -d "$MF_CLUSTER_DIR" ]; then
-    echo "10.77.0.0/24 is in use here (another cluster?)"; return 1
+  if ip -4 route show | grep -q "^10\\.77\\.$MF_CLUSTER_ID\\.0/24" && [ ! -d "$MF_CLUSTER_DIR" ]; then
+    echo "10.77.$MF_CLUSTER_ID.0/24 is in use here (another cluster? try --cluster K)"; return 1
   fi
   return 0
 }
 
-MODE=short DURATION='' NODES=5 SEED='' KILL_CYCLES='' OUT=/tmp/mergeflow-chaos-out KEEP=
+MODE=short DURATION='' NODES=5 SEED='' KILL_CYCLES='' OUT='' KEEP='' PROBE=''
+CLUSTER=${MF_CLUSTER_ID:-0}
 while [ $# -gt 0 ]; do
   case "$1" in
     -h | --help) usage; exit 0 ;;
-    --probe) probe; exit $? ;;
+    --probe) PROBE=1; shift ;;
     --short) MODE=short; shift ;;
     --long) MODE=long; shift ;;
     --duration) DURATION=${2:?--duration needs seconds}; shift 2 ;;
@@ -89,9 +96,21 @@ while [ $# -gt 0 ]; do
     --kill-cycles) KILL_CYCLES=${2:?--kill-cycles needs a count}; shift 2 ;;
     --out) OUT=${2:?--out needs a dir}; shift 2 ;;
     --keep) KEEP=1; shift ;;
+    --cluster) CLUSTER=${2:?--cluster needs a number}; shift 2 ;;
     *) usage >&2; die "unknown argument '$1'" ;;
   esac
 done
+[[ $CLUSTER =~ ^([0-9]|[1-9][0-9])$ ]] || die "bad --cluster '$CLUSTER' (want 0..99)"
+export MF_CLUSTER_ID=$CLUSTER
+if [ "$CLUSTER" -eq 0 ]; then
+  export MF_CLUSTER_DIR=${MF_CHAOS_CLUSTER_DIR:-/tmp/mergeflow-chaos}
+  OUT=${OUT:-/tmp/mergeflow-chaos-out}
+else
+  export MF_CLUSTER_DIR=${MF_CHAOS_CLUSTER_DIR:-/tmp/mergeflow-chaos-$CLUSTER}
+  OUT=${OUT:-/tmp/mergeflow-chaos-out-$CLUSTER}
+fi
+readonly RECEIVER=10.77.$CLUSTER.1:7790
+if [ -n "$PROBE" ]; then probe; exit $?; fi
 if [ "$MODE" = short ]; then
   DURATION=${DURATION:-90} KILL_CYCLES=${KILL_CYCLES:-20}
 else
@@ -103,6 +122,9 @@ SEED=${SEED:-$(($(date +%s%N) % 1000000007))}
 [[ $SEED =~ ^[0-9]+$ ]] || die "bad --seed '$SEED'"
 [[ $KILL_CYCLES =~ ^[0-9]+$ ]] || die "bad --kill-cycles '$KILL_CYCLES'"
 [ "$(id -u)" -eq 0 ] || die "must run as root (network namespaces, iptables); try: sudo $0"
+# One campaign per cluster: a second one would take the first one's cluster down.
+exec 9>"$MF_CLUSTER_DIR.lock"
+flock -n 9 || die "another campaign is running on cluster $CLUSTER (it holds $MF_CLUSTER_DIR.lock); use --cluster K"
 readonly MODE DURATION NODES SEED KILL_CYCLES OUT KEEP
 
 BIN=${MERGEFLOW_BIN:-target/release/mergeflow}
@@ -160,8 +182,8 @@ NODE_LOGS=()
 for ((i = 1; i <= NODES; i++)); do NODE_LOGS+=(--node-log "$MF_CLUSTER_DIR/n$i/log"); done
 
 HAS_NETEM=
-if ip netns exec mf-n1 tc qdisc add dev lo root netem delay 1ms 2>/dev/null; then
-  ip netns exec mf-n1 tc qdisc del dev lo root
+if "$NC" exec 1 tc qdisc add dev lo root netem delay 1ms 2>/dev/null; then
+  "$NC" exec 1 tc qdisc del dev lo root
   HAS_NETEM=1
 fi
 KINDS=(partition-halves partition-isolate partition-bridge loss duplicate kill pause disk-full)

@@ -49,7 +49,12 @@
 # NODE is a number 1..N, `nI` or `mf-nI`.
 #
 # Environment:
-#   MF_CLUSTER_DIR     state dir (default /tmp/mergeflow-netns): nI/data (data dir),
+#   MF_CLUSTER_ID      K in 0..99 (default 0): which cluster. Clusters with
+#                      different ids run side by side; every command touches
+#                      only its own. K=0 is named mf-* on 10.77.0.0/24, K>0
+#                      mfK-* on 10.77.K.0/24 (node I at 10.77.K.(10+I)).
+#   MF_CLUSTER_DIR     state dir (default /tmp/mergeflow-netns, or
+#                      /tmp/mergeflow-netns-K): nI/data (data dir),
 #                      nI/log (stdout+stderr), nI/pid.
 #   MERGEFLOW_BIN      binary (default target/release/mergeflow, relative paths are
 #                      relative to the repo root; the default is built with
@@ -65,7 +70,9 @@
 # works from the host. Namespaces have no default route, IPv6 is disabled on
 # every interface created, so no traffic leaves 10.77.0.0/24. Everything created
 # is named mf-*: namespaces mf-nI, veths mf-vI (host side, on the bridge) and
-# mf-eI (node side), bridge mf-br0, iptables chains MF-PART and MF-NETEM.
+# mf-eI (node side), bridge mf-br0, iptables chains MF-PART and MF-NETEM (in
+# the node namespaces). With MF_CLUSTER_ID=K>0, read mfK- for mf- and 10.77.K
+# for 10.77.0 throughout.
 #
 # Example:
 #   scripts/netns-cluster.sh up 3
@@ -77,14 +84,21 @@
 #   scripts/netns-cluster.sh down
 set -euo pipefail
 
-readonly BRIDGE=mf-br0
-readonly NET=10.77.0
+# MF_CLUSTER_ID K (0..99) keeps clusters apart: K=0 (the default) names
+# everything mf-* on 10.77.0.0/24; K>0 names it mfK-* on 10.77.K.0/24.
+CLUSTER_ID=${MF_CLUSTER_ID:-0}
+[[ $CLUSTER_ID =~ ^([0-9]|[1-9][0-9])$ ]] || { echo "netns-cluster: bad MF_CLUSTER_ID '$CLUSTER_ID' (want 0..99)" >&2; exit 1; }
+readonly CLUSTER_ID
+if [ "$CLUSTER_ID" -eq 0 ]; then PFX=mf-; else PFX=mf$CLUSTER_ID-; fi
+readonly PFX
+readonly BRIDGE=${PFX}br0
+readonly NET=10.77.$CLUSTER_ID
 readonly HOST_IP=$NET.1
 readonly API_PORT=7700
 readonly P2P_PORT=4001
 readonly MAX_NODES=200
 readonly MARKER=.mf-netns-cluster
-STATE=${MF_CLUSTER_DIR:-/tmp/mergeflow-netns}
+if [ "$CLUSTER_ID" -eq 0 ]; then STATE=${MF_CLUSTER_DIR:-/tmp/mergeflow-netns}; else STATE=${MF_CLUSTER_DIR:-/tmp/mergeflow-netns-$CLUSTER_ID}; fi
 [[ $STATE == /* ]] || STATE=$PWD/$STATE
 readonly STATE
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -112,9 +126,9 @@ need_cmd() {
   fi
 }
 
-ns() { echo "mf-n$1"; }
-host_veth() { echo "mf-v$1"; }
-node_veth() { echo "mf-e$1"; }
+ns() { echo "${PFX}n$1"; }
+host_veth() { echo "${PFX}v$1"; }
+node_veth() { echo "${PFX}e$1"; }
 node_ip() { echo "$NET.$((10 + $1))"; }
 node_dir() { echo "$STATE/n$1"; }
 node_url() { echo "http://$(node_ip "$1"):$API_PORT"; }
@@ -130,17 +144,17 @@ size() {
 
 # node_num REF: 3, n3 or mf-n3 -> 3, checked against the cluster size.
 node_num() {
-  local ref=${1#mf-} n
+  local ref=${1#"$PFX"} n
   ref=${ref#n}
-  [[ $ref =~ ^[1-9][0-9]*$ ]] || die "bad node '$1' (want a number 1..N, nI or mf-nI)"
+  [[ $ref =~ ^[1-9][0-9]*$ ]] || die "bad node '$1' (want a number 1..N, nI or ${PFX}nI)"
   n=$(size)
   [ "$ref" -le "$n" ] || die "no node $ref (cluster has $n nodes)"
   echo "$ref"
 }
 
 # Our namespaces / host links that exist right now.
-our_netns() { ip netns list 2>/dev/null | awk '{print $1}' | grep -E '^mf-n[0-9]+$' || true; }
-our_links() { ip -o link show 2>/dev/null | awk -F': ' '{print $2}' | sed 's/@.*//' | grep -E '^mf-(v[0-9]+|br0)$' || true; }
+our_netns() { ip netns list 2>/dev/null | awk '{print $1}' | grep -E "^${PFX}n[0-9]+\$" || true; }
+our_links() { ip -o link show 2>/dev/null | awk -F': ' '{print $2}' | sed 's/@.*//' | grep -E "^${PFX}(v[0-9]+|br0)\$" || true; }
 
 # Whether PID is node I's process (guards against pid reuse: checks its data dir).
 is_node_pid() {
@@ -310,7 +324,7 @@ cmd_down() {
     fi
   fi
   [ -z "$(our_netns)$(our_links)" ] || die "leftovers: $(our_netns) $(our_links)"
-  echo "down: no mf-* namespaces or links left; $STATE removed"
+  echo "down: no ${PFX}* namespaces or links left; $STATE removed"
 }
 
 disable_ipv6() { # disable_ipv6 [NETNS] IFACE

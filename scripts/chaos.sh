@@ -22,11 +22,12 @@
 #   --keep           leave the cluster running at the end (then run
 #                    `MF_CLUSTER_DIR=/tmp/mergeflow-chaos scripts/netns-cluster.sh down`,
 #                    with MF_CLUSTER_ID=K and /tmp/mergeflow-chaos-K for --cluster K).
-#   --cluster K      run on netns cluster K (1..99; default 0, or $MF_CLUSTER_ID):
+#   --cluster K      run on netns cluster K (0..99; default $MF_CLUSTER_ID or 0):
 #                    namespaces mfK-*, addresses 10.77.K.0/24, state dir
 #                    /tmp/mergeflow-chaos-K. Campaigns on different clusters
 #                    (a long one by hand and CI's short one, say) do not touch
-#                    each other, though they share the CPUs.
+#                    each other, though they share the CPUs; a second campaign
+#                    on a busy id refuses (--probe says so).
 #
 # What runs:
 #   workload  `mergeflow chaos workload`: 8 clients write unique keys into 16
@@ -58,7 +59,9 @@ set -euo pipefail
 
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 readonly REPO_ROOT
-readonly NC=$REPO_ROOT/scripts/netns-cluster.sh
+readonly NC_SCRIPT=$REPO_ROOT/scripts/netns-cluster.sh
+# (9>&-: the nodes and delayers it starts must not inherit the campaign lock)
+cluster() { "$NC_SCRIPT" "$@" 9>&-; }
 
 usage() { sed -n '2,/^set -euo pipefail/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'; }
 die() { echo "chaos: $*" >&2; exit 2; }
@@ -67,7 +70,7 @@ say() { echo "chaos: $*"; }
 probe() {
   [ "$(id -u)" -eq 0 ] || { echo "needs root"; return 1; }
   local c
-  for c in ip iptables curl jq; do
+  for c in ip iptables curl jq flock; do
     command -v "$c" >/dev/null 2>&1 || { echo "needs $c"; return 1; }
   done
   local ns=mf-chaos-probe-$$ ok=0
@@ -76,6 +79,9 @@ probe() {
   ip netns del "$ns" 2>/dev/null || true
   [ "$ok" -eq 0 ] || { echo "iptables does not work in a namespace"; return 1; }
   grep -qw tmpfs /proc/filesystems || { echo "no tmpfs (the disk-full fault needs one)"; return 1; }
+  if ! flock -n "$LOCK" true 2>/dev/null; then
+    echo "cluster $MF_CLUSTER_ID is busy: another campaign holds $LOCK (try --cluster K)"; return 1
+  fi
   if ip -4 route show | grep -q "^10\\.77\\.$MF_CLUSTER_ID\\.0/24" && [ ! -d "$MF_CLUSTER_DIR" ]; then
     echo "10.77.$MF_CLUSTER_ID.0/24 is in use here (another cluster? try --cluster K)"; return 1
   fi
@@ -110,6 +116,9 @@ else
   OUT=${OUT:-/tmp/mergeflow-chaos-out-$CLUSTER}
 fi
 readonly RECEIVER=10.77.$CLUSTER.1:7790
+# One campaign per cluster id, whatever its state dir: a second one would
+# tear the first one's cluster down.
+readonly LOCK=/tmp/mergeflow-cluster-$CLUSTER.lock
 if [ -n "$PROBE" ]; then probe; exit $?; fi
 if [ "$MODE" = short ]; then
   DURATION=${DURATION:-90} KILL_CYCLES=${KILL_CYCLES:-20}
@@ -122,9 +131,8 @@ SEED=${SEED:-$(($(date +%s%N) % 1000000007))}
 [[ $SEED =~ ^[0-9]+$ ]] || die "bad --seed '$SEED'"
 [[ $KILL_CYCLES =~ ^[0-9]+$ ]] || die "bad --kill-cycles '$KILL_CYCLES'"
 [ "$(id -u)" -eq 0 ] || die "must run as root (network namespaces, iptables); try: sudo $0"
-# One campaign per cluster: a second one would take the first one's cluster down.
-exec 9>"$MF_CLUSTER_DIR.lock"
-flock -n 9 || die "another campaign is running on cluster $CLUSTER (it holds $MF_CLUSTER_DIR.lock); use --cluster K"
+exec 9>"$LOCK"
+flock -n 9 || die "another campaign is running on cluster $CLUSTER (it holds $LOCK); use --cluster K"
 readonly MODE DURATION NODES SEED KILL_CYCLES OUT KEEP
 
 BIN=${MERGEFLOW_BIN:-target/release/mergeflow}
@@ -140,7 +148,7 @@ rm -rf -- "$OUT"
 mkdir -p "$OUT"
 FAULTS=$OUT/faults.log
 : >"$FAULTS"
-WORKLOAD_PID='' RECEIVER_PID=''
+WORKLOAD_PID='' RECEIVER_PID='' CLUSTER_UP=''
 
 cleanup() {
   local rc=$?
@@ -151,7 +159,9 @@ cleanup() {
   for ((i = 1; i <= NODES; i++)); do
     cp "$MF_CLUSTER_DIR/n$i/log" "$OUT/n$i.log" 2>/dev/null || true
   done
-  if [ -z "$KEEP" ]; then "$NC" down >/dev/null 2>&1 || "$NC" down || true; fi
+  # Only a cluster we started: a failed `up` cleans up after itself, and
+  # one refused because the cluster already exists is not ours.
+  if [ -n "$CLUSTER_UP" ] && [ -z "$KEEP" ]; then cluster down >/dev/null 2>&1 || cluster down || true; fi
   exit "$rc"
 }
 trap cleanup EXIT
@@ -169,21 +179,22 @@ say "seed $SEED, $NODES nodes, $DURATION s of faults, $KILL_CYCLES kill -9 cycle
 say "output in $OUT (ops.jsonl, effects.jsonl, faults.log, nI.log, report.json)"
 # Leftovers of an earlier campaign (its state dir exists) are ours to remove;
 # anyone else's cluster makes `up` refuse, and we say so.
-if [ -d "$MF_CLUSTER_DIR" ]; then "$NC" down >/dev/null 2>&1 || true; fi
-MF_TMPFS="$NODES=128m" MF_LOG_LEVEL=info "$NC" up "$NODES" >"$OUT/up.log" 2>&1 || {
+if [ -d "$MF_CLUSTER_DIR" ]; then cluster down >/dev/null 2>&1 || true; fi
+MF_TMPFS="$NODES=128m" MF_LOG_LEVEL=info cluster up "$NODES" >"$OUT/up.log" 2>&1 || {
   cat "$OUT/up.log" >&2
   die "could not start the cluster"
 }
-TOKEN=$("$NC" token)
+CLUSTER_UP=1
+TOKEN=$(cluster token)
 export MERGEFLOW_API_TOKEN=$TOKEN
 URLS=''
-for ((i = 1; i <= NODES; i++)); do URLS+="${URLS:+,}$("$NC" url "$i")"; done
+for ((i = 1; i <= NODES; i++)); do URLS+="${URLS:+,}$(cluster url "$i")"; done
 NODE_LOGS=()
 for ((i = 1; i <= NODES; i++)); do NODE_LOGS+=(--node-log "$MF_CLUSTER_DIR/n$i/log"); done
 
 HAS_NETEM=
-if "$NC" exec 1 tc qdisc add dev lo root netem delay 1ms 2>/dev/null; then
-  "$NC" exec 1 tc qdisc del dev lo root
+if cluster exec 1 tc qdisc add dev lo root netem delay 1ms 2>/dev/null; then
+  cluster exec 1 tc qdisc del dev lo root
   HAS_NETEM=1
 fi
 KINDS=(partition-halves partition-isolate partition-bridge loss duplicate kill pause disk-full)
@@ -205,10 +216,10 @@ else
   fi
 fi
 
-"$BIN" chaos receive --listen "$RECEIVER" --log "$OUT/effects.jsonl" --seed "$SEED" >"$OUT/receiver.log" 2>&1 &
+"$BIN" chaos receive --listen "$RECEIVER" --log "$OUT/effects.jsonl" --seed "$SEED" >"$OUT/receiver.log" 2>&1 9>&- &
 RECEIVER_PID=$!
 "$BIN" chaos workload --nodes "$URLS" --clients 8 --docs 16 --seconds 1000000 --seed "$SEED" \
-  --effect-url "http://$RECEIVER/effect" --log "$OUT/ops.jsonl" >"$OUT/workload.log" 2>&1 &
+  --effect-url "http://$RECEIVER/effect" --log "$OUT/ops.jsonl" >"$OUT/workload.log" 2>&1 9>&- &
 WORKLOAD_PID=$!
 deadline=$((SECONDS + 120))
 until [ -s "$OUT/ops.jsonl" ]; do
@@ -228,7 +239,7 @@ check_alive() {
     if [ -z "$pid" ] || ! kill -0 "$pid" 2>/dev/null; then
       fault crash "n$i"
       tail -n 30 "$MF_CLUSTER_DIR/n$i/log" | sed "s/^/chaos: n$i log: /"
-      "$NC" restart "$i" >>"$OUT/nemesis.log" 2>&1 || say "n$i does not restart"
+      cluster restart "$i" >>"$OUT/nemesis.log" 2>&1 || say "n$i does not restart"
     fi
   done
 }
@@ -248,7 +259,7 @@ join() { local IFS=,; echo "$*"; }
 FILL=$MF_CLUSTER_DIR/n$NODES/data/chaos-fill
 # A nemesis command that fails is logged as a nemesis-error and the campaign
 # goes on (under set -e it would end it without a report).
-nc() { "$NC" "$@" >>"$OUT/nemesis.log" 2>&1 || { fault nemesis-error "$*"; return 0; }; }
+nc() { cluster "$@" >>"$OUT/nemesis.log" 2>&1 || { fault nemesis-error "$*"; return 0; }; }
 
 apply() { # apply KIND: starts the fault; UNDO is the command that ends it
   local kind=$1 half k a b
@@ -308,7 +319,7 @@ if [ "$KILL_CYCLES" -gt 0 ]; then
     rand "$NODES"; k=$((R + 1))
     nc kill "$k"
     echo "$(ms) kill-cycle n$k" >>"$FAULTS"
-    "$NC" restart "$k" >>"$OUT/nemesis.log" 2>&1 || { fault crash "n$k does not restart"; break; }
+    cluster restart "$k" >>"$OUT/nemesis.log" 2>&1 || { fault crash "n$k does not restart"; break; }
     [ $((c % 100)) -eq 0 ] && say "t+$(($(date +%s) - T0))s $c kill -9 cycles"
   done
   check_alive
@@ -319,7 +330,7 @@ wait "$WORKLOAD_PID" 2>/dev/null || true
 WORKLOAD_PID=''
 nc heal
 rm -f -- "$FILL"
-for i in "${!DOWN[@]}"; do "$NC" resume "$i" >>"$OUT/nemesis.log" 2>&1 || nc restart "$i"; done
+for i in "${!DOWN[@]}"; do cluster resume "$i" >>"$OUT/nemesis.log" 2>&1 || nc restart "$i"; done
 check_alive
 HEALED=$(ms)
 say "t+$(($(date +%s) - T0))s healed; checking"

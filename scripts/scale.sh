@@ -15,7 +15,8 @@
 #     {direction="out"} (frames of our protocol, not TCP/IP overhead);
 #   - the nodes' RSS after convergence (mean and max).
 # Prints numbers; asserts nothing. MERGEFLOW_BIN as for netns-cluster.sh
-# (default target/release/mergeflow).
+# (default target/release/mergeflow); MF_CLUSTER_ID picks the cluster id
+# (default 0), as for netns-cluster.sh.
 set -euo pipefail
 
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -70,9 +71,12 @@ echo "scale: $DOCS docs per run, sizes $SIZES, binary $BIN ($(nproc) cores)"
 printf '%-6s %-8s %-10s %-12s %-14s %-14s %-12s\n' nodes docs write_s converge_s msgs/write bytes/write rss_MiB_mean/max
 IFS=, read -r -a sizes <<<"$SIZES"
 for n in "${sizes[@]}"; do
-  "$NC" down >/dev/null 2>&1 || true
-  UP=1
+  # Down only the cluster of the previous size: a cluster someone else runs
+  # on this id makes `up` refuse, and stays up.
+  [ -z "$UP" ] || "$NC" down >/dev/null 2>&1 || true
+  UP=''
   "$NC" up "$n" >/tmp/mergeflow-scale-up.log 2>&1 || { cat /tmp/mergeflow-scale-up.log >&2; exit 1; }
+  UP=1
   "$NC" wait-converged --timeout 120 >/dev/null
   token=$("$NC" token)
   read -r m0 b0 <<<"$(traffic "$n")"

@@ -138,7 +138,7 @@ restart_run() {
     url2=$(cluster url 2)
     stamp=$(date +%s%N)
     seq 0 $((changes - 1)) | xargs -P 16 -I{} curl -sf -o /dev/null -X PATCH \
-      -H 'content-type: application/merge-patch+json' -d "{\"changed\": $stamp}" "$url2/v1/docs/fill%2Fdoc-{}"
+      -H "authorization: Bearer $MERGEFLOW_API_TOKEN" -H 'content-type: application/merge-patch+json' -d "{\"changed\": $stamp}" "$url2/v1/docs/fill%2Fdoc-{}"
   fi
   a0=$(acct)
   v0=$(veth 1)
@@ -179,7 +179,6 @@ idle_precheck() {
 idle_bench() {
   local t0 end next cur prev v0 v1 a0 a1 dur
   IDLE_STATE=$(mktemp -d /tmp/mergeflow-bench-idle.XXXXXX)
-  CLUSTER_UP=1 # from here on, `down` at exit (up cleans up after itself when it fails)
   trap idle_cleanup EXIT
   trap 'exit 130' INT
   trap 'exit 143' TERM
@@ -187,6 +186,13 @@ idle_bench() {
   echo "machine: $(nproc) cores, $(uname -sr), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
   echo "== idle: 2 nodes in network namespaces (scripts/netns-cluster.sh, state $IDLE_STATE), $DOCS docs"
   cluster up 2 | sed 's/^/  /'
+  # From here on, `down` at exit. A failed `up` cleaned up after itself, and
+  # one refused because a cluster 0 appeared during the build is not ours.
+  CLUSTER_UP=1
+  # The nodes' APIs listen off loopback, so they need the cluster's token
+  # (the CLI sends MERGEFLOW_API_TOKEN).
+  MERGEFLOW_API_TOKEN=$(cluster token)
+  export MERGEFLOW_API_TOKEN
   acct_setup
   echo "  $("$BIN" bench --api "$(cluster url 1)" --fill "$DOCS") on node 1"
   echo "  $(cluster wait-converged --timeout "$CONVERGE_TIMEOUT")"

@@ -317,6 +317,15 @@ pub struct Store {
     failure: Arc<Mutex<Option<String>>>,
 }
 
+/// How long [`Store::open`] waits for a data dir's lock to be released
+/// before calling it in use. sled lets go of its lock from a background
+/// thread a moment *after* the last handle to a database is dropped (its
+/// thread pool still holds the log file while it finishes a write), so a
+/// store closed and reopened in one process (a restart in an app or a test)
+/// can find the lock still held for a few milliseconds, longer on a loaded
+/// machine. A second node on the same dir still gets [`StoreError::InUse`].
+const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 const META_SCHEMA: &[u8] = b"schema_version";
 const META_IDENTITY: &[u8] = b"identity";
 const META_BOOTS: &[u8] = b"boots";
@@ -333,9 +342,7 @@ impl Store {
         let db_path = data_dir.join("db");
         // sled holds an exclusive flock on db/db while open; check it ourselves
         // first, for a clear error and before the seal is looked at.
-        if let Ok(f) = std::fs::File::open(db_path.join("db"))
-            && let Err(std::fs::TryLockError::WouldBlock) = f.try_lock()
-        {
+        if !seal::wait_released(&db_path.join("db"), RELEASE_WAIT) {
             return Err(StoreError::InUse(data_dir.to_path_buf()));
         }
         let sealed = seal::verify(data_dir)?;

@@ -16,12 +16,44 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
 use super::StoreError;
 
 const SEAL: &str = "SEAL";
+/// How long the seal waits for sled to let go of a just-closed database.
+const SEAL_WAIT: Duration = Duration::from_secs(1);
+/// How often a wait for the lock looks again.
+const POLL: Duration = Duration::from_millis(5);
+
+/// Takes the exclusive lock on `f`, waiting up to `wait` for whoever holds
+/// it. `Ok(false)` when it is still held then; the lock lasts while `f` is open.
+fn lock_within(f: &File, wait: Duration) -> std::io::Result<bool> {
+    let deadline = Instant::now() + wait;
+    loop {
+        match f.try_lock() {
+            Ok(()) => return Ok(true),
+            Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(POLL);
+            }
+            Err(std::fs::TryLockError::WouldBlock) => return Ok(false),
+            Err(std::fs::TryLockError::Error(e)) => return Err(e),
+        }
+    }
+}
+
+/// Waits up to `wait` for no one to hold the exclusive lock on the file at
+/// `lock_path` (sled's `db/db`). True when it is free, or when the file does
+/// not exist or cannot be locked (then sled's own open reports the problem).
+/// Takes the lock only to look, and lets it go at once.
+pub(super) fn wait_released(lock_path: &Path, wait: Duration) -> bool {
+    match File::open(lock_path) {
+        Ok(f) => lock_within(&f, wait).unwrap_or(true),
+        Err(_) => true,
+    }
+}
 
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
 struct Seal {
@@ -49,10 +81,10 @@ fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StoreEr
 pub fn seal(data_dir: &Path) -> Result<bool, StoreError> {
     let lock_path = data_dir.join("db").join("db");
     let lock = File::open(&lock_path).map_err(io("cannot open", &lock_path))?;
-    match lock.try_lock() {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => return Ok(false),
-        Err(std::fs::TryLockError::Error(e)) => return Err(io("cannot lock", &lock_path)(e)),
+    // sled releases its lock from a background thread just after the last
+    // handle drops (see `Store::open`): give it a moment before giving up.
+    if !lock_within(&lock, SEAL_WAIT).map_err(io("cannot lock", &lock_path))? {
+        return Ok(false);
     }
     let seal = Seal {
         files: scan(data_dir)?,

@@ -108,6 +108,10 @@ pub struct DocConfig {
     pub max_change_bytes: u64,
     /// Largest stored document, in bytes.
     pub max_doc_bytes: u64,
+    /// Deepest nesting of objects and lists in a document (the root is 0,
+    /// `/a` is 1). Local writes and changes from peers that would nest
+    /// deeper are refused.
+    pub max_depth: usize,
 }
 
 /// `[api]`: the HTTP API.
@@ -225,6 +229,7 @@ impl Default for Config {
                 strings: docs.strings,
                 max_change_bytes: docs.max_change_bytes,
                 max_doc_bytes: docs.max_doc_bytes,
+                max_depth: docs.max_depth,
             },
             api: ApiConfig {
                 listen: SocketAddr::from(([127, 0, 0, 1], 7700)),
@@ -609,6 +614,12 @@ impl Config {
         if self.doc.max_change_bytes == 0 {
             return invalid("doc.max_change_bytes", "must be at least 1");
         }
+        if !(1..=crate::doc::MAX_READ_DEPTH).contains(&self.doc.max_depth) {
+            return invalid(
+                "doc.max_depth",
+                &format!("must be between 1 and {}", crate::doc::MAX_READ_DEPTH),
+            );
+        }
         if self.doc.max_doc_bytes < self.doc.max_change_bytes {
             return invalid("doc.max_doc_bytes", "must be at least doc.max_change_bytes");
         }
@@ -691,6 +702,7 @@ impl Config {
             strings: self.doc.strings,
             max_change_bytes: self.doc.max_change_bytes,
             max_doc_bytes: self.doc.max_doc_bytes,
+            max_depth: self.doc.max_depth,
             compact_after_changes: self.store.compact_after_changes,
             cache_docs: self.store.cache_docs,
             cache_doc_bytes: self.store.cache_doc_bytes,

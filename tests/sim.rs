@@ -332,7 +332,7 @@ impl Sim {
             node,
             Input::LocalChange {
                 doc: doc.to_string(),
-                change,
+                changes: vec![change],
                 state,
                 ack: false,
             },

@@ -80,6 +80,8 @@ fn status_of(e: &DocError) -> (StatusCode, &'static str) {
         DocError::BadValue(_) => (S::UNPROCESSABLE_ENTITY, "bad_value"),
         DocError::ChangeTooLarge { .. } => (S::PAYLOAD_TOO_LARGE, "change_too_large"),
         DocError::DocTooLarge { .. } => (S::PAYLOAD_TOO_LARGE, "doc_too_large"),
+        DocError::TooDeep { .. } => (S::UNPROCESSABLE_ENTITY, "doc_too_deep"),
+        DocError::CounterOverflow { .. } => (S::UNPROCESSABLE_ENTITY, "counter_overflow"),
         DocError::Corrupt { .. } => (S::INTERNAL_SERVER_ERROR, "doc_corrupt"),
         DocError::Automerge(_) => (S::UNPROCESSABLE_ENTITY, "automerge"),
         DocError::Store(StoreError::Closed) => (S::SERVICE_UNAVAILABLE, "shutting_down"),

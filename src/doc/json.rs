@@ -28,34 +28,150 @@ pub enum StringMode {
     Text,
 }
 
-/// Renders the object `obj` of type `ty` as JSON.
+/// The deepest nesting a document can be read at (and the largest
+/// `doc.max_depth`): rendering is iterative, but what it returns is a
+/// `serde_json::Value`, which serializes and drops recursively.
+pub const MAX_READ_DEPTH: usize = 1000;
+
+/// A container being rendered: its id and what is built of it so far.
+struct Frame {
+    obj: ObjId,
+    built: Built,
+    /// The key under which the child being rendered goes (maps only).
+    pending: Option<String>,
+}
+
+enum Built {
+    Map {
+        out: Map<String, Json>,
+        keys: std::vec::IntoIter<String>,
+    },
+    List {
+        out: Vec<Json>,
+        len: usize,
+    },
+}
+
+impl Frame {
+    fn new<R: ReadDoc>(doc: &R, obj: ObjId, ty: ObjType) -> Frame {
+        let built = match ty {
+            ObjType::List => Built::List {
+                out: Vec::new(),
+                len: doc.length(&obj),
+            },
+            _ => Built::Map {
+                out: Map::new(),
+                keys: doc.keys(&obj).collect::<Vec<_>>().into_iter(),
+            },
+        };
+        Frame {
+            obj,
+            built,
+            pending: None,
+        }
+    }
+
+    /// The next child: its key (maps), value and id; `None` when done.
+    #[allow(clippy::type_complexity)]
+    fn next<'d, R: ReadDoc>(
+        &mut self,
+        doc: &'d R,
+    ) -> Result<Option<(Option<String>, Option<(Value<'d>, ObjId)>)>, DocError> {
+        match &mut self.built {
+            Built::Map { keys, .. } => {
+                for key in keys.by_ref() {
+                    if let Some(v) = doc.get(&self.obj, key.as_str())? {
+                        return Ok(Some((Some(key), Some(v))));
+                    }
+                }
+                Ok(None)
+            }
+            Built::List { out, len } => {
+                if out.len() == *len {
+                    return Ok(None);
+                }
+                Ok(Some((None, doc.get(&self.obj, out.len())?)))
+            }
+        }
+    }
+
+    fn push(&mut self, key: Option<String>, v: Json) {
+        match &mut self.built {
+            Built::Map { out, .. } => {
+                out.insert(key.unwrap_or_default(), v);
+            }
+            Built::List { out, .. } => out.push(v),
+        }
+    }
+
+    fn finish(self) -> Json {
+        match self.built {
+            Built::Map { out, .. } => Json::Object(out),
+            Built::List { out, .. } => Json::Array(out),
+        }
+    }
+}
+
+/// Renders the object `obj` of type `ty` as JSON. Iterative: a deep doc
+/// costs heap, not stack.
 ///
 /// # Errors
-/// Automerge errors on a malformed object id.
+/// Automerge errors on a malformed object id; [`DocError::TooDeep`] for a doc
+/// nested deeper than [`MAX_READ_DEPTH`].
 pub fn to_json<R: ReadDoc>(doc: &R, obj: &ObjId, ty: ObjType) -> Result<Json, DocError> {
-    Ok(match ty {
-        ObjType::Map | ObjType::Table => {
-            let mut out = Map::new();
-            for key in doc.keys(obj) {
-                if let Some((v, id)) = doc.get(obj, key.as_str())? {
-                    out.insert(key, value_to_json(doc, v, &id)?);
+    if ty == ObjType::Text {
+        return Ok(Json::String(doc.text(obj)?));
+    }
+    let mut stack = vec![Frame::new(doc, obj.clone(), ty)];
+    loop {
+        let depth = stack.len();
+        let top = stack.last_mut().expect("the stack ends only by returning");
+        match top.next(doc)? {
+            Some((key, None)) => top.push(key, Json::Null),
+            Some((key, Some((Value::Scalar(s), _)))) => top.push(key, scalar_to_json(&s)),
+            Some((key, Some((Value::Object(ObjType::Text), id)))) => {
+                top.push(key, Json::String(doc.text(&id)?));
+            }
+            Some((key, Some((Value::Object(ty), id)))) => {
+                if depth >= MAX_READ_DEPTH {
+                    return Err(DocError::TooDeep {
+                        what: "the document".into(),
+                        depth: depth + 1,
+                        max: MAX_READ_DEPTH,
+                    });
+                }
+                top.pending = key;
+                stack.push(Frame::new(doc, id, ty));
+            }
+            None => {
+                let done = stack.pop().expect("not empty").finish();
+                match stack.last_mut() {
+                    None => return Ok(done),
+                    Some(parent) => {
+                        let key = parent.pending.take();
+                        parent.push(key, done);
+                    }
                 }
             }
-            Json::Object(out)
         }
-        ObjType::List => {
-            let len = doc.length(obj);
-            let mut out = Vec::with_capacity(len);
-            for i in 0..len {
-                match doc.get(obj, i)? {
-                    Some((v, id)) => out.push(value_to_json(doc, v, &id)?),
-                    None => out.push(Json::Null),
-                }
-            }
-            Json::Array(out)
-        }
-        ObjType::Text => Json::String(doc.text(obj)?),
-    })
+    }
+}
+
+/// How many levels of objects and lists `v` nests: 0 for a scalar, 1 for
+/// `{}` or `[1]`, 2 for `{"a": {}}`. Iterative.
+pub(crate) fn json_depth(v: &Json) -> usize {
+    let mut deepest = 0;
+    let mut stack = vec![(v, 0usize)];
+    while let Some((v, above)) = stack.pop() {
+        let children: Box<dyn Iterator<Item = &Json>> = match v {
+            Json::Object(m) => Box::new(m.values()),
+            Json::Array(a) => Box::new(a.iter()),
+            _ => continue,
+        };
+        deepest = deepest.max(above + 1);
+        stack.extend(children.map(|c| (c, above + 1)));
+    }
+    deepest
 }
 
 /// Renders one value (scalar or object) as JSON.
@@ -210,6 +326,27 @@ mod tests {
         });
         assert_eq!(roundtrip(v.clone(), StringMode::Scalar), v);
         assert_eq!(roundtrip(v.clone(), StringMode::Text), v);
+    }
+
+    #[test]
+    fn a_doc_deeper_than_the_stack_renders_or_is_refused_cleanly() {
+        let mut doc = Automerge::new();
+        let mut tx = doc.transaction();
+        let mut obj = ROOT;
+        for _ in 0..MAX_READ_DEPTH - 1 {
+            obj = tx.put_object(&obj, "a", ObjType::Map).unwrap();
+        }
+        tx.put(&obj, "leaf", 1).unwrap();
+        tx.commit();
+        let v = to_json(&doc, &ROOT, ObjType::Map).unwrap();
+        assert_eq!(json_depth(&v), MAX_READ_DEPTH);
+        let mut tx = doc.transaction();
+        tx.put_object(&obj, "deeper", ObjType::List).unwrap();
+        tx.commit();
+        let err = to_json(&doc, &ROOT, ObjType::Map).unwrap_err();
+        assert!(matches!(err, DocError::TooDeep { .. }), "{err}");
+        assert_eq!(json_depth(&json!({"a": [{}], "b": 1})), 3);
+        assert_eq!(json_depth(&json!(1)), 0);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! through [`crate::store::Store`] and never on the async executor.
 
 pub mod conflict;
+mod container;
 mod id;
 mod json;
 mod ops;
@@ -17,7 +18,7 @@ pub mod stamp;
 mod writer;
 
 pub use id::{DocId, MAX_ID_LEN};
-pub use json::{StringMode, to_json};
+pub use json::{MAX_READ_DEPTH, StringMode, to_json};
 pub use ops::{Op, ValueKind, apply_ops};
 pub use patch::{apply_merge_patch, ops_to_match};
 pub use path::Pointer;
@@ -99,6 +100,27 @@ pub enum DocError {
         /// What went wrong.
         #[source]
         source: Box<DocError>,
+    },
+    /// A write (or a change from a peer) would nest objects and lists
+    /// deeper than `doc.max_depth`, or a stored doc is too deep to render.
+    #[error("{what} nests {depth} levels deep; the limit is {max} (doc.max_depth)")]
+    TooDeep {
+        /// What: "this write", "a change from a peer", "doc \"x\"".
+        what: String,
+        /// How deep it goes (at least).
+        depth: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// An increment would take a counter past the range of a 64-bit integer.
+    #[error("incrementing the counter at {path:?} by {by} would overflow (it holds {value})")]
+    CounterOverflow {
+        /// The counter's JSON Pointer.
+        path: String,
+        /// Its value.
+        value: i64,
+        /// The increment.
+        by: i64,
     },
     /// A stored document does not load.
     #[error("stored doc {id:?} does not load: {reason}")]

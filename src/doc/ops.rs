@@ -10,13 +10,20 @@
 //! ```
 //!
 //! - `set` puts a value at a map key or replaces a list element (`-` appends);
-//!   missing parent objects are created. `as` stores a value as `text`, a
+//!   missing parent objects are created (a missing list for `-`), with the
+//!   deterministic identity of [`super::container`], so writers that create
+//!   them at once write into the same one. `as` stores a value as `text`, a
 //!   `counter` or a `timestamp` (Unix ms) instead of the default.
 //! - `delete` removes a map key or list element; it must exist.
-//! - `insert` inserts before a list index (`-` for the end).
+//! - `insert` inserts before a list index (`-` for the end); a missing list
+//!   is created for `-` and `0`.
 //! - `splice` edits a text object: from `pos` (Unicode code points) delete `del`
 //!   characters and insert `text`.
-//! - `increment` adds `by` (default 1) to a counter, creating it at `by` if absent.
+//! - `increment` adds `by` (default 1) to a counter, creating it if absent
+//!   (at 0, deterministically, then adding `by`); past the range of i64 it is
+//!   refused.
+//!
+//! No op may nest objects and lists deeper than `doc.max_depth`.
 
 use automerge::transaction::Transactable;
 use automerge::{ObjId, ObjType, Prop, ScalarValue, Value};
@@ -24,7 +31,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
 use super::DocError;
-use super::json::{Slot, StringMode, describe, write_json, write_scalar};
+use super::container::{Creator, Kind};
+use super::json::{Slot, StringMode, describe, json_depth, write_json, write_scalar};
 use super::path::{Pointer, prop_for, resolve_obj};
 
 /// One explicit operation.
@@ -98,6 +106,8 @@ pub enum ValueKind {
 }
 
 /// Applies `ops` in order inside `tx`. On error the caller rolls `tx` back.
+/// Missing containers are created plainly (see [`super::container`] for how
+/// the node gives them deterministic identity) and nesting is not limited.
 ///
 /// # Errors
 /// The first failing op's error, prefixed with its index.
@@ -106,8 +116,42 @@ pub fn apply_ops<T: Transactable>(
     ops: &[Op],
     strings: StringMode,
 ) -> Result<(), DocError> {
+    apply_ops_with(tx, ops, strings, &mut Creator::plain(), usize::MAX)
+}
+
+/// [`apply_ops`] with missing containers made by `creator`, refusing ops
+/// that would nest deeper than `max_depth`.
+pub(crate) fn apply_ops_with<T: Transactable>(
+    tx: &mut T,
+    ops: &[Op],
+    strings: StringMode,
+    creator: &mut Creator,
+    max_depth: usize,
+) -> Result<(), DocError> {
     for (i, op) in ops.iter().enumerate() {
-        apply_op(tx, op, strings).map_err(|e| at_index(i, e))?;
+        check_depth(op, max_depth).map_err(|e| at_index(i, e))?;
+        apply_op(tx, op, strings, creator).map_err(|e| at_index(i, e))?;
+    }
+    Ok(())
+}
+
+/// Refuses an op whose value would sit deeper than `max`: a value at a path
+/// of n tokens has n - 1 containers above it, plus those it holds itself.
+fn check_depth(op: &Op, max: usize) -> Result<(), DocError> {
+    let (path, value) = match op {
+        Op::Set { path, value, .. } | Op::Insert { path, value, .. } => (path, Some(value)),
+        Op::Increment { path, .. } => (path, None),
+        Op::Delete { .. } | Op::Splice { .. } => return Ok(()),
+    };
+    // Count tokens without parsing: a pointer's tokens are its '/'s.
+    let above = path.matches('/').count().saturating_sub(1);
+    let depth = above + value.map_or(0, json_depth);
+    if depth > max {
+        return Err(DocError::TooDeep {
+            what: "this write".into(),
+            depth,
+            max,
+        });
     }
     Ok(())
 }
@@ -122,11 +166,16 @@ fn at_index(index: usize, e: DocError) -> DocError {
     }
 }
 
-fn apply_op<T: Transactable>(tx: &mut T, op: &Op, strings: StringMode) -> Result<(), DocError> {
+fn apply_op<T: Transactable>(
+    tx: &mut T,
+    op: &Op,
+    strings: StringMode,
+    creator: &mut Creator,
+) -> Result<(), DocError> {
     match op {
         Op::Set { path, value, kind } => {
             let ptr = Pointer::parse(path)?;
-            let (obj, ty, token) = parent(tx, &ptr, true)?;
+            let (obj, ty, token) = parent(tx, &ptr, Some(creator), &["-"])?;
             if ty == ObjType::Text {
                 return Err(mismatch(
                     &ptr,
@@ -144,7 +193,9 @@ fn apply_op<T: Transactable>(tx: &mut T, op: &Op, strings: StringMode) -> Result
         }
         Op::Insert { path, value, kind } => {
             let ptr = Pointer::parse(path)?;
-            let (obj, ty, token) = parent(tx, &ptr, false)?;
+            // A missing list is created for an insert at its start or end.
+            let creates = matches!(ptr.split_last(), Some((_, "-" | "0")));
+            let (obj, ty, token) = parent(tx, &ptr, creates.then_some(creator), &["-", "0"])?;
             if ty != ObjType::List {
                 let found = if ty == ObjType::Text {
                     "text (use splice)"
@@ -158,7 +209,7 @@ fn apply_op<T: Transactable>(tx: &mut T, op: &Op, strings: StringMode) -> Result
         }
         Op::Delete { path } => {
             let ptr = Pointer::parse(path)?;
-            let (obj, ty, token) = parent(tx, &ptr, false)?;
+            let (obj, ty, token) = parent(tx, &ptr, None, &[])?;
             let prop =
                 prop_for(&ptr, ty, tx.length(&obj), &token, false).map_err(|_| ptr.not_found())?;
             if tx.get(&obj, prop.clone())?.is_none() {
@@ -174,7 +225,7 @@ fn apply_op<T: Transactable>(tx: &mut T, op: &Op, strings: StringMode) -> Result
             text,
         } => {
             let ptr = Pointer::parse(path)?;
-            let (obj, ty, token) = parent(tx, &ptr, false)?;
+            let (obj, ty, token) = parent(tx, &ptr, None, &[])?;
             let prop =
                 prop_for(&ptr, ty, tx.length(&obj), &token, false).map_err(|_| ptr.not_found())?;
             let text_obj = match tx.get(&obj, prop)? {
@@ -193,27 +244,47 @@ fn apply_op<T: Transactable>(tx: &mut T, op: &Op, strings: StringMode) -> Result
         }
         Op::Increment { path, by } => {
             let ptr = Pointer::parse(path)?;
-            let (obj, ty, token) = parent(tx, &ptr, true)?;
+            let (obj, ty, token) = parent(tx, &ptr, Some(creator), &[])?;
             let prop =
                 prop_for(&ptr, ty, tx.length(&obj), &token, false).map_err(|_| ptr.not_found())?;
-            match tx.get(&obj, prop.clone())? {
-                Some((Value::Scalar(s), _)) if matches!(s.as_ref(), ScalarValue::Counter(_)) => {
-                    tx.increment(&obj, prop, *by)?
-                }
+            let current = match tx.get(&obj, prop.clone())? {
+                Some((Value::Scalar(s), _)) => match s.as_ref() {
+                    ScalarValue::Counter(c) => i64::from(c),
+                    _ => {
+                        let found = describe(&Value::Scalar(s));
+                        return Err(mismatch(&ptr, "increment", "a counter", found));
+                    }
+                },
                 Some((v, _)) => return Err(mismatch(&ptr, "increment", "a counter", describe(&v))),
-                None => tx.put(&obj, prop, ScalarValue::counter(*by))?,
+                None => {
+                    let Prop::Map(key) = &prop else {
+                        return Err(ptr.not_found());
+                    };
+                    creator.create(tx, &obj, key, Kind::Counter)?;
+                    0
+                }
+            };
+            if current.checked_add(*by).is_none() {
+                return Err(DocError::CounterOverflow {
+                    path: ptr.as_str().to_string(),
+                    value: current,
+                    by: *by,
+                });
             }
+            tx.increment(&obj, prop, *by)?;
             Ok(())
         }
     }
 }
 
-/// Resolves the parent of `ptr`'s last token. With `create`, missing map keys on
-/// the way are created as empty maps.
+/// Resolves the parent of `ptr`'s last token. With a `creator`, missing map
+/// keys on the way are created: as lists where the parent's last token is one
+/// of `list_tokens` (`-` appends to a list), as maps otherwise.
 fn parent<T: Transactable>(
     tx: &mut T,
     ptr: &Pointer,
-    create: bool,
+    creator: Option<&mut Creator>,
+    list_tokens: &[&str],
 ) -> Result<(ObjId, ObjType, String), DocError> {
     let (parents, last) = ptr.split_last().ok_or_else(|| {
         DocError::BadValue(
@@ -223,13 +294,13 @@ fn parent<T: Transactable>(
         )
     })?;
     let last = last.to_string();
-    if !create {
+    let Some(creator) = creator else {
         let (obj, ty) = resolve_obj(tx, ptr, parents)?;
         return Ok((obj, ty, last));
-    }
+    };
     let mut obj = automerge::ROOT;
     let mut ty = ObjType::Map;
-    for token in parents {
+    for (i, token) in parents.iter().enumerate() {
         let prop = prop_for(ptr, ty, tx.length(&obj), token, false)?;
         match tx.get(&obj, prop.clone())? {
             Some((Value::Object(t), id)) => {
@@ -245,8 +316,15 @@ fn parent<T: Transactable>(
                 ));
             }
             None => {
-                obj = tx.put_object(&obj, prop, ObjType::Map)?;
-                ty = ObjType::Map;
+                let Prop::Map(key) = &prop else {
+                    return Err(ptr.not_found());
+                };
+                let is_last = i + 1 == parents.len();
+                (obj, ty) = if is_last && list_tokens.contains(&last.as_str()) {
+                    (creator.create(tx, &obj, key, Kind::List)?, ObjType::List)
+                } else {
+                    (creator.create(tx, &obj, key, Kind::Map)?, ObjType::Map)
+                };
             }
         }
     }
@@ -370,6 +448,69 @@ mod tests {
     }
 
     #[test]
+    fn dash_appends_to_a_list_and_creates_it_when_absent() {
+        let got = run(
+            json!({}),
+            json!([{"op": "set", "path": "/list/-", "value": 1},
+                   {"op": "set", "path": "/list/-", "value": 2},
+                   {"op": "insert", "path": "/other/-", "value": "x"},
+                   {"op": "insert", "path": "/third/0", "value": "y"},
+                   {"op": "set", "path": "/m/n/-", "value": true}]),
+        )
+        .unwrap();
+        assert_eq!(
+            got,
+            json!({"list": [1, 2], "other": ["x"], "third": ["y"], "m": {"n": [true]}})
+        );
+    }
+
+    #[test]
+    fn counters_refuse_to_overflow() {
+        let start = json!({});
+        let err = run(
+            start.clone(),
+            json!([{"op": "set", "path": "/c", "value": i64::MAX - 1, "as": "counter"},
+                   {"op": "increment", "path": "/c", "by": 2}]),
+        )
+        .unwrap_err();
+        assert!(matches!(*inner(err), DocError::CounterOverflow { .. }));
+        let err = run(
+            start.clone(),
+            json!([{"op": "set", "path": "/c", "value": i64::MIN, "as": "counter"},
+                   {"op": "increment", "path": "/c", "by": -1}]),
+        )
+        .unwrap_err();
+        assert!(matches!(*inner(err), DocError::CounterOverflow { .. }));
+        let got = run(
+            start,
+            json!([{"op": "set", "path": "/c", "value": i64::MAX - 1, "as": "counter"},
+                   {"op": "increment", "path": "/c"}]),
+        )
+        .unwrap();
+        assert_eq!(got, json!({"c": i64::MAX}));
+        // A merge patch over a counter adds the difference, and refuses one
+        // that does not fit.
+        let mut doc = Automerge::new();
+        let mut tx = doc.transaction();
+        let ops: Vec<Op> = serde_json::from_value(
+            json!([{"op": "set", "path": "/c", "value": i64::MIN + 5, "as": "counter"}]),
+        )
+        .unwrap();
+        apply_ops(&mut tx, &ops, StringMode::Scalar).unwrap();
+        let err =
+            crate::doc::apply_merge_patch(&mut tx, &json!({"c": i64::MAX}), StringMode::Scalar)
+                .unwrap_err();
+        assert!(matches!(err, DocError::CounterOverflow { .. }), "{err}");
+    }
+
+    fn inner(e: DocError) -> Box<DocError> {
+        match e {
+            DocError::InOp { source, .. } => source,
+            e => Box::new(e),
+        }
+    }
+
+    #[test]
     fn every_error_case_names_the_op_and_path() {
         let start = json!({"s": "str", "l": [1], "m": {}, "n": 1});
         let cases = [
@@ -400,7 +541,7 @@ mod tests {
                 "needs a list",
             ),
             (
-                json!([{"op": "insert", "path": "/nope/0", "value": 1}]),
+                json!([{"op": "insert", "path": "/nope/3", "value": 1}]),
                 "does not exist",
             ),
             (

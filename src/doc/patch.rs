@@ -8,6 +8,10 @@
 //!   integer written over a counter increments it by the difference, so
 //!   concurrent patches to text and counters merge instead of replacing each other.
 //!
+//! - an object merged where the key is absent creates it with the
+//!   deterministic identity of [`super::container`], so patches from several
+//!   writers that create it at once all land in one object.
+//!
 //! The document root is always an object, so a patch must be an object.
 
 use automerge::transaction::Transactable;
@@ -15,9 +19,13 @@ use automerge::{ObjId, ObjType, Prop, ROOT, ScalarValue, Value};
 use serde_json::{Map, Value as Json};
 
 use super::DocError;
-use super::json::{Slot, StringMode, json_to_scalar, scalar_to_json, to_json, write_json};
+use super::container::{Creator, Kind};
+use super::json::{
+    Slot, StringMode, json_depth, json_to_scalar, scalar_to_json, to_json, write_json,
+};
 
-/// Applies `patch` to the document root inside `tx`.
+/// Applies `patch` to the document root inside `tx`, creating absent
+/// objects plainly (see [`apply_merge_patch_with`]).
 ///
 /// # Errors
 /// [`DocError::BadValue`] if `patch` is not an object; Automerge errors.
@@ -26,12 +34,67 @@ pub fn apply_merge_patch<T: Transactable>(
     patch: &Json,
     strings: StringMode,
 ) -> Result<(), DocError> {
+    apply_merge_patch_with(tx, patch, strings, &mut Creator::plain(), usize::MAX)
+}
+
+/// [`apply_merge_patch`] with absent objects made by `creator`, refusing a
+/// patch that nests deeper than `max_depth`.
+///
+/// # Errors
+/// As [`apply_merge_patch`], and [`DocError::TooDeep`].
+pub(crate) fn apply_merge_patch_with<T: Transactable>(
+    tx: &mut T,
+    patch: &Json,
+    strings: StringMode,
+    creator: &mut Creator,
+    max_depth: usize,
+) -> Result<(), DocError> {
     let Json::Object(map) = patch else {
         return Err(DocError::BadValue(
             "a merge patch must be a JSON object: the document root is an object".into(),
         ));
     };
-    merge_map(tx, &ROOT, map, strings)
+    check_depth(patch, max_depth)?;
+    merge_map(tx, &ROOT, map, strings, creator)
+}
+
+/// Refuses a whole-document value (a patch, a new doc) nesting deeper than
+/// `max` below the root.
+pub(crate) fn check_depth(root: &Json, max: usize) -> Result<(), DocError> {
+    let depth = json_depth(root).saturating_sub(1);
+    if depth > max {
+        return Err(DocError::TooDeep {
+            what: "this write".into(),
+            depth,
+            max,
+        });
+    }
+    Ok(())
+}
+
+/// Writes the root keys of a new document: objects are created as by a merge
+/// patch (so two nodes creating one doc at once keep both), anything else as
+/// given (`null` included).
+pub(crate) fn create_root<T: Transactable>(
+    tx: &mut T,
+    map: &Map<String, Json>,
+    strings: StringMode,
+    creator: &mut Creator,
+) -> Result<(), DocError> {
+    // (object to fill, its JSON) pairs: iterative, like every walk of a value.
+    let mut stack = vec![(ROOT, map)];
+    while let Some((obj, map)) = stack.pop() {
+        for (key, v) in map {
+            match v {
+                Json::Object(sub) => {
+                    let id = creator.create(tx, &obj, key, Kind::Map)?;
+                    stack.push((id, sub));
+                }
+                v => put(tx, &obj, key, v, strings)?,
+            }
+        }
+    }
+    Ok(())
 }
 
 fn merge_map<T: Transactable>(
@@ -39,6 +102,7 @@ fn merge_map<T: Transactable>(
     obj: &ObjId,
     patch: &Map<String, Json>,
     strings: StringMode,
+    creator: &mut Creator,
 ) -> Result<(), DocError> {
     for (key, new) in patch {
         let current = tx.get(obj, key.as_str())?;
@@ -46,11 +110,15 @@ fn merge_map<T: Transactable>(
             (Json::Null, Some(_)) => tx.delete(obj, key.as_str())?,
             (Json::Null, None) => {}
             (Json::Object(sub), Some((Value::Object(ObjType::Map | ObjType::Table), id))) => {
-                merge_map(tx, &id, sub, strings)?
+                merge_map(tx, &id, sub, strings, creator)?
             }
-            (Json::Object(sub), _) => {
+            (Json::Object(sub), None) => {
+                let id = creator.create(tx, obj, key, Kind::Map)?;
+                merge_map(tx, &id, sub, strings, creator)?
+            }
+            (Json::Object(sub), Some(_)) => {
                 let id = tx.put_object(obj, key.as_str(), ObjType::Map)?;
-                merge_map(tx, &id, sub, strings)?
+                merge_map(tx, &id, sub, strings, creator)?
             }
             (Json::String(s), Some((Value::Object(ObjType::Text), id))) => {
                 let current = tx.text(&id)?;
@@ -63,7 +131,12 @@ fn merge_map<T: Transactable>(
                     ScalarValue::Counter(c) => i64::from(c),
                     _ => unreachable!(),
                 };
-                let delta = n.as_i64().unwrap_or(0).wrapping_sub(now);
+                let target = n.as_i64().unwrap_or(0);
+                let delta = target.checked_sub(now).ok_or(DocError::CounterOverflow {
+                    path: format!("/{key}"),
+                    value: now,
+                    by: target.wrapping_sub(now),
+                })?;
                 if delta != 0 {
                     tx.increment(obj, key.as_str(), delta)?;
                 }

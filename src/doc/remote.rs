@@ -238,6 +238,21 @@ fn store_merged(
     if new.is_empty() {
         return Ok(doc_state(loaded).unwrap_or(DocState::Live(vec![])));
     }
+    // Objects nested past the cap are refused before anything walks them
+    // (the feed's changed paths cost the square of the depth).
+    let max = inner.cfg.max_depth;
+    if let Some(depth) = super::container::created_depth(&loaded.doc, &new)
+        && depth > max
+    {
+        super::writer::roll_back(inner, loaded, before)
+            .map_err(|e| format!("cannot undo a too deep merge: {e}"))?;
+        return Err(DocError::TooDeep {
+            what: format!("a change to doc {id:?}"),
+            depth,
+            max,
+        }
+        .to_string());
+    }
     let now = now_ms();
     let creating = loaded.meta.is_none();
     let mut meta = loaded.meta.clone().unwrap_or_else(|| DocMeta::new(now));

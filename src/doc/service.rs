@@ -52,6 +52,8 @@ pub struct DocsConfig {
     pub max_change_bytes: u64,
     /// Largest stored document (snapshot plus tail), in bytes.
     pub max_doc_bytes: u64,
+    /// Deepest nesting of objects and lists (the root is 0, `/a` is 1).
+    pub max_depth: usize,
     /// Compact a document when its tail reaches this many changes.
     pub compact_after_changes: u64,
     /// Documents kept loaded in memory; colder ones are evicted.
@@ -73,6 +75,7 @@ impl Default for DocsConfig {
             strings: StringMode::Scalar,
             max_change_bytes: 1 << 20,
             max_doc_bytes: 64 << 20,
+            max_depth: 64,
             compact_after_changes: 256,
             cache_docs: 1024,
             cache_doc_bytes: 256 << 20,
@@ -177,6 +180,10 @@ pub struct HistoryEntry {
     pub message: Option<String>,
     /// Hashes of the changes this one depends on.
     pub deps: Vec<String>,
+    /// A container's genesis: the change, the same on every node, that made
+    /// a container a write created implicitly (see the README's Guarantees).
+    #[serde(default)]
+    pub genesis: bool,
 }
 
 /// The JSON value at `ptr` (not the root) in `doc`.
@@ -851,7 +858,11 @@ impl Docs {
                         p
                     }
                 };
+                // Geneses carry no message and no time (`doc::container`).
+                let genesis =
+                    c.message.is_none() && c.timestamp == 0 && c.seq == 1 && peer_id.is_none();
                 out.push(HistoryEntry {
+                    genesis,
                     hash: c.hash.to_string(),
                     actor: actor.to_hex_string(),
                     peer_id,

@@ -26,13 +26,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use automerge::transaction::{CommitOptions, Transactable, Transaction};
-use automerge::{Automerge, ChangeHash, PatchLog, ROOT, ReadDoc};
+use automerge::{Automerge, ChangeHash, PatchLog, ReadDoc};
 use serde_json::{Map, Value as Json};
 use tokio::sync::{mpsc, oneshot};
 
-use super::json::{Slot, write_json};
-use super::ops::apply_ops;
-use super::patch::apply_merge_patch;
+use super::container::Creator;
+use super::ops::apply_ops_with;
+use super::patch::{apply_merge_patch_with, check_depth, create_root};
 use super::path::push_prop;
 use super::remote::{PendingEvent, Round, Touch};
 use super::service::{Change, Inner, Loaded, WriteResult, live_meta, lock_slot, now_ms};
@@ -525,6 +525,7 @@ fn apply(
     let caused = tags.cause.as_ref().map(|c| c.message());
     let message = |kind: &'static str| stamp.message(caused.as_deref().unwrap_or(kind));
     let strings = inner.cfg.strings;
+    let max_depth = inner.cfg.max_depth;
     let deleted = |m: &Option<DocMeta>| m.as_ref().is_some_and(|m| m.deleted_at_ms.is_some());
     match op {
         WriteOp::Create(map) => {
@@ -534,26 +535,38 @@ fn apply(
             if loaded.meta.is_some() {
                 return Err(DocError::AlreadyExists(id.to_string()));
             }
-            commit(inner, id, loaded, &message("create"), batch, |tx| {
-                for (k, v) in &map {
-                    write_json(tx, &ROOT, k.as_str().into(), Slot::Put, v, strings)?;
-                }
-                Ok(())
-            })
+            check_depth(&Json::Object(map.clone()), max_depth)?;
+            commit(
+                inner,
+                id,
+                loaded,
+                &message("create"),
+                batch,
+                true,
+                |tx, c| create_root(tx, &map, strings, c),
+            )
         }
         WriteOp::Change(change) => {
             if deleted(&loaded.meta) {
                 return Err(DocError::Deleted(id.to_string()));
             }
             match change {
-                Change::Patch(p) => commit(inner, id, loaded, &message("patch"), batch, |tx| {
-                    apply_merge_patch(tx, &p, strings)
-                }),
-                Change::Ops(ops) => commit(inner, id, loaded, &message("ops"), batch, |tx| {
-                    apply_ops(tx, &ops, strings)
-                }),
+                Change::Patch(p) => commit(
+                    inner,
+                    id,
+                    loaded,
+                    &message("patch"),
+                    batch,
+                    true,
+                    |tx, c| apply_merge_patch_with(tx, &p, strings, c, max_depth),
+                ),
+                Change::Ops(ops) => {
+                    commit(inner, id, loaded, &message("ops"), batch, true, |tx, c| {
+                        apply_ops_with(tx, &ops, strings, c, max_depth)
+                    })
+                }
                 Change::SetIfDifferent(values) => {
-                    commit(inner, id, loaded, &message("set"), batch, |tx| {
+                    commit(inner, id, loaded, &message("set"), batch, true, |tx, c| {
                         for (ptr, value) in &values {
                             if super::service::json_at(tx, ptr).ok().as_ref() == Some(value) {
                                 continue;
@@ -563,14 +576,29 @@ fn apply(
                                 value: value.clone(),
                                 kind: None,
                             };
-                            apply_ops(tx, std::slice::from_ref(&op), strings)?;
+                            apply_ops_with(tx, std::slice::from_ref(&op), strings, c, max_depth)?;
                         }
                         Ok(())
                     })
                 }
-                Change::Closure(f) => commit(inner, id, loaded, &message("change"), batch, |tx| {
-                    Ok(f(tx)?)
-                }),
+                Change::Closure(f) => {
+                    // A closure runs once: the containers it makes are its own.
+                    let mut f = Some(f);
+                    commit(
+                        inner,
+                        id,
+                        loaded,
+                        &message("change"),
+                        batch,
+                        false,
+                        |tx, _| {
+                            let f = f.take().ok_or_else(|| {
+                                DocError::Internal("a change closure ran twice".into())
+                            })?;
+                            Ok(f(tx)?)
+                        },
+                    )
+                }
             }
         }
         // Merged by the round (`Round::merge_saved`), never here.
@@ -729,30 +757,61 @@ pub(super) fn tail_range(meta: &DocMeta) -> std::ops::Range<u64> {
     meta.next_seq.saturating_sub(meta.tail_changes)..meta.next_seq
 }
 
+fn begin<'a>(inner: &Inner, doc: &'a mut Automerge) -> Result<Transaction<'a>, DocError> {
+    doc.transaction_log_patches(patch_log(inner))
+        .map_err(|e| DocError::Internal(e.to_string()))
+}
+
 /// Runs `f` in a transaction on `loaded`; on success adds the change (and a
 /// compaction when due) to `batch`. On any error the doc is left as it was.
+///
+/// Containers `f` creates through its [`Creator`] get deterministic identity
+/// (see [`super::container`]): when `repeatable`, `f` first runs on a
+/// transaction that is rolled back while the creator records them; their
+/// genesis changes are applied; then `f` runs again for real, and the write
+/// stores the geneses before its own change. A write that creates no
+/// container runs once.
 fn commit<F>(
     inner: &Inner,
     id: &DocId,
     loaded: &mut Loaded,
     message: &str,
     batch: &mut WriteBatch,
-    f: F,
+    repeatable: bool,
+    mut f: F,
 ) -> Result<Outcome, DocError>
 where
-    F: FnOnce(&mut Transaction<'_>) -> Result<(), DocError>,
+    F: FnMut(&mut Transaction<'_>, &mut Creator) -> Result<(), DocError>,
 {
     let creating = loaded.meta.is_none();
     let before: Vec<ChangeHash> = loaded.doc.get_heads();
-    let mut tx = loaded
-        .doc
-        .transaction_log_patches(patch_log(inner))
-        .map_err(|e| DocError::Internal(e.to_string()))?;
-    if let Err(e) = f(&mut tx) {
+    let mut creator = if repeatable {
+        Creator::recording()
+    } else {
+        Creator::plain()
+    };
+    let mut tx = begin(inner, &mut loaded.doc)?;
+    if let Err(e) = f(&mut tx, &mut creator) {
         tx.rollback();
         return Err(e);
     }
-    if tx.pending_ops() == 0 && !creating {
+    let mut geneses: Vec<automerge::Change> = Vec::new();
+    if !creator.is_empty() {
+        tx.rollback();
+        geneses = creator.geneses(&loaded.doc)?;
+        loaded
+            .doc
+            .apply_changes(geneses.iter().cloned())
+            .map_err(|e| DocError::Internal(format!("a container's genesis: {e}")))?;
+        tx = begin(inner, &mut loaded.doc)?;
+        if let Err(e) = f(&mut tx, &mut Creator::plain()) {
+            tx.rollback();
+            roll_back(inner, loaded, &before)
+                .map_err(|fe| DocError::Internal(format!("cannot undo geneses: {fe}")))?;
+            return Err(e);
+        }
+    }
+    if tx.pending_ops() == 0 && !creating && geneses.is_empty() {
         tx.rollback();
         let heads = loaded
             .meta
@@ -782,7 +841,11 @@ where
         .get_change_by_hash(&hash)
         .ok_or_else(|| DocError::Internal("committed change is missing".into()))?;
     let bytes = change.raw_bytes();
-    let size = bytes.len() as u64;
+    let size = bytes.len() as u64
+        + geneses
+            .iter()
+            .map(|g| g.raw_bytes().len() as u64)
+            .sum::<u64>();
     let mut meta = loaded.meta.clone().unwrap_or_else(|| DocMeta::new(now));
     let cfg = &inner.cfg;
     let cap_error = if size > cfg.max_change_bytes {
@@ -805,11 +868,12 @@ where
         })?;
         return Err(e);
     }
-    append_changes(batch, id, &mut meta, loaded, now, [bytes]);
+    let all = geneses.iter().map(|g| g.raw_bytes()).chain([bytes]);
+    append_changes(batch, id, &mut meta, loaded, now, all.clone());
     inner.changes.local.fetch_add(1, Ordering::Relaxed);
     let input = Input::LocalChange {
         doc: id.to_string(),
-        change: bytes.to_vec(),
+        changes: all.map(<[u8]>::to_vec).collect(),
         state: DocState::Live(loaded.doc.get_heads()),
         ack: false, // set by the caller, which knows the request
     };
@@ -820,7 +884,12 @@ where
         changed: true,
     };
     loaded.meta = Some(meta);
-    let (paths, truncated) = changed_paths(&loaded.doc, &mut log);
+    let (mut paths, truncated) = changed_paths(&loaded.doc, &mut log);
+    if !geneses.is_empty() {
+        paths.extend(super::container::genesis_paths(&loaded.doc, &geneses));
+        paths.sort();
+        paths.dedup();
+    }
     Ok((
         result,
         i64::from(creating),

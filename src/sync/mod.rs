@@ -229,8 +229,9 @@ pub enum Input {
     LocalChange {
         /// The doc.
         doc: String,
-        /// The raw change.
-        change: Vec<u8>,
+        /// The raw changes, in order: the write's own change last, after
+        /// the geneses of containers it created (see `doc::container`).
+        changes: Vec<Vec<u8>>,
         /// The doc's state after it.
         state: DocState,
         /// The writer waits for replicas to confirm it.
@@ -695,21 +696,29 @@ impl Core {
             }
             Input::LocalChange {
                 doc,
-                change,
+                changes,
                 state,
                 ack,
             } => {
                 self.digest.set(&doc, &state);
-                if change.len() <= self.cfg.max_gossip_change_bytes {
+                if changes
+                    .iter()
+                    .all(|c| c.len() <= self.cfg.max_gossip_change_bytes)
+                {
                     let mut seen: Vec<u64> = self.local_tag.into_iter().collect();
                     add_tags(&mut seen, self.peers.values().map(|p| p.tag));
-                    let msg = Message::Change {
-                        doc,
-                        change,
-                        ack,
-                        seen,
-                    };
-                    self.broadcast(msg, None, &mut out);
+                    let last = changes.len().saturating_sub(1);
+                    for (i, change) in changes.into_iter().enumerate() {
+                        let msg = Message::Change {
+                            doc: doc.clone(),
+                            change,
+                            // Replicas confirm the write's own change, which
+                            // they can apply only after its geneses.
+                            ack: ack && i == last,
+                            seen: seen.clone(),
+                        };
+                        self.broadcast(msg, None, &mut out);
+                    }
                 } else {
                     let peers: Vec<PeerKey> = self.peers.keys().cloned().collect();
                     for peer in peers {

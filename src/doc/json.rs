@@ -157,6 +157,19 @@ pub fn to_json<R: ReadDoc>(doc: &R, obj: &ObjId, ty: ObjType) -> Result<Json, Do
     }
 }
 
+/// Refuses a write whose deepest container would sit `depth` levels below
+/// the root when the limit is `max` (`doc.max_depth`).
+pub(crate) fn check_write_depth(depth: usize, max: usize) -> Result<(), DocError> {
+    if depth > max {
+        return Err(DocError::TooDeep {
+            what: "this write".into(),
+            depth,
+            max,
+        });
+    }
+    Ok(())
+}
+
 /// How many levels of objects and lists `v` nests: 0 for a scalar, 1 for
 /// `{}` or `[1]`, 2 for `{"a": {}}`. Iterative.
 pub(crate) fn json_depth(v: &Json) -> usize {

@@ -32,7 +32,9 @@ use serde_json::Value as Json;
 
 use super::DocError;
 use super::container::{Creator, Kind};
-use super::json::{Slot, StringMode, describe, json_depth, write_json, write_scalar};
+use super::json::{
+    Slot, StringMode, check_write_depth, describe, json_depth, write_json, write_scalar,
+};
 use super::path::{Pointer, prop_for, resolve_obj};
 
 /// One explicit operation.
@@ -145,15 +147,7 @@ fn check_depth(op: &Op, max: usize) -> Result<(), DocError> {
     };
     // Count tokens without parsing: a pointer's tokens are its '/'s.
     let above = path.matches('/').count().saturating_sub(1);
-    let depth = above + value.map_or(0, json_depth);
-    if depth > max {
-        return Err(DocError::TooDeep {
-            what: "this write".into(),
-            depth,
-            max,
-        });
-    }
-    Ok(())
+    check_write_depth(above + value.map_or(0, json_depth), max)
 }
 
 fn at_index(index: usize, e: DocError) -> DocError {

@@ -21,7 +21,8 @@ use serde_json::{Map, Value as Json};
 use super::DocError;
 use super::container::{Creator, Kind};
 use super::json::{
-    Slot, StringMode, json_depth, json_to_scalar, scalar_to_json, to_json, write_json,
+    Slot, StringMode, check_write_depth, json_depth, json_to_scalar, scalar_to_json, to_json,
+    write_json,
 };
 
 /// Applies `patch` to the document root inside `tx`, creating absent
@@ -54,22 +55,9 @@ pub(crate) fn apply_merge_patch_with<T: Transactable>(
             "a merge patch must be a JSON object: the document root is an object".into(),
         ));
     };
-    check_depth(patch, max_depth)?;
+    // The patch object is the root itself: what it nests below it counts.
+    check_write_depth(json_depth(patch).saturating_sub(1), max_depth)?;
     merge_map(tx, &ROOT, map, strings, creator)
-}
-
-/// Refuses a whole-document value (a patch, a new doc) nesting deeper than
-/// `max` below the root.
-pub(crate) fn check_depth(root: &Json, max: usize) -> Result<(), DocError> {
-    let depth = json_depth(root).saturating_sub(1);
-    if depth > max {
-        return Err(DocError::TooDeep {
-            what: "this write".into(),
-            depth,
-            max,
-        });
-    }
-    Ok(())
 }
 
 /// Writes the root keys of a new document: objects are created as by a merge

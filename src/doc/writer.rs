@@ -31,8 +31,9 @@ use serde_json::{Map, Value as Json};
 use tokio::sync::{mpsc, oneshot};
 
 use super::container::Creator;
+use super::json::{check_write_depth, json_depth};
 use super::ops::apply_ops_with;
-use super::patch::{apply_merge_patch_with, check_depth, create_root};
+use super::patch::{apply_merge_patch_with, create_root};
 use super::path::push_prop;
 use super::remote::{PendingEvent, Round, Touch};
 use super::service::{Change, Inner, Loaded, WriteResult, live_meta, lock_slot, now_ms};
@@ -535,7 +536,9 @@ fn apply(
             if loaded.meta.is_some() {
                 return Err(DocError::AlreadyExists(id.to_string()));
             }
-            check_depth(&Json::Object(map.clone()), max_depth)?;
+            // The new doc's root holds `map`: its values' nesting is the doc's.
+            let depth = map.values().map(json_depth).max().unwrap_or(0);
+            check_write_depth(depth, max_depth)?;
             commit(
                 inner,
                 id,

@@ -629,6 +629,30 @@ impl Config {
         if !self.api.token.is_empty() && self.api.token.chars().count() < 16 {
             return invalid("api.token", "must be at least 16 characters");
         }
+        if self.api.token.trim() != self.api.token {
+            // HTTP drops a header value's surrounding whitespace: such a
+            // token could never match.
+            return invalid(
+                "api.token",
+                "must not begin or end with whitespace (HTTP strips it from the \
+                 Authorization header, so no client could send this token)",
+            );
+        }
+        if let Some(c) = self
+            .api
+            .token
+            .chars()
+            .find(|c| !(c.is_ascii_graphic() || *c == ' '))
+        {
+            return invalid(
+                "api.token",
+                &format!(
+                    "must be printable ASCII (an HTTP header cannot carry it otherwise); \
+                     it holds '{}'",
+                    c.escape_default()
+                ),
+            );
+        }
         if self.perf.flush_queue == 0 {
             return invalid("perf.flush_queue", "must be at least 1");
         }
@@ -875,6 +899,21 @@ mod tests {
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("at least 16"), "{err}");
         c.api.token = "0123456789abcdef".into();
+        c.validate().unwrap();
+        // Long enough, but HTTP trims header whitespace: it could never match.
+        for bad in [
+            " ".repeat(16),
+            format!("{} ", c.api.token),
+            "\t0123456789abcdef".into(),
+        ] {
+            c.api.token = bad;
+            let err = c.validate().unwrap_err().to_string();
+            assert!(
+                err.contains("api.token") && err.contains("whitespace"),
+                "{err}"
+            );
+        }
+        c.api.token = "0123456789 abcdef".into();
         c.validate().unwrap();
         // Loopback needs none.
         c.api = ApiConfig::default();

@@ -125,6 +125,16 @@ pub struct ApiConfig {
     pub token: String,
     /// Serve the web dashboard at `/`.
     pub dashboard: bool,
+    /// Web page origins (`scheme://host[:port]`, or `*` for any) whose
+    /// requests the API takes, with CORS headers. Requests from other
+    /// origins (a browser sends `Origin`) get 403 `origin_not_allowed`; the
+    /// dashboard's own origin is always allowed. `*` needs `api.token`.
+    pub allow_origins: Vec<String>,
+    /// Host names (optionally `:port`) that requests may name in `Host`
+    /// besides the loopback ones, when `listen` is a loopback address
+    /// (against DNS rebinding); others get 403 `host_not_allowed`. When
+    /// `listen` is not loopback, `Host` is checked only if this is set.
+    pub allow_hosts: Vec<String>,
 }
 
 /// `[net]`: peer-to-peer sync.
@@ -231,6 +241,8 @@ impl Default for Config {
                 max_body_bytes: 4 << 20,
                 token: String::new(),
                 dashboard: true,
+                allow_origins: vec![],
+                allow_hosts: vec![],
             },
             net: NetTable {
                 listen: vec!["/ip4/0.0.0.0/tcp/0".into()],
@@ -653,6 +665,38 @@ impl Config {
                 ),
             );
         }
+        if let Some(Err(e)) = self
+            .api
+            .allow_origins
+            .iter()
+            .filter(|o| *o != "*")
+            .map(|o| crate::api::guard::normalise_origin(o))
+            .find(Result::is_err)
+        {
+            return invalid(
+                "api.allow_origins",
+                &format!("{e} (example: \"http://localhost:5173\", or \"*\")"),
+            );
+        }
+        if self.api.allow_origins.iter().any(|o| o == "*") && self.api.token.is_empty() {
+            return invalid(
+                "api.allow_origins",
+                "\"*\" lets every web page the user visits read and write this node; \
+                 set api.token too (pages do not have it), or list the origins you mean",
+            );
+        }
+        if let Some(Err(e)) = self
+            .api
+            .allow_hosts
+            .iter()
+            .map(|h| crate::api::guard::parse_allowed_host(h))
+            .find(Result::is_err)
+        {
+            return invalid(
+                "api.allow_hosts",
+                &format!("{e} (example: \"nas.local\" or \"nas.local:7700\")"),
+            );
+        }
         if self.perf.flush_queue == 0 {
             return invalid("perf.flush_queue", "must be at least 1");
         }
@@ -884,6 +928,33 @@ mod tests {
         let mut c = Config::default();
         c.log.level = "=bad=".into();
         assert!(c.validate().unwrap_err().to_string().contains("log.level"));
+    }
+
+    #[test]
+    fn browser_lists_are_checked() {
+        let mut c = Config::default();
+        c.api.allow_origins = vec!["null".into()];
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("api.allow_origins"), "{err}");
+        let mut c = Config::default();
+        c.api.allow_hosts = vec![" nas.local".into()];
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("api.allow_hosts"), "{err}");
+        // Lists come from the environment as TOML arrays.
+        let c = Config::load(
+            None,
+            env(&[
+                (
+                    "MERGEFLOW_API_ALLOW_ORIGINS",
+                    r#"["http://localhost:5173"]"#,
+                ),
+                ("MERGEFLOW_API_ALLOW_HOSTS", r#"["nas.local:7700"]"#),
+            ]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.api.allow_origins, ["http://localhost:5173"]);
+        assert_eq!(c.api.allow_hosts, ["nas.local:7700"]);
     }
 
     #[test]

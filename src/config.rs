@@ -135,6 +135,18 @@ pub struct ApiConfig {
     /// (against DNS rebinding); others get 403 `host_not_allowed`. When
     /// `listen` is not loopback, `Host` is checked only if this is set.
     pub allow_hosts: Vec<String>,
+    /// Most HTTP connections open at once; when all are taken, new ones wait
+    /// (unaccepted) until one closes.
+    pub max_connections: usize,
+    /// Milliseconds a connection has to send a request's head (request line
+    /// and headers); also how long a keep-alive connection may sit between
+    /// requests.
+    pub header_timeout_ms: u64,
+    /// Milliseconds a connection with a request in progress may go without a
+    /// byte either way while the node waits on the client (a body that stops
+    /// arriving, an answer not read). Time the node works, and an event
+    /// stream waiting for events, do not count.
+    pub idle_timeout_ms: u64,
 }
 
 /// `[net]`: peer-to-peer sync.
@@ -243,6 +255,9 @@ impl Default for Config {
                 dashboard: true,
                 allow_origins: vec![],
                 allow_hosts: vec![],
+                max_connections: 1024,
+                header_timeout_ms: 10_000,
+                idle_timeout_ms: 60_000,
             },
             net: NetTable {
                 listen: vec!["/ip4/0.0.0.0/tcp/0".into()],
@@ -472,7 +487,7 @@ impl Config {
     /// The defaults of light mode (`node.light`), for edge devices with
     /// little memory: no dashboard; an 8 MiB sled cache, 128 docs (8 MiB)
     /// in the doc cache; queues of 256; 4 workflow runs at once; anti-entropy
-    /// every 120 s; at most 32 connections.
+    /// every 120 s; at most 32 peer connections and 128 API connections.
     pub fn light() -> Config {
         let mut c = Config::default();
         c.node.light = true;
@@ -482,6 +497,7 @@ impl Config {
         c.store.cache_doc_bytes = 8 << 20;
         c.net.anti_entropy_ms = 120_000;
         c.net.max_connections = 32;
+        c.api.max_connections = 128;
         c.perf.flush_queue = 256;
         c.perf.write_queue = 256;
         c.perf.sync_queue = 256;
@@ -696,6 +712,17 @@ impl Config {
                 "api.allow_hosts",
                 &format!("{e} (example: \"nas.local\" or \"nas.local:7700\")"),
             );
+        }
+        if self.api.max_connections == 0 {
+            return invalid("api.max_connections", "must be at least 1");
+        }
+        for (key, ms) in [
+            ("api.header_timeout_ms", self.api.header_timeout_ms),
+            ("api.idle_timeout_ms", self.api.idle_timeout_ms),
+        ] {
+            if ms == 0 || ms > 86_400_000 {
+                return invalid(key, "must be 1 to 86400000 (one day)");
+            }
         }
         if self.perf.flush_queue == 0 {
             return invalid("perf.flush_queue", "must be at least 1");
@@ -955,6 +982,28 @@ mod tests {
         .unwrap();
         assert_eq!(c.api.allow_origins, ["http://localhost:5173"]);
         assert_eq!(c.api.allow_hosts, ["nas.local:7700"]);
+    }
+
+    #[test]
+    fn api_connection_limits_are_checked() {
+        for key in ["max_connections", "header_timeout_ms", "idle_timeout_ms"] {
+            let mut c = Config::default();
+            match key {
+                "max_connections" => c.api.max_connections = 0,
+                "header_timeout_ms" => c.api.header_timeout_ms = 0,
+                _ => c.api.idle_timeout_ms = 0,
+            }
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains(&format!("api.{key}")), "{err}");
+        }
+        let c = Config::load(
+            None,
+            env(&[("MERGEFLOW_API_MAX_CONNECTIONS", "8")]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.api.max_connections, 8);
+        assert_eq!(Config::light().api.max_connections, 128);
     }
 
     #[test]

@@ -6,11 +6,13 @@
 //! extractors) so that malformed input gets the same shape, and a rejected body
 //! never reaches the store.
 //!
-//! Browser safety (Host, Origin, CORS, content types) is in [`guard`].
+//! Browser safety (Host, Origin, CORS, content types) is in [`guard`]; the
+//! connection handling (limits, timeouts, shutdown) in [`serve`].
 
 mod backup;
 mod error;
 pub(crate) mod guard;
+pub(crate) mod serve;
 mod workflows;
 
 pub use error::{ApiError, ErrorBody, ErrorDetail};

@@ -129,6 +129,28 @@ pub struct ApiConfig {
     pub token: String,
     /// Serve the web dashboard at `/`.
     pub dashboard: bool,
+    /// Web page origins (`scheme://host[:port]`, or `*` for any) whose
+    /// requests the API takes, with CORS headers. Requests from other
+    /// origins (a browser sends `Origin`) get 403 `origin_not_allowed`; the
+    /// dashboard's own origin is always allowed. `*` needs `api.token`.
+    pub allow_origins: Vec<String>,
+    /// Host names (optionally `:port`) that requests may name in `Host`
+    /// besides the loopback ones, when `listen` is a loopback address
+    /// (against DNS rebinding); others get 403 `host_not_allowed`. When
+    /// `listen` is not loopback, `Host` is checked only if this is set.
+    pub allow_hosts: Vec<String>,
+    /// Most HTTP connections open at once; when all are taken, new ones wait
+    /// (unaccepted) until one closes.
+    pub max_connections: usize,
+    /// Milliseconds a connection has to send a request's head (request line
+    /// and headers); also how long a keep-alive connection may sit between
+    /// requests.
+    pub header_timeout_ms: u64,
+    /// Milliseconds a connection with a request in progress may go without a
+    /// byte either way while the node waits on the client (a body that stops
+    /// arriving, an answer not read). Time the node works, and an event
+    /// stream waiting for events, do not count.
+    pub idle_timeout_ms: u64,
 }
 
 /// `[net]`: peer-to-peer sync.
@@ -236,6 +258,11 @@ impl Default for Config {
                 max_body_bytes: 4 << 20,
                 token: String::new(),
                 dashboard: true,
+                allow_origins: vec![],
+                allow_hosts: vec![],
+                max_connections: 1024,
+                header_timeout_ms: 10_000,
+                idle_timeout_ms: 60_000,
             },
             net: NetTable {
                 listen: vec!["/ip4/0.0.0.0/tcp/0".into()],
@@ -465,7 +492,7 @@ impl Config {
     /// The defaults of light mode (`node.light`), for edge devices with
     /// little memory: no dashboard; an 8 MiB sled cache, 128 docs (8 MiB)
     /// in the doc cache; queues of 256; 4 workflow runs at once; anti-entropy
-    /// every 120 s; at most 32 connections.
+    /// every 120 s; at most 32 peer connections and 128 API connections.
     pub fn light() -> Config {
         let mut c = Config::default();
         c.node.light = true;
@@ -475,6 +502,7 @@ impl Config {
         c.store.cache_doc_bytes = 8 << 20;
         c.net.anti_entropy_ms = 120_000;
         c.net.max_connections = 32;
+        c.api.max_connections = 128;
         c.perf.flush_queue = 256;
         c.perf.write_queue = 256;
         c.perf.sync_queue = 256;
@@ -639,6 +667,73 @@ impl Config {
         }
         if !self.api.token.is_empty() && self.api.token.chars().count() < 16 {
             return invalid("api.token", "must be at least 16 characters");
+        }
+        if self.api.token.trim() != self.api.token {
+            // HTTP drops a header value's surrounding whitespace: such a
+            // token could never match.
+            return invalid(
+                "api.token",
+                "must not begin or end with whitespace (HTTP strips it from the \
+                 Authorization header, so no client could send this token)",
+            );
+        }
+        if let Some(c) = self
+            .api
+            .token
+            .chars()
+            .find(|c| !(c.is_ascii_graphic() || *c == ' '))
+        {
+            return invalid(
+                "api.token",
+                &format!(
+                    "must be printable ASCII (an HTTP header cannot carry it otherwise); \
+                     it holds '{}'",
+                    c.escape_default()
+                ),
+            );
+        }
+        if let Some(Err(e)) = self
+            .api
+            .allow_origins
+            .iter()
+            .filter(|o| *o != "*")
+            .map(|o| crate::api::guard::normalise_origin(o))
+            .find(Result::is_err)
+        {
+            return invalid(
+                "api.allow_origins",
+                &format!("{e} (example: \"http://localhost:5173\", or \"*\")"),
+            );
+        }
+        if self.api.allow_origins.iter().any(|o| o == "*") && self.api.token.is_empty() {
+            return invalid(
+                "api.allow_origins",
+                "\"*\" lets every web page the user visits read and write this node; \
+                 set api.token too (pages do not have it), or list the origins you mean",
+            );
+        }
+        if let Some(Err(e)) = self
+            .api
+            .allow_hosts
+            .iter()
+            .map(|h| crate::api::guard::parse_allowed_host(h))
+            .find(Result::is_err)
+        {
+            return invalid(
+                "api.allow_hosts",
+                &format!("{e} (example: \"nas.local\" or \"nas.local:7700\")"),
+            );
+        }
+        if self.api.max_connections == 0 {
+            return invalid("api.max_connections", "must be at least 1");
+        }
+        for (key, ms) in [
+            ("api.header_timeout_ms", self.api.header_timeout_ms),
+            ("api.idle_timeout_ms", self.api.idle_timeout_ms),
+        ] {
+            if ms == 0 || ms > 86_400_000 {
+                return invalid(key, "must be 1 to 86400000 (one day)");
+            }
         }
         if self.perf.flush_queue == 0 {
             return invalid("perf.flush_queue", "must be at least 1");
@@ -875,6 +970,55 @@ mod tests {
     }
 
     #[test]
+    fn browser_lists_are_checked() {
+        let mut c = Config::default();
+        c.api.allow_origins = vec!["null".into()];
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("api.allow_origins"), "{err}");
+        let mut c = Config::default();
+        c.api.allow_hosts = vec![" nas.local".into()];
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("api.allow_hosts"), "{err}");
+        // Lists come from the environment as TOML arrays.
+        let c = Config::load(
+            None,
+            env(&[
+                (
+                    "MERGEFLOW_API_ALLOW_ORIGINS",
+                    r#"["http://localhost:5173"]"#,
+                ),
+                ("MERGEFLOW_API_ALLOW_HOSTS", r#"["nas.local:7700"]"#),
+            ]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.api.allow_origins, ["http://localhost:5173"]);
+        assert_eq!(c.api.allow_hosts, ["nas.local:7700"]);
+    }
+
+    #[test]
+    fn api_connection_limits_are_checked() {
+        for key in ["max_connections", "header_timeout_ms", "idle_timeout_ms"] {
+            let mut c = Config::default();
+            match key {
+                "max_connections" => c.api.max_connections = 0,
+                "header_timeout_ms" => c.api.header_timeout_ms = 0,
+                _ => c.api.idle_timeout_ms = 0,
+            }
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains(&format!("api.{key}")), "{err}");
+        }
+        let c = Config::load(
+            None,
+            env(&[("MERGEFLOW_API_MAX_CONNECTIONS", "8")]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.api.max_connections, 8);
+        assert_eq!(Config::light().api.max_connections, 128);
+    }
+
+    #[test]
     fn an_api_reachable_from_other_machines_needs_a_token() {
         let mut c = Config::default();
         c.api.listen = "0.0.0.0:7700".parse().unwrap();
@@ -887,6 +1031,21 @@ mod tests {
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("at least 16"), "{err}");
         c.api.token = "0123456789abcdef".into();
+        c.validate().unwrap();
+        // Long enough, but HTTP trims header whitespace: it could never match.
+        for bad in [
+            " ".repeat(16),
+            format!("{} ", c.api.token),
+            "\t0123456789abcdef".into(),
+        ] {
+            c.api.token = bad;
+            let err = c.validate().unwrap_err().to_string();
+            assert!(
+                err.contains("api.token") && err.contains("whitespace"),
+                "{err}"
+            );
+        }
+        c.api.token = "0123456789 abcdef".into();
         c.validate().unwrap();
         // Loopback needs none.
         c.api = ApiConfig::default();

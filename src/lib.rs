@@ -12,7 +12,8 @@
 //! - [`sync`]: the sans-IO sync protocol core (fast path, repair sessions,
 //!   anti-entropy digests); no I/O, no clock.
 //! - [`net`]: the libp2p swarm task that carries sync messages between peers.
-//! - [`api`]: the axum HTTP API and its JSON error mapping.
+//! - [`api`]: the axum HTTP API and its JSON error mapping, browser safety
+//!   (`api/guard.rs`) and connection limits (`api/serve.rs`).
 //! - [`config`]: TOML file + `MERGEFLOW_*` env + flags, validated.
 //! - `main.rs`: the CLI, a thin client of the HTTP API plus `start`.
 //!

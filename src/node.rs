@@ -272,14 +272,14 @@ impl NodeBuilder {
             })?;
             *node.inner.api_addr.lock().expect("not poisoned") = Some(addr);
             let app = crate::api::router(node.clone());
-            let cancel = node.inner.cancel.clone();
-            node.inner.tasks.spawn(async move {
-                let serve = axum::serve(listener, app)
-                    .with_graceful_shutdown(async move { cancel.cancelled().await });
-                if let Err(e) = serve.await {
-                    tracing::error!(err = %e, "API server failed");
-                }
-            });
+            let limits = crate::api::serve::Limits::new(&node.inner.config.api);
+            node.inner.tasks.spawn(crate::api::serve::serve(
+                listener,
+                app,
+                limits,
+                node.inner.cancel.clone(),
+                node.inner.tasks.clone(),
+            ));
         }
         tracing::info!(
             peer = %node.inner.peer_id,

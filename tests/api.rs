@@ -368,3 +368,291 @@ async fn the_dashboard_is_one_embedded_page_that_loads_nothing_elsewhere() {
     assert_eq!((status, code(&body)), (404, "no_route"));
     off.shutdown().await.unwrap();
 }
+
+/// The attack of issue 18: a web page the user visits posts, through the
+/// user's browser, at the default API (loopback, no token). Every way in is
+/// closed: a foreign `Origin`, a body without a JSON/TOML type, and a `Host`
+/// that is not loopback (DNS rebinding). What the CLI, curl and the
+/// dashboard send still works.
+#[tokio::test]
+async fn a_web_page_cannot_use_the_default_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node, c, http) = node(dir.path(), |_| {}).await;
+    let addr = node.api_addr().unwrap();
+    let base = format!("http://{addr}");
+    let wf = include_str!("../examples/workflows/fahrenheit.toml");
+    let evil = "http://evil.example";
+
+    // A page's "simple" cross-origin POST: text/plain, foreign Origin.
+    let (s, body) = raw(http
+        .post(format!("{base}/v1/workflows"))
+        .header("origin", evil)
+        .header("content-type", "text/plain")
+        .body(wf))
+    .await;
+    assert_eq!((s, code(&body)), (403, "origin_not_allowed"), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("api.allow_origins")
+    );
+    // Even with the right type, and on a body-less POST.
+    for req in [
+        http.post(format!("{base}/v1/docs"))
+            .header("origin", evil)
+            .json(&json!({"id": "x", "value": {}})),
+        http.post(format!("{base}/v1/workflows/fahrenheit/disable"))
+            .header("origin", evil),
+        http.get(format!("{base}/v1/docs")).header("origin", "null"),
+    ] {
+        let (s, body) = raw(req).await;
+        assert_eq!((s, code(&body)), (403, "origin_not_allowed"), "{body}");
+    }
+    // Without an Origin, a body still needs its type: 415 naming it.
+    let cases = [
+        (
+            http.post(format!("{base}/v1/workflows"))
+                .header("content-type", "text/plain")
+                .body(wf),
+            "application/toml",
+        ),
+        (
+            http.post(format!("{base}/v1/workflows/validate")).body(wf),
+            "application/toml",
+        ),
+        (
+            http.post(format!("{base}/v1/workflows"))
+                .header("content-type", "application/json")
+                .body(wf),
+            "application/toml",
+        ),
+        (
+            http.post(format!("{base}/v1/docs"))
+                .body(r#"{"id": "x", "value": {}}"#),
+            "application/json",
+        ),
+        (
+            http.post(format!("{base}/v1/docs"))
+                .header("content-type", "text/plain")
+                .body(r#"{"id": "x", "value": {}}"#),
+            "application/json",
+        ),
+        (
+            http.post(format!("{base}/v1/docs"))
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body("id=x"),
+            "application/json",
+        ),
+        (
+            http.patch(format!("{base}/v1/docs/x")).body(r#"{"a": 1}"#),
+            "application/json",
+        ),
+        (
+            http.post(format!("{base}/v1/docs/x/ops"))
+                .header("content-type", "multipart/form-data")
+                .body("[]"),
+            "application/json",
+        ),
+        (
+            http.post(format!("{base}/v1/restore"))
+                .header("content-type", "text/plain")
+                .body(vec![1u8; 64]),
+            "application/octet-stream",
+        ),
+        (
+            http.post(format!("{base}/v1/docs/x/merge"))
+                .body(vec![1u8; 64]),
+            "application/octet-stream",
+        ),
+    ];
+    for (i, (req, want)) in cases.into_iter().enumerate() {
+        let (s, body) = raw(req).await;
+        assert_eq!(
+            (s, code(&body)),
+            (415, "unsupported_media_type"),
+            "case {i}: {body}"
+        );
+        let msg = body["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(want), "case {i}: {msg}");
+    }
+    // A name that is not loopback in Host: a rebound DNS name.
+    for host in [
+        "evil.example",
+        "evil.example:7700",
+        "localhost.evil.example",
+        "10.0.0.1",
+    ] {
+        let (s, body) = raw(http.get(format!("{base}/v1/docs")).header("host", host)).await;
+        assert_eq!(
+            (s, code(&body)),
+            (403, "host_not_allowed"),
+            "{host}: {body}"
+        );
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("api.allow_hosts")
+        );
+    }
+    // Nothing got in.
+    assert!(c.list().await.unwrap().is_empty());
+    assert!(c.workflows().await.unwrap().is_empty());
+
+    // What honest clients send works: loopback names, the dashboard's own
+    // origin, JSON with a charset, TOML, bytes, and requests without a body.
+    let port = addr.port();
+    for host in [
+        format!("localhost:{port}"),
+        "127.0.0.2".into(),
+        format!("[::1]:{port}"),
+        "LOCALHOST".into(),
+    ] {
+        let (s, body) = raw(http
+            .get(format!("{base}/v1/docs"))
+            .header("host", host.as_str()))
+        .await;
+        assert_eq!(s, 200, "{host}: {body}");
+    }
+    let (s, body) = raw(http
+        .post(format!("{base}/v1/docs"))
+        .header("origin", base.as_str())
+        .header("content-type", "application/json; charset=utf-8")
+        .body(r#"{"id": "same-origin", "value": {"a": 1}}"#))
+    .await;
+    assert_eq!(s, 201, "{body}");
+    let (s, body) = raw(http
+        .post(format!("{base}/v1/runs/1/retry"))
+        .header("origin", format!("http://localhost:{port}"))
+        .header("host", format!("localhost:{port}")))
+    .await;
+    assert_eq!((s, code(&body)), (404, "not_found"), "{body}");
+    let (s, body) = raw(http
+        .post(format!("{base}/v1/workflows/validate"))
+        .header("content-type", "application/toml")
+        .body(wf))
+    .await;
+    assert_eq!(s, 200, "{body}");
+    c.apply_workflow(wf.to_string()).await.unwrap();
+    let saved = c.save("same-origin").await.unwrap();
+    c.merge("merged", saved).await.unwrap();
+    assert_eq!(c.get("merged", None).await.unwrap(), json!({"a": 1}));
+    c.set_workflow_enabled("fahrenheit", false).await.unwrap();
+    c.delete("merged").await.unwrap();
+    // A browser's same-origin GET carries no CORS headers.
+    let resp = http
+        .get(format!("{base}/v1/status"))
+        .header("origin", base.as_str())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers().get("access-control-allow-origin").is_none());
+    node.shutdown().await.unwrap();
+}
+
+/// `api.allow_origins` lets a listed page in, with CORS headers and
+/// answered preflights; `api.allow_hosts` adds names to loopback's.
+#[tokio::test]
+async fn listed_origins_get_cors_and_listed_hosts_are_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = "http://localhost:5173";
+    let (node, _, http) = node(dir.path(), |c| {
+        c.api.allow_origins = vec![app.into()];
+        c.api.allow_hosts = vec!["mergeflow.test".into()];
+    })
+    .await;
+    let base = format!("http://{}", node.api_addr().unwrap());
+    let resp = http
+        .request(reqwest::Method::OPTIONS, format!("{base}/v1/docs"))
+        .header("origin", app)
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "content-type, authorization",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+    let h = resp.headers();
+    assert_eq!(h["access-control-allow-origin"], app);
+    let methods = h["access-control-allow-methods"].to_str().unwrap();
+    assert!(
+        methods.contains("POST") && methods.contains("PATCH"),
+        "{methods}"
+    );
+    let headers = h["access-control-allow-headers"].to_str().unwrap();
+    assert!(
+        headers.contains("content-type") && headers.contains("authorization"),
+        "{headers}"
+    );
+    let resp = http
+        .post(format!("{base}/v1/docs"))
+        .header("origin", app)
+        .json(&json!({"id": "from-app", "value": {"x": 1}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    assert_eq!(resp.headers()["access-control-allow-origin"], app);
+    // Another port is another origin.
+    let resp = http
+        .request(reqwest::Method::OPTIONS, format!("{base}/v1/docs"))
+        .header("origin", "http://localhost:5174")
+        .header("access-control-request-method", "POST")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    assert!(resp.headers().get("access-control-allow-origin").is_none());
+    for (host, want) in [
+        ("mergeflow.test", 200),
+        ("MergeFlow.test:7700", 200),
+        ("other.test", 403),
+    ] {
+        let (s, _) = raw(http.get(format!("{base}/healthz")).header("host", host)).await;
+        assert_eq!(s, want, "{host}");
+    }
+    node.shutdown().await.unwrap();
+}
+
+/// Settings that would open the API to every page, or that name nothing,
+/// stop the node with an error naming the key.
+#[tokio::test]
+async fn browser_settings_are_validated() {
+    type Tweak = fn(&mut Config);
+    let cases: Vec<(Tweak, &str)> = vec![
+        (
+            |c| c.api.allow_origins = vec!["*".into()],
+            "api.allow_origins",
+        ),
+        (
+            |c| c.api.allow_origins = vec!["localhost:5173".into()],
+            "api.allow_origins",
+        ),
+        (
+            |c| c.api.allow_origins = vec!["http://localhost:5173/".into()],
+            "api.allow_origins",
+        ),
+        (
+            |c| c.api.allow_hosts = vec!["http://nas.local".into()],
+            "api.allow_hosts",
+        ),
+        (
+            |c| c.api.allow_hosts = vec!["nas.local:port".into()],
+            "api.allow_hosts",
+        ),
+    ];
+    for (tweak, key) in cases {
+        let mut c = Config::default();
+        tweak(&mut c);
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains(key), "{err}");
+    }
+    let mut c = Config::default();
+    c.api.allow_origins = vec!["*".into()];
+    c.api.token = "0123456789abcdef".into();
+    c.validate().unwrap();
+}

@@ -410,3 +410,27 @@ async fn wait_synced_follows_a_new_nodes_initial_sync() {
     .unwrap();
     a.shutdown().await.unwrap();
 }
+
+/// A token HTTP cannot carry as given (16 spaces pass the length check;
+/// header whitespace is trimmed, so no client could ever match it) stops the
+/// node at start with an error naming `api.token`.
+#[test]
+fn a_token_no_client_can_send_is_refused_at_start() {
+    for (token, why) in [
+        ("                ", "whitespace"),
+        (" 0123456789abcdef", "whitespace"),
+        ("0123456789abcdef\t", "whitespace"),
+        ("0123456789abcdéf", "printable ASCII"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let (code, err) =
+            common::NodeProc::try_start_env(dir.path(), &[], &[("MERGEFLOW_API_TOKEN", token)])
+                .err()
+                .unwrap_or_else(|| panic!("the node started with token {token:?}"));
+        assert_ne!(code, Some(0));
+        assert!(
+            err.contains("api.token") && err.contains(why),
+            "{token:?}: {err}"
+        );
+    }
+}

@@ -143,7 +143,7 @@ async fn open_events(
 ) -> tokio::io::Lines<BufReader<tokio::net::TcpStream>> {
     let mut s = tokio::net::TcpStream::connect(api).await.unwrap();
     let resume = last_id.map_or(String::new(), |id| format!("Last-Event-ID: {id}\r\n"));
-    let req = format!("GET /v1/events{query} HTTP/1.1\r\nHost: x\r\n{resume}\r\n");
+    let req = format!("GET /v1/events{query} HTTP/1.1\r\nHost: {api}\r\n{resume}\r\n");
     s.write_all(req.as_bytes()).await.unwrap();
     let mut lines = BufReader::new(s).lines();
     let status = lines.next_line().await.unwrap().unwrap();

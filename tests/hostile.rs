@@ -1,6 +1,8 @@
 //! A hostile peer speaking raw libp2p to a node: garbage, oversized frames,
 //! malformed and invalid messages. The node must keep serving its honest
 //! peer, count the bad input against the hostile one, and finally ban it.
+//! And a hostile HTTP client (module `http`): connections that hold the API
+//! open without finishing a request.
 
 use std::io;
 use std::time::{Duration, Instant};
@@ -478,4 +480,188 @@ async fn a_flooding_peer_is_rate_limited() {
     assert_eq!(honest_info.rate_limited, 0);
     honest.shutdown().await.unwrap();
     a.shutdown().await.unwrap();
+}
+
+/// Hostile HTTP clients: idle and half-sent connections, and more of them
+/// than `api.max_connections`.
+mod http {
+    use std::time::{Duration, Instant};
+
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::net::TcpStream;
+
+    use super::common;
+    use mergeflow::Node;
+
+    /// Generous: a loaded CI machine may be slow; the tests never wait this
+    /// long unless they fail.
+    const DEADLINE: Duration = Duration::from_secs(60);
+
+    const HEALTHZ: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
+
+    async fn connect(node: &Node) -> TcpStream {
+        TcpStream::connect(node.api_addr().unwrap()).await.unwrap()
+    }
+
+    /// Reads one `/healthz` answer (its JSON body ends it), within DEADLINE.
+    async fn read_healthz(conn: &mut TcpStream) -> String {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        let deadline = Instant::now() + DEADLINE;
+        while !got.ends_with(b"{\"ok\":true}") {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let n = tokio::time::timeout(left, conn.read(&mut buf))
+                .await
+                .expect("no answer within the deadline")
+                .unwrap();
+            assert!(
+                n > 0,
+                "closed before the answer: {:?}",
+                String::from_utf8_lossy(&got)
+            );
+            got.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8(got).unwrap()
+    }
+
+    /// Waits (up to DEADLINE) for the node to close `conn`, discarding
+    /// whatever it sends first; panics if it stays open.
+    async fn closed_by_node(conn: &mut TcpStream, what: &str) {
+        let mut buf = [0u8; 1024];
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, conn.read(&mut buf)).await {
+                Err(_) => panic!("{what}: still open after {DEADLINE:?}"),
+                Ok(Ok(0)) | Ok(Err(_)) => return,
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+
+    /// More connections than `api.max_connections`: the extra one is not
+    /// served while the others stay open, and is served once one closes.
+    #[tokio::test]
+    async fn connections_beyond_the_limit_wait_for_a_free_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = common::api_node(dir.path(), |c| {
+            c.api.max_connections = 2;
+            // Long enough that the held connections stay open through the test.
+            c.api.header_timeout_ms = 600_000;
+            c.api.idle_timeout_ms = 600_000;
+        })
+        .await;
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            let mut conn = connect(&node).await;
+            conn.write_all(HEALTHZ).await.unwrap();
+            read_healthz(&mut conn).await;
+            held.push(conn); // open and idle (keep-alive)
+        }
+        // The kernel completes the handshake (the listen backlog); the node
+        // does not take the connection while both permits are held.
+        let mut extra = connect(&node).await;
+        extra.write_all(HEALTHZ).await.unwrap();
+        let mut buf = [0u8; 64];
+        // Only a wrong answer could end this wait early; a slow machine
+        // cannot make it fail.
+        let early = tokio::time::timeout(Duration::from_millis(500), extra.read(&mut buf)).await;
+        assert!(
+            early.is_err(),
+            "served beyond api.max_connections: {early:?}"
+        );
+        // The held ones still work.
+        held[1].write_all(HEALTHZ).await.unwrap();
+        read_healthz(&mut held[1]).await;
+        // One closes: the waiting one is served.
+        drop(held.remove(0));
+        let answer = read_healthz(&mut extra).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        node.shutdown().await.unwrap();
+    }
+
+    /// A connection that sends half a request head, or nothing, is closed
+    /// after `api.header_timeout_ms`; one whose body stops arriving after
+    /// `api.idle_timeout_ms`. Today's honest clients are unaffected.
+    #[tokio::test]
+    async fn half_sent_requests_are_closed_after_their_timeouts() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = common::api_node(dir.path(), |c| {
+            c.api.header_timeout_ms = 300;
+            c.api.idle_timeout_ms = 300;
+        })
+        .await;
+        let mut silent = connect(&node).await;
+        let mut half = connect(&node).await;
+        half.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+            .await
+            .unwrap();
+        let mut stalled = connect(&node).await;
+        stalled
+            .write_all(
+                b"POST /v1/docs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+                  Content-Length: 1000\r\n\r\n{\"value\": ",
+            )
+            .await
+            .unwrap();
+        closed_by_node(&mut silent, "a connection that sent nothing").await;
+        closed_by_node(&mut half, "a half-sent header").await;
+        closed_by_node(&mut stalled, "a stalled body").await;
+        // Nothing was written, and a normal request is served.
+        let mut conn = connect(&node).await;
+        conn.write_all(HEALTHZ).await.unwrap();
+        read_healthz(&mut conn).await;
+        assert!(node.docs().list().await.unwrap().is_empty());
+        node.shutdown().await.unwrap();
+    }
+
+    /// A quiet `/v1/events` stream is not idle: it outlives
+    /// `api.idle_timeout_ms` (shown by a stalled connection opened after it
+    /// being closed first) and then still carries the next change.
+    #[tokio::test]
+    async fn a_quiet_event_stream_outlives_the_idle_timeout() {
+        use futures_util::StreamExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let node = common::api_node(dir.path(), |c| {
+            c.api.header_timeout_ms = 600_000;
+            c.api.idle_timeout_ms = 300;
+        })
+        .await;
+        let base = format!("http://{}", node.api_addr().unwrap());
+        let resp = reqwest::get(format!("{base}/v1/events")).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let mut events = resp.bytes_stream();
+        let mut stalled = connect(&node).await;
+        stalled
+            .write_all(
+                b"POST /v1/docs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+                  Content-Length: 1000\r\n\r\n{",
+            )
+            .await
+            .unwrap();
+        closed_by_node(&mut stalled, "a stalled body").await;
+        let client = mergeflow::client::Client::new(&base);
+        client
+            .create(Some("after-idle"), serde_json::json!({"x": 1}))
+            .await
+            .unwrap();
+        let mut got = String::new();
+        let deadline = Instant::now() + DEADLINE;
+        while !got.contains("after-idle") {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let chunk = tokio::time::timeout(left, events.next())
+                .await
+                .expect("no event within the deadline")
+                .expect("the event stream ended")
+                .unwrap();
+            got.push_str(&String::from_utf8_lossy(&chunk));
+        }
+        // Shutdown still ends the stream.
+        node.shutdown().await.unwrap();
+        let end = tokio::time::timeout(DEADLINE, async {
+            while let Some(Ok(_)) = events.next().await {}
+        })
+        .await;
+        assert!(end.is_ok(), "the event stream outlived shutdown");
+    }
 }

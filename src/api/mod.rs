@@ -5,9 +5,14 @@
 //! `{"error": {"code", "message"}}`; bodies are parsed by us (not by axum's
 //! extractors) so that malformed input gets the same shape, and a rejected body
 //! never reaches the store.
+//!
+//! Browser safety (Host, Origin, CORS, content types) is in [`guard`]; the
+//! connection handling (limits, timeouts, shutdown) in [`serve`].
 
 mod backup;
 mod error;
+pub(crate) mod guard;
+pub(crate) mod serve;
 mod workflows;
 
 pub use error::{ApiError, ErrorBody, ErrorDetail};
@@ -81,9 +86,17 @@ pub fn router(node: Node) -> Router {
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn(guard::require_body_type))
         .layer(axum::middleware::from_fn_with_state(
             node.clone(),
             require_token,
+        ))
+        // Outermost: browser checks first, so that preflights (which carry
+        // no token) are answered and foreign pages are refused before
+        // anything else runs.
+        .layer(axum::middleware::from_fn_with_state(
+            guard::Guard::new(&node.config().api),
+            guard::browser_guard,
         ))
         .with_state(node)
 }
@@ -219,36 +232,6 @@ fn parse<T: serde::de::DeserializeOwned>(b: &Bytes) -> ApiResult<T> {
     serde_json::from_slice(b).map_err(ApiError::bad_json)
 }
 
-/// Accepts `application/json`, `application/merge-patch+json`, or no content type.
-fn check_json_content_type(headers: &HeaderMap, merge_patch: bool) -> ApiResult<()> {
-    let Some(ct) = headers.get(header::CONTENT_TYPE) else {
-        return Ok(());
-    };
-    let ct = ct
-        .to_str()
-        .unwrap_or("")
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim();
-    let ok = ct.eq_ignore_ascii_case("application/json")
-        || (merge_patch && ct.eq_ignore_ascii_case("application/merge-patch+json"));
-    if ok {
-        Ok(())
-    } else {
-        let want = if merge_patch {
-            "application/merge-patch+json or application/json"
-        } else {
-            "application/json"
-        };
-        Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            format!("content type {ct:?} is not supported here; send {want}"),
-        ))
-    }
-}
-
 /// Query of the write endpoints: wait for replicas.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -323,12 +306,10 @@ async fn answer_write(
 
 async fn create(
     State(node): State<Node>,
-    headers: HeaderMap,
     q: Result<Query<WriteQuery>, QueryRejection>,
     b: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let q = write_query(q)?;
-    check_json_content_type(&headers, false)?;
     let req: CreateRequest = parse(&body(b)?)?;
     let id = req.id.map(DocId::new).transpose()?;
     if let Some(id) = &id {
@@ -362,7 +343,6 @@ async fn patch(
 ) -> ApiResult<Response> {
     let id = doc_id(path)?;
     let q = write_query(q)?;
-    check_json_content_type(&headers, true)?;
     let patch: Json_ = parse(&body(b)?)?;
     let result = write(&node, &headers, id, Change::Patch(patch), q.acks()).await?;
     answer_write(&node, &q, StatusCode::OK, result).await
@@ -437,7 +417,6 @@ async fn ops(
 ) -> ApiResult<Response> {
     let id = doc_id(path)?;
     let q = write_query(q)?;
-    check_json_content_type(&headers, false)?;
     let ops: Vec<Op> = parse(&body(b)?)?;
     let result = write(&node, &headers, id, Change::Ops(ops), q.acks()).await?;
     answer_write(&node, &q, StatusCode::OK, result).await

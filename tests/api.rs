@@ -656,3 +656,54 @@ async fn browser_settings_are_validated() {
     c.api.token = "0123456789abcdef".into();
     c.validate().unwrap();
 }
+
+/// A repeat of a write with its `Idempotency-Key` is answered without
+/// applying it again; the same key with a different body is a client bug
+/// and is refused (422 `idempotency_key_reused`) instead of silently
+/// dropping the new write.
+#[tokio::test]
+async fn an_idempotency_key_reused_for_another_body_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node, c, http) = node(dir.path(), |_| {}).await;
+    let base = format!("http://{}/v1/docs/orders%2F7", node.api_addr().unwrap());
+    let ops = |key: &str, by: i64| {
+        http.post(format!("{base}/ops"))
+            .header("Idempotency-Key", key)
+            .json(&json!([{ "op": "increment", "path": "/n", "by": by }]))
+    };
+    let (s, first) = raw(ops("k-1", 5)).await;
+    assert_eq!((s, &first["changed"]), (200, &json!(true)), "{first}");
+    let (s, again) = raw(ops("k-1", 5)).await;
+    assert_eq!((s, &again["changed"]), (200, &json!(false)), "{again}");
+    assert_eq!(again["heads"], first["heads"]);
+
+    let (s, reused) = raw(ops("k-1", 6)).await;
+    assert_eq!((s, code(&reused)), (422, "idempotency_key_reused"), "{reused}");
+    let msg = reused["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("k-1") && msg.contains("orders/7"), "{msg}");
+    // A patch under the same key is another request too.
+    let (s, patched) = raw(
+        http.patch(&base)
+            .header("Idempotency-Key", "k-1")
+            .json(&json!({"x": 1})),
+    )
+    .await;
+    assert_eq!((s, code(&patched)), (422, "idempotency_key_reused"));
+    // Key order in a JSON body does not make it another request.
+    let body = |text: &'static str| {
+        http.patch(&base)
+            .header("Idempotency-Key", "k-2")
+            .header("content-type", "application/json")
+            .body(text)
+    };
+    assert_eq!(raw(body(r#"{"a": 1, "b": 2}"#)).await.0, 200);
+    let (s, same) = raw(body(r#"{"b":2,"a":1}"#)).await;
+    assert_eq!((s, &same["changed"]), (200, &json!(false)), "{same}");
+
+    assert_eq!(
+        c.get("orders/7", None).await.unwrap(),
+        json!({"n": 5, "a": 1, "b": 2}),
+        "refused writes changed nothing"
+    );
+    node.shutdown().await.unwrap();
+}

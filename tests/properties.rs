@@ -151,6 +151,7 @@ proptest! {
                 hlc: u64::from(*clock) << 16,
                 prio: *prio,
                 idem: idem.map(|k| format!("key-{k}")),
+                ..Stamp::default()
             };
             let mut tx = doc.transaction();
             let v = tx.put_object(ROOT, "v", ObjType::Map).unwrap();

@@ -82,6 +82,9 @@ fn status_of(e: &DocError) -> (StatusCode, &'static str) {
         DocError::DocTooLarge { .. } => (S::PAYLOAD_TOO_LARGE, "doc_too_large"),
         DocError::TooDeep { .. } => (S::UNPROCESSABLE_ENTITY, "doc_too_deep"),
         DocError::CounterOverflow { .. } => (S::UNPROCESSABLE_ENTITY, "counter_overflow"),
+        DocError::IdempotencyKeyReused { .. } => {
+            (S::UNPROCESSABLE_ENTITY, "idempotency_key_reused")
+        }
         DocError::Corrupt { .. } => (S::INTERNAL_SERVER_ERROR, "doc_corrupt"),
         DocError::Automerge(_) => (S::UNPROCESSABLE_ENTITY, "automerge"),
         DocError::Store(StoreError::Closed) => (S::SERVICE_UNAVAILABLE, "shutting_down"),

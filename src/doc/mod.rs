@@ -122,6 +122,18 @@ pub enum DocError {
         /// The increment.
         by: i64,
     },
+    /// A write's idempotency key was used before, on this doc, by a request
+    /// that asked for something else.
+    #[error(
+        "idempotency key {key:?} was already used on doc {doc:?} for a different request; \
+         use a new key for a new write"
+    )]
+    IdempotencyKeyReused {
+        /// The doc.
+        doc: String,
+        /// The key.
+        key: String,
+    },
     /// A stored document does not load.
     #[error("stored doc {id:?} does not load: {reason}")]
     Corrupt {

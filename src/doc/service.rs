@@ -457,10 +457,15 @@ impl Docs {
     /// As [`write_with`](Self::write_with), applied at most once per
     /// idempotency `key` and doc: if a change with that key is already in
     /// the doc's history (made here, or merged from a peer), nothing is
-    /// applied and the result says `changed: false`.
+    /// applied and the result says `changed: false`. A patch or ops list is
+    /// fingerprinted and the fingerprint kept with the change, so the same
+    /// key with a different patch or ops list is refused rather than
+    /// silently dropped.
     ///
     /// # Errors
-    /// [`DocError::BadValue`] for a malformed key; as [`write`](Self::write).
+    /// [`DocError::BadValue`] for a malformed key;
+    /// [`DocError::IdempotencyKeyReused`] for a key used before with a
+    /// different request; as [`write`](Self::write).
     pub async fn write_idempotent(
         &self,
         id: DocId,
@@ -469,9 +474,16 @@ impl Docs {
         key: String,
     ) -> Result<WriteResult, DocError> {
         super::stamp::check_idempotency_key(&key).map_err(DocError::BadValue)?;
+        let req = match &change {
+            Change::Patch(p) => serde_json::to_vec(p).ok().map(|b| ("patch", b)),
+            Change::Ops(ops) => serde_json::to_vec(ops).ok().map(|b| ("ops", b)),
+            Change::Closure(_) | Change::SetIfDifferent(_) => None,
+        }
+        .map(|(kind, body)| super::stamp::fingerprint(kind, &body));
         let tags = WriteTags {
             cause: None,
             idem: Some(key),
+            req,
             lazy: false,
         };
         self.submit(id, WriteOp::Change(change), ack, tags).await
@@ -495,6 +507,7 @@ impl Docs {
         let tags = WriteTags {
             cause: Some(cause),
             idem: None,
+            req: None,
             lazy: true,
         };
         self.submit(id, WriteOp::Change(change), false, tags).await

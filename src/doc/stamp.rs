@@ -73,6 +73,10 @@ pub struct Stamp {
     pub prio: i64,
     /// The write's idempotency key.
     pub idem: Option<String>,
+    /// Fingerprint of the request that carried the key (see
+    /// [`fingerprint`]): a later write with the same key and another
+    /// fingerprint is a reuse, not a repeat.
+    pub req: Option<String>,
 }
 
 impl Stamp {
@@ -82,6 +86,10 @@ impl Stamp {
         if let Some(k) = &self.idem {
             m.push_str(" idem=");
             m.push_str(k);
+        }
+        if let Some(r) = &self.req {
+            m.push_str(" req=");
+            m.push_str(r);
         }
         m
     }
@@ -97,10 +105,24 @@ impl Stamp {
                 s.prio = v.parse().unwrap_or(0);
             } else if let Some(v) = word.strip_prefix("idem=") {
                 s.idem = Some(v.to_string());
+            } else if let Some(v) = word.strip_prefix("req=") {
+                s.req = Some(v.to_string());
             }
         }
         s
     }
+}
+
+/// A short fingerprint (16 hex digits of SHA-256) of what a write asks
+/// for: `kind` and the request's canonical JSON. Two requests with the same
+/// fingerprint ask for the same change.
+pub fn fingerprint(kind: &str, canonical: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(kind.as_bytes());
+    h.update([0]);
+    h.update(canonical);
+    h.finalize()[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Checks an idempotency key: 1 to 128 printable ASCII characters, no spaces.
@@ -144,9 +166,10 @@ mod tests {
             hlc: 42,
             prio: -3,
             idem: Some("req-1".into()),
+            req: Some("00ff".into()),
         };
         let m = s.message("workflow w depth 2");
-        assert_eq!(m, "workflow w depth 2 hlc=42 prio=-3 idem=req-1");
+        assert_eq!(m, "workflow w depth 2 hlc=42 prio=-3 idem=req-1 req=00ff");
         assert_eq!(Stamp::parse(&m), s);
         assert_eq!(Stamp::parse("patch"), Stamp::default());
         assert!(check_idempotency_key("abc-123").is_ok());

@@ -234,6 +234,9 @@ pub(super) struct WriteTags {
     pub(super) cause: Option<crate::feed::Cause>,
     /// Apply at most once per doc with this key.
     pub(super) idem: Option<String>,
+    /// The fingerprint of the request that carries `idem`, when it has one
+    /// (see [`super::stamp::fingerprint`]).
+    pub(super) req: Option<String>,
     /// Answer without waiting for a flush (the next flush, within
     /// `store.remote_flush_ms`, covers it): for writes whose writer can
     /// redo them after a crash, like a workflow run's.
@@ -514,7 +517,7 @@ fn apply(
     batch: &mut WriteBatch,
 ) -> Result<Outcome, DocError> {
     if let Some(key) = &tags.idem
-        && let Some(result) = applied_before(id, loaded, key)
+        && let Some(result) = applied_before(id, loaded, key, tags.req.as_deref())?
     {
         return Ok((result, 0, None, None));
     }
@@ -522,6 +525,7 @@ fn apply(
         hlc: inner.clock.tick(now_ms()),
         prio: inner.cfg.priority,
         idem: tags.idem.clone(),
+        req: tags.req.clone(),
     };
     let caused = tags.cause.as_ref().map(|c| c.message());
     let message = |kind: &'static str| stamp.message(caused.as_deref().unwrap_or(kind));
@@ -632,18 +636,40 @@ fn apply(
 
 /// The result of a write with idempotency key `key` if one is already in
 /// the doc's history: nothing to apply again.
-fn applied_before(id: &DocId, loaded: &Loaded, key: &str) -> Option<WriteResult> {
-    let meta = loaded.meta.as_ref()?;
-    let seen = loaded.doc.get_changes_meta(&[]).iter().any(|c| {
-        c.message
-            .as_deref()
-            .is_some_and(|m| super::stamp::Stamp::parse(m).idem.as_deref() == Some(key))
+///
+/// # Errors
+/// [`DocError::IdempotencyKeyReused`] when that change was asked for by a
+/// request with another fingerprint than `req` (a change without one, from
+/// an older node, counts as the same request).
+fn applied_before(
+    id: &DocId,
+    loaded: &Loaded,
+    key: &str,
+    req: Option<&str>,
+) -> Result<Option<WriteResult>, DocError> {
+    let Some(meta) = loaded.meta.as_ref() else {
+        return Ok(None);
+    };
+    let earlier = loaded.doc.get_changes_meta(&[]).iter().find_map(|c| {
+        let stamp = super::stamp::Stamp::parse(c.message.as_deref()?);
+        (stamp.idem.as_deref() == Some(key)).then_some(stamp)
     });
-    seen.then(|| WriteResult {
+    let Some(earlier) = earlier else {
+        return Ok(None);
+    };
+    if let (Some(then), Some(now)) = (earlier.req.as_deref(), req)
+        && then != now
+    {
+        return Err(DocError::IdempotencyKeyReused {
+            doc: id.to_string(),
+            key: key.to_string(),
+        });
+    }
+    Ok(Some(WriteResult {
         id: id.clone(),
         heads: meta.heads.clone(),
         changed: false,
-    })
+    }))
 }
 
 /// Drops the sync states kept for a doc being deleted (hints only: an error

@@ -178,16 +178,7 @@ impl Client {
         &self,
         req: reqwest::RequestBuilder,
     ) -> Result<T, ClientError> {
-        let resp = self.send_raw(req).await?;
-        let url = resp.url().to_string();
-        let bytes = resp.bytes().await.map_err(|e| ClientError::Protocol {
-            url: url.clone(),
-            reason: e.to_string(),
-        })?;
-        serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol {
-            url,
-            reason: e.to_string(),
-        })
+        json_body(self.send_raw(req).await?).await
     }
 
     /// `GET /v1/backup`, written to `out` as it arrives; `progress` gets
@@ -338,13 +329,36 @@ impl Client {
             .await
     }
 
-    /// `GET /v1/docs`
+    /// `GET /v1/docs`, every page: the live docs but the node's system docs.
     ///
     /// # Errors
     /// [`ClientError`].
     pub async fn list(&self) -> Result<Vec<DocInfo>, ClientError> {
-        self.send(self.http.get(format!("{}/v1/docs", self.base)))
-            .await
+        let mut q = crate::api::ListParams::default();
+        let mut all = Vec::new();
+        loop {
+            let (page, more) = self.list_page(&q).await?;
+            q.after = page.last().map(|d| d.id.clone());
+            all.extend(page);
+            if !more || q.after.is_none() {
+                return Ok(all);
+            }
+        }
+    }
+
+    /// `GET /v1/docs?prefix=&after=&limit=&system=`: one page, and whether
+    /// more follow (ask again with `after` = the last id).
+    ///
+    /// # Errors
+    /// [`ClientError`].
+    pub async fn list_page(
+        &self,
+        q: &crate::api::ListParams,
+    ) -> Result<(Vec<DocInfo>, bool), ClientError> {
+        let req = self.http.get(format!("{}/v1/docs", self.base)).query(q);
+        let resp = self.send_raw(req).await?;
+        let more = resp.headers().contains_key(reqwest::header::LINK);
+        Ok((json_body(resp).await?, more))
     }
 
     /// `GET /v1/docs/{id}/heads`
@@ -475,6 +489,19 @@ impl Client {
         let url = format!("{}/v1/runs/{id}/{action}", self.base);
         self.send(self.http.post(url)).await
     }
+}
+
+/// A response's JSON body.
+async fn json_body<T: DeserializeOwned>(resp: reqwest::Response) -> Result<T, ClientError> {
+    let url = resp.url().to_string();
+    let bytes = resp.bytes().await.map_err(|e| ClientError::Protocol {
+        url: url.clone(),
+        reason: e.to_string(),
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol {
+        url,
+        reason: e.to_string(),
+    })
 }
 
 #[cfg(test)]

@@ -254,8 +254,22 @@ enum DocCmd {
         /// JSON array such as [{"op":"increment","path":"/n"}] (or - for stdin).
         ops: Option<String>,
     },
-    /// List documents.
-    List,
+    /// List documents in id order (every page; the node's system docs
+    /// only with --system).
+    List {
+        /// Only ids that start with this, such as `sensors/`.
+        #[arg(long)]
+        prefix: Option<String>,
+        /// Only ids after this one (to go on where a --limit listing stopped).
+        #[arg(long)]
+        after: Option<String>,
+        /// Print at most this many (1 to 10000), then the --after to go on with.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Include the node's system docs (`_mergeflow/...`).
+        #[arg(long)]
+        system: bool,
+    },
     /// Print a document's heads.
     Heads {
         /// Document id.
@@ -827,24 +841,52 @@ async fn doc(args: ClientArgs, cmd: DocCmd) -> Result<()> {
             let r = c.ops(&id, &ops).await?;
             write_result(json, "applied", &r)
         }
-        DocCmd::List => {
-            let docs = c.list().await?;
-            if json {
-                print_json(&docs);
-            } else {
+        DocCmd::List {
+            prefix,
+            after,
+            limit,
+            system,
+        } => {
+            let mut q = mergeflow::api::ListParams {
+                prefix,
+                after,
+                limit,
+                system: system.then_some(true),
+            };
+            if !json {
                 println!(
                     "{:<40} {:>6} {:>10}  UPDATED (unix ms)",
                     "ID", "HEADS", "BYTES"
                 );
-                for d in docs {
-                    println!(
-                        "{:<40} {:>6} {:>10}  {}",
-                        d.id,
-                        d.heads.len(),
-                        d.size_bytes,
-                        d.updated_at
-                    );
+            }
+            let mut all = Vec::new();
+            loop {
+                let (page, more) = c.list_page(&q).await?;
+                let last = page.last().map(|d| d.id.clone());
+                for d in page {
+                    if json {
+                        all.push(d);
+                    } else {
+                        println!(
+                            "{:<40} {:>6} {:>10}  {}",
+                            d.id,
+                            d.heads.len(),
+                            d.size_bytes,
+                            d.updated_at
+                        );
+                    }
                 }
+                match (more, last) {
+                    (true, Some(last)) if limit.is_some() => {
+                        eprintln!("more docs follow: go on with --after {last}");
+                        break;
+                    }
+                    (true, Some(last)) => q.after = Some(last),
+                    _ => break,
+                }
+            }
+            if json {
+                print_json(&all);
             }
             Ok(())
         }

@@ -678,15 +678,18 @@ async fn an_idempotency_key_reused_for_another_body_is_refused() {
     assert_eq!(again["heads"], first["heads"]);
 
     let (s, reused) = raw(ops("k-1", 6)).await;
-    assert_eq!((s, code(&reused)), (422, "idempotency_key_reused"), "{reused}");
+    assert_eq!(
+        (s, code(&reused)),
+        (422, "idempotency_key_reused"),
+        "{reused}"
+    );
     let msg = reused["error"]["message"].as_str().unwrap();
     assert!(msg.contains("k-1") && msg.contains("orders/7"), "{msg}");
     // A patch under the same key is another request too.
-    let (s, patched) = raw(
-        http.patch(&base)
-            .header("Idempotency-Key", "k-1")
-            .json(&json!({"x": 1})),
-    )
+    let (s, patched) = raw(http
+        .patch(&base)
+        .header("Idempotency-Key", "k-1")
+        .json(&json!({"x": 1})))
     .await;
     assert_eq!((s, code(&patched)), (422, "idempotency_key_reused"));
     // Key order in a JSON body does not make it another request.
@@ -705,5 +708,85 @@ async fn an_idempotency_key_reused_for_another_body_is_refused() {
         json!({"n": 5, "a": 1, "b": 2}),
         "refused writes changed nothing"
     );
+    node.shutdown().await.unwrap();
+}
+
+/// `GET /v1/docs` pages in id order with a cursor, filters by prefix, and
+/// hides the node's system docs unless asked.
+#[tokio::test]
+async fn listing_pages_by_cursor_and_hides_system_docs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node, c, http) = node(dir.path(), |_| {}).await;
+    let ids = ["a/1", "a/2", "a/3", "a/4", "a/5", "b/1", "c"];
+    for id in ids {
+        c.patch(id, &json!({"v": 1})).await.unwrap();
+    }
+    c.delete("a/3").await.unwrap();
+    // A workflow stores its definition in a system doc.
+    let def = include_str!("../examples/workflows/fahrenheit.toml");
+    let (s, body) = raw(http
+        .post(format!("http://{}/v1/workflows", node.api_addr().unwrap()))
+        .header("content-type", "application/toml")
+        .body(def))
+    .await;
+    assert!(s == 200 || s == 201, "{s} {body}");
+    let base = format!("http://{}/v1/docs", node.api_addr().unwrap());
+    let page = |q: &str| {
+        let url = format!("{base}?{q}");
+        let http = http.clone();
+        async move {
+            let resp = http.get(&url).send().await.unwrap();
+            let status = resp.status().as_u16();
+            let link = resp
+                .headers()
+                .get("link")
+                .map(|v| v.to_str().unwrap().to_string());
+            let body: Value = resp.json().await.unwrap();
+            let ids: Vec<String> = body
+                .as_array()
+                .map(|a| a.iter().map(|d| d["id"].as_str().unwrap().into()).collect())
+                .unwrap_or_default();
+            (status, ids, link)
+        }
+    };
+    let (_, all, link) = page("").await;
+    assert_eq!(
+        all,
+        ["a/1", "a/2", "a/4", "a/5", "b/1", "c"],
+        "no system docs, no tombstones"
+    );
+    assert_eq!(link, None, "one page holds them all");
+
+    let (_, first, link) = page("prefix=a/&limit=2").await;
+    assert_eq!(first, ["a/1", "a/2"]);
+    let link = link.expect("more follow");
+    assert!(link.ends_with("rel=\"next\""), "{link}");
+    assert!(
+        link.contains("after=a%2F2") && link.contains("prefix=a%2F"),
+        "{link}"
+    );
+    let next = link
+        .trim_start_matches("</v1/docs?")
+        .split('>')
+        .next()
+        .unwrap();
+    let (_, second, link) = page(next).await;
+    assert_eq!(second, ["a/4", "a/5"], "the deleted a/3 is skipped");
+    assert_eq!(link, None, "nothing after a/5 under a/");
+
+    let (_, sys, _) = page("system=true").await;
+    assert!(sys.iter().any(|i| i.starts_with("_mergeflow/")), "{sys:?}");
+    let (_, under, _) = page("prefix=_mergeflow/").await;
+    assert!(!under.is_empty() && under.iter().all(|i| i.starts_with("_mergeflow/")));
+    let (_, after_c, _) = page("after=b/1").await;
+    assert_eq!(after_c, ["c"]);
+
+    for bad in ["limit=0", "limit=10001", "limit=x", "colour=red"] {
+        let (s, _, _) = page(bad).await;
+        assert_eq!(s, 400, "{bad}");
+    }
+    // The client follows every page.
+    let listed: Vec<_> = c.list().await.unwrap().into_iter().map(|d| d.id).collect();
+    assert_eq!(listed, all);
     node.shutdown().await.unwrap();
 }

@@ -130,6 +130,23 @@ async fn doc_commands_round_trip() {
         let list = cli.json(&["doc", "list"]);
         assert_eq!(list.as_array().unwrap().len(), 2);
         assert!(cli.ok(&["doc", "list"]).contains("sensors/gh-3"));
+        let sensors = cli.json(&["doc", "list", "--prefix", "sensors/"]);
+        assert_eq!(sensors.as_array().unwrap().len(), 1, "{sensors}");
+        let one = cli.run(&["doc", "list", "--limit", "1"]);
+        let (out, err) = (
+            String::from_utf8_lossy(&one.stdout),
+            String::from_utf8_lossy(&one.stderr),
+        );
+        assert!(
+            out.contains("from/stdin") && !out.contains("sensors/gh-3"),
+            "{out}"
+        );
+        assert!(err.contains("--after from/stdin"), "{err}");
+        let rest = cli.ok(&["doc", "list", "--after", "from/stdin"]);
+        assert!(
+            rest.contains("sensors/gh-3") && !rest.contains("from/stdin"),
+            "{rest}"
+        );
         let status = cli.json(&["status"]);
         assert_eq!(status["docs"], 2);
         assert!(cli.ok(&["status"]).contains("peer_id"));

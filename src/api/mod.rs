@@ -319,8 +319,69 @@ async fn create(
     answer_write(&node, &q, StatusCode::CREATED, result).await
 }
 
-async fn list(State(node): State<Node>) -> ApiResult<Response> {
-    Ok(Json(node.docs().list().await?).into_response())
+/// Query of `GET /v1/docs`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListParams {
+    /// Only ids that start with this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    /// Only ids after this one: the last id of the previous page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
+    /// Page size, 1 to [`MAX_LIST_LIMIT`]; [`DEFAULT_LIST_LIMIT`] when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+    /// Include the node's system docs (`_mergeflow/...`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<bool>,
+}
+
+/// Docs in a page of `GET /v1/docs` when the request names no `limit`.
+pub const DEFAULT_LIST_LIMIT: usize = 1000;
+/// Most docs in a page of `GET /v1/docs`.
+pub const MAX_LIST_LIMIT: usize = 10_000;
+
+/// `GET /v1/docs`: one page of live docs in id order, a JSON array. When
+/// more follow, a `Link: <...&after=LAST>; rel="next"` header names the
+/// next page.
+async fn list(
+    State(node): State<Node>,
+    q: Result<Query<ListParams>, QueryRejection>,
+) -> ApiResult<Response> {
+    let Query(q) = q.map_err(|r| WrappedRejection(r, None))?;
+    let limit = q.limit.unwrap_or(DEFAULT_LIST_LIMIT);
+    if !(1..=MAX_LIST_LIMIT).contains(&limit) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_query",
+            format!("limit must be 1 to {MAX_LIST_LIMIT}, got {limit}"),
+        ));
+    }
+    let query = crate::doc::ListQuery {
+        prefix: q.prefix.clone().unwrap_or_default(),
+        after: q.after.clone(),
+        limit,
+        system: q.system.unwrap_or(false),
+    };
+    let page = node.docs().list_page(query).await?;
+    let next = match (page.more, page.docs.last()) {
+        (true, Some(last)) => Some(ListParams {
+            after: Some(last.id.clone()),
+            limit: Some(limit),
+            ..q
+        }),
+        _ => None,
+    };
+    let mut resp = Json(page.docs).into_response();
+    if let Some(next) = next {
+        let qs = serde_urlencoded::to_string(&next).expect("a query serializes");
+        let link = format!("</v1/docs?{qs}>; rel=\"next\"");
+        if let Ok(v) = header::HeaderValue::from_str(&link) {
+            resp.headers_mut().insert(header::LINK, v);
+        }
+    }
+    Ok(resp)
 }
 
 async fn read(

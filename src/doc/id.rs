@@ -6,6 +6,11 @@ use serde::{Deserialize, Serialize};
 
 use super::DocError;
 
+/// Prefix of the node's system docs (workflow definitions, membership,
+/// effect markers): written by the node only, hidden from listings unless
+/// asked for.
+pub const SYSTEM_PREFIX: &str = "_mergeflow/";
+
 /// Longest doc id, in bytes.
 pub const MAX_ID_LEN: usize = 200;
 

@@ -17,14 +17,15 @@ mod service;
 pub mod stamp;
 mod writer;
 
-pub use id::{DocId, MAX_ID_LEN};
+pub use id::{DocId, MAX_ID_LEN, SYSTEM_PREFIX};
 pub use json::{MAX_READ_DEPTH, StringMode, to_json};
 pub use ops::{Op, ValueKind, apply_ops};
 pub use patch::{apply_merge_patch, ops_to_match};
 pub use path::Pointer;
 pub use replicas::Held;
 pub use service::{
-    Change, ChangeFn, DocInfo, Docs, DocsConfig, HistoryEntry, PeerSyncView, Snapshot, WriteResult,
+    Change, ChangeFn, DocInfo, DocPage, Docs, DocsConfig, HistoryEntry, ListQuery, PeerSyncView,
+    Snapshot, WriteResult,
 };
 pub use service::{load_stored, load_stored_contained, now_ms};
 

@@ -163,6 +163,29 @@ pub struct DocInfo {
     pub updated_at: u64,
 }
 
+/// Which docs a listing page holds (see [`Docs::list_page`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListQuery {
+    /// Only ids that start with this.
+    pub prefix: String,
+    /// Only ids after this one (the last id of the previous page).
+    pub after: Option<String>,
+    /// At most this many.
+    pub limit: usize,
+    /// Include the node's system docs (`_mergeflow/...`). A prefix inside
+    /// them includes them anyway.
+    pub system: bool,
+}
+
+/// One page of a listing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DocPage {
+    /// Live docs, in id order.
+    pub docs: Vec<DocInfo>,
+    /// More docs follow: ask again with `after` = the last id of `docs`.
+    pub more: bool,
+}
+
 /// One change in a document's history.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct HistoryEntry {
@@ -908,6 +931,33 @@ impl Docs {
                     updated_at: m.updated_at_ms,
                 })
                 .collect())
+        })
+        .await
+    }
+
+    /// One page of live documents, in id order (see [`ListQuery`]).
+    ///
+    /// # Errors
+    /// Store errors.
+    pub async fn list_page(&self, q: ListQuery) -> Result<DocPage, DocError> {
+        let store = self.inner.store.clone();
+        blocking(move || {
+            let system = q.system || q.prefix.starts_with(super::SYSTEM_PREFIX);
+            let keep = |id: &str, m: &crate::store::DocMeta| {
+                m.deleted_at_ms.is_none() && (system || !id.starts_with(super::SYSTEM_PREFIX))
+            };
+            let (docs, more) =
+                store.list_docs_page(&q.prefix, q.after.as_deref(), q.limit, keep)?;
+            let docs = docs
+                .into_iter()
+                .map(|(id, m)| DocInfo {
+                    id,
+                    heads: m.heads,
+                    size_bytes: m.size_bytes,
+                    updated_at: m.updated_at_ms,
+                })
+                .collect();
+            Ok(DocPage { docs, more })
         })
         .await
     }

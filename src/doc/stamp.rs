@@ -122,7 +122,10 @@ pub fn fingerprint(kind: &str, canonical: &[u8]) -> String {
     h.update(kind.as_bytes());
     h.update([0]);
     h.update(canonical);
-    h.finalize()[..8].iter().map(|b| format!("{b:02x}")).collect()
+    h.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Checks an idempotency key: 1 to 128 printable ASCII characters, no spaces.

@@ -751,6 +751,48 @@ impl Store {
         Ok(out)
     }
 
+    /// Docs whose id starts with `prefix` and comes after `after`, in id
+    /// order, that `keep` accepts: at most `limit` of them, and whether more
+    /// follow. Reads only as far as it needs to.
+    ///
+    /// # Errors
+    /// sled errors or an undecodable record.
+    pub fn list_docs_page(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+        mut keep: impl FnMut(&str, &DocMeta) -> bool,
+    ) -> Result<(Vec<(String, DocMeta)>, bool), StoreError> {
+        self.injected()?;
+        let mut start = Vec::from(&b"m"[..]);
+        match after {
+            // The least key above `m{after}`: ids never hold a NUL.
+            Some(a) if a >= prefix => {
+                start.extend_from_slice(a.as_bytes());
+                start.push(0);
+            }
+            _ => start.extend_from_slice(prefix.as_bytes()),
+        }
+        let mut out = Vec::new();
+        for kv in self.docs.range(start..) {
+            let (k, v) = kv.map_err(|e| self.sled_err(e))?;
+            if !k[1..].starts_with(prefix.as_bytes()) || k[0] != b'm' {
+                break;
+            }
+            let id = String::from_utf8_lossy(&k[1..]).to_string();
+            let meta = self.decode_meta(&id, &v)?;
+            if !keep(&id, &meta) {
+                continue;
+            }
+            if out.len() == limit {
+                return Ok((out, true));
+            }
+            out.push((id, meta));
+        }
+        Ok((out, false))
+    }
+
     /// Size of the database on disk, in bytes.
     ///
     /// # Errors

@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Prefix of the system docs (membership, effect markers); never triggers.
-pub const SYSTEM_PREFIX: &str = "_mergeflow/";
+pub use crate::doc::SYSTEM_PREFIX;
 /// Most bytes of an answer or of a command's output kept in the run record.
 const MAX_OUTPUT: usize = 16 * 1024;
 /// Markers kept per (workflow, doc) marker doc.

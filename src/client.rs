@@ -399,6 +399,18 @@ impl Client {
             .await
     }
 
+    /// `POST /v1/peers/digest`: the node asks its peers whether they are
+    /// in sync with it now; returns how many connected peers it asked.
+    ///
+    /// # Errors
+    /// [`ClientError`].
+    pub async fn ask_digests(&self) -> Result<usize, ClientError> {
+        let r: crate::api::DigestAsked = self
+            .send(self.http.post(format!("{}/v1/peers/digest", self.base)))
+            .await?;
+        Ok(r.peers)
+    }
+
     /// `GET /v1/status`
     ///
     /// # Errors

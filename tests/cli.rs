@@ -451,3 +451,34 @@ fn a_token_no_client_can_send_is_refused_at_start() {
         );
     }
 }
+
+/// Two nodes already in sync: `wait-synced` asks the peer for its digest at
+/// once instead of waiting for the next anti-entropy round, here an hour
+/// away, so it can only return through that ask.
+#[tokio::test(flavor = "multi_thread")]
+async fn wait_synced_asks_peers_at_once() {
+    let hourly = |c: &mut mergeflow::config::Config| c.net.anti_entropy_ms = 3_600_000;
+    let dir = tempfile::tempdir().unwrap();
+    let a = common::p2p_api_node(&dir.path().join("a"), vec![], hourly).await;
+    let a_addr = common::listen_addr(&a).await;
+    let b = common::p2p_api_node(&dir.path().join("b"), vec![a_addr], hourly).await;
+    a.doc("x").unwrap().patch(json!({"v": 1})).await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while b.docs().count() < 1 {
+        assert!(std::time::Instant::now() < deadline, "b never got the doc");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let cli = Cli {
+        api: b.api_addr().unwrap().to_string(),
+        token: None,
+    };
+    tokio::task::spawn_blocking(move || {
+        let out = cli.ok(&["wait-synced", "--timeout", "60"]);
+        eprintln!("{out}");
+        assert!(out.starts_with("in sync with 1 peers"), "{out}");
+    })
+    .await
+    .unwrap();
+    b.shutdown().await.unwrap();
+    a.shutdown().await.unwrap();
+}

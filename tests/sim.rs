@@ -548,3 +548,29 @@ fn a_late_joiner_counts_the_docs_it_lacks_until_they_arrive() {
     assert_eq!(sim.nodes[1].core.lacking(), 0);
     println!("the late joiner lacked at most {most} of 300 docs");
 }
+
+/// `DigestNow` (what `wait-synced` asks for): both sides of every link learn
+/// within a round trip that they agree, and the answers do not ping-pong.
+#[test]
+fn asking_for_digests_confirms_agreement_within_a_round_trip() {
+    let mut sim = Sim::new(21, 3);
+    for i in 0..10 {
+        sim.local_edit(i % 3, &format!("d/{i}"));
+    }
+    sim.advance(10_000);
+    assert!(sim.converged());
+    let asked_at = sim.now;
+    let before = sim.sent;
+    sim.input(0, Input::DigestNow);
+    sim.advance(20); // a round trip is at most 10 ms here
+    for peer in ["n1", "n2"] {
+        let at = sim.nodes[0].core.last_in_sync(peer).unwrap();
+        assert!(at >= asked_at, "n0 did not hear back from {peer}");
+    }
+    // n0's two digests and at most one answer each (none from a peer whose
+    // own digest was already on its way); nobody answers an answer.
+    let exchanged = sim.sent - before;
+    assert!((3..=4).contains(&exchanged), "{exchanged} messages");
+    sim.advance(100);
+    assert_eq!(sim.sent - before, exchanged, "digests kept bouncing");
+}

@@ -48,13 +48,20 @@ pub async fn counting<T>(
     out
 }
 
+/// How often `wait-synced` asks peers for their digests while some do not
+/// match (a digest lost on the way, or docs still syncing).
+const ASK_AGAIN: Duration = Duration::from_secs(3);
+
 /// `mergeflow wait-synced`: shows the node's docs against those its peers
 /// hold that it lacks, until it is in sync with every connected peer (no
 /// doc lacking or syncing, and each peer's digest matched since the wait
-/// began).
+/// began). It asks the peers for their digests at once, and again every
+/// few seconds while some do not match, so a node already in sync answers
+/// within a round trip, not at the next anti-entropy round.
 pub async fn wait_synced(client: &Client, timeout: Duration) -> Result<()> {
     let started = Instant::now();
     let since = mergeflow::doc::now_ms();
+    let mut asked: Option<Instant> = None;
     let bar = bar(
         Some(0),
         "{spinner} syncing [{bar:30}] {pos}/{len} docs here, {msg}",
@@ -69,6 +76,10 @@ pub async fn wait_synced(client: &Client, timeout: Duration) -> Result<()> {
             .iter()
             .filter(|p| p.last_in_sync_at.is_some_and(|t| t >= since))
             .count();
+        if matched < connected.len() && asked.is_none_or(|t| t.elapsed() >= ASK_AGAIN) {
+            client.ask_digests().await?;
+            asked = Some(Instant::now());
+        }
         bar.set_length(status.docs + lacking);
         bar.set_position(status.docs);
         bar.set_message(format!(

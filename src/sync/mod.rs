@@ -260,6 +260,11 @@ pub enum Input {
     },
     /// Time passed; the shell calls this regularly (e.g. every 100 ms).
     Tick,
+    /// Send our digest to every peer now instead of at the next round (a
+    /// user waits to know whether this node is in sync). Each peer that
+    /// finds it matching answers with its own, so both sides learn the
+    /// match within a round trip.
+    DigestNow,
 }
 
 /// One change as [`Message::Change`] carries it.
@@ -486,6 +491,9 @@ struct Peer {
     to_push: std::collections::VecDeque<String>,
     to_push_set: std::collections::HashSet<String>,
     next_digest_at: u64,
+    /// We sent it our digest after its last one arrived: a matching digest
+    /// from it now may be its answer to ours, and is not answered again.
+    digest_sent_last: bool,
     last_in_sync_at: Option<u64>,
     /// Fast-path changes that arrived before their dependencies (frames can
     /// overtake each other), per doc, with when the first was held. They are
@@ -628,6 +636,7 @@ impl Core {
                         to_push: Default::default(),
                         to_push_set: Default::default(),
                         next_digest_at: next,
+                        digest_sent_last: true,
                         last_in_sync_at: None,
                         held: HashMap::new(),
                         held_count: 0,
@@ -687,11 +696,13 @@ impl Core {
                     .map(|(k, _)| k.clone())
                     .collect();
                 for peer in due {
-                    let next = now + self.jittered(rng);
-                    if let Some(p) = self.peers.get_mut(&peer) {
-                        p.next_digest_at = next;
-                    }
-                    out.push(self.digest_to(peer));
+                    out.push(self.digest_now(now, rng, peer));
+                }
+            }
+            Input::DigestNow => {
+                let peers: Vec<PeerKey> = self.peers.keys().cloned().collect();
+                for peer in peers {
+                    out.push(self.digest_now(now, rng, peer));
                 }
             }
             Input::LocalChange {
@@ -778,6 +789,17 @@ impl Core {
         base - quarter + rng.random_range(0..=quarter * 2)
     }
 
+    /// Our digest for `peer`, as this round's: its next one is a full
+    /// period away.
+    fn digest_now<R: rand::Rng>(&mut self, now: u64, rng: &mut R, peer: PeerKey) -> Output {
+        let next = now + self.jittered(rng);
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.next_digest_at = next;
+            p.digest_sent_last = true;
+        }
+        self.digest_to(peer)
+    }
+
     fn digest_to(&self, peer: PeerKey) -> Output {
         Output::Send {
             to: peer,
@@ -827,11 +849,23 @@ impl Core {
                     return self.reject(&from, reason, out);
                 }
                 let differing = self.digest.differing(&buckets);
-                if differing.is_empty() {
-                    self.stats.digests_in_sync += 1;
-                    if let Some(p) = self.peers.get_mut(&from) {
+                let period = self.cfg.anti_entropy_ms.max(1);
+                if let Some(p) = self.peers.get_mut(&from) {
+                    let answer = differing.is_empty() && !p.digest_sent_last;
+                    if differing.is_empty() {
                         p.last_in_sync_at = Some(now);
                     }
+                    // Tell it we agree, unless this digest may be its answer
+                    // to ours (no ping-pong). The exchange counts as this
+                    // period's for both sides, so idle traffic stays as it was.
+                    p.digest_sent_last = answer;
+                    if answer {
+                        p.next_digest_at = now + period;
+                        out.push(self.digest_to(from.clone()));
+                    }
+                }
+                if differing.is_empty() {
+                    self.stats.digests_in_sync += 1;
                 }
                 for bucket in differing {
                     out.push(Output::Send {

@@ -165,6 +165,9 @@ pub struct NetTable {
     pub mdns: bool,
     /// Milliseconds between anti-entropy digests to each peer.
     pub anti_entropy_ms: u64,
+    /// A connected peer not heard from (pings, messages) for this many
+    /// milliseconds counts as gone: it is disconnected and redialled.
+    pub peer_timeout_ms: u64,
     /// Largest sync message, in bytes.
     pub max_message_bytes: usize,
     /// Pre-shared network key, 64 hex digits (`mergeflow keygen`); empty means
@@ -269,6 +272,7 @@ impl Default for Config {
                 peers: vec![],
                 mdns: true,
                 anti_entropy_ms: 30_000,
+                peer_timeout_ms: 8_000,
                 max_message_bytes: 16 << 20,
                 key: String::new(),
                 allow: vec![],
@@ -765,6 +769,9 @@ impl Config {
         }
         if self.net.anti_entropy_ms == 0 {
             return invalid("net.anti_entropy_ms", "must be at least 1");
+        }
+        if !(2_000..=600_000).contains(&self.net.peer_timeout_ms) {
+            return invalid("net.peer_timeout_ms", "must be 2000 to 600000");
         }
         if self.net.max_message_bytes < 1024 {
             return invalid("net.max_message_bytes", "must be at least 1024");

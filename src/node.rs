@@ -230,6 +230,7 @@ impl NodeBuilder {
                 gossipsub: net.gossipsub,
                 max_peer_bytes_per_sec: net.max_peer_bytes_per_sec,
                 max_peer_frames_per_sec: net.max_peer_frames_per_sec,
+                peer_timeout: std::time::Duration::from_millis(net.peer_timeout_ms),
             };
             if cfg.key.is_none() && cfg.allow.is_empty() {
                 tracing::warn!(

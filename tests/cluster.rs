@@ -141,3 +141,60 @@ fn killed_node_rejoins_and_no_acknowledged_write_is_lost() {
         expected.len()
     );
 }
+
+/// A peer that stops answering (SIGSTOP: its kernel keeps the TCP
+/// connection up, the process says nothing) is shown disconnected within
+/// the README's 10 s, so `?replicas` and effect ownership stop counting it;
+/// once it runs again it is connected again.
+#[test]
+fn a_silent_peer_is_disconnected_within_ten_seconds() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let a = NodeProc::start(&dir.path().join("a"));
+    let a_addr = p2p_addr(&rt, &a.api);
+    let b = NodeProc::try_start(&dir.path().join("b"), &["--peer", a_addr.as_str()]).unwrap();
+    let client = Client::new(&a.api);
+    let b_connected = || {
+        let peers = rt.block_on(client.peers()).unwrap();
+        peers.iter().any(|p| p.connected)
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !b_connected() {
+        assert!(Instant::now() < deadline, "b never connected");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let signal = |sig: &str| {
+        let pid = b.child.id().to_string();
+        assert!(
+            std::process::Command::new("kill")
+                .args([sig, &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    signal("-STOP");
+    let stopped = Instant::now();
+    while b_connected() {
+        // The README promises 10 s; the slack is for a loaded machine.
+        assert!(
+            stopped.elapsed() < Duration::from_secs(20),
+            "a silent peer still counts as connected after {:?}",
+            stopped.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let noticed = stopped.elapsed();
+    println!("a silent peer was noticed after {noticed:?}");
+    signal("-CONT");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !b_connected() {
+        assert!(
+            Instant::now() < deadline,
+            "b did not reconnect after SIGCONT"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(b);
+    drop(a);
+}

@@ -53,6 +53,7 @@ use crate::sync::{Input, Message, Output, codec};
 
 pub mod limit;
 mod link;
+mod liveness;
 
 /// Errors starting the network.
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +98,8 @@ pub struct NetConfig {
     pub max_peer_bytes_per_sec: u64,
     /// Most frames per second taken from one peer (0: unlimited).
     pub max_peer_frames_per_sec: u64,
+    /// A connected peer not heard from for this long is disconnected.
+    pub peer_timeout: Duration,
 }
 
 /// Parses a network key: 64 hex digits (what `mergeflow keygen` prints).
@@ -541,6 +544,7 @@ pub fn spawn(
         );
         let mut buckets: HashMap<PeerId, limit::Bucket> = HashMap::new();
         let mut redial = tokio::time::interval(Duration::from_millis(250));
+        let mut liveness = liveness::Liveness::new(cfg.peer_timeout);
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
@@ -561,6 +565,15 @@ pub fn spawn(
                 }
                 _ = redial.tick(), if admit.online => {
                     let now = Instant::now();
+                    for peer in liveness.silent(&connected, now) {
+                        tracing::info!(peer = %peer, timeout = ?cfg.peer_timeout, "peer silent: disconnecting");
+                        let _ = swarm.disconnect_peer_id(peer);
+                        // Closing waits for the muxer, which a partition can
+                        // hold up: the peer counts as gone now (for
+                        // `?replicas`, effect ownership and /v1/peers) and as
+                        // back when a connection is established again.
+                        peer_down(peer, &docs, &mut connected, &shared, "peer fell silent");
+                    }
                     for p in statics.iter_mut() {
                         let up = p.peer.is_some_and(|id| connected.contains(&id));
                         if up || p.next_attempt > now {
@@ -586,6 +599,7 @@ pub fn spawn(
                 }
                 Some(ev) = link_events.recv() => match ev {
                     link::LinkEvent::Frame(peer, frame) => {
+                        liveness.heard(peer, Instant::now());
                         // Read before a disconnect or ban and handled after it:
                         // dropped, or the sync core would take the peer for
                         // connected again (anti-entropy repairs what it held).
@@ -627,6 +641,9 @@ pub fn spawn(
                     if let SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } = &ev {
                         buckets.remove(peer_id);
                         links.disconnected(peer_id);
+                        liveness.forget(peer_id);
+                    } else if let Some(peer) = heard_from(&ev) {
+                        liveness.heard(peer, Instant::now());
                     }
                     on_event(ev, &mut swarm, &docs, &mut connected, &mut in_flight, &mut bans, &mut statics, &shared, local, &admit);
                 }
@@ -674,10 +691,14 @@ impl Admission {
 /// a dial of an unreachable address costs next to nothing.
 const MAX_REDIAL_BACKOFF: Duration = Duration::from_secs(5);
 
-/// How often each connection is pinged.
-const PING_INTERVAL: Duration = Duration::from_secs(5);
-/// A ping unanswered for this long closes the connection.
-const PING_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often each connection is pinged. libp2p's ping reports only the
+/// second failure in a row, so silence is judged here instead (see
+/// [`Liveness`]): a peer counts as gone `peer_timeout` after it was last
+/// heard from, and with a ping every 2 s a live peer is heard that often.
+const PING_INTERVAL: Duration = Duration::from_secs(2);
+/// A ping unanswered for this long fails (and its connection is closed when
+/// libp2p reports the failure).
+const PING_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// True if two addresses name the same endpoint, ignoring a `/p2p/<id>` suffix.
 fn same_addr(a: &Multiaddr, b: &Multiaddr) -> bool {
@@ -1009,6 +1030,46 @@ fn on_frame(
     }
 }
 
+/// The peer an event shows alive: a connection, an answered ping, a message.
+fn heard_from(ev: &SwarmEvent<BehaviourEvent>) -> Option<PeerId> {
+    match ev {
+        SwarmEvent::ConnectionEstablished { peer_id, .. } => Some(*peer_id),
+        SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
+            peer,
+            result: Ok(_),
+            ..
+        })) => Some(*peer),
+        SwarmEvent::Behaviour(BehaviourEvent::Sync(request_response::Event::Message {
+            peer,
+            ..
+        })) => Some(*peer),
+        SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+            propagation_source,
+            ..
+        })) => Some(*propagation_source),
+        _ => None,
+    }
+}
+
+/// Marks `peer` disconnected (once): /v1/peers shows it, and the sync
+/// core forgets its sessions.
+fn peer_down(
+    peer: PeerId,
+    docs: &Docs,
+    connected: &mut BTreeSet<PeerId>,
+    state: &Mutex<NetState>,
+    why: &'static str,
+) {
+    if !connected.remove(&peer) {
+        return;
+    }
+    tracing::info!(peer = %peer, "{why}");
+    if let Some(info) = state.lock().expect("not poisoned").peers.get_mut(&peer) {
+        info.connected = false;
+    }
+    docs.sync_input(Input::PeerDown(peer.to_string()));
+}
+
 #[allow(clippy::too_many_arguments)]
 fn on_event(
     ev: SwarmEvent<BehaviourEvent>,
@@ -1046,10 +1107,7 @@ fn on_event(
             let _ = swarm.disconnect_peer_id(peer_id);
         }
         SwarmEvent::ConnectionEstablished {
-            peer_id,
-            endpoint,
-            num_established,
-            ..
+            peer_id, endpoint, ..
         } => {
             if let libp2p::core::ConnectedPoint::Dialer { address, .. } = &endpoint {
                 // A static peer given without /p2p/<id>: learn its id, so it
@@ -1074,7 +1132,9 @@ fn on_event(
                     p.backoff = Duration::from_millis(250);
                 }
             }
-            if num_established.get() == 1 && connected.insert(peer_id) {
+            // Not only the first connection: one that replaces a connection
+            // still closing after its peer fell silent brings the peer back.
+            if connected.insert(peer_id) {
                 tracing::info!(peer = %peer_id, "peer connected");
                 docs.sync_input(Input::PeerUp(peer_id.to_string()));
             }
@@ -1083,13 +1143,7 @@ fn on_event(
             peer_id,
             num_established: 0,
             ..
-        } if connected.remove(&peer_id) => {
-            tracing::info!(peer = %peer_id, "peer disconnected");
-            if let Some(info) = state.lock().expect("not poisoned").peers.get_mut(&peer_id) {
-                info.connected = false;
-            }
-            docs.sync_input(Input::PeerDown(peer_id.to_string()));
-        }
+        } => peer_down(peer_id, docs, connected, state, "peer disconnected"),
         SwarmEvent::Behaviour(BehaviourEvent::Sync(request_response::Event::Message {
             peer,
             message:
@@ -1147,11 +1201,12 @@ fn on_event(
         }
         SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
             peer,
-            connection,
             result: Err(e),
+            ..
         })) if !matches!(e, ping::Failure::Unsupported) => {
-            tracing::info!(peer = %peer, err = %e, "peer does not answer pings: closing the connection");
-            swarm.close_connection(connection);
+            tracing::info!(peer = %peer, err = %e, "peer does not answer pings: closing its connections");
+            let _ = swarm.disconnect_peer_id(peer);
+            peer_down(peer, docs, connected, state, "peer fell silent");
         }
         SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
             propagation_source,

@@ -682,21 +682,38 @@ async fn start(args: StartArgs) -> Result<()> {
         no_mdns: args.no_mdns,
         light: args.light,
     };
-    let config = Config::load(args.config.as_deref(), std::env::vars(), &flags)?;
+    let mut config = Config::load(args.config.as_deref(), std::env::vars(), &flags)?;
+    // After a restart in place (see `reexec`), listen where the last run did,
+    // so clients and peers find the node again even on ports chosen by the OS.
+    if let Ok(addrs) = std::env::var(LISTEN_ENV)
+        && let Ok((api, p2p)) =
+            serde_json::from_str::<(Option<std::net::SocketAddr>, Vec<String>)>(&addrs)
+    {
+        if let Some(api) = api {
+            config.api.listen = api;
+        }
+        if !p2p.is_empty() {
+            config.net.listen = p2p;
+        }
+    }
     init_logging(&config);
     let mut stop = std::pin::pin!(shutdown_signal()?);
     // A store that fails (sled after an I/O error such as a full disk)
-    // refuses everything until reopened: the node is restarted on the same
-    // data dir, with a backoff, as a supervisor would.
-    let mut backoff = Duration::from_secs(1);
-    let mut restarts = 0u32;
+    // refuses writes until reopened. The node keeps serving reads (writes
+    // answer 507) until its data dir has room again, then the process starts
+    // over on it (a failed sled store cannot be closed in-process: its drop
+    // can wait forever), with a backoff, as a supervisor would.
+    let mut restarts: u32 = std::env::var(RESTARTS_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     loop {
         if restarts > 0 {
+            let backoff = restart_backoff(restarts);
             tokio::select! {
                 _ = &mut stop => return Ok(()),
                 _ = tokio::time::sleep(backoff) => {}
             }
-            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
         let node = match mergeflow::Node::builder()
             .config(config.clone())
@@ -707,7 +724,7 @@ async fn start(args: StartArgs) -> Result<()> {
         {
             Ok(node) => node,
             Err(e) if restarts > 0 && restarts < MAX_RESTARTS => {
-                tracing::error!(err = %e, restarts, "the node does not start again; retrying in {backoff:?}");
+                tracing::error!(err = %e, restarts, "the node does not start again; retrying");
                 restarts += 1;
                 continue;
             }
@@ -729,29 +746,67 @@ async fn start(args: StartArgs) -> Result<()> {
             _ = &mut stop => None,
             e = store_failed(&node) => Some(e),
         };
-        match &failure {
-            None => tracing::info!("shutting down"),
-            Some(e) => {
-                tracing::error!(err = %e, "the store failed; restarting the node on its data dir")
-            }
-        }
-        let stopped = node.shutdown().await;
-        drop(node); // closes sled, then seals the data dir (after a clean stop)
         let Some(failure) = failure else {
+            tracing::info!("shutting down");
+            let stopped = node.shutdown().await;
+            drop(node); // closes sled, then seals the data dir (after a clean stop)
             return stopped.map_err(Into::into);
         };
+        tracing::error!(
+            err = %failure,
+            "the store failed: serving reads and refusing writes (507) until the data dir has room again"
+        );
+        let dir = node.data_dir().to_path_buf();
+        let stopping = tokio::select! {
+            _ = &mut stop => true,
+            _ = has_room_again(&dir) => false,
+        };
+        // Stop serving (in-flight requests finish), but never drop the failed
+        // store: the process exits or starts over without closing it. Every
+        // acknowledged write was flushed before it was acknowledged.
+        let _ = tokio::time::timeout(FAILED_STOP_WAIT, node.shutdown()).await;
+        if stopping {
+            tracing::info!("shutting down with a failed store");
+            std::process::exit(0);
+        }
         if up.elapsed() > Duration::from_secs(60) {
-            (backoff, restarts) = (Duration::from_secs(1), 0);
+            restarts = 0;
         }
         restarts += 1;
         if restarts >= MAX_RESTARTS {
             // Failing again and again within a minute of each start: leave it
             // to a supervisor and a human, with a clear exit status.
-            bail!(
-                "the store failed {restarts} times, each within a minute of starting; giving up (last error: {failure})"
+            eprintln!(
+                "error: the store failed {restarts} times, each within a minute of starting; giving up (last error: {failure})"
             );
+            std::process::exit(1);
         }
+        tracing::info!(
+            restarts,
+            "the data dir has room again: starting the process over on it"
+        );
+        let p2p = node
+            .status()
+            .await
+            .listen_addrs
+            .iter()
+            .map(|a| a.split("/p2p/").next().unwrap_or(a).to_string())
+            .collect::<Vec<_>>();
+        let listen = serde_json::to_string(&(node.api_addr(), p2p)).expect("addresses serialize");
+        return Err(reexec(restarts, &listen));
     }
+}
+
+/// Carries the count of recent restarts across [`reexec`].
+const RESTARTS_ENV: &str = "MERGEFLOW_INTERNAL_RESTARTS";
+/// Carries the API and p2p addresses the last run listened on across
+/// [`reexec`], as JSON `[api, [multiaddr...]]`.
+const LISTEN_ENV: &str = "MERGEFLOW_INTERNAL_LISTEN";
+
+/// The wait before restart number `n` (from 1): 1 s, doubling, at most
+/// [`MAX_BACKOFF`].
+fn restart_backoff(n: u32) -> Duration {
+    (Duration::from_secs(1) * 2u32.saturating_pow(n.saturating_sub(1).min(5))).min(MAX_BACKOFF)
 }
 
 /// Restarts after store failures (each within a minute of the last start,
@@ -759,6 +814,73 @@ async fn start(args: StartArgs) -> Result<()> {
 const MAX_RESTARTS: u32 = 10;
 /// Longest wait between restarts.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// How long a node whose store failed gets to stop before the process is
+/// started over instead.
+const FAILED_STOP_WAIT: Duration = Duration::from_secs(10);
+
+/// Replaces this process with a fresh run of the same program, arguments and
+/// environment, telling it this is restart number `restarts` and where the
+/// last run listened (`listen`, see [`LISTEN_ENV`]) (the pid stays,
+/// so a supervisor sees no exit). Files and sockets close on exec, which lets
+/// go of the data dir's lock. Returns only if the exec failed.
+fn reexec(restarts: u32, listen: &str) -> anyhow::Error {
+    use std::os::unix::process::CommandExt;
+    let program = match std::env::current_exe() {
+        Ok(p) => p,
+        Err(e) => return anyhow::anyhow!("cannot start the process over: {e}"),
+    };
+    let err = std::process::Command::new(&program)
+        .args(std::env::args_os().skip(1))
+        .env(RESTARTS_ENV, restarts.to_string())
+        .env(LISTEN_ENV, listen)
+        .exec();
+    anyhow::anyhow!("cannot start {} over: {err}", program.display())
+}
+
+/// Resolves once `dir` has room again: more free space than when the store
+/// failed by [`ROOM_FREED`], or plenty of it (the failure was not a full
+/// disk), and it takes a test write of [`PROBE_BYTES`]. Checked every
+/// [`PROBE_EVERY`].
+async fn has_room_again(dir: &std::path::Path) {
+    let free = |dir: &std::path::Path| fs2::available_space(dir).unwrap_or(0);
+    let at_failure = free(dir);
+    let probe = dir.join(".write-probe");
+    loop {
+        tokio::time::sleep(PROBE_EVERY).await;
+        let (now, total) = (free(dir), fs2::total_space(dir).unwrap_or(0));
+        let freed = now >= at_failure.saturating_add(ROOM_FREED);
+        let plenty = now >= ROOM_PLENTY && now >= total / 10;
+        if !(freed || plenty) {
+            continue;
+        }
+        let p = probe.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            let written = std::fs::File::create(&p).and_then(|mut f| {
+                f.write_all(&vec![0u8; PROBE_BYTES])?;
+                f.sync_all()
+            });
+            let _ = std::fs::remove_file(&p);
+            written.is_ok()
+        })
+        .await
+        .unwrap_or(false);
+        if written {
+            return;
+        }
+    }
+}
+
+/// Space freed since a failure that counts as "room again".
+const ROOM_FREED: u64 = 16 << 20;
+/// Free space that counts as room whatever the failure was (and at least a
+/// tenth of the file system).
+const ROOM_PLENTY: u64 = 64 << 20;
+/// The test write before a restart.
+const PROBE_BYTES: usize = 4 << 20;
+/// How often a failed store's data dir is checked.
+const PROBE_EVERY: Duration = Duration::from_secs(2);
 
 /// Resolves with the error once the node's store has failed.
 async fn store_failed(node: &mergeflow::Node) -> String {

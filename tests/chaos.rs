@@ -187,10 +187,12 @@ async fn a_node_whose_store_fails_does_not_blame_its_peers() {
     }
 }
 
-/// After sled's first I/O error (a full disk) it refuses everything until
+/// After sled's first I/O error (a full disk) it refuses writes until
 /// reopened: the node says so in `/healthz`, `/v1/status` and
-/// `Node::store_failure`, and a restart on the same data dir (what
-/// `mergeflow start` does by itself) brings back every acknowledged write.
+/// `Node::store_failure`, keeps serving reads, answers writes with 507
+/// `store_failed`, and a restart on the same data dir (what `mergeflow
+/// start` does by itself once the dir takes writes) brings back every
+/// acknowledged write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_store_is_reported_and_a_restart_recovers_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -209,6 +211,38 @@ async fn a_failed_store_is_reported_and_a_restart_recovers_it() {
     let body: serde_json::Value = health.json().await.unwrap();
     assert_eq!(body["error"]["code"], "store_failed", "{body}");
     assert!(node.status().await.store_error.is_some());
+    // Reads go on; every write is refused with 507 at once.
+    let http = reqwest::Client::new();
+    let read = http
+        .get(format!("{api}/v1/docs/kept"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(read.status(), 200);
+    assert_eq!(
+        read.json::<serde_json::Value>().await.unwrap(),
+        serde_json::json!({"a": 1})
+    );
+    let listed = http.get(format!("{api}/v1/docs")).send().await.unwrap();
+    assert_eq!(listed.status(), 200);
+    for req in [
+        http.patch(format!("{api}/v1/docs/kept"))
+            .json(&serde_json::json!({"c": 1})),
+        http.post(format!("{api}/v1/docs"))
+            .json(&serde_json::json!({"value": {}})),
+        http.delete(format!("{api}/v1/docs/kept")),
+    ] {
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status(), 507);
+        let body: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "store_failed", "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("reads go on")
+        );
+    }
 
     // What `mergeflow start` does: stop (the final flush fails, so the
     // data dir is not sealed), drop, and start again on the same dir.

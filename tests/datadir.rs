@@ -175,3 +175,144 @@ fn json_logs_are_one_object_per_line() {
     }
     assert_eq!(node.terminate(), Some(0));
 }
+
+/// A tmpfs mounted for one test and unmounted when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    /// None (and a note on stdout) where the test may not mount (not root).
+    fn mount(at: &Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "mf-test",
+            ])
+            .arg(at)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            println!("skipped: mounting a tmpfs (a disk that can fill up) needs root");
+        }
+        ok.then(|| Tmpfs(at.to_path_buf()))
+    }
+
+    fn resize(&self, size: &str) {
+        let ok = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .unwrap();
+        assert!(ok.success(), "remount {size}");
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A real full disk (a small tmpfs filled by writes): the node keeps its
+/// API up and serves reads, refuses writes with 507 instead of restarting
+/// in a loop, and takes writes again by itself once space returns, with
+/// every acknowledged write still there.
+#[test]
+fn a_full_disk_keeps_reads_and_takes_writes_again_once_space_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let Some(disk) = Tmpfs::mount(&data, "24m") else {
+        return;
+    };
+    let node = NodeProc::start(&data);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let http = reqwest::Client::new();
+    let base = node.api.clone();
+    let blob = "x".repeat(100_000);
+    let patch = |i: usize| {
+        let req = http
+            .patch(format!("{base}/v1/docs/fill%2F{i}"))
+            .json(&json!({ "blob": blob, "i": i }));
+        rt.block_on(async { req.send().await.map(|r| r.status().as_u16()) })
+    };
+    let mut acked = Vec::new();
+    let mut refused = None;
+    for i in 0..2_000 {
+        match patch(i).unwrap() {
+            200 => acked.push(i),
+            s => {
+                refused = Some(s);
+                break;
+            }
+        }
+    }
+    assert_eq!(refused, Some(507), "the disk never filled");
+    assert!(!acked.is_empty());
+    let get = |path: &str| {
+        let req = http.get(format!("{base}{path}"));
+        rt.block_on(async {
+            let r = req.send().await.unwrap();
+            let status = r.status().as_u16();
+            (
+                status,
+                r.json::<serde_json::Value>().await.unwrap_or_default(),
+            )
+        })
+    };
+    // The store has failed; the API stays up: reads answer, writes get 507.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while get("/healthz").0 != 503 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the failure never showed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let (s, first) = get("/v1/docs/fill%2F0");
+    assert_eq!((s, &first["i"]), (200, &json!(0)), "{first}");
+    // sled may refuse a read that makes it rewrite a page (a listing, most
+    // often): a clear 503, not a 500.
+    let (s, listed) = get("/v1/docs?prefix=fill/");
+    assert!(
+        s == 200 || (s == 503 && listed["error"]["code"] == "store_failed"),
+        "{s} {listed}"
+    );
+    assert_eq!(patch(99_999).unwrap(), 507);
+
+    // Space returns: the node restarts on its data dir by itself.
+    disk.resize("256m");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let mut up_again = false;
+    while std::time::Instant::now() < deadline {
+        if patch(100_000).is_ok_and(|s| s == 200) {
+            up_again = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    if !up_again {
+        let log: Vec<String> = node.stderr.try_iter().collect();
+        panic!(
+            "writes did not come back after space was freed; the node said:\n{}",
+            log.join("\n")
+        );
+    }
+    for i in &acked {
+        let (s, v) = get(&format!("/v1/docs/fill%2F{i}"));
+        assert_eq!(
+            (s, &v["i"]),
+            (200, &json!(i)),
+            "acknowledged write {i} lost"
+        );
+    }
+    println!(
+        "{} writes fit, then 507; writes back after space returned",
+        acked.len()
+    );
+    drop(node);
+    drop(disk);
+}

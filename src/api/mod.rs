@@ -87,6 +87,10 @@ pub fn router(node: Node) -> Router {
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn_with_state(
+            node.clone(),
+            refuse_writes_on_failed_store,
+        ))
         .layer(axum::middleware::from_fn(guard::require_body_type))
         .layer(axum::middleware::from_fn_with_state(
             node.clone(),
@@ -100,6 +104,52 @@ pub fn router(node: Node) -> Router {
             guard::browser_guard,
         ))
         .with_state(node)
+}
+
+/// While the store has failed (a full disk), reads go on and every request
+/// that would write answers 507 `store_failed` at once: the store refuses
+/// writes until the node restarts on its data dir, which `mergeflow start`
+/// does once the data dir takes writes again.
+async fn refuse_writes_on_failed_store(
+    State(node): State<Node>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let reads = matches!(
+        *req.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::OPTIONS
+    ) || matches!(
+        req.uri().path(),
+        "/v1/peers/digest" | "/v1/workflows/validate"
+    );
+    match node.store_failure() {
+        Some(e) if !reads => ApiError::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "store_failed",
+            format!(
+                "the store failed ({e}): writes are refused until the data dir takes writes \
+                 again and the node restarts on it (mergeflow start does so by itself); reads go on"
+            ),
+        )
+        .into_response(),
+        _ => next.run(req).await,
+    }
+}
+
+/// A read's error; while the store has failed, a store error is 503
+/// `store_failed`: sled may refuse a read that needs it to rewrite a page.
+fn read_error(node: &Node, e: crate::doc::DocError) -> ApiError {
+    match (node.store_failure(), &e) {
+        (Some(why), crate::doc::DocError::Store(_)) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_failed",
+            format!(
+                "the store failed ({why}) and refused this read; most reads of single docs \
+                 still work, and all do once the node restarts with room on its disk"
+            ),
+        ),
+        _ => e.into(),
+    }
 }
 
 /// With `api.token` set, refuses (401, before anything else runs) every
@@ -146,7 +196,7 @@ async fn healthz(State(node): State<Node>) -> Response {
             StatusCode::SERVICE_UNAVAILABLE,
             "store_failed",
             format!(
-                "the store failed ({e}); it refuses every operation until the node restarts on its data dir"
+                "the store failed ({e}); it refuses writes until the node restarts on its data dir (reads go on)"
             ),
         )
         .into_response();
@@ -387,7 +437,11 @@ async fn list(
         limit,
         system: q.system.unwrap_or(false),
     };
-    let page = node.docs().list_page(query).await?;
+    let page = node
+        .docs()
+        .list_page(query)
+        .await
+        .map_err(|e| read_error(&node, e))?;
     let next = match (page.more, page.docs.last()) {
         (true, Some(last)) => Some(ListParams {
             after: Some(last.id.clone()),
@@ -415,7 +469,12 @@ async fn read(
     let id = doc_id(path)?;
     let Query(q) = q.map_err(|r| WrappedRejection(r, None))?;
     let ptr = q.path.as_deref().map(Pointer::parse).transpose()?;
-    Ok(Json(node.docs().get(id, ptr).await?).into_response())
+    let value = node
+        .docs()
+        .get(id, ptr)
+        .await
+        .map_err(|e| read_error(&node, e))?;
+    Ok(Json(value).into_response())
 }
 
 async fn patch(

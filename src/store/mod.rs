@@ -604,7 +604,6 @@ impl Store {
     /// # Errors
     /// sled errors or an undecodable record.
     pub fn doc_meta(&self, id: &str) -> Result<Option<DocMeta>, StoreError> {
-        self.injected()?;
         match self.docs.get(meta_key(id)).map_err(|e| self.sled_err(e))? {
             None => Ok(None),
             Some(v) => self.decode_meta(id, &v).map(Some),
@@ -620,7 +619,6 @@ impl Store {
     /// # Errors
     /// sled errors.
     pub fn doc_data(&self, id: &str, meta: &DocMeta) -> Result<DocData, StoreError> {
-        self.injected()?;
         let snapshot = self
             .docs
             .get(snapshot_key(id))
@@ -670,11 +668,11 @@ impl Store {
         Ok(())
     }
 
-    /// Fault injection for tests: while `on`, every write, flush and doc
-    /// read fails before touching sled, as they all do once sled has hit an
-    /// I/O error (a full disk).
+    /// Fault injection for tests: while `on`, every write and flush fails
+    /// before touching sled, as they do once sled has hit an I/O error (a
+    /// full disk); reads go on, as sled's do. [`Store::failure`] reports it
+    /// while it lasts.
     #[doc(hidden)]
-    /// [`Store::failure`] reports it while it lasts.
     pub fn fail(&self, on: bool) {
         self.failing.store(on, std::sync::atomic::Ordering::Relaxed);
         if !on {
@@ -682,7 +680,13 @@ impl Store {
         }
     }
 
+    /// Refuses a write or flush when the store has failed (or a test says
+    /// it has): sled would refuse it too, and a flush into a sled that hit an
+    /// I/O error can wait forever for a log position that never comes.
     fn injected(&self) -> Result<(), StoreError> {
+        if let Some(why) = self.failure() {
+            return Err(StoreError::Write(why));
+        }
         if self.failing.load(std::sync::atomic::Ordering::Relaxed) {
             let why = format!(
                 "injected failure in {} (as a full disk)",
@@ -740,7 +744,6 @@ impl Store {
     /// # Errors
     /// sled errors or an undecodable record.
     pub fn list_docs(&self) -> Result<Vec<(String, DocMeta)>, StoreError> {
-        self.injected()?;
         let mut out = Vec::new();
         for kv in self.docs.scan_prefix(b"m") {
             let (k, v) = kv.map_err(|e| self.sled_err(e))?;
@@ -764,7 +767,6 @@ impl Store {
         limit: usize,
         mut keep: impl FnMut(&str, &DocMeta) -> bool,
     ) -> Result<(Vec<(String, DocMeta)>, bool), StoreError> {
-        self.injected()?;
         let mut start = Vec::from(&b"m"[..]);
         match after {
             // The least key above `m{after}`: ids never hold a NUL.

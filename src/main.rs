@@ -95,6 +95,11 @@ enum Cmd {
         /// Restore into the data dir of this config (its node must be stopped).
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Whether `--api` was given on the command line (not by
+        /// MERGEFLOW_API or the default): with --data-dir or --config it
+        /// names a second target, and the command is refused.
+        #[arg(skip)]
+        api_flag: bool,
     },
     /// Write one document as JSON or as its Automerge save (with history).
     Export {
@@ -326,7 +331,17 @@ enum RunsCmd {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let mut cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    if let Cmd::Restore { api_flag, .. } = &mut cli.cmd {
+        *api_flag = matches
+            .subcommand_matches("restore")
+            .and_then(|m| m.value_source("api"))
+            == Some(clap::parser::ValueSource::CommandLine);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -397,7 +412,21 @@ async fn run(cli: Cli) -> Result<()> {
             file,
             data_dir,
             config,
+            api_flag,
         } => {
+            if api_flag && (data_dir.is_some() || config.is_some()) {
+                let offline = if data_dir.is_some() {
+                    "--data-dir"
+                } else {
+                    "--config"
+                };
+                bail!(
+                    "restore: --api {} names a running node, {offline} a stopped node's data \
+                     dir: give one of them (--api to merge through the node's API, \
+                     {offline} while its node is stopped)",
+                    client.api
+                );
+            }
             let offline = cli::backup::Offline { data_dir, config };
             cli::backup::restore(&client.client(), &file, offline, client.json).await
         }

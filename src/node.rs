@@ -108,6 +108,9 @@ impl NodeBuilder {
         let (store, key) = tokio::task::spawn_blocking(move || {
             let store = Store::open(&dir, cache)?;
             let key = store.identity()?;
+            // The data dir is ours now (sled's lock) and the API does not
+            // serve yet: no restore is in flight, so any spool is a leftover.
+            crate::backup::clean_restore_spool(&dir);
             Ok::<_, crate::store::StoreError>((store, key))
         })
         .await

@@ -303,6 +303,7 @@ async fn backup_restore_export_and_import_commands() {
         dir.path().join("stopped"),
     );
     let (f, c, s) = (file.clone(), cut.clone(), stopped.clone());
+    let (b_dir, dir_path) = (dir.path().join("b/data"), dir.path().to_path_buf());
     tokio::task::spawn_blocking(move || {
         let path = |p: &std::path::Path| p.to_str().unwrap().to_string();
         let out = cli_a.ok(&["backup", "--to", &path(&f)]);
@@ -315,6 +316,36 @@ async fn backup_restore_export_and_import_commands() {
             (json!(20), json!(20))
         );
         assert_eq!(cli_b.json(&["doc", "get", "d/7"]), json!({"i": 7}));
+        // The spool went with the restore, and so did its directory.
+        assert!(
+            !b_dir.join("restore-tmp").exists(),
+            "restore-tmp left behind"
+        );
+        // --api names a running node, --data-dir a stopped one: both at
+        // once is refused, and nothing is restored anywhere.
+        let mixed = dir_path.join("mixed");
+        let err = cli_b.fails(&[
+            "restore",
+            &path(&f),
+            "--api",
+            &cli_b.api,
+            "--data-dir",
+            &path(&mixed),
+        ]);
+        assert!(err.contains("--api") && err.contains("--data-dir"), "{err}");
+        assert!(!mixed.exists(), "a data dir was created: {err}");
+        let cfg = dir_path.join("mixed.toml");
+        std::fs::write(&cfg, format!("[node]\ndata_dir = {:?}\n", path(&mixed))).unwrap();
+        let err = cli_b.fails(&[
+            "restore",
+            &path(&f),
+            "--config",
+            &path(&cfg),
+            "--api",
+            &cli_b.api,
+        ]);
+        assert!(err.contains("--api") && err.contains("--config"), "{err}");
+        assert!(!mixed.exists(), "a data dir was created: {err}");
         // Into a stopped node's data dir.
         let out = cli_b.ok(&["restore", &path(&f), "--data-dir", &path(&s)]);
         assert!(out.contains("20 changed"), "{out}");

@@ -18,7 +18,7 @@
 use std::io::{self, Read, Write};
 
 mod node;
-pub use node::{RestoreFailure, RestoreReport, partial_path};
+pub use node::{RESTORE_SPOOL, RestoreFailure, RestoreReport, clean_restore_spool, partial_path};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -201,7 +201,7 @@ pub fn read<R: Read>(
     }
     // Each doc as read: id, size, SHA-256 and where its record starts.
     let mut seen: Vec<(String, u64, String, u64)> = Vec::new();
-    let mut manifest_at = 0;
+    let manifest_at;
     let manifest: Manifest = loop {
         let at = r.at;
         match r.bytes(1, "an entry tag")?[0] {

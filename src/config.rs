@@ -518,6 +518,19 @@ impl Config {
         c
     }
 
+    /// The config as JSON with its secrets hidden: `api.token` and `net.key`
+    /// read `"(set)"` when set (empty when not). For `/v1/status` and
+    /// `mergeflow status`, which show the effective config.
+    pub fn redacted(&self) -> serde_json::Value {
+        let mut c = self.clone();
+        for secret in [&mut c.api.token, &mut c.net.key] {
+            if !secret.is_empty() {
+                *secret = "(set)".to_string();
+            }
+        }
+        serde_json::to_value(&c).expect("config serializes")
+    }
+
     /// Parses TOML text, with the parser's message (line, column, key) on error.
     ///
     /// # Errors
@@ -1042,6 +1055,25 @@ mod tests {
         // The effective config shows milliseconds (what /v1/status reports).
         let shown = toml::Table::try_from(&c).unwrap();
         assert_eq!(shown["net"]["anti_entropy_ms"].as_integer(), Some(10_000));
+    }
+
+    #[test]
+    fn redacted_hides_the_secrets_and_nothing_else() {
+        let mut c = Config::default();
+        c.api.token = "sixteen-chars-token".into();
+        c.net.key = "ab".repeat(32);
+        let shown = c.redacted();
+        assert_eq!(shown["api"]["token"], "(set)");
+        assert_eq!(shown["net"]["key"], "(set)");
+        assert!(
+            !shown.to_string().contains("sixteen-chars") && !shown.to_string().contains("abab")
+        );
+        assert_eq!(shown["net"]["anti_entropy_ms"], 30_000);
+        let plain = Config::default().redacted();
+        assert_eq!(
+            (plain["api"]["token"].as_str(), plain["net"]["key"].as_str()),
+            (Some(""), Some(""))
+        );
     }
 
     #[test]

@@ -471,29 +471,7 @@ async fn run(cli: Cli) -> Result<()> {
             if client.json {
                 print_json(&s);
             } else {
-                println!("peer_id   {}", s.peer_id);
-                println!("version   {}", s.version);
-                println!("docs      {}", s.docs);
-                println!("uptime_s  {}", s.uptime_s);
-                println!("data_dir  {}", s.data_dir);
-                println!("boot      {}", s.boot);
-                println!("store     {} bytes", s.store_bytes);
-                println!("peers     {} connected", s.peers);
-                if let Some(n) = s.docs_lacking {
-                    println!("lacking   {n} docs peers hold (on their way)");
-                }
-                for t in &s.tasks {
-                    let total = t.total.map(|n| format!("/{n}")).unwrap_or_default();
-                    println!("task      {} {}{total}", t.kind, t.done);
-                }
-                let w = &s.workflows;
-                println!(
-                    "workflows {} loaded, {} invalid; runs {} ({} done, {} dead)",
-                    w.workflows, w.invalid, w.runs, w.done, w.dead
-                );
-                for a in &s.listen_addrs {
-                    println!("listen    {a}");
-                }
+                print_status(&s)?;
             }
             Ok(())
         }
@@ -929,6 +907,59 @@ fn write_result(json: bool, verb: &str, r: &mergeflow::doc::WriteResult) -> Resu
         bail!("the node returned no heads for a write");
     }
     Ok(())
+}
+
+/// `mergeflow status` for people: one `name value` line each, then the
+/// effective config as TOML, indented (so `awk '/^listen/'` finds only the
+/// listen lines). Written in one piece, and a reader that stops early (`|
+/// awk '... exit'`, `| head`) is not an error.
+fn print_status(s: &mergeflow::node::Status) -> Result<()> {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let w = &mut out;
+    let _ = writeln!(w, "peer_id   {}", s.peer_id);
+    let _ = writeln!(w, "version   {}", s.version);
+    let _ = writeln!(w, "light     {}", if s.light { "on" } else { "off" });
+    let _ = writeln!(w, "docs      {}", s.docs);
+    let _ = writeln!(w, "uptime_s  {}", s.uptime_s);
+    let _ = writeln!(w, "data_dir  {}", s.data_dir);
+    let _ = writeln!(w, "boot      {}", s.boot);
+    let _ = writeln!(w, "store     {} bytes", s.store_bytes);
+    let _ = writeln!(w, "peers     {} connected", s.peers);
+    if let Some(n) = s.docs_lacking {
+        let _ = writeln!(w, "lacking   {n} docs peers hold (on their way)");
+    }
+    for t in &s.tasks {
+        let total = t.total.map(|n| format!("/{n}")).unwrap_or_default();
+        let _ = writeln!(w, "task      {} {}{total}", t.kind, t.done);
+    }
+    let f = &s.workflows;
+    let _ = writeln!(
+        w,
+        "workflows {} loaded, {} invalid; runs {} ({} done, {} dead)",
+        f.workflows, f.invalid, f.runs, f.done, f.dead
+    );
+    for a in &s.listen_addrs {
+        let _ = writeln!(w, "listen    {a}");
+    }
+    if let Some(config) = &s.config {
+        let _ = writeln!(
+            w,
+            "config    effective: defaults < file < MERGEFLOW_* < flags; secrets hidden"
+        );
+        let text = toml::to_string(config).unwrap_or_else(|_| {
+            // A value TOML cannot hold (a null from a newer node): as JSON.
+            serde_json::to_string_pretty(config).unwrap_or_default()
+        });
+        for line in text.lines().filter(|l| !l.is_empty()) {
+            let _ = writeln!(w, "  {line}");
+        }
+    }
+    use std::io::Write as _;
+    match std::io::stdout().lock().write_all(out.as_bytes()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => Ok(r?),
+    }
 }
 
 fn print_json<T: serde::Serialize>(v: &T) {

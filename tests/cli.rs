@@ -465,3 +465,73 @@ fn a_token_no_client_can_send_is_refused_at_start() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_shows_light_mode_and_the_effective_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = "status-test-token-0123";
+    let node = common::api_node(dir.path(), |c| {
+        let data = c.node.data_dir.clone();
+        *c = mergeflow::config::Config::light();
+        c.node.data_dir = data;
+        c.api.token = token.to_string();
+        c.net.anti_entropy_ms = 45_000;
+    })
+    .await;
+    let cli = Cli {
+        api: node.api_addr().unwrap().to_string(),
+        token: Some(token.to_string()),
+    };
+    tokio::task::spawn_blocking(move || {
+        let text = cli.ok(&["status"]);
+        assert!(text.contains("\nlight     on\n"), "{text}");
+        assert!(text.contains("\nconfig    effective"), "{text}");
+        for line in [
+            "  [net]",
+            "  anti_entropy_ms = 45000",
+            "  light = true",
+            "  dashboard = false",
+            "  token = \"(set)\"",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line:?} in:\n{text}");
+        }
+        assert!(!text.contains(token), "the token is shown:\n{text}");
+        // Scripts find the p2p address with awk '/^listen/': config keys
+        // named listen are indented.
+        // (This node runs without the network: no listen line of its own.)
+        assert!(
+            text.lines()
+                .filter(|l| l.starts_with("listen"))
+                .all(|l| l.starts_with("listen    /")),
+            "{text}"
+        );
+        assert!(text.contains("\n  listen = "), "{text}");
+
+        let json = cli.json(&["status"]);
+        assert_eq!(json["light"], json!(true));
+        assert_eq!(json["config"]["net"]["anti_entropy_ms"], json!(45_000));
+        assert_eq!(json["config"]["api"]["token"], json!("(set)"));
+        assert_eq!(json["config"]["store"]["cache_docs"], json!(128));
+        assert!(!json.to_string().contains(token));
+
+        // A reader that stops early is not an error (no panic, exit 0).
+        let mut child = Command::new(bin())
+            .args(["status", "--api", &cli.api])
+            .env("MERGEFLOW_API_TOKEN", token)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{:?}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    })
+    .await
+    .unwrap();
+    node.shutdown().await.unwrap();
+}

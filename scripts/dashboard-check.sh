@@ -124,11 +124,15 @@ echo "nodes: a=$A (pid ${PIDS[0]}) b=$B (pid ${PIDS[1]})"
 for i in 1 2 3; do "$BIN" doc patch "notes/$i" "{\"text\": \"note $i\"}" --api "$A" >/dev/null; done
 "$BIN" doc patch sensors/gh-2 '{"celsius": 21}' --api "$A" >/dev/null
 "$BIN" doc patch sensors/gh-1 '{"celsius": 45}' --api "$A" >/dev/null
+# (The CLI's output is taken whole before grep reads it: `cli | grep -q`
+# under pipefail fails whenever grep stops reading early.)
+dead=
 for _ in $(seq 600); do
-    if "$BIN" runs --status dead --api "$A" --json | grep -q '"dead"'; then break; fi
+    dead=$("$BIN" runs --status dead --api "$A" --json)
+    if grep -q '"dead"' <<<"$dead"; then break; fi
     sleep 0.1
 done
-"$BIN" runs --status dead --api "$A" --json | grep -q '"dead"' || die "the failing run did not die"
+grep -q '"dead"' <<<"$dead" || die "the failing run did not die"
 
 if [ "$MODE" = serve ]; then
     echo "serving: open $A/ (token $TOKEN) or $B/; Ctrl-C stops both nodes"

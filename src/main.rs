@@ -911,8 +911,7 @@ fn write_result(json: bool, verb: &str, r: &mergeflow::doc::WriteResult) -> Resu
 
 /// `mergeflow status` for people: one `name value` line each, then the
 /// effective config as TOML, indented (so `awk '/^listen/'` finds only the
-/// listen lines). Written in one piece, and a reader that stops early (`|
-/// awk '... exit'`, `| head`) is not an error.
+/// listen lines). Written in one piece ([`write_stdout`]).
 fn print_status(s: &mergeflow::node::Status) -> Result<()> {
     use std::fmt::Write as _;
     let mut out = String::new();
@@ -955,16 +954,27 @@ fn print_status(s: &mergeflow::node::Status) -> Result<()> {
             let _ = writeln!(w, "  {line}");
         }
     }
-    use std::io::Write as _;
-    match std::io::stdout().lock().write_all(out.as_bytes()) {
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        r => Ok(r?),
-    }
+    Ok(write_stdout(&out)?)
 }
 
 fn print_json<T: serde::Serialize>(v: &T) {
     match serde_json::to_string_pretty(v) {
-        Ok(s) => println!("{s}"),
+        Ok(s) => {
+            if let Err(e) = write_stdout(&format!("{s}\n")) {
+                eprintln!("error: cannot print JSON: {e}");
+            }
+        }
         Err(e) => eprintln!("error: cannot print JSON: {e}"),
+    }
+}
+
+/// Writes `text` to stdout in one piece. A reader that stopped early (`|
+/// grep -q`, `| head`) is not an error: what it wanted, it had.
+fn write_stdout(text: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => r,
     }
 }

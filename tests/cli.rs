@@ -514,22 +514,26 @@ async fn status_shows_light_mode_and_the_effective_config() {
         assert_eq!(json["config"]["store"]["cache_docs"], json!(128));
         assert!(!json.to_string().contains(token));
 
-        // A reader that stops early is not an error (no panic, exit 0).
-        let mut child = Command::new(bin())
-            .args(["status", "--api", &cli.api])
-            .env("MERGEFLOW_API_TOKEN", token)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        drop(child.stdout.take());
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "{:?}: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
+        // A reader that stops early (`| grep -q`, `| awk '... exit'`) is
+        // not an error: no panic, exit 0, text or JSON.
+        for json in [false, true] {
+            let mut child = Command::new(bin())
+                .args(["status", "--api", &cli.api])
+                .args(json.then_some("--json"))
+                .env("MERGEFLOW_API_TOKEN", token)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            drop(child.stdout.take());
+            let out = child.wait_with_output().unwrap();
+            assert!(
+                out.status.success() && out.stderr.is_empty(),
+                "json {json}: {:?}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
     })
     .await
     .unwrap();

@@ -5,32 +5,51 @@
 # check.mjs) and checks what a person would see: the token prompt, node
 # identity and addresses, the peer, document search, a document's JSON and
 # history updating live, the failed run listed first with its step error, and
-# a Retry click that makes it succeed. Saves docs/dashboard.png.
+# a Retry click that makes it succeed.
+#
+# The screenshot goes to a temp dir, removed at exit, unless
+# --update-screenshot is given: then it replaces docs/dashboard.png (a
+# tracked file; commit it when the dashboard changed). The nodes and the temp
+# dir are removed at exit, whatever the exit (a failed check, Ctrl-C, SIGTERM).
 #
 # Needs Node.js 18+ and npm (playwright-core is installed under
 # ~/.cache/mergeflow-dashboard-check), and /usr/bin/chromium: installed with
 # apt-get when missing, which needs root. Sends nothing off this machine.
 #
-# Usage: scripts/dashboard-check.sh   (MERGEFLOW_BIN=path to use a built binary)
+# With --serve it sets up the same two nodes and failed run, prints their
+# APIs and the token, and keeps them running until Ctrl-C or SIGTERM, for a
+# look with your own browser; it needs neither Chromium nor Node.js then.
+#
+# Usage: scripts/dashboard-check.sh [--update-screenshot | --serve]
+#        (MERGEFLOW_BIN=path to use a built binary)
 set -euo pipefail
-case "${1:-}" in -h|--help) sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;; esac
+MODE=check
+case "${1:-}" in
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --update-screenshot) MODE=update ;;
+    --serve) MODE=serve ;;
+    '') ;;
+    *) echo "dashboard-check: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+esac
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 die() { echo "dashboard-check: $*" >&2; exit 1; }
 
-if ! [ -x /usr/bin/chromium ]; then
-    [ "$(id -u)" = 0 ] || die "/usr/bin/chromium is missing; run as root to install it (apt-get install chromium)"
-    echo "installing Debian's chromium..."
-    DEBIAN_FRONTEND=noninteractive apt-get install -y chromium >/dev/null
+if [ "$MODE" != serve ]; then
+    if ! [ -x /usr/bin/chromium ]; then
+        [ "$(id -u)" = 0 ] || die "/usr/bin/chromium is missing; run as root to install it (apt-get install chromium)"
+        echo "installing Debian's chromium..."
+        DEBIAN_FRONTEND=noninteractive apt-get install -y chromium >/dev/null
+    fi
+    command -v node >/dev/null || die "Node.js 18+ is needed (https://nodejs.org or apt-get install nodejs npm)"
+    TOOLS=${XDG_CACHE_HOME:-$HOME/.cache}/mergeflow-dashboard-check
+    if ! [ -d "$TOOLS/node_modules/playwright-core" ]; then
+        echo "installing playwright-core into $TOOLS..."
+        mkdir -p "$TOOLS"
+        npm install --silent --no-audit --no-fund --prefix "$TOOLS" playwright-core@1 >/dev/null
+    fi
+    cp "$ROOT/scripts/dashboard/check.mjs" "$TOOLS/check.mjs"
 fi
-command -v node >/dev/null || die "Node.js 18+ is needed (https://nodejs.org or apt-get install nodejs npm)"
-TOOLS=${XDG_CACHE_HOME:-$HOME/.cache}/mergeflow-dashboard-check
-if ! [ -d "$TOOLS/node_modules/playwright-core" ]; then
-    echo "installing playwright-core into $TOOLS..."
-    mkdir -p "$TOOLS"
-    npm install --silent --no-audit --no-fund --prefix "$TOOLS" playwright-core@1 >/dev/null
-fi
-cp "$ROOT/scripts/dashboard/check.mjs" "$TOOLS/check.mjs"
 
 if [ -z "${MERGEFLOW_BIN:-}" ]; then
     (cd "$ROOT" && cargo build --quiet)
@@ -41,11 +60,16 @@ BIN=$MERGEFLOW_BIN
 WORK=$(mktemp -d)
 PIDS=()
 cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
     rm -rf "$WORK"
+    exit "$rc"
 }
 trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 HOOK_PORT=$(free_port)
@@ -71,7 +95,9 @@ timeout = "2s"
 retry = { attempts = 1 }
 TOML
 
-# Starts a node; prints its API base once it is ready.
+# Starts a node and sets STARTED to its API base once it is ready. It runs
+# in this shell (never in $(...), whose subshell would lose the pid in PIDS
+# and leave the node running after exit).
 start() {
     local name=$1; shift
     "$BIN" start --data-dir "$WORK/$name" --api 127.0.0.1:0 --listen /ip4/127.0.0.1/tcp/0 \
@@ -79,27 +105,42 @@ start() {
     PIDS+=($!)
     for _ in $(seq 600); do
         if grep -q ' ready: ' "$WORK/$name.out" 2>/dev/null; then
-            sed -n 's/.* api=\([^ ]*\) .*/\1/p' "$WORK/$name.out"
+            STARTED=$(sed -n 's/.* api=\([^ ]*\) .*/\1/p' "$WORK/$name.out")
             return
         fi
+        kill -0 "${PIDS[-1]}" 2>/dev/null || { cat "$WORK/$name.err" >&2; die "node $name exited"; }
         sleep 0.1
     done
     cat "$WORK/$name.err" >&2
     die "node $name did not start"
 }
-A=$(start a)
+start a
+A=$STARTED
 A_P2P=$("$BIN" status --api "$A" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["listen_addrs"][0])')
-B=$(start b --peer "$A_P2P")
-echo "nodes: a=$A b=$B"
+start b --peer "$A_P2P"
+B=$STARTED
+echo "nodes: a=$A (pid ${PIDS[0]}) b=$B (pid ${PIDS[1]})"
 
 for i in 1 2 3; do "$BIN" doc patch "notes/$i" "{\"text\": \"note $i\"}" --api "$A" >/dev/null; done
 "$BIN" doc patch sensors/gh-2 '{"celsius": 21}' --api "$A" >/dev/null
 "$BIN" doc patch sensors/gh-1 '{"celsius": 45}' --api "$A" >/dev/null
+# (The CLI's output is taken whole before grep reads it: `cli | grep -q`
+# under pipefail fails whenever grep stops reading early.)
+dead=
 for _ in $(seq 600); do
-    if "$BIN" runs --status dead --api "$A" --json | grep -q '"dead"'; then break; fi
+    dead=$("$BIN" runs --status dead --api "$A" --json)
+    if grep -q '"dead"' <<<"$dead"; then break; fi
     sleep 0.1
 done
-"$BIN" runs --status dead --api "$A" --json | grep -q '"dead"' || die "the failing run did not die"
+grep -q '"dead"' <<<"$dead" || die "the failing run did not die"
 
-mkdir -p "$ROOT/docs"
-(cd "$TOOLS" && node check.mjs "$A" "$TOKEN" "$HOOK_PORT" "$ROOT/docs/dashboard.png")
+if [ "$MODE" = serve ]; then
+    echo "serving: open $A/ (token $TOKEN) or $B/; Ctrl-C stops both nodes"
+    wait
+    exit 0
+fi
+SHOT=$WORK/dashboard.png
+[ "$MODE" = update ] && SHOT=$ROOT/docs/dashboard.png
+(cd "$TOOLS" && node check.mjs "$A" "$TOKEN" "$HOOK_PORT" "$SHOT")
+[ "$MODE" = update ] && echo "docs/dashboard.png updated"
+exit 0

@@ -20,25 +20,33 @@ DOCS=${DOCS:-10000}
 WORK=$(mktemp -d)
 PIDS=()
 cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
     rm -rf "$WORK"
+    exit "$rc"
 }
 trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 die() { echo "footprint: $*" >&2; exit 1; }
 
-# start NAME [flags]: prints "PID API" once the node is ready.
+# start NAME [flags]: sets STARTED_PID and STARTED_API once the node is
+# ready. Call it in this shell, never in $(...) or <(...): a subshell's
+# PIDS+= is lost, and the node would outlive the script.
 start() {
     local name=$1; shift
     "$BIN" start --data-dir "$WORK/$name" --api 127.0.0.1:0 --listen /ip4/127.0.0.1/tcp/0 \
         --no-mdns --log-level warn "$@" >"$WORK/$name.out" 2>"$WORK/$name.err" &
-    local pid=$!
-    PIDS+=("$pid")
+    STARTED_PID=$!
+    PIDS+=("$STARTED_PID")
     for _ in $(seq 600); do
         if grep -q ' ready: ' "$WORK/$name.out"; then
-            echo "$pid $(sed -n 's/.* api=\([^ ]*\) .*/\1/p' "$WORK/$name.out")"
+            STARTED_API=$(sed -n 's/.* api=\([^ ]*\) .*/\1/p' "$WORK/$name.out")
             return
         fi
+        kill -0 "$STARTED_PID" 2>/dev/null || die "node $name exited: $(cat "$WORK/$name.err")"
         sleep 0.1
     done
     die "node $name did not start: $(cat "$WORK/$name.err")"
@@ -55,9 +63,11 @@ printf "%-8s %14s %14s %22s %22s\n" mode "idle RSS MiB" "RSS $DOCS docs" "idle C
 for mode in light default; do
     flags=()
     [ "$mode" = light ] && flags=(--light)
-    read -r A_PID A_API < <(start "$mode-a" "${flags[@]}")
+    start "$mode-a" "${flags[@]}"
+    A_PID=$STARTED_PID A_API=$STARTED_API
     A_P2P=$("$BIN" status --api "$A_API" | awk '/^listen/ { print $2; exit }')
-    read -r B_PID B_API < <(start "$mode-b" "${flags[@]}" --peer "$A_P2P")
+    start "$mode-b" "${flags[@]}" --peer "$A_P2P"
+    B_PID=$STARTED_PID B_API=$STARTED_API
     sleep 5 # connected, first digests exchanged
     idle_rss=$(rss_mib "$A_PID")
     t0=$(cpu_ticks "$A_PID"); u0=$(cpu_ticks "$B_PID"); w0=$(wire_bytes "$A_API")

@@ -38,11 +38,14 @@ BIN=${MERGEFLOW_BIN:-target/release/mergeflow}
 export MERGEFLOW_BIN=$BIN
 [ -x "$BIN" ] || (cd "$REPO_ROOT" && cargo build --release)
 
-UP=''
+UP='' FILLS=()
+LOGS=$(mktemp -d /tmp/mergeflow-scale-logs.XXXXXX)
 cleanup() {
-  local rc=$?
+  local rc=$? p
   trap - EXIT INT TERM
+  for p in "${FILLS[@]}"; do kill "$p" 2>/dev/null || true; done
   [ -z "$UP" ] || "$NC" down >/dev/null 2>&1 || "$NC" down || true
+  rm -rf -- "$LOGS"
   exit "$rc"
 }
 trap cleanup EXIT
@@ -75,22 +78,23 @@ for n in "${sizes[@]}"; do
   # on this id makes `up` refuse, and stays up.
   [ -z "$UP" ] || "$NC" down >/dev/null 2>&1 || true
   UP=''
-  "$NC" up "$n" >/tmp/mergeflow-scale-up.log 2>&1 || { cat /tmp/mergeflow-scale-up.log >&2; exit 1; }
+  "$NC" up "$n" >"$LOGS/up.log" 2>&1 || { cat "$LOGS/up.log" >&2; exit 1; }
   UP=1
   "$NC" wait-converged --timeout 120 >/dev/null
   token=$("$NC" token)
   read -r m0 b0 <<<"$(traffic "$n")"
   per=$((DOCS / n))
   t0=$(now)
-  pids=()
+  FILLS=()
   for ((i = 1; i <= n; i++)); do
     "$BIN" bench --api "$("$NC" url "$i")" --token "$token" --fill "$per" --fill-prefix "n$i" \
-      >"/tmp/mergeflow-scale-fill-$i.log" 2>&1 &
-    pids+=($!)
+      >"$LOGS/fill-$i.log" 2>&1 &
+    FILLS+=($!)
   done
-  for p in "${pids[@]}"; do wait "$p" || { echo "scale: a fill failed" >&2; cat /tmp/mergeflow-scale-fill-*.log >&2; exit 1; }; done
+  for p in "${FILLS[@]}"; do wait "$p" || { echo "scale: a fill failed" >&2; cat "$LOGS"/fill-*.log >&2; exit 1; }; done
+  FILLS=()
   t1=$(now)
-  "$NC" wait-converged --timeout 900 >/tmp/mergeflow-scale-converge.log
+  "$NC" wait-converged --timeout 900 >"$LOGS/converge.log"
   t2=$(now)
   read -r m1 b1 <<<"$(traffic "$n")"
   writes=$((per * n))

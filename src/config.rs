@@ -50,9 +50,11 @@ pub struct WorkflowConfig {
     /// A merge from a peer triggers its runs after this many milliseconds,
     /// so that the peer's own derived writes, usually right behind, arrive
     /// first and make the run a no-op; 0 runs at once.
+    #[serde(deserialize_with = "crate::duration::de_ms")]
     pub remote_delay_ms: u64,
     /// How long a node waits for the owner of an effect to deliver it
     /// before taking it over itself.
+    #[serde(deserialize_with = "crate::duration::de_ms")]
     pub effect_wait_ms: u64,
     /// Let definitions applied through the API (which sync from any peer)
     /// run `exec` steps on this node. Off: only workflow-dir files may.
@@ -92,6 +94,7 @@ pub struct StoreConfig {
     /// Remote changes merged from the fast path that nobody waits on are
     /// flushed within this many milliseconds instead of one flush each; 0
     /// flushes each before its change-feed event.
+    #[serde(deserialize_with = "crate::duration::de_ms")]
     pub remote_flush_ms: u64,
     /// Also fsync sled's files after each flush, so that acknowledged writes
     /// survive power loss and OS crashes, not only a killed process.
@@ -145,11 +148,13 @@ pub struct ApiConfig {
     /// Milliseconds a connection has to send a request's head (request line
     /// and headers); also how long a keep-alive connection may sit between
     /// requests.
+    #[serde(deserialize_with = "crate::duration::de_ms")]
     pub header_timeout_ms: u64,
     /// Milliseconds a connection with a request in progress may go without a
     /// byte either way while the node waits on the client (a body that stops
     /// arriving, an answer not read). Time the node works, and an event
     /// stream waiting for events, do not count.
+    #[serde(deserialize_with = "crate::duration::de_ms")]
     pub idle_timeout_ms: u64,
 }
 
@@ -164,9 +169,11 @@ pub struct NetTable {
     /// Discover peers on the local network with mDNS. Flag: `--no-mdns`.
     pub mdns: bool,
     /// Milliseconds between anti-entropy digests to each peer.
+    #[serde(deserialize_with = "crate::duration::de_ms")]
     pub anti_entropy_ms: u64,
     /// A connected peer not heard from (pings, messages) for this many
     /// milliseconds counts as gone: it is disconnected and redialled.
+    #[serde(deserialize_with = "crate::duration::de_ms")]
     pub peer_timeout_ms: u64,
     /// Largest sync message, in bytes.
     pub max_message_bytes: usize,
@@ -229,6 +236,7 @@ pub struct PerfConfig {
     /// by anti-entropy).
     pub sync_queue: usize,
     /// Milliseconds that shutdown waits for in-flight requests before giving up.
+    #[serde(deserialize_with = "crate::duration::de_ms")]
     pub shutdown_timeout_ms: u64,
 }
 
@@ -515,6 +523,19 @@ impl Config {
         c
     }
 
+    /// The config as JSON with its secrets hidden: `api.token` and `net.key`
+    /// read `"(set)"` when set (empty when not). For `/v1/status` and
+    /// `mergeflow status`, which show the effective config.
+    pub fn redacted(&self) -> serde_json::Value {
+        let mut c = self.clone();
+        for secret in [&mut c.api.token, &mut c.net.key] {
+            if !secret.is_empty() {
+                *secret = "(set)".to_string();
+            }
+        }
+        serde_json::to_value(&c).expect("config serializes")
+    }
+
     /// Parses TOML text, with the parser's message (line, column, key) on error.
     ///
     /// # Errors
@@ -562,6 +583,18 @@ impl Config {
             };
             let value = match old {
                 toml::Value::String(_) => toml::Value::String(raw.clone()),
+                // A duration key takes "30s" as the file does (the integer
+                // form, milliseconds, is parsed below).
+                toml::Value::Integer(_)
+                    if key.ends_with("_ms") && raw.trim().parse::<i64>().is_err() =>
+                {
+                    crate::duration::parse_ms(&raw).map_err(|e| {
+                        err(format!(
+                            "{table}.{key}: {e} (or an integer of milliseconds)"
+                        ))
+                    })?;
+                    toml::Value::String(raw.trim().to_string())
+                }
                 _ => toml::from_str::<toml::Table>(&format!("v = {raw}"))
                     .ok()
                     .and_then(|mut t| t.remove("v"))
@@ -959,6 +992,96 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("MERGEFLOW_"), "{err}");
+    }
+
+    #[test]
+    fn durations_take_strings_as_workflows_do() {
+        // Strings name their unit; integers stay in the key's (ms).
+        let c = Config::from_toml(
+            "[net]\nanti_entropy_ms = \"2m\"\n[api]\nheader_timeout_ms = \"500ms\"\n\
+             idle_timeout_ms = 45000\n[store]\nremote_flush_ms = \"0s\"\n\
+             [workflow]\neffect_wait_ms = \"30s\"\nremote_delay_ms = \"1s\"\n\
+             [perf]\nshutdown_timeout_ms = \"1h\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.net.anti_entropy_ms, 120_000);
+        assert_eq!(c.api.header_timeout_ms, 500);
+        assert_eq!(c.api.idle_timeout_ms, 45_000);
+        assert_eq!(c.store.remote_flush_ms, 0);
+        assert_eq!(c.workflow.effect_wait_ms, 30_000);
+        assert_eq!(c.workflow.remote_delay_ms, 1_000);
+        assert_eq!(c.perf.shutdown_timeout_ms, 3_600_000);
+        // A bad one names the key and the form.
+        for bad in ["\"30\"", "\"30 s\"", "\"1.5s\"", "-1", "true"] {
+            let err = Config::from_toml(&format!("[net]\nanti_entropy_ms = {bad}\n")).unwrap_err();
+            assert!(err.contains("anti_entropy_ms"), "{bad}: {err}");
+        }
+        let err = Config::from_toml("[net]\nanti_entropy_ms = \"30sec\"\n").unwrap_err();
+        assert!(err.contains("a whole number then ms, s, m or h"), "{err}");
+        // Ranges are checked on the value, whatever its form.
+        let err = Config::from_toml("[store]\nremote_flush_ms = \"2m\"\n")
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("store.remote_flush_ms"), "{err}");
+
+        // The environment and light mode take them too.
+        let c = Config::load(
+            None,
+            env(&[
+                ("MERGEFLOW_NET_ANTI_ENTROPY_MS", "45s"),
+                ("MERGEFLOW_API_IDLE_TIMEOUT_MS", "2500"),
+            ]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            (c.net.anti_entropy_ms, c.api.idle_timeout_ms),
+            (45_000, 2_500)
+        );
+        let err = Config::load(
+            None,
+            env(&[("MERGEFLOW_NET_ANTI_ENTROPY_MS", "soon")]),
+            &Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("MERGEFLOW_NET_ANTI_ENTROPY_MS") && err.contains("ms, s, m or h"),
+            "{err}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "[node]\nlight = true\n[net]\nanti_entropy_ms = \"10s\"\n",
+        )
+        .unwrap();
+        let c = Config::load(Some(&file), env(&[]), &Overrides::default()).unwrap();
+        assert_eq!((c.node.light, c.net.anti_entropy_ms), (true, 10_000));
+        // The effective config shows milliseconds (what /v1/status reports).
+        let shown = toml::Table::try_from(&c).unwrap();
+        assert_eq!(shown["net"]["anti_entropy_ms"].as_integer(), Some(10_000));
+    }
+
+    #[test]
+    fn redacted_hides_the_secrets_and_nothing_else() {
+        let mut c = Config::default();
+        c.api.token = "sixteen-chars-token".into();
+        c.net.key = "ab".repeat(32);
+        let shown = c.redacted();
+        assert_eq!(shown["api"]["token"], "(set)");
+        assert_eq!(shown["net"]["key"], "(set)");
+        assert!(
+            !shown.to_string().contains("sixteen-chars") && !shown.to_string().contains("abab")
+        );
+        assert_eq!(shown["net"]["anti_entropy_ms"], 30_000);
+        let plain = Config::default().redacted();
+        assert_eq!(
+            (plain["api"]["token"].as_str(), plain["net"]["key"].as_str()),
+            (Some(""), Some(""))
+        );
     }
 
     #[test]

@@ -15,6 +15,8 @@
 //! - [`api`]: the axum HTTP API and its JSON error mapping, browser safety
 //!   (`api/guard.rs`) and connection limits (`api/serve.rs`).
 //! - [`config`]: TOML file + `MERGEFLOW_*` env + flags, validated.
+//! - [`duration`]: durations written as text (`"30s"`), read the same way by
+//!   workflow definitions and the config.
 //! - `main.rs`: the CLI, a thin client of the HTTP API plus `start`.
 //!
 //! # Example
@@ -37,6 +39,7 @@ pub mod chaos;
 pub mod client;
 pub mod config;
 pub mod doc;
+pub mod duration;
 pub mod feed;
 pub mod fuzzing;
 pub mod metrics;

@@ -95,6 +95,11 @@ enum Cmd {
         /// Restore into the data dir of this config (its node must be stopped).
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Whether `--api` was given on the command line (not by
+        /// MERGEFLOW_API or the default): with --data-dir or --config it
+        /// names a second target, and the command is refused.
+        #[arg(skip)]
+        api_flag: bool,
     },
     /// Write one document as JSON or as its Automerge save (with history).
     Export {
@@ -340,7 +345,17 @@ enum RunsCmd {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let mut cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    if let Cmd::Restore { api_flag, .. } = &mut cli.cmd {
+        *api_flag = matches
+            .subcommand_matches("restore")
+            .and_then(|m| m.value_source("api"))
+            == Some(clap::parser::ValueSource::CommandLine);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -411,7 +426,21 @@ async fn run(cli: Cli) -> Result<()> {
             file,
             data_dir,
             config,
+            api_flag,
         } => {
+            if api_flag && (data_dir.is_some() || config.is_some()) {
+                let offline = if data_dir.is_some() {
+                    "--data-dir"
+                } else {
+                    "--config"
+                };
+                bail!(
+                    "restore: --api {} names a running node, {offline} a stopped node's data \
+                     dir: give one of them (--api to merge through the node's API, \
+                     {offline} while its node is stopped)",
+                    client.api
+                );
+            }
             let offline = cli::backup::Offline { data_dir, config };
             cli::backup::restore(&client.client(), &file, offline, client.json).await
         }
@@ -456,29 +485,7 @@ async fn run(cli: Cli) -> Result<()> {
             if client.json {
                 print_json(&s);
             } else {
-                println!("peer_id   {}", s.peer_id);
-                println!("version   {}", s.version);
-                println!("docs      {}", s.docs);
-                println!("uptime_s  {}", s.uptime_s);
-                println!("data_dir  {}", s.data_dir);
-                println!("boot      {}", s.boot);
-                println!("store     {} bytes", s.store_bytes);
-                println!("peers     {} connected", s.peers);
-                if let Some(n) = s.docs_lacking {
-                    println!("lacking   {n} docs peers hold (on their way)");
-                }
-                for t in &s.tasks {
-                    let total = t.total.map(|n| format!("/{n}")).unwrap_or_default();
-                    println!("task      {} {}{total}", t.kind, t.done);
-                }
-                let w = &s.workflows;
-                println!(
-                    "workflows {} loaded, {} invalid; runs {} ({} done, {} dead)",
-                    w.workflows, w.invalid, w.runs, w.done, w.dead
-                );
-                for a in &s.listen_addrs {
-                    println!("listen    {a}");
-                }
+                print_status(&s)?;
             }
             Ok(())
         }
@@ -1066,9 +1073,72 @@ fn write_result(json: bool, verb: &str, r: &mergeflow::doc::WriteResult) -> Resu
     Ok(())
 }
 
+/// `mergeflow status` for people: one `name value` line each, then the
+/// effective config as TOML, indented (so `awk '/^listen/'` finds only the
+/// listen lines). Written in one piece ([`write_stdout`]).
+fn print_status(s: &mergeflow::node::Status) -> Result<()> {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let w = &mut out;
+    let _ = writeln!(w, "peer_id   {}", s.peer_id);
+    let _ = writeln!(w, "version   {}", s.version);
+    let _ = writeln!(w, "light     {}", if s.light { "on" } else { "off" });
+    let _ = writeln!(w, "docs      {}", s.docs);
+    let _ = writeln!(w, "uptime_s  {}", s.uptime_s);
+    let _ = writeln!(w, "data_dir  {}", s.data_dir);
+    let _ = writeln!(w, "boot      {}", s.boot);
+    let _ = writeln!(w, "store     {} bytes", s.store_bytes);
+    let _ = writeln!(w, "peers     {} connected", s.peers);
+    if let Some(n) = s.docs_lacking {
+        let _ = writeln!(w, "lacking   {n} docs peers hold (on their way)");
+    }
+    for t in &s.tasks {
+        let total = t.total.map(|n| format!("/{n}")).unwrap_or_default();
+        let _ = writeln!(w, "task      {} {}{total}", t.kind, t.done);
+    }
+    let f = &s.workflows;
+    let _ = writeln!(
+        w,
+        "workflows {} loaded, {} invalid; runs {} ({} done, {} dead)",
+        f.workflows, f.invalid, f.runs, f.done, f.dead
+    );
+    for a in &s.listen_addrs {
+        let _ = writeln!(w, "listen    {a}");
+    }
+    if let Some(config) = &s.config {
+        let _ = writeln!(
+            w,
+            "config    effective: defaults < file < MERGEFLOW_* < flags; secrets hidden"
+        );
+        let text = toml::to_string(config).unwrap_or_else(|_| {
+            // A value TOML cannot hold (a null from a newer node): as JSON.
+            serde_json::to_string_pretty(config).unwrap_or_default()
+        });
+        for line in text.lines().filter(|l| !l.is_empty()) {
+            let _ = writeln!(w, "  {line}");
+        }
+    }
+    Ok(write_stdout(&out)?)
+}
+
 fn print_json<T: serde::Serialize>(v: &T) {
     match serde_json::to_string_pretty(v) {
-        Ok(s) => println!("{s}"),
+        Ok(s) => {
+            if let Err(e) = write_stdout(&format!("{s}\n")) {
+                eprintln!("error: cannot print JSON: {e}");
+            }
+        }
         Err(e) => eprintln!("error: cannot print JSON: {e}"),
+    }
+}
+
+/// Writes `text` to stdout in one piece. A reader that stopped early (`|
+/// grep -q`, `| head`) is not an error: what it wanted, it had.
+fn write_stdout(text: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => r,
     }
 }

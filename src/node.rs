@@ -108,6 +108,9 @@ impl NodeBuilder {
         let (store, key) = tokio::task::spawn_blocking(move || {
             let store = Store::open(&dir, cache)?;
             let key = store.identity()?;
+            // The data dir is ours now (sled's lock) and the API does not
+            // serve yet: no restore is in flight, so any spool is a leftover.
+            crate::backup::clean_restore_spool(&dir);
             Ok::<_, crate::store::StoreError>((store, key))
         })
         .await
@@ -395,6 +398,16 @@ pub struct Status {
     /// node's initial sync is done when this is 0); absent without sync.
     #[serde(default)]
     pub docs_lacking: Option<u64>,
+    /// Light mode (`node.light`, `--light`) is on.
+    #[serde(default)]
+    pub light: bool,
+    /// The effective configuration (defaults < file < `MERGEFLOW_*` <
+    /// flags), as in `config.example.toml`, durations in milliseconds;
+    /// `api.token` and `net.key` read `"(set)"` when set. JSON rather than
+    /// [`crate::config::Config`] so that a client reads the status of a node
+    /// whose version has other keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<serde_json::Value>,
 }
 
 impl Node {
@@ -635,6 +648,8 @@ impl Node {
             changes_remote,
             tasks: self.inner.progress.list(),
             docs_lacking: self.inner.docs.sync_stats().map(|s| s.docs_lacking),
+            light: self.inner.config.node.light,
+            config: Some(self.inner.config.redacted()),
         }
     }
 

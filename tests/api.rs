@@ -790,3 +790,55 @@ async fn listing_pages_by_cursor_and_hides_system_docs() {
     assert_eq!(listed, all);
     node.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn an_unencoded_slash_in_a_doc_id_gets_a_hint() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node, c, http) = node(dir.path(), |_| {}).await;
+    let base = format!("http://{}", node.api_addr().unwrap());
+    c.create(Some("sensors/gh-1"), json!({"celsius": 21}))
+        .await
+        .unwrap();
+    let cases = [
+        (
+            http.get(format!("{base}/v1/docs/sensors/gh-1")),
+            "/v1/docs/sensors%2Fgh-1",
+        ),
+        (
+            http.get(format!("{base}/v1/docs/a/b/c/history")),
+            "/v1/docs/a%2Fb%2Fc/history",
+        ),
+        (
+            http.post(format!("{base}/v1/docs/sensors/gh-1/ops"))
+                .header("content-type", "application/json")
+                .body("[]"),
+            "/v1/docs/sensors%2Fgh-1/ops",
+        ),
+        (
+            http.patch(format!("{base}/v1/docs/sensors/gh-1"))
+                .header("content-type", "application/json")
+                .body("{}"),
+            "/v1/docs/sensors%2Fgh-1",
+        ),
+    ];
+    for (req, want) in cases {
+        let (s, body) = raw(req).await;
+        assert_eq!((s, code(&body)), (404, "no_route"), "{want}: {body}");
+        let msg = body["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(&format!("did you mean {want}?")), "{msg}");
+    }
+    // The hinted path works.
+    let (s, body) = raw(http.get(format!("{base}/v1/docs/sensors%2Fgh-1"))).await;
+    assert_eq!((s, body), (200, json!({"celsius": 21})));
+    // Elsewhere, no hint.
+    let (s, body) = raw(http.get(format!("{base}/v1/nothing/here"))).await;
+    assert_eq!((s, code(&body)), (404, "no_route"));
+    assert!(
+        !body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("did you mean"),
+        "{body}"
+    );
+    node.shutdown().await.unwrap();
+}

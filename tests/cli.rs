@@ -320,6 +320,7 @@ async fn backup_restore_export_and_import_commands() {
         dir.path().join("stopped"),
     );
     let (f, c, s) = (file.clone(), cut.clone(), stopped.clone());
+    let (b_dir, dir_path) = (dir.path().join("b/data"), dir.path().to_path_buf());
     tokio::task::spawn_blocking(move || {
         let path = |p: &std::path::Path| p.to_str().unwrap().to_string();
         let out = cli_a.ok(&["backup", "--to", &path(&f)]);
@@ -332,6 +333,36 @@ async fn backup_restore_export_and_import_commands() {
             (json!(20), json!(20))
         );
         assert_eq!(cli_b.json(&["doc", "get", "d/7"]), json!({"i": 7}));
+        // The spool went with the restore, and so did its directory.
+        assert!(
+            !b_dir.join("restore-tmp").exists(),
+            "restore-tmp left behind"
+        );
+        // --api names a running node, --data-dir a stopped one: both at
+        // once is refused, and nothing is restored anywhere.
+        let mixed = dir_path.join("mixed");
+        let err = cli_b.fails(&[
+            "restore",
+            &path(&f),
+            "--api",
+            &cli_b.api,
+            "--data-dir",
+            &path(&mixed),
+        ]);
+        assert!(err.contains("--api") && err.contains("--data-dir"), "{err}");
+        assert!(!mixed.exists(), "a data dir was created: {err}");
+        let cfg = dir_path.join("mixed.toml");
+        std::fs::write(&cfg, format!("[node]\ndata_dir = {:?}\n", path(&mixed))).unwrap();
+        let err = cli_b.fails(&[
+            "restore",
+            &path(&f),
+            "--config",
+            &path(&cfg),
+            "--api",
+            &cli_b.api,
+        ]);
+        assert!(err.contains("--api") && err.contains("--config"), "{err}");
+        assert!(!mixed.exists(), "a data dir was created: {err}");
         // Into a stopped node's data dir.
         let out = cli_b.ok(&["restore", &path(&f), "--data-dir", &path(&s)]);
         assert!(out.contains("20 changed"), "{out}");
@@ -481,4 +512,78 @@ async fn wait_synced_asks_peers_at_once() {
     .unwrap();
     b.shutdown().await.unwrap();
     a.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_shows_light_mode_and_the_effective_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = "status-test-token-0123";
+    let node = common::api_node(dir.path(), |c| {
+        let data = c.node.data_dir.clone();
+        *c = mergeflow::config::Config::light();
+        c.node.data_dir = data;
+        c.api.token = token.to_string();
+        c.net.anti_entropy_ms = 45_000;
+    })
+    .await;
+    let cli = Cli {
+        api: node.api_addr().unwrap().to_string(),
+        token: Some(token.to_string()),
+    };
+    tokio::task::spawn_blocking(move || {
+        let text = cli.ok(&["status"]);
+        assert!(text.contains("\nlight     on\n"), "{text}");
+        assert!(text.contains("\nconfig    effective"), "{text}");
+        for line in [
+            "  [net]",
+            "  anti_entropy_ms = 45000",
+            "  light = true",
+            "  dashboard = false",
+            "  token = \"(set)\"",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line:?} in:\n{text}");
+        }
+        assert!(!text.contains(token), "the token is shown:\n{text}");
+        // Scripts find the p2p address with awk '/^listen/': config keys
+        // named listen are indented.
+        // (This node runs without the network: no listen line of its own.)
+        assert!(
+            text.lines()
+                .filter(|l| l.starts_with("listen"))
+                .all(|l| l.starts_with("listen    /")),
+            "{text}"
+        );
+        assert!(text.contains("\n  listen = "), "{text}");
+
+        let json = cli.json(&["status"]);
+        assert_eq!(json["light"], json!(true));
+        assert_eq!(json["config"]["net"]["anti_entropy_ms"], json!(45_000));
+        assert_eq!(json["config"]["api"]["token"], json!("(set)"));
+        assert_eq!(json["config"]["store"]["cache_docs"], json!(128));
+        assert!(!json.to_string().contains(token));
+
+        // A reader that stops early (`| grep -q`, `| awk '... exit'`) is
+        // not an error: no panic, exit 0, text or JSON.
+        for json in [false, true] {
+            let mut child = Command::new(bin())
+                .args(["status", "--api", &cli.api])
+                .args(json.then_some("--json"))
+                .env("MERGEFLOW_API_TOKEN", token)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            drop(child.stdout.take());
+            let out = child.wait_with_output().unwrap();
+            assert!(
+                out.status.success() && out.stderr.is_empty(),
+                "json {json}: {:?}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    })
+    .await
+    .unwrap();
+    node.shutdown().await.unwrap();
 }

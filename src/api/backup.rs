@@ -2,7 +2,9 @@
 //!
 //! - `GET /v1/backup` streams a backup file (see [`crate::backup`]).
 //! - `POST /v1/restore` takes one as the body: it is spooled to
-//!   `<data_dir>/restore-tmp/`, checked whole, then merged.
+//!   `<data_dir>/restore-tmp/`, checked whole, then merged; the spool (and
+//!   the directory, once empty) is removed when the restore ends, and a
+//!   spool left by a killed restore when the node next starts.
 //! - `GET /v1/docs/{id}/save` is the doc's Automerge save;
 //!   `POST /v1/docs/{id}/merge` merges Automerge bytes into the doc.
 
@@ -106,7 +108,7 @@ async fn backup(State(node): State<Node>) -> Response {
 
 /// Spools the body to a file under the data dir, then restores it.
 async fn restore(State(node): State<Node>, body: Body) -> ApiResult<Response> {
-    let dir = node.data_dir().join("restore-tmp");
+    let dir = node.data_dir().join(crate::backup::RESTORE_SPOOL);
     let path = dir.join(format!(
         "{}-{:016x}.mfbackup",
         crate::doc::now_ms(),
@@ -147,6 +149,9 @@ async fn restore(State(node): State<Node>, body: Body) -> ApiResult<Response> {
         Err(e) => Err(e),
     };
     let _ = tokio::fs::remove_file(&path).await;
+    // The directory goes with the last spool; a restore running beside this
+    // one keeps it (remove_dir refuses a directory that is not empty).
+    let _ = tokio::fs::remove_dir(&dir).await;
     Ok(axum::Json(result?).into_response())
 }
 

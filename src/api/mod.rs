@@ -272,12 +272,36 @@ async fn ask_digests(State(node): State<Node>) -> ApiResult<Json<DigestAsked>> {
     Ok(Json(DigestAsked { peers }))
 }
 
-async fn no_route() -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_FOUND,
-        "no_route",
-        "no such endpoint; see README for the API",
-    )
+async fn no_route(uri: axum::http::Uri) -> ApiError {
+    let message = match encoded_doc_path(uri.path()) {
+        Some(path) => format!(
+            "no such endpoint; a doc id holding '/' is percent-encoded in the URL \
+             ('/' as %2F): did you mean {path}?"
+        ),
+        None => "no such endpoint; see README for the API".to_string(),
+    };
+    ApiError::new(StatusCode::NOT_FOUND, "no_route", message)
+}
+
+/// Sub-resources of a doc: `/v1/docs/{id}/<one of these>`.
+const DOC_SUFFIXES: [&str; 6] = ["ops", "heads", "sync", "history", "save", "merge"];
+
+/// For a path under `/v1/docs/` that no route took because the doc id's
+/// `/` was not encoded (`/v1/docs/a/b`, `/v1/docs/a/b/ops`), the path with
+/// it encoded (`/v1/docs/a%2Fb`, `/v1/docs/a%2Fb/ops`).
+fn encoded_doc_path(path: &str) -> Option<String> {
+    let rest = path.strip_prefix("/v1/docs/")?;
+    let (id, suffix) = match rest.rsplit_once('/') {
+        Some((id, last)) if DOC_SUFFIXES.contains(&last) && id.contains('/') => {
+            (id, format!("/{last}"))
+        }
+        _ => (rest, String::new()),
+    };
+    let id = id.trim_end_matches('/');
+    if !id.contains('/') || id.starts_with('/') {
+        return None;
+    }
+    Some(format!("/v1/docs/{}{suffix}", id.replace('/', "%2F")))
 }
 
 async fn method_not_allowed() -> ApiError {

@@ -213,6 +213,57 @@ impl Node {
     }
 }
 
+/// The directory under the data dir where `POST /v1/restore` spools the
+/// backup it receives (`<data_dir>/restore-tmp/*.mfbackup`) before checking
+/// and merging it. A spool is removed when its restore ends, and the
+/// directory with the last one; a restore killed mid-way (`kill -9`) leaves
+/// its spool, which the next start removes ([`clean_restore_spool`]).
+pub const RESTORE_SPOOL: &str = "restore-tmp";
+
+/// Removes what restores killed mid-way left in `<data_dir>/restore-tmp/`:
+/// its `*.mfbackup` spools, then the directory if nothing else is in it.
+/// Called when the node starts, with the data dir locked and before the API
+/// serves: no restore of this node is in flight. Returns the files and bytes
+/// removed; failures are logged, never fatal (a leftover costs only disk).
+pub fn clean_restore_spool(data_dir: &Path) -> (u64, u64) {
+    let dir = data_dir.join(RESTORE_SPOOL);
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return (0, 0),
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), err = %e, "cannot read the restore spool dir");
+            return (0, 0);
+        }
+    };
+    let (mut files, mut bytes) = (0, 0);
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let spool = path.extension().is_some_and(|x| x == "mfbackup")
+            && entry.file_type().is_ok_and(|t| t.is_file());
+        if !spool {
+            continue;
+        }
+        let size = entry.metadata().map(|m| m.len()).unwrap_or(0);
+        match std::fs::remove_file(&path) {
+            Ok(()) => (files, bytes) = (files + 1, bytes + size),
+            Err(e) => {
+                tracing::warn!(file = %path.display(), err = %e, "cannot remove a restore spool")
+            }
+        }
+    }
+    // Only when empty: anything else in it is not ours to remove.
+    let _ = std::fs::remove_dir(&dir);
+    if files > 0 {
+        tracing::info!(
+            files,
+            bytes,
+            dir = %dir.display(),
+            "removed the spools of restores that did not finish"
+        );
+    }
+    (files, bytes)
+}
+
 /// Where a backup to `path` is written before it is complete.
 pub fn partial_path(path: &Path) -> std::path::PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();

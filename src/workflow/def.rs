@@ -421,21 +421,8 @@ fn parse_every(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-/// `250ms`, `30s`, `5m`, `2h`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (n, unit) = s.split_at(split);
-    let n: u64 = n
-        .parse()
-        .map_err(|_| format!("duration {s:?}: a whole number then ms, s, m or h"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
-        "h" => Ok(Duration::from_secs(n.saturating_mul(3600))),
-        _ => Err(format!("duration {s:?}: a whole number then ms, s, m or h")),
-    }
-}
+/// `250ms`, `30s`, `5m`, `2h` (shared with the config: [`crate::duration`]).
+pub use crate::duration::parse as parse_duration;
 
 fn check_step(s: RawStep) -> Result<Step, String> {
     let id_ok = !s.id.is_empty()

@@ -16,6 +16,7 @@ use mergeflow::sync::{
 };
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
+use serde_json::json;
 
 /// In-memory docs of one simulated node.
 struct SimDocs {
@@ -401,6 +402,14 @@ fn sim_seed() -> u64 {
         .unwrap_or(0)
 }
 
+/// `MERGEFLOW_SIM_SEED` alone when set, else seeds 1 to 12.
+fn sim_seeds() -> Vec<u64> {
+    match sim_seed() {
+        0 => (1..=12).collect(),
+        seed => vec![seed],
+    }
+}
+
 /// One simulated run; panics (with the seed) if the nodes do not converge.
 fn run(seed: u64, nodes: usize, docs: usize, steps: usize) {
     let mut sim = Sim::new(seed, nodes);
@@ -463,13 +472,7 @@ fn run(seed: u64, nodes: usize, docs: usize, steps: usize) {
 
 #[test]
 fn nodes_converge_after_loss_duplication_reordering_and_partitions() {
-    let base = sim_seed();
-    let seeds: Vec<u64> = if base != 0 {
-        vec![base]
-    } else {
-        (1..=12).collect()
-    };
-    for seed in seeds {
+    for seed in sim_seeds() {
         println!("seed = {seed} (MERGEFLOW_SIM_SEED={seed} to repeat)");
         run(seed, 2 + (seed as usize % 4), 5, 400);
     }
@@ -573,4 +576,109 @@ fn asking_for_digests_confirms_agreement_within_a_round_trip() {
     assert!((3..=4).contains(&exchanged), "{exchanged} messages");
     sim.advance(100);
     assert_eq!(sim.sent - before, exchanged, "digests kept bouncing");
+}
+
+impl Sim {
+    /// A local write through `mergeflow::doc::write_ops`, as the node makes
+    /// one: containers it creates have deterministic identity.
+    fn write_ops(&mut self, node: usize, doc: &str, ops: serde_json::Value) {
+        let ops: Vec<mergeflow::doc::Op> = serde_json::from_value(ops).unwrap();
+        let d = &mut self.nodes[node].docs;
+        let am = d.doc_mut(doc);
+        let made =
+            mergeflow::doc::write_ops(am, &ops, mergeflow::doc::StringMode::Text, "ops").unwrap();
+        let changes = made.into_iter().map(|c| c.raw_bytes().to_vec()).collect();
+        let state = d.doc_state(doc);
+        self.input(
+            node,
+            Input::LocalChange {
+                doc: doc.to_string(),
+                changes,
+                state,
+                ack: false,
+            },
+        );
+    }
+
+    fn link_all(&mut self) {
+        let n = self.nodes.len();
+        for i in 0..n {
+            for j in 0..n {
+                if i != j && !self.linked[i][j] {
+                    self.linked[i][j] = true;
+                    self.input(i, Input::PeerUp(peer_name(j)));
+                }
+            }
+        }
+    }
+}
+
+/// Issue 18 item 3: every acknowledged increment, list append and key write
+/// survives when several nodes create the same containers at once (here
+/// while cut off from each other, so every creation is concurrent), with
+/// writes in random order and interleaved merges.
+#[test]
+fn concurrent_first_writes_keep_every_increment_key_and_item() {
+    for seed in sim_seeds() {
+        println!("seed = {seed} (MERGEFLOW_SIM_SEED={seed} to repeat)");
+        let nodes = 2 + (seed as usize % 3);
+        let mut sim = Sim::with_links(seed, nodes, &[]);
+        let (mut incs, mut items, mut keys) = (0i64, 0usize, Vec::new());
+        for step in 0..60 {
+            let node = sim.rng.random_range(0..nodes);
+            match sim.rng.random_range(0..3u8) {
+                0 => {
+                    let by = sim.rng.random_range(1..5i64);
+                    incs += by;
+                    sim.write_ops(
+                        node,
+                        "race",
+                        json!([{"op": "increment", "path": "/stats/n", "by": by}]),
+                    );
+                }
+                1 => {
+                    items += 1;
+                    sim.write_ops(
+                        node,
+                        "race",
+                        json!([{"op": "set", "path": "/log/-", "value": step}]),
+                    );
+                }
+                _ => {
+                    let key = format!("k{step}");
+                    sim.write_ops(
+                        node,
+                        "race",
+                        json!([{"op": "set", "path": format!("/obj/deep/{key}"), "value": node}]),
+                    );
+                    keys.push(key);
+                }
+            }
+            if step == 30 {
+                sim.link_all(); // half the writes race, half see each other
+            }
+            let ms = sim.rng.random_range(0..20);
+            sim.advance(ms);
+        }
+        sim.advance(30_000);
+        assert!(sim.converged(), "seed {seed}: did not converge");
+        let d = &sim.nodes[0].docs.docs["race"];
+        let v = to_json(d, &ROOT, ObjType::Map).unwrap();
+        assert_eq!(
+            v["stats"]["n"],
+            json!(incs),
+            "seed {seed}: increments lost: {v}"
+        );
+        assert_eq!(
+            v["log"].as_array().map(Vec::len),
+            Some(items),
+            "seed {seed}: items lost: {v}"
+        );
+        for k in &keys {
+            assert!(
+                v["obj"]["deep"].get(k).is_some(),
+                "seed {seed}: key {k} lost: {v}"
+            );
+        }
+    }
 }

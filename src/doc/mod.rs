@@ -6,6 +6,7 @@
 
 pub mod conflict;
 mod container;
+pub use container::write_ops;
 mod id;
 mod json;
 mod ops;

@@ -312,12 +312,30 @@ impl Client {
     /// # Errors
     /// [`ClientError`].
     pub async fn patch(&self, id: &str, patch: &Json) -> Result<WriteResult, ClientError> {
+        Ok(self
+            .patch_with(id, patch, &WriteOptions::default())
+            .await?
+            .result)
+    }
+
+    /// `PATCH /v1/docs/{id}?replicas=&timeout_ms=` with `Idempotency-Key`
+    /// as `opts` asks.
+    ///
+    /// # Errors
+    /// [`ClientError`]; too few replicas in time is the node's 504
+    /// `replicas_timeout`.
+    pub async fn patch_with(
+        &self,
+        id: &str,
+        patch: &Json,
+        opts: &WriteOptions,
+    ) -> Result<Written, ClientError> {
         let req = self
             .http
             .patch(self.doc_url(id, ""))
             .header("content-type", "application/merge-patch+json")
             .body(patch.to_string());
-        self.send(req).await
+        self.send(opts.apply(req)).await
     }
 
     /// `POST /v1/docs/{id}/ops`
@@ -325,8 +343,82 @@ impl Client {
     /// # Errors
     /// [`ClientError`].
     pub async fn ops(&self, id: &str, ops: &[Op]) -> Result<WriteResult, ClientError> {
-        self.send(self.http.post(self.doc_url(id, "/ops")).json(ops))
-            .await
+        Ok(self
+            .ops_with(id, ops, &WriteOptions::default())
+            .await?
+            .result)
+    }
+
+    /// `POST /v1/docs/{id}/ops` as `opts` asks (see [`Client::patch_with`]).
+    ///
+    /// # Errors
+    /// [`ClientError`].
+    pub async fn ops_with(
+        &self,
+        id: &str,
+        ops: &[Op],
+        opts: &WriteOptions,
+    ) -> Result<Written, ClientError> {
+        let req = self.http.post(self.doc_url(id, "/ops")).json(ops);
+        self.send(opts.apply(req)).await
+    }
+
+    /// `GET /v1/events?doc=GLOB&after=ID`: the change feed (and run events)
+    /// as they happen; `on` gets each event's name (`change`, `missed`,
+    /// `run`), its id if it has one, and its data. Returns when the node ends
+    /// the stream (it shut down) or `on` returns false.
+    ///
+    /// # Errors
+    /// [`ClientError`]; a broken stream is [`ClientError::Protocol`].
+    pub async fn events(
+        &self,
+        doc: Option<&str>,
+        after: Option<&str>,
+        mut on: impl FnMut(&str, Option<&str>, Json) -> bool,
+    ) -> Result<(), ClientError> {
+        use futures_util::StreamExt;
+        let mut q: Vec<(&str, &str)> = Vec::new();
+        q.extend(doc.map(|d| ("doc", d)));
+        q.extend(after.map(|a| ("after", a)));
+        let req = self
+            .http
+            .get(format!("{}/v1/events", self.base))
+            .query(&q)
+            .timeout(LONG_OPERATION);
+        let resp = self.send_raw(req).await?;
+        let url = resp.url().to_string();
+        let mut body = resp.bytes_stream();
+        let mut pending: Vec<u8> = Vec::new();
+        let mut event = SseEvent::default();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| ClientError::Protocol {
+                url: url.clone(),
+                reason: root_cause(&e),
+            })?;
+            pending.extend_from_slice(&chunk);
+            while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=end).collect();
+                let line = String::from_utf8_lossy(&line);
+                let line = line.trim_end_matches(['\r', '\n']);
+                if !line.is_empty() {
+                    event.take_line(line);
+                    continue;
+                }
+                let done = std::mem::take(&mut event);
+                if done.data.is_empty() {
+                    continue; // a keep-alive comment
+                }
+                let data = serde_json::from_str(&done.data).map_err(|e| ClientError::Protocol {
+                    url: url.clone(),
+                    reason: format!("event data is not JSON: {e}"),
+                })?;
+                let name = done.name.as_deref().unwrap_or("message");
+                if !on(name, done.id.as_deref(), data) {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
     }
 
     /// `GET /v1/docs`, every page: the live docs but the node's system docs.
@@ -500,6 +592,71 @@ impl Client {
     ) -> Result<crate::workflow::Run, ClientError> {
         let url = format!("{}/v1/runs/{id}/{action}", self.base);
         self.send(self.http.post(url)).await
+    }
+}
+
+/// How a write is sent: replicas to wait for, and an idempotency key.
+#[derive(Debug, Clone, Default)]
+pub struct WriteOptions {
+    /// Answer once this many peers confirmed they stored the write.
+    pub replicas: Option<usize>,
+    /// How long to wait for them, in milliseconds.
+    pub timeout_ms: Option<u64>,
+    /// Sent as `Idempotency-Key`: a retry with it is applied once.
+    pub idempotency_key: Option<String>,
+}
+
+impl WriteOptions {
+    fn apply(&self, mut req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        if let Some(n) = self.replicas {
+            req = req.query(&[("replicas", n)]);
+        }
+        if let Some(t) = self.timeout_ms {
+            req = req.query(&[("timeout_ms", t)]);
+        }
+        if let Some(k) = &self.idempotency_key {
+            req = req.header("Idempotency-Key", k);
+        }
+        req
+    }
+}
+
+/// A write's answer, with the peers that confirmed it when replicas were
+/// asked for.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Written {
+    /// The write's result.
+    #[serde(flatten)]
+    pub result: WriteResult,
+    /// Peers that confirmed they stored it (with `replicas`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<Json>,
+}
+
+/// A Server-Sent Event being read.
+#[derive(Default)]
+struct SseEvent {
+    name: Option<String>,
+    id: Option<String>,
+    data: String,
+}
+
+impl SseEvent {
+    /// Takes one `field: value` line (comments, starting with `:`, are skipped).
+    fn take_line(&mut self, line: &str) {
+        let (field, value) = line.split_once(':').unwrap_or((line, ""));
+        let value = value.strip_prefix(' ').unwrap_or(value);
+        match field {
+            "event" => self.name = Some(value.to_string()),
+            "id" => self.id = Some(value.to_string()),
+            "data" => {
+                if !self.data.is_empty() {
+                    self.data.push('\n');
+                }
+                self.data.push_str(value);
+            }
+            _ => {}
+        }
     }
 }
 

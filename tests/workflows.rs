@@ -330,6 +330,35 @@ async fn states_merged_before_a_workflow_loaded_are_taken_once() {
     node.shutdown().await.unwrap();
 }
 
+/// Issue 18 item 15: a doc written before its workflow existed, while the
+/// node runs, gets a run labelled `definition` (not `startup`: the node
+/// did not restart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_definition_loaded_while_running_labels_its_runs_definition() {
+    let dir = tempfile::tempdir().unwrap();
+    let defs = dir.path().join("workflows");
+    std::fs::create_dir_all(&defs).unwrap();
+    let node = local_node(&dir.path().join("n"), &defs, |_| {}).await;
+    node.doc("sensors/old")
+        .unwrap()
+        .patch(json!({ "celsius": 10 }))
+        .await
+        .unwrap();
+    write_def(&defs, "fahrenheit.toml", FAHRENHEIT);
+    let runs = until("the run of the older doc", || async {
+        let runs = node.workflows().runs(None, None, 10).unwrap();
+        (runs.len() == 1 && runs[0].status == RunStatus::Done).then_some(runs)
+    })
+    .await;
+    assert_eq!(runs[0].doc, "sensors/old");
+    assert_eq!(runs[0].trigger, "definition", "{runs:#?}");
+    assert_eq!(
+        path_of(&node, "sensors/old", "/fahrenheit").await,
+        Some(json!(50.0))
+    );
+    node.shutdown().await.unwrap();
+}
+
 const TOTAL: &str = r#"
 name = "total"
 [on]
@@ -430,7 +459,13 @@ async fn dead_runs_say_why_and_can_be_retried_or_skipped() {
     let skipped = wf.skip(d2.id).await.unwrap();
     assert_eq!(skipped.status, RunStatus::Skipped);
     let again = wf.skip(d2.id).await.unwrap_err().to_string();
-    assert!(again.contains("only a dead run"), "{again}");
+    assert_eq!(
+        again,
+        format!(
+            "run {} was skipped; only a dead run can be retried or skipped",
+            d2.id
+        )
+    );
     assert!(
         wf.retry(999_999)
             .await

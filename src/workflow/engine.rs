@@ -63,6 +63,11 @@ const MAX_CHANGED: usize = 256;
 /// Runs created between two prunings of the run log.
 const PRUNE_EVERY: u64 = 1000;
 
+/// Why `apply` refuses a definition that runs commands, and `validate`
+/// warns about it.
+pub const APPLY_EXEC_REFUSED: &str = "it runs commands (exec): apply refuses it on this node \
+    unless workflow.allow_applied_exec = true; as a file in the workflow dir it runs";
+
 /// Errors of the management API.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkflowError {
@@ -72,8 +77,20 @@ pub enum WorkflowError {
     /// No such workflow.
     #[error("no workflow named {0:?}")]
     NoWorkflow(String),
+    /// A workflow defined only by a file, which the API cannot remove.
+    #[error(
+        "workflow {name:?} is defined by the file {file} on this node, not applied through \
+         the API: remove the file from the workflow dir of each node that has it \
+         (or stop it everywhere with disable)"
+    )]
+    DefinedByFile {
+        /// The workflow.
+        name: String,
+        /// Its file.
+        file: String,
+    },
     /// The run is not in a state the action applies to.
-    #[error("run {id} is {status:?}: {what}")]
+    #[error("run {id} {}; {what}", status.phrase())]
     WrongState {
         /// The run.
         id: u64,
@@ -127,6 +144,24 @@ pub struct WorkflowInfo {
     pub path: Option<String>,
     /// Step ids and kinds, in execution order.
     pub steps: Vec<StepInfo>,
+    /// What a valid definition will not do here (e.g. be applied through
+    /// the API): from `validate`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+/// What `DELETE /v1/workflows/{name}` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Deleted {
+    /// The workflow.
+    pub name: String,
+    /// True: its applied definition is gone (on every node, as its system
+    /// doc syncs).
+    pub deleted: bool,
+    /// A file in this node's workflow dir that still defines a workflow of
+    /// that name here.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
 }
 
 /// A step as the API lists it.
@@ -160,6 +195,7 @@ impl WorkflowInfo {
                     needs: s.needs.clone(),
                 })
                 .collect(),
+            warnings: vec![],
         }
     }
 }
@@ -343,6 +379,7 @@ impl Engine {
                 doc: None,
                 path: None,
                 steps: vec![],
+                warnings: vec![],
             }
         }));
         out
@@ -365,7 +402,11 @@ impl Engine {
     /// What is wrong with it.
     pub fn validate(&self, source_name: &str, text: &str) -> Result<WorkflowInfo, WorkflowError> {
         let plan = Plan::load(&self.shared.sandbox, source_name, text)?;
-        Ok(WorkflowInfo::of(&plan, "valid"))
+        let mut info = WorkflowInfo::of(&plan, "valid");
+        if runs_commands(&plan) && !self.shared.cfg.allow_applied_exec {
+            info.warnings.push(APPLY_EXEC_REFUSED.into());
+        }
+        Ok(info)
     }
 
     /// Stores a definition in its system doc (`_mergeflow/workflows/<name>`),
@@ -411,6 +452,47 @@ impl Engine {
             .await
             .map_err(failed)?;
         Ok(())
+    }
+
+    /// Removes the definition of workflow `name` applied through the API,
+    /// on every node: its system doc keeps no text (a tombstone would stop
+    /// the name from being applied again), which syncs, and each node
+    /// unloads it. Runs in flight finish; pending ones do not start. A file
+    /// of that name in a node's workflow dir is not touched and keeps
+    /// defining the workflow on that node.
+    ///
+    /// # Errors
+    /// [`WorkflowError::DefinedByFile`] when only a file defines it here,
+    /// [`WorkflowError::NoWorkflow`] when nothing does; write errors.
+    pub async fn delete(&self, name: &str) -> Result<Deleted, WorkflowError> {
+        let text = match DocId::new(applied_doc(name)) {
+            Ok(id) => match self.shared.docs.get(id, None).await {
+                Ok(j) => j["text"].is_string(),
+                Err(DocError::NotFound(_) | DocError::Deleted(_)) => false,
+                Err(e) => return Err(WorkflowError::Write(e.to_string())),
+            },
+            Err(_) => return Err(WorkflowError::NoWorkflow(name.to_string())),
+        };
+        let file = self
+            .list()
+            .into_iter()
+            .find(|w| w.name == name && !w.file.starts_with("applied:"))
+            .map(|w| w.file);
+        if !text {
+            return Err(match file {
+                Some(file) => WorkflowError::DefinedByFile {
+                    name: name.to_string(),
+                    file,
+                },
+                None => WorkflowError::NoWorkflow(name.to_string()),
+            });
+        }
+        self.write_applied(name, &[("/text", Json::Null)]).await?;
+        Ok(Deleted {
+            name: name.to_string(),
+            deleted: true,
+            file,
+        })
     }
 
     /// Enables or disables workflow `name` on every node (through its system
@@ -503,11 +585,7 @@ impl Engine {
 
 /// True if the workflow runs commands (an exec step or exec on_failure).
 fn runs_commands(plan: &Plan) -> bool {
-    plan.def
-        .steps
-        .iter()
-        .chain(&plan.def.on_failure)
-        .any(|s| matches!(s.action, Action::Exec { .. }))
+    plan.runs_commands()
 }
 
 impl Shared {
@@ -744,6 +822,9 @@ struct Runner {
     applied: BTreeMap<String, Applied>,
     /// Their docs changed since.
     applied_dirty: bool,
+    /// Definitions have been loaded once (at start): later loads label the
+    /// runs they start `definition`, not `startup`.
+    loaded: bool,
 }
 
 impl Runner {
@@ -765,6 +846,7 @@ impl Runner {
             ticks: BTreeMap::new(),
             applied: BTreeMap::new(),
             applied_dirty: true,
+            loaded: false,
         }
     }
 
@@ -828,6 +910,12 @@ impl Runner {
         let (fresh, changed) = tokio::task::spawn_blocking(move || shared.reload(&applied))
             .await
             .unwrap_or_default();
+        // At start, doc states the node took no run of (written while it
+        // was down, or before the workflow existed) are `startup` runs;
+        // once running, those a newly loaded or changed definition finds
+        // are `definition` runs.
+        let trigger = if self.loaded { "definition" } else { "startup" };
+        self.loaded = true;
         if !changed {
             return;
         }
@@ -851,7 +939,7 @@ impl Runner {
                 Some((name, next))
             })
             .collect();
-        self.rescan(&fresh).await;
+        self.rescan(&fresh, trigger).await;
     }
 
     /// Starts the scheduled runs that are due, each on its owner only: the
@@ -894,8 +982,9 @@ impl Runner {
         }
     }
 
-    /// Queues a run for every doc of `plans` whose heads differ from its cursor.
-    async fn rescan(&mut self, plans: &[Arc<Plan>]) {
+    /// Queues a run (labelled `trigger`) for every doc of `plans` whose
+    /// heads differ from its cursor.
+    async fn rescan(&mut self, plans: &[Arc<Plan>], trigger: &'static str) {
         let docs = match self.shared.docs.list().await {
             Ok(d) => d,
             Err(e) => {
@@ -919,7 +1008,7 @@ impl Runner {
                     }
                 }
                 let key = (plan.name().to_string(), d.id.clone());
-                self.add(key, 1, &[], "startup", Duration::ZERO);
+                self.add(key, 1, &[], trigger, Duration::ZERO);
             }
         }
     }
@@ -933,7 +1022,8 @@ impl Runner {
                     "workflow engine fell behind the change feed; rescanning docs"
                 );
                 let plans: Vec<Arc<Plan>> = self.shared.catalog().plans.values().cloned().collect();
-                self.rescan(&plans).await;
+                // Changes the engine learnt of late.
+                self.rescan(&plans, "change").await;
                 self.follow_all_decisions().await;
                 return;
             }

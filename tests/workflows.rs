@@ -798,8 +798,8 @@ async fn a_dead_effect_is_one_decision_for_the_cluster() {
             let hits = hits_of(&key);
             let retrier = nodes[on].peer_id().to_string();
             assert_eq!(
-                hits[attempts..],
-                [retrier.clone()],
+                &hits[attempts..],
+                std::slice::from_ref(&retrier),
                 "{action}: delivered once, by the node asked to retry"
             );
             for r in done {

@@ -300,6 +300,45 @@ mod tests {
         assert_eq!(owner("k", &[]), None);
     }
 
+    #[test]
+    fn markers_read_back_what_they_record() {
+        let by = "peer-a".to_string();
+        for m in [
+            Marker::Handled {
+                by: by.clone(),
+                when_false: false,
+            },
+            Marker::Handled {
+                by: by.clone(),
+                when_false: true,
+            },
+            Marker::Trying { by: by.clone() },
+            Marker::Dead {
+                by: by.clone(),
+                error: "HTTP 503".into(),
+            },
+            Marker::Skipped { by: by.clone() },
+        ] {
+            let mut j = json!({ "by": by, "at": 1, "step": "post", "heads": [] });
+            for (k, v) in m.fields() {
+                j[k.as_str()] = v;
+            }
+            assert_eq!(Marker::parse(&j), Some(m));
+        }
+        // Markers written before decisions existed read as deliveries.
+        let old = json!({ "by": "p", "skipped": false });
+        assert_eq!(
+            Marker::parse(&old),
+            Some(Marker::Handled {
+                by: "p".into(),
+                when_false: false
+            })
+        );
+        assert_eq!(Marker::parse(&json!({})), None);
+        assert_eq!(marker_workflow(&marker_doc("alert", "s/1")), Some("alert"));
+        assert_eq!(marker_workflow(&member_doc("p")), None);
+    }
+
     #[tokio::test]
     async fn exec_feeds_stdin_passes_env_and_reports_failures() {
         let env: BTreeMap<&str, String> = [("MERGEFLOW_RUN_KEY", "abc".to_string())].into();

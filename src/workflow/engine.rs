@@ -24,7 +24,9 @@
 //! 4. A step that fails retries with its backoff (expression errors are
 //!    final at once: they would fail the same way again); after the last
 //!    attempt the run is dead with its error, and waits for `retry` or
-//!    `skip`.
+//!    `skip`. A dead effect is one decision for the cluster: recorded in
+//!    the effect's marker (see [`super::effect::Marker`]), followed by the
+//!    other nodes' runs of that key, and so are `retry` and `skip`.
 //!
 //! Runs of one (workflow, doc) never overlap. After a restart, open runs
 //! resume (steps already done are not repeated), and every doc whose heads
@@ -2184,7 +2186,7 @@ async fn look(shared: &Shared, run: &Run, step: &str, key: &str) -> (Option<Seen
             .filter_map(|h| h.as_str().map(str::to_string))
             .collect();
         if heads != run.heads
-            && let Some(m) = Marker::parse(m).filter(|m| !matches!(m, Marker::Trying { .. }))
+            && let Some(m) = Marker::parse(m)
             && matches!(
                 shared
                     .docs
@@ -2193,7 +2195,14 @@ async fn look(shared: &Shared, run: &Run, step: &str, key: &str) -> (Option<Seen
                 Ok(true)
             )
         {
-            return (seen(m, k, true), trying);
+            match m {
+                // Someone retries the later state: wait for it like for
+                // this one.
+                Marker::Trying { by } => {
+                    trying.get_or_insert(by);
+                }
+                m => return (seen(m, k, true), trying),
+            }
         }
     }
     (None, trying)

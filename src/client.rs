@@ -545,6 +545,16 @@ impl Client {
         .await
     }
 
+    /// `DELETE /v1/workflows/{name}`: removes an applied definition on
+    /// every node.
+    ///
+    /// # Errors
+    /// [`ClientError`].
+    pub async fn delete_workflow(&self, name: &str) -> Result<Json, ClientError> {
+        let url = format!("{}/v1/workflows/{}", self.base, encode_id(name));
+        self.send(self.http.delete(url)).await
+    }
+
     /// `POST /v1/workflows/{name}/enable` or `.../disable`.
     ///
     /// # Errors

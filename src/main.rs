@@ -323,6 +323,12 @@ enum WorkflowCmd {
         /// Its name.
         name: String,
     },
+    /// Remove a workflow applied with `apply`, on every node (runs in
+    /// flight finish). A file in a node's workflow dir is not touched.
+    Delete {
+        /// Its name.
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -610,6 +616,18 @@ async fn workflow(client: ClientArgs, cmd: WorkflowCmd) -> Result<()> {
             }
             Ok(())
         }
+        WorkflowCmd::Delete { name } => {
+            let d = c.delete_workflow(&name).await?;
+            if client.json {
+                print_json(&d);
+            } else {
+                println!("deleted workflow {name:?} on every node");
+                if let Some(file) = d["file"].as_str() {
+                    println!("note: the file {file} still defines it on this node");
+                }
+            }
+            Ok(())
+        }
         WorkflowCmd::Validate { file } => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("cannot read {}", file.display()))?;
@@ -626,6 +644,14 @@ async fn workflow(client: ClientArgs, cmd: WorkflowCmd) -> Result<()> {
                 plan.name(),
                 order.join(" -> ")
             );
+            if plan.runs_commands() {
+                // Checked here without a node: its setting is unknown.
+                println!(
+                    "warning: it runs commands (exec): `workflow apply` is refused unless the \
+                     node sets workflow.allow_applied_exec = true; as a file in the node's \
+                     workflow dir it runs"
+                );
+            }
             Ok(())
         }
     }

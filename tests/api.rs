@@ -842,3 +842,68 @@ async fn an_unencoded_slash_in_a_doc_id_gets_a_hint() {
     );
     node.shutdown().await.unwrap();
 }
+
+/// Issue 18 items 15 and 17 over HTTP: a write to a system doc is refused
+/// with a message that says what the doc is (a membership doc is not about
+/// workflows); `validate` warns that `apply` refuses `exec`; `DELETE` of
+/// an unknown workflow is 404 and of a file-defined one 409.
+#[tokio::test]
+async fn system_docs_and_workflow_definitions_answer_what_they_are() {
+    let dir = tempfile::tempdir().unwrap();
+    let defs = dir.path().join("defs");
+    std::fs::create_dir_all(&defs).unwrap();
+    std::fs::write(
+        defs.join("local.toml"),
+        "name = \"local\"\n[on]\ndoc = \"x/*\"\n[[steps]]\nid = \"d\"\nkind = \"derive\"\nset = { \"/y\" = \"1\" }\n",
+    )
+    .unwrap();
+    let (node, _c, http) = node(dir.path(), |c| c.workflow.dir = defs.clone()).await;
+    let base = format!("http://{}", node.api_addr().unwrap());
+    let patch = |doc: &str| {
+        http.patch(format!("{base}/v1/docs/{}", doc.replace('/', "%2F")))
+            .header("content-type", "application/json")
+            .body("{\"a\": 1}")
+    };
+    let (s, body) = raw(patch("_mergeflow/nodes/12D3KooWx")).await;
+    assert_eq!((s, code(&body)), (403, "reserved_doc"), "{body}");
+    let msg = body["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("membership") && !msg.contains("workflow"),
+        "{msg}"
+    );
+    let (s, body) = raw(patch("_mergeflow/workflows/w")).await;
+    assert_eq!((s, code(&body)), (403, "reserved_doc"), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("/v1/workflows"),
+        "{body}"
+    );
+
+    // Valid as a file, refused by apply: validate says so.
+    let exec = "name = \"cmd\"\n[on]\ndoc = \"d/*\"\n[[steps]]\nid = \"s\"\nkind = \"exec\"\ncommand = [\"true\"]\n";
+    let toml = |req: reqwest::RequestBuilder| req.header("content-type", "application/toml");
+    let (s, body) = raw(toml(http.post(format!("{base}/v1/workflows/validate"))).body(exec)).await;
+    assert_eq!(s, 200, "{body}");
+    let warnings = body["warnings"].to_string();
+    assert!(warnings.contains("workflow.allow_applied_exec"), "{body}");
+    let (s, body) = raw(toml(http.post(format!("{base}/v1/workflows"))).body(exec)).await;
+    assert_eq!((s, code(&body)), (400, "invalid_workflow"), "{body}");
+
+    let (s, body) = raw(http.delete(format!("{base}/v1/workflows/nope"))).await;
+    assert_eq!((s, code(&body)), (404, "not_found"), "{body}");
+    while node.workflows().get("local").is_err() {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let (s, body) = raw(http.delete(format!("{base}/v1/workflows/local"))).await;
+    assert_eq!((s, code(&body)), (409, "defined_by_file"), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("local.toml"),
+        "{body}"
+    );
+    node.shutdown().await.unwrap();
+}

@@ -587,3 +587,84 @@ async fn status_shows_light_mode_and_the_effective_config() {
     .unwrap();
     node.shutdown().await.unwrap();
 }
+
+/// Issue 18 items 15 and 17: `workflow delete` removes an applied
+/// workflow on every node (two connected nodes); `validate` says that
+/// `apply` refuses `exec` steps.
+#[tokio::test(flavor = "multi_thread")]
+async fn workflow_delete_removes_an_applied_workflow_on_every_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = common::p2p_api_node(&dir.path().join("a"), vec![], |_| {}).await;
+    let a_addr = common::listen_addr(&a).await;
+    let b = common::p2p_api_node(&dir.path().join("b"), vec![a_addr], |_| {}).await;
+    let cli = |n: &Node| Cli {
+        api: n.api_addr().unwrap().to_string(),
+        token: None,
+    };
+    let (on_a, on_b) = (cli(&a), cli(&b));
+    let def = dir.path().join("double.toml");
+    std::fs::write(
+        &def,
+        "name = \"double\"\n[on]\ndoc = \"n/*\"\n[[steps]]\nid = \"x2\"\nkind = \"derive\"\nset = { \"/twice\" = \"doc.v * 2\" }\n",
+    )
+    .unwrap();
+    on_a.ok(&["workflow", "apply", def.to_str().unwrap()]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let names = |c: &Cli| -> Vec<String> {
+        c.json(&["workflow", "list"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    while names(&on_b) != ["double"] {
+        assert!(std::time::Instant::now() < deadline, "b never ran it");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+
+    // Deleted on b, gone from both.
+    let out = on_b.ok(&["workflow", "delete", "double"]);
+    assert!(out.contains("deleted workflow \"double\""), "{out}");
+    while !names(&on_a).is_empty() || !names(&on_b).is_empty() {
+        assert!(std::time::Instant::now() < deadline, "still listed");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // Nothing runs it any more: a write on b reaches a, derived nowhere.
+    on_b.ok(&["doc", "patch", "n/1", "{\"v\": 21}"]);
+    while on_a.run(&["doc", "get", "n/1"]).status.code() != Some(0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the write never reached a"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    for c in [&on_a, &on_b] {
+        assert_eq!(c.json(&["doc", "get", "n/1"]), json!({"v": 21}));
+    }
+    let err = on_a.fails(&["workflow", "delete", "double"]);
+    assert!(err.contains("no workflow named \"double\""), "{err}");
+    // The name can be applied again.
+    on_a.ok(&["workflow", "apply", def.to_str().unwrap()]);
+    while names(&on_b) != ["double"] {
+        assert!(std::time::Instant::now() < deadline, "b never ran it again");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+
+    // validate, without a node: valid, but apply will refuse it.
+    let exec = dir.path().join("cmd.toml");
+    std::fs::write(
+        &exec,
+        "name = \"cmd\"\n[on]\ndoc = \"d/*\"\n[[steps]]\nid = \"s\"\nkind = \"exec\"\ncommand = [\"true\"]\n",
+    )
+    .unwrap();
+    let out = on_a.ok(&["workflow", "validate", exec.to_str().unwrap()]);
+    assert!(
+        out.contains("is valid") && out.contains("workflow.allow_applied_exec"),
+        "{out}"
+    );
+    let err = on_a.fails(&["workflow", "apply", exec.to_str().unwrap()]);
+    assert!(err.contains("workflow.allow_applied_exec"), "{err}");
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}

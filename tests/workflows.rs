@@ -330,6 +330,35 @@ async fn states_merged_before_a_workflow_loaded_are_taken_once() {
     node.shutdown().await.unwrap();
 }
 
+/// Issue 18 item 15: a doc written before its workflow existed, while the
+/// node runs, gets a run labelled `definition` (not `startup`: the node
+/// did not restart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_definition_loaded_while_running_labels_its_runs_definition() {
+    let dir = tempfile::tempdir().unwrap();
+    let defs = dir.path().join("workflows");
+    std::fs::create_dir_all(&defs).unwrap();
+    let node = local_node(&dir.path().join("n"), &defs, |_| {}).await;
+    node.doc("sensors/old")
+        .unwrap()
+        .patch(json!({ "celsius": 10 }))
+        .await
+        .unwrap();
+    write_def(&defs, "fahrenheit.toml", FAHRENHEIT);
+    let runs = until("the run of the older doc", || async {
+        let runs = node.workflows().runs(None, None, 10).unwrap();
+        (runs.len() == 1 && runs[0].status == RunStatus::Done).then_some(runs)
+    })
+    .await;
+    assert_eq!(runs[0].doc, "sensors/old");
+    assert_eq!(runs[0].trigger, "definition", "{runs:#?}");
+    assert_eq!(
+        path_of(&node, "sensors/old", "/fahrenheit").await,
+        Some(json!(50.0))
+    );
+    node.shutdown().await.unwrap();
+}
+
 const TOTAL: &str = r#"
 name = "total"
 [on]
@@ -430,7 +459,13 @@ async fn dead_runs_say_why_and_can_be_retried_or_skipped() {
     let skipped = wf.skip(d2.id).await.unwrap();
     assert_eq!(skipped.status, RunStatus::Skipped);
     let again = wf.skip(d2.id).await.unwrap_err().to_string();
-    assert!(again.contains("only a dead run"), "{again}");
+    assert_eq!(
+        again,
+        format!(
+            "run {} was skipped; only a dead run can be retried or skipped",
+            d2.id
+        )
+    );
     assert!(
         wf.retry(999_999)
             .await
@@ -603,6 +638,180 @@ async fn an_http_effect_is_delivered_once_per_key_even_when_its_owner_dies() {
         if i != dead {
             n.shutdown().await.unwrap();
         }
+    }
+}
+
+/// A local HTTP receiver that refuses deliveries (503) while `down`, and
+/// counts every request it gets (answered or refused) per idempotency
+/// key, with the node that made each.
+#[derive(Default)]
+struct Switch {
+    down: bool,
+    hits: Vec<(String, String)>,
+}
+
+async fn switch_receiver() -> (String, std::sync::Arc<std::sync::Mutex<Switch>>) {
+    use axum::routing::post;
+    let state: std::sync::Arc<std::sync::Mutex<Switch>> = Default::default();
+    let s = state.clone();
+    let app = axum::Router::new().route(
+        "/alerts",
+        post(
+            move |headers: axum::http::HeaderMap, body: axum::Json<Value>| {
+                let s = s.clone();
+                async move {
+                    let key = headers["idempotency-key"].to_str().unwrap().to_string();
+                    let node = body["run"]["node"].as_str().unwrap().to_string();
+                    let mut r = s.lock().unwrap();
+                    r.hits.push((key, node));
+                    if r.down {
+                        (axum::http::StatusCode::SERVICE_UNAVAILABLE, "down")
+                    } else {
+                        (axum::http::StatusCode::OK, "ok")
+                    }
+                }
+            },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/alerts", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, state)
+}
+
+/// Each node's run of run key `key` (workflow `alert`), if it has one.
+fn runs_of_key(nodes: &[mergeflow::Node], key: &str) -> Vec<Option<Run>> {
+    nodes
+        .iter()
+        .map(|n| {
+            n.workflows()
+                .runs(Some("alert"), None, 1000)
+                .unwrap()
+                .into_iter()
+                .find(|r| r.key == key)
+        })
+        .collect()
+}
+
+/// Waits until every node has a run of `key` in `status`.
+async fn all_in(nodes: &[mergeflow::Node], key: &str, status: RunStatus) -> Vec<Run> {
+    until(&format!("every node's run of {key} {status:?}"), || async {
+        let runs = runs_of_key(nodes, key);
+        runs.iter()
+            .all(|r| r.as_ref().is_some_and(|r| r.status == status))
+            .then(|| runs.into_iter().flatten().collect())
+    })
+    .await
+}
+
+/// Issue 18 item 9: a dead-lettered effect is a decision for the whole
+/// cluster. The owner retries it and gives up; the others follow its
+/// marker (dead, under the same run key) instead of taking it over after
+/// `workflow.effect_wait_ms`; `runs retry` or `runs skip` on any node
+/// applies everywhere, and the effect is attempted by one node only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_effect_is_one_decision_for_the_cluster() {
+    let (url, recv) = switch_receiver().await;
+    recv.lock().unwrap().down = true;
+    let dir = tempfile::tempdir().unwrap();
+    let defs = dir.path().join("workflows");
+    let attempts = 4;
+    let alert = format!(
+        "name = \"alert\"\n[on]\ndoc = \"sensors/*\"\n[[steps]]\nid = \"post\"\nkind = \"http\"\nurl = \"{url}\"\nretry = {{ attempts = {attempts}, backoff = \"fixed\", initial = \"1s\" }}\n"
+    );
+    write_def(&defs, "alert.toml", &alert);
+    // The owner retries for 3 s; the others would take over after 2 s.
+    let tweak = |c: &mut mergeflow::config::Config| {
+        c.workflow.dir = defs.clone();
+        c.workflow.effect_wait_ms = 2_000;
+    };
+    let a = common::p2p_node(&dir.path().join("a"), vec![], tweak).await;
+    let a_addr = common::listen_addr(&a).await;
+    let b = common::p2p_node(&dir.path().join("b"), vec![a_addr.clone()], tweak).await;
+    let c = common::p2p_node(&dir.path().join("c"), vec![a_addr], tweak).await;
+    let nodes = vec![a, b, c];
+    full_mesh_running(&nodes, &["alert"]).await;
+    let index_of = |peer: &str| {
+        nodes
+            .iter()
+            .position(|n| n.peer_id().to_string() == peer)
+            .unwrap()
+    };
+    let hits_of = |key: &str| -> Vec<String> {
+        recv.lock()
+            .unwrap()
+            .hits
+            .iter()
+            .filter(|(k, _)| k.starts_with(key))
+            .map(|(_, by)| by.clone())
+            .collect()
+    };
+
+    // One state per round; each is dead-lettered on every node, then
+    // retried on its owner, retried on another node, or skipped elsewhere.
+    for (round, action) in ["retry on the owner", "retry elsewhere", "skip elsewhere"]
+        .into_iter()
+        .enumerate()
+    {
+        recv.lock().unwrap().down = true;
+        let seen = recv.lock().unwrap().hits.len();
+        nodes[round % 3]
+            .doc("sensors/s1")
+            .unwrap()
+            .patch(json!({ "celsius": round }))
+            .await
+            .unwrap();
+        let effect_key = until("the first attempt", || async {
+            let r = recv.lock().unwrap();
+            r.hits.get(seen).map(|(k, _)| k.clone())
+        })
+        .await;
+        let key = effect_key.trim_end_matches("-post").to_string();
+        let dead = all_in(&nodes, &key, RunStatus::Dead).await;
+        let hits = hits_of(&key);
+        assert_eq!(
+            hits.len(),
+            attempts,
+            "{action}: one node attempts the effect, {attempts} times: {hits:?}"
+        );
+        let owner = hits[0].clone();
+        assert!(hits.iter().all(|h| *h == owner), "{hits:?}");
+        for r in &dead {
+            let e = r.error.as_deref().unwrap();
+            assert!(e.contains("503"), "{action}: {e}");
+        }
+        let other = (index_of(&owner) + 1) % 3;
+        let on = if action == "retry on the owner" {
+            index_of(&owner)
+        } else {
+            other
+        };
+        let id = dead[on].id; // in node order
+        if action == "skip elsewhere" {
+            nodes[on].workflows().skip(id).await.unwrap();
+            all_in(&nodes, &key, RunStatus::Skipped).await;
+            assert_eq!(hits_of(&key).len(), attempts, "a skip delivers nothing");
+        } else {
+            recv.lock().unwrap().down = false;
+            nodes[on].workflows().retry(id).await.unwrap();
+            let done = all_in(&nodes, &key, RunStatus::Done).await;
+            let hits = hits_of(&key);
+            let retrier = nodes[on].peer_id().to_string();
+            assert_eq!(
+                &hits[attempts..],
+                std::slice::from_ref(&retrier),
+                "{action}: delivered once, by the node asked to retry"
+            );
+            for r in done {
+                let out = r.steps[0].output.as_ref().unwrap();
+                if let Some(by) = out.get("delivered_by") {
+                    assert_eq!(by, &json!(retrier), "{action}");
+                }
+            }
+        }
+    }
+    for n in nodes {
+        n.shutdown().await.unwrap();
     }
 }
 

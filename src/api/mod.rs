@@ -519,20 +519,24 @@ async fn patch(
 /// definitions, membership, effect markers), which only the workflow API
 /// writes.
 fn writable(id: &DocId) -> ApiResult<()> {
-    if id
+    let Some(rest) = id
         .as_str()
-        .starts_with(crate::workflow::effect::SYSTEM_PREFIX)
-    {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "reserved_doc",
-            format!(
-                "doc {:?} is a system doc; use /v1/workflows to change workflows",
-                id.as_str()
-            ),
-        ));
-    }
-    Ok(())
+        .strip_prefix(crate::workflow::effect::SYSTEM_PREFIX)
+    else {
+        return Ok(());
+    };
+    // Say what the doc is and who writes it.
+    let what = match rest.split_once('/').map_or(rest, |(kind, _)| kind) {
+        "workflows" => "holds a workflow definition; change it with /v1/workflows",
+        "nodes" => "is a node's membership doc, which only that node writes",
+        "effects" => "holds workflow effect markers, which only the nodes write",
+        _ => "is a system doc, which only the nodes write",
+    };
+    Err(ApiError::new(
+        StatusCode::FORBIDDEN,
+        "reserved_doc",
+        format!("doc {:?} {what}", id.as_str()),
+    ))
 }
 
 /// A write, applied at most once per doc and `Idempotency-Key` header

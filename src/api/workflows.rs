@@ -24,7 +24,7 @@ pub(super) fn routes() -> Router<Node> {
         .route("/v1/workflows/{name}/enable", post(enable))
         .route("/v1/workflows/{name}/disable", post(disable))
         .route("/v1/workflows/validate", post(validate))
-        .route("/v1/workflows/{name}", get(show))
+        .route("/v1/workflows/{name}", get(show).delete(remove))
         .route("/v1/runs", get(runs))
         .route("/v1/runs/{id}", get(run))
         .route("/v1/runs/{id}/retry", post(retry))
@@ -38,6 +38,7 @@ impl From<WorkflowError> for ApiError {
                 (StatusCode::NOT_FOUND, "not_found")
             }
             WorkflowError::WrongState { .. } => (StatusCode::CONFLICT, "wrong_state"),
+            WorkflowError::DefinedByFile { .. } => (StatusCode::CONFLICT, "defined_by_file"),
             WorkflowError::Def(_) => (StatusCode::BAD_REQUEST, "invalid_workflow"),
             WorkflowError::Stopped => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
             WorkflowError::Store(_) | WorkflowError::Corrupt { .. } | WorkflowError::Write(_) => {
@@ -76,6 +77,16 @@ async fn apply(State(node): State<Node>, b: Result<Bytes, BytesRejection>) -> Ap
     let b = body(b)?;
     let text = utf8(&b)?;
     Ok(Json(node.workflows().apply(text).await?).into_response())
+}
+
+/// `DELETE /v1/workflows/{name}`: removes a definition applied through the
+/// API, on every node (its system doc syncs).
+async fn remove(
+    State(node): State<Node>,
+    path: Result<Path<String>, PathRejection>,
+) -> ApiResult<Response> {
+    let Path(name) = path.map_err(|r| WrappedRejection(r, None))?;
+    Ok(Json(node.workflows().delete(&name).await?).into_response())
 }
 
 async fn enable(

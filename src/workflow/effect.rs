@@ -48,6 +48,95 @@ pub fn marker_doc(workflow: &str, doc: &str) -> String {
     format!("{SYSTEM_PREFIX}effects/{workflow}/{hex}")
 }
 
+/// What a marker says about one effect key (`<run key>-<step id>`).
+///
+/// A marker without a `state` field records that its `by` node handled the
+/// effect: delivered it, or skipped it because its `when` was false
+/// (`skipped: true`). The other states record a decision that every node
+/// follows for that key, so that all show the same status for it:
+///
+/// - `trying`: node `by` is working on it (its first attempt failed and it
+///   retries, or a user asked it to retry); the others wait for it while it
+///   is connected and do not take it over.
+/// - `dead`: node `by` gave up after the last attempt; the others mark
+///   their run of that key dead too, and nobody takes it over.
+/// - `skipped`: a user skipped the dead run on node `by`; the others mark
+///   their run of that key skipped.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Marker {
+    /// Delivered (or skipped as its owner, `when` false) by `by`.
+    Handled {
+        /// The node.
+        by: String,
+        /// True if its `when` was false.
+        when_false: bool,
+    },
+    /// Node `by` is attempting it.
+    Trying {
+        /// The node.
+        by: String,
+    },
+    /// Dead-lettered by `by`, with the last error.
+    Dead {
+        /// The node.
+        by: String,
+        /// The last attempt's error.
+        error: String,
+    },
+    /// Skipped by a user on node `by` after it was dead-lettered.
+    Skipped {
+        /// The node.
+        by: String,
+    },
+}
+
+impl Marker {
+    /// Reads a marker entry; `None` if it has no `by`.
+    pub fn parse(m: &Json) -> Option<Marker> {
+        let by = m["by"].as_str()?.to_string();
+        Some(match m["state"].as_str() {
+            Some("trying") => Marker::Trying { by },
+            Some("dead") => Marker::Dead {
+                by,
+                error: m["error"].as_str().unwrap_or("failed").to_string(),
+            },
+            Some("skipped") => Marker::Skipped { by },
+            _ => Marker::Handled {
+                by,
+                when_false: m["skipped"] == Json::Bool(true),
+            },
+        })
+    }
+
+    /// The fields this marker adds to the common ones (`by`, `at`, `step`,
+    /// `heads`).
+    pub fn fields(&self) -> serde_json::Map<String, Json> {
+        let mut out = serde_json::Map::new();
+        match self {
+            Marker::Handled { when_false, .. } => {
+                out.insert("skipped".into(), Json::Bool(*when_false));
+            }
+            Marker::Trying { .. } => {
+                out.insert("state".into(), "trying".into());
+            }
+            Marker::Dead { error, .. } => {
+                out.insert("state".into(), "dead".into());
+                out.insert("error".into(), Json::String(cut(error)));
+            }
+            Marker::Skipped { .. } => {
+                out.insert("state".into(), "skipped".into());
+            }
+        }
+        out
+    }
+}
+
+/// The workflow whose marker doc `id` is, if it is one.
+pub fn marker_workflow(id: &str) -> Option<&str> {
+    let rest = id.strip_prefix(SYSTEM_PREFIX)?.strip_prefix("effects/")?;
+    Some(rest.split_once('/')?.0)
+}
+
 /// The node ranked first for `key` among `candidates` (rendezvous hashing).
 pub fn owner<'a>(key: &str, candidates: &'a [String]) -> Option<&'a String> {
     candidates.iter().max_by_key(|peer| {
@@ -209,6 +298,45 @@ mod tests {
         // About a fifth of the keys were peer-0's.
         assert!((20..=70).contains(&moved), "{moved}");
         assert_eq!(owner("k", &[]), None);
+    }
+
+    #[test]
+    fn markers_read_back_what_they_record() {
+        let by = "peer-a".to_string();
+        for m in [
+            Marker::Handled {
+                by: by.clone(),
+                when_false: false,
+            },
+            Marker::Handled {
+                by: by.clone(),
+                when_false: true,
+            },
+            Marker::Trying { by: by.clone() },
+            Marker::Dead {
+                by: by.clone(),
+                error: "HTTP 503".into(),
+            },
+            Marker::Skipped { by: by.clone() },
+        ] {
+            let mut j = json!({ "by": by, "at": 1, "step": "post", "heads": [] });
+            for (k, v) in m.fields() {
+                j[k.as_str()] = v;
+            }
+            assert_eq!(Marker::parse(&j), Some(m));
+        }
+        // Markers written before decisions existed read as deliveries.
+        let old = json!({ "by": "p", "skipped": false });
+        assert_eq!(
+            Marker::parse(&old),
+            Some(Marker::Handled {
+                by: "p".into(),
+                when_false: false
+            })
+        );
+        assert_eq!(Marker::parse(&json!({})), None);
+        assert_eq!(marker_workflow(&marker_doc("alert", "s/1")), Some("alert"));
+        assert_eq!(marker_workflow(&member_doc("p")), None);
     }
 
     #[tokio::test]

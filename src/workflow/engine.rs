@@ -24,7 +24,9 @@
 //! 4. A step that fails retries with its backoff (expression errors are
 //!    final at once: they would fail the same way again); after the last
 //!    attempt the run is dead with its error, and waits for `retry` or
-//!    `skip`.
+//!    `skip`. A dead effect is one decision for the cluster: recorded in
+//!    the effect's marker (see [`super::effect::Marker`]), followed by the
+//!    other nodes' runs of that key, and so are `retry` and `skip`.
 //!
 //! Runs of one (workflow, doc) never overlap. After a restart, open runs
 //! resume (steps already done are not repeated), and every doc whose heads
@@ -46,7 +48,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::def::{Action, Backoff, DefError, Origin, Policy, Retry};
-use super::effect::{Failure, SYSTEM_PREFIX};
+use super::effect::{Failure, Marker, SYSTEM_PREFIX};
 use super::expr::{Bound, Input, Sandbox};
 use super::log::RunLog;
 use super::plan::{Plan, kind_name};
@@ -63,6 +65,11 @@ const MAX_CHANGED: usize = 256;
 /// Runs created between two prunings of the run log.
 const PRUNE_EVERY: u64 = 1000;
 
+/// Why `apply` refuses a definition that runs commands, and `validate`
+/// warns about it.
+pub const APPLY_EXEC_REFUSED: &str = "it runs commands (exec): apply refuses it on this node \
+    unless workflow.allow_applied_exec = true; as a file in the workflow dir it runs";
+
 /// Errors of the management API.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkflowError {
@@ -72,8 +79,20 @@ pub enum WorkflowError {
     /// No such workflow.
     #[error("no workflow named {0:?}")]
     NoWorkflow(String),
+    /// A workflow defined only by a file, which the API cannot remove.
+    #[error(
+        "workflow {name:?} is defined by the file {file} on this node, not applied through \
+         the API: remove the file from the workflow dir of each node that has it \
+         (or stop it everywhere with disable)"
+    )]
+    DefinedByFile {
+        /// The workflow.
+        name: String,
+        /// Its file.
+        file: String,
+    },
     /// The run is not in a state the action applies to.
-    #[error("run {id} is {status:?}: {what}")]
+    #[error("run {id} {}; {what}", status.phrase())]
     WrongState {
         /// The run.
         id: u64,
@@ -127,6 +146,24 @@ pub struct WorkflowInfo {
     pub path: Option<String>,
     /// Step ids and kinds, in execution order.
     pub steps: Vec<StepInfo>,
+    /// What a valid definition will not do here (e.g. be applied through
+    /// the API): from `validate`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+/// What `DELETE /v1/workflows/{name}` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Deleted {
+    /// The workflow.
+    pub name: String,
+    /// True: its applied definition is gone (on every node, as its system
+    /// doc syncs).
+    pub deleted: bool,
+    /// A file in this node's workflow dir that still defines a workflow of
+    /// that name here.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
 }
 
 /// A step as the API lists it.
@@ -160,6 +197,7 @@ impl WorkflowInfo {
                     needs: s.needs.clone(),
                 })
                 .collect(),
+            warnings: vec![],
         }
     }
 }
@@ -343,6 +381,7 @@ impl Engine {
                 doc: None,
                 path: None,
                 steps: vec![],
+                warnings: vec![],
             }
         }));
         out
@@ -365,7 +404,11 @@ impl Engine {
     /// What is wrong with it.
     pub fn validate(&self, source_name: &str, text: &str) -> Result<WorkflowInfo, WorkflowError> {
         let plan = Plan::load(&self.shared.sandbox, source_name, text)?;
-        Ok(WorkflowInfo::of(&plan, "valid"))
+        let mut info = WorkflowInfo::of(&plan, "valid");
+        if runs_commands(&plan) && !self.shared.cfg.allow_applied_exec {
+            info.warnings.push(APPLY_EXEC_REFUSED.into());
+        }
+        Ok(info)
     }
 
     /// Stores a definition in its system doc (`_mergeflow/workflows/<name>`),
@@ -411,6 +454,47 @@ impl Engine {
             .await
             .map_err(failed)?;
         Ok(())
+    }
+
+    /// Removes the definition of workflow `name` applied through the API,
+    /// on every node: its system doc keeps no text (a tombstone would stop
+    /// the name from being applied again), which syncs, and each node
+    /// unloads it. Runs in flight finish; pending ones do not start. A file
+    /// of that name in a node's workflow dir is not touched and keeps
+    /// defining the workflow on that node.
+    ///
+    /// # Errors
+    /// [`WorkflowError::DefinedByFile`] when only a file defines it here,
+    /// [`WorkflowError::NoWorkflow`] when nothing does; write errors.
+    pub async fn delete(&self, name: &str) -> Result<Deleted, WorkflowError> {
+        let text = match DocId::new(applied_doc(name)) {
+            Ok(id) => match self.shared.docs.get(id, None).await {
+                Ok(j) => j["text"].is_string(),
+                Err(DocError::NotFound(_) | DocError::Deleted(_)) => false,
+                Err(e) => return Err(WorkflowError::Write(e.to_string())),
+            },
+            Err(_) => return Err(WorkflowError::NoWorkflow(name.to_string())),
+        };
+        let file = self
+            .list()
+            .into_iter()
+            .find(|w| w.name == name && !w.file.starts_with("applied:"))
+            .map(|w| w.file);
+        if !text {
+            return Err(match file {
+                Some(file) => WorkflowError::DefinedByFile {
+                    name: name.to_string(),
+                    file,
+                },
+                None => WorkflowError::NoWorkflow(name.to_string()),
+            });
+        }
+        self.write_applied(name, &[("/text", Json::Null)]).await?;
+        Ok(Deleted {
+            name: name.to_string(),
+            deleted: true,
+            file,
+        })
     }
 
     /// Enables or disables workflow `name` on every node (through its system
@@ -503,11 +587,7 @@ impl Engine {
 
 /// True if the workflow runs commands (an exec step or exec on_failure).
 fn runs_commands(plan: &Plan) -> bool {
-    plan.def
-        .steps
-        .iter()
-        .chain(&plan.def.on_failure)
-        .any(|s| matches!(s.action, Action::Exec { .. }))
+    plan.runs_commands()
 }
 
 impl Shared {
@@ -744,6 +824,9 @@ struct Runner {
     applied: BTreeMap<String, Applied>,
     /// Their docs changed since.
     applied_dirty: bool,
+    /// Definitions have been loaded once (at start): later loads label the
+    /// runs they start `definition`, not `startup`.
+    loaded: bool,
 }
 
 impl Runner {
@@ -765,6 +848,7 @@ impl Runner {
             ticks: BTreeMap::new(),
             applied: BTreeMap::new(),
             applied_dirty: true,
+            loaded: false,
         }
     }
 
@@ -780,6 +864,8 @@ impl Runner {
         self.events = Some(Box::pin(self.feed.subscribe_quiet(glob)));
         self.reload().await;
         self.resumes.extend(open);
+        // Decisions (retry, skip) taken elsewhere while this node was down.
+        self.follow_all_decisions().await;
         let mut poll = tokio::time::interval(DIR_POLL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -802,7 +888,7 @@ impl Runner {
                 _ = sleep_until(next_due), if next_due.is_some() => self.promote(),
                 _ = sleep_until(next_tick), if next_tick.is_some() => self.fire_schedules().await,
                 _ = poll.tick() => self.reload().await,
-                Some(cmd) = cmds.recv() => self.command(cmd),
+                Some(cmd) = cmds.recv() => self.command(cmd).await,
             }
         }
         // Dropping the JoinSet aborts runs in flight; their records stay
@@ -826,6 +912,12 @@ impl Runner {
         let (fresh, changed) = tokio::task::spawn_blocking(move || shared.reload(&applied))
             .await
             .unwrap_or_default();
+        // At start, doc states the node took no run of (written while it
+        // was down, or before the workflow existed) are `startup` runs;
+        // once running, those a newly loaded or changed definition finds
+        // are `definition` runs.
+        let trigger = if self.loaded { "definition" } else { "startup" };
+        self.loaded = true;
         if !changed {
             return;
         }
@@ -849,7 +941,7 @@ impl Runner {
                 Some((name, next))
             })
             .collect();
-        self.rescan(&fresh).await;
+        self.rescan(&fresh, trigger).await;
     }
 
     /// Starts the scheduled runs that are due, each on its owner only: the
@@ -892,8 +984,9 @@ impl Runner {
         }
     }
 
-    /// Queues a run for every doc of `plans` whose heads differ from its cursor.
-    async fn rescan(&mut self, plans: &[Arc<Plan>]) {
+    /// Queues a run (labelled `trigger`) for every doc of `plans` whose
+    /// heads differ from its cursor.
+    async fn rescan(&mut self, plans: &[Arc<Plan>], trigger: &'static str) {
         let docs = match self.shared.docs.list().await {
             Ok(d) => d,
             Err(e) => {
@@ -917,7 +1010,7 @@ impl Runner {
                     }
                 }
                 let key = (plan.name().to_string(), d.id.clone());
-                self.add(key, 1, &[], "startup", Duration::ZERO);
+                self.add(key, 1, &[], trigger, Duration::ZERO);
             }
         }
     }
@@ -931,7 +1024,9 @@ impl Runner {
                     "workflow engine fell behind the change feed; rescanning docs"
                 );
                 let plans: Vec<Arc<Plan>> = self.shared.catalog().plans.values().cloned().collect();
-                self.rescan(&plans).await;
+                // Changes the engine learnt of late.
+                self.rescan(&plans, "change").await;
+                self.follow_all_decisions().await;
                 return;
             }
         };
@@ -939,6 +1034,8 @@ impl Runner {
             if e.doc.starts_with(&applied_doc("")) {
                 self.applied_dirty = true;
                 self.reload().await;
+            } else if super::effect::marker_workflow(&e.doc).is_some() {
+                self.follow_decisions(&e.doc).await;
             }
             return;
         }
@@ -1123,7 +1220,12 @@ impl Runner {
         }
     }
 
-    fn command(&mut self, cmd: Command) {
+    /// Retries or skips a dead run. When an effect step killed it, the
+    /// decision goes into the effect's marker too, so that every node
+    /// follows it for that key (see [`Runner::follow_decisions`]): a retry
+    /// is attempted by this node while the others wait for it, a skip
+    /// skips their runs of that key too.
+    async fn command(&mut self, cmd: Command) {
         let (id, reply, retry) = match cmd {
             Command::Retry(id, reply) => (id, reply, true),
             Command::Skip(id, reply) => (id, reply, false),
@@ -1137,33 +1239,154 @@ impl Runner {
                     what: "only a dead run can be retried or skipped",
                 });
             }
+            // The effect whose failure killed the run, and the marker key
+            // its decision lives under: its own key, or, for a run that
+            // followed another node's decision, that decision's key.
+            let decided = dead_effect(&run).map(|(i, followed)| {
+                let own = format!("{}-{}", run.key, run.steps[i].id);
+                if retry { own } else { followed.unwrap_or(own) }
+            });
             run.updated_ms = now_ms();
             if retry {
-                run.status = RunStatus::Queued;
+                reopen(&mut run);
                 run.trigger = "retry".into();
-                run.error = None;
-                for s in &mut run.steps {
-                    if matches!(
-                        s.state,
-                        StepState::Failed | StepState::Cancelled | StepState::Running
-                    ) {
-                        s.state = StepState::Pending;
-                        s.attempts = 0;
-                        s.error = None;
-                    }
-                }
             } else {
                 run.status = RunStatus::Skipped;
             }
             self.shared.put_run(&run, None)?;
-            Ok(run)
+            Ok((run, decided))
         })();
-        if let Ok(run) = &result
-            && retry
-        {
-            self.resumes.push_back(run.clone());
-        }
+        let result = match result {
+            Ok((run, decided)) => {
+                if let Some(key) = decided {
+                    let by = self.shared.local.clone();
+                    let what = if retry {
+                        Marker::Trying { by }
+                    } else {
+                        Marker::Skipped { by }
+                    };
+                    mark(&self.shared, &run, &key, what).await;
+                }
+                if retry {
+                    self.resumes.push_back(run.clone());
+                }
+                Ok(run)
+            }
+            Err(e) => Err(e),
+        };
         let _ = reply.send(result);
+    }
+
+    /// Follows the decisions recorded in marker doc `id` for this node's
+    /// dead runs of that (workflow, doc): a run whose effect another node
+    /// now tries again (a `runs retry` there) or has delivered is reopened
+    /// and waits for that delivery; one skipped elsewhere is skipped here.
+    async fn follow_decisions(&mut self, id: &str) {
+        let Some(workflow) = super::effect::marker_workflow(id) else {
+            return;
+        };
+        let mine = |doc: &str| !doc.is_empty() && super::effect::marker_doc(workflow, doc) == id;
+        let dead = match self.shared.log.dead_of(workflow, mine) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(err = %e, "cannot read dead runs");
+                return;
+            }
+        };
+        if dead.is_empty() {
+            return;
+        }
+        let Ok(doc) = DocId::new(id) else { return };
+        let Ok(Json::Object(markers)) = self.shared.docs.get(doc, None).await else {
+            return;
+        };
+        for mut run in dead {
+            let Some((i, followed)) = dead_effect(&run) else {
+                continue;
+            };
+            let key = followed.unwrap_or_else(|| format!("{}-{}", run.key, run.steps[i].id));
+            let Some(marker) = markers.get(&key).and_then(Marker::parse) else {
+                continue;
+            };
+            run.updated_ms = now_ms();
+            match marker {
+                Marker::Dead { .. } => continue,
+                Marker::Skipped { by } => {
+                    tracing::info!(run = run.id, key, by, "dead run skipped on another node");
+                    run.status = RunStatus::Skipped;
+                    run.steps[i].error = Some(format!(
+                        "{}; then skipped by {by}",
+                        run.steps[i].error.as_deref().unwrap_or("failed")
+                    ));
+                    if let Err(e) = self.shared.put_run(&run, None) {
+                        tracing::warn!(err = %e, "cannot write the run log");
+                    }
+                }
+                Marker::Trying { .. } | Marker::Handled { .. } => {
+                    tracing::info!(
+                        run = run.id,
+                        key,
+                        "dead run retried on another node; following it"
+                    );
+                    reopen(&mut run);
+                    if let Err(e) = self.shared.put_run(&run, None) {
+                        tracing::warn!(err = %e, "cannot write the run log");
+                        continue;
+                    }
+                    self.resumes.push_back(run);
+                }
+            }
+        }
+    }
+
+    /// [`Runner::follow_decisions`] for every marker doc this node's dead
+    /// runs depend on.
+    async fn follow_all_decisions(&mut self) {
+        let ids: BTreeSet<String> = self
+            .shared
+            .log
+            .dead_pairs()
+            .iter()
+            .map(|(w, d)| super::effect::marker_doc(w, d))
+            .collect();
+        for id in ids {
+            self.follow_decisions(&id).await;
+        }
+    }
+}
+
+/// The effect step whose failure killed `run` (the first failed one), and
+/// the marker key it followed if it was dead-lettered by another node.
+fn dead_effect(run: &Run) -> Option<(usize, Option<String>)> {
+    let i = run
+        .steps
+        .iter()
+        .position(|s| s.state == StepState::Failed && matches!(s.kind.as_str(), "http" | "exec"))?;
+    let followed = run.steps[i]
+        .output
+        .as_ref()
+        .and_then(|o| o["marker"].as_str())
+        .map(str::to_string);
+    Some((i, followed))
+}
+
+/// Opens a dead run again: its failed, cancelled or interrupted steps are
+/// pending with no attempts.
+fn reopen(run: &mut Run) {
+    run.status = RunStatus::Queued;
+    run.error = None;
+    run.updated_ms = now_ms();
+    for s in &mut run.steps {
+        if matches!(
+            s.state,
+            StepState::Failed | StepState::Cancelled | StepState::Running
+        ) {
+            s.state = StepState::Pending;
+            s.attempts = 0;
+            s.error = None;
+            s.output = None;
+            s.finished_ms = None;
+        }
     }
 }
 
@@ -1346,7 +1569,7 @@ async fn start(shared: &Shared, plan: Arc<Plan>, doc: &str, p: Pending) {
     if run.status == RunStatus::Running {
         execute(shared, &plan, run, json, Some(bound), None).await;
     } else {
-        alert_failure(shared, &plan, &run).await;
+        alert_failure(shared, &plan, &run, false).await;
     }
 }
 
@@ -1516,6 +1739,10 @@ async fn execute(
         depth: run.depth,
     };
     let mut wrote_any = false;
+    // Effect steps that failed on this node (it decides they are dead), and
+    // who skipped the dead effect this run followed, if someone did.
+    let mut failed_here: Vec<usize> = Vec::new();
+    let mut skipped_by: Option<String> = None;
     let started = Instant::now();
     let origin = plan.def.trigger.origin;
     let last = plan.def.steps.len().saturating_sub(1);
@@ -1566,9 +1793,14 @@ async fn execute(
                 Ok(false) => {
                     s.state = StepState::Skipped;
                     s.error = Some("when is false".into());
-                    if step.action.is_effect() && owns_effects(shared, origin, &run).await.0 {
+                    if step.action.is_effect() && owns_effects(shared, origin, &run, None).await.0 {
                         let key = format!("{}-{}", run.key, step.id);
-                        mark(shared, &run, &key, true).await;
+                        let by = shared.local.clone();
+                        let what = Marker::Handled {
+                            by,
+                            when_false: true,
+                        };
+                        mark(shared, &run, &key, what).await;
                     }
                     continue;
                 }
@@ -1586,18 +1818,43 @@ async fn execute(
         // A scheduled run (no doc) was started by the tick's owner: its
         // effects are this node's.
         let owned = run.doc.is_empty();
-        if effect
-            && !owned
-            && let Some(by) = await_turn(shared, origin, &mut run, i, &effect_key).await
-        {
+        if effect && !owned {
+            let seen = match await_turn(shared, origin, &mut run, i, &effect_key).await {
+                Turn::Mine => None,
+                Turn::Seen(seen) => Some(seen),
+            };
             let s = &mut run.steps[i];
-            s.state = StepState::Done;
-            s.output =
-                Some(serde_json::json!({ "delivered_by": by, "idempotency_key": effect_key }));
-            s.error = None;
-            s.finished_ms = Some(now_ms());
-            continue;
+            match seen {
+                None => {}
+                Some(Seen::Handled(by)) => {
+                    s.state = StepState::Done;
+                    s.output = Some(
+                        serde_json::json!({ "delivered_by": by, "idempotency_key": effect_key }),
+                    );
+                    s.error = None;
+                    s.finished_ms = Some(now_ms());
+                    continue;
+                }
+                // Another node decided: the run ends as it did there.
+                Some(Seen::Dead { by, error, marker }) => {
+                    s.state = StepState::Failed;
+                    s.error = Some(format!("dead-lettered by {by}: {error}"));
+                    s.output = Some(serde_json::json!({ "dead_by": by, "marker": marker }));
+                    s.finished_ms = Some(now_ms());
+                    continue;
+                }
+                Some(Seen::Skipped { by, marker }) => {
+                    s.state = StepState::Failed;
+                    s.error = Some(format!("dead-lettered, then skipped by {by}"));
+                    s.output = Some(serde_json::json!({ "skipped_by": by, "marker": marker }));
+                    s.finished_ms = Some(now_ms());
+                    skipped_by = Some(by);
+                    continue;
+                }
+            }
         }
+        // Set once this node has told the others it is retrying this effect.
+        let mut claimed = false;
         let input = effect.then(|| effect_input(shared, &run, &step.id, &effect_key, &json));
         loop {
             run.steps[i].attempts += 1;
@@ -1642,14 +1899,21 @@ async fn execute(
                 Err(StepError::Final(e)) => {
                     s.state = StepState::Failed;
                     s.error = Some(e);
+                    if effect {
+                        failed_here.push(i);
+                    }
                     break;
                 }
                 Err(StepError::Retry(e)) => {
                     if s.attempts >= step.retry.attempts {
                         s.state = StepState::Failed;
                         s.error = Some(e);
+                        if effect {
+                            failed_here.push(i);
+                        }
                         break;
                     }
+                    let claim = effect && !claimed;
                     let wait = backoff(&step.retry, s.attempts);
                     s.error = Some(format!(
                         "{e} (attempt {} of {}; next in {wait:?})",
@@ -1658,6 +1922,14 @@ async fn execute(
                     run.updated_ms = now_ms();
                     if let Err(e) = record(&run) {
                         tracing::warn!(err = %e, "cannot write the run log");
+                    }
+                    if claim {
+                        // The others wait for this node while it retries,
+                        // instead of taking the effect over after
+                        // `workflow.effect_wait_ms`.
+                        let by = shared.local.clone();
+                        mark(shared, &run, &effect_key, Marker::Trying { by }).await;
+                        claimed = true;
                     }
                     tokio::time::sleep(wait).await;
                 }
@@ -1675,18 +1947,42 @@ async fn execute(
     run.updated_ms = now_ms();
     shared.run_latency.observe(started.elapsed().as_secs_f64());
     if let Some(f) = failed {
-        run.status = RunStatus::Dead;
         run.error = Some(format!(
             "step {:?}: {}",
             f.id,
             f.error.as_deref().unwrap_or("failed")
         ));
+        if skipped_by.is_some() {
+            // Dead-lettered and skipped elsewhere: the same here.
+            run.status = RunStatus::Skipped;
+            if let Err(e) = record(&run) {
+                tracing::error!(err = %e, "cannot write the run log");
+            }
+            return;
+        }
+        run.status = RunStatus::Dead;
         shared.counters.dead.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(run = run.id, workflow = %run.workflow, doc = %run.doc, err = %run.error.as_deref().unwrap_or(""), "workflow run dead-lettered");
         if let Err(e) = record(&run) {
             tracing::error!(err = %e, "cannot write the run log");
         }
-        alert_failure(shared, plan, &run).await;
+        // A dead effect is a decision: recorded in its marker, so that no
+        // other node takes it over and every node shows it dead.
+        for &i in &failed_here {
+            let key = format!("{}-{}", run.key, run.steps[i].id);
+            let by = shared.local.clone();
+            let error = run.steps[i].error.clone().unwrap_or_default();
+            mark(shared, &run, &key, Marker::Dead { by, error }).await;
+        }
+        // Followed another node's decision: that node alerts.
+        let followed = run.steps.iter().any(|s| {
+            s.output
+                .as_ref()
+                .is_some_and(|o| o.get("dead_by").is_some())
+        });
+        if !failed_here.is_empty() || !followed {
+            alert_failure(shared, plan, &run, !failed_here.is_empty()).await;
+        }
         return;
     } else {
         run.status = RunStatus::Done;
@@ -1704,13 +2000,17 @@ async fn execute(
 /// rendezvous owner of `<run key>-on_failure` among the live nodes running
 /// the workflow. Its input is `{"run": <the run record>, "node": <peer id>}`;
 /// it is retried with its backoff, then given up with an error in the log.
-async fn alert_failure(shared: &Shared, plan: &Plan, run: &Run) {
+async fn alert_failure(shared: &Shared, plan: &Plan, run: &Run, here: bool) {
     let Some(step) = &plan.def.on_failure else {
         return;
     };
-    // One alert per dead state: from the node that owns the run's effects
-    // (the one that ran them, or would have).
-    if !owns_effects(shared, plan.def.trigger.origin, run).await.0 {
+    // One alert per dead state: from the node whose effect failed (`here`),
+    // or else the node that owns the run's effects (would have run them).
+    if !here
+        && !owns_effects(shared, plan.def.trigger.origin, run, None)
+            .await
+            .0
+    {
         return;
     }
     let key = format!("{}-on_failure", run.key);
@@ -1768,33 +2068,52 @@ async fn run_effect(
 /// and for its owner's liveness.
 const TURN_POLL: Duration = Duration::from_millis(200);
 
-/// Waits until this node owns the effect `key` of step `i` (returns `None`)
-/// or another node recorded its delivery (returns who). A node that waited
-/// `workflow.effect_wait_ms` for a live owner takes the effect over: the
+/// What a node waiting for an effect's owner learnt.
+enum Turn {
+    /// This node executes the effect.
+    Mine,
+    /// Another node handled it or decided about it.
+    Seen(Seen),
+}
+
+/// A marker that ends the wait for an effect (see [`Marker`]).
+enum Seen {
+    /// Delivered (or skipped, its `when` false) by this node (text).
+    Handled(String),
+    /// Dead-lettered by `by` with `error`, under marker key `marker`.
+    Dead {
+        by: String,
+        error: String,
+        marker: String,
+    },
+    /// Dead-lettered, then skipped by a user on `by`.
+    Skipped { by: String, marker: String },
+}
+
+/// Waits until this node owns the effect `key` of step `i` or another node
+/// recorded what became of it. A node that waited
+/// `workflow.effect_wait_ms` for a live owner takes the effect over (the
 /// owner may have coalesced this trigger into a later state and never run
-/// this key (at-least-once: the receiver sees the key twice at worst).
-async fn await_turn(
-    shared: &Shared,
-    origin: Origin,
-    run: &mut Run,
-    i: usize,
-    key: &str,
-) -> Option<String> {
+/// this key; at-least-once: the receiver sees the key twice at worst),
+/// unless the owner's marker says it is retrying it: then it waits as long
+/// as that node is connected.
+async fn await_turn(shared: &Shared, origin: Origin, run: &mut Run, i: usize, key: &str) -> Turn {
     let started = Instant::now();
     let wait = Duration::from_millis(shared.cfg.effect_wait_ms);
     let mut shown: Option<String> = None;
     let step = run.steps[i].id.clone();
     loop {
-        if let Some(by) = delivery(shared, run, &step, key).await {
-            return Some(by);
+        let (seen, trying) = look(shared, run, &step, key).await;
+        if let Some(seen) = seen {
+            return Turn::Seen(seen);
         }
-        let (mine, owner) = owns_effects(shared, origin, run).await;
+        let (mine, owner, claimed) = owns_effects(shared, origin, run, trying.as_deref()).await;
         if mine {
-            return None;
+            return Turn::Mine;
         }
-        if started.elapsed() >= wait {
+        if !claimed && started.elapsed() >= wait {
             tracing::warn!(run = run.id, key, owner = ?owner, "effect not delivered by its owner in time; taking it over");
-            return None;
+            return Turn::Mine;
         }
         if shown != owner {
             run.steps[i].output = Some(serde_json::json!({ "waiting_for": owner }));
@@ -1808,30 +2127,57 @@ async fn await_turn(
     }
 }
 
-/// Who delivered effect `key` of `run`'s step `step`, if its marker has
-/// arrived; or who delivered the same step for a later state of the doc
-/// (one whose history holds this run's state): another node coalesced this
-/// trigger into that one, and triggers fire on state, so that delivery
-/// stands for this one too.
-async fn delivery(shared: &Shared, run: &Run, step: &str, key: &str) -> Option<String> {
-    let id = DocId::new(super::effect::marker_doc(&run.workflow, &run.doc)).ok()?;
-    let Ok(Json::Object(markers)) = shared.docs.get(id, None).await else {
-        return None;
+/// The markers of `run`'s (workflow, doc), by effect key.
+async fn markers(shared: &Shared, run: &Run) -> serde_json::Map<String, Json> {
+    let Ok(id) = DocId::new(super::effect::marker_doc(&run.workflow, &run.doc)) else {
+        return Default::default();
     };
-    let said = |m: &Json, by: &str| {
-        if m["skipped"] == Json::Bool(true) {
-            format!("{by} (skipped: its when was false)")
-        } else {
-            by.to_string()
+    match shared.docs.get(id, None).await {
+        Ok(Json::Object(m)) => m,
+        _ => Default::default(),
+    }
+}
+
+/// What the markers say about effect `key` of `run`'s step `step`: handled
+/// or decided (dead, skipped) by a node, for this state or for a later
+/// state of the doc (one whose history holds this run's state: another
+/// node coalesced this trigger into that one, and triggers fire on state,
+/// so what became of it stands for this one too). Also the node retrying
+/// this key, if its marker says one is.
+async fn look(shared: &Shared, run: &Run, step: &str, key: &str) -> (Option<Seen>, Option<String>) {
+    let markers = markers(shared, run).await;
+    let seen = |m: Marker, marker: &str, later: bool| -> Option<Seen> {
+        let tail = if later { " for a later state" } else { "" };
+        match m {
+            Marker::Handled { by, when_false } => Some(Seen::Handled(if when_false {
+                format!("{by} (skipped: its when was false){tail}")
+            } else {
+                format!("{by}{tail}")
+            })),
+            Marker::Trying { .. } => None,
+            Marker::Dead { by, error } => Some(Seen::Dead {
+                by: format!("{by}{tail}"),
+                error,
+                marker: marker.to_string(),
+            }),
+            Marker::Skipped { by } => Some(Seen::Skipped {
+                by: format!("{by}{tail}"),
+                marker: marker.to_string(),
+            }),
         }
     };
-    if let Some(m) = markers.get(key)
-        && let Some(by) = m["by"].as_str()
-    {
-        return Some(said(m, by));
+    let mut trying = None;
+    if let Some(m) = markers.get(key).and_then(Marker::parse) {
+        if let Marker::Trying { by } = &m {
+            trying = Some(by.clone());
+        } else {
+            return (seen(m, key, false), None);
+        }
     }
-    let doc = DocId::new(run.doc.as_str()).ok()?;
-    for m in markers.values().filter(|m| m["step"] == step) {
+    let Ok(doc) = DocId::new(run.doc.as_str()) else {
+        return (None, trying);
+    };
+    for (k, m) in markers.iter().filter(|(_, m)| m["step"] == step) {
         let Some(heads) = m["heads"].as_array() else {
             continue;
         };
@@ -1840,6 +2186,7 @@ async fn delivery(shared: &Shared, run: &Run, step: &str, key: &str) -> Option<S
             .filter_map(|h| h.as_str().map(str::to_string))
             .collect();
         if heads != run.heads
+            && let Some(m) = Marker::parse(m)
             && matches!(
                 shared
                     .docs
@@ -1848,11 +2195,17 @@ async fn delivery(shared: &Shared, run: &Run, step: &str, key: &str) -> Option<S
                 Ok(true)
             )
         {
-            let by = m["by"].as_str().unwrap_or("?");
-            return Some(format!("{} for a later state", said(m, by)));
+            match m {
+                // Someone retries the later state: wait for it like for
+                // this one.
+                Marker::Trying { by } => {
+                    trying.get_or_insert(by);
+                }
+                m => return (seen(m, k, true), trying),
+            }
         }
     }
-    None
+    (None, trying)
 }
 
 /// The JSON an effect gets: the run's metadata and the doc.
@@ -1874,8 +2227,7 @@ fn effect_input(shared: &Shared, run: &Run, step: &str, key: &str, doc: &Json) -
 }
 
 /// After an effect: on success, records the delivery in the marker doc (so
-/// the nodes that did not own it stop waiting), dropping the oldest markers
-/// past [`super::effect::MAX_MARKERS`].
+/// the nodes that did not own it stop waiting).
 async fn delivered(
     shared: &Shared,
     run: &Run,
@@ -1886,36 +2238,53 @@ async fn delivered(
         Failure::Final(e) => StepError::Final(e),
         Failure::Retry(e) => StepError::Retry(e),
     })?;
-    mark(shared, run, key, false).await;
+    let by = shared.local.clone();
+    let what = Marker::Handled {
+        by,
+        when_false: false,
+    };
+    mark(shared, run, key, what).await;
     let mut out = out;
     out["idempotency_key"] = Json::String(key.to_string());
     Ok((out, vec![]))
 }
 
-/// Records in the marker doc that this node handled effect `key` of `run`
-/// (delivered it, or, as its owner, `skipped` it because its `when` was
-/// false), so the nodes waiting for it stop waiting. Keeps the newest
-/// [`super::effect::MAX_MARKERS`].
-async fn mark(shared: &Shared, run: &Run, key: &str, skipped: bool) {
+/// Records `what` this node did or decided about effect `key` of `run` in
+/// the marker doc (see [`Marker`]), so the other nodes follow it. A marker
+/// already there keeps its `step` and `heads` (a decision about the key of
+/// a later state). Keeps the newest [`super::effect::MAX_MARKERS`].
+async fn mark(shared: &Shared, run: &Run, key: &str, what: Marker) {
     if run.doc.is_empty() {
         return; // scheduled: nobody waits
     }
     let marker = super::effect::marker_doc(&run.workflow, &run.doc);
     if let Ok(id) = DocId::new(marker) {
+        let old = match shared.docs.get(id.clone(), None).await {
+            Ok(Json::Object(old)) => old,
+            _ => Default::default(),
+        };
+        let mut value = serde_json::json!({
+            "by": shared.local,
+            "at": now_ms(),
+            "step": key.split_once('-').map_or("", |(_, s)| s),
+            "heads": run.heads,
+        });
+        if let Some(was) = old.get(key) {
+            for k in ["step", "heads"] {
+                if let Some(v) = was.get(k) {
+                    value[k] = v.clone();
+                }
+            }
+        }
+        for (k, v) in what.fields() {
+            value[k.as_str()] = v;
+        }
         let mut ops = vec![Op::Set {
             path: format!("/{key}"),
-            value: serde_json::json!({
-                "by": shared.local,
-                "at": now_ms(),
-                "step": key.split_once('-').map_or("", |(_, s)| s),
-                "heads": run.heads,
-                "skipped": skipped,
-            }),
+            value,
             kind: None,
         }];
-        if let Ok(Json::Object(old)) = shared.docs.get(id.clone(), None).await
-            && old.len() >= super::effect::MAX_MARKERS
-        {
+        if !old.contains_key(key) && old.len() >= super::effect::MAX_MARKERS {
             let mut by_age: Vec<(u64, &String)> = old
                 .iter()
                 .map(|(k, v)| (v["at"].as_u64().unwrap_or(0), k))
@@ -1939,14 +2308,31 @@ async fn mark(shared: &Shared, run: &Run, key: &str, skipped: bool) {
 /// workflow. Per doc, not per state: nodes may fold states differently
 /// (triggers fire on state), and the owner's handling of a later state
 /// stands for the earlier ones.
-async fn owns_effects(shared: &Shared, origin: Origin, run: &Run) -> (bool, Option<String>) {
+///
+/// `trying` is the node a marker says retries the effect: while it is
+/// connected it is the owner, and the third value is true (nobody takes
+/// over from it).
+async fn owns_effects(
+    shared: &Shared,
+    origin: Origin,
+    run: &Run,
+    trying: Option<&str>,
+) -> (bool, Option<String>, bool) {
     // Only this node runs it: a scheduled run (started by the tick's owner),
-    // a state written here that only local writes trigger, a retry asked
-    // for here.
-    if run.doc.is_empty() || origin == Origin::Local || run.trigger == "retry" {
-        return (true, None);
+    // a state written here that only local writes trigger.
+    if run.doc.is_empty() || origin == Origin::Local {
+        return (true, None, false);
     }
     let mut candidates = shared.candidates(&run.workflow).await;
+    if let Some(by) = trying
+        && candidates.iter().any(|c| c == by)
+    {
+        return (by == shared.local, Some(by.to_string()), true);
+    }
+    // A retry asked for here (its marker not written, or its node gone).
+    if run.trigger == "retry" {
+        return (true, None, false);
+    }
     if origin == Origin::Remote {
         // The nodes that wrote the state are not triggered by it.
         let wrote = match DocId::new(run.doc.as_str()) {
@@ -1966,6 +2352,7 @@ async fn owns_effects(shared: &Shared, origin: Origin, run: &Run) -> (bool, Opti
     (
         owner.is_none() || owner.as_deref() == Some(shared.local.as_str()),
         owner,
+        false,
     )
 }
 

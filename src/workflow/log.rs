@@ -18,6 +18,8 @@ use crate::store::{Store, StoreError};
 struct Entry {
     status: RunStatus,
     workflow: Arc<str>,
+    /// The triggering doc (empty for a scheduled run).
+    doc: Arc<str>,
 }
 
 /// The run log of one node.
@@ -47,6 +49,7 @@ impl RunLog {
         let mut index = BTreeMap::new();
         let mut open = Vec::new();
         let mut names: BTreeMap<String, Arc<str>> = BTreeMap::new();
+        let mut docs: BTreeMap<String, Arc<str>> = BTreeMap::new();
         let records = store.runs().unwrap_or_else(|e| {
             tracing::error!(err = %e, "cannot read the run log; open runs are not resumed");
             vec![]
@@ -58,11 +61,16 @@ impl RunLog {
                         .entry(run.workflow.clone())
                         .or_insert_with(|| Arc::from(run.workflow.as_str()))
                         .clone();
+                    let doc = docs
+                        .entry(run.doc.clone())
+                        .or_insert_with(|| Arc::from(run.doc.as_str()))
+                        .clone();
                     index.insert(
                         id,
                         Entry {
                             status: run.status,
                             workflow,
+                            doc,
                         },
                     );
                     if run.status.is_open() {
@@ -97,15 +105,21 @@ impl RunLog {
         let cursor = cursor.map(|heads| (run.workflow.as_str(), run.doc.as_str(), heads));
         let mut index = self.index();
         self.store.put_run(run.id, &record, cursor)?;
-        let workflow = match index.get(&run.id) {
-            Some(e) if *e.workflow == *run.workflow => e.workflow.clone(),
-            _ => Arc::from(run.workflow.as_str()),
+        let (workflow, doc) = match index.get(&run.id) {
+            Some(e) if *e.workflow == *run.workflow && *e.doc == *run.doc => {
+                (e.workflow.clone(), e.doc.clone())
+            }
+            _ => (
+                Arc::from(run.workflow.as_str()),
+                Arc::from(run.doc.as_str()),
+            ),
         };
         let before = index.insert(
             run.id,
             Entry {
                 status: run.status,
                 workflow,
+                doc,
             },
         );
         self.recount(before.map(|e| e.status), Some(run.status));
@@ -151,6 +165,44 @@ impl RunLog {
             }
         }
         Ok(out)
+    }
+
+    /// The dead runs of `workflow` on a doc that `doc` accepts, oldest
+    /// first. Reads only the records it returns.
+    ///
+    /// # Errors
+    /// Store errors, a record that does not decode.
+    pub(super) fn dead_of(
+        &self,
+        workflow: &str,
+        doc: impl Fn(&str) -> bool,
+    ) -> Result<Vec<Run>, WorkflowError> {
+        let ids: Vec<u64> = self
+            .index()
+            .iter()
+            .filter(|(_, e)| e.status == RunStatus::Dead && *e.workflow == *workflow && doc(&e.doc))
+            .map(|(id, _)| *id)
+            .collect();
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            match self.get(id) {
+                Ok(run) => out.push(run),
+                Err(WorkflowError::NoRun(_)) => {} // pruned since
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The (workflow, doc) pairs that have dead runs (docs not empty).
+    pub(super) fn dead_pairs(&self) -> Vec<(String, String)> {
+        let set: std::collections::BTreeSet<(String, String)> = self
+            .index()
+            .values()
+            .filter(|e| e.status == RunStatus::Dead && !e.doc.is_empty())
+            .map(|e| (e.workflow.to_string(), e.doc.to_string()))
+            .collect();
+        set.into_iter().collect()
     }
 
     /// Dead runs in the log.

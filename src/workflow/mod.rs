@@ -9,5 +9,5 @@ mod log;
 pub mod plan;
 pub mod run;
 
-pub use engine::{Engine, EngineStats, WorkflowError, WorkflowInfo};
+pub use engine::{Deleted, Engine, EngineStats, WorkflowError, WorkflowInfo};
 pub use run::{Run, RunStatus, StepRun, StepState};

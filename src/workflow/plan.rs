@@ -135,6 +135,17 @@ impl Plan {
         }))
     }
 
+    /// True if the workflow runs commands (an `exec` step or an `exec`
+    /// `[on_failure]`): `apply` refuses it unless
+    /// `workflow.allow_applied_exec` is set.
+    pub fn runs_commands(&self) -> bool {
+        self.def
+            .steps
+            .iter()
+            .chain(&self.def.on_failure)
+            .any(|s| matches!(s.action, super::def::Action::Exec { .. }))
+    }
+
     /// The workflow's name.
     pub fn name(&self) -> &str {
         &self.def.name

@@ -29,6 +29,18 @@ impl RunStatus {
         serde_json::from_value(Json::String(s.to_string())).ok()
     }
 
+    /// How the status reads in a sentence about a run: `is queued`,
+    /// `was skipped`, ...
+    pub fn phrase(self) -> &'static str {
+        match self {
+            RunStatus::Queued => "is queued",
+            RunStatus::Running => "is running",
+            RunStatus::Done => "is done",
+            RunStatus::Dead => "is dead",
+            RunStatus::Skipped => "was skipped",
+        }
+    }
+
     /// True while the run still has work to do.
     pub fn is_open(self) -> bool {
         matches!(self, RunStatus::Queued | RunStatus::Running)
@@ -92,7 +104,9 @@ pub struct Run {
     /// no workflow made).
     pub depth: u32,
     /// What started it: `change`, `startup` (a doc state no run had taken
-    /// when the workflow was loaded), `resume` (interrupted by a restart),
+    /// when the node started: written while it was down, or before the
+    /// workflow existed), `definition` (a doc state no run had taken when a
+    /// new or changed definition was loaded while the node ran), `schedule`,
     /// `retry`.
     pub trigger: String,
     /// Where it is.

@@ -136,15 +136,30 @@ enum Cmd {
         #[arg(long, default_value_t = 300)]
         timeout: u64,
     },
+    /// Print the change feed as it happens, one JSON object per line:
+    /// `{"event": "change"|"run"|"missed", "id", "data"}` (Ctrl-C to stop).
+    Events {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Only docs whose id matches this glob, such as `sensors/**`.
+        #[arg(long)]
+        doc: Option<String>,
+        /// Start after this event id (resume where an earlier run stopped).
+        #[arg(long)]
+        after: Option<String>,
+    },
     /// Print a new random network key for `net.key` (64 hex digits).
     Keygen,
     /// Fault-campaign tools run by scripts/chaos.sh: workload, effect
-    /// receiver, checker.
+    /// receiver, checker. (Development; not in the help.)
+    #[command(hide = true)]
     Chaos {
         #[command(subcommand)]
         cmd: cli::chaos::ChaosCmd,
     },
     /// Measure durable write throughput and latency against a running node.
+    /// (Development: scripts/bench.sh; not in the help.)
+    #[command(hide = true)]
     Bench {
         #[command(flatten)]
         client: ClientArgs,
@@ -227,6 +242,31 @@ impl ClientArgs {
     }
 }
 
+/// How a write is sent (`doc patch`, `doc ops`).
+#[derive(clap::Args)]
+struct WriteArgs {
+    /// Answer only once this many peers confirmed they stored the write.
+    #[arg(long)]
+    replicas: Option<usize>,
+    /// How long to wait for --replicas, in milliseconds (default 5000).
+    #[arg(long)]
+    timeout_ms: Option<u64>,
+    /// Apply the write at most once per doc and key: a retry with the same
+    /// key (after a lost answer) is not applied again.
+    #[arg(long)]
+    idempotency_key: Option<String>,
+}
+
+impl WriteArgs {
+    fn options(self) -> mergeflow::client::WriteOptions {
+        mergeflow::client::WriteOptions {
+            replicas: self.replicas,
+            timeout_ms: self.timeout_ms,
+            idempotency_key: self.idempotency_key,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum DocCmd {
     /// Create a document from a JSON object (VALUE, or stdin when VALUE is - or absent).
@@ -251,6 +291,8 @@ enum DocCmd {
         id: String,
         /// JSON object (or - for stdin).
         patch: Option<String>,
+        #[command(flatten)]
+        write: WriteArgs,
     },
     /// Apply a JSON list of ops as one change, all or nothing.
     Ops {
@@ -258,6 +300,8 @@ enum DocCmd {
         id: String,
         /// JSON array such as [{"op":"increment","path":"/n"}] (or - for stdin).
         ops: Option<String>,
+        #[command(flatten)]
+        write: WriteArgs,
     },
     /// List documents in id order (every page; the node's system docs
     /// only with --system).
@@ -465,6 +509,7 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::WaitSynced { client, timeout } => {
             cli::progress::wait_synced(&client.client(), Duration::from_secs(timeout)).await
         }
+        Cmd::Events { client, doc, after } => events(&client.client(), doc, after).await,
         Cmd::Keygen => {
             println!("{}", mergeflow::net::generate_key());
             Ok(())
@@ -657,6 +702,20 @@ async fn workflow(client: ClientArgs, cmd: WorkflowCmd) -> Result<()> {
     }
 }
 
+/// `mergeflow events`: one JSON line per event until the node ends the
+/// stream (it shut down) or stdout closes.
+async fn events(c: &Client, doc: Option<String>, after: Option<String>) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    c.events(doc.as_deref(), after.as_deref(), |event, id, data| {
+        let line = serde_json::json!({ "event": event, "id": id, "data": data });
+        writeln!(out, "{line}").and_then(|()| out.flush()).is_ok()
+    })
+    .await?;
+    eprintln!("the node ended the event stream");
+    Ok(())
+}
+
 async fn runs(
     client: ClientArgs,
     workflow: Option<String>,
@@ -700,8 +759,76 @@ async fn runs(
         None => c.run(id).await?,
         Some(a) => c.run_action(id, a).await?,
     };
-    print_json(&run);
+    if client.json {
+        print_json(&run);
+    } else {
+        print!("{}", run_summary(&run));
+    }
     Ok(())
+}
+
+/// `runs show` for people: the run, then one line per step (state,
+/// attempts, time taken, who delivered an effect), then errors.
+fn run_summary(run: &mergeflow::workflow::Run) -> String {
+    use std::fmt::Write;
+    let lower = |s: String| s.to_lowercase();
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "run {}: {} of workflow {} on doc {}",
+        run.id,
+        lower(format!("{:?}", run.status)),
+        run.workflow,
+        run.doc
+    );
+    let _ = writeln!(
+        o,
+        "  trigger {}, depth {}, key {}",
+        run.trigger, run.depth, run.key
+    );
+    let took = run.updated_ms.saturating_sub(run.created_ms);
+    let _ = writeln!(
+        o,
+        "  created {} (unix ms), {took} ms to its last update",
+        run.created_ms
+    );
+    if let Some(e) = &run.error {
+        let _ = writeln!(o, "  error: {e}");
+    }
+    let _ = writeln!(o, "steps:");
+    for s in &run.steps {
+        let attempts = match s.attempts {
+            1 => "1 attempt".to_string(),
+            n => format!("{n} attempts"),
+        };
+        let took = match (s.started_ms, s.finished_ms) {
+            (Some(a), Some(b)) => format!(", {} ms", b.saturating_sub(a)),
+            _ => String::new(),
+        };
+        let _ = write!(
+            o,
+            "  {:<16} {:<8} {:<8} {attempts}{took}",
+            s.id,
+            s.kind,
+            lower(format!("{:?}", s.state))
+        );
+        let out = s.output.as_ref();
+        let who = |k: &str| out.and_then(|v| v[k].as_str()).map(str::to_string);
+        if let Some(by) = who("delivered_by") {
+            let _ = write!(o, ", delivered by {by}");
+        } else if let Some(by) = who("dead_by") {
+            let _ = write!(o, ", dead-lettered by {by}");
+        } else if let Some(by) = who("skipped_by") {
+            let _ = write!(o, ", skipped by {by}");
+        } else if let Some(by) = who("waiting_for") {
+            let _ = write!(o, ", waiting for {by}");
+        }
+        let _ = writeln!(o);
+        if let Some(e) = &s.error {
+            let _ = writeln!(o, "    error: {e}");
+        }
+    }
+    o
 }
 
 async fn start(args: StartArgs) -> Result<()> {
@@ -985,16 +1112,16 @@ async fn doc(args: ClientArgs, cmd: DocCmd) -> Result<()> {
             print_json(&v);
             Ok(())
         }
-        DocCmd::Patch { id, patch } => {
+        DocCmd::Patch { id, patch, write } => {
             let patch = json_arg(patch, "PATCH")?;
-            let r = c.patch(&id, &patch).await?;
-            write_result(json, "patched", &r)
+            let r = c.patch_with(&id, &patch, &write.options()).await?;
+            written(json, "patched", &r)
         }
-        DocCmd::Ops { id, ops } => {
+        DocCmd::Ops { id, ops, write } => {
             let ops: Vec<Op> = serde_json::from_value(json_arg(ops, "OPS")?)
                 .context("OPS must be a JSON array of ops such as [{\"op\":\"set\",\"path\":\"/a\",\"value\":1}]")?;
-            let r = c.ops(&id, &ops).await?;
-            write_result(json, "applied", &r)
+            let r = c.ops_with(&id, &ops, &write.options()).await?;
+            written(json, "applied", &r)
         }
         DocCmd::List {
             prefix,
@@ -1083,6 +1210,19 @@ async fn doc(args: ClientArgs, cmd: DocCmd) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// As [`write_result`], with the replicas that confirmed, if asked for.
+fn written(json: bool, verb: &str, w: &mergeflow::client::Written) -> Result<()> {
+    if json {
+        print_json(w);
+        return Ok(());
+    }
+    write_result(false, verb, &w.result)?;
+    if let Some(peers) = w.replicas.as_ref().and_then(|r| r.as_array()) {
+        println!("confirmed by {} replicas", peers.len());
+    }
+    Ok(())
 }
 
 fn write_result(json: bool, verb: &str, r: &mergeflow::doc::WriteResult) -> Result<()> {

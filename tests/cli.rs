@@ -264,6 +264,15 @@ async fn workflow_and_runs_commands() {
     let shown = cli.json(&["runs", "show", &id]);
     assert_eq!(shown["steps"][0]["state"], "done");
     assert_eq!(shown["steps"][0]["output"]["wrote"], json!(["/twice"]));
+    let summary = cli.ok(&["runs", "show", &id]);
+    assert!(
+        summary.starts_with(&format!("run {id}: done of workflow double on doc n/1")),
+        "{summary}"
+    );
+    assert!(
+        summary.contains("steps:\n  x2") && summary.contains("1 attempt"),
+        "{summary}"
+    );
     let table = cli.ok(&["runs"]);
     assert!(table.contains("double") && table.contains("n/1"), "{table}");
     let err = cli.fails(&["runs", "retry", &id]);
@@ -667,4 +676,103 @@ async fn workflow_delete_removes_an_applied_workflow_on_every_node() {
     assert!(err.contains("workflow.allow_applied_exec"), "{err}");
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
+}
+
+/// `mergeflow events` prints the change feed as JSON lines, filtered by
+/// `--doc`; `doc patch` and `doc ops` take `--idempotency-key`,
+/// `--replicas` and `--timeout-ms`; development commands stay out of the
+/// help but still run.
+#[tokio::test(flavor = "multi_thread")]
+async fn events_write_flags_and_a_help_without_development_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path()).await;
+    let api = node.api_addr().unwrap().to_string();
+    let cli = Cli {
+        api: api.clone(),
+        token: None,
+    };
+    let mut events = Command::new(bin())
+        .args(["events", "--doc", "sensors/**", "--api", &api])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = events.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let seen = tokio::task::spawn_blocking(move || {
+        // Write until the subscriber (started concurrently) sees a change.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let mut n = 0;
+        loop {
+            n += 1;
+            cli.ok(&["doc", "patch", "other/b", &format!("{{\"n\": {n}}}")]);
+            cli.ok(&["doc", "patch", "sensors/a", &format!("{{\"n\": {n}}}")]);
+            if let Ok(line) = rx.recv_timeout(std::time::Duration::from_millis(200)) {
+                break (cli, line);
+            }
+            assert!(std::time::Instant::now() < deadline, "no event line");
+        }
+    })
+    .await
+    .unwrap();
+    let (cli, line) = seen;
+    let _ = events.kill();
+    let _ = events.wait();
+    let event: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(event["event"], "change", "{event}");
+    assert_eq!(
+        event["data"]["doc"], "sensors/a",
+        "only docs matching --doc"
+    );
+    assert!(event["id"].is_string(), "{event}");
+
+    tokio::task::spawn_blocking(move || {
+        let patch = [
+            "doc",
+            "patch",
+            "k/1",
+            r#"{"a": 1}"#,
+            "--idempotency-key",
+            "once",
+        ];
+        assert!(cli.ok(&patch).starts_with("patched k/1"));
+        assert!(
+            cli.ok(&patch).starts_with("unchanged k/1"),
+            "a retry is applied once"
+        );
+        let ops = r#"[{"op": "increment", "path": "/n"}]"#;
+        let err = cli.fails(&[
+            "doc",
+            "ops",
+            "k/1",
+            ops,
+            "--replicas",
+            "1",
+            "--timeout-ms",
+            "100",
+        ]);
+        assert!(
+            err.contains("replicas"),
+            "a lone node has no replica: {err}"
+        );
+        let help = cli.ok(&["--help"]);
+        assert!(
+            help.contains("events") && help.contains("wait-synced"),
+            "{help}"
+        );
+        assert!(!help.contains("chaos") && !help.contains("bench"), "{help}");
+        assert!(cli.ok(&["bench", "--help"]).contains("--concurrency"));
+    })
+    .await
+    .unwrap();
+    node.shutdown().await.unwrap();
 }

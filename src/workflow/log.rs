@@ -156,15 +156,7 @@ impl RunLog {
             .map(|(id, _)| *id)
             .take(limit)
             .collect();
-        let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
-            match self.get(id) {
-                Ok(run) => out.push(run),
-                Err(WorkflowError::NoRun(_)) => {} // pruned since
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(out)
+        self.get_all(ids)
     }
 
     /// The dead runs of `workflow` on a doc that `doc` accepts, oldest
@@ -183,6 +175,12 @@ impl RunLog {
             .filter(|(_, e)| e.status == RunStatus::Dead && *e.workflow == *workflow && doc(&e.doc))
             .map(|(id, _)| *id)
             .collect();
+        self.get_all(ids)
+    }
+
+    /// The runs `ids` still held, in that order (a run pruned since its id
+    /// was read is left out).
+    fn get_all(&self, ids: Vec<u64>) -> Result<Vec<Run>, WorkflowError> {
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
             match self.get(id) {

@@ -49,6 +49,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::def::{Action, Backoff, DefError, Origin, Policy, Retry};
 use super::effect::{Failure, Marker, SYSTEM_PREFIX};
+use super::error::WorkflowError;
 use super::expr::{Bound, Input, Sandbox};
 use super::log::RunLog;
 use super::plan::{Plan, kind_name};
@@ -69,59 +70,6 @@ const PRUNE_EVERY: u64 = 1000;
 /// warns about it.
 pub const APPLY_EXEC_REFUSED: &str = "it runs commands (exec): apply refuses it on this node \
     unless workflow.allow_applied_exec = true; as a file in the workflow dir it runs";
-
-/// Errors of the management API.
-#[derive(Debug, thiserror::Error)]
-pub enum WorkflowError {
-    /// No such run.
-    #[error("no run {0}")]
-    NoRun(u64),
-    /// No such workflow.
-    #[error("no workflow named {0:?}")]
-    NoWorkflow(String),
-    /// A workflow defined only by a file, which the API cannot remove.
-    #[error(
-        "workflow {name:?} is defined by the file {file} on this node, not applied through \
-         the API: remove the file from the workflow dir of each node that has it \
-         (or stop it everywhere with disable)"
-    )]
-    DefinedByFile {
-        /// The workflow.
-        name: String,
-        /// Its file.
-        file: String,
-    },
-    /// The run is not in a state the action applies to.
-    #[error("run {id} {}; {what}", status.phrase())]
-    WrongState {
-        /// The run.
-        id: u64,
-        /// Its status.
-        status: RunStatus,
-        /// What the action needs.
-        what: &'static str,
-    },
-    /// A definition that does not load.
-    #[error(transparent)]
-    Def(#[from] DefError),
-    /// The run log could not be read or written.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// A stored run record does not decode.
-    #[error("run log record {id} does not decode: {what}")]
-    Corrupt {
-        /// The run.
-        id: u64,
-        /// The decoder's message.
-        what: String,
-    },
-    /// A definition or flag could not be stored.
-    #[error("cannot store the workflow's system doc: {0}")]
-    Write(String),
-    /// The engine has stopped (the node is shutting down).
-    #[error("the workflow engine has stopped")]
-    Stopped,
-}
 
 /// A workflow as the API lists it.
 #[derive(Debug, Clone, Serialize)]

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::engine::WorkflowError;
+use super::error::WorkflowError;
 use super::run::{Run, RunStatus};
 use crate::store::{Store, StoreError};
 

@@ -4,10 +4,12 @@
 pub mod def;
 pub mod effect;
 pub mod engine;
+mod error;
 pub mod expr;
 mod log;
 pub mod plan;
 pub mod run;
 
-pub use engine::{Deleted, Engine, EngineStats, WorkflowError, WorkflowInfo};
+pub use engine::{Deleted, Engine, EngineStats, WorkflowInfo};
+pub use error::WorkflowError;
 pub use run::{Run, RunStatus, StepRun, StepState};

@@ -734,8 +734,9 @@ impl DocHandle {
     /// it is durable.
     ///
     /// # Errors
-    /// See [`Docs::write`].
+    /// See [`Docs::write`].; [`DocError::Reserved`](crate::doc::DocError::Reserved) for a system doc (`_mergeflow/...`)
     pub async fn patch(&self, patch: serde_json::Value) -> Result<WriteResult, Error> {
+        crate::doc::user_writable(&self.id)?;
         Ok(self
             .docs
             .write(self.id.clone(), Change::Patch(patch))
@@ -745,8 +746,9 @@ impl DocHandle {
     /// Applies explicit ops as one change, all or nothing; returns once durable.
     ///
     /// # Errors
-    /// See [`Docs::write`].
+    /// See [`Docs::write`].; [`DocError::Reserved`](crate::doc::DocError::Reserved) for a system doc (`_mergeflow/...`)
     pub async fn ops(&self, ops: Vec<crate::doc::Op>) -> Result<WriteResult, Error> {
+        crate::doc::user_writable(&self.id)?;
         Ok(self.docs.write(self.id.clone(), Change::Ops(ops)).await?)
     }
 
@@ -754,7 +756,7 @@ impl DocHandle {
     /// If `f` fails, nothing is stored.
     ///
     /// # Errors
-    /// `f`'s error, size caps, store errors.
+    /// `f`'s error, size caps, store errors.; [`DocError::Reserved`](crate::doc::DocError::Reserved) for a system doc (`_mergeflow/...`)
     pub async fn change<F>(&self, f: F) -> Result<WriteResult, Error>
     where
         F: FnOnce(
@@ -763,6 +765,7 @@ impl DocHandle {
             + Send
             + 'static,
     {
+        crate::doc::user_writable(&self.id)?;
         Ok(self
             .docs
             .write(self.id.clone(), Change::Closure(Box::new(f)))
@@ -788,8 +791,9 @@ impl DocHandle {
     /// Deletes the document, leaving a tombstone.
     ///
     /// # Errors
-    /// [`DocError::NotFound`], [`DocError::Deleted`].
+    /// [`DocError::NotFound`], [`DocError::Deleted`].; [`DocError::Reserved`](crate::doc::DocError::Reserved) for a system doc (`_mergeflow/...`)
     pub async fn delete(&self) -> Result<WriteResult, Error> {
+        crate::doc::user_writable(&self.id)?;
         Ok(self.docs.delete(self.id.clone()).await?)
     }
 }

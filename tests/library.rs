@@ -254,3 +254,29 @@ async fn the_doc_cache_is_bounded_by_count_and_bytes() {
     }
     node.shutdown().await.unwrap();
 }
+
+/// An embedder's writes to the node's system docs get the same refusal as
+/// HTTP writes (issue 19: the rule lives in one place under `doc/`).
+#[tokio::test]
+async fn library_writes_to_system_docs_are_refused_as_over_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = open(dir.path(), |_| {}).await;
+    let doc = node.doc("_mergeflow/nodes/someone").unwrap();
+    let err = doc
+        .patch(serde_json::json!({"workflows": []}))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("membership doc"), "{err}");
+    let wf = node.doc("_mergeflow/workflows/x").unwrap();
+    let err = wf.ops(vec![]).await.unwrap_err();
+    assert!(err.to_string().contains("/v1/workflows"), "{err}");
+    assert!(wf.delete().await.is_err());
+    assert!(
+        node.doc("user/doc")
+            .unwrap()
+            .patch(serde_json::json!({"a": 1}))
+            .await
+            .is_ok()
+    );
+    node.shutdown().await.unwrap();
+}

@@ -82,6 +82,7 @@ fn status_of(e: &DocError) -> (StatusCode, &'static str) {
         DocError::DocTooLarge { .. } => (S::PAYLOAD_TOO_LARGE, "doc_too_large"),
         DocError::TooDeep { .. } => (S::UNPROCESSABLE_ENTITY, "doc_too_deep"),
         DocError::CounterOverflow { .. } => (S::UNPROCESSABLE_ENTITY, "counter_overflow"),
+        DocError::Reserved { .. } => (S::FORBIDDEN, "reserved_doc"),
         DocError::IdempotencyKeyReused { .. } => {
             (S::UNPROCESSABLE_ENTITY, "idempotency_key_reused")
         }

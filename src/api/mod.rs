@@ -6,8 +6,8 @@
 //! extractors) so that malformed input gets the same shape, and a rejected body
 //! never reaches the store.
 //!
-//! Browser safety (Host, Origin, CORS, content types) is in [`guard`]; the
-//! connection handling (limits, timeouts, shutdown) in [`serve`].
+//! Browser safety (Host, Origin, CORS, content types) is in `guard.rs`; the
+//! connection handling (limits, timeouts, shutdown) in `serve.rs`.
 
 mod backup;
 mod error;
@@ -519,24 +519,7 @@ async fn patch(
 /// definitions, membership, effect markers), which only the workflow API
 /// writes.
 fn writable(id: &DocId) -> ApiResult<()> {
-    let Some(rest) = id
-        .as_str()
-        .strip_prefix(crate::workflow::effect::SYSTEM_PREFIX)
-    else {
-        return Ok(());
-    };
-    // Say what the doc is and who writes it.
-    let what = match rest.split_once('/').map_or(rest, |(kind, _)| kind) {
-        "workflows" => "holds a workflow definition; change it with /v1/workflows",
-        "nodes" => "is a node's membership doc, which only that node writes",
-        "effects" => "holds workflow effect markers, which only the nodes write",
-        _ => "is a system doc, which only the nodes write",
-    };
-    Err(ApiError::new(
-        StatusCode::FORBIDDEN,
-        "reserved_doc",
-        format!("doc {:?} {what}", id.as_str()),
-    ))
+    Ok(crate::doc::user_writable(id)?)
 }
 
 /// A write, applied at most once per doc and `Idempotency-Key` header

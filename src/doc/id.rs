@@ -11,6 +11,29 @@ use super::DocError;
 /// asked for.
 pub const SYSTEM_PREFIX: &str = "_mergeflow/";
 
+/// Refuses a user's write (through the HTTP API or an embedder's
+/// [`crate::DocHandle`]) to a system doc, saying what the doc is and who
+/// writes it. The node's own parts (workflow engine, membership, effect
+/// markers) write them through [`super::Docs`] directly.
+///
+/// # Errors
+/// [`DocError::Reserved`] for an id under [`SYSTEM_PREFIX`].
+pub fn user_writable(id: &DocId) -> Result<(), DocError> {
+    let Some(rest) = id.as_str().strip_prefix(SYSTEM_PREFIX) else {
+        return Ok(());
+    };
+    let what = match rest.split_once('/').map_or(rest, |(kind, _)| kind) {
+        "workflows" => "holds a workflow definition; change it with /v1/workflows",
+        "nodes" => "is a node's membership doc, which only that node writes",
+        "effects" => "holds workflow effect markers, which only the nodes write",
+        _ => "is a system doc, which only the nodes write",
+    };
+    Err(DocError::Reserved {
+        id: id.to_string(),
+        what,
+    })
+}
+
 /// Longest doc id, in bytes.
 pub const MAX_ID_LEN: usize = 200;
 

@@ -18,7 +18,7 @@ mod service;
 pub mod stamp;
 mod writer;
 
-pub use id::{DocId, MAX_ID_LEN, SYSTEM_PREFIX};
+pub use id::{DocId, MAX_ID_LEN, SYSTEM_PREFIX, user_writable};
 pub use json::{MAX_READ_DEPTH, StringMode, to_json};
 pub use ops::{Op, ValueKind, apply_ops};
 pub use patch::{apply_merge_patch, ops_to_match};
@@ -135,6 +135,14 @@ pub enum DocError {
         doc: String,
         /// The key.
         key: String,
+    },
+    /// A user's write to a system doc (see [`user_writable`]).
+    #[error("doc {id:?} {what}")]
+    Reserved {
+        /// The doc.
+        id: String,
+        /// What the doc is and who writes it.
+        what: &'static str,
     },
     /// A stored document does not load.
     #[error("stored doc {id:?} does not load: {reason}")]

@@ -108,7 +108,7 @@ pub enum ValueKind {
 }
 
 /// Applies `ops` in order inside `tx`. On error the caller rolls `tx` back.
-/// Missing containers are created plainly (see [`super::container`] for how
+/// Missing containers are created plainly (see [`super::write_ops`] for how
 /// the node gives them deterministic identity) and nesting is not limited.
 ///
 /// # Errors

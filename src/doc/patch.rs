@@ -26,7 +26,7 @@ use super::json::{
 };
 
 /// Applies `patch` to the document root inside `tx`, creating absent
-/// objects plainly (see [`apply_merge_patch_with`]).
+/// objects plainly (see `apply_merge_patch_with`).
 ///
 /// # Errors
 /// [`DocError::BadValue`] if `patch` is not an object; Automerge errors.

@@ -734,7 +734,7 @@ impl DocHandle {
     /// it is durable.
     ///
     /// # Errors
-    /// See [`Docs::write`].; [`DocError::Reserved`](crate::doc::DocError::Reserved) for a system doc (`_mergeflow/...`)
+    /// See [`Docs::write`].; [`DocError::Reserved`] for a system doc (`_mergeflow/...`)
     pub async fn patch(&self, patch: serde_json::Value) -> Result<WriteResult, Error> {
         crate::doc::user_writable(&self.id)?;
         Ok(self
@@ -746,7 +746,7 @@ impl DocHandle {
     /// Applies explicit ops as one change, all or nothing; returns once durable.
     ///
     /// # Errors
-    /// See [`Docs::write`].; [`DocError::Reserved`](crate::doc::DocError::Reserved) for a system doc (`_mergeflow/...`)
+    /// See [`Docs::write`].; [`DocError::Reserved`] for a system doc (`_mergeflow/...`)
     pub async fn ops(&self, ops: Vec<crate::doc::Op>) -> Result<WriteResult, Error> {
         crate::doc::user_writable(&self.id)?;
         Ok(self.docs.write(self.id.clone(), Change::Ops(ops)).await?)
@@ -756,7 +756,7 @@ impl DocHandle {
     /// If `f` fails, nothing is stored.
     ///
     /// # Errors
-    /// `f`'s error, size caps, store errors.; [`DocError::Reserved`](crate::doc::DocError::Reserved) for a system doc (`_mergeflow/...`)
+    /// `f`'s error, size caps, store errors.; [`DocError::Reserved`] for a system doc (`_mergeflow/...`)
     pub async fn change<F>(&self, f: F) -> Result<WriteResult, Error>
     where
         F: FnOnce(
@@ -791,7 +791,7 @@ impl DocHandle {
     /// Deletes the document, leaving a tombstone.
     ///
     /// # Errors
-    /// [`DocError::NotFound`], [`DocError::Deleted`].; [`DocError::Reserved`](crate::doc::DocError::Reserved) for a system doc (`_mergeflow/...`)
+    /// [`DocError::NotFound`], [`DocError::Deleted`].; [`DocError::Reserved`] for a system doc (`_mergeflow/...`)
     pub async fn delete(&self) -> Result<WriteResult, Error> {
         crate::doc::user_writable(&self.id)?;
         Ok(self.docs.delete(self.id.clone()).await?)

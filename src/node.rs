@@ -510,21 +510,19 @@ impl Node {
     pub fn peers(&self) -> Vec<crate::net::PeerInfo> {
         match &*self.inner.net.lock().expect("not poisoned") {
             Some(net) => {
-                let mut v: Vec<_> = net
-                    .state
-                    .lock()
-                    .expect("not poisoned")
-                    .peers
-                    .values()
-                    .cloned()
-                    .collect();
                 let view = self.inner.docs.sync_view();
-                for p in &mut v {
+                let mut state = net.state.lock().expect("not poisoned");
+                for p in state.peers.values_mut() {
+                    p.docs_syncing = 0;
                     if let Some(s) = view.get(&p.peer_id) {
-                        p.last_in_sync_at = s.last_in_sync_at;
                         p.docs_syncing = s.docs_syncing;
+                        // Kept after the peer goes: when it was last in sync
+                        // is worth knowing most while it is away.
+                        p.last_in_sync_at = s.last_in_sync_at.or(p.last_in_sync_at);
                     }
                 }
+                let mut v: Vec<_> = state.peers.values().cloned().collect();
+                drop(state);
                 v.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
                 v
             }

@@ -307,3 +307,28 @@ async fn a_doc_of_many_small_changes_syncs_under_a_peer_cap_on_stored_size() {
     b.shutdown().await.unwrap();
     a.shutdown().await.unwrap();
 }
+
+/// A peer that goes away still shows when it was last in sync: that is
+/// what an operator wants to know while it is away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gone_peer_keeps_its_last_time_in_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = start(&dir.path().join("a"), vec![]).await;
+    let b = start(&dir.path().join("b"), vec![listen_addr(&a).await]).await;
+    let b_id = b.peer_id().to_string();
+    let peer = |a: &Node| a.peers().into_iter().find(|p| p.peer_id == b_id);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !peer(&a).is_some_and(|p| p.connected && p.last_in_sync_at.is_some()) {
+        assert!(Instant::now() < deadline, "a never saw b in sync");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    b.shutdown().await.unwrap();
+    drop(b);
+    while peer(&a).is_some_and(|p| p.connected) {
+        assert!(Instant::now() < deadline, "a still shows b connected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let gone = peer(&a).unwrap();
+    assert!(gone.last_in_sync_at.is_some(), "{gone:?}");
+    a.shutdown().await.unwrap();
+}

@@ -734,7 +734,7 @@ impl Config {
             .allow_origins
             .iter()
             .filter(|o| *o != "*")
-            .map(|o| crate::api::guard::normalise_origin(o))
+            .map(|o| crate::origin::normalise_origin(o))
             .find(Result::is_err)
         {
             return invalid(
@@ -753,7 +753,7 @@ impl Config {
             .api
             .allow_hosts
             .iter()
-            .map(|h| crate::api::guard::parse_allowed_host(h))
+            .map(|h| crate::origin::parse_allowed_host(h))
             .find(Result::is_err)
         {
             return invalid(

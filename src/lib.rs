@@ -17,6 +17,9 @@
 //! - [`config`]: TOML file + `MERGEFLOW_*` env + flags, validated.
 //! - [`duration`]: durations written as text (`"30s"`), read the same way by
 //!   workflow definitions and the config.
+//! - `origin.rs`: host and origin syntax, shared by the config check and the
+//!   API's browser guard (a leaf, so that config and api do not import each
+//!   other).
 //! - `main.rs`: the CLI, a thin client of the HTTP API plus `start`.
 //!
 //! # Example
@@ -51,6 +54,7 @@ pub mod sync;
 pub mod workflow;
 
 mod error;
+mod origin;
 
 pub use config::Config;
 pub use doc::{DocError, DocId};

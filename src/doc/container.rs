@@ -209,50 +209,6 @@ impl Creator {
     }
 }
 
-/// Applies `ops` to `doc` as a node applies a local write, for embedders
-/// that keep bare Automerge docs (and for the simulator): containers the
-/// ops create implicitly get deterministic identity, so the same write made
-/// concurrently elsewhere makes the same containers. Returns the changes
-/// made, geneses first, each to be sent to peers; none if nothing changed.
-/// On error `doc` is left as it was.
-///
-/// # Errors
-/// The first failing op's error, as [`super::apply_ops`].
-pub fn write_ops(
-    doc: &mut Automerge,
-    ops: &[super::Op],
-    strings: super::StringMode,
-    message: &str,
-) -> Result<Vec<Change>, DocError> {
-    // Applies the ops in a transaction that is committed, or (a trial run,
-    // or on error) rolled back.
-    let attempt = |doc: &mut Automerge, creator: &mut Creator, commit: bool| {
-        let mut tx = doc.transaction();
-        let applied = super::ops::apply_ops_with(&mut tx, ops, strings, creator, usize::MAX);
-        if applied.is_err() || !commit {
-            tx.rollback();
-            return applied.map(|()| None);
-        }
-        let opts = automerge::transaction::CommitOptions::default().with_message(message);
-        Ok(tx.commit_with(opts).0)
-    };
-    let before = doc.get_heads();
-    let mut creator = Creator::recording();
-    attempt(doc, &mut creator, false)?;
-    let mut made = creator.geneses(doc)?;
-    doc.apply_changes(made.iter().cloned())?;
-    match attempt(doc, &mut Creator::plain(), true) {
-        Ok(hash) => made.extend(hash.and_then(|h| doc.get_change_by_hash(&h))),
-        Err(e) => {
-            // Undo the geneses: a fork at the old heads has none of them.
-            let actor = doc.get_actor().clone();
-            *doc = doc.fork_at(&before)?.with_actor(actor);
-            return Err(e);
-        }
-    }
-    Ok(made)
-}
-
 /// The actor of a genesis change: a function of where the container goes.
 fn genesis_actor(parent: &str, key: &str, kind: Kind, generation: u32) -> ActorId {
     let mut h = Sha256::new();

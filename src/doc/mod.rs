@@ -6,7 +6,6 @@
 
 pub mod conflict;
 mod container;
-pub use container::write_ops;
 mod id;
 mod json;
 mod ops;
@@ -20,7 +19,7 @@ mod writer;
 
 pub use id::{DocId, MAX_ID_LEN, SYSTEM_PREFIX, user_writable};
 pub use json::{MAX_READ_DEPTH, StringMode, to_json};
-pub use ops::{Op, ValueKind, apply_ops};
+pub use ops::{Op, ValueKind, apply_ops, write_ops};
 pub use patch::{apply_merge_patch, ops_to_match};
 pub use path::Pointer;
 pub use replicas::Held;

@@ -26,7 +26,7 @@
 //! No op may nest objects and lists deeper than `doc.max_depth`.
 
 use automerge::transaction::Transactable;
-use automerge::{ObjId, ObjType, Prop, ScalarValue, Value};
+use automerge::{Automerge, Change, ObjId, ObjType, Prop, ReadDoc, ScalarValue, Value};
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
@@ -108,7 +108,7 @@ pub enum ValueKind {
 }
 
 /// Applies `ops` in order inside `tx`. On error the caller rolls `tx` back.
-/// Missing containers are created plainly (see [`super::write_ops`] for how
+/// Missing containers are created plainly (see [`write_ops`] for how
 /// the node gives them deterministic identity) and nesting is not limited.
 ///
 /// # Errors
@@ -119,6 +119,50 @@ pub fn apply_ops<T: Transactable>(
     strings: StringMode,
 ) -> Result<(), DocError> {
     apply_ops_with(tx, ops, strings, &mut Creator::plain(), usize::MAX)
+}
+
+/// Applies `ops` to `doc` as a node applies a local write, for embedders
+/// that keep bare Automerge docs (and for the simulator): containers the
+/// ops create implicitly get deterministic identity, so the same write made
+/// concurrently elsewhere makes the same containers. Returns the changes
+/// made, geneses first, each to be sent to peers; none if nothing changed.
+/// On error `doc` is left as it was.
+///
+/// # Errors
+/// The first failing op's error, as [`apply_ops`].
+pub fn write_ops(
+    doc: &mut Automerge,
+    ops: &[Op],
+    strings: StringMode,
+    message: &str,
+) -> Result<Vec<Change>, DocError> {
+    // Applies the ops in a transaction that is committed, or (a trial run,
+    // or on error) rolled back.
+    let attempt = |doc: &mut Automerge, creator: &mut Creator, commit: bool| {
+        let mut tx = doc.transaction();
+        let applied = apply_ops_with(&mut tx, ops, strings, creator, usize::MAX);
+        if applied.is_err() || !commit {
+            tx.rollback();
+            return applied.map(|()| None);
+        }
+        let opts = automerge::transaction::CommitOptions::default().with_message(message);
+        Ok(tx.commit_with(opts).0)
+    };
+    let before = doc.get_heads();
+    let mut creator = Creator::recording();
+    attempt(doc, &mut creator, false)?;
+    let mut made = creator.geneses(doc)?;
+    doc.apply_changes(made.iter().cloned())?;
+    match attempt(doc, &mut Creator::plain(), true) {
+        Ok(hash) => made.extend(hash.and_then(|h| doc.get_change_by_hash(&h))),
+        Err(e) => {
+            // Undo the geneses: a fork at the old heads has none of them.
+            let actor = doc.get_actor().clone();
+            *doc = doc.fork_at(&before)?.with_actor(actor);
+            return Err(e);
+        }
+    }
+    Ok(made)
 }
 
 /// [`apply_ops`] with missing containers made by `creator`, refusing ops

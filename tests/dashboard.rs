@@ -78,7 +78,10 @@ async fn the_page_has_its_plots_paged_lists_and_dead_runs_and_loads_nothing_else
     assert!(!page.contains("http://") && !page.contains("https://") && !page.contains("src=\""));
     assert!(!page.contains("overflow-wrap: anywhere") && !page.contains("break-all"));
     // Bounded: every listing the page makes names a limit.
-    for call in page.match_indices("/v1/runs?").map(|(i, _)| &page[i..i + 40]) {
+    for call in page
+        .match_indices("/v1/runs?")
+        .map(|(i, _)| &page[i..i + 40])
+    {
         assert!(call.contains("limit") || call.contains("\" + q"), "{call}");
     }
     node.shutdown().await.unwrap();
@@ -105,7 +108,11 @@ async fn slash_says_the_dashboard_is_off_and_how_to_turn_it_on() {
     );
     assert_eq!(resp.headers()["content-security-policy"], CSP);
     let text = resp.text().await.unwrap();
-    for needle in ["dashboard is off in light mode", "dashboard = true", "[api]"] {
+    for needle in [
+        "dashboard is off in light mode",
+        "dashboard = true",
+        "[api]",
+    ] {
         assert!(text.contains(needle), "{needle:?} not in {text}");
     }
     // The API goes on.
@@ -218,7 +225,10 @@ async fn runs_page_by_cursor_with_a_next_link() {
         .await
         .unwrap();
     assert!(resp.headers().get("link").is_none());
-    assert_eq!(resp.json::<Vec<Value>>().await.unwrap(), Vec::<Value>::new());
+    assert_eq!(
+        resp.json::<Vec<Value>>().await.unwrap(),
+        Vec::<Value>::new()
+    );
     node.shutdown().await.unwrap();
 }
 

@@ -102,6 +102,24 @@ check("no retry button on a done run", !after.includes("Retry"));
 check("the effect says which node delivered it", after.includes("delivered by this node"), after.trim().replace(/\s+/g, " ").slice(0, 200));
 check("the dead list no longer holds it", !(await page.$(`#dead-runs tr[data-run="${first.id}"]`)));
 
+// An effect both nodes run: one delivers it, and A's run says which (by
+// name, never "0 attempts" when the other node did it).
+const applied = await fetch(base + "/v1/workflows", { method: "POST", headers: { Authorization: "Bearer " + token, "Content-Type": "application/toml" },
+  body: `name = "notify"\n[on]\ndoc = "events/*"\n[[steps]]\nid = "hook"\nkind = "http"\nurl = "http://127.0.0.1:${hookPort}/events"\n` });
+check("a workflow for both nodes applied", applied.ok, String(applied.status));
+// Wait until A knows that B runs it too (B's membership doc says so).
+const peerB = (await api("/v1/peers"))[0].peer_id;
+for (let i = 0; ; i++) {
+  const runs = await api(`/v1/docs/${encodeURIComponent("_mergeflow/nodes/" + peerB)}?path=%2Fworkflows`);
+  if (runs && runs.notify === true) break;
+  if (i > 300) { check("node b runs the workflow", false); break; }
+  await new Promise((r) => setTimeout(r, 100));
+}
+await api("/v1/docs/events%2F1", { method: "PATCH", body: JSON.stringify({ what: "door opened" }) });
+await page.waitForFunction(() => [...document.querySelectorAll("#runs tr")].some((r) => r.textContent.includes("notify") && r.dataset.status === "done"), null, { timeout: 30000 });
+const notify = await page.$$eval("#runs tr", (rows) => rows.find((r) => r.textContent.includes("notify")).textContent);
+check("the run names the node that delivered its effect", /delivered by (this node|field-relay)/.test(notify) && !notify.includes("0 attempts"), notify.trim().replace(/\s+/g, " ").slice(0, 200));
+
 check("no request left this node", outside.length === 0, outside.join(", "));
 check("no script errors", consoleErrors.length === 0, consoleErrors.join(" | "));
 receiver.close();

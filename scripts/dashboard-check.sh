@@ -3,9 +3,11 @@
 # (the first with an API token and a workflow whose alert fails), then drives
 # Debian's Chromium headless through playwright-core (scripts/dashboard/
 # check.mjs) and checks what a person would see: the token prompt, node
-# identity and addresses, the peer, document search, a document's JSON and
-# history updating live, the failed run listed first with its step error, and
-# a Retry click that makes it succeed.
+# identity, labels, uptime and addresses, the peer by its label, the plots,
+# the document prefix filter, a document's JSON and history updating live,
+# the failed run in the dead runs list with its step error shown once, a
+# Retry click that makes it succeed, and an effect both nodes run naming
+# the node that delivered it.
 #
 # The screenshot goes to a temp dir, removed at exit, unless
 # --update-screenshot is given: then it replaces docs/dashboard.png (a

@@ -51,6 +51,7 @@ async fn the_page_has_its_plots_paged_lists_and_dead_runs_and_loads_nothing_else
         ("id=\"plot-rate\"", "the write and merge rate plot"),
         ("id=\"plot-lag\"", "the sync lag per peer plot"),
         ("id=\"plot-runs\"", "the run outcomes plot"),
+        ("/v1/status/history", "the node's samples of the last hour"),
         ("changes_local", "writes (local changes) for the rate"),
         ("changes_remote", "merges (remote changes) for the rate"),
         ("docs_syncing", "per-peer sync lag"),
@@ -271,4 +272,61 @@ async fn a_nodes_labels_are_in_its_status_and_its_membership_doc() {
     .await;
     assert_eq!(labels, json!({"name": "greenhouse-gw", "site": "north"}));
     node.shutdown().await.unwrap();
+}
+
+/// `GET /v1/status/history`: the node's samples of the last hour, oldest
+/// first, the last taken for the request: changes made and merged, runs
+/// done and dead, each peer's docs syncing. It needs the token like the
+/// rest of the API, and answers (one sample) with the dashboard off too.
+#[tokio::test]
+async fn status_history_serves_the_samples_the_plots_start_from() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = "history-token-0123456789";
+    let node = common::api_node(&dir.path().join("on"), |c| c.api.token = token.into()).await;
+    for i in 0..3 {
+        node.doc(&format!("notes/{i}"))
+            .unwrap()
+            .patch(json!({"text": i}))
+            .await
+            .unwrap();
+    }
+    let http = reqwest::Client::new();
+    let url = format!("{}/v1/status/history", base(&node));
+    assert_eq!(http.get(&url).send().await.unwrap().status(), 401);
+    let body: Value = http
+        .get(&url)
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(body["interval_ms"], 10_000);
+    let samples = body["samples"].as_array().unwrap();
+    // The one taken at start (the sampler's first tick may still be on
+    // its way) and the one taken now.
+    assert!(!samples.is_empty() && samples.len() <= 360, "{body}");
+    let at: Vec<u64> = samples
+        .iter()
+        .map(|s| s["at_ms"].as_u64().unwrap())
+        .collect();
+    assert!(at.windows(2).all(|w| w[0] <= w[1]), "{at:?}");
+    let last = samples.last().unwrap();
+    assert!(last["changes_local"].as_u64().unwrap() >= 3, "{last}");
+    for key in ["changes_remote", "runs_done", "runs_dead"] {
+        assert!(last[key].is_u64(), "{key} in {last}");
+    }
+    assert_eq!(last["peers"], json!([]));
+    node.shutdown().await.unwrap();
+
+    let off = common::api_node(&dir.path().join("off"), |c| c.api.dashboard = false).await;
+    let body: Value = reqwest::get(format!("{}/v1/status/history", base(&off)))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(body["samples"].as_array().unwrap().len(), 1, "{body}");
+    off.shutdown().await.unwrap();
 }

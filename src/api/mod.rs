@@ -12,6 +12,7 @@
 mod backup;
 mod error;
 pub(crate) mod guard;
+pub mod history;
 pub(crate) mod serve;
 mod workflows;
 
@@ -69,7 +70,14 @@ pub fn router(node: Node) -> Router {
     } else {
         Router::new().route("/", get(dashboard_off))
     };
+    let samples = Router::new()
+        .route("/v1/status/history", get(history::handler))
+        .with_state((
+            node.clone(),
+            history::History::start(&node, node.config().api.dashboard),
+        ));
     dashboard
+        .merge(samples)
         .route("/healthz", get(healthz))
         .route("/v1/status", get(status))
         .route("/metrics", get(metrics))

@@ -71,14 +71,16 @@ pub(crate) struct History {
 
 impl History {
     /// A ring, with a task that fills it every [`INTERVAL`] until the node
-    /// shuts down when `sample` is true (the dashboard is on).
+    /// shuts down when `sample` is true (the dashboard is on). The task is
+    /// on the node's tracker, so shutdown waits for it to drop its clone of
+    /// the node.
     pub(crate) fn start(node: &Node, sample: bool) -> Arc<History> {
         let history = Arc::new(History::default());
         if sample {
             let h = history.clone();
             let node = node.clone();
             let stop = node.shutdown_token();
-            tokio::spawn(async move {
+            node.task_tracker().spawn(async move {
                 let mut tick = tokio::time::interval(INTERVAL);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {

@@ -3,9 +3,11 @@
 # (the first with an API token and a workflow whose alert fails), then drives
 # Debian's Chromium headless through playwright-core (scripts/dashboard/
 # check.mjs) and checks what a person would see: the token prompt, node
-# identity and addresses, the peer, document search, a document's JSON and
-# history updating live, the failed run listed first with its step error, and
-# a Retry click that makes it succeed.
+# identity, labels, uptime and addresses, the peer by its label, the plots,
+# the document prefix filter, a document's JSON and history updating live,
+# the failed run in the dead runs list with its step error shown once, a
+# Retry click that makes it succeed, and an effect both nodes run naming
+# the node that delivered it.
 #
 # The screenshot goes to a temp dir, removed at exit, unless
 # --update-screenshot is given: then it replaces docs/dashboard.png (a
@@ -95,6 +97,23 @@ timeout = "2s"
 retry = { attempts = 1 }
 TOML
 
+# Labels name the nodes on the dashboard. Node b runs a workflow too (on
+# docs nobody writes), so it announces its labels in its membership doc.
+printf '[node]\nlabels = { name = "greenhouse-gw", site = "north" }\n' > "$WORK/a.toml"
+printf '[node]\nlabels = { name = "field-relay" }\n' > "$WORK/b.toml"
+mkdir -p "$WORK/b/workflows"
+cat > "$WORK/b/workflows/idle.toml" <<TOML
+name = "idle"
+
+[on]
+doc = "idle/*"
+
+[[steps]]
+id = "mark"
+kind = "derive"
+set = { "/seen" = "true" }
+TOML
+
 # Starts a node and sets STARTED to its API base once it is ready. It runs
 # in this shell (never in $(...), whose subshell would lose the pid in PIDS
 # and leave the node running after exit).
@@ -114,10 +133,10 @@ start() {
     cat "$WORK/$name.err" >&2
     die "node $name did not start"
 }
-start a
+start a --config "$WORK/a.toml"
 A=$STARTED
 A_P2P=$("$BIN" status --api "$A" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["listen_addrs"][0])')
-start b --peer "$A_P2P"
+start b --config "$WORK/b.toml" --peer "$A_P2P"
 B=$STARTED
 echo "nodes: a=$A (pid ${PIDS[0]}) b=$B (pid ${PIDS[1]})"
 

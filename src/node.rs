@@ -656,6 +656,12 @@ impl Node {
         self.inner.cancel.clone()
     }
 
+    /// The tracker of the node's tasks: shutdown waits for them (and they
+    /// drop their clones of the node) before it returns.
+    pub(crate) fn task_tracker(&self) -> TaskTracker {
+        self.inner.tasks.clone()
+    }
+
     /// Stops the node: the API stops accepting and finishes in-flight requests
     /// (bounded by `perf.shutdown_timeout_ms`), the store is flushed, the flush
     /// thread exits. Idempotent. When the last clone of the node (and every

@@ -43,18 +43,25 @@ check("listen addresses shown", status.listen_addrs.every((a) => nodeText.includ
 await page.waitForFunction(() => document.getElementById("live").textContent === "live");
 check("live updates connected", true);
 
-// Peers: the second node.
+// Peers: the second node, by its label, with its addresses.
 await page.waitForSelector("#peers tr[data-peer] .pill.ok", { timeout: 30000 });
+await page.waitForFunction(() => document.getElementById("peers").textContent.includes("field-relay"), null, { timeout: 30000 });
 const peerRow = await page.textContent("#peers tr[data-peer]");
-check("peer shown as connected with its sync state", peerRow.includes("connected"), peerRow.trim().replace(/\s+/g, " "));
+check("peer shown as connected, named by its label, with its sync state", peerRow.includes("connected") && peerRow.includes("field-relay"), peerRow.trim().replace(/\s+/g, " "));
+check("peer addresses shown", /\/ip4\/127\.0\.0\.1\/tcp\//.test(peerRow));
+check("this node's labels shown", (await page.textContent("header")).includes("greenhouse-gw"));
+check("uptime in human units", /up \d+ (s|min|h)/.test(await page.textContent("#summary")), await page.textContent("#summary"));
 
-// Documents: search, then one doc's JSON and history.
+// Documents: a prefix filter (asked of the node), then one doc's JSON and history.
 await page.waitForSelector('#docs tr[data-doc="sensors/gh-1"]');
 const allDocs = await page.$$eval("#docs tr", (rows) => rows.length);
 await page.fill("#doc-filter", "notes/");
+await page.waitForFunction(() => { const r = [...document.querySelectorAll("#docs tr[data-doc]")]; return r.length && r.every((x) => x.dataset.doc.startsWith("notes/")); });
 const filtered = await page.$$eval("#docs tr", (rows) => rows.map((r) => r.dataset.doc));
-check("document search filters the list", filtered.length > 0 && filtered.length < allDocs && filtered.every((d) => d.startsWith("notes/")), `${filtered.length} of ${allDocs}`);
+check("the prefix filter lists only those docs", filtered.length === 3 && filtered.length < allDocs, `${filtered.length} of ${allDocs}`);
+check("system docs stay hidden", !(await page.textContent("#docs")).includes("_mergeflow"));
 await page.fill("#doc-filter", "sensors/");
+await page.waitForFunction(() => [...document.querySelectorAll("#docs tr[data-doc]")].every((x) => x.dataset.doc.startsWith("sensors/")));
 await page.click('#docs tr[data-doc="sensors/gh-1"]');
 await page.waitForFunction(() => document.getElementById("doc-json").textContent.includes("celsius"));
 const docJson = JSON.parse(await page.textContent("#doc-json"));
@@ -65,21 +72,53 @@ await api("/v1/docs/sensors%2Fgh-1", { method: "PATCH", body: JSON.stringify({ n
 await page.waitForFunction(() => document.getElementById("doc-json").textContent.includes("edited while watching"), null, { timeout: 15000 });
 check("an edit elsewhere shows up live", true);
 
-// Runs: the failed one first, with its step error; retry it.
-await page.waitForSelector('#runs tr[data-status="dead"]');
-const first = await page.$eval("#runs tr", (r) => ({ status: r.dataset.status, id: r.dataset.run, text: r.textContent }));
-check("the failed run is listed first", first.status === "dead", `run ${first.id}`);
-check("its step error is shown", /failed/.test(first.text) && /error|refused|connect/i.test(first.text), first.text.trim().replace(/\s+/g, " ").slice(0, 200));
+// Plots: rates need two samples (2 s apart); the dead run is in the runs plot.
+await page.waitForSelector("#plot-rate polyline", { state: "attached", timeout: 15000 });
+check("write and merge rate plotted", true);
+await page.waitForSelector("#plot-lag polyline", { state: "attached", timeout: 15000 });
+check("sync lag per peer plotted", (await page.textContent("#legend-lag")).includes("field-relay"));
+await page.waitForSelector('#plot-runs rect[data-outcome="dead"]', { state: "attached", timeout: 15000 });
+check("run outcomes plotted", true);
+
+// Dead runs: listed with the step error shown once; retry it.
+await page.waitForSelector('#dead-runs tr[data-status="dead"]');
+const first = await page.$eval("#dead-runs tr", (r) => ({ status: r.dataset.status, id: r.dataset.run, text: r.textContent }));
+check("the failed run is in the dead runs list", first.status === "dead", `run ${first.id}`);
+check("its step error is shown", /error|refused|connect/i.test(first.text), first.text.trim().replace(/\s+/g, " ").slice(0, 200));
+const stepError = await page.$eval("#dead-runs tr .run-error", (e) => e.textContent);
+const times = first.text.split(stepError).length - 1;
+check("the error is shown once", times === 1, `${times} times`);
+check("runs list is paged", await page.isVisible("#runs-older"));
 const hooks = [];
 const receiver = http.createServer((req, res) => { hooks.push(req.headers["idempotency-key"]); req.resume(); res.end("ok"); });
 await new Promise((r) => receiver.listen(Number(hookPort), "127.0.0.1", r));
 await page.screenshot({ path: shot, fullPage: true });
-await page.click(`#runs tr[data-run="${first.id}"] button[data-action="retry"]`);
+await page.click(`#dead-runs tr[data-run="${first.id}"] button[data-action="retry"]`);
 await page.waitForSelector(`#runs tr[data-run="${first.id}"][data-status="done"]`, { timeout: 30000 });
 check("retry click: the run is done, live", true);
 check("the receiver got the alert once", hooks.length === 1, `${hooks.length} calls`);
 const after = await page.$eval(`#runs tr[data-run="${first.id}"]`, (r) => r.textContent);
 check("no retry button on a done run", !after.includes("Retry"));
+check("the effect says which node delivered it", after.includes("delivered by this node"), after.trim().replace(/\s+/g, " ").slice(0, 200));
+check("the dead list no longer holds it", !(await page.$(`#dead-runs tr[data-run="${first.id}"]`)));
+
+// An effect both nodes run: one delivers it, and A's run says which (by
+// name, never "0 attempts" when the other node did it).
+const applied = await fetch(base + "/v1/workflows", { method: "POST", headers: { Authorization: "Bearer " + token, "Content-Type": "application/toml" },
+  body: `name = "notify"\n[on]\ndoc = "events/*"\n[[steps]]\nid = "hook"\nkind = "http"\nurl = "http://127.0.0.1:${hookPort}/events"\n` });
+check("a workflow for both nodes applied", applied.ok, String(applied.status));
+// Wait until A knows that B runs it too (B's membership doc says so).
+const peerB = (await api("/v1/peers"))[0].peer_id;
+for (let i = 0; ; i++) {
+  const runs = await api(`/v1/docs/${encodeURIComponent("_mergeflow/nodes/" + peerB)}?path=%2Fworkflows`);
+  if (runs && runs.notify === true) break;
+  if (i > 300) { check("node b runs the workflow", false); break; }
+  await new Promise((r) => setTimeout(r, 100));
+}
+await api("/v1/docs/events%2F1", { method: "PATCH", body: JSON.stringify({ what: "door opened" }) });
+await page.waitForFunction(() => [...document.querySelectorAll("#runs tr")].some((r) => r.textContent.includes("notify") && r.dataset.status === "done"), null, { timeout: 30000 });
+const notify = await page.$$eval("#runs tr", (rows) => rows.find((r) => r.textContent.includes("notify")).textContent);
+check("the run names the node that delivered its effect", /delivered by (this node|field-relay)/.test(notify) && !notify.includes("0 attempts"), notify.trim().replace(/\s+/g, " ").slice(0, 200));
 
 check("no request left this node", outside.length === 0, outside.join(", "));
 check("no script errors", consoleErrors.length === 0, consoleErrors.join(" | "));

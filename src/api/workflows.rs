@@ -3,7 +3,7 @@
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -122,6 +122,8 @@ struct RunsQuery {
     workflow: Option<String>,
     status: Option<String>,
     limit: Option<usize>,
+    /// Only runs with a lower id: the last id of the previous page.
+    before: Option<u64>,
 }
 
 async fn runs(
@@ -141,13 +143,37 @@ async fn runs(
     };
     let limit = q.limit.unwrap_or(100).min(MAX_LIMIT);
     let engine = node.workflows().clone();
-    let workflow = q.workflow;
-    let runs = tokio::task::spawn_blocking(move || engine.runs(workflow.as_deref(), status, limit))
-        .await
-        .map_err(|e| {
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
-        })??;
-    Ok(Json(runs).into_response())
+    let workflow = q.workflow.clone();
+    let before = q.before;
+    let runs = tokio::task::spawn_blocking(move || match before {
+        None => engine.runs(workflow.as_deref(), status, limit),
+        Some(b) => engine.runs_before(workflow.as_deref(), status, b, limit),
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
+    // A full page may have more behind it: name the next one, as
+    // `GET /v1/docs` does.
+    let next = match runs.last() {
+        Some(last) if limit > 0 && runs.len() == limit => {
+            let mut pairs: Vec<(&str, String)> = vec![];
+            if let Some(w) = &q.workflow {
+                pairs.push(("workflow", w.clone()));
+            }
+            if let Some(s) = &q.status {
+                pairs.push(("status", s.clone()));
+            }
+            pairs.push(("limit", limit.to_string()));
+            pairs.push(("before", last.id.to_string()));
+            let qs = serde_urlencoded::to_string(&pairs).expect("pairs serialize");
+            Some(format!("</v1/runs?{qs}>; rel=\"next\""))
+        }
+        _ => None,
+    };
+    let mut resp = Json(runs).into_response();
+    if let Some(v) = next.and_then(|l| header::HeaderValue::from_str(&l).ok()) {
+        resp.headers_mut().insert(header::LINK, v);
+    }
+    Ok(resp)
 }
 
 fn run_id(path: Result<Path<String>, PathRejection>) -> ApiResult<u64> {

@@ -472,7 +472,24 @@ impl Engine {
         status: Option<RunStatus>,
         limit: usize,
     ) -> Result<Vec<Run>, WorkflowError> {
-        self.shared.log.list(workflow, status, limit)
+        self.shared.log.list_before(workflow, status, None, limit)
+    }
+
+    /// As [`runs`](Self::runs), only runs with an id below `before` (the
+    /// last id of the previous page): the next page, newest first.
+    ///
+    /// # Errors
+    /// Run log errors.
+    pub fn runs_before(
+        &self,
+        workflow: Option<&str>,
+        status: Option<RunStatus>,
+        before: u64,
+        limit: usize,
+    ) -> Result<Vec<Run>, WorkflowError> {
+        self.shared
+            .log
+            .list_before(workflow, status, Some(before), limit)
     }
 
     /// One run.

@@ -140,15 +140,31 @@ impl RunLog {
     ///
     /// # Errors
     /// Store errors.
+    #[cfg(test)]
     pub(super) fn list(
         &self,
         workflow: Option<&str>,
         status: Option<RunStatus>,
         limit: usize,
     ) -> Result<Vec<Run>, WorkflowError> {
+        self.list_before(workflow, status, None, limit)
+    }
+
+    /// As [`list`](Self::list), only runs with an id below `before` (the
+    /// last id of the previous page) when given.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub(super) fn list_before(
+        &self,
+        workflow: Option<&str>,
+        status: Option<RunStatus>,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<Run>, WorkflowError> {
         let ids: Vec<u64> = self
             .index()
-            .iter()
+            .range(..before.unwrap_or(u64::MAX))
             .rev()
             .filter(|(_, e)| {
                 workflow.is_none_or(|w| *e.workflow == *w) && status.is_none_or(|s| s == e.status)
@@ -301,6 +317,16 @@ mod tests {
             ids(log.list(Some("even"), Some(RunStatus::Dead), 10).unwrap()),
             vec![8, 4]
         );
+        // Pages: below the last id of the previous one.
+        assert_eq!(
+            ids(log.list_before(None, None, Some(8), 3).unwrap()),
+            vec![7, 6, 5]
+        );
+        assert_eq!(
+            ids(log.list_before(Some("even"), None, Some(4), 10).unwrap()),
+            vec![2]
+        );
+        assert!(log.list_before(None, None, Some(1), 10).unwrap().is_empty());
         assert_eq!(log.dead(), 2);
         // Keep 2 of each: done 2, 3, 6 go (7, 10 stay); dead 4, 8 both stay.
         assert_eq!(log.prune(2).unwrap(), 3);

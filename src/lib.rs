@@ -20,7 +20,9 @@
 //! - `origin.rs`: host and origin syntax, shared by the config check and the
 //!   API's browser guard (a leaf, so that config and api do not import each
 //!   other).
-//! - `main.rs`: the CLI, a thin client of the HTTP API plus `start`.
+//! - `main.rs` and `cli/`: the CLI, a thin client of the HTTP API plus
+//!   `start`; `main.rs` parses and dispatches, each command group has its
+//!   file in `cli/`.
 //!
 //! # Example
 //! ```no_run

@@ -55,5 +55,11 @@ echo "4. restart n3 on its data dir: it recovers and catches up"
 start_local n3 --peer "$N1"
 converged rooms/kitchen
 converged rooms/hall
+# n3 dials n1 and finds n2 through it (Kademlia): let both links come up, so
+# that wait-synced checks n3 against both peers, not only the first.
+for _ in $(seq 1 600); do
+  [ "$(mf n3 peers --json | grep -c '"connected": true')" -ge 2 ] && break
+  sleep 0.1
+done
 mf n3 wait-synced --timeout 60 | sed 's/^/   n3: /'
 echo "ok: every write reached every node, including the one that was killed"

@@ -17,6 +17,8 @@
 //! - [`config`]: TOML file + `MERGEFLOW_*` env + flags, validated.
 //! - [`duration`]: durations written as text (`"30s"`), read the same way by
 //!   workflow definitions and the config.
+//! - [`latency`]: the latency histogram the store, docs and workflows record
+//!   into (a leaf; [`metrics`] renders).
 //! - `origin.rs`: host and origin syntax, shared by the config check and the
 //!   API's browser guard (a leaf, so that config and api do not import each
 //!   other).
@@ -47,6 +49,7 @@ pub mod doc;
 pub mod duration;
 pub mod feed;
 pub mod fuzzing;
+pub mod latency;
 pub mod metrics;
 pub mod net;
 pub mod node;

@@ -14,7 +14,7 @@ use prometheus_client::encoding::text::{encode_eof, encode_registry};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Metric, Registry, Unit};
 
 use crate::Status;
@@ -58,11 +58,6 @@ pub struct Scrape<'a> {
     pub peers: &'a [PeerInfo],
     /// Network-wide counts (absent without network).
     pub net: Option<&'a NetMetrics>,
-}
-
-/// A latency histogram in seconds: 50 us to ~26 s, doubling.
-pub fn latency_histogram() -> Histogram {
-    Histogram::new(exponential_buckets(0.000_05, 2.0, 20))
 }
 
 /// One number read at scrape time: a level (gauge) or a count since the

@@ -392,7 +392,7 @@ impl Docs {
             origin,
             replicas: Default::default(),
             clock: Default::default(),
-            write_latency: crate::metrics::latency_histogram(),
+            write_latency: crate::latency::histogram(),
             changes: ChangeCounts::default(),
         });
         let thread_inner = inner.clone();

@@ -76,7 +76,7 @@ impl GroupCommit {
     ) -> (GroupCommit, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel::<Msg>(queue);
         let stats = Arc::new(FlushStats {
-            duration: crate::metrics::latency_histogram(),
+            duration: crate::latency::histogram(),
             flushes: AtomicU64::new(0),
             writes: AtomicU64::new(0),
             lazy: AtomicU64::new(0),

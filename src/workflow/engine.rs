@@ -275,7 +275,7 @@ impl Engine {
             cfg,
             catalog: RwLock::new(Catalog::default()),
             counters: Counters::default(),
-            run_latency: crate::metrics::latency_histogram(),
+            run_latency: crate::latency::histogram(),
         });
         let (tx, rx) = mpsc::channel(64);
         let engine = Engine {

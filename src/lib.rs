@@ -3,8 +3,10 @@
 //!
 //! # Layout
 //!
-//! - [`node`]: [`Node`] and [`NodeBuilder`]; wires the store, the document
-//!   service and the HTTP API; lifecycle and shutdown.
+//! - [`node`]: [`Node`]: the running node's handles, lifecycle and shutdown.
+//! - `builder.rs`: [`NodeBuilder`]: opens the store and starts the document
+//!   service, workflows, network and HTTP API (above both `node` and `api`,
+//!   so the node does not import the API that serves it).
 //! - [`store`]: the only code that touches sled: trees, key encoding, group
 //!   commit, schema version, node identity.
 //! - [`doc`]: doc ids, JSON <-> Automerge, merge patches, ops, JSON Pointer
@@ -42,6 +44,7 @@
 pub mod api;
 pub mod backup;
 pub mod bench;
+mod builder;
 pub mod chaos;
 pub mod client;
 pub mod config;
@@ -61,7 +64,8 @@ pub mod workflow;
 mod error;
 mod origin;
 
+pub use builder::NodeBuilder;
 pub use config::Config;
 pub use doc::{DocError, DocId};
 pub use error::Error;
-pub use node::{DocHandle, Node, NodeBuilder, Status};
+pub use node::{DocHandle, Node, Status};

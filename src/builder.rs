@@ -1,0 +1,302 @@
+//! Building and starting a [`Node`]: opens the store, starts the document
+//! service, the workflow engine, the network and the HTTP API. It sits above
+//! both `node.rs` and `api/`, so that the node does not import the API that
+//! serves it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use automerge::ActorId;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::Error;
+use crate::config::Config;
+use crate::doc::Docs;
+use crate::feed::Feed;
+use crate::node::{Node, NodeInner, SealOnDrop};
+use crate::store::{GroupCommit, Store};
+use crate::sync::{Input, SyncConfig};
+
+impl Node {
+    /// A builder with default configuration.
+    pub fn builder() -> NodeBuilder {
+        NodeBuilder::default()
+    }
+}
+
+/// Builds a [`Node`].
+///
+/// # Examples
+/// ```no_run
+/// # async fn demo() -> Result<(), mergeflow::Error> {
+/// let node = mergeflow::Node::builder().data_dir("./my-data").start().await?;
+/// let doc = node.doc("sensors/greenhouse-3")?;
+/// doc.patch(serde_json::json!({"celsius": 21.5})).await?;
+/// node.shutdown().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct NodeBuilder {
+    config: Config,
+    serve_api: bool,
+    sync: Option<SyncConfig>,
+    network: bool,
+    no_workflows: bool,
+}
+
+impl NodeBuilder {
+    /// Uses `config` (replacing anything set before).
+    pub fn config(mut self, config: Config) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Sets the data directory.
+    pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.config.node.data_dir = dir.into();
+        self
+    }
+
+    /// Serves the HTTP API on `addr` (port 0 picks a free port; see
+    /// [`Node::api_addr`]). Without this the node serves no API.
+    pub fn api(mut self, addr: SocketAddr) -> Self {
+        self.config.api.listen = addr;
+        self.serve_api = true;
+        self
+    }
+
+    /// Serves the HTTP API on the configured `api.listen`.
+    pub fn serve_api(mut self, on: bool) -> Self {
+        self.serve_api = on;
+        self
+    }
+
+    /// Runs the sync core: the node then takes [`Input`]s with
+    /// [`Node::sync_input`] and yields [`Output`](crate::sync::Output)s from
+    /// [`Node::take_sync_outputs`], for a network shell to carry.
+    pub fn sync(mut self, cfg: SyncConfig) -> Self {
+        self.sync = Some(cfg);
+        self
+    }
+
+    /// Joins the peer-to-peer network as configured in `[net]` (listen
+    /// addresses, peers, mDNS): runs the sync core and the libp2p swarm.
+    pub fn network(mut self, on: bool) -> Self {
+        self.network = on;
+        self
+    }
+
+    /// Runs the workflow engine (the default). Off, no workflow runs, and
+    /// the changes made meanwhile are run through the workflows at the next
+    /// start with it on: for maintenance such as an offline restore.
+    pub fn workflows(mut self, on: bool) -> Self {
+        self.no_workflows = !on;
+        self
+    }
+
+    /// Opens the store and starts the node.
+    ///
+    /// # Errors
+    /// Invalid config, a data dir of another schema version or a corrupt one
+    /// ([`Error::Store`]), or an API address that cannot be bound.
+    pub async fn start(self) -> Result<Node, Error> {
+        self.config.validate()?;
+        let config = self.config;
+        let dir = config.node.data_dir.clone();
+        let cache = config.store.cache_bytes;
+        let (store, key) = tokio::task::spawn_blocking(move || {
+            let store = Store::open(&dir, cache)?;
+            let key = store.identity()?;
+            // The data dir is ours now (sled's lock) and the API does not
+            // serve yet: no restore is in flight, so any spool is a leftover.
+            crate::backup::clean_restore_spool(&dir);
+            Ok::<_, crate::store::StoreError>((store, key))
+        })
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))??;
+        let peer_id = key.public().to_peer_id();
+        let net_key = self.network.then(|| key.clone());
+        let actor = ActorId::random();
+        let boot = {
+            let (store, actor, peer) = (store.clone(), actor.clone(), peer_id.to_string());
+            tokio::task::spawn_blocking(move || {
+                store.record_boot(&actor, &peer, crate::doc::now_ms())
+            })
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))??
+        };
+        let (commit, flush_thread) = GroupCommit::start(
+            store.clone(),
+            config.perf.flush_queue,
+            std::time::Duration::from_millis(config.store.remote_flush_ms),
+            config.store.fsync,
+        );
+        let sync_cfg = self
+            .sync
+            .or_else(|| {
+                self.network.then(|| SyncConfig {
+                    anti_entropy_ms: config.net.anti_entropy_ms,
+                    ..SyncConfig::default()
+                })
+            })
+            .map(|cfg| SyncConfig {
+                local: peer_id.to_string(),
+                ..cfg
+            });
+        let (sync, sync_rx) = match sync_cfg {
+            Some(cfg) => {
+                let (tx, rx) = mpsc::channel(config.perf.sync_queue);
+                (Some((cfg, tx)), Some(rx))
+            }
+            None => (None, None),
+        };
+        let feed = Arc::new(Feed::new(boot));
+        let docs = {
+            let (store, commit, actor, cfg) =
+                (store.clone(), commit.clone(), actor.clone(), config.docs());
+            let (feed, origin) = (feed.clone(), peer_id.to_string());
+            tokio::task::spawn_blocking(move || {
+                Docs::new(store, commit, actor, cfg, sync, feed, origin)
+            })
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))??
+        };
+        let seal_dir = config.node.data_dir.clone();
+        let cancel = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let mut workflow_cfg = config.workflow.clone();
+        if workflow_cfg.dir.as_os_str().is_empty() {
+            workflow_cfg.dir = config.node.data_dir.join("workflows");
+        }
+        let workflows = crate::workflow::Engine::start(
+            docs.clone(),
+            store.clone(),
+            feed.clone(),
+            (peer_id.to_string(), config.node.labels.clone()),
+            workflow_cfg,
+            (!self.no_workflows).then(|| (cancel.clone(), &tasks)),
+        );
+        let inner = Arc::new(NodeInner {
+            docs,
+            feed,
+            store,
+            commit,
+            flush_thread: Mutex::new(Some(flush_thread)),
+            peer_id,
+            boot,
+            started: Instant::now(),
+            config,
+            cancel,
+            tasks,
+            workflows,
+            api_addr: Mutex::new(None),
+            sync_out: Mutex::new(sync_rx),
+            net: Mutex::new(None),
+            progress: Arc::default(),
+            seal: SealOnDrop {
+                data_dir: seal_dir,
+                armed: false.into(),
+            },
+        });
+        let node = Node { inner };
+        if node.inner.sync_out.lock().expect("not poisoned").is_some() {
+            // The core keeps no clock: tick it.
+            let (docs, cancel) = (node.inner.docs.clone(), node.inner.cancel.clone());
+            node.inner.tasks.spawn(async move {
+                let mut every = tokio::time::interval(Duration::from_millis(100));
+                loop {
+                    tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        _ = every.tick() => { docs.sync_input(Input::Tick); }
+                    }
+                }
+            });
+        }
+        if let Some(key) = net_key {
+            let outputs = node
+                .take_sync_outputs()
+                .expect("sync is on with the network");
+            let net = &node.inner.config.net;
+            let cfg = crate::net::NetConfig {
+                listen: crate::net::parse_addrs("net.listen", &net.listen)?,
+                peers: crate::net::parse_addrs("net.peers", &net.peers)?,
+                mdns: net.mdns,
+                max_message_bytes: net.max_message_bytes,
+                // Both were validated with the config.
+                key: (!net.key.is_empty())
+                    .then(|| crate::net::parse_key(&net.key).ok())
+                    .flatten(),
+                allow: crate::net::parse_peer_ids(&net.allow).unwrap_or_default(),
+                max_connections: net.max_connections,
+                kademlia: net.kademlia,
+                gossipsub: net.gossipsub,
+                max_peer_bytes_per_sec: net.max_peer_bytes_per_sec,
+                max_peer_frames_per_sec: net.max_peer_frames_per_sec,
+                peer_timeout: std::time::Duration::from_millis(net.peer_timeout_ms),
+            };
+            if cfg.key.is_none() && cfg.allow.is_empty() {
+                tracing::warn!(
+                    "open network: any node that can reach this one can join and read \
+                     and write every document; set net.key (mergeflow keygen) and/or net.allow"
+                );
+            }
+            let net = crate::net::spawn(
+                key,
+                cfg,
+                node.inner.docs.clone(),
+                outputs,
+                node.inner.cancel.clone(),
+                &node.inner.tasks,
+            )?;
+            let live = net.state.clone();
+            node.inner
+                .workflows
+                .set_live_peers(Arc::new(move || match live.lock() {
+                    Ok(net) => net
+                        .peers
+                        .values()
+                        .filter(|p| p.connected)
+                        .map(|p| p.peer_id.clone())
+                        .collect(),
+                    Err(_) => vec![],
+                }));
+            *node.inner.net.lock().expect("not poisoned") = Some(net);
+        }
+        if self.serve_api {
+            let listener = tokio::net::TcpListener::bind(node.inner.config.api.listen)
+                .await
+                .map_err(|source| Error::Bind {
+                    addr: node.inner.config.api.listen,
+                    source,
+                })?;
+            let addr = listener.local_addr().map_err(|source| Error::Bind {
+                addr: node.inner.config.api.listen,
+                source,
+            })?;
+            *node.inner.api_addr.lock().expect("not poisoned") = Some(addr);
+            let app = crate::api::router(node.clone());
+            let limits = crate::api::serve::Limits::new(&node.inner.config.api);
+            node.inner.tasks.spawn(crate::api::serve::serve(
+                listener,
+                app,
+                limits,
+                node.inner.cancel.clone(),
+                node.inner.tasks.clone(),
+            ));
+        }
+        tracing::info!(
+            peer = %node.inner.peer_id,
+            actor = %node.inner.docs.actor(),
+            boot,
+            docs = node.inner.docs.count(),
+            data_dir = %node.inner.config.node.data_dir.display(),
+            "node started"
+        );
+        Ok(node)
+    }
+}

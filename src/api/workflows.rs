@@ -145,12 +145,11 @@ async fn runs(
     let engine = node.workflows().clone();
     let workflow = q.workflow.clone();
     let before = q.before;
-    let runs = tokio::task::spawn_blocking(move || match before {
+    let runs = off_executor(move || match before {
         None => engine.runs(workflow.as_deref(), status, limit),
         Some(b) => engine.runs_before(workflow.as_deref(), status, b, limit),
     })
-    .await
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
+    .await?;
     // A full page may have more behind it: name the next one, as
     // `GET /v1/docs` does.
     let next = match runs.last() {
@@ -176,6 +175,16 @@ async fn runs(
     Ok(resp)
 }
 
+/// Runs a run-log read (sled) on the blocking pool, off the async executor.
+async fn off_executor<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, WorkflowError> + Send + 'static,
+) -> ApiResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+        .map_err(Into::into)
+}
+
 fn run_id(path: Result<Path<String>, PathRejection>) -> ApiResult<u64> {
     let Path(id) = path.map_err(|r| WrappedRejection(r, None))?;
     id.parse().map_err(|_| {
@@ -191,7 +200,10 @@ async fn run(
     State(node): State<Node>,
     path: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Response> {
-    Ok(Json(node.workflows().run(run_id(path)?)?).into_response())
+    let id = run_id(path)?;
+    let engine = node.workflows().clone();
+    let run = off_executor(move || engine.run(id)).await?;
+    Ok(Json(run).into_response())
 }
 
 async fn retry(

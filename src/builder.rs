@@ -237,7 +237,12 @@ impl NodeBuilder {
                 gossipsub: net.gossipsub,
                 max_peer_bytes_per_sec: net.max_peer_bytes_per_sec,
                 max_peer_frames_per_sec: net.max_peer_frames_per_sec,
-                peer_timeout: std::time::Duration::from_millis(net.peer_timeout_ms),
+                peer_timeout: Duration::from_millis(net.peer_timeout_ms),
+                ping_interval: Duration::from_millis(net.ping_interval_ms),
+                request_timeout: Duration::from_millis(net.request_timeout_ms),
+                idle_connection_timeout: Duration::from_millis(net.idle_connection_timeout_ms),
+                max_streams_per_peer: net.max_streams_per_peer,
+                max_redial_backoff: Duration::from_millis(net.max_redial_backoff_ms),
             };
             if cfg.key.is_none() && cfg.allow.is_empty() {
                 tracing::warn!(

@@ -175,6 +175,23 @@ pub struct NetTable {
     /// milliseconds counts as gone: it is disconnected and redialled.
     #[serde(deserialize_with = "crate::duration::de_ms")]
     pub peer_timeout_ms: u64,
+    /// Milliseconds between pings on each connection.
+    #[serde(deserialize_with = "crate::duration::de_ms")]
+    pub ping_interval_ms: u64,
+    /// A sync request unanswered for this many milliseconds fails (its docs
+    /// are synced again).
+    #[serde(deserialize_with = "crate::duration::de_ms")]
+    pub request_timeout_ms: u64,
+    /// A connection with no open stream is closed after this many
+    /// milliseconds (static peers are dialled again).
+    #[serde(deserialize_with = "crate::duration::de_ms")]
+    pub idle_connection_timeout_ms: u64,
+    /// Most unanswered sync requests (each a stream) per peer; past it, frames
+    /// are dropped and repaired by sync. Below yamux's 512 streams.
+    pub max_streams_per_peer: usize,
+    /// Longest wait between dials of an unreachable static peer.
+    #[serde(deserialize_with = "crate::duration::de_ms")]
+    pub max_redial_backoff_ms: u64,
     /// Largest sync message, in bytes.
     pub max_message_bytes: usize,
     /// Pre-shared network key, 64 hex digits (`mergeflow keygen`); empty means
@@ -281,6 +298,11 @@ impl Default for Config {
                 mdns: true,
                 anti_entropy_ms: 30_000,
                 peer_timeout_ms: 8_000,
+                ping_interval_ms: 2_000,
+                request_timeout_ms: 30_000,
+                idle_connection_timeout_ms: 60_000,
+                max_streams_per_peer: 256,
+                max_redial_backoff_ms: 5_000,
                 max_message_bytes: 16 << 20,
                 key: String::new(),
                 allow: vec![],
@@ -806,6 +828,29 @@ impl Config {
         if !(2_000..=600_000).contains(&self.net.peer_timeout_ms) {
             return invalid("net.peer_timeout_ms", "must be 2000 to 600000");
         }
+        if !(100..=60_000).contains(&self.net.ping_interval_ms)
+            || self.net.ping_interval_ms * 2 > self.net.peer_timeout_ms
+        {
+            return invalid(
+                "net.ping_interval_ms",
+                "must be 100 to 60000 and at most half of net.peer_timeout_ms",
+            );
+        }
+        if !(1_000..=600_000).contains(&self.net.request_timeout_ms) {
+            return invalid("net.request_timeout_ms", "must be 1000 to 600000");
+        }
+        if !(1_000..=86_400_000).contains(&self.net.idle_connection_timeout_ms) {
+            return invalid("net.idle_connection_timeout_ms", "must be 1000 to 86400000");
+        }
+        if !(1..=480).contains(&self.net.max_streams_per_peer) {
+            return invalid(
+                "net.max_streams_per_peer",
+                "must be 1 to 480 (yamux allows 512)",
+            );
+        }
+        if !(250..=3_600_000).contains(&self.net.max_redial_backoff_ms) {
+            return invalid("net.max_redial_backoff_ms", "must be 250 to 3600000");
+        }
         if self.net.max_message_bytes < 1024 {
             return invalid("net.max_message_bytes", "must be at least 1024");
         }
@@ -1097,6 +1142,42 @@ mod tests {
         let mut c = Config::default();
         c.log.level = "=bad=".into();
         assert!(c.validate().unwrap_err().to_string().contains("log.level"));
+    }
+
+    #[test]
+    fn network_tunables_load_and_are_checked() {
+        let c = Config::load(
+            None,
+            env(&[
+                ("MERGEFLOW_NET_PING_INTERVAL_MS", "1s"),
+                ("MERGEFLOW_NET_MAX_STREAMS_PER_PEER", "64"),
+            ]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            (c.net.ping_interval_ms, c.net.max_streams_per_peer),
+            (1_000, 64)
+        );
+        let bad: [(&str, fn(&mut Config)); 5] = [
+            ("net.ping_interval_ms", |c| c.net.ping_interval_ms = 5_000), // > half the timeout
+            ("net.request_timeout_ms", |c| c.net.request_timeout_ms = 10),
+            ("net.idle_connection_timeout_ms", |c| {
+                c.net.idle_connection_timeout_ms = 0
+            }),
+            ("net.max_streams_per_peer", |c| {
+                c.net.max_streams_per_peer = 600
+            }),
+            ("net.max_redial_backoff_ms", |c| {
+                c.net.max_redial_backoff_ms = 1
+            }),
+        ];
+        for (key, set) in bad {
+            let mut c = Config::default();
+            set(&mut c);
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains(key), "{key}: {err}");
+        }
     }
 
     #[test]

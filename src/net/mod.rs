@@ -100,6 +100,16 @@ pub struct NetConfig {
     pub max_peer_frames_per_sec: u64,
     /// A connected peer not heard from for this long is disconnected.
     pub peer_timeout: Duration,
+    /// Time between pings on each connection.
+    pub ping_interval: Duration,
+    /// A sync request unanswered for this long fails.
+    pub request_timeout: Duration,
+    /// A connection with no open stream is closed after this long.
+    pub idle_connection_timeout: Duration,
+    /// Most unanswered sync requests per peer.
+    pub max_streams_per_peer: usize,
+    /// Longest wait between dials of an unreachable static peer.
+    pub max_redial_backoff: Duration,
 }
 
 /// Parses a network key: 64 hex digits (what `mergeflow keygen` prints).
@@ -475,8 +485,8 @@ pub fn spawn(
                     SyncCodec { max },
                     [(PROTOCOL, ProtocolSupport::Full)],
                     request_response::Config::default()
-                        .with_request_timeout(Duration::from_secs(30))
-                        .with_max_concurrent_streams(256),
+                        .with_request_timeout(cfg.request_timeout)
+                        .with_max_concurrent_streams(cfg.max_streams_per_peer),
                 ),
                 stream: libp2p_stream::Behaviour::new(),
                 identify: identify::Behaviour::new(identify::Config::new(
@@ -484,19 +494,19 @@ pub fn spawn(
                     key.public(),
                 )),
                 // A peer that stops answering (a partition, a pulled cable)
-                // is noticed within PING_INTERVAL + PING_TIMEOUT and its
+                // is noticed within net.peer_timeout_ms (see `liveness`) and its
                 // connection closed, so it shows as disconnected and is
                 // redialled, instead of holding requests until they time out.
                 ping: ping::Behaviour::new(
                     ping::Config::new()
-                        .with_interval(PING_INTERVAL)
+                        .with_interval(cfg.ping_interval)
                         .with_timeout(PING_TIMEOUT),
                 ),
                 mdns: mdns.into(),
             })
         })
         .map_err(|e| NetError::Transport(e.to_string()))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .with_swarm_config(|c| c.with_idle_connection_timeout(cfg.idle_connection_timeout))
         .build();
     for addr in &cfg.listen {
         swarm
@@ -535,7 +545,10 @@ pub fn spawn(
     let online_tx = online.clone();
     tasks.spawn(async move {
         let mut connected: BTreeSet<PeerId> = BTreeSet::new();
-        let mut in_flight = InFlight::default();
+        let mut in_flight = InFlight {
+            max: cfg.max_streams_per_peer,
+            ..InFlight::default()
+        };
         let mut bans: Bans = HashMap::new();
         let limit = limit::RateLimit::new(
             cfg.max_peer_bytes_per_sec,
@@ -583,7 +596,7 @@ pub fn spawn(
                             tracing::debug!(addr = %p.addr, err = %e, "dial failed");
                         }
                         p.next_attempt = now + p.backoff;
-                        p.backoff = (p.backoff * 2).min(MAX_REDIAL_BACKOFF);
+                        p.backoff = (p.backoff * 2).min(cfg.max_redial_backoff);
                     }
                 }
                 out = outputs.recv() => {
@@ -685,19 +698,15 @@ impl Admission {
     }
 }
 
-/// Longest wait between dials of a configured peer. Short, because it
-/// bounds how long after a partition heals the link comes back (the chaos
-/// campaign measured up to 28 s from heal to convergence with a minute);
-/// a dial of an unreachable address costs next to nothing.
-const MAX_REDIAL_BACKOFF: Duration = Duration::from_secs(5);
-
-/// How often each connection is pinged. libp2p's ping reports only the
-/// second failure in a row, so silence is judged here instead (see
-/// [`Liveness`]): a peer counts as gone `peer_timeout` after it was last
-/// heard from, and with a ping every 2 s a live peer is heard that often.
-const PING_INTERVAL: Duration = Duration::from_secs(2);
 /// A ping unanswered for this long fails (and its connection is closed when
-/// libp2p reports the failure).
+/// libp2p reports the failure). libp2p's ping reports only the second failure
+/// in a row, so silence is judged by `liveness` instead: a peer counts as
+/// gone `net.peer_timeout_ms` after it was last heard from, and with a ping
+/// every `net.ping_interval_ms` a live peer is heard that often. The redial
+/// backoff (`net.max_redial_backoff_ms`, 5 s) is short because it bounds how
+/// long after a partition heals the link comes back; frames unanswered past
+/// `net.max_streams_per_peer` are dropped (anti-entropy repairs them)
+/// instead of piling up streams for a peer that is slow or gone.
 const PING_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// True if two addresses name the same endpoint, ignoring a `/p2p/<id>` suffix.
@@ -790,11 +799,6 @@ fn over_limit(
     }
 }
 
-/// Frames one peer may have unanswered; past it, messages to that peer are
-/// dropped (anti-entropy repairs them) instead of piling up for a peer that is
-/// slow or does not answer.
-const MAX_IN_FLIGHT: usize = 256;
-
 /// Frames are filled up to this many bytes (or `net.max_message_bytes`, if
 /// smaller); a bigger message travels alone.
 const FRAME_TARGET: usize = 1 << 20;
@@ -808,6 +812,8 @@ const MAX_OUTBOX: usize = 4096;
 struct InFlight {
     by_id: HashMap<request_response::OutboundRequestId, (PeerId, Vec<String>)>,
     per_peer: HashMap<PeerId, usize>,
+    /// Most unanswered frames per peer (`net.max_streams_per_peer`).
+    max: usize,
 }
 
 impl InFlight {
@@ -819,7 +825,7 @@ impl InFlight {
         docs: Vec<String>,
     ) {
         let n = self.per_peer.entry(peer).or_default();
-        if *n >= MAX_IN_FLIGHT {
+        if *n >= self.max {
             tracing::debug!(peer = %peer, "too many unanswered frames: frame dropped");
             return;
         }

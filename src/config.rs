@@ -1159,7 +1159,8 @@ mod tests {
             (c.net.ping_interval_ms, c.net.max_streams_per_peer),
             (1_000, 64)
         );
-        let bad: [(&str, fn(&mut Config)); 5] = [
+        type Set = fn(&mut Config);
+        let bad: [(&str, Set); 5] = [
             ("net.ping_interval_ms", |c| c.net.ping_interval_ms = 5_000), // > half the timeout
             ("net.request_timeout_ms", |c| c.net.request_timeout_ms = 10),
             ("net.idle_connection_timeout_ms", |c| {

@@ -243,6 +243,8 @@ impl NodeBuilder {
                 idle_connection_timeout: Duration::from_millis(net.idle_connection_timeout_ms),
                 max_streams_per_peer: net.max_streams_per_peer,
                 max_redial_backoff: Duration::from_millis(net.max_redial_backoff_ms),
+                max_strikes: net.max_strikes,
+                ban: Duration::from_millis(net.ban_ms),
             };
             if cfg.key.is_none() && cfg.allow.is_empty() {
                 tracing::warn!(

@@ -192,6 +192,12 @@ pub struct NetTable {
     /// Longest wait between dials of an unreachable static peer.
     #[serde(deserialize_with = "crate::duration::de_ms")]
     pub max_redial_backoff_ms: u64,
+    /// Rejected inputs from a peer (bad frames, refused changes, rate-limit
+    /// overruns at most one a second) after which it is disconnected and banned.
+    pub max_strikes: u64,
+    /// How long a banned peer is refused, in milliseconds.
+    #[serde(deserialize_with = "crate::duration::de_ms")]
+    pub ban_ms: u64,
     /// Largest sync message, in bytes.
     pub max_message_bytes: usize,
     /// Pre-shared network key, 64 hex digits (`mergeflow keygen`); empty means
@@ -303,6 +309,8 @@ impl Default for Config {
                 idle_connection_timeout_ms: 60_000,
                 max_streams_per_peer: 256,
                 max_redial_backoff_ms: 5_000,
+                max_strikes: 10,
+                ban_ms: 300_000,
                 max_message_bytes: 16 << 20,
                 key: String::new(),
                 allow: vec![],
@@ -851,6 +859,12 @@ impl Config {
         if !(250..=3_600_000).contains(&self.net.max_redial_backoff_ms) {
             return invalid("net.max_redial_backoff_ms", "must be 250 to 3600000");
         }
+        if !(1..=1_000_000).contains(&self.net.max_strikes) {
+            return invalid("net.max_strikes", "must be 1 to 1000000");
+        }
+        if !(1_000..=86_400_000).contains(&self.net.ban_ms) {
+            return invalid("net.ban_ms", "must be 1000 to 86400000");
+        }
         if self.net.max_message_bytes < 1024 {
             return invalid("net.max_message_bytes", "must be at least 1024");
         }
@@ -1160,7 +1174,7 @@ mod tests {
             (1_000, 64)
         );
         type Set = fn(&mut Config);
-        let bad: [(&str, Set); 5] = [
+        let bad: [(&str, Set); 7] = [
             ("net.ping_interval_ms", |c| c.net.ping_interval_ms = 5_000), // > half the timeout
             ("net.request_timeout_ms", |c| c.net.request_timeout_ms = 10),
             ("net.idle_connection_timeout_ms", |c| {
@@ -1172,6 +1186,8 @@ mod tests {
             ("net.max_redial_backoff_ms", |c| {
                 c.net.max_redial_backoff_ms = 1
             }),
+            ("net.max_strikes", |c| c.net.max_strikes = 0),
+            ("net.ban_ms", |c| c.net.ban_ms = 5),
         ];
         for (key, set) in bad {
             let mut c = Config::default();

@@ -51,6 +51,7 @@ use tokio_util::sync::CancellationToken;
 use crate::doc::Docs;
 use crate::sync::{Input, Message, Output, codec};
 
+mod bans;
 pub mod limit;
 mod link;
 mod liveness;
@@ -110,6 +111,10 @@ pub struct NetConfig {
     pub max_streams_per_peer: usize,
     /// Longest wait between dials of an unreachable static peer.
     pub max_redial_backoff: Duration,
+    /// Rejected inputs that ban a peer.
+    pub max_strikes: u64,
+    /// How long a ban lasts.
+    pub ban: Duration,
 }
 
 /// Parses a network key: 64 hex digits (what `mergeflow keygen` prints).
@@ -549,7 +554,7 @@ pub fn spawn(
             max: cfg.max_streams_per_peer,
             ..InFlight::default()
         };
-        let mut bans: Bans = HashMap::new();
+        let mut bans = Bans::new(cfg.max_strikes, cfg.ban);
         let limit = limit::RateLimit::new(
             cfg.max_peer_bytes_per_sec,
             cfg.max_peer_frames_per_sec,
@@ -578,6 +583,7 @@ pub fn spawn(
                 }
                 _ = redial.tick(), if admit.online => {
                     let now = Instant::now();
+                    bans.prune(now);
                     for peer in liveness.silent(&connected, now) {
                         tracing::info!(peer = %peer, timeout = ?cfg.peer_timeout, "peer silent: disconnecting");
                         let _ = swarm.disconnect_peer_id(peer);
@@ -616,7 +622,7 @@ pub fn spawn(
                         // Read before a disconnect or ban and handled after it:
                         // dropped, or the sync core would take the peer for
                         // connected again (anti-entropy repairs what it held).
-                        if is_banned(&bans, &peer) || !connected.contains(&peer) {
+                        if bans.is_banned(&peer) || !connected.contains(&peer) {
                             continue;
                         }
                         if !admit_frame(&limit, &mut buckets, &mut swarm, &shared, &mut bans, peer, frame.len()) {
@@ -720,17 +726,10 @@ fn same_addr(a: &Multiaddr, b: &Multiaddr) -> bool {
     strip(a) == strip(b)
 }
 
-/// Rejected inputs after which a peer is disconnected and banned.
-const MAX_STRIKES: u64 = 10;
-/// How long a banned peer is refused.
-const BAN: Duration = Duration::from_secs(300);
+use bans::Bans;
 
-/// Banned peers and when their ban ends.
-type Bans = HashMap<PeerId, Instant>;
-
-/// Counts a rejected input against `peer`; past [`MAX_STRIKES`] the peer is
-/// disconnected and refused for [`BAN`]. A misbehaving peer costs itself, not
-/// the others.
+/// Counts a rejected input against `peer`; at `net.max_strikes` the peer is
+/// disconnected and refused for `net.ban_ms` (see [`bans`]).
 fn strike(
     swarm: &mut libp2p::Swarm<Behaviour>,
     state: &Mutex<NetState>,
@@ -745,16 +744,11 @@ fn strike(
         info.rejected
     };
     tracing::warn!(peer = %peer, err = %reason, strikes, "rejected input from peer");
-    if strikes >= MAX_STRIKES && !bans.contains_key(&peer) {
+    if strikes >= bans.max_strikes && !bans.is_banned(&peer) {
         tracing::warn!(peer = %peer, "too many bad messages: disconnecting and banning the peer");
-        bans.insert(peer, Instant::now() + BAN);
+        bans.ban(peer, Instant::now());
         let _ = swarm.disconnect_peer_id(peer);
     }
-}
-
-/// True while `peer` is banned.
-fn is_banned(bans: &Bans, peer: &PeerId) -> bool {
-    bans.get(peer).is_some_and(|until| *until > Instant::now())
 }
 
 /// Charges a frame of `len` bytes from `peer` (by request-response or its
@@ -780,7 +774,7 @@ fn admit_frame(
 
 /// A frame from `peer` went over its rate limit and was dropped: counted,
 /// and a strike at most once a second (so a peer over the limit for
-/// [`MAX_STRIKES`] seconds is banned, while a short burst costs little).
+/// `net.max_strikes` seconds is banned, while a short burst costs little).
 fn over_limit(
     swarm: &mut libp2p::Swarm<Behaviour>,
     state: &Mutex<NetState>,
@@ -1108,7 +1102,7 @@ fn on_event(
             tracing::warn!(peer = %peer_id, "peer not in net.allow: disconnecting");
             let _ = swarm.disconnect_peer_id(peer_id);
         }
-        SwarmEvent::ConnectionEstablished { peer_id, .. } if is_banned(bans, &peer_id) => {
+        SwarmEvent::ConnectionEstablished { peer_id, .. } if bans.is_banned(&peer_id) => {
             tracing::debug!(peer = %peer_id, "banned peer: disconnecting");
             let _ = swarm.disconnect_peer_id(peer_id);
         }
@@ -1284,7 +1278,7 @@ fn on_event(
         })) if peer != local
             && !connected.contains(&peer)
             && allowed(&peer)
-            && !bans.contains_key(&peer) =>
+            && !bans.contains(&peer) =>
         {
             tracing::debug!(peer = %peer, "learned of a peer through Kademlia: dialling");
             let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)

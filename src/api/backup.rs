@@ -21,7 +21,7 @@ use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
-use super::{ApiError, ApiResult, body, doc_id, writable};
+use super::{ApiError, ApiResult, body, doc_id};
 use crate::node::Node;
 
 /// Bytes gathered before a chunk of the backup goes out.
@@ -185,7 +185,7 @@ async fn merge(
     b: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let id = doc_id(path)?;
-    writable(&id)?;
+    crate::doc::user_writable(&id)?;
     let data = body(b)?;
     let result = node.docs().merge(id, data.to_vec()).await?;
     Ok(axum::Json(result).into_response())

@@ -456,7 +456,7 @@ async fn create(
     let req: CreateRequest = parse(&body(b)?)?;
     let id = req.id.map(DocId::new).transpose()?;
     if let Some(id) = &id {
-        writable(id)?;
+        crate::doc::user_writable(id)?;
     }
     let result = node.docs().create_with(id, req.value, q.acks()).await?;
     answer_write(&node, &q, StatusCode::CREATED, result).await
@@ -522,13 +522,18 @@ async fn list(
     };
     let mut resp = Json(page.docs).into_response();
     if let Some(next) = next {
-        let qs = serde_urlencoded::to_string(&next).expect("a query serializes");
-        let link = format!("</v1/docs?{qs}>; rel=\"next\"");
-        if let Ok(v) = header::HeaderValue::from_str(&link) {
-            resp.headers_mut().insert(header::LINK, v);
-        }
+        link_next(&mut resp, "/v1/docs", &next);
     }
     Ok(resp)
+}
+
+/// Adds `Link: <path?query>; rel="next"` to a listing's response: where
+/// its next page is.
+pub(super) fn link_next(resp: &mut Response, path: &str, query: &impl Serialize) {
+    let qs = serde_urlencoded::to_string(query).expect("a query serializes");
+    if let Ok(v) = header::HeaderValue::from_str(&format!("<{path}?{qs}>; rel=\"next\"")) {
+        resp.headers_mut().insert(header::LINK, v);
+    }
 }
 
 async fn read(
@@ -561,13 +566,6 @@ async fn patch(
     answer_write(&node, &q, StatusCode::OK, result).await
 }
 
-/// Refuses writes to the node's system docs (`_mergeflow/...`: workflow
-/// definitions, membership, effect markers), which only the workflow API
-/// writes.
-fn writable(id: &DocId) -> ApiResult<()> {
-    Ok(crate::doc::user_writable(id)?)
-}
-
 /// A write, applied at most once per doc and `Idempotency-Key` header
 /// value when the request has one.
 async fn write(
@@ -577,7 +575,7 @@ async fn write(
     change: Change,
     acks: bool,
 ) -> ApiResult<crate::doc::WriteResult> {
-    writable(&id)?;
+    crate::doc::user_writable(&id)?;
     let key = match headers.get("idempotency-key") {
         None => None,
         Some(v) => Some(
@@ -765,7 +763,7 @@ async fn delete(
     path: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Response> {
     let id = doc_id(path)?;
-    writable(&id)?;
+    crate::doc::user_writable(&id)?;
     let r = node.docs().delete(id).await?;
     Ok(Json(DeleteResponse {
         id: r.id.to_string(),

@@ -3,7 +3,7 @@
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::{StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -163,14 +163,13 @@ async fn runs(
             }
             pairs.push(("limit", limit.to_string()));
             pairs.push(("before", last.id.to_string()));
-            let qs = serde_urlencoded::to_string(&pairs).expect("pairs serialize");
-            Some(format!("</v1/runs?{qs}>; rel=\"next\""))
+            Some(pairs)
         }
         _ => None,
     };
     let mut resp = Json(runs).into_response();
-    if let Some(v) = next.and_then(|l| header::HeaderValue::from_str(&l).ok()) {
-        resp.headers_mut().insert(header::LINK, v);
+    if let Some(next) = next {
+        super::link_next(&mut resp, "/v1/runs", &next);
     }
     Ok(resp)
 }

@@ -186,6 +186,18 @@ pub struct DocPage {
     pub more: bool,
 }
 
+impl DocInfo {
+    /// The listing entry of a stored doc.
+    fn from_meta((id, m): (String, crate::store::DocMeta)) -> DocInfo {
+        DocInfo {
+            id,
+            heads: m.heads,
+            size_bytes: m.size_bytes,
+            updated_at: m.updated_at_ms,
+        }
+    }
+}
+
 /// One change in a document's history.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct HistoryEntry {
@@ -924,12 +936,7 @@ impl Docs {
                 .list_docs()?
                 .into_iter()
                 .filter(|(_, m)| m.deleted_at_ms.is_none())
-                .map(|(id, m)| DocInfo {
-                    id,
-                    heads: m.heads,
-                    size_bytes: m.size_bytes,
-                    updated_at: m.updated_at_ms,
-                })
+                .map(DocInfo::from_meta)
                 .collect())
         })
         .await
@@ -948,15 +955,7 @@ impl Docs {
             };
             let (docs, more) =
                 store.list_docs_page(&q.prefix, q.after.as_deref(), q.limit, keep)?;
-            let docs = docs
-                .into_iter()
-                .map(|(id, m)| DocInfo {
-                    id,
-                    heads: m.heads,
-                    size_bytes: m.size_bytes,
-                    updated_at: m.updated_at_ms,
-                })
-                .collect();
+            let docs = docs.into_iter().map(DocInfo::from_meta).collect();
             Ok(DocPage { docs, more })
         })
         .await

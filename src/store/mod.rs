@@ -545,7 +545,7 @@ impl Store {
     /// # Errors
     /// sled I/O errors.
     pub fn flush(&self) -> Result<(), StoreError> {
-        self.injected()?;
+        self.check_writable()?;
         self.db.flush().map(|_| ()).map_err(|e| self.sled_err(e))
     }
 
@@ -651,7 +651,7 @@ impl Store {
     /// sled errors; then a prefix of the batch may be applied, which leaves
     /// every doc readable at one of the states above.
     pub fn apply(&self, batch: WriteBatch) -> Result<(), StoreError> {
-        self.injected()?;
+        self.check_writable()?;
         for op in batch.ops {
             match op {
                 BatchOp::Append { change, meta } => {
@@ -683,7 +683,7 @@ impl Store {
     /// Refuses a write or flush when the store has failed (or a test says
     /// it has): sled would refuse it too, and a flush into a sled that hit an
     /// I/O error can wait forever for a log position that never comes.
-    fn injected(&self) -> Result<(), StoreError> {
+    fn check_writable(&self) -> Result<(), StoreError> {
         if let Some(why) = self.failure() {
             return Err(StoreError::Write(why));
         }

@@ -48,7 +48,13 @@ pub fn marker_doc(workflow: &str, doc: &str) -> String {
     format!("{SYSTEM_PREFIX}effects/{workflow}/{hex}")
 }
 
-/// What a marker says about one effect key (`<run key>-<step id>`).
+/// The key of one effect in the marker docs and its `Idempotency-Key`:
+/// `<run key>-<step id>`, the same on every node for the same state.
+pub fn effect_key(run_key: &str, step: &str) -> String {
+    format!("{run_key}-{step}")
+}
+
+/// What a marker says about one effect key (see [`effect_key`]).
 ///
 /// A marker without a `state` field records that its `by` node handled the
 /// effect: delivered it, or skipped it because its `when` was false

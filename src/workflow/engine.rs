@@ -1208,7 +1208,7 @@ impl Runner {
             // its decision lives under: its own key, or, for a run that
             // followed another node's decision, that decision's key.
             let decided = dead_effect(&run).map(|(i, followed)| {
-                let own = format!("{}-{}", run.key, run.steps[i].id);
+                let own = super::effect::effect_key(&run.key, &run.steps[i].id);
                 if retry { own } else { followed.unwrap_or(own) }
             });
             run.updated_ms = now_ms();
@@ -1269,7 +1269,8 @@ impl Runner {
             let Some((i, followed)) = dead_effect(&run) else {
                 continue;
             };
-            let key = followed.unwrap_or_else(|| format!("{}-{}", run.key, run.steps[i].id));
+            let key =
+                followed.unwrap_or_else(|| super::effect::effect_key(&run.key, &run.steps[i].id));
             let Some(marker) = markers.get(&key).and_then(Marker::parse) else {
                 continue;
             };
@@ -1759,7 +1760,7 @@ async fn execute(
                     s.state = StepState::Skipped;
                     s.error = Some("when is false".into());
                     if step.action.is_effect() && owns_effects(shared, origin, &run, None).await.0 {
-                        let key = format!("{}-{}", run.key, step.id);
+                        let key = super::effect::effect_key(&run.key, &step.id);
                         let by = shared.local.clone();
                         let what = Marker::Handled {
                             by,
@@ -1779,7 +1780,7 @@ async fn execute(
         s.state = StepState::Running;
         s.started_ms.get_or_insert_with(now_ms);
         let effect = step.action.is_effect();
-        let effect_key = format!("{}-{}", run.key, step.id);
+        let effect_key = super::effect::effect_key(&run.key, &step.id);
         // A scheduled run (no doc) was started by the tick's owner: its
         // effects are this node's.
         let owned = run.doc.is_empty();
@@ -1934,7 +1935,7 @@ async fn execute(
         // A dead effect is a decision: recorded in its marker, so that no
         // other node takes it over and every node shows it dead.
         for &i in &failed_here {
-            let key = format!("{}-{}", run.key, run.steps[i].id);
+            let key = super::effect::effect_key(&run.key, &run.steps[i].id);
             let by = shared.local.clone();
             let error = run.steps[i].error.clone().unwrap_or_default();
             mark(shared, &run, &key, Marker::Dead { by, error }).await;

@@ -16,11 +16,11 @@ use tokio_util::task::TaskTracker;
 
 use crate::Error;
 use crate::config::Config;
-use crate::doc::Docs;
 use crate::feed::Feed;
 use crate::node::{Node, NodeInner, SealOnDrop};
+use crate::runtime::Docs;
 use crate::store::{GroupCommit, Store};
-use crate::sync::{Input, SyncConfig};
+use crate::sync::SyncConfig;
 
 impl Node {
     /// A builder with default configuration.
@@ -205,17 +205,11 @@ impl NodeBuilder {
         });
         let node = Node { inner };
         if node.inner.sync_out.lock().expect("not poisoned").is_some() {
-            // The core keeps no clock: tick it.
-            let (docs, cancel) = (node.inner.docs.clone(), node.inner.cancel.clone());
-            node.inner.tasks.spawn(async move {
-                let mut every = tokio::time::interval(Duration::from_millis(100));
-                loop {
-                    tokio::select! {
-                        _ = cancel.cancelled() => break,
-                        _ = every.tick() => { docs.sync_input(Input::Tick); }
-                    }
-                }
-            });
+            crate::runtime::spawn_tick(
+                node.inner.docs.inbox(),
+                node.inner.cancel.clone(),
+                &node.inner.tasks,
+            );
         }
         if let Some(key) = net_key {
             let outputs = node

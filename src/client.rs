@@ -6,8 +6,9 @@ use serde::de::DeserializeOwned;
 use serde_json::Value as Json;
 
 use crate::api::{CreateRequest, DeleteResponse, ErrorBody};
-use crate::doc::{DocInfo, HistoryEntry, Op, WriteResult};
+use crate::doc::Op;
 use crate::node::Status;
+use crate::runtime::{DocInfo, HistoryEntry, WriteResult};
 
 /// Errors of the client, each a one-line reason.
 #[derive(Debug, thiserror::Error)]

@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::doc::{DocsConfig, StringMode};
+use crate::doc::StringMode;
+use crate::runtime::DocsConfig;
 
 /// The node's configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

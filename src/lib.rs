@@ -57,11 +57,13 @@ pub mod metrics;
 pub mod net;
 pub mod node;
 pub mod progress;
+pub mod runtime;
 pub mod store;
 pub mod sync;
 pub mod workflow;
 
 mod error;
+mod id;
 mod origin;
 
 pub use builder::NodeBuilder;

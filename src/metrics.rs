@@ -22,7 +22,7 @@ use crate::net::PeerInfo;
 use crate::sync::SyncStats;
 
 /// Latency histograms (clones share their counts), kept by the parts that
-/// record them: [`crate::doc::Docs::write_latency`],
+/// record them: [`crate::runtime::Docs::write_latency`],
 /// [`crate::workflow::Engine::run_latency`].
 #[derive(Clone, Debug)]
 pub struct Timings {

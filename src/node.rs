@@ -18,8 +18,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::Error;
 use crate::config::Config;
-use crate::doc::{Change, DocError, DocId, Docs, HistoryEntry, Pointer, WriteResult};
+use crate::doc::{DocError, DocId, Pointer};
 use crate::feed::{DocGlob, Feed, FeedItem};
+use crate::runtime::{Change, Docs, HistoryEntry, WriteResult};
 use crate::store::{GroupCommit, Store};
 use crate::sync::{Input, Output};
 use tokio::sync::mpsc;

@@ -28,8 +28,9 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json_;
 
-use crate::doc::{Change, DocId, Op, Pointer};
+use crate::doc::{DocId, Op, Pointer};
 use crate::node::Node;
+use crate::runtime::Change;
 use error::WrappedRejection;
 
 /// Body of `POST /v1/docs`.
@@ -415,7 +416,7 @@ async fn answer_write(
     node: &Node,
     q: &WriteQuery,
     status: StatusCode,
-    result: crate::doc::WriteResult,
+    result: crate::runtime::WriteResult,
 ) -> ApiResult<Response> {
     let Some(want) = q.replicas.filter(|n| *n > 0) else {
         return Ok((status, Json(result)).into_response());
@@ -501,7 +502,7 @@ async fn list(
             format!("limit must be 1 to {MAX_LIST_LIMIT}, got {limit}"),
         ));
     }
-    let query = crate::doc::ListQuery {
+    let query = crate::runtime::ListQuery {
         prefix: q.prefix.clone().unwrap_or_default(),
         after: q.after.clone(),
         limit,
@@ -574,7 +575,7 @@ async fn write(
     id: DocId,
     change: Change,
     acks: bool,
-) -> ApiResult<crate::doc::WriteResult> {
+) -> ApiResult<crate::runtime::WriteResult> {
     crate::doc::user_writable(&id)?;
     let key = match headers.get("idempotency-key") {
         None => None,

@@ -5,6 +5,8 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use super::DocError;
+pub use crate::id::MAX_ID_LEN;
+use crate::id::{doc_id_problem, preview};
 
 /// Prefix of the node's system docs (workflow definitions, membership,
 /// effect markers): written by the node only, hidden from listings unless
@@ -34,8 +36,6 @@ pub fn user_writable(id: &DocId) -> Result<(), DocError> {
     })
 }
 
-/// Longest doc id, in bytes.
-pub const MAX_ID_LEN: usize = 200;
 
 /// A validated document id such as `sensors/greenhouse-3`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -49,26 +49,13 @@ impl DocId {
     /// [`DocError::InvalidId`] naming the first offending character or the length.
     pub fn new(s: impl Into<String>) -> Result<DocId, DocError> {
         let s = s.into();
-        if s.is_empty() || s.len() > MAX_ID_LEN {
-            return Err(DocError::InvalidId {
+        match doc_id_problem(&s) {
+            Some(reason) => Err(DocError::InvalidId {
                 id: preview(&s),
-                reason: format!("length must be 1 to {MAX_ID_LEN} bytes, got {}", s.len()),
-            });
+                reason,
+            }),
+            None => Ok(DocId(s)),
         }
-        if s == "." || s == ".." {
-            // URL normalisation turns /v1/docs/. into /v1/docs: unreachable over HTTP.
-            return Err(DocError::InvalidId {
-                id: s,
-                reason: "\".\" and \"..\" are not allowed".into(),
-            });
-        }
-        if let Some((i, c)) = s.char_indices().find(|(_, c)| !valid_char(*c)) {
-            return Err(DocError::InvalidId {
-                id: preview(&s),
-                reason: format!("character {c:?} at byte {i} is not one of A-Z a-z 0-9 . _ : / -"),
-            });
-        }
-        Ok(DocId(s))
     }
 
     /// A fresh random id: 26 lowercase base32 characters (128 bits).
@@ -85,18 +72,6 @@ impl DocId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
-}
-
-fn valid_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '/' | '-')
-}
-
-fn preview(s: &str) -> String {
-    let mut p: String = s.chars().take(60).collect();
-    if p.len() < s.len() {
-        p.push('…');
-    }
-    p
 }
 
 impl fmt::Display for DocId {

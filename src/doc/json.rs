@@ -315,6 +315,21 @@ pub(crate) fn describe(v: &Value<'_>) -> String {
     }
 }
 
+/// The JSON value at `ptr` (not the root) in `doc`.
+///
+/// # Errors
+/// [`DocError::PathNotFound`] when nothing is there.
+pub(crate) fn json_at<R: ReadDoc>(doc: &R, ptr: &super::path::Pointer) -> Result<Json, DocError> {
+    let (parents, last) = ptr.split_last().ok_or_else(|| ptr.not_found())?;
+    let (obj, ty) = super::path::resolve_obj(doc, ptr, parents)?;
+    let prop = super::path::prop_for(ptr, ty, doc.length(&obj), last, false)
+        .map_err(|_| ptr.not_found())?;
+    match doc.get(&obj, prop)? {
+        Some((v, vid)) => value_to_json(doc, v, &vid),
+        None => Err(ptr.not_found()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,33 +1,28 @@
 //! Documents: ids, JSON <-> Automerge, merge patches, explicit ops, JSON Pointer
-//! paths, size limits, and the document service that applies writes durably.
+//! paths, conflict stamps, size limits, and the cache of loaded documents.
 //!
-//! This module owns the in-memory Automerge documents. It reaches sled only
-//! through [`crate::store::Store`] and never on the async executor.
+//! This is document logic only: it reaches sled only through
+//! [`crate::store::Store`] (the cache's loads) and runs no threads or tasks.
+//! The runtime (`crate::runtime`) applies writes and remote changes with it.
 
+pub(crate) mod cache;
 pub mod conflict;
-mod container;
+pub(crate) mod container;
+pub(crate) mod heads;
 mod id;
-mod json;
-mod ops;
-mod patch;
-mod path;
-mod remote;
-mod replicas;
-mod service;
+pub(crate) mod json;
+pub(crate) mod ops;
+pub(crate) mod patch;
+pub(crate) mod path;
 pub mod stamp;
-mod writer;
 
+pub use cache::{load_stored, load_stored_contained};
 pub use id::{DocId, MAX_ID_LEN, SYSTEM_PREFIX, user_writable};
 pub use json::{MAX_READ_DEPTH, StringMode, to_json};
 pub use ops::{Op, ValueKind, apply_ops, write_ops};
 pub use patch::{apply_merge_patch, ops_to_match};
 pub use path::Pointer;
-pub use replicas::Held;
-pub use service::{
-    Change, ChangeFn, DocInfo, DocPage, Docs, DocsConfig, HistoryEntry, ListQuery, PeerSyncView,
-    Snapshot, WriteResult,
-};
-pub use service::{load_stored, load_stored_contained, now_ms};
+pub use stamp::now_ms;
 
 use crate::store::StoreError;
 

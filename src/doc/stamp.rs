@@ -141,6 +141,13 @@ pub fn check_idempotency_key(key: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Unix time in milliseconds.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

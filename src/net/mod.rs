@@ -48,7 +48,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::doc::Docs;
+use crate::runtime::Docs;
 use crate::sync::{Input, Message, Output, codec};
 
 mod bans;

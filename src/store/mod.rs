@@ -31,7 +31,7 @@
 //! at any point of it loses nothing.
 //!
 //! The store is synchronous; async callers run it inside `spawn_blocking` (see
-//! `doc::Docs`).
+//! `runtime::Docs`).
 
 mod commit;
 mod format;

@@ -45,6 +45,14 @@ pub enum DecodeError {
     /// Ends early or has bytes left over.
     #[error("malformed message: {0}")]
     Malformed(&'static str),
+    /// A doc id that is not one (`[A-Za-z0-9._:/-]{1,200}`).
+    #[error("invalid doc id {id:?}: {reason}")]
+    DocId {
+        /// The id (shortened).
+        id: String,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 /// Encodes `msg`.
@@ -186,7 +194,7 @@ pub fn decode(bytes: &[u8], cap: usize) -> Result<Message, DecodeError> {
     }
     let msg = match r.u8()? {
         1 => {
-            let doc = r.string()?;
+            let doc = r.doc_id()?;
             let change = r.bytes()?.to_vec();
             let ack = r.flag("change ack flag is not 0 or 1")?;
             let n = r.count(8)?;
@@ -214,7 +222,7 @@ pub fn decode(bytes: &[u8], cap: usize) -> Result<Message, DecodeError> {
             let n = r.count(12)?;
             let mut entries = Vec::with_capacity(n);
             for _ in 0..n {
-                entries.push((r.string()?, r.u64()?));
+                entries.push((r.doc_id()?, r.u64()?));
             }
             Message::Bucket {
                 bucket,
@@ -223,16 +231,16 @@ pub fn decode(bytes: &[u8], cap: usize) -> Result<Message, DecodeError> {
             }
         }
         4 => Message::Sync {
-            doc: r.string()?,
+            doc: r.doc_id()?,
             data: r.bytes()?.to_vec(),
         },
-        5 => Message::Deleted { doc: r.string()? },
+        5 => Message::Deleted { doc: r.doc_id()? },
         7 => Message::Doc {
-            doc: r.string()?,
+            doc: r.doc_id()?,
             data: r.bytes()?.to_vec(),
         },
         8 => {
-            let doc = r.string()?;
+            let doc = r.doc_id()?;
             let n = r.count(32)?;
             let mut heads = Vec::with_capacity(n);
             for _ in 0..n {
@@ -325,6 +333,19 @@ impl<'a> Reader<'a> {
         self.take(n)
     }
 
+    /// A string that must be a valid doc id: ids are checked here, at the
+    /// boundary, so the sync core only ever sees valid ones.
+    fn doc_id(&mut self) -> Result<String, DecodeError> {
+        let id = self.string()?;
+        match crate::id::doc_id_problem(&id) {
+            None => Ok(id),
+            Some(reason) => Err(DecodeError::DocId {
+                id: crate::id::preview(&id),
+                reason,
+            }),
+        }
+    }
+
     fn string(&mut self) -> Result<String, DecodeError> {
         let b = self.bytes()?;
         String::from_utf8(b.to_vec()).map_err(|_| DecodeError::Malformed("string is not UTF-8"))
@@ -356,7 +377,7 @@ mod tests {
             },
             Message::Bucket {
                 bucket: 7,
-                entries: vec![("x".into(), 1), ("yé".into(), 2)],
+                entries: vec![("x".into(), 1), ("y.2".into(), 2)],
                 answer: true,
             },
             Message::Sync {
@@ -413,6 +434,50 @@ mod tests {
             let i = rng.random_range(0..b.len());
             b[i] = rng.random();
             let _ = decode_frame(&b, 1 << 20);
+        }
+    }
+
+    #[test]
+    fn a_message_naming_an_invalid_doc_id_does_not_decode() {
+        let bad = [
+            "bad id!".to_string(),
+            String::new(),
+            "..".to_string(),
+            "x".repeat(201),
+        ];
+        for id in bad {
+            let msgs = [
+                Message::Change {
+                    doc: id.clone(),
+                    change: vec![1],
+                    ack: false,
+                    seen: vec![],
+                },
+                Message::Bucket {
+                    bucket: 0,
+                    entries: vec![("ok".into(), 1), (id.clone(), 2)],
+                    answer: false,
+                },
+                Message::Sync {
+                    doc: id.clone(),
+                    data: vec![],
+                },
+                Message::Deleted { doc: id.clone() },
+                Message::Doc {
+                    doc: id.clone(),
+                    data: vec![],
+                },
+                Message::Have {
+                    doc: id.clone(),
+                    heads: vec![],
+                },
+            ];
+            for m in msgs {
+                let err = decode(&encode(&m), 1 << 20).unwrap_err();
+                assert!(matches!(err, DecodeError::DocId { .. }), "{m:?}: {err}");
+                let frame = encode_batch(&[encode(&m)]);
+                assert!(decode_frame(&frame, 1 << 20).is_err(), "{m:?}");
+            }
         }
     }
 

@@ -907,9 +907,6 @@ impl Core {
                 let mut lacking = 0;
                 for (doc, _) in &entries {
                     if self.digest.entry(doc).is_none() {
-                        if crate::doc::DocId::new(doc.as_str()).is_err() {
-                            return self.reject(&from, format!("invalid doc id {doc:?}"), out);
-                        }
                         lacking += 1;
                         if self.lacking.len() < MAX_LACKING {
                             self.lacking.insert(doc.clone());
@@ -950,9 +947,6 @@ impl Core {
                 self.push_docs(now, &from, docs, out);
             }
             Message::Doc { doc, data } => {
-                if crate::doc::DocId::new(doc.as_str()).is_err() {
-                    return self.reject(&from, format!("invalid doc id {doc:?}"), out);
-                }
                 let before = self.digest.entry(&doc);
                 match docs.merge_doc(&doc, &data) {
                     Err(e) => self.refuse(&from, format!("doc {doc:?}"), e, out),
@@ -973,9 +967,6 @@ impl Core {
                 }
             }
             Message::Have { doc, heads } => {
-                if crate::doc::DocId::new(doc.as_str()).is_err() {
-                    return self.reject(&from, format!("invalid doc id {doc:?}"), out);
-                }
                 out.push(Output::Held {
                     peer: from,
                     doc,
@@ -983,9 +974,6 @@ impl Core {
                 });
             }
             Message::Sync { doc, data } => {
-                if crate::doc::DocId::new(doc.as_str()).is_err() {
-                    return self.reject(&from, format!("invalid doc id {doc:?}"), out);
-                }
                 self.stats.sync_received += 1;
                 let Some(peer) = self.peers.get_mut(&from) else {
                     return;
@@ -1030,9 +1018,6 @@ impl Core {
                 self.received_changes(now, from, doc, changes, docs, out);
             }
             Message::Deleted { doc } => {
-                if crate::doc::DocId::new(doc.as_str()).is_err() {
-                    return self.reject(&from, format!("invalid doc id {doc:?}"), out);
-                }
                 if docs.state(&doc) == Some(DocState::Deleted) {
                     return;
                 }
@@ -1069,9 +1054,6 @@ impl Core {
         docs: &mut D,
         out: &mut Vec<Output>,
     ) {
-        if crate::doc::DocId::new(doc.as_str()).is_err() {
-            return self.reject(&from, format!("invalid doc id {doc:?}"), out);
-        }
         // Changes held for this doc (waiting on these, perhaps) go first.
         let mut changes = changes;
         let mut held_since = None;

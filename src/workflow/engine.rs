@@ -55,8 +55,9 @@ use super::log::RunLog;
 use super::plan::{Plan, kind_name};
 use super::run::{Run, RunStatus, StepRun, StepState, run_key};
 use crate::config::WorkflowConfig;
-use crate::doc::{Change, DocError, DocId, Docs, Op, Pointer, now_ms};
+use crate::doc::{DocError, DocId, Op, Pointer, now_ms};
 use crate::feed::{Cause, DocGlob, Feed, FeedItem};
+use crate::runtime::{Change, Docs};
 use crate::store::{Store, StoreError};
 
 /// How often the workflow directory is checked for changed files.
@@ -963,7 +964,7 @@ impl Runner {
             let Some((_, glob)) = &plan.def.trigger.doc else {
                 continue;
             };
-            let user = |d: &&crate::doc::DocInfo| !d.id.starts_with(SYSTEM_PREFIX);
+            let user = |d: &&crate::runtime::DocInfo| !d.id.starts_with(SYSTEM_PREFIX);
             for d in docs.iter().filter(user).filter(|d| glob.matches(&d.id)) {
                 let heads = serde_json::to_vec(&d.heads).expect("heads serialize");
                 match self.shared.store.cursor(plan.name(), &d.id) {

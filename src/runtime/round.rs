@@ -1,5 +1,5 @@
 //! Remote input applied on the writer thread: the sync core's [`DocAccess`]
-//! over the document service.
+//! over the documents.
 //!
 //! Changes that arrive from peers (fast-path changes, sync messages, deletes)
 //! are merged into the in-memory doc and added to the writer's current
@@ -14,8 +14,9 @@ use std::panic::AssertUnwindSafe;
 use automerge::sync::{self, SyncDoc};
 use automerge::{Automerge, ChangeHash, PatchLog, ReadDoc};
 
-use super::service::{Inner, Loaded, SlotRef, lock_slot, new_doc, now_ms};
-use super::{DocError, DocId};
+use super::state::Inner;
+use crate::doc::cache::{Loaded, SlotRef, lock_slot, new_doc};
+use crate::doc::{DocError, DocId, now_ms};
 use crate::store::{DocMeta, WriteBatch};
 use crate::sync::{Applied, DocAccess, DocState, Refusal};
 
@@ -44,7 +45,7 @@ pub(super) struct Round<'a> {
 /// What a change did to a doc, for the feed.
 pub(super) enum Touch {
     /// Changed: the JSON Pointers of what changed (only while someone is
-    /// subscribed to the feed; see [`super::writer::patch_log`]), and whether
+    /// subscribed to the feed; see [`super::persist::patch_log`]), and whether
     /// more changed than are listed.
     Changed(Vec<String>, bool),
     /// Deleted.
@@ -105,19 +106,20 @@ impl<'a> Round<'a> {
                 "doc {id:?} failed earlier in this round; retried later"
             )));
         }
-        let slot = self.inner.entry(&id);
+        let slot = self.inner.cache.entry(&id);
         let mut guard = lock_slot(&slot);
         let ops_before = self.batch.len();
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
             let loaded = self
                 .inner
+                .cache
                 .ensure_loaded(&id, &mut guard)
                 .map_err(|e| Refusal::Local(e.to_string()))?;
             f(self, &id, loaded)
         }))
         .unwrap_or_else(|_| Err("automerge panicked on this input".to_string().into()));
         if let Some(loaded) = guard.as_ref() {
-            self.inner.note_size(&id, loaded);
+            self.inner.cache.note_size(&id, loaded);
         }
         drop(guard);
         if result.is_err() {
@@ -147,7 +149,7 @@ impl Round<'_> {
                 return Ok(Some(DocState::Deleted));
             }
             let before = loaded.doc.get_heads();
-            let mut log = super::writer::patch_log(round.inner);
+            let mut log = super::persist::patch_log(round.inner);
             apply(&mut loaded.doc, &mut log)?;
             let merged = store_merged(round, id, loaded, &before, &mut log)?;
             Ok(loaded.meta.is_some().then_some(merged))
@@ -241,10 +243,10 @@ fn store_merged(
     // Objects nested past the cap are refused before anything walks them
     // (the feed's changed paths cost the square of the depth).
     let max = inner.cfg.max_depth;
-    if let Some(depth) = super::container::created_depth(&loaded.doc, &new)
+    if let Some(depth) = crate::doc::container::created_depth(&loaded.doc, &new)
         && depth > max
     {
-        super::writer::roll_back(inner, loaded, before)
+        super::persist::roll_back(inner, loaded, before)
             .map_err(|e| format!("cannot undo a too deep merge: {e}"))?;
         return Err(DocError::TooDeep {
             what: format!("a change to doc {id:?}"),
@@ -263,7 +265,7 @@ fn store_merged(
     if meta.size_bytes + added > inner.cfg.max_doc_bytes
         && loaded.doc.save().len() as u64 > inner.cfg.max_doc_bytes
     {
-        super::writer::roll_back(inner, loaded, before)
+        super::persist::roll_back(inner, loaded, before)
             .map_err(|e| format!("cannot undo an oversized merge: {e}"))?;
         return Err(DocError::DocTooLarge {
             size: meta.size_bytes + added,
@@ -272,16 +274,18 @@ fn store_merged(
         .to_string());
     }
     let bytes = new.iter().map(|c| c.raw_bytes());
-    super::writer::append_changes(&mut round.batch, id, &mut meta, loaded, now, bytes);
+    super::persist::append_changes(&mut round.batch, id, &mut meta, loaded, now, bytes);
     inner
         .changes
         .remote
         .fetch_add(new.len() as u64, std::sync::atomic::Ordering::Relaxed);
-    super::writer::maybe_compact(inner, id, loaded, &mut meta, &mut round.batch);
-    let (paths, truncated) = super::writer::changed_paths(&loaded.doc, log);
+    super::persist::maybe_compact(inner, id, loaded, &mut meta, &mut round.batch);
+    let (paths, truncated) = super::persist::changed_paths(&loaded.doc, log);
     for c in &new {
         if let Some(m) = c.message() {
-            inner.clock.observe(super::stamp::Stamp::parse(m).hlc, now);
+            inner
+                .clock
+                .observe(crate::doc::stamp::Stamp::parse(m).hlc, now);
         }
     }
     // A merge holding any change no workflow made is a user's change as far
@@ -405,7 +409,7 @@ impl DocAccess for Round<'_> {
             verdicts.extend(waiting.into_iter().map(|(i, _)| (i, Applied::MissingDeps)));
             if !ready.is_empty() {
                 let before = loaded.doc.get_heads();
-                let mut log = super::writer::patch_log(round.inner);
+                let mut log = super::persist::patch_log(round.inner);
                 let (idx, batch): (Vec<usize>, Vec<automerge::Change>) = ready.into_iter().unzip();
                 loaded
                     .doc
@@ -435,7 +439,7 @@ impl DocAccess for Round<'_> {
 
     fn doc_bytes(&mut self, doc: &str) -> Option<Vec<u8>> {
         let id = DocId::new(doc).ok()?;
-        self.inner.saved_bytes(&id).ok()?
+        self.inner.cache.saved_bytes(&id).ok()?
     }
 
     fn merge_doc(&mut self, doc: &str, data: &[u8]) -> Result<Option<DocState>, Refusal> {
@@ -474,13 +478,13 @@ impl DocAccess for Round<'_> {
                 .meta
                 .clone()
                 .unwrap_or_else(|| DocMeta::new(now_ms()));
-            let tail = super::writer::tail_range(&meta);
+            let tail = super::persist::tail_range(&meta);
             meta.deleted_at_ms = Some(now_ms());
             meta.size_bytes = 0;
             meta.snapshot_bytes = 0;
             meta.tail_changes = 0;
             round.batch.tombstone(id.as_str(), &meta, tail);
-            super::writer::forget_sync_states(round.inner, id);
+            super::persist::forget_sync_states(round.inner, id);
             loaded.doc = new_doc(&round.inner.actor);
             loaded.meta = Some(meta);
             if existed {

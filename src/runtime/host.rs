@@ -1,0 +1,180 @@
+//! The sync host: the sans-IO sync core ([`Core`]) run on the writer thread,
+//! fed the inbox's input with a [`Round`] as its document access, its outputs
+//! sent on the bounded channel to the transport; and replica confirmations.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+
+use automerge::ChangeHash;
+use tokio::sync::mpsc;
+
+use super::round::Round;
+use super::state::Inner;
+use crate::doc::cache::lock_slot;
+use crate::doc::heads::in_history;
+use crate::doc::{DocId, now_ms};
+use crate::sync::{Core, FastChange, Input, Message, Output};
+
+/// What the API shows about one peer's sync, published by the writer thread.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PeerSyncView {
+    /// Unix ms when a digest from the peer last matched ours.
+    pub last_in_sync_at: Option<u64>,
+    /// Docs with a sync session open to the peer.
+    pub docs_syncing: usize,
+}
+
+/// The sync core and where its outputs go, owned by the writer thread.
+pub(crate) struct SyncRuntime {
+    pub(crate) core: Core,
+    pub(crate) out: mpsc::Sender<Output>,
+    pub(crate) rng: rand::rngs::StdRng,
+    pub(crate) started: std::time::Instant,
+    pub(crate) dropped_outputs: u64,
+}
+
+impl SyncRuntime {
+    /// Handles a round's remote input (every frame it took from the queue).
+    /// Fast-path changes of one doc from one peer go to the core together,
+    /// so they cost one Automerge apply (which walks the doc's ops once per
+    /// call); everything else follows in order.
+    pub(super) fn handle_all(&mut self, inputs: Vec<Input>, round: &mut Round<'_>) {
+        let mut groups: Vec<(String, String, Vec<FastChange>)> = Vec::new();
+        let mut index: HashMap<(String, String), usize> = HashMap::new();
+        let mut rest = Vec::new();
+        for input in inputs {
+            match input {
+                Input::Received {
+                    from,
+                    msg:
+                        Message::Change {
+                            doc,
+                            change,
+                            ack,
+                            seen,
+                        },
+                } => {
+                    let c = FastChange { change, ack, seen };
+                    match index.entry((from, doc)) {
+                        Entry::Occupied(e) => groups[*e.get()].2.push(c),
+                        Entry::Vacant(e) => {
+                            let (from, doc) = e.key().clone();
+                            e.insert(groups.len());
+                            groups.push((from, doc, vec![c]));
+                        }
+                    }
+                }
+                other => rest.push(other),
+            }
+        }
+        for (from, doc, changes) in groups {
+            self.handle(Input::ReceivedChanges { from, doc, changes }, round);
+        }
+        for input in rest {
+            self.handle(input, round);
+        }
+    }
+
+    pub(super) fn handle(&mut self, input: Input, round: &mut Round<'_>) {
+        let now = self.started.elapsed().as_millis() as u64;
+        let tick = matches!(input, Input::Tick);
+        if tracing::enabled!(tracing::Level::TRACE) {
+            match &input {
+                Input::Received { from, msg } => {
+                    tracing::trace!(peer = %from, kind = msg.kind(), doc = ?msg.doc(), "sync input");
+                }
+                Input::ReceivedChanges { from, doc, changes } => {
+                    tracing::trace!(peer = %from, kind = "change", doc, n = changes.len(), "sync input");
+                }
+                _ => {}
+            }
+        }
+        round.confirm = match &input {
+            Input::Received { msg, .. } => match msg {
+                Message::Change { ack, .. } => *ack,
+                _ => true,
+            },
+            Input::ReceivedChanges { changes, .. } => changes.iter().any(|c| c.ack),
+            _ => false,
+        };
+        round.from = match &input {
+            Input::Received { from, .. } | Input::ReceivedChanges { from, .. } => {
+                Some(from.clone())
+            }
+            Input::PeerDown(peer) => {
+                round.inner.replicas.peer_gone(peer);
+                None
+            }
+            _ => None,
+        };
+        let outputs = self.core.handle(now, &mut self.rng, input, round);
+        round.from = None;
+        round.confirm = false;
+        for out in outputs {
+            if matches!(out, Output::Merged { .. }) {
+                continue; // the round's events carry merges to the feed
+            }
+            if let Output::Held { peer, doc, heads } = out {
+                confirm(round.inner, &peer, &doc, heads);
+                continue;
+            }
+            if let Output::Send { to, msg } = &out {
+                tracing::trace!(peer = %to, kind = msg.kind(), doc = ?msg.doc(), "sync output");
+            }
+            // Never block the writer on the network: a full queue drops the
+            // output, and anti-entropy repairs whatever that loses.
+            if self.out.try_send(out).is_err() {
+                self.dropped_outputs += 1;
+                if self.dropped_outputs.is_power_of_two() {
+                    tracing::debug!(
+                        dropped = self.dropped_outputs,
+                        "network queue full: sync output dropped"
+                    );
+                }
+            }
+        }
+        if tick {
+            // Publish what the API shows about each peer's sync.
+            let unix_now = now_ms();
+            let view = self
+                .core
+                .peers()
+                .map(|p| {
+                    let last = self
+                        .core
+                        .last_in_sync(p)
+                        .map(|t| unix_now.saturating_sub(now.saturating_sub(t)));
+                    let v = PeerSyncView {
+                        last_in_sync_at: last,
+                        docs_syncing: self.core.open_sessions(p),
+                    };
+                    (p.clone(), v)
+                })
+                .collect();
+            *round
+                .inner
+                .sync_view
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = view;
+        }
+    }
+}
+
+/// Records a peer's confirmation; whether its heads include a waiting
+/// writer's is checked on the doc when they are not literally among them.
+pub(super) fn confirm(inner: &Inner, peer: &str, doc: &str, heads: Vec<ChangeHash>) {
+    let Ok(id) = DocId::new(doc) else {
+        return;
+    };
+    let covers = |want: &[ChangeHash], theirs: &[ChangeHash]| {
+        let Some(slot) = inner.cache.cached(&id) else {
+            return false;
+        };
+        let guard = lock_slot(&slot);
+        let Some(loaded) = guard.as_ref() else {
+            return false;
+        };
+        in_history(&loaded.doc, want, theirs)
+    };
+    inner.replicas.confirm(peer, doc, heads, now_ms(), covers);
+}

@@ -1,0 +1,335 @@
+//! A local write on the writer thread: the trial run and genesis of a create,
+//! the change applied in an Automerge transaction under the doc's lock, the
+//! caps (change and doc size, depth) checked, and the idempotency key
+//! honoured.
+
+use std::sync::atomic::Ordering;
+
+use automerge::transaction::{CommitOptions, Transactable, Transaction};
+use automerge::{Automerge, ChangeHash, ReadDoc};
+
+use super::persist::{
+    append_changes, changed_paths, forget_sync_states, maybe_compact, patch_log, roll_back,
+    tail_range,
+};
+use super::round::Touch;
+use super::state::{Change, Inner, WriteOp, WriteResult, WriteTags};
+
+use crate::doc::cache::{Loaded, live_meta, new_doc};
+use crate::doc::container::Creator;
+use crate::doc::json::{check_write_depth, json_at, json_depth};
+use crate::doc::ops::apply_ops_with;
+use crate::doc::patch::{apply_merge_patch_with, create_root};
+use crate::doc::{DocError, DocId, now_ms};
+use crate::store::{DocMeta, WriteBatch};
+use crate::sync::{DocState, Input};
+
+/// What a local write did: its result, the change in the number of live
+/// docs, what to tell the sync core, and what to tell the change feed.
+type Outcome = (WriteResult, i64, Option<Input>, Option<Touch>);
+
+/// Applies one write to its loaded doc and adds what to store to `batch`.
+pub(super) fn apply(
+    inner: &Inner,
+    id: &DocId,
+    loaded: &mut Loaded,
+    op: WriteOp,
+    tags: &WriteTags,
+    batch: &mut WriteBatch,
+) -> Result<Outcome, DocError> {
+    if let Some(key) = &tags.idem
+        && let Some(result) = applied_before(id, loaded, key, tags.req.as_deref())?
+    {
+        return Ok((result, 0, None, None));
+    }
+    let stamp = crate::doc::stamp::Stamp {
+        hlc: inner.clock.tick(now_ms()),
+        prio: inner.cfg.priority,
+        idem: tags.idem.clone(),
+        req: tags.req.clone(),
+    };
+    let caused = tags.cause.as_ref().map(|c| c.message());
+    let message = |kind: &'static str| stamp.message(caused.as_deref().unwrap_or(kind));
+    let strings = inner.cfg.strings;
+    let max_depth = inner.cfg.max_depth;
+    let deleted = |m: &Option<DocMeta>| m.as_ref().is_some_and(|m| m.deleted_at_ms.is_some());
+    match op {
+        WriteOp::Create(map) => {
+            if deleted(&loaded.meta) {
+                return Err(DocError::Deleted(id.to_string()));
+            }
+            if loaded.meta.is_some() {
+                return Err(DocError::AlreadyExists(id.to_string()));
+            }
+            // The new doc's root holds `map`: its values' nesting is the doc's.
+            let depth = map.values().map(json_depth).max().unwrap_or(0);
+            check_write_depth(depth, max_depth)?;
+            commit(
+                inner,
+                id,
+                loaded,
+                &message("create"),
+                batch,
+                true,
+                |tx, c| create_root(tx, &map, strings, c),
+            )
+        }
+        WriteOp::Change(change) => {
+            if deleted(&loaded.meta) {
+                return Err(DocError::Deleted(id.to_string()));
+            }
+            match change {
+                Change::Patch(p) => commit(
+                    inner,
+                    id,
+                    loaded,
+                    &message("patch"),
+                    batch,
+                    true,
+                    |tx, c| apply_merge_patch_with(tx, &p, strings, c, max_depth),
+                ),
+                Change::Ops(ops) => {
+                    commit(inner, id, loaded, &message("ops"), batch, true, |tx, c| {
+                        apply_ops_with(tx, &ops, strings, c, max_depth)
+                    })
+                }
+                Change::SetIfDifferent(values) => {
+                    commit(inner, id, loaded, &message("set"), batch, true, |tx, c| {
+                        for (ptr, value) in &values {
+                            if json_at(tx, ptr).ok().as_ref() == Some(value) {
+                                continue;
+                            }
+                            let op = crate::doc::Op::Set {
+                                path: ptr.as_str().to_string(),
+                                value: value.clone(),
+                                kind: None,
+                            };
+                            apply_ops_with(tx, std::slice::from_ref(&op), strings, c, max_depth)?;
+                        }
+                        Ok(())
+                    })
+                }
+                Change::Closure(f) => {
+                    // A closure runs once: the containers it makes are its own.
+                    let mut f = Some(f);
+                    commit(
+                        inner,
+                        id,
+                        loaded,
+                        &message("change"),
+                        batch,
+                        false,
+                        |tx, _| {
+                            let f = f.take().ok_or_else(|| {
+                                DocError::Internal("a change closure ran twice".into())
+                            })?;
+                            Ok(f(tx)?)
+                        },
+                    )
+                }
+            }
+        }
+        // Merged by the round (`Round::merge_saved`), never here.
+        WriteOp::Merge(_) => Err(DocError::Internal("a merge reached the write path".into())),
+        WriteOp::Delete => {
+            let old = live_meta(id, loaded)?.clone();
+            let mut meta = old.clone();
+            meta.deleted_at_ms = Some(now_ms());
+            meta.size_bytes = 0;
+            meta.snapshot_bytes = 0;
+            meta.tail_changes = 0;
+            batch.tombstone(id.as_str(), &meta, tail_range(&old));
+            forget_sync_states(inner, id);
+            loaded.doc = new_doc(&inner.actor);
+            loaded.meta = Some(meta.clone());
+            let result = WriteResult {
+                id: id.clone(),
+                heads: meta.heads,
+                changed: true,
+            };
+            let input = Input::LocalDelete {
+                doc: id.to_string(),
+            };
+            Ok((result, -1, Some(input), Some(Touch::Deleted)))
+        }
+    }
+}
+
+/// The result of a write with idempotency key `key` if one is already in
+/// the doc's history: nothing to apply again.
+///
+/// # Errors
+/// [`DocError::IdempotencyKeyReused`] when that change was asked for by a
+/// request with another fingerprint than `req` (a change without one, from
+/// an older node, counts as the same request).
+fn applied_before(
+    id: &DocId,
+    loaded: &Loaded,
+    key: &str,
+    req: Option<&str>,
+) -> Result<Option<WriteResult>, DocError> {
+    let Some(meta) = loaded.meta.as_ref() else {
+        return Ok(None);
+    };
+    let earlier = loaded.doc.get_changes_meta(&[]).iter().find_map(|c| {
+        let stamp = crate::doc::stamp::Stamp::parse(c.message.as_deref()?);
+        (stamp.idem.as_deref() == Some(key)).then_some(stamp)
+    });
+    let Some(earlier) = earlier else {
+        return Ok(None);
+    };
+    if let (Some(then), Some(now)) = (earlier.req.as_deref(), req)
+        && then != now
+    {
+        return Err(DocError::IdempotencyKeyReused {
+            doc: id.to_string(),
+            key: key.to_string(),
+        });
+    }
+    Ok(Some(WriteResult {
+        id: id.clone(),
+        heads: meta.heads.clone(),
+        changed: false,
+    }))
+}
+
+fn begin<'a>(inner: &Inner, doc: &'a mut Automerge) -> Result<Transaction<'a>, DocError> {
+    doc.transaction_log_patches(patch_log(inner))
+        .map_err(|e| DocError::Internal(e.to_string()))
+}
+
+/// Runs `f` in a transaction on `loaded`; on success adds the change (and a
+/// compaction when due) to `batch`. On any error the doc is left as it was.
+///
+/// Containers `f` creates through its [`Creator`] get deterministic identity
+/// (see [`super::container`]): when `repeatable`, `f` first runs on a
+/// transaction that is rolled back while the creator records them; their
+/// genesis changes are applied; then `f` runs again for real, and the write
+/// stores the geneses before its own change. A write that creates no
+/// container runs once.
+fn commit<F>(
+    inner: &Inner,
+    id: &DocId,
+    loaded: &mut Loaded,
+    message: &str,
+    batch: &mut WriteBatch,
+    repeatable: bool,
+    mut f: F,
+) -> Result<Outcome, DocError>
+where
+    F: FnMut(&mut Transaction<'_>, &mut Creator) -> Result<(), DocError>,
+{
+    let creating = loaded.meta.is_none();
+    let before: Vec<ChangeHash> = loaded.doc.get_heads();
+    let mut creator = if repeatable {
+        Creator::recording()
+    } else {
+        Creator::plain()
+    };
+    let mut tx = begin(inner, &mut loaded.doc)?;
+    if let Err(e) = f(&mut tx, &mut creator) {
+        tx.rollback();
+        return Err(e);
+    }
+    let mut geneses: Vec<automerge::Change> = Vec::new();
+    if !creator.is_empty() {
+        tx.rollback();
+        geneses = creator.geneses(&loaded.doc)?;
+        loaded
+            .doc
+            .apply_changes(geneses.iter().cloned())
+            .map_err(|e| DocError::Internal(format!("a container's genesis: {e}")))?;
+        tx = begin(inner, &mut loaded.doc)?;
+        if let Err(e) = f(&mut tx, &mut Creator::plain()) {
+            tx.rollback();
+            roll_back(inner, loaded, &before)
+                .map_err(|fe| DocError::Internal(format!("cannot undo geneses: {fe}")))?;
+            return Err(e);
+        }
+    }
+    if tx.pending_ops() == 0 && !creating && geneses.is_empty() {
+        tx.rollback();
+        let heads = loaded
+            .meta
+            .as_ref()
+            .map(|m| m.heads.clone())
+            .unwrap_or_default();
+        let result = WriteResult {
+            id: id.clone(),
+            heads,
+            changed: false,
+        };
+        return Ok((result, 0, None, None));
+    }
+    let now = now_ms();
+    let opts = || {
+        CommitOptions::default()
+            .with_message(message)
+            .with_time((now / 1000) as i64)
+    };
+    let (hash, mut log) = match tx.commit_with(opts()) {
+        (Some(h), log) => (h, log),
+        // A create with no keys still gets a change, so the doc has heads.
+        (None, log) => (loaded.doc.empty_commit(opts()), log),
+    };
+    let change = loaded
+        .doc
+        .get_change_by_hash(&hash)
+        .ok_or_else(|| DocError::Internal("committed change is missing".into()))?;
+    let bytes = change.raw_bytes();
+    let size = bytes.len() as u64
+        + geneses
+            .iter()
+            .map(|g| g.raw_bytes().len() as u64)
+            .sum::<u64>();
+    let mut meta = loaded.meta.clone().unwrap_or_else(|| DocMeta::new(now));
+    let cfg = &inner.cfg;
+    let cap_error = if size > cfg.max_change_bytes {
+        Some(DocError::ChangeTooLarge {
+            size,
+            cap: cfg.max_change_bytes,
+        })
+    } else if meta.size_bytes + size > cfg.max_doc_bytes {
+        Some(DocError::DocTooLarge {
+            size: meta.size_bytes + size,
+            cap: cfg.max_doc_bytes,
+        })
+    } else {
+        None
+    };
+    if let Some(e) = cap_error {
+        // The change is committed in memory only: go back to the heads before it.
+        roll_back(inner, loaded, &before).map_err(|fe| {
+            DocError::Internal(format!("cannot undo a change over a size cap: {fe}"))
+        })?;
+        return Err(e);
+    }
+    let all = geneses.iter().map(|g| g.raw_bytes()).chain([bytes]);
+    append_changes(batch, id, &mut meta, loaded, now, all.clone());
+    inner.changes.local.fetch_add(1, Ordering::Relaxed);
+    let input = Input::LocalChange {
+        doc: id.to_string(),
+        changes: all.map(<[u8]>::to_vec).collect(),
+        state: DocState::Live(loaded.doc.get_heads()),
+        ack: false, // set by the caller, which knows the request
+    };
+    maybe_compact(inner, id, loaded, &mut meta, batch);
+    let result = WriteResult {
+        id: id.clone(),
+        heads: meta.heads.clone(),
+        changed: true,
+    };
+    loaded.meta = Some(meta);
+    let (mut paths, truncated) = changed_paths(&loaded.doc, &mut log);
+    if !geneses.is_empty() {
+        paths.extend(crate::doc::container::genesis_paths(&loaded.doc, &geneses));
+        paths.sort();
+        paths.dedup();
+    }
+    Ok((
+        result,
+        i64::from(creating),
+        Some(input),
+        Some(Touch::Changed(paths, truncated)),
+    ))
+}

@@ -1,0 +1,342 @@
+//! The writer thread: applies queued writes and remote input in rounds.
+//!
+//! It takes every message waiting in its queue (up to `write_batch`), applies
+//! each local write to its document under the document's lock (`local.rs`)
+//! and remote input through the sync core (`host.rs`, `round.rs`), collects
+//! the changes into one [`WriteBatch`], applies that to sled (crash-safe per
+//! doc, see [`WriteBatch`]) and hands the writers' replies to the
+//! group-commit thread, which answers them after its flush. One thread means
+//! no per-write thread hand-off and one store batch per round; the Automerge
+//! work per write is tens of microseconds, so one core keeps up with what
+//! the HTTP layer can deliver.
+//!
+//! A local change is handed to the sync core, and so may be sent to peers,
+//! before the round's flush completes: that saves the flush time on the
+//! propagation path, and is safe because every boot writes with a fresh actor
+//! id, so a change lost here in a crash cannot be forked by a different change
+//! with the same actor and sequence number; a peer that holds it gives it
+//! back through sync.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use tokio::sync::mpsc;
+
+use super::host::SyncRuntime;
+use super::local::apply;
+use super::round::{PendingEvent, Round, Touch};
+use super::state::{Inner, WriteOp, WriteReq};
+use crate::doc::DocError;
+use crate::doc::cache::lock_slot;
+use crate::feed::ChangeEvent;
+use crate::store::{Ack, StoreError};
+use crate::sync::{Input, Output};
+
+/// A message to the writer thread.
+pub(super) enum WriterMsg {
+    Write(WriteReq),
+    /// Input for the sync core (ignored when the node does not sync), e.g.
+    /// the messages of one network frame.
+    Sync(Vec<Input>),
+    /// Finish the writes queued before this and exit.
+    Stop,
+}
+
+/// The writer thread's loop. Returns when told to stop or when every sender is gone.
+pub(super) fn run(
+    inner: Arc<Inner>,
+    mut rx: mpsc::Receiver<WriterMsg>,
+    mut sync: Option<SyncRuntime>,
+) {
+    let max = inner.cfg.write_batch.max(1);
+    let mut stop = false;
+    while !stop {
+        let mut msgs = Vec::new();
+        match rx.blocking_recv() {
+            Some(WriterMsg::Stop) | None => break,
+            Some(m) => msgs.push(m),
+        }
+        while msgs.len() < max {
+            match rx.try_recv() {
+                Ok(WriterMsg::Stop) => {
+                    stop = true;
+                    break;
+                }
+                Ok(m) => msgs.push(m),
+                Err(_) => break,
+            }
+        }
+        write_round(&inner, msgs, sync.as_mut());
+        if let Some(sync) = &sync {
+            let fp = sync.core.digest().fingerprint();
+            *inner
+                .sync_fingerprint
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(fp);
+            let mut stats = sync.core.stats().clone();
+            stats.docs_lacking = sync.core.lacking() as u64;
+            *inner.sync_stats.lock().unwrap_or_else(|p| p.into_inner()) = Some(stats);
+        }
+    }
+}
+
+/// Applies one round: local writes and remote input in memory, one sled batch,
+/// then the flush thread.
+fn write_round(inner: &Inner, msgs: Vec<WriterMsg>, mut sync: Option<&mut SyncRuntime>) {
+    let mut round = Round::new(inner);
+    let mut results = Vec::with_capacity(msgs.len());
+    // Whether a write that succeeded waits for the flush.
+    let mut durable = false;
+    // Remote input first, all of the round's together: fast-path changes of
+    // one doc from one peer then cost one Automerge apply, however many
+    // frames brought them (a receiver that falls behind catches up in
+    // fewer, bigger applies instead of slowing down further).
+    let mut inputs = Vec::new();
+    let mut reqs = Vec::with_capacity(msgs.len());
+    for msg in msgs {
+        match msg {
+            WriterMsg::Write(req) => reqs.push(req),
+            WriterMsg::Sync(i) => inputs.extend(i),
+            WriterMsg::Stop => {}
+        }
+    }
+    if let Some(sync) = sync.as_deref_mut()
+        && !inputs.is_empty()
+    {
+        sync.handle_all(inputs, &mut round);
+    }
+    // Local changes and merges go to the sync core (and so to peers) only
+    // once the store has them: if storing fails, the doc is reloaded without
+    // them and its next change reuses their actor and sequence numbers,
+    // which peers holding the first one would reject as a duplicate
+    // sequence. (Any sync the core starts sends what the doc holds, so a
+    // merge handled before the store call could carry this round's changes.)
+    let mut local: Vec<Input> = Vec::new();
+    for req in reqs {
+        if round.is_poisoned(&req.id) {
+            let e = DocError::Internal(format!(
+                "doc {:?} failed earlier in this write round; retry",
+                req.id.as_str()
+            ));
+            results.push((req.reply, Err(e)));
+            continue;
+        }
+        if let WriteOp::Merge(data) = &req.op {
+            let merged = round.merge_saved(&req.id, data);
+            if let (Some(_), Ok((_, Some(state)))) = (&sync, &merged) {
+                local.push(Input::LocalMerge {
+                    doc: req.id.to_string(),
+                    state: state.clone(),
+                });
+            }
+            let merged = merged.map(|(r, _)| r);
+            durable |= merged.is_ok();
+            results.push((req.reply, merged));
+            continue;
+        }
+        let slot = inner.cache.entry(&req.id);
+        let result = {
+            let mut guard = lock_slot(&slot);
+            // A panic (in a library user's closure, or in Automerge) must cost
+            // this write only, not the writer thread. The batch is only touched
+            // after the change succeeded, so it holds nothing of this write.
+            let applied = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                inner
+                    .cache
+                    .ensure_loaded(&req.id, &mut guard)
+                    .and_then(|loaded| {
+                        apply(inner, &req.id, loaded, req.op, &req.tags, &mut round.batch)
+                    })
+            }));
+            let result = applied.unwrap_or_else(|_| {
+                Err(DocError::Internal(format!(
+                    "panic while writing doc {:?}",
+                    req.id.as_str()
+                )))
+            });
+            if let Some(loaded) = guard.as_ref() {
+                inner.cache.note_size(&req.id, loaded);
+            }
+            result
+        };
+        // After an internal error the doc in memory may hold a change the
+        // store will never get: reload it, once this round's batch is stored.
+        if matches!(result, Err(DocError::Internal(_))) {
+            round.poison(&req.id, slot.clone());
+        }
+        let result = result.map(|(r, delta, input, touch)| {
+            if let Some(touch) = touch {
+                round.events.push(PendingEvent {
+                    doc: req.id.clone(),
+                    touch,
+                    after: r.heads.clone(),
+                    from: None,
+                    confirm: false,
+                    cause: req.tags.cause.clone(),
+                });
+            }
+            if r.changed {
+                round.touched.push(slot);
+            }
+            round.live_delta += delta;
+            if let Some(mut input) = input.filter(|_| sync.is_some()) {
+                if let Input::LocalChange { ack, .. } = &mut input {
+                    *ack = req.ack;
+                }
+                local.push(input);
+            }
+            durable |= !req.tags.lazy;
+            r
+        });
+        results.push((req.reply, result));
+    }
+    let batch = std::mem::take(&mut round.batch);
+    let applied = if batch.is_empty() {
+        Ok(())
+    } else {
+        inner.store.apply(batch)
+    };
+    if let (Some(sync), Ok(())) = (sync.as_deref_mut(), &applied) {
+        for input in local {
+            sync.handle(input, &mut round);
+        }
+        debug_assert!(round.batch.is_empty(), "local changes store nothing more");
+    }
+    let Round {
+        touched,
+        live_delta,
+        poisoned,
+        events,
+        ..
+    } = round;
+    for (_, slot) in poisoned {
+        *lock_slot(&slot) = None;
+    }
+    if let Err(e) = applied {
+        // A prefix of the batch may be stored (each doc at a state it passed
+        // through, see `WriteBatch`): the digest, the live count and the docs
+        // in memory are rebuilt from what the store holds.
+        match inner.store.list_docs() {
+            Ok(metas) => {
+                let live = metas
+                    .iter()
+                    .filter(|(_, m)| m.deleted_at_ms.is_none())
+                    .count();
+                inner.live_docs.store(live as i64, Ordering::Relaxed);
+                if let Some(sync) = sync {
+                    sync.core.reset_digest(
+                        metas
+                            .into_iter()
+                            .map(|(id, m)| (id, super::state::stored_state(&m))),
+                    );
+                }
+            }
+            Err(le) => tracing::error!(err = %le, "cannot re-read the docs after a failed write"),
+        }
+        tracing::error!(err = %e, "store write failed");
+        for slot in touched {
+            *lock_slot(&slot) = None;
+        }
+        let msg = e.to_string();
+        for (reply, result) in results {
+            let _ = reply.send(result.and(Err(DocError::Store(StoreError::Write(msg.clone())))));
+        }
+        return;
+    }
+    inner.live_docs.fetch_add(live_delta, Ordering::Relaxed);
+    let mut acks: Vec<Ack> = Vec::with_capacity(results.len() + 1);
+    // A round that only merged remote changes nobody waits on and made
+    // lazy local writes (no other local write, no peer asking for a
+    // confirmation) need not wait for a flush before its answers and feed
+    // events: the flush thread flushes it within `store.remote_flush_ms`. A
+    // crash in that window loses remote changes that their origin still
+    // holds (it acknowledged none of them before its own flush) and that
+    // sync brings back, and lazy writes that their writer redoes (see
+    // `Docs::write_caused`).
+    if !events.is_empty() {
+        // Published in the order the round applied them, once durable (or,
+        // for a lazy round, once every earlier round's were); the peers whose
+        // changes were merged are told we hold them, after the flush.
+        let confirms = confirmations(&events);
+        durable |= !confirms.is_empty();
+        let out = sync.as_ref().map(|s| s.out.clone());
+        let events = feed_events(inner, events);
+        let feed = inner.feed.clone();
+        acks.push(Box::new(move |flushed| {
+            if flushed.is_err() {
+                return;
+            }
+            feed.publish(events);
+            if let Some(out) = out {
+                for (to, msg) in confirms {
+                    let _ = out.try_send(Output::Send { to, msg });
+                }
+            }
+        }));
+    }
+    for (reply, result) in results {
+        match result {
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+            // Even a write that changed nothing waits for the flush: the heads
+            // it returns may include an earlier write not yet flushed.
+            Ok(r) => acks.push(Box::new(move |flushed| {
+                let _ = reply.send(flushed.map(|()| r).map_err(|m| DocError::Store(m.into())));
+            })),
+        }
+    }
+    // Merged remote changes need a flush too, even with nobody waiting on it.
+    if !acks.is_empty() || !touched.is_empty() {
+        inner.commit.submit_blocking(acks, durable);
+    }
+}
+
+/// A [`Message::Have`](crate::sync::Message::Have) for each (peer, doc)
+/// whose changes this round merged and that asked to hear of it (see
+/// `Round::confirm`), with the doc's last heads.
+fn confirmations(events: &[PendingEvent]) -> Vec<(String, crate::sync::Message)> {
+    let mut last: std::collections::BTreeMap<(&str, &str), &[String]> = Default::default();
+    for e in events {
+        if let (Some(from), Touch::Changed(..), true) = (&e.from, &e.touch, e.confirm)
+            && !from.is_empty()
+        {
+            last.insert((from.as_str(), e.doc.as_str()), &e.after);
+        }
+    }
+    last.into_iter()
+        .map(|((peer, doc), heads)| {
+            let msg = crate::sync::Message::Have {
+                doc: doc.to_string(),
+                heads: heads.iter().filter_map(|h| h.parse().ok()).collect(),
+            };
+            (peer.to_string(), msg)
+        })
+        .collect()
+}
+
+/// Turns a round's changes into feed events.
+fn feed_events(inner: &Inner, events: Vec<PendingEvent>) -> Vec<ChangeEvent> {
+    events
+        .into_iter()
+        .map(|e| {
+            let (paths, truncated, deleted) = match e.touch {
+                Touch::Changed(paths, truncated) => (paths, truncated, false),
+                Touch::Deleted => (vec![], false, true),
+            };
+            ChangeEvent {
+                id: String::new(), // the feed numbers events as it publishes
+                seq: 0,
+                doc: e.doc.to_string(),
+                heads: if deleted { vec![] } else { e.after },
+                local: e.from.is_none(),
+                origin: e.from.unwrap_or_else(|| inner.origin.clone()),
+                deleted,
+                paths,
+                paths_truncated: truncated,
+                cause: e.cause,
+            }
+        })
+        .collect()
+}

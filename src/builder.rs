@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use automerge::ActorId;
 
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -148,23 +147,28 @@ impl NodeBuilder {
                 local: peer_id.to_string(),
                 ..cfg
             });
+        let queues = crate::metrics::Queues::default();
         let (sync, sync_rx) = match sync_cfg {
             Some(cfg) => {
-                let (tx, rx) = mpsc::channel(config.perf.sync_queue);
+                let (tx, rx) = queues.channel("sync_out", config.perf.sync_queue);
                 (Some((cfg, tx)), Some(rx))
             }
             None => (None, None),
         };
         let feed = Arc::new(Feed::new(boot));
         let docs = {
-            let (store, commit, actor, cfg) =
-                (store.clone(), commit.clone(), actor.clone(), config.docs());
-            let (feed, origin) = (feed.clone(), peer_id.to_string());
-            tokio::task::spawn_blocking(move || {
-                Docs::new(store, commit, actor, cfg, sync, feed, origin)
-            })
-            .await
-            .map_err(|e| Error::Internal(e.to_string()))??
+            let parts = crate::runtime::Parts {
+                store: store.clone(),
+                commit: commit.clone(),
+                actor: actor.clone(),
+                feed: feed.clone(),
+                origin: peer_id.to_string(),
+                queues: queues.clone(),
+            };
+            let cfg = config.docs();
+            tokio::task::spawn_blocking(move || Docs::new(parts, cfg, sync))
+                .await
+                .map_err(|e| Error::Internal(e.to_string()))??
         };
         let seal_dir = config.node.data_dir.clone();
         let cancel = CancellationToken::new();
@@ -181,7 +185,28 @@ impl NodeBuilder {
             workflow_cfg,
             (!self.no_workflows).then(|| (cancel.clone(), &tasks)),
         );
+        let metrics = crate::metrics::Metrics::new(
+            vec![
+                (
+                    "write_duration",
+                    "Local writes, from the call to the answer",
+                    docs.write_latency(),
+                ),
+                (
+                    "workflow_run_duration",
+                    "Workflow runs: time spent running their steps",
+                    workflows.run_latency(),
+                ),
+                (
+                    "flush_duration",
+                    "Group-commit flushes of the store",
+                    commit.stats().duration.clone(),
+                ),
+            ],
+            queues,
+        );
         let inner = Arc::new(NodeInner {
+            metrics,
             docs,
             feed,
             store,

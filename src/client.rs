@@ -7,8 +7,8 @@ use serde_json::Value as Json;
 
 use crate::api::{CreateRequest, DeleteResponse, ErrorBody};
 use crate::doc::Op;
-use crate::node::Status;
 use crate::runtime::{DocInfo, HistoryEntry, WriteResult};
+use crate::status::Status;
 
 /// Errors of the client, each a one-line reason.
 #[derive(Debug, thiserror::Error)]

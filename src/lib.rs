@@ -65,9 +65,11 @@ pub mod workflow;
 mod error;
 mod id;
 mod origin;
+pub mod status;
 
 pub use builder::NodeBuilder;
 pub use config::Config;
 pub use doc::{DocError, DocId};
 pub use error::Error;
-pub use node::{DocHandle, Node, Status};
+pub use node::{DocHandle, Node};
+pub use status::Status;

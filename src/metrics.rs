@@ -1,373 +1,352 @@
-//! Prometheus metrics, served as text at `GET /metrics`.
+//! Prometheus metrics, served as text at `GET /metrics`: one registry per
+//! node, built once at start, and the work queues' depths.
 //!
-//! Latencies are histograms recorded as things happen ([`Timings`]); every
+//! A leaf: it imports nothing from the crate, so every part can record into
+//! it and nothing imports the parts that fill it. Latency histograms are
+//! recorded as things happen and registered once ([`Metrics::new`]); every
 //! other number is read from the node at scrape time (the same sources as
-//! `/v1/status`), so nothing is counted twice and a scrape costs what a
-//! status call does. Names follow Prometheus conventions: a `mergeflow_`
-//! prefix, base units in the name, `_total` on counters.
+//! `/v1/status`) and handed to [`Metrics::render`] as [`Family`]s, which one
+//! [`Collector`] encodes, so nothing is counted twice and a scrape builds no
+//! registry. Names follow Prometheus conventions: a `mergeflow_` prefix, base
+//! units in the name, `_total` on counters.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
 
+use prometheus_client::collector::Collector;
 use prometheus_client::encoding::text::{encode_eof, encode_registry};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
-use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::family::Family as LabelledFamily;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::registry::{Metric, Registry, Unit};
+use prometheus_client::registry::{Registry, Unit};
+use tokio::sync::mpsc;
 
-use crate::Status;
-use crate::net::PeerInfo;
-use crate::sync::SyncStats;
+/// Label pairs of a series.
+pub type Labels = Vec<(&'static str, String)>;
 
-/// Latency histograms (clones share their counts), kept by the parts that
-/// record them: [`crate::runtime::Docs::write_latency`],
-/// [`crate::workflow::Engine::run_latency`].
+/// A number of a series.
+#[derive(Clone, Copy, Debug)]
+pub enum Number {
+    /// A whole number (counts, sizes).
+    Int(u64),
+    /// A fraction (timestamps in seconds).
+    Float(f64),
+}
+
+/// One metric family read at scrape time: a level (gauge) or a count since
+/// the node started (counter), with its unit if it has one, and its series
+/// (one unlabelled, or any number labelled; with none it is not shown).
 #[derive(Clone, Debug)]
-pub struct Timings {
-    /// Local writes, from the call to the answer (durable, or for workflow
-    /// writes, applied).
-    pub write: Histogram,
-    /// Workflow runs: time spent running their steps.
-    pub run: Histogram,
-    /// Group-commit flushes of the store (`sled::Db::flush`).
-    pub flush: Histogram,
-}
-
-/// The network's numbers that are not per peer: messages by kind, and
-/// libp2p's own registry (swarm, protocols, bandwidth).
-pub struct NetMetrics {
-    /// Messages sent, by kind.
-    pub sent: BTreeMap<&'static str, u64>,
-    /// Messages received and decoded, by kind.
-    pub received: BTreeMap<&'static str, u64>,
-    /// libp2p's metrics, recorded by the network task.
-    pub libp2p: Arc<Registry>,
-}
-
-/// Everything one scrape shows.
-pub struct Scrape<'a> {
-    /// The node's status.
-    pub status: &'a Status,
-    /// The sync core's counters (absent without network).
-    pub sync: Option<&'a SyncStats>,
-    /// Latency histograms.
-    pub timings: &'a Timings,
-    /// Known peers, connected or not.
-    pub peers: &'a [PeerInfo],
-    /// Network-wide counts (absent without network).
-    pub net: Option<&'a NetMetrics>,
-}
-
-/// One number read at scrape time: a level (gauge) or a count since the
-/// node started (counter), with its unit if it has one.
-struct Sample {
+pub struct Family {
     name: &'static str,
     help: &'static str,
     unit: Option<Unit>,
     counter: bool,
-    value: u64,
+    series: Vec<(Labels, Number)>,
 }
 
-fn gauge(name: &'static str, help: &'static str, value: u64) -> Sample {
-    Sample {
-        name,
-        help,
-        unit: None,
-        counter: false,
-        value,
+impl Family {
+    /// A gauge with one unlabelled value.
+    pub fn gauge(name: &'static str, help: &'static str, value: u64) -> Family {
+        Family {
+            name,
+            help,
+            unit: None,
+            counter: false,
+            series: vec![(Vec::new(), Number::Int(value))],
+        }
     }
-}
 
-fn counter(name: &'static str, help: &'static str, value: u64) -> Sample {
-    Sample {
-        counter: true,
-        ..gauge(name, help, value)
+    /// A counter with one unlabelled value.
+    pub fn counter(name: &'static str, help: &'static str, value: u64) -> Family {
+        Family {
+            counter: true,
+            ..Family::gauge(name, help, value)
+        }
     }
-}
 
-impl Sample {
-    fn in_unit(self, unit: Unit) -> Sample {
-        Sample {
+    /// A gauge whose series are labelled; add them with [`Family::push`].
+    pub fn labelled_gauge(name: &'static str, help: &'static str) -> Family {
+        Family {
+            series: Vec::new(),
+            ..Family::gauge(name, help, 0)
+        }
+    }
+
+    /// A counter whose series are labelled; add them with [`Family::push`].
+    pub fn labelled_counter(name: &'static str, help: &'static str) -> Family {
+        Family {
+            counter: true,
+            ..Family::labelled_gauge(name, help)
+        }
+    }
+
+    /// The same family, measured in `unit` (which the name then ends with).
+    pub fn in_unit(self, unit: Unit) -> Family {
+        Family {
             unit: Some(unit),
             ..self
         }
     }
 
-    fn register(&self, r: &mut Registry, metric: impl Metric) {
-        match &self.unit {
-            Some(unit) => r.register_with_unit(self.name, self.help, unit.clone(), metric),
-            None => r.register(self.name, self.help, metric),
-        }
+    /// Adds a series.
+    pub fn push(&mut self, labels: Labels, value: Number) {
+        self.series.push((labels, value));
     }
-}
 
-/// The Prometheus text exposition of a scrape, then libp2p's metrics.
-pub fn render(scrape: &Scrape) -> String {
-    let Scrape {
-        status,
-        sync,
-        timings,
-        peers,
-        net,
-    } = *scrape;
-    let w = &status.workflows;
-    let mut samples = vec![
-        gauge("docs", "Live documents", status.docs),
-        gauge(
-            "store_size",
-            "Size of the store on disk",
-            status.store_bytes,
-        )
-        .in_unit(Unit::Bytes),
-        gauge(
-            "peers_connected",
-            "Peers connected now",
-            status.peers as u64,
-        ),
-        gauge("uptime", "Time since the node started", status.uptime_s).in_unit(Unit::Seconds),
-        counter(
-            "flushes",
-            "Group-commit flushes of the store",
-            status.flushes,
-        ),
-        counter(
-            "flushed_writes",
-            "Writes acknowledged by group-commit flushes",
-            status.flushed_writes,
-        ),
-        counter(
-            "lazy_rounds",
-            "Rounds of merged remote changes published before their flush",
-            status.lazy_rounds,
-        ),
-        gauge(
-            "workflows",
-            "Workflow definitions loaded and valid",
-            w.workflows,
-        ),
-        gauge(
-            "workflows_invalid",
-            "Workflow definition files that do not load",
-            w.invalid,
-        ),
-        counter("workflow_runs_started", "Workflow runs created", w.runs),
-        counter(
-            "workflow_runs_done",
-            "Workflow runs finished with every step done or skipped",
-            w.done,
-        ),
-        counter(
-            "workflow_runs_unchanged",
-            "Workflow runs whose steps wrote nothing (the values were there)",
-            w.unchanged,
-        ),
-        counter("workflow_runs_dead", "Workflow runs dead-lettered", w.dead),
-        gauge(
-            "workflow_dead_letters",
-            "Dead runs in the run log now, waiting for retry or skip",
-            w.dead_waiting,
-        ),
-        counter(
-            "workflow_triggers_coalesced",
-            "Triggers folded into a pending run of the same workflow and doc",
-            w.coalesced,
-        ),
-    ];
-    if let Some(s) = sync {
-        samples.extend([
-            counter(
-                "sync_changes_applied",
-                "Changes from peers applied on the fast path",
-                s.changes_applied,
-            ),
-            counter(
-                "sync_changes_missing_deps",
-                "Changes from peers that lacked dependencies (repaired by a sync session)",
-                s.changes_missing_deps,
-            ),
-            counter(
-                "sync_messages_received",
-                "Automerge sync messages received",
-                s.sync_received,
-            ),
-            counter(
-                "sync_sessions_reset",
-                "Sync sessions reset for making no progress",
-                s.sessions_reset,
-            ),
-            counter(
-                "sync_inputs_rejected",
-                "Inputs from peers rejected (malformed, oversized, invalid)",
-                s.rejected,
-            ),
-            counter(
-                "sync_docs_pushed_out",
-                "Whole docs pushed to peers that lacked them",
-                s.docs_pushed_out,
-            ),
-            counter(
-                "sync_docs_pushed_in",
-                "Whole docs merged from peers' pushes",
-                s.docs_pushed_in,
-            ),
-            gauge(
-                "sync_docs_lacking",
-                "Docs peers hold that this node does not yet (on their way)",
-                s.docs_lacking,
-            ),
-            counter(
-                "anti_entropy_digests_in_sync",
-                "Anti-entropy digests received that matched ours",
-                s.digests_in_sync,
-            ),
-            counter(
-                "anti_entropy_docs_differing",
-                "Docs that anti-entropy found different",
-                s.docs_differing,
-            ),
-        ]);
-    }
-    let mut r = Registry::with_prefix("mergeflow");
-    for s in &samples {
-        if s.counter {
-            s.register(&mut r, ConstCounter::new(s.value));
+    fn encode(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        if self.series.is_empty() {
+            // As a registry shows an empty family: not at all.
+            return Ok(());
+        }
+        let kind = if self.counter {
+            MetricType::Counter
         } else {
-            s.register(
-                &mut r,
-                ConstGauge::new(i64::try_from(s.value).unwrap_or(i64::MAX)),
-            );
+            MetricType::Gauge
+        };
+        // Registry::register ends help with a period; the collector's
+        // families read the same.
+        let help = format!("{}.", self.help);
+        let out = encoder.encode_descriptor(self.name, &help, self.unit.as_ref(), kind)?;
+        if let [(labels, value)] = self.series.as_slice()
+            && labels.is_empty()
+        {
+            let n = match *value {
+                Number::Int(n) => n,
+                Number::Float(f) => f as u64,
+            };
+            return if self.counter {
+                ConstCounter::new(n).encode(out)
+            } else {
+                ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX)).encode(out)
+            };
         }
-    }
-    r.register_with_unit(
-        "write_duration",
-        "Local writes, from the call to the answer",
-        Unit::Seconds,
-        timings.write.clone(),
-    );
-    r.register_with_unit(
-        "workflow_run_duration",
-        "Workflow runs: time spent running their steps",
-        Unit::Seconds,
-        timings.run.clone(),
-    );
-    r.register_with_unit(
-        "flush_duration",
-        "Group-commit flushes of the store",
-        Unit::Seconds,
-        timings.flush.clone(),
-    );
-    register_peers(&mut r, peers);
-    let changes = Family::<Labels, Counter>::default();
-    for (origin, n) in [
-        ("local", status.changes_local),
-        ("remote", status.changes_remote),
-    ] {
-        changes
-            .get_or_create(&vec![("origin", origin.into())])
-            .inc_by(n);
-    }
-    r.register(
-        "changes_applied",
-        "Automerge changes stored: made here (local) or merged from peers or a restore (remote)",
-        changes,
-    );
-    if let Some(net) = net {
-        let messages = Family::<Labels, Counter>::default();
-        for (direction, counts) in [("out", &net.sent), ("in", &net.received)] {
-            for (kind, n) in counts {
-                messages
-                    .get_or_create(&vec![
-                        ("direction", direction.into()),
-                        ("kind", (*kind).into()),
-                    ])
-                    .inc_by(*n);
+        let floats = self
+            .series
+            .iter()
+            .any(|(_, v)| matches!(v, Number::Float(_)));
+        if self.counter {
+            let f = LabelledFamily::<Labels, Counter>::default();
+            for (labels, value) in &self.series {
+                if let Number::Int(n) = value {
+                    f.get_or_create(labels).inc_by(*n);
+                }
             }
+            f.encode(out)
+        } else if floats {
+            let f = LabelledFamily::<Labels, Gauge<f64, AtomicU64>>::default();
+            for (labels, value) in &self.series {
+                let v = match *value {
+                    Number::Int(n) => n as f64,
+                    Number::Float(v) => v,
+                };
+                f.get_or_create(labels).set(v);
+            }
+            f.encode(out)
+        } else {
+            let f = LabelledFamily::<Labels, Gauge>::default();
+            for (labels, value) in &self.series {
+                if let Number::Int(n) = value {
+                    f.get_or_create(labels)
+                        .set(i64::try_from(*n).unwrap_or(i64::MAX));
+                }
+            }
+            f.encode(out)
         }
-        r.register(
-            "net_messages",
-            "Sync messages sent (one per recipient; a gossipsub publish once) and received, by kind",
-            messages,
-        );
     }
-    let mut out = String::new();
-    encode_registry(&mut out, &r).expect("writing to a String does not fail");
-    if let Some(net) = net {
-        encode_registry(&mut out, &net.libp2p).expect("writing to a String does not fail");
-    }
-    encode_eof(&mut out).expect("writing to a String does not fail");
-    out
 }
 
-/// Label pairs of a series.
-type Labels = Vec<(&'static str, String)>;
+/// A latency histogram registered at start: name, help, the histogram.
+pub type Timing = (&'static str, &'static str, Histogram);
 
-/// Per-peer series, labelled `peer="<peer id>"`: one set per peer this node
-/// has known since it started.
-fn register_peers(r: &mut Registry, peers: &[PeerInfo]) {
-    let connected = Family::<Labels, Gauge>::default();
-    let syncing = Family::<Labels, Gauge>::default();
-    let in_sync_at = Family::<Labels, Gauge<f64, AtomicU64>>::default();
-    let messages = Family::<Labels, Counter>::default();
-    let bytes = Family::<Labels, Counter>::default();
-    let rejected = Family::<Labels, Counter>::default();
-    let rate_limited = Family::<Labels, Counter>::default();
-    for p in peers {
-        let peer = || vec![("peer", p.peer_id.clone())];
-        let way = |direction: &'static str| {
-            vec![("peer", p.peer_id.clone()), ("direction", direction.into())]
-        };
-        connected.get_or_create(&peer()).set(i64::from(p.connected));
-        syncing
-            .get_or_create(&peer())
-            .set(i64::try_from(p.docs_syncing).unwrap_or(i64::MAX));
-        if let Some(ms) = p.last_in_sync_at {
-            in_sync_at.get_or_create(&peer()).set(ms as f64 / 1000.0);
+/// The node's metrics: one registry (`mergeflow_*` and, once the network
+/// has registered, `libp2p_*`), encoded at each scrape.
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    scraped: Arc<Mutex<Vec<Family>>>,
+}
+
+impl Metrics {
+    /// The registry, with the latency histograms (in seconds) and the
+    /// queues' depths, and a collector for the numbers read at scrape time.
+    pub fn new(timings: Vec<Timing>, queues: Queues) -> Metrics {
+        let mut root = Registry::default();
+        let scraped = Arc::new(Mutex::new(Vec::new()));
+        let ours = root.sub_registry_with_prefix("mergeflow");
+        for (name, help, histogram) in timings {
+            ours.register_with_unit(name, help, Unit::Seconds, histogram);
         }
-        let t = &p.traffic;
-        messages.get_or_create(&way("out")).inc_by(t.messages_out);
-        messages.get_or_create(&way("in")).inc_by(t.messages_in);
-        bytes.get_or_create(&way("out")).inc_by(t.bytes_out);
-        bytes.get_or_create(&way("in")).inc_by(t.bytes_in);
-        rejected.get_or_create(&peer()).inc_by(p.rejected);
-        rate_limited.get_or_create(&peer()).inc_by(p.rate_limited);
+        ours.register_collector(Box::new(AtScrape {
+            scraped: scraped.clone(),
+            queues,
+        }));
+        Metrics {
+            registry: Mutex::new(root),
+            scraped,
+        }
     }
-    r.register(
-        "peer_connected",
-        "1 if the peer is connected now",
-        connected,
-    );
-    r.register(
-        "peer_docs_syncing",
-        "Docs with a sync session open to the peer (still converging)",
-        syncing,
-    );
-    r.register_with_unit(
-        "peer_last_in_sync_timestamp",
-        "When the peer's anti-entropy digest last matched ours (all docs in sync)",
-        Unit::Seconds,
-        in_sync_at,
-    );
-    r.register(
-        "peer_messages",
-        "Sync messages exchanged with the peer, by direction",
-        messages,
-    );
-    r.register_with_unit(
-        "peer_traffic",
-        "Bytes of sync frames and gossip exchanged with the peer, by direction",
-        Unit::Bytes,
-        bytes,
-    );
-    r.register(
-        "peer_rejected",
-        "Strikes against the peer: undecodable inputs and seconds over its rate limit",
-        rejected,
-    );
-    r.register(
-        "peer_rate_limited",
-        "Frames from the peer dropped for going over its rate limit",
-        rate_limited,
-    );
+
+    /// The registry, for a part that registers its own metrics (libp2p's).
+    pub fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The OpenMetrics text of the registry, with `families` as the numbers
+    /// read at this scrape, then `extra` (a registry of its own, if any).
+    pub fn render(&self, families: Vec<Family>, extra: Option<&Registry>) -> String {
+        let registry = self.registry();
+        let mut scraped = self.scraped.lock().unwrap_or_else(|p| p.into_inner());
+        *scraped = families;
+        drop(scraped);
+        let mut out = String::new();
+        encode_registry(&mut out, &registry).expect("writing to a String does not fail");
+        if let Some(extra) = extra {
+            encode_registry(&mut out, extra).expect("writing to a String does not fail");
+        }
+        encode_eof(&mut out).expect("writing to a String does not fail");
+        out
+    }
+}
+
+/// The collector of the numbers read at scrape time, and of queue depths.
+#[derive(Debug)]
+struct AtScrape {
+    scraped: Arc<Mutex<Vec<Family>>>,
+    queues: Queues,
+}
+
+impl Collector for AtScrape {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let families = self
+            .scraped
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for f in families.iter().chain(&self.queues.families()) {
+            f.encode(&mut encoder)?;
+        }
+        Ok(())
+    }
+}
+
+/// A queue's probe: its depth and capacity while it exists.
+type Probe = Box<dyn Fn() -> Option<(usize, usize)> + Send + Sync>;
+
+/// The node's bounded work queues, by name: what each holds now and can
+/// hold, shown as `mergeflow_queue_depth{queue=...}` and
+/// `mergeflow_queue_capacity{queue=...}` (queues of one name add up).
+/// Cheap to clone; clones share the list.
+#[derive(Clone, Default)]
+pub struct Queues(Arc<Mutex<Vec<(&'static str, Probe)>>>);
+
+impl std::fmt::Debug for Queues {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Queues")
+    }
+}
+
+impl Queues {
+    /// A bounded channel named `name` that carries work, holding at most
+    /// `capacity` (at least 1) messages; its depth shows in the metrics
+    /// until every sender is gone.
+    pub fn channel<T: Send + 'static>(
+        &self,
+        name: &'static str,
+        capacity: usize,
+    ) -> (mpsc::Sender<T>, mpsc::Receiver<T>) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let weak = tx.downgrade();
+        let probe: Probe = Box::new(move || {
+            let tx = weak.upgrade()?;
+            Some((tx.max_capacity() - tx.capacity(), tx.max_capacity()))
+        });
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((name, probe));
+        (tx, rx)
+    }
+
+    /// Depth and capacity by queue name, of the queues that still exist
+    /// (the others are forgotten here).
+    pub fn depths(&self) -> Vec<(&'static str, usize, usize)> {
+        let mut list = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<(&'static str, usize, usize)> = Vec::new();
+        list.retain(|(name, probe)| {
+            let Some((depth, cap)) = probe() else {
+                return false;
+            };
+            match out.iter_mut().find(|(n, _, _)| n == name) {
+                Some(e) => {
+                    e.1 += depth;
+                    e.2 += cap;
+                }
+                None => out.push((name, depth, cap)),
+            }
+            true
+        });
+        out
+    }
+
+    fn families(&self) -> Vec<Family> {
+        let mut depth = Family::labelled_gauge("queue_depth", "Messages waiting in a work queue");
+        let mut capacity = Family::labelled_gauge(
+            "queue_capacity",
+            "Messages a work queue holds at most (senders wait or drop past it)",
+        );
+        for (name, d, c) in self.depths() {
+            depth.push(vec![("queue", name.into())], Number::Int(d as u64));
+            capacity.push(vec![("queue", name.into())], Number::Int(c as u64));
+        }
+        vec![depth, capacity]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn families_and_queues_render_as_one_exposition() {
+        let queues = Queues::default();
+        let (tx, _rx) = queues.channel::<u8>("writer", 4);
+        tx.try_send(1).unwrap();
+        let h = Histogram::new([0.1, 1.0]);
+        h.observe(0.5);
+        let m = Metrics::new(vec![("write_duration", "Writes", h)], queues.clone());
+        let mut peers = Family::labelled_counter("peer_messages", "Messages");
+        peers.push(vec![("peer", "p1".into())], Number::Int(3));
+        let text = m.render(
+            vec![
+                Family::gauge("docs", "Live documents", 7),
+                Family::counter("flushes", "Flushes", 2),
+                Family::gauge("store_size", "Size", 9).in_unit(Unit::Bytes),
+                peers,
+                Family::labelled_gauge("peer_connected", "Connected"),
+            ],
+            None,
+        );
+        for line in [
+            "mergeflow_docs 7",
+            "mergeflow_flushes_total 2",
+            "mergeflow_store_size_bytes 9",
+            "mergeflow_peer_messages_total{peer=\"p1\"} 3",
+            "mergeflow_write_duration_seconds_count 1",
+            "mergeflow_queue_depth{queue=\"writer\"} 1",
+            "mergeflow_queue_capacity{queue=\"writer\"} 4",
+            "# HELP mergeflow_docs Live documents.",
+        ] {
+            assert!(text.contains(line), "no {line:?} in\n{text}");
+        }
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        assert!(
+            !text.contains("peer_connected"),
+            "an empty family is not shown"
+        );
+        drop(tx);
+        assert!(queues.depths().is_empty(), "a closed queue is forgotten");
+    }
 }

@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use futures_util::Stream;
 use libp2p::PeerId;
-use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -21,6 +20,7 @@ use crate::config::Config;
 use crate::doc::{DocError, DocId, Pointer};
 use crate::feed::{DocGlob, Feed, FeedItem};
 use crate::runtime::{Change, Docs, HistoryEntry, WriteResult};
+use crate::status::Status;
 use crate::store::{GroupCommit, Store};
 use crate::sync::{Input, Output};
 use tokio::sync::mpsc;
@@ -32,6 +32,7 @@ pub struct Node {
 }
 
 pub(crate) struct NodeInner {
+    pub(crate) metrics: crate::metrics::Metrics,
     pub(crate) docs: Docs,
     pub(crate) workflows: crate::workflow::Engine,
     pub(crate) feed: Arc<Feed>,
@@ -70,72 +71,6 @@ impl Drop for SealOnDrop {
             Err(e) => tracing::warn!(err = %e, "could not seal the data dir"),
         }
     }
-}
-
-/// A snapshot of the node's state, as served by `GET /v1/status`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Status {
-    /// libp2p peer id.
-    pub peer_id: String,
-    /// mergeflow version.
-    pub version: String,
-    /// Live documents.
-    pub docs: u64,
-    /// Seconds since start.
-    pub uptime_s: u64,
-    /// Data directory.
-    pub data_dir: String,
-    /// This boot's Automerge actor id (hex).
-    pub actor: String,
-    /// Boot number of this data dir.
-    pub boot: u64,
-    /// HTTP API address, if served.
-    pub api: Option<String>,
-    /// Store size on disk, in bytes.
-    pub store_bytes: u64,
-    /// Peer-to-peer listen addresses, with `/p2p/<peer id>` (empty without network).
-    pub listen_addrs: Vec<String>,
-    /// Connected peers.
-    pub peers: usize,
-    /// Hash of every doc id and its heads; equal on two nodes exactly when
-    /// they hold the same docs at the same heads (absent without sync).
-    pub digest: Option<String>,
-    /// Why the store failed, if it has (see [`Node::store_failure`]).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub store_error: Option<String>,
-    /// Group-commit flushes since start.
-    pub flushes: u64,
-    /// Writes acknowledged by those flushes.
-    pub flushed_writes: u64,
-    /// Rounds of merged remote changes that went to the change feed before
-    /// their flush (they are flushed within `store.remote_flush_ms`).
-    pub lazy_rounds: u64,
-    /// Workflow definitions and runs since start.
-    pub workflows: crate::workflow::EngineStats,
-    /// Automerge changes made on this node since start (writes, workflow
-    /// writes).
-    #[serde(default)]
-    pub changes_local: u64,
-    /// Automerge changes merged from peers (or a restore) since start.
-    #[serde(default)]
-    pub changes_remote: u64,
-    /// Long operations in progress (backup, restore).
-    #[serde(default)]
-    pub tasks: Vec<crate::progress::Task>,
-    /// Docs that peers hold and this node does not yet (on their way: a new
-    /// node's initial sync is done when this is 0); absent without sync.
-    #[serde(default)]
-    pub docs_lacking: Option<u64>,
-    /// Light mode (`node.light`, `--light`) is on.
-    #[serde(default)]
-    pub light: bool,
-    /// The effective configuration (defaults < file < `MERGEFLOW_*` <
-    /// flags), as in `config.example.toml`, durations in milliseconds;
-    /// `api.token` and `net.key` read `"(set)"` when set. JSON rather than
-    /// [`crate::config::Config`] so that a client reads the status of a node
-    /// whose version has other keys.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub config: Option<serde_json::Value>,
 }
 
 impl Node {
@@ -198,35 +133,26 @@ impl Node {
     /// The Prometheus text exposition served at `/metrics`.
     pub async fn metrics(&self) -> String {
         let status = self.status().await;
-        let timings = crate::metrics::Timings {
-            write: self.inner.docs.write_latency(),
-            run: self.inner.workflows.run_latency(),
-            flush: self.inner.commit.stats().duration.clone(),
+        let (sync, peers) = (self.inner.docs.sync_stats(), self.peers());
+        let net = self.inner.net.lock().expect("not poisoned").clone();
+        let (counts, libp2p) = match &net {
+            Some(net) => {
+                let st = net.state.lock().expect("not poisoned");
+                let counts = crate::status::NetCounts {
+                    sent: st.sent.clone(),
+                    received: st.received.clone(),
+                };
+                (Some(counts), Some(net.metrics.clone()))
+            }
+            None => (None, None),
         };
-        let (sync, peers, net) = (
-            self.inner.docs.sync_stats(),
-            self.peers(),
-            self.net_metrics(),
-        );
-        crate::metrics::render(&crate::metrics::Scrape {
+        let families = crate::status::families(&crate::status::Scrape {
             status: &status,
             sync: sync.as_ref(),
-            timings: &timings,
             peers: &peers,
-            net: net.as_ref(),
-        })
-    }
-
-    /// The network's message counts by kind and libp2p's own metrics (none
-    /// without network).
-    fn net_metrics(&self) -> Option<crate::metrics::NetMetrics> {
-        let net = self.inner.net.lock().expect("not poisoned").clone()?;
-        let st = net.state.lock().expect("not poisoned");
-        Some(crate::metrics::NetMetrics {
-            sent: st.sent.clone(),
-            received: st.received.clone(),
-            libp2p: net.metrics.clone(),
-        })
+            net: counts.as_ref(),
+        });
+        self.inner.metrics.render(families, libp2p.as_deref())
     }
 
     /// Known peers (empty without network).

@@ -13,14 +13,12 @@ use tokio::sync::{mpsc, oneshot};
 use super::host::{PeerSyncView, SyncRuntime};
 use super::inbox::Inbox;
 use super::state::{
-    Change, ChangeCounts, DocsConfig, Inner, WriteOp, WriteReq, WriteResult, WriteTags, blocking,
-    stored_state,
+    Change, ChangeCounts, DocsConfig, Inner, Parts, WriteOp, WriteReq, WriteResult, WriteTags,
+    blocking, stored_state,
 };
 use super::writer::WriterMsg;
 use crate::doc::cache::{DocCache, Loaded, lock_slot};
 use crate::doc::{DocError, DocId};
-use crate::feed::Feed;
-use crate::store::{GroupCommit, Store};
 use crate::sync::{Core, Input, Output, SyncConfig};
 
 /// The document service. Cheap to clone.
@@ -38,21 +36,25 @@ impl Docs {
         self.inner.store.fail(on);
     }
 
-    /// Starts the service over `store`, writing with `actor`, and its writer
-    /// thread. With `sync`, the writer also runs the sync core, whose outputs go
-    /// to the given channel (the network shell's).
+    /// Starts the service over `parts.store`, writing with `parts.actor`, and
+    /// its writer thread. With `sync`, the writer also runs the sync core,
+    /// whose outputs go to the given channel (the network shell's).
     ///
     /// # Errors
     /// Store errors while reading document metadata.
     pub fn new(
-        store: Store,
-        commit: GroupCommit,
-        actor: ActorId,
+        parts: Parts,
         cfg: DocsConfig,
         sync: Option<(SyncConfig, mpsc::Sender<Output>)>,
-        feed: Arc<Feed>,
-        origin: String,
     ) -> Result<Docs, DocError> {
+        let Parts {
+            store,
+            commit,
+            actor,
+            feed,
+            origin,
+            queues,
+        } = parts;
         let metas = store.list_docs()?;
         let live = metas
             .iter()
@@ -71,7 +73,7 @@ impl Docs {
                 dropped_outputs: 0,
             }
         });
-        let (tx, rx) = mpsc::channel(cfg.write_queue.max(1));
+        let (tx, rx) = queues.channel("writer", cfg.write_queue);
         let cache = DocCache::new(
             store.clone(),
             actor.clone(),

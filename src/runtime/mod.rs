@@ -47,5 +47,5 @@ pub use host::PeerSyncView;
 pub use inbox::Inbox;
 pub use read::{DocInfo, DocPage, HistoryEntry, ListQuery, Snapshot};
 pub use replicas::Held;
-pub use state::{Change, ChangeFn, DocsConfig, WriteResult};
+pub use state::{Change, ChangeFn, DocsConfig, Parts, WriteResult};
 pub use tick::spawn_tick;

@@ -62,6 +62,22 @@ impl Default for DocsConfig {
     }
 }
 
+/// What the runtime starts over.
+pub struct Parts {
+    /// The store.
+    pub store: Store,
+    /// Its group commit (the flush thread).
+    pub commit: GroupCommit,
+    /// This boot's Automerge actor id.
+    pub actor: ActorId,
+    /// Where stored changes are announced.
+    pub feed: Arc<Feed>,
+    /// This node's peer id: the origin of local writes in the feed.
+    pub origin: String,
+    /// Where the writer's queue shows its depth.
+    pub queues: crate::metrics::Queues,
+}
+
 /// The outcome of a durable write.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct WriteResult {

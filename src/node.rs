@@ -88,14 +88,14 @@ impl Node {
     /// Hands input to the sync core (see [`NodeBuilder::sync`](crate::NodeBuilder::sync)); `false` if it
     /// was dropped because the queue is full or the node does not sync.
     pub fn sync_input(&self, input: Input) -> bool {
-        self.inner.docs.sync_input(input)
+        self.inner.docs.inbox().send(input)
     }
 
     /// Hands the sync core what one network frame carried, as one queue
     /// message (fast-path changes of one doc in it are applied together).
     /// False if the queue is full.
     pub fn sync_inputs(&self, inputs: Vec<Input>) -> bool {
-        self.inner.docs.sync_inputs(inputs)
+        self.inner.docs.inbox().send_all(inputs)
     }
 
     /// The sync core's outputs, once (the network shell takes them).

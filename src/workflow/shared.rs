@@ -1,0 +1,81 @@
+//! What the engine's parts share: the node's docs, store, run log, feed and
+//! config, the catalog, the counters.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+
+use super::catalog::{Applied, Catalog};
+use super::expr::Sandbox;
+use super::log::RunLog;
+use super::plan::Plan;
+use super::run::Run;
+use crate::config::WorkflowConfig;
+use crate::doc::Docs;
+use crate::feed::Feed;
+use crate::store::{Store, StoreError};
+
+#[derive(Default)]
+pub(super) struct Counters {
+    pub(super) runs: AtomicU64,
+    pub(super) done: AtomicU64,
+    pub(super) dead: AtomicU64,
+    pub(super) unchanged: AtomicU64,
+    pub(super) coalesced: AtomicU64,
+}
+
+/// The peer ids of the connected peers (set by the node once its network runs).
+pub type LivePeers = Arc<dyn Fn() -> Vec<String> + Send + Sync>;
+
+pub(super) struct Shared {
+    pub(super) sandbox: Sandbox,
+    pub(super) docs: Docs,
+    pub(super) feed: Arc<Feed>,
+    pub(super) store: Store,
+    pub(super) log: RunLog,
+    /// This node's peer id.
+    pub(super) local: String,
+    pub(super) live: RwLock<Option<LivePeers>>,
+    pub(super) http: reqwest::Client,
+    pub(super) labels: BTreeMap<String, String>,
+    pub(super) cfg: WorkflowConfig,
+    pub(super) dir: PathBuf,
+    pub(super) catalog: RwLock<Catalog>,
+    pub(super) counters: Counters,
+    /// Time runs spent executing their steps.
+    pub(super) run_latency: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl Shared {
+    pub(super) fn catalog(&self) -> RwLockReadGuard<'_, Catalog> {
+        self.catalog.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Stores a run record (with the cursor it moves, if given) and
+    /// announces the update on the feed's run events.
+    pub(super) fn put_run(&self, run: &Run, cursor: Option<&[u8]>) -> Result<(), StoreError> {
+        self.log.put(run, cursor)?;
+        self.feed.publish_run(crate::feed::RunEvent {
+            run: run.id,
+            workflow: run.workflow.clone(),
+            doc: run.doc.clone(),
+            status: format!("{:?}", run.status).to_lowercase(),
+            error: run.error.clone(),
+            at_ms: run.updated_ms,
+        });
+        Ok(())
+    }
+
+    /// Rebuilds the catalog (see [`super::catalog::reload`]).
+    pub(super) fn reload(&self, applied: &BTreeMap<String, Applied>) -> (Vec<Arc<Plan>>, bool) {
+        super::catalog::reload(
+            &self.catalog,
+            &self.dir,
+            &self.sandbox,
+            &self.labels,
+            self.cfg.allow_applied_exec,
+            applied,
+        )
+    }
+}

@@ -3,7 +3,7 @@
 //! to the concurrency limit, fires schedules, reloads the catalog, and
 //! carries out retry and skip (and follows those decided on other nodes).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -23,7 +23,7 @@ use super::ownership::{announce, candidates, mark};
 use super::plan::Plan;
 use super::run::{Run, RunStatus, StepState, run_key};
 use super::shared::Shared;
-use super::trigger::{Key, MAX_CHANGED, Pending};
+use super::trigger::{Action, Coalescer, Event, Key};
 use crate::doc::{DocId, now_ms};
 use crate::feed::{DocGlob, Feed, FeedItem};
 
@@ -43,22 +43,11 @@ pub(super) struct Runner {
     shared: Arc<Shared>,
     feed: Arc<Feed>,
     events: Option<Pin<Box<dyn Stream<Item = FeedItem> + Send>>>,
-    pending: HashMap<Key, Pending>,
-    /// Keys whose pending run is due, in order.
-    ready: VecDeque<Key>,
-    /// Keys whose pending run waits, by due time.
-    delayed: BTreeMap<(Instant, u64), Key>,
-    /// Keys in `ready` or `delayed`.
-    queued: HashSet<Key>,
+    /// Pending runs and the keys in flight.
+    triggers: Coalescer,
     /// Runs to resume (after a restart, or a retry), waiting for their key.
     resumes: VecDeque<Run>,
-    in_flight: HashSet<Key>,
-    /// Heads to move the cursor of an in-flight key to when its run ends
-    /// with nothing pending (the run's own writes, or states that trigger
-    /// nothing).
-    take_after: HashMap<Key, Vec<String>>,
     tasks: JoinSet<Key>,
-    seq: u64,
     created_at_last_prune: u64,
     /// Next scheduled time (Unix ms) of each scheduled workflow running here.
     ticks: BTreeMap<String, u64>,
@@ -77,15 +66,9 @@ impl Runner {
             shared,
             feed,
             events: None,
-            pending: HashMap::new(),
-            ready: VecDeque::new(),
-            delayed: BTreeMap::new(),
-            queued: HashSet::new(),
+            triggers: Coalescer::default(),
             resumes: VecDeque::new(),
-            in_flight: HashSet::new(),
-            take_after: HashMap::new(),
             tasks: JoinSet::new(),
-            seq: 0,
             created_at_last_prune: 0,
             ticks: BTreeMap::new(),
             applied: BTreeMap::new(),
@@ -112,7 +95,7 @@ impl Runner {
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             self.start_runs();
-            let next_due = self.delayed.first_key_value().map(|((t, _), _)| *t);
+            let next_due = self.triggers.next_due();
             let next_tick = self
                 .ticks
                 .values()
@@ -123,11 +106,11 @@ impl Runner {
                 Some(item) = next_event(&mut self.events) => self.on_event(item).await,
                 Some(done) = self.tasks.join_next(), if !self.tasks.is_empty() => {
                     match done {
-                        Ok(key) => self.finished(key),
+                        Ok(key) => self.handle(Event::Finished(key)),
                         Err(e) => tracing::error!(err = %e, "a workflow run task failed"),
                     }
                 }
-                _ = sleep_until(next_due), if next_due.is_some() => self.promote(),
+                _ = sleep_until(next_due), if next_due.is_some() => self.handle(Event::Tick),
                 _ = sleep_until(next_tick), if next_tick.is_some() => self.fire_schedules().await,
                 _ = poll.tick() => self.reload().await,
                 Some(cmd) = cmds.recv() => self.command(cmd).await,
@@ -214,11 +197,10 @@ impl Runner {
                 continue;
             }
             let slot = (name.clone(), String::new());
-            if self.in_flight.contains(&slot) {
+            if !self.triggers.claim(&slot) {
                 tracing::warn!(workflow = %name, "scheduled run skipped: the previous one is still running");
                 continue;
             }
-            self.in_flight.insert(slot.clone());
             let shared = self.shared.clone();
             self.tasks.spawn(guarded(slot, async move {
                 start_scheduled(&shared, plan, key, heads).await;
@@ -252,7 +234,13 @@ impl Runner {
                     }
                 }
                 let key = (plan.name().to_string(), d.id.clone());
-                self.add(key, 1, &[], trigger, Duration::ZERO);
+                self.handle(Event::Trigger {
+                    key,
+                    depth: 1,
+                    changed: &[],
+                    trigger,
+                    delay: Duration::ZERO,
+                });
             }
         }
     }
@@ -299,96 +287,41 @@ impl Runner {
             let key = (plan.name().to_string(), e.doc.clone());
             let own = e.cause.as_ref().is_some_and(|c| c.workflow == plan.name());
             if own || !plan.matches(&e) {
-                // Not a trigger: the state is taken as it is, unless a run
-                // of this (workflow, doc) is coming anyway.
-                if e.deleted || self.pending.contains_key(&key) {
-                    continue;
-                }
-                if self.in_flight.contains(&key) {
-                    self.take_after.insert(key, e.heads.clone());
-                } else {
-                    self.take(&key, &e.heads);
-                }
+                self.handle(Event::State {
+                    key,
+                    heads: &e.heads,
+                    deleted: e.deleted,
+                });
                 continue;
             }
-            self.take_after.remove(&key);
             let depth = e.cause.as_ref().map_or(1, |c| c.depth.saturating_add(1));
             let delay = if e.local {
                 Duration::ZERO
             } else {
                 Duration::from_millis(self.shared.cfg.remote_delay_ms)
             };
-            self.add(key, depth, &e.paths, "change", delay);
+            self.handle(Event::Trigger {
+                key,
+                depth,
+                changed: &e.paths,
+                trigger: "change",
+                delay,
+            });
         }
     }
 
-    /// Marks `key` pending, or folds the trigger into its pending run.
-    fn add(
-        &mut self,
-        key: Key,
-        depth: u32,
-        changed: &[String],
-        trigger: &'static str,
-        delay: Duration,
-    ) {
-        let due = Instant::now() + delay;
-        match self.pending.get_mut(&key) {
-            Some(p) => {
-                p.depth = p.depth.max(depth);
-                for c in changed {
-                    if p.changed.len() < MAX_CHANGED {
-                        p.changed.insert(c.clone());
-                    }
-                }
-                self.shared
-                    .counters
-                    .coalesced
-                    .fetch_add(1, Ordering::Relaxed);
-                // An earlier due time (a local write after a remote one)
-                // is taken when the run is queued next; a queued run keeps
-                // its place.
-                if !self.queued.contains(&key) && !self.in_flight.contains(&key) {
-                    p.due = p.due.min(due);
-                    self.schedule(key);
+    /// Hands `event` to the coalescer, and carries out what it says.
+    fn handle(&mut self, event: Event<'_>) {
+        for action in self.triggers.handle(Instant::now(), event) {
+            match action {
+                Action::Take(key, heads) => self.take(&key, &heads),
+                Action::Coalesced => {
+                    self.shared
+                        .counters
+                        .coalesced
+                        .fetch_add(1, Ordering::Relaxed);
                 }
             }
-            None => {
-                self.pending.insert(
-                    key.clone(),
-                    Pending {
-                        depth,
-                        changed: changed.iter().take(MAX_CHANGED).cloned().collect(),
-                        trigger,
-                        due,
-                    },
-                );
-                if !self.in_flight.contains(&key) {
-                    self.schedule(key);
-                }
-            }
-        }
-    }
-
-    fn schedule(&mut self, key: Key) {
-        let due = self.pending[&key].due;
-        self.queued.insert(key.clone());
-        if due <= Instant::now() {
-            self.ready.push_back(key);
-        } else {
-            self.seq += 1;
-            self.delayed.insert((due, self.seq), key);
-        }
-    }
-
-    /// Moves the delayed keys that are due to `ready`.
-    fn promote(&mut self) {
-        let now = Instant::now();
-        while let Some(entry) = self.delayed.first_entry() {
-            if entry.key().0 > now {
-                break;
-            }
-            let key = entry.remove();
-            self.ready.push_back(key);
         }
     }
 
@@ -400,12 +333,11 @@ impl Runner {
             && let Some(run) = self.resumes.pop_front()
         {
             let key = (run.workflow.clone(), run.doc.clone());
-            if self.in_flight.contains(&key) {
+            if !self.triggers.claim(&key) {
                 waiting.push_back(run);
                 continue;
             }
             let plan = self.shared.catalog().plans.get(&run.workflow).cloned();
-            self.in_flight.insert(key.clone());
             let shared = self.shared.clone();
             self.tasks.spawn(guarded(key, async move {
                 resume(&shared, plan, run).await;
@@ -414,19 +346,12 @@ impl Runner {
         waiting.extend(self.resumes.drain(..));
         self.resumes = waiting;
         while self.tasks.len() < max
-            && let Some(key) = self.ready.pop_front()
+            && let Some((key, p)) = self.triggers.next_ready()
         {
-            self.queued.remove(&key);
-            if self.in_flight.contains(&key) {
-                continue; // stays pending; finished() queues it again
-            }
-            let Some(p) = self.pending.remove(&key) else {
-                continue;
-            };
             let Some(plan) = self.shared.catalog().plans.get(&key.0).cloned() else {
                 continue; // Unloaded since.
             };
-            self.in_flight.insert(key.clone());
+            self.triggers.claim(&key);
             let shared = self.shared.clone();
             let created = self.shared.counters.runs.load(Ordering::Relaxed);
             let every = PRUNE_EVERY.min(self.shared.cfg.keep_runs.max(1));
@@ -447,18 +372,6 @@ impl Runner {
         let heads = serde_json::to_vec(heads).expect("heads serialize");
         if let Err(err) = self.shared.store.put_cursor(&key.0, &key.1, &heads) {
             tracing::warn!(err = %err, "cannot move a workflow cursor");
-        }
-    }
-
-    fn finished(&mut self, key: Key) {
-        self.in_flight.remove(&key);
-        if let Some(heads) = self.take_after.remove(&key)
-            && !self.pending.contains_key(&key)
-        {
-            self.take(&key, &heads);
-        }
-        if self.pending.contains_key(&key) && !self.queued.contains(&key) {
-            self.schedule(key);
         }
     }
 

@@ -18,9 +18,9 @@ use crate::feed::Cause;
 
 /// Starts a run of `plan` on the current state of `doc`, if that state was
 /// not taken before.
-pub(super) async fn start(shared: &Shared, plan: Arc<Plan>, doc: &str, p: Pending) {
+pub(super) async fn start(shared: &Arc<Shared>, plan: Arc<Plan>, doc: &str, p: Pending) {
     let Ok(id) = DocId::new(doc) else { return };
-    let taken: Vec<String> = match shared.store.cursor(plan.name(), doc) {
+    let taken: Vec<String> = match shared.cursor(plan.name(), doc).await {
         Ok(c) => c
             .and_then(|c| serde_json::from_slice(&c).ok())
             .unwrap_or_default(),
@@ -57,7 +57,7 @@ pub(super) async fn start(shared: &Shared, plan: Arc<Plan>, doc: &str, p: Pendin
             })
         });
     if own_only {
-        if let Err(e) = shared.store.put_cursor(plan.name(), doc, &cursor) {
+        if let Err(e) = shared.put_cursor(plan.name(), doc, cursor.clone()).await {
             tracing::warn!(err = %e, "cannot move a workflow cursor");
         }
         return;
@@ -88,7 +88,7 @@ pub(super) async fn start(shared: &Shared, plan: Arc<Plan>, doc: &str, p: Pendin
         match shared.sandbox.test(when, &bound) {
             Ok(true) => {}
             Ok(false) => {
-                if let Err(e) = shared.store.put_cursor(plan.name(), doc, &cursor) {
+                if let Err(e) = shared.put_cursor(plan.name(), doc, cursor.clone()).await {
                     tracing::warn!(err = %e, "cannot move a workflow cursor");
                 }
                 return;
@@ -96,7 +96,7 @@ pub(super) async fn start(shared: &Shared, plan: Arc<Plan>, doc: &str, p: Pendin
             Err(e) => dead = Some(format!("[on] when: {e}")),
         }
     }
-    let run_id = match shared.store.next_run_id() {
+    let run_id = match shared.next_run_id().await {
         Ok(id) => id,
         Err(e) => {
             tracing::error!(err = %e, "cannot number a workflow run");
@@ -121,7 +121,7 @@ pub(super) async fn start(shared: &Shared, plan: Arc<Plan>, doc: &str, p: Pendin
         execute(shared, &plan, run, json, Some(bound), Some(cursor)).await;
         return;
     }
-    if let Err(e) = shared.put_run(&run, Some(&cursor)) {
+    if let Err(e) = shared.put_run(&run, Some(&cursor)).await {
         tracing::error!(err = %e, "cannot write the run log; the run does not start");
         return;
     }
@@ -135,7 +135,7 @@ pub(super) async fn start(shared: &Shared, plan: Arc<Plan>, doc: &str, p: Pendin
 /// Runs a scheduled workflow once: no triggering doc (`doc` is `{}` to its
 /// expressions, `id` is empty); its effects run here, the owner of the tick.
 pub(super) async fn start_scheduled(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     plan: Arc<Plan>,
     key: String,
     heads: Vec<String>,
@@ -158,13 +158,13 @@ pub(super) async fn start_scheduled(
     {
         return;
     }
-    let Ok(id) = shared.store.next_run_id() else {
+    let Ok(id) = shared.next_run_id().await else {
         tracing::error!("cannot number a workflow run");
         return;
     };
     let run = new_run(&plan, id, key, "", heads, 1, "schedule");
     shared.counters.runs.fetch_add(1, Ordering::Relaxed);
-    if let Err(e) = shared.put_run(&run, None) {
+    if let Err(e) = shared.put_run(&run, None).await {
         tracing::error!(err = %e, "cannot write the run log; the run does not start");
         return;
     }
@@ -214,7 +214,7 @@ fn new_run(
 }
 
 /// Resumes an open run (after a restart, or a retry) on the doc's current state.
-pub(super) async fn resume(shared: &Shared, plan: Option<Arc<Plan>>, mut run: Run) {
+pub(super) async fn resume(shared: &Arc<Shared>, plan: Option<Arc<Plan>>, mut run: Run) {
     let Some(plan) = plan.filter(|p| same_steps(p, &run)) else {
         run.status = RunStatus::Dead;
         run.error = Some(format!(
@@ -223,7 +223,7 @@ pub(super) async fn resume(shared: &Shared, plan: Option<Arc<Plan>>, mut run: Ru
         ));
         run.updated_ms = now_ms();
         shared.counters.dead.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = shared.put_run(&run, None) {
+        if let Err(e) = shared.put_run(&run, None).await {
             tracing::error!(err = %e, "cannot write the run log");
         }
         return;
@@ -240,7 +240,7 @@ pub(super) async fn resume(shared: &Shared, plan: Option<Arc<Plan>>, mut run: Ru
             run.error = Some(format!("cannot read doc {:?}: {e}", run.doc));
             run.updated_ms = now_ms();
             shared.counters.dead.fetch_add(1, Ordering::Relaxed);
-            if let Err(e) = shared.put_run(&run, None) {
+            if let Err(e) = shared.put_run(&run, None).await {
                 tracing::error!(err = %e, "cannot write the run log");
             }
             return;

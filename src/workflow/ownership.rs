@@ -4,6 +4,7 @@
 //! [`super::effect::Marker`]), and this node's membership doc, through
 //! which peers count it among the owners.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value as Json;
@@ -16,7 +17,7 @@ use crate::doc::{Change, DocId, Op, Pointer, now_ms};
 
 /// Writes this node's membership doc: the workflows it runs, so that
 /// peers count it among the owners of their effects.
-pub(super) async fn announce(shared: &Shared) {
+pub(super) async fn announce(shared: &Arc<Shared>) {
     let names: serde_json::Map<String, Json> = shared
         .catalog()
         .plans
@@ -49,7 +50,7 @@ pub(super) async fn announce(shared: &Shared) {
 
 /// The actors (hex) that `peer`'s boots wrote with, as far as its
 /// membership doc's history tells (each boot writes its actor there).
-async fn boots_of(shared: &Shared, peer: &str) -> Vec<String> {
+async fn boots_of(shared: &Arc<Shared>, peer: &str) -> Vec<String> {
     match DocId::new(super::effect::member_doc(peer)) {
         Ok(id) => shared.docs.actors(id, None).await.unwrap_or_default(),
         Err(_) => vec![],
@@ -58,7 +59,7 @@ async fn boots_of(shared: &Shared, peer: &str) -> Vec<String> {
 
 /// The nodes an effect of `workflow` may run on: this one, and each
 /// connected peer whose membership doc lists the workflow.
-pub(super) async fn candidates(shared: &Shared, workflow: &str) -> Vec<String> {
+pub(super) async fn candidates(shared: &Arc<Shared>, workflow: &str) -> Vec<String> {
     let live = shared
         .live
         .read()
@@ -111,7 +112,7 @@ pub(super) enum Seen {
 /// unless the owner's marker says it is retrying it: then it waits as long
 /// as that node is connected.
 pub(super) async fn await_turn(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     origin: Origin,
     run: &mut Run,
     i: usize,
@@ -137,7 +138,7 @@ pub(super) async fn await_turn(
         if shown != owner {
             run.steps[i].output = Some(serde_json::json!({ "waiting_for": owner }));
             run.updated_ms = now_ms();
-            if let Err(e) = shared.put_run(run, None) {
+            if let Err(e) = shared.put_run(run, None).await {
                 tracing::warn!(err = %e, "cannot write the run log");
             }
             shown = owner;
@@ -147,7 +148,7 @@ pub(super) async fn await_turn(
 }
 
 /// The markers of `run`'s (workflow, doc), by effect key.
-async fn markers(shared: &Shared, run: &Run) -> serde_json::Map<String, Json> {
+async fn markers(shared: &Arc<Shared>, run: &Run) -> serde_json::Map<String, Json> {
     let Ok(id) = DocId::new(super::effect::marker_doc(&run.workflow, &run.doc)) else {
         return Default::default();
     };
@@ -163,7 +164,12 @@ async fn markers(shared: &Shared, run: &Run) -> serde_json::Map<String, Json> {
 /// node coalesced this trigger into that one, and triggers fire on state,
 /// so what became of it stands for this one too). Also the node retrying
 /// this key, if its marker says one is.
-async fn look(shared: &Shared, run: &Run, step: &str, key: &str) -> (Option<Seen>, Option<String>) {
+async fn look(
+    shared: &Arc<Shared>,
+    run: &Run,
+    step: &str,
+    key: &str,
+) -> (Option<Seen>, Option<String>) {
     let markers = markers(shared, run).await;
     let seen = |m: Marker, marker: &str, later: bool| -> Option<Seen> {
         let tail = if later { " for a later state" } else { "" };
@@ -231,7 +237,7 @@ async fn look(shared: &Shared, run: &Run, step: &str, key: &str) -> (Option<Seen
 /// the marker doc (see [`Marker`]), so the other nodes follow it. A marker
 /// already there keeps its `step` and `heads` (a decision about the key of
 /// a later state). Keeps the newest [`super::effect::MAX_MARKERS`].
-pub(super) async fn mark(shared: &Shared, run: &Run, key: &str, what: Marker) {
+pub(super) async fn mark(shared: &Arc<Shared>, run: &Run, key: &str, what: Marker) {
     if run.doc.is_empty() {
         return; // scheduled: nobody waits
     }
@@ -291,7 +297,7 @@ pub(super) async fn mark(shared: &Shared, run: &Run, key: &str, what: Marker) {
 /// connected it is the owner, and the third value is true (nobody takes
 /// over from it).
 pub(super) async fn owns_effects(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     origin: Origin,
     run: &Run,
     trying: Option<&str>,

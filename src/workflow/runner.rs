@@ -22,7 +22,7 @@ use super::lifecycle::{reopen, resume, start, start_scheduled};
 use super::ownership::{announce, candidates, mark};
 use super::plan::Plan;
 use super::run::{Run, RunStatus, StepState, run_key};
-use super::shared::Shared;
+use super::shared::{Shared, off_executor};
 use super::trigger::{Action, Coalescer, Event, Key};
 use crate::doc::{DocId, now_ms};
 use crate::feed::{DocGlob, Feed, FeedItem};
@@ -106,11 +106,11 @@ impl Runner {
                 Some(item) = next_event(&mut self.events) => self.on_event(item).await,
                 Some(done) = self.tasks.join_next(), if !self.tasks.is_empty() => {
                     match done {
-                        Ok(key) => self.handle(Event::Finished(key)),
+                        Ok(key) => self.handle(Event::Finished(key)).await,
                         Err(e) => tracing::error!(err = %e, "a workflow run task failed"),
                     }
                 }
-                _ = sleep_until(next_due), if next_due.is_some() => self.handle(Event::Tick),
+                _ = sleep_until(next_due), if next_due.is_some() => self.handle(Event::Tick).await,
                 _ = sleep_until(next_tick), if next_tick.is_some() => self.fire_schedules().await,
                 _ = poll.tick() => self.reload().await,
                 Some(cmd) = cmds.recv() => self.command(cmd).await,
@@ -218,6 +218,7 @@ impl Runner {
                 return;
             }
         };
+        let mut wanted: Vec<(Key, Vec<u8>)> = Vec::new();
         for plan in plans {
             let Some((_, glob)) = &plan.def.trigger.doc else {
                 continue;
@@ -225,23 +226,36 @@ impl Runner {
             let user = |d: &&crate::doc::DocInfo| !d.id.starts_with(SYSTEM_PREFIX);
             for d in docs.iter().filter(user).filter(|d| glob.matches(&d.id)) {
                 let heads = serde_json::to_vec(&d.heads).expect("heads serialize");
-                match self.shared.store.cursor(plan.name(), &d.id) {
-                    Ok(Some(c)) if c == heads => continue,
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::error!(err = %e, "cannot read a workflow cursor");
-                        return;
-                    }
-                }
-                let key = (plan.name().to_string(), d.id.clone());
-                self.handle(Event::Trigger {
-                    key,
-                    depth: 1,
-                    changed: &[],
-                    trigger,
-                    delay: Duration::ZERO,
-                });
+                wanted.push(((plan.name().to_string(), d.id.clone()), heads));
             }
+        }
+        // The cursors are read off the executor, in that order; a read
+        // that fails ends the rescan there.
+        let store = self.shared.store.clone();
+        let (stale, failed) = off_executor(move || {
+            let mut stale = Vec::new();
+            for (key, heads) in wanted {
+                match store.cursor(&key.0, &key.1) {
+                    Ok(Some(c)) if c == heads => continue,
+                    Ok(_) => stale.push(key),
+                    Err(e) => return (stale, Some(e)),
+                }
+            }
+            (stale, None)
+        })
+        .await;
+        for key in stale {
+            self.handle(Event::Trigger {
+                key,
+                depth: 1,
+                changed: &[],
+                trigger,
+                delay: Duration::ZERO,
+            })
+            .await;
+        }
+        if let Some(e) = failed {
+            tracing::error!(err = %e, "cannot read a workflow cursor");
         }
     }
 
@@ -291,7 +305,8 @@ impl Runner {
                     key,
                     heads: &e.heads,
                     deleted: e.deleted,
-                });
+                })
+                .await;
                 continue;
             }
             let depth = e.cause.as_ref().map_or(1, |c| c.depth.saturating_add(1));
@@ -306,15 +321,16 @@ impl Runner {
                 changed: &e.paths,
                 trigger: "change",
                 delay,
-            });
+            })
+            .await;
         }
     }
 
     /// Hands `event` to the coalescer, and carries out what it says.
-    fn handle(&mut self, event: Event<'_>) {
+    async fn handle(&mut self, event: Event<'_>) {
         for action in self.triggers.handle(Instant::now(), event) {
             match action {
-                Action::Take(key, heads) => self.take(&key, &heads),
+                Action::Take(key, heads) => take(&self.shared, &key, &heads).await,
                 Action::Coalesced => {
                     self.shared
                         .counters
@@ -367,14 +383,6 @@ impl Runner {
         }
     }
 
-    /// Moves the cursor of `key` to `heads` with no run.
-    fn take(&self, key: &Key, heads: &[String]) {
-        let heads = serde_json::to_vec(heads).expect("heads serialize");
-        if let Err(err) = self.shared.store.put_cursor(&key.0, &key.1, &heads) {
-            tracing::warn!(err = %err, "cannot move a workflow cursor");
-        }
-    }
-
     /// Retries or skips a dead run. When an effect step killed it, the
     /// decision goes into the effect's marker too, so that every node
     /// follows it for that key (see [`Runner::follow_decisions`]): a retry
@@ -385,8 +393,9 @@ impl Runner {
             Command::Retry(id, reply) => (id, reply, true),
             Command::Skip(id, reply) => (id, reply, false),
         };
-        let result = (|| {
-            let mut run = self.shared.log.get(id)?;
+        let shared = self.shared.clone();
+        let result = off_executor(move || {
+            let mut run = shared.log.get(id)?;
             if run.status != RunStatus::Dead {
                 return Err(WorkflowError::WrongState {
                     id,
@@ -408,9 +417,10 @@ impl Runner {
             } else {
                 run.status = RunStatus::Skipped;
             }
-            self.shared.put_run(&run, None)?;
+            shared.put_run_blocking(&run, None)?;
             Ok((run, decided))
-        })();
+        })
+        .await;
         let result = match result {
             Ok((run, decided)) => {
                 if let Some(key) = decided {
@@ -440,8 +450,13 @@ impl Runner {
         let Some(workflow) = super::effect::marker_workflow(id) else {
             return;
         };
-        let mine = |doc: &str| !doc.is_empty() && super::effect::marker_doc(workflow, doc) == id;
-        let dead = match self.shared.log.dead_of(workflow, mine) {
+        let (shared, wf, marker) = (self.shared.clone(), workflow.to_string(), id.to_string());
+        let dead = off_executor(move || {
+            let mine = |doc: &str| !doc.is_empty() && super::effect::marker_doc(&wf, doc) == marker;
+            shared.log.dead_of(&wf, mine)
+        })
+        .await;
+        let dead = match dead {
             Ok(d) => d,
             Err(e) => {
                 tracing::warn!(err = %e, "cannot read dead runs");
@@ -474,7 +489,7 @@ impl Runner {
                         "{}; then skipped by {by}",
                         run.steps[i].error.as_deref().unwrap_or("failed")
                     ));
-                    if let Err(e) = self.shared.put_run(&run, None) {
+                    if let Err(e) = self.shared.put_run(&run, None).await {
                         tracing::warn!(err = %e, "cannot write the run log");
                     }
                 }
@@ -485,7 +500,7 @@ impl Runner {
                         "dead run retried on another node; following it"
                     );
                     reopen(&mut run);
-                    if let Err(e) = self.shared.put_run(&run, None) {
+                    if let Err(e) = self.shared.put_run(&run, None).await {
                         tracing::warn!(err = %e, "cannot write the run log");
                         continue;
                     }
@@ -524,6 +539,14 @@ fn dead_effect(run: &Run) -> Option<(usize, Option<String>)> {
         .and_then(|o| o["marker"].as_str())
         .map(str::to_string);
     Some((i, followed))
+}
+
+/// Moves the cursor of `key` to `heads` with no run.
+async fn take(shared: &Shared, key: &Key, heads: &[String]) {
+    let heads = serde_json::to_vec(heads).expect("heads serialize");
+    if let Err(err) = shared.put_cursor(&key.0, &key.1, heads).await {
+        tracing::warn!(err = %err, "cannot move a workflow cursor");
+    }
 }
 
 /// Runs `run` and hands back `key` even if it panics (a panic in a run is

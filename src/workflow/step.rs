@@ -3,6 +3,7 @@
 //! owns them, and the `on_failure` alert of a dead run.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -29,19 +30,13 @@ enum StepError {
 /// record as steps finish. `cursor`, if given, is the trigger cursor to move
 /// with the run's first record.
 pub(super) async fn execute(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     plan: &Plan,
     mut run: Run,
     mut json: Json,
     mut bound: Option<Bound>,
     mut cursor: Option<Vec<u8>>,
 ) {
-    // Writes the record, with the cursor until that has been written once.
-    let mut record = |run: &Run| -> Result<(), StoreError> {
-        shared.put_run(run, cursor.as_deref())?;
-        cursor = None;
-        Ok(())
-    };
     let cause = Cause {
         workflow: run.workflow.clone(),
         depth: run.depth,
@@ -170,7 +165,7 @@ pub(super) async fn execute(
                 // Effects take time: the log shows the attempt while it runs
                 // (and counts it if the node dies in it).
                 run.updated_ms = now_ms();
-                if let Err(e) = record(&run) {
+                if let Err(e) = record(shared, &run, &mut cursor).await {
                     tracing::warn!(err = %e, "cannot write the run log");
                 }
             }
@@ -228,7 +223,7 @@ pub(super) async fn execute(
                         s.attempts, step.retry.attempts
                     ));
                     run.updated_ms = now_ms();
-                    if let Err(e) = record(&run) {
+                    if let Err(e) = record(shared, &run, &mut cursor).await {
                         tracing::warn!(err = %e, "cannot write the run log");
                     }
                     if claim {
@@ -246,7 +241,7 @@ pub(super) async fn execute(
         run.steps[i].finished_ms = Some(now_ms());
         if i < last {
             run.updated_ms = now_ms();
-            if let Err(e) = record(&run) {
+            if let Err(e) = record(shared, &run, &mut cursor).await {
                 tracing::warn!(err = %e, "cannot write the run log");
             }
         }
@@ -263,7 +258,7 @@ pub(super) async fn execute(
         if skipped_by.is_some() {
             // Dead-lettered and skipped elsewhere: the same here.
             run.status = RunStatus::Skipped;
-            if let Err(e) = record(&run) {
+            if let Err(e) = record(shared, &run, &mut cursor).await {
                 tracing::error!(err = %e, "cannot write the run log");
             }
             return;
@@ -271,7 +266,7 @@ pub(super) async fn execute(
         run.status = RunStatus::Dead;
         shared.counters.dead.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(run = run.id, workflow = %run.workflow, doc = %run.doc, err = %run.error.as_deref().unwrap_or(""), "workflow run dead-lettered");
-        if let Err(e) = record(&run) {
+        if let Err(e) = record(shared, &run, &mut cursor).await {
             tracing::error!(err = %e, "cannot write the run log");
         }
         // A dead effect is a decision: recorded in its marker, so that no
@@ -299,16 +294,27 @@ pub(super) async fn execute(
             shared.counters.unchanged.fetch_add(1, Ordering::Relaxed);
         }
     }
-    if let Err(e) = record(&run) {
+    if let Err(e) = record(shared, &run, &mut cursor).await {
         tracing::error!(err = %e, "cannot write the run log");
     }
+}
+
+/// Writes `run`'s record, with `cursor` until that has been written once.
+async fn record(
+    shared: &Arc<Shared>,
+    run: &Run,
+    cursor: &mut Option<Vec<u8>>,
+) -> Result<(), StoreError> {
+    shared.put_run(run, cursor.as_deref()).await?;
+    *cursor = None;
+    Ok(())
 }
 
 /// Runs the workflow's `on_failure` effect for a dead run, on one node: the
 /// rendezvous owner of `<run key>-on_failure` among the live nodes running
 /// the workflow. Its input is `{"run": <the run record>, "node": <peer id>}`;
 /// it is retried with its backoff, then given up with an error in the log.
-pub(super) async fn alert_failure(shared: &Shared, plan: &Plan, run: &Run, here: bool) {
+pub(super) async fn alert_failure(shared: &Arc<Shared>, plan: &Plan, run: &Run, here: bool) {
     let Some(step) = &plan.def.on_failure else {
         return;
     };
@@ -341,7 +347,7 @@ pub(super) async fn alert_failure(shared: &Shared, plan: &Plan, run: &Run, here:
 /// Executes effect `action` (http or exec) of `run`'s step `step` once,
 /// with `input` as its JSON and `key` as its idempotency key.
 async fn run_effect(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     action: &Action,
     run: &Run,
     step: &str,
@@ -373,7 +379,7 @@ async fn run_effect(
 }
 
 /// The JSON an effect gets: the run's metadata and the doc.
-fn effect_input(shared: &Shared, run: &Run, step: &str, key: &str, doc: &Json) -> Json {
+fn effect_input(shared: &Arc<Shared>, run: &Run, step: &str, key: &str, doc: &Json) -> Json {
     serde_json::json!({
         "run": {
             "id": run.id,
@@ -393,7 +399,7 @@ fn effect_input(shared: &Shared, run: &Run, step: &str, key: &str, doc: &Json) -
 /// After an effect: on success, records the delivery in the marker doc (so
 /// the nodes that did not own it stop waiting).
 async fn delivered(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     run: &Run,
     key: &str,
     out: Result<Json, Failure>,
@@ -430,7 +436,7 @@ type Wrote = Vec<(Pointer, Json)>;
 
 /// The values of `sp.set` that differ from what `current` holds.
 fn changes(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     sp: &super::plan::StepPlan,
     bound: &Bound,
     current: &Json,
@@ -459,7 +465,7 @@ fn write_error(e: DocError) -> StepError {
 
 /// A `derive` step: values written into the triggering doc where they differ.
 async fn derive(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     sp: &super::plan::StepPlan,
     bound: &Bound,
     doc: &str,
@@ -473,7 +479,7 @@ async fn derive(
 /// A `resolve` step: at each conflicted place its glob names, the value the
 /// policy picks is written, unless reads already return it.
 async fn resolve(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     sp: &super::plan::StepPlan,
     doc: &str,
     policy: Policy,
@@ -509,7 +515,7 @@ async fn resolve(
 
 /// A `write` step: values written into the target doc where they differ.
 async fn write(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     sp: &super::plan::StepPlan,
     bound: &Bound,
     cause: &Cause,
@@ -527,7 +533,7 @@ async fn write(
 /// Writes `wrote` into `doc` as one change, each value only where the doc
 /// (as the writer sees it, not as the run read it) holds another.
 async fn write_values(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     doc: &str,
     wrote: Wrote,
     cause: &Cause,

@@ -87,7 +87,7 @@ pub(super) fn reload(
     allow_applied_exec: bool,
     applied: &BTreeMap<String, Applied>,
 ) -> (Vec<Arc<Plan>>, bool) {
-    let mut files: Vec<(PathBuf, Option<SystemTime>, u64)> = match std::fs::read_dir(&dir) {
+    let mut files: Vec<(PathBuf, Option<SystemTime>, u64)> = match std::fs::read_dir(dir) {
         Ok(entries) => entries
             .filter_map(|e| e.ok())
             .map(|e| e.path())
@@ -126,7 +126,7 @@ pub(super) fn reload(
     let mut origin: HashMap<String, String> = HashMap::new();
     for (source, text) in sources {
         let loaded =
-            text.and_then(|text| Plan::load(&sandbox, &source, &text).map_err(|e| e.to_string()));
+            text.and_then(|text| Plan::load(sandbox, &source, &text).map_err(|e| e.to_string()));
         let plan = match loaded {
             Ok(plan) => plan,
             Err(e) => {

@@ -1,7 +1,7 @@
 //! Trigger coalescing, as a pure state machine: which (workflow, doc) keys
 //! wait for a run, when each is due, which may start, and how triggers for
 //! a key that is pending or running fold into one run. No I/O and no clock
-//! reads: the runner ([`super::runner`]) passes `now` in and carries out
+//! reads: the runner (runner.rs) passes `now` in and carries out
 //! the [`Action`]s that come back.
 //!
 //! What it promises (tested below on seeded random schedules):

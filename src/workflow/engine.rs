@@ -1,15 +1,18 @@
 //! The engine: the handle the node and the API hold ([`Engine`]): it lists,
 //! checks, applies and deletes definitions, lists runs, and hands retry and
-//! skip to the runner. The work is done elsewhere in this folder:
+//! skip to the runner. The work is done in the other files of this folder:
 //!
-//! - [`super::catalog`]: loading and checking definitions (files, applied);
-//! - [`super::trigger`]: coalescing triggers into pending runs (pure);
-//! - [`super::runner`]: the engine's task, from change events to runs;
-//! - [`super::lifecycle`]: starting, resuming and reopening one run;
-//! - [`super::step`]: executing a run's steps;
-//! - [`super::ownership`]: which node runs an effect, and the markers;
-//! - [`super::shared`]: what these share (docs, store, run log, config);
-//! - [`super::log`], [`super::run`]: the run log and its records.
+//! - `catalog.rs`: loading and checking definitions (files, applied);
+//! - `trigger.rs`: coalescing triggers into pending runs (pure, no I/O);
+//! - `runner.rs`: the engine's task, from change events to runs;
+//! - `lifecycle.rs`: starting, resuming and reopening one run;
+//! - `step.rs`: executing a run's steps (data steps, effects, retries);
+//! - `ownership.rs`: which node runs an effect, the markers, membership;
+//! - `effect.rs`: running one effect (http, exec), marker and owner rules;
+//! - `shared.rs`: what these share, and `off_executor` for store calls;
+//! - `log.rs`, `run.rs`: the run log and its records;
+//! - `def.rs`, `plan.rs`, `expr.rs`, `error.rs`: the definition format,
+//!   its checked plan, expressions, errors.
 //!
 //! # How a merge becomes a run
 //!

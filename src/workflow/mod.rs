@@ -1,14 +1,21 @@
 //! Workflows triggered by merges (issue 5): the definition format
 //! ([`def`]), expressions ([`expr`]), and the engine that runs them.
 
+mod catalog;
 pub mod def;
 pub mod effect;
 pub mod engine;
 mod error;
 pub mod expr;
+mod lifecycle;
 mod log;
+mod ownership;
 pub mod plan;
 pub mod run;
+mod runner;
+mod shared;
+mod step;
+mod trigger;
 
 pub use engine::{Deleted, Engine, EngineStats, WorkflowInfo};
 pub use error::WorkflowError;

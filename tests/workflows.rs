@@ -337,8 +337,18 @@ async fn states_merged_before_a_workflow_loaded_are_taken_once() {
 async fn a_definition_loaded_while_running_labels_its_runs_definition() {
     let dir = tempfile::tempdir().unwrap();
     let defs = dir.path().join("workflows");
-    std::fs::create_dir_all(&defs).unwrap();
+    // A workflow of other docs, there from the start: once it is listed, the
+    // engine's load at start is over, and what it loads next is not
+    // `startup` (the engine starts its task in the background).
+    let other = FAHRENHEIT
+        .replace("\"fahrenheit\"", "\"other\"")
+        .replace("sensors/*", "other/*");
+    write_def(&defs, "other.toml", &other);
     let node = local_node(&dir.path().join("n"), &defs, |_| {}).await;
+    until("the load at start", || async {
+        (node.workflows().list().len() == 1).then_some(())
+    })
+    .await;
     node.doc("sensors/old")
         .unwrap()
         .patch(json!({ "celsius": 10 }))

@@ -10,11 +10,11 @@ use automerge::{ActorId, ChangeHash};
 use serde_json::Value as Json;
 use tokio::sync::{mpsc, oneshot};
 
-use super::host::{PeerSyncView, SyncRuntime};
+use super::host::SyncRuntime;
 use super::inbox::Inbox;
 use super::state::{
-    Change, ChangeCounts, DocsConfig, Inner, Parts, WriteOp, WriteReq, WriteResult, WriteTags,
-    blocking, stored_state,
+    Change, ChangeCounts, DocsConfig, Inner, Parts, PeerSyncView, WriteOp, WriteReq, WriteResult,
+    WriteTags, blocking, stored_state,
 };
 use super::writer::WriterMsg;
 use crate::doc::cache::{DocCache, Loaded, lock_slot};

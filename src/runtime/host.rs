@@ -9,20 +9,11 @@ use automerge::ChangeHash;
 use tokio::sync::mpsc;
 
 use super::round::Round;
-use super::state::Inner;
+use super::state::{Inner, PeerSyncView};
 use crate::doc::cache::lock_slot;
 use crate::doc::heads::in_history;
 use crate::doc::{DocId, now_ms};
 use crate::sync::{Core, FastChange, Input, Message, Output};
-
-/// What the API shows about one peer's sync, published by the writer thread.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct PeerSyncView {
-    /// Unix ms when a digest from the peer last matched ours.
-    pub last_in_sync_at: Option<u64>,
-    /// Docs with a sync session open to the peer.
-    pub docs_syncing: usize,
-}
 
 /// The sync core and where its outputs go, owned by the writer thread.
 pub(crate) struct SyncRuntime {

@@ -43,9 +43,8 @@ mod tick;
 mod writer;
 
 pub use docs::Docs;
-pub use host::PeerSyncView;
 pub use inbox::Inbox;
 pub use read::{DocInfo, DocPage, HistoryEntry, ListQuery, Snapshot};
 pub use replicas::Held;
-pub use state::{Change, ChangeFn, DocsConfig, Parts, WriteResult};
+pub use state::{Change, ChangeFn, DocsConfig, Parts, PeerSyncView, WriteResult};
 pub use tick::spawn_tick;

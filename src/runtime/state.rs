@@ -12,7 +12,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value as Json};
 use tokio::sync::oneshot;
 
-use super::host::PeerSyncView;
 use crate::doc::cache::DocCache;
 use crate::doc::{DocError, DocId, Op, Pointer, StringMode};
 use crate::feed::Feed;
@@ -60,6 +59,15 @@ impl Default for DocsConfig {
             priority: 0,
         }
     }
+}
+
+/// What the API shows about one peer's sync, published by the writer thread.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PeerSyncView {
+    /// Unix ms when a digest from the peer last matched ours.
+    pub last_in_sync_at: Option<u64>,
+    /// Docs with a sync session open to the peer.
+    pub docs_syncing: usize,
 }
 
 /// What the runtime starts over.

@@ -36,7 +36,6 @@ pub fn user_writable(id: &DocId) -> Result<(), DocError> {
     })
 }
 
-
 /// A validated document id such as `sensors/greenhouse-3`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]

@@ -43,9 +43,7 @@
 
 pub mod api;
 pub mod backup;
-pub mod bench;
 mod builder;
-pub mod chaos;
 pub mod client;
 pub mod config;
 pub mod doc;

@@ -49,6 +49,7 @@ pub mod config;
 pub mod doc;
 pub mod duration;
 pub mod feed;
+#[cfg(feature = "test-utils")]
 pub mod fuzzing;
 pub mod latency;
 pub mod metrics;

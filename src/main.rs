@@ -268,7 +268,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Events { client, doc, after } => events(&client.client(), doc, after).await,
         Cmd::Keygen => {
-            println!("{}", mergeflow::net::generate_key());
+            println!("{}", mergeflow::generate_key());
             Ok(())
         }
         Cmd::Doc { client, cmd } => doc(client, cmd).await,

@@ -5,7 +5,7 @@ use anyhow::Result;
 /// `mergeflow status` for people: one `name value` line each, then the
 /// effective config as TOML, indented (so `awk '/^listen/'` finds only the
 /// listen lines). Written in one piece ([`write_stdout`]).
-pub(crate) fn print_status(s: &mergeflow::node::Status) -> Result<()> {
+pub(crate) fn print_status(s: &mergeflow::Status) -> Result<()> {
     use std::fmt::Write as _;
     let mut out = String::new();
     let w = &mut out;

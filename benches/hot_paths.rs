@@ -13,8 +13,8 @@ use automerge::{ActorId, Automerge, ChangeHash, ROOT};
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 
 use mergeflow::feed::ChangeEvent;
-use mergeflow::store::{DocMeta, Store, WriteBatch};
-use mergeflow::sync::digest::{Digest, DocState};
+use mergeflow::testing::store::{DocMeta, Store, WriteBatch};
+use mergeflow::testing::sync::digest::{Digest, DocState};
 use mergeflow::workflow::expr::Sandbox;
 use mergeflow::workflow::plan::Plan;
 

@@ -7,7 +7,7 @@
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 if [ -z "${MERGEFLOW_BIN:-}" ]; then
     echo "building mergeflow (release)..."
-    (cd "$ROOT" && cargo build --release --quiet)
+    (cd "$ROOT" && cargo build --release --quiet --bin mergeflow)
     MERGEFLOW_BIN=$ROOT/target/release/mergeflow
 fi
 BIN=$MERGEFLOW_BIN

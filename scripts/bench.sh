@@ -194,7 +194,7 @@ idle_bench() {
   MERGEFLOW_API_TOKEN=$(cluster token)
   export MERGEFLOW_API_TOKEN
   acct_setup
-  echo "  $("$BIN" bench --api "$(cluster url 1)" --fill "$DOCS") on node 1"
+  echo "  $("$TOOLS" bench --api "$(cluster url 1)" --fill "$DOCS") on node 1"
   echo "  $(cluster wait-converged --timeout "$CONVERGE_TIMEOUT")"
   echo "  settling ${IDLE_SETTLE}s, then counting ${IDLE_SECONDS}s on host veth mf-v1 (from n1 = sent by node 1)"
   sleep "$IDLE_SETTLE"
@@ -248,8 +248,10 @@ if [ -n "$COMPARE" ]; then
   cargo run --release --quiet --manifest-path benches/compare/Cargo.toml
   exit 0
 fi
+# Both workspace members: the node and mergeflow-tools (its `bench`).
 cargo build --release --quiet
 BIN=target/release/mergeflow
+TOOLS=target/release/mergeflow-tools
 if [ -n "$IDLE" ]; then
   idle_bench
   exit 0
@@ -283,9 +285,9 @@ echo "data dir on: $(df -h "$WORK" | tail -1 | awk '{print $1}')"
 start_node >/dev/null
 echo "idle RSS, empty node: $(ps -o rss= -p "$PID" | xargs) KiB"
 echo "== durable writes over HTTP (merge patch, 64 docs, ${SECONDS_PER_RUN}s per run)"
-"$BIN" bench --api "$API" --concurrency "$CONCURRENCY" --seconds "$SECONDS_PER_RUN"
+"$TOOLS" bench --api "$API" --concurrency "$CONCURRENCY" --seconds "$SECONDS_PER_RUN"
 echo "== create $DOCS docs (32 writers)"
-"$BIN" bench --api "$API" --fill "$DOCS"
+"$TOOLS" bench --api "$API" --fill "$DOCS"
 DOCS_NOW=$("$BIN" status --api "$API" --json | grep -o '"docs": *[0-9]*' | grep -o '[0-9]*$')
 echo "RSS after the runs above: $(ps -o rss= -p "$PID" | xargs) KiB"
 stop_node

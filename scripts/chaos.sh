@@ -30,11 +30,11 @@
 #                    on a busy id refuses (--probe says so).
 #
 # What runs:
-#   workload  `mergeflow chaos workload`: 8 clients write unique keys into 16
+#   workload  `mergeflow-tools chaos workload`: 8 clients write unique keys into 16
 #             docs through every node and log each write as invoke, then ok
 #             (acknowledged), fail (certainly not applied) or info (unknown).
-#   effects   a workflow POSTs every state of each doc to `mergeflow chaos
-#             receive` on the host, which answers 503 to 10% (retries run).
+#   effects   a workflow POSTs every state of each doc to `mergeflow-tools
+#             chaos receive` on the host, which answers 503 to 10% (retries run).
 #   nemesis   one fault at a time on a seeded schedule, each held 3-8 s:
 #             partitions (halves, one node isolated, a bridge node that sees
 #             both halves), packet loss and duplication (netem, or iptables
@@ -43,7 +43,7 @@
 #             restart, SIGSTOP then SIGCONT, and a full disk (node N's data
 #             dir is a 128 MiB tmpfs, filled to the last byte). A node
 #             that dies by itself is logged as a crash and restarted.
-#   heal      every fault undone; then `mergeflow chaos check` waits for
+#   heal      every fault undone; then `mergeflow-tools chaos check` waits for
 #             convergence and prints what was tried and what held:
 #             acknowledged writes lost (must be 0), nodes not at identical
 #             docs and heads (must be 0), seconds from heal to convergence,
@@ -53,8 +53,11 @@
 #
 # Exit status: 0 when every promise held, 1 when one broke, 2 on bad usage.
 # Needs: root, ip (iproute2), iptables, curl, jq; installs missing ones with
-# apt-get. MERGEFLOW_BIN picks the binary (default target/release/mergeflow,
-# built when missing; CI uses target/debug/mergeflow).
+# apt-get. MERGEFLOW_BIN picks the node binary (default
+# target/release/mergeflow) and MERGEFLOW_TOOLS_BIN the campaign's workload,
+# receiver and checker (default target/release/mergeflow-tools, of the
+# workspace member tools/mergeflow-tools); `cargo build --release` builds
+# both when one is missing. CI uses target/debug/ for both.
 set -euo pipefail
 
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -138,11 +141,14 @@ readonly MODE DURATION NODES SEED KILL_CYCLES OUT KEEP
 BIN=${MERGEFLOW_BIN:-target/release/mergeflow}
 [[ $BIN == /* ]] || BIN=$REPO_ROOT/$BIN
 export MERGEFLOW_BIN=$BIN
-if [ ! -x "$BIN" ]; then
-  say "$BIN missing; running cargo build --release"
+TOOLS=${MERGEFLOW_TOOLS_BIN:-target/release/mergeflow-tools}
+[[ $TOOLS == /* ]] || TOOLS=$REPO_ROOT/$TOOLS
+if [ ! -x "$BIN" ] || [ ! -x "$TOOLS" ]; then
+  say "$BIN or $TOOLS missing; running cargo build --release"
   (cd "$REPO_ROOT" && cargo build --release) || die "cargo build --release failed"
 fi
-"$BIN" chaos --help >/dev/null 2>&1 || die "$BIN has no 'chaos' command: rebuild it"
+[ -x "$BIN" ] || die "$BIN missing after the build (set MERGEFLOW_BIN)"
+"$TOOLS" chaos --help >/dev/null 2>&1 || die "$TOOLS has no 'chaos' command: rebuild it (set MERGEFLOW_TOOLS_BIN)"
 
 rm -rf -- "$OUT"
 mkdir -p "$OUT"
@@ -216,9 +222,9 @@ else
   fi
 fi
 
-"$BIN" chaos receive --listen "$RECEIVER" --log "$OUT/effects.jsonl" --seed "$SEED" >"$OUT/receiver.log" 2>&1 9>&- &
+"$TOOLS" chaos receive --listen "$RECEIVER" --log "$OUT/effects.jsonl" --seed "$SEED" >"$OUT/receiver.log" 2>&1 9>&- &
 RECEIVER_PID=$!
-"$BIN" chaos workload --nodes "$URLS" --clients 8 --docs 16 --seconds 1000000 --seed "$SEED" \
+"$TOOLS" chaos workload --nodes "$URLS" --clients 8 --docs 16 --seconds 1000000 --seed "$SEED" \
   --effect-url "http://$RECEIVER/effect" --log "$OUT/ops.jsonl" >"$OUT/workload.log" 2>&1 9>&- &
 WORKLOAD_PID=$!
 deadline=$((SECONDS + 120))
@@ -336,7 +342,7 @@ HEALED=$(ms)
 say "t+$(($(date +%s) - T0))s healed; checking"
 
 rc=0
-"$BIN" chaos check --nodes "$URLS" --ops "$OUT/ops.jsonl" --effects "$OUT/effects.jsonl" \
+"$TOOLS" chaos check --nodes "$URLS" --ops "$OUT/ops.jsonl" --effects "$OUT/effects.jsonl" \
   --faults "$FAULTS" "${NODE_LOGS[@]}" --healed-at-ms "$HEALED" --seed "$SEED" \
   --timeout 300 --json-out "$OUT/report.json" | tee "$OUT/report.txt" || rc=1
 [ "$rc" -eq 0 ] || say "a promise broke; repeat with: $0 --seed $SEED --duration $DURATION --nodes $NODES --kill-cycles $KILL_CYCLES"

@@ -54,7 +54,7 @@ if [ "$MODE" != serve ]; then
 fi
 
 if [ -z "${MERGEFLOW_BIN:-}" ]; then
-    (cd "$ROOT" && cargo build --quiet)
+    (cd "$ROOT" && cargo build --quiet --bin mergeflow)
     MERGEFLOW_BIN=$ROOT/target/debug/mergeflow
 fi
 BIN=$MERGEFLOW_BIN

@@ -5,16 +5,19 @@
 # Everything on loopback, in a temp dir. Prints numbers; asserts nothing.
 #
 # Usage: scripts/footprint.sh   (IDLE_SECS=60 DOCS=10000; MERGEFLOW_BIN=path
-#        to measure a binary you built, else the release build)
+#        to measure a binary you built, else the release build;
+#        MERGEFLOW_TOOLS_BIN=path of the mergeflow-tools that fills the node,
+#        else the release build)
 set -euo pipefail
 case "${1:-}" in -h|--help) sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;; esac
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-if [ -z "${MERGEFLOW_BIN:-}" ]; then
+if [ -z "${MERGEFLOW_BIN:-}" ] || [ -z "${MERGEFLOW_TOOLS_BIN:-}" ]; then
+    # Both workspace members: the node and mergeflow-tools.
     (cd "$ROOT" && cargo build --release --quiet)
-    MERGEFLOW_BIN=$ROOT/target/release/mergeflow
 fi
-BIN=$MERGEFLOW_BIN
+BIN=${MERGEFLOW_BIN:-$ROOT/target/release/mergeflow}
+TOOLS=${MERGEFLOW_TOOLS_BIN:-$ROOT/target/release/mergeflow-tools}
 IDLE_SECS=${IDLE_SECS:-60}
 DOCS=${DOCS:-10000}
 WORK=$(mktemp -d)
@@ -75,7 +78,7 @@ for mode in light default; do
     t1=$(cpu_ticks "$A_PID"); u1=$(cpu_ticks "$B_PID"); w1=$(wire_bytes "$A_API")
     cpu=$(awk -v a=$((t1 - t0 + u1 - u0)) -v hz="$HZ" -v s="$IDLE_SECS" 'BEGIN { printf "%.2f", 100 * a / hz / s / 2 }')
     bps=$(awk -v b=$((w1 - w0)) -v s="$IDLE_SECS" 'BEGIN { printf "%.0f", b / s }')
-    "$BIN" bench --fill "$DOCS" --api "$A_API" >/dev/null
+    "$TOOLS" bench --fill "$DOCS" --api "$A_API" >/dev/null
     sleep 2
     full_rss=$(rss_mib "$A_PID")
     printf "%-8s %14s %14s %22s %22s\n" "$mode" "$idle_rss" "$full_rss" "$cpu per node" "$bps"

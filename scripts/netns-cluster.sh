@@ -58,7 +58,7 @@
 #                      nI/log (stdout+stderr), nI/pid.
 #   MERGEFLOW_BIN      binary (default target/release/mergeflow, relative paths are
 #                      relative to the repo root; the default is built with
-#                      `cargo build --release` when missing).
+#                      `cargo build --release --bin mergeflow` when missing).
 #   MF_LOG_LEVEL       node --log-level (default info).
 #   MF_READY_TIMEOUT   seconds to wait for a node's ready line (default 30).
 #   MF_TMPFS           for `up`: nodes whose data dir is a tmpfs of their own,
@@ -175,8 +175,8 @@ resolve_bin() {
   local bin=${MERGEFLOW_BIN:-target/release/mergeflow}
   [[ $bin == /* ]] || bin=$REPO_ROOT/$bin
   if [ ! -e "$bin" ] && [ -z "${MERGEFLOW_BIN:-}" ]; then
-    note "$bin missing; running cargo build --release"
-    (cd "$REPO_ROOT" && cargo build --release) >&2 || die "cargo build --release failed"
+    note "$bin missing; running cargo build --release --bin mergeflow"
+    (cd "$REPO_ROOT" && cargo build --release --bin mergeflow) >&2 || die "cargo build --release failed"
   fi
   [ -x "$bin" ] || die "mergeflow binary not found or not executable: $bin (set MERGEFLOW_BIN)"
   echo "$bin"

@@ -5,7 +5,7 @@
 #
 # For each cluster size N it starts N nodes in network namespaces
 # (scripts/netns-cluster.sh, every node dialing every other), creates --docs
-# documents spread evenly over the nodes (`mergeflow bench --fill` against
+# documents spread evenly over the nodes (`mergeflow-tools bench --fill` against
 # each node at once, 32 writers each), and prints:
 #   - seconds to write them all (every write acknowledged by its node);
 #   - seconds from the last acknowledged write until every node has the same
@@ -15,7 +15,8 @@
 #     {direction="out"} (frames of our protocol, not TCP/IP overhead);
 #   - the nodes' RSS after convergence (mean and max).
 # Prints numbers; asserts nothing. MERGEFLOW_BIN as for netns-cluster.sh
-# (default target/release/mergeflow); MF_CLUSTER_ID picks the cluster id
+# (default target/release/mergeflow); MERGEFLOW_TOOLS_BIN the filler
+# (default target/release/mergeflow-tools); MF_CLUSTER_ID picks the cluster id
 # (default 0), as for netns-cluster.sh.
 set -euo pipefail
 
@@ -36,7 +37,9 @@ done
 BIN=${MERGEFLOW_BIN:-target/release/mergeflow}
 [[ $BIN == /* ]] || BIN=$REPO_ROOT/$BIN
 export MERGEFLOW_BIN=$BIN
-[ -x "$BIN" ] || (cd "$REPO_ROOT" && cargo build --release)
+TOOLS=${MERGEFLOW_TOOLS_BIN:-target/release/mergeflow-tools}
+[[ $TOOLS == /* ]] || TOOLS=$REPO_ROOT/$TOOLS
+[ -x "$BIN" ] && [ -x "$TOOLS" ] || (cd "$REPO_ROOT" && cargo build --release)
 
 UP='' FILLS=()
 LOGS=$(mktemp -d /tmp/mergeflow-scale-logs.XXXXXX)
@@ -87,7 +90,7 @@ for n in "${sizes[@]}"; do
   t0=$(now)
   FILLS=()
   for ((i = 1; i <= n; i++)); do
-    "$BIN" bench --api "$("$NC" url "$i")" --token "$token" --fill "$per" --fill-prefix "n$i" \
+    "$TOOLS" bench --api "$("$NC" url "$i")" --token "$token" --fill "$per" --fill-prefix "n$i" \
       >"$LOGS/fill-$i.log" 2>&1 &
     FILLS+=($!)
   done

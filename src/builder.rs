@@ -78,6 +78,7 @@ impl NodeBuilder {
     /// Runs the sync core: the node then takes [`Input`]s with
     /// [`Node::sync_input`] and yields [`Output`](crate::sync::Output)s from
     /// [`Node::take_sync_outputs`], for a network shell to carry.
+    #[doc(hidden)]
     pub fn sync(mut self, cfg: SyncConfig) -> Self {
         self.sync = Some(cfg);
         self

@@ -11,7 +11,7 @@
 //! [`FeedItem::Missed`] and should re-read the docs it cares about.
 //!
 //! ```no_run
-//! # async fn run(node: mergeflow::node::Node) -> anyhow::Result<()> {
+//! # async fn run(node: mergeflow::Node) -> anyhow::Result<()> {
 //! use futures_util::StreamExt;
 //! let mut events = std::pin::pin!(node.subscribe("sensors/*")?);
 //! while let Some(item) = events.next().await {

@@ -3,6 +3,8 @@
 //! checks what must hold for the inputs it accepts. The cargo-fuzz targets
 //! under `fuzz/` call them; `tests/fuzz.rs` runs them on stable Rust over a
 //! seeded corpus of valid inputs and their mutations, so CI exercises them.
+//! Behind the `test-utils` feature (fuzz/ and the dev-dependency on this
+//! crate enable it): not part of a shipped node.
 //!
 //! | target | what a peer, client or disk hands us |
 //! | --- | --- |

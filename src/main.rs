@@ -149,35 +149,6 @@ enum Cmd {
     },
     /// Print a new random network key for `net.key` (64 hex digits).
     Keygen,
-    /// Fault-campaign tools run by scripts/chaos.sh: workload, effect
-    /// receiver, checker. (Development; not in the help.)
-    #[command(hide = true)]
-    Chaos {
-        #[command(subcommand)]
-        cmd: cli::chaos::ChaosCmd,
-    },
-    /// Measure durable write throughput and latency against a running node.
-    /// (Development: scripts/bench.sh; not in the help.)
-    #[command(hide = true)]
-    Bench {
-        #[command(flatten)]
-        client: ClientArgs,
-        /// Comma-separated writer counts to run, one after another.
-        #[arg(long, default_value = "1,32", value_delimiter = ',')]
-        concurrency: Vec<usize>,
-        /// Seconds per run.
-        #[arg(long, default_value_t = 5.0)]
-        seconds: f64,
-        /// Documents the writers spread over.
-        #[arg(long, default_value_t = 64)]
-        docs: usize,
-        /// Instead of measuring, create this many documents `<prefix>/doc-N`.
-        #[arg(long)]
-        fill: Option<usize>,
-        /// The id prefix of the documents --fill creates.
-        #[arg(long, default_value = "fill")]
-        fill_prefix: String,
-    },
 }
 
 fn main() -> ExitCode {
@@ -297,15 +268,8 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Events { client, doc, after } => events(&client.client(), doc, after).await,
         Cmd::Keygen => {
-            println!("{}", mergeflow::net::generate_key());
+            println!("{}", mergeflow::generate_key());
             Ok(())
-        }
-        Cmd::Chaos { cmd } => {
-            if cli::chaos::run(cmd).await? {
-                Ok(())
-            } else {
-                bail!("the campaign broke a promise (see the VIOLATION lines above)")
-            }
         }
         Cmd::Doc { client, cmd } => doc(client, cmd).await,
         Cmd::Workflow { client, cmd } => workflow(client, cmd).await,
@@ -323,54 +287,6 @@ async fn run(cli: Cli) -> Result<()> {
                 print_json(&s);
             } else {
                 print_status(&s)?;
-            }
-            Ok(())
-        }
-        Cmd::Bench {
-            client,
-            concurrency,
-            seconds,
-            docs,
-            fill,
-            fill_prefix,
-        } => {
-            let c = client.client();
-            if let Some(n) = fill {
-                let template = "{spinner} filling [{bar:30}] {pos}/{len} docs ({per_sec})";
-                let secs = cli::progress::counting(Some(n as u64), template, async |done| {
-                    mergeflow::bench::fill(&c, &fill_prefix, n, 32, done).await
-                })
-                .await?;
-                println!(
-                    "created {n} docs in {secs:.2}s ({:.0} docs/s)",
-                    n as f64 / secs
-                );
-                return Ok(());
-            }
-            for conc in concurrency {
-                let template = format!(
-                    "{{spinner}} {conc} writers: {{pos}} durable writes ({{per_sec}}), {seconds}s run"
-                );
-                let run = Duration::from_secs_f64(seconds);
-                let r = cli::progress::counting(None, &template, async |done| {
-                    mergeflow::bench::load(&c, conc, run, docs, done).await
-                })
-                .await?;
-                if client.json {
-                    println!("{}", serde_json::to_string(&r)?);
-                } else {
-                    println!(
-                        "concurrency {:>3}: {:>8.0} durable writes/s  p50 {:.3} ms  p99 {:.3} ms  max {:.3} ms  ({} writes, {} errors, {:.1}s)",
-                        r.concurrency,
-                        r.writes_per_s,
-                        r.p50_ms,
-                        r.p99_ms,
-                        r.max_ms,
-                        r.writes,
-                        r.errors,
-                        r.seconds
-                    );
-                }
             }
             Ok(())
         }

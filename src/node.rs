@@ -87,18 +87,23 @@ impl Node {
 
     /// Hands input to the sync core (see [`NodeBuilder::sync`](crate::NodeBuilder::sync)); `false` if it
     /// was dropped because the queue is full or the node does not sync.
+    /// (Test machinery: the sync core's types are not public.)
+    #[doc(hidden)]
     pub fn sync_input(&self, input: Input) -> bool {
         self.inner.docs.inbox().send(input)
     }
 
     /// Hands the sync core what one network frame carried, as one queue
     /// message (fast-path changes of one doc in it are applied together).
-    /// False if the queue is full.
+    /// False if the queue is full. (Test machinery.)
+    #[doc(hidden)]
     pub fn sync_inputs(&self, inputs: Vec<Input>) -> bool {
         self.inner.docs.inbox().send_all(inputs)
     }
 
     /// The sync core's outputs, once (the network shell takes them).
+    /// (Test machinery.)
+    #[doc(hidden)]
     pub fn take_sync_outputs(&self) -> Option<mpsc::Receiver<Output>> {
         self.inner.sync_out.lock().expect("not poisoned").take()
     }
@@ -184,7 +189,9 @@ impl Node {
         &self.inner.workflows
     }
 
-    /// The document service.
+    /// The document service (the HTTP API's and the tests' way in; an
+    /// embedder uses [`Node::doc`]).
+    #[doc(hidden)]
     pub fn docs(&self) -> &Docs {
         &self.inner.docs
     }
@@ -387,7 +394,8 @@ impl DocHandle {
     /// it is durable.
     ///
     /// # Errors
-    /// See [`Docs::write`].; [`DocError::Reserved`] for a system doc (`_mergeflow/...`)
+    /// [`DocError::Deleted`], the change's own errors (nothing is stored then),
+    /// size caps, store errors; [`DocError::Reserved`] for a system doc (`_mergeflow/...`)
     pub async fn patch(&self, patch: serde_json::Value) -> Result<WriteResult, Error> {
         crate::doc::user_writable(&self.id)?;
         Ok(self
@@ -399,7 +407,8 @@ impl DocHandle {
     /// Applies explicit ops as one change, all or nothing; returns once durable.
     ///
     /// # Errors
-    /// See [`Docs::write`].; [`DocError::Reserved`] for a system doc (`_mergeflow/...`)
+    /// [`DocError::Deleted`], the change's own errors (nothing is stored then),
+    /// size caps, store errors; [`DocError::Reserved`] for a system doc (`_mergeflow/...`)
     pub async fn ops(&self, ops: Vec<crate::doc::Op>) -> Result<WriteResult, Error> {
         crate::doc::user_writable(&self.id)?;
         Ok(self.docs.write(self.id.clone(), Change::Ops(ops)).await?)

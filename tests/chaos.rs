@@ -1,91 +1,11 @@
-//! The chaos campaign's workload, receiver and checker on an in-process
-//! cluster on loopback, with one node taken offline mid-run (the fault that
-//! needs no root). `scripts/chaos.sh` runs the same pieces against nodes in
-//! network namespaces with real faults.
+//! Faults the chaos campaign found, as regression tests on in-process nodes
+//! (a full disk, by fault injection). The campaign itself
+//! (workload, receiver and checker on an in-process cluster) is
+//! `tools/mergeflow-tools/tests/campaign.rs`.
 
 mod common;
 
 use std::time::Duration;
-
-use mergeflow::chaos;
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_campaign_with_an_offline_node_loses_nothing_and_delivers_every_final_effect() {
-    let seed = common::seed(7);
-    let dir = tempfile::tempdir().unwrap();
-    let fast = |c: &mut mergeflow::config::Config| c.net.anti_entropy_ms = 500;
-    let a = common::p2p_api_node(&dir.path().join("a"), vec![], fast).await;
-    let a_addr = common::listen_addr(&a).await;
-    let b = common::p2p_api_node(&dir.path().join("b"), vec![a_addr.clone()], fast).await;
-    let c = common::p2p_api_node(&dir.path().join("c"), vec![a_addr], fast).await;
-    let nodes: Vec<String> = [&a, &b, &c]
-        .iter()
-        .map(|n| format!("http://{}", n.api_addr().unwrap()))
-        .collect();
-
-    let effects = dir.path().join("effects.jsonl");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/effects", listener.local_addr().unwrap());
-    let receiver = tokio::spawn({
-        let effects = effects.clone();
-        async move { chaos::receive(listener, &effects, 0.2, seed).await }
-    });
-    chaos::install_workflow(&nodes, None, &url, Duration::from_secs(60))
-        .await
-        .unwrap();
-
-    let ops = dir.path().join("ops.jsonl");
-    let opts = chaos::WorkloadOptions {
-        nodes: nodes.clone(),
-        token: None,
-        clients: 4,
-        docs: 4,
-        duration: Duration::from_secs(3),
-        seed,
-        interval: Duration::from_millis(5),
-        timeout: Duration::from_secs(10),
-        log: ops.clone(),
-    };
-    let work = tokio::spawn(async move { chaos::workload(&opts).await });
-    // Node c is cut off for the middle second: its writes are acknowledged
-    // locally and must reach the others after it comes back.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    c.set_online(false);
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    c.set_online(true);
-    let healed_at_ms = chaos::now_ms();
-    let summary = work.await.unwrap().unwrap();
-    assert!(summary.ok > 0, "no acknowledged writes: {summary:?}");
-
-    let report = chaos::check(&chaos::CheckOptions {
-        nodes,
-        token: None,
-        ops,
-        effects: Some(effects),
-        faults: None,
-        node_logs: vec![],
-        healed_at_ms: Some(healed_at_ms),
-        timeout: Duration::from_secs(120),
-        seed: Some(seed),
-    })
-    .await
-    .unwrap();
-    println!("{}", report.table());
-    assert!(
-        report.violations().is_empty(),
-        "seed {seed}: {:?}",
-        report.violations()
-    );
-    assert_eq!(report.acknowledged, summary.ok);
-    assert_eq!(report.nodes, 3);
-    assert!(report.converge_seconds.is_some());
-    let (all, accepted) = report.effect_deliveries.unwrap();
-    assert!(all > accepted, "the receiver refused some deliveries");
-    receiver.abort();
-    for n in [a, b, c] {
-        n.shutdown().await.unwrap();
-    }
-}
 
 /// Found by `scripts/chaos.sh` (seed 1, disk-full fault): a local change
 /// went to peers before the store had it; when storing failed the doc was

@@ -297,7 +297,7 @@ fn peer_examples_can_be_pasted_as_is() {
             !arg.contains("...") && !arg.contains('<'),
             "--peer {arg} holds a placeholder"
         );
-        mergeflow::net::parse_addrs("net.peers", std::slice::from_ref(arg))
+        mergeflow::testing::net::parse_addrs("net.peers", std::slice::from_ref(arg))
             .unwrap_or_else(|e| panic!("--peer {arg}: {e}"));
     }
 }

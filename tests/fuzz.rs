@@ -11,7 +11,7 @@ use automerge::transaction::Transactable;
 use automerge::{Automerge, ROOT};
 use mergeflow::backup::BackupWriter;
 use mergeflow::fuzzing;
-use mergeflow::sync::{Message, codec};
+use mergeflow::testing::sync::{Message, codec};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
@@ -258,12 +258,12 @@ async fn changes_that_make_automerge_panic_cost_their_doc_not_the_node() {
 
     let dir = tempfile::tempdir().unwrap();
     {
-        let store = mergeflow::store::Store::open(dir.path(), 1 << 20).unwrap();
-        let mut meta = mergeflow::store::DocMeta::new(1);
+        let store = mergeflow::testing::store::Store::open(dir.path(), 1 << 20).unwrap();
+        let mut meta = mergeflow::testing::store::DocMeta::new(1);
         meta.next_seq = changes.len() as u64;
         meta.tail_changes = changes.len() as u64;
         meta.size_bytes = changes.iter().map(|c| c.len() as u64).sum();
-        let mut batch = mergeflow::store::WriteBatch::default();
+        let mut batch = mergeflow::testing::store::WriteBatch::default();
         let refs: Vec<&[u8]> = changes.iter().map(Vec::as_slice).collect();
         batch.append_changes("damaged", 0, &refs, &meta);
         store.apply(batch).unwrap();

@@ -15,7 +15,7 @@ mod common;
 
 use common::{listen_addr, p2p_node};
 use mergeflow::Node;
-use mergeflow::sync::{Message, codec};
+use mergeflow::testing::sync::{Message, codec};
 use serde_json::json;
 
 /// Sends its request bytes verbatim (so it can lie about frame lengths).

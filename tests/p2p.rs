@@ -161,8 +161,8 @@ async fn start_with(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_the_key_or_off_the_allowlist_nothing_is_read_or_written() {
     let dir = tempfile::tempdir().unwrap();
-    let key = mergeflow::net::generate_key();
-    let other_key = mergeflow::net::generate_key();
+    let key = mergeflow::generate_key();
+    let other_key = mergeflow::generate_key();
     // b is the only peer a allows; it has a's key.
     let b_peer = {
         // Learn b's peer id by starting it once (identity is kept in its data dir).

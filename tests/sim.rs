@@ -11,7 +11,7 @@ use automerge::sync::{self, SyncDoc};
 use automerge::transaction::Transactable;
 use automerge::{ActorId, Automerge, Change, ObjType, ROOT, ReadDoc};
 use mergeflow::doc::to_json;
-use mergeflow::sync::{
+use mergeflow::testing::sync::{
     Applied, Core, DocAccess, DocState, Input, Message, Output, Refusal, SyncConfig,
 };
 use rand::rngs::StdRng;

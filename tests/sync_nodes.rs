@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mergeflow::config::Config;
-use mergeflow::sync::{Input, Output, SyncConfig};
+use mergeflow::testing::sync::{Input, Output, SyncConfig};
 use mergeflow::{Error, Node};
 use serde_json::{Value, json};
 
@@ -36,7 +36,7 @@ impl Shell {
         let (shell, from) = (self.clone(), name.to_string());
         tokio::spawn(async move {
             while let Some(out) = outputs.recv().await {
-                let targets: Vec<(String, Node, mergeflow::sync::Message)> = {
+                let targets: Vec<(String, Node, mergeflow::testing::sync::Message)> = {
                     let nodes = shell.nodes.lock().unwrap();
                     match out {
                         Output::Send { to, msg } => nodes
@@ -56,8 +56,8 @@ impl Shell {
                 };
                 for (_, node, msg) in targets {
                     // Through the codec, as on the wire.
-                    let bytes = mergeflow::sync::codec::encode(&msg);
-                    if let mergeflow::sync::Message::Sync { doc, data } = &msg {
+                    let bytes = mergeflow::testing::sync::codec::encode(&msg);
+                    if let mergeflow::testing::sync::Message::Sync { doc, data } = &msg {
                         *shell
                             .sync_bytes
                             .lock()
@@ -65,7 +65,7 @@ impl Shell {
                             .entry(doc.clone())
                             .or_default() += data.len();
                     }
-                    let msg = mergeflow::sync::codec::decode(&bytes, 16 << 20).unwrap();
+                    let msg = mergeflow::testing::sync::codec::decode(&bytes, 16 << 20).unwrap();
                     node.sync_input(Input::Received {
                         from: from.clone(),
                         msg,
@@ -272,7 +272,7 @@ async fn sync_after_restart_starts_from_the_saved_state() {
 async fn a_frame_of_changes_applies_as_a_batch() {
     use automerge::ReadDoc;
     use automerge::transaction::Transactable;
-    use mergeflow::sync::Message;
+    use mergeflow::testing::sync::Message;
     let dir = tempfile::tempdir().unwrap();
     let node = start(&dir.path().join("n")).await;
     let mut outputs = node.take_sync_outputs().unwrap();

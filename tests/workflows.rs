@@ -956,15 +956,18 @@ async fn each_conflict_policy_makes_three_peers_converge_on_its_winner() {
         let id = mergeflow::DocId::new("shared/x").unwrap();
         let docs = node.docs();
         let value = json!({ "ts": ts, "prio": ts });
-        docs.write(id.clone(), mergeflow::runtime::Change::Patch(value))
-            .await
-            .unwrap();
+        docs.write(
+            id.clone(),
+            mergeflow::testing::runtime::Change::Patch(value),
+        )
+        .await
+        .unwrap();
         // A record compared as a whole is set explicitly: objects a merge
         // patch creates at once merge key by key (see the README).
         let ver = json!([{"op": "set", "path": "/ver", "value": { "version": ver, "by": ts }}]);
-        let ver = mergeflow::runtime::Change::Ops(serde_json::from_value(ver).unwrap());
+        let ver = mergeflow::testing::runtime::Change::Ops(serde_json::from_value(ver).unwrap());
         docs.write(id.clone(), ver).await.unwrap();
-        let idem = mergeflow::runtime::Change::Patch(json!({ "idem": idem }));
+        let idem = mergeflow::testing::runtime::Change::Patch(json!({ "idem": idem }));
         match key {
             Some(k) => docs
                 .write_idempotent(id, idem, false, k.into())

@@ -247,11 +247,7 @@ pub(crate) fn written(json: bool, verb: &str, w: &mergeflow::client::Written) ->
     Ok(())
 }
 
-pub(crate) fn write_result(
-    json: bool,
-    verb: &str,
-    r: &mergeflow::runtime::WriteResult,
-) -> Result<()> {
+pub(crate) fn write_result(json: bool, verb: &str, r: &mergeflow::WriteResult) -> Result<()> {
     if json {
         print_json(r);
     } else if r.changed {

@@ -1,7 +1,6 @@
 //! Commands of the `mergeflow` binary that need more than a few lines.
 
 pub mod backup;
-pub mod chaos;
 pub mod doc;
 pub mod output;
 pub mod progress;

@@ -1,7 +1,5 @@
-//! Progress shown in the terminal: bench runs and a node's initial sync.
+//! Progress shown in the terminal: a node's initial sync.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
@@ -22,30 +20,6 @@ pub fn bar(len: Option<u64>, template: &str) -> ProgressBar {
     );
     bar.enable_steady_tick(Duration::from_millis(120));
     bar
-}
-
-/// Runs `work` while a bar shows `count` (what `work` counts) against
-/// `len`; the bar is cleared when it ends.
-pub async fn counting<T>(
-    len: Option<u64>,
-    template: &str,
-    work: impl AsyncFnOnce(Arc<AtomicU64>) -> T,
-) -> T {
-    let count = Arc::new(AtomicU64::new(0));
-    let bar = bar(len, template);
-    let watch = {
-        let (bar, count) = (bar.clone(), count.clone());
-        tokio::spawn(async move {
-            loop {
-                bar.set_position(count.load(Ordering::Relaxed));
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        })
-    };
-    let out = work(count).await;
-    watch.abort();
-    bar.finish_and_clear();
-    out
 }
 
 /// How often `wait-synced` asks peers for their digests while some do not

@@ -16,7 +16,8 @@ pub const SYSTEM_PREFIX: &str = "_mergeflow/";
 /// Refuses a user's write (through the HTTP API or an embedder's
 /// [`crate::DocHandle`]) to a system doc, saying what the doc is and who
 /// writes it. The node's own parts (workflow engine, membership, effect
-/// markers) write them through [`super::Docs`] directly.
+/// markers) write them through the document service (`crate::runtime::Docs`)
+/// directly.
 ///
 /// # Errors
 /// [`DocError::Reserved`] for an id under [`SYSTEM_PREFIX`].

@@ -2,7 +2,7 @@
 //! paths, conflict stamps, size limits, and the cache of loaded documents.
 //!
 //! This is document logic only: it reaches sled only through
-//! [`crate::store::Store`] (the cache's loads) and runs no threads or tasks.
+//! the store (`crate::store::Store`, the cache's loads) and runs no threads or tasks.
 //! The runtime (`crate::runtime`) applies writes and remote changes with it.
 
 pub(crate) mod cache;

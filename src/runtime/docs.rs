@@ -32,6 +32,7 @@ impl Docs {
     /// Fault injection for tests: while `on`, the store fails as sled does
     /// after an I/O error (see [`crate::store::Store::fail`]).
     #[doc(hidden)]
+    #[cfg(feature = "test-utils")]
     pub fn fail_store(&self, on: bool) {
         self.inner.store.fail(on);
     }

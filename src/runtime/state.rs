@@ -40,7 +40,7 @@ pub struct DocsConfig {
     pub write_queue: usize,
     /// Most writes the writer thread applies in one sled batch.
     pub write_batch: usize,
-    /// This node's priority, stamped on its changes (see [`super::stamp`]).
+    /// This node's priority, stamped on its changes (see [`crate::doc::stamp`]).
     pub priority: i64,
 }
 

@@ -312,6 +312,7 @@ pub struct Store {
     synced_blobs: Arc<Mutex<HashSet<std::ffi::OsString>>>,
     /// Fault injection: while set, every operation fails (see
     /// [`Store::fail`]).
+    #[cfg(feature = "test-utils")]
     failing: Arc<std::sync::atomic::AtomicBool>,
     /// The first I/O error sled reported (see [`Store::failure`]).
     failure: Arc<Mutex<Option<String>>>,
@@ -387,6 +388,7 @@ impl Store {
             docs,
             path: db_path.clone(),
             synced_blobs: Arc::default(),
+            #[cfg(feature = "test-utils")]
             failing: Arc::default(),
             failure: Arc::default(),
         };
@@ -673,6 +675,7 @@ impl Store {
     /// full disk); reads go on, as sled's do. [`Store::failure`] reports it
     /// while it lasts.
     #[doc(hidden)]
+    #[cfg(feature = "test-utils")]
     pub fn fail(&self, on: bool) {
         self.failing.store(on, std::sync::atomic::Ordering::Relaxed);
         if !on {
@@ -687,6 +690,7 @@ impl Store {
         if let Some(why) = self.failure() {
             return Err(StoreError::Write(why));
         }
+        #[cfg(feature = "test-utils")]
         if self.failing.load(std::sync::atomic::Ordering::Relaxed) {
             let why = format!(
                 "injected failure in {} (as a full disk)",

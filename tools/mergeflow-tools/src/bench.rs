@@ -1,4 +1,4 @@
-//! `mergeflow bench`: durable write throughput and acknowledgement latency over
+//! `mergeflow-tools bench`: durable write throughput and acknowledgement latency over
 //! HTTP against a running node, and a filler for reopen measurements.
 //! Prints numbers; asserts nothing.
 
@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::client::{Client, ClientError};
+use mergeflow::client::{Client, ClientError};
 
 /// Result of one load run.
 #[derive(Debug, Clone, serde::Serialize)]

@@ -1,5 +1,5 @@
-//! `mergeflow chaos ...`: the pieces of `scripts/chaos.sh` that run as
-//! processes (see [`mergeflow::chaos`]).
+//! `mergeflow-tools chaos ...`: the pieces of `scripts/chaos.sh` that run as
+//! processes (see [`mergeflow_tools::chaos`]).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Subcommand;
 
-use mergeflow::chaos;
+use mergeflow_tools::chaos;
 
 #[derive(Subcommand)]
 pub enum ChaosCmd {

@@ -1,4 +1,4 @@
-//! `mergeflow chaos`: the workload, the effect receiver and the checker that
+//! `mergeflow-tools chaos`: the workload, the effect receiver and the checker that
 //! `scripts/chaos.sh` runs against a cluster while it injects faults
 //! (partitions, packet loss, kill -9, SIGSTOP, a full disk).
 //!
@@ -27,7 +27,9 @@ use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value as Json, json};
 
-use crate::client::{Client, encode_id, http_client, root_cause};
+use mergeflow::client::{Client, encode_id};
+
+use crate::http::{http_client, root_cause};
 
 /// The docs the workload writes: `chaos/d0` .. `chaos/d<docs-1>`.
 pub const DOC_PREFIX: &str = "chaos/";

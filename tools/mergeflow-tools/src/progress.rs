@@ -1,0 +1,41 @@
+//! Progress of a bench run, drawn on stderr (as `mergeflow wait-synced`
+//! draws its own).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// Runs `work` while a bar (or a spinner, without `len`) shows `count` (what
+/// `work` counts) against `len`; the bar is cleared when it ends.
+pub async fn counting<T>(
+    len: Option<u64>,
+    template: &str,
+    work: impl AsyncFnOnce(Arc<AtomicU64>) -> T,
+) -> T {
+    let count = Arc::new(AtomicU64::new(0));
+    let bar = match len {
+        Some(n) => ProgressBar::new(n),
+        None => ProgressBar::new_spinner(),
+    };
+    bar.set_style(
+        ProgressStyle::with_template(template)
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    bar.enable_steady_tick(Duration::from_millis(120));
+    let watch = {
+        let (bar, count) = (bar.clone(), count.clone());
+        tokio::spawn(async move {
+            loop {
+                bar.set_position(count.load(Ordering::Relaxed));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let out = work(count).await;
+    watch.abort();
+    bar.finish_and_clear();
+    out
+}

@@ -17,8 +17,10 @@
 
 use std::io::{self, Read, Write};
 
-mod node;
-pub use node::{RESTORE_SPOOL, RestoreFailure, RestoreReport, clean_restore_spool, partial_path};
+mod restore;
+pub use restore::{
+    RESTORE_SPOOL, RestoreFailure, RestoreReport, clean_restore_spool, partial_path,
+};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};

@@ -15,6 +15,8 @@ use libp2p::PeerId;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+mod backup;
+
 use crate::Error;
 use crate::config::Config;
 use crate::doc::{DocError, DocId, Pointer};

@@ -433,6 +433,7 @@ impl Docs {
         let (reply, rx) = oneshot::channel();
         self.writer
             .send(WriterMsg::Write(WriteReq {
+                carried: 0,
                 id,
                 op,
                 ack,

@@ -176,6 +176,8 @@ pub(super) struct WriteReq {
     /// Who wrote it and its idempotency key.
     pub(super) tags: WriteTags,
     pub(super) reply: oneshot::Sender<Result<WriteResult, DocError>>,
+    /// Rounds this write has waited for its doc to be reloaded.
+    pub(super) carried: u32,
 }
 
 /// What a write says about itself beyond its content.

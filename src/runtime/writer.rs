@@ -43,6 +43,9 @@ pub(super) enum WriterMsg {
     Stop,
 }
 
+/// Rounds a local write waits for its doc to be reloaded before it fails.
+const MAX_CARRIED: u32 = 3;
+
 /// The writer thread's loop. Returns when told to stop or when every sender is gone.
 pub(super) fn run(
     inner: Arc<Inner>,
@@ -51,23 +54,33 @@ pub(super) fn run(
 ) {
     let max = inner.cfg.write_batch.max(1);
     let mut stop = false;
-    while !stop {
-        let mut msgs = Vec::new();
-        match rx.blocking_recv() {
-            Some(WriterMsg::Stop) | None => break,
-            Some(m) => msgs.push(m),
-        }
-        while msgs.len() < max {
-            match rx.try_recv() {
-                Ok(WriterMsg::Stop) => {
-                    stop = true;
-                    break;
+    // Writes to a doc that remote input left suspect in the last round: they
+    // go first in the next one, once the doc has been reloaded.
+    let mut carried: Vec<WriteReq> = Vec::new();
+    loop {
+        let mut msgs: Vec<WriterMsg> = carried.drain(..).map(WriterMsg::Write).collect();
+        if !stop {
+            if msgs.is_empty() {
+                match rx.blocking_recv() {
+                    Some(WriterMsg::Stop) | None => break,
+                    Some(m) => msgs.push(m),
                 }
-                Ok(m) => msgs.push(m),
-                Err(_) => break,
+            }
+            while msgs.len() < max {
+                match rx.try_recv() {
+                    Ok(WriterMsg::Stop) => {
+                        stop = true;
+                        break;
+                    }
+                    Ok(m) => msgs.push(m),
+                    Err(_) => break,
+                }
             }
         }
-        write_round(&inner, msgs, sync.as_mut());
+        if msgs.is_empty() {
+            break;
+        }
+        carried = write_round(&inner, msgs, sync.as_mut());
         if let Some(sync) = &sync {
             let fp = sync.core.digest().fingerprint();
             *inner
@@ -78,12 +91,19 @@ pub(super) fn run(
             stats.docs_lacking = sync.core.lacking() as u64;
             *inner.sync_stats.lock().unwrap_or_else(|p| p.into_inner()) = Some(stats);
         }
+        if stop && carried.is_empty() {
+            break;
+        }
     }
 }
 
 /// Applies one round: local writes and remote input in memory, one sled batch,
-/// then the flush thread.
-fn write_round(inner: &Inner, msgs: Vec<WriterMsg>, mut sync: Option<&mut SyncRuntime>) {
+/// then the flush thread. Returns the writes to carry into the next round.
+fn write_round(
+    inner: &Inner,
+    msgs: Vec<WriterMsg>,
+    mut sync: Option<&mut SyncRuntime>,
+) -> Vec<WriteReq> {
     let mut round = Round::new(inner);
     let mut results = Vec::with_capacity(msgs.len());
     // Whether a write that succeeded waits for the flush.
@@ -113,8 +133,19 @@ fn write_round(inner: &Inner, msgs: Vec<WriterMsg>, mut sync: Option<&mut SyncRu
     // sequence. (Any sync the core starts sends what the doc holds, so a
     // merge handled before the store call could carry this round's changes.)
     let mut local: Vec<Input> = Vec::new();
+    let mut carry = Vec::new();
     for req in reqs {
         if round.is_poisoned(&req.id) {
+            // Remote input (or an earlier write) left the doc suspect; it is
+            // reloaded when this round ends. The write waits for the next
+            // round rather than fail, a few times: a peer that sends a bad
+            // change every round must not keep a local write waiting.
+            if req.carried < MAX_CARRIED {
+                let mut req = req;
+                req.carried += 1;
+                carry.push(req);
+                continue;
+            }
             let e = DocError::Internal(format!(
                 "doc {:?} failed earlier in this write round; retry",
                 req.id.as_str()
@@ -242,7 +273,7 @@ fn write_round(inner: &Inner, msgs: Vec<WriterMsg>, mut sync: Option<&mut SyncRu
         for (reply, result) in results {
             let _ = reply.send(result.and(Err(DocError::Store(StoreError::Write(msg.clone())))));
         }
-        return;
+        return carry;
     }
     inner.live_docs.fetch_add(live_delta, Ordering::Relaxed);
     let mut acks: Vec<Ack> = Vec::with_capacity(results.len() + 1);
@@ -291,6 +322,7 @@ fn write_round(inner: &Inner, msgs: Vec<WriterMsg>, mut sync: Option<&mut SyncRu
     if !acks.is_empty() || !touched.is_empty() {
         inner.commit.submit_blocking(acks, durable);
     }
+    carry
 }
 
 /// A [`Message::Have`](crate::sync::Message::Have) for each (peer, doc)

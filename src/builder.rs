@@ -203,7 +203,7 @@ impl NodeBuilder {
                     commit.stats().duration.clone(),
                 ),
             ],
-            queues,
+            queues.clone(),
         );
         let inner = Arc::new(NodeInner {
             metrics,
@@ -274,8 +274,10 @@ impl NodeBuilder {
             let net = crate::net::spawn(
                 key,
                 cfg,
-                node.inner.docs.clone(),
+                node.inner.docs.inbox(),
                 outputs,
+                &mut node.inner.metrics.registry(),
+                &queues,
                 node.inner.cancel.clone(),
                 &node.inner.tasks,
             )?;

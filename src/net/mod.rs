@@ -280,3 +280,33 @@ pub fn spawn(
         commands,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn shutdown_is_acknowledged_once_the_loop_has_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = crate::config::Config::default();
+        config.node.data_dir = dir.path().to_path_buf();
+        config.net.listen = vec!["/ip4/127.0.0.1/tcp/0".into()];
+        config.net.mdns = false;
+        let node = crate::Node::builder()
+            .config(config)
+            .network(true)
+            .start()
+            .await
+            .unwrap();
+        let net = node.inner.net.lock().unwrap().clone().unwrap();
+        assert!(!net.commands.is_closed(), "the loop runs");
+        tokio::time::timeout(Duration::from_secs(10), net.shutdown())
+            .await
+            .expect("acknowledged");
+        assert!(net.commands.is_closed(), "the loop has stopped");
+        tokio::time::timeout(Duration::from_secs(1), net.shutdown())
+            .await
+            .expect("a second shutdown returns at once");
+        node.shutdown().await.unwrap();
+    }
+}

@@ -264,6 +264,7 @@ impl NodeBuilder {
                 max_redial_backoff: Duration::from_millis(net.max_redial_backoff_ms),
                 max_strikes: net.max_strikes,
                 ban: Duration::from_millis(net.ban_ms),
+                max_known_peers: net.max_known_peers,
             };
             if cfg.key.is_none() && cfg.allow.is_empty() {
                 tracing::warn!(

@@ -123,6 +123,8 @@ pub struct NetConfig {
     pub max_strikes: u64,
     /// How long a ban lasts.
     pub ban: Duration,
+    /// Most disconnected peers kept in the peer table (static peers aside).
+    pub max_known_peers: usize,
 }
 
 /// Parses a network key: 64 hex digits (what `mergeflow keygen` prints).
@@ -248,7 +250,7 @@ pub fn spawn(
     .map_err(NetError::Transport)?;
     let online = watch::Sender::new(true);
     let (commands, command_rx) = queues.channel("net_commands", COMMAND_QUEUE);
-    let state = Arc::new(Mutex::new(NetState::default()));
+    let state = Arc::new(Mutex::new(NetState::with_limit(cfg.max_known_peers)));
     let admission = admission::Admission::new(
         cfg.allow.iter().copied(),
         *online.borrow(),

@@ -4,8 +4,8 @@
 //! the API reads (`/v1/peers`, `/v1/status`, `/metrics`).
 //!
 //! The table is bounded: it keeps every connected peer and every static peer
-//! (`net.peers`), and at most [`MAX_KNOWN_PEERS`] others, dropping the
-//! longest gone first.
+//! (`net.peers`), and at most `net.max_known_peers` others (by default
+//! [`MAX_KNOWN_PEERS`]), dropping the longest gone first.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -14,7 +14,8 @@ use serde::Serialize;
 
 use crate::sync::Message;
 
-/// Most disconnected peers (static peers aside) kept in the peer table; past
+/// The default of `net.max_known_peers`: most disconnected peers (static
+/// peers aside) kept in the peer table; past
 /// it, the peers gone longest are forgotten (a forgotten peer that comes back
 /// starts a new entry: its strikes and traffic start from zero).
 pub const MAX_KNOWN_PEERS: usize = 1024;
@@ -80,7 +81,7 @@ pub struct NetState {
     /// Our listen addresses with `/p2p/<peer id>`.
     pub listen_addrs: Vec<String>,
     /// Known peers: the connected and static ones, and at most
-    /// [`MAX_KNOWN_PEERS`] others.
+    /// `net.max_known_peers` others.
     pub peers: HashMap<PeerId, PeerInfo>,
     /// Messages sent, by kind ([`Message::kind`]): one per recipient, and
     /// one per gossipsub publish.

@@ -204,7 +204,7 @@ impl NodeBuilder {
                     commit.stats().duration.clone(),
                 ),
             ],
-            queues,
+            queues.clone(),
         );
         let inner = Arc::new(NodeInner {
             metrics,
@@ -265,6 +265,7 @@ impl NodeBuilder {
                 max_redial_backoff: Duration::from_millis(net.max_redial_backoff_ms),
                 max_strikes: net.max_strikes,
                 ban: Duration::from_millis(net.ban_ms),
+                max_known_peers: net.max_known_peers,
             };
             if cfg.key.is_none() && cfg.allow.is_empty() {
                 tracing::warn!(
@@ -275,8 +276,10 @@ impl NodeBuilder {
             let net = crate::net::spawn(
                 key,
                 cfg,
-                node.inner.docs.clone(),
+                node.inner.docs.inbox(),
                 outputs,
+                &mut node.inner.metrics.registry(),
+                &queues,
                 node.inner.cancel.clone(),
                 &node.inner.tasks,
             )?;

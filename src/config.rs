@@ -199,6 +199,9 @@ pub struct NetTable {
     /// How long a banned peer is refused, in milliseconds.
     #[serde(deserialize_with = "crate::duration::de_ms")]
     pub ban_ms: u64,
+    /// Most disconnected peers remembered in the peer table (`/v1/peers`),
+    /// static peers aside; past it, those gone longest are forgotten.
+    pub max_known_peers: usize,
     /// Largest sync message, in bytes.
     pub max_message_bytes: usize,
     /// Pre-shared network key, 64 hex digits (`mergeflow keygen`); empty means
@@ -313,6 +316,7 @@ impl Default for Config {
                 max_redial_backoff_ms: 5_000,
                 max_strikes: 10,
                 ban_ms: 300_000,
+                max_known_peers: crate::net::MAX_KNOWN_PEERS,
                 max_message_bytes: 16 << 20,
                 key: String::new(),
                 allow: vec![],
@@ -867,6 +871,9 @@ impl Config {
         if !(1_000..=86_400_000).contains(&self.net.ban_ms) {
             return invalid("net.ban_ms", "must be 1000 to 86400000");
         }
+        if !(1..=1_000_000).contains(&self.net.max_known_peers) {
+            return invalid("net.max_known_peers", "must be 1 to 1000000");
+        }
         if self.net.max_message_bytes < 1024 {
             return invalid("net.max_message_bytes", "must be at least 1024");
         }
@@ -1168,6 +1175,7 @@ mod tests {
             env(&[
                 ("MERGEFLOW_NET_PING_INTERVAL_MS", "1s"),
                 ("MERGEFLOW_NET_MAX_STREAMS_PER_PEER", "64"),
+                ("MERGEFLOW_NET_MAX_KNOWN_PEERS", "100"),
             ]),
             &Overrides::default(),
         )
@@ -1176,8 +1184,9 @@ mod tests {
             (c.net.ping_interval_ms, c.net.max_streams_per_peer),
             (1_000, 64)
         );
+        assert_eq!(c.net.max_known_peers, 100);
         type Set = fn(&mut Config);
-        let bad: [(&str, Set); 7] = [
+        let bad: [(&str, Set); 8] = [
             ("net.ping_interval_ms", |c| c.net.ping_interval_ms = 5_000), // > half the timeout
             ("net.request_timeout_ms", |c| c.net.request_timeout_ms = 10),
             ("net.idle_connection_timeout_ms", |c| {
@@ -1191,6 +1200,7 @@ mod tests {
             }),
             ("net.max_strikes", |c| c.net.max_strikes = 0),
             ("net.ban_ms", |c| c.net.ban_ms = 5),
+            ("net.max_known_peers", |c| c.net.max_known_peers = 0),
         ];
         for (key, set) in bad {
             let mut c = Config::default();

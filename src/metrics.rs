@@ -195,17 +195,14 @@ impl Metrics {
     }
 
     /// The OpenMetrics text of the registry, with `families` as the numbers
-    /// read at this scrape, then `extra` (a registry of its own, if any).
-    pub fn render(&self, families: Vec<Family>, extra: Option<&Registry>) -> String {
+    /// read at this scrape.
+    pub fn render(&self, families: Vec<Family>) -> String {
         let registry = self.registry();
         let mut scraped = self.scraped.lock().unwrap_or_else(|p| p.into_inner());
         *scraped = families;
         drop(scraped);
         let mut out = String::new();
         encode_registry(&mut out, &registry).expect("writing to a String does not fail");
-        if let Some(extra) = extra {
-            encode_registry(&mut out, extra).expect("writing to a String does not fail");
-        }
         encode_eof(&mut out).expect("writing to a String does not fail");
         out
     }
@@ -263,10 +260,12 @@ impl Queues {
             let tx = weak.upgrade()?;
             Some((tx.max_capacity() - tx.capacity(), tx.max_capacity()))
         });
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((name, probe));
+        let mut list = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        // Queues made and dropped over time (one per peer link) must not
+        // pile up between scrapes.
+        list.retain(|(_, probe)| probe().is_some());
+        list.push((name, probe));
+        drop(list);
         (tx, rx)
     }
 
@@ -319,16 +318,13 @@ mod tests {
         let m = Metrics::new(vec![("write_duration", "Writes", h)], queues.clone());
         let mut peers = Family::labelled_counter("peer_messages", "Messages");
         peers.push(vec![("peer", "p1".into())], Number::Int(3));
-        let text = m.render(
-            vec![
-                Family::gauge("docs", "Live documents", 7),
-                Family::counter("flushes", "Flushes", 2),
-                Family::gauge("store_size", "Size", 9).in_unit(Unit::Bytes),
-                peers,
-                Family::labelled_gauge("peer_connected", "Connected"),
-            ],
-            None,
-        );
+        let text = m.render(vec![
+            Family::gauge("docs", "Live documents", 7),
+            Family::counter("flushes", "Flushes", 2),
+            Family::gauge("store_size", "Size", 9).in_unit(Unit::Bytes),
+            peers,
+            Family::labelled_gauge("peer_connected", "Connected"),
+        ]);
         for line in [
             "mergeflow_docs 7",
             "mergeflow_flushes_total 2",

@@ -26,6 +26,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::frames::{put_frame, read_frame};
+use crate::metrics::Queues;
+
 /// The protocol of the long-lived frame stream.
 pub(super) const LINK_PROTOCOL: StreamProtocol = StreamProtocol::new("/mergeflow/frames/1");
 
@@ -72,6 +75,8 @@ pub(super) struct Links {
     /// they reconnect.
     no_link: HashSet<PeerId>,
     events: mpsc::Sender<LinkEvent>,
+    /// Where each link's queue is made (its depth shows in the metrics).
+    queues: Queues,
     cancel: CancellationToken,
     tasks: TaskTracker,
 }
@@ -84,13 +89,14 @@ impl Links {
     pub(super) fn start(
         mut control: libp2p_stream::Control,
         max: usize,
+        queues: &Queues,
         cancel: CancellationToken,
         tasks: TaskTracker,
     ) -> Result<(Links, mpsc::Receiver<LinkEvent>), String> {
         let incoming = control
             .accept(LINK_PROTOCOL)
             .map_err(|e| format!("cannot accept {LINK_PROTOCOL}: {e}"))?;
-        let (events, rx) = mpsc::channel(INBOUND_QUEUE);
+        let (events, rx) = queues.channel("net_link_in", INBOUND_QUEUE);
         tasks.spawn(accept(
             incoming,
             max,
@@ -104,6 +110,7 @@ impl Links {
             next_link: 0,
             no_link: HashSet::new(),
             events,
+            queues: queues.clone(),
             cancel,
             tasks,
         };
@@ -117,7 +124,7 @@ impl Links {
             return Some(frame);
         }
         let (_, tx) = self.out.entry(peer).or_insert_with(|| {
-            let (tx, rx) = mpsc::channel(LINK_QUEUE);
+            let (tx, rx) = self.queues.channel("net_link_out", LINK_QUEUE);
             self.next_link += 1;
             self.tasks.spawn(write_stream(
                 self.control.clone(),
@@ -192,7 +199,7 @@ async fn write_stream(
             },
         };
         buf.clear();
-        super::put_frame(&mut buf, &frame.0);
+        put_frame(&mut buf, &frame.0);
         let written = tokio::select! {
             // A peer that stops reading must not hold up shutdown.
             _ = cancel.cancelled() => return,
@@ -287,7 +294,7 @@ async fn read_stream(
     loop {
         let read = tokio::select! {
             _ = cancel.cancelled() => break,
-            r = super::read_frame(&mut stream, max) => r,
+            r = read_frame(&mut stream, max) => r,
         };
         let event = match read {
             Ok(frame) => LinkEvent::Frame(peer, frame),

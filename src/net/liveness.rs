@@ -26,6 +26,11 @@ impl Liveness {
         }
     }
 
+    /// How long a peer may stay silent.
+    pub(super) fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// `peer` said something (or just connected).
     pub(super) fn heard(&mut self, peer: PeerId, now: Instant) {
         self.heard.insert(peer, now);

@@ -142,24 +142,20 @@ impl Node {
         let status = self.status().await;
         let (sync, peers) = (self.inner.docs.sync_stats(), self.peers());
         let net = self.inner.net.lock().expect("not poisoned").clone();
-        let (counts, libp2p) = match &net {
-            Some(net) => {
-                let st = net.state.lock().expect("not poisoned");
-                let counts = crate::status::NetCounts {
-                    sent: st.sent.clone(),
-                    received: st.received.clone(),
-                };
-                (Some(counts), Some(net.metrics.clone()))
+        let counts = net.as_ref().map(|net| {
+            let st = net.state.lock().expect("not poisoned");
+            crate::status::NetCounts {
+                sent: st.sent.clone(),
+                received: st.received.clone(),
             }
-            None => (None, None),
-        };
+        });
         let families = crate::status::families(&crate::status::Scrape {
             status: &status,
             sync: sync.as_ref(),
             peers: &peers,
             net: counts.as_ref(),
         });
-        self.inner.metrics.render(families, libp2p.as_deref())
+        self.inner.metrics.render(families)
     }
 
     /// Known peers (empty without network).
@@ -329,9 +325,18 @@ impl Node {
     /// # Errors
     /// A failed final flush.
     pub async fn shutdown(&self) -> Result<(), Error> {
+        let timeout = Duration::from_millis(self.inner.config.perf.shutdown_timeout_ms);
+        let net = self.inner.net.lock().expect("not poisoned").clone();
+        if let Some(net) = net
+            && tokio::time::timeout(timeout, net.shutdown()).await.is_err()
+        {
+            tracing::warn!(
+                ?timeout,
+                "the network did not stop before the shutdown timeout"
+            );
+        }
         self.inner.cancel.cancel();
         self.inner.tasks.close();
-        let timeout = Duration::from_millis(self.inner.config.perf.shutdown_timeout_ms);
         if tokio::time::timeout(timeout, self.inner.tasks.wait())
             .await
             .is_err()

@@ -19,7 +19,7 @@ use super::state::{
 use super::writer::WriterMsg;
 use crate::doc::cache::{DocCache, Loaded, lock_slot};
 use crate::doc::{DocError, DocId};
-use crate::sync::{Core, Input, Output, SyncConfig};
+use crate::sync::{Core, Output, SyncConfig};
 
 /// The document service. Cheap to clone.
 #[derive(Clone)]
@@ -288,20 +288,6 @@ impl Docs {
             .collect())
     }
 
-    /// Hands input to the sync core. Remote input must not wait behind a full
-    /// queue (it would stall the network loop), so it is dropped instead, and
-    /// anti-entropy repairs what that loses. Returns `false` if it was dropped
-    /// (queue full or node stopping).
-    pub fn sync_input(&self, input: Input) -> bool {
-        self.sync_inputs(vec![input])
-    }
-
-    /// Queues several inputs for the sync core as one writer message (so a
-    /// frame of many messages takes one queue slot); false if the queue is full.
-    pub fn sync_inputs(&self, inputs: Vec<Input>) -> bool {
-        self.writer.try_send(WriterMsg::Sync(inputs)).is_ok()
-    }
-
     /// Sync progress per connected peer (refreshed every tick).
     pub fn sync_view(&self) -> std::collections::BTreeMap<String, PeerSyncView> {
         self.inner
@@ -357,13 +343,6 @@ impl Docs {
                 .into_iter()
                 .collect()),
         }
-    }
-
-    /// Records a peer's [`Message::Have`](crate::sync::Message::Have): it
-    /// stores `doc` at `heads`. The network task calls this directly, so
-    /// confirmations never queue behind writes.
-    pub fn confirm_held(&self, peer: &str, doc: &str, heads: Vec<ChangeHash>) {
-        super::host::confirm(&self.inner, peer, doc, heads);
     }
 
     /// What each peer last confirmed it stores of `id` (since it connected).

@@ -1,0 +1,257 @@
+//! Validation: ranges and cross-key rules, and the document service view.
+
+use super::error::ConfigError;
+use super::sections::Config;
+use crate::runtime::DocsConfig;
+
+impl Config {
+    /// Checks ranges and cross-key rules.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                message: message.to_string(),
+            })
+        };
+        if self.store.cache_docs == 0 {
+            return invalid("store.cache_docs", "must be at least 1");
+        }
+        if self.store.compact_after_changes == 0 {
+            return invalid("store.compact_after_changes", "must be at least 1");
+        }
+        if self.store.remote_flush_ms > 60_000 {
+            return invalid(
+                "store.remote_flush_ms",
+                "must be at most 60000 (one minute)",
+            );
+        }
+        if self.workflow.max_depth == 0 {
+            return invalid("workflow.max_depth", "must be at least 1");
+        }
+        if self.workflow.concurrency == 0 {
+            return invalid("workflow.concurrency", "must be at least 1");
+        }
+        if self.workflow.remote_delay_ms > 60_000 {
+            return invalid(
+                "workflow.remote_delay_ms",
+                "must be at most 60000 (one minute)",
+            );
+        }
+        if let Some(k) = self
+            .node
+            .labels
+            .keys()
+            .find(|k| k.is_empty() || k.len() > 64)
+        {
+            return invalid(
+                "node.labels",
+                &format!("label name {k:?}: 1 to 64 characters"),
+            );
+        }
+        if self.doc.max_change_bytes == 0 {
+            return invalid("doc.max_change_bytes", "must be at least 1");
+        }
+        if !(1..=crate::doc::MAX_READ_DEPTH).contains(&self.doc.max_depth) {
+            return invalid(
+                "doc.max_depth",
+                &format!("must be between 1 and {}", crate::doc::MAX_READ_DEPTH),
+            );
+        }
+        if self.doc.max_doc_bytes < self.doc.max_change_bytes {
+            return invalid("doc.max_doc_bytes", "must be at least doc.max_change_bytes");
+        }
+        if self.api.max_body_bytes < 1024 {
+            return invalid("api.max_body_bytes", "must be at least 1024");
+        }
+        if self.api.token.is_empty() && !self.api.listen.ip().is_loopback() {
+            return invalid(
+                "api.token",
+                &format!(
+                    "api.listen {} is reachable from other machines: set api.token \
+                     (or MERGEFLOW_API_TOKEN) so that only clients that send it can use \
+                     the API, or listen on 127.0.0.1",
+                    self.api.listen
+                ),
+            );
+        }
+        if !self.api.token.is_empty() && self.api.token.chars().count() < 16 {
+            return invalid("api.token", "must be at least 16 characters");
+        }
+        if self.api.token.trim() != self.api.token {
+            // HTTP drops a header value's surrounding whitespace: such a
+            // token could never match.
+            return invalid(
+                "api.token",
+                "must not begin or end with whitespace (HTTP strips it from the \
+                 Authorization header, so no client could send this token)",
+            );
+        }
+        if let Some(c) = self
+            .api
+            .token
+            .chars()
+            .find(|c| !(c.is_ascii_graphic() || *c == ' '))
+        {
+            return invalid(
+                "api.token",
+                &format!(
+                    "must be printable ASCII (an HTTP header cannot carry it otherwise); \
+                     it holds '{}'",
+                    c.escape_default()
+                ),
+            );
+        }
+        if let Some(Err(e)) = self
+            .api
+            .allow_origins
+            .iter()
+            .filter(|o| *o != "*")
+            .map(|o| crate::origin::normalise_origin(o))
+            .find(Result::is_err)
+        {
+            return invalid(
+                "api.allow_origins",
+                &format!("{e} (example: \"http://localhost:5173\", or \"*\")"),
+            );
+        }
+        if self.api.allow_origins.iter().any(|o| o == "*") && self.api.token.is_empty() {
+            return invalid(
+                "api.allow_origins",
+                "\"*\" lets every web page the user visits read and write this node; \
+                 set api.token too (pages do not have it), or list the origins you mean",
+            );
+        }
+        if let Some(Err(e)) = self
+            .api
+            .allow_hosts
+            .iter()
+            .map(|h| crate::origin::parse_allowed_host(h))
+            .find(Result::is_err)
+        {
+            return invalid(
+                "api.allow_hosts",
+                &format!("{e} (example: \"nas.local\" or \"nas.local:7700\")"),
+            );
+        }
+        if self.api.max_connections == 0 {
+            return invalid("api.max_connections", "must be at least 1");
+        }
+        for (key, ms) in [
+            ("api.header_timeout_ms", self.api.header_timeout_ms),
+            ("api.idle_timeout_ms", self.api.idle_timeout_ms),
+        ] {
+            if ms == 0 || ms > 86_400_000 {
+                return invalid(key, "must be 1 to 86400000 (one day)");
+            }
+        }
+        if self.perf.flush_queue == 0 {
+            return invalid("perf.flush_queue", "must be at least 1");
+        }
+        if self.perf.write_queue == 0 {
+            return invalid("perf.write_queue", "must be at least 1");
+        }
+        if self.perf.sync_queue == 0 {
+            return invalid("perf.sync_queue", "must be at least 1");
+        }
+        if self.perf.write_batch == 0 {
+            return invalid("perf.write_batch", "must be at least 1");
+        }
+        for (key, addrs) in [
+            ("net.listen", &self.net.listen),
+            ("net.peers", &self.net.peers),
+        ] {
+            if let Err(e) = crate::net::parse_addrs(key, addrs) {
+                return invalid(key, &e.to_string());
+            }
+        }
+        if !self.net.key.is_empty()
+            && let Err(e) = crate::net::parse_key(&self.net.key)
+        {
+            return invalid("net.key", &e);
+        }
+        if let Err(e) = crate::net::parse_peer_ids(&self.net.allow) {
+            return invalid("net.allow", &e);
+        }
+        if self.net.anti_entropy_ms == 0 {
+            return invalid("net.anti_entropy_ms", "must be at least 1");
+        }
+        if !(2_000..=600_000).contains(&self.net.peer_timeout_ms) {
+            return invalid("net.peer_timeout_ms", "must be 2000 to 600000");
+        }
+        if !(100..=60_000).contains(&self.net.ping_interval_ms)
+            || self.net.ping_interval_ms * 2 > self.net.peer_timeout_ms
+        {
+            return invalid(
+                "net.ping_interval_ms",
+                "must be 100 to 60000 and at most half of net.peer_timeout_ms",
+            );
+        }
+        if !(1_000..=600_000).contains(&self.net.request_timeout_ms) {
+            return invalid("net.request_timeout_ms", "must be 1000 to 600000");
+        }
+        if !(1_000..=86_400_000).contains(&self.net.idle_connection_timeout_ms) {
+            return invalid("net.idle_connection_timeout_ms", "must be 1000 to 86400000");
+        }
+        if !(1..=480).contains(&self.net.max_streams_per_peer) {
+            return invalid(
+                "net.max_streams_per_peer",
+                "must be 1 to 480 (yamux allows 512)",
+            );
+        }
+        if !(250..=3_600_000).contains(&self.net.max_redial_backoff_ms) {
+            return invalid("net.max_redial_backoff_ms", "must be 250 to 3600000");
+        }
+        if !(1..=1_000_000).contains(&self.net.max_strikes) {
+            return invalid("net.max_strikes", "must be 1 to 1000000");
+        }
+        if !(1_000..=86_400_000).contains(&self.net.ban_ms) {
+            return invalid("net.ban_ms", "must be 1000 to 86400000");
+        }
+        if !(1..=1_000_000).contains(&self.net.max_known_peers) {
+            return invalid("net.max_known_peers", "must be 1 to 1000000");
+        }
+        if self.net.max_message_bytes < 1024 {
+            return invalid("net.max_message_bytes", "must be at least 1024");
+        }
+        if self.net.max_connections == 0 {
+            return invalid("net.max_connections", "must be at least 1");
+        }
+        if !self.net.key.is_empty() && self.net.listen.iter().any(|a| a.contains("/quic")) {
+            return invalid(
+                "net.listen",
+                "QUIC cannot carry the network key (libp2p's pnet works over TCP only): \
+                 remove the /quic-v1 listen address or net.key",
+            );
+        }
+        if self.node.data_dir.as_os_str().is_empty() {
+            return invalid("node.data_dir", "must not be empty");
+        }
+        #[cfg(feature = "cli")]
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return invalid(
+                "log.level",
+                &format!("{:?} is not a filter: {e}", self.log.level),
+            );
+        }
+        Ok(())
+    }
+
+    /// The document service settings.
+    pub fn docs(&self) -> DocsConfig {
+        DocsConfig {
+            strings: self.doc.strings,
+            max_change_bytes: self.doc.max_change_bytes,
+            max_doc_bytes: self.doc.max_doc_bytes,
+            max_depth: self.doc.max_depth,
+            compact_after_changes: self.store.compact_after_changes,
+            cache_docs: self.store.cache_docs,
+            cache_doc_bytes: self.store.cache_doc_bytes,
+            write_queue: self.perf.write_queue,
+            write_batch: self.perf.write_batch,
+            priority: self.node.priority,
+        }
+    }
+}

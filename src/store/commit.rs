@@ -244,6 +244,17 @@ fn flush_loop(
     }
 }
 
+/// What the flush thread reports to an ack when its flush failed.
+impl From<Arc<str>> for StoreError {
+    fn from(msg: Arc<str>) -> Self {
+        if &*msg == CLOSED {
+            StoreError::Closed
+        } else {
+            StoreError::Flush(msg.to_string())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

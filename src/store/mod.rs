@@ -41,264 +41,29 @@ pub use commit::{Ack, FlushStats, GroupCommit};
 pub use format::{SCHEMA_VERSION, Stage, check_format};
 pub use seal::seal;
 
+mod batch;
+mod error;
+mod keys;
+mod records;
 mod runs;
 
+pub use batch::WriteBatch;
+pub use error::StoreError;
+pub use records::{ActorRecord, DocData, DocMeta};
+
 use std::collections::HashSet;
-use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use batch::BatchOp;
+use error::sled_err;
+use keys::{
+    META_BOOTS, META_IDENTITY, META_SCHEMA, change_key, decode_u64, meta_key, snapshot_key,
+    sync_state_key,
+};
+
 use automerge::ActorId;
 use libp2p::identity::Keypair;
-use serde::{Deserialize, Serialize};
-
-/// Errors from the store.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// sled reported an I/O or corruption error.
-    #[error("store error in {path}: {source}")]
-    Sled {
-        /// The database directory.
-        path: PathBuf,
-        /// What sled said.
-        #[source]
-        source: sled::Error,
-    },
-    /// A file or record is not what mergeflow wrote.
-    #[error("data dir {path} is corrupt: {what}")]
-    Corrupt {
-        /// The data dir or file.
-        path: PathBuf,
-        /// What was wrong.
-        what: String,
-    },
-    /// The data dir was written by another version of mergeflow.
-    #[error(
-        "data dir {path} has schema version {found}, this mergeflow reads version {expected}; \
-         refusing to open it (nothing was changed)"
-    )]
-    SchemaVersion {
-        /// The data dir.
-        path: PathBuf,
-        /// The version found on disk.
-        found: String,
-        /// The version this build understands.
-        expected: u32,
-    },
-    /// A file-system error outside sled.
-    #[error("{what} {path}: {source}")]
-    Io {
-        /// What we were doing.
-        what: &'static str,
-        /// The path involved.
-        path: PathBuf,
-        /// The I/O error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// Another process has the data dir open.
-    #[error("data dir {0} is in use by another process (is another mergeflow node running on it?)")]
-    InUse(PathBuf),
-    /// Applying a batch failed part-way: some of its writes may be stored
-    /// (each doc at a state it passed through), so a failed write's outcome
-    /// is unknown; re-read before retrying an op that is not idempotent.
-    #[error("store write failed (the write may or may not be stored): {0}")]
-    Write(String),
-    /// A flush failed (disk full, I/O error). The write was not acknowledged; it
-    /// is in memory and may still reach the disk with a later flush.
-    #[error("store flush failed: {0}; the write was not acknowledged and may or may not be stored")]
-    Flush(String),
-    /// The flush thread is gone (the node is shutting down).
-    #[error("the store is closed")]
-    Closed,
-}
-
-/// What the flush thread reports to an ack when its flush failed.
-impl From<Arc<str>> for StoreError {
-    fn from(msg: Arc<str>) -> Self {
-        if &*msg == commit::CLOSED {
-            StoreError::Closed
-        } else {
-            StoreError::Flush(msg.to_string())
-        }
-    }
-}
-
-/// Per-document bookkeeping kept beside the data, used for listing without loading
-/// documents.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct DocMeta {
-    /// Current heads (hex change hashes).
-    pub heads: Vec<String>,
-    /// Bytes stored for the doc: snapshot plus tail of changes.
-    pub size_bytes: u64,
-    /// Bytes of the snapshot alone (0 in metas written before it was kept).
-    #[serde(default)]
-    pub snapshot_bytes: u64,
-    /// Number of changes in the tail (not yet compacted into the snapshot).
-    pub tail_changes: u64,
-    /// Sequence number the next appended change gets.
-    pub next_seq: u64,
-    /// Unix milliseconds of creation.
-    pub created_at_ms: u64,
-    /// Unix milliseconds of the last change.
-    pub updated_at_ms: u64,
-    /// Set when the doc was deleted: a tombstone. Data is gone, the meta stays.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub deleted_at_ms: Option<u64>,
-}
-
-impl DocMeta {
-    /// The meta of a doc that is being created at `now_ms`: no changes yet.
-    pub fn new(now_ms: u64) -> DocMeta {
-        DocMeta {
-            heads: vec![],
-            size_bytes: 0,
-            snapshot_bytes: 0,
-            tail_changes: 0,
-            next_seq: 0,
-            created_at_ms: now_ms,
-            updated_at_ms: now_ms,
-            deleted_at_ms: None,
-        }
-    }
-}
-
-/// What the store remembers about one boot's Automerge actor id.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct ActorRecord {
-    /// The libp2p peer id of the node that wrote with this actor.
-    pub peer_id: String,
-    /// Boot number of that node (1 for the first boot).
-    pub boot: u64,
-    /// Unix milliseconds when the boot started.
-    pub started_at_ms: u64,
-}
-
-/// A document's stored data: the snapshot (if any) and the tail of changes after it.
-#[derive(Debug, Default)]
-pub struct DocData {
-    /// Compacted Automerge save, empty if the doc was never compacted.
-    pub snapshot: Vec<u8>,
-    /// Raw changes appended after the snapshot, in append order.
-    pub changes: Vec<Vec<u8>>,
-}
-
-/// Document writes to apply together with [`Store::apply`].
-///
-/// A document's change tail is always the contiguous sequence range
-/// `next_seq - tail_changes .. next_seq`, and only that range is read
-/// ([`Store::doc_data`]), so compaction and deletion name the keys to remove
-/// without reading the tree, and a removal also cancels an insert of the same
-/// key earlier in the batch.
-///
-/// # Crash safety without a sled batch per round
-///
-/// An appended change is two plain inserts: the change under `next_seq`, then
-/// the meta that counts it (several changes of one doc appended together are
-/// one atomic batch instead, since their meta names the heads after all).
-/// sled recovers a prefix of its log, so after a crash a doc has either both
-/// (the change is there) or at most the change without the meta: a key at the old `next_seq` that nothing reads and the
-/// next append overwrites. Compaction and deletion, which replace several keys
-/// at once, are atomic sled batches. (sled's `apply_batch` writes and syncs
-/// its log buffer twice on every call, flush or not, through its I/O thread
-/// pool; for a small append that was most of the CPU a receiving node spent.)
-#[derive(Default)]
-pub struct WriteBatch {
-    ops: Vec<BatchOp>,
-    keys: usize,
-}
-
-enum BatchOp {
-    /// Insert the change, then the meta.
-    Append {
-        change: (Vec<u8>, Vec<u8>),
-        meta: (Vec<u8>, Vec<u8>),
-    },
-    /// Applied as one sled batch.
-    Atomic(sled::Batch),
-}
-
-impl WriteBatch {
-    /// Appends change `seq` of doc `id` and its new meta.
-    pub fn append_change(&mut self, id: &str, seq: u64, change: &[u8], meta: &DocMeta) {
-        self.append_changes(id, seq, &[change], meta);
-    }
-
-    /// Appends `changes` to doc `id` as sequence numbers `first..` and its
-    /// meta after all of them. One change is two plain inserts (see above);
-    /// several are one atomic batch, because the meta's heads are those
-    /// after the last: a meta that counted only some of them would name
-    /// heads its tail cannot produce.
-    pub fn append_changes(&mut self, id: &str, first: u64, changes: &[&[u8]], meta: &DocMeta) {
-        match changes {
-            [] => {}
-            [change] => {
-                self.ops.push(BatchOp::Append {
-                    change: (change_key(id, first), change.to_vec()),
-                    meta: (meta_key(id), encode_meta(meta)),
-                });
-                self.keys += 2;
-            }
-            _ => {
-                let b = self.atomic();
-                for (seq, change) in (first..).zip(changes) {
-                    b.insert(change_key(id, seq), *change);
-                }
-                b.insert(meta_key(id), encode_meta(meta));
-                self.keys += changes.len() + 1;
-            }
-        }
-    }
-
-    /// An atomic batch at the end of the ops, to add to.
-    fn atomic(&mut self) -> &mut sled::Batch {
-        if !matches!(self.ops.last(), Some(BatchOp::Atomic(_))) {
-            self.ops.push(BatchOp::Atomic(sled::Batch::default()));
-        }
-        match self.ops.last_mut() {
-            Some(BatchOp::Atomic(b)) => b,
-            _ => unreachable!("an atomic batch was just pushed"),
-        }
-    }
-
-    /// Replaces doc `id`'s snapshot (which must include every change in `tail`)
-    /// and removes the changes in `tail`, atomically.
-    pub fn compact(&mut self, id: &str, snapshot: &[u8], meta: &DocMeta, tail: Range<u64>) {
-        let n = tail.end - tail.start;
-        let b = self.atomic();
-        for seq in tail {
-            b.remove(change_key(id, seq));
-        }
-        b.insert(snapshot_key(id), snapshot);
-        b.insert(meta_key(id), encode_meta(meta));
-        self.keys += n as usize + 2;
-    }
-
-    /// Removes doc `id`'s snapshot and the changes in `tail` (and a change left
-    /// at `tail.end` by a crash during an append), leaving `meta` (with
-    /// `deleted_at_ms` set) as its tombstone, atomically.
-    pub fn tombstone(&mut self, id: &str, meta: &DocMeta, tail: Range<u64>) {
-        let n = tail.end - tail.start + 1;
-        let b = self.atomic();
-        for seq in tail.start..=tail.end {
-            b.remove(change_key(id, seq));
-        }
-        b.remove(snapshot_key(id));
-        b.insert(meta_key(id), encode_meta(meta));
-        self.keys += n as usize + 2;
-    }
-
-    /// True if nothing was added.
-    pub fn is_empty(&self) -> bool {
-        self.keys == 0
-    }
-
-    /// Number of keys inserted or removed so far.
-    pub fn len(&self) -> usize {
-        self.keys
-    }
-}
 
 /// The sled database of one node.
 #[derive(Clone)]
@@ -326,10 +91,6 @@ pub struct Store {
 /// can find the lock still held for a few milliseconds, longer on a loaded
 /// machine. A second node on the same dir still gets [`StoreError::InUse`].
 const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
-
-const META_SCHEMA: &[u8] = b"schema_version";
-const META_IDENTITY: &[u8] = b"identity";
-const META_BOOTS: &[u8] = b"boots";
 
 impl Store {
     /// Opens (or creates) the store in `data_dir`.
@@ -836,68 +597,9 @@ fn remove_unfinished_snapshots(db_path: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn sled_err(path: &Path, e: sled::Error) -> StoreError {
-    match e {
-        sled::Error::Corruption { .. } => StoreError::Corrupt {
-            path: path.to_path_buf(),
-            what: e.to_string(),
-        },
-        e => StoreError::Sled {
-            path: path.to_path_buf(),
-            source: e,
-        },
-    }
-}
-
-fn encode_meta(meta: &DocMeta) -> Vec<u8> {
-    serde_json::to_vec(meta).expect("DocMeta serializes")
-}
-
-fn decode_u64(b: &[u8]) -> Option<u64> {
-    Some(u64::from_be_bytes(b.try_into().ok()?))
-}
-
-fn meta_key(id: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(id.len() + 1);
-    k.push(b'm');
-    k.extend_from_slice(id.as_bytes());
-    k
-}
-
-fn snapshot_key(id: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(id.len() + 2);
-    k.push(b's');
-    k.extend_from_slice(id.as_bytes());
-    k.push(0);
-    k
-}
-
-fn change_prefix(id: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(id.len() + 10);
-    k.push(b'c');
-    k.extend_from_slice(id.as_bytes());
-    k.push(0);
-    k
-}
-
-/// Key of the sync state we share with `peer` for doc `id`.
-fn sync_state_key(id: &str, peer: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(id.len() + peer.len() + 2);
-    k.push(b'p');
-    k.extend_from_slice(id.as_bytes());
-    k.push(0);
-    k.extend_from_slice(peer.as_bytes());
-    k
-}
-
-fn change_key(id: &str, seq: u64) -> Vec<u8> {
-    let mut k = change_prefix(id);
-    k.extend_from_slice(&seq.to_be_bytes());
-    k
-}
-
 #[cfg(test)]
 mod tests {
+    use super::keys::change_prefix;
     use super::*;
 
     fn meta(next_seq: u64) -> DocMeta {

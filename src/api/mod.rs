@@ -10,7 +10,9 @@
 //! connection handling (limits, timeouts, shutdown) in `serve.rs`.
 
 mod backup;
+mod dashboard;
 mod error;
+mod extract;
 pub(crate) mod guard;
 pub mod history;
 pub(crate) mod serve;
@@ -31,7 +33,9 @@ use serde_json::Value as Json_;
 use crate::doc::{DocId, Op, Pointer};
 use crate::node::Node;
 use crate::runtime::Change;
+use dashboard::{dashboard, dashboard_off};
 use error::WrappedRejection;
+use extract::{ApiResult, body, doc_id, link_next, parse};
 
 /// Body of `POST /v1/docs`.
 #[derive(Debug, Serialize, Deserialize)]
@@ -197,8 +201,6 @@ async fn require_token(
     resp
 }
 
-type ApiResult<T> = Result<T, ApiError>;
-
 async fn healthz(State(node): State<Node>) -> Response {
     if let Some(e) = node.store_failure() {
         return ApiError::new(
@@ -220,63 +222,6 @@ async fn healthz(State(node): State<Node>) -> Response {
         )
         .into_response()
     }
-}
-
-/// The web dashboard: one page, embedded in the binary, that reads this
-/// node's API. Its content security policy lets it load nothing and connect
-/// nowhere else.
-async fn dashboard() -> Response {
-    (
-        [
-            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
-            (header::CONTENT_SECURITY_POLICY, DASHBOARD_CSP),
-            (header::CACHE_CONTROL, "no-cache"),
-        ],
-        include_str!("dashboard.html"),
-    )
-        .into_response()
-}
-
-/// The dashboard's content security policy: the page loads nothing and
-/// connects nowhere but this node.
-const DASHBOARD_CSP: &str = "default-src 'none'; script-src 'unsafe-inline'; \
-     style-src 'unsafe-inline'; connect-src 'self'; img-src 'self'; form-action 'none'; \
-     frame-ancestors 'none'";
-
-/// `/` with the dashboard off: 404 with a short page that says so and how
-/// to turn it on, rather than a bare `no_route` (a person reads this one).
-async fn dashboard_off(State(node): State<Node>) -> Response {
-    let (why, how) = if node.config().node.light {
-        (
-            "The dashboard is off in light mode (<code>node.light = true</code> or \
-             <code>--light</code>).",
-            "To turn it on, set <code>dashboard = true</code> under <code>[api]</code> in the \
-             config file (or <code>MERGEFLOW_API_DASHBOARD=true</code>) and restart the node: \
-             keys you set win over light mode's defaults.",
-        )
-    } else {
-        (
-            "The dashboard is off (<code>api.dashboard = false</code>).",
-            "To turn it on, set <code>dashboard = true</code> under <code>[api]</code> in the \
-             config file (or <code>MERGEFLOW_API_DASHBOARD=true</code>) and restart the node.",
-        )
-    };
-    let page = format!(
-        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
-         <title>mergeflow: dashboard off</title></head>\n<body>\n<h1>mergeflow</h1>\n\
-         <p>{why}</p>\n<p>{how}</p>\n<p>The HTTP API under <code>/v1</code> works as \
-         usual (<code>mergeflow status</code>).</p>\n</body></html>\n"
-    );
-    (
-        StatusCode::NOT_FOUND,
-        [
-            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
-            (header::CONTENT_SECURITY_POLICY, DASHBOARD_CSP),
-            (header::CACHE_CONTROL, "no-cache"),
-        ],
-        page,
-    )
-        .into_response()
 }
 
 async fn status(State(node): State<Node>) -> Json<crate::Status> {
@@ -357,23 +302,6 @@ async fn method_not_allowed() -> ApiError {
         "method_not_allowed",
         "method not allowed on this endpoint",
     )
-}
-
-fn doc_id(path: Result<Path<String>, PathRejection>) -> ApiResult<DocId> {
-    let Path(id) = path.map_err(|r| WrappedRejection(r, None))?;
-    Ok(DocId::new(id)?)
-}
-
-fn body(b: Result<Bytes, BytesRejection>) -> ApiResult<Bytes> {
-    b.map_err(|r| {
-        let msg = (r.status() == StatusCode::PAYLOAD_TOO_LARGE)
-            .then(|| "request body is larger than api.max_body_bytes".to_string());
-        WrappedRejection(r, msg).into()
-    })
-}
-
-fn parse<T: serde::de::DeserializeOwned>(b: &Bytes) -> ApiResult<T> {
-    serde_json::from_slice(b).map_err(ApiError::bad_json)
 }
 
 /// Query of the write endpoints: wait for replicas.
@@ -526,15 +454,6 @@ async fn list(
         link_next(&mut resp, "/v1/docs", &next);
     }
     Ok(resp)
-}
-
-/// Adds `Link: <path?query>; rel="next"` to a listing's response: where
-/// its next page is.
-pub(super) fn link_next(resp: &mut Response, path: &str, query: &impl Serialize) {
-    let qs = serde_urlencoded::to_string(query).expect("a query serializes");
-    if let Ok(v) = header::HeaderValue::from_str(&format!("<{path}?{qs}>; rel=\"next\"")) {
-        resp.headers_mut().insert(header::LINK, v);
-    }
 }
 
 async fn read(

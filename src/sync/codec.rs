@@ -198,7 +198,7 @@ pub fn decode(bytes: &[u8], cap: usize) -> Result<Message, DecodeError> {
             let change = r.bytes()?.to_vec();
             let ack = r.flag("change ack flag is not 0 or 1")?;
             let n = r.count(8)?;
-            if n > super::MAX_SEEN {
+            if n > super::types::MAX_SEEN {
                 return Err(DecodeError::Malformed("change lists too many peers"));
             }
             let seen = r.u64s(n)?;

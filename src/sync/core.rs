@@ -1,0 +1,442 @@
+//! [`Core`]: the state of the sync protocol on one node (peers, sessions,
+//! the digest, held changes) and `handle`, which takes one input and
+//! returns the outputs. What each message does is in `received.rs`; sync
+//! sessions and whole-doc pushes in `sessions.rs`.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use automerge::sync;
+use rand::RngExt;
+
+use super::digest::{Digest, DocState};
+use super::types::{
+    DocAccess, FastChange, Input, MAX_SEEN, Message, Output, PeerKey, Refusal, SyncConfig,
+    SyncStats,
+};
+
+pub(super) struct Session {
+    pub(super) state: sync::State,
+    pub(super) idle_rounds: u32,
+    pub(super) last_entry: Option<u64>,
+    pub(super) used_at: u64,
+}
+impl Session {
+    pub(super) fn new(now: u64) -> Session {
+        Session {
+            state: sync::State::new(),
+            idle_rounds: 0,
+            last_entry: None,
+            used_at: now,
+        }
+    }
+
+    /// A new session with `peer` on `doc`, from the sync state saved when
+    /// their last session ended in agreement, if the shell kept one.
+    pub(super) fn resumed<D: DocAccess>(now: u64, peer: &str, doc: &str, docs: &mut D) -> Session {
+        let mut s = Session::new(now);
+        if let Some(saved) = docs.saved_sync_state(peer, doc) {
+            s.state = saved;
+        }
+        s
+    }
+}
+pub(super) struct Peer {
+    /// Its [`peer_tag`], computed once: every change sent or relayed checks it.
+    pub(super) tag: u64,
+    pub(super) sessions: HashMap<String, Session>,
+    /// Docs anti-entropy found differing, waiting for a session slot.
+    pub(super) pending: std::collections::VecDeque<String>,
+    pub(super) pending_set: std::collections::HashSet<String>,
+    /// Pending docs the peer lacks entirely, too big to push in one message:
+    /// their session starts by sending every change.
+    pub(super) push: std::collections::HashSet<String>,
+    /// Docs the peer lacks, waiting to be pushed whole.
+    pub(super) to_push: std::collections::VecDeque<String>,
+    pub(super) to_push_set: std::collections::HashSet<String>,
+    pub(super) next_digest_at: u64,
+    /// We sent it our digest after its last one arrived: a matching digest
+    /// from it now may be its answer to ours, and is not answered again.
+    pub(super) digest_sent_last: bool,
+    pub(super) last_in_sync_at: Option<u64>,
+    /// Fast-path changes that arrived before their dependencies (frames can
+    /// overtake each other), per doc, with when the first was held. They are
+    /// retried with the doc's next changes from this peer; a doc still
+    /// missing dependencies after [`HOLD_MS`] is synced instead.
+    pub(super) held: HashMap<String, (u64, Vec<FastChange>)>,
+    /// Changes in `held`, for the cap.
+    pub(super) held_count: usize,
+    /// It had repair work open at the last tick (see [`CONFIRM_MS`]).
+    pub(super) busy: bool,
+}
+impl Peer {
+    pub(super) fn busy(&self) -> bool {
+        !self.sessions.is_empty()
+            || !self.pending.is_empty()
+            || !self.to_push.is_empty()
+            || self.held_count > 0
+    }
+}
+/// When the repair work with a peer is done (or the docs this node lacked
+/// have arrived), the next digest goes out within this many milliseconds
+/// instead of a whole anti-entropy period later: both sides learn soon that
+/// they agree (or what is still missing).
+pub const CONFIRM_MS: u64 = 1_000;
+/// How long out-of-order changes wait for their dependencies before the doc
+/// is synced with the sender.
+pub const HOLD_MS: u64 = 500;
+/// Most changes held per peer; past it the doc is synced at once.
+pub(super) const MAX_HELD: usize = 4096;
+/// Most docs counted as lacking (a bound on what a peer's buckets can make
+/// us remember).
+pub(super) const MAX_LACKING: usize = 1 << 20;
+/// The sync core of one node.
+pub struct Core {
+    pub(super) cfg: SyncConfig,
+    /// The [`peer_tag`] of `cfg.local`, if it is set.
+    pub(super) local_tag: Option<u64>,
+    pub(super) digest: Digest,
+    pub(super) peers: BTreeMap<PeerKey, Peer>,
+    pub(super) stats: SyncStats,
+    /// Pushes left in this tick (see `SyncConfig::max_pushes_per_tick`).
+    pub(super) push_budget: usize,
+    /// Docs a peer listed (in a bucket) that we do not hold yet: what a new
+    /// node still has to receive. Pruned every tick.
+    pub(super) lacking: HashSet<String>,
+}
+
+impl Core {
+    /// A core that knows `docs` in their current states.
+    pub fn new(cfg: SyncConfig, docs: impl IntoIterator<Item = (String, DocState)>) -> Core {
+        let cfg_pushes = cfg.max_pushes_per_tick;
+        let mut digest = Digest::new(cfg.buckets);
+        for (doc, state) in docs {
+            digest.set(&doc, &state);
+        }
+        Core {
+            local_tag: (!cfg.local.is_empty()).then(|| peer_tag(&cfg.local)),
+            cfg,
+            digest,
+            peers: BTreeMap::new(),
+            stats: SyncStats::default(),
+            push_budget: cfg_pushes,
+            lacking: HashSet::new(),
+        }
+    }
+
+    /// Rebuilds the digest from the docs' stored states, e.g. after a failed
+    /// store write left it claiming changes that were never stored; open
+    /// sessions restart from fresh states.
+    pub fn reset_digest(&mut self, docs: impl IntoIterator<Item = (String, DocState)>) {
+        let mut digest = Digest::new(self.cfg.buckets);
+        for (doc, state) in docs {
+            digest.set(&doc, &state);
+        }
+        self.digest = digest;
+        for p in self.peers.values_mut() {
+            p.sessions.clear();
+        }
+    }
+
+    /// The digest.
+    pub fn digest(&self) -> &Digest {
+        &self.digest
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &SyncStats {
+        &self.stats
+    }
+
+    /// Connected peers.
+    pub fn peers(&self) -> impl Iterator<Item = &PeerKey> {
+        self.peers.keys()
+    }
+
+    /// When a digest from `peer` last matched ours, if ever.
+    pub fn last_in_sync(&self, peer: &str) -> Option<u64> {
+        self.peers.get(peer).and_then(|p| p.last_in_sync_at)
+    }
+
+    /// Docs peers hold that we do not yet: they are on their way (pushed
+    /// whole by the peers that hold them).
+    pub fn lacking(&self) -> usize {
+        self.lacking.len()
+    }
+
+    /// Number of docs syncing with `peer`: open sessions plus docs waiting for one.
+    pub fn open_sessions(&self, peer: &str) -> usize {
+        self.peers
+            .get(peer)
+            .map_or(0, |p| p.sessions.len() + p.pending.len() + p.to_push.len())
+    }
+
+    /// Handles one input at time `now` (milliseconds on any monotonic clock).
+    pub fn handle<R: rand::Rng, D: DocAccess>(
+        &mut self,
+        now: u64,
+        rng: &mut R,
+        input: Input,
+        docs: &mut D,
+    ) -> Vec<Output> {
+        let mut out = Vec::new();
+        match input {
+            Input::PeerUp(peer) => {
+                let next = now + self.jittered(rng);
+                self.peers.insert(
+                    peer.clone(),
+                    Peer {
+                        tag: peer_tag(&peer),
+                        sessions: HashMap::new(),
+                        pending: Default::default(),
+                        pending_set: Default::default(),
+                        push: Default::default(),
+                        to_push: Default::default(),
+                        to_push_set: Default::default(),
+                        next_digest_at: next,
+                        digest_sent_last: true,
+                        last_in_sync_at: None,
+                        held: HashMap::new(),
+                        held_count: 0,
+                        busy: false,
+                    },
+                );
+                out.push(self.digest_to(peer));
+            }
+            Input::PeerDown(peer) => {
+                self.peers.remove(&peer);
+            }
+            Input::Tick => {
+                // A session that heard nothing for a while lost a message (or
+                // the peer finished without telling): start it over, in turn.
+                let stale_before = now.saturating_sub(self.cfg.session_timeout_ms);
+                for p in self.peers.values_mut() {
+                    let stale: Vec<String> = p
+                        .sessions
+                        .iter()
+                        .filter(|(_, s)| s.used_at < stale_before)
+                        .map(|(d, _)| d.clone())
+                        .collect();
+                    for doc in stale {
+                        p.sessions.remove(&doc);
+                        self.stats.sessions_reset += 1;
+                        if p.pending_set.insert(doc.clone()) {
+                            p.pending.push_back(doc);
+                        }
+                    }
+                }
+                let peers: Vec<PeerKey> = self.peers.keys().cloned().collect();
+                for peer in &peers {
+                    self.expire_held(now, peer, docs, &mut out);
+                    self.start_pending(now, peer, docs, &mut out);
+                }
+                self.push_budget = self.cfg.max_pushes_per_tick;
+                let lacked = !self.lacking.is_empty();
+                if lacked {
+                    let digest = &self.digest;
+                    self.lacking.retain(|doc| digest.entry(doc).is_none());
+                }
+                let arrived = lacked && self.lacking.is_empty();
+                for p in self.peers.values_mut() {
+                    let busy = p.busy();
+                    if (p.busy && !busy) || arrived {
+                        p.next_digest_at = p.next_digest_at.min(now + CONFIRM_MS);
+                    }
+                    p.busy = busy;
+                }
+                for peer in &peers {
+                    self.push_docs(now, peer, docs, &mut out);
+                }
+                let due: Vec<PeerKey> = self
+                    .peers
+                    .iter()
+                    .filter(|(_, p)| p.next_digest_at <= now)
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for peer in due {
+                    out.push(self.digest_now(now, rng, peer));
+                }
+            }
+            Input::DigestNow => {
+                let peers: Vec<PeerKey> = self.peers.keys().cloned().collect();
+                for peer in peers {
+                    out.push(self.digest_now(now, rng, peer));
+                }
+            }
+            Input::LocalChange {
+                doc,
+                changes,
+                state,
+                ack,
+            } => {
+                self.digest.set(&doc, &state);
+                if changes
+                    .iter()
+                    .all(|c| c.len() <= self.cfg.max_gossip_change_bytes)
+                {
+                    let mut seen: Vec<u64> = self.local_tag.into_iter().collect();
+                    add_tags(&mut seen, self.peers.values().map(|p| p.tag));
+                    let last = changes.len().saturating_sub(1);
+                    for (i, change) in changes.into_iter().enumerate() {
+                        let msg = Message::Change {
+                            doc: doc.clone(),
+                            change,
+                            // Replicas confirm the write's own change, which
+                            // they can apply only after its geneses.
+                            ack: ack && i == last,
+                            seen: seen.clone(),
+                        };
+                        self.broadcast(msg, None, &mut out);
+                    }
+                } else {
+                    let peers: Vec<PeerKey> = self.peers.keys().cloned().collect();
+                    for peer in peers {
+                        self.sync_doc(now, &peer, &doc, true, docs, &mut out);
+                    }
+                }
+            }
+            Input::LocalMerge { doc, state } => {
+                self.digest.set(&doc, &state);
+                self.sync_with_others(now, "", &doc, docs, &mut out);
+            }
+            Input::LocalDelete { doc } => {
+                self.digest.set(&doc, &DocState::Deleted);
+                for p in self.peers.values_mut() {
+                    p.sessions.remove(&doc);
+                }
+                self.broadcast(Message::Deleted { doc }, None, &mut out);
+            }
+            Input::SendFailed { peer, doc } => {
+                if let Some(p) = self.peers.get_mut(&peer) {
+                    p.sessions.remove(&doc);
+                    if p.pending_set.insert(doc.clone()) {
+                        p.pending.push_back(doc);
+                    }
+                    self.start_pending(now, &peer, docs, &mut out);
+                }
+            }
+            Input::ReceivedChanges { from, doc, changes } => {
+                if !self.peers.contains_key(&from) {
+                    out.extend(self.handle(now, rng, Input::PeerUp(from.clone()), docs));
+                }
+                self.received_changes(now, from, doc, changes, docs, &mut out);
+            }
+            Input::Received { from, msg } => {
+                if !self.peers.contains_key(&from) {
+                    // The shell delivers messages only from connected peers, so
+                    // this one's PeerUp was lost (a full queue): register it now.
+                    out.extend(self.handle(now, rng, Input::PeerUp(from.clone()), docs));
+                }
+                self.received(now, from, msg, docs, &mut out);
+            }
+        }
+        out
+    }
+
+    /// Queues `msg` for every peer but `except`; nothing when there is nobody
+    /// to send it to (a lone node pays nothing for the fast path).
+    pub(super) fn broadcast(&self, msg: Message, except: Option<PeerKey>, out: &mut Vec<Output>) {
+        if self.peers.keys().any(|p| Some(p) != except.as_ref()) {
+            out.push(Output::Broadcast { msg, except });
+        }
+    }
+
+    pub(super) fn jittered<R: rand::Rng>(&self, rng: &mut R) -> u64 {
+        let base = self.cfg.anti_entropy_ms.max(1);
+        let quarter = base / 4;
+        base - quarter + rng.random_range(0..=quarter * 2)
+    }
+
+    /// Our digest for `peer`, as this round's: its next one is a full
+    /// period away.
+    pub(super) fn digest_now<R: rand::Rng>(
+        &mut self,
+        now: u64,
+        rng: &mut R,
+        peer: PeerKey,
+    ) -> Output {
+        let next = now + self.jittered(rng);
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.next_digest_at = next;
+            p.digest_sent_last = true;
+        }
+        self.digest_to(peer)
+    }
+
+    pub(super) fn digest_to(&self, peer: PeerKey) -> Output {
+        Output::Send {
+            to: peer,
+            msg: Message::Digest {
+                buckets: self.digest.buckets().to_vec(),
+            },
+        }
+    }
+
+    /// A peer's input the shell did not take: an invalid one is charged to
+    /// the peer; a local failure is not its fault (the input comes again
+    /// with sync once this node can take it).
+    pub(super) fn refuse(&mut self, peer: &str, what: String, why: Refusal, out: &mut Vec<Output>) {
+        match why {
+            Refusal::Invalid(e) => self.reject(peer, format!("{what}: {e}"), out),
+            Refusal::Local(e) => {
+                self.stats.local_failures += 1;
+                tracing::warn!(peer, "{what} not taken: this node failed: {e}");
+            }
+        }
+    }
+
+    pub(super) fn reject(&mut self, peer: &str, reason: String, out: &mut Vec<Output>) {
+        self.stats.rejected += 1;
+        out.push(Output::Rejected {
+            peer: peer.to_string(),
+            reason,
+        });
+    }
+}
+
+/// Most peer tags a [`Message::Change`] carries: past it, relays may send a
+/// change to peers that already got it (harmless, only wasteful).
+/// A short, stable name of a peer for [`Message::Change`]'s `seen` list.
+pub fn peer_tag(peer: &str) -> u64 {
+    use sha2::Digest as _;
+    let h = sha2::Sha256::digest(peer.as_bytes());
+    u64::from_le_bytes(h[..8].try_into().expect("8 bytes"))
+}
+/// Adds `tags` to `seen`, up to [`MAX_SEEN`].
+pub(super) fn add_tags(seen: &mut Vec<u64>, tags: impl Iterator<Item = u64>) {
+    for tag in tags {
+        if seen.len() >= MAX_SEEN {
+            return;
+        }
+        if !seen.contains(&tag) {
+            seen.push(tag);
+        }
+    }
+}
+/// True when the peer's last message said its heads are `ours` (sorted) and
+/// that it knows we share them.
+pub(super) fn they_know_we_agree(state: &sync::State, ours: &[automerge::ChangeHash]) -> bool {
+    let sorted = |h: &[automerge::ChangeHash]| {
+        let mut h = h.to_vec();
+        h.sort();
+        h
+    };
+    let heads_equal = state
+        .their_heads
+        .as_deref()
+        .is_some_and(|t| sorted(t) == ours);
+    let knows = state
+        .their_have
+        .as_deref()
+        .is_some_and(|have| have.iter().any(|h| sorted(&h.last_sync) == ours));
+    heads_equal && knows
+}
+/// An output sending one sync message for `doc` to `peer`.
+pub(super) fn sync_message(peer: &str, doc: &str, data: Vec<u8>) -> Output {
+    Output::Send {
+        to: peer.to_string(),
+        msg: Message::Sync {
+            doc: doc.to_string(),
+            data,
+        },
+    }
+}

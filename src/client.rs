@@ -72,7 +72,7 @@ const LONG_OPERATION: Duration = Duration::from_secs(24 * 3600);
 ///
 /// # Panics
 /// If `token` holds characters a header cannot (control characters).
-pub(crate) fn http_client(
+pub fn http_client(
     token: Option<&str>,
     connect_timeout: Duration,
     timeout: Duration,
@@ -98,7 +98,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The innermost cause of an error, which names what went wrong.
-pub(crate) fn root_cause(e: &dyn std::error::Error) -> String {
+pub fn root_cause(e: &dyn std::error::Error) -> String {
     let mut reason = e.to_string();
     let mut src = e.source();
     while let Some(s) = src {

@@ -29,7 +29,7 @@ use serde_json::{Value as Json, json};
 
 use mergeflow::client::{Client, encode_id};
 
-use crate::http::{http_client, root_cause};
+use mergeflow::client::{http_client, root_cause};
 
 /// The docs the workload writes: `chaos/d0` .. `chaos/d<docs-1>`.
 pub const DOC_PREFIX: &str = "chaos/";

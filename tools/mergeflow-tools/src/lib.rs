@@ -14,4 +14,3 @@
 
 pub mod bench;
 pub mod chaos;
-mod http;

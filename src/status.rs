@@ -39,7 +39,7 @@ pub struct Status {
     /// Hash of every doc id and its heads; equal on two nodes exactly when
     /// they hold the same docs at the same heads (absent without sync).
     pub digest: Option<String>,
-    /// Why the store failed, if it has (see [`Node::store_failure`]).
+    /// Why the store failed, if it has (see [`crate::Node::store_failure`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store_error: Option<String>,
     /// Group-commit flushes since start.

@@ -13,6 +13,7 @@
 //! | [`workflow_toml`] | workflow definitions (files, `POST /v1/workflows`) |
 //! | [`backup_file`] | backup files given to restore |
 //! | [`stored_doc`] | a document's stored snapshot and changes, as loaded from disk |
+//! | [`automerge_repo`] | automerge-repo protocol messages from JS and other clients (CBOR) |
 
 use std::sync::OnceLock;
 
@@ -35,6 +36,17 @@ pub fn wire(data: &[u8]) {
             codec::decode(&codec::encode(&msg), usize::MAX).expect("a re-encoded message decodes");
         assert_eq!(again, msg, "a message changed through encode and decode");
     }
+}
+
+/// An automerge-repo protocol message from a client. A message that
+/// decodes re-encodes to bytes that decode to the same message.
+pub fn automerge_repo(data: &[u8]) {
+    let Ok(msg) = crate::amrepo::wire::decode(data, CAP) else {
+        return;
+    };
+    let again = crate::amrepo::wire::decode(&crate::amrepo::wire::encode(&msg), usize::MAX)
+        .expect("a re-encoded message decodes");
+    assert_eq!(again, msg, "a message changed through encode and decode");
 }
 
 /// An HTTP body: parsed as the API parses it (a create request, a merge

@@ -42,6 +42,8 @@
 //! - [`feed`]: the change feed behind [`Node::subscribe`] and run events.
 //! - `fuzzing.rs` (`test-utils` only): one fuzz target per decoder of
 //!   outside input, for `fuzz/` and `tests/fuzz.rs`.
+//! - `amrepo/`: the automerge-repo sync protocol's messages (CBOR) and the
+//!   mapping of its document URLs to named docs (issue 20, not yet served).
 //! - `id.rs`: the syntax of a doc id, shared by [`DocId`] and the wire codec
 //!   (a leaf).
 //! - `latency.rs`: the latency histogram the store, docs and workflows
@@ -113,6 +115,10 @@ pub mod workflow;
 
 mod error;
 mod id;
+// Issue 20, in progress: used by tests and the fuzz target until the
+// WebSocket endpoint serves it.
+#[cfg_attr(not(feature = "test-utils"), allow(dead_code))]
+mod amrepo;
 mod origin;
 mod status;
 
@@ -145,6 +151,10 @@ pub mod testing {
     /// The document service and the writer (`src/runtime`).
     pub mod runtime {
         pub use crate::runtime::*;
+    }
+    /// The automerge-repo protocol's messages and URLs (`src/amrepo`).
+    pub mod amrepo {
+        pub use crate::amrepo::{url, wire};
     }
     /// The libp2p shell's helpers (`src/net`).
     pub mod net {

@@ -144,6 +144,38 @@ fn wire_messages() {
 }
 
 #[test]
+fn automerge_repo_messages() {
+    use mergeflow::testing::amrepo::wire::{PeerMetadata, WireMessage, encode};
+    let msgs = [
+        WireMessage::Join {
+            sender_id: "tab".into(),
+            supported_protocol_versions: vec!["1".into()],
+            metadata: PeerMetadata::default(),
+        },
+        WireMessage::Sync {
+            request: true,
+            sender_id: "tab".into(),
+            target_id: "node".into(),
+            document_id: mergeflow::testing::amrepo::url::id_of("notes/a"),
+            data: vec![0x42, 1, 2, 3],
+        },
+        WireMessage::Ephemeral {
+            sender_id: "tab".into(),
+            target_id: "node".into(),
+            document_id: "d".into(),
+            session_id: "s".into(),
+            count: 3,
+            data: vec![1],
+        },
+        WireMessage::Error {
+            message: "no".into(),
+        },
+    ];
+    let corpus: Vec<Vec<u8>> = msgs.iter().map(encode).collect();
+    run("automerge_repo", corpus, fuzzing::automerge_repo);
+}
+
+#[test]
 fn http_bodies() {
     let corpus = [
         r#"{"id": "sensors/a", "value": {"celsius": 21.5, "tags": ["x"]}}"#,

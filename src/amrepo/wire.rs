@@ -167,7 +167,7 @@ pub fn decode(bytes: &[u8], cap: usize) -> Result<WireMessage, WireError> {
             "supportedProtocolVersions" => f.versions = Some(texts(d)?),
             "peerMetadata" | "metadata" => f.metadata = Some(metadata(d)?),
             "count" => f.count = Some(number(d)?),
-            "data" => f.data = Some(d.bytes().map_err(bad)?.to_vec()),
+            "data" => f.data = Some(byte_string(d)?),
             _ => d.skip().map_err(bad)?,
         }
         Ok(())
@@ -255,6 +255,21 @@ fn for_each_entry<'b>(
 /// allow it (see [`metadata`]).
 fn text(d: &mut Decoder) -> Result<String, WireError> {
     Ok(d.str().map_err(bad)?.to_string())
+}
+
+/// A byte string, or one tagged 64 (a `Uint8Array`, as cbor-x writes one
+/// unless told not to).
+fn byte_string(d: &mut Decoder) -> Result<Vec<u8>, WireError> {
+    if d.datatype().map_err(bad)? == Type::Tag {
+        let tag = d.tag().map_err(bad)?;
+        if tag.as_u64() != 64 {
+            return Err(bad(format!(
+                "data tagged {}, not a Uint8Array (64)",
+                tag.as_u64()
+            )));
+        }
+    }
+    Ok(d.bytes().map_err(bad)?.to_vec())
 }
 
 /// An array of texts (at most 16: versions).
@@ -525,6 +540,56 @@ mod tests {
             WireMessage::Ephemeral { count, data, .. } => assert_eq!((count, data), (3, vec![9])),
             m => panic!("{m:?}"),
         }
+    }
+
+    /// Bytes as cbor-x 1.x encodes a sync message and an ephemeral one with
+    /// its default options (maps with two-byte lengths, `data` as a
+    /// Uint8Array under tag 64), and a join with `storageId: undefined`.
+    #[test]
+    fn messages_encoded_by_cbor_x_decode() {
+        let hex = |s: &str| -> Vec<u8> {
+            (0..s.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+                .collect()
+        };
+        let sync = hex(
+            "b9000564747970656473796e636873656e6465724964616168746172676574496461626a646f63756d656e74496461646464617461d84043010203",
+        );
+        assert_eq!(
+            decode(&sync, 1 << 20).unwrap(),
+            WireMessage::Sync {
+                request: false,
+                sender_id: "a".into(),
+                target_id: "b".into(),
+                document_id: "d".into(),
+                data: vec![1, 2, 3],
+            }
+        );
+        let eph = hex(
+            "b90007647479706569657068656d6572616c6873656e6465724964616168746172676574496461626a646f63756d656e74496461646973657373696f6e4964617365636f756e74036464617461d8404109",
+        );
+        assert!(matches!(
+            decode(&eph, 1 << 20).unwrap(),
+            WireMessage::Ephemeral { count: 3, .. }
+        ));
+        let join = hex(
+            "b900046474797065646a6f696e6873656e6465724964657461622d317819737570706f7274656450726f746f636f6c56657273696f6e738161316c706565724d65746164617461b900026973746f726167654964f76b6973457068656d6572616cf4",
+        );
+        assert_eq!(
+            decode(&join, 1 << 20).unwrap(),
+            WireMessage::Join {
+                sender_id: "tab-1".into(),
+                supported_protocol_versions: vec!["1".into()],
+                metadata: PeerMetadata::default(),
+            }
+        );
+        // Another tag on data is refused.
+        let mut other = sync.clone();
+        let at = other.len() - 6;
+        assert_eq!(other[at..at + 2], [0xd8, 0x40]);
+        other[at + 1] = 0x41;
+        assert!(decode(&other, 1 << 20).is_err());
     }
 
     #[test]

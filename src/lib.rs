@@ -31,6 +31,9 @@
 //! - `builder.rs`: [`NodeBuilder`]: opens the store and starts the document
 //!   service, workflows, network and HTTP API (above both `node` and `api`,
 //!   so the node does not import the API that serves it).
+//! - `cli_support.rs` (feature `cli`): what the `mergeflow` and
+//!   `mergeflow-tools` commands share: an async main that prints its error
+//!   once, progress bars.
 //! - [`client`]: the typed HTTP client of a node's API (the CLI, tools and
 //!   tests use it).
 //! - [`config`]: TOML file + `MERGEFLOW_*` env + flags, validated.
@@ -92,6 +95,8 @@
 pub mod api;
 pub mod backup;
 mod builder;
+#[cfg(feature = "cli")]
+pub mod cli_support;
 pub mod client;
 pub mod config;
 pub mod doc;

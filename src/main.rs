@@ -163,34 +163,7 @@ fn main() -> ExitCode {
             .and_then(|m| m.value_source("api"))
             == Some(clap::parser::ValueSource::CommandLine);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            // Our errors often include their cause in their message; print each
-            // part of the chain once.
-            let mut line = String::new();
-            for cause in e.chain().map(|c| c.to_string()) {
-                if !line.contains(&cause) {
-                    if !line.is_empty() {
-                        line.push_str(": ");
-                    }
-                    line.push_str(&cause);
-                }
-            }
-            eprintln!("error: {line}");
-            ExitCode::FAILURE
-        }
-    }
+    mergeflow::cli_support::run(run(cli))
 }
 
 async fn run(cli: Cli) -> Result<()> {

@@ -8,7 +8,7 @@ use mergeflow::backup::{self, Manifest, RestoreReport};
 use mergeflow::client::{Client, ClientError};
 use mergeflow::config::{Config, Overrides};
 
-use super::progress::bar;
+use mergeflow::cli_support::progress_bar as bar;
 
 /// How a single doc is exported or imported.
 #[derive(Clone, Copy, Debug, PartialEq, clap::ValueEnum)]

@@ -3,24 +3,8 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
-use indicatif::{ProgressBar, ProgressStyle};
+use mergeflow::cli_support::progress_bar as bar;
 use mergeflow::client::Client;
-
-/// A bar (or a spinner, without `len`) drawn on stderr when it is a
-/// terminal, ticking on its own.
-pub fn bar(len: Option<u64>, template: &str) -> ProgressBar {
-    let bar = match len {
-        Some(n) => ProgressBar::new(n),
-        None => ProgressBar::new_spinner(),
-    };
-    bar.set_style(
-        ProgressStyle::with_template(template)
-            .expect("a valid template")
-            .progress_chars("=> "),
-    );
-    bar.enable_steady_tick(Duration::from_millis(120));
-    bar
-}
 
 /// How often `wait-synced` asks peers for their digests while some do not
 /// match (a digest lost on the way, or docs still syncing).

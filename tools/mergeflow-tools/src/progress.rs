@@ -5,8 +5,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use indicatif::{ProgressBar, ProgressStyle};
-
 /// Runs `work` while a bar (or a spinner, without `len`) shows `count` (what
 /// `work` counts) against `len`; the bar is cleared when it ends.
 pub async fn counting<T>(
@@ -15,16 +13,7 @@ pub async fn counting<T>(
     work: impl AsyncFnOnce(Arc<AtomicU64>) -> T,
 ) -> T {
     let count = Arc::new(AtomicU64::new(0));
-    let bar = match len {
-        Some(n) => ProgressBar::new(n),
-        None => ProgressBar::new_spinner(),
-    };
-    bar.set_style(
-        ProgressStyle::with_template(template)
-            .expect("a valid template")
-            .progress_chars("=> "),
-    );
-    bar.enable_steady_tick(Duration::from_millis(120));
+    let bar = mergeflow::cli_support::progress_bar(len, template);
     let watch = {
         let (bar, count) = (bar.clone(), count.clone());
         tokio::spawn(async move {

@@ -37,3 +37,31 @@ pub fn preview(s: &str) -> String {
     }
     p
 }
+
+/// The name prefix of docs created by automerge-repo clients: `am/<their
+/// document id>`.
+pub const CLIENT_PREFIX: &str = "am/";
+
+/// The 16 bytes behind a doc's automerge URL (`automerge:<bs58check of
+/// them>`): for a doc a client created (`am/<id>`), the bytes of its id;
+/// for any other name, the first 16 bytes of SHA-256 over a fixed label and
+/// the name, so every node derives the same URL with no coordination.
+pub fn url_key(name: &str) -> [u8; 16] {
+    if let Some(bytes) = name.strip_prefix(CLIENT_PREFIX).and_then(client_id_bytes) {
+        return bytes;
+    }
+    use sha2::{Digest as _, Sha256};
+    let hash = Sha256::new()
+        .chain_update(b"mergeflow automerge-repo document id\0")
+        .chain_update(name.as_bytes())
+        .finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&hash[..16]);
+    bytes
+}
+
+/// The 16 bytes of an automerge-repo document id (bs58check), if it is one.
+pub fn client_id_bytes(id: &str) -> Option<[u8; 16]> {
+    let bytes = bs58::decode(id).with_check(None).into_vec().ok()?;
+    bytes.as_slice().try_into().ok()
+}

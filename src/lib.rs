@@ -118,12 +118,9 @@ mod store;
 mod sync;
 pub mod workflow;
 
+mod amrepo;
 mod error;
 mod id;
-// Issue 20, in progress: used by tests and the fuzz target until the
-// WebSocket endpoint serves it.
-#[cfg_attr(not(feature = "test-utils"), allow(dead_code))]
-mod amrepo;
 mod origin;
 mod status;
 

@@ -1,9 +1,14 @@
-//! The automerge-repo sync protocol (issue 20, in progress): the messages
-//! JS and browser clients (`@automerge/automerge-repo`), samod and other
-//! automerge-repo implementations exchange over a WebSocket, and the
-//! mapping between their document URLs and mergeflow's named docs. Not yet
-//! served: the endpoint and its connection to the runtime's `Inbox` come
-//! next.
+//! The automerge-repo sync protocol: JS and browser clients
+//! (`@automerge/automerge-repo`), samod and other automerge-repo
+//! implementations sync with the node over a WebSocket
+//! (`GET /v1/automerge`).
+//!
+//! - `wire.rs`: the protocol's CBOR messages;
+//! - `url.rs`: document URLs and how they name mergeflow's docs;
+//! - `server.rs`: the endpoint's connections, handing sync messages to the
+//!   runtime (`runtime/clients.rs` holds the per-(connection, doc) sync
+//!   states on the writer thread) and relaying ephemeral messages.
 
+pub mod server;
 pub mod url;
 pub mod wire;

@@ -7,13 +7,10 @@
 //! JS client creates has random bytes; it is stored under the name
 //! `am/<document id>`, which maps back to the same bytes.
 
-use sha2::{Digest as _, Sha256};
-
 /// The URL scheme.
 pub const SCHEME: &str = "automerge:";
 
-/// The name prefix of docs created by automerge-repo clients.
-pub const CLIENT_PREFIX: &str = "am/";
+pub use crate::id::CLIENT_PREFIX;
 
 /// Why a string is not a document id or URL.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -29,9 +26,6 @@ pub enum UrlError {
         /// Its payload's length.
         len: usize,
     },
-    /// Not `automerge:<id>`.
-    #[error("{0:?} is not an automerge URL (automerge:<document id>)")]
-    NotUrl(String),
 }
 
 /// The document id (bs58check) of 16 bytes.
@@ -54,38 +48,14 @@ pub fn decode_id(id: &str) -> Result<[u8; 16], UrlError> {
     })
 }
 
-/// The document id of the doc named `name`: the id in the name of a
-/// client-created doc (`am/<id>`), else 16 bytes of SHA-256 of the name.
+/// The document id of the doc named `name` (see [`crate::id::url_key`]).
 pub fn id_of(name: &str) -> String {
-    if let Some(id) = name.strip_prefix(CLIENT_PREFIX)
-        && decode_id(id).is_ok()
-    {
-        return id.to_string();
-    }
-    let hash = Sha256::new()
-        .chain_update(b"mergeflow automerge-repo document id\0")
-        .chain_update(name.as_bytes())
-        .finalize();
-    let mut bytes = [0u8; 16];
-    bytes.copy_from_slice(&hash[..16]);
-    encode_id(&bytes)
+    encode_id(&crate::id::url_key(name))
 }
 
 /// The automerge URL of the doc named `name`.
 pub fn url_of(name: &str) -> String {
     format!("{SCHEME}{}", id_of(name))
-}
-
-/// The document id in an automerge URL.
-///
-/// # Errors
-/// [`UrlError`] if it is not `automerge:<valid id>`.
-pub fn parse_url(url: &str) -> Result<String, UrlError> {
-    let id = url
-        .strip_prefix(SCHEME)
-        .ok_or_else(|| UrlError::NotUrl(crate::id::preview(url)))?;
-    decode_id(id)?;
-    Ok(id.to_string())
 }
 
 /// The name a doc created by a client under `id` is stored as.
@@ -102,8 +72,8 @@ mod tests {
         let url = url_of("sensors/greenhouse-3");
         assert_eq!(url, url_of("sensors/greenhouse-3"), "derived, not random");
         assert_ne!(url, url_of("sensors/greenhouse-4"));
-        let id = parse_url(&url).unwrap();
-        assert_eq!(decode_id(&id).unwrap().len(), 16);
+        let id = url.strip_prefix(SCHEME).unwrap();
+        assert_eq!(decode_id(id).unwrap().len(), 16);
         // A client's doc: random bytes, stored as am/<id>, same URL back.
         let bytes = [7u8; 16];
         let client = encode_id(&bytes);
@@ -127,11 +97,6 @@ mod tests {
         assert!(matches!(
             decode_id(&short),
             Err(UrlError::Length { len: 8, .. })
-        ));
-        assert!(matches!(parse_url(&good), Err(UrlError::NotUrl(_))));
-        assert!(matches!(
-            parse_url("automerge:0OIl"),
-            Err(UrlError::NotBs58Check(_))
         ));
         // A name that only looks like a client doc is hashed like any other.
         assert_ne!(id_of("am/not-an-id"), "not-an-id");

@@ -9,6 +9,7 @@
 //! Browser safety (Host, Origin, CORS, content types) is in `guard.rs`; the
 //! connection handling (limits, timeouts, shutdown) in `serve.rs`.
 
+mod automerge;
 mod backup;
 mod dashboard;
 mod error;
@@ -96,6 +97,7 @@ pub fn router(node: Node) -> Router {
         .route("/v1/docs/{id}/history", get(history))
         .route("/v1/events", get(events))
         .merge(workflows::routes())
+        .merge(automerge::routes(&node))
         .merge(backup::routes())
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
@@ -173,8 +175,9 @@ async fn require_token(
     next: axum::middleware::Next,
 ) -> Response {
     let want = &node.config().api.token;
-    // The dashboard page holds no data; it asks for the token itself.
-    if want.is_empty() || matches!(req.uri().path(), "/healthz" | "/") {
+    // The dashboard page holds no data; it asks for the token itself. The
+    // automerge WebSocket checks its own (browsers cannot send headers).
+    if want.is_empty() || matches!(req.uri().path(), "/healthz" | "/" | "/v1/automerge") {
         return next.run(req).await;
     }
     let got = req
@@ -574,7 +577,7 @@ async fn doc_sync(
     let id = doc_id(path)?;
     let heads = node.docs().heads(id.clone()).await?;
     let held = node.docs().held(&id);
-    let ours: Vec<automerge::ChangeHash> = heads.iter().filter_map(|h| h.parse().ok()).collect();
+    let ours: Vec<::automerge::ChangeHash> = heads.iter().filter_map(|h| h.parse().ok()).collect();
     let mut peers: Vec<PeerDocSync> = node
         .peers()
         .into_iter()

@@ -29,6 +29,41 @@ pub struct Config {
     pub perf: PerfConfig,
     /// `[workflow]`
     pub workflow: WorkflowConfig,
+    /// `[automerge]`
+    pub automerge: AutomergeConfig,
+}
+
+/// `[automerge]`: automerge-repo clients (JS and browser apps, samod) on
+/// the API listener's `GET /v1/automerge` WebSocket.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AutomergeConfig {
+    /// Serve `/v1/automerge`.
+    pub enabled: bool,
+    /// Most client connections at once (they do not count against
+    /// `api.max_connections` once upgraded); more get 503.
+    pub max_connections: usize,
+    /// Largest WebSocket message taken from a client, in bytes; a bigger
+    /// one closes the connection with an error.
+    pub max_message_bytes: usize,
+    /// Most docs one connection may follow.
+    pub max_docs_per_connection: usize,
+    /// Messages queued from the node to one client; a client that lets more
+    /// pile up unread is disconnected.
+    pub queue: usize,
+    /// Milliseconds between pings to a client; one silent for two of them
+    /// is disconnected.
+    #[serde(deserialize_with = "crate::duration::de_ms")]
+    pub ping_ms: u64,
+    /// Milliseconds a ticket from `POST /v1/tickets` stays valid.
+    #[serde(deserialize_with = "crate::duration::de_ms")]
+    pub ticket_ttl_ms: u64,
+}
+
+impl Default for AutomergeConfig {
+    fn default() -> Self {
+        Config::default().automerge
+    }
 }
 
 /// `[workflow]`: where definitions come from and how runs are kept.
@@ -333,6 +368,15 @@ impl Default for Config {
                 write_batch: docs.write_batch,
                 sync_queue: 4096,
                 shutdown_timeout_ms: 10_000,
+            },
+            automerge: AutomergeConfig {
+                enabled: true,
+                max_connections: 1024,
+                max_message_bytes: 16 << 20,
+                max_docs_per_connection: 10_000,
+                queue: 1024,
+                ping_ms: 20_000,
+                ticket_ttl_ms: 60_000,
             },
             workflow: WorkflowConfig {
                 dir: PathBuf::new(),

@@ -136,6 +136,30 @@ impl Config {
                 &format!("{e} (example: \"nas.local\" or \"nas.local:7700\")"),
             );
         }
+        let am = &self.automerge;
+        if am.max_message_bytes < 1024 {
+            return invalid("automerge.max_message_bytes", "must be at least 1024");
+        }
+        for (key, v) in [
+            (
+                "automerge.max_docs_per_connection",
+                am.max_docs_per_connection,
+            ),
+            ("automerge.queue", am.queue),
+            ("automerge.max_connections", am.max_connections),
+        ] {
+            if v == 0 {
+                return invalid(key, "must be at least 1");
+            }
+        }
+        for (key, ms) in [
+            ("automerge.ping_ms", am.ping_ms),
+            ("automerge.ticket_ttl_ms", am.ticket_ttl_ms),
+        ] {
+            if !(100..=86_400_000).contains(&ms) {
+                return invalid(key, "must be between 100 ms and 24 h");
+            }
+        }
         if self.api.max_connections == 0 {
             return invalid("api.max_connections", "must be at least 1");
         }

@@ -61,6 +61,13 @@ impl Docs {
             .iter()
             .filter(|(_, m)| m.deleted_at_ms.is_none())
             .count() as i64;
+        let urls = super::state::UrlIndex::default();
+        let ids: Vec<DocId> = metas
+            .iter()
+            .filter_map(|(id, _)| DocId::new(id.as_str()).ok())
+            .collect();
+        urls.add(&ids);
+        drop(ids);
         let sync = sync.map(|(sync_cfg, out)| {
             let states = metas.into_iter().map(|(id, m)| {
                 let s = stored_state(&m);
@@ -98,6 +105,7 @@ impl Docs {
             clock: Default::default(),
             write_latency: crate::latency::histogram(),
             changes: ChangeCounts::default(),
+            urls,
         });
         let thread_inner = inner.clone();
         let handle = std::thread::Builder::new()
@@ -106,6 +114,13 @@ impl Docs {
             .map_err(|e| DocError::Internal(format!("cannot start the writer thread: {e}")))?;
         *inner.writer_thread.lock().expect("not poisoned") = Some(handle);
         Ok(Docs { inner, writer: tx })
+    }
+
+    /// The doc whose automerge URL has these 16 bytes
+    /// ([`crate::id::url_key`]), if this node has heard of one; never a
+    /// system doc.
+    pub fn doc_for_url(&self, key: &[u8; 16]) -> Option<DocId> {
+        self.inner.urls.get(key)
     }
 
     /// Number of live (not deleted) documents.

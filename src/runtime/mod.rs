@@ -30,6 +30,7 @@
 //! batch fails, every doc it touched is reloaded from the store, so memory never
 //! holds a change the store lacks (other than between steps 1 and 2).
 
+mod clients;
 mod docs;
 mod host;
 mod inbox;
@@ -42,8 +43,9 @@ mod state;
 mod tick;
 mod writer;
 
+pub use clients::{ClientOut, ConnId, ConnShared};
 pub use docs::Docs;
-pub use inbox::Inbox;
+pub use inbox::{ClientConn, Inbox, Stopped};
 pub use read::{DocInfo, DocPage, HistoryEntry, ListQuery, Snapshot};
 pub use replicas::Held;
 pub use state::{Change, ChangeFn, DocsConfig, Parts, PeerSyncView, WriteResult};

@@ -144,15 +144,50 @@ impl Round<'_> {
         doc: &str,
         apply: impl FnOnce(&mut Automerge, &mut PatchLog) -> Result<(), String>,
     ) -> Result<Option<DocState>, Refusal> {
+        self.merge_collect(doc, false, apply)
+            .map(|(state, _)| state)
+    }
+
+    /// [`merge`](Self::merge), also returning the raw changes it added when
+    /// `collect` is set (in causal order).
+    fn merge_collect(
+        &mut self,
+        doc: &str,
+        collect: bool,
+        apply: impl FnOnce(&mut Automerge, &mut PatchLog) -> Result<(), String>,
+    ) -> Result<(Option<DocState>, Vec<Vec<u8>>), Refusal> {
         self.with_loaded(doc, |round, id, loaded| {
             if deleted(loaded) {
-                return Ok(Some(DocState::Deleted));
+                return Ok((Some(DocState::Deleted), Vec::new()));
             }
             let before = loaded.doc.get_heads();
             let mut log = super::persist::patch_log(round.inner);
             apply(&mut loaded.doc, &mut log)?;
+            let added = if collect {
+                let changes = loaded.doc.get_changes(&before);
+                changes.iter().map(|c| c.raw_bytes().to_vec()).collect()
+            } else {
+                Vec::new()
+            };
             let merged = store_merged(round, id, loaded, &before, &mut log)?;
-            Ok(loaded.meta.is_some().then_some(merged))
+            Ok((loaded.meta.is_some().then_some(merged), added))
+        })
+    }
+
+    /// Applies an automerge-repo client's sync message to `doc` with the
+    /// connection's sync `state`, storing what it added like any merge.
+    /// Returns the doc's state after (`None`: the doc does not exist and the
+    /// message brought no changes) and the raw changes it added.
+    pub(super) fn receive_client_sync(
+        &mut self,
+        doc: &DocId,
+        state: &mut sync::State,
+        data: &[u8],
+    ) -> Result<(Option<DocState>, Vec<Vec<u8>>), Refusal> {
+        let msg = decode_sync(data)?;
+        self.merge_collect(doc.as_str(), true, |am, log| {
+            am.receive_sync_message_log_patches(state, msg, log)
+                .map_err(|e| e.to_string())
         })
     }
 }
@@ -208,6 +243,13 @@ fn decode_change(bytes: &[u8], max: u64) -> Result<automerge::Change, String> {
         ));
     }
     Ok(change)
+}
+
+/// Decodes a peer's or client's Automerge sync message.
+fn decode_sync(data: &[u8]) -> Result<sync::Message, String> {
+    std::panic::catch_unwind(|| sync::Message::decode(data))
+        .map_err(|_| "automerge panicked decoding a sync message".to_string())?
+        .map_err(|e| format!("sync message does not decode: {e}"))
 }
 
 /// The state a loaded doc contributes to the digest.
@@ -336,9 +378,7 @@ impl DocAccess for Round<'_> {
         state: &mut sync::State,
         data: &[u8],
     ) -> Result<Option<DocState>, Refusal> {
-        let msg = std::panic::catch_unwind(|| sync::Message::decode(data))
-            .map_err(|_| "automerge panicked decoding a sync message".to_string())?
-            .map_err(|e| format!("sync message does not decode: {e}"))?;
+        let msg = decode_sync(data)?;
         self.merge(doc, |am, log| {
             am.receive_sync_message_log_patches(state, msg, log)
                 .map_err(|e| e.to_string())

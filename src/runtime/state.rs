@@ -148,6 +148,42 @@ pub(super) struct Inner {
     pub(super) replicas: super::replicas::Replicas,
     /// This node's hybrid logical clock, stamped on its changes.
     pub(super) clock: crate::doc::stamp::Clock,
+    /// Docs by their automerge URL.
+    pub(super) urls: UrlIndex,
+}
+
+/// User docs by the 16 bytes of their automerge URL
+/// ([`crate::id::url_key`]): how a client's document id finds a named doc.
+/// Filled from the store at start and from every round's changes; system
+/// docs are never in it, so no client reaches them.
+#[derive(Default)]
+pub(super) struct UrlIndex(Mutex<std::collections::HashMap<[u8; 16], DocId>>);
+
+impl UrlIndex {
+    /// Adds `docs` (those already known cost a hash each).
+    pub(super) fn add<'a>(&self, docs: impl IntoIterator<Item = &'a DocId>) {
+        let mut docs = docs
+            .into_iter()
+            .filter(|d| !d.as_str().starts_with(crate::doc::SYSTEM_PREFIX))
+            .peekable();
+        if docs.peek().is_none() {
+            return;
+        }
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        for doc in docs {
+            map.entry(crate::id::url_key(doc.as_str()))
+                .or_insert_with(|| doc.clone());
+        }
+    }
+
+    /// The doc whose URL has these bytes, if this node has heard of one.
+    pub(super) fn get(&self, key: &[u8; 16]) -> Option<DocId> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .cloned()
+    }
 }
 
 /// A doc's digest state as its stored metadata records it.

@@ -23,6 +23,7 @@ use std::sync::atomic::Ordering;
 
 use tokio::sync::mpsc;
 
+use super::clients::{ClientMsg, ClientRound, Clients, Outgoing};
 use super::host::SyncRuntime;
 use super::local::apply;
 use super::round::{PendingEvent, Round, Touch};
@@ -39,6 +40,8 @@ pub(super) enum WriterMsg {
     /// Input for the sync core (ignored when the node does not sync), e.g.
     /// the messages of one network frame.
     Sync(Vec<Input>),
+    /// An automerge-repo client connection's message.
+    Client(ClientMsg),
     /// Finish the writes queued before this and exit.
     Stop,
 }
@@ -57,6 +60,7 @@ pub(super) fn run(
     // Writes to a doc that remote input left suspect in the last round: they
     // go first in the next one, once the doc has been reloaded.
     let mut carried: Vec<WriteReq> = Vec::new();
+    let mut clients = Clients::default();
     loop {
         let mut msgs: Vec<WriterMsg> = carried.drain(..).map(WriterMsg::Write).collect();
         if !stop {
@@ -80,7 +84,7 @@ pub(super) fn run(
         if msgs.is_empty() {
             break;
         }
-        carried = write_round(&inner, msgs, sync.as_mut());
+        carried = write_round(&inner, msgs, sync.as_mut(), &mut clients);
         if let Some(sync) = &sync {
             let fp = sync.core.digest().fingerprint();
             *inner
@@ -103,6 +107,7 @@ fn write_round(
     inner: &Inner,
     msgs: Vec<WriterMsg>,
     mut sync: Option<&mut SyncRuntime>,
+    clients: &mut Clients,
 ) -> Vec<WriteReq> {
     let mut round = Round::new(inner);
     let mut results = Vec::with_capacity(msgs.len());
@@ -113,11 +118,13 @@ fn write_round(
     // frames brought them (a receiver that falls behind catches up in
     // fewer, bigger applies instead of slowing down further).
     let mut inputs = Vec::new();
+    let mut client_msgs = Vec::new();
     let mut reqs = Vec::with_capacity(msgs.len());
     for msg in msgs {
         match msg {
             WriterMsg::Write(req) => reqs.push(req),
             WriterMsg::Sync(i) => inputs.extend(i),
+            WriterMsg::Client(m) => client_msgs.push(m),
             WriterMsg::Stop => {}
         }
     }
@@ -126,13 +133,21 @@ fn write_round(
     {
         sync.handle_all(inputs, &mut round);
     }
-    // Local changes and merges go to the sync core (and so to peers) only
-    // once the store has them: if storing fails, the doc is reloaded without
-    // them and its next change reuses their actor and sequence numbers,
-    // which peers holding the first one would reject as a duplicate
-    // sequence. (Any sync the core starts sends what the doc holds, so a
-    // merge handled before the store call could carry this round's changes.)
+    // Local changes and merges (and clients' changes) go to the sync core
+    // (and so to peers) only once the store has them: if storing fails, the
+    // doc is reloaded without them and its next change reuses their actor
+    // and sequence numbers, which peers holding the first one would reject
+    // as a duplicate sequence. (Any sync the core starts sends what the doc
+    // holds, so a merge handled before the store call could carry this
+    // round's changes.)
     let mut local: Vec<Input> = Vec::new();
+    let mut client_work = ClientRound::default();
+    if !client_msgs.is_empty() {
+        clients.handle(client_msgs, &mut round, &mut client_work, &mut local);
+        // A client's changes are answered only once flushed.
+        durable |= client_work.wrote;
+    }
+    let clients_wait = client_work.wrote;
     let mut carry = Vec::new();
     for req in reqs {
         if round.is_poisoned(&req.id) {
@@ -234,6 +249,14 @@ fn write_round(
         }
         debug_assert!(round.batch.is_empty(), "local changes store nothing more");
     }
+    let to_clients = match &applied {
+        Ok(()) if !clients.is_empty() => clients.outgoing(&mut round, client_work),
+        Ok(()) => Outgoing::default(),
+        Err(_) => {
+            clients.failed(client_work);
+            Outgoing::default()
+        }
+    };
     let Round {
         touched,
         live_delta,
@@ -275,8 +298,21 @@ fn write_round(
         }
         return carry;
     }
+    let mut acks: Vec<Ack> = Vec::with_capacity(results.len() + 2);
     inner.live_docs.fetch_add(live_delta, Ordering::Relaxed);
-    let mut acks: Vec<Ack> = Vec::with_capacity(results.len() + 1);
+    inner.urls.add(events.iter().map(|e| &e.doc));
+    if !to_clients.is_empty() {
+        if clients_wait {
+            acks.push(Box::new(move |flushed| match flushed {
+                Ok(()) => to_clients.send(),
+                Err(_) => to_clients.fail(),
+            }));
+        } else {
+            // Changes from elsewhere go to clients as they go to peers:
+            // once the store has them, before the flush.
+            to_clients.send();
+        }
+    }
     // A round that only merged remote changes nobody waits on and made
     // lazy local writes (no other local write, no peer asking for a
     // confirmation) need not wait for a flush before its answers and feed

@@ -165,7 +165,7 @@ async fn errors_are_json_with_fitting_status_and_change_nothing() {
         (http.post(format!("{doc}/ops")).header(json_ct.0, json_ct.1).body("{}"), 400, "bad_json"),
         (http.post(format!("{doc}/ops")).json(&json!([{"op": "set", "path": "/b", "value": 1}, {"op": "increment", "path": "/a"}])), 422, "type_mismatch"),
         (http.post(format!("{doc}/ops")).json(&json!([{"op": "delete", "path": "/nope"}])), 404, "path_not_found"),
-        (http.post(format!("{doc}/ops")).json(&json!([{"op": "splice", "path": "/s", "pos": 0}])), 422, "type_mismatch"),
+        (http.post(format!("{doc}/ops")).json(&json!([{"op": "splice", "path": "/a", "pos": 0}])), 422, "type_mismatch"),
         (http.post(format!("{base}/v1/docs")).json(&json!({"id": "d/1", "value": {}})), 409, "already_exists"),
         (http.post(format!("{base}/v1/docs")).json(&json!({"id": "bad id", "value": {}})), 400, "invalid_doc_id"),
         (http.post(format!("{base}/v1/docs")).json(&json!({"value": [1]})), 422, "bad_value"),

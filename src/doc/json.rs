@@ -16,16 +16,29 @@ use serde_json::{Map, Number, Value as Json};
 
 use super::DocError;
 
-/// How JSON strings are stored.
+/// How JSON strings are stored (`doc.strings`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum StringMode {
-    /// Scalar strings: a concurrent write replaces the whole string (last writer wins).
-    #[default]
+    /// Scalar strings: a write replaces the whole string (last writer wins).
+    /// automerge-repo JS clients read them as `ImmutableString` objects.
     Scalar,
-    /// Text objects: concurrent edits merge character by character; merge patches
-    /// update them with a minimal diff.
+    /// Text objects, written whole: a write of a different string puts a
+    /// new text object (last writer wins, as a JS client's `doc.key = "..."`
+    /// does), and JS clients read plain strings. The default.
+    #[default]
     Text,
+    /// Text objects edited in place: a write is applied as a minimal text
+    /// edit, so concurrent edits merge character by character (collaborative
+    /// text; two concurrent rewrites of a whole value interleave).
+    TextMerge,
+}
+
+impl StringMode {
+    /// New strings become text objects.
+    pub fn text_objects(self) -> bool {
+        matches!(self, StringMode::Text | StringMode::TextMerge)
+    }
 }
 
 /// The deepest nesting a document can be read at (and the largest
@@ -273,7 +286,7 @@ pub(crate) fn write_json<T: Transactable>(
                 write_json(tx, &child, Prop::Seq(i), Slot::Insert, v, strings)?;
             }
         }
-        Json::String(s) if strings == StringMode::Text => {
+        Json::String(s) if strings.text_objects() => {
             let child = new_obj(tx, ObjType::Text)?;
             tx.splice_text(&child, 0, 0, s)?;
         }

@@ -110,7 +110,11 @@ fn merge_map<T: Transactable>(
             }
             (Json::String(s), Some((Value::Object(ObjType::Text), id))) => {
                 let current = tx.text(&id)?;
-                splice_changed_region(tx, &id, &current, s)?;
+                if strings == StringMode::TextMerge {
+                    splice_changed_region(tx, &id, &current, s)?;
+                } else if current != *s {
+                    put(tx, obj, key, new, strings)?;
+                }
             }
             (Json::Number(n), Some((Value::Scalar(cur), _)))
                 if matches!(cur.as_ref(), ScalarValue::Counter(_)) && n.is_i64() =>
@@ -347,10 +351,10 @@ mod tests {
         ] {
             let mut doc = Automerge::new();
             let mut tx = doc.transaction();
-            apply_merge_patch(&mut tx, &json!({"t": old}), StringMode::Text).unwrap();
+            apply_merge_patch(&mut tx, &json!({"t": old}), StringMode::TextMerge).unwrap();
             tx.commit();
             let mut tx = doc.transaction();
-            apply_merge_patch(&mut tx, &json!({"t": new}), StringMode::Text).unwrap();
+            apply_merge_patch(&mut tx, &json!({"t": new}), StringMode::TextMerge).unwrap();
             tx.commit();
             assert_eq!(
                 to_json(&doc, &ROOT, ObjType::Map).unwrap(),
@@ -360,8 +364,36 @@ mod tests {
         // A whole rewrite of a long text is one splice.
         let big_a = "a".repeat(5_000);
         let big_b = "b".repeat(5_000);
-        let (got, _) = patched(json!({"t": big_a}), json!({"t": big_b}), StringMode::Text);
+        let (got, _) = patched(
+            json!({"t": big_a}),
+            json!({"t": big_b}),
+            StringMode::TextMerge,
+        );
         assert_eq!(got["t"].as_str().map(str::len), Some(5_000));
+    }
+
+    #[test]
+    fn concurrent_rewrites_of_a_text_pick_one_unless_merging_per_character() {
+        for (strings, interleave) in [(StringMode::Text, false), (StringMode::TextMerge, true)] {
+            let mut base = Automerge::new();
+            let mut tx = base.transaction();
+            apply_merge_patch(&mut tx, &json!({"status": "idle"}), strings).unwrap();
+            tx.commit();
+            let mut a = base.fork();
+            let mut b = base.fork();
+            for (doc, v) in [(&mut a, "ok"), (&mut b, "fail")] {
+                let mut tx = doc.transaction();
+                apply_merge_patch(&mut tx, &json!({"status": v}), strings).unwrap();
+                tx.commit();
+            }
+            a.merge(&mut b).unwrap();
+            let got = to_json(&a, &ROOT, ObjType::Map).unwrap()["status"].clone();
+            let whole = got == json!("ok") || got == json!("fail");
+            assert_eq!(!whole, interleave, "{strings:?}: {got}");
+            // Still a text object: JS clients read a plain string.
+            let (v, _) = a.get(ROOT, "status").unwrap().unwrap();
+            assert_eq!(v, Value::Object(ObjType::Text), "{strings:?}");
+        }
     }
 
     #[test]

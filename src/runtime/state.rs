@@ -47,7 +47,7 @@ pub struct DocsConfig {
 impl Default for DocsConfig {
     fn default() -> Self {
         DocsConfig {
-            strings: StringMode::Scalar,
+            strings: StringMode::Text,
             max_change_bytes: 1 << 20,
             max_doc_bytes: 64 << 20,
             max_depth: 64,

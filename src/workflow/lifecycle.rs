@@ -105,6 +105,7 @@ pub(super) async fn start(shared: &Arc<Shared>, plan: Arc<Plan>, doc: &str, p: P
     };
     let key = run_key(plan.name(), doc, &trigger_heads);
     let mut run = new_run(&plan, run_id, key, doc, trigger_heads, p.depth, p.trigger);
+    run.origin = p.origin;
     shared.counters.runs.fetch_add(1, Ordering::Relaxed);
     if let Some(e) = dead {
         run.status = RunStatus::Dead;
@@ -210,6 +211,7 @@ fn new_run(
         updated_ms: now,
         error: None,
         steps,
+        origin: None,
     }
 }
 

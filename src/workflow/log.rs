@@ -291,6 +291,7 @@ mod tests {
             updated_ms: 0,
             error: None,
             steps: vec![],
+            origin: None,
         }
     }
 

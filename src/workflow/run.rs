@@ -119,6 +119,12 @@ pub struct Run {
     pub error: Option<String>,
     /// Its steps, in execution order.
     pub steps: Vec<StepRun>,
+    /// Where the change that triggered it came from, as the change feed
+    /// says: this node's peer id (a local write), a peer's, or
+    /// `automerge:<senderId>` (an automerge-repo client of the node that
+    /// merged it). Absent for runs not started by a change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
 }
 
 /// The run key: hex of SHA-256 over workflow, doc and sorted heads

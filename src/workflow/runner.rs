@@ -251,6 +251,7 @@ impl Runner {
                 changed: &[],
                 trigger,
                 delay: Duration::ZERO,
+                origin: None,
             })
             .await;
         }
@@ -321,6 +322,7 @@ impl Runner {
                 changed: &e.paths,
                 trigger: "change",
                 delay,
+                origin: Some(&e.origin),
             })
             .await;
         }

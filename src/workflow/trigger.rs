@@ -32,6 +32,8 @@ pub(super) struct Pending {
     pub(super) depth: u32,
     pub(super) changed: BTreeSet<String>,
     pub(super) trigger: &'static str,
+    /// Where the latest change folded into it came from (see `Run::origin`).
+    pub(super) origin: Option<String>,
     pub(super) due: Instant,
 }
 
@@ -46,6 +48,8 @@ pub(super) enum Event<'a> {
         changed: &'a [String],
         trigger: &'static str,
         delay: Duration,
+        /// Where the change came from (the feed's `origin`), if from a change.
+        origin: Option<&'a str>,
     },
     /// A state that does not trigger it (the workflow's own write, or a
     /// change its trigger does not match), with its heads.
@@ -98,9 +102,17 @@ impl Coalescer {
                 changed,
                 trigger,
                 delay,
+                origin,
             } => {
                 self.take_after.remove(&key);
-                self.add(now, key, depth, changed, trigger, delay)
+                let p = Pending {
+                    depth,
+                    changed: changed.iter().take(MAX_CHANGED).cloned().collect(),
+                    trigger,
+                    due: now + delay,
+                    origin: origin.map(str::to_string),
+                };
+                self.add(now, key, p)
             }
             Event::State {
                 key,
@@ -170,44 +182,30 @@ impl Coalescer {
         self.delayed.first_key_value().map(|((t, _), _)| *t)
     }
 
-    /// Marks `key` pending, or folds the trigger into its pending run.
-    fn add(
-        &mut self,
-        now: Instant,
-        key: Key,
-        depth: u32,
-        changed: &[String],
-        trigger: &'static str,
-        delay: Duration,
-    ) -> Vec<Action> {
-        let due = now + delay;
+    /// Marks `key` pending with `new`, or folds `new` into its pending run.
+    fn add(&mut self, now: Instant, key: Key, new: Pending) -> Vec<Action> {
         match self.pending.get_mut(&key) {
             Some(p) => {
-                p.depth = p.depth.max(depth);
-                for c in changed {
+                p.depth = p.depth.max(new.depth);
+                if new.origin.is_some() {
+                    p.origin = new.origin;
+                }
+                for c in new.changed {
                     if p.changed.len() < MAX_CHANGED {
-                        p.changed.insert(c.clone());
+                        p.changed.insert(c);
                     }
                 }
                 // An earlier due time (a local write after a remote one)
                 // is taken when the run is queued next; a queued run keeps
                 // its place.
                 if !self.queued.contains(&key) && !self.in_flight.contains(&key) {
-                    p.due = p.due.min(due);
+                    p.due = p.due.min(new.due);
                     self.schedule(now, key);
                 }
                 vec![Action::Coalesced]
             }
             None => {
-                self.pending.insert(
-                    key.clone(),
-                    Pending {
-                        depth,
-                        changed: changed.iter().take(MAX_CHANGED).cloned().collect(),
-                        trigger,
-                        due,
-                    },
-                );
+                self.pending.insert(key.clone(), new);
                 if !self.in_flight.contains(&key) {
                     self.schedule(now, key);
                 }
@@ -332,6 +330,7 @@ mod tests {
                             changed,
                             trigger,
                             delay,
+                            origin: None,
                         },
                     )
                 }

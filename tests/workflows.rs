@@ -1480,3 +1480,29 @@ async fn the_run_log_is_pruned_to_keep_runs() {
     assert!(kept.len() <= 6, "{}", kept.len());
     node.shutdown().await.unwrap();
 }
+
+/// A user applies a definition and disables it at once, before the runner
+/// has loaded it: that works, and the workflow ends up loaded and disabled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workflow_can_be_disabled_right_after_it_is_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = local_node(&dir.path().join("n"), &dir.path().join("defs"), |_| {}).await;
+    let engine = node.workflows();
+    for i in 0..20 {
+        let text = PING.replace("name = \"ping\"", &format!("name = \"quick-{i}\""));
+        let applied = engine.apply(&text).await.unwrap();
+        assert_eq!(applied.name, format!("quick-{i}"));
+        let off = engine.set_enabled(&applied.name, false).await.unwrap();
+        assert_eq!(off.state, "disabled");
+    }
+    until("all twenty loaded, disabled", || async {
+        let list = engine.list();
+        (list.len() == 20 && list.iter().all(|w| w.state == "disabled")).then_some(())
+    })
+    .await;
+    assert!(matches!(
+        engine.set_enabled("never-applied", false).await,
+        Err(mergeflow::workflow::WorkflowError::NoWorkflow(_))
+    ));
+    node.shutdown().await.unwrap();
+}

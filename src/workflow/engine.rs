@@ -398,11 +398,31 @@ impl Engine {
         name: &str,
         enabled: bool,
     ) -> Result<WorkflowInfo, WorkflowError> {
-        let mut info = self.get(name)?;
+        // A definition just applied may not be loaded yet (the runner
+        // reloads from the feed): its stored text names it too.
+        let mut info = match self.get(name) {
+            Ok(info) => info,
+            Err(WorkflowError::NoWorkflow(_)) => self.applied_info(name).await?,
+            Err(e) => return Err(e),
+        };
         self.write_applied(name, &[("/enabled", Json::Bool(enabled))])
             .await?;
         info.state = if enabled { "enabled" } else { "disabled" };
         Ok(info)
+    }
+
+    /// Workflow `name` as its applied definition (stored, maybe not loaded
+    /// yet) describes it.
+    async fn applied_info(&self, name: &str) -> Result<WorkflowInfo, WorkflowError> {
+        let missing = || WorkflowError::NoWorkflow(name.to_string());
+        let id = DocId::new(applied_doc(name)).map_err(|_| missing())?;
+        let text = match self.shared.docs.get(id, None).await {
+            Ok(j) => j["text"].as_str().map(str::to_string).ok_or_else(missing)?,
+            Err(DocError::NotFound(_) | DocError::Deleted(_)) => return Err(missing()),
+            Err(e) => return Err(WorkflowError::Write(e.to_string())),
+        };
+        let plan = Plan::load(&self.shared.sandbox, &format!("applied:{name}"), &text)?;
+        Ok(WorkflowInfo::of(&plan, "applied"))
     }
 
     /// Runs, newest first: of `workflow` and in `status` if given, at most `limit`.

@@ -358,14 +358,7 @@ impl Engine {
     /// [`WorkflowError::DefinedByFile`] when only a file defines it here,
     /// [`WorkflowError::NoWorkflow`] when nothing does; write errors.
     pub async fn delete(&self, name: &str) -> Result<Deleted, WorkflowError> {
-        let text = match DocId::new(applied_doc(name)) {
-            Ok(id) => match self.shared.docs.get(id, None).await {
-                Ok(j) => j["text"].is_string(),
-                Err(DocError::NotFound(_) | DocError::Deleted(_)) => false,
-                Err(e) => return Err(WorkflowError::Write(e.to_string())),
-            },
-            Err(_) => return Err(WorkflowError::NoWorkflow(name.to_string())),
-        };
+        let text = self.applied_text(name).await?.is_some();
         let file = self
             .list()
             .into_iter()
@@ -411,15 +404,24 @@ impl Engine {
         Ok(info)
     }
 
+    /// The stored text of workflow `name`'s applied definition (None when
+    /// none was applied, or it was deleted).
+    async fn applied_text(&self, name: &str) -> Result<Option<String>, WorkflowError> {
+        let Ok(id) = DocId::new(applied_doc(name)) else {
+            return Err(WorkflowError::NoWorkflow(name.to_string()));
+        };
+        match self.shared.docs.get(id, None).await {
+            Ok(j) => Ok(j["text"].as_str().map(str::to_string)),
+            Err(DocError::NotFound(_) | DocError::Deleted(_)) => Ok(None),
+            Err(e) => Err(WorkflowError::Write(e.to_string())),
+        }
+    }
+
     /// Workflow `name` as its applied definition (stored, maybe not loaded
     /// yet) describes it.
     async fn applied_info(&self, name: &str) -> Result<WorkflowInfo, WorkflowError> {
-        let missing = || WorkflowError::NoWorkflow(name.to_string());
-        let id = DocId::new(applied_doc(name)).map_err(|_| missing())?;
-        let text = match self.shared.docs.get(id, None).await {
-            Ok(j) => j["text"].as_str().map(str::to_string).ok_or_else(missing)?,
-            Err(DocError::NotFound(_) | DocError::Deleted(_)) => return Err(missing()),
-            Err(e) => return Err(WorkflowError::Write(e.to_string())),
+        let Some(text) = self.applied_text(name).await? else {
+            return Err(WorkflowError::NoWorkflow(name.to_string()));
         };
         let plan = Plan::load(&self.shared.sandbox, &format!("applied:{name}"), &text)?;
         Ok(WorkflowInfo::of(&plan, "applied"))

@@ -1,0 +1,464 @@
+//! The automerge-repo endpoint (`GET /v1/automerge`) against hostile and
+//! broken clients, spoken to from Rust with a plain WebSocket client and an
+//! Automerge doc: every bad input gets a clear `error` and a close (or is
+//! dropped, where the protocol says so), stores nothing, and the node keeps
+//! serving its other clients. The stock JS clients are in tests/interop/.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use automerge::sync::{self, SyncDoc};
+use automerge::transaction::Transactable;
+use automerge::{AutoCommit, ROOT, ReadDoc};
+use futures_util::{SinkExt, StreamExt};
+use mergeflow::testing::amrepo::url::id_of;
+use mergeflow::testing::amrepo::wire::{self, PeerMetadata, WireMessage};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+fn url(node: &mergeflow::Node) -> String {
+    format!("ws://{}/v1/automerge", node.api_addr().unwrap())
+}
+
+async fn send(ws: &mut Ws, msg: &WireMessage) {
+    ws.send(Message::Binary(wire::encode(msg).into()))
+        .await
+        .unwrap();
+}
+
+fn join(sender: &str) -> WireMessage {
+    WireMessage::Join {
+        sender_id: sender.into(),
+        supported_protocol_versions: vec!["1".into()],
+        metadata: PeerMetadata::default(),
+    }
+}
+
+/// Connects and joins as `sender`; the node's peer id from its `peer`.
+async fn joined(node: &mergeflow::Node, sender: &str) -> (Ws, String) {
+    let (mut ws, _) = connect_async(url(node)).await.unwrap();
+    send(&mut ws, &join(sender)).await;
+    match next(&mut ws).await {
+        Some(WireMessage::Peer {
+            sender_id,
+            target_id,
+            selected_protocol_version,
+            ..
+        }) => {
+            assert_eq!(target_id, sender);
+            assert_eq!(selected_protocol_version, "1");
+            (ws, sender_id)
+        }
+        other => panic!("expected peer, got {other:?}"),
+    }
+}
+
+/// The next protocol message, or None once the socket closed.
+async fn next(ws: &mut Ws) -> Option<WireMessage> {
+    loop {
+        let m = tokio::time::timeout(DEADLINE, ws.next())
+            .await
+            .expect("the node answers within the deadline");
+        match m {
+            None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return None,
+            Some(Ok(Message::Binary(b))) => return Some(wire::decode(&b, usize::MAX).unwrap()),
+            Some(Ok(_)) => continue,
+        }
+    }
+}
+
+/// Reads until the node closes the socket: the `error` it sent first, if
+/// any, and the close code.
+async fn closed_with(ws: &mut Ws) -> (Option<String>, Option<u16>) {
+    let mut error = None;
+    loop {
+        let m = tokio::time::timeout(DEADLINE, ws.next())
+            .await
+            .expect("the node closes within the deadline");
+        match m {
+            Some(Ok(Message::Binary(b))) => {
+                if let Ok(WireMessage::Error { message }) = wire::decode(&b, usize::MAX) {
+                    error = Some(message);
+                }
+            }
+            Some(Ok(Message::Close(frame))) => return (error, frame.map(|f| u16::from(f.code))),
+            None | Some(Err(_)) => return (error, None),
+            Some(Ok(_)) => {}
+        }
+    }
+}
+
+/// Syncs `doc` (a client copy of the node's doc `name`) until the node has
+/// nothing more to say; the session's state.
+async fn sync_until_quiet(
+    ws: &mut Ws,
+    me: &str,
+    node_id: &str,
+    name: &str,
+    doc: &mut AutoCommit,
+) -> sync::State {
+    let mut state = sync::State::new();
+    let document_id = id_of(name);
+    let first = doc.sync().generate_sync_message(&mut state).unwrap();
+    send(
+        ws,
+        &WireMessage::Sync {
+            request: doc.get_heads().is_empty(),
+            sender_id: me.into(),
+            target_id: node_id.into(),
+            document_id: document_id.clone(),
+            data: first.encode(),
+        },
+    )
+    .await;
+    loop {
+        let reply = tokio::time::timeout(Duration::from_millis(500), next(ws)).await;
+        let Ok(reply) = reply else { return state };
+        match reply {
+            Some(WireMessage::Sync { data, .. }) => {
+                let msg = sync::Message::decode(&data).unwrap();
+                doc.sync().receive_sync_message(&mut state, msg).unwrap();
+                if let Some(m) = doc.sync().generate_sync_message(&mut state) {
+                    send(
+                        ws,
+                        &WireMessage::Sync {
+                            request: false,
+                            sender_id: me.into(),
+                            target_id: node_id.into(),
+                            document_id: document_id.clone(),
+                            data: m.encode(),
+                        },
+                    )
+                    .await;
+                }
+            }
+            Some(WireMessage::DocUnavailable { .. }) => return state,
+            // Another client's presence, relayed.
+            Some(WireMessage::Ephemeral { .. }) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+/// The first sync message of a client with no copy of a doc.
+fn empty_sync() -> Vec<u8> {
+    AutoCommit::new()
+        .sync()
+        .generate_sync_message(&mut sync::State::new())
+        .unwrap()
+        .encode()
+}
+
+/// A well-behaved client still reads `notes/ok` from the node.
+async fn still_serves(node: &mergeflow::Node) {
+    let (mut ws, node_id) = joined(node, "good-client").await;
+    let mut doc = AutoCommit::new();
+    sync_until_quiet(&mut ws, "good-client", &node_id, "notes/ok", &mut doc).await;
+    let (v, _) = doc.get(ROOT, "n").unwrap().expect("the client got the doc");
+    assert_eq!(v.as_i64(), Some(1));
+}
+
+async fn node_with_doc(
+    dir: &std::path::Path,
+    tweak: impl FnOnce(&mut mergeflow::Config),
+) -> mergeflow::Node {
+    let node = common::api_node(dir, tweak).await;
+    node.doc("notes/ok")
+        .unwrap()
+        .patch(serde_json::json!({"n": 1}))
+        .await
+        .unwrap();
+    node
+}
+
+#[tokio::test]
+async fn broken_clients_get_an_error_and_a_close_and_others_are_still_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node_with_doc(dir.path(), |c| c.automerge.max_message_bytes = 64 * 1024).await;
+    let node_id = node.peer_id().to_string();
+    struct Case {
+        name: &'static str,
+        before_join: bool,
+        frame: Message,
+        says: &'static str,
+    }
+    let sync_for = |document_id: &str| {
+        Message::Binary(
+            wire::encode(&WireMessage::Sync {
+                request: false,
+                sender_id: "bad".into(),
+                target_id: node_id.clone(),
+                document_id: document_id.into(),
+                data: vec![0x42, 0x01, 0x02],
+            })
+            .into(),
+        )
+    };
+    let cases = [
+        Case {
+            name: "garbage bytes as the join",
+            before_join: true,
+            frame: Message::Binary(vec![0xff, 0x00, 0x13, 0x37].into()),
+            says: "malformed",
+        },
+        Case {
+            name: "a text frame as the join",
+            before_join: true,
+            frame: Message::Text("{\"type\":\"join\"}".into()),
+            says: "binary",
+        },
+        Case {
+            name: "sync before join",
+            before_join: true,
+            frame: sync_for(&id_of("notes/ok")),
+            says: "first message must be join",
+        },
+        Case {
+            name: "join without version 1",
+            before_join: true,
+            frame: Message::Binary(
+                wire::encode(&WireMessage::Join {
+                    sender_id: "bad".into(),
+                    supported_protocol_versions: vec!["2".into()],
+                    metadata: PeerMetadata::default(),
+                })
+                .into(),
+            ),
+            says: "protocol version 1",
+        },
+        Case {
+            name: "garbage after join",
+            before_join: false,
+            frame: Message::Binary(vec![0xa1, 0x61].into()),
+            says: "malformed",
+        },
+        Case {
+            name: "a text frame after join",
+            before_join: false,
+            frame: Message::Text("hello".into()),
+            says: "text messages",
+        },
+        Case {
+            name: "a document id that is not bs58check",
+            before_join: false,
+            frame: sync_for("not-an-id-0OIl"),
+            says: "bad documentId",
+        },
+        Case {
+            name: "a sync message that is not Automerge",
+            before_join: false,
+            frame: sync_for(&id_of("notes/ok")),
+            says: "notes/ok",
+        },
+    ];
+    for case in cases {
+        let (mut ws, _) = connect_async(url(&node)).await.unwrap();
+        if !case.before_join {
+            send(&mut ws, &join("bad")).await;
+            assert!(matches!(
+                next(&mut ws).await,
+                Some(WireMessage::Peer { .. })
+            ));
+        }
+        ws.send(case.frame).await.unwrap();
+        let (error, code) = closed_with(&mut ws).await;
+        let error = error.unwrap_or_else(|| panic!("{}: no error message", case.name));
+        assert!(
+            error.contains(case.says),
+            "{}: error {error:?} should say {:?}",
+            case.name,
+            case.says
+        );
+        assert_eq!(
+            code,
+            Some(1008),
+            "{}: closed as a policy violation",
+            case.name
+        );
+        still_serves(&node).await;
+    }
+    // A frame over automerge.max_message_bytes ends the connection.
+    let (mut ws, _) = joined(&node, "big").await;
+    let _ = ws.send(Message::Binary(vec![0u8; 65 * 1024].into())).await;
+    let _ = closed_with(&mut ws).await;
+    still_serves(&node).await;
+    assert_eq!(
+        node.doc("notes/ok").unwrap().get().await.unwrap(),
+        serde_json::json!({"n": 1}),
+        "nothing a broken client sent was stored"
+    );
+    node.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn messages_naming_another_sender_or_target_are_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node_with_doc(dir.path(), |_| {}).await;
+    let (mut ws, node_id) = joined(&node, "mallory").await;
+    // A change the client makes, sent as if from another peer, then to
+    // another target: neither is taken.
+    let mut doc = AutoCommit::new();
+    let mut state = sync_until_quiet(&mut ws, "mallory", &node_id, "notes/ok", &mut doc).await;
+    doc.put(ROOT, "n", 666).unwrap();
+    let data = doc
+        .sync()
+        .generate_sync_message(&mut state)
+        .unwrap()
+        .encode();
+    assert!(
+        !sync::Message::decode(&data).unwrap().changes.is_empty(),
+        "the message carries the change"
+    );
+    for (sender, target) in [("alice", node_id.as_str()), ("mallory", "someone-else")] {
+        send(
+            &mut ws,
+            &WireMessage::Sync {
+                request: false,
+                sender_id: sender.into(),
+                target_id: target.into(),
+                document_id: id_of("notes/ok"),
+                data: data.clone(),
+            },
+        )
+        .await;
+    }
+    // The connection stays open and answers its own messages: a request
+    // for an unknown doc gets doc-unavailable, so the two above were read.
+    send(
+        &mut ws,
+        &WireMessage::Sync {
+            request: true,
+            sender_id: "mallory".into(),
+            target_id: node_id.clone(),
+            document_id: id_of("notes/none"),
+            data: empty_sync(),
+        },
+    )
+    .await;
+    loop {
+        match next(&mut ws).await {
+            Some(WireMessage::DocUnavailable { document_id, .. }) => {
+                assert_eq!(document_id, id_of("notes/none"));
+                break;
+            }
+            Some(WireMessage::Sync { .. }) => continue,
+            other => panic!("expected doc-unavailable, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        node.doc("notes/ok").unwrap().get().await.unwrap(),
+        serde_json::json!({"n": 1}),
+        "a message naming another sender or target changed nothing"
+    );
+    node.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_connection_may_follow_only_so_many_docs_and_the_node_only_so_many_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node_with_doc(dir.path(), |c| {
+        c.automerge.max_docs_per_connection = 3;
+        c.automerge.max_connections = 4;
+    })
+    .await;
+    let (mut ws, node_id) = joined(&node, "greedy").await;
+    let empty = empty_sync();
+    for i in 0..4 {
+        send(
+            &mut ws,
+            &WireMessage::Sync {
+                request: true,
+                sender_id: "greedy".into(),
+                target_id: node_id.clone(),
+                document_id: id_of(&format!("notes/{i}")),
+                data: empty.clone(),
+            },
+        )
+        .await;
+    }
+    let (error, code) = closed_with(&mut ws).await;
+    let error = error.expect("an error message");
+    assert!(error.contains("max_docs_per_connection"), "{error}");
+    assert_eq!(code, Some(1008));
+    // Four connections are served; the fifth is refused before the upgrade,
+    // and a slot frees when one closes.
+    let mut open = Vec::new();
+    for i in 0..4 {
+        open.push(joined(&node, &format!("c{i}")).await.0);
+    }
+    let refused = connect_async(url(&node))
+        .await
+        .expect_err("a fifth connection");
+    match refused {
+        tokio_tungstenite::tungstenite::Error::Http(resp) => {
+            assert_eq!(resp.status(), 503);
+            let body =
+                String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default()).to_string();
+            assert!(body.contains("max_connections"), "{body}");
+        }
+        other => panic!("expected an HTTP refusal, got {other}"),
+    }
+    let mut last = open.pop().unwrap();
+    last.close(None).await.unwrap();
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        match connect_async(url(&node)).await {
+            Ok(_) => break,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => panic!("no slot freed: {e}"),
+        }
+    }
+    node.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_second_join_replaces_the_first_and_a_flood_costs_only_its_sender() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node_with_doc(dir.path(), |_| {}).await;
+    let (mut first, _) = joined(&node, "same").await;
+    let (mut second, node_id) = joined(&node, "same").await;
+    let (error, _) = closed_with(&mut first).await;
+    assert!(error.unwrap_or_default().contains("replaced"));
+    // The second connection floods ephemeral messages and sync requests it
+    // never reads the answers to; another client is served meanwhile.
+    let flood = async {
+        for i in 0..5_000u64 {
+            let msg = if i % 2 == 0 {
+                WireMessage::Ephemeral {
+                    sender_id: "same".into(),
+                    target_id: node_id.clone(),
+                    document_id: id_of("notes/ok"),
+                    session_id: "s".into(),
+                    count: i + 1,
+                    data: vec![0; 512],
+                }
+            } else {
+                WireMessage::Sync {
+                    request: true,
+                    sender_id: "same".into(),
+                    target_id: node_id.clone(),
+                    document_id: id_of("notes/ok"),
+                    data: empty_sync(),
+                }
+            };
+            if second
+                .send(Message::Binary(wire::encode(&msg).into()))
+                .await
+                .is_err()
+            {
+                break; // the node closed it: also fine
+            }
+        }
+    };
+    tokio::join!(flood, still_serves(&node));
+    still_serves(&node).await;
+    node.shutdown().await.unwrap();
+}

@@ -297,6 +297,14 @@ impl NodeBuilder {
                 }));
             *node.inner.net.lock().expect("not poisoned") = Some(net);
         }
+        crate::amrepo::dial::spawn(
+            &node.inner.docs,
+            &node.inner.feed,
+            &node.inner.config.automerge,
+            &node.inner.peer_id.to_string(),
+            &node.inner.cancel,
+            &node.inner.tasks,
+        );
         if self.serve_api {
             let listener = tokio::net::TcpListener::bind(node.inner.config.api.listen)
                 .await

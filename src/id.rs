@@ -45,7 +45,10 @@ pub const CLIENT_PREFIX: &str = "am/";
 /// The 16 bytes behind a doc's automerge URL (`automerge:<bs58check of
 /// them>`): for a doc a client created (`am/<id>`), the bytes of its id;
 /// for any other name, the first 16 bytes of SHA-256 over a fixed label and
-/// the name, so every node derives the same URL with no coordination.
+/// the name, so every node derives the same URL with no coordination,
+/// shaped as a name-based UUID (version 5 and RFC 4122 variant bits):
+/// automerge-repo 1.x (the npm sync server 0.2.8 runs it) refuses a
+/// document id that is not a valid UUID.
 pub fn url_key(name: &str) -> [u8; 16] {
     if let Some(bytes) = name.strip_prefix(CLIENT_PREFIX).and_then(client_id_bytes) {
         return bytes;
@@ -57,6 +60,8 @@ pub fn url_key(name: &str) -> [u8; 16] {
         .finalize();
     let mut bytes = [0u8; 16];
     bytes.copy_from_slice(&hash[..16]);
+    bytes[6] = (bytes[6] & 0x0f) | 0x50;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
     bytes
 }
 

@@ -88,16 +88,6 @@ impl Hub {
         self.open.load(Ordering::Relaxed)
     }
 
-    /// The doc a client's document id names: the named doc whose URL it
-    /// is, else the client's own `am/<id>`.
-    fn doc_for(&self, document_id: &str) -> Result<DocId, String> {
-        let bytes = decode_id(document_id).map_err(|e| e.to_string())?;
-        if let Some(doc) = self.docs.doc_for_url(&bytes) {
-            return Ok(doc);
-        }
-        DocId::new(client_doc_name(document_id).as_str()).map_err(|e| e.to_string())
-    }
-
     /// Serves one upgraded connection until it closes.
     pub async fn serve(self: Arc<Self>, mut ws: WebSocket) {
         self.open.fetch_add(1, Ordering::Relaxed);
@@ -236,6 +226,36 @@ impl Hub {
     }
 }
 
+/// The doc a document id names: the named doc whose URL it is, else the
+/// doc `am/<id>` (one an automerge-repo client created).
+pub(super) fn doc_for(docs: &Docs, document_id: &str) -> Result<DocId, String> {
+    let bytes = decode_id(document_id).map_err(|e| e.to_string())?;
+    if let Some(doc) = docs.doc_for_url(&bytes) {
+        return Ok(doc);
+    }
+    DocId::new(client_doc_name(document_id).as_str()).map_err(|e| e.to_string())
+}
+
+/// The protocol message, from peer `me` to peer `to`, that carries what the
+/// runtime sends the other side.
+pub(super) fn encode_out(me: &str, to: &str, out: ClientOut) -> Vec<u8> {
+    let msg = match out {
+        ClientOut::Sync { doc, data } => WireMessage::Sync {
+            request: false,
+            sender_id: me.to_string(),
+            target_id: to.to_string(),
+            document_id: id_of(doc.as_str()),
+            data,
+        },
+        ClientOut::Unavailable { doc } => WireMessage::DocUnavailable {
+            sender_id: me.to_string(),
+            target_id: to.to_string(),
+            document_id: id_of(doc.as_str()),
+        },
+    };
+    wire::encode(&msg)
+}
+
 /// How a connection ends.
 enum End {
     /// The client went away (or the socket failed): nothing to say.
@@ -329,7 +349,7 @@ impl Connection<'_> {
                 }
                 out = conn.recv() => {
                     let Some(out) = out else { return End::Stopping };
-                    let msg = self.encode(out);
+                    let msg = encode_out(&hub.me, &self.client, out);
                     if ws.send(Message::Binary(msg.into())).await.is_err() {
                         return End::Gone;
                     }
@@ -386,8 +406,7 @@ impl Connection<'_> {
             tracing::debug!(client = %self.client, sender, target, "automerge message for another peer dropped");
             return Ok(());
         }
-        let doc = hub
-            .doc_for(document_id)
+        let doc = doc_for(&hub.docs, document_id)
             .map_err(|e| End::error(&format!("bad documentId: {e}")))?;
         self.follow(&doc, eph_tx);
         match msg {
@@ -434,23 +453,5 @@ impl Connection<'_> {
                 }
             }
         }
-    }
-
-    fn encode(&self, out: ClientOut) -> Vec<u8> {
-        let msg = match out {
-            ClientOut::Sync { doc, data } => WireMessage::Sync {
-                request: false,
-                sender_id: self.hub.me.clone(),
-                target_id: self.client.clone(),
-                document_id: id_of(doc.as_str()),
-                data,
-            },
-            ClientOut::Unavailable { doc } => WireMessage::DocUnavailable {
-                sender_id: self.hub.me.clone(),
-                target_id: self.client.clone(),
-                document_id: id_of(doc.as_str()),
-            },
-        };
-        wire::encode(&msg)
     }
 }

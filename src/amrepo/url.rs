@@ -101,4 +101,13 @@ mod tests {
         // A name that only looks like a client doc is hashed like any other.
         assert_ne!(id_of("am/not-an-id"), "not-an-id");
     }
+
+    #[test]
+    fn derived_ids_are_name_based_uuids_as_automerge_repo_1_requires() {
+        for name in ["notes/a", "sensors/greenhouse-3", "x", "am/not-an-id"] {
+            let b = decode_id(&id_of(name)).unwrap();
+            assert_eq!(b[6] >> 4, 5, "{name}: version 5");
+            assert_eq!(b[8] >> 6, 0b10, "{name}: RFC 4122 variant");
+        }
+    }
 }

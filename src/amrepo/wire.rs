@@ -98,6 +98,22 @@ pub enum WireMessage {
     },
 }
 
+impl WireMessage {
+    /// Its `type`, as the protocol names it.
+    pub fn kind(&self) -> &str {
+        match self {
+            WireMessage::Join { .. } => "join",
+            WireMessage::Peer { .. } => "peer",
+            WireMessage::Sync { request: true, .. } => "request",
+            WireMessage::Sync { .. } => "sync",
+            WireMessage::DocUnavailable { .. } => "doc-unavailable",
+            WireMessage::Ephemeral { .. } => "ephemeral",
+            WireMessage::Error { .. } => "error",
+            WireMessage::Other { kind } => kind,
+        }
+    }
+}
+
 /// Why bytes are not a protocol message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {

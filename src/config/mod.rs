@@ -15,8 +15,8 @@ mod validate;
 pub use error::ConfigError;
 pub use load::Overrides;
 pub use sections::{
-    ApiConfig, AutomergeConfig, Config, DocConfig, LogConfig, LogFormat, NetTable, NodeConfig,
-    PerfConfig, StoreConfig, WorkflowConfig,
+    ApiConfig, AutomergeConfig, AutomergeServer, Config, DocConfig, LogConfig, LogFormat, NetTable,
+    NodeConfig, PerfConfig, StoreConfig, WorkflowConfig,
 };
 
 #[cfg(test)]

@@ -58,6 +58,26 @@ pub struct AutomergeConfig {
     /// Milliseconds a ticket from `POST /v1/tickets` stays valid.
     #[serde(deserialize_with = "crate::duration::de_ms")]
     pub ticket_ttl_ms: u64,
+    /// `[[automerge.servers]]`: automerge-repo sync servers this node
+    /// dials and keeps its matching docs synced with.
+    pub servers: Vec<AutomergeServer>,
+}
+
+/// One `[[automerge.servers]]` entry: a sync server to dial.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AutomergeServer {
+    /// Its WebSocket URL, `ws://host:port/path` (with any token in the
+    /// query, as that server wants it).
+    pub url: String,
+    /// The docs shared with it: a doc id glob (`notes/**`; `am/**` for
+    /// docs that automerge-repo clients created).
+    #[serde(default = "all_docs")]
+    pub docs: String,
+}
+
+fn all_docs() -> String {
+    "**".into()
 }
 
 impl Default for AutomergeConfig {
@@ -377,6 +397,7 @@ impl Default for Config {
                 queue: 1024,
                 ping_ms: 20_000,
                 ticket_ttl_ms: 60_000,
+                servers: Vec::new(),
             },
             workflow: WorkflowConfig {
                 dir: PathBuf::new(),

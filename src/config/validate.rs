@@ -160,6 +160,15 @@ impl Config {
                 return invalid(key, "must be between 100 ms and 24 h");
             }
         }
+        for (i, server) in am.servers.iter().enumerate() {
+            let n = i + 1;
+            if let Err(why) = crate::amrepo::dial::check_url(&server.url) {
+                return invalid("automerge.servers", &format!("entry {n}: url: {why}"));
+            }
+            if let Err(why) = crate::feed::DocGlob::new(&server.docs) {
+                return invalid("automerge.servers", &format!("entry {n}: docs: {why}"));
+            }
+        }
         if self.api.max_connections == 0 {
             return invalid("api.max_connections", "must be at least 1");
         }

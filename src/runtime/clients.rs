@@ -52,6 +52,9 @@ pub(super) enum ClientMsg {
         data: Vec<u8>,
         request: bool,
     },
+    /// Start syncing `doc` with the other side, unasked (the node dials a
+    /// sync server and offers it the docs it shares).
+    Announce { conn: ConnId, doc: DocId },
     /// The connection closed.
     Close { conn: ConnId },
 }
@@ -234,6 +237,11 @@ impl Clients {
                     self.conns.insert(conn, c);
                 }
                 ClientMsg::Close { conn } => self.remove(conn),
+                ClientMsg::Announce { conn, doc } => {
+                    if self.follow(conn, &doc) {
+                        work.answer.push((conn, doc));
+                    }
+                }
                 ClientMsg::Sync {
                     conn,
                     doc,
@@ -242,6 +250,27 @@ impl Clients {
                 } => self.receive(conn, doc, &data, request, round, work, to_core),
             }
         }
+    }
+
+    /// Connection `conn` follows `doc` from now on (if it did not). False
+    /// if the connection is gone, or closed for following more docs than
+    /// it may.
+    fn follow(&mut self, conn: ConnId, doc: &DocId) -> bool {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return false;
+        };
+        if !c.docs.contains_key(doc) {
+            if c.docs.len() >= c.max_docs {
+                c.shared.close(&format!(
+                    "this connection follows {} docs, the most automerge.max_docs_per_connection allows",
+                    c.max_docs
+                ));
+                return false;
+            }
+            c.docs.insert(doc.clone(), sync::State::new());
+            self.followers.entry(doc.clone()).or_default().insert(conn);
+        }
+        true
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -255,21 +284,11 @@ impl Clients {
         work: &mut ClientRound,
         to_core: &mut Vec<Input>,
     ) {
-        let Some(c) = self.conns.get_mut(&conn) else {
-            return; // closed meanwhile
-        };
-        if !c.docs.contains_key(&doc) {
-            if c.docs.len() >= c.max_docs {
-                c.shared.close(&format!(
-                    "this connection follows {} docs, the most automerge.max_docs_per_connection allows",
-                    c.max_docs
-                ));
-                return;
-            }
-            c.docs.insert(doc.clone(), sync::State::new());
-            self.followers.entry(doc.clone()).or_default().insert(conn);
+        if !self.follow(conn, &doc) {
+            return; // closed meanwhile, or past its limit
         }
-        let state = c.docs.get_mut(&doc).expect("inserted above");
+        let c = self.conns.get_mut(&conn).expect("follow found it");
+        let state = c.docs.get_mut(&doc).expect("follow added it");
         round.from = Some(c.origin.clone());
         let received = round.receive_client_sync(&doc, state, data);
         round.from = None;

@@ -123,6 +123,20 @@ impl ClientConn {
             .map_err(|_| Stopped)
     }
 
+    /// Starts syncing `doc` with the other side without being asked: the
+    /// writer sends the doc's first sync message (this side dialed a sync
+    /// server and offers it the doc).
+    ///
+    /// # Errors
+    /// [`Stopped`] if the node is stopping.
+    pub async fn announce(&self, doc: DocId) -> Result<(), Stopped> {
+        let msg = ClientMsg::Announce { conn: self.id, doc };
+        self.writer
+            .send(WriterMsg::Client(msg))
+            .await
+            .map_err(|_| Stopped)
+    }
+
     /// The next message for the client; `None` once the node is stopping.
     pub async fn recv(&mut self) -> Option<ClientOut> {
         self.rx.recv().await

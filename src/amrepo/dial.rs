@@ -1,0 +1,392 @@
+//! Dialing automerge-repo sync servers (`[[automerge.servers]]`): the node
+//! joins a server as a client of the same protocol the endpoint serves and
+//! keeps the docs its glob matches synced with it, so a mergeflow mesh can
+//! join an existing Automerge deployment.
+//!
+//! One task per server. It connects, sends `join`, waits for `peer`, then
+//! announces every live doc the glob matches (servers do not announce, so
+//! the node offers what it shares) and each matching doc that appears
+//! later (from the change feed). From then on the connection is a client
+//! connection of the runtime like one the endpoint accepted: the writer
+//! holds one sync state per doc, merges what the server sends in its rounds
+//! (group commit before the answer), and sends the server the changes made
+//! anywhere else. A doc the server offers outside the glob is answered
+//! `doc-unavailable`. When the link fails (refused, closed, silent for two
+//! pings) the task waits, doubling from half a second up to 30 s, and
+//! dials again with fresh sync states; the sync protocol then sends only
+//! what either side lacks.
+//!
+//! Docs a server's other clients create are not learned here: a server
+//! does not announce, and the node cannot ask for a doc it has no name for.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::server::{HANDSHAKE, doc_for, encode_out};
+use super::wire::{self, PROTOCOL_VERSION, PeerMetadata, WireMessage};
+use crate::config::{AutomergeConfig, AutomergeServer};
+use crate::doc::{DocId, SYSTEM_PREFIX};
+use crate::feed::{DocGlob, Feed, FeedItem};
+use crate::runtime::{ClientConn, Docs};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// First wait before dialing again; doubles per failure.
+const FIRST_RETRY: Duration = Duration::from_millis(500);
+/// Longest wait before dialing again.
+const MAX_RETRY: Duration = Duration::from_secs(30);
+/// A link up this long starts the next failure's wait from the first again.
+const STABLE: Duration = Duration::from_secs(30);
+
+/// Checks a server URL from the config: `ws://` with a host.
+///
+/// # Errors
+/// What is wrong, for the config error.
+pub fn check_url(url: &str) -> Result<(), String> {
+    if url.starts_with("wss://") {
+        return Err(format!(
+            "{url:?}: wss:// needs TLS, which this build does not include yet; \
+             use ws:// (on loopback or a private network, or through a local TLS proxy)"
+        ));
+    }
+    let Some(rest) = url.strip_prefix("ws://") else {
+        return Err(format!("{url:?} is not a ws:// URL"));
+    };
+    let host = rest.split(['/', '?']).next().unwrap_or_default();
+    if host.is_empty() {
+        return Err(format!("{url:?} names no host"));
+    }
+    Ok(())
+}
+
+/// Starts one link per configured server; they stop with `stop`.
+pub fn spawn(
+    docs: &Docs,
+    feed: &Arc<Feed>,
+    cfg: &AutomergeConfig,
+    me: &str,
+    stop: &CancellationToken,
+    tasks: &TaskTracker,
+) {
+    for server in &cfg.servers {
+        let Ok(glob) = DocGlob::new(&server.docs) else {
+            continue; // validated with the config
+        };
+        let link = Link {
+            server: server.clone(),
+            glob,
+            docs: docs.clone(),
+            feed: feed.clone(),
+            me: me.to_string(),
+            max_message_bytes: cfg.max_message_bytes,
+            queue: cfg.queue,
+            ping: Duration::from_millis(cfg.ping_ms),
+            stop: stop.clone(),
+        };
+        tasks.spawn(link.run());
+    }
+}
+
+/// One configured server and what its link needs.
+struct Link {
+    server: AutomergeServer,
+    glob: DocGlob,
+    docs: Docs,
+    feed: Arc<Feed>,
+    /// This node's peer id: its `senderId` and `storageId`.
+    me: String,
+    max_message_bytes: usize,
+    queue: usize,
+    ping: Duration,
+    stop: CancellationToken,
+}
+
+impl Link {
+    /// Dials, serves the link while it lasts, and dials again, until the
+    /// node stops.
+    async fn run(self) {
+        let url = self.server.url.clone();
+        let mut wait = FIRST_RETRY;
+        loop {
+            let started = Instant::now();
+            match self.session().await {
+                Ok(()) => return,
+                Err(why) => {
+                    if started.elapsed() > STABLE {
+                        wait = FIRST_RETRY;
+                    }
+                    tracing::warn!(server = %url, error = %why, retry_in_ms = wait.as_millis() as u64,
+                        "automerge sync server link down");
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = self.stop.cancelled() => return,
+            }
+            wait = (wait * 2).min(MAX_RETRY);
+        }
+    }
+
+    /// One connection, from dial to its end: `Ok` when the node stops,
+    /// else why it ended.
+    async fn session(&self) -> Result<(), String> {
+        let config = WebSocketConfig::default()
+            .max_message_size(Some(self.max_message_bytes))
+            .max_frame_size(Some(self.max_message_bytes));
+        let dial =
+            tokio_tungstenite::connect_async_with_config(&self.server.url, Some(config), true);
+        let mut ws = tokio::select! {
+            r = tokio::time::timeout(HANDSHAKE, dial) => match r {
+                Err(_) => return Err("no answer to the WebSocket upgrade within 10 s".into()),
+                Ok(Err(e)) => return Err(format!("cannot connect: {e}")),
+                Ok(Ok((ws, _))) => ws,
+            },
+            () = self.stop.cancelled() => return Ok(()),
+        };
+        let remote = tokio::select! {
+            r = self.handshake(&mut ws) => r?,
+            () = self.stop.cancelled() => return Ok(()),
+        };
+        tracing::info!(server = %self.server.url, peer = %remote, docs = %self.server.docs,
+            "joined automerge sync server");
+        let origin = format!("automerge:{remote}");
+        let conn = self
+            .docs
+            .inbox()
+            .open_client(origin, self.queue, usize::MAX)
+            .await
+            .map_err(|e| e.to_string())?;
+        let result = self.serve(&mut ws, conn, &remote).await;
+        let frame = match &result {
+            Ok(()) => Some((1001, "the node is stopping")),
+            Err(_) => Some((1000, "reconnecting")),
+        };
+        if let Some((code, reason)) = frame {
+            let _ = ws
+                .close(Some(tokio_tungstenite::tungstenite::protocol::CloseFrame {
+                    code: code.into(),
+                    reason: reason.into(),
+                }))
+                .await;
+        }
+        result
+    }
+
+    /// Sends `join`; the server's peer id from its `peer`.
+    async fn handshake(&self, ws: &mut Ws) -> Result<String, String> {
+        let join = WireMessage::Join {
+            sender_id: self.me.clone(),
+            supported_protocol_versions: vec![PROTOCOL_VERSION.into()],
+            metadata: PeerMetadata {
+                storage_id: Some(self.me.clone()),
+                is_ephemeral: false,
+            },
+        };
+        ws.send(Message::Binary(wire::encode(&join).into()))
+            .await
+            .map_err(|e| format!("cannot send join: {e}"))?;
+        let deadline = tokio::time::Instant::now() + HANDSHAKE;
+        loop {
+            let m = tokio::time::timeout_at(deadline, ws.next())
+                .await
+                .map_err(|_| "no peer message within 10 s of join".to_string())?;
+            let bytes = match m {
+                None | Some(Ok(Message::Close(_))) => {
+                    return Err("the server closed the connection after join".into());
+                }
+                Some(Err(e)) => return Err(e.to_string()),
+                Some(Ok(Message::Binary(b))) => b,
+                Some(Ok(_)) => continue,
+            };
+            match wire::decode(&bytes, self.max_message_bytes).map_err(|e| e.to_string())? {
+                WireMessage::Peer {
+                    sender_id,
+                    selected_protocol_version,
+                    ..
+                } if selected_protocol_version == PROTOCOL_VERSION => return Ok(sender_id),
+                WireMessage::Peer {
+                    selected_protocol_version,
+                    ..
+                } => {
+                    return Err(format!(
+                        "the server chose protocol version {selected_protocol_version:?}; this node speaks {PROTOCOL_VERSION}"
+                    ));
+                }
+                WireMessage::Error { message } => {
+                    return Err(format!("the server said: {message}"));
+                }
+                other => return Err(format!("expected peer, got {}", other.kind())),
+            }
+        }
+    }
+
+    /// Shares the matching docs over a joined connection until it ends.
+    async fn serve(&self, ws: &mut Ws, mut conn: ClientConn, remote: &str) -> Result<(), String> {
+        // Subscribe before listing, so a doc created in between is seen.
+        let mut changes = Box::pin(self.feed.subscribe_quiet(self.glob.clone()));
+        let mut shared_docs: HashSet<DocId> = HashSet::new();
+        self.announce_all(&conn, &mut shared_docs).await?;
+        let closed = conn.shared();
+        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + self.ping, self.ping);
+        let mut heard = Instant::now();
+        loop {
+            tokio::select! {
+                () = self.stop.cancelled() => return Ok(()),
+                why = closed.wait_closed() => return Err(why),
+                m = ws.next() => {
+                    heard = Instant::now();
+                    match m {
+                        None | Some(Ok(Message::Close(_))) => return Err("the server closed the connection".into()),
+                        Some(Err(e)) => return Err(e.to_string()),
+                        Some(Ok(Message::Binary(b))) => {
+                            if let Some(answer) = self.received(&b, &conn, &mut shared_docs).await? {
+                                ws.send(Message::Binary(answer.into())).await.map_err(|e| e.to_string())?;
+                            }
+                        }
+                        Some(Ok(_)) => {}
+                    }
+                }
+                out = conn.recv() => {
+                    let Some(out) = out else { return Ok(()) };
+                    let bytes = encode_out(&self.me, remote, out);
+                    ws.send(Message::Binary(bytes.into())).await.map_err(|e| e.to_string())?;
+                }
+                item = changes.next() => match item {
+                    Some(FeedItem::Change(e)) => {
+                        if !e.deleted {
+                            self.announce(&conn, &mut shared_docs, &e.doc).await?;
+                        }
+                    }
+                    // Fell behind the feed: list again (announcing twice is a no-op).
+                    Some(FeedItem::Missed { .. }) => self.announce_all(&conn, &mut shared_docs).await?,
+                    None => return Ok(()),
+                },
+                _ = ping.tick() => {
+                    if heard.elapsed() > 2 * self.ping {
+                        return Err("no message or pong from the server for two ping intervals".into());
+                    }
+                    ws.send(Message::Ping(Vec::new().into())).await.map_err(|e| e.to_string())?;
+                }
+            }
+        }
+    }
+
+    /// Announces every live doc the glob matches.
+    async fn announce_all(
+        &self,
+        conn: &ClientConn,
+        shared: &mut HashSet<DocId>,
+    ) -> Result<(), String> {
+        let docs = self.docs.clone();
+        let ids = tokio::task::spawn_blocking(move || docs.ids())
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("cannot list docs: {e}"))?;
+        for (id, deleted) in ids {
+            if !deleted && self.glob.matches(&id) {
+                self.announce(conn, shared, &id).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts syncing doc `id` with the server, once.
+    async fn announce(
+        &self,
+        conn: &ClientConn,
+        shared: &mut HashSet<DocId>,
+        id: &str,
+    ) -> Result<(), String> {
+        if id.starts_with(SYSTEM_PREFIX) {
+            return Ok(());
+        }
+        let Ok(doc) = DocId::new(id) else {
+            return Ok(());
+        };
+        if shared.insert(doc.clone()) {
+            conn.announce(doc).await.map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// One message from the server: hands a sync message for a shared doc
+    /// to the runtime. Returns an answer to send at once, if any
+    /// (`doc-unavailable` for a doc outside the glob).
+    async fn received(
+        &self,
+        bytes: &[u8],
+        conn: &ClientConn,
+        shared: &mut HashSet<DocId>,
+    ) -> Result<Option<Vec<u8>>, String> {
+        let msg = wire::decode(bytes, self.max_message_bytes)
+            .map_err(|e| format!("bad message from the server: {e}"))?;
+        match msg {
+            WireMessage::Sync {
+                request,
+                sender_id,
+                target_id,
+                document_id,
+                data,
+            } => {
+                if target_id != self.me {
+                    return Ok(None);
+                }
+                let doc = match doc_for(&self.docs, &document_id) {
+                    Ok(doc)
+                        if self.glob.matches(doc.as_str())
+                            && !doc.as_str().starts_with(SYSTEM_PREFIX) =>
+                    {
+                        doc
+                    }
+                    _ => {
+                        let answer = WireMessage::DocUnavailable {
+                            sender_id: self.me.clone(),
+                            target_id: sender_id,
+                            document_id,
+                        };
+                        return Ok(Some(wire::encode(&answer)));
+                    }
+                };
+                shared.insert(doc.clone());
+                conn.sync(doc, data, request)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(None)
+            }
+            WireMessage::Error { message } => Err(format!("the server said: {message}")),
+            // doc-unavailable (the server lacks a doc it was asked about;
+            // the node's next change offers it again), ephemeral and heads
+            // messages: nothing to do.
+            _ => Ok(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_url;
+
+    #[test]
+    fn server_urls_are_ws_with_a_host() {
+        assert!(check_url("ws://127.0.0.1:3030").is_ok());
+        assert!(check_url("ws://sync.local/path?token=x").is_ok());
+        for bad in [
+            "wss://sync.automerge.org",
+            "http://x",
+            "ws://",
+            "ws:///x",
+            "x",
+        ] {
+            assert!(check_url(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -47,27 +47,6 @@ const MAX_RETRY: Duration = Duration::from_secs(30);
 /// A link up this long starts the next failure's wait from the first again.
 const STABLE: Duration = Duration::from_secs(30);
 
-/// Checks a server URL from the config: `ws://` with a host.
-///
-/// # Errors
-/// What is wrong, for the config error.
-pub fn check_url(url: &str) -> Result<(), String> {
-    if url.starts_with("wss://") {
-        return Err(format!(
-            "{url:?}: wss:// needs TLS, which this build does not include yet; \
-             use ws:// (on loopback or a private network, or through a local TLS proxy)"
-        ));
-    }
-    let Some(rest) = url.strip_prefix("ws://") else {
-        return Err(format!("{url:?} is not a ws:// URL"));
-    };
-    let host = rest.split(['/', '?']).next().unwrap_or_default();
-    if host.is_empty() {
-        return Err(format!("{url:?} names no host"));
-    }
-    Ok(())
-}
-
 /// Starts one link per configured server; they stop with `stop`.
 pub fn spawn(
     docs: &Docs,
@@ -367,26 +346,6 @@ impl Link {
             // the node's next change offers it again), ephemeral and heads
             // messages: nothing to do.
             _ => Ok(None),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::check_url;
-
-    #[test]
-    fn server_urls_are_ws_with_a_host() {
-        assert!(check_url("ws://127.0.0.1:3030").is_ok());
-        assert!(check_url("ws://sync.local/path?token=x").is_ok());
-        for bad in [
-            "wss://sync.automerge.org",
-            "http://x",
-            "ws://",
-            "ws:///x",
-            "x",
-        ] {
-            assert!(check_url(bad).is_err(), "{bad}");
         }
     }
 }

@@ -50,6 +50,37 @@ mod tests {
     }
 
     #[test]
+    fn automerge_servers_need_a_ws_url_and_a_valid_glob() {
+        let ok = "[[automerge.servers]]\nurl = \"ws://127.0.0.1:3030/sync?token=x\"\n";
+        let c = Config::from_toml(ok).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.automerge.servers[0].docs, "**", "all docs by default");
+        for (bad, says) in [
+            ("url = \"wss://sync.automerge.org\"", "TLS"),
+            ("url = \"http://x\"", "not a ws://"),
+            ("url = \"ws://\"", "no host"),
+            ("url = \"ws:///x\"", "no host"),
+            ("url = \"ws://x\"\ndocs = \"notes/{a\"", "docs"),
+        ] {
+            let text = format!("[[automerge.servers]]\n{bad}\n");
+            let err = Config::from_toml(&text)
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("automerge.servers") && err.contains(says),
+                "{bad}: {err}"
+            );
+        }
+        let unknown = "[[automerge.servers]]\nurl = \"ws://x\"\nglob = \"a\"\n";
+        assert!(
+            Config::from_toml(unknown).is_err(),
+            "unknown keys are refused"
+        );
+    }
+
+    #[test]
     fn light_mode_sets_defaults_under_what_the_user_set() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("c.toml");

@@ -162,7 +162,7 @@ impl Config {
         }
         for (i, server) in am.servers.iter().enumerate() {
             let n = i + 1;
-            if let Err(why) = crate::amrepo::dial::check_url(&server.url) {
+            if let Err(why) = check_server_url(&server.url) {
                 return invalid("automerge.servers", &format!("entry {n}: url: {why}"));
             }
             if let Err(why) = crate::feed::DocGlob::new(&server.docs) {
@@ -287,4 +287,25 @@ impl Config {
             priority: self.node.priority,
         }
     }
+}
+
+/// Checks an `[[automerge.servers]]` URL: `ws://` with a host.
+///
+/// # Errors
+/// What is wrong, for the config error.
+fn check_server_url(url: &str) -> Result<(), String> {
+    if url.starts_with("wss://") {
+        return Err(format!(
+            "{url:?}: wss:// needs TLS, which this build does not include yet; \
+             use ws:// (on loopback or a private network, or through a local TLS proxy)"
+        ));
+    }
+    let Some(rest) = url.strip_prefix("ws://") else {
+        return Err(format!("{url:?} is not a ws:// URL"));
+    };
+    let host = rest.split(['/', '?']).next().unwrap_or_default();
+    if host.is_empty() {
+        return Err(format!("{url:?} names no host"));
+    }
+    Ok(())
 }

@@ -224,6 +224,7 @@ impl NodeBuilder {
             sync_out: Mutex::new(sync_rx),
             net: Mutex::new(None),
             progress: Arc::default(),
+            server_links: Arc::default(),
             seal: SealOnDrop {
                 data_dir: seal_dir,
                 armed: false.into(),
@@ -302,6 +303,7 @@ impl NodeBuilder {
             &node.inner.feed,
             &node.inner.config.automerge,
             &node.inner.peer_id.to_string(),
+            &node.inner.server_links,
             &node.inner.cancel,
             &node.inner.tasks,
         );

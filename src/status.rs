@@ -75,7 +75,33 @@ pub struct Status {
     /// whose version has other keys.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config: Option<serde_json::Value>,
+    /// The automerge-repo sync servers this node dials
+    /// (`[[automerge.servers]]`), in config order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub automerge_servers: Vec<ServerLinkStatus>,
 }
+
+/// One `[[automerge.servers]]` link, as `GET /v1/status` shows it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ServerLinkStatus {
+    /// The server's URL, without its query (which may hold a token).
+    pub url: String,
+    /// The glob of the docs shared with it.
+    pub docs: String,
+    /// Joined now.
+    pub connected: bool,
+    /// The server's peer id, once it has answered `join`.
+    pub peer: Option<String>,
+    /// Docs shared over the current connection.
+    pub shared_docs: usize,
+    /// Times it joined since start.
+    pub joins: u64,
+    /// Why the link last went down, if it has.
+    pub last_error: Option<String>,
+}
+
+/// The links' statuses, shared between their tasks and the node.
+pub type ServerLinks = std::sync::Arc<std::sync::Mutex<Vec<ServerLinkStatus>>>;
 
 /// The network's numbers that are not per peer: messages by kind.
 pub(crate) struct NetCounts {

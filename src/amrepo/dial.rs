@@ -37,6 +37,7 @@ use crate::config::{AutomergeConfig, AutomergeServer};
 use crate::doc::{DocId, SYSTEM_PREFIX};
 use crate::feed::{DocGlob, Feed, FeedItem};
 use crate::runtime::{ClientConn, Docs};
+use crate::status::{ServerLinkStatus, ServerLinks};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -53,10 +54,20 @@ pub fn spawn(
     feed: &Arc<Feed>,
     cfg: &AutomergeConfig,
     me: &str,
+    links: &ServerLinks,
     stop: &CancellationToken,
     tasks: &TaskTracker,
 ) {
-    for server in &cfg.servers {
+    *links.lock().unwrap_or_else(|p| p.into_inner()) = cfg
+        .servers
+        .iter()
+        .map(|s| ServerLinkStatus {
+            url: s.url.split('?').next().unwrap_or_default().to_string(),
+            docs: s.docs.clone(),
+            ..ServerLinkStatus::default()
+        })
+        .collect();
+    for (index, server) in cfg.servers.iter().enumerate() {
         let Ok(glob) = DocGlob::new(&server.docs) else {
             continue; // validated with the config
         };
@@ -70,6 +81,8 @@ pub fn spawn(
             queue: cfg.queue,
             ping: Duration::from_millis(cfg.ping_ms),
             stop: stop.clone(),
+            links: links.clone(),
+            index,
         };
         tasks.spawn(link.run());
     }
@@ -87,9 +100,20 @@ struct Link {
     queue: usize,
     ping: Duration,
     stop: CancellationToken,
+    /// Where its status is shown, at `index`.
+    links: ServerLinks,
+    index: usize,
 }
 
 impl Link {
+    /// Updates this link's status.
+    fn show(&self, f: impl FnOnce(&mut ServerLinkStatus)) {
+        let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = links.get_mut(self.index) {
+            f(s);
+        }
+    }
+
     /// Dials, serves the link while it lasts, and dials again, until the
     /// node stops.
     async fn run(self) {
@@ -97,7 +121,15 @@ impl Link {
         let mut wait = FIRST_RETRY;
         loop {
             let started = Instant::now();
-            match self.session().await {
+            let result = self.session().await;
+            self.show(|s| {
+                s.connected = false;
+                s.shared_docs = 0;
+                if let Err(why) = &result {
+                    s.last_error = Some(why.clone());
+                }
+            });
+            match result {
                 Ok(()) => return,
                 Err(why) => {
                     if started.elapsed() > STABLE {
@@ -137,6 +169,11 @@ impl Link {
         };
         tracing::info!(server = %self.server.url, peer = %remote, docs = %self.server.docs,
             "joined automerge sync server");
+        self.show(|s| {
+            s.connected = true;
+            s.peer = Some(remote.clone());
+            s.joins += 1;
+        });
         let origin = format!("automerge:{remote}");
         let conn = self
             .docs
@@ -293,6 +330,8 @@ impl Link {
         };
         if shared.insert(doc.clone()) {
             conn.announce(doc).await.map_err(|e| e.to_string())?;
+            let n = shared.len();
+            self.show(|s| s.shared_docs = n);
         }
         Ok(())
     }
@@ -335,7 +374,10 @@ impl Link {
                         return Ok(Some(wire::encode(&answer)));
                     }
                 };
-                shared.insert(doc.clone());
+                if shared.insert(doc.clone()) {
+                    let n = shared.len();
+                    self.show(|s| s.shared_docs = n);
+                }
                 conn.sync(doc, data, request)
                     .await
                     .map_err(|e| e.to_string())?;

@@ -51,6 +51,8 @@ pub(crate) struct NodeInner {
     pub(crate) sync_out: Mutex<Option<mpsc::Receiver<Output>>>,
     pub(crate) net: Mutex<Option<crate::net::NetHandle>>,
     pub(crate) progress: Arc<crate::progress::Tasks>,
+    /// The `[[automerge.servers]]` links' states.
+    pub(crate) server_links: crate::status::ServerLinks,
     /// Declared last so it drops after the store: seals the data dir once sled
     /// has closed, if the node was shut down cleanly.
     pub(crate) seal: SealOnDrop,
@@ -302,6 +304,12 @@ impl Node {
             docs_lacking: self.inner.docs.sync_stats().map(|s| s.docs_lacking),
             light: self.inner.config.node.light,
             config: Some(self.inner.config.redacted()),
+            automerge_servers: self
+                .inner
+                .server_links
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
         }
     }
 

@@ -140,11 +140,22 @@ test("a node dials the npm sync server and keeps the docs its glob matches synce
   })
   assert.equal(later.doc().n, 1)
 
+  const link = async () => (await http(a, "GET", "/v1/status")).body.automerge_servers?.[0]
+  const up = await link()
+  assert.equal(up.url, server.url)
+  assert.equal(up.docs, "notes/**")
+  assert.ok(up.connected && up.peer && up.joins === 1, JSON.stringify(up))
+  assert.equal(up.shared_docs, 2, "notes/shared and notes/later, not private/x")
+
   // The server goes away; B keeps writing; the server comes back on the
   // same port with its data, A dials again and the server catches up.
   await clients.stop()
   await server.stop()
   await http(b, "PATCH", "/v1/docs/notes%2Fshared", { title: "while the server was down" })
+  await until("A's status shows the link down, and why", async () => {
+    const l = await link()
+    return !l.connected && l.last_error ? l : null
+  })
   await until("A has B's edit", async () => (await docJson(a, "notes/shared"))?.title === "while the server was down")
   server = await startSyncServer(t, dir, port)
   const again = serverClients(t, server)
@@ -158,5 +169,7 @@ test("a node dials the npm sync server and keeps the docs its glob matches synce
     }
   })
   assert.deepEqual([...after.doc().items], [1, 2])
+  const again2 = await link()
+  assert.ok(again2.connected && again2.joins >= 2, JSON.stringify(again2))
   assert.doesNotMatch(a.log(), /panicked/)
 })

@@ -462,3 +462,80 @@ async fn a_second_join_replaces_the_first_and_a_flood_costs_only_its_sender() {
     still_serves(&node).await;
     node.shutdown().await.unwrap();
 }
+
+/// Polls `f` until it returns Some, within the deadline.
+async fn until<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_node_dials_another_nodes_endpoint_as_a_sync_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::api_node(&dir.path().join("server"), |_| {}).await;
+    let url = url(&server);
+    let dialer = common::api_node(&dir.path().join("dialer"), |c| {
+        c.automerge.servers = vec![mergeflow::config::AutomergeServer {
+            url: url.clone(),
+            docs: "notes/**".into(),
+        }];
+    })
+    .await;
+    dialer
+        .doc("notes/x")
+        .unwrap()
+        .patch(serde_json::json!({"from": "dialer"}))
+        .await
+        .unwrap();
+    dialer
+        .doc("other/y")
+        .unwrap()
+        .patch(serde_json::json!({"private": true}))
+        .await
+        .unwrap();
+    // The server has no name for the doc, so it holds it under its URL's id.
+    let on_server = format!("am/{}", id_of("notes/x"));
+    until("the server has notes/x", || async {
+        let v = server.doc(&on_server).unwrap().get().await.ok()?;
+        (v["from"] == "dialer").then_some(())
+    })
+    .await;
+    // An edit at the server comes back to the dialer's named doc.
+    server
+        .doc(&on_server)
+        .unwrap()
+        .patch(serde_json::json!({"reply": "from the server"}))
+        .await
+        .unwrap();
+    until("the dialer has the server's edit", || async {
+        let v = dialer.doc("notes/x").unwrap().get().await.ok()?;
+        (v["reply"] == "from the server").then_some(())
+    })
+    .await;
+    assert!(
+        server
+            .doc(&format!("am/{}", id_of("other/y")))
+            .unwrap()
+            .get()
+            .await
+            .is_err(),
+        "a doc outside the glob is not shared"
+    );
+    let link = &dialer.status().await.automerge_servers[0];
+    assert!(
+        link.connected && link.joins == 1 && link.shared_docs == 1,
+        "{link:?}"
+    );
+    dialer.shutdown().await.unwrap();
+    server.shutdown().await.unwrap();
+}

@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::until;
+
 use std::time::{Duration, Instant};
 
 use automerge::sync::{self, SyncDoc};
@@ -461,22 +463,6 @@ async fn a_second_join_replaces_the_first_and_a_flood_costs_only_its_sender() {
     tokio::join!(flood, still_serves(&node));
     still_serves(&node).await;
     node.shutdown().await.unwrap();
-}
-
-/// Polls `f` until it returns Some, within the deadline.
-async fn until<T, F, Fut>(what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test]

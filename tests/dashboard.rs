@@ -4,28 +4,10 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use common::until;
 
 use mergeflow::Node;
 use serde_json::{Value, json};
-
-const DEADLINE: Duration = Duration::from_secs(60);
-
-/// Polls `check` until it returns `Some`, or panics with `what` after the deadline.
-async fn until<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 fn base(node: &Node) -> String {
     format!("http://{}", node.api_addr().unwrap())

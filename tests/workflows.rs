@@ -4,14 +4,14 @@
 
 mod common;
 
+use common::until;
+
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mergeflow::workflow::{Run, RunStatus};
 use rand::{RngExt, SeedableRng};
 use serde_json::{Value, json};
-
-const DEADLINE: Duration = Duration::from_secs(60);
 
 const FAHRENHEIT: &str = r#"
 name = "fahrenheit"
@@ -29,22 +29,6 @@ set = { "/fahrenheit" = "doc.celsius * 9.0 / 5.0 + 32.0" }
 fn write_def(dir: &Path, file: &str, text: &str) {
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(dir.join(file), text).unwrap();
-}
-
-/// Polls `check` until it returns `Some`, or panics with `what` after the deadline.
-async fn until<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 async fn path_of(node: &mergeflow::Node, doc: &str, path: &str) -> Option<Value> {

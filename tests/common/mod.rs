@@ -245,3 +245,20 @@ pub async fn listen_addr(node: &mergeflow::Node) -> String {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// Polls `check` until it returns `Some`, or panics with `what` after a
+/// generous deadline (60 s: debug build, loaded CI machine).
+pub async fn until<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

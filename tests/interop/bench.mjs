@@ -39,7 +39,7 @@ import { parseArgs } from "node:util"
 import * as A from "@automerge/automerge"
 import { Repo } from "@automerge/automerge-repo"
 import { WebSocketClientAdapter } from "@automerge/automerge-repo-network-websocket"
-import { BIN, http, until } from "./lib/cluster.mjs"
+import { BIN, freePort, http, until } from "./lib/cluster.mjs"
 
 const HERE = import.meta.dirname
 const SYNC_SERVER = path.join(HERE, "node_modules/@automerge/automerge-repo-sync-server/src/index.js")
@@ -181,13 +181,6 @@ function waitOutput(proc, f, ms = 60_000) {
 // ---------------------------------------------------------------- servers --
 const servers = [] // every server/node started, for the log report
 
-async function freePort() {
-  const srv = createServer()
-  await new Promise((r) => srv.listen(0, "127.0.0.1", r))
-  const { port } = srv.address()
-  await new Promise((r) => srv.close(r))
-  return port
-}
 
 async function startSyncServer() {
   const dir = tempDir("mergeflow-bench-npm-")

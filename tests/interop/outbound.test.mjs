@@ -5,26 +5,16 @@ import { test } from "node:test"
 import assert from "node:assert/strict"
 import { spawn } from "node:child_process"
 import { mkdtempSync, rmSync } from "node:fs"
-import { createServer } from "node:net"
 import { tmpdir } from "node:os"
 import path from "node:path"
 import { Repo } from "@automerge/automerge-repo"
 import { WebSocketClientAdapter } from "@automerge/automerge-repo-network-websocket"
-import { connected, docJson, http, onEnd, startNode, until } from "./lib/cluster.mjs"
+import { connected, docJson, freePort, http, onEnd, startNode, until } from "./lib/cluster.mjs"
 
 const SYNC_SERVER = path.join(
   import.meta.dirname,
   "node_modules/@automerge/automerge-repo-sync-server/src/index.js",
 )
-
-/** A port the OS gives out now (the sync server takes PORT, not port 0). */
-async function freePort() {
-  const srv = createServer()
-  await new Promise((r) => srv.listen(0, "127.0.0.1", r))
-  const { port } = srv.address()
-  await new Promise((r) => srv.close(r))
-  return port
-}
 
 /** Starts the npm sync server on `port` with data in `dir`; resolves once it listens. */
 async function startSyncServer(t, dir, port) {

@@ -3,6 +3,7 @@
 // by the test that started it.
 import { spawn } from "node:child_process"
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs"
+import { createServer } from "node:net"
 import { tmpdir } from "node:os"
 import path from "node:path"
 import { Repo } from "@automerge/automerge-repo"
@@ -141,4 +142,13 @@ export function client(t, node, { query = "", storage, url } = {}) {
 export async function docJson(node, id) {
   const r = await http(node, "GET", "/v1/docs/" + encodeURIComponent(id))
   return r.status === 200 ? r.body : null
+}
+
+/** A loopback port the OS gives out now, for servers that take a port number rather than 0. */
+export async function freePort() {
+  const srv = createServer()
+  await new Promise((r) => srv.listen(0, "127.0.0.1", r))
+  const { port } = srv.address()
+  await new Promise((r) => srv.close(r))
+  return port
 }

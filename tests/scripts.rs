@@ -27,7 +27,13 @@ fn root() -> PathBuf {
 /// Every shell script of the repo that a person runs.
 fn scripts() -> Vec<PathBuf> {
     let mut out = Vec::new();
-    for dir in ["scripts", "examples", "examples/cluster", "examples/iot", "examples/browser"] {
+    for dir in [
+        "scripts",
+        "examples",
+        "examples/cluster",
+        "examples/iot",
+        "examples/browser",
+    ] {
         for entry in std::fs::read_dir(root().join(dir)).unwrap() {
             let path = entry.unwrap().path();
             if path.extension().is_some_and(|x| x == "sh") {

@@ -38,18 +38,8 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 die() { echo "dashboard-check: $*" >&2; exit 1; }
 
 if [ "$MODE" != serve ]; then
-    if ! [ -x /usr/bin/chromium ]; then
-        [ "$(id -u)" = 0 ] || die "/usr/bin/chromium is missing; run as root to install it (apt-get install chromium)"
-        echo "installing Debian's chromium..."
-        DEBIAN_FRONTEND=noninteractive apt-get install -y chromium >/dev/null
-    fi
-    command -v node >/dev/null || die "Node.js 18+ is needed (https://nodejs.org or apt-get install nodejs npm)"
-    TOOLS=${XDG_CACHE_HOME:-$HOME/.cache}/mergeflow-dashboard-check
-    if ! [ -d "$TOOLS/node_modules/playwright-core" ]; then
-        echo "installing playwright-core into $TOOLS..."
-        mkdir -p "$TOOLS"
-        npm install --silent --no-audit --no-fund --prefix "$TOOLS" playwright-core@1 >/dev/null
-    fi
+    source "$ROOT/scripts/headless.sh"
+    headless_tools
     cp "$ROOT/scripts/dashboard/check.mjs" "$TOOLS/check.mjs"
 fi
 

@@ -56,17 +56,8 @@ URL1="${PAGE}?node=$(ws n1)/v1/automerge&doc=$DOC"
 URL2="${PAGE}?node=$(ws n2)/v1/automerge&doc=$DOC"
 
 if [ "$MODE" = check ]; then
-    if ! [ -x /usr/bin/chromium ]; then
-        [ "$(id -u)" = 0 ] || die "/usr/bin/chromium is missing; run as root to install it (apt-get install chromium)"
-        echo "installing Debian's chromium..."
-        DEBIAN_FRONTEND=noninteractive apt-get install -y chromium >/dev/null
-    fi
-    TOOLS=${XDG_CACHE_HOME:-$HOME/.cache}/mergeflow-dashboard-check
-    if ! [ -d "$TOOLS/node_modules/playwright-core" ]; then
-        echo "installing playwright-core into $TOOLS..."
-        mkdir -p "$TOOLS"
-        npm install --silent --no-audit --no-fund --prefix "$TOOLS" playwright-core@1 >/dev/null
-    fi
+    source "$ROOT/scripts/headless.sh"
+    headless_tools
     cp "$HERE/check.mjs" "$TOOLS/browser-check.mjs"
     echo "4. driving two pages in headless Chromium"
     NODE_PATH="$TOOLS/node_modules" node "$TOOLS/browser-check.mjs" "$URL1" "$URL2" "${API[n1]}" "${API[n2]}"

@@ -56,7 +56,13 @@ pub(super) struct Guard {
     any_origin: bool,
     /// `api.allow_origins`, normalised (see [`normalise_origin`]).
     origins: Vec<String>,
+    /// When a refused origin was last logged (a page that retries, such as
+    /// a WebSocket client, would otherwise fill the log).
+    logged_refusal: std::sync::Mutex<Option<std::time::Instant>>,
 }
+
+/// At most one log line per this long about refused origins.
+const REFUSAL_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Guard {
     /// From a validated config (entries that do not parse are skipped; the
@@ -76,7 +82,28 @@ impl Guard {
                 .iter()
                 .filter_map(|o| normalise_origin(o).ok())
                 .collect(),
+            logged_refusal: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Logs a refused origin, at most once per [`REFUSAL_LOG_EVERY`]: the
+    /// browser shows the page's developer only "403", not the body that
+    /// names the key.
+    fn log_refusal(&self, origin: &str, path: &str) {
+        let mut last = self
+            .logged_refusal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|t| t.elapsed() < REFUSAL_LOG_EVERY) {
+            return;
+        }
+        *last = Some(std::time::Instant::now());
+        tracing::warn!(
+            origin,
+            path,
+            "refused a request from a web page at another origin (403); list the origin in \
+             api.allow_origins to let its pages use this node (logged at most once a minute)"
+        );
     }
 
     fn host_allowed(&self, host: &str) -> bool {
@@ -137,6 +164,7 @@ pub(super) async fn browser_guard(
         return next.run(req).await;
     }
     if !guard.origin_listed(&origin) {
+        guard.log_refusal(&origin, req.uri().path());
         return ApiError::new(
             StatusCode::FORBIDDEN,
             "origin_not_allowed",

@@ -467,6 +467,20 @@ impl Client {
         Ok(h.heads)
     }
 
+    /// `GET /v1/docs/{id}/url`: the doc's `automerge:` URL, for
+    /// automerge-repo clients of `GET /v1/automerge`.
+    ///
+    /// # Errors
+    /// [`ClientError`].
+    pub async fn automerge_url(&self, id: &str) -> Result<String, ClientError> {
+        #[derive(serde::Deserialize)]
+        struct Url {
+            url: String,
+        }
+        let u: Url = self.send(self.http.get(self.doc_url(id, "/url"))).await?;
+        Ok(u.url)
+    }
+
     /// `GET /v1/docs/{id}/history`
     ///
     /// # Errors

@@ -224,7 +224,7 @@ start_node() {
   # setsid: own session, so a Ctrl-C or closed terminal does not reach the node.
   # Not a process group leader here, so setsid does not fork: $! is the node.
   # NO_COLOR: plain text logs (tracing-subscriber colours them even into a file).
-  MERGEFLOW_API_TOKEN=$(api_token) NO_COLOR=1 ip netns exec "$(ns "$i")" setsid "$bin" "${args[@]}" </dev/null >>"$dir/log" 2>&1 &
+  MERGEFLOW_API_TOKEN=$(api_token) MERGEFLOW_NET_KEY=$(cat "$STATE/netkey") NO_COLOR=1 ip netns exec "$(ns "$i")" setsid "$bin" "${args[@]}" </dev/null >>"$dir/log" 2>&1 &
   pid=$!
   echo "$pid" >"$dir/pid"
   wait_ready "$i" "$pid" "$off"
@@ -390,8 +390,10 @@ cmd_up() {
       echo "${BASH_REMATCH[1]} ${BASH_REMATCH[2]}" >>"$STATE/tmpfs"
     done
   fi
-  # The APIs listen on 0.0.0.0 (reachable from the host), which needs a token.
+  # The APIs listen on 0.0.0.0 (reachable from the host), which needs a token;
+  # the nodes listen for peers on the bridge, which needs a network key.
   od -An -tx1 -N16 /dev/urandom | tr -d ' \n' >"$STATE/token"
+  od -An -tx1 -N32 /dev/urandom | tr -d ' \n' >"$STATE/netkey"
 
   ip link add "$BRIDGE" type bridge
   disable_ipv6 "$BRIDGE"

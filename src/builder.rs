@@ -246,7 +246,7 @@ impl NodeBuilder {
             let cfg = crate::net::NetConfig {
                 listen: crate::net::parse_addrs("net.listen", &net.listen)?,
                 peers: crate::net::parse_addrs("net.peers", &net.peers)?,
-                mdns: net.mdns,
+                mdns: net.mdns_on(),
                 max_message_bytes: net.max_message_bytes,
                 // Both were validated with the config.
                 key: (!net.key.is_empty())
@@ -268,11 +268,13 @@ impl NodeBuilder {
                 ban: Duration::from_millis(net.ban_ms),
                 max_known_peers: net.max_known_peers,
             };
-            if cfg.key.is_none() && cfg.allow.is_empty() {
+            if net.open && !net.closed() {
                 tracing::warn!(
-                    "open network: any node that can reach this one can join and read \
+                    "net.open = true: any node that can reach this one can join and read \
                      and write every document; set net.key (mergeflow keygen) and/or net.allow"
                 );
+            } else if net.mdns && !net.mdns_on() {
+                tracing::info!("mDNS off: it runs only with net.key, net.allow or net.open = true");
             }
             let net = crate::net::spawn(
                 key,

@@ -92,6 +92,7 @@
 
 #![warn(missing_docs)]
 
+pub mod access;
 pub mod api;
 pub mod backup;
 mod builder;

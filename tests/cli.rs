@@ -492,6 +492,47 @@ fn a_token_no_client_can_send_is_refused_at_start() {
     }
 }
 
+/// Closed by default: a p2p listen address other machines can reach, with
+/// no `net.key`, stops the node at start with one line naming `net.key` and
+/// `net.open`; `net.open = true` runs it, with a warning. (0.0.0.0 only
+/// binds: no mDNS and no peers, so nothing leaves this machine.)
+#[test]
+fn an_open_network_on_a_reachable_address_needs_net_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let reachable = ["--listen", "/ip4/0.0.0.0/tcp/0"];
+    let (code, err) = common::NodeProc::try_start(dir.path(), &reachable)
+        .err()
+        .expect("the node started on 0.0.0.0 without net.key");
+    assert_ne!(code, Some(0));
+    let line = err
+        .lines()
+        .find(|l| l.contains("net.key"))
+        .unwrap_or_else(|| panic!("no line names net.key: {err}"));
+    assert!(
+        line.contains("net.open") && line.contains("0.0.0.0"),
+        "{line}"
+    );
+    // Nothing was created: the refusal came before the store opened.
+    assert!(!dir.path().join("FORMAT").exists());
+
+    let node =
+        common::NodeProc::try_start_env(dir.path(), &reachable, &[("MERGEFLOW_NET_OPEN", "true")])
+            .unwrap_or_else(|(code, err)| panic!("net.open = true: exit {code:?}: {err}"));
+    let warned = node
+        .stderr
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("a warning on stderr");
+    assert!(warned.contains("net.open = true"), "{warned}");
+    assert_eq!(node.terminate(), Some(0));
+
+    // With a key it starts without a word about it.
+    let key = mergeflow::generate_key();
+    let node =
+        common::NodeProc::try_start_env(dir.path(), &reachable, &[("MERGEFLOW_NET_KEY", &key)])
+            .unwrap_or_else(|(code, err)| panic!("net.key set: exit {code:?}: {err}"));
+    assert_eq!(node.terminate(), Some(0));
+}
+
 /// Two nodes already in sync: `wait-synced` asks the peer for its digest at
 /// once instead of waiting for the next anti-entropy round, here an hour
 /// away, so it can only return through that ask.

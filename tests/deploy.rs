@@ -3,11 +3,13 @@
 //!
 //! - `deploy/mergeflow.service`: `ExecStart` runs our binary's `start` with
 //!   flags `mergeflow start` has; the config file it names is
-//!   `deploy/mergeflow.toml`, which loads and validates, keeps its data in
+//!   `deploy/mergeflow.toml`, which loads and validates once the env file
+//!   gives it `MERGEFLOW_NET_KEY` (and is refused without), keeps its data in
 //!   the unit's `StateDirectory`; the stop timeout outlasts the node's own.
 //! - `deploy/Containerfile`: the image's entry point is `mergeflow start`;
 //!   its environment is a config that validates once `MERGEFLOW_API_TOKEN`
-//!   is given (and is refused without, as the file says); `EXPOSE` lists
+//!   and `MERGEFLOW_NET_KEY` are given (and is refused without, as the file
+//!   says); `EXPOSE` lists
 //!   exactly the API port (the default, 7700) and the p2p TCP port of that
 //!   config; the builder's Rust is at least `rust-version`.
 
@@ -113,12 +115,15 @@ fn the_systemd_unit_runs_mergeflow_start_on_a_config_that_loads() {
     // The config it names is the one shipped beside it.
     let config_path = Path::new(config_path.expect("ExecStart passes --config"));
     assert_eq!(config_path.file_name().unwrap(), "mergeflow.toml");
-    let config = Config::load(
-        Some(&root().join("deploy/mergeflow.toml")),
-        Vec::new(),
-        &Overrides::default(),
-    )
-    .unwrap();
+    // It listens for peers on 0.0.0.0, so it is refused until the env file
+    // gives it a network key.
+    let file = root().join("deploy/mergeflow.toml");
+    let err = Config::load(Some(&file), Vec::new(), &Overrides::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("net.key"), "{err}");
+    let key = vec![("MERGEFLOW_NET_KEY".to_string(), mergeflow::generate_key())];
+    let config = Config::load(Some(&file), key, &Overrides::default()).unwrap();
     // The data lives in systemd's StateDirectory, the working directory.
     let state = one(&unit, "Service", "StateDirectory");
     let data = PathBuf::from(format!("/var/lib/{state}"));
@@ -133,7 +138,8 @@ fn the_systemd_unit_runs_mergeflow_start_on_a_config_that_loads() {
     );
     // Secrets come from an optional env file, not the config.
     assert!(one(&unit, "Service", "EnvironmentFile").starts_with("-/"));
-    assert!(config.api.token.is_empty() && config.net.key.is_empty());
+    assert!(config.api.token.is_empty());
+    assert!(!std::fs::read_to_string(&file).unwrap().contains("\nkey"));
     assert_eq!(one(&unit, "Service", "Restart"), "on-failure");
     assert_eq!(one(&unit, "Install", "WantedBy"), "multi-user.target");
     // Peers need a fixed port to dial.
@@ -268,6 +274,12 @@ fn the_container_file_exposes_the_ports_its_config_listens_on() {
         "MERGEFLOW_API_TOKEN".into(),
         "a-token-of-24-characters".into(),
     ));
+    // Peers reach it on 0.0.0.0: closed by default, so a network key too.
+    let err = Config::load(None, with_token.clone(), &Overrides::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("net.key"), "{err}");
+    with_token.push(("MERGEFLOW_NET_KEY".into(), mergeflow::generate_key()));
     let config = Config::load(None, with_token, &Overrides::default()).unwrap();
     assert!(
         config.api.listen.ip().is_unspecified(),

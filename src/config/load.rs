@@ -118,12 +118,14 @@ impl Config {
         c
     }
 
-    /// The config as JSON with its secrets hidden: `api.token` and `net.key`
-    /// read `"(set)"` when set (empty when not). For `/v1/status` and
+    /// The config as JSON with its secrets hidden: `api.token`, each
+    /// `api.tokens` entry's `token` and `net.key` read `"(set)"` when set
+    /// (empty when not). For `/v1/status` and
     /// `mergeflow status`, which show the effective config.
     pub fn redacted(&self) -> serde_json::Value {
         let mut c = self.clone();
-        for secret in [&mut c.api.token, &mut c.net.key] {
+        let named = c.api.tokens.iter_mut().map(|t| &mut t.token);
+        for secret in [&mut c.api.token, &mut c.net.key].into_iter().chain(named) {
             if !secret.is_empty() {
                 *secret = "(set)".to_string();
             }

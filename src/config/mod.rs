@@ -15,8 +15,8 @@ mod validate;
 pub use error::ConfigError;
 pub use load::Overrides;
 pub use sections::{
-    ApiConfig, AutomergeConfig, AutomergeServer, Config, DocConfig, LogConfig, LogFormat, NetTable,
-    NodeConfig, PerfConfig, StoreConfig, WorkflowConfig,
+    ApiConfig, ApiToken, AutomergeConfig, AutomergeServer, Config, DocConfig, LogConfig, LogFormat,
+    NetTable, NodeConfig, PerfConfig, StoreConfig, WorkflowConfig,
 };
 
 #[cfg(test)]
@@ -392,6 +392,51 @@ mod tests {
         .unwrap();
         assert_eq!(c.api.max_connections, 8);
         assert_eq!(Config::light().api.max_connections, 128);
+    }
+
+    #[test]
+    fn a_network_reachable_from_other_machines_needs_a_key_or_net_open() {
+        let mut c = Config::default();
+        assert_eq!(c.net.reachable_listen(), None, "loopback by default");
+        assert!(!c.net.mdns_on(), "no mDNS on an open network by default");
+        c.validate().unwrap();
+        for (addr, reachable) in [
+            ("/ip4/127.0.0.1/tcp/4001", false),
+            ("/ip4/127.8.0.1/udp/4001/quic-v1", false),
+            ("/ip6/::1/tcp/4001", false),
+            ("/dns/localhost/tcp/4001", false),
+            ("/ip4/0.0.0.0/tcp/4001", true),
+            ("/ip6/::/tcp/4001", true),
+            ("/ip4/192.168.1.20/tcp/4001", true),
+            ("/dns4/gateway.example/tcp/4001", true),
+        ] {
+            c.net.listen = vec!["/ip4/127.0.0.1/tcp/0".into(), addr.into()];
+            assert_eq!(c.net.reachable_listen().is_some(), reachable, "{addr}");
+            let err = c.validate().err().map(|e| e.to_string());
+            if reachable {
+                let err = err.unwrap_or_else(|| panic!("{addr} accepted without net.key"));
+                assert!(
+                    err.contains("net.key") && err.contains("net.open") && err.contains(addr),
+                    "{err}"
+                );
+                assert!(!err.contains('\n'), "one line: {err}");
+            } else {
+                assert_eq!(err, None, "{addr}");
+            }
+        }
+        // Any of the three opens the door: a key, an allow list, or open.
+        c.net.key = crate::net::generate_key();
+        c.validate().unwrap();
+        assert!(c.net.mdns_on());
+        c.net.key.clear();
+        c.net.allow = vec!["12D3KooWD3eckifWpRn9wQpMG9R9hX3sD158z7EqHWmweQAJU5SA".into()];
+        c.validate().unwrap();
+        c.net.allow.clear();
+        c.net.open = true;
+        c.validate().unwrap();
+        assert!(c.net.mdns_on());
+        c.net.mdns = false;
+        assert!(!c.net.mdns_on());
     }
 
     #[test]

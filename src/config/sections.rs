@@ -183,6 +183,10 @@ pub struct ApiConfig {
     /// more) when `listen` is not a loopback address. Env:
     /// `MERGEFLOW_API_TOKEN`, which the CLI sends too.
     pub token: String,
+    /// Named tokens with rights over some docs only (`[[api.tokens]]`);
+    /// `token` above is the admin token. With any token set, every request
+    /// but `/healthz` and the dashboard page must carry one.
+    pub tokens: Vec<ApiToken>,
     /// Serve the web dashboard at `/`.
     pub dashboard: bool,
     /// Web page origins (`scheme://host[:port]`, or `*` for any) whose
@@ -209,6 +213,27 @@ pub struct ApiConfig {
     /// stream waiting for events, do not count.
     #[serde(deserialize_with = "crate::duration::de_ms")]
     pub idle_timeout_ms: u64,
+}
+
+/// `[[api.tokens]]`: a named token that may read and write the docs its
+/// globs cover, and nothing else (no workflows, peers, backups or system
+/// docs). The changes it makes record its name (`/history` → `by`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiToken {
+    /// Its name: 1 to 64 of `A-Z a-z 0-9 . _ -`, unique.
+    pub name: String,
+    /// The token itself (16 printable ASCII characters or more), or empty
+    /// when `token_sha256` is given instead. Shown as `"(set)"`.
+    pub token: String,
+    /// The SHA-256 of the token, 64 hex digits (`mergeflow token hash`), so
+    /// that the config does not hold the secret.
+    pub token_sha256: String,
+    /// Doc globs it may read, follow in `/v1/events` and sync over
+    /// `/v1/automerge`.
+    pub read: Vec<String>,
+    /// Doc globs it may write.
+    pub write: Vec<String>,
 }
 
 /// `[net]`: peer-to-peer sync.
@@ -261,6 +286,11 @@ pub struct NetTable {
     pub key: String,
     /// Peer ids allowed to connect; empty allows any (that has the key).
     pub allow: Vec<String>,
+    /// Run an open network: listen on addresses other machines can reach
+    /// (and discover peers with mDNS) without `net.key` or `net.allow`, so
+    /// that any node that reaches this one can join. Off: such a config is
+    /// refused at start.
+    pub open: bool,
     /// Most connections at once (in and out); more are refused.
     pub max_connections: u32,
     /// Learn of peers beyond `peers` and mDNS through Kademlia (the peers'
@@ -348,6 +378,7 @@ impl Default for Config {
                 listen: SocketAddr::from(([127, 0, 0, 1], 7700)),
                 max_body_bytes: 4 << 20,
                 token: String::new(),
+                tokens: vec![],
                 dashboard: true,
                 allow_origins: vec![],
                 allow_hosts: vec![],
@@ -356,7 +387,9 @@ impl Default for Config {
                 idle_timeout_ms: 60_000,
             },
             net: NetTable {
-                listen: vec!["/ip4/0.0.0.0/tcp/0".into()],
+                // Loopback: closed by default. Other machines need net.key
+                // (or net.open) and a listen address they can reach.
+                listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
                 peers: vec![],
                 mdns: true,
                 anti_entropy_ms: 30_000,
@@ -372,6 +405,7 @@ impl Default for Config {
                 max_message_bytes: 16 << 20,
                 key: String::new(),
                 allow: vec![],
+                open: false,
                 max_connections: 256,
                 kademlia: true,
                 gossipsub: false,

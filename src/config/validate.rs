@@ -66,7 +66,10 @@ impl Config {
         if self.api.max_body_bytes < 1024 {
             return invalid("api.max_body_bytes", "must be at least 1024");
         }
-        if self.api.token.is_empty() && !self.api.listen.ip().is_loopback() {
+        if self.api.token.is_empty()
+            && self.api.tokens.is_empty()
+            && !self.api.listen.ip().is_loopback()
+        {
             return invalid(
                 "api.token",
                 &format!(
@@ -77,33 +80,25 @@ impl Config {
                 ),
             );
         }
-        if !self.api.token.is_empty() && self.api.token.chars().count() < 16 {
-            return invalid("api.token", "must be at least 16 characters");
-        }
-        if self.api.token.trim() != self.api.token {
-            // HTTP drops a header value's surrounding whitespace: such a
-            // token could never match.
-            return invalid(
-                "api.token",
-                "must not begin or end with whitespace (HTTP strips it from the \
-                 Authorization header, so no client could send this token)",
-            );
-        }
-        if let Some(c) = self
-            .api
-            .token
-            .chars()
-            .find(|c| !(c.is_ascii_graphic() || *c == ' '))
+        if let Some(addr) = self.net.reachable_listen()
+            && !self.net.closed()
+            && !self.net.open
         {
             return invalid(
-                "api.token",
+                "net.key",
                 &format!(
-                    "must be printable ASCII (an HTTP header cannot carry it otherwise); \
-                     it holds '{}'",
-                    c.escape_default()
+                    "net.listen {addr} is reachable from other machines and the network is \
+                     open: any node that reaches it could join and read and write every doc. \
+                     Set net.key (`mergeflow keygen`; or MERGEFLOW_NET_KEY), or net.open = true \
+                     to run an open network, or listen on 127.0.0.1"
                 ),
             );
         }
+        if !self.api.token.is_empty() {
+            check_token(&self.api.token).or_else(|e| invalid("api.token", &e))?;
+        }
+        self.check_api_tokens()
+            .or_else(|e| invalid("api.tokens", &e))?;
         if let Some(Err(e)) = self
             .api
             .allow_origins
@@ -308,4 +303,109 @@ fn check_server_url(url: &str) -> Result<(), String> {
         return Err(format!("{url:?} names no host"));
     }
     Ok(())
+}
+
+/// A token a client can send in `Authorization: Bearer <token>`.
+fn check_token(token: &str) -> Result<(), String> {
+    if token.chars().count() < 16 {
+        return Err("must be at least 16 characters".into());
+    }
+    if token.trim() != token {
+        // HTTP drops a header value's surrounding whitespace: such a token
+        // could never match.
+        return Err(
+            "must not begin or end with whitespace (HTTP strips it from the \
+                    Authorization header, so no client could send this token)"
+                .into(),
+        );
+    }
+    if let Some(c) = token.chars().find(|c| !(c.is_ascii_graphic() || *c == ' ')) {
+        return Err(format!(
+            "must be printable ASCII (an HTTP header cannot carry it otherwise); it holds '{}'",
+            c.escape_default()
+        ));
+    }
+    Ok(())
+}
+
+impl Config {
+    /// `[[api.tokens]]`: names, secrets and globs.
+    fn check_api_tokens(&self) -> Result<(), String> {
+        let mut names = std::collections::BTreeSet::new();
+        for t in &self.api.tokens {
+            let name_ok = (1..=64).contains(&t.name.len())
+                && t.name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+            if !name_ok {
+                return Err(format!(
+                    "name {:?}: 1 to 64 characters of A-Z a-z 0-9 . _ -",
+                    t.name
+                ));
+            }
+            if !names.insert(t.name.as_str()) {
+                return Err(format!("name {:?} is used twice", t.name));
+            }
+            match (t.token.is_empty(), t.token_sha256.is_empty()) {
+                (false, true) => {
+                    check_token(&t.token).map_err(|e| format!("{:?}: token {e}", t.name))?
+                }
+                (true, false) => {
+                    if t.token_sha256.len() != 64
+                        || !t.token_sha256.bytes().all(|b| b.is_ascii_hexdigit())
+                    {
+                        return Err(format!(
+                            "{:?}: token_sha256 must be 64 hex digits (mergeflow token hash)",
+                            t.name
+                        ));
+                    }
+                }
+                _ => {
+                    return Err(format!(
+                        "{:?}: set exactly one of token and token_sha256",
+                        t.name
+                    ));
+                }
+            }
+            if t.token == self.api.token && !t.token.is_empty() {
+                return Err(format!("{:?}: the same token as api.token", t.name));
+            }
+        }
+        crate::access::Tokens::new(&self.api).map(|_| ())
+    }
+}
+
+impl super::sections::NetTable {
+    /// The network is closed to strangers: a pre-shared key (`net.key`)
+    /// or a list of allowed peer ids (`net.allow`, checked by noise).
+    pub fn closed(&self) -> bool {
+        !self.key.is_empty() || !self.allow.is_empty()
+    }
+
+    /// The first `net.listen` address another machine can reach: not a
+    /// loopback address (`0.0.0.0` and `::` listen on every interface).
+    /// Addresses that do not parse are left to the network's own check.
+    pub fn reachable_listen(&self) -> Option<&str> {
+        use libp2p::multiaddr::{Multiaddr, Protocol};
+        self.listen
+            .iter()
+            .find(|a| {
+                let Ok(addr) = a.parse::<Multiaddr>() else {
+                    return false;
+                };
+                addr.iter().any(|p| match p {
+                    Protocol::Ip4(ip) => !ip.is_loopback(),
+                    Protocol::Ip6(ip) => !ip.is_loopback(),
+                    Protocol::Dns(h) | Protocol::Dns4(h) | Protocol::Dns6(h) => h != "localhost",
+                    _ => false,
+                })
+            })
+            .map(String::as_str)
+    }
+
+    /// mDNS runs: asked for, and the network is closed or explicitly open
+    /// (discovery on an open network would let any device on the LAN in).
+    pub fn mdns_on(&self) -> bool {
+        self.mdns && (self.closed() || self.open)
+    }
 }

@@ -13,6 +13,11 @@ use crate::id::{doc_id_problem, preview};
 /// asked for.
 pub const SYSTEM_PREFIX: &str = "_mergeflow/";
 
+/// True for a system doc (under [`SYSTEM_PREFIX`]).
+pub fn is_system(id: &str) -> bool {
+    id.starts_with(SYSTEM_PREFIX)
+}
+
 /// Refuses a user's write (through the HTTP API or an embedder's
 /// [`crate::DocHandle`]) to a system doc, saying what the doc is and who
 /// writes it. The node's own parts (workflow engine, membership, effect

@@ -17,7 +17,7 @@ pub(crate) mod path;
 pub mod stamp;
 
 pub use cache::{load_stored, load_stored_contained};
-pub use id::{DocId, MAX_ID_LEN, SYSTEM_PREFIX, user_writable};
+pub use id::{DocId, MAX_ID_LEN, SYSTEM_PREFIX, is_system, user_writable};
 pub use json::{MAX_READ_DEPTH, StringMode, to_json};
 pub use ops::{Op, ValueKind, apply_ops, write_ops};
 pub use patch::{apply_merge_patch, ops_to_match};

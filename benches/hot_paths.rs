@@ -1,6 +1,7 @@
 //! Criterion micro-benchmarks of the hot paths: a peer's change decoded and
 //! applied, the store's group commit, the anti-entropy digest (build, update,
-//! compare) and workflow trigger matching.
+//! compare), workflow trigger matching, and a change's signature made and
+//! checked (issue 21).
 //!
 //! Prints numbers; asserts nothing. Run: `cargo bench --bench hot_paths`
 //! (add `-- <filter>` for one group). Results: BENCHMARKS.md.
@@ -155,11 +156,40 @@ fn trigger_matching(c: &mut Criterion) {
     g.finish();
 }
 
+/// A change signature: made by the admitting node, checked by every
+/// receiver before it stores the change.
+fn change_signature(c: &mut Criterion) {
+    use mergeflow::trust::{ChangeSig, Signer};
+    let mut g = c.benchmark_group("change signature");
+    let signer = Signer::new(&libp2p::identity::Keypair::generate_ed25519()).unwrap();
+    let hash = [42u8; 32];
+    let doc = "sensors/greenhouse-3";
+    g.bench_function("sign", |b| {
+        b.iter(|| black_box(signer.sign(doc, black_box(&hash))))
+    });
+    let sig = signer.sign(doc, &hash);
+    g.bench_function("verify", |b| {
+        b.iter(|| assert!(black_box(&sig).verify(doc, black_box(&hash))))
+    });
+    let bytes = sig.to_bytes();
+    g.bench_function("decode and verify", |b| {
+        b.iter(|| {
+            assert!(
+                ChangeSig::from_bytes(black_box(&bytes))
+                    .unwrap()
+                    .verify(doc, &hash)
+            )
+        })
+    });
+    g.finish();
+}
+
 criterion_group!(
     benches,
     apply_remote_change,
     group_commit,
     digest,
-    trigger_matching
+    trigger_matching,
+    change_signature
 );
 criterion_main!(benches);

@@ -67,6 +67,11 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 HOOK_PORT=$(free_port)
 TOKEN=dashboard-check-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')
 export MERGEFLOW_API_TOKEN=$TOKEN
+# The workflow the check applies posts to a receiver on loopback.
+export MERGEFLOW_WORKFLOW_HTTP_ALLOW='["127.0.0.1"]'
+# A scoped token that may read events/** only: the page shows it only those.
+VIEWER=viewer-check-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')
+export MERGEFLOW_API_TOKENS="[{name = \"viewer\", token = \"$VIEWER\", read = [\"events/**\"]}]"
 
 # Node a runs a workflow whose alert goes to a port nobody listens on (yet).
 mkdir -p "$WORK/a/workflows"
@@ -150,6 +155,6 @@ if [ "$MODE" = serve ]; then
 fi
 SHOT=$WORK/dashboard.png
 [ "$MODE" = update ] && SHOT=$ROOT/docs/dashboard.png
-(cd "$TOOLS" && node check.mjs "$A" "$TOKEN" "$HOOK_PORT" "$SHOT")
+(cd "$TOOLS" && node check.mjs "$A" "$TOKEN" "$HOOK_PORT" "$SHOT" "$VIEWER")
 [ "$MODE" = update ] && echo "docs/dashboard.png updated"
 exit 0

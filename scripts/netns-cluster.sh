@@ -224,7 +224,10 @@ start_node() {
   # setsid: own session, so a Ctrl-C or closed terminal does not reach the node.
   # Not a process group leader here, so setsid does not fork: $! is the node.
   # NO_COLOR: plain text logs (tracing-subscriber colours them even into a file).
-  MERGEFLOW_API_TOKEN=$(api_token) MERGEFLOW_NET_KEY=$(cat "$STATE/netkey") NO_COLOR=1 ip netns exec "$(ns "$i")" setsid "$bin" "${args[@]}" </dev/null >>"$dir/log" 2>&1 &
+  # Applied workflows may post to the cluster's own subnet (the host's
+  # receivers listen on the bridge), nowhere else.
+  MERGEFLOW_API_TOKEN=$(api_token) MERGEFLOW_NET_KEY=$(cat "$STATE/netkey") \
+    MERGEFLOW_WORKFLOW_HTTP_ALLOW="[\"$NET.0/24\"]" NO_COLOR=1 ip netns exec "$(ns "$i")" setsid "$bin" "${args[@]}" </dev/null >>"$dir/log" 2>&1 &
   pid=$!
   echo "$pid" >"$dir/pid"
   wait_ready "$i" "$pid" "$off"

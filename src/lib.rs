@@ -24,6 +24,8 @@
 //!
 //! One line per module of `src/` (public ones linked):
 //!
+//! - [`access`]: who may see and write which docs: doc-glob scopes and the
+//!   API's scoped tokens (`[[api.tokens]]`).
 //! - [`api`]: the axum HTTP API and its JSON error mapping, browser safety
 //!   (`api/guard.rs`), connection limits (`api/serve.rs`), history and
 //!   workflow routes.
@@ -45,6 +47,10 @@
 //! - [`feed`]: the change feed behind [`Node::subscribe`] and run events.
 //! - `fuzzing.rs` (`test-utils` only): one fuzz target per decoder of
 //!   outside input, for `fuzz/` and `tests/fuzz.rs`.
+//! - [`trust`]: change signatures: a node signs every change it admits
+//!   with its ed25519 identity, bound to the doc (a leaf).
+//! - [`http_allow`]: where `http` steps of applied workflow definitions may
+//!   post (`workflow.http_allow`), and the client that holds them to it.
 //! - `amrepo/`: the automerge-repo sync protocol's messages (CBOR) and the
 //!   mapping of its document URLs to named docs (issue 20, not yet served).
 //! - `id.rs`: the syntax of a doc id, shared by [`DocId`] and the wire codec
@@ -105,6 +111,7 @@ pub mod duration;
 pub mod feed;
 #[cfg(feature = "test-utils")]
 pub mod fuzzing;
+pub mod http_allow;
 mod latency;
 mod metrics;
 #[cfg_attr(not(feature = "test-utils"), allow(dead_code, unused_imports))]
@@ -117,6 +124,7 @@ mod runtime;
 mod store;
 #[cfg_attr(not(feature = "test-utils"), allow(dead_code, unused_imports))]
 mod sync;
+pub mod trust;
 pub mod workflow;
 
 mod amrepo;

@@ -149,6 +149,51 @@ enum Cmd {
     },
     /// Print a new random network key for `net.key` (64 hex digits).
     Keygen,
+    /// API tokens for `[[api.tokens]]`.
+    Token {
+        #[command(subcommand)]
+        cmd: TokenCmd,
+    },
+}
+
+#[derive(clap::Subcommand)]
+enum TokenCmd {
+    /// Print the SHA-256 of a token (64 hex digits), for `token_sha256`.
+    /// Reads the token from standard input when not given, so that it stays
+    /// out of the shell's history.
+    Hash {
+        /// The token.
+        token: Option<String>,
+    },
+    /// Print a new random token and, on a second line, its SHA-256.
+    New,
+}
+
+fn token(cmd: TokenCmd) -> anyhow::Result<()> {
+    use mergeflow::access::token_sha256;
+    match cmd {
+        TokenCmd::Hash { token } => {
+            let token = match token {
+                Some(t) => t,
+                None => {
+                    let mut line = String::new();
+                    std::io::stdin().read_line(&mut line)?;
+                    line.trim_end_matches(['\r', '\n']).to_string()
+                }
+            };
+            anyhow::ensure!(
+                !token.is_empty(),
+                "no token given (argument or standard input)"
+            );
+            println!("{}", token_sha256(&token));
+        }
+        TokenCmd::New => {
+            // 32 hex digits of randomness: 128 bits.
+            let token = &mergeflow::generate_key()[..32];
+            println!("{token}\n{}", token_sha256(token));
+        }
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -244,6 +289,7 @@ async fn run(cli: Cli) -> Result<()> {
             println!("{}", mergeflow::generate_key());
             Ok(())
         }
+        Cmd::Token { cmd } => token(cmd),
         Cmd::Doc { client, cmd } => doc(client, cmd).await,
         Cmd::Workflow { client, cmd } => workflow(client, cmd).await,
         Cmd::Runs {

@@ -383,7 +383,11 @@ async fn the_dashboard_is_one_embedded_page_that_loads_nothing_elsewhere() {
 #[tokio::test]
 async fn a_web_page_cannot_use_the_default_api() {
     let dir = tempfile::tempdir().unwrap();
-    let (node, c, http) = node(dir.path(), |_| {}).await;
+    // The example workflow applied below posts its alert to 127.0.0.1:9000.
+    let (node, c, http) = node(dir.path(), |c| {
+        c.workflow.http_allow = vec!["127.0.0.1:9000".into()]
+    })
+    .await;
     let addr = node.api_addr().unwrap();
     let base = format!("http://{addr}");
     let wf = include_str!("../examples/workflows/fahrenheit.toml");
@@ -722,7 +726,11 @@ async fn an_idempotency_key_reused_for_another_body_is_refused() {
 #[tokio::test]
 async fn listing_pages_by_cursor_and_hides_system_docs() {
     let dir = tempfile::tempdir().unwrap();
-    let (node, c, http) = node(dir.path(), |_| {}).await;
+    // The example workflow applied below posts its alert to 127.0.0.1:9000.
+    let (node, c, http) = node(dir.path(), |c| {
+        c.workflow.http_allow = vec!["127.0.0.1:9000".into()]
+    })
+    .await;
     let ids = ["a/1", "a/2", "a/3", "a/4", "a/5", "b/1", "c"];
     for id in ids {
         c.patch(id, &json!({"v": 1})).await.unwrap();

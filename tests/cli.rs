@@ -492,6 +492,32 @@ fn a_token_no_client_can_send_is_refused_at_start() {
     }
 }
 
+/// `mergeflow token hash` prints what `token_sha256` wants, from an
+/// argument or standard input; `token new` a token and its hash.
+#[test]
+fn token_hash_and_new() {
+    let sha_abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+    let out = Command::new(bin())
+        .args(["token", "hash", "abc"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), sha_abc);
+    let mut child = Command::new(bin())
+        .args(["token", "hash"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"abc\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), sha_abc);
+    let out = Command::new(bin()).args(["token", "new"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert_eq!(lines[1], mergeflow::access::token_sha256(lines[0]));
+}
+
 /// Closed by default: a p2p listen address other machines can reach, with
 /// no `net.key`, stops the node at start with one line naming `net.key` and
 /// `net.open`; `net.open = true` runs it, with a warning. (0.0.0.0 only

@@ -1,10 +1,10 @@
 // Drives Debian's Chromium (headless, through playwright-core) against a
 // running node and checks what a person would see; see ../dashboard-check.sh.
-// Usage: node check.mjs <api base> <token> <hook port> <screenshot path>
+// Usage: node check.mjs <api base> <token> <hook port> <screenshot path> <viewer token>
 import { chromium } from "playwright-core";
 import http from "node:http";
 
-const [base, token, hookPort, shot] = process.argv.slice(2);
+const [base, token, hookPort, shot, viewer] = process.argv.slice(2);
 const failures = [];
 function check(what, ok, detail = "") {
   console.log(`${ok ? "ok  " : "FAIL"} ${what}${detail ? ": " + detail : ""}`);
@@ -123,6 +123,23 @@ await api("/v1/docs/events%2F1", { method: "PATCH", body: JSON.stringify({ what:
 await page.waitForFunction(() => [...document.querySelectorAll("#runs tr")].some((r) => r.textContent.includes("notify") && r.dataset.status === "done"), null, { timeout: 30000 });
 const notify = await page.$$eval("#runs tr", (rows) => rows.find((r) => r.textContent.includes("notify")).textContent);
 check("the run names the node that delivered its effect", /delivered by (this node|field-relay)/.test(notify) && !notify.includes("0 attempts"), notify.trim().replace(/\s+/g, " ").slice(0, 200));
+
+// A scoped token ([[api.tokens]] viewer: events/** only) sees its docs and
+// is told, not failed, where it may not look.
+const scoped = await browser.newPage({ viewport: { width: 1280, height: 1000 } });
+scoped.on("console", (m) => { if (m.type() === "error" && !/\b40[13]\b/.test(m.text())) consoleErrors.push(m.text()); });
+await scoped.goto(base + "/");
+await scoped.waitForSelector("#login-form", { state: "visible" });
+await scoped.fill("#token", viewer);
+await scoped.click("#login-form button");
+await scoped.waitForSelector("#docs tr[data-doc]", { timeout: 30000 });
+const shownDocs = await scoped.$$eval("#docs tr[data-doc]", (rows) => rows.map((r) => r.dataset.doc));
+check("a scoped token lists only the docs it may read", shownDocs.length > 0 && shownDocs.every((d) => d.startsWith("events/")), shownDocs.join(", "));
+await scoped.waitForFunction(() => document.querySelector("#peers .scoped") !== null, null, { timeout: 30000 });
+check("a scoped token is told peers need the admin token", true);
+const banner = await scoped.$eval("#error", (e) => getComputedStyle(e).display === "none" ? "" : e.textContent);
+check("no error banner for a scoped token", banner === "", banner);
+await scoped.close();
 
 check("no request left this node", outside.length === 0, outside.join(", "));
 check("no script errors", consoleErrors.length === 0, consoleErrors.join(" | "));

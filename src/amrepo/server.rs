@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::url::{client_doc_name, decode_id, id_of};
 use super::wire::{self, PROTOCOL_VERSION, PeerMetadata, WireMessage};
+use crate::access::Access;
 use crate::config::AutomergeConfig;
 use crate::doc::DocId;
 use crate::runtime::{ClientConn, ClientOut, Docs};
@@ -89,7 +90,7 @@ impl Hub {
     }
 
     /// Serves one upgraded connection until it closes.
-    pub async fn serve(self: Arc<Self>, mut ws: WebSocket) {
+    pub async fn serve(self: Arc<Self>, mut ws: WebSocket, access: Access) {
         self.open.fetch_add(1, Ordering::Relaxed);
         let conn_no = self.next.fetch_add(1, Ordering::Relaxed);
         match self.handshake(&mut ws).await {
@@ -108,6 +109,7 @@ impl Hub {
                     no: conn_no,
                     client: client.clone(),
                     followed: HashSet::new(),
+                    access,
                 };
                 let end = c.run(&mut ws, &replaced).await;
                 c.forget();
@@ -304,6 +306,8 @@ struct Connection<'h> {
     client: String,
     /// Docs it follows (for ephemeral messages).
     followed: HashSet<DocId>,
+    /// What its token may read and write.
+    access: Access,
 }
 
 impl Connection<'_> {
@@ -408,6 +412,22 @@ impl Connection<'_> {
         }
         let doc = doc_for(&hub.docs, document_id)
             .map_err(|e| End::error(&format!("bad documentId: {e}")))?;
+        if !self.access.can_read(doc.as_str()) {
+            // The same answer as for a doc the node does not have.
+            let out = encode_out(&hub.me, &self.client, ClientOut::Unavailable { doc });
+            let _ = eph_tx.try_send(out);
+            return Ok(());
+        }
+        if let WireMessage::Sync { data, .. } = &msg
+            && !self.access.can_write(doc.as_str())
+            && carries_changes(data)
+        {
+            return Err(End::error(&format!(
+                "token {:?} may read but not write doc {}",
+                self.access.name().unwrap_or_default(),
+                id_of(doc.as_str())
+            )));
+        }
         self.follow(&doc, eph_tx);
         match msg {
             WireMessage::Sync { request, data, .. } => conn
@@ -454,4 +474,10 @@ impl Connection<'_> {
             }
         }
     }
+}
+
+/// True if a sync message carries changes (or does not decode: the
+/// document service reports that itself).
+fn carries_changes(data: &[u8]) -> bool {
+    automerge::sync::Message::decode(data).map_or(true, |m| !m.changes.is_empty())
 }

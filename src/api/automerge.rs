@@ -3,9 +3,12 @@
 //! tickets for browsers, which cannot set headers on a WebSocket) and
 //! `GET /v1/docs/{id}/url` (a doc's automerge URL).
 //!
-//! With `api.token` set, the upgrade needs `?token=<api.token>` or
+//! With a token configured, the upgrade needs `?token=<token>` or
 //! `?ticket=<ticket>` (each ticket works once, within
-//! `automerge.ticket_ttl_ms`); anything else gets 401 before the upgrade.
+//! `automerge.ticket_ttl_ms`, with the rights of the token that got it);
+//! anything else gets 401 before the upgrade. A scoped token's connection
+//! gets `doc-unavailable` for the docs it may not read, and is closed with
+//! `error` when it sends changes to a doc it may not write.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -14,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use axum::extract::rejection::PathRejection;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -24,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use super::error::ApiError;
 use super::extract::{ApiResult, doc_id};
 use crate::Node;
+use crate::access::{Access, Tokens};
 use crate::amrepo::server::Hub;
 
 /// Most tickets outstanding at once.
@@ -35,10 +39,11 @@ pub(super) struct AmState {
     node: Node,
     hub: Arc<Hub>,
     tickets: Arc<Tickets>,
+    tokens: Arc<Tokens>,
 }
 
 /// The routes, with their own state.
-pub(super) fn routes(node: &Node) -> Router<Node> {
+pub(super) fn routes(node: &Node, tokens: Arc<Tokens>) -> Router<Node> {
     let cfg = node.config().automerge.clone();
     let hub = Arc::new(Hub::new(
         node.docs().clone(),
@@ -50,6 +55,7 @@ pub(super) fn routes(node: &Node) -> Router<Node> {
         node: node.clone(),
         hub,
         tickets: Arc::new(Tickets::new(Duration::from_millis(cfg.ticket_ttl_ms))),
+        tokens,
     };
     Router::new()
         .route("/v1/automerge", get(upgrade))
@@ -80,9 +86,10 @@ async fn upgrade(
         .into_response();
     }
     let Query(q) = query.unwrap_or_default();
-    if let Err(e) = s.authorize(&q) {
-        return e.into_response();
-    }
+    let access = match s.authorize(&q) {
+        Ok(access) => access,
+        Err(e) => return e.into_response(),
+    };
     let ws = match ws {
         Ok(ws) => ws,
         Err(r) => {
@@ -111,25 +118,22 @@ async fn upgrade(
     let hub = s.hub.clone();
     ws.max_message_size(cfg.max_message_bytes)
         .max_frame_size(cfg.max_message_bytes)
-        .on_upgrade(move |socket| hub.serve(socket))
+        .on_upgrade(move |socket| hub.serve(socket, access))
 }
 
 impl AmState {
-    /// With `api.token` set: the token or a valid ticket in the query.
-    fn authorize(&self, q: &AuthQuery) -> Result<(), ApiError> {
-        let want = &self.node.config().api.token;
-        if want.is_empty() {
-            return Ok(());
+    /// With a token configured: a token or a valid ticket in the query;
+    /// what the connection may do.
+    fn authorize(&self, q: &AuthQuery) -> Result<Access, ApiError> {
+        if !self.tokens.required() {
+            return Ok(Access::Admin);
         }
-        let digest = |s: &str| <sha2::Sha256 as sha2::Digest>::digest(s.as_bytes());
-        if let Some(token) = &q.token
-            && digest(token) == digest(want)
-        {
-            return Ok(());
+        if let Some(access) = q.token.as_deref().and_then(|t| self.tokens.identify(t)) {
+            return Ok(access);
         }
         if let Some(ticket) = &q.ticket {
-            if self.tickets.redeem(ticket) {
-                return Ok(());
+            if let Some(access) = self.tickets.redeem(ticket) {
+                return Ok(access);
             }
             return Err(unauthorized(
                 "this ticket is unknown, used or expired: get a new one with POST /v1/tickets",
@@ -139,7 +143,7 @@ impl AmState {
             return Err(unauthorized("wrong API token"));
         }
         Err(unauthorized(
-            "this endpoint needs ?token=<api.token> or ?ticket=<a ticket from POST /v1/tickets>",
+            "this endpoint needs ?token=<token> or ?ticket=<a ticket from POST /v1/tickets>",
         ))
     }
 }
@@ -157,8 +161,11 @@ pub struct TicketResponse {
     pub expires_at: u64,
 }
 
-async fn ticket(State(s): State<AmState>) -> ApiResult<Json<TicketResponse>> {
-    let (ticket, ttl) = s.tickets.issue().ok_or_else(|| {
+async fn ticket(
+    State(s): State<AmState>,
+    Extension(access): Extension<Access>,
+) -> ApiResult<Json<TicketResponse>> {
+    let (ticket, ttl) = s.tickets.issue(access).ok_or_else(|| {
         ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "too_many_tickets",
@@ -187,10 +194,11 @@ async fn url(path: Result<Path<String>, PathRejection>) -> ApiResult<Json<UrlRes
     }))
 }
 
-/// Outstanding tickets and when each expires.
+/// Outstanding tickets: when each expires, and the rights of the token
+/// that asked for it.
 struct Tickets {
     ttl: Duration,
-    open: Mutex<HashMap<String, Instant>>,
+    open: Mutex<HashMap<String, (Instant, Access)>>,
 }
 
 impl Tickets {
@@ -202,24 +210,25 @@ impl Tickets {
     }
 
     /// A new ticket and how long it lasts; `None` when too many are out.
-    fn issue(&self) -> Option<(String, Duration)> {
+    fn issue(&self, access: Access) -> Option<(String, Duration)> {
         let now = Instant::now();
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        open.retain(|_, expires| *expires > now);
+        open.retain(|_, (expires, _)| *expires > now);
         if open.len() >= MAX_TICKETS {
             return None;
         }
         let bytes: [u8; 24] = rand::random();
         let ticket: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        open.insert(ticket.clone(), now + self.ttl);
+        open.insert(ticket.clone(), (now + self.ttl, access));
         Some((ticket, self.ttl))
     }
 
-    /// Takes a ticket: true if it was outstanding and unexpired.
-    fn redeem(&self, ticket: &str) -> bool {
+    /// Takes a ticket: its rights, if it was outstanding and unexpired.
+    fn redeem(&self, ticket: &str) -> Option<Access> {
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         open.remove(ticket)
-            .is_some_and(|expires| expires > Instant::now())
+            .filter(|(expires, _)| *expires > Instant::now())
+            .map(|(_, access)| access)
     }
 }
 
@@ -230,12 +239,12 @@ mod tests {
     #[test]
     fn a_ticket_works_once_and_not_after_it_expires() {
         let t = Tickets::new(Duration::from_secs(60));
-        let (a, _) = t.issue().unwrap();
-        assert!(t.redeem(&a));
-        assert!(!t.redeem(&a), "a ticket works once");
-        assert!(!t.redeem("made-up"));
+        let (a, _) = t.issue(Access::Admin).unwrap();
+        assert!(t.redeem(&a).is_some());
+        assert!(t.redeem(&a).is_none(), "a ticket works once");
+        assert!(t.redeem("made-up").is_none());
         let short = Tickets::new(Duration::ZERO);
-        let (b, _) = short.issue().unwrap();
-        assert!(!short.redeem(&b), "expired");
+        let (b, _) = short.issue(Access::Admin).unwrap();
+        assert!(short.redeem(&b).is_none(), "expired");
     }
 }

@@ -9,10 +9,12 @@
 //! Browser safety (Host, Origin, CORS, content types) is in `guard.rs`; the
 //! connection handling (limits, timeouts, shutdown) in `serve.rs`.
 
+mod auth;
 mod automerge;
 mod backup;
 mod dashboard;
 mod error;
+mod events;
 mod extract;
 pub(crate) mod guard;
 pub mod history;
@@ -23,7 +25,7 @@ pub use error::{ApiError, ErrorBody, ErrorDetail};
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Extension, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -31,6 +33,9 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json_;
 
+use std::sync::Arc;
+
+use crate::access::{Access, Tokens};
 use crate::doc::{DocId, Op, Pointer};
 use crate::node::Node;
 use crate::runtime::Change;
@@ -71,6 +76,8 @@ pub struct DeleteResponse {
 /// Builds the router for `node`.
 pub fn router(node: Node) -> Router {
     let limit = node.config().api.max_body_bytes;
+    // The config was validated: its tokens parse.
+    let tokens = Arc::new(Tokens::new(&node.config().api).unwrap_or_default());
     let dashboard = if node.config().api.dashboard {
         Router::new().route("/", get(dashboard))
     } else {
@@ -95,9 +102,9 @@ pub fn router(node: Node) -> Router {
         .route("/v1/docs/{id}/heads", get(heads))
         .route("/v1/docs/{id}/sync", get(doc_sync))
         .route("/v1/docs/{id}/history", get(history))
-        .route("/v1/events", get(events))
+        .route("/v1/events", get(events::events))
         .merge(workflows::routes())
-        .merge(automerge::routes(&node))
+        .merge(automerge::routes(&node, tokens.clone()))
         .merge(backup::routes())
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
@@ -108,8 +115,8 @@ pub fn router(node: Node) -> Router {
         ))
         .layer(axum::middleware::from_fn(guard::require_body_type))
         .layer(axum::middleware::from_fn_with_state(
-            node.clone(),
-            require_token,
+            tokens.clone(),
+            auth::require_token,
         ))
         // Outermost: browser checks first, so that preflights (which carry
         // no token) are answered and foreign pages are refused before
@@ -167,43 +174,6 @@ fn read_error(node: &Node, e: crate::doc::DocError) -> ApiError {
     }
 }
 
-/// With `api.token` set, refuses (401, before anything else runs) every
-/// request but `/healthz` that does not send `Authorization: Bearer <token>`.
-async fn require_token(
-    State(node): State<Node>,
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    let want = &node.config().api.token;
-    // The dashboard page holds no data; it asks for the token itself. The
-    // automerge WebSocket checks its own (browsers cannot send headers).
-    if want.is_empty() || matches!(req.uri().path(), "/healthz" | "/" | "/v1/automerge") {
-        return next.run(req).await;
-    }
-    let got = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    // Digests compared: the time taken says nothing about the token.
-    let digest = |s: &str| <sha2::Sha256 as sha2::Digest>::digest(s.as_bytes());
-    if digest(got) == digest(want) {
-        return next.run(req).await;
-    }
-    let message = if got.is_empty() {
-        "this API needs a token: send Authorization: Bearer <api.token> (the CLI sends MERGEFLOW_API_TOKEN)"
-    } else {
-        "wrong API token"
-    };
-    let mut resp = ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message).into_response();
-    resp.headers_mut().insert(
-        header::WWW_AUTHENTICATE,
-        header::HeaderValue::from_static("Bearer"),
-    );
-    resp
-}
-
 async fn healthz(State(node): State<Node>) -> Response {
     if let Some(e) = node.store_failure() {
         return ApiError::new(
@@ -227,8 +197,16 @@ async fn healthz(State(node): State<Node>) -> Response {
     }
 }
 
-async fn status(State(node): State<Node>) -> Json<crate::Status> {
-    Json(node.status().await)
+async fn status(
+    State(node): State<Node>,
+    Extension(access): Extension<Access>,
+) -> Json<crate::Status> {
+    let mut status = node.status().await;
+    if let Access::Scoped(_) = access {
+        // The config names the other tokens and their scopes.
+        status.config = None;
+    }
+    Json(status)
 }
 
 async fn metrics(State(node): State<Node>) -> impl IntoResponse {
@@ -381,16 +359,26 @@ async fn answer_write(
 
 async fn create(
     State(node): State<Node>,
+    Extension(access): Extension<Access>,
     q: Result<Query<WriteQuery>, QueryRejection>,
     b: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let q = write_query(q)?;
     let req: CreateRequest = parse(&body(b)?)?;
-    let id = req.id.map(DocId::new).transpose()?;
-    if let Some(id) = &id {
-        crate::doc::user_writable(id)?;
+    let id = match req.id {
+        Some(id) => DocId::new(id)?,
+        None => DocId::generate(),
+    };
+    crate::doc::user_writable(&id)?;
+    if !access.can_write(id.as_str()) {
+        return Err(auth::forbidden(format!(
+            "token {:?} may not write doc {:?}: name an id its write globs cover",
+            access.name().unwrap_or_default(),
+            id.as_str()
+        )));
     }
-    let result = node.docs().create_with(id, req.value, q.acks()).await?;
+    let by = access.name().map(str::to_string);
+    let result = node.docs().create_by(id, req.value, q.acks(), by).await?;
     answer_write(&node, &q, StatusCode::CREATED, result).await
 }
 
@@ -422,6 +410,7 @@ pub const MAX_LIST_LIMIT: usize = 10_000;
 /// next page.
 async fn list(
     State(node): State<Node>,
+    Extension(access): Extension<Access>,
     q: Result<Query<ListParams>, QueryRejection>,
 ) -> ApiResult<Response> {
     let Query(q) = q.map_err(|r| WrappedRejection(r, None))?;
@@ -439,7 +428,7 @@ async fn list(
         limit,
         system: q.system.unwrap_or(false),
     };
-    let page = node
+    let mut page = node
         .docs()
         .list_page(query)
         .await
@@ -452,6 +441,9 @@ async fn list(
         }),
         _ => None,
     };
+    // A scoped token sees the docs it may read: a page may hold fewer than
+    // `limit` (even none) and still have a next one.
+    page.docs.retain(|d| access.can_read(&d.id));
     let mut resp = Json(page.docs).into_response();
     if let Some(next) = next {
         link_next(&mut resp, "/v1/docs", &next);
@@ -477,6 +469,7 @@ async fn read(
 
 async fn patch(
     State(node): State<Node>,
+    Extension(access): Extension<Access>,
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     q: Result<Query<WriteQuery>, QueryRejection>,
@@ -485,7 +478,7 @@ async fn patch(
     let id = doc_id(path)?;
     let q = write_query(q)?;
     let patch: Json_ = parse(&body(b)?)?;
-    let result = write(&node, &headers, id, Change::Patch(patch), q.acks()).await?;
+    let result = write(&node, &access, &headers, id, Change::Patch(patch), q.acks()).await?;
     answer_write(&node, &q, StatusCode::OK, result).await
 }
 
@@ -493,6 +486,7 @@ async fn patch(
 /// value when the request has one.
 async fn write(
     node: &Node,
+    access: &Access,
     headers: &HeaderMap,
     id: DocId,
     change: Change,
@@ -522,15 +516,17 @@ async fn write(
             )
         })?;
     }
-    let docs = node.docs();
-    Ok(match key {
-        None => docs.write_with(id, change, acks).await?,
-        Some(k) => docs.write_idempotent(id, change, acks, k).await?,
-    })
+    let opts = crate::runtime::WriteOpts {
+        ack: acks,
+        idem: key,
+        by: access.name().map(str::to_string),
+    };
+    Ok(node.docs().write_opts(id, change, opts).await?)
 }
 
 async fn ops(
     State(node): State<Node>,
+    Extension(access): Extension<Access>,
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     q: Result<Query<WriteQuery>, QueryRejection>,
@@ -539,7 +535,7 @@ async fn ops(
     let id = doc_id(path)?;
     let q = write_query(q)?;
     let ops: Vec<Op> = parse(&body(b)?)?;
-    let result = write(&node, &headers, id, Change::Ops(ops), q.acks()).await?;
+    let result = write(&node, &access, &headers, id, Change::Ops(ops), q.acks()).await?;
     answer_write(&node, &q, StatusCode::OK, result).await
 }
 
@@ -612,65 +608,6 @@ async fn heads(
     let id = doc_id(path)?;
     let heads = node.docs().heads(id.clone()).await?;
     Ok(Json(serde_json::json!({"id": id, "heads": heads})).into_response())
-}
-
-/// Query of `GET /v1/events`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EventsQuery {
-    /// Doc id glob (default `**`: every doc).
-    pub doc: Option<String>,
-    /// Resume after this event id (as the `Last-Event-ID` header does).
-    pub after: Option<String>,
-}
-
-/// Server-Sent Events: `event: change` with a [`crate::feed::ChangeEvent`] as
-/// data and its id as the event id, for every durable change of a matching
-/// doc; `event: missed` (data `{"count": n|null}`) when events were lost to
-/// this client (it fell behind, or resumed from an id no longer held): re-read
-/// the docs it follows. A comment line every 15 s keeps proxies from closing
-/// the stream. The stream ends when the node shuts down.
-async fn events(
-    State(node): State<Node>,
-    headers: HeaderMap,
-    query: Result<Query<EventsQuery>, QueryRejection>,
-) -> ApiResult<Response> {
-    use axum::response::sse::{Event, KeepAlive, Sse};
-    use futures_util::StreamExt;
-    let Query(q) = query.map_err(|r| WrappedRejection(r, None))?;
-    let last = headers
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    let after = q.after.or(last);
-    let glob = q.doc.as_deref().unwrap_or("**");
-    let feed = node.subscribe_after(glob, after.as_deref())?;
-    let runs = node.subscribe_runs(glob)?;
-    let stop = node.shutdown_token().cancelled_owned();
-    let changes = feed.map(|item| {
-        let event = match item {
-            crate::feed::FeedItem::Change(e) => Event::default()
-                .event("change")
-                .id(e.id.clone())
-                .json_data(&*e),
-            crate::feed::FeedItem::Missed { count } => Event::default()
-                .event("missed")
-                .json_data(serde_json::json!({ "count": count })),
-        };
-        event.unwrap_or_else(|e| Event::default().comment(e.to_string()))
-    });
-    let runs = runs.map(|e| {
-        Event::default()
-            .event("run")
-            .json_data(&*e)
-            .unwrap_or_else(|e| Event::default().comment(e.to_string()))
-    });
-    let stream = futures_util::stream::select(changes, runs)
-        .take_until(stop)
-        .map(Ok::<_, axum::Error>);
-    Ok(Sse::new(stream)
-        .keep_alive(KeepAlive::new().interval(std::time::Duration::from_secs(15)))
-        .into_response())
 }
 
 async fn history(

@@ -112,6 +112,12 @@ pub struct WorkflowConfig {
     /// Let definitions applied through the API (which sync from any peer)
     /// run `exec` steps on this node. Off: only workflow-dir files may.
     pub allow_applied_exec: bool,
+    /// Where `http` steps of applied definitions may post: host names
+    /// (`hooks.example.com`, optionally `:port`), IP addresses and CIDRs
+    /// (`10.0.0.0/8`). A listed host reaches loopback and private
+    /// addresses only when their range is listed too. Empty: applied
+    /// definitions post nowhere; workflow-dir files are not limited.
+    pub http_allow: Vec<String>,
 }
 
 /// `[node]`: identity and where data lives.
@@ -441,6 +447,7 @@ impl Default for Config {
                 remote_delay_ms: 100,
                 effect_wait_ms: 60_000,
                 allow_applied_exec: false,
+                http_allow: vec![],
             },
         }
     }

@@ -94,6 +94,9 @@ impl Config {
                 ),
             );
         }
+        if let Err(e) = crate::http_allow::HttpAllow::new(&self.workflow.http_allow) {
+            return invalid("workflow.http_allow", &e);
+        }
         if !self.api.token.is_empty() {
             check_token(&self.api.token).or_else(|e| invalid("api.token", &e))?;
         }
@@ -371,7 +374,20 @@ impl Config {
                 return Err(format!("{:?}: the same token as api.token", t.name));
             }
         }
-        crate::access::Tokens::new(&self.api).map(|_| ())
+        for t in &self.api.tokens {
+            for (what, globs) in [("read", &t.read), ("write", &t.write)] {
+                if let Some((g, e)) = globs.iter().find_map(|g| {
+                    globset::GlobBuilder::new(g)
+                        .literal_separator(true)
+                        .build()
+                        .err()
+                        .map(|e| (g, e))
+                }) {
+                    return Err(format!("{:?}: {what}: invalid doc glob {g:?}: {e}", t.name));
+                }
+            }
+        }
+        Ok(())
     }
 }
 

@@ -3,7 +3,7 @@
 //! clock, the writing node's priority, and the idempotency key of the write
 //! if it had one. Conflict policies (`resolve` steps) choose winners by them.
 //!
-//! Format: `<what> hlc=<u64> prio=<i64>[ idem=<key>]`, where `<what>` is
+//! Format: `<what> hlc=<u64> prio=<i64>[ idem=<key>][ req=<fp>][ by=<token>]`, where `<what>` is
 //! the kind of write (`patch`, `ops`, ...) or a workflow cause
 //! (`workflow <name> depth <n>`).
 //!
@@ -77,6 +77,9 @@ pub struct Stamp {
     /// [`fingerprint`]): a later write with the same key and another
     /// fingerprint is a reuse, not a repeat.
     pub req: Option<String>,
+    /// The name of the scoped API token (`[[api.tokens]]`) that made the
+    /// write, when one did.
+    pub by: Option<String>,
 }
 
 impl Stamp {
@@ -90,6 +93,10 @@ impl Stamp {
         if let Some(r) = &self.req {
             m.push_str(" req=");
             m.push_str(r);
+        }
+        if let Some(b) = &self.by {
+            m.push_str(" by=");
+            m.push_str(b);
         }
         m
     }
@@ -107,6 +114,8 @@ impl Stamp {
                 s.idem = Some(v.to_string());
             } else if let Some(v) = word.strip_prefix("req=") {
                 s.req = Some(v.to_string());
+            } else if let Some(v) = word.strip_prefix("by=") {
+                s.by = Some(v.to_string());
             }
         }
         s
@@ -177,9 +186,13 @@ mod tests {
             prio: -3,
             idem: Some("req-1".into()),
             req: Some("00ff".into()),
+            by: Some("kitchen-app".into()),
         };
         let m = s.message("workflow w depth 2");
-        assert_eq!(m, "workflow w depth 2 hlc=42 prio=-3 idem=req-1 req=00ff");
+        assert_eq!(
+            m,
+            "workflow w depth 2 hlc=42 prio=-3 idem=req-1 req=00ff by=kitchen-app"
+        );
         assert_eq!(Stamp::parse(&m), s);
         assert_eq!(Stamp::parse("patch"), Stamp::default());
         assert!(check_idempotency_key("abc-123").is_ok());

@@ -13,8 +13,8 @@ use tokio::sync::{mpsc, oneshot};
 use super::host::SyncRuntime;
 use super::inbox::Inbox;
 use super::state::{
-    Change, ChangeCounts, DocsConfig, Inner, Parts, PeerSyncView, WriteOp, WriteReq, WriteResult,
-    WriteTags, blocking, stored_state,
+    Change, ChangeCounts, DocsConfig, Inner, Parts, PeerSyncView, WriteOp, WriteOpts, WriteReq,
+    WriteResult, WriteTags, blocking, stored_state,
 };
 use super::writer::WriterMsg;
 use crate::doc::cache::{DocCache, Loaded, lock_slot};
@@ -160,14 +160,32 @@ impl Docs {
         value: Json,
         ack: bool,
     ) -> Result<WriteResult, DocError> {
-        let id = id.unwrap_or_else(DocId::generate);
+        self.create_by(id.unwrap_or_else(DocId::generate), value, ack, None)
+            .await
+    }
+
+    /// As [`create_with`](Self::create_with), made by the scoped API token
+    /// named `by` when there is one (recorded in the change).
+    ///
+    /// # Errors
+    /// As [`create`](Self::create).
+    pub async fn create_by(
+        &self,
+        id: DocId,
+        value: Json,
+        ack: bool,
+        by: Option<String>,
+    ) -> Result<WriteResult, DocError> {
         let Json::Object(map) = value else {
             return Err(DocError::BadValue(
                 "\"value\" must be a JSON object: the document root is an object".into(),
             ));
         };
-        self.submit(id, WriteOp::Create(map), ack, WriteTags::default())
-            .await
+        let tags = WriteTags {
+            by,
+            ..WriteTags::default()
+        };
+        self.submit(id, WriteOp::Create(map), ack, tags).await
     }
 
     /// Applies `change` to document `id` as one Automerge change, creating the
@@ -215,20 +233,51 @@ impl Docs {
         ack: bool,
         key: String,
     ) -> Result<WriteResult, DocError> {
-        crate::doc::stamp::check_idempotency_key(&key).map_err(DocError::BadValue)?;
-        let req = match &change {
+        self.write_opts(
+            id,
+            change,
+            WriteOpts {
+                ack,
+                idem: Some(key),
+                by: None,
+            },
+        )
+        .await
+    }
+
+    /// A write with every option: `ack` as for [`write_with`](Self::write_with),
+    /// `idem` as for [`write_idempotent`](Self::write_idempotent), and `by`,
+    /// the scoped API token making it, recorded in the change (`by=<name>`,
+    /// `/history` → `by`).
+    ///
+    /// # Errors
+    /// As [`write_idempotent`](Self::write_idempotent).
+    pub async fn write_opts(
+        &self,
+        id: DocId,
+        change: Change,
+        opts: WriteOpts,
+    ) -> Result<WriteResult, DocError> {
+        // The request's fingerprint, for a write with a key only.
+        let body = match &change {
+            _ if opts.idem.is_none() => None,
             Change::Patch(p) => serde_json::to_vec(p).ok().map(|b| ("patch", b)),
             Change::Ops(ops) => serde_json::to_vec(ops).ok().map(|b| ("ops", b)),
             Change::Closure(_) | Change::SetIfDifferent(_) => None,
+        };
+        let req = body.map(|(kind, body)| crate::doc::stamp::fingerprint(kind, &body));
+        if let Some(key) = &opts.idem {
+            crate::doc::stamp::check_idempotency_key(key).map_err(DocError::BadValue)?;
         }
-        .map(|(kind, body)| crate::doc::stamp::fingerprint(kind, &body));
         let tags = WriteTags {
             cause: None,
-            idem: Some(key),
+            idem: opts.idem,
             req,
             lazy: false,
+            by: opts.by,
         };
-        self.submit(id, WriteOp::Change(change), ack, tags).await
+        self.submit(id, WriteOp::Change(change), opts.ack, tags)
+            .await
     }
 
     /// As [`write`](Self::write), for a workflow run: the change carries
@@ -251,6 +300,7 @@ impl Docs {
             idem: None,
             req: None,
             lazy: true,
+            by: None,
         };
         self.submit(id, WriteOp::Change(change), false, tags).await
     }

@@ -47,6 +47,7 @@ pub(super) fn apply(
         prio: inner.cfg.priority,
         idem: tags.idem.clone(),
         req: tags.req.clone(),
+        by: tags.by.clone(),
     };
     let caused = tags.cause.as_ref().map(|c| c.message());
     let message = |kind: &'static str| stamp.message(caused.as_deref().unwrap_or(kind));

@@ -48,5 +48,5 @@ pub use docs::Docs;
 pub use inbox::{ClientConn, Inbox, Stopped};
 pub use read::{DocInfo, DocPage, HistoryEntry, ListQuery, Snapshot};
 pub use replicas::Held;
-pub use state::{Change, ChangeFn, DocsConfig, Parts, PeerSyncView, WriteResult};
+pub use state::{Change, ChangeFn, DocsConfig, Parts, PeerSyncView, WriteOpts, WriteResult};
 pub use tick::spawn_tick;

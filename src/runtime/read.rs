@@ -92,6 +92,10 @@ pub struct HistoryEntry {
     pub time: i64,
     /// Commit message.
     pub message: Option<String>,
+    /// The scoped API token (`[[api.tokens]]` name) that made the change,
+    /// as its message records (`by=<name>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
     /// Hashes of the changes this one depends on.
     pub deps: Vec<String>,
     /// A container's genesis: the change, the same on every node, that made
@@ -272,6 +276,10 @@ impl Docs {
                     peer_id,
                     seq: c.seq,
                     time: c.timestamp,
+                    by: c
+                        .message
+                        .as_deref()
+                        .and_then(|m| crate::doc::stamp::Stamp::parse(m).by),
                     message: c.message.map(|m| m.into_owned()),
                     deps: c.deps.iter().map(|h| h.to_string()).collect(),
                 });

@@ -230,6 +230,8 @@ pub(super) struct WriteTags {
     /// `store.remote_flush_ms`, covers it): for writes whose writer can
     /// redo them after a crash, like a workflow run's.
     pub(super) lazy: bool,
+    /// The scoped API token making the write (recorded in the change).
+    pub(super) by: Option<String>,
 }
 
 /// What a write does.
@@ -243,4 +245,15 @@ pub(super) enum WriteOp {
     /// Merge an Automerge save (or changes) into a document, creating it if
     /// absent: a restore or an import. A deleted document refuses it.
     Merge(Vec<u8>),
+}
+
+/// Options of [`Docs::write_opts`](super::Docs::write_opts).
+#[derive(Debug, Clone, Default)]
+pub struct WriteOpts {
+    /// Peers that get the change confirm once they stored it.
+    pub ack: bool,
+    /// Apply at most once per doc with this idempotency key.
+    pub idem: Option<String>,
+    /// The scoped API token making the write.
+    pub by: Option<String>,
 }

@@ -86,6 +86,7 @@ pub(super) fn reload(
     sandbox: &Sandbox,
     labels: &BTreeMap<String, String>,
     allow_applied_exec: bool,
+    http_allow: &crate::http_allow::HttpAllow,
     applied: &BTreeMap<String, Applied>,
 ) -> (Vec<Arc<Plan>>, bool) {
     let mut files: Vec<(PathBuf, Option<SystemTime>, u64)> = match std::fs::read_dir(dir) {
@@ -145,6 +146,12 @@ pub(super) fn reload(
                      (workflow.allow_applied_exec); put the file in the workflow dir instead"
                 ),
             ));
+            continue;
+        }
+        if source.starts_with("applied:")
+            && let Some(why) = plan.refused_url(http_allow)
+        {
+            invalid.push((source.clone(), format!("workflow {source}: {why}")));
             continue;
         }
         if let Some(first) = origin.get(&name) {

@@ -201,6 +201,8 @@ impl Engine {
     ) -> Engine {
         let (local, labels) = node;
         let (log, open) = RunLog::open(store.clone());
+        // Validated with the config.
+        let http_allow = crate::http_allow::HttpAllow::new(&cfg.http_allow).unwrap_or_default();
         let shared = Arc::new(Shared {
             sandbox: Sandbox::new(),
             docs,
@@ -213,6 +215,8 @@ impl Engine {
                 .connect_timeout(Duration::from_secs(10))
                 .build()
                 .expect("reqwest client builds"),
+            http_applied: http_allow.clone().client(),
+            http_allow,
             labels,
             dir: cfg.dir.clone(),
             cfg,
@@ -299,6 +303,10 @@ impl Engine {
         if runs_commands(&plan) && !self.shared.cfg.allow_applied_exec {
             info.warnings.push(APPLY_EXEC_REFUSED.into());
         }
+        if let Some(why) = plan.refused_url(&self.shared.http_allow) {
+            info.warnings
+                .push(format!("apply refuses it on this node: {why}"));
+        }
         Ok(info)
     }
 
@@ -316,6 +324,12 @@ impl Engine {
                 what: "exec steps cannot be applied through the API unless \
                        workflow.allow_applied_exec = true; put the file in the workflow dir"
                     .into(),
+            }));
+        }
+        if let Some(why) = plan.refused_url(&self.shared.http_allow) {
+            return Err(WorkflowError::Def(DefError {
+                source_name: "request body".into(),
+                what: format!("{why}; or put the file in the workflow dir"),
             }));
         }
         let values = [

@@ -146,6 +146,23 @@ impl Plan {
             .any(|s| matches!(s.action, super::def::Action::Exec { .. }))
     }
 
+    /// The URLs of its `http` steps (its `on_failure` too).
+    pub fn http_urls(&self) -> impl Iterator<Item = &str> {
+        self.def
+            .steps
+            .iter()
+            .chain(&self.def.on_failure)
+            .filter_map(|s| match &s.action {
+                super::def::Action::Http { url, .. } => Some(url.as_str()),
+                _ => None,
+            })
+    }
+
+    /// The first `http` step URL that `allow` refuses.
+    pub fn refused_url(&self, allow: &crate::http_allow::HttpAllow) -> Option<String> {
+        self.http_urls().find_map(|u| allow.check_url(u).err())
+    }
+
     /// The workflow's name.
     pub fn name(&self) -> &str {
         &self.def.name

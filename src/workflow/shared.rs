@@ -39,6 +39,11 @@ pub(super) struct Shared {
     pub(super) local: String,
     pub(super) live: RwLock<Option<LivePeers>>,
     pub(super) http: reqwest::Client,
+    /// For `http` steps of applied definitions: dials only what
+    /// `workflow.http_allow` allows.
+    pub(super) http_applied: reqwest::Client,
+    /// The parsed `workflow.http_allow`.
+    pub(super) http_allow: crate::http_allow::HttpAllow,
     pub(super) labels: BTreeMap<String, String>,
     pub(super) cfg: WorkflowConfig,
     pub(super) dir: PathBuf,
@@ -81,6 +86,7 @@ impl Shared {
             &self.sandbox,
             &self.labels,
             self.cfg.allow_applied_exec,
+            &self.http_allow,
             applied,
         )
     }

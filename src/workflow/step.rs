@@ -49,6 +49,7 @@ pub(super) async fn execute(
     let mut skipped_by: Option<String> = None;
     let started = Instant::now();
     let origin = plan.def.trigger.origin;
+    let applied = plan.source_name.starts_with("applied:");
     let last = plan.def.steps.len().saturating_sub(1);
     for (i, (step, sp)) in plan.def.steps.iter().zip(&plan.steps).enumerate() {
         if matches!(run.steps[i].state, StepState::Done | StepState::Skipped) {
@@ -175,8 +176,16 @@ pub(super) async fn execute(
                 Action::Write { .. } => write(shared, sp, b, &cause).await,
                 Action::Http { .. } | Action::Exec { .. } => {
                     let input = input.as_ref().expect("effects have input");
-                    let out =
-                        run_effect(shared, &step.action, &run, &step.id, &effect_key, input).await;
+                    let out = run_effect(
+                        shared,
+                        applied,
+                        &step.action,
+                        &run,
+                        &step.id,
+                        &effect_key,
+                        input,
+                    )
+                    .await;
                     delivered(shared, &run, &effect_key, out).await
                 }
                 Action::Resolve { policy, .. } => {
@@ -331,7 +340,8 @@ pub(super) async fn alert_failure(shared: &Arc<Shared>, plan: &Plan, run: &Run, 
     let key = format!("{}-on_failure", run.key);
     let input = serde_json::json!({ "run": run, "node": shared.local });
     for attempt in 1..=step.retry.attempts {
-        match run_effect(shared, &step.action, run, &step.id, &key, &input).await {
+        let applied = plan.source_name.starts_with("applied:");
+        match run_effect(shared, applied, &step.action, run, &step.id, &key, &input).await {
             Ok(_) => return,
             Err(Failure::Final(e)) => {
                 tracing::error!(run = run.id, err = %e, "on_failure effect failed");
@@ -349,6 +359,7 @@ pub(super) async fn alert_failure(shared: &Arc<Shared>, plan: &Plan, run: &Run, 
 /// with `input` as its JSON and `key` as its idempotency key.
 async fn run_effect(
     shared: &Arc<Shared>,
+    applied: bool,
     action: &Action,
     run: &Run,
     step: &str,
@@ -356,6 +367,12 @@ async fn run_effect(
     input: &Json,
 ) -> Result<Json, Failure> {
     match action {
+        Action::Http { url, timeout } if applied => {
+            // The catalog checked the URL; check again in case the allow
+            // list is stricter than when it loaded.
+            shared.http_allow.check_url(url).map_err(Failure::Final)?;
+            super::effect::http(&shared.http_applied, url, *timeout, input, key).await
+        }
         Action::Http { url, timeout } => {
             super::effect::http(&shared.http, url, *timeout, input, key).await
         }

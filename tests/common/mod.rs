@@ -1,6 +1,8 @@
 //! Helpers for tests that run the `mergeflow` binary.
 #![allow(dead_code)]
 
+pub mod ws;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -32,6 +32,8 @@ async fn p2p_api_node(
     config.net.listen = vec!["/ip4/127.0.0.1/tcp/0".into()];
     config.net.mdns = false;
     config.net.peers = peers;
+    // The campaign's workflow posts to a receiver on loopback.
+    config.workflow.http_allow = vec!["127.0.0.1".into()];
     tweak(&mut config);
     mergeflow::Node::builder()
         .config(config)

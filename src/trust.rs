@@ -1,0 +1,153 @@
+//! Change signatures: every change a node admits (its own writes, its
+//! workflows', restores and imports, its automerge-repo clients' changes)
+//! is signed with the node's ed25519 identity, and the signature travels
+//! with the change so that every receiver can tell which node admitted it
+//! and check that node's right to write the doc (issue 21).
+//!
+//! What is signed binds the change to its doc: `mergeflow-change-v1`, the
+//! doc id's length (u16, big endian), the doc id, the change hash. A
+//! signed change cannot be replayed into another doc.
+//!
+//! A [`ChangeSig`] is the signer's public key (32 bytes; the peer id
+//! derives from it) and the signature (64 bytes): 96 bytes per change.
+//! (A leaf: imports nothing of the crate.)
+
+use libp2p::identity::{Keypair, PeerId, ed25519};
+
+/// The domain separator of a change signature.
+const DOMAIN: &[u8] = b"mergeflow-change-v1";
+
+/// Bytes of an encoded [`ChangeSig`].
+pub const SIG_LEN: usize = 96;
+
+/// A node's signature over one change of one doc.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ChangeSig {
+    /// The signer's ed25519 public key.
+    pub signer: [u8; 32],
+    /// The signature.
+    pub sig: [u8; 64],
+}
+
+impl std::fmt::Debug for ChangeSig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "ChangeSig(by {})",
+            self.peer_id().map_or_else(|| "?".into(), |p| p.to_string())
+        )
+    }
+}
+
+/// What a node signs for change `hash` of doc `doc`.
+fn message(doc: &str, hash: &[u8; 32]) -> Vec<u8> {
+    let len = u16::try_from(doc.len()).unwrap_or(u16::MAX);
+    let mut m = Vec::with_capacity(DOMAIN.len() + 2 + doc.len() + 32);
+    m.extend_from_slice(DOMAIN);
+    m.extend_from_slice(&len.to_be_bytes());
+    m.extend_from_slice(doc.as_bytes());
+    m.extend_from_slice(hash);
+    m
+}
+
+impl ChangeSig {
+    /// The 96 bytes: signer, then signature.
+    pub fn to_bytes(&self) -> [u8; SIG_LEN] {
+        let mut out = [0u8; SIG_LEN];
+        out[..32].copy_from_slice(&self.signer);
+        out[32..].copy_from_slice(&self.sig);
+        out
+    }
+
+    /// Reads [`ChangeSig::to_bytes`]; None if `b` is not 96 bytes.
+    pub fn from_bytes(b: &[u8]) -> Option<ChangeSig> {
+        if b.len() != SIG_LEN {
+            return None;
+        }
+        let mut signer = [0u8; 32];
+        let mut sig = [0u8; 64];
+        signer.copy_from_slice(&b[..32]);
+        sig.copy_from_slice(&b[32..]);
+        Some(ChangeSig { signer, sig })
+    }
+
+    /// The signer's peer id; None if the key is not a valid ed25519 point.
+    pub fn peer_id(&self) -> Option<PeerId> {
+        let key = ed25519::PublicKey::try_from_bytes(&self.signer).ok()?;
+        Some(libp2p::identity::PublicKey::from(key).to_peer_id())
+    }
+
+    /// True if this is a valid signature, by its signer, of change `hash`
+    /// of doc `doc`.
+    pub fn verify(&self, doc: &str, hash: &[u8; 32]) -> bool {
+        ed25519::PublicKey::try_from_bytes(&self.signer)
+            .is_ok_and(|key| key.verify(&message(doc, hash), &self.sig))
+    }
+}
+
+/// Signs changes with a node's identity.
+#[derive(Clone)]
+pub struct Signer {
+    key: ed25519::Keypair,
+    public: [u8; 32],
+}
+
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Signer").finish_non_exhaustive()
+    }
+}
+
+impl Signer {
+    /// The signer of the node whose identity is `key`; None if it is not
+    /// an ed25519 key (a node's always is).
+    pub fn new(key: &Keypair) -> Option<Signer> {
+        let key = key.clone().try_into_ed25519().ok()?;
+        let public = key.public().to_bytes();
+        Some(Signer { key, public })
+    }
+
+    /// Signs change `hash` of doc `doc`.
+    pub fn sign(&self, doc: &str, hash: &[u8; 32]) -> ChangeSig {
+        let sig = self.key.sign(&message(doc, hash));
+        let mut out = [0u8; 64];
+        out.copy_from_slice(&sig);
+        ChangeSig {
+            signer: self.public,
+            sig: out,
+        }
+    }
+
+    /// The public key changes signed here carry.
+    pub fn public(&self) -> [u8; 32] {
+        self.public
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_signature_binds_the_change_its_doc_and_its_signer() {
+        let key = Keypair::generate_ed25519();
+        let s = Signer::new(&key).unwrap();
+        let h = [7u8; 32];
+        let sig = s.sign("sensors/a", &h);
+        assert!(sig.verify("sensors/a", &h));
+        assert_eq!(sig.peer_id(), Some(key.public().to_peer_id()));
+        assert!(!sig.verify("sensors/b", &h), "another doc");
+        assert!(!sig.verify("sensors/a", &[8u8; 32]), "another change");
+        let mut forged = sig.clone();
+        forged.signer = Signer::new(&Keypair::generate_ed25519()).unwrap().public();
+        assert!(!forged.verify("sensors/a", &h), "another signer");
+        let mut bent = sig.clone();
+        bent.sig[10] ^= 1;
+        assert!(!bent.verify("sensors/a", &h));
+        assert_eq!(ChangeSig::from_bytes(&sig.to_bytes()), Some(sig));
+        assert_eq!(ChangeSig::from_bytes(&[0u8; 95]), None);
+        // Garbage never panics.
+        let junk = ChangeSig::from_bytes(&[0xffu8; 96]).unwrap();
+        assert!(!junk.verify("sensors/a", &h));
+    }
+}

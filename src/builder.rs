@@ -165,6 +165,7 @@ impl NodeBuilder {
                 feed: feed.clone(),
                 origin: peer_id.to_string(),
                 queues: queues.clone(),
+                signer: crate::trust::Signer::new(&key),
             };
             let cfg = config.docs();
             tokio::task::spawn_blocking(move || Docs::new(parts, cfg, sync))

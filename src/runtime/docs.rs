@@ -55,6 +55,7 @@ impl Docs {
             feed,
             origin,
             queues,
+            signer,
         } = parts;
         let metas = store.list_docs()?;
         let live = metas
@@ -106,6 +107,7 @@ impl Docs {
             write_latency: crate::latency::histogram(),
             changes: ChangeCounts::default(),
             urls,
+            signer,
         });
         let thread_inner = inner.clone();
         let handle = std::thread::Builder::new()

@@ -305,6 +305,13 @@ where
         })?;
         return Err(e);
     }
+    // Signed with this node's identity, stored before the changes.
+    if let Some(signer) = &inner.signer {
+        for h in geneses.iter().map(|g| g.hash()).chain([hash]) {
+            let sig = signer.sign(id.as_str(), &h.0);
+            batch.put_sig(id.as_str(), &h.0, &sig.to_bytes());
+        }
+    }
     let all = geneses.iter().map(|g| g.raw_bytes()).chain([bytes]);
     append_changes(batch, id, &mut meta, loaded, now, all.clone());
     inner.changes.local.fetch_add(1, Ordering::Relaxed);

@@ -92,6 +92,10 @@ pub struct HistoryEntry {
     pub time: i64,
     /// Commit message.
     pub message: Option<String>,
+    /// Peer id of the node that admitted the change and signed it, when
+    /// this node holds a valid signature for it (see `trust`).
+    #[serde(default)]
+    pub signed_by: Option<String>,
     /// The scoped API token (`[[api.tokens]]` name) that made the change,
     /// as its message records (`by=<name>`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -255,6 +259,7 @@ impl Docs {
         self.with_doc(id, |inner, id, loaded| {
             live_meta(id, loaded)?;
             let mut peers: HashMap<ActorId, Option<String>> = HashMap::new();
+            let sigs = inner.store.sigs(id.as_str())?;
             let mut out = Vec::new();
             for c in loaded.doc.get_changes_meta(&[]) {
                 let actor = c.actor.into_owned();
@@ -269,7 +274,14 @@ impl Docs {
                 // Geneses carry no message and no time (`doc::container`).
                 let genesis =
                     c.message.is_none() && c.timestamp == 0 && c.seq == 1 && peer_id.is_none();
+                let signed_by = sigs
+                    .get(&c.hash.0)
+                    .and_then(|b| crate::trust::ChangeSig::from_bytes(b))
+                    .filter(|s| s.verify(id.as_str(), &c.hash.0))
+                    .and_then(|s| s.peer_id())
+                    .map(|p| p.to_string());
                 out.push(HistoryEntry {
+                    signed_by,
                     genesis,
                     hash: c.hash.to_string(),
                     actor: actor.to_hex_string(),

@@ -84,6 +84,9 @@ pub struct Parts {
     pub origin: String,
     /// Where the writer's queue shows its depth.
     pub queues: crate::metrics::Queues,
+    /// Signs the changes this node makes (its identity); None leaves them
+    /// unsigned (a document service without a node, in tests).
+    pub signer: Option<crate::trust::Signer>,
 }
 
 /// The outcome of a durable write.
@@ -150,6 +153,8 @@ pub(super) struct Inner {
     pub(super) clock: crate::doc::stamp::Clock,
     /// Docs by their automerge URL.
     pub(super) urls: UrlIndex,
+    /// Signs the changes made here.
+    pub(super) signer: Option<crate::trust::Signer>,
 }
 
 /// User docs by the 16 bytes of their automerge URL

@@ -2,7 +2,7 @@
 
 use std::ops::Range;
 
-use super::keys::{change_key, encode_meta, meta_key, snapshot_key};
+use super::keys::{change_key, encode_meta, meta_key, sig_key, snapshot_key};
 use super::records::DocMeta;
 
 /// Document writes to apply together with [`Store::apply`].
@@ -31,6 +31,8 @@ pub struct WriteBatch {
 }
 
 pub(super) enum BatchOp {
+    /// One plain insert (a change's signature, before the change).
+    Insert((Vec<u8>, Vec<u8>)),
     /// Insert the change, then the meta.
     Append {
         change: (Vec<u8>, Vec<u8>),
@@ -70,6 +72,14 @@ impl WriteBatch {
                 self.keys += changes.len() + 1;
             }
         }
+    }
+
+    /// Stores the signature of change `hash` of doc `id`. Added before the
+    /// change's append, it is in the store whenever the change is.
+    pub fn put_sig(&mut self, id: &str, hash: &[u8; 32], sig: &[u8]) {
+        self.ops
+            .push(BatchOp::Insert((sig_key(id, hash), sig.to_vec())));
+        self.keys += 1;
     }
 
     /// An atomic batch at the end of the ops, to add to.

@@ -38,6 +38,22 @@ pub(super) fn change_prefix(id: &str) -> Vec<u8> {
     k
 }
 
+/// Prefix of doc `id`'s change signatures.
+pub(super) fn sig_prefix(id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(id.len() + 34);
+    k.push(b'g');
+    k.extend_from_slice(id.as_bytes());
+    k.push(0);
+    k
+}
+
+/// Key of the signature of change `hash` of doc `id`.
+pub(super) fn sig_key(id: &str, hash: &[u8; 32]) -> Vec<u8> {
+    let mut k = sig_prefix(id);
+    k.extend_from_slice(hash);
+    k
+}
+
 /// Key of the sync state we share with `peer` for doc `id`.
 pub(super) fn sync_state_key(id: &str, peer: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(id.len() + peer.len() + 2);

@@ -13,6 +13,8 @@
 //!                          b'm' ++ id              -> DocMeta (JSON)
 //!                          b's' ++ id ++ 0x00      -> compacted Automerge save
 //!                          b'c' ++ id ++ 0x00 ++ seq (u64 BE) -> one raw change
+//!                          b'g' ++ id ++ 0x00 ++ change hash -> its signature (96 bytes,
+//!                                                 `trust::ChangeSig`), written before the change
 //! ```
 //!
 //! Doc ids never contain 0x00, so `b'c' ++ id ++ 0x00` is a prefix that matches one
@@ -425,6 +427,9 @@ impl Store {
                         .insert(meta.0, meta.1)
                         .map_err(|e| self.sled_err(e))?;
                 }
+                BatchOp::Insert((k, v)) => {
+                    self.docs.insert(k, v).map_err(|e| self.sled_err(e))?;
+                }
                 BatchOp::Atomic(b) => self.docs.apply_batch(b).map_err(|e| self.sled_err(e))?,
             }
         }
@@ -461,6 +466,25 @@ impl Store {
             return Err(StoreError::Write(why));
         }
         Ok(())
+    }
+
+    /// The stored signatures of doc `id`'s changes, by change hash.
+    ///
+    /// # Errors
+    /// sled errors.
+    pub fn sigs(
+        &self,
+        id: &str,
+    ) -> Result<std::collections::HashMap<[u8; 32], Vec<u8>>, StoreError> {
+        let prefix = keys::sig_prefix(id);
+        let mut out = std::collections::HashMap::new();
+        for kv in self.docs.scan_prefix(&prefix) {
+            let (k, v) = kv.map_err(|e| self.sled_err(e))?;
+            if let Ok(hash) = <[u8; 32]>::try_from(&k[prefix.len()..]) {
+                out.insert(hash, v.to_vec());
+            }
+        }
+        Ok(out)
     }
 
     /// The Automerge sync state (encoded: the heads both sides had when a

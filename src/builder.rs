@@ -46,7 +46,6 @@ pub struct NodeBuilder {
     sync: Option<SyncConfig>,
     network: bool,
     no_workflows: bool,
-    unsigned: bool,
 }
 
 impl NodeBuilder {
@@ -89,15 +88,6 @@ impl NodeBuilder {
     /// addresses, peers, mDNS): runs the sync core and the libp2p swarm.
     pub fn network(mut self, on: bool) -> Self {
         self.network = on;
-        self
-    }
-
-    /// A hostile node for tests: it signs none of its changes, so honest
-    /// peers refuse them (`test-utils` only).
-    #[doc(hidden)]
-    #[cfg(feature = "test-utils")]
-    pub fn unsigned(mut self) -> Self {
-        self.unsigned = true;
         self
     }
 
@@ -175,7 +165,7 @@ impl NodeBuilder {
                 feed: feed.clone(),
                 origin: peer_id.to_string(),
                 queues: queues.clone(),
-                signer: crate::trust::Signer::new(&key).filter(|_| !self.unsigned),
+                signer: crate::trust::Signer::new(&key),
             };
             let cfg = config.docs();
             tokio::task::spawn_blocking(move || Docs::new(parts, cfg, sync))

@@ -39,7 +39,6 @@ mod persist;
 mod read;
 mod replicas;
 mod round;
-mod sigs;
 mod state;
 mod tick;
 mod writer;

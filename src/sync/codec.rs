@@ -1,15 +1,14 @@
 //! Wire encoding of [`Message`]: versioned, size-capped, fallible.
 //!
 //! ```text
-//! message = version:u8 (=3) kind:u8 body
-//! Change  (1) = str(doc) bytes(change) bytes(sig) ack:u8 count:u32 tag:u64*count
+//! message = version:u8 (=2) kind:u8 body
+//! Change  (1) = str(doc) bytes(change) ack:u8 count:u32 tag:u64*count
 //! Digest  (2) = count:u32 u64*count
 //! Bucket  (3) = bucket:u32 answer:u8 count:u32 (str(doc) hash:u64)*count
-//! Sync    (4) = str(doc) bytes(data) bytes(sigs)
+//! Sync    (4) = str(doc) bytes(data)
 //! Deleted (5) = str(doc)
 //! Batch   (6) = count:u32 bytes(message)*count     (no batch inside a batch)
-//! Doc     (7) = str(doc) bytes(automerge chunks) bytes(sigs)
-//! sig = a trust::ChangeSig (96 bytes) or nothing; sigs = (hash:[u8; 32] sig)*
+//! Doc     (7) = str(doc) bytes(automerge chunks)
 //! Have    (8) = str(doc) count:u32 hash:[u8; 32]*count
 //! str/bytes = len:u32 payload          integers little-endian
 //! ```
@@ -24,7 +23,7 @@
 use super::Message;
 
 /// Current wire version.
-pub const VERSION: u8 = 3;
+pub const VERSION: u8 = 2;
 
 /// Why bytes are not a valid message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -63,14 +62,12 @@ pub fn encode(msg: &Message) -> Vec<u8> {
         Message::Change {
             doc,
             change,
-            sig,
             ack,
             seen,
         } => {
             out.push(1);
             put_bytes(&mut out, doc.as_bytes());
             put_bytes(&mut out, change);
-            put_bytes(&mut out, sig);
             out.push(u8::from(*ack));
             put_u64s(&mut out, seen);
         }
@@ -92,21 +89,19 @@ pub fn encode(msg: &Message) -> Vec<u8> {
                 out.extend_from_slice(&hash.to_le_bytes());
             }
         }
-        Message::Sync { doc, data, sigs } => {
+        Message::Sync { doc, data } => {
             out.push(4);
             put_bytes(&mut out, doc.as_bytes());
             put_bytes(&mut out, data);
-            put_bytes(&mut out, sigs);
         }
         Message::Deleted { doc } => {
             out.push(5);
             put_bytes(&mut out, doc.as_bytes());
         }
-        Message::Doc { doc, data, sigs } => {
+        Message::Doc { doc, data } => {
             out.push(7);
             put_bytes(&mut out, doc.as_bytes());
             put_bytes(&mut out, data);
-            put_bytes(&mut out, sigs);
         }
         Message::Have { doc, heads } => {
             out.push(8);
@@ -201,7 +196,6 @@ pub fn decode(bytes: &[u8], cap: usize) -> Result<Message, DecodeError> {
         1 => {
             let doc = r.doc_id()?;
             let change = r.bytes()?.to_vec();
-            let sig = r.bytes()?.to_vec();
             let ack = r.flag("change ack flag is not 0 or 1")?;
             let n = r.count(8)?;
             if n > super::types::MAX_SEEN {
@@ -211,7 +205,6 @@ pub fn decode(bytes: &[u8], cap: usize) -> Result<Message, DecodeError> {
             Message::Change {
                 doc,
                 change,
-                sig,
                 ack,
                 seen,
             }
@@ -240,13 +233,11 @@ pub fn decode(bytes: &[u8], cap: usize) -> Result<Message, DecodeError> {
         4 => Message::Sync {
             doc: r.doc_id()?,
             data: r.bytes()?.to_vec(),
-            sigs: r.bytes()?.to_vec(),
         },
         5 => Message::Deleted { doc: r.doc_id()? },
         7 => Message::Doc {
             doc: r.doc_id()?,
             data: r.bytes()?.to_vec(),
-            sigs: r.bytes()?.to_vec(),
         },
         8 => {
             let doc = r.doc_id()?;
@@ -372,14 +363,12 @@ mod tests {
             Message::Change {
                 doc: "a/b".into(),
                 change: vec![1, 2, 3],
-                sig: vec![],
                 ack: false,
                 seen: vec![],
             },
             Message::Change {
                 doc: "c".into(),
                 change: vec![],
-                sig: vec![],
                 ack: true,
                 seen: vec![1, u64::MAX],
             },
@@ -394,13 +383,11 @@ mod tests {
             Message::Sync {
                 doc: "d".into(),
                 data: vec![],
-                sigs: vec![],
             },
             Message::Deleted { doc: "gone".into() },
             Message::Doc {
                 doc: "whole".into(),
                 data: vec![9; 5],
-                sigs: vec![],
             },
             Message::Have {
                 doc: "h".into(),
@@ -463,7 +450,6 @@ mod tests {
                 Message::Change {
                     doc: id.clone(),
                     change: vec![1],
-                    sig: vec![],
                     ack: false,
                     seen: vec![],
                 },
@@ -475,13 +461,11 @@ mod tests {
                 Message::Sync {
                     doc: id.clone(),
                     data: vec![],
-                    sigs: vec![],
                 },
                 Message::Deleted { doc: id.clone() },
                 Message::Doc {
                     doc: id.clone(),
                     data: vec![],
-                    sigs: vec![],
                 },
                 Message::Have {
                     doc: id.clone(),

@@ -173,14 +173,6 @@ impl Tokens {
             .find(|(d, _)| *d == got)
             .map(|(_, t)| Access::Scoped(t.clone()))
     }
-
-    /// The scoped token named `name`.
-    pub fn named(&self, name: &str) -> Option<Access> {
-        self.scoped
-            .iter()
-            .find(|(_, t)| t.name == name)
-            .map(|(_, t)| Access::Scoped(t.clone()))
-    }
 }
 
 #[cfg(test)]
@@ -240,6 +232,5 @@ mod tests {
         assert!(r.can_read("homes/7/lights") && !r.can_write("homes/7/lights"));
         assert!(t.identify("").is_none());
         assert!(t.identify("kitchen-token-012345678").is_none());
-        assert_eq!(t.named("reader").unwrap().name(), Some("reader"));
     }
 }

@@ -373,17 +373,10 @@ impl Config {
             if t.token == self.api.token && !t.token.is_empty() {
                 return Err(format!("{:?}: the same token as api.token", t.name));
             }
-        }
-        for t in &self.api.tokens {
             for (what, globs) in [("read", &t.read), ("write", &t.write)] {
-                if let Some((g, e)) = globs.iter().find_map(|g| {
-                    globset::GlobBuilder::new(g)
-                        .literal_separator(true)
-                        .build()
-                        .err()
-                        .map(|e| (g, e))
-                }) {
-                    return Err(format!("{:?}: {what}: invalid doc glob {g:?}: {e}", t.name));
+                for g in globs {
+                    crate::feed::DocGlob::new(g)
+                        .map_err(|e| format!("{:?}: {what}: {e}", t.name))?;
                 }
             }
         }

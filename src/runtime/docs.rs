@@ -260,6 +260,9 @@ impl Docs {
         change: Change,
         opts: WriteOpts,
     ) -> Result<WriteResult, DocError> {
+        if let Some(key) = &opts.idem {
+            crate::doc::stamp::check_idempotency_key(key).map_err(DocError::BadValue)?;
+        }
         // The request's fingerprint, for a write with a key only.
         let body = match &change {
             _ if opts.idem.is_none() => None,
@@ -268,9 +271,6 @@ impl Docs {
             Change::Closure(_) | Change::SetIfDifferent(_) => None,
         };
         let req = body.map(|(kind, body)| crate::doc::stamp::fingerprint(kind, &body));
-        if let Some(key) = &opts.idem {
-            crate::doc::stamp::check_idempotency_key(key).map_err(DocError::BadValue)?;
-        }
         let tags = WriteTags {
             cause: None,
             idem: opts.idem,

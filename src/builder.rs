@@ -46,6 +46,7 @@ pub struct NodeBuilder {
     sync: Option<SyncConfig>,
     network: bool,
     no_workflows: bool,
+    unsigned: bool,
 }
 
 impl NodeBuilder {
@@ -88,6 +89,15 @@ impl NodeBuilder {
     /// addresses, peers, mDNS): runs the sync core and the libp2p swarm.
     pub fn network(mut self, on: bool) -> Self {
         self.network = on;
+        self
+    }
+
+    /// A hostile node for tests: it signs none of its changes, so honest
+    /// peers refuse them (`test-utils` only).
+    #[doc(hidden)]
+    #[cfg(feature = "test-utils")]
+    pub fn unsigned(mut self) -> Self {
+        self.unsigned = true;
         self
     }
 
@@ -165,7 +175,7 @@ impl NodeBuilder {
                 feed: feed.clone(),
                 origin: peer_id.to_string(),
                 queues: queues.clone(),
-                signer: crate::trust::Signer::new(&key),
+                signer: crate::trust::Signer::new(&key).filter(|_| !self.unsigned),
             };
             let cfg = config.docs();
             tokio::task::spawn_blocking(move || Docs::new(parts, cfg, sync))

@@ -113,6 +113,7 @@ fn wire_messages() {
         Message::Change {
             doc: "sensors/a".into(),
             change: changes[0].clone(),
+            sig: vec![],
             ack: true,
             seen: vec![1, 2, u64::MAX],
         },
@@ -127,11 +128,13 @@ fn wire_messages() {
         Message::Sync {
             doc: "a".into(),
             data: vec![0x42, 1, 2, 3],
+            sigs: vec![],
         },
         Message::Deleted { doc: "gone".into() },
         Message::Doc {
             doc: "d".into(),
             data: save,
+            sigs: vec![],
         },
         Message::Have {
             doc: "d".into(),

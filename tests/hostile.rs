@@ -115,10 +115,12 @@ fn bad_frames() -> Vec<Vec<u8>> {
         framed(&codec::encode(&Message::Sync {
             doc: "d".into(),
             data: b"not automerge".to_vec(),
+            sigs: vec![],
         })),
         framed(&codec::encode(&Message::Change {
             doc: "d".into(),
             change: vec![0x85, 0x6f, 0x4a, 0x83, 1, 2, 3],
+            sig: vec![],
             ack: true,
             seen: vec![],
         })),
@@ -133,6 +135,7 @@ fn bad_frames() -> Vec<Vec<u8>> {
         framed(&codec::encode(&Message::Doc {
             doc: "d".into(),
             data: b"not an automerge doc".to_vec(),
+            sigs: vec![],
         })),
         // A batch inside a batch.
         framed(&codec::encode_batch(&[
@@ -372,6 +375,7 @@ async fn a_peer_gossiping_garbage_is_rejected_and_banned() {
             codec::encode(&Message::Change {
                 doc: "bad id!".into(),
                 change: n.to_le_bytes().to_vec(),
+                sig: vec![],
                 ack: false,
                 seen: vec![],
             }),

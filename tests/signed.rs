@@ -55,3 +55,288 @@ async fn every_change_a_node_makes_is_signed_by_it() {
     );
     node.shutdown().await.unwrap();
 }
+
+/// Every signature of `id`'s history on `node`, as (hash, signed_by).
+async fn signers(node: &mergeflow::Node, id: &str) -> Vec<(String, Option<String>)> {
+    node.docs()
+        .history(id.parse().unwrap())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|h| (h.hash, h.signed_by))
+        .collect()
+}
+
+/// A signature travels with its change on every path: a doc pushed whole
+/// to a node that lacked it, fast-path changes, and changes repaired by a
+/// sync session after the receiver was offline. The receiver keeps the
+/// writer's signature, not its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signatures_travel_with_changes_on_every_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let fast = |c: &mut mergeflow::config::Config| c.net.anti_entropy_ms = 200;
+    let a = common::p2p_node(&dir.path().join("a"), vec![], fast).await;
+    let a_id = a.peer_id().to_string();
+    // Written before B exists: B gets it pushed whole.
+    a.doc("pushed")
+        .unwrap()
+        .patch(json!({"n": 1, "m": {"x": 1}}))
+        .await
+        .unwrap();
+    let a_addr = common::listen_addr(&a).await;
+    let b = common::p2p_node(&dir.path().join("b"), vec![a_addr], fast).await;
+    let all_by_a = |v: &Vec<(String, Option<String>)>| {
+        !v.is_empty() && v.iter().all(|(_, s)| s.as_deref() == Some(a_id.as_str()))
+    };
+    until("the pushed doc on B, signed by A", || async {
+        let v = b.docs().history("pushed".parse().unwrap()).await.ok()?;
+        let v: Vec<_> = v.into_iter().map(|h| (h.hash, h.signed_by)).collect();
+        (v.len() == signers(&a, "pushed").await.len() && all_by_a(&v)).then_some(())
+    })
+    .await;
+    // Fast path.
+    a.doc("pushed")
+        .unwrap()
+        .patch(json!({"n": 2}))
+        .await
+        .unwrap();
+    until("the fast-path change on B, signed by A", || async {
+        let v = signers(&b, "pushed").await;
+        (v.len() == signers(&a, "pushed").await.len() && all_by_a(&v)).then_some(())
+    })
+    .await;
+    // Repair: B misses two changes while offline, then syncs.
+    b.set_online(false);
+    for n in 3..5 {
+        a.doc("pushed")
+            .unwrap()
+            .patch(json!({"n": n}))
+            .await
+            .unwrap();
+    }
+    b.set_online(true);
+    until("the repaired changes on B, signed by A", || async {
+        let v = signers(&b, "pushed").await;
+        (v.len() == signers(&a, "pushed").await.len() && all_by_a(&v)).then_some(())
+    })
+    .await;
+    b.shutdown().await.unwrap();
+    a.shutdown().await.unwrap();
+}
+
+/// A change of a fresh doc `doc`'s own, by a throwaway actor: (bytes, hash).
+fn change(n: i64) -> (Vec<u8>, [u8; 32]) {
+    use automerge::ReadDoc;
+    use automerge::transaction::Transactable;
+    let mut d = automerge::Automerge::new();
+    let mut tx = d.transaction();
+    tx.put(automerge::ROOT, "n", n).unwrap();
+    let (hash, _) = tx.commit();
+    let hash = hash.unwrap();
+    (
+        d.get_change_by_hash(&hash).unwrap().raw_bytes().to_vec(),
+        hash.0,
+    )
+}
+
+/// Injected as if from peer `x`: changes with a forged, missing, misplaced
+/// or unauthorised signature are never stored and each counts against the
+/// sender; a change signed by a node that may write the doc is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_without_a_valid_signature_are_refused() {
+    use mergeflow::testing::sync::{Input, Message, Output};
+    use mergeflow::trust::Signer;
+    let dir = tempfile::tempdir().unwrap();
+    let node = mergeflow::Node::builder()
+        .data_dir(dir.path())
+        .sync(Default::default())
+        .start()
+        .await
+        .unwrap();
+    let mut outputs = node.take_sync_outputs().unwrap();
+    node.sync_input(Input::PeerUp("x".into()));
+    let peer = Signer::new(&libp2p::identity::Keypair::generate_ed25519()).unwrap();
+    let victim = Signer::new(&libp2p::identity::Keypair::generate_ed25519()).unwrap();
+    let victim_id = {
+        let (_, h) = change(0);
+        victim.sign("x", &h).peer_id().unwrap().to_string()
+    };
+    let send = |doc: &str, (bytes, _): (Vec<u8>, [u8; 32]), sig: Vec<u8>| {
+        node.sync_input(Input::Received {
+            from: "x".into(),
+            msg: Message::Change {
+                doc: doc.into(),
+                change: bytes,
+                sig,
+                ack: false,
+                seen: vec![],
+            },
+        });
+    };
+    let (_, other_hash) = change(99);
+    let (c5, c6) = (change(5), change(6));
+    let membership = format!("_mergeflow/nodes/{victim_id}");
+    type Case<'a> = (&'a str, String, (Vec<u8>, [u8; 32]), Vec<u8>);
+    let bad: Vec<Case> = vec![
+        ("no signature", "s/none".into(), change(1), vec![]),
+        ("garbage", "s/garbage".into(), change(2), vec![7; 96]),
+        ("short", "s/short".into(), change(3), vec![7; 10]),
+        (
+            "another change's",
+            "s/other".into(),
+            change(4),
+            peer.sign("s/other", &other_hash).to_bytes().to_vec(),
+        ),
+        (
+            "another doc's",
+            "s/doc".into(),
+            c5.clone(),
+            peer.sign("s/elsewhere", &c5.1).to_bytes().to_vec(),
+        ),
+        (
+            "not the membership doc's owner",
+            membership.clone(),
+            c6.clone(),
+            peer.sign(&membership, &c6.1).to_bytes().to_vec(),
+        ),
+    ];
+    let n_bad = bad.len();
+    for (_, doc, c, sig) in bad.iter().cloned() {
+        send(&doc, c, sig);
+    }
+    // A sync message and a pushed doc with unsigned changes too.
+    let mut d = automerge::Automerge::new();
+    {
+        use automerge::transaction::Transactable;
+        let mut tx = d.transaction();
+        tx.put(automerge::ROOT, "n", 1).unwrap();
+        tx.commit();
+    }
+    node.sync_input(Input::Received {
+        from: "x".into(),
+        msg: Message::Doc {
+            doc: "s/pushed".into(),
+            data: d.save(),
+            sigs: vec![],
+        },
+    });
+    let data = {
+        use automerge::sync::SyncDoc;
+        // As to a peer known to have nothing: the message carries the changes.
+        let mut st = automerge::sync::State::new();
+        st.their_heads = Some(vec![]);
+        st.their_need = Some(vec![]);
+        st.their_have = Some(vec![automerge::sync::Have::default()]);
+        d.generate_sync_message(&mut st).unwrap().encode()
+    };
+    node.sync_input(Input::Received {
+        from: "x".into(),
+        msg: Message::Sync {
+            doc: "s/synced".into(),
+            data,
+            sigs: vec![],
+        },
+    });
+    // Then a good one, which is stored, signed by its signer.
+    let (good, good_hash) = change(7);
+    send(
+        "s/good",
+        (good, good_hash),
+        peer.sign("s/good", &good_hash).to_bytes().to_vec(),
+    );
+    let peer_id = peer
+        .sign("s/good", &good_hash)
+        .peer_id()
+        .unwrap()
+        .to_string();
+    until("the good change stored", || async {
+        node.doc("s/good").unwrap().get().await.ok().map(|_| ())
+    })
+    .await;
+    // Each refusal is an output of the round that refused it.
+    let mut rejected = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while rejected.len() < n_bad + 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rejections so far: {rejected:#?}"
+        );
+        let o = tokio::time::timeout(std::time::Duration::from_secs(60), outputs.recv())
+            .await
+            .expect("a rejection within the deadline")
+            .expect("outputs open");
+        if let Output::Rejected { peer, reason } = o {
+            assert_eq!(peer, "x");
+            rejected.push(reason);
+        }
+    }
+    assert_eq!(rejected.len(), n_bad + 2, "one strike each: {rejected:#?}");
+    assert!(
+        rejected
+            .iter()
+            .any(|r| r.contains("only") && r.contains("membership")),
+        "{rejected:#?}"
+    );
+    for r in &rejected {
+        assert!(r.contains("signature") || r.contains("signed by"), "{r}");
+    }
+    for (why, doc, _, _) in &bad {
+        assert!(
+            node.doc(doc).unwrap().get().await.is_err(),
+            "{why}: {doc} was stored"
+        );
+    }
+    assert!(node.doc("s/pushed").unwrap().get().await.is_err());
+    assert!(node.doc("s/synced").unwrap().get().await.is_err());
+    // Reads see the change in memory a moment before the round's batch
+    // (with its signature) is in the store.
+    until("s/good's history signed by its signer", || async {
+        let h = node.docs().history("s/good".parse().unwrap()).await.ok()?;
+        (h.len() == 1 && h[0].signed_by.as_deref() == Some(peer_id.as_str())).then_some(())
+    })
+    .await;
+    node.shutdown().await.unwrap();
+}
+
+/// A node that signs nothing (a hostile or broken peer): an honest node
+/// stores none of its changes and bans it, and the hostile node's peers'
+/// own data still converges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsigning_peer_is_refused_and_banned() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = common::p2p_node(&dir.path().join("a"), vec![], |_| {}).await;
+    let a_addr = common::listen_addr(&a).await;
+    let hostile = mergeflow::Node::builder()
+        .config(common::p2p_config(
+            &dir.path().join("h"),
+            vec![a_addr],
+            |_| {},
+        ))
+        .network(true)
+        .unsigned()
+        .start()
+        .await
+        .unwrap();
+    let hostile_id = hostile.peer_id().to_string();
+    for i in 0..20 {
+        hostile
+            .doc(&format!("h/{i}"))
+            .unwrap()
+            .patch(json!({"i": i}))
+            .await
+            .unwrap();
+    }
+    until("the hostile peer banned", || async {
+        let p = a.peers().into_iter().find(|p| p.peer_id == hostile_id)?;
+        (p.rejected >= 10 && !p.connected).then_some(())
+    })
+    .await;
+    for i in 0..20 {
+        assert!(
+            a.doc(&format!("h/{i}")).unwrap().get().await.is_err(),
+            "h/{i} stored"
+        );
+    }
+    hostile.shutdown().await.unwrap();
+    a.shutdown().await.unwrap();
+}

@@ -52,7 +52,7 @@ impl DocAccess for SimDocs {
         (self.docs.contains_key(doc) || self.deleted.contains(doc)).then(|| self.doc_state(doc))
     }
 
-    fn generate_sync(&mut self, doc: &str, state: &mut sync::State) -> Option<Vec<u8>> {
+    fn generate_sync(&mut self, doc: &str, state: &mut sync::State) -> Option<(Vec<u8>, Vec<u8>)> {
         if self.deleted.contains(doc) {
             return None;
         }
@@ -60,7 +60,7 @@ impl DocAccess for SimDocs {
             Some(d) => d.generate_sync_message(state),
             None => Automerge::new().generate_sync_message(state),
         };
-        msg.map(|m| m.encode())
+        msg.map(|m| (m.encode(), Vec::new()))
     }
 
     fn receive_sync(
@@ -83,7 +83,7 @@ impl DocAccess for SimDocs {
         Ok(Some(self.doc_state(doc)))
     }
 
-    fn apply_change(&mut self, doc: &str, change: &[u8]) -> Result<Applied, Refusal> {
+    fn apply_change(&mut self, doc: &str, change: &[u8], _sig: &[u8]) -> Result<Applied, Refusal> {
         if self.deleted.contains(doc) {
             return Ok(Applied::Deleted);
         }
@@ -105,11 +105,11 @@ impl DocAccess for SimDocs {
         Ok(())
     }
 
-    fn doc_bytes(&mut self, doc: &str) -> Option<Vec<u8>> {
+    fn doc_bytes(&mut self, doc: &str) -> Option<(Vec<u8>, Vec<u8>)> {
         if self.deleted.contains(doc) {
             return None;
         }
-        self.docs.get_mut(doc).map(|d| d.save())
+        self.docs.get_mut(doc).map(|d| (d.save(), Vec::new()))
     }
 
     fn merge_doc(&mut self, doc: &str, data: &[u8]) -> Result<Option<DocState>, Refusal> {
@@ -334,6 +334,7 @@ impl Sim {
             Input::LocalChange {
                 doc: doc.to_string(),
                 changes: vec![change],
+                sigs: vec![Vec::new()],
                 state,
                 ack: false,
             },
@@ -587,12 +588,14 @@ impl Sim {
         let am = d.doc_mut(doc);
         let made =
             mergeflow::doc::write_ops(am, &ops, mergeflow::doc::StringMode::Text, "ops").unwrap();
+        let made_count = made.len();
         let changes = made.into_iter().map(|c| c.raw_bytes().to_vec()).collect();
         let state = d.doc_state(doc);
         self.input(
             node,
             Input::LocalChange {
                 doc: doc.to_string(),
+                sigs: vec![Vec::new(); made_count],
                 changes,
                 state,
                 ack: false,

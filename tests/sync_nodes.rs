@@ -57,7 +57,7 @@ impl Shell {
                 for (_, node, msg) in targets {
                     // Through the codec, as on the wire.
                     let bytes = mergeflow::testing::sync::codec::encode(&msg);
-                    if let mergeflow::testing::sync::Message::Sync { doc, data } = &msg {
+                    if let mergeflow::testing::sync::Message::Sync { doc, data, .. } = &msg {
                         *shell
                             .sync_bytes
                             .lock()
@@ -279,6 +279,8 @@ async fn a_frame_of_changes_applies_as_a_batch() {
     tokio::spawn(async move { while outputs.recv().await.is_some() {} });
     node.sync_input(Input::PeerUp("x".into()));
     let mut docs = [automerge::Automerge::new(), automerge::Automerge::new()];
+    let signer =
+        mergeflow::trust::Signer::new(&libp2p::identity::Keypair::generate_ed25519()).unwrap();
     let mut frame: Vec<Input> = Vec::new();
     for i in 0..300 {
         let (name, d) = if i % 3 == 0 {
@@ -294,9 +296,12 @@ async fn a_frame_of_changes_applies_as_a_batch() {
             .unwrap()
             .raw_bytes()
             .to_vec();
+        // Signed, as every node signs the changes it admits.
+        let sig = signer.sign(name, &hash.unwrap().0).to_bytes().to_vec();
         let msg = Message::Change {
             doc: name.into(),
             change,
+            sig,
             ack: false,
             seen: vec![],
         };

@@ -314,6 +314,7 @@ impl Clients {
                     let input = if added.len() <= MAX_FAST_CHANGES {
                         Input::LocalChange {
                             doc: doc.to_string(),
+                            sigs: round.sigs.sigs_for(round.inner, doc.as_str(), &added),
                             changes: added,
                             state,
                             ack: false,
@@ -374,7 +375,9 @@ impl Clients {
             let Some(state) = c.docs.get_mut(&doc) else {
                 continue;
             };
-            if let Some(data) = round.generate_sync(doc.as_str(), state) {
+            // A client gets Automerge sync messages only: signatures are
+            // between nodes.
+            if let Some((data, _)) = round.generate_sync(doc.as_str(), state) {
                 out.0.push((
                     c.out.clone(),
                     c.shared.clone(),

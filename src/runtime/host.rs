@@ -41,11 +41,17 @@ impl SyncRuntime {
                         Message::Change {
                             doc,
                             change,
+                            sig,
                             ack,
                             seen,
                         },
                 } => {
-                    let c = FastChange { change, ack, seen };
+                    let c = FastChange {
+                        change,
+                        sig,
+                        ack,
+                        seen,
+                    };
                     match index.entry((from, doc)) {
                         Entry::Occupied(e) => groups[*e.get()].2.push(c),
                         Entry::Vacant(e) => {

@@ -306,11 +306,17 @@ where
         return Err(e);
     }
     // Signed with this node's identity, stored before the changes.
-    if let Some(signer) = &inner.signer {
-        for h in geneses.iter().map(|g| g.hash()).chain([hash]) {
-            let sig = signer.sign(id.as_str(), &h.0);
-            batch.put_sig(id.as_str(), &h.0, &sig.to_bytes());
+    let mut sigs = Vec::with_capacity(geneses.len() + 1);
+    for h in geneses.iter().map(|g| g.hash()).chain([hash]) {
+        let sig = inner
+            .signer
+            .as_ref()
+            .map(|s| s.sign(id.as_str(), &h.0).to_bytes().to_vec())
+            .unwrap_or_default();
+        if !sig.is_empty() {
+            batch.put_sig(id.as_str(), &h.0, &sig);
         }
+        sigs.push(sig);
     }
     let all = geneses.iter().map(|g| g.raw_bytes()).chain([bytes]);
     append_changes(batch, id, &mut meta, loaded, now, all.clone());
@@ -318,6 +324,7 @@ where
     let input = Input::LocalChange {
         doc: id.to_string(),
         changes: all.map(<[u8]>::to_vec).collect(),
+        sigs,
         state: DocState::Live(loaded.doc.get_heads()),
         ack: false, // set by the caller, which knows the request
     };

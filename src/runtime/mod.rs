@@ -39,6 +39,7 @@ mod persist;
 mod read;
 mod replicas;
 mod round;
+mod sigs;
 mod state;
 mod tick;
 mod writer;

@@ -40,6 +40,8 @@ pub(super) struct Round<'a> {
     /// That peer wants to hear once what it sent is durable here: it came by
     /// sync or a pushed doc, or as a change sent with `ack`.
     pub(super) confirm: bool,
+    /// The signatures of its changes.
+    pub(super) sigs: super::sigs::SigBook,
 }
 
 /// What a change did to a doc, for the feed.
@@ -78,6 +80,7 @@ impl<'a> Round<'a> {
             events: Vec::new(),
             from: None,
             confirm: false,
+            sigs: Default::default(),
         }
     }
 
@@ -185,10 +188,14 @@ impl Round<'_> {
         data: &[u8],
     ) -> Result<(Option<DocState>, Vec<Vec<u8>>), Refusal> {
         let msg = decode_sync(data)?;
-        self.merge_collect(doc.as_str(), true, |am, log| {
+        // The node vouches for its client: it signs the client's changes.
+        self.sigs.vouch = true;
+        let merged = self.merge_collect(doc.as_str(), true, |am, log| {
             am.receive_sync_message_log_patches(state, msg, log)
                 .map_err(|e| e.to_string())
-        })
+        });
+        self.sigs.vouch = false;
+        merged
     }
 }
 
@@ -203,16 +210,18 @@ impl Round<'_> {
         data: &[u8],
     ) -> Result<(super::WriteResult, Option<DocState>), DocError> {
         let ops_before = self.batch.len();
-        let state = self
-            .merge(id.as_str(), |am, log| {
-                am.load_incremental_log_patches(data, log)
-                    .map(|_| ())
-                    .map_err(|e| format!("the Automerge data does not load: {e}"))
-            })
-            .map_err(|e| match e {
-                Refusal::Invalid(e) => DocError::BadValue(e),
-                Refusal::Local(e) => DocError::Internal(e),
-            })?;
+        // A restore or import: this node admits the changes and signs them.
+        self.sigs.vouch = true;
+        let merged = self.merge(id.as_str(), |am, log| {
+            am.load_incremental_log_patches(data, log)
+                .map(|_| ())
+                .map_err(|e| format!("the Automerge data does not load: {e}"))
+        });
+        self.sigs.vouch = false;
+        let state = merged.map_err(|e| match e {
+            Refusal::Invalid(e) => DocError::BadValue(e),
+            Refusal::Local(e) => DocError::Internal(e),
+        })?;
         let changed = self.batch.len() != ops_before;
         match state {
             Some(DocState::Live(heads)) => Ok((
@@ -315,6 +324,20 @@ fn store_merged(
         }
         .to_string());
     }
+    // Every change signed by a node that may write the doc, or none is
+    // stored; the signatures go in before the changes.
+    let sigs = match round.sigs.check(round.inner, id, &new) {
+        Ok(sigs) => sigs,
+        Err(why) => {
+            super::persist::roll_back(inner, loaded, before)
+                .map_err(|e| format!("cannot undo an unsigned merge: {e}"))?;
+            return Err(why);
+        }
+    };
+    for (hash, sig) in sigs {
+        round.batch.put_sig(id.as_str(), &hash, &sig);
+        round.sigs.accept(id.as_str(), hash, sig);
+    }
     let bytes = new.iter().map(|c| c.raw_bytes());
     super::persist::append_changes(&mut round.batch, id, &mut meta, loaded, now, bytes);
     inner
@@ -359,17 +382,39 @@ impl DocAccess for Round<'_> {
             .flatten()
     }
 
-    fn generate_sync(&mut self, doc: &str, state: &mut sync::State) -> Option<Vec<u8>> {
-        self.with_loaded(doc, |_, _, loaded| {
-            let msg = if deleted(loaded) || loaded.meta.is_none() {
-                Automerge::new().generate_sync_message(state)
-            } else {
-                loaded.doc.generate_sync_message(state)
-            };
-            Ok(msg.map(|m| m.encode()))
-        })
-        .ok()
-        .flatten()
+    fn generate_sync(&mut self, doc: &str, state: &mut sync::State) -> Option<(Vec<u8>, Vec<u8>)> {
+        let (data, carried) = self
+            .with_loaded(doc, |_, _, loaded| {
+                let live = !(deleted(loaded) || loaded.meta.is_none());
+                let msg = if live {
+                    loaded.doc.generate_sync_message(state)
+                } else {
+                    Automerge::new().generate_sync_message(state)
+                };
+                let Some(msg) = msg else { return Ok(None) };
+                // The changes it carries are among those the peer may lack:
+                // all since the heads both sides share (a whole-doc message
+                // carries them all; a message of some changes, a subset).
+                let carried: Vec<[u8; 32]> = if live && !msg.changes.is_empty() {
+                    loaded
+                        .doc
+                        .get_changes(&state.shared_heads)
+                        .iter()
+                        .map(|c| c.hash().0)
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                Ok(Some((msg.encode(), carried)))
+            })
+            .ok()
+            .flatten()?;
+        let sigs = self.sigs.blob(self.inner, doc, carried.iter());
+        Some((data, sigs))
+    }
+
+    fn offer_sigs(&mut self, doc: &str, sigs: &[u8]) {
+        self.sigs.offer_all(doc, sigs);
     }
 
     fn receive_sync(
@@ -385,21 +430,28 @@ impl DocAccess for Round<'_> {
         })
     }
 
-    fn apply_change(&mut self, doc: &str, change: &[u8]) -> Result<Applied, Refusal> {
-        self.apply_changes(doc, &[change])
+    fn apply_change(&mut self, doc: &str, change: &[u8], sig: &[u8]) -> Result<Applied, Refusal> {
+        self.apply_changes(doc, &[(change, sig)])
             .pop()
             .expect("one result per change")
     }
 
-    fn apply_changes(&mut self, doc: &str, changes: &[&[u8]]) -> Vec<Result<Applied, Refusal>> {
+    fn apply_changes(
+        &mut self,
+        doc: &str,
+        changes: &[(&[u8], &[u8])],
+    ) -> Vec<Result<Applied, Refusal>> {
         let max = self.inner.cfg.max_change_bytes;
         // Each entry is overwritten below, with its verdict or an error.
         let mut results: Vec<Result<Applied, Refusal>> =
             vec![Ok(Applied::MissingDeps); changes.len()];
         let mut decoded: Vec<(usize, automerge::Change)> = Vec::new();
-        for (i, bytes) in changes.iter().enumerate() {
+        for (i, (bytes, sig)) in changes.iter().enumerate() {
             match decode_change(bytes, max) {
-                Ok(c) => decoded.push((i, c)),
+                Ok(c) => {
+                    self.sigs.offer(doc, c.hash().0, sig);
+                    decoded.push((i, c));
+                }
                 Err(e) => results[i] = Err(e.into()),
             }
         }
@@ -477,9 +529,32 @@ impl DocAccess for Round<'_> {
         results
     }
 
-    fn doc_bytes(&mut self, doc: &str) -> Option<Vec<u8>> {
+    fn doc_bytes(&mut self, doc: &str) -> Option<(Vec<u8>, Vec<u8>)> {
         let id = DocId::new(doc).ok()?;
-        self.inner.cache.saved_bytes(&id).ok()?
+        let data = self.inner.cache.saved_bytes(&id).ok()??;
+        let hashes: Vec<[u8; 32]> = self
+            .with_loaded(doc, |_, _, loaded| {
+                Ok(loaded
+                    .doc
+                    .get_changes_meta(&[])
+                    .iter()
+                    .map(|c| c.hash.0)
+                    .collect())
+            })
+            .ok()?;
+        let stored = self.inner.store.sigs(doc).ok()?;
+        let mut sigs = Vec::with_capacity(hashes.len() * (32 + crate::trust::SIG_LEN));
+        for h in &hashes {
+            let sig = match stored.get(h) {
+                Some(s) => Some(s.clone()),
+                None => self.sigs.sig_of(self.inner, doc, h),
+            };
+            if let Some(sig) = sig {
+                sigs.extend_from_slice(h);
+                sigs.extend_from_slice(&sig);
+            }
+        }
+        Some((data, sigs))
     }
 
     fn merge_doc(&mut self, doc: &str, data: &[u8]) -> Result<Option<DocState>, Refusal> {

@@ -468,6 +468,31 @@ impl Store {
         Ok(())
     }
 
+    /// The stored signature of change `hash` of doc `id`.
+    ///
+    /// # Errors
+    /// sled errors.
+    pub fn sig(&self, id: &str, hash: &[u8; 32]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .docs
+            .get(keys::sig_key(id, hash))
+            .map_err(|e| self.sled_err(e))?
+            .map(|v| v.to_vec()))
+    }
+
+    /// Stores the signature of change `hash` of doc `id` at once, outside
+    /// any batch (a signature made for a change stored before signatures).
+    ///
+    /// # Errors
+    /// sled errors.
+    pub fn put_sig(&self, id: &str, hash: &[u8; 32], sig: &[u8]) -> Result<(), StoreError> {
+        self.check_writable()?;
+        self.docs
+            .insert(keys::sig_key(id, hash), sig)
+            .map_err(|e| self.sled_err(e))?;
+        Ok(())
+    }
+
     /// The stored signatures of doc `id`'s changes, by change hash.
     ///
     /// # Errors

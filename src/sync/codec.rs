@@ -1,14 +1,15 @@
 //! Wire encoding of [`Message`]: versioned, size-capped, fallible.
 //!
 //! ```text
-//! message = version:u8 (=2) kind:u8 body
-//! Change  (1) = str(doc) bytes(change) ack:u8 count:u32 tag:u64*count
+//! message = version:u8 (=3) kind:u8 body
+//! Change  (1) = str(doc) bytes(change) bytes(sig) ack:u8 count:u32 tag:u64*count
 //! Digest  (2) = count:u32 u64*count
 //! Bucket  (3) = bucket:u32 answer:u8 count:u32 (str(doc) hash:u64)*count
-//! Sync    (4) = str(doc) bytes(data)
+//! Sync    (4) = str(doc) bytes(data) bytes(sigs)
 //! Deleted (5) = str(doc)
 //! Batch   (6) = count:u32 bytes(message)*count     (no batch inside a batch)
-//! Doc     (7) = str(doc) bytes(automerge chunks)
+//! Doc     (7) = str(doc) bytes(automerge chunks) bytes(sigs)
+//! sig = a trust::ChangeSig (96 bytes) or nothing; sigs = (hash:[u8; 32] sig)*
 //! Have    (8) = str(doc) count:u32 hash:[u8; 32]*count
 //! str/bytes = len:u32 payload          integers little-endian
 //! ```
@@ -23,7 +24,7 @@
 use super::Message;
 
 /// Current wire version.
-pub const VERSION: u8 = 2;
+pub const VERSION: u8 = 3;
 
 /// Why bytes are not a valid message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -62,12 +63,14 @@ pub fn encode(msg: &Message) -> Vec<u8> {
         Message::Change {
             doc,
             change,
+            sig,
             ack,
             seen,
         } => {
             out.push(1);
             put_bytes(&mut out, doc.as_bytes());
             put_bytes(&mut out, change);
+            put_bytes(&mut out, sig);
             out.push(u8::from(*ack));
             put_u64s(&mut out, seen);
         }
@@ -89,19 +92,21 @@ pub fn encode(msg: &Message) -> Vec<u8> {
                 out.extend_from_slice(&hash.to_le_bytes());
             }
         }
-        Message::Sync { doc, data } => {
+        Message::Sync { doc, data, sigs } => {
             out.push(4);
             put_bytes(&mut out, doc.as_bytes());
             put_bytes(&mut out, data);
+            put_bytes(&mut out, sigs);
         }
         Message::Deleted { doc } => {
             out.push(5);
             put_bytes(&mut out, doc.as_bytes());
         }
-        Message::Doc { doc, data } => {
+        Message::Doc { doc, data, sigs } => {
             out.push(7);
             put_bytes(&mut out, doc.as_bytes());
             put_bytes(&mut out, data);
+            put_bytes(&mut out, sigs);
         }
         Message::Have { doc, heads } => {
             out.push(8);
@@ -196,6 +201,7 @@ pub fn decode(bytes: &[u8], cap: usize) -> Result<Message, DecodeError> {
         1 => {
             let doc = r.doc_id()?;
             let change = r.bytes()?.to_vec();
+            let sig = r.bytes()?.to_vec();
             let ack = r.flag("change ack flag is not 0 or 1")?;
             let n = r.count(8)?;
             if n > super::types::MAX_SEEN {
@@ -205,6 +211,7 @@ pub fn decode(bytes: &[u8], cap: usize) -> Result<Message, DecodeError> {
             Message::Change {
                 doc,
                 change,
+                sig,
                 ack,
                 seen,
             }
@@ -233,11 +240,13 @@ pub fn decode(bytes: &[u8], cap: usize) -> Result<Message, DecodeError> {
         4 => Message::Sync {
             doc: r.doc_id()?,
             data: r.bytes()?.to_vec(),
+            sigs: r.bytes()?.to_vec(),
         },
         5 => Message::Deleted { doc: r.doc_id()? },
         7 => Message::Doc {
             doc: r.doc_id()?,
             data: r.bytes()?.to_vec(),
+            sigs: r.bytes()?.to_vec(),
         },
         8 => {
             let doc = r.doc_id()?;
@@ -363,12 +372,14 @@ mod tests {
             Message::Change {
                 doc: "a/b".into(),
                 change: vec![1, 2, 3],
+                sig: vec![],
                 ack: false,
                 seen: vec![],
             },
             Message::Change {
                 doc: "c".into(),
                 change: vec![],
+                sig: vec![],
                 ack: true,
                 seen: vec![1, u64::MAX],
             },
@@ -383,11 +394,13 @@ mod tests {
             Message::Sync {
                 doc: "d".into(),
                 data: vec![],
+                sigs: vec![],
             },
             Message::Deleted { doc: "gone".into() },
             Message::Doc {
                 doc: "whole".into(),
                 data: vec![9; 5],
+                sigs: vec![],
             },
             Message::Have {
                 doc: "h".into(),
@@ -450,6 +463,7 @@ mod tests {
                 Message::Change {
                     doc: id.clone(),
                     change: vec![1],
+                    sig: vec![],
                     ack: false,
                     seen: vec![],
                 },
@@ -461,11 +475,13 @@ mod tests {
                 Message::Sync {
                     doc: id.clone(),
                     data: vec![],
+                    sigs: vec![],
                 },
                 Message::Deleted { doc: id.clone() },
                 Message::Doc {
                     doc: id.clone(),
                     data: vec![],
+                    sigs: vec![],
                 },
                 Message::Have {
                     doc: id.clone(),

@@ -265,6 +265,7 @@ impl Core {
             Input::LocalChange {
                 doc,
                 changes,
+                sigs,
                 state,
                 ack,
             } => {
@@ -276,10 +277,12 @@ impl Core {
                     let mut seen: Vec<u64> = self.local_tag.into_iter().collect();
                     add_tags(&mut seen, self.peers.values().map(|p| p.tag));
                     let last = changes.len().saturating_sub(1);
+                    let mut sigs = sigs.into_iter();
                     for (i, change) in changes.into_iter().enumerate() {
                         let msg = Message::Change {
                             doc: doc.clone(),
                             change,
+                            sig: sigs.next().unwrap_or_default(),
                             // Replicas confirm the write's own change, which
                             // they can apply only after its geneses.
                             ack: ack && i == last,
@@ -431,12 +434,13 @@ pub(super) fn they_know_we_agree(state: &sync::State, ours: &[automerge::ChangeH
     heads_equal && knows
 }
 /// An output sending one sync message for `doc` to `peer`.
-pub(super) fn sync_message(peer: &str, doc: &str, data: Vec<u8>) -> Output {
+pub(super) fn sync_message(peer: &str, doc: &str, (data, sigs): (Vec<u8>, Vec<u8>)) -> Output {
     Output::Send {
         to: peer.to_string(),
         msg: Message::Sync {
             doc: doc.to_string(),
             data,
+            sigs,
         },
     }
 }

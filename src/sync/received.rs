@@ -125,8 +125,9 @@ impl Core {
                 self.start_pending(now, &from, docs, out);
                 self.push_docs(now, &from, docs, out);
             }
-            Message::Doc { doc, data } => {
+            Message::Doc { doc, data, sigs } => {
                 let before = self.digest.entry(&doc);
+                docs.offer_sigs(&doc, &sigs);
                 match docs.merge_doc(&doc, &data) {
                     Err(e) => self.refuse(&from, format!("doc {doc:?}"), e, out),
                     Ok(None) => {}
@@ -152,7 +153,7 @@ impl Core {
                     heads,
                 });
             }
-            Message::Sync { doc, data } => {
+            Message::Sync { doc, data, sigs } => {
                 self.stats.sync_received += 1;
                 let Some(peer) = self.peers.get_mut(&from) else {
                     return;
@@ -163,6 +164,7 @@ impl Core {
                     .or_insert_with(|| Session::resumed(now, &from, &doc, docs));
                 session.used_at = now;
                 let before = self.digest.entry(&doc);
+                docs.offer_sigs(&doc, &sigs);
                 match docs.receive_sync(&doc, &mut session.state, &data) {
                     Err(e) => {
                         peer.sessions.remove(&doc);
@@ -190,10 +192,16 @@ impl Core {
             Message::Change {
                 doc,
                 change,
+                sig,
                 ack,
                 seen,
             } => {
-                let changes = vec![FastChange { change, ack, seen }];
+                let changes = vec![FastChange {
+                    change,
+                    sig,
+                    ack,
+                    seen,
+                }];
                 self.received_changes(now, from, doc, changes, docs, out);
             }
             Message::Deleted { doc } => {
@@ -244,7 +252,10 @@ impl Core {
             held.append(&mut changes);
             changes = held;
         }
-        let raw: Vec<&[u8]> = changes.iter().map(|c| c.change.as_slice()).collect();
+        let raw: Vec<(&[u8], &[u8])> = changes
+            .iter()
+            .map(|c| (c.change.as_slice(), c.sig.as_slice()))
+            .collect();
         let results = docs.apply_changes(&doc, &raw);
         let mut missing = Vec::new();
         let mut last = None;
@@ -273,6 +284,7 @@ impl Core {
                         let msg = Message::Change {
                             doc: doc.clone(),
                             change: c.change.clone(),
+                            sig: c.sig.clone(),
                             ack: c.ack,
                             seen: seen.clone(),
                         };

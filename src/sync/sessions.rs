@@ -54,12 +54,12 @@ impl Core {
             };
             p.to_push_set.remove(&doc);
             match docs.doc_bytes(&doc) {
-                Some(data) if data.len() <= self.cfg.max_push_bytes => {
+                Some((data, sigs)) if data.len() <= self.cfg.max_push_bytes => {
                     self.push_budget -= 1;
                     self.stats.docs_pushed_out += 1;
                     out.push(Output::Send {
                         to: peer.to_string(),
-                        msg: Message::Doc { doc, data },
+                        msg: Message::Doc { doc, data, sigs },
                     });
                 }
                 Some(_) if !p.sessions.contains_key(&doc) && p.pending_set.insert(doc.clone()) => {

@@ -90,6 +90,9 @@ pub enum Message {
         doc: String,
         /// The raw Automerge change.
         change: Vec<u8>,
+        /// Its signature by the node that admitted it (`trust::ChangeSig`,
+        /// 96 bytes); empty when the sender holds none.
+        sig: Vec<u8>,
         /// The writer waits for replicas: receivers confirm with
         /// [`Message::Have`] once the change is durable.
         ack: bool,
@@ -119,6 +122,9 @@ pub enum Message {
         doc: String,
         /// The encoded `automerge::sync::Message`.
         data: Vec<u8>,
+        /// Signatures of the changes it carries: entries of a change hash
+        /// (32 bytes) and its `trust::ChangeSig` (96 bytes).
+        sigs: Vec<u8>,
     },
     /// The doc is deleted on the sender.
     Deleted {
@@ -132,6 +138,8 @@ pub enum Message {
         doc: String,
         /// The chunks.
         data: Vec<u8>,
+        /// Signatures of its changes, as in [`Message::Sync`].
+        sigs: Vec<u8>,
     },
     /// The sender has stored (flushed) the doc at these heads, after merging
     /// changes it got from the receiver: a confirmation for replica acks.
@@ -174,6 +182,8 @@ pub enum Input {
         /// The raw changes, in order: the write's own change last, after
         /// the geneses of containers it created (see `doc::container`).
         changes: Vec<Vec<u8>>,
+        /// Their signatures, in the same order (empty ones when unsigned).
+        sigs: Vec<Vec<u8>>,
         /// The doc's state after it.
         state: DocState,
         /// The writer waits for replicas to confirm it.
@@ -213,6 +223,8 @@ pub enum Input {
 pub struct FastChange {
     /// The raw Automerge change.
     pub change: Vec<u8>,
+    /// Its signature, as [`Message::Change`] carries it.
+    pub sig: Vec<u8>,
     /// The writer waits for replicas.
     pub ack: bool,
     /// Peer tags the change was already sent to.
@@ -300,9 +312,15 @@ impl std::fmt::Display for Refusal {
 pub trait DocAccess {
     /// The state of `doc`, or `None` if this node has never heard of it.
     fn state(&mut self, doc: &str) -> Option<DocState>;
-    /// The next sync message for `doc` to a peer with `state`, encoded; `None`
-    /// when there is nothing to send. A deleted or unknown doc syncs as empty.
-    fn generate_sync(&mut self, doc: &str, state: &mut sync::State) -> Option<Vec<u8>>;
+    /// The next sync message for `doc` to a peer with `state`, encoded, and
+    /// the signatures of the changes it carries (see [`Message::Sync`]);
+    /// `None` when there is nothing to send. A deleted or unknown doc syncs
+    /// as empty.
+    fn generate_sync(&mut self, doc: &str, state: &mut sync::State) -> Option<(Vec<u8>, Vec<u8>)>;
+    /// Signatures a peer sent with the changes of `doc` it is about to hand
+    /// over (a sync message, fast-path changes, a pushed doc): the shell
+    /// keeps those that verify with the changes they sign.
+    fn offer_sigs(&mut self, _doc: &str, _sigs: &[u8]) {}
     /// Applies a peer's sync message (creating the doc if it brings changes)
     /// and returns the doc's state after it: `None` if the doc still does not
     /// exist here (the message carried no changes). A deleted doc ignores it.
@@ -315,17 +333,25 @@ pub trait DocAccess {
         state: &mut sync::State,
         data: &[u8],
     ) -> Result<Option<DocState>, Refusal>;
-    /// Applies one fast-path change.
+    /// Applies one fast-path change with its signature (`sig`, empty if
+    /// none came).
     ///
     /// # Errors
     /// A change that does not decode or apply.
-    fn apply_change(&mut self, doc: &str, change: &[u8]) -> Result<Applied, Refusal>;
+    fn apply_change(&mut self, doc: &str, change: &[u8], sig: &[u8]) -> Result<Applied, Refusal>;
 
-    /// Applies several changes of `doc` (in order), with one result each. The
-    /// default applies them one by one; a shell should apply all that are
-    /// ready in one Automerge call.
-    fn apply_changes(&mut self, doc: &str, changes: &[&[u8]]) -> Vec<Result<Applied, Refusal>> {
-        changes.iter().map(|c| self.apply_change(doc, c)).collect()
+    /// Applies several changes of `doc` (in order, each with its signature),
+    /// with one result each. The default applies them one by one; a shell
+    /// should apply all that are ready in one Automerge call.
+    fn apply_changes(
+        &mut self,
+        doc: &str,
+        changes: &[(&[u8], &[u8])],
+    ) -> Vec<Result<Applied, Refusal>> {
+        changes
+            .iter()
+            .map(|(c, s)| self.apply_change(doc, c, s))
+            .collect()
     }
     /// Deletes `doc` because a peer deleted it.
     ///
@@ -334,8 +360,9 @@ pub trait DocAccess {
     fn delete(&mut self, doc: &str) -> Result<(), Refusal>;
     /// Every change of live `doc` as Automerge chunks that
     /// [`merge_doc`](Self::merge_doc) takes (a save, or stored chunks as they
-    /// are); `None` if the doc is not live here or cannot be read.
-    fn doc_bytes(&mut self, doc: &str) -> Option<Vec<u8>>;
+    /// are), and their signatures (see [`Message::Sync`]); `None` if the doc
+    /// is not live here or cannot be read.
+    fn doc_bytes(&mut self, doc: &str) -> Option<(Vec<u8>, Vec<u8>)>;
     /// Merges a peer's pushed doc (from its `doc_bytes`), creating the doc if
     /// needed, and returns its state after; a deleted doc ignores it.
     ///

@@ -161,7 +161,7 @@ pub fn snapshot_files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
 
 /// The config of a node on the network: listening on loopback, mDNS off,
 /// dialing `peers`; `tweak` adjusts the rest.
-fn p2p_config(
+pub fn p2p_config(
     dir: &Path,
     peers: Vec<String>,
     tweak: impl FnOnce(&mut mergeflow::config::Config),

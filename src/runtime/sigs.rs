@@ -1,0 +1,172 @@
+//! Change signatures on the writer thread (see `crate::trust`): checking
+//! those peers send with their changes before anything is stored, signing
+//! what this node vouches for, and finding the signatures of the changes
+//! it sends.
+
+use std::collections::HashMap;
+
+use super::state::Inner;
+use crate::doc::DocId;
+
+/// A change hash and its encoded signature.
+pub(super) type HashSig = ([u8; 32], Vec<u8>);
+
+/// A round's signatures.
+#[derive(Default)]
+pub(super) struct SigBook {
+    /// Signatures peers sent with the changes of this round, by (doc,
+    /// change hash); kept with a change that is stored if they verify.
+    offered: HashMap<(String, [u8; 32]), Vec<u8>>,
+    /// Signatures of the changes stored this round (not in sled until the
+    /// batch applies), by (doc, change hash).
+    accepted: HashMap<(String, [u8; 32]), Vec<u8>>,
+    /// This node vouches for what it merges now (a restore or import, an
+    /// automerge-repo client's changes): a change without a valid offered
+    /// signature is signed with this node's identity.
+    pub(super) vouch: bool,
+}
+
+impl SigBook {
+    /// A peer sent `sig` with change `hash` of `doc`.
+    pub(super) fn offer(&mut self, doc: &str, hash: [u8; 32], sig: &[u8]) {
+        if !sig.is_empty() {
+            self.offered.insert((doc.to_string(), hash), sig.to_vec());
+        }
+    }
+
+    /// A peer sent `sigs` (entries of a hash and a signature) for `doc`.
+    pub(super) fn offer_all(&mut self, doc: &str, sigs: &[u8]) {
+        for entry in sigs.chunks_exact(32 + crate::trust::SIG_LEN) {
+            let hash: [u8; 32] = entry[..32].try_into().expect("32 bytes");
+            self.offer(doc, hash, &entry[32..]);
+        }
+    }
+
+    /// Change `hash` of `doc` is stored this round with `sig`.
+    pub(super) fn accept(&mut self, doc: &str, hash: [u8; 32], sig: Vec<u8>) {
+        self.accepted.insert((doc.to_string(), hash), sig);
+    }
+
+    /// The signature of change `hash` of `doc`: stored this round, or in
+    /// the store; else (a change stored before signatures, which this node
+    /// held when it was upgraded) this node vouches for it now: it signs it
+    /// and keeps the signature.
+    pub(super) fn sig_of(&mut self, inner: &Inner, doc: &str, hash: &[u8; 32]) -> Option<Vec<u8>> {
+        let key = (doc.to_string(), *hash);
+        if let Some(s) = self.accepted.get(&key) {
+            return Some(s.clone());
+        }
+        if let Some(s) = inner.store.sig(doc, hash).ok().flatten() {
+            return Some(s);
+        }
+        let sig = inner.signer.as_ref()?.sign(doc, hash).to_bytes().to_vec();
+        // Like a sync state, a hint: written without waiting for a flush
+        // (if it is lost, the next send signs again).
+        if let Err(e) = inner.store.put_sig(doc, hash, &sig) {
+            tracing::debug!(doc, err = %e, "signature of an earlier change not kept");
+        }
+        self.accepted.insert(key, sig.clone());
+        Some(sig)
+    }
+
+    /// The signatures of `hashes` of `doc`, as
+    /// [`crate::sync::Message::Sync`] carries them.
+    pub(super) fn blob<'h>(
+        &mut self,
+        inner: &Inner,
+        doc: &str,
+        hashes: impl Iterator<Item = &'h [u8; 32]>,
+    ) -> Vec<u8> {
+        let mut out = Vec::new();
+        for h in hashes {
+            if let Some(sig) = self.sig_of(inner, doc, h) {
+                out.extend_from_slice(h);
+                out.extend_from_slice(&sig);
+            }
+        }
+        out
+    }
+
+    /// The signatures of `changes` (raw) of `doc`, in order (empty where
+    /// none).
+    pub(super) fn sigs_for(
+        &mut self,
+        inner: &Inner,
+        doc: &str,
+        changes: &[Vec<u8>],
+    ) -> Vec<Vec<u8>> {
+        changes
+            .iter()
+            .map(|c| {
+                automerge::Change::from_bytes(c.clone())
+                    .ok()
+                    .and_then(|c| self.sig_of(inner, doc, &c.hash().0))
+                    .unwrap_or_default()
+            })
+            .collect()
+    }
+
+    /// The signature of each change in `new`: the one a peer offered, if
+    /// it verifies and its signer may write doc `id`; else, when this node
+    /// vouches for the merge (a restore or import, its automerge-repo
+    /// client), its own.
+    ///
+    /// # Errors
+    /// A change with neither: nothing of the merge may be stored.
+    pub(super) fn check(
+        &mut self,
+        inner: &Inner,
+        id: &DocId,
+        new: &[automerge::Change],
+    ) -> Result<Vec<HashSig>, String> {
+        use crate::trust::ChangeSig;
+        let mut out = Vec::with_capacity(new.len());
+        for c in new {
+            let hash = c.hash().0;
+            let offered = self.offered.remove(&(id.as_str().to_string(), hash));
+            let sig = match offered.as_deref().map(ChangeSig::from_bytes) {
+                Some(Some(sig)) if sig.verify(id.as_str(), &hash) => {
+                    may_write(&sig, id.as_str()).map_err(|why| {
+                        format!("change {} of doc {:?}: {why}", c.hash(), id.as_str())
+                    })?;
+                    sig.to_bytes().to_vec()
+                }
+                _ => match inner.signer.as_ref().filter(|_| self.vouch) {
+                    Some(signer) => signer.sign(id.as_str(), &hash).to_bytes().to_vec(),
+                    None => {
+                        let what = if offered.is_some() {
+                            "an invalid"
+                        } else {
+                            "no"
+                        };
+                        return Err(format!(
+                            "change {} of doc {:?} carries {what} signature: every change must be \
+                             signed by the node that admitted it",
+                            c.hash(),
+                            id.as_str()
+                        ));
+                    }
+                },
+            };
+            out.push((hash, sig));
+        }
+        Ok(out)
+    }
+}
+
+/// Whether the node that signed a change may write doc `doc`: a node's
+/// membership doc (`_mergeflow/nodes/<peer id>`) only that node; any
+/// admitted node every other doc (grants narrow this: issue 21).
+fn may_write(sig: &crate::trust::ChangeSig, doc: &str) -> Result<(), String> {
+    let Some(owner) = doc.strip_prefix("_mergeflow/nodes/") else {
+        return Ok(());
+    };
+    let signer = sig.peer_id().map(|p| p.to_string()).unwrap_or_default();
+    if signer == owner {
+        Ok(())
+    } else {
+        Err(format!(
+            "signed by {signer}, but only {owner} writes its own membership doc"
+        ))
+    }
+}

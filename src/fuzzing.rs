@@ -99,7 +99,7 @@ pub fn workflow_toml(data: &[u8]) {
 /// its manifest, exactly the docs read.
 pub fn backup_file(data: &[u8]) {
     let mut ids = Vec::new();
-    if let Ok(m) = crate::backup::read(data, |id, _| {
+    if let Ok(m) = crate::backup::read(data, |id, _, _| {
         ids.push(id.to_string());
         Ok(())
     }) {

@@ -340,3 +340,57 @@ async fn an_unsigning_peer_is_refused_and_banned() {
     hostile.shutdown().await.unwrap();
     a.shutdown().await.unwrap();
 }
+
+/// A backup carries each change's signature: a node restoring it keeps
+/// the writer's, and signs as itself only changes that come without one
+/// (a backup from before signatures) or with one that does not verify.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_keeps_the_writers_signatures() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = common::api_node(&dir.path().join("a"), |_| {}).await;
+    let a_id = a.peer_id().to_string();
+    for i in 0..3 {
+        a.doc("kept").unwrap().patch(json!({ "i": i })).await.unwrap();
+    }
+    let file = dir.path().join("a.backup");
+    let manifest = a.backup_to_file(&file).await.unwrap();
+    let history = signers(&a, "kept").await.len();
+    assert_eq!(manifest.docs[0].signatures, history as u64, "{manifest:?}");
+    // The same doc in a backup without signatures, and with garbage ones.
+    let save = a.docs().saved(&"kept".parse().unwrap()).unwrap().unwrap();
+    let mut w = mergeflow::backup::BackupWriter::new(Vec::new(), "old", 1).unwrap();
+    w.doc("unsigned", &save).unwrap();
+    let hash = signers(&a, "kept").await[0].0.clone();
+    let mut bad: Vec<u8> = (0..hash.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hash[i..i + 2], 16).unwrap())
+        .collect();
+    bad.extend_from_slice(&[9u8; mergeflow::trust::SIG_LEN]);
+    w.signed_doc("forged", &save, &bad).unwrap();
+    let other = dir.path().join("other.backup");
+    std::fs::write(&other, w.finish(2).unwrap().1).unwrap();
+    let before = signers(&a, "kept").await;
+    a.shutdown().await.unwrap();
+
+    let b = common::api_node(&dir.path().join("b"), |_| {}).await;
+    let b_id = b.peer_id().to_string();
+    let report = b.restore_file(&file).await.unwrap();
+    assert_eq!(report.changed, 1, "{report:?}");
+    assert_eq!(signers(&b, "kept").await, before);
+    assert!(before.iter().all(|(_, s)| s.as_deref() == Some(a_id.as_str())));
+    b.restore_file(&other).await.unwrap();
+    for id in ["unsigned", "forged"] {
+        let got = signers(&b, id).await;
+        assert_eq!(got.len(), history);
+        assert!(
+            got.iter().all(|(_, s)| s.as_deref() == Some(b_id.as_str())),
+            "{id}: {got:?}"
+        );
+    }
+    // Deleting a doc drops its changes' signatures with them.
+    let kept: mergeflow::DocId = "kept".parse().unwrap();
+    assert!(!b.docs().signatures(&kept).unwrap().is_empty());
+    b.docs().delete(kept.clone()).await.unwrap();
+    assert!(b.docs().signatures(&kept).unwrap().is_empty());
+    b.shutdown().await.unwrap();
+}

@@ -1,8 +1,9 @@
 //! The backup file: every document's Automerge save, a manifest, checksums.
 //!
 //! ```text
-//! "MFBACKUP" 0x01                      magic and format version
-//! per doc:   'D' u32 id_len id u64 len save   (little-endian lengths)
+//! "MFBACKUP" 0x02                      magic and format version
+//! per doc:   ['S' u32 id_len id u64 len sigs]  its changes' signatures, if any
+//!            'D' u32 id_len id u64 len save   (little-endian lengths)
 //! manifest:  'M' u64 len JSON               (see [`Manifest`])
 //! trailer:   sha256 of every byte above (32) "MFBKEND1"
 //! ```
@@ -12,7 +13,12 @@
 //! of deleted docs (tombstones, whose contents are gone). A reader checks
 //! every entry against the manifest and the whole file against the trailer,
 //! so a truncated, cut-and-spliced or bit-flipped file is refused with what
-//! is wrong and at which byte. The checksums detect damage, not forgery:
+//! is wrong and at which byte.
+//!
+//! `sigs` are the signatures of the doc's changes as the node stored them
+//! (entries of a 32-byte change hash and a [`crate::trust::SIG_LEN`]-byte
+//! signature), so a restore keeps who admitted each change. Format 1 files
+//! (no signatures) are still read; the restoring node signs their changes. The checksums detect damage, not forgery:
 //! whoever can write the file can recompute them.
 
 use std::io::{self, Read, Write};
@@ -27,11 +33,12 @@ use sha2::{Digest, Sha256};
 
 /// The file's first bytes.
 const MAGIC: &[u8; 8] = b"MFBACKUP";
-/// The format version this code writes and reads.
-pub const FORMAT: u8 = 1;
+/// The format version this code writes (it reads this one and 1).
+pub const FORMAT: u8 = 2;
 /// The file's last bytes.
 const END: &[u8; 8] = b"MFBKEND1";
 const DOC: u8 = b'D';
+const SIGS: u8 = b'S';
 const MANIFEST: u8 = b'M';
 /// Longest doc id accepted (ids are far shorter; this bounds a bad length).
 const MAX_ID: u32 = 4096;
@@ -39,6 +46,8 @@ const MAX_ID: u32 = 4096;
 const MAX_DOC: u64 = 1 << 32;
 /// Largest manifest accepted.
 const MAX_MANIFEST: u64 = 1 << 30;
+/// One signature entry: a change hash and its signature.
+const SIG_ENTRY: usize = 32 + crate::trust::SIG_LEN;
 
 /// What a backup holds, written at its end.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -69,6 +78,13 @@ pub struct Entry {
     pub bytes: u64,
     /// SHA-256 of the save, hex.
     pub sha256: String,
+    /// Signatures of its changes the backup carries.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub signatures: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Why a backup file was refused.
@@ -81,7 +97,7 @@ pub enum BackupError {
     #[error("not a mergeflow backup (it does not start with \"MFBACKUP\")")]
     NotABackup,
     /// A format this version cannot read.
-    #[error("backup format {0} is not supported (this mergeflow reads format {FORMAT})")]
+    #[error("backup format {0} is not supported (this mergeflow reads formats 1 and {FORMAT})")]
     Format(u8),
     /// The file ends early.
     #[error("backup is truncated: it ends at byte {at}, inside {what}")]
@@ -135,17 +151,35 @@ impl<W: Write> BackupWriter<W> {
     /// # Errors
     /// Writing failed.
     pub fn doc(&mut self, id: &str, save: &[u8]) -> io::Result<()> {
-        self.out.write_all(&[DOC])?;
-        self.out.write_all(&(id.len() as u32).to_le_bytes())?;
-        self.out.write_all(id.as_bytes())?;
-        self.out.write_all(&(save.len() as u64).to_le_bytes())?;
-        self.out.write_all(save)?;
+        self.signed_doc(id, save, &[])
+    }
+
+    /// Adds doc `id` with its Automerge save and the signatures of its
+    /// changes (entries of a change hash and a signature; see the module
+    /// docs).
+    ///
+    /// # Errors
+    /// Writing failed.
+    pub fn signed_doc(&mut self, id: &str, save: &[u8], sigs: &[u8]) -> io::Result<()> {
+        if !sigs.is_empty() {
+            self.record(SIGS, id, sigs)?;
+        }
+        self.record(DOC, id, save)?;
         self.manifest.docs.push(Entry {
             id: id.to_string(),
             bytes: save.len() as u64,
             sha256: hex(&Sha256::digest(save)),
+            signatures: (sigs.len() / SIG_ENTRY) as u64,
         });
         Ok(())
+    }
+
+    fn record(&mut self, tag: u8, id: &str, data: &[u8]) -> io::Result<()> {
+        self.out.write_all(&[tag])?;
+        self.out.write_all(&(id.len() as u32).to_le_bytes())?;
+        self.out.write_all(id.as_bytes())?;
+        self.out.write_all(&(data.len() as u64).to_le_bytes())?;
+        self.out.write_all(data)
     }
 
     /// Records that doc `id` was deleted.
@@ -178,7 +212,8 @@ impl<W: Write> BackupWriter<W> {
 }
 
 /// Reads a backup from `input`, checking it as it goes: `on_doc` gets each
-/// doc (id and save) once its checksum matched, in file order. The manifest
+/// doc (id, save and the signatures of its changes, empty in a format 1
+/// file) once its checksum matched, in file order. The manifest
 /// is returned only when the whole file checked out; a caller that must not
 /// act on a damaged file reads it twice: once with a no-op `on_doc`, then
 /// for real.
@@ -187,7 +222,7 @@ impl<W: Write> BackupWriter<W> {
 /// [`BackupError`] naming what is wrong and where; whatever `on_doc` returns.
 pub fn read<R: Read>(
     input: R,
-    mut on_doc: impl FnMut(&str, Vec<u8>) -> Result<(), BackupError>,
+    mut on_doc: impl FnMut(&str, Vec<u8>, Vec<u8>) -> Result<(), BackupError>,
 ) -> Result<Manifest, BackupError> {
     let mut r = Reading {
         input: Hashing::new(input),
@@ -198,33 +233,46 @@ pub fn read<R: Read>(
         return Err(BackupError::NotABackup);
     }
     let format = r.bytes(1, "the header")?[0];
-    if format != FORMAT {
+    if format != 1 && format != FORMAT {
         return Err(BackupError::Format(format));
     }
-    // Each doc as read: id, size, SHA-256 and where its record starts.
-    let mut seen: Vec<(String, u64, String, u64)> = Vec::new();
+    // Each doc as read: id, size, SHA-256, signatures and where its record
+    // starts.
+    let mut seen: Vec<(String, u64, String, u64, u64)> = Vec::new();
+    // A signatures record, waiting for its doc.
+    let mut sigs: Option<(String, Vec<u8>, u64)> = None;
     let manifest_at;
     let manifest: Manifest = loop {
         let at = r.at;
         match r.bytes(1, "an entry tag")?[0] {
-            DOC => {
-                let len = r.u32("a doc id length")?;
-                if len == 0 || len > MAX_ID {
-                    return Err(r.damaged(at, format!("doc id length {len}")));
+            SIGS if format > 1 && sigs.is_none() => {
+                let (id, data) = r.record(at, "signatures of")?;
+                if data.len() % SIG_ENTRY != 0 {
+                    return Err(r.damaged(
+                        at,
+                        format!("signatures of doc {id:?}: {} bytes", data.len()),
+                    ));
                 }
-                let id = String::from_utf8(r.bytes(len as usize, "a doc id")?)
-                    .map_err(|_| r.damaged(at, "doc id is not UTF-8".into()))?;
-                let len = r.u64("a doc length")?;
-                if len > MAX_DOC {
-                    return Err(r.damaged(at, format!("doc {id:?} claims {len} bytes")));
-                }
-                let what = format!("doc {id:?}");
-                let save = r.bytes(len as usize, &what)?;
-                let sum = hex(&Sha256::digest(&save));
-                seen.push((id.clone(), len, sum, at));
-                on_doc(&id, save)?;
+                sigs = Some((id, data, at));
             }
-            MANIFEST => {
+            DOC => {
+                let (id, save) = r.record(at, "doc")?;
+                let sigs = match sigs.take() {
+                    Some((of, data, _)) if of == id => data,
+                    Some((of, _, sigs_at)) => {
+                        return Err(r.damaged(
+                            sigs_at,
+                            format!("signatures of doc {of:?} are followed by doc {id:?}"),
+                        ));
+                    }
+                    None => Vec::new(),
+                };
+                let sum = hex(&Sha256::digest(&save));
+                let signed = (sigs.len() / SIG_ENTRY) as u64;
+                seen.push((id.clone(), save.len() as u64, sum, signed, at));
+                on_doc(&id, save, sigs)?;
+            }
+            MANIFEST if sigs.is_none() => {
                 manifest_at = at;
                 let len = r.u64("the manifest length")?;
                 if len > MAX_MANIFEST {
@@ -259,12 +307,14 @@ pub fn read<R: Read>(
                 .docs
                 .iter()
                 .zip(&seen)
-                .find(|(e, (id, len, sum, _))| (&e.id, e.bytes, &e.sha256) != (id, *len, sum))
+                .find(|(e, (id, len, sum, signed, _))| {
+                    (&e.id, e.bytes, &e.sha256, e.signatures) != (id, *len, sum, *signed)
+                })
         })
         .flatten();
     if trailer[..32] != sum[..] {
         return Err(match mismatch {
-            Some((_, (id, len, _, doc_at))) => r.damaged(
+            Some((_, (id, len, _, _, doc_at))) => r.damaged(
                 *doc_at,
                 format!(
                     "doc {id:?} (bytes {doc_at}..{}) does not match its manifest entry \
@@ -296,7 +346,7 @@ pub fn read<R: Read>(
     if r.input.inner.read(&mut extra)? != 0 {
         return Err(r.damaged(at + 40, "bytes after the end of the backup".into()));
     }
-    if manifest.format != FORMAT {
+    if manifest.format != format {
         return Err(BackupError::Format(manifest.format));
     }
     if manifest.docs.len() != seen.len() {
@@ -309,10 +359,12 @@ pub fn read<R: Read>(
             ),
         ));
     }
-    if let Some((_, (id, _, _, doc_at))) = mismatch {
+    if let Some((_, (id, _, _, _, doc_at))) = mismatch {
         return Err(r.damaged(
             *doc_at,
-            format!("doc {id:?} does not match its manifest entry (size or SHA-256)"),
+            format!(
+                "doc {id:?} does not match its manifest entry (size, SHA-256 or signatures)"
+            ),
         ));
     }
     Ok(manifest)
@@ -347,6 +399,23 @@ impl<R: Read> Reading<R> {
     fn u64(&mut self, what: &str) -> Result<u64, BackupError> {
         let b = self.bytes(8, what)?;
         Ok(u64::from_le_bytes(b.try_into().expect("8 bytes")))
+    }
+
+    /// The rest of a doc or signatures record that started at `at`: its
+    /// id and data.
+    fn record(&mut self, at: u64, what: &str) -> Result<(String, Vec<u8>), BackupError> {
+        let len = self.u32("a doc id length")?;
+        if len == 0 || len > MAX_ID {
+            return Err(self.damaged(at, format!("doc id length {len}")));
+        }
+        let id = String::from_utf8(self.bytes(len as usize, "a doc id")?)
+            .map_err(|_| self.damaged(at, "doc id is not UTF-8".into()))?;
+        let len = self.u64("a doc length")?;
+        if len > MAX_DOC {
+            return Err(self.damaged(at, format!("{what} {id:?} claims {len} bytes")));
+        }
+        let data = self.bytes(len as usize, &format!("{what} {id:?}"))?;
+        Ok((id, data))
     }
 
     fn damaged(&self, at: u64, what: String) -> BackupError {
@@ -401,6 +470,8 @@ mod tests {
         let mut w = BackupWriter::new(Vec::new(), "node-a", 1).unwrap();
         w.doc("a", b"first doc").unwrap();
         w.doc("b/c", &[0u8; 300]).unwrap();
+        w.signed_doc("signed", b"with sigs", &[7u8; 2 * SIG_ENTRY])
+            .unwrap();
         w.deleted("gone");
         w.finish(2).unwrap().1
     }
@@ -409,11 +480,79 @@ mod tests {
 
     fn docs(bytes: &[u8]) -> Result<(Manifest, Docs), BackupError> {
         let mut docs = Vec::new();
-        let m = read(bytes, |id, save| {
+        let m = read(bytes, |id, save, _| {
             docs.push((id.to_string(), save));
             Ok(())
         })?;
         Ok((m, docs))
+    }
+
+    /// A format 1 file as the previous version wrote it.
+    fn format_1(docs: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut out = Hashing::new(Vec::new());
+        out.write_all(MAGIC).unwrap();
+        out.write_all(&[1]).unwrap();
+        let mut entries = Vec::new();
+        for (id, save) in docs {
+            out.write_all(&[DOC]).unwrap();
+            out.write_all(&(id.len() as u32).to_le_bytes()).unwrap();
+            out.write_all(id.as_bytes()).unwrap();
+            out.write_all(&(save.len() as u64).to_le_bytes()).unwrap();
+            out.write_all(save).unwrap();
+            entries.push(serde_json::json!({
+                "id": id, "bytes": save.len(), "sha256": hex(&Sha256::digest(save)),
+            }));
+        }
+        let json = serde_json::to_vec(&serde_json::json!({
+            "format": 1, "version": "0.1.0", "node": "old", "started_at_ms": 1,
+            "finished_at_ms": 2, "docs": entries, "deleted": [],
+        }))
+        .unwrap();
+        out.write_all(&[MANIFEST]).unwrap();
+        out.write_all(&(json.len() as u64).to_le_bytes()).unwrap();
+        out.write_all(&json).unwrap();
+        let sum = out.hasher.clone().finalize();
+        let mut bytes = out.inner;
+        bytes.extend_from_slice(&sum);
+        bytes.extend_from_slice(END);
+        bytes
+    }
+
+    #[test]
+    fn signatures_travel_with_their_doc() {
+        let mut got = Vec::new();
+        let m = read(&sample()[..], |id, _, sigs| {
+            got.push((id.to_string(), sigs.len()));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(
+            got,
+            vec![
+                ("a".into(), 0),
+                ("b/c".into(), 0),
+                ("signed".into(), 2 * SIG_ENTRY)
+            ]
+        );
+        assert_eq!(m.docs[2].signatures, 2);
+        assert_eq!(m.format, FORMAT);
+    }
+
+    #[test]
+    fn a_format_1_backup_still_reads() {
+        let (m, got) = docs(&format_1(&[("x", b"old save")])).unwrap();
+        assert_eq!(got, vec![("x".into(), b"old save".to_vec())]);
+        assert_eq!((m.format, m.docs[0].signatures), (1, 0));
+    }
+
+    #[test]
+    fn signatures_of_one_doc_before_another_are_refused() {
+        let mut w = BackupWriter::new(Vec::new(), "n", 1).unwrap();
+        w.record(SIGS, "a", &[1u8; SIG_ENTRY]).unwrap();
+        w.doc("b", b"save").unwrap();
+        let bytes = w.finish(2).unwrap().1;
+        let err = docs(&bytes).unwrap_err().to_string();
+        assert!(err.contains("signatures of doc \"a\" are followed by doc \"b\""), "{err}");
     }
 
     #[test]
@@ -423,7 +562,8 @@ mod tests {
             got,
             vec![
                 ("a".into(), b"first doc".to_vec()),
-                ("b/c".into(), vec![0; 300])
+                ("b/c".into(), vec![0; 300]),
+                ("signed".into(), b"with sigs".to_vec())
             ]
         );
         assert_eq!(m.node, "node-a");

@@ -43,7 +43,7 @@ async fn check(path: &Path) -> Result<Manifest> {
     let manifest = tokio::task::spawn_blocking(move || -> Result<Manifest> {
         let file = std::fs::File::open(&path)
             .with_context(|| format!("cannot open {}", path.display()))?;
-        backup::read(std::io::BufReader::new(file), |_, _| {
+        backup::read(std::io::BufReader::new(file), |_, _, _| {
             shown.inc(1);
             Ok(())
         })

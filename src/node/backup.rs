@@ -38,16 +38,19 @@ impl Node {
             let mut w = BackupWriter::new(out, &node, started).map_err(backup_io)?;
             for (i, (id, deleted)) in ids.into_iter().enumerate() {
                 task.set(i as u64, Some(total));
+                let cannot_read =
+                    |e: DocError| Error::Internal(format!("backup: cannot read doc {id:?}: {e}"));
                 let save = if deleted {
                     None
                 } else {
                     let doc = DocId::new(id.as_str())?;
-                    docs.saved(&doc).map_err(|e| {
-                        Error::Internal(format!("backup: cannot read doc {id:?}: {e}"))
-                    })?
+                    // Signatures first: a change written in between has its
+                    // signature in the store before the save holds it.
+                    let sigs = docs.signatures(&doc).map_err(cannot_read)?;
+                    docs.saved(&doc).map_err(cannot_read)?.map(|s| (s, sigs))
                 };
                 match save {
-                    Some(save) => w.doc(&id, &save).map_err(backup_io)?,
+                    Some((save, sigs)) => w.signed_doc(&id, &save, &sigs).map_err(backup_io)?,
                     // Deleted, possibly since the listing.
                     None => w.deleted(&id),
                 }
@@ -109,7 +112,7 @@ impl Node {
         };
         let check = open.clone();
         let manifest = tokio::task::spawn_blocking(move || {
-            crate::backup::read(check()?, |_, _| Ok(())).map_err(Error::from)
+            crate::backup::read(check()?, |_, _, _| Ok(())).map_err(Error::from)
         })
         .await
         .map_err(|e| Error::Internal(e.to_string()))??;
@@ -117,10 +120,10 @@ impl Node {
         task.set(0, Some(total));
         // The file is read again on a blocking thread; its docs come here,
         // where up to RESTORE_CONCURRENCY merges run at once.
-        let (tx, mut rx) = mpsc::channel::<(String, Vec<u8>)>(RESTORE_CONCURRENCY);
+        let (tx, mut rx) = mpsc::channel::<(String, Vec<u8>, Vec<u8>)>(RESTORE_CONCURRENCY);
         let reader = tokio::task::spawn_blocking(move || -> Result<Manifest, Error> {
-            let sent = crate::backup::read(open()?, |id, save| {
-                tx.blocking_send((id.to_string(), save))
+            let sent = crate::backup::read(open()?, |id, save, sigs| {
+                tx.blocking_send((id.to_string(), save, sigs))
                     .map_err(|_| BackupError::Io(std::io::Error::other("restore stopped")))
             })?;
             Ok(sent)
@@ -141,11 +144,11 @@ impl Node {
                 None
             };
             match next {
-                Some((id, save)) => {
+                Some((id, save, sigs)) => {
                     let docs = self.docs().clone();
                     merges.spawn(async move {
                         let result = match DocId::new(id.as_str()) {
-                            Ok(doc) => docs.merge(doc, save).await,
+                            Ok(doc) => docs.merge_signed(doc, save, sigs).await,
                             Err(e) => Err(e),
                         };
                         (id, result)

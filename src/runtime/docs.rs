@@ -327,8 +327,37 @@ impl Docs {
     /// [`DocError::BadValue`] for data that does not load, size caps, store
     /// errors.
     pub async fn merge(&self, id: DocId, data: Vec<u8>) -> Result<WriteResult, DocError> {
-        self.submit(id, WriteOp::Merge(data), false, WriteTags::default())
+        self.merge_signed(id, data, Vec::new()).await
+    }
+
+    /// As [`merge`](Self::merge), with the signatures of the changes (as a
+    /// backup carries them): a change keeps its signature where it verifies
+    /// and its signer may write the doc; this node signs the rest.
+    ///
+    /// # Errors
+    /// As [`merge`](Self::merge).
+    pub async fn merge_signed(
+        &self,
+        id: DocId,
+        data: Vec<u8>,
+        sigs: Vec<u8>,
+    ) -> Result<WriteResult, DocError> {
+        self.submit(id, WriteOp::Merge { data, sigs }, false, WriteTags::default())
             .await
+    }
+
+    /// The stored signatures of document `id`'s changes, as a backup
+    /// carries them (a change hash and its signature, each). Blocking.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn signatures(&self, id: &DocId) -> Result<Vec<u8>, DocError> {
+        let mut out = Vec::new();
+        for (hash, sig) in self.inner.store.sigs(id.as_str())? {
+            out.extend_from_slice(&hash);
+            out.extend_from_slice(&sig);
+        }
+        Ok(out)
     }
 
     /// Document `id` as one Automerge save (what `Automerge::load` reads),

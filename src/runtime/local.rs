@@ -9,7 +9,7 @@ use automerge::transaction::{CommitOptions, Transactable, Transaction};
 use automerge::{Automerge, ChangeHash, ReadDoc};
 
 use super::persist::{
-    append_changes, changed_paths, forget_sync_states, maybe_compact, patch_log, roll_back,
+    append_changes, changed_paths, forget_side_data, maybe_compact, patch_log, roll_back,
     tail_range,
 };
 use super::round::Touch;
@@ -131,7 +131,7 @@ pub(super) fn apply(
             }
         }
         // Merged by the round (`Round::merge_saved`), never here.
-        WriteOp::Merge(_) => Err(DocError::Internal("a merge reached the write path".into())),
+        WriteOp::Merge { .. } => Err(DocError::Internal("a merge reached the write path".into())),
         WriteOp::Delete => {
             let old = live_meta(id, loaded)?.clone();
             let mut meta = old.clone();
@@ -140,7 +140,7 @@ pub(super) fn apply(
             meta.snapshot_bytes = 0;
             meta.tail_changes = 0;
             batch.tombstone(id.as_str(), &meta, tail_range(&old));
-            forget_sync_states(inner, id);
+            forget_side_data(inner, batch, id);
             loaded.doc = new_doc(&inner.actor);
             loaded.meta = Some(meta.clone());
             let result = WriteResult {

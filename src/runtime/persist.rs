@@ -12,11 +12,19 @@ use crate::doc::cache::Loaded;
 use crate::doc::path::push_prop;
 use crate::store::{DocMeta, WriteBatch};
 
-/// Drops the sync states kept for a doc being deleted (hints only: an error
-/// is logged, not returned).
-pub(super) fn forget_sync_states(inner: &Inner, id: &DocId) {
-    if let Err(e) = inner.store.remove_sync_states(id.as_str()) {
-        tracing::debug!(doc = %id.as_str(), err = %e, "sync states of a deleted doc not removed");
+/// Drops the sync states kept for a doc being deleted, and has `batch`
+/// (which holds its tombstone) remove the signatures of its changes, which
+/// go with it. An error is logged, not returned: what is left costs space,
+/// nothing else.
+pub(super) fn forget_side_data(inner: &Inner, batch: &mut WriteBatch, id: &DocId) {
+    let removed = inner.store.remove_sync_states(id.as_str()).and_then(|()| {
+        for hash in inner.store.sigs(id.as_str())?.into_keys() {
+            batch.remove_sig(id.as_str(), &hash);
+        }
+        Ok(())
+    });
+    if let Err(e) = removed {
+        tracing::debug!(doc = %id.as_str(), err = %e, "side data of a deleted doc not removed");
     }
 }
 

@@ -208,9 +208,12 @@ impl Round<'_> {
         &mut self,
         id: &DocId,
         data: &[u8],
+        sigs: &[u8],
     ) -> Result<(super::WriteResult, Option<DocState>), DocError> {
         let ops_before = self.batch.len();
-        // A restore or import: this node admits the changes and signs them.
+        // A restore or import: this node admits the changes and signs those
+        // that do not carry a valid signature of a node that may write.
+        self.sigs.offer_all(id.as_str(), sigs);
         self.sigs.vouch = true;
         let merged = self.merge(id.as_str(), |am, log| {
             am.load_incremental_log_patches(data, log)
@@ -599,7 +602,7 @@ impl DocAccess for Round<'_> {
             meta.snapshot_bytes = 0;
             meta.tail_changes = 0;
             round.batch.tombstone(id.as_str(), &meta, tail);
-            super::persist::forget_sync_states(round.inner, id);
+            super::persist::forget_side_data(round.inner, &mut round.batch, id);
             loaded.doc = new_doc(&round.inner.actor);
             loaded.meta = Some(meta);
             if existed {

@@ -125,7 +125,10 @@ impl SigBook {
             let hash = c.hash().0;
             let offered = self.offered.remove(&(id.as_str().to_string(), hash));
             let sig = match offered.as_deref().map(ChangeSig::from_bytes) {
-                Some(Some(sig)) if sig.verify(id.as_str(), &hash) => {
+                Some(Some(sig))
+                    if sig.verify(id.as_str(), &hash)
+                        && !(self.vouch && may_write(&sig, id.as_str()).is_err()) =>
+                {
                     may_write(&sig, id.as_str()).map_err(|why| {
                         format!("change {} of doc {:?}: {why}", c.hash(), id.as_str())
                     })?;

@@ -249,7 +249,13 @@ pub(super) enum WriteOp {
     Delete,
     /// Merge an Automerge save (or changes) into a document, creating it if
     /// absent: a restore or an import. A deleted document refuses it.
-    Merge(Vec<u8>),
+    Merge {
+        /// An Automerge save or changes.
+        data: Vec<u8>,
+        /// Signatures of its changes (see [`crate::backup`]): kept where
+        /// they verify, else this node signs.
+        sigs: Vec<u8>,
+    },
 }
 
 /// Options of [`Docs::write_opts`](super::Docs::write_opts).

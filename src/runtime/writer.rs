@@ -168,8 +168,8 @@ fn write_round(
             results.push((req.reply, Err(e)));
             continue;
         }
-        if let WriteOp::Merge(data) = &req.op {
-            let merged = round.merge_saved(&req.id, data);
+        if let WriteOp::Merge { data, sigs } = &req.op {
+            let merged = round.merge_saved(&req.id, data, sigs);
             if let (Some(_), Ok((_, Some(state)))) = (&sync, &merged) {
                 local.push(Input::LocalMerge {
                     doc: req.id.to_string(),

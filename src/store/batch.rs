@@ -82,6 +82,12 @@ impl WriteBatch {
         self.keys += 1;
     }
 
+    /// Removes the signature of change `hash` of doc `id`.
+    pub fn remove_sig(&mut self, id: &str, hash: &[u8; 32]) {
+        self.atomic().remove(sig_key(id, hash));
+        self.keys += 1;
+    }
+
     /// An atomic batch at the end of the ops, to add to.
     fn atomic(&mut self) -> &mut sled::Batch {
         if !matches!(self.ops.last(), Some(BatchOp::Atomic(_))) {

@@ -168,6 +168,7 @@ fn flush_loop(
     if rt.is_none() {
         lazy = Duration::ZERO;
     }
+    let mut flusher = Flusher::start(store.clone(), fsync, FLUSH_STUCK);
     let mut waiters: Vec<Ack> = Vec::with_capacity(queue);
     // When the oldest batch that was answered before its flush was answered.
     let mut unflushed: Option<Instant> = None;
@@ -215,19 +216,10 @@ fn flush_loop(
             unflushed = None;
             stats.flushes.fetch_add(1, Ordering::Relaxed);
             let started = Instant::now();
-            let flushed = store
-                .flush()
-                .and_then(|()| {
-                    if fsync {
-                        store.sync_files().map(|_| ())
-                    } else {
-                        Ok(())
-                    }
-                })
-                .map_err(|e| {
-                    tracing::error!(err = %e, "store flush failed");
-                    Arc::<str>::from(e.to_string())
-                });
+            let flushed = flusher.flush().map_err(|e| {
+                tracing::error!(err = %e, "store flush failed");
+                Arc::<str>::from(e.to_string())
+            });
             stats.duration.observe(started.elapsed().as_secs_f64());
             flushed
         } else {
@@ -241,6 +233,102 @@ fn flush_loop(
         for ack in waiters.drain(..) {
             ack(result.clone());
         }
+    }
+}
+
+/// How long a flush may take before the store counts as failed. sled 0.34
+/// can wait forever in a flush after one of its I/O threads hit an error
+/// (a full disk) that no call of ours saw; without a limit every writer
+/// would wait with it, and the node would neither refuse writes (507) nor
+/// restart once space returns. A healthy flush takes milliseconds, a slow
+/// SD card under load a few seconds.
+pub(super) const FLUSH_STUCK: Duration = Duration::from_secs(20);
+
+/// Runs sled's flush on a thread of its own, so that the flush thread can
+/// stop waiting for one that never returns.
+struct Flusher {
+    go: std::sync::mpsc::SyncSender<()>,
+    done: std::sync::mpsc::Receiver<Result<(), StoreError>>,
+    store: Store,
+    stuck_after: Duration,
+    /// Set once a flush did not return in time; it never will be used again.
+    stuck: bool,
+}
+
+impl Flusher {
+    /// Flushes `store` (then fsyncs its files, with `fsync`).
+    fn start(store: Store, fsync: bool, stuck_after: Duration) -> Flusher {
+        let on = store.clone();
+        let flush = move || {
+            on.flush().and_then(|()| {
+                if fsync {
+                    on.sync_files().map(|_| ())
+                } else {
+                    Ok(())
+                }
+            })
+        };
+        Flusher::with(store, flush, stuck_after)
+    }
+
+    /// Runs `flush` for `store`.
+    fn with(
+        store: Store,
+        mut flush: impl FnMut() -> Result<(), StoreError> + Send + 'static,
+        stuck_after: Duration,
+    ) -> Flusher {
+        let (go, go_rx) = std::sync::mpsc::sync_channel::<()>(1);
+        let (done_tx, done) = std::sync::mpsc::sync_channel(1);
+        let spawned = std::thread::Builder::new()
+            .name("mergeflow-sled-flush".into())
+            .spawn(move || {
+                while go_rx.recv().is_ok() {
+                    if done_tx.send(flush()).is_err() {
+                        break;
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            // Then the first flush fails the store: no write is acknowledged
+            // that was not flushed.
+            tracing::error!(err = %e, "cannot start the sled flush thread");
+        }
+        Flusher {
+            go,
+            done,
+            store,
+            stuck_after,
+            stuck: false,
+        }
+    }
+
+    /// One flush (and fsync), or an error once one has taken longer than
+    /// `stuck_after`: then the store is marked failed, which makes the node
+    /// refuse writes and restart on its data dir once it has room.
+    fn flush(&mut self) -> Result<(), StoreError> {
+        if !self.stuck {
+            if self.go.send(()).is_err() {
+                return Err(StoreError::Closed);
+            }
+            match self.done.recv_timeout(self.stuck_after) {
+                Ok(r) => return r,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(StoreError::Closed);
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => self.stuck = true,
+            }
+            self.store.failed(&format!(
+                "a flush of {} did not finish within {} s (sled waits for a write that \
+                 failed, most often on a full disk)",
+                self.store.path().display(),
+                self.stuck_after.as_secs()
+            ));
+        }
+        Err(StoreError::Flush(
+            self.store
+                .failure()
+                .unwrap_or_else(|| "a flush did not finish".into()),
+        ))
     }
 }
 
@@ -286,6 +374,31 @@ mod tests {
         );
         drop(gc);
         thread.join().unwrap();
+    }
+
+    #[test]
+    fn a_flush_that_never_returns_fails_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let (_hold, hang) = std::sync::mpsc::channel::<()>();
+        let mut flusher = Flusher::with(
+            store.clone(),
+            move || {
+                let _ = hang.recv(); // as sled waiting for a write that failed
+                Ok(())
+            },
+            Duration::from_millis(50),
+        );
+        let err = flusher.flush().unwrap_err().to_string();
+        assert!(err.contains("did not finish within"), "{err}");
+        let failure = store.failure().expect("the store counts as failed");
+        assert!(failure.contains("full disk"), "{failure}");
+        // Later flushes fail at once instead of queueing behind the stuck one.
+        assert!(flusher.flush().is_err());
+        assert!(
+            store.put_sig("d", &[0; 32], b"s").is_err(),
+            "writes are refused"
+        );
     }
 
     #[test]

@@ -545,8 +545,11 @@ impl Store {
     /// # Errors
     /// sled errors.
     pub fn remove_sync_states(&self, id: &str) -> Result<(), StoreError> {
-        let prefix = sync_state_key(id, "");
-        for kv in self.docs.scan_prefix(&prefix) {
+        self.remove_prefix(&sync_state_key(id, ""))
+    }
+
+    fn remove_prefix(&self, prefix: &[u8]) -> Result<(), StoreError> {
+        for kv in self.docs.scan_prefix(prefix) {
             let (k, _) = kv.map_err(|e| self.sled_err(e))?;
             self.docs.remove(k).map_err(|e| self.sled_err(e))?;
         }

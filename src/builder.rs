@@ -47,6 +47,7 @@ pub struct NodeBuilder {
     network: bool,
     no_workflows: bool,
     unsigned: bool,
+    new_identity: bool,
 }
 
 impl NodeBuilder {
@@ -109,6 +110,15 @@ impl NodeBuilder {
         self
     }
 
+    /// Gives the node a new identity (ed25519 key, so a new peer id) before
+    /// it starts: key rotation. Its changes so far keep the old key's
+    /// signatures; peers that name it by peer id (`net.allow`,
+    /// `net.admins`, grants) must be told the new one.
+    pub fn new_identity(mut self) -> Self {
+        self.new_identity = true;
+        self
+    }
+
     /// Opens the store and starts the node.
     ///
     /// # Errors
@@ -119,9 +129,14 @@ impl NodeBuilder {
         let config = self.config;
         let dir = config.node.data_dir.clone();
         let cache = config.store.cache_bytes;
+        let new_identity = self.new_identity;
         let (store, key) = tokio::task::spawn_blocking(move || {
             let store = Store::open(&dir, cache)?;
-            let key = store.identity()?;
+            let key = if new_identity {
+                store.new_identity()?
+            } else {
+                store.identity()?
+            };
             // The data dir is ours now (sled's lock) and the API does not
             // serve yet: no restore is in flight, so any spool is a leftover.
             crate::backup::clean_restore_spool(&dir);
@@ -167,6 +182,11 @@ impl NodeBuilder {
             None => (None, None),
         };
         let feed = Arc::new(Feed::new(boot));
+        let policy = Arc::new(crate::grants::PolicySlot::new(crate::grants::Policy::new(
+            &config.net.admins,
+            None,
+            &Default::default(),
+        )));
         let docs = {
             let parts = crate::runtime::Parts {
                 store: store.clone(),
@@ -176,12 +196,16 @@ impl NodeBuilder {
                 origin: peer_id.to_string(),
                 queues: queues.clone(),
                 signer: crate::trust::Signer::new(&key).filter(|_| !self.unsigned),
+                policy: policy.clone(),
             };
             let cfg = config.docs();
             tokio::task::spawn_blocking(move || Docs::new(parts, cfg, sync))
                 .await
                 .map_err(|e| Error::Internal(e.to_string()))??
         };
+        // The stored grants bind before anything is written or merged.
+        let me = (peer_id.to_string(), &config.node.labels);
+        policy.set(crate::node::grants::load(&docs, &config.net.admins, (&me.0, me.1)).await);
         let seal_dir = config.node.data_dir.clone();
         let cancel = CancellationToken::new();
         let tasks = TaskTracker::new();
@@ -236,12 +260,14 @@ impl NodeBuilder {
             net: Mutex::new(None),
             progress: Arc::default(),
             server_links: Arc::default(),
+            policy: policy.clone(),
             seal: SealOnDrop {
                 data_dir: seal_dir,
                 armed: false.into(),
             },
         });
         let node = Node { inner };
+        crate::node::grants::spawn_watch(&node, policy);
         if node.inner.sync_out.lock().expect("not poisoned").is_some() {
             crate::runtime::spawn_tick(
                 node.inner.docs.inbox(),

@@ -545,6 +545,24 @@ impl Client {
         self.send(self.http.get(url)).await
     }
 
+    /// `GET /v1/access` (`apply` None) or `PUT /v1/access` with an access
+    /// file's text: the rules the node holds, or apply new ones.
+    ///
+    /// # Errors
+    /// [`ClientError`].
+    pub async fn access(&self, apply: Option<String>) -> Result<Json, ClientError> {
+        let url = format!("{}/v1/access", self.base);
+        let req = match apply {
+            None => self.http.get(url),
+            Some(text) => self
+                .http
+                .put(url)
+                .header("content-type", "application/toml")
+                .body(text),
+        };
+        self.send(req).await
+    }
+
     /// `POST /v1/workflows`: stores a definition that syncs to every node.
     ///
     /// # Errors

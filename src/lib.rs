@@ -111,6 +111,7 @@ pub mod duration;
 pub mod feed;
 #[cfg(feature = "test-utils")]
 pub mod fuzzing;
+pub mod grants;
 pub mod http_allow;
 mod latency;
 mod metrics;

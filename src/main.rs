@@ -149,6 +149,14 @@ enum Cmd {
     },
     /// Print a new random network key for `net.key` (64 hex digits).
     Keygen,
+    /// Who may write and read what across the network: apply an access
+    /// file (admins only), show the rules a node holds.
+    Access {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        cmd: cli::access::AccessCmd,
+    },
     /// API tokens for `[[api.tokens]]`.
     Token {
         #[command(subcommand)]
@@ -290,6 +298,7 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Token { cmd } => token(cmd),
+        Cmd::Access { client, cmd } => cli::access::access(client, cmd).await,
         Cmd::Doc { client, cmd } => doc(client, cmd).await,
         Cmd::Workflow { client, cmd } => workflow(client, cmd).await,
         Cmd::Runs {

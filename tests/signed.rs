@@ -350,7 +350,11 @@ async fn a_restore_keeps_the_writers_signatures() {
     let a = common::api_node(&dir.path().join("a"), |_| {}).await;
     let a_id = a.peer_id().to_string();
     for i in 0..3 {
-        a.doc("kept").unwrap().patch(json!({ "i": i })).await.unwrap();
+        a.doc("kept")
+            .unwrap()
+            .patch(json!({ "i": i }))
+            .await
+            .unwrap();
     }
     let file = dir.path().join("a.backup");
     let manifest = a.backup_to_file(&file).await.unwrap();
@@ -377,7 +381,11 @@ async fn a_restore_keeps_the_writers_signatures() {
     let report = b.restore_file(&file).await.unwrap();
     assert_eq!(report.changed, 1, "{report:?}");
     assert_eq!(signers(&b, "kept").await, before);
-    assert!(before.iter().all(|(_, s)| s.as_deref() == Some(a_id.as_str())));
+    assert!(
+        before
+            .iter()
+            .all(|(_, s)| s.as_deref() == Some(a_id.as_str()))
+    );
     b.restore_file(&other).await.unwrap();
     for id in ["unsigned", "forged"] {
         let got = signers(&b, id).await;

@@ -83,6 +83,7 @@ fn status_of(e: &DocError) -> (StatusCode, &'static str) {
         DocError::TooDeep { .. } => (S::UNPROCESSABLE_ENTITY, "doc_too_deep"),
         DocError::CounterOverflow { .. } => (S::UNPROCESSABLE_ENTITY, "counter_overflow"),
         DocError::Reserved { .. } => (S::FORBIDDEN, "reserved_doc"),
+        DocError::Forbidden(_) => (S::FORBIDDEN, "forbidden"),
         DocError::IdempotencyKeyReused { .. } => {
             (S::UNPROCESSABLE_ENTITY, "idempotency_key_reused")
         }

@@ -220,7 +220,9 @@ impl BodyKind {
     fn of(path: &str) -> BodyKind {
         let segments: Vec<&str> = path.split('/').collect();
         match segments.as_slice() {
-            ["", "v1", "workflows"] | ["", "v1", "workflows", "validate"] => BodyKind::Toml,
+            ["", "v1", "workflows"]
+            | ["", "v1", "workflows", "validate"]
+            | ["", "v1", "access"] => BodyKind::Toml,
             ["", "v1", "restore"] | ["", "v1", "docs", _, "merge"] => BodyKind::Binary,
             _ => BodyKind::Json,
         }
@@ -245,7 +247,9 @@ impl BodyKind {
                 "JSON: send Content-Type: application/json (or an application/*+json type such \
                  as application/merge-patch+json)"
             }
-            BodyKind::Toml => "a workflow definition in TOML: send Content-Type: application/toml",
+            BodyKind::Toml => {
+                "a workflow definition or access file in TOML: send Content-Type: application/toml"
+            }
             BodyKind::Binary => "bytes: send Content-Type: application/octet-stream",
         }
     }
@@ -358,6 +362,7 @@ mod tests {
     fn body_kinds_by_path() {
         assert_eq!(BodyKind::of("/v1/workflows"), BodyKind::Toml);
         assert_eq!(BodyKind::of("/v1/workflows/validate"), BodyKind::Toml);
+        assert_eq!(BodyKind::of("/v1/access"), BodyKind::Toml);
         assert_eq!(BodyKind::of("/v1/workflows/x/enable"), BodyKind::Json);
         assert_eq!(BodyKind::of("/v1/restore"), BodyKind::Binary);
         assert_eq!(BodyKind::of("/v1/docs/a%2Fb/merge"), BodyKind::Binary);

@@ -9,6 +9,7 @@
 //! Browser safety (Host, Origin, CORS, content types) is in `guard.rs`; the
 //! connection handling (limits, timeouts, shutdown) in `serve.rs`.
 
+mod access;
 mod auth;
 mod automerge;
 mod backup;
@@ -104,6 +105,7 @@ pub fn router(node: Node) -> Router {
         .route("/v1/docs/{id}/history", get(history))
         .route("/v1/events", get(events::events))
         .merge(workflows::routes())
+        .merge(access::routes())
         .merge(automerge::routes(&node, tokens.clone()))
         .merge(backup::routes())
         .fallback(no_route)

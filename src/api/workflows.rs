@@ -74,6 +74,7 @@ async fn validate(
 /// `POST /v1/workflows`: the body is a definition (TOML), stored in a
 /// system doc that syncs, so every node whose labels match runs it.
 async fn apply(State(node): State<Node>, b: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
+    super::access::admin_only(&node)?;
     let b = body(b)?;
     let text = utf8(&b)?;
     Ok(Json(node.workflows().apply(text).await?).into_response())
@@ -85,6 +86,7 @@ async fn remove(
     State(node): State<Node>,
     path: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Response> {
+    super::access::admin_only(&node)?;
     let Path(name) = path.map_err(|r| WrappedRejection(r, None))?;
     Ok(Json(node.workflows().delete(&name).await?).into_response())
 }
@@ -93,6 +95,7 @@ async fn enable(
     State(node): State<Node>,
     path: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Response> {
+    super::access::admin_only(&node)?;
     let Path(name) = path.map_err(|r| WrappedRejection(r, None))?;
     Ok(Json(node.workflows().set_enabled(&name, true).await?).into_response())
 }
@@ -101,6 +104,7 @@ async fn disable(
     State(node): State<Node>,
     path: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Response> {
+    super::access::admin_only(&node)?;
     let Path(name) = path.map_err(|r| WrappedRejection(r, None))?;
     Ok(Json(node.workflows().set_enabled(&name, false).await?).into_response())
 }

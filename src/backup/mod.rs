@@ -362,9 +362,7 @@ pub fn read<R: Read>(
     if let Some((_, (id, _, _, _, doc_at))) = mismatch {
         return Err(r.damaged(
             *doc_at,
-            format!(
-                "doc {id:?} does not match its manifest entry (size, SHA-256 or signatures)"
-            ),
+            format!("doc {id:?} does not match its manifest entry (size, SHA-256 or signatures)"),
         ));
     }
     Ok(manifest)
@@ -552,7 +550,10 @@ mod tests {
         w.doc("b", b"save").unwrap();
         let bytes = w.finish(2).unwrap().1;
         let err = docs(&bytes).unwrap_err().to_string();
-        assert!(err.contains("signatures of doc \"a\" are followed by doc \"b\""), "{err}");
+        assert!(
+            err.contains("signatures of doc \"a\" are followed by doc \"b\""),
+            "{err}"
+        );
     }
 
     #[test]

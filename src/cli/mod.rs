@@ -1,5 +1,6 @@
 //! Commands of the `mergeflow` binary that need more than a few lines.
 
+pub mod access;
 pub mod backup;
 pub mod doc;
 pub mod output;

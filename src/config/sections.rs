@@ -292,6 +292,9 @@ pub struct NetTable {
     pub key: String,
     /// Peer ids allowed to connect; empty allows any (that has the key).
     pub allow: Vec<String>,
+    /// Peer ids that may change workflow definitions and grants (the access
+    /// file, `mergeflow access apply`); empty: every admitted node may.
+    pub admins: Vec<String>,
     /// Run an open network: listen on addresses other machines can reach
     /// (and discover peers with mDNS) without `net.key` or `net.allow`, so
     /// that any node that reaches this one can join. Off: such a config is
@@ -411,6 +414,7 @@ impl Default for Config {
                 max_message_bytes: 16 << 20,
                 key: String::new(),
                 allow: vec![],
+                admins: vec![],
                 open: false,
                 max_connections: 256,
                 kademlia: true,

@@ -206,6 +206,9 @@ impl Config {
         if let Err(e) = crate::net::parse_peer_ids(&self.net.allow) {
             return invalid("net.allow", &e);
         }
+        if let Err(e) = crate::net::parse_peer_ids(&self.net.admins) {
+            return invalid("net.admins", &e);
+        }
         if self.net.anti_entropy_ms == 0 {
             return invalid("net.anti_entropy_ms", "must be at least 1");
         }

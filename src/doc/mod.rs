@@ -130,6 +130,10 @@ pub enum DocError {
         /// The key.
         key: String,
     },
+    /// This node may not write the doc: the network's grants do not cover
+    /// it, or it is a system doc only admins change (see [`crate::grants`]).
+    #[error("{0}")]
+    Forbidden(String),
     /// A user's write to a system doc (see [`user_writable`]).
     #[error("doc {id:?} {what}")]
     Reserved {

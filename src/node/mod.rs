@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 mod backup;
+pub(crate) mod grants;
 
 use crate::Error;
 use crate::config::Config;
@@ -53,6 +54,8 @@ pub(crate) struct NodeInner {
     pub(crate) progress: Arc<crate::progress::Tasks>,
     /// The `[[automerge.servers]]` links' states.
     pub(crate) server_links: crate::status::ServerLinks,
+    /// Who may write what (see [`crate::grants`]).
+    pub(crate) policy: Arc<crate::grants::PolicySlot>,
     /// Declared last so it drops after the store: seals the data dir once sled
     /// has closed, if the node was shut down cleanly.
     pub(crate) seal: SealOnDrop,

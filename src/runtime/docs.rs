@@ -56,6 +56,7 @@ impl Docs {
             origin,
             queues,
             signer,
+            policy,
         } = parts;
         let metas = store.list_docs()?;
         let live = metas
@@ -108,6 +109,7 @@ impl Docs {
             changes: ChangeCounts::default(),
             urls,
             signer,
+            policy,
         });
         let thread_inner = inner.clone();
         let handle = std::thread::Builder::new()
@@ -342,8 +344,13 @@ impl Docs {
         data: Vec<u8>,
         sigs: Vec<u8>,
     ) -> Result<WriteResult, DocError> {
-        self.submit(id, WriteOp::Merge { data, sigs }, false, WriteTags::default())
-            .await
+        self.submit(
+            id,
+            WriteOp::Merge { data, sigs },
+            false,
+            WriteTags::default(),
+        )
+        .await
     }
 
     /// The stored signatures of document `id`'s changes, as a backup

@@ -42,6 +42,13 @@ pub(super) fn apply(
     {
         return Ok((result, 0, None, None));
     }
+    // The network's rules bind this node too: a write its peers would
+    // refuse is refused here, before any change is made.
+    inner
+        .policy
+        .get()
+        .may_write(&inner.origin, id.as_str())
+        .map_err(DocError::Forbidden)?;
     let stamp = crate::doc::stamp::Stamp {
         hlc: inner.clock.tick(now_ms()),
         prio: inner.cfg.priority,

@@ -120,6 +120,7 @@ impl SigBook {
         new: &[automerge::Change],
     ) -> Result<Vec<HashSig>, String> {
         use crate::trust::ChangeSig;
+        let policy = inner.policy.get();
         let mut out = Vec::with_capacity(new.len());
         for c in new {
             let hash = c.hash().0;
@@ -127,15 +128,18 @@ impl SigBook {
             let sig = match offered.as_deref().map(ChangeSig::from_bytes) {
                 Some(Some(sig))
                     if sig.verify(id.as_str(), &hash)
-                        && !(self.vouch && may_write(&sig, id.as_str()).is_err()) =>
+                        && !(self.vouch && may_write(&policy, &sig, id.as_str()).is_err()) =>
                 {
-                    may_write(&sig, id.as_str()).map_err(|why| {
+                    may_write(&policy, &sig, id.as_str()).map_err(|why| {
                         format!("change {} of doc {:?}: {why}", c.hash(), id.as_str())
                     })?;
                     sig.to_bytes().to_vec()
                 }
                 _ => match inner.signer.as_ref().filter(|_| self.vouch) {
-                    Some(signer) => signer.sign(id.as_str(), &hash).to_bytes().to_vec(),
+                    Some(signer) => {
+                        policy.may_write(&inner.origin, id.as_str())?;
+                        signer.sign(id.as_str(), &hash).to_bytes().to_vec()
+                    }
                     None => {
                         let what = if offered.is_some() {
                             "an invalid"
@@ -157,19 +161,13 @@ impl SigBook {
     }
 }
 
-/// Whether the node that signed a change may write doc `doc`: a node's
-/// membership doc (`_mergeflow/nodes/<peer id>`) only that node; any
-/// admitted node every other doc (grants narrow this: issue 21).
-fn may_write(sig: &crate::trust::ChangeSig, doc: &str) -> Result<(), String> {
-    let Some(owner) = doc.strip_prefix("_mergeflow/nodes/") else {
-        return Ok(());
-    };
+/// Whether the node that signed a change may write doc `doc` (see
+/// [`crate::grants`]).
+fn may_write(
+    policy: &crate::grants::Policy,
+    sig: &crate::trust::ChangeSig,
+    doc: &str,
+) -> Result<(), String> {
     let signer = sig.peer_id().map(|p| p.to_string()).unwrap_or_default();
-    if signer == owner {
-        Ok(())
-    } else {
-        Err(format!(
-            "signed by {signer}, but only {owner} writes its own membership doc"
-        ))
-    }
+    policy.may_write(&signer, doc)
 }

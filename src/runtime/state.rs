@@ -87,6 +87,8 @@ pub struct Parts {
     /// Signs the changes this node makes (its identity); None leaves them
     /// unsigned (a document service without a node, in tests).
     pub signer: Option<crate::trust::Signer>,
+    /// Who may write what; the node replaces it as grants change.
+    pub policy: Arc<crate::grants::PolicySlot>,
 }
 
 /// The outcome of a durable write.
@@ -155,6 +157,8 @@ pub(super) struct Inner {
     pub(super) urls: UrlIndex,
     /// Signs the changes made here.
     pub(super) signer: Option<crate::trust::Signer>,
+    /// Who may write what (`net.admins` and the applied grants).
+    pub(super) policy: Arc<crate::grants::PolicySlot>,
 }
 
 /// User docs by the 16 bytes of their automerge URL

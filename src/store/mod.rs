@@ -244,6 +244,23 @@ impl Store {
         Ok(key)
     }
 
+    /// Replaces the node's identity with a new ed25519 keypair, flushed
+    /// before it returns (key rotation).
+    ///
+    /// # Errors
+    /// sled errors.
+    pub fn new_identity(&self) -> Result<Keypair, StoreError> {
+        let key = Keypair::generate_ed25519();
+        let bytes = key
+            .to_protobuf_encoding()
+            .expect("ed25519 keys always encode");
+        self.meta
+            .insert(META_IDENTITY, bytes)
+            .map_err(|e| self.sled_err(e))?;
+        self.flush()?;
+        Ok(key)
+    }
+
     /// Records a new boot: increments the boot counter and maps `actor` to this node.
     /// Flushes before returning, so no change is ever written by an unrecorded actor.
     ///

@@ -142,8 +142,14 @@ impl Runner {
         // once running, those a newly loaded or changed definition finds
         // are `definition` runs.
         let trigger = if self.loaded { "definition" } else { "startup" };
+        let first = !self.loaded;
         self.loaded = true;
         if !changed {
+            if first && !self.shared.labels.is_empty() {
+                // A node with no workflows still publishes its labels:
+                // grants by label (crate::grants) read them.
+                announce(&self.shared).await;
+            }
             return;
         }
         announce(&self.shared).await;

@@ -1,0 +1,278 @@
+//! Grants (issue 21): `net.admins` and the access file an admin applies.
+//! Every node enforces them on its own writes (403 before a change is made)
+//! and on every change a peer sends (refused, not stored, a strike).
+
+mod common;
+
+use std::path::Path;
+
+use common::until;
+use mergeflow::grants::AccessFile;
+use serde_json::json;
+
+/// The peer id a data dir's node will have.
+async fn identity(dir: &Path) -> String {
+    let node = common::p2p_node(dir, vec![], |_| {}).await;
+    let id = node.peer_id().to_string();
+    node.shutdown().await.unwrap();
+    id
+}
+
+fn sensor(c: &mut mergeflow::config::Config, admins: &[String]) {
+    c.net.admins = admins.to_vec();
+    c.net.anti_entropy_ms = 200;
+    c.node.labels.insert("role".into(), "sensor".into());
+}
+
+async fn exists(node: &mergeflow::Node, id: &str) -> bool {
+    node.doc(id).unwrap().get().await.is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grants_bind_local_writes_and_peers_and_only_admins_change_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (da, db, dh) = (
+        dir.path().join("a"),
+        dir.path().join("b"),
+        dir.path().join("h"),
+    );
+    let a_id = identity(&da).await;
+    let h_id = identity(&dh).await;
+    let admins = vec![a_id.clone()];
+    let a = common::p2p_api_node(&da, vec![], |c| {
+        c.net.admins = admins.clone();
+        c.net.anti_entropy_ms = 200;
+    })
+    .await;
+    let a_addr = common::listen_addr(&a).await;
+    let b = common::p2p_api_node(&db, vec![a_addr.clone()], |c| sensor(c, &admins)).await;
+    let b_id = b.peer_id().to_string();
+    let b_api = format!("http://{}", b.api_addr().unwrap());
+    let http = reqwest::Client::new();
+
+    // Only admins change grants and workflow definitions.
+    let file = AccessFile::parse(
+        "[[grant]]\nlabels = { role = \"sensor\" }\nwrite = [\"sensors/{peer}/**\"]\nread = [\"sensors/**\"]\n",
+        "access.toml",
+    )
+    .unwrap();
+    let err = b.apply_access(&file).await.unwrap_err().to_string();
+    assert!(err.contains("not in net.admins"), "{err}");
+    for (method, path, body) in [
+        (
+            "PUT",
+            "/v1/access",
+            "[[grant]]\npeers = []\nlabels = { a = \"b\" }\n",
+        ),
+        (
+            "POST",
+            "/v1/workflows",
+            "name = \"w\"\n[on]\ndoc = \"x/*\"\n[[steps]]\nid = \"s\"\nkind = \"derive\"\nset = { \"/y\" = \"1\" }\n",
+        ),
+    ] {
+        let r = http
+            .request(method.parse().unwrap(), format!("{b_api}{path}"))
+            .header("content-type", "application/toml")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(
+            (status, v["error"]["code"].as_str()),
+            (403, Some("forbidden")),
+            "{path}: {v}"
+        );
+    }
+
+    // The admin applies grants; they reach B by sync.
+    a.apply_access(&file).await.unwrap();
+    until("B holds the grants", || async {
+        b.policy().has_grants().then_some(())
+    })
+    .await;
+    let shown: serde_json::Value = http
+        .get(format!("{b_api}/v1/access"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(shown["admins"], json!([a_id]), "{shown}");
+    assert_eq!(shown["this_node_is_admin"], json!(false));
+    assert_eq!(shown["grant"][0]["write"], json!(["sensors/{peer}/**"]));
+
+    // B writes within its grant; outside it, 403 before any change.
+    let own = format!("sensors/{b_id}/t");
+    b.doc(&own).unwrap().patch(json!({"c": 21})).await.unwrap();
+    for other in [format!("sensors/{h_id}/t"), "elsewhere/x".to_string()] {
+        let r = http
+            .patch(format!("{b_api}/v1/docs/{}", other.replace('/', "%2F")))
+            .json(&json!({"c": 1}))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(
+            (status, v["error"]["code"].as_str()),
+            (403, Some("forbidden")),
+            "{v}"
+        );
+        assert!(!exists(&b, &other).await, "{other} made anyway");
+    }
+    until("B's write on A", || async {
+        exists(&a, &own).await.then_some(())
+    })
+    .await;
+
+    // A node that calls itself an admin (its own net.admins): what it may
+    // write by the grants arrives; the rest is refused everywhere, and it
+    // is banned.
+    let b_addr = common::listen_addr(&b).await;
+    let h = common::p2p_node(&dh, vec![a_addr, b_addr], |c| {
+        sensor(c, &[h_id.clone()]);
+    })
+    .await;
+    let legit = format!("sensors/{h_id}/ok");
+    h.doc(&legit)
+        .unwrap()
+        .patch(json!({"ok": true}))
+        .await
+        .unwrap();
+    until("H's granted write on A and B", || async {
+        (exists(&a, &legit).await && exists(&b, &legit).await).then_some(())
+    })
+    .await;
+    let mut refused = vec![format!("sensors/{b_id}/forged")];
+    refused.extend((0..12).map(|i| format!("elsewhere/{i}")));
+    for id in &refused {
+        h.doc(id)
+            .unwrap()
+            .patch(json!({"evil": true}))
+            .await
+            .unwrap();
+    }
+    h.workflows()
+        .apply("name = \"evil\"\n[on]\ndoc = \"**\"\n[[steps]]\nid = \"s\"\nkind = \"derive\"\nset = { \"/pwned\" = \"1\" }\n")
+        .await
+        .unwrap();
+    until("H banned by A", || async {
+        let p = a.peers().into_iter().find(|p| p.peer_id == h_id)?;
+        (p.rejected >= 10 && !p.connected).then_some(())
+    })
+    .await;
+    for node in [&a, &b] {
+        for id in &refused {
+            assert!(!exists(node, id).await, "{id} stored");
+        }
+        assert!(
+            node.workflows().get("evil").is_err()
+                && !exists(node, "_mergeflow/workflows/evil").await,
+            "the definition was stored"
+        );
+    }
+    h.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+    a.shutdown().await.unwrap();
+}
+
+fn grant_to(peer: &str) -> AccessFile {
+    AccessFile::parse(
+        &format!("[[grant]]\npeers = [\"{peer}\"]\nwrite = [\"b/**\"]\nread = [\"b/**\"]\n"),
+        "access.toml",
+    )
+    .unwrap()
+}
+
+async fn signer_of(node: &mergeflow::Node, id: &str) -> Vec<Option<String>> {
+    let history = node.docs().history(id.parse().unwrap()).await.unwrap();
+    history.into_iter().map(|h| h.signed_by).collect()
+}
+
+/// Revoking a grant stops the peer's next writes (its earlier ones stay);
+/// a rotated key is a new peer id that needs its own grant, and the
+/// node's earlier changes keep the old key's signatures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_grant_stops_new_writes_and_a_rotated_key_needs_a_new_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (da, db) = (dir.path().join("a"), dir.path().join("b"));
+    let a_id = identity(&da).await;
+    let admins = vec![a_id];
+    let tweak = |c: &mut mergeflow::config::Config| {
+        c.net.admins = admins.clone();
+        c.net.anti_entropy_ms = 200;
+    };
+    let a = common::p2p_node(&da, vec![], tweak).await;
+    let a_addr = common::listen_addr(&a).await;
+    let b = common::p2p_node(&db, vec![a_addr.clone()], tweak).await;
+    let old_id = b.peer_id().to_string();
+    a.apply_access(&grant_to(&old_id)).await.unwrap();
+    until("B holds the grant", || async {
+        b.policy().may_write(&old_id, "b/1").is_ok().then_some(())
+    })
+    .await;
+    b.doc("b/1").unwrap().patch(json!({"v": 1})).await.unwrap();
+    until("b/1 on A", || async {
+        exists(&a, "b/1").await.then_some(())
+    })
+    .await;
+
+    // Revoked: a file that grants B nothing.
+    a.apply_access(&AccessFile::parse("", "empty").unwrap())
+        .await
+        .unwrap();
+    until("B holds the revocation", || async {
+        b.policy().may_write(&old_id, "b/2").is_err().then_some(())
+    })
+    .await;
+    let err = b
+        .doc("b/2")
+        .unwrap()
+        .patch(json!({"v": 2}))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("may not write"), "{err}");
+    assert!(
+        exists(&a, "b/1").await && exists(&b, "b/1").await,
+        "earlier writes stay"
+    );
+
+    // Rotate B's key with the CLI while it is stopped.
+    b.shutdown().await.unwrap();
+    drop(b);
+    let out = std::process::Command::new(common::bin())
+        .args(["access", "rotate-key", "--json", "--data-dir"])
+        .arg(&db)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ids: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(ids["old"], json!(old_id));
+    let b = common::p2p_node(&db, vec![a_addr], tweak).await;
+    let new_id = b.peer_id().to_string();
+    assert_eq!(ids["new"], json!(new_id));
+    assert_ne!(new_id, old_id);
+    assert_eq!(signer_of(&b, "b/1").await, vec![Some(old_id.clone())]);
+    assert!(b.doc("b/3").unwrap().patch(json!({"v": 3})).await.is_err());
+    a.apply_access(&grant_to(&new_id)).await.unwrap();
+    until("B holds its new grant", || async {
+        b.policy().may_write(&new_id, "b/3").is_ok().then_some(())
+    })
+    .await;
+    b.doc("b/3").unwrap().patch(json!({"v": 3})).await.unwrap();
+    until("b/3 on A", || async {
+        exists(&a, "b/3").await.then_some(())
+    })
+    .await;
+    assert_eq!(signer_of(&a, "b/3").await, vec![Some(new_id)]);
+    assert_eq!(signer_of(&a, "b/1").await, vec![Some(old_id)]);
+    b.shutdown().await.unwrap();
+    a.shutdown().await.unwrap();
+}

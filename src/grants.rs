@@ -23,7 +23,7 @@ use std::sync::{Arc, RwLock};
 
 use serde::{Deserialize, Serialize};
 
-use crate::access::DocScope;
+use crate::scope::DocScope;
 
 /// The system doc holding the applied access file.
 pub const ACCESS_DOC: &str = "_mergeflow/access";

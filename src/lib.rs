@@ -121,6 +121,7 @@ mod node;
 mod progress;
 #[cfg_attr(not(feature = "test-utils"), allow(dead_code, unused_imports))]
 mod runtime;
+pub mod scope;
 #[cfg_attr(not(feature = "test-utils"), allow(dead_code, unused_imports))]
 mod store;
 #[cfg_attr(not(feature = "test-utils"), allow(dead_code, unused_imports))]

@@ -20,6 +20,8 @@ async fn identity(dir: &Path) -> String {
 
 fn sensor(c: &mut mergeflow::config::Config, admins: &[String]) {
     c.net.admins = admins.to_vec();
+    // Only the links a test dials: what reaches A from H is relayed by B.
+    c.net.kademlia = false;
     c.net.anti_entropy_ms = 200;
     c.node.labels.insert("role".into(), "sensor".into());
 }
@@ -42,6 +44,7 @@ async fn grants_bind_local_writes_and_peers_and_only_admins_change_them() {
     let a = common::p2p_api_node(&da, vec![], |c| {
         c.net.admins = admins.clone();
         c.net.anti_entropy_ms = 200;
+        c.net.kademlia = false;
     })
     .await;
     let a_addr = common::listen_addr(&a).await;
@@ -128,12 +131,12 @@ async fn grants_bind_local_writes_and_peers_and_only_admins_change_them() {
     })
     .await;
 
-    // A node that calls itself an admin (its own net.admins): what it may
-    // write by the grants arrives; the rest is refused everywhere, and it
-    // is banned.
+    // A node that calls itself an admin (its own net.admins), linked to B
+    // only: what it may write by the grants reaches A through B; the rest
+    // is refused by B, so never relayed, and it is banned.
     let b_addr = common::listen_addr(&b).await;
-    let h = common::p2p_node(&dh, vec![a_addr, b_addr], |c| {
-        sensor(c, &[h_id.clone()]);
+    let h = common::p2p_node(&dh, vec![b_addr], |c| {
+        sensor(c, std::slice::from_ref(&h_id));
     })
     .await;
     let legit = format!("sensors/{h_id}/ok");
@@ -142,7 +145,7 @@ async fn grants_bind_local_writes_and_peers_and_only_admins_change_them() {
         .patch(json!({"ok": true}))
         .await
         .unwrap();
-    until("H's granted write on A and B", || async {
+    until("H's granted write on B and, relayed, on A", || async {
         (exists(&a, &legit).await && exists(&b, &legit).await).then_some(())
     })
     .await;
@@ -159,11 +162,21 @@ async fn grants_bind_local_writes_and_peers_and_only_admins_change_them() {
         .apply("name = \"evil\"\n[on]\ndoc = \"**\"\n[[steps]]\nid = \"s\"\nkind = \"derive\"\nset = { \"/pwned\" = \"1\" }\n")
         .await
         .unwrap();
-    until("H banned by A", || async {
-        let p = a.peers().into_iter().find(|p| p.peer_id == h_id)?;
+    until("H banned by B", || async {
+        let p = b.peers().into_iter().find(|p| p.peer_id == h_id)?;
         (p.rejected >= 10 && !p.connected).then_some(())
     })
     .await;
+    assert!(
+        a.peers().iter().all(|p| p.peer_id != h_id),
+        "A and H were linked"
+    );
+    let legit_signers = signer_of(&a, &legit).await;
+    assert!(
+        legit_signers
+            .iter()
+            .all(|s| s.as_deref() == Some(h_id.as_str()))
+    );
     for node in [&a, &b] {
         for id in &refused {
             assert!(!exists(node, id).await, "{id} stored");

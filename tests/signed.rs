@@ -405,3 +405,54 @@ async fn a_restore_keeps_the_writers_signatures() {
     assert!(b.docs().signatures(&kept).unwrap().is_empty());
     b.shutdown().await.unwrap();
 }
+
+/// A data dir from before signatures (its changes stored without any):
+/// after the upgrade its node vouches for them, signing each the first
+/// time it sends it, so a peer stores them signed by that node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_stored_before_signatures_are_vouched_for_by_their_holder() {
+    let dir = tempfile::tempdir().unwrap();
+    let old_dir = dir.path().join("old");
+    let old = mergeflow::Node::builder()
+        .config(common::p2p_config(&old_dir, vec![], |_| {}))
+        .unsigned()
+        .start()
+        .await
+        .unwrap();
+    for i in 0..5 {
+        old.doc(&format!("legacy/{i}"))
+            .unwrap()
+            .patch(json!({"i": i}))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        signers(&old, "legacy/0").await[0].1,
+        None,
+        "stored unsigned"
+    );
+    old.shutdown().await.unwrap();
+    drop(old);
+
+    let upgraded = common::p2p_node(&old_dir, vec![], |_| {}).await;
+    let holder = upgraded.peer_id().to_string();
+    let addr = common::listen_addr(&upgraded).await;
+    let fresh = common::p2p_node(&dir.path().join("fresh"), vec![addr], |_| {}).await;
+    for i in 0..5 {
+        let id = format!("legacy/{i}");
+        until("the legacy doc on the fresh node", || async {
+            fresh.doc(&id).unwrap().get().await.ok().map(|_| ())
+        })
+        .await;
+        let got = signers(&fresh, &id).await;
+        assert!(
+            got.iter()
+                .all(|(_, s)| s.as_deref() == Some(holder.as_str())),
+            "{id}: {got:?}"
+        );
+    }
+    assert!(upgraded.peers().iter().all(|p| p.rejected == 0));
+    assert!(fresh.peers().iter().all(|p| p.rejected == 0));
+    fresh.shutdown().await.unwrap();
+    upgraded.shutdown().await.unwrap();
+}

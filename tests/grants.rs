@@ -171,12 +171,13 @@ async fn grants_bind_local_writes_and_peers_and_only_admins_change_them() {
         a.peers().iter().all(|p| p.peer_id != h_id),
         "A and H were linked"
     );
-    let legit_signers = signer_of(&a, &legit).await;
-    assert!(
-        legit_signers
-            .iter()
+    until("H's write on A signed by H", || async {
+        let got = signer_of(&a, &legit).await;
+        got.iter()
             .all(|s| s.as_deref() == Some(h_id.as_str()))
-    );
+            .then_some(())
+    })
+    .await;
     for node in [&a, &b] {
         for id in &refused {
             assert!(!exists(node, id).await, "{id} stored");
@@ -228,10 +229,19 @@ async fn a_revoked_grant_stops_new_writes_and_a_rotated_key_needs_a_new_one() {
     })
     .await;
     b.doc("b/1").unwrap().patch(json!({"v": 1})).await.unwrap();
-    until("b/1 on A", || async {
-        exists(&a, "b/1").await.then_some(())
-    })
-    .await;
+    // Signed: its signature is in A's store, not only the change in memory.
+    let signed = |id: &'static str, by: String| {
+        let a = &a;
+        async move {
+            let got = a.docs().history(id.parse().unwrap()).await.ok()?;
+            (!got.is_empty()
+                && got
+                    .iter()
+                    .all(|h| h.signed_by.as_deref() == Some(by.as_str())))
+            .then_some(())
+        }
+    };
+    until("b/1 on A, signed by B", || signed("b/1", old_id.clone())).await;
 
     // Revoked: a file that grants B nothing.
     a.apply_access(&AccessFile::parse("", "empty").unwrap())
@@ -280,11 +290,10 @@ async fn a_revoked_grant_stops_new_writes_and_a_rotated_key_needs_a_new_one() {
     })
     .await;
     b.doc("b/3").unwrap().patch(json!({"v": 3})).await.unwrap();
-    until("b/3 on A", || async {
-        exists(&a, "b/3").await.then_some(())
+    until("b/3 on A, signed by B's new key", || {
+        signed("b/3", new_id.clone())
     })
     .await;
-    assert_eq!(signer_of(&a, "b/3").await, vec![Some(new_id)]);
     assert_eq!(signer_of(&a, "b/1").await, vec![Some(old_id)]);
     b.shutdown().await.unwrap();
     a.shutdown().await.unwrap();

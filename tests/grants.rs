@@ -26,6 +26,18 @@ fn sensor(c: &mut mergeflow::config::Config, admins: &[String]) {
     c.node.labels.insert("role".into(), "sensor".into());
 }
 
+/// Sends `req` and checks the answer is 403 `forbidden`.
+async fn assert_forbidden(req: reqwest::RequestBuilder) {
+    let r = req.send().await.unwrap();
+    let (url, status) = (r.url().to_string(), r.status().as_u16());
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (403, Some("forbidden")),
+        "{url}: {v}"
+    );
+}
+
 async fn exists(node: &mergeflow::Node, id: &str) -> bool {
     node.doc(id).unwrap().get().await.is_ok()
 }
@@ -73,20 +85,11 @@ async fn grants_bind_local_writes_and_peers_and_only_admins_change_them() {
             "name = \"w\"\n[on]\ndoc = \"x/*\"\n[[steps]]\nid = \"s\"\nkind = \"derive\"\nset = { \"/y\" = \"1\" }\n",
         ),
     ] {
-        let r = http
+        let req = http
             .request(method.parse().unwrap(), format!("{b_api}{path}"))
             .header("content-type", "application/toml")
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        let status = r.status().as_u16();
-        let v: serde_json::Value = r.json().await.unwrap();
-        assert_eq!(
-            (status, v["error"]["code"].as_str()),
-            (403, Some("forbidden")),
-            "{path}: {v}"
-        );
+            .body(body);
+        assert_forbidden(req).await;
     }
 
     // The admin applies grants; they reach B by sync.
@@ -111,19 +114,10 @@ async fn grants_bind_local_writes_and_peers_and_only_admins_change_them() {
     let own = format!("sensors/{b_id}/t");
     b.doc(&own).unwrap().patch(json!({"c": 21})).await.unwrap();
     for other in [format!("sensors/{h_id}/t"), "elsewhere/x".to_string()] {
-        let r = http
+        let req = http
             .patch(format!("{b_api}/v1/docs/{}", other.replace('/', "%2F")))
-            .json(&json!({"c": 1}))
-            .send()
-            .await
-            .unwrap();
-        let status = r.status().as_u16();
-        let v: serde_json::Value = r.json().await.unwrap();
-        assert_eq!(
-            (status, v["error"]["code"].as_str()),
-            (403, Some("forbidden")),
-            "{v}"
-        );
+            .json(&json!({"c": 1}));
+        assert_forbidden(req).await;
         assert!(!exists(&b, &other).await, "{other} made anyway");
     }
     until("B's write on A", || async {

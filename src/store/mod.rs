@@ -234,6 +234,10 @@ impl Store {
                 what: format!("node identity does not decode: {e}"),
             });
         }
+        self.put_new_identity()
+    }
+
+    fn put_new_identity(&self) -> Result<Keypair, StoreError> {
         let key = Keypair::generate_ed25519();
         let bytes = key
             .to_protobuf_encoding()
@@ -250,13 +254,7 @@ impl Store {
     /// # Errors
     /// sled errors.
     pub fn new_identity(&self) -> Result<Keypair, StoreError> {
-        let key = Keypair::generate_ed25519();
-        let bytes = key
-            .to_protobuf_encoding()
-            .expect("ed25519 keys always encode");
-        self.meta
-            .insert(META_IDENTITY, bytes)
-            .map_err(|e| self.sled_err(e))?;
+        let key = self.put_new_identity()?;
         self.flush()?;
         Ok(key)
     }

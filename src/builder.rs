@@ -47,6 +47,7 @@ pub struct NodeBuilder {
     network: bool,
     no_workflows: bool,
     unsigned: bool,
+    unchecked: bool,
     new_identity: bool,
 }
 
@@ -99,6 +100,16 @@ impl NodeBuilder {
     #[cfg(feature = "test-utils")]
     pub fn unsigned(mut self) -> Self {
         self.unsigned = true;
+        self
+    }
+
+    /// A hostile node for tests: it checks nothing it writes or merges
+    /// against grants, so it writes other nodes' membership docs, grants and
+    /// workflow definitions (`test-utils` only). Its changes are signed.
+    #[doc(hidden)]
+    #[cfg(feature = "test-utils")]
+    pub fn unchecked(mut self) -> Self {
+        self.unchecked = true;
         self
     }
 
@@ -196,7 +207,13 @@ impl NodeBuilder {
                 origin: peer_id.to_string(),
                 queues: queues.clone(),
                 signer: crate::trust::Signer::new(&key).filter(|_| !self.unsigned),
-                policy: policy.clone(),
+                policy: if self.unchecked {
+                    Arc::new(crate::grants::PolicySlot::new(
+                        crate::grants::Policy::anything(),
+                    ))
+                } else {
+                    policy.clone()
+                },
             };
             let cfg = config.docs();
             tokio::task::spawn_blocking(move || Docs::new(parts, cfg, sync))

@@ -112,6 +112,8 @@ pub struct Policy {
     grants: Option<Vec<Grant>>,
     /// Write and read scopes per peer, built once for every peer known.
     scopes: HashMap<String, (DocScope, DocScope)>,
+    /// Allows everything: a hostile node in tests.
+    anything: bool,
 }
 
 impl Policy {
@@ -152,6 +154,17 @@ impl Policy {
             admins: admins.iter().cloned().collect(),
             grants,
             scopes,
+            anything: false,
+        }
+    }
+
+    /// A policy that allows every write: a node with its checks switched
+    /// off, to play a hostile peer in tests.
+    #[doc(hidden)]
+    pub fn anything() -> Policy {
+        Policy {
+            anything: true,
+            ..Policy::default()
         }
     }
 
@@ -181,6 +194,9 @@ impl Policy {
     /// # Errors
     /// Why not, naming the doc and the rule.
     pub fn may_write(&self, peer: &str, doc: &str) -> Result<(), String> {
+        if self.anything {
+            return Ok(());
+        }
         if let Some(rest) = doc.strip_prefix(crate::doc::SYSTEM_PREFIX) {
             if let Some(owner) = rest.strip_prefix("nodes/") {
                 return if owner == peer {

@@ -292,3 +292,94 @@ async fn a_revoked_grant_stops_new_writes_and_a_rotated_key_needs_a_new_one() {
     b.shutdown().await.unwrap();
     a.shutdown().await.unwrap();
 }
+
+/// A node with its own checks switched off (`test-utils`), its changes
+/// signed: it writes another node's membership doc, the access doc and a
+/// workflow definition, and a doc outside its grant. No honest node stores
+/// any of it, and it is banned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_its_checks_off_forges_no_system_doc() {
+    use mergeflow::doc::Pointer;
+    use mergeflow::testing::runtime::Change;
+    let dir = tempfile::tempdir().unwrap();
+    let (da, db) = (dir.path().join("a"), dir.path().join("b"));
+    let a_id = identity(&da).await;
+    let admins = vec![a_id.clone()];
+    let a = common::p2p_node(&da, vec![], |c| sensor(c, &admins)).await;
+    let a_addr = common::listen_addr(&a).await;
+    let b = common::p2p_node(&db, vec![a_addr.clone()], |c| sensor(c, &admins)).await;
+    let b_id = b.peer_id().to_string();
+    let b_addr = common::listen_addr(&b).await;
+    a.apply_access(
+        &AccessFile::parse(
+            "[[grant]]\nlabels = { role = \"sensor\" }\nwrite = [\"sensors/{peer}/**\"]\n",
+            "access.toml",
+        )
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    until("B holds the grants", || async {
+        b.policy().has_grants().then_some(())
+    })
+    .await;
+    let b_member = format!("_mergeflow/nodes/{b_id}");
+    until("B's membership on A", || async {
+        exists(&a, &b_member).await.then_some(())
+    })
+    .await;
+
+    let h = mergeflow::Node::builder()
+        .config(common::p2p_config(
+            &dir.path().join("h"),
+            vec![a_addr, b_addr],
+            |c| sensor(c, &admins),
+        ))
+        .network(true)
+        .unchecked()
+        .start()
+        .await
+        .unwrap();
+    let h_id = h.peer_id().to_string();
+    let set = |path: &str, v: serde_json::Value| {
+        Change::SetIfDifferent(vec![(Pointer::parse(path).unwrap(), v)])
+    };
+    let forged: Vec<(String, Change)> = vec![
+        (b_member.clone(), set("/labels", json!({"role": "gateway"}))),
+        (
+            "_mergeflow/access".into(),
+            set("/grant", json!([{"peers": [h_id], "write": ["**"]}])),
+        ),
+        (
+            "_mergeflow/workflows/evil".into(),
+            set("/text", json!("name = \"evil\"")),
+        ),
+        (format!("sensors/{b_id}/forged"), set("/x", json!(1))),
+    ];
+    for (id, change) in forged {
+        h.docs().write(id.parse().unwrap(), change).await.unwrap();
+    }
+    until("H banned by A and B", || async {
+        let banned = |n: &mergeflow::Node| {
+            n.peers()
+                .into_iter()
+                .any(|p| p.peer_id == h_id && p.rejected >= 10 && !p.connected)
+        };
+        (banned(&a) && banned(&b)).then_some(())
+    })
+    .await;
+    for node in [&a, &b] {
+        let labels = node.doc(&b_member).unwrap().get().await.unwrap()["labels"].clone();
+        assert_eq!(labels, json!({"role": "sensor"}));
+        let signers = signer_of(node, &b_member).await;
+        assert!(signers.iter().all(|s| s.as_deref() == Some(b_id.as_str())));
+        let access = signer_of(node, "_mergeflow/access").await;
+        assert!(access.iter().all(|s| s.as_deref() == Some(a_id.as_str())));
+        assert!(!exists(node, "_mergeflow/workflows/evil").await);
+        assert!(!exists(node, &format!("sensors/{b_id}/forged")).await);
+        assert!(node.policy().may_write(&h_id, "anything").is_err());
+    }
+    h.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+    a.shutdown().await.unwrap();
+}

@@ -198,6 +198,7 @@ impl NodeBuilder {
             None,
             &Default::default(),
         )));
+        let local_policy = checked(self.unchecked, &policy);
         let docs = {
             let parts = crate::runtime::Parts {
                 store: store.clone(),
@@ -207,13 +208,7 @@ impl NodeBuilder {
                 origin: peer_id.to_string(),
                 queues: queues.clone(),
                 signer: crate::trust::Signer::new(&key).filter(|_| !self.unsigned),
-                policy: if self.unchecked {
-                    Arc::new(crate::grants::PolicySlot::new(
-                        crate::grants::Policy::anything(),
-                    ))
-                } else {
-                    policy.clone()
-                },
+                policy: local_policy.clone(),
             };
             let cfg = config.docs();
             tokio::task::spawn_blocking(move || Docs::new(parts, cfg, sync))
@@ -395,4 +390,20 @@ impl NodeBuilder {
         );
         Ok(node)
     }
+}
+
+/// The policy a node's own writes and merges are checked against: the
+/// network's, unless [`NodeBuilder::unchecked`].
+fn checked(
+    unchecked: bool,
+    policy: &Arc<crate::grants::PolicySlot>,
+) -> Arc<crate::grants::PolicySlot> {
+    #[cfg(feature = "test-utils")]
+    if unchecked {
+        return Arc::new(crate::grants::PolicySlot::new(
+            crate::grants::Policy::anything(),
+        ));
+    }
+    let _ = unchecked;
+    policy.clone()
 }

@@ -161,6 +161,7 @@ impl Policy {
     /// A policy that allows every write: a node with its checks switched
     /// off, to play a hostile peer in tests.
     #[doc(hidden)]
+    #[cfg(feature = "test-utils")]
     pub fn anything() -> Policy {
         Policy {
             anything: true,

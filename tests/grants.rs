@@ -359,6 +359,11 @@ async fn a_node_with_its_checks_off_forges_no_system_doc() {
     for (id, change) in forged {
         h.docs().write(id.parse().unwrap(), change).await.unwrap();
     }
+    // And deletes the access doc and B's membership doc (deletes are
+    // unsigned: no peer's delete of a system doc is taken).
+    for id in ["_mergeflow/access", b_member.as_str()] {
+        h.docs().delete(id.parse().unwrap()).await.unwrap();
+    }
     until("H banned by A and B", || async {
         let banned = |n: &mergeflow::Node| {
             n.peers()
@@ -373,6 +378,7 @@ async fn a_node_with_its_checks_off_forges_no_system_doc() {
         assert_eq!(labels, json!({"role": "sensor"}));
         let signers = signer_of(node, &b_member).await;
         assert!(signers.iter().all(|s| s.as_deref() == Some(b_id.as_str())));
+        assert!(node.policy().has_grants(), "the grants are gone");
         let access = signer_of(node, "_mergeflow/access").await;
         assert!(access.iter().all(|s| s.as_deref() == Some(a_id.as_str())));
         assert!(!exists(node, "_mergeflow/workflows/evil").await);

@@ -282,6 +282,13 @@ pub fn read<R: Read>(
                 break serde_json::from_slice(&json)
                     .map_err(|e| r.damaged(at, format!("manifest does not parse: {e}")))?;
             }
+            SIGS | MANIFEST if sigs.is_some() => {
+                let of = sigs.map(|(id, _, _)| id).unwrap_or_default();
+                return Err(r.damaged(
+                    at,
+                    format!("signatures of doc {of:?} are not followed by that doc"),
+                ));
+            }
             tag => return Err(r.damaged(at, format!("unknown entry tag {tag:#04x}"))),
         }
     };

@@ -44,10 +44,13 @@ impl Node {
                     None
                 } else {
                     let doc = DocId::new(id.as_str())?;
-                    // Signatures first: a change written in between has its
-                    // signature in the store before the save holds it.
+                    // The save first (it may come from memory, a moment ahead
+                    // of the store), then the signatures, which by then are
+                    // in the store too; one still missing is signed by the
+                    // node that restores the backup.
+                    let save = docs.saved(&doc).map_err(cannot_read)?;
                     let sigs = docs.signatures(&doc).map_err(cannot_read)?;
-                    docs.saved(&doc).map_err(cannot_read)?.map(|s| (s, sigs))
+                    save.map(|s| (s, sigs))
                 };
                 match save {
                     Some((save, sigs)) => w.signed_doc(&id, &save, &sigs).map_err(backup_io)?,

@@ -32,20 +32,28 @@ pub(crate) async fn load(
     admins: &[String],
     me: (&str, &BTreeMap<String, String>),
 ) -> Policy {
+    // Fails closed: an access doc this node cannot read or parse grants
+    // nothing (only admins write data docs) until a good one arrives.
+    let closed = |why: String| {
+        tracing::error!(
+            doc = ACCESS_DOC,
+            err = %why,
+            "the access doc is unusable: only net.admins may write data docs until an admin applies a good one"
+        );
+        Some(AccessFile::default())
+    };
     let access = match docs.get(access_id(), None).await {
         Ok(v) => match v.get("grant").cloned() {
-            Some(g) => serde_json::from_value::<AccessFile>(serde_json::json!({ "grant": g }))
-                .inspect_err(|e| {
-                    tracing::error!(err = %e, "the access doc does not parse; keeping no grants")
-                })
-                .ok(),
+            Some(g) => {
+                match serde_json::from_value::<AccessFile>(serde_json::json!({ "grant": g })) {
+                    Ok(file) => Some(file),
+                    Err(e) => closed(format!("it does not parse: {e}")),
+                }
+            }
             None => None,
         },
-        Err(DocError::NotFound(_) | DocError::Deleted(_)) => None,
-        Err(e) => {
-            tracing::error!(err = %e, "cannot read the access doc");
-            None
-        }
+        Err(DocError::NotFound(_)) => None,
+        Err(e) => closed(e.to_string()),
     };
     let mut labels: HashMap<String, BTreeMap<String, String>> = HashMap::new();
     let members = docs

@@ -172,7 +172,21 @@ impl Round<'_> {
             } else {
                 Vec::new()
             };
-            let merged = store_merged(round, id, loaded, &before, &mut log)?;
+            let merged = match store_merged(round, id, loaded, &before, &mut log) {
+                Ok(merged) => merged,
+                Err(why) => {
+                    // A valid signature the rules refuse, relayed by a peer
+                    // that did not make it: not the relay's fault (it may
+                    // hold a grant this node has not received yet).
+                    let signer = round.sigs.refused_signer.take();
+                    let relayed = signer.is_some() && signer != round.from;
+                    return Err(if relayed {
+                        Refusal::Local(why)
+                    } else {
+                        Refusal::Invalid(why)
+                    });
+                }
+            };
             Ok((loaded.meta.is_some().then_some(merged), added))
         })
     }
@@ -587,6 +601,13 @@ impl DocAccess for Round<'_> {
     }
 
     fn delete(&mut self, doc: &str) -> Result<(), Refusal> {
+        // Deletes carry no signature yet: no peer may delete a system doc
+        // (grants, definitions, membership), which no node ever deletes.
+        if crate::doc::is_system(doc) {
+            return Err(Refusal::Invalid(format!(
+                "a peer may not delete system doc {doc:?}"
+            )));
+        }
         self.with_loaded(doc, |round, id, loaded| {
             if deleted(loaded) {
                 return Ok(());

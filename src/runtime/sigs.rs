@@ -24,6 +24,9 @@ pub(super) struct SigBook {
     /// automerge-repo client's changes): a change without a valid offered
     /// signature is signed with this node's identity.
     pub(super) vouch: bool,
+    /// The signer of the last change refused by the rules (a valid
+    /// signature by a node that may not write the doc).
+    pub(super) refused_signer: Option<String>,
 }
 
 impl SigBook {
@@ -130,9 +133,14 @@ impl SigBook {
                     if sig.verify(id.as_str(), &hash)
                         && !(self.vouch && may_write(&policy, &sig, id.as_str()).is_err()) =>
                 {
-                    may_write(&policy, &sig, id.as_str()).map_err(|why| {
-                        format!("change {} of doc {:?}: {why}", c.hash(), id.as_str())
-                    })?;
+                    if let Err(why) = may_write(&policy, &sig, id.as_str()) {
+                        self.refused_signer = sig.peer_id().map(|p| p.to_string());
+                        return Err(format!(
+                            "change {} of doc {:?}: {why}",
+                            c.hash(),
+                            id.as_str()
+                        ));
+                    }
                     sig.to_bytes().to_vec()
                 }
                 _ => match inner.signer.as_ref().filter(|_| self.vouch) {

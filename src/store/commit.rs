@@ -289,9 +289,9 @@ impl Flusher {
                 }
             });
         if let Err(e) = spawned {
-            // Then the first flush fails the store: no write is acknowledged
-            // that was not flushed.
-            tracing::error!(err = %e, "cannot start the sled flush thread");
+            // No write is acknowledged unflushed: the store fails, and the
+            // node refuses writes and restarts.
+            store.failed(&format!("cannot start the sled flush thread: {e}"));
         }
         Flusher {
             go,

@@ -247,7 +247,9 @@ pub(super) const FLUSH_STUCK: Duration = Duration::from_secs(20);
 /// Runs sled's flush on a thread of its own, so that the flush thread can
 /// stop waiting for one that never returns.
 struct Flusher {
-    go: std::sync::mpsc::SyncSender<()>,
+    /// `None` once dropped: the thread's loop ends.
+    go: Option<std::sync::mpsc::SyncSender<()>>,
+    thread: Option<JoinHandle<()>>,
     done: std::sync::mpsc::Receiver<Result<(), StoreError>>,
     store: Store,
     stuck_after: Duration,
@@ -288,13 +290,16 @@ impl Flusher {
                     }
                 }
             });
-        if let Err(e) = spawned {
-            // No write is acknowledged unflushed: the store fails, and the
-            // node refuses writes and restarts.
-            store.failed(&format!("cannot start the sled flush thread: {e}"));
-        }
+        let thread = spawned
+            .inspect_err(|e| {
+                // No write is acknowledged unflushed: the store fails, and
+                // the node refuses writes and restarts.
+                store.failed(&format!("cannot start the sled flush thread: {e}"));
+            })
+            .ok();
         Flusher {
-            go,
+            go: Some(go),
+            thread,
             done,
             store,
             stuck_after,
@@ -307,7 +312,7 @@ impl Flusher {
     /// refuse writes and restart on its data dir once it has room.
     fn flush(&mut self) -> Result<(), StoreError> {
         if !self.stuck {
-            if self.go.send(()).is_err() {
+            if self.go.as_ref().is_none_or(|go| go.send(()).is_err()) {
                 return Err(StoreError::Closed);
             }
             match self.done.recv_timeout(self.stuck_after) {
@@ -329,6 +334,20 @@ impl Flusher {
                 .failure()
                 .unwrap_or_else(|| "a flush did not finish".into()),
         ))
+    }
+}
+
+impl Drop for Flusher {
+    /// Ends the thread and waits for it, so that its handle on the store is
+    /// gone before the node closes sled (and seals the data dir); a thread
+    /// stuck in sled is left behind.
+    fn drop(&mut self) {
+        self.go = None;
+        if let Some(t) = self.thread.take()
+            && !self.stuck
+        {
+            let _ = t.join();
+        }
     }
 }
 

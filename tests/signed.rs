@@ -154,8 +154,13 @@ async fn changes_without_a_valid_signature_are_refused() {
         .await
         .unwrap();
     let mut outputs = node.take_sync_outputs().unwrap();
-    node.sync_input(Input::PeerUp("x".into()));
     let peer = Signer::new(&libp2p::identity::Keypair::generate_ed25519()).unwrap();
+    // The sending peer is the one that signs (as a real peer's key would).
+    let x = {
+        let (_, h) = change(0);
+        peer.sign("x", &h).peer_id().unwrap().to_string()
+    };
+    node.sync_input(Input::PeerUp(x.clone()));
     let victim = Signer::new(&libp2p::identity::Keypair::generate_ed25519()).unwrap();
     let victim_id = {
         let (_, h) = change(0);
@@ -163,7 +168,7 @@ async fn changes_without_a_valid_signature_are_refused() {
     };
     let send = |doc: &str, (bytes, _): (Vec<u8>, [u8; 32]), sig: Vec<u8>| {
         node.sync_input(Input::Received {
-            from: "x".into(),
+            from: x.clone(),
             msg: Message::Change {
                 doc: doc.into(),
                 change: bytes,
@@ -204,6 +209,13 @@ async fn changes_without_a_valid_signature_are_refused() {
     for (_, doc, c, sig) in bad.iter().cloned() {
         send(&doc, c, sig);
     }
+    // Relayed: the victim's valid signature over a doc it may not write
+    // (another node's membership doc), sent by x. Refused, not stored, and
+    // no strike for x, which only passed it on.
+    let other_member = format!("_mergeflow/nodes/{x}");
+    let c8 = change(8);
+    let relayed_sig = victim.sign(&other_member, &c8.1).to_bytes().to_vec();
+    send(&other_member, c8, relayed_sig);
     // A sync message and a pushed doc with unsigned changes too.
     let mut d = automerge::Automerge::new();
     {
@@ -213,7 +225,7 @@ async fn changes_without_a_valid_signature_are_refused() {
         tx.commit();
     }
     node.sync_input(Input::Received {
-        from: "x".into(),
+        from: x.clone(),
         msg: Message::Doc {
             doc: "s/pushed".into(),
             data: d.save(),
@@ -230,7 +242,7 @@ async fn changes_without_a_valid_signature_are_refused() {
         d.generate_sync_message(&mut st).unwrap().encode()
     };
     node.sync_input(Input::Received {
-        from: "x".into(),
+        from: x.clone(),
         msg: Message::Sync {
             doc: "s/synced".into(),
             data,
@@ -266,11 +278,17 @@ async fn changes_without_a_valid_signature_are_refused() {
             .expect("a rejection within the deadline")
             .expect("outputs open");
         if let Output::Rejected { peer, reason } = o {
-            assert_eq!(peer, "x");
+            assert_eq!(peer, x);
             rejected.push(reason);
         }
     }
     assert_eq!(rejected.len(), n_bad + 2, "one strike each: {rejected:#?}");
+    // Inputs are taken in order: a strike for the relayed change would be
+    // among these.
+    assert!(
+        !rejected.iter().any(|r| r.contains(&other_member)),
+        "the relay was charged: {rejected:#?}"
+    );
     assert!(
         rejected
             .iter()
@@ -290,6 +308,7 @@ async fn changes_without_a_valid_signature_are_refused() {
         );
     }
     assert!(node.doc("s/pushed").unwrap().get().await.is_err());
+    assert!(node.doc(&other_member).unwrap().get().await.is_err());
     assert!(node.doc("s/synced").unwrap().get().await.is_err());
     // Reads see the change in memory a moment before the round's batch
     // (with its signature) is in the store.

@@ -172,21 +172,7 @@ impl Round<'_> {
             } else {
                 Vec::new()
             };
-            let merged = match store_merged(round, id, loaded, &before, &mut log) {
-                Ok(merged) => merged,
-                Err(why) => {
-                    // A valid signature the rules refuse, relayed by a peer
-                    // that did not make it: not the relay's fault (it may
-                    // hold a grant this node has not received yet).
-                    let signer = round.sigs.refused_signer.take();
-                    let relayed = signer.is_some() && signer != round.from;
-                    return Err(if relayed {
-                        Refusal::Local(why)
-                    } else {
-                        Refusal::Invalid(why)
-                    });
-                }
-            };
+            let merged = store_checked(round, id, loaded, &before, &mut log)?;
             Ok((loaded.meta.is_some().then_some(merged), added))
         })
     }
@@ -296,6 +282,27 @@ fn deleted(loaded: &Loaded) -> bool {
 
 /// Adds the changes merged since `before` to the batch and updates the meta.
 /// Over the doc size cap, the merge is undone in memory and refused.
+/// [`store_merged`], with its refusal charged to the peer only when that
+/// peer is to blame: a valid signature the rules refuse, relayed by a peer
+/// that did not make it, is not the relay's fault (it may hold a grant this
+/// node has not received yet).
+fn store_checked(
+    round: &mut Round<'_>,
+    id: &DocId,
+    loaded: &mut Loaded,
+    before: &[ChangeHash],
+    log: &mut PatchLog,
+) -> Result<DocState, Refusal> {
+    store_merged(round, id, loaded, before, log).map_err(|why| {
+        let signer = round.sigs.refused_signer.take();
+        if signer.is_some() && signer != round.from {
+            Refusal::Local(why)
+        } else {
+            Refusal::Invalid(why)
+        }
+    })
+}
+
 fn store_merged(
     round: &mut Round<'_>,
     id: &DocId,
@@ -524,7 +531,7 @@ impl DocAccess for Round<'_> {
                     .doc
                     .apply_changes_log_patches(batch, &mut log)
                     .map_err(|e| e.to_string())?;
-                let state = store_merged(round, id, loaded, &before, &mut log)?;
+                let state = store_checked(round, id, loaded, &before, &mut log)?;
                 verdicts.extend(idx.into_iter().map(|i| (i, Applied::Ok(state.clone()))));
             }
             Ok(verdicts)

@@ -124,6 +124,7 @@ impl SigBook {
     ) -> Result<Vec<HashSig>, String> {
         use crate::trust::ChangeSig;
         let policy = inner.policy.get();
+        self.refused_signer = None;
         let mut out = Vec::with_capacity(new.len());
         for c in new {
             let hash = c.hash().0;

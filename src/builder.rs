@@ -216,8 +216,9 @@ impl NodeBuilder {
                 .map_err(|e| Error::Internal(e.to_string()))??
         };
         // The stored grants bind before anything is written or merged.
-        let me = (peer_id.to_string(), &config.node.labels);
-        policy.set(crate::node::grants::load(&docs, &config.net.admins, (&me.0, me.1)).await);
+        let me = peer_id.to_string();
+        let labels = &config.node.labels;
+        policy.set(crate::node::grants::load(&docs, &config.net.admins, (&me, labels)).await);
         let seal_dir = config.node.data_dir.clone();
         let cancel = CancellationToken::new();
         let tasks = TaskTracker::new();

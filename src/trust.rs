@@ -20,6 +20,23 @@ const DOMAIN: &[u8] = b"mergeflow-change-v1";
 /// Bytes of an encoded [`ChangeSig`].
 pub const SIG_LEN: usize = 96;
 
+/// Bytes of one entry of a signature list, as sync messages, pushed docs
+/// and backups carry them: a change hash, then its encoded signature.
+pub const SIG_ENTRY_LEN: usize = 32 + SIG_LEN;
+
+/// Appends the entry of change `hash` and its encoded `sig` to a list.
+pub fn push_entry(list: &mut Vec<u8>, hash: &[u8; 32], sig: &[u8]) {
+    list.extend_from_slice(hash);
+    list.extend_from_slice(sig);
+}
+
+/// The entries of a signature list: each change hash and its encoded
+/// signature (a trailing partial entry is ignored).
+pub fn entries(list: &[u8]) -> impl Iterator<Item = ([u8; 32], &[u8])> {
+    list.chunks_exact(SIG_ENTRY_LEN)
+        .map(|e| (e[..32].try_into().expect("32 bytes"), &e[32..]))
+}
+
 /// A node's signature over one change of one doc.
 #[derive(Clone, PartialEq, Eq)]
 pub struct ChangeSig {

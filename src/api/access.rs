@@ -47,18 +47,7 @@ async fn apply(State(node): State<Node>, b: Result<Bytes, BytesRejection>) -> Ap
 }
 
 /// Refuses a change to workflow definitions on a node that is not an admin
-/// (`net.admins`): its peers would refuse the change.
+/// (`net.admins`): 403 `forbidden`.
 pub(super) fn admin_only(node: &Node) -> ApiResult<()> {
-    let me = node.peer_id().to_string();
-    if node.policy().is_admin(&me) {
-        return Ok(());
-    }
-    Err(ApiError::new(
-        StatusCode::FORBIDDEN,
-        "forbidden",
-        format!(
-            "this node ({me}) is not in net.admins: only admins change workflow definitions \
-             and grants"
-        ),
-    ))
+    Ok(node.require_admin("change workflow definitions and grants")?)
 }

@@ -16,8 +16,7 @@
 //! is wrong and at which byte.
 //!
 //! `sigs` are the signatures of the doc's changes as the node stored them
-//! (entries of a 32-byte change hash and a [`crate::trust::SIG_LEN`]-byte
-//! signature), so a restore keeps who admitted each change. Format 1 files
+//! (a signature list: see [`crate::trust::entries`]), so a restore keeps who admitted each change. Format 1 files
 //! (no signatures) are still read; the restoring node signs their changes. The checksums detect damage, not forgery:
 //! whoever can write the file can recompute them.
 
@@ -30,6 +29,8 @@ pub use restore::{
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+use crate::trust::SIG_ENTRY_LEN;
 
 /// The file's first bytes.
 const MAGIC: &[u8; 8] = b"MFBACKUP";
@@ -46,8 +47,6 @@ const MAX_ID: u32 = 4096;
 const MAX_DOC: u64 = 1 << 32;
 /// Largest manifest accepted.
 const MAX_MANIFEST: u64 = 1 << 30;
-/// One signature entry: a change hash and its signature.
-const SIG_ENTRY: usize = 32 + crate::trust::SIG_LEN;
 
 /// What a backup holds, written at its end.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -169,7 +168,7 @@ impl<W: Write> BackupWriter<W> {
             id: id.to_string(),
             bytes: save.len() as u64,
             sha256: hex(&Sha256::digest(save)),
-            signatures: (sigs.len() / SIG_ENTRY) as u64,
+            signatures: (sigs.len() / SIG_ENTRY_LEN) as u64,
         });
         Ok(())
     }
@@ -247,7 +246,7 @@ pub fn read<R: Read>(
         match r.bytes(1, "an entry tag")?[0] {
             SIGS if format > 1 && sigs.is_none() => {
                 let (id, data) = r.record(at, "signatures of")?;
-                if data.len() % SIG_ENTRY != 0 {
+                if data.len() % SIG_ENTRY_LEN != 0 {
                     return Err(r.damaged(
                         at,
                         format!("signatures of doc {id:?}: {} bytes", data.len()),
@@ -268,7 +267,7 @@ pub fn read<R: Read>(
                     None => Vec::new(),
                 };
                 let sum = hex(&Sha256::digest(&save));
-                let signed = (sigs.len() / SIG_ENTRY) as u64;
+                let signed = (sigs.len() / SIG_ENTRY_LEN) as u64;
                 seen.push((id.clone(), save.len() as u64, sum, signed, at));
                 on_doc(&id, save, sigs)?;
             }
@@ -475,7 +474,7 @@ mod tests {
         let mut w = BackupWriter::new(Vec::new(), "node-a", 1).unwrap();
         w.doc("a", b"first doc").unwrap();
         w.doc("b/c", &[0u8; 300]).unwrap();
-        w.signed_doc("signed", b"with sigs", &[7u8; 2 * SIG_ENTRY])
+        w.signed_doc("signed", b"with sigs", &[7u8; 2 * SIG_ENTRY_LEN])
             .unwrap();
         w.deleted("gone");
         w.finish(2).unwrap().1
@@ -536,7 +535,7 @@ mod tests {
             vec![
                 ("a".into(), 0),
                 ("b/c".into(), 0),
-                ("signed".into(), 2 * SIG_ENTRY)
+                ("signed".into(), 2 * SIG_ENTRY_LEN)
             ]
         );
         assert_eq!(m.docs[2].signatures, 2);
@@ -553,7 +552,7 @@ mod tests {
     #[test]
     fn signatures_of_one_doc_before_another_are_refused() {
         let mut w = BackupWriter::new(Vec::new(), "n", 1).unwrap();
-        w.record(SIGS, "a", &[1u8; SIG_ENTRY]).unwrap();
+        w.record(SIGS, "a", &[1u8; SIG_ENTRY_LEN]).unwrap();
         w.doc("b", b"save").unwrap();
         let bytes = w.finish(2).unwrap().1;
         let err = docs(&bytes).unwrap_err().to_string();

@@ -118,6 +118,22 @@ impl Node {
         self.inner.policy.get()
     }
 
+    /// Refuses `what` (a change to workflow definitions or grants) on a
+    /// node that is not an admin: its peers would refuse the change.
+    ///
+    /// # Errors
+    /// [`DocError::Forbidden`] unless this node is in `net.admins` (or that
+    /// list is empty).
+    pub fn require_admin(&self, what: &str) -> Result<(), DocError> {
+        let me = self.peer_id().to_string();
+        if self.policy().is_admin(&me) {
+            return Ok(());
+        }
+        Err(DocError::Forbidden(format!(
+            "this node ({me}) is not in net.admins: only admins {what}"
+        )))
+    }
+
     /// Applies an access file for the whole network: stores it in the
     /// access doc, which every node receives by sync and enforces.
     ///
@@ -126,13 +142,8 @@ impl Node {
     /// list is empty); what is wrong with the file; store errors.
     pub async fn apply_access(&self, file: &AccessFile) -> Result<WriteResult, Error> {
         file.check().map_err(DocError::BadValue)?;
+        self.require_admin("apply access files")?;
         let me = self.peer_id().to_string();
-        if !self.policy().is_admin(&me) {
-            return Err(DocError::Forbidden(format!(
-                "this node ({me}) is not in net.admins: only admins apply access files"
-            ))
-            .into());
-        }
         let grants = serde_json::to_value(&file.grant)
             .map_err(|e| Error::Internal(format!("grants do not serialize: {e}")))?;
         let values = vec![(Pointer::parse("/grant")?, grants)];

@@ -361,8 +361,7 @@ impl Docs {
     pub fn signatures(&self, id: &DocId) -> Result<Vec<u8>, DocError> {
         let mut out = Vec::new();
         for (hash, sig) in self.inner.store.sigs(id.as_str())? {
-            out.extend_from_slice(&hash);
-            out.extend_from_slice(&sig);
+            crate::trust::push_entry(&mut out, &hash, &sig);
         }
         Ok(out)
     }

@@ -189,13 +189,21 @@ impl Round<'_> {
     ) -> Result<(Option<DocState>, Vec<Vec<u8>>), Refusal> {
         let msg = decode_sync(data)?;
         // The node vouches for its client: it signs the client's changes.
+        self.vouched(|round| {
+            round.merge_collect(doc.as_str(), true, |am, log| {
+                am.receive_sync_message_log_patches(state, msg, log)
+                    .map_err(|e| e.to_string())
+            })
+        })
+    }
+
+    /// Runs `f` with this node vouching for what it merges (see
+    /// [`SigBook::check`](super::sigs::SigBook::check)).
+    pub(super) fn vouched<T>(&mut self, f: impl FnOnce(&mut Self) -> T) -> T {
         self.sigs.vouch = true;
-        let merged = self.merge_collect(doc.as_str(), true, |am, log| {
-            am.receive_sync_message_log_patches(state, msg, log)
-                .map_err(|e| e.to_string())
-        });
+        let out = f(self);
         self.sigs.vouch = false;
-        merged
+        out
     }
 }
 
@@ -214,13 +222,13 @@ impl Round<'_> {
         // A restore or import: this node admits the changes and signs those
         // that do not carry a valid signature of a node that may write.
         self.sigs.offer_all(id.as_str(), sigs);
-        self.sigs.vouch = true;
-        let merged = self.merge(id.as_str(), |am, log| {
-            am.load_incremental_log_patches(data, log)
-                .map(|_| ())
-                .map_err(|e| format!("the Automerge data does not load: {e}"))
+        let merged = self.vouched(|round| {
+            round.merge(id.as_str(), |am, log| {
+                am.load_incremental_log_patches(data, log)
+                    .map(|_| ())
+                    .map_err(|e| format!("the Automerge data does not load: {e}"))
+            })
         });
-        self.sigs.vouch = false;
         let state = merged.map_err(|e| match e {
             Refusal::Invalid(e) => DocError::BadValue(e),
             Refusal::Local(e) => DocError::Internal(e),
@@ -280,8 +288,6 @@ fn deleted(loaded: &Loaded) -> bool {
         .is_some_and(|m| m.deleted_at_ms.is_some())
 }
 
-/// Adds the changes merged since `before` to the batch and updates the meta.
-/// Over the doc size cap, the merge is undone in memory and refused.
 /// [`store_merged`], with its refusal charged to the peer only when that
 /// peer is to blame: a valid signature the rules refuse, relayed by a peer
 /// that did not make it, is not the relay's fault (it may hold a grant this
@@ -303,6 +309,8 @@ fn store_checked(
     })
 }
 
+/// Adds the changes merged since `before` to the batch and updates the meta.
+/// Over the doc size cap, the merge is undone in memory and refused.
 fn store_merged(
     round: &mut Round<'_>,
     id: &DocId,
@@ -567,15 +575,15 @@ impl DocAccess for Round<'_> {
             })
             .ok()?;
         let stored = self.inner.store.sigs(doc).ok()?;
-        let mut sigs = Vec::with_capacity(hashes.len() * (32 + crate::trust::SIG_LEN));
+        // One scan of the stored signatures; `sig_of` only for those missing.
+        let mut sigs = Vec::with_capacity(hashes.len() * crate::trust::SIG_ENTRY_LEN);
         for h in &hashes {
             let sig = match stored.get(h) {
                 Some(s) => Some(s.clone()),
                 None => self.sigs.sig_of(self.inner, doc, h),
             };
             if let Some(sig) = sig {
-                sigs.extend_from_slice(h);
-                sigs.extend_from_slice(&sig);
+                crate::trust::push_entry(&mut sigs, h, &sig);
             }
         }
         Some((data, sigs))

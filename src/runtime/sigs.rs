@@ -39,9 +39,8 @@ impl SigBook {
 
     /// A peer sent `sigs` (entries of a hash and a signature) for `doc`.
     pub(super) fn offer_all(&mut self, doc: &str, sigs: &[u8]) {
-        for entry in sigs.chunks_exact(32 + crate::trust::SIG_LEN) {
-            let hash: [u8; 32] = entry[..32].try_into().expect("32 bytes");
-            self.offer(doc, hash, &entry[32..]);
+        for (hash, sig) in crate::trust::entries(sigs) {
+            self.offer(doc, hash, sig);
         }
     }
 
@@ -83,8 +82,7 @@ impl SigBook {
         let mut out = Vec::new();
         for h in hashes {
             if let Some(sig) = self.sig_of(inner, doc, h) {
-                out.extend_from_slice(h);
-                out.extend_from_slice(&sig);
+                crate::trust::push_entry(&mut out, h, &sig);
             }
         }
         out
@@ -129,20 +127,23 @@ impl SigBook {
         for c in new {
             let hash = c.hash().0;
             let offered = self.offered.remove(&(id.as_str().to_string(), hash));
-            let sig = match offered.as_deref().map(ChangeSig::from_bytes) {
-                Some(Some(sig))
-                    if sig.verify(id.as_str(), &hash)
-                        && !(self.vouch && may_write(&policy, &sig, id.as_str()).is_err()) =>
-                {
-                    if let Err(why) = may_write(&policy, &sig, id.as_str()) {
-                        self.refused_signer = sig.peer_id().map(|p| p.to_string());
-                        return Err(format!(
-                            "change {} of doc {:?}: {why}",
-                            c.hash(),
-                            id.as_str()
-                        ));
-                    }
-                    sig.to_bytes().to_vec()
+            let verified = offered
+                .as_deref()
+                .and_then(ChangeSig::from_bytes)
+                .filter(|sig| sig.verify(id.as_str(), &hash));
+            let allowed = verified
+                .as_ref()
+                .map(|sig| may_write(&policy, sig, id.as_str()));
+            let sig = match (verified, allowed) {
+                (Some(sig), Some(Ok(()))) => sig.to_bytes().to_vec(),
+                // When vouching, this node signs in its place (below).
+                (Some(sig), Some(Err(why))) if !self.vouch => {
+                    self.refused_signer = sig.peer_id().map(|p| p.to_string());
+                    return Err(format!(
+                        "change {} of doc {:?}: {why}",
+                        c.hash(),
+                        id.as_str()
+                    ));
                 }
                 _ => match inner.signer.as_ref().filter(|_| self.vouch) {
                     Some(signer) => {

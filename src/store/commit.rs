@@ -242,7 +242,7 @@ fn flush_loop(
 /// would wait with it, and the node would neither refuse writes (507) nor
 /// restart once space returns. A healthy flush takes milliseconds, a slow
 /// SD card under load a few seconds.
-pub(super) const FLUSH_STUCK: Duration = Duration::from_secs(20);
+const FLUSH_STUCK: Duration = Duration::from_secs(20);
 
 /// Runs sled's flush on a thread of its own, so that the flush thread can
 /// stop waiting for one that never returns.

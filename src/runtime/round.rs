@@ -424,19 +424,25 @@ impl DocAccess for Round<'_> {
                     Automerge::new().generate_sync_message(state)
                 };
                 let Some(msg) = msg else { return Ok(None) };
-                // The changes it carries are among those the peer may lack:
-                // all since the heads both sides share (a whole-doc message
-                // carries them all; a message of some changes, a subset).
-                let carried: Vec<[u8; 32]> = if live && !msg.changes.is_empty() {
-                    loaded
-                        .doc
-                        .get_changes(&state.shared_heads)
-                        .iter()
-                        .map(|c| c.hash().0)
-                        .collect()
-                } else {
-                    Vec::new()
-                };
+                // The changes it carries: each chunk is one change, or (a
+                // whole-doc message) a document, which carries them all. Not
+                // "all since the shared heads": after a peer lost what it
+                // had not flushed, it asks for changes before them.
+                let mut carried: Vec<[u8; 32]> = Vec::new();
+                for chunk in msg.changes.iter().filter(|_| live) {
+                    match automerge::Change::from_bytes(chunk.to_vec()) {
+                        Ok(c) => carried.push(c.hash().0),
+                        Err(_) => {
+                            carried = loaded
+                                .doc
+                                .get_changes_meta(&[])
+                                .iter()
+                                .map(|c| c.hash.0)
+                                .collect();
+                            break;
+                        }
+                    }
+                }
                 Ok(Some((msg.encode(), carried)))
             })
             .ok()

@@ -237,6 +237,12 @@ fn write_round(
         });
         results.push((req.reply, result));
     }
+    // The URL index learns this round's docs before the store call: a read
+    // sees a merged doc as soon as its slot holds it, and a client that then
+    // asks for it by URL must find it. An entry for a doc whose batch fails
+    // is harmless (the index maps a name's hash to the name; a name with no
+    // doc is answered as unknown).
+    inner.urls.add(round.events.iter().map(|e| &e.doc));
     let batch = std::mem::take(&mut round.batch);
     let applied = if batch.is_empty() {
         Ok(())
@@ -300,7 +306,6 @@ fn write_round(
     }
     let mut acks: Vec<Ack> = Vec::with_capacity(results.len() + 2);
     inner.live_docs.fetch_add(live_delta, Ordering::Relaxed);
-    inner.urls.add(events.iter().map(|e| &e.doc));
     if !to_clients.is_empty() {
         if clients_wait {
             acks.push(Box::new(move |flushed| match flushed {

@@ -479,3 +479,94 @@ async fn changes_stored_before_signatures_are_vouched_for_by_their_holder() {
     fresh.shutdown().await.unwrap();
     upgraded.shutdown().await.unwrap();
 }
+
+/// A peer that lost changes it had acknowledged (its disk was rolled back,
+/// or it lost what it had not flushed) and wrote since: its sync state on
+/// the other node still names those changes as shared, so the changes it
+/// is sent again lie before the shared heads. They must come with their
+/// signatures all the same, or the peer refuses them and strikes the
+/// sender (the short chaos campaign found this; the test fails before
+/// 80903ee with a rejection on B).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_lost_acknowledged_changes_gets_them_again_signed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a_dir, b_dir) = (dir.path().join("a"), dir.path().join("b"));
+    let fast = |c: &mut mergeflow::config::Config| c.net.anti_entropy_ms = 200;
+    let a = common::p2p_node(&a_dir, vec![], fast).await;
+    let a_id = a.peer_id().to_string();
+    let a_addr = common::listen_addr(&a).await;
+    let d = || a.doc("lost").unwrap();
+    d().patch(json!({"n": 1})).await.unwrap();
+    let b = common::p2p_node(&b_dir, vec![a_addr.clone()], fast).await;
+    let b_id = b.peer_id().to_string();
+    let has = |node: &mergeflow::Node, n: i64| {
+        let doc = node.doc("lost").unwrap();
+        async move { (doc.get().await.ok()?["n"] == json!(n)).then_some(()) }
+    };
+    until("n = 1 on B", || has(&b, 1)).await;
+    b.shutdown().await.unwrap();
+    drop(b);
+    let old_b = dir.path().join("b-old");
+    common::copy_dir(&b_dir, &old_b);
+
+    // B gets n = 2 and 3 by a sync session (it was offline), which ends in
+    // agreement: A saves its sync state with B, naming them as shared.
+    let b = common::p2p_node(&b_dir, vec![a_addr], fast).await;
+    b.set_online(false);
+    for n in 2..4 {
+        d().patch(json!({"n": n})).await.unwrap();
+    }
+    b.set_online(true);
+    until("n = 3 on B, signed by A", || async {
+        has(&b, 3).await?;
+        let v = signers(&b, "lost").await;
+        (v.len() == signers(&a, "lost").await.len()).then_some(())
+    })
+    .await;
+    b.shutdown().await.unwrap();
+    drop(b);
+    a.shutdown().await.unwrap();
+    drop(a);
+
+    // B comes back from the copy (without n = 2 and 3) and writes before it
+    // meets A: its heads are ones A does not know, so A keeps the saved
+    // shared heads.
+    std::fs::remove_dir_all(&b_dir).unwrap();
+    common::copy_dir(&old_b, &b_dir);
+    let b = common::p2p_node(&b_dir, vec![], fast).await;
+    assert_eq!(b.peer_id().to_string(), b_id);
+    b.doc("lost")
+        .unwrap()
+        .patch(json!({"from_b": true}))
+        .await
+        .unwrap();
+    let b_addr = common::listen_addr(&b).await;
+    let a = common::p2p_node(&a_dir, vec![b_addr], fast).await;
+    until(
+        "A's n = 3 and B's write on both, every change signed",
+        || async {
+            for node in [&a, &b] {
+                let v = node.doc("lost").unwrap().get().await.ok()?;
+                if v["from_b"] != json!(true) {
+                    return None;
+                }
+                let signed = signers(node, "lost").await;
+                if signed.len() != 4 || signed.iter().any(|(_, s)| s.is_none()) {
+                    return None;
+                }
+            }
+            has(&b, 3).await
+        },
+    )
+    .await;
+    let by_a = signers(&b, "lost")
+        .await
+        .into_iter()
+        .filter(|(_, s)| s.as_deref() == Some(a_id.as_str()))
+        .count();
+    assert_eq!(by_a, 3, "A's three writes signed by A on B");
+    assert!(a.peers().iter().all(|p| p.rejected == 0));
+    assert!(b.peers().iter().all(|p| p.rejected == 0));
+    b.shutdown().await.unwrap();
+    a.shutdown().await.unwrap();
+}

@@ -116,9 +116,27 @@ pub async fn sync_until_quiet(
         },
     )
     .await;
+    // Done when the node has told us heads equal to ours and then said
+    // nothing for a moment (it may send a last message after agreeing). The
+    // quiet moment alone is not enough: on a loaded machine the node's
+    // answer can take longer than that.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let reply = tokio::time::timeout(Duration::from_millis(500), next(ws)).await;
-        let Ok(reply) = reply else { return state };
+        let Ok(reply) = reply else {
+            let mut theirs = state.their_heads.clone().unwrap_or_default();
+            let mut ours = doc.get_heads();
+            theirs.sort();
+            ours.sort();
+            if state.their_heads.is_some() && theirs == ours {
+                return state;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{name}: no agreement with the node within 60 s"
+            );
+            continue;
+        };
         match reply {
             Some(WireMessage::Sync { data, .. }) => {
                 let msg = sync::Message::decode(&data).unwrap();

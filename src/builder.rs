@@ -182,6 +182,7 @@ impl NodeBuilder {
             })
             .map(|cfg| SyncConfig {
                 local: peer_id.to_string(),
+                replicate: config.docs().replicate,
                 ..cfg
             });
         let queues = crate::metrics::Queues::default();
@@ -305,7 +306,9 @@ impl NodeBuilder {
                 allow: crate::net::parse_peer_ids(&net.allow).unwrap_or_default(),
                 max_connections: net.max_connections,
                 kademlia: net.kademlia,
-                gossipsub: net.gossipsub,
+                // The topic carries every doc's changes: a node that holds
+                // only some stays off it (its peers send it what it holds).
+                gossipsub: net.gossipsub && node.inner.config.docs().replicate.is_all(),
                 max_peer_bytes_per_sec: net.max_peer_bytes_per_sec,
                 max_peer_frames_per_sec: net.max_peer_frames_per_sec,
                 peer_timeout: Duration::from_millis(net.peer_timeout_ms),

@@ -232,6 +232,11 @@ pub(crate) fn families(scrape: &Scrape) -> Vec<Family> {
                 "Whole docs merged from peers' pushes",
                 s.docs_pushed_in,
             ),
+            Family::counter(
+                "sync_out_of_scope_dropped",
+                "Messages about docs outside this node's scope (node.replicate and read grants), dropped",
+                s.out_of_scope,
+            ),
             Family::gauge(
                 "sync_docs_lacking",
                 "Docs peers hold that this node does not yet (on their way)",

@@ -276,6 +276,11 @@ async fn a_peer_without_frame_streams_gets_frames_by_request_response() {
                 }
             }
             ev = peer.select_next_some() => {
+                // Its scope first, as every peer's first message: all docs.
+                if let SwarmEvent::ConnectionEstablished { .. } = ev {
+                    let scope = framed(&codec::encode(&Message::Scope { replicate: None }));
+                    peer.behaviour_mut().send_request(&a.peer_id(), scope);
+                }
                 if let SwarmEvent::Behaviour(request_response::Event::Message {
                     message: request_response::Message::Request { request, .. },
                     ..

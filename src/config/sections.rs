@@ -136,6 +136,10 @@ pub struct NodeConfig {
     /// minutes) under whatever the file, environment and flags set. Flag:
     /// `--light`; env: `MERGEFLOW_NODE_LIGHT`.
     pub light: bool,
+    /// The docs this node holds and is sent (doc globs; `**` for all, the
+    /// default). Peers send it nothing else, and it takes no local write
+    /// outside them (see the README's "Partial replication").
+    pub replicate: Vec<String>,
 }
 
 /// `[store]`: sled and the document cache.
@@ -368,6 +372,7 @@ impl Default for Config {
                 labels: BTreeMap::new(),
                 priority: 0,
                 light: false,
+                replicate: vec!["**".into()],
             },
             store: StoreConfig {
                 cache_bytes: 64 << 20,

@@ -51,6 +51,9 @@ impl Config {
                 &format!("label name {k:?}: 1 to 64 characters"),
             );
         }
+        if let Err(e) = crate::sync::Replicate::new(&self.node.replicate) {
+            return invalid("node.replicate", &e);
+        }
         if self.doc.max_change_bytes == 0 {
             return invalid("doc.max_change_bytes", "must be at least 1");
         }
@@ -286,6 +289,8 @@ impl Config {
             write_queue: self.perf.write_queue,
             write_batch: self.perf.write_batch,
             priority: self.node.priority,
+            replicate: crate::sync::Replicate::new(&self.node.replicate)
+                .unwrap_or(crate::sync::Replicate::All),
         }
     }
 }

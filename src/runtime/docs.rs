@@ -81,6 +81,7 @@ impl Docs {
                 rng: rand::make_rng(),
                 started: std::time::Instant::now(),
                 dropped_outputs: 0,
+                policy_seen: None,
             }
         });
         let (tx, rx) = queues.channel("writer", cfg.write_queue);

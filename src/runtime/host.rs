@@ -13,7 +13,7 @@ use super::state::{Inner, PeerSyncView};
 use crate::doc::cache::lock_slot;
 use crate::doc::heads::in_history;
 use crate::doc::{DocId, now_ms};
-use crate::sync::{Core, FastChange, Input, Message, Output};
+use crate::sync::{Core, FastChange, Input, Message, Output, ReadRule};
 
 /// The sync core and where its outputs go, owned by the writer thread.
 pub(crate) struct SyncRuntime {
@@ -22,6 +22,8 @@ pub(crate) struct SyncRuntime {
     pub(crate) rng: rand::rngs::StdRng,
     pub(crate) started: std::time::Instant,
     pub(crate) dropped_outputs: u64,
+    /// The policy the core's read rules were last taken from.
+    pub(crate) policy_seen: Option<std::sync::Arc<crate::grants::Policy>>,
 }
 
 impl SyncRuntime {
@@ -30,6 +32,7 @@ impl SyncRuntime {
     /// so they cost one Automerge apply (which walks the doc's ops once per
     /// call); everything else follows in order.
     pub(super) fn handle_all(&mut self, inputs: Vec<Input>, round: &mut Round<'_>) {
+        self.follow_policy(round);
         let mut groups: Vec<(String, String, Vec<FastChange>)> = Vec::new();
         let mut index: HashMap<(String, String), usize> = HashMap::new();
         let mut rest = Vec::new();
@@ -72,9 +75,34 @@ impl SyncRuntime {
         }
     }
 
+    /// Hands the core the grants' read rules when the policy changed since
+    /// it last looked (an access doc or membership doc arrived).
+    fn follow_policy(&mut self, round: &mut Round<'_>) {
+        let policy = round.inner.policy.get();
+        if let Some(seen) = &self.policy_seen
+            && std::sync::Arc::ptr_eq(seen, &policy)
+        {
+            return;
+        }
+        let had_grants = self.policy_seen.as_ref().is_some_and(|p| p.has_grants());
+        self.policy_seen = Some(policy.clone());
+        if !had_grants && !policy.has_grants() {
+            return; // everyone reads everything, as before
+        }
+        let reads = policy.has_grants().then(|| {
+            ReadRule(std::sync::Arc::new(move |peer: &str, doc: &str| {
+                policy.may_read(peer, doc)
+            }))
+        });
+        self.handle(Input::Reads(reads), round);
+    }
+
     pub(super) fn handle(&mut self, input: Input, round: &mut Round<'_>) {
         let now = self.started.elapsed().as_millis() as u64;
         let tick = matches!(input, Input::Tick);
+        if tick {
+            self.follow_policy(round);
+        }
         if tracing::enabled!(tracing::Level::TRACE) {
             match &input {
                 Input::Received { from, msg } => {

@@ -42,6 +42,9 @@ pub struct DocsConfig {
     pub write_batch: usize,
     /// This node's priority, stamped on its changes (see [`crate::doc::stamp`]).
     pub priority: i64,
+    /// The docs this node holds (`node.replicate`): local writes outside
+    /// them are refused, since no peer would repair them.
+    pub replicate: crate::sync::Replicate,
 }
 
 impl Default for DocsConfig {
@@ -57,6 +60,7 @@ impl Default for DocsConfig {
             write_queue: 4096,
             write_batch: 256,
             priority: 0,
+            replicate: crate::sync::Replicate::All,
         }
     }
 }

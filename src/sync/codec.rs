@@ -1,7 +1,7 @@
 //! Wire encoding of [`Message`]: versioned, size-capped, fallible.
 //!
 //! ```text
-//! message = version:u8 (=3) kind:u8 body
+//! message = version:u8 (=4) kind:u8 body
 //! Change  (1) = str(doc) bytes(change) bytes(sig) ack:u8 count:u32 tag:u64*count
 //! Digest  (2) = count:u32 u64*count
 //! Bucket  (3) = bucket:u32 answer:u8 count:u32 (str(doc) hash:u64)*count
@@ -11,6 +11,7 @@
 //! Doc     (7) = str(doc) bytes(automerge chunks) bytes(sigs)
 //! sig = a trust::ChangeSig (96 bytes) or nothing; sigs = (hash:[u8; 32] sig)*
 //! Have    (8) = str(doc) count:u32 hash:[u8; 32]*count
+//! Scope   (9) = all:u8 count:u32 str(glob)*count      (all = 1: count is 0)
 //! str/bytes = len:u32 payload          integers little-endian
 //! ```
 //!
@@ -24,7 +25,10 @@
 use super::Message;
 
 /// Current wire version.
-pub const VERSION: u8 = 3;
+pub const VERSION: u8 = 4;
+
+/// Most globs a [`Message::Scope`] names.
+pub const MAX_SCOPE_GLOBS: usize = 256;
 
 /// Why bytes are not a valid message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -114,6 +118,15 @@ pub fn encode(msg: &Message) -> Vec<u8> {
             put_u32(&mut out, heads.len() as u32);
             for h in heads {
                 out.extend_from_slice(&h.0);
+            }
+        }
+        Message::Scope { replicate } => {
+            out.push(9);
+            out.push(u8::from(replicate.is_none()));
+            let globs = replicate.as_deref().unwrap_or_default();
+            put_u32(&mut out, globs.len() as u32);
+            for g in globs {
+                put_bytes(&mut out, g.as_bytes());
             }
         }
     }
@@ -257,6 +270,22 @@ pub fn decode(bytes: &[u8], cap: usize) -> Result<Message, DecodeError> {
                 heads.push(automerge::ChangeHash(h));
             }
             Message::Have { doc, heads }
+        }
+        9 => {
+            let all = r.flag("scope flag is not 0 or 1")?;
+            let n = r.count(4)?;
+            if n > MAX_SCOPE_GLOBS || (all && n > 0) {
+                return Err(DecodeError::Malformed("scope lists too many globs"));
+            }
+            let mut globs = Vec::with_capacity(n);
+            for _ in 0..n {
+                let g = std::str::from_utf8(r.bytes()?)
+                    .map_err(|_| DecodeError::Malformed("scope glob is not UTF-8"))?;
+                globs.push(g.to_string());
+            }
+            Message::Scope {
+                replicate: (!all).then_some(globs),
+            }
         }
         k => return Err(DecodeError::Kind(k)),
     };
@@ -408,6 +437,10 @@ mod tests {
                     automerge::ChangeHash([3; 32]),
                     automerge::ChangeHash([4; 32]),
                 ],
+            },
+            Message::Scope { replicate: None },
+            Message::Scope {
+                replicate: Some(vec!["sensors/s1/**".into(), "config/*".into()]),
             },
         ]
     }

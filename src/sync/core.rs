@@ -9,6 +9,7 @@ use automerge::sync;
 use rand::RngExt;
 
 use super::digest::{Digest, DocState};
+use super::scope::{ReadRule, Replicate};
 use super::types::{
     DocAccess, FastChange, Input, MAX_SEEN, Message, Output, PeerKey, Refusal, SyncConfig,
     SyncStats,
@@ -67,6 +68,9 @@ pub(super) struct Peer {
     pub(super) held_count: usize,
     /// It had repair work open at the last tick (see [`CONFIRM_MS`]).
     pub(super) busy: bool,
+    /// The docs it asked for, from its [`Message::Scope`]; `None` until
+    /// that arrives, and meanwhile it is sent nothing about any doc.
+    pub(super) replicate: Option<Replicate>,
 }
 impl Peer {
     pub(super) fn busy(&self) -> bool {
@@ -102,6 +106,8 @@ pub struct Core {
     /// Docs a peer listed (in a bucket) that we do not hold yet: what a new
     /// node still has to receive. Pruned every tick.
     pub(super) lacking: HashSet<String>,
+    /// The grants' read rules; `None`: every peer may read every doc.
+    pub(super) reads: Option<ReadRule>,
 }
 
 impl Core {
@@ -120,6 +126,7 @@ impl Core {
             stats: SyncStats::default(),
             push_budget: cfg_pushes,
             lacking: HashSet::new(),
+            reads: None,
         }
     }
 
@@ -198,10 +205,19 @@ impl Core {
                         held: HashMap::new(),
                         held_count: 0,
                         busy: false,
+                        replicate: None,
                     },
                 );
-                out.push(self.digest_to(peer));
+                // Our scope first; our digest follows theirs (it is compared
+                // over the docs both hold).
+                out.push(Output::Send {
+                    to: peer,
+                    msg: Message::Scope {
+                        replicate: self.cfg.replicate.to_wire(),
+                    },
+                });
             }
+            Input::Reads(reads) => self.reads_changed(now, rng, reads, &mut out),
             Input::PeerDown(peer) => {
                 self.peers.remove(&peer);
             }
@@ -249,7 +265,7 @@ impl Core {
                 let due: Vec<PeerKey> = self
                     .peers
                     .iter()
-                    .filter(|(_, p)| p.next_digest_at <= now)
+                    .filter(|(_, p)| p.next_digest_at <= now && p.replicate.is_some())
                     .map(|(k, _)| k.clone())
                     .collect();
                 for peer in due {
@@ -257,7 +273,12 @@ impl Core {
                 }
             }
             Input::DigestNow => {
-                let peers: Vec<PeerKey> = self.peers.keys().cloned().collect();
+                let peers: Vec<PeerKey> = self
+                    .peers
+                    .iter()
+                    .filter(|(_, p)| p.replicate.is_some())
+                    .map(|(k, _)| k.clone())
+                    .collect();
                 for peer in peers {
                     out.push(self.digest_now(now, rng, peer));
                 }
@@ -275,7 +296,13 @@ impl Core {
                     .all(|c| c.len() <= self.cfg.max_gossip_change_bytes)
                 {
                     let mut seen: Vec<u64> = self.local_tag.into_iter().collect();
-                    add_tags(&mut seen, self.peers.values().map(|p| p.tag));
+                    add_tags(
+                        &mut seen,
+                        self.peers
+                            .iter()
+                            .filter(|(k, _)| self.wants(k, &doc))
+                            .map(|(_, p)| p.tag),
+                    );
                     let last = changes.len().saturating_sub(1);
                     let mut sigs = sigs.into_iter();
                     for (i, change) in changes.into_iter().enumerate() {
@@ -329,17 +356,36 @@ impl Core {
                     // this one's PeerUp was lost (a full queue): register it now.
                     out.extend(self.handle(now, rng, Input::PeerUp(from.clone()), docs));
                 }
-                self.received(now, from, msg, docs, &mut out);
+                if let Message::Scope { replicate } = msg {
+                    self.scope_received(now, rng, &from, replicate, &mut out);
+                } else {
+                    self.received(now, from, msg, docs, &mut out);
+                }
             }
         }
         out
     }
 
-    /// Queues `msg` for every peer but `except`; nothing when there is nobody
-    /// to send it to (a lone node pays nothing for the fast path).
+    /// Queues `msg` for every peer but `except` that is sent its doc: to
+    /// all by one broadcast when every one of them holds every doc, else to
+    /// each that holds it. Nothing when there is nobody to send it to (a
+    /// lone node pays nothing for the fast path).
     pub(super) fn broadcast(&self, msg: Message, except: Option<PeerKey>, out: &mut Vec<Output>) {
-        if self.peers.keys().any(|p| Some(p) != except.as_ref()) {
+        if !self.peers.keys().any(|p| Some(p) != except.as_ref()) {
+            return;
+        }
+        if self.all_whole(except.as_deref()) {
             out.push(Output::Broadcast { msg, except });
+            return;
+        }
+        let doc = msg.doc().unwrap_or_default();
+        for peer in self.peers.keys() {
+            if Some(peer) != except.as_ref() && self.wants(peer, doc) {
+                out.push(Output::Send {
+                    to: peer.clone(),
+                    msg: msg.clone(),
+                });
+            }
         }
     }
 
@@ -366,11 +412,10 @@ impl Core {
     }
 
     pub(super) fn digest_to(&self, peer: PeerKey) -> Output {
+        let buckets = self.buckets_for(&peer).into_owned();
         Output::Send {
             to: peer,
-            msg: Message::Digest {
-                buckets: self.digest.buckets().to_vec(),
-            },
+            msg: Message::Digest { buckets },
         }
     }
 

@@ -91,15 +91,23 @@ impl Digest {
         &self.buckets
     }
 
+    /// The bucket hashes over the docs `keep` accepts only (a digest
+    /// compared with a peer that holds some docs only).
+    pub fn buckets_where(&self, keep: impl Fn(&str) -> bool) -> Vec<u64> {
+        self.entries
+            .iter()
+            .map(|bucket| {
+                bucket
+                    .iter()
+                    .filter(|(doc, _)| keep(doc))
+                    .fold(0, |acc, (_, h)| acc ^ h)
+            })
+            .collect()
+    }
+
     /// Indexes of buckets that differ from `theirs` (all, if the sizes differ).
     pub fn differing(&self, theirs: &[u64]) -> Vec<u32> {
-        if theirs.len() != self.buckets.len() {
-            return (0..self.buckets.len() as u32).collect();
-        }
-        (0..self.buckets.len())
-            .filter(|&i| self.buckets[i] != theirs[i])
-            .map(|i| i as u32)
-            .collect()
+        differing(&self.buckets, theirs)
     }
 
     /// The docs in `bucket` with their entry hashes, sorted by id.
@@ -137,6 +145,18 @@ impl Digest {
         let out = h.finalize();
         out[..16].iter().map(|b| format!("{b:02x}")).collect()
     }
+}
+
+/// Indexes of the buckets where `ours` and `theirs` differ (all, if their
+/// sizes do).
+pub fn differing(ours: &[u64], theirs: &[u64]) -> Vec<u32> {
+    if theirs.len() != ours.len() {
+        return (0..ours.len() as u32).collect();
+    }
+    (0..ours.len())
+        .filter(|&i| ours[i] != theirs[i])
+        .map(|i| i as u32)
+        .collect()
 }
 
 #[cfg(test)]

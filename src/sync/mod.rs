@@ -41,6 +41,11 @@
 //!   heads, the shell may keep that state ([`DocAccess::save_sync_state`]);
 //!   a later session with the peer (after a restart, say) starts from it, so
 //!   its first messages cover only changes since then.
+//! - **Partial replication.** Each side's first message is its
+//!   [`Message::Scope`] (`node.replicate`); with the grants' read rules
+//!   ([`Input::Reads`]) it decides the docs both sides hold. Nothing about a
+//!   doc outside that common scope is sent, digests compare it only, and
+//!   what a peer sends outside our own scope is dropped (see `scope.rs`).
 //! - **Tombstones.** A deleted doc is in the digest as deleted; a peer holding it
 //!   live is told with [`Message::Deleted`] and deletes it too. Changes and sync
 //!   messages for a deleted doc are ignored, so it does not come back.
@@ -53,11 +58,13 @@ pub mod codec;
 mod core;
 pub mod digest;
 mod received;
+pub mod scope;
 mod sessions;
 mod types;
 
 pub use core::Core;
 pub use digest::{Digest, DocState};
+pub use scope::{ReadRule, Replicate};
 pub use types::{
     Applied, DocAccess, FastChange, Input, Message, Output, PeerKey, Refusal, SyncConfig, SyncStats,
 };

@@ -17,7 +17,20 @@ impl Core {
         docs: &mut D,
         out: &mut Vec<Output>,
     ) {
+        if let Some(doc) = msg.doc()
+            && !self.holds(doc)
+            && !matches!(msg, Message::Have { .. })
+        {
+            // Sent before the peer knew our scope or the grants: not ours
+            // to store.
+            self.stats.out_of_scope += 1;
+            return;
+        }
+        let scope_known = self.peers.get(&from).is_some_and(|p| p.replicate.is_some());
         match msg {
+            // Digests are compared over the docs both hold: not before its
+            // scope is known (its Scope message comes first on the link).
+            Message::Digest { .. } | Message::Bucket { .. } if !scope_known => {}
             Message::Digest { buckets } => {
                 if buckets.len() != self.digest.buckets().len() {
                     let reason = format!(
@@ -27,7 +40,7 @@ impl Core {
                     );
                     return self.reject(&from, reason, out);
                 }
-                let differing = self.digest.differing(&buckets);
+                let differing = super::digest::differing(&self.buckets_for(&from), &buckets);
                 let period = self.cfg.anti_entropy_ms.max(1);
                 if let Some(p) = self.peers.get_mut(&from) {
                     let answer = differing.is_empty() && !p.digest_sent_last;
@@ -51,7 +64,7 @@ impl Core {
                         to: from.clone(),
                         msg: Message::Bucket {
                             bucket,
-                            entries: self.digest.bucket_entries(bucket),
+                            entries: self.bucket_for(&from, bucket),
                             answer: true,
                         },
                     });
@@ -70,7 +83,7 @@ impl Core {
                 }
                 let theirs: HashMap<&str, u64> =
                     entries.iter().map(|(d, h)| (d.as_str(), *h)).collect();
-                let mine = self.digest.bucket_entries(bucket);
+                let mine = self.bucket_for(&from, bucket);
                 // Docs both hold differently are synced; docs only we hold are
                 // pushed whole (one message instead of a negotiation); docs
                 // only they hold are left to them to push, and we send our
@@ -85,7 +98,7 @@ impl Core {
                 }
                 let mut lacking = 0;
                 for (doc, _) in &entries {
-                    if self.digest.entry(doc).is_none() {
+                    if self.digest.entry(doc).is_none() && self.in_common(&from, doc) {
                         lacking += 1;
                         if self.lacking.len() < MAX_LACKING {
                             self.lacking.insert(doc.clone());
@@ -226,6 +239,8 @@ impl Core {
                     state: DocState::Deleted,
                 });
             }
+            // Taken by `handle` before it gets here.
+            Message::Scope { .. } => {}
         }
     }
 
@@ -241,6 +256,10 @@ impl Core {
         docs: &mut D,
         out: &mut Vec<Output>,
     ) {
+        if !self.holds(&doc) {
+            self.stats.out_of_scope += 1;
+            return;
+        }
         // Changes held for this doc (waiting on these, perhaps) go first.
         let mut changes = changes;
         let mut held_since = None;
@@ -275,7 +294,9 @@ impl Core {
                     let targets: Vec<(&PeerKey, u64)> = self
                         .peers
                         .iter()
-                        .filter(|(k, p)| **k != from && !c.seen.contains(&p.tag))
+                        .filter(|(k, p)| {
+                            **k != from && !c.seen.contains(&p.tag) && self.wants(k, &doc)
+                        })
                         .map(|(k, p)| (k, p.tag))
                         .collect();
                     let mut seen = c.seen.clone();

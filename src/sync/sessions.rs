@@ -21,7 +21,7 @@ impl Core {
         let others: Vec<PeerKey> = self
             .peers
             .keys()
-            .filter(|k| k.as_str() != except)
+            .filter(|k| k.as_str() != except && self.wants(k, doc))
             .cloned()
             .collect();
         for peer in others {
@@ -53,6 +53,12 @@ impl Core {
                 break;
             };
             p.to_push_set.remove(&doc);
+            if !self.wants(peer, &doc) {
+                continue;
+            }
+            let Some(p) = self.peers.get_mut(peer) else {
+                return;
+            };
             match docs.doc_bytes(&doc) {
                 Some((data, sigs)) if data.len() <= self.cfg.max_push_bytes => {
                     self.push_budget -= 1;
@@ -120,6 +126,9 @@ impl Core {
         docs: &mut D,
         out: &mut Vec<Output>,
     ) -> bool {
+        if !self.wants(peer, doc) {
+            return false;
+        }
         let Some(p) = self.peers.get_mut(peer) else {
             return false;
         };
@@ -158,6 +167,14 @@ impl Core {
         docs: &mut D,
         out: &mut Vec<Output>,
     ) {
+        if !self.wants(peer, doc) {
+            // Not sent to it (the grants changed, or it asks for docs it
+            // may not read): the session ends without an answer.
+            if let Some(p) = self.peers.get_mut(peer) {
+                p.sessions.remove(doc);
+            }
+            return;
+        }
         let max_idle = self.cfg.max_idle_rounds;
         let entry = self.digest.entry(doc);
         let ours = match docs.state(doc) {

@@ -5,6 +5,7 @@
 use automerge::sync;
 
 use super::digest::DocState;
+use super::scope::{ReadRule, Replicate};
 
 pub const MAX_SEEN: usize = 64;
 
@@ -38,6 +39,8 @@ pub struct SyncConfig {
     /// This node, as its peers name it (its tag goes into the changes it
     /// originates, so relays do not send them back); empty if unknown.
     pub local: PeerKey,
+    /// The docs this node holds (`node.replicate`; see `scope.rs`).
+    pub replicate: Replicate,
 }
 impl Default for SyncConfig {
     fn default() -> Self {
@@ -52,6 +55,7 @@ impl Default for SyncConfig {
             max_pushes_per_tick: 1024,
             max_push_bytes: 1 << 20,
             local: PeerKey::new(),
+            replicate: Replicate::All,
         }
     }
 }
@@ -66,6 +70,7 @@ impl Message {
             Message::Deleted { .. } => "deleted",
             Message::Doc { .. } => "doc",
             Message::Have { .. } => "have",
+            Message::Scope { .. } => "scope",
         }
     }
 
@@ -77,7 +82,7 @@ impl Message {
             | Message::Deleted { doc }
             | Message::Doc { doc, .. }
             | Message::Have { doc, .. } => Some(doc),
-            Message::Digest { .. } | Message::Bucket { .. } => None,
+            Message::Digest { .. } | Message::Bucket { .. } | Message::Scope { .. } => None,
         }
     }
 }
@@ -149,6 +154,12 @@ pub enum Message {
         /// The sender's heads.
         heads: Vec<automerge::ChangeHash>,
     },
+    /// The docs the sender holds (its `node.replicate` globs; `None` for
+    /// all): the first message on every link (see `scope.rs`).
+    Scope {
+        /// Its globs.
+        replicate: Option<Vec<String>>,
+    },
 }
 /// An event for the core.
 #[derive(Debug, Clone)]
@@ -212,6 +223,9 @@ pub enum Input {
     },
     /// Time passed; the shell calls this regularly (e.g. every 100 ms).
     Tick,
+    /// The grants' read rules changed (`None`: every peer may read every
+    /// doc): each peer is sent only what it may read from now on.
+    Reads(Option<ReadRule>),
     /// Send our digest to every peer now instead of at the next round (a
     /// user waits to know whether this node is in sync). Each peer that
     /// finds it matching answers with its own, so both sides learn the
@@ -405,6 +419,9 @@ pub struct SyncStats {
     pub docs_pushed_out: u64,
     /// Whole docs merged from peers' pushes.
     pub docs_pushed_in: u64,
+    /// Messages about docs outside this node's scope, dropped (a peer that
+    /// did not yet know our scope or the grants sent them).
+    pub out_of_scope: u64,
     /// Docs peers hold that this node does not yet (a level, not a count;
     /// set by whoever publishes the stats, from [`Core::lacking`]).
     pub docs_lacking: u64,

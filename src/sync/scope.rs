@@ -1,0 +1,232 @@
+//! Partial replication: which docs each side of a link holds and is sent.
+//!
+//! A node holds the docs its `node.replicate` globs cover (all by default)
+//! that the grants let it read; system docs always. It tells each peer its
+//! globs in a [`Message::Scope`](super::Message::Scope), the first message
+//! on every link, and learns theirs the same way. The read rule (from the
+//! grants) is the same on every node that has the same access doc, so both
+//! sides of a link compute the same *common scope*: the docs both hold. The
+//! core sends a peer nothing about a doc outside it (no change, sync message,
+//! push, tombstone or digest entry), compares digests over it only, and
+//! drops what a peer sends outside its own scope.
+
+use std::sync::Arc;
+
+use crate::scope::DocScope;
+
+/// The docs a node asked for (`node.replicate`).
+#[derive(Debug, Clone)]
+pub enum Replicate {
+    /// Every doc (the default).
+    All,
+    /// The docs these globs cover, and system docs.
+    Globs(DocScope),
+}
+
+impl Replicate {
+    /// The scope of `patterns`: all docs when one of them is `**`.
+    ///
+    /// # Errors
+    /// A pattern that does not parse.
+    pub fn new(patterns: &[String]) -> Result<Replicate, String> {
+        if patterns.iter().any(|p| p == "**") {
+            return Ok(Replicate::All);
+        }
+        DocScope::new(patterns).map(Replicate::Globs)
+    }
+
+    /// True if it asks for `doc` (every system doc is asked for).
+    pub fn covers(&self, doc: &str) -> bool {
+        match self {
+            Replicate::All => true,
+            Replicate::Globs(s) => crate::doc::is_system(doc) || s.covers(doc),
+        }
+    }
+
+    /// True for [`Replicate::All`].
+    pub fn is_all(&self) -> bool {
+        matches!(self, Replicate::All)
+    }
+
+    /// The globs as a [`Message::Scope`](super::Message::Scope) carries
+    /// them: `None` for all docs.
+    pub fn to_wire(&self) -> Option<Vec<String>> {
+        match self {
+            Replicate::All => None,
+            Replicate::Globs(s) => Some(s.patterns().to_vec()),
+        }
+    }
+
+    /// The scope a peer's message names.
+    ///
+    /// # Errors
+    /// A pattern that does not parse.
+    pub fn from_wire(globs: Option<Vec<String>>) -> Result<Replicate, String> {
+        match globs {
+            None => Ok(Replicate::All),
+            Some(g) => DocScope::new(&g).map(Replicate::Globs),
+        }
+    }
+}
+
+/// Whether a peer (by its key; the local node by `SyncConfig::local`) may
+/// read a doc: the grants' read rules, the same on every node that holds
+/// the same access doc.
+#[derive(Clone)]
+pub struct ReadRule(pub Arc<ReadFn>);
+
+/// The function behind a [`ReadRule`]: (peer, doc) -> may read.
+pub type ReadFn = dyn Fn(&str, &str) -> bool + Send + Sync;
+
+impl ReadRule {
+    /// True if `peer` may read `doc`.
+    pub fn allows(&self, peer: &str, doc: &str) -> bool {
+        (self.0)(peer, doc)
+    }
+}
+
+impl std::fmt::Debug for ReadRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReadRule(..)")
+    }
+}
+
+impl super::core::Core {
+    /// True if this node holds `doc`: it asked for it and may read it.
+    pub(super) fn holds(&self, doc: &str) -> bool {
+        self.cfg.replicate.covers(doc)
+            && self
+                .reads
+                .as_ref()
+                .is_none_or(|r| r.allows(&self.cfg.local, doc))
+    }
+
+    /// True if `peer` is sent `doc`: it told us its scope, asked for the
+    /// doc and may read it.
+    pub(super) fn wants(&self, peer: &str, doc: &str) -> bool {
+        self.peers
+            .get(peer)
+            .and_then(|p| p.replicate.as_ref())
+            .is_some_and(|r| r.covers(doc))
+            && self.reads.as_ref().is_none_or(|r| r.allows(peer, doc))
+    }
+
+    /// True if both this node and `peer` hold `doc`: their digests and
+    /// bucket lists compare those docs only.
+    pub(super) fn in_common(&self, peer: &str, doc: &str) -> bool {
+        self.holds(doc) && self.wants(peer, doc)
+    }
+
+    /// True if this node and `peer` both hold every doc: their digests are
+    /// the whole ones.
+    pub(super) fn whole(&self, peer: &str) -> bool {
+        self.reads.is_none()
+            && self.cfg.replicate.is_all()
+            && self
+                .peers
+                .get(peer)
+                .and_then(|p| p.replicate.as_ref())
+                .is_some_and(Replicate::is_all)
+    }
+
+    /// True if every peer but `except` is sent every doc, so a message may
+    /// go to all of them (by gossip).
+    pub(super) fn all_whole(&self, except: Option<&str>) -> bool {
+        self.reads.is_none()
+            && self.peers.iter().all(|(k, p)| {
+                Some(k.as_str()) == except || p.replicate.as_ref().is_some_and(Replicate::is_all)
+            })
+    }
+
+    /// Our digest's buckets as `peer` compares them.
+    pub(super) fn buckets_for(&self, peer: &str) -> std::borrow::Cow<'_, [u64]> {
+        if self.whole(peer) {
+            std::borrow::Cow::Borrowed(self.digest.buckets())
+        } else {
+            std::borrow::Cow::Owned(self.digest.buckets_where(|doc| self.in_common(peer, doc)))
+        }
+    }
+
+    /// Our entries of `bucket` as `peer` compares them.
+    pub(super) fn bucket_for(&self, peer: &str, bucket: u32) -> Vec<(String, u64)> {
+        let mut entries = self.digest.bucket_entries(bucket);
+        if !self.whole(peer) {
+            entries.retain(|(doc, _)| self.in_common(peer, doc));
+        }
+        entries
+    }
+
+    /// A peer's [`Message::Scope`](super::Message::Scope): from now on it is
+    /// sent what it asked for. The first one starts anti-entropy with it.
+    pub(super) fn scope_received<R: rand::Rng>(
+        &mut self,
+        now: u64,
+        rng: &mut R,
+        from: &str,
+        replicate: Option<Vec<String>>,
+        out: &mut Vec<super::Output>,
+    ) {
+        let scope = match Replicate::from_wire(replicate) {
+            Ok(s) => s,
+            Err(e) => return self.reject(from, format!("scope: {e}"), out),
+        };
+        let Some(p) = self.peers.get_mut(from) else {
+            return;
+        };
+        p.replicate = Some(scope);
+        self.forget_unwanted(from);
+        out.push(self.digest_now(now, rng, from.to_string()));
+    }
+
+    /// New read rules (the grants changed): work on docs a peer may no
+    /// longer have is dropped, and every peer gets our digest now, so the
+    /// docs it may now have start on their way.
+    pub(super) fn reads_changed<R: rand::Rng>(
+        &mut self,
+        now: u64,
+        rng: &mut R,
+        reads: Option<ReadRule>,
+        out: &mut Vec<super::Output>,
+    ) {
+        self.reads = reads;
+        let peers: Vec<String> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.replicate.is_some())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for peer in peers {
+            self.forget_unwanted(&peer);
+            out.push(self.digest_now(now, rng, peer));
+        }
+    }
+
+    /// Drops sessions, queued syncs, pushes and held changes of docs that
+    /// `peer` is no longer sent (or this node no longer holds).
+    fn forget_unwanted(&mut self, peer: &str) {
+        let keep: std::collections::HashSet<String> = {
+            let Some(p) = self.peers.get(peer) else {
+                return;
+            };
+            p.sessions
+                .keys()
+                .chain(&p.pending)
+                .chain(&p.to_push)
+                .chain(p.held.keys())
+                .filter(|d| self.in_common(peer, d))
+                .cloned()
+                .collect()
+        };
+        let Some(p) = self.peers.get_mut(peer) else {
+            return;
+        };
+        p.sessions.retain(|d, _| keep.contains(d));
+        p.pending.retain(|d| keep.contains(d));
+        p.pending_set.retain(|d| keep.contains(d));
+        p.push.retain(|d| keep.contains(d));
+        p.to_push.retain(|d| keep.contains(d));
+        p.to_push_set.retain(|d| keep.contains(d));
+        p.held.retain(|d, _| keep.contains(d));
+        p.held_count = p.held.values().map(|(_, c)| c.len()).sum();
+    }
+}

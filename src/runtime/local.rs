@@ -49,7 +49,7 @@ pub(super) fn apply(
         .get()
         .may_write(&inner.origin, id.as_str())
         .map_err(DocError::Forbidden)?;
-    check_replicated(inner, id)?;
+    inner.check_holds(id)?;
     let stamp = crate::doc::stamp::Stamp {
         hlc: inner.clock.tick(now_ms()),
         prio: inner.cfg.priority,
@@ -171,18 +171,6 @@ pub(super) fn apply(
 /// [`DocError::IdempotencyKeyReused`] when that change was asked for by a
 /// request with another fingerprint than `req` (a change without one, from
 /// an older node, counts as the same request).
-/// Refuses a write to a doc outside `node.replicate`: no peer would send
-/// this node the doc's other changes, nor repair this one to them.
-pub(super) fn check_replicated(inner: &Inner, id: &DocId) -> Result<(), DocError> {
-    if inner.cfg.replicate.covers(id.as_str()) {
-        return Ok(());
-    }
-    Err(DocError::Forbidden(format!(
-        "doc {:?} is outside this node's node.replicate; it holds only what those globs cover",
-        id.as_str()
-    )))
-}
-
 fn applied_before(
     id: &DocId,
     loaded: &Loaded,

@@ -148,7 +148,7 @@ impl SigBook {
                 _ => match inner.signer.as_ref().filter(|_| self.vouch) {
                     Some(signer) => {
                         policy.may_write(&inner.origin, id.as_str())?;
-                        super::local::check_replicated(inner, id).map_err(|e| e.to_string())?;
+                        inner.check_holds(id).map_err(|e| e.to_string())?;
                         signer.sign(id.as_str(), &hash).to_bytes().to_vec()
                     }
                     None => {

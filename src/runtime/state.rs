@@ -165,6 +165,27 @@ pub(super) struct Inner {
     pub(super) policy: Arc<crate::grants::PolicySlot>,
 }
 
+impl Inner {
+    /// Refuses a write to a doc this node does not hold (outside
+    /// `node.replicate`, or outside its read grants): no peer would send it the
+    /// doc's other changes, nor take this one in a repair.
+    pub(super) fn check_holds(&self, id: &DocId) -> Result<(), DocError> {
+        if !self.cfg.replicate.covers(id.as_str()) {
+            return Err(DocError::Forbidden(format!(
+                "doc {:?} is outside this node's node.replicate; it holds only what those globs cover",
+                id.as_str()
+            )));
+        }
+        if !self.policy.get().may_read(&self.origin, id.as_str()) {
+            return Err(DocError::Forbidden(format!(
+                "doc {:?} is outside this node's read grants; a node holds only docs it may read",
+                id.as_str()
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// User docs by the 16 bytes of their automerge URL
 /// ([`crate::id::url_key`]): how a client's document id finds a named doc.
 /// Filled from the store at start and from every round's changes; system

@@ -9,7 +9,7 @@ use automerge::sync;
 use rand::RngExt;
 
 use super::digest::{Digest, DocState};
-use super::scope::{ReadRule, Replicate};
+use super::replicate::{ReadRule, Replicate};
 use super::types::{
     DocAccess, FastChange, Input, MAX_SEEN, Message, Output, PeerKey, Refusal, SyncConfig,
     SyncStats,

@@ -58,13 +58,14 @@ pub mod codec;
 mod core;
 pub mod digest;
 mod received;
-pub mod scope;
+pub mod replicate;
+mod scope;
 mod sessions;
 mod types;
 
 pub use core::Core;
 pub use digest::{Digest, DocState};
-pub use scope::{ReadRule, Replicate};
+pub use replicate::{ReadRule, Replicate};
 pub use types::{
     Applied, DocAccess, FastChange, Input, Message, Output, PeerKey, Refusal, SyncConfig, SyncStats,
 };

@@ -5,7 +5,7 @@
 use automerge::sync;
 
 use super::digest::DocState;
-use super::scope::{ReadRule, Replicate};
+use super::replicate::{ReadRule, Replicate};
 
 pub const MAX_SEEN: usize = 64;
 

@@ -392,6 +392,8 @@ fn store_merged(
         .map(|c| crate::feed::Cause::from_message(c.message()?))
         .collect();
     let cause = causes.and_then(|c| c.into_iter().max_by_key(|c| c.depth));
+    // Before the slot is let go (see `UrlIndex`).
+    inner.urls.add([id]);
     round.events.push(PendingEvent {
         doc: id.clone(),
         touch: Touch::Changed(paths, truncated),

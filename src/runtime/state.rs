@@ -188,8 +188,12 @@ impl Inner {
 
 /// User docs by the 16 bytes of their automerge URL
 /// ([`crate::id::url_key`]): how a client's document id finds a named doc.
-/// Filled from the store at start and from every round's changes; system
-/// docs are never in it, so no client reaches them.
+/// Filled from the store at start and by every change a round makes,
+/// while the doc's slot is still locked: a read that sees a doc (it locks
+/// the slot) can then always find it by its URL, as an automerge-repo
+/// client asks right after it learns of the doc. An entry for a doc whose
+/// batch then fails is harmless (a name with no doc is answered as
+/// unknown). System docs are never in it, so no client reaches them.
 #[derive(Default)]
 pub(super) struct UrlIndex(Mutex<std::collections::HashMap<[u8; 16], DocId>>);
 

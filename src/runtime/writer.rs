@@ -204,6 +204,10 @@ fn write_round(
             if let Some(loaded) = guard.as_ref() {
                 inner.cache.note_size(&req.id, loaded);
             }
+            if let Ok((_, _, _, Some(_))) = &result {
+                // Before the slot is let go (see `UrlIndex`).
+                inner.urls.add([&req.id]);
+            }
             result
         };
         // After an internal error the doc in memory may hold a change the
@@ -237,12 +241,6 @@ fn write_round(
         });
         results.push((req.reply, result));
     }
-    // The URL index learns this round's docs before the store call: a read
-    // sees a merged doc as soon as its slot holds it, and a client that then
-    // asks for it by URL must find it. An entry for a doc whose batch fails
-    // is harmless (the index maps a name's hash to the name; a name with no
-    // doc is answered as unknown).
-    inner.urls.add(round.events.iter().map(|e| &e.doc));
     let batch = std::mem::take(&mut round.batch);
     let applied = if batch.is_empty() {
         Ok(())

@@ -49,7 +49,7 @@ pub(super) async fn start(shared: &Arc<Shared>, plan: Arc<Plan>, doc: &str, p: P
     // Only this workflow's own writes since the state it took last: nothing
     // new to react to (its writes never trigger it).
     let own_only = !taken.is_empty()
-        && snap.messages_since.is_some_and(|m| {
+        && snap.messages_since.as_ref().is_some_and(|m| {
             m.iter().all(|m| {
                 m.as_deref()
                     .and_then(Cause::from_message)
@@ -62,6 +62,19 @@ pub(super) async fn start(shared: &Arc<Shared>, plan: Arc<Plan>, doc: &str, p: P
         }
         return;
     }
+    // The run reacts to every change since the state taken last, so its
+    // depth is at least one more than theirs: a trigger event that arrives
+    // late (after another run took its state, e.g. the startup scan) must not
+    // restart a loop's count on the changes of a deeper run.
+    let depth = snap
+        .messages_since
+        .iter()
+        .flatten()
+        .filter_map(|m| m.as_deref().and_then(Cause::from_message))
+        // Its own writes never trigger it (see `own_only`).
+        .filter(|c| c.workflow != plan.name())
+        .map(|c| c.depth.saturating_add(1))
+        .fold(p.depth, u32::max);
     let changed: Vec<String> = p.changed.into_iter().collect();
     let bound = match shared.sandbox.bind(&Input {
         doc: &json,
@@ -76,11 +89,11 @@ pub(super) async fn start(shared: &Arc<Shared>, plan: Arc<Plan>, doc: &str, p: P
         }
     };
     let mut dead = None;
-    if p.depth > shared.cfg.max_depth {
+    if depth > shared.cfg.max_depth {
         let e = format!(
             "chain of triggered runs is {} deep, over workflow.max_depth = {}: a workflow loop? \
              (retry runs it anyway)",
-            p.depth, shared.cfg.max_depth
+            depth, shared.cfg.max_depth
         );
         tracing::error!(workflow = %plan.name(), doc, "{e}");
         dead = Some(e);
@@ -104,7 +117,7 @@ pub(super) async fn start(shared: &Arc<Shared>, plan: Arc<Plan>, doc: &str, p: P
         }
     };
     let key = run_key(plan.name(), doc, &trigger_heads);
-    let mut run = new_run(&plan, run_id, key, doc, trigger_heads, p.depth, p.trigger);
+    let mut run = new_run(&plan, run_id, key, doc, trigger_heads, depth, p.trigger);
     run.origin = p.origin;
     shared.counters.runs.fetch_add(1, Ordering::Relaxed);
     if let Some(e) = dead {

@@ -17,6 +17,11 @@ use libp2p::identity::{Keypair, PeerId, ed25519};
 /// The domain separator of a change signature.
 const DOMAIN: &[u8] = b"mergeflow-change-v1";
 
+/// What a tombstone's signature signs in place of a change hash: a doc's
+/// deletion is signed as (doc, this), by the node that deleted it. No
+/// Automerge change has this hash (it would take a SHA-256 preimage).
+pub const TOMBSTONE_HASH: [u8; 32] = [0xff; 32];
+
 /// Bytes of an encoded [`ChangeSig`].
 pub const SIG_LEN: usize = 96;
 

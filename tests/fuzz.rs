@@ -130,7 +130,10 @@ fn wire_messages() {
             data: vec![0x42, 1, 2, 3],
             sigs: vec![],
         },
-        Message::Deleted { doc: "gone".into() },
+        Message::Deleted {
+            doc: "gone".into(),
+            sig: vec![],
+        },
         Message::Doc {
             doc: "d".into(),
             data: save,

@@ -329,6 +329,11 @@ async fn a_node_with_its_checks_off_forges_no_system_doc() {
     })
     .await;
 
+    a.doc("shared/keep")
+        .unwrap()
+        .patch(json!({"kept": true}))
+        .await
+        .unwrap();
     let h = mergeflow::Node::builder()
         .config(common::p2p_config(
             &dir.path().join("h"),
@@ -359,11 +364,18 @@ async fn a_node_with_its_checks_off_forges_no_system_doc() {
     for (id, change) in forged {
         h.docs().write(id.parse().unwrap(), change).await.unwrap();
     }
-    // And deletes the access doc and B's membership doc (deletes are
-    // unsigned: no peer's delete of a system doc is taken).
+    // And deletes the access doc and B's membership doc (no peer's delete
+    // of a system doc is taken), and a data doc it may not write: its
+    // delete is signed by H, whom the rules refuse.
     for id in ["_mergeflow/access", b_member.as_str()] {
         h.docs().delete(id.parse().unwrap()).await.unwrap();
     }
+    h.doc("shared/keep")
+        .unwrap()
+        .patch(json!({"h": 1}))
+        .await
+        .unwrap();
+    h.doc("shared/keep").unwrap().delete().await.unwrap();
     until("H banned by A and B", || async {
         let banned = |n: &mergeflow::Node| {
             n.peers()
@@ -373,6 +385,11 @@ async fn a_node_with_its_checks_off_forges_no_system_doc() {
         (banned(&a) && banned(&b)).then_some(())
     })
     .await;
+    assert_eq!(
+        a.doc("shared/keep").unwrap().get().await.unwrap(),
+        json!({"kept": true}),
+        "H's signed delete of a doc it may not write is refused"
+    );
     for node in [&a, &b] {
         let labels = node.doc(&b_member).unwrap().get().await.unwrap()["labels"].clone();
         assert_eq!(labels, json!({"role": "sensor"}));

@@ -131,6 +131,7 @@ fn bad_frames() -> Vec<Vec<u8>> {
         })),
         framed(&codec::encode(&Message::Deleted {
             doc: "bad id!".into(),
+            sig: vec![],
         })),
         framed(&codec::encode(&Message::Doc {
             doc: "d".into(),

@@ -450,6 +450,8 @@ async fn changes_stored_before_signatures_are_vouched_for_by_their_holder() {
         None,
         "stored unsigned"
     );
+    // A tombstone from before deletes were signed, too.
+    old.doc("legacy/4").unwrap().delete().await.unwrap();
     old.shutdown().await.unwrap();
     drop(old);
 
@@ -457,7 +459,12 @@ async fn changes_stored_before_signatures_are_vouched_for_by_their_holder() {
     let holder = upgraded.peer_id().to_string();
     let addr = common::listen_addr(&upgraded).await;
     let fresh = common::p2p_node(&dir.path().join("fresh"), vec![addr], |_| {}).await;
-    for i in 0..5 {
+    until("the legacy tombstone on the fresh node", || async {
+        let deleted = fresh.doc("legacy/4").unwrap().get().await.unwrap_err();
+        deleted.to_string().contains("deleted").then_some(())
+    })
+    .await;
+    for i in 0..4 {
         let id = format!("legacy/{i}");
         // Reads see a merged change a moment before its signature is in
         // the store (see above): wait for both.

@@ -100,7 +100,7 @@ impl DocAccess for SimDocs {
         Ok(Applied::Ok(self.doc_state(doc)))
     }
 
-    fn delete(&mut self, doc: &str) -> Result<(), Refusal> {
+    fn delete(&mut self, doc: &str, _sig: &[u8]) -> Result<(), Refusal> {
         self.docs.remove(doc);
         self.deleted.insert(doc.to_string());
         Ok(())
@@ -374,7 +374,7 @@ impl Sim {
         if !d.docs.contains_key(doc) || d.deleted.contains(doc) {
             return;
         }
-        d.delete(doc).unwrap();
+        d.delete(doc, &[]).unwrap();
         self.input(
             node,
             Input::LocalDelete {

@@ -362,7 +362,10 @@ impl Docs {
     pub fn signatures(&self, id: &DocId) -> Result<Vec<u8>, DocError> {
         let mut out = Vec::new();
         for (hash, sig) in self.inner.store.sigs(id.as_str())? {
-            crate::trust::push_entry(&mut out, &hash, &sig);
+            // A deleted doc's tombstone signature is not a change's.
+            if hash != crate::trust::TOMBSTONE_HASH {
+                crate::trust::push_entry(&mut out, &hash, &sig);
+            }
         }
         Ok(out)
     }

@@ -149,6 +149,13 @@ pub(super) fn apply(
             meta.tail_changes = 0;
             batch.tombstone(id.as_str(), &meta, tail_range(&old));
             forget_side_data(inner, batch, id);
+            // Signed like a change: peers take a delete only from a node
+            // that may write the doc.
+            if let Some(signer) = &inner.signer {
+                let hash = crate::trust::TOMBSTONE_HASH;
+                let sig = signer.sign(id.as_str(), &hash).to_bytes();
+                batch.put_sig(id.as_str(), &hash, &sig);
+            }
             loaded.doc = new_doc(&inner.actor);
             loaded.meta = Some(meta.clone());
             let result = WriteResult {

@@ -410,6 +410,10 @@ fn store_merged(
 }
 
 impl DocAccess for Round<'_> {
+    fn tombstone_sig(&mut self, doc: &str) -> Vec<u8> {
+        super::sigs::tombstone_sig(self.inner, &mut self.batch, doc)
+    }
+
     fn state(&mut self, doc: &str) -> Option<DocState> {
         self.with_loaded(doc, |_, _, loaded| Ok(doc_state(loaded)))
             .ok()
@@ -623,14 +627,15 @@ impl DocAccess for Round<'_> {
         }
     }
 
-    fn delete(&mut self, doc: &str) -> Result<(), Refusal> {
-        // Deletes carry no signature yet: no peer may delete a system doc
-        // (grants, definitions, membership), which no node ever deletes.
+    fn delete(&mut self, doc: &str, sig: &[u8]) -> Result<(), Refusal> {
+        // No node deletes a system doc (grants, definitions, membership):
+        // a peer that sends one is refused whatever it signed.
         if crate::doc::is_system(doc) {
             return Err(Refusal::Invalid(format!(
                 "a peer may not delete system doc {doc:?}"
             )));
         }
+        let sig = super::sigs::check_tombstone(self.inner, self.from.as_deref(), doc, sig)?;
         self.with_loaded(doc, |round, id, loaded| {
             if deleted(loaded) {
                 return Ok(());
@@ -647,6 +652,8 @@ impl DocAccess for Round<'_> {
             meta.tail_changes = 0;
             round.batch.tombstone(id.as_str(), &meta, tail);
             super::persist::forget_side_data(round.inner, &mut round.batch, id);
+            let hash = crate::trust::TOMBSTONE_HASH;
+            round.batch.put_sig(id.as_str(), &hash, &sig);
             loaded.doc = new_doc(&round.inner.actor);
             loaded.meta = Some(meta);
             if existed {

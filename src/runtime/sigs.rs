@@ -182,3 +182,56 @@ fn may_write(
     let signer = sig.peer_id().map(|p| p.to_string()).unwrap_or_default();
     policy.may_write(&signer, doc)
 }
+
+/// The tombstone signature a peer sent with its delete of `doc`, once it
+/// checks out: valid over (doc, [`TOMBSTONE_HASH`](crate::trust::TOMBSTONE_HASH)),
+/// by a node that may write the doc. A relay (`from` is not the signer) is
+/// not charged for a signer the rules refuse.
+///
+/// # Errors
+/// Why the delete is not taken.
+pub(super) fn check_tombstone(
+    inner: &Inner,
+    from: Option<&str>,
+    doc: &str,
+    sig: &[u8],
+) -> Result<Vec<u8>, crate::sync::Refusal> {
+    use crate::sync::Refusal;
+    use crate::trust::{ChangeSig, TOMBSTONE_HASH};
+    let Some(valid) = ChangeSig::from_bytes(sig).filter(|s| s.verify(doc, &TOMBSTONE_HASH)) else {
+        let what = if sig.is_empty() { "no" } else { "an invalid" };
+        return Err(Refusal::Invalid(format!(
+            "delete of doc {doc:?} carries {what} signature: a delete must be signed by the node \
+             that made it"
+        )));
+    };
+    let signer = valid.peer_id().map(|p| p.to_string()).unwrap_or_default();
+    match inner.policy.get().may_write(&signer, doc) {
+        Ok(()) => Ok(valid.to_bytes().to_vec()),
+        Err(why) if from == Some(signer.as_str()) => Err(Refusal::Invalid(why)),
+        Err(why) => Err(Refusal::Local(why)),
+    }
+}
+
+/// The signature to send with `doc`'s tombstone: the stored one, else (a
+/// tombstone from before deletes were signed) this node's, if it may
+/// delete the doc, added to `batch` so it is signed once.
+pub(super) fn tombstone_sig(
+    inner: &Inner,
+    batch: &mut crate::store::WriteBatch,
+    doc: &str,
+) -> Vec<u8> {
+    let hash = crate::trust::TOMBSTONE_HASH;
+    if let Ok(Some(sig)) = inner.store.sig(doc, &hash) {
+        return sig;
+    }
+    let Some(signer) = inner.signer.as_ref() else {
+        return Vec::new();
+    };
+    if inner.policy.get().may_write(&inner.origin, doc).is_err() {
+        return Vec::new();
+    }
+    let sig = signer.sign(doc, &hash).to_bytes().to_vec();
+    batch.put_sig(doc, &hash, &sig);
+    sig
+}

@@ -6,7 +6,7 @@
 //! Digest  (2) = count:u32 u64*count
 //! Bucket  (3) = bucket:u32 answer:u8 count:u32 (str(doc) hash:u64)*count
 //! Sync    (4) = str(doc) bytes(data) bytes(sigs)
-//! Deleted (5) = str(doc)
+//! Deleted (5) = str(doc) bytes(sig)    (sig over (doc, trust::TOMBSTONE_HASH))
 //! Batch   (6) = count:u32 bytes(message)*count     (no batch inside a batch)
 //! Doc     (7) = str(doc) bytes(automerge chunks) bytes(sigs)
 //! sig = a trust::ChangeSig (96 bytes) or nothing; sigs = (hash:[u8; 32] sig)*
@@ -102,9 +102,10 @@ pub fn encode(msg: &Message) -> Vec<u8> {
             put_bytes(&mut out, data);
             put_bytes(&mut out, sigs);
         }
-        Message::Deleted { doc } => {
+        Message::Deleted { doc, sig } => {
             out.push(5);
             put_bytes(&mut out, doc.as_bytes());
+            put_bytes(&mut out, sig);
         }
         Message::Doc { doc, data, sigs } => {
             out.push(7);
@@ -255,7 +256,10 @@ pub fn decode(bytes: &[u8], cap: usize) -> Result<Message, DecodeError> {
             data: r.bytes()?.to_vec(),
             sigs: r.bytes()?.to_vec(),
         },
-        5 => Message::Deleted { doc: r.doc_id()? },
+        5 => Message::Deleted {
+            doc: r.doc_id()?,
+            sig: r.bytes()?.to_vec(),
+        },
         7 => Message::Doc {
             doc: r.doc_id()?,
             data: r.bytes()?.to_vec(),
@@ -425,7 +429,10 @@ mod tests {
                 data: vec![],
                 sigs: vec![],
             },
-            Message::Deleted { doc: "gone".into() },
+            Message::Deleted {
+                doc: "gone".into(),
+                sig: vec![7; 96],
+            },
             Message::Doc {
                 doc: "whole".into(),
                 data: vec![9; 5],
@@ -510,7 +517,10 @@ mod tests {
                     data: vec![],
                     sigs: vec![],
                 },
-                Message::Deleted { doc: id.clone() },
+                Message::Deleted {
+                    doc: id.clone(),
+                    sig: vec![],
+                },
                 Message::Doc {
                     doc: id.clone(),
                     data: vec![],

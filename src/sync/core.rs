@@ -333,7 +333,8 @@ impl Core {
                 for p in self.peers.values_mut() {
                     p.sessions.remove(&doc);
                 }
-                self.broadcast(Message::Deleted { doc }, None, &mut out);
+                let sig = docs.tombstone_sig(&doc);
+                self.broadcast(Message::Deleted { doc, sig }, None, &mut out);
             }
             Input::SendFailed { peer, doc } => {
                 if let Some(p) = self.peers.get_mut(&peer) {

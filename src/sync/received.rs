@@ -113,9 +113,10 @@ impl Core {
                     };
                     let hash = self.digest.entry(&doc).unwrap_or_default();
                     if deleted(&doc, hash) {
+                        let sig = docs.tombstone_sig(&doc);
                         out.push(Output::Send {
                             to: from.clone(),
-                            msg: Message::Deleted { doc },
+                            msg: Message::Deleted { doc, sig },
                         });
                     } else if push {
                         if p.to_push_set.insert(doc.clone()) {
@@ -217,11 +218,11 @@ impl Core {
                 }];
                 self.received_changes(now, from, doc, changes, docs, out);
             }
-            Message::Deleted { doc } => {
+            Message::Deleted { doc, sig } => {
                 if docs.state(&doc) == Some(DocState::Deleted) {
                     return;
                 }
-                if let Err(e) = docs.delete(&doc) {
+                if let Err(e) = docs.delete(&doc, &sig) {
                     return self.refuse(&from, format!("delete of {doc:?}"), e, out);
                 }
                 self.digest.set(&doc, &DocState::Deleted);
@@ -229,7 +230,10 @@ impl Core {
                     p.sessions.remove(&doc);
                 }
                 self.broadcast(
-                    Message::Deleted { doc: doc.clone() },
+                    Message::Deleted {
+                        doc: doc.clone(),
+                        sig,
+                    },
                     Some(from.clone()),
                     out,
                 );

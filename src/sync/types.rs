@@ -79,7 +79,7 @@ impl Message {
         match self {
             Message::Change { doc, .. }
             | Message::Sync { doc, .. }
-            | Message::Deleted { doc }
+            | Message::Deleted { doc, .. }
             | Message::Doc { doc, .. }
             | Message::Have { doc, .. } => Some(doc),
             Message::Digest { .. } | Message::Bucket { .. } | Message::Scope { .. } => None,
@@ -135,6 +135,10 @@ pub enum Message {
     Deleted {
         /// The doc.
         doc: String,
+        /// The tombstone's signature by the node that deleted it
+        /// (`trust::ChangeSig` over the doc and `trust::TOMBSTONE_HASH`);
+        /// empty when the sender holds none.
+        sig: Vec<u8>,
     },
     /// A whole doc, pushed to a peer that lacks it: Automerge chunks (a saved
     /// doc and/or changes) that the receiver merges. Needs no answer.
@@ -367,11 +371,19 @@ pub trait DocAccess {
             .map(|(c, s)| self.apply_change(doc, c, s))
             .collect()
     }
-    /// Deletes `doc` because a peer deleted it.
+    /// Deletes `doc` because a peer deleted it; `sig` is the tombstone's
+    /// signature (see [`Message::Deleted`]), which the shell checks and keeps.
     ///
     /// # Errors
-    /// The shell could not store the tombstone.
-    fn delete(&mut self, doc: &str) -> Result<(), Refusal>;
+    /// A signature that does not check out (or a signer that may not delete
+    /// the doc), or the shell could not store the tombstone.
+    fn delete(&mut self, doc: &str, sig: &[u8]) -> Result<(), Refusal>;
+
+    /// The signature of `doc`'s tombstone to send with a
+    /// [`Message::Deleted`] (empty if none).
+    fn tombstone_sig(&mut self, _doc: &str) -> Vec<u8> {
+        Vec::new()
+    }
     /// Every change of live `doc` as Automerge chunks that
     /// [`merge_doc`](Self::merge_doc) takes (a save, or stored chunks as they
     /// are), and their signatures (see [`Message::Sync`]); `None` if the doc

@@ -194,11 +194,10 @@ impl NodeBuilder {
             None => (None, None),
         };
         let feed = Arc::new(Feed::new(boot));
-        let policy = Arc::new(crate::grants::PolicySlot::new(crate::grants::Policy::new(
-            &config.net.admins,
-            None,
-            &Default::default(),
-        )));
+        let policy = Arc::new(crate::grants::PolicySlot::new(
+            crate::grants::Policy::new(&config.net.admins, None, &Default::default())
+                .with_runs(&peer_id.to_string(), Default::default()),
+        ));
         let local_policy = checked(self.unchecked, &policy);
         let docs = {
             let parts = crate::runtime::Parts {

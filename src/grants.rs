@@ -11,7 +11,14 @@
 //! - [`ACCESS_DOC`] and `_mergeflow/workflows/...` (definitions, enable and
 //!   disable): only admins. With `net.admins` empty every node is an admin,
 //!   as before admins existed.
-//! - Other system docs (effect markers): every admitted node.
+//! - Effect markers (`_mergeflow/effects/<workflow>/...`): the nodes that
+//!   run that workflow, as their membership docs' `/ran` shows (every
+//!   workflow a node has run; entries are never removed, so a node's old
+//!   markers stay valid after it stops running one). The node itself may
+//!   always write its own (its membership doc may not be read back yet). A
+//!   marker refused by this rule is not charged to the sender: the signer's
+//!   membership doc may simply not have arrived yet (see [`Policy::blames`]).
+//! - Other system docs: every admitted node.
 //! - Data docs: with no access file, every admitted node. With one, admins
 //!   and the peers a grant's `write` globs cover (`{peer}` stands for the
 //!   peer's id). A grant names peers by id, or by `labels` that the peer's
@@ -103,6 +110,15 @@ fn expand(glob: &str, peer: &str) -> String {
     glob.replace("{peer}", peer)
 }
 
+/// The workflow whose effect markers doc `id` holds, if it is a marker doc
+/// (`_mergeflow/effects/<workflow>/<hash>`; see `workflow::effect`).
+fn marker_workflow(id: &str) -> Option<&str> {
+    let rest = id
+        .strip_prefix(crate::doc::SYSTEM_PREFIX)?
+        .strip_prefix("effects/")?;
+    Some(rest.split_once('/')?.0)
+}
+
 /// What this node holds as the rules: admins, the applied grants, and the
 /// labels each node's membership doc shows.
 #[derive(Debug, Default)]
@@ -114,6 +130,10 @@ pub struct Policy {
     scopes: HashMap<String, (DocScope, DocScope)>,
     /// Allows everything: a hostile node in tests.
     anything: bool,
+    /// The workflows each node has run (its membership doc's `/ran`).
+    ran: HashMap<String, BTreeSet<String>>,
+    /// This node's peer id (it writes its own effect markers).
+    me: String,
 }
 
 impl Policy {
@@ -155,7 +175,24 @@ impl Policy {
             grants,
             scopes,
             anything: false,
+            ran: HashMap::new(),
+            me: String::new(),
         }
+    }
+
+    /// The same rules, knowing which workflows each node has run (effect
+    /// markers) and which node this is.
+    pub fn with_runs(mut self, me: &str, ran: HashMap<String, BTreeSet<String>>) -> Policy {
+        self.me = me.to_string();
+        self.ran = ran;
+        self
+    }
+
+    /// Whether a peer that sent a change to `doc` the rules refuse is to
+    /// blame (a strike). Not for effect markers: the signer's membership
+    /// doc, which says it runs the workflow, may still be on its way.
+    pub fn blames(&self, doc: &str) -> bool {
+        marker_workflow(doc).is_none()
     }
 
     /// A policy that allows every write: a node with its checks switched
@@ -205,6 +242,18 @@ impl Policy {
                 } else {
                     Err(format!(
                         "{peer} may not write {doc:?}: only {owner} writes its own membership doc"
+                    ))
+                };
+            }
+            if let Some(workflow) = marker_workflow(doc) {
+                let runs =
+                    peer == self.me || self.ran.get(peer).is_some_and(|r| r.contains(workflow));
+                return if runs {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "{peer} may not write {doc:?}: only nodes that run workflow \
+                         {workflow:?} write its effect markers"
                     ))
                 };
             }
@@ -302,7 +351,16 @@ mod tests {
         assert!(p.may_write(A, ACCESS_DOC).is_ok());
         assert!(p.may_write(B, &format!("_mergeflow/nodes/{A}")).is_err());
         assert!(p.may_write(B, &format!("_mergeflow/nodes/{B}")).is_ok());
+        assert!(p.may_write(B, "_mergeflow/effects/w/00").is_err());
+        let ran = HashMap::from([(B.to_string(), BTreeSet::from(["w".to_string()]))]);
+        let p = p.with_runs(A, ran);
         assert!(p.may_write(B, "_mergeflow/effects/w/00").is_ok());
+        assert!(p.may_write(B, "_mergeflow/effects/other/00").is_err());
+        assert!(
+            p.may_write(A, "_mergeflow/effects/other/00").is_ok(),
+            "its own"
+        );
+        assert!(!p.blames("_mergeflow/effects/other/00") && p.blames("x"));
     }
 
     #[test]

@@ -360,6 +360,12 @@ async fn a_node_with_its_checks_off_forges_no_system_doc() {
             set("/text", json!("name = \"evil\"")),
         ),
         (format!("sensors/{b_id}/forged"), set("/x", json!(1))),
+        // An effect marker of a workflow H does not run: it would make the
+        // nodes that do run it skip the effect.
+        (
+            "_mergeflow/effects/w/00".into(),
+            set("/k", json!({"by": h_id})),
+        ),
     ];
     for (id, change) in forged {
         h.docs().write(id.parse().unwrap(), change).await.unwrap();
@@ -400,6 +406,7 @@ async fn a_node_with_its_checks_off_forges_no_system_doc() {
         assert!(access.iter().all(|s| s.as_deref() == Some(a_id.as_str())));
         assert!(!exists(node, "_mergeflow/workflows/evil").await);
         assert!(!exists(node, &format!("sensors/{b_id}/forged")).await);
+        assert!(!exists(node, "_mergeflow/effects/w/00").await);
         assert!(node.policy().may_write(&h_id, "anything").is_err());
     }
     h.shutdown().await.unwrap();

@@ -539,7 +539,9 @@ async fn full_mesh_running(nodes: &[mergeflow::Node], workflows: &[&str]) {
                         n.peers().iter().filter(|p| p.connected).count() >= nodes.len() - 1;
                     let member =
                         path_of(n, &doc, &format!("/workflows/{w}")).await == Some(json!(true));
-                    (connected && member).then_some(())
+                    // What peers check its effect markers against.
+                    let ran = path_of(n, &doc, &format!("/ran/{w}")).await == Some(json!(true));
+                    (connected && member && ran).then_some(())
                 })
                 .await;
             }

@@ -1,12 +1,12 @@
 //! Keeping the node's [`Policy`] current, and applying an access file.
 //!
-//! The policy is built from `net.admins`, the access doc and the labels of
-//! every membership doc, and rebuilt whenever one of those docs changes
+//! The policy is built from `net.admins`, the access doc and the labels and
+//! workflows of every membership doc, and rebuilt whenever one of those docs changes
 //! (locally or merged from a peer). Between a grant arriving and the
 //! rebuild a change may still be checked against the old rules; a refused
 //! change comes back with the next sync repair.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use futures_util::StreamExt;
@@ -56,6 +56,7 @@ pub(crate) async fn load(
         Err(e) => closed(e.to_string()),
     };
     let mut labels: HashMap<String, BTreeMap<String, String>> = HashMap::new();
+    let mut ran: HashMap<String, BTreeSet<String>> = HashMap::new();
     let members = docs
         .list_page(ListQuery {
             prefix: "_mergeflow/nodes/".into(),
@@ -73,16 +74,25 @@ pub(crate) async fn load(
         let Ok(id) = DocId::new(m.id.as_str()) else {
             continue;
         };
-        let l = docs
-            .get(id, Pointer::parse("/labels").ok())
-            .await
-            .ok()
-            .and_then(|v| serde_json::from_value(v).ok())
-            .unwrap_or_default();
+        let Ok(member) = docs.get(id, None).await else {
+            continue;
+        };
+        let l = serde_json::from_value(member["labels"].clone()).unwrap_or_default();
         labels.insert(peer.to_string(), l);
+        // Every workflow it has run (`/ran`), and those it runs now (a
+        // membership doc written before `/ran` existed has only these).
+        let keys = |v: &serde_json::Value| {
+            v.as_object()
+                .map(|o| o.keys().cloned().collect::<Vec<_>>())
+                .unwrap_or_default()
+        };
+        let workflows = keys(&member["ran"])
+            .into_iter()
+            .chain(keys(&member["workflows"]));
+        ran.insert(peer.to_string(), workflows.collect());
     }
     labels.insert(me.0.to_string(), me.1.clone());
-    Policy::new(admins, access, &labels)
+    Policy::new(admins, access, &labels).with_runs(me.0, ran)
 }
 
 /// Rebuilds `slot` whenever the access doc or a membership doc changes,

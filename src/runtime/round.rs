@@ -301,7 +301,8 @@ fn store_checked(
 ) -> Result<DocState, Refusal> {
     store_merged(round, id, loaded, before, log).map_err(|why| {
         let signer = round.sigs.refused_signer.take();
-        if signer.is_some() && signer != round.from {
+        let blamed = signer == round.from && round.inner.policy.get().blames(id.as_str());
+        if signer.is_some() && !blamed {
             Refusal::Local(why)
         } else {
             Refusal::Invalid(why)

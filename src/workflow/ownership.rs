@@ -28,7 +28,14 @@ pub(super) async fn announce(shared: &Arc<Shared>) {
     let Ok(id) = DocId::new(super::effect::member_doc(&shared.local)) else {
         return;
     };
-    let values = vec![
+    // Every workflow it ever ran, never removed: peers take its effect
+    // markers for those (`crate::grants`), old ones included.
+    let ran: Vec<(Pointer, Json)> = names
+        .keys()
+        .filter_map(|n| Pointer::parse(&format!("/ran/{n}")).ok())
+        .map(|p| (p, Json::Bool(true)))
+        .collect();
+    let mut values = vec![
         (
             Pointer::parse("/workflows").expect("valid"),
             Json::Object(names),
@@ -44,6 +51,7 @@ pub(super) async fn announce(shared: &Arc<Shared>) {
             Json::String(shared.docs.actor().to_hex_string()),
         ),
     ];
+    values.extend(ran);
     if let Err(e) = shared.docs.write(id, Change::SetIfDifferent(values)).await {
         tracing::warn!(err = %e, "cannot write this node's workflow membership doc");
     }

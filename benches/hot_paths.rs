@@ -15,6 +15,7 @@ use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 
 use mergeflow::feed::ChangeEvent;
 use mergeflow::testing::store::{DocMeta, Store, WriteBatch};
+use mergeflow::testing::sync::Replicate;
 use mergeflow::testing::sync::digest::{Digest, DocState};
 use mergeflow::workflow::expr::Sandbox;
 use mergeflow::workflow::plan::Plan;
@@ -110,6 +111,13 @@ fn digest(c: &mut Criterion) {
     }
     g.bench_function("compare, 10 of 10,000 docs differ", |b| {
         b.iter(|| black_box(mine.differing(black_box(theirs.buckets()))))
+    });
+    // Partial replication: the digest a peer that holds some docs is sent,
+    // over the docs its globs cover (10 of 10,000 here; the core does this
+    // per digest to such a peer).
+    let scope = Replicate::new(&["fill/doc-1?".to_string(), "config/**".to_string()]).unwrap();
+    g.bench_function("digest over a scope, 10 of 10,000 docs", |b| {
+        b.iter(|| black_box(mine.buckets_where(|doc| scope.covers(doc))))
     });
     g.finish();
 }

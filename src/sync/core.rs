@@ -273,13 +273,7 @@ impl Core {
                 }
             }
             Input::DigestNow => {
-                let peers: Vec<PeerKey> = self
-                    .peers
-                    .iter()
-                    .filter(|(_, p)| p.replicate.is_some())
-                    .map(|(k, _)| k.clone())
-                    .collect();
-                for peer in peers {
+                for peer in self.scoped_peers() {
                     out.push(self.digest_now(now, rng, peer));
                 }
             }

@@ -111,16 +111,19 @@ impl Core {
         out: &mut Vec<super::Output>,
     ) {
         self.reads = reads;
-        let peers: Vec<String> = self
-            .peers
-            .iter()
-            .filter(|(_, p)| p.replicate.is_some())
-            .map(|(k, _)| k.clone())
-            .collect();
-        for peer in peers {
+        for peer in self.scoped_peers() {
             self.forget_unwanted(&peer);
             out.push(self.digest_now(now, rng, peer));
         }
+    }
+
+    /// The peers whose scope is known: those anti-entropy runs with.
+    pub(super) fn scoped_peers(&self) -> Vec<String> {
+        self.peers
+            .iter()
+            .filter(|(_, p)| p.replicate.is_some())
+            .map(|(k, _)| k.clone())
+            .collect()
     }
 
     /// Drops sessions, queued syncs, pushes and held changes of docs that

@@ -76,6 +76,27 @@ impl AccessFile {
         Ok(file)
     }
 
+    /// What in a valid file probably does not do what its author meant: a
+    /// `write` glob that is not among the same grant's `read` globs (a node
+    /// holds, and so writes, only docs it may read; another grant may still
+    /// give the same nodes the read).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (i, g) in self.grant.iter().enumerate() {
+            if g.read.iter().any(|r| r == "**") {
+                continue;
+            }
+            for w in g.write.iter().filter(|w| !g.read.contains(w)) {
+                out.push(format!(
+                    "grant {}: write {w:?} is not among its read globs: its nodes write only \
+                     docs they may also read (add it to read, unless another grant does)",
+                    i + 1
+                ));
+            }
+        }
+        out
+    }
+
     /// Checks a parsed file (see [`parse`](Self::parse)).
     ///
     /// # Errors
@@ -378,6 +399,21 @@ mod tests {
         assert!(p.may_read(A, "config/x") && !p.may_read(A, "alerts/x"));
         let stranger = "12D3KooWGzh4NaWz9CWKuyGQzXcgYBAFN5oEBZVmRQRG5Hf1f7Zo";
         assert!(p.may_write(stranger, "alerts/x").is_err());
+    }
+
+    #[test]
+    fn a_write_glob_without_its_read_is_warned_about() {
+        let file = |t: &str| AccessFile::parse(t, "access.toml").unwrap();
+        let w = file("[[grant]]\nlabels = { a = \"b\" }\nwrite = [\"s/{peer}/**\"]\n").warnings();
+        assert_eq!(w.len(), 1);
+        assert!(
+            w[0].contains("grant 1") && w[0].contains("s/{peer}/**"),
+            "{w:?}"
+        );
+        let ok = file(
+            "[[grant]]\nlabels = { a = \"b\" }\nwrite = [\"s/{peer}/**\"]\nread = [\"s/{peer}/**\", \"c/**\"]\n",
+        );
+        assert!(ok.warnings().is_empty());
     }
 
     #[test]

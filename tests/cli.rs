@@ -844,3 +844,28 @@ async fn events_write_flags_and_a_help_without_development_commands() {
     .unwrap();
     node.shutdown().await.unwrap();
 }
+
+/// `mergeflow access check` takes a valid file (exit 0) and warns about a
+/// grant that lets nodes write docs it does not let them read (they could
+/// write none of them: a node holds only docs it may read).
+#[test]
+fn access_check_warns_about_a_write_glob_without_its_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("access.toml");
+    std::fs::write(
+        &file,
+        "[[grant]]\nlabels = { role = \"sensor\" }\nwrite = [\"sensors/{peer}/**\"]\n",
+    )
+    .unwrap();
+    let out = Command::new(bin())
+        .args(["access", "check", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains(": ok"));
+    assert!(
+        stderr.contains("warning:") && stderr.contains("sensors/{peer}/**"),
+        "{stderr}"
+    );
+}

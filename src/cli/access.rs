@@ -37,8 +37,11 @@ pub(crate) async fn access(client: ClientArgs, cmd: AccessCmd) -> Result<()> {
     let read = |file: &PathBuf| {
         let text = std::fs::read_to_string(file)
             .with_context(|| format!("cannot read {}", file.display()))?;
-        mergeflow::grants::AccessFile::parse(&text, &file.display().to_string())
+        let parsed = mergeflow::grants::AccessFile::parse(&text, &file.display().to_string())
             .map_err(anyhow::Error::msg)?;
+        for w in parsed.warnings() {
+            eprintln!("warning: {}: {w}", file.display());
+        }
         Ok::<_, anyhow::Error>(text)
     };
     match cmd {

@@ -119,6 +119,7 @@ fn wire_messages() {
         },
         Message::Digest {
             buckets: vec![0, 7, u64::MAX],
+            answer: false,
         },
         Message::Bucket {
             bucket: 3,

@@ -279,7 +279,10 @@ async fn a_peer_without_frame_streams_gets_frames_by_request_response() {
             ev = peer.select_next_some() => {
                 // Its scope first, as every peer's first message: all docs.
                 if let SwarmEvent::ConnectionEstablished { .. } = ev {
-                    let scope = framed(&codec::encode(&Message::Scope { replicate: None }));
+                    let scope = framed(&codec::encode(&Message::Scope {
+                        replicate: None,
+                        ask: false,
+                    }));
                     peer.behaviour_mut().send_request(&a.peer_id(), scope);
                 }
                 if let SwarmEvent::Behaviour(request_response::Event::Message {
@@ -377,6 +380,7 @@ async fn a_peer_gossiping_garbage_is_rejected_and_banned() {
             format!("garbage {n}").into_bytes(),
             codec::encode(&Message::Digest {
                 buckets: vec![n; 64],
+                answer: false,
             }), // not for gossip
             codec::encode(&Message::Change {
                 doc: "bad id!".into(),
@@ -445,6 +449,7 @@ async fn a_flooding_peer_is_rate_limited() {
     flooder.dial(a_addr).unwrap();
     let digest = framed(&codec::encode(&Message::Digest {
         buckets: vec![7; 64],
+        answer: false,
     }));
     const FLOOD: u64 = 3_000;
     let deadline = Instant::now() + Duration::from_secs(60);

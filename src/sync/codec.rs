@@ -3,7 +3,7 @@
 //! ```text
 //! message = version:u8 (=4) kind:u8 body
 //! Change  (1) = str(doc) bytes(change) bytes(sig) ack:u8 count:u32 tag:u64*count
-//! Digest  (2) = count:u32 u64*count
+//! Digest  (2) = answer:u8 count:u32 u64*count
 //! Bucket  (3) = bucket:u32 answer:u8 count:u32 (str(doc) hash:u64)*count
 //! Sync    (4) = str(doc) bytes(data) bytes(sigs)
 //! Deleted (5) = str(doc) bytes(sig)    (sig over (doc, trust::TOMBSTONE_HASH))
@@ -11,7 +11,7 @@
 //! Doc     (7) = str(doc) bytes(automerge chunks) bytes(sigs)
 //! sig = a trust::ChangeSig (96 bytes) or nothing; sigs = (hash:[u8; 32] sig)*
 //! Have    (8) = str(doc) count:u32 hash:[u8; 32]*count
-//! Scope   (9) = all:u8 count:u32 str(glob)*count      (all = 1: count is 0)
+//! Scope   (9) = all:u8 ask:u8 count:u32 str(glob)*count      (all = 1: count is 0)
 //! str/bytes = len:u32 payload          integers little-endian
 //! ```
 //!
@@ -78,8 +78,9 @@ pub fn encode(msg: &Message) -> Vec<u8> {
             out.push(u8::from(*ack));
             put_u64s(&mut out, seen);
         }
-        Message::Digest { buckets } => {
+        Message::Digest { buckets, answer } => {
             out.push(2);
+            out.push(u8::from(*answer));
             put_u64s(&mut out, buckets);
         }
         Message::Bucket {
@@ -121,9 +122,10 @@ pub fn encode(msg: &Message) -> Vec<u8> {
                 out.extend_from_slice(&h.0);
             }
         }
-        Message::Scope { replicate } => {
+        Message::Scope { replicate, ask } => {
             out.push(9);
             out.push(u8::from(replicate.is_none()));
+            out.push(u8::from(*ask));
             let globs = replicate.as_deref().unwrap_or_default();
             put_u32(&mut out, globs.len() as u32);
             for g in globs {
@@ -231,9 +233,11 @@ pub fn decode(bytes: &[u8], cap: usize) -> Result<Message, DecodeError> {
             }
         }
         2 => {
+            let answer = r.flag("digest answer flag is not 0 or 1")?;
             let n = r.count(8)?;
             Message::Digest {
                 buckets: r.u64s(n)?,
+                answer,
             }
         }
         3 => {
@@ -277,6 +281,7 @@ pub fn decode(bytes: &[u8], cap: usize) -> Result<Message, DecodeError> {
         }
         9 => {
             let all = r.flag("scope flag is not 0 or 1")?;
+            let ask = r.flag("scope ask flag is not 0 or 1")?;
             let n = r.count(4)?;
             if n > MAX_SCOPE_GLOBS || (all && n > 0) {
                 return Err(DecodeError::Malformed("scope lists too many globs"));
@@ -289,6 +294,7 @@ pub fn decode(bytes: &[u8], cap: usize) -> Result<Message, DecodeError> {
             }
             Message::Scope {
                 replicate: (!all).then_some(globs),
+                ask,
             }
         }
         k => return Err(DecodeError::Kind(k)),
@@ -418,6 +424,7 @@ mod tests {
             },
             Message::Digest {
                 buckets: vec![0, u64::MAX, 42],
+                answer: true,
             },
             Message::Bucket {
                 bucket: 7,
@@ -445,9 +452,13 @@ mod tests {
                     automerge::ChangeHash([4; 32]),
                 ],
             },
-            Message::Scope { replicate: None },
+            Message::Scope {
+                replicate: None,
+                ask: true,
+            },
             Message::Scope {
                 replicate: Some(vec!["sensors/s1/**".into(), "config/*".into()]),
+                ask: false,
             },
         ]
     }

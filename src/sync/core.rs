@@ -55,10 +55,11 @@ pub(super) struct Peer {
     pub(super) to_push: std::collections::VecDeque<String>,
     pub(super) to_push_set: std::collections::HashSet<String>,
     pub(super) next_digest_at: u64,
-    /// We sent it our digest after its last one arrived: a matching digest
-    /// from it now may be its answer to ours, and is not answered again.
-    pub(super) digest_sent_last: bool,
     pub(super) last_in_sync_at: Option<u64>,
+    /// We sent it a digest (not an answer) and no digest from it has come
+    /// since: one that comes now crossed ours, and needs no answer (it
+    /// gets ours).
+    pub(super) awaiting_answer: bool,
     /// Fast-path changes that arrived before their dependencies (frames can
     /// overtake each other), per doc, with when the first was held. They are
     /// retried with the doc's next changes from this peer; a doc still
@@ -200,22 +201,19 @@ impl Core {
                         to_push: Default::default(),
                         to_push_set: Default::default(),
                         next_digest_at: next,
-                        digest_sent_last: true,
                         last_in_sync_at: None,
+                        awaiting_answer: false,
                         held: HashMap::new(),
                         held_count: 0,
                         busy: false,
                         replicate: None,
                     },
                 );
-                // Our scope first; our digest follows theirs (it is compared
-                // over the docs both hold).
-                out.push(Output::Send {
-                    to: peer,
-                    msg: Message::Scope {
-                        replicate: self.cfg.replicate.to_wire(),
-                    },
-                });
+                // Our scope first, asking for theirs (the peer may not see
+                // this link as new: it then sends no scope of its own); our
+                // digest follows theirs (it is compared over the docs both
+                // hold).
+                out.push(self.scope_to(peer, true));
             }
             Input::Reads(reads) => self.reads_changed(now, rng, reads, &mut out),
             Input::PeerDown(peer) => {
@@ -351,8 +349,8 @@ impl Core {
                     // this one's PeerUp was lost (a full queue): register it now.
                     out.extend(self.handle(now, rng, Input::PeerUp(from.clone()), docs));
                 }
-                if let Message::Scope { replicate } = msg {
-                    self.scope_received(now, rng, &from, replicate, &mut out);
+                if let Message::Scope { replicate, ask } = msg {
+                    self.scope_received(now, rng, &from, replicate, ask, &mut out);
                 } else {
                     self.received(now, from, msg, docs, &mut out);
                 }
@@ -401,16 +399,18 @@ impl Core {
         let next = now + self.jittered(rng);
         if let Some(p) = self.peers.get_mut(&peer) {
             p.next_digest_at = next;
-            p.digest_sent_last = true;
+            p.awaiting_answer = true;
         }
-        self.digest_to(peer)
+        self.digest_to(peer, false)
     }
 
-    pub(super) fn digest_to(&self, peer: PeerKey) -> Output {
+    /// Our digest for `peer` (compared over the docs both hold); `answer`
+    /// when it answers theirs.
+    pub(super) fn digest_to(&self, peer: PeerKey, answer: bool) -> Output {
         let buckets = self.buckets_for(&peer).into_owned();
         Output::Send {
             to: peer,
-            msg: Message::Digest { buckets },
+            msg: Message::Digest { buckets, answer },
         }
     }
 

@@ -29,9 +29,12 @@ impl Core {
         let scope_known = self.peers.get(&from).is_some_and(|p| p.replicate.is_some());
         match msg {
             // Digests are compared over the docs both hold: not before its
-            // scope is known (its Scope message comes first on the link).
-            Message::Digest { .. } | Message::Bucket { .. } if !scope_known => {}
-            Message::Digest { buckets } => {
+            // scope is known. Its Scope message comes first on a new link;
+            // if we missed it (the link was new only to us), we ask.
+            Message::Digest { .. } | Message::Bucket { .. } if !scope_known => {
+                out.push(self.scope_to(from, true));
+            }
+            Message::Digest { buckets, answer } => {
                 if buckets.len() != self.digest.buckets().len() {
                     let reason = format!(
                         "digest has {} buckets, we use {}",
@@ -43,17 +46,18 @@ impl Core {
                 let differing = super::digest::differing(&self.buckets_for(&from), &buckets);
                 let period = self.cfg.anti_entropy_ms.max(1);
                 if let Some(p) = self.peers.get_mut(&from) {
-                    let answer = differing.is_empty() && !p.digest_sent_last;
+                    let crossed = std::mem::take(&mut p.awaiting_answer);
                     if differing.is_empty() {
                         p.last_in_sync_at = Some(now);
-                    }
-                    // Tell it we agree, unless this digest may be its answer
-                    // to ours (no ping-pong). The exchange counts as this
-                    // period's for both sides, so idle traffic stays as it was.
-                    p.digest_sent_last = answer;
-                    if answer {
-                        p.next_digest_at = now + period;
-                        out.push(self.digest_to(from.clone()));
+                        // Tell it we agree, unless this answers ours or
+                        // crossed it (it gets ours): no ping-pong. The
+                        // exchange counts as this period's for both sides:
+                        // one digest each way per period, as when each sent
+                        // its own.
+                        p.next_digest_at = p.next_digest_at.max(now + period);
+                        if !answer && !crossed {
+                            out.push(self.digest_to(from.clone(), true));
+                        }
                     }
                 }
                 if differing.is_empty() {

@@ -78,23 +78,45 @@ impl Core {
         entries
     }
 
+    /// Our [`Message::Scope`](super::Message::Scope) for `peer`, asking for
+    /// theirs or not.
+    pub(super) fn scope_to(&self, peer: String, ask: bool) -> super::Output {
+        super::Output::Send {
+            to: peer,
+            msg: super::Message::Scope {
+                replicate: self.cfg.replicate.to_wire(),
+                ask,
+            },
+        }
+    }
+
     /// A peer's [`Message::Scope`](super::Message::Scope): from now on it is
-    /// sent what it asked for. The first one starts anti-entropy with it.
+    /// sent what it asked for. A new or changed one starts anti-entropy with
+    /// it; one that asks is answered with ours.
     pub(super) fn scope_received<R: rand::Rng>(
         &mut self,
         now: u64,
         rng: &mut R,
         from: &str,
         replicate: Option<Vec<String>>,
+        ask: bool,
         out: &mut Vec<super::Output>,
     ) {
+        let wire = replicate.clone();
         let scope = match Replicate::from_wire(replicate) {
             Ok(s) => s,
             Err(e) => return self.reject(from, format!("scope: {e}"), out),
         };
+        if ask {
+            out.push(self.scope_to(from.to_string(), false));
+        }
         let Some(p) = self.peers.get_mut(from) else {
             return;
         };
+        let known = p.replicate.as_ref().map(Replicate::to_wire);
+        if known == Some(wire) {
+            return; // as we knew it
+        }
         p.replicate = Some(scope);
         self.forget_unwanted(from);
         out.push(self.digest_now(now, rng, from.to_string()));

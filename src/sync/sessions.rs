@@ -167,14 +167,7 @@ impl Core {
         docs: &mut D,
         out: &mut Vec<Output>,
     ) {
-        if !self.wants(peer, doc) {
-            // Not sent to it (the grants changed, or it asks for docs it
-            // may not read): the session ends without an answer.
-            if let Some(p) = self.peers.get_mut(peer) {
-                p.sessions.remove(doc);
-            }
-            return;
-        }
+        let wanted = self.wants(peer, doc);
         let max_idle = self.cfg.max_idle_rounds;
         let entry = self.digest.entry(doc);
         let ours = match docs.state(doc) {
@@ -200,6 +193,14 @@ impl Core {
             // turn, and so on forever.
             p.sessions.remove(doc);
             self.start_pending(now, peer, docs, out);
+            return;
+        }
+        if !wanted {
+            // Not sent to it (its scope is not known yet, the grants
+            // changed, or it asks for docs it may not read): the session
+            // ends without an answer. (Agreement is still kept above: a
+            // peer whose link restarted may finish a session it began.)
+            p.sessions.remove(doc);
             return;
         }
         if progressed || session.last_entry != entry {

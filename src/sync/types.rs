@@ -110,6 +110,10 @@ pub enum Message {
     Digest {
         /// Bucket hashes.
         buckets: Vec<u64>,
+        /// It answers the receiver's digest (which matched): not answered
+        /// in turn. Any other digest that matches is answered, so both
+        /// sides learn they agree within a round trip.
+        answer: bool,
     },
     /// The sender's docs in one bucket, answering a digest that differed there.
     Bucket {
@@ -159,10 +163,13 @@ pub enum Message {
         heads: Vec<automerge::ChangeHash>,
     },
     /// The docs the sender holds (its `node.replicate` globs; `None` for
-    /// all): the first message on every link (see `scope.rs`).
+    /// all): the first message on every link (see `scope.rs`), and the
+    /// answer to a peer that asks.
     Scope {
         /// Its globs.
         replicate: Option<Vec<String>>,
+        /// The sender does not know the receiver's scope: answer with yours.
+        ask: bool,
     },
 }
 /// An event for the core.

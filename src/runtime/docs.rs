@@ -82,6 +82,7 @@ impl Docs {
                 started: std::time::Instant::now(),
                 dropped_outputs: 0,
                 policy_seen: None,
+                leftover_sigs: Default::default(),
             }
         });
         let (tx, rx) = queues.channel("writer", cfg.write_queue);

@@ -22,6 +22,9 @@ pub(crate) struct SyncRuntime {
     pub(crate) rng: rand::rngs::StdRng,
     pub(crate) started: std::time::Instant,
     pub(crate) dropped_outputs: u64,
+    /// Signatures peers offered that no stored change used yet (see
+    /// [`Leftovers`](super::sigs::Leftovers)).
+    pub(crate) leftover_sigs: super::sigs::Leftovers,
     /// The policy the core's read rules were last taken from.
     pub(crate) policy_seen: Option<std::sync::Arc<crate::grants::Policy>>,
 }

@@ -70,7 +70,7 @@ pub(super) struct PendingEvent {
 }
 
 impl<'a> Round<'a> {
-    pub(super) fn new(inner: &'a Inner) -> Round<'a> {
+    pub(super) fn new(inner: &'a Inner, leftovers: super::sigs::Leftovers) -> Round<'a> {
         Round {
             inner,
             batch: WriteBatch::default(),
@@ -80,7 +80,7 @@ impl<'a> Round<'a> {
             events: Vec::new(),
             from: None,
             confirm: false,
-            sigs: Default::default(),
+            sigs: super::sigs::SigBook::with_leftovers(leftovers),
         }
     }
 

@@ -27,9 +27,61 @@ pub(super) struct SigBook {
     /// The signer of the last change refused by the rules (a valid
     /// signature by a node that may not write the doc).
     pub(super) refused_signer: Option<String>,
+    /// Signatures offered in earlier rounds that no stored change used yet
+    /// (see [`Leftovers`]).
+    pub(super) leftovers: Leftovers,
+}
+
+/// How long an offered signature that no change used waits for its change.
+const LEFTOVER_TTL: std::time::Duration = std::time::Duration::from_secs(120);
+/// Most offered signatures kept waiting.
+const MAX_LEFTOVERS: usize = 16_384;
+
+/// Offered signatures kept from round to round: Automerge queues a change
+/// whose dependencies have not arrived (a sync message can bring a change
+/// before its parent, after a Bloom filter false positive) and applies it
+/// later, with them, in another message and round. Its signature came with
+/// the first message; without it the change would be refused then, and the
+/// sender struck. Bounded in number and age; each is verified when used.
+#[derive(Default)]
+pub(crate) struct Leftovers(HashMap<(String, [u8; 32]), (Vec<u8>, std::time::Instant)>);
+
+impl Leftovers {
+    fn take(&mut self, key: &(String, [u8; 32])) -> Option<Vec<u8>> {
+        self.0.remove(key).map(|(sig, _)| sig)
+    }
+
+    /// Keeps `unused` (this round's offered signatures no change used),
+    /// dropping those past their time or over the cap.
+    fn keep(&mut self, unused: HashMap<(String, [u8; 32]), Vec<u8>>) {
+        let now = std::time::Instant::now();
+        self.0
+            .retain(|_, (_, at)| now.duration_since(*at) < LEFTOVER_TTL);
+        for (key, sig) in unused {
+            if self.0.len() >= MAX_LEFTOVERS {
+                break;
+            }
+            self.0.entry(key).or_insert((sig, now));
+        }
+    }
 }
 
 impl SigBook {
+    /// A round's book, with the signatures earlier rounds left waiting.
+    pub(super) fn with_leftovers(leftovers: Leftovers) -> SigBook {
+        SigBook {
+            leftovers,
+            ..SigBook::default()
+        }
+    }
+
+    /// Ends the round: what was offered and not used waits for the next.
+    pub(super) fn into_leftovers(mut self) -> Leftovers {
+        let unused = std::mem::take(&mut self.offered);
+        self.leftovers.keep(unused);
+        self.leftovers
+    }
+
     /// A peer sent `sig` with change `hash` of `doc`.
     pub(super) fn offer(&mut self, doc: &str, hash: [u8; 32], sig: &[u8]) {
         if !sig.is_empty() {
@@ -126,7 +178,11 @@ impl SigBook {
         let mut out = Vec::with_capacity(new.len());
         for c in new {
             let hash = c.hash().0;
-            let offered = self.offered.remove(&(id.as_str().to_string(), hash));
+            let key = (id.as_str().to_string(), hash);
+            let offered = self
+                .offered
+                .remove(&key)
+                .or_else(|| self.leftovers.take(&key));
             let verified = offered
                 .as_deref()
                 .and_then(ChangeSig::from_bytes)

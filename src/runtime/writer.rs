@@ -109,7 +109,11 @@ fn write_round(
     mut sync: Option<&mut SyncRuntime>,
     clients: &mut Clients,
 ) -> Vec<WriteReq> {
-    let mut round = Round::new(inner);
+    let leftovers = sync
+        .as_deref_mut()
+        .map(|s| std::mem::take(&mut s.leftover_sigs))
+        .unwrap_or_default();
+    let mut round = Round::new(inner, leftovers);
     let mut results = Vec::with_capacity(msgs.len());
     // Whether a write that succeeded waits for the flush.
     let mut durable = false;
@@ -266,8 +270,12 @@ fn write_round(
         live_delta,
         poisoned,
         events,
+        sigs,
         ..
     } = round;
+    if let Some(s) = sync.as_deref_mut() {
+        s.leftover_sigs = sigs.into_leftovers();
+    }
     for (_, slot) in poisoned {
         *lock_slot(&slot) = None;
     }

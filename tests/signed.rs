@@ -577,3 +577,79 @@ async fn a_peer_that_lost_acknowledged_changes_gets_them_again_signed() {
     b.shutdown().await.unwrap();
     a.shutdown().await.unwrap();
 }
+
+/// A change that arrives before its parent (a pushed doc or a sync message
+/// can bring one after a Bloom filter false positive) waits in Automerge's
+/// queue; when the parent comes, in a later message and write round, both
+/// are stored, each with the signature its own message carried. (Before
+/// the fix the child's signature was dropped with its round: the child was
+/// refused as unsigned and its sender struck, and the two nodes looped.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_that_waited_for_its_parent_keeps_its_signature() {
+    use automerge::ReadDoc;
+    use automerge::transaction::Transactable;
+    use mergeflow::testing::sync::{Input, Message, Output};
+    use mergeflow::trust::Signer;
+    let dir = tempfile::tempdir().unwrap();
+    let node = mergeflow::Node::builder()
+        .data_dir(dir.path())
+        .sync(Default::default())
+        .start()
+        .await
+        .unwrap();
+    let mut outputs = node.take_sync_outputs().unwrap();
+    let peer = Signer::new(&libp2p::identity::Keypair::generate_ed25519()).unwrap();
+    // Parent and child, made by the peer.
+    let mut d = automerge::Automerge::new();
+    let mut hashes = Vec::new();
+    for n in [1, 2] {
+        let mut tx = d.transaction();
+        tx.put(automerge::ROOT, "n", n).unwrap();
+        hashes.push(tx.commit().0.unwrap());
+    }
+    let x = peer.sign("q", &hashes[0].0).peer_id().unwrap().to_string();
+    node.sync_input(Input::PeerUp(x.clone()));
+    node.sync_input(Input::Received {
+        from: x.clone(),
+        msg: Message::Scope {
+            replicate: None,
+            ask: false,
+        },
+    });
+    let push = |h: &automerge::ChangeHash| {
+        let bytes = d.get_change_by_hash(h).unwrap().raw_bytes().to_vec();
+        let mut sigs = Vec::new();
+        mergeflow::trust::push_entry(&mut sigs, &h.0, &peer.sign("q", &h.0).to_bytes());
+        node.sync_input(Input::Received {
+            from: x.clone(),
+            msg: Message::Doc {
+                doc: "q".into(),
+                data: bytes,
+                sigs,
+            },
+        });
+    };
+    // The child first, then the parent in a later round: a local write
+    // queued after the child returns once the child's round is done.
+    push(&hashes[1]);
+    node.doc("barrier")
+        .unwrap()
+        .patch(json!({"b": 1}))
+        .await
+        .unwrap();
+    push(&hashes[0]);
+    until(
+        "both changes stored, each with the peer's signature",
+        || async {
+            let h = node.docs().history("q".parse().unwrap()).await.ok()?;
+            (h.len() == 2 && h.iter().all(|e| e.signed_by.as_deref() == Some(x.as_str())))
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(node.doc("q").unwrap().get().await.unwrap(), json!({"n": 2}));
+    while let Ok(out) = outputs.try_recv() {
+        assert!(!matches!(out, Output::Rejected { .. }), "{out:?}");
+    }
+    node.shutdown().await.unwrap();
+}

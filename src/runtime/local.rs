@@ -151,11 +151,7 @@ pub(super) fn apply(
             forget_side_data(inner, batch, id);
             // Signed like a change: peers take a delete only from a node
             // that may write the doc.
-            if let Some(signer) = &inner.signer {
-                let hash = crate::trust::TOMBSTONE_HASH;
-                let sig = signer.sign(id.as_str(), &hash).to_bytes();
-                batch.put_sig(id.as_str(), &hash, &sig);
-            }
+            super::sigs::sign_tombstone(inner, batch, id.as_str());
             loaded.doc = new_doc(&inner.actor);
             loaded.meta = Some(meta.clone());
             let result = WriteResult {

@@ -32,6 +32,25 @@ pub(super) struct SigBook {
     pub(super) leftovers: Leftovers,
 }
 
+/// True if the copy of `doc` in memory has change `hash` (false when the
+/// doc is not in memory: the signature is kept, to be safe).
+fn in_doc(inner: &Inner, doc: &str, hash: &[u8; 32]) -> bool {
+    use automerge::ReadDoc;
+    let Ok(id) = DocId::new(doc) else {
+        return false;
+    };
+    let Some(slot) = inner.cache.cached(&id) else {
+        return false;
+    };
+    let guard = crate::doc::cache::lock_slot(&slot);
+    guard.as_ref().is_some_and(|loaded| {
+        loaded
+            .doc
+            .get_change_by_hash(&automerge::ChangeHash(*hash))
+            .is_some()
+    })
+}
+
 /// How long an offered signature that no change used waits for its change.
 const LEFTOVER_TTL: std::time::Duration = std::time::Duration::from_secs(120);
 /// Most offered signatures kept waiting.
@@ -75,9 +94,12 @@ impl SigBook {
         }
     }
 
-    /// Ends the round: what was offered and not used waits for the next.
-    pub(super) fn into_leftovers(mut self) -> Leftovers {
-        let unused = std::mem::take(&mut self.offered);
+    /// Ends the round: what was offered and not used waits for the next,
+    /// unless its change is already in the doc (a duplicate delivery: its
+    /// signature is stored, and would only fill the cap).
+    pub(super) fn into_leftovers(mut self, inner: &Inner) -> Leftovers {
+        let mut unused = std::mem::take(&mut self.offered);
+        unused.retain(|(doc, hash), _| !in_doc(inner, doc, hash));
         self.leftovers.keep(unused);
         self.leftovers
     }
@@ -281,13 +303,21 @@ pub(super) fn tombstone_sig(
     if let Ok(Some(sig)) = inner.store.sig(doc, &hash) {
         return sig;
     }
-    let Some(signer) = inner.signer.as_ref() else {
-        return Vec::new();
-    };
     if inner.policy.get().may_write(&inner.origin, doc).is_err() {
         return Vec::new();
     }
-    let sig = signer.sign(doc, &hash).to_bytes().to_vec();
+    sign_tombstone(inner, batch, doc).unwrap_or_default()
+}
+
+/// Signs `doc`'s tombstone with this node's key (none on an unsigned node)
+/// and adds the signature to `batch`, beside the tombstone.
+pub(super) fn sign_tombstone(
+    inner: &Inner,
+    batch: &mut crate::store::WriteBatch,
+    doc: &str,
+) -> Option<Vec<u8>> {
+    let hash = crate::trust::TOMBSTONE_HASH;
+    let sig = inner.signer.as_ref()?.sign(doc, &hash).to_bytes().to_vec();
     batch.put_sig(doc, &hash, &sig);
-    sig
+    Some(sig)
 }

@@ -274,7 +274,7 @@ fn write_round(
         ..
     } = round;
     if let Some(s) = sync.as_deref_mut() {
-        s.leftover_sigs = sigs.into_leftovers();
+        s.leftover_sigs = sigs.into_leftovers(inner);
     }
     for (_, slot) in poisoned {
         *lock_slot(&slot) = None;

@@ -53,10 +53,7 @@ impl Replicate {
     /// # Errors
     /// A pattern that does not parse.
     pub fn from_wire(globs: Option<Vec<String>>) -> Result<Replicate, String> {
-        match globs {
-            None => Ok(Replicate::All),
-            Some(g) => DocScope::new(&g).map(Replicate::Globs),
-        }
+        globs.map_or(Ok(Replicate::All), |g| Replicate::new(&g))
     }
 }
 

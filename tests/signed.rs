@@ -139,6 +139,24 @@ fn change(n: i64) -> (Vec<u8>, [u8; 32]) {
     )
 }
 
+/// A node with the sync core and no network: the test hands it peers'
+/// messages (`Node::sync_input`) and reads what it would send.
+async fn sync_only_node(
+    dir: &std::path::Path,
+) -> (
+    mergeflow::Node,
+    tokio::sync::mpsc::Receiver<mergeflow::testing::sync::Output>,
+) {
+    let node = mergeflow::Node::builder()
+        .data_dir(dir)
+        .sync(Default::default())
+        .start()
+        .await
+        .unwrap();
+    let outputs = node.take_sync_outputs().unwrap();
+    (node, outputs)
+}
+
 /// Injected as if from peer `x`: changes with a forged, missing, misplaced
 /// or unauthorised signature are never stored and each counts against the
 /// sender; a change signed by a node that may write the doc is stored.
@@ -147,13 +165,7 @@ async fn changes_without_a_valid_signature_are_refused() {
     use mergeflow::testing::sync::{Input, Message, Output};
     use mergeflow::trust::Signer;
     let dir = tempfile::tempdir().unwrap();
-    let node = mergeflow::Node::builder()
-        .data_dir(dir.path())
-        .sync(Default::default())
-        .start()
-        .await
-        .unwrap();
-    let mut outputs = node.take_sync_outputs().unwrap();
+    let (node, mut outputs) = sync_only_node(dir.path()).await;
     let peer = Signer::new(&libp2p::identity::Keypair::generate_ed25519()).unwrap();
     // The sending peer is the one that signs (as a real peer's key would).
     let x = {
@@ -591,13 +603,7 @@ async fn a_change_that_waited_for_its_parent_keeps_its_signature() {
     use mergeflow::testing::sync::{Input, Message, Output};
     use mergeflow::trust::Signer;
     let dir = tempfile::tempdir().unwrap();
-    let node = mergeflow::Node::builder()
-        .data_dir(dir.path())
-        .sync(Default::default())
-        .start()
-        .await
-        .unwrap();
-    let mut outputs = node.take_sync_outputs().unwrap();
+    let (node, mut outputs) = sync_only_node(dir.path()).await;
     let peer = Signer::new(&libp2p::identity::Keypair::generate_ed25519()).unwrap();
     // Parent and child, made by the peer.
     let mut d = automerge::Automerge::new();

@@ -273,9 +273,6 @@ fn write_round(
         sigs,
         ..
     } = round;
-    if let Some(s) = sync.as_deref_mut() {
-        s.leftover_sigs = sigs.into_leftovers(inner);
-    }
     for (_, slot) in poisoned {
         *lock_slot(&slot) = None;
     }
@@ -312,6 +309,12 @@ fn write_round(
     }
     let mut acks: Vec<Ack> = Vec::with_capacity(results.len() + 2);
     inner.live_docs.fetch_add(live_delta, Ordering::Relaxed);
+    // After the live count: readers that see the batch's docs see them
+    // counted as soon as this round can tell them (the scan below locks
+    // slots).
+    if let Some(s) = sync.as_deref_mut() {
+        s.leftover_sigs = sigs.into_leftovers(inner);
+    }
     if !to_clients.is_empty() {
         if clients_wait {
             acks.push(Box::new(move |flushed| match flushed {

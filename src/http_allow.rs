@@ -123,11 +123,10 @@ impl HttpAllow {
 
     /// An HTTP client that dials only what this allows: names resolve to
     /// allowed addresses only, and redirects go to allowed URLs only.
-    pub fn client(self) -> reqwest::Client {
+    pub fn client(self, roots: &[reqwest::Certificate]) -> reqwest::Client {
         let allow = Arc::new(self);
         let redirects = allow.clone();
-        reqwest::Client::builder()
-            .connect_timeout(std::time::Duration::from_secs(10))
+        client_builder(roots)
             .dns_resolver(Arc::new(Resolver(allow)))
             .redirect(reqwest::redirect::Policy::custom(move |attempt| {
                 if attempt.previous().len() >= 10 {
@@ -141,6 +140,28 @@ impl HttpAllow {
             .build()
             .expect("reqwest client builds")
     }
+}
+
+/// The builder every `http` step client starts from: a 10 s connect
+/// timeout, and `roots` trusted for `https://` besides the system's.
+pub fn client_builder(roots: &[reqwest::Certificate]) -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .tls_certs_merge(roots.iter().cloned())
+}
+
+/// Reads `workflow.tls_ca`: a PEM file of one or more CA certificates.
+///
+/// # Errors
+/// The file, and why it cannot be read or holds no certificate.
+pub fn read_ca(path: &std::path::Path) -> Result<Vec<reqwest::Certificate>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem)
+        .map_err(|e| format!("{}: not PEM certificates: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: holds no certificate", path.display()));
+    }
+    Ok(certs)
 }
 
 /// Not loopback, private, link-local, shared (CGNAT), unspecified,

@@ -118,6 +118,13 @@ pub struct WorkflowConfig {
     /// addresses only when their range is listed too. Empty: applied
     /// definitions post nowhere; workflow-dir files are not limited.
     pub http_allow: Vec<String>,
+    /// Most bytes of one step's output kept in its run record (an `http`
+    /// answer's body, an `exec` command's stdout): a larger one fails the
+    /// step with an error saying so, and is never cut silently.
+    pub max_step_output: u64,
+    /// A PEM file of CA certificates that `https://` steps trust besides
+    /// the system's (an internal CA); empty: the system's only.
+    pub tls_ca: PathBuf,
 }
 
 /// `[node]`: identity and where data lives.
@@ -457,6 +464,8 @@ impl Default for Config {
                 effect_wait_ms: 60_000,
                 allow_applied_exec: false,
                 http_allow: vec![],
+                max_step_output: 1 << 20,
+                tls_ca: PathBuf::new(),
             },
         }
     }

@@ -100,6 +100,14 @@ impl Config {
         if let Err(e) = crate::http_allow::HttpAllow::new(&self.workflow.http_allow) {
             return invalid("workflow.http_allow", &e);
         }
+        if self.workflow.max_step_output == 0 {
+            return invalid("workflow.max_step_output", "must be at least 1 (bytes)");
+        }
+        if !self.workflow.tls_ca.as_os_str().is_empty()
+            && let Err(e) = crate::http_allow::read_ca(&self.workflow.tls_ca)
+        {
+            return invalid("workflow.tls_ca", &e);
+        }
         if !self.api.token.is_empty() {
             check_token(&self.api.token).or_else(|e| invalid("api.token", &e))?;
         }

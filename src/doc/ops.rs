@@ -410,7 +410,8 @@ fn mismatch(ptr: &Pointer, op: &'static str, expected: &'static str, found: Stri
     }
 }
 
-fn describe_json(v: &Json) -> String {
+/// "a string", "an object", ...: what a JSON value is, for error messages.
+pub(crate) fn describe_json(v: &Json) -> String {
     match v {
         Json::Null => "null",
         Json::Bool(_) => "a boolean",

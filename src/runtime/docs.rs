@@ -293,6 +293,9 @@ impl Docs {
     /// recovers a prefix of its log after a crash, so a crash that loses the
     /// change loses the record too, and the run resumes and writes again.
     ///
+    /// With `idem`, applied at most once per key and doc, as for
+    /// [`write_idempotent`](Self::write_idempotent).
+    ///
     /// # Errors
     /// As [`write`](Self::write).
     pub async fn write_caused(
@@ -300,10 +303,11 @@ impl Docs {
         id: DocId,
         change: Change,
         cause: crate::feed::Cause,
+        idem: Option<String>,
     ) -> Result<WriteResult, DocError> {
         let tags = WriteTags {
             cause: Some(cause),
-            idem: None,
+            idem,
             req: None,
             lazy: true,
             by: None,

@@ -32,6 +32,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::Value as Json;
 
+use super::request::{Method, check_headers};
 use crate::doc::conflict::ConflictValue;
 use crate::feed::DocGlob;
 
@@ -168,13 +169,25 @@ pub enum Action {
         doc: String,
         /// JSON Pointer (in `doc`) -> expression.
         set: BTreeMap<String, String>,
+        /// An expression whose value (a JSON object) is merged into `doc`
+        /// as a JSON merge patch (RFC 7386): keyed records land key by key.
+        merge: Option<String>,
     },
-    /// POST of the doc and run metadata to `url` (on one owner peer).
+    /// A request to `url` (on one owner peer): by default a POST of the doc
+    /// and run metadata; the answer is the step's output.
     Http {
         /// http:// or https:// address.
         url: String,
         /// Longest wait for an answer.
         timeout: Duration,
+        /// GET, POST (the default), PUT, PATCH or DELETE.
+        method: Method,
+        /// Extra headers; `${NAME}` in a value is environment variable
+        /// `NAME` of the node that sends it.
+        headers: BTreeMap<String, String>,
+        /// An expression whose value is sent as the JSON body (POST, PUT,
+        /// PATCH), instead of the run and the doc.
+        body: Option<String>,
     },
     /// A command with the JSON on stdin (on one owner peer).
     Exec {
@@ -285,7 +298,11 @@ struct RawStep {
     path: Option<String>,
     policy: Option<String>,
     doc: Option<String>,
+    merge: Option<String>,
     url: Option<String>,
+    method: Option<String>,
+    headers: Option<BTreeMap<String, String>>,
+    body: Option<String>,
     command: Option<Vec<String>>,
     timeout: Option<String>,
     retry: Option<RawRetry>,
@@ -351,7 +368,11 @@ fn check(raw: RawWorkflow) -> Result<Workflow, String> {
                 path: None,
                 policy: None,
                 doc: None,
+                merge: None,
                 url: f.url,
+                method: None,
+                headers: None,
+                body: None,
                 command: f.command,
                 timeout: f.timeout,
                 retry: None,
@@ -439,15 +460,19 @@ fn check_step(s: RawStep) -> Result<Step, String> {
         ("path", s.path.is_some()),
         ("policy", s.policy.is_some()),
         ("doc", s.doc.is_some()),
+        ("merge", s.merge.is_some()),
         ("url", s.url.is_some()),
+        ("method", s.method.is_some()),
+        ("headers", s.headers.is_some()),
+        ("body", s.body.is_some()),
         ("command", s.command.is_some()),
         ("timeout", s.timeout.is_some()),
     ];
     let takes: &[&str] = match s.kind.as_str() {
         "derive" => &["set"],
         "resolve" => &["path", "policy"],
-        "write" => &["doc", "set"],
-        "http" => &["url", "timeout"],
+        "write" => &["doc", "set", "merge"],
+        "http" => &["url", "timeout", "method", "headers", "body"],
         "exec" => &["command", "timeout"],
         k => {
             return Err(format!(
@@ -467,7 +492,10 @@ fn check_step(s: RawStep) -> Result<Step, String> {
         None => Duration::from_secs(10),
     };
     let pointers = |set: Option<BTreeMap<String, String>>| -> Result<_, String> {
-        let set = set.ok_or_else(|| format!("kind {} needs set", s.kind))?;
+        let set = set.ok_or_else(|| match s.kind.as_str() {
+            "write" => "kind write needs set or merge".to_string(),
+            k => format!("kind {k} needs set"),
+        })?;
         if set.is_empty() {
             return Err("set is empty".into());
         }
@@ -500,9 +528,15 @@ fn check_step(s: RawStep) -> Result<Step, String> {
         }
         "write" => {
             let doc = need(s.doc, "doc")?;
+            let set = match (s.set, &s.merge) {
+                (Some(_), Some(_)) => return Err("set or merge, not both".into()),
+                (None, Some(_)) => BTreeMap::new(),
+                (set, None) => pointers(set)?,
+            };
             Action::Write {
                 doc,
-                set: pointers(s.set)?,
+                set,
+                merge: s.merge,
             }
         }
         "http" => {
@@ -510,7 +544,25 @@ fn check_step(s: RawStep) -> Result<Step, String> {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
                 return Err(format!("url {url:?}: http:// or https://"));
             }
-            Action::Http { url, timeout }
+            let method = s
+                .method
+                .as_deref()
+                .map_or(Ok(Method::Post), Method::parse)?;
+            if s.body.is_some() && !method.has_body() {
+                return Err(format!(
+                    "body: a {} request has none (POST, PUT and PATCH do)",
+                    method.as_str()
+                ));
+            }
+            let headers = s.headers.unwrap_or_default();
+            check_headers(&headers)?;
+            Action::Http {
+                url,
+                timeout,
+                method,
+                headers,
+                body: s.body,
+            }
         }
         _ => {
             let command = s.command.ok_or("kind exec needs command")?;
@@ -727,5 +779,52 @@ set = { "/fahrenheit" = "doc.celsius * 9 / 5 + 32" }
         assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
         assert!(parse_duration("s").is_err());
         assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn http_steps_take_a_method_headers_and_a_body_and_writes_a_merge() {
+        let head = "name = \"w\"\n[on]\nschedule = \"every 1m\"\n[[steps]]\nid = \"a\"\n";
+        let http =
+            |rest: &str| format!("{head}kind = \"http\"\nurl = \"https://src.example/x\"\n{rest}");
+        let w = parse(
+            "p.toml",
+            &http("method = \"get\"\nheaders = { Authorization = \"Bearer ${TOKEN}\" }\n"),
+        )
+        .unwrap();
+        match &w.steps[0].action {
+            Action::Http {
+                method,
+                headers,
+                body,
+                ..
+            } => {
+                assert_eq!(*method, Method::Get);
+                assert_eq!(headers["Authorization"], "Bearer ${TOKEN}");
+                assert!(body.is_none());
+            }
+            other => panic!("{other:?}"),
+        }
+        let e = parse("p.toml", &http("method = \"GET\"\nbody = \"1\"\n")).unwrap_err();
+        assert!(e.to_string().contains("a GET request has none"), "{e}");
+        let e = parse("p.toml", &http("method = \"TRACE\"\n")).unwrap_err();
+        assert!(e.to_string().contains("one of GET"), "{e}");
+        let e = parse("p.toml", &http("headers = { X = \"${no-such}\" }\n")).unwrap_err();
+        assert!(e.to_string().contains("headers \"X\""), "{e}");
+        let write = |rest: &str| format!("{head}kind = \"write\"\ndoc = \"out\"\n{rest}");
+        assert!(parse("p.toml", &write("merge = \"#{a: 1}\"\n")).is_ok());
+        let e = parse(
+            "p.toml",
+            &write("merge = \"1\"\nset = { \"/a\" = \"1\" }\n"),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("set or merge, not both"), "{e}");
+        let e = parse("p.toml", &write("")).unwrap_err();
+        assert!(e.to_string().contains("needs set or merge"), "{e}");
+        let e = parse(
+            "p.toml",
+            &format!("{head}kind = \"exec\"\ncommand = [\"true\"]\nmethod = \"GET\"\n"),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("does not take method"), "{e}");
     }
 }

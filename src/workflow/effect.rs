@@ -21,6 +21,8 @@ use serde_json::{Value as Json, json};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::request::Method;
+
 /// Prefix of the system docs (membership, effect markers); never triggers.
 pub use crate::doc::SYSTEM_PREFIX;
 /// Most bytes of an answer or of a command's output kept in the run record.
@@ -169,38 +171,81 @@ fn cut(s: &str) -> String {
     format!("{}... ({} bytes in all)", &s[..end], s.len())
 }
 
-/// POSTs `body` to `url` with `Idempotency-Key: key`. 2xx is success; 408,
-/// 429 and 5xx are retried; other answers are final.
-pub async fn http(
-    client: &reqwest::Client,
-    url: &str,
-    timeout: Duration,
-    body: &Json,
-    key: &str,
-) -> Result<Json, Failure> {
-    let resp = client
-        .post(url)
-        .timeout(timeout)
-        .header("Idempotency-Key", key)
-        .json(body)
-        .send()
-        .await
-        .map_err(|e| {
-            let mut reason = e.to_string();
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                reason = format!("{reason}: {s}");
-                src = s.source();
-            }
-            Failure::Retry(format!("POST {url}: {reason}"))
-        })?;
-    let status = resp.status();
-    let text = resp.text().await.unwrap_or_default();
-    let answer = json!({ "status": status.as_u16(), "body": cut(&text) });
-    if status.is_success() {
-        return Ok(answer);
+/// One request of an `http` step.
+pub struct Request<'a> {
+    /// Its method.
+    pub method: Method,
+    /// Where to.
+    pub url: &'a str,
+    /// Longest wait for the whole answer.
+    pub timeout: Duration,
+    /// Extra headers, `${NAME}` standing for environment variables.
+    pub headers: &'a BTreeMap<String, String>,
+    /// The JSON body, for methods that send one.
+    pub body: Option<&'a Json>,
+    /// Sent as `Idempotency-Key`.
+    pub key: &'a str,
+    /// Most bytes of the answer's body kept (`workflow.max_step_output`).
+    pub max_output: u64,
+}
+
+/// Sends `req`. 2xx is success, with `{"status", "body"}` as the output:
+/// the body parsed as JSON when it is JSON, else its text. 408, 429 and 5xx
+/// are retried; other answers are final, as is a body over `max_output` or
+/// a header naming an environment variable this node does not have.
+pub async fn http(client: &reqwest::Client, req: Request<'_>) -> Result<Json, Failure> {
+    let what = format!("{} {}", req.method.as_str(), req.url);
+    let mut builder = client
+        .request(req.method.to_reqwest(), req.url)
+        .timeout(req.timeout)
+        .header("Idempotency-Key", req.key);
+    for (name, template) in req.headers {
+        let value = super::request::expand(template, |n| std::env::var(n).ok())
+            .map_err(|e| Failure::Final(format!("{what}: header {name}: {e}")))?;
+        builder = builder.header(name.as_str(), value);
     }
-    let msg = format!("POST {url}: HTTP {status}: {}", cut(&text));
+    if let Some(body) = req.body {
+        builder = builder.json(body);
+    }
+    let failed = |e: reqwest::Error| {
+        let mut reason = e.to_string();
+        let mut src = std::error::Error::source(&e);
+        while let Some(s) = src {
+            reason = format!("{reason}: {s}");
+            src = s.source();
+        }
+        Failure::Retry(format!("{what}: {reason}"))
+    };
+    let mut resp = builder.send().await.map_err(failed)?;
+    let status = resp.status();
+    let too_big = |n: u64| {
+        Failure::Final(format!(
+            "{what}: the answer's body is {n} bytes or more, over workflow.max_step_output \
+             ({} bytes): raise it, or ask the source for less (a page at a time)",
+            req.max_output
+        ))
+    };
+    if let Some(n) = resp.content_length()
+        && n > req.max_output
+        && status.is_success()
+    {
+        return Err(too_big(n));
+    }
+    let mut bytes = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(failed)? {
+        bytes.extend_from_slice(&chunk);
+        if bytes.len() as u64 > req.max_output {
+            if status.is_success() {
+                return Err(too_big(bytes.len() as u64));
+            }
+            break; // an error's text: the start says enough
+        }
+    }
+    let text = String::from_utf8_lossy(&bytes);
+    if status.is_success() {
+        return Ok(json!({ "status": status.as_u16(), "body": parse_output(&bytes) }));
+    }
+    let msg = format!("{what}: HTTP {status}: {}", cut(&text));
     if status.is_server_error() || status.as_u16() == 408 || status.as_u16() == 429 {
         Err(Failure::Retry(msg))
     } else {
@@ -208,18 +253,29 @@ pub async fn http(
     }
 }
 
-/// Reads `r` to its end, keeping the first bytes (4 x [`MAX_OUTPUT`]) and
-/// discarding the rest: a command that writes a lot must not block on a
-/// full pipe.
-async fn read_capped(r: &mut (impl tokio::io::AsyncRead + Unpin)) -> Vec<u8> {
-    let cap = MAX_OUTPUT * 4;
+/// A step's output text as later steps see it: JSON when it parses as
+/// JSON, else the text (null when empty).
+fn parse_output(bytes: &[u8]) -> Json {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Json::Null;
+    }
+    serde_json::from_slice(bytes)
+        .unwrap_or_else(|_| Json::String(String::from_utf8_lossy(bytes).into_owned()))
+}
+
+/// Reads `r` to its end, keeping the first `cap` bytes and discarding the
+/// rest (a command that writes a lot must not block on a full pipe);
+/// returns them and how many bytes there were in all.
+async fn read_capped(r: &mut (impl tokio::io::AsyncRead + Unpin), cap: u64) -> (Vec<u8>, u64) {
     let mut kept = Vec::new();
+    let mut total = 0u64;
     let mut buf = [0u8; 8192];
     loop {
         match r.read(&mut buf).await {
-            Ok(0) | Err(_) => return kept,
+            Ok(0) | Err(_) => return (kept, total),
             Ok(n) => {
-                let room = cap.saturating_sub(kept.len());
+                total += n as u64;
+                let room = (cap as usize).saturating_sub(kept.len());
                 kept.extend_from_slice(&buf[..n.min(room)]);
             }
         }
@@ -227,13 +283,17 @@ async fn read_capped(r: &mut (impl tokio::io::AsyncRead + Unpin)) -> Vec<u8> {
 }
 
 /// Runs `command` (no shell) with `input` as JSON on stdin and `env` added
-/// to its environment; kills it after `timeout`. Exit code 0 is success.
+/// to its environment; kills it after `timeout`. Exit code 0 is success,
+/// with `{"status": 0, "stdout", "stderr"}` as the output: stdout parsed as
+/// JSON when it is JSON, else its text. Stdout over `max_output` bytes
+/// fails the step for good.
 pub async fn exec(
     command: &[String],
     timeout: Duration,
     input: &Json,
     env: &BTreeMap<&str, String>,
     cwd: &std::path::Path,
+    max_output: u64,
 ) -> Result<Json, Failure> {
     let (program, args) = command.split_first().expect("checked at load: not empty");
     let mut child = tokio::process::Command::new(program)
@@ -258,8 +318,8 @@ pub async fn exec(
         };
         let (_, out, err, status) = tokio::join!(
             feed,
-            read_capped(&mut stdout),
-            read_capped(&mut stderr),
+            read_capped(&mut stdout, max_output),
+            read_capped(&mut stderr, MAX_OUTPUT as u64),
             child.wait()
         );
         (status, out, err)
@@ -268,10 +328,17 @@ pub async fn exec(
         .await
         .map_err(|_| Failure::Retry(format!("{program:?} ran longer than {timeout:?}; killed")))?;
     let status = status.map_err(|e| Failure::Retry(format!("{program:?}: {e}")))?;
-    let stdout = cut(&String::from_utf8_lossy(&out));
+    let ((out, out_len), (err, _)) = (out, err);
     let stderr = cut(&String::from_utf8_lossy(&err));
+    if status.success() && out_len > max_output {
+        return Err(Failure::Final(format!(
+            "{program:?} wrote {out_len} bytes to stdout, over workflow.max_step_output \
+             ({max_output} bytes): raise it, or have it write less"
+        )));
+    }
     if status.success() {
-        Ok(json!({ "exit": 0, "stdout": stdout, "stderr": stderr }))
+        let stdout = parse_output(&out);
+        Ok(json!({ "exit": 0, "status": 0, "stdout": stdout, "stderr": stderr }))
     } else {
         Err(Failure::Retry(format!(
             "{program:?} exited with {status}: {}",
@@ -345,6 +412,8 @@ mod tests {
         assert_eq!(marker_workflow(&member_doc("p")), None);
     }
 
+    const CAP: u64 = 1 << 20;
+
     #[tokio::test]
     async fn exec_feeds_stdin_passes_env_and_reports_failures() {
         let env: BTreeMap<&str, String> = [("MERGEFLOW_RUN_KEY", "abc".to_string())].into();
@@ -359,6 +428,7 @@ mod tests {
             &json!({"a": 1}),
             &env,
             std::path::Path::new("."),
+            CAP,
         )
         .await
         .ok()
@@ -371,6 +441,7 @@ mod tests {
             &json!({}),
             &env,
             std::path::Path::new("."),
+            CAP,
         )
         .await
         {
@@ -379,23 +450,44 @@ mod tests {
             }
             _ => panic!("exit 3 is a failure"),
         }
-        // Far more output than a pipe holds: read and cut, not blocked.
+        // Far more output than a pipe holds: read to the end, not blocked,
+        // and refused as over the cap rather than cut.
         let loud = [
             "sh".to_string(),
             "-c".into(),
             "head -c 2000000 /dev/zero | tr '\\0' x".into(),
         ];
-        let out = exec(
+        match exec(
             &loud,
             Duration::from_secs(20),
             &json!({}),
             &env,
             std::path::Path::new("."),
+            CAP,
+        )
+        .await
+        {
+            Err(Failure::Final(e)) => assert!(
+                e.contains("2000000 bytes") && e.contains("workflow.max_step_output"),
+                "{e}"
+            ),
+            _ => panic!("over the cap is a failure"),
+        }
+        // JSON on stdout is the output's value.
+        let object = ["sh".to_string(), "-c".into(), "echo '{\"n\": 3}'".into()];
+        let out = exec(
+            &object,
+            Duration::from_secs(10),
+            &json!({}),
+            &env,
+            ".".as_ref(),
+            CAP,
         )
         .await
         .ok()
         .unwrap();
-        assert!(out["stdout"].as_str().unwrap().contains("bytes in all"));
+        assert_eq!(out["stdout"], json!({"n": 3}));
+        assert_eq!(out["status"], 0);
         let slow = ["sleep".to_string(), "30".into()];
         match exec(
             &slow,
@@ -403,6 +495,7 @@ mod tests {
             &json!({}),
             &env,
             std::path::Path::new("."),
+            CAP,
         )
         .await
         {
@@ -416,7 +509,8 @@ mod tests {
                 Duration::from_secs(1),
                 &json!({}),
                 &env,
-                std::path::Path::new(".")
+                std::path::Path::new("."),
+                CAP,
             )
             .await,
             Err(Failure::Retry(_))

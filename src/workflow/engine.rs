@@ -50,7 +50,6 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
 use serde::Serialize;
 use serde_json::Value as Json;
@@ -203,6 +202,14 @@ impl Engine {
         let (log, open) = RunLog::open(store.clone());
         // Validated with the config.
         let http_allow = crate::http_allow::HttpAllow::new(&cfg.http_allow).unwrap_or_default();
+        // Validated with the config too; a file gone since is logged.
+        let roots = match cfg.tls_ca.as_os_str().is_empty() {
+            true => vec![],
+            false => crate::http_allow::read_ca(&cfg.tls_ca).unwrap_or_else(|e| {
+                tracing::error!(err = %e, "workflow.tls_ca: https steps trust the system's CAs only");
+                vec![]
+            }),
+        };
         let shared = Arc::new(Shared {
             sandbox: Sandbox::new(),
             docs,
@@ -211,11 +218,10 @@ impl Engine {
             log,
             local,
             live: RwLock::new(None),
-            http: reqwest::Client::builder()
-                .connect_timeout(Duration::from_secs(10))
+            http: crate::http_allow::client_builder(&roots)
                 .build()
                 .expect("reqwest client builds"),
-            http_applied: http_allow.clone().client(),
+            http_applied: http_allow.clone().client(&roots),
             http_allow,
             labels,
             dir: cfg.dir.clone(),

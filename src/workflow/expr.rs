@@ -8,12 +8,15 @@
 //! (`doc.celsius * 9.0 / 5.0 + 32.0`, `doc.fahrenheit > 100`), and `()`
 //! stands for "no value", so `doc.celsius != ()` tests for a missing key.
 //!
-//! An expression sees four constants:
+//! An expression sees five constants:
 //! - `doc`: the document as JSON (maps, arrays, strings, integers, floats,
 //!   booleans; null and a missing key read as `()`),
 //! - `id`: the doc id,
 //! - `changed`: the JSON Pointers the triggering change touched,
-//! - `node`: this node's labels (a map of strings).
+//! - `node`: this node's labels (a map of strings),
+//! - `steps`: the outputs of the steps this one needs, directly or through
+//!   others, by step id (`steps.fetch.body`, or `steps["my-step"]` for an
+//!   id with a `-`); empty for a trigger's `when`.
 //!
 //! Sandbox: `import` is not compiled in (no modules), `eval` is disabled,
 //! `print` and `debug` go nowhere, there is no clock, and each evaluation is
@@ -138,6 +141,19 @@ impl Sandbox {
             .map(|(k, v)| (k.as_str().into(), v.clone().into()))
             .collect();
         scope.push_constant("node", node);
+        scope.push_constant("steps", rhai::Map::new());
+        Ok(Bound { scope })
+    }
+
+    /// `bound` with `steps` (a JSON object: step id -> output) in place of
+    /// the empty one.
+    ///
+    /// # Errors
+    /// As [`bind`](Self::bind).
+    pub fn with_steps(&self, bound: &Bound, steps: &Json) -> Result<Bound, String> {
+        let mut scope = bound.scope.clone();
+        let value = rhai::serde::to_dynamic(steps).map_err(|e| e.to_string())?;
+        scope.push_constant_dynamic("steps", value); // shadows the empty one
         Ok(Bound { scope })
     }
 

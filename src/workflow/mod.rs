@@ -2,6 +2,7 @@
 //! ([`def`]), expressions ([`expr`]), and the engine that runs them.
 
 mod catalog;
+mod data_steps;
 pub mod def;
 pub mod effect;
 pub mod engine;
@@ -11,6 +12,7 @@ mod lifecycle;
 mod log;
 mod ownership;
 pub mod plan;
+pub mod request;
 pub mod run;
 mod runner;
 mod shared;

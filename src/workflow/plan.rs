@@ -36,6 +36,17 @@ pub struct StepPlan {
     pub target: Option<DocId>,
     /// `resolve`: the JSON Pointer glob of the places it resolves.
     pub glob: Option<globset::GlobMatcher>,
+    /// `write`: the merge patch's expression.
+    pub merge: Option<Expr>,
+    /// `http`: the body's expression.
+    pub body: Option<Expr>,
+    /// The steps it needs, directly or through others (indices into
+    /// `def.steps`, in order): their outputs are what its expressions see
+    /// as `steps`.
+    pub upstream: Vec<usize>,
+    /// The effect steps among `upstream`: a step after an effect runs only
+    /// where that effect ran (it may use the effect's answer).
+    pub after_effects: Vec<usize>,
 }
 
 impl Plan {
@@ -61,14 +72,13 @@ impl Plan {
             None => None,
             Some(p) => Some(pointer_glob(p).map_err(|e| err(format!("[on] path {p:?}: {e}")))?),
         };
-        if let Some(Action::Http { url, .. }) = def.on_failure.as_ref().map(|s| &s.action)
-            && url.starts_with("https://")
-        {
-            return Err(err(
-                "[on_failure] url: https is not supported by this build yet (no TLS client)".into(),
-            ));
-        }
-        let mut steps = Vec::with_capacity(def.steps.len());
+        let index: BTreeMap<&str, usize> = def
+            .steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.id.as_str(), i))
+            .collect();
+        let mut steps: Vec<StepPlan> = Vec::with_capacity(def.steps.len());
         for s in &def.steps {
             let at = |key: &str| format!("step {:?}: {key}", s.id);
             if def.trigger.doc.is_none()
@@ -84,17 +94,10 @@ impl Plan {
             let when = compile(&at("when"), &s.when)?;
             let (set, target) = match &s.action {
                 Action::Derive { set } => (set, None),
-                Action::Write { doc, set } => {
+                Action::Write { doc, set, .. } => {
                     let target =
                         DocId::new(doc.as_str()).map_err(|e| err(format!("{}: {e}", at("doc"))))?;
                     (set, Some(target))
-                }
-                Action::Http { url, .. } if url.starts_with("https://") => {
-                    return Err(err(format!(
-                        "{}: https is not supported by this build yet (no TLS client); \
-                         use http:// (e.g. to a local relay)",
-                        at("url")
-                    )));
                 }
                 Action::Http { .. } | Action::Exec { .. } | Action::Resolve { .. } => {
                     (&BTreeMap::new(), None)
@@ -118,11 +121,34 @@ impl Plan {
                     .map_err(|e| err(format!("{key}: {e}")))?;
                 compiled.push((ptr, expr));
             }
+            let (merge, body) = match &s.action {
+                Action::Write { merge, .. } => (compile(&at("merge"), merge)?, None),
+                Action::Http { body, .. } => (None, compile(&at("body"), body)?),
+                _ => (None, None),
+            };
+            // Steps come after those they need: their closures are known.
+            let mut upstream: Vec<usize> = Vec::new();
+            for n in &s.needs {
+                let j = index[n.as_str()];
+                upstream.push(j);
+                upstream.extend_from_slice(&steps[j].upstream);
+            }
+            upstream.sort_unstable();
+            upstream.dedup();
+            let after_effects = upstream
+                .iter()
+                .copied()
+                .filter(|&j| def.steps[j].action.is_effect())
+                .collect();
             steps.push(StepPlan {
                 when,
                 set: compiled,
                 target,
                 glob,
+                merge,
+                body,
+                upstream,
+                after_effects,
             });
         }
         Ok(Arc::new(Plan {
@@ -303,7 +329,7 @@ set = { "/f" = "doc.c * 2" }
     }
 
     #[test]
-    fn bad_expressions_and_kinds_not_runnable_yet_are_load_errors() {
+    fn bad_expressions_are_load_errors_and_steps_know_what_they_follow() {
         let s = Sandbox::new();
         let bad = F.replace("doc.c * 2", "doc.c * ");
         let err = Plan::load(&s, "f.toml", &bad).unwrap_err().to_string();
@@ -313,10 +339,30 @@ set = { "/f" = "doc.c * 2" }
         );
         assert!(err.contains("line 1"), "{err}");
         let http = "name = \"h\"\n[on]\ndoc = \"d\"\n[[steps]]\nid = \"a\"\nkind = \"http\"\nurl = \"https://example.org/\"\n";
-        let err = Plan::load(&s, "h.toml", http).unwrap_err().to_string();
-        assert!(err.contains("https is not supported"), "{err}");
-        let plain = http.replace("https://example.org/", "http://127.0.0.1:1/");
-        assert!(Plan::load(&s, "h.toml", &plain).is_ok());
+        assert!(Plan::load(&s, "h.toml", http).is_ok(), "https is supported");
+        // A body expression is compiled with the rest.
+        let body = format!("{http}method = \"PUT\"\nbody = \"#{{ x: \"\n");
+        let err = Plan::load(&s, "h.toml", &body).unwrap_err().to_string();
+        assert!(err.contains("step \"a\": body"), "{err}");
+        // Steps see what they need, through others too, and know the
+        // effects they follow.
+        let chain = format!(
+            "{http}[[steps]]\nid = \"b\"\nkind = \"write\"\ndoc = \"out\"\nneeds = [\"a\"]\n\
+             merge = \"steps.a.body\"\n[[steps]]\nid = \"c\"\nkind = \"write\"\ndoc = \"out\"\n\
+             needs = [\"b\"]\nset = {{ \"/n\" = \"1\" }}\n[[steps]]\nid = \"d\"\nkind = \"write\"\n\
+             doc = \"out\"\nset = {{ \"/m\" = \"1\" }}\n"
+        );
+        let p = Plan::load(&s, "h.toml", &chain).unwrap();
+        let ids = |v: &[usize]| {
+            v.iter()
+                .map(|&i| p.def.steps[i].id.clone())
+                .collect::<Vec<_>>()
+        };
+        let c = p.def.steps.iter().position(|s| s.id == "c").unwrap();
+        let d = p.def.steps.iter().position(|s| s.id == "d").unwrap();
+        assert_eq!(ids(&p.steps[c].upstream), ["a", "b"]);
+        assert_eq!(ids(&p.steps[c].after_effects), ["a"]);
+        assert!(p.steps[d].upstream.is_empty() && p.steps[d].after_effects.is_empty());
         let root = F.replace("\"/f\"", "\"\"");
         assert!(Plan::load(&s, "f.toml", &root).is_err());
     }

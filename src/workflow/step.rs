@@ -9,23 +9,17 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value as Json;
 
-use super::def::{Action, Backoff, Policy, Retry};
+use super::data_steps::{StepError, WriteAs, Wrote, derive, resolve, set_pointer, write};
+use super::def::{Action, Backoff, Retry};
 use super::effect::{Failure, Marker};
 use super::expr::{Bound, Input};
 use super::ownership::{Seen, Turn, await_turn, mark, owns_effects};
-use super::plan::{Plan, kind_name};
-use super::run::{Run, RunStatus, StepState};
+use super::plan::{Plan, StepPlan, kind_name};
+use super::run::{Run, RunStatus, StepRun, StepState};
 use super::shared::Shared;
-use crate::doc::{DocError, DocId, Pointer, now_ms};
+use crate::doc::now_ms;
 use crate::feed::Cause;
-use crate::runtime::Change;
 use crate::store::StoreError;
-
-/// Why a step failed: `Final` failures would fail the same way again.
-enum StepError {
-    Final(String),
-    Retry(String),
-}
 
 /// Executes the steps of `run` that are not done yet, in order, writing the
 /// record as steps finish. `cursor`, if given, is the trigger cursor to move
@@ -75,6 +69,21 @@ pub(super) async fn execute(
             s.error = Some(format!("needs {n:?}, which was skipped"));
             continue;
         }
+        // A step after an effect runs where the effect ran: it may use the
+        // effect's answer, which only that node has.
+        if let Some(by) = sp
+            .after_effects
+            .iter()
+            .find_map(|&j| ran_elsewhere(&run.steps[j]))
+        {
+            let s = &mut run.steps[i];
+            s.state = StepState::Done;
+            s.output = Some(serde_json::json!({ "ran_on": by }));
+            s.error = None;
+            s.finished_ms = Some(now_ms());
+            continue;
+        }
+        let s = &mut run.steps[i];
         if bound.is_none() {
             let input = Input {
                 doc: &json,
@@ -91,7 +100,23 @@ pub(super) async fn execute(
                 }
             }
         }
-        let b = bound.as_ref().expect("bound above");
+        let with_steps;
+        let b = match bound.as_ref().expect("bound above") {
+            b if sp.upstream.is_empty() => b,
+            b => match shared.sandbox.with_steps(b, &outputs(&run.steps, sp)) {
+                Ok(w) => {
+                    with_steps = w;
+                    &with_steps
+                }
+                Err(e) => {
+                    let s = &mut run.steps[i];
+                    s.state = StepState::Failed;
+                    s.error = Some(format!("steps: {e}"));
+                    continue;
+                }
+            },
+        };
+        let s = &mut run.steps[i];
         if let Some(when) = &sp.when {
             match shared.sandbox.test(when, b) {
                 Ok(true) => {}
@@ -160,7 +185,26 @@ pub(super) async fn execute(
         }
         // Set once this node has told the others it is retrying this effect.
         let mut claimed = false;
-        let input = effect.then(|| effect_input(shared, &run, &step.id, &effect_key, &json));
+        let input = match effect_body(shared, sp, &step.action, b) {
+            Err(e) => {
+                let s = &mut run.steps[i];
+                s.state = StepState::Failed;
+                s.error = Some(e);
+                failed_here.push(i);
+                continue;
+            }
+            Ok(Some(body)) => Some(body),
+            Ok(None) => effect.then(|| effect_input(shared, &run, &step.id, &effect_key, &json)),
+        };
+        // Writes after an effect carry a key of their own, the same on
+        // every node: one that takes the run over cannot apply them twice.
+        let how = WriteAs {
+            cause: &cause,
+            idem: (!sp.after_effects.is_empty()).then(|| effect_key.clone()),
+        };
+        // An effect that later steps build on is marked handled once they
+        // are done (see `mark_chains`): a node taking over runs them all.
+        let has_dependents = plan.steps.iter().any(|p| p.after_effects.contains(&i));
         loop {
             run.steps[i].attempts += 1;
             if effect {
@@ -172,10 +216,9 @@ pub(super) async fn execute(
                 }
             }
             let outcome = match &step.action {
-                Action::Derive { .. } => derive(shared, sp, b, &run.doc, &json, &cause).await,
-                Action::Write { .. } => write(shared, sp, b, &cause).await,
+                Action::Derive { .. } => derive(shared, sp, b, &run.doc, &json, &how).await,
+                Action::Write { .. } => write(shared, sp, b, &how).await,
                 Action::Http { .. } | Action::Exec { .. } => {
-                    let input = input.as_ref().expect("effects have input");
                     let out = run_effect(
                         shared,
                         applied,
@@ -183,13 +226,13 @@ pub(super) async fn execute(
                         &run,
                         &step.id,
                         &effect_key,
-                        input,
+                        input.as_ref(),
                     )
                     .await;
-                    delivered(shared, &run, &effect_key, out).await
+                    delivered(shared, &run, &effect_key, out, !has_dependents).await
                 }
                 Action::Resolve { policy, .. } => {
-                    resolve(shared, sp, &run.doc, *policy, &cause).await
+                    resolve(shared, sp, &run.doc, *policy, &how).await
                 }
             };
             let s = &mut run.steps[i];
@@ -212,18 +255,14 @@ pub(super) async fn execute(
                 Err(StepError::Final(e)) => {
                     s.state = StepState::Failed;
                     s.error = Some(e);
-                    if effect {
-                        failed_here.push(i);
-                    }
+                    note_failure(s, sp, plan, i, &mut failed_here);
                     break;
                 }
                 Err(StepError::Retry(e)) => {
                     if s.attempts >= step.retry.attempts {
                         s.state = StepState::Failed;
                         s.error = Some(e);
-                        if effect {
-                            failed_here.push(i);
-                        }
+                        note_failure(s, sp, plan, i, &mut failed_here);
                         break;
                     }
                     let claim = effect && !claimed;
@@ -307,6 +346,100 @@ pub(super) async fn execute(
     if let Err(e) = record(shared, &run, &mut cursor).await {
         tracing::error!(err = %e, "cannot write the run log");
     }
+    mark_chains(shared, plan, &run).await;
+}
+
+/// Marks handled each effect that ran here and that later steps build on,
+/// now that the run is done: until then the other nodes waited, and one
+/// taking the run over would run the effect and those steps again.
+async fn mark_chains(shared: &Arc<Shared>, plan: &Plan, run: &Run) {
+    for (i, s) in run.steps.iter().enumerate() {
+        let chained = plan.steps.iter().any(|p| p.after_effects.contains(&i));
+        let here = s.output.as_ref().is_some_and(|o| {
+            ["delivered_by", "dead_by", "skipped_by", "ran_on"]
+                .iter()
+                .all(|k| o.get(k).is_none())
+        });
+        if chained && s.state == StepState::Done && here {
+            let key = super::effect::effect_key(&run.key, &s.id);
+            let by = shared.local.clone();
+            let what = Marker::Handled {
+                by,
+                when_false: false,
+            };
+            mark(shared, run, &key, what).await;
+        }
+    }
+}
+
+/// The node that ran effect step `s` for this run, if another node did.
+fn ran_elsewhere(s: &StepRun) -> Option<String> {
+    let o = s.output.as_ref()?;
+    let by = o.get("delivered_by").or_else(|| o.get("ran_on"))?;
+    Some(by.as_str()?.to_string())
+}
+
+/// What `steps` holds for the expressions of step `sp`: the output of each
+/// step it needs, directly or through others, with its `state`.
+fn outputs(steps: &[StepRun], sp: &StepPlan) -> Json {
+    let mut out = serde_json::Map::new();
+    for &j in &sp.upstream {
+        let s = &steps[j];
+        let mut o = match &s.output {
+            Some(Json::Object(m)) => m.clone(),
+            Some(other) => [("output".to_string(), other.clone())]
+                .into_iter()
+                .collect(),
+            None => serde_json::Map::new(),
+        };
+        let state = serde_json::to_value(s.state).expect("a state serializes");
+        o.insert("state".into(), state);
+        out.insert(s.id.clone(), Json::Object(o));
+    }
+    Json::Object(out)
+}
+
+/// The body an `http` step with a `body` expression sends; `None` for
+/// every other step (an effect then gets the run and the doc).
+fn effect_body(
+    shared: &Arc<Shared>,
+    sp: &StepPlan,
+    action: &Action,
+    b: &Bound,
+) -> Result<Option<Json>, String> {
+    let Some(expr) = &sp.body else {
+        return Ok(None);
+    };
+    if !matches!(action, Action::Http { .. }) {
+        return Ok(None);
+    }
+    let body = shared
+        .sandbox
+        .eval(expr, b)
+        .map_err(|e| format!("body: {e}"))?;
+    Ok(Some(body.unwrap_or(Json::Null)))
+}
+
+/// Notes who decides about failed step `i`: an effect decides for itself,
+/// and a step after effects for them (they ran here, or it would not have
+/// run): the other nodes wait on their markers.
+fn note_failure(
+    s: &mut StepRun,
+    sp: &StepPlan,
+    plan: &Plan,
+    i: usize,
+    failed_here: &mut Vec<usize>,
+) {
+    if plan.def.steps[i].action.is_effect() {
+        failed_here.push(i);
+    } else if let Some(&j) = sp.after_effects.first() {
+        s.output = Some(serde_json::json!({ "after_effect": plan.def.steps[j].id }));
+    }
+    for &j in &sp.after_effects {
+        if !failed_here.contains(&j) {
+            failed_here.push(j);
+        }
+    }
 }
 
 /// Writes `run`'s record, with `cursor` until that has been written once.
@@ -341,7 +474,17 @@ pub(super) async fn alert_failure(shared: &Arc<Shared>, plan: &Plan, run: &Run, 
     let input = serde_json::json!({ "run": run, "node": shared.local });
     for attempt in 1..=step.retry.attempts {
         let applied = plan.source_name.starts_with("applied:");
-        match run_effect(shared, applied, &step.action, run, &step.id, &key, &input).await {
+        match run_effect(
+            shared,
+            applied,
+            &step.action,
+            run,
+            &step.id,
+            &key,
+            Some(&input),
+        )
+        .await
+        {
             Ok(_) => return,
             Err(Failure::Final(e)) => {
                 tracing::error!(run = run.id, err = %e, "on_failure effect failed");
@@ -364,19 +507,38 @@ async fn run_effect(
     run: &Run,
     step: &str,
     key: &str,
-    input: &Json,
+    input: Option<&Json>,
 ) -> Result<Json, Failure> {
+    let max_output = shared.cfg.max_step_output;
     match action {
-        Action::Http { url, timeout } if applied => {
-            // The catalog checked the URL; check again in case the allow
-            // list is stricter than when it loaded.
-            shared.http_allow.check_url(url).map_err(Failure::Final)?;
-            super::effect::http(&shared.http_applied, url, *timeout, input, key).await
-        }
-        Action::Http { url, timeout } => {
-            super::effect::http(&shared.http, url, *timeout, input, key).await
+        Action::Http {
+            url,
+            timeout,
+            method,
+            headers,
+            ..
+        } => {
+            let client = if applied {
+                // The catalog checked the URL; check again in case the
+                // allow list is stricter than when it loaded.
+                shared.http_allow.check_url(url).map_err(Failure::Final)?;
+                &shared.http_applied
+            } else {
+                &shared.http
+            };
+            let req = super::effect::Request {
+                method: *method,
+                url,
+                timeout: *timeout,
+                headers,
+                body: input.filter(|_| method.has_body()),
+                key,
+                max_output,
+            };
+            super::effect::http(client, req).await
         }
         Action::Exec { command, timeout } => {
+            let input = input.unwrap_or(&Json::Null);
             let env: BTreeMap<&str, String> = [
                 ("MERGEFLOW_RUN_KEY", run.key.clone()),
                 ("MERGEFLOW_IDEMPOTENCY_KEY", key.to_string()),
@@ -387,7 +549,7 @@ async fn run_effect(
             .into();
             // In the node's data dir, whatever the process's directory.
             let data_dir = shared.store.path().parent().unwrap_or(shared.store.path());
-            super::effect::exec(command, *timeout, input, &env, data_dir).await
+            super::effect::exec(command, *timeout, input, &env, data_dir, max_output).await
         }
         other => Err(Failure::Final(format!(
             "kind {} is not an effect",
@@ -415,23 +577,27 @@ fn effect_input(shared: &Arc<Shared>, run: &Run, step: &str, key: &str, doc: &Js
 }
 
 /// After an effect: on success, records the delivery in the marker doc (so
-/// the nodes that did not own it stop waiting).
+/// the nodes that did not own it stop waiting), unless `mark_now` is false
+/// (later steps build on it: [`mark_chains`] marks it).
 async fn delivered(
     shared: &Arc<Shared>,
     run: &Run,
     key: &str,
     out: Result<Json, Failure>,
+    mark_now: bool,
 ) -> Result<(Json, Wrote), StepError> {
     let out = out.map_err(|f| match f {
         Failure::Final(e) => StepError::Final(e),
         Failure::Retry(e) => StepError::Retry(e),
     })?;
-    let by = shared.local.clone();
-    let what = Marker::Handled {
-        by,
-        when_false: false,
-    };
-    mark(shared, run, key, what).await;
+    if mark_now {
+        let by = shared.local.clone();
+        let what = Marker::Handled {
+            by,
+            when_false: false,
+        };
+        mark(shared, run, key, what).await;
+    }
     let mut out = out;
     out["idempotency_key"] = Json::String(key.to_string());
     Ok((out, vec![]))
@@ -446,165 +612,6 @@ fn backoff(retry: &Retry, attempts: u32) -> Duration {
                 .checked_shl(attempts.saturating_sub(1))
                 .unwrap_or(u32::MAX);
             retry.initial.saturating_mul(factor).min(retry.max)
-        }
-    }
-}
-
-type Wrote = Vec<(Pointer, Json)>;
-
-/// The values of `sp.set` that differ from what `current` holds.
-fn changes(
-    shared: &Arc<Shared>,
-    sp: &super::plan::StepPlan,
-    bound: &Bound,
-    current: &Json,
-) -> Result<Wrote, StepError> {
-    let mut wrote = Vec::new();
-    for (ptr, expr) in &sp.set {
-        let value = shared
-            .sandbox
-            .eval(expr, bound)
-            .map_err(|e| StepError::Final(format!("set {:?}: {e}", ptr.as_str())))?;
-        let Some(value) = value else { continue }; // () leaves the path as it is
-        if current.pointer(ptr.as_str()) == Some(&value) {
-            continue;
-        }
-        wrote.push((ptr.clone(), value));
-    }
-    Ok(wrote)
-}
-
-fn write_error(e: DocError) -> StepError {
-    match e {
-        DocError::Store(_) | DocError::Internal(_) => StepError::Retry(e.to_string()),
-        e => StepError::Final(e.to_string()),
-    }
-}
-
-/// A `derive` step: values written into the triggering doc where they differ.
-async fn derive(
-    shared: &Arc<Shared>,
-    sp: &super::plan::StepPlan,
-    bound: &Bound,
-    doc: &str,
-    json: &Json,
-    cause: &Cause,
-) -> Result<(Json, Wrote), StepError> {
-    let wrote = changes(shared, sp, bound, json)?;
-    write_values(shared, doc, wrote, cause).await
-}
-
-/// A `resolve` step: at each conflicted place its glob names, the value the
-/// policy picks is written, unless reads already return it.
-async fn resolve(
-    shared: &Arc<Shared>,
-    sp: &super::plan::StepPlan,
-    doc: &str,
-    policy: Policy,
-    cause: &Cause,
-) -> Result<(Json, Wrote), StepError> {
-    let glob = sp.glob.clone().expect("resolve steps have a glob");
-    let id = DocId::new(doc).map_err(|e| StepError::Final(e.to_string()))?;
-    let conflicts = shared
-        .docs
-        .conflicts(id, Box::new(move |p| glob.is_match(p)))
-        .await
-        .map_err(write_error)?;
-    let mut report = Vec::new();
-    let mut wrote = Vec::new();
-    for c in conflicts {
-        let Some(winner) = policy.pick(&c.values) else {
-            continue;
-        };
-        report.push(serde_json::json!({
-            "path": c.path,
-            "values": c.values.len(),
-            "winner": winner.value,
-        }));
-        if winner.value != c.visible {
-            let ptr = Pointer::parse(&c.path).map_err(|e| StepError::Final(e.to_string()))?;
-            wrote.push((ptr, winner.value.clone()));
-        }
-    }
-    let (mut output, wrote) = write_values(shared, doc, wrote, cause).await?;
-    output["conflicts"] = Json::Array(report);
-    Ok((output, wrote))
-}
-
-/// A `write` step: values written into the target doc where they differ.
-async fn write(
-    shared: &Arc<Shared>,
-    sp: &super::plan::StepPlan,
-    bound: &Bound,
-    cause: &Cause,
-) -> Result<(Json, Wrote), StepError> {
-    let target = sp.target.clone().expect("write steps have a target");
-    let current = match shared.docs.get(target.clone(), None).await {
-        Ok(j) => j,
-        Err(DocError::NotFound(_)) => Json::Object(Default::default()),
-        Err(e) => return Err(write_error(e)),
-    };
-    let wrote = changes(shared, sp, bound, &current)?;
-    write_values(shared, target.as_str(), wrote, cause).await
-}
-
-/// Writes `wrote` into `doc` as one change, each value only where the doc
-/// (as the writer sees it, not as the run read it) holds another.
-async fn write_values(
-    shared: &Arc<Shared>,
-    doc: &str,
-    wrote: Wrote,
-    cause: &Cause,
-) -> Result<(Json, Wrote), StepError> {
-    let nothing = || serde_json::json!({ "doc": doc, "wrote": [] });
-    if wrote.is_empty() {
-        return Ok((nothing(), wrote));
-    }
-    let id = DocId::new(doc).map_err(|e| StepError::Final(e.to_string()))?;
-    let result = shared
-        .docs
-        .write_caused(id, Change::SetIfDifferent(wrote.clone()), cause.clone())
-        .await
-        .map_err(write_error)?;
-    if !result.changed {
-        return Ok((nothing(), vec![]));
-    }
-    let paths: Vec<&str> = wrote.iter().map(|(p, _)| p.as_str()).collect();
-    let output = serde_json::json!({ "doc": doc, "wrote": paths, "heads": result.heads });
-    Ok((output, wrote))
-}
-
-/// Sets `value` at JSON Pointer `ptr` in `json`, creating missing maps.
-fn set_pointer(json: &mut Json, ptr: &str, value: Json) {
-    let tokens: Vec<String> = ptr
-        .split('/')
-        .skip(1)
-        .map(|t| t.replace("~1", "/").replace("~0", "~"))
-        .collect();
-    let mut at = json;
-    for (i, t) in tokens.iter().enumerate() {
-        let last = i + 1 == tokens.len();
-        match at {
-            Json::Object(m) => {
-                if last {
-                    m.insert(t.clone(), value);
-                    return;
-                }
-                at = m
-                    .entry(t.clone())
-                    .or_insert_with(|| Json::Object(Default::default()));
-            }
-            Json::Array(a) => {
-                let Some(slot) = t.parse::<usize>().ok().and_then(|i| a.get_mut(i)) else {
-                    return;
-                };
-                if last {
-                    *slot = value;
-                    return;
-                }
-                at = slot;
-            }
-            _ => return,
         }
     }
 }
@@ -629,13 +636,5 @@ mod tests {
             ..r
         };
         assert_eq!(backoff(&fixed, 5), Duration::from_millis(100));
-    }
-
-    #[test]
-    fn set_pointer_creates_maps_and_unescapes() {
-        let mut j = serde_json::json!({"a": [1, 2]});
-        set_pointer(&mut j, "/b/c~1d", Json::from(3));
-        set_pointer(&mut j, "/a/1", Json::from(5));
-        assert_eq!(j, serde_json::json!({"a": [1, 5], "b": {"c/d": 3}}));
     }
 }

@@ -4,6 +4,7 @@
 
 mod common;
 
+use common::flows::{full_mesh_running, local_node, path_of, write_def};
 use common::until;
 
 use std::path::Path;
@@ -25,15 +26,6 @@ id = "convert"
 kind = "derive"
 set = { "/fahrenheit" = "doc.celsius * 9.0 / 5.0 + 32.0" }
 "#;
-
-fn write_def(dir: &Path, file: &str, text: &str) {
-    std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join(file), text).unwrap();
-}
-
-async fn path_of(node: &mergeflow::Node, doc: &str, path: &str) -> Option<Value> {
-    node.doc(doc).unwrap().get_path(path).await.ok()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn derive_on_three_nodes_writes_each_value_once_and_everywhere() {
@@ -180,23 +172,6 @@ kind = "write"
 doc = "loop/a"
 set = { "/n" = "doc.n + 1" }
 "#;
-
-async fn local_node(
-    dir: &Path,
-    defs: &Path,
-    tweak: impl FnOnce(&mut mergeflow::config::Config),
-) -> mergeflow::Node {
-    let mut config = mergeflow::config::Config::default();
-    config.node.data_dir = dir.to_path_buf();
-    config.workflow.dir = defs.to_path_buf();
-    tweak(&mut config);
-    mergeflow::Node::builder()
-        .config(config)
-        .network(false)
-        .start()
-        .await
-        .unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_depth_limit_stops_a_loop_between_two_workflows() {
@@ -525,28 +500,6 @@ async fn receiver() -> (String, std::sync::Arc<std::sync::Mutex<Receiver>>) {
     let url = format!("http://{}/alerts", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     (url, state)
-}
-
-/// Waits until every node is connected to every other and knows that each
-/// runs `workflows`.
-async fn full_mesh_running(nodes: &[mergeflow::Node], workflows: &[&str]) {
-    for n in nodes {
-        for m in nodes {
-            let doc = format!("_mergeflow/nodes/{}", m.peer_id());
-            for w in workflows {
-                until("membership docs everywhere", || async {
-                    let connected =
-                        n.peers().iter().filter(|p| p.connected).count() >= nodes.len() - 1;
-                    let member =
-                        path_of(n, &doc, &format!("/workflows/{w}")).await == Some(json!(true));
-                    // What peers check its effect markers against.
-                    let ran = path_of(n, &doc, &format!("/ran/{w}")).await == Some(json!(true));
-                    (connected && member && ran).then_some(())
-                })
-                .await;
-            }
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -188,6 +188,9 @@ pub enum Action {
         /// An expression whose value is sent as the JSON body (POST, PUT,
         /// PATCH), instead of the run and the doc.
         body: Option<String>,
+        /// An expression whose value (an object of strings, numbers and
+        /// booleans) is added to the URL's query.
+        query: Option<String>,
     },
     /// A command with the JSON on stdin (on one owner peer).
     Exec {
@@ -303,6 +306,7 @@ struct RawStep {
     method: Option<String>,
     headers: Option<BTreeMap<String, String>>,
     body: Option<String>,
+    query: Option<String>,
     command: Option<Vec<String>>,
     timeout: Option<String>,
     retry: Option<RawRetry>,
@@ -373,6 +377,7 @@ fn check(raw: RawWorkflow) -> Result<Workflow, String> {
                 method: None,
                 headers: None,
                 body: None,
+                query: None,
                 command: f.command,
                 timeout: f.timeout,
                 retry: None,
@@ -465,6 +470,7 @@ fn check_step(s: RawStep) -> Result<Step, String> {
         ("method", s.method.is_some()),
         ("headers", s.headers.is_some()),
         ("body", s.body.is_some()),
+        ("query", s.query.is_some()),
         ("command", s.command.is_some()),
         ("timeout", s.timeout.is_some()),
     ];
@@ -472,7 +478,7 @@ fn check_step(s: RawStep) -> Result<Step, String> {
         "derive" => &["set"],
         "resolve" => &["path", "policy"],
         "write" => &["doc", "set", "merge"],
-        "http" => &["url", "timeout", "method", "headers", "body"],
+        "http" => &["url", "timeout", "method", "headers", "body", "query"],
         "exec" => &["command", "timeout"],
         k => {
             return Err(format!(
@@ -562,6 +568,7 @@ fn check_step(s: RawStep) -> Result<Step, String> {
                 method,
                 headers,
                 body: s.body,
+                query: s.query,
             }
         }
         _ => {

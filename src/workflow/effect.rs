@@ -183,6 +183,8 @@ pub struct Request<'a> {
     pub headers: &'a BTreeMap<String, String>,
     /// The JSON body, for methods that send one.
     pub body: Option<&'a Json>,
+    /// Added to the URL's query (checked: strings, numbers, booleans).
+    pub query: &'a [(String, String)],
     /// Sent as `Idempotency-Key`.
     pub key: &'a str,
     /// Most bytes of the answer's body kept (`workflow.max_step_output`).
@@ -199,6 +201,9 @@ pub async fn http(client: &reqwest::Client, req: Request<'_>) -> Result<Json, Fa
         .request(req.method.to_reqwest(), req.url)
         .timeout(req.timeout)
         .header("Idempotency-Key", req.key);
+    if !req.query.is_empty() {
+        builder = builder.query(req.query);
+    }
     for (name, template) in req.headers {
         let value = super::request::expand(template, |n| std::env::var(n).ok())
             .map_err(|e| Failure::Final(format!("{what}: header {name}: {e}")))?;

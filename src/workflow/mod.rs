@@ -5,6 +5,7 @@ mod catalog;
 mod data_steps;
 pub mod def;
 pub mod effect;
+mod effect_run;
 pub mod engine;
 mod error;
 pub mod expr;

@@ -40,6 +40,8 @@ pub struct StepPlan {
     pub merge: Option<Expr>,
     /// `http`: the body's expression.
     pub body: Option<Expr>,
+    /// `http`: the query's expression.
+    pub query: Option<Expr>,
     /// The steps it needs, directly or through others (indices into
     /// `def.steps`, in order): their outputs are what its expressions see
     /// as `steps`.
@@ -121,10 +123,14 @@ impl Plan {
                     .map_err(|e| err(format!("{key}: {e}")))?;
                 compiled.push((ptr, expr));
             }
-            let (merge, body) = match &s.action {
-                Action::Write { merge, .. } => (compile(&at("merge"), merge)?, None),
-                Action::Http { body, .. } => (None, compile(&at("body"), body)?),
-                _ => (None, None),
+            let (merge, body, query) = match &s.action {
+                Action::Write { merge, .. } => (compile(&at("merge"), merge)?, None, None),
+                Action::Http { body, query, .. } => (
+                    None,
+                    compile(&at("body"), body)?,
+                    compile(&at("query"), query)?,
+                ),
+                _ => (None, None, None),
             };
             // Steps come after those they need: their closures are known.
             let mut upstream: Vec<usize> = Vec::new();
@@ -147,6 +153,7 @@ impl Plan {
                 glob,
                 merge,
                 body,
+                query,
                 upstream,
                 after_effects,
             });

@@ -2,19 +2,19 @@
 //! data steps (derive, write, resolve), effects (http, exec) once this node
 //! owns them, and the `on_failure` alert of a dead run.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use serde_json::Value as Json;
 
-use super::data_steps::{StepError, WriteAs, Wrote, derive, resolve, set_pointer, write};
+use super::data_steps::{StepError, WriteAs, derive, resolve, set_pointer, write};
 use super::def::{Action, Backoff, Retry};
 use super::effect::{Failure, Marker};
+use super::effect_run::{Payload, delivered, effect_body, effect_input, effect_query, run_effect};
 use super::expr::{Bound, Input};
 use super::ownership::{Seen, Turn, await_turn, mark, owns_effects};
-use super::plan::{Plan, StepPlan, kind_name};
+use super::plan::{Plan, StepPlan};
 use super::run::{Run, RunStatus, StepRun, StepState};
 use super::shared::Shared;
 use crate::doc::now_ms;
@@ -185,6 +185,16 @@ pub(super) async fn execute(
         }
         // Set once this node has told the others it is retrying this effect.
         let mut claimed = false;
+        let query = match effect_query(shared, sp, b) {
+            Ok(q) => q,
+            Err(e) => {
+                let s = &mut run.steps[i];
+                s.state = StepState::Failed;
+                s.error = Some(e);
+                failed_here.push(i);
+                continue;
+            }
+        };
         let input = match effect_body(shared, sp, &step.action, b) {
             Err(e) => {
                 let s = &mut run.steps[i];
@@ -226,7 +236,10 @@ pub(super) async fn execute(
                         &run,
                         &step.id,
                         &effect_key,
-                        input.as_ref(),
+                        Payload {
+                            input: input.as_ref(),
+                            query: &query,
+                        },
                     )
                     .await;
                     delivered(shared, &run, &effect_key, out, !has_dependents).await
@@ -399,27 +412,6 @@ fn outputs(steps: &[StepRun], sp: &StepPlan) -> Json {
     Json::Object(out)
 }
 
-/// The body an `http` step with a `body` expression sends; `None` for
-/// every other step (an effect then gets the run and the doc).
-fn effect_body(
-    shared: &Arc<Shared>,
-    sp: &StepPlan,
-    action: &Action,
-    b: &Bound,
-) -> Result<Option<Json>, String> {
-    let Some(expr) = &sp.body else {
-        return Ok(None);
-    };
-    if !matches!(action, Action::Http { .. }) {
-        return Ok(None);
-    }
-    let body = shared
-        .sandbox
-        .eval(expr, b)
-        .map_err(|e| format!("body: {e}"))?;
-    Ok(Some(body.unwrap_or(Json::Null)))
-}
-
 /// Notes who decides about failed step `i`: an effect decides for itself,
 /// and a step after effects for them (they ran here, or it would not have
 /// run): the other nodes wait on their markers.
@@ -481,7 +473,10 @@ pub(super) async fn alert_failure(shared: &Arc<Shared>, plan: &Plan, run: &Run, 
             run,
             &step.id,
             &key,
-            Some(&input),
+            Payload {
+                input: Some(&input),
+                query: &[],
+            },
         )
         .await
         {
@@ -496,111 +491,6 @@ pub(super) async fn alert_failure(shared: &Arc<Shared>, plan: &Plan, run: &Run, 
             Err(Failure::Retry(_)) => tokio::time::sleep(backoff(&step.retry, attempt)).await,
         }
     }
-}
-
-/// Executes effect `action` (http or exec) of `run`'s step `step` once,
-/// with `input` as its JSON and `key` as its idempotency key.
-async fn run_effect(
-    shared: &Arc<Shared>,
-    applied: bool,
-    action: &Action,
-    run: &Run,
-    step: &str,
-    key: &str,
-    input: Option<&Json>,
-) -> Result<Json, Failure> {
-    let max_output = shared.cfg.max_step_output;
-    match action {
-        Action::Http {
-            url,
-            timeout,
-            method,
-            headers,
-            ..
-        } => {
-            let client = if applied {
-                // The catalog checked the URL; check again in case the
-                // allow list is stricter than when it loaded.
-                shared.http_allow.check_url(url).map_err(Failure::Final)?;
-                &shared.http_applied
-            } else {
-                &shared.http
-            };
-            let req = super::effect::Request {
-                method: *method,
-                url,
-                timeout: *timeout,
-                headers,
-                body: input.filter(|_| method.has_body()),
-                key,
-                max_output,
-            };
-            super::effect::http(client, req).await
-        }
-        Action::Exec { command, timeout } => {
-            let input = input.unwrap_or(&Json::Null);
-            let env: BTreeMap<&str, String> = [
-                ("MERGEFLOW_RUN_KEY", run.key.clone()),
-                ("MERGEFLOW_IDEMPOTENCY_KEY", key.to_string()),
-                ("MERGEFLOW_WORKFLOW", run.workflow.clone()),
-                ("MERGEFLOW_DOC", run.doc.clone()),
-                ("MERGEFLOW_STEP", step.to_string()),
-            ]
-            .into();
-            // In the node's data dir, whatever the process's directory.
-            let data_dir = shared.store.path().parent().unwrap_or(shared.store.path());
-            super::effect::exec(command, *timeout, input, &env, data_dir, max_output).await
-        }
-        other => Err(Failure::Final(format!(
-            "kind {} is not an effect",
-            kind_name(other)
-        ))),
-    }
-}
-
-/// The JSON an effect gets: the run's metadata and the doc.
-fn effect_input(shared: &Arc<Shared>, run: &Run, step: &str, key: &str, doc: &Json) -> Json {
-    serde_json::json!({
-        "run": {
-            "id": run.id,
-            "key": run.key,
-            "idempotency_key": key,
-            "workflow": run.workflow,
-            "doc": run.doc,
-            "heads": run.heads,
-            "step": step,
-            "node": shared.local,
-            "depth": run.depth,
-        },
-        "doc": doc,
-    })
-}
-
-/// After an effect: on success, records the delivery in the marker doc (so
-/// the nodes that did not own it stop waiting), unless `mark_now` is false
-/// (later steps build on it: [`mark_chains`] marks it).
-async fn delivered(
-    shared: &Arc<Shared>,
-    run: &Run,
-    key: &str,
-    out: Result<Json, Failure>,
-    mark_now: bool,
-) -> Result<(Json, Wrote), StepError> {
-    let out = out.map_err(|f| match f {
-        Failure::Final(e) => StepError::Final(e),
-        Failure::Retry(e) => StepError::Retry(e),
-    })?;
-    if mark_now {
-        let by = shared.local.clone();
-        let what = Marker::Handled {
-            by,
-            when_false: false,
-        };
-        mark(shared, run, key, what).await;
-    }
-    let mut out = out;
-    out["idempotency_key"] = Json::String(key.to_string());
-    Ok((out, vec![]))
 }
 
 /// The wait before attempt `attempts + 1`.

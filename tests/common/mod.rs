@@ -1,6 +1,7 @@
 //! Helpers for tests that run the `mergeflow` binary.
 #![allow(dead_code)]
 
+pub mod flows;
 pub mod ws;
 
 use std::io::{BufRead, BufReader};

@@ -575,3 +575,83 @@ async fn bad_sources_give_clear_errors_and_write_nothing() {
     }
     node.shutdown().await.unwrap();
 }
+
+/// Serves `app` over TLS on loopback with a fresh self-signed certificate
+/// for 127.0.0.1; returns the base URL and the certificate's PEM.
+async fn tls_source(app: axum::Router) -> (String, String) {
+    use tokio_rustls::rustls;
+    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let pem = ck.cert.pem();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.key_pair.serialize_der().into());
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![ck.cert.der().clone()], key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("https://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let (acceptor, app) = (acceptor.clone(), app.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return; // a client that does not trust us
+                };
+                let io = hyper_util::rt::TokioIo::new(tls);
+                let svc = hyper_util::service::TowerToHyperService::new(app);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, svc)
+                    .await;
+            });
+        }
+    });
+    (base, pem)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_sources_are_read_with_an_internal_ca_and_refused_without() {
+    let app = axum::Router::new().route(
+        "/price",
+        axum::routing::get(|| async { axum::Json(json!({"price": 11})) }),
+    );
+    let (base, pem) = tls_source(app).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &pem).unwrap();
+    let defs = dir.path().join("workflows");
+    let def = format!(
+        "name = \"tls\"\n[on]\ndoc = \"in/*\"\n[[steps]]\nid = \"fetch\"\nkind = \"http\"\n\
+         method = \"GET\"\nurl = \"{base}/price\"\nretry = {{ attempts = 1 }}\n\
+         [[steps]]\nid = \"save\"\nkind = \"derive\"\nneeds = [\"fetch\"]\n\
+         set = {{ \"/price\" = \"steps.fetch.body.price\" }}\n"
+    );
+    write_def(&defs, "tls.toml", &def);
+    // Trusting the internal CA: the answer lands in the doc.
+    let node = local_node(&dir.path().join("a"), &defs, |c| c.workflow.tls_ca = ca).await;
+    node.doc("in/1")
+        .unwrap()
+        .patch(json!({"go": 1}))
+        .await
+        .unwrap();
+    last_run(&node, "tls", RunStatus::Done).await;
+    assert_eq!(path_of(&node, "in/1", "/price").await, Some(json!(11)));
+    node.shutdown().await.unwrap();
+    // The system's CAs only: the certificate is refused, and said to be.
+    let node = local_node(&dir.path().join("b"), &defs, |_| {}).await;
+    node.doc("in/1")
+        .unwrap()
+        .patch(json!({"go": 1}))
+        .await
+        .unwrap();
+    let dead = last_run(&node, "tls", RunStatus::Dead).await;
+    let e = step(&dead, "fetch").error.clone().unwrap();
+    assert!(e.to_lowercase().contains("certificate"), "{e}");
+    assert_eq!(path_of(&node, "in/1", "/price").await, None);
+    node.shutdown().await.unwrap();
+}

@@ -196,6 +196,32 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("MERGEFLOW_"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let not_pem = dir.path().join("ca.pem");
+        std::fs::write(&not_pem, "hello").unwrap();
+        let not_pem = not_pem.display().to_string();
+        for (key, value, want) in [
+            (
+                "MERGEFLOW_WORKFLOW_TLS_CA",
+                "/no/such/ca.pem",
+                "cannot read /no/such/ca.pem",
+            ),
+            (
+                "MERGEFLOW_WORKFLOW_TLS_CA",
+                not_pem.as_str(),
+                "holds no certificate",
+            ),
+            ("MERGEFLOW_WORKFLOW_MAX_STEP_OUTPUT", "0", "at least 1"),
+        ] {
+            let err = Config::load(None, env(&[(key, value)]), &Overrides::default())
+                .unwrap_err()
+                .to_string();
+            let name = key.trim_start_matches("MERGEFLOW_WORKFLOW_").to_lowercase();
+            assert!(
+                err.contains(&format!("workflow.{name}")) && err.contains(want),
+                "{err}"
+            );
+        }
     }
 
     #[test]

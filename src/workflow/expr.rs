@@ -246,6 +246,33 @@ mod tests {
     }
 
     #[test]
+    fn steps_hold_the_outputs_given_and_scripts_can_reshape_them() {
+        let e = Sandbox::new();
+        let b = bind(&e, &json!({}));
+        let none = e.compile("steps.fetch").unwrap();
+        assert_eq!(e.eval(&none, &b), Ok(None), "no steps: ()");
+        let outputs = json!({"fetch": {"status": 200, "state": "done", "body": {
+            "prices": [{"sku": "a", "price": 3}, {"sku": "b", "price": 5}]
+        }}});
+        let b = e.with_steps(&b, &outputs).unwrap();
+        let by_sku = e
+            .compile("let m = #{}; for p in steps.fetch.body.prices { m[p.sku] = p.price; } #{ by_sku: m }")
+            .unwrap();
+        assert_eq!(
+            e.eval(&by_sku, &b),
+            Ok(Some(json!({"by_sku": {"a": 3, "b": 5}})))
+        );
+        let status = e.compile("steps.fetch.status == 200").unwrap();
+        assert_eq!(e.test(&status, &b), Ok(true));
+        // A constant: a script cannot change what the next one sees.
+        let edit = e
+            .compile("steps.fetch.status = 500; steps.fetch.status")
+            .unwrap();
+        assert!(e.eval(&edit, &b).is_err() || e.test(&status, &b) == Ok(true));
+        assert_eq!(e.test(&status, &b), Ok(true));
+    }
+
+    #[test]
     fn expressions_see_doc_id_changed_and_node() {
         let doc = json!({"celsius": 37, "tags": ["a", "b"], "m": {"k": 1.5}});
         assert_eq!(

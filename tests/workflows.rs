@@ -7,7 +7,6 @@ mod common;
 use common::flows::{full_mesh_running, local_node, path_of, write_def};
 use common::until;
 
-use std::path::Path;
 use std::time::Duration;
 
 use mergeflow::workflow::{Run, RunStatus};

@@ -62,6 +62,8 @@ impl Cache {
 pub struct Loaded {
     pub doc: Automerge,
     pub meta: Option<DocMeta>,
+    /// The idempotency keys in the doc's history, read on demand.
+    pub idem: super::stamp::IdemIndex,
 }
 
 /// Locks a cache slot. After a panic while it was locked, the doc's memory state
@@ -225,12 +227,14 @@ impl DocCache {
             return Ok(Loaded {
                 doc: new_doc(&self.actor),
                 meta: None,
+                idem: Default::default(),
             });
         };
         if meta.deleted_at_ms.is_some() {
             return Ok(Loaded {
                 doc: new_doc(&self.actor),
                 meta: Some(meta),
+                idem: Default::default(),
             });
         }
         let data = self.store.doc_data(id.as_str(), &meta)?;
@@ -246,6 +250,7 @@ impl DocCache {
         Ok(Loaded {
             doc,
             meta: Some(meta),
+            idem: Default::default(),
         })
     }
 }

@@ -157,6 +157,48 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// The idempotency keys in one doc's history, each with the request
+/// fingerprint of its first use: built from the changes' messages the first
+/// time a keyed write asks, then brought up to date from the changes since
+/// (local writes and merges alike), so a keyed write costs the changes new
+/// since the last one, not the whole history.
+#[derive(Debug, Default)]
+pub struct IdemIndex {
+    /// The heads the index covers.
+    heads: Vec<automerge::ChangeHash>,
+    /// Key -> the fingerprint of the request that first used it.
+    keys: std::collections::HashMap<String, Option<String>>,
+}
+
+impl IdemIndex {
+    /// Whether `key` is in `doc`'s history: `Some(fingerprint)` if it is.
+    pub fn lookup(&mut self, doc: &automerge::Automerge, key: &str) -> Option<Option<String>> {
+        let heads = doc.get_heads();
+        if heads != self.heads {
+            // Heads this doc does not know (it was replaced): start over.
+            if self
+                .heads
+                .iter()
+                .any(|h| doc.get_change_meta_by_hash(h).is_none())
+            {
+                self.keys.clear();
+                self.heads.clear();
+            }
+            for c in doc.get_changes_meta(&self.heads) {
+                let Some(message) = c.message.as_deref() else {
+                    continue;
+                };
+                let stamp = Stamp::parse(message);
+                if let Some(k) = stamp.idem {
+                    self.keys.entry(k).or_insert(stamp.req);
+                }
+            }
+            self.heads = heads;
+        }
+        self.keys.get(key).cloned()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,5 +240,38 @@ mod tests {
         assert!(check_idempotency_key("abc-123").is_ok());
         assert!(check_idempotency_key("a b").is_err());
         assert!(check_idempotency_key("").is_err());
+    }
+
+    #[test]
+    fn the_idempotency_index_follows_the_history_as_it_grows() {
+        use automerge::transaction::{CommitOptions, Transactable};
+        let mut doc = automerge::Automerge::new();
+        let mut write = |doc: &mut automerge::Automerge, msg: &str| {
+            let mut tx = doc.transaction();
+            tx.put(automerge::ROOT, "k", msg).unwrap();
+            tx.commit_with(CommitOptions::default().with_message(msg.to_string()));
+        };
+        write(&mut doc, "patch hlc=1 prio=0 idem=a req=r1");
+        let mut index = IdemIndex::default();
+        assert_eq!(index.lookup(&doc, "a"), Some(Some("r1".into())));
+        assert_eq!(index.lookup(&doc, "b"), None);
+        write(&mut doc, "patch hlc=2 prio=0");
+        write(&mut doc, "patch hlc=3 prio=0 idem=b");
+        write(&mut doc, "patch hlc=4 prio=0 idem=a req=r2");
+        assert_eq!(
+            index.lookup(&doc, "b"),
+            Some(None),
+            "learnt from the new changes"
+        );
+        assert_eq!(
+            index.lookup(&doc, "a"),
+            Some(Some("r1".into())),
+            "the first use counts"
+        );
+        // A doc that does not hold the heads it was built at starts over.
+        let mut other = automerge::Automerge::new();
+        write(&mut other, "patch hlc=9 prio=0 idem=c");
+        assert_eq!(index.lookup(&other, "a"), None);
+        assert_eq!(index.lookup(&other, "c"), Some(None));
     }
 }

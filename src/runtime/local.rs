@@ -176,21 +176,17 @@ pub(super) fn apply(
 /// an older node, counts as the same request).
 fn applied_before(
     id: &DocId,
-    loaded: &Loaded,
+    loaded: &mut Loaded,
     key: &str,
     req: Option<&str>,
 ) -> Result<Option<WriteResult>, DocError> {
-    let Some(meta) = loaded.meta.as_ref() else {
+    if loaded.meta.is_none() {
+        return Ok(None);
+    }
+    let Some(earlier_req) = loaded.idem.lookup(&loaded.doc, key) else {
         return Ok(None);
     };
-    let earlier = loaded.doc.get_changes_meta(&[]).iter().find_map(|c| {
-        let stamp = crate::doc::stamp::Stamp::parse(c.message.as_deref()?);
-        (stamp.idem.as_deref() == Some(key)).then_some(stamp)
-    });
-    let Some(earlier) = earlier else {
-        return Ok(None);
-    };
-    if let (Some(then), Some(now)) = (earlier.req.as_deref(), req)
+    if let (Some(then), Some(now)) = (earlier_req.as_deref(), req)
         && then != now
     {
         return Err(DocError::IdempotencyKeyReused {
@@ -198,9 +194,14 @@ fn applied_before(
             key: key.to_string(),
         });
     }
+    let heads = loaded
+        .meta
+        .as_ref()
+        .map(|m| m.heads.clone())
+        .unwrap_or_default();
     Ok(Some(WriteResult {
         id: id.clone(),
-        heads: meta.heads.clone(),
+        heads,
         changed: false,
     }))
 }

@@ -246,7 +246,7 @@ mod tests {
     fn the_idempotency_index_follows_the_history_as_it_grows() {
         use automerge::transaction::{CommitOptions, Transactable};
         let mut doc = automerge::Automerge::new();
-        let mut write = |doc: &mut automerge::Automerge, msg: &str| {
+        let write = |doc: &mut automerge::Automerge, msg: &str| {
             let mut tx = doc.transaction();
             tx.put(automerge::ROOT, "k", msg).unwrap();
             tx.commit_with(CommitOptions::default().with_message(msg.to_string()));

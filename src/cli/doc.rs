@@ -266,7 +266,11 @@ pub(crate) fn write_result(json: bool, verb: &str, r: &mergeflow::WriteResult) -
 pub(crate) async fn events(c: &Client, doc: Option<String>, after: Option<String>) -> Result<()> {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
-    c.events(doc.as_deref(), after.as_deref(), |event, id, data| {
+    let req = mergeflow::client::EventsRequest {
+        doc,
+        last_event_id: after,
+    };
+    c.events(&req, |event, id, data| {
         let line = serde_json::json!({ "event": event, "id": id, "data": data });
         writeln!(out, "{line}").and_then(|()| out.flush()).is_ok()
     })

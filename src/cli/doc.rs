@@ -268,6 +268,7 @@ pub(crate) async fn events(c: &Client, doc: Option<String>, after: Option<String
     let mut out = std::io::stdout().lock();
     let req = mergeflow::client::EventsRequest {
         doc,
+        include: None,
         last_event_id: after,
     };
     c.events(&req, |event, id, data| {

@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde_json::Value as Json;
 
 use super::{Client, ClientError, LONG_OPERATION, root_cause};
+use crate::api::Include;
 
 /// What [`Client::events`] asks for.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -14,6 +15,9 @@ pub struct EventsRequest {
     /// Only docs whose id matches this glob (`?doc=`; the node's default
     /// is `**`, every doc).
     pub doc: Option<String>,
+    /// What each `change` event carries besides the feed's fields
+    /// (`?include=doc|paths`).
+    pub include: Option<Include>,
     /// Resume after this event id, sent as the `Last-Event-ID` header: the
     /// node replays what came after it while it still holds it, or sends a
     /// `missed` event.
@@ -50,6 +54,7 @@ impl Client {
         use futures_util::StreamExt;
         let mut q: Vec<(&str, &str)> = Vec::new();
         q.extend(req.doc.as_deref().map(|d| ("doc", d)));
+        q.extend(req.include.map(|i| ("include", i.as_str())));
         let mut http = self
             .http
             .get(format!("{}/v1/events", self.base))

@@ -27,7 +27,10 @@ use futures_util::Stream;
 use serde::Serialize;
 use tokio::sync::broadcast;
 
-/// One merged change of one doc.
+/// One merged change of one doc. On `GET /v1/events` it is a `change`
+/// event's data; with `include` the data also carries the doc, or the
+/// values at `paths`, as they were right after the change
+/// ([`crate::api::Include`]).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ChangeEvent {
     /// Event id: `<boot>-<seq>`, increasing within a boot.

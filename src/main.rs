@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 mod cli;
 
 use cli::ClientArgs;
-use cli::doc::{DocCmd, doc, events};
+use cli::doc::{DocCmd, doc};
 use cli::output::{print_json, print_status};
 use cli::start::{StartArgs, start};
 use cli::workflow::{RunsCmd, WorkflowCmd, runs, workflow};
@@ -136,16 +136,13 @@ enum Cmd {
         timeout: u64,
     },
     /// Print the change feed as it happens, one JSON object per line:
-    /// `{"event": "change"|"run"|"missed", "id", "data"}` (Ctrl-C to stop).
+    /// `{"event": "change"|"run"|"missed", "id", "data"}`; reconnects by
+    /// itself, resuming after the last id printed (Ctrl-C to stop).
     Events {
         #[command(flatten)]
         client: ClientArgs,
-        /// Only docs whose id matches this glob, such as `sensors/**`.
-        #[arg(long)]
-        doc: Option<String>,
-        /// Start after this event id (resume where an earlier run stopped).
-        #[arg(long)]
-        after: Option<String>,
+        #[command(flatten)]
+        args: cli::events::EventsArgs,
     },
     /// Print a new random network key for `net.key` (64 hex digits).
     Keygen,
@@ -292,7 +289,7 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::WaitSynced { client, timeout } => {
             cli::progress::wait_synced(&client.client(), Duration::from_secs(timeout)).await
         }
-        Cmd::Events { client, doc, after } => events(&client.client(), doc, after).await,
+        Cmd::Events { client, args } => cli::events::events(&client.client(), args).await,
         Cmd::Keygen => {
             println!("{}", mergeflow::generate_key());
             Ok(())

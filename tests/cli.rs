@@ -869,3 +869,142 @@ fn access_check_warns_about_a_write_glob_without_its_read() {
         "{stderr}"
     );
 }
+
+/// Lines of a child's stdout on a channel, read by a thread that drops the
+/// pipe (closing it) after `keep` lines.
+fn stdout_lines(child: &mut std::process::Child, keep: usize) -> std::sync::mpsc::Receiver<String> {
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let lines = std::io::BufReader::new(stdout).lines();
+        for line in lines.map_while(Result::ok).take(keep) {
+            let _ = tx.send(line);
+        }
+    });
+    rx
+}
+
+/// The next line as JSON, within a generous deadline.
+fn next_json(rx: &std::sync::mpsc::Receiver<String>) -> Value {
+    let line = rx
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("a line in time");
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line:?}: {e}"))
+}
+
+/// Waits (generously) for `child` to exit; its status.
+fn exits(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the command did not exit");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// `mergeflow events --include doc` prints each change with the doc as it
+/// was right after it, follows the node across a restart (reconnecting by
+/// itself, with a `missed` line for the new boot), and exits 0 when its
+/// stdout closes (`| head -4`) and on Ctrl-C.
+#[tokio::test(flavor = "multi_thread")]
+async fn events_include_the_doc_and_follow_the_node_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path()).await;
+    let addr = node.api_addr().unwrap();
+    let api = format!("http://{addr}");
+    let doc = node.doc("cli/a").unwrap();
+    doc.patch(json!({"n": 1})).await.unwrap();
+    doc.patch(json!({"n": 2, "tags": ["x"]})).await.unwrap();
+    node.doc("other/b")
+        .unwrap()
+        .patch(json!({"n": 0}))
+        .await
+        .unwrap();
+    // From the boot's first event: the changes so far, then live ones.
+    let from_start = format!("{}-0", node.status().await.boot);
+    let args = [
+        "events",
+        "--include",
+        "doc",
+        "--doc",
+        "cli/*",
+        "--after",
+        &from_start,
+        "--api",
+        &api,
+    ];
+    let mut events = Command::new(bin())
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines = stdout_lines(&mut events, 4);
+    let first = next_json(&lines);
+    assert_eq!(first["event"], "change", "{first}");
+    assert!(first["id"].is_string());
+    assert_eq!(first["data"]["id"], first["id"]);
+    assert_eq!(first["data"]["doc"], "cli/a");
+    assert_eq!(first["data"]["value"], json!({"n": 1}), "at its change");
+    assert_eq!(first["data"]["read_at"], "heads");
+    let second = next_json(&lines);
+    assert_eq!(second["data"]["value"], json!({"n": 2, "tags": ["x"]}));
+
+    // The node restarts on the same address: the command reconnects with
+    // the last id it printed, which is from the old boot, so it is told
+    // that it missed events; then it follows the new boot.
+    node.shutdown().await.unwrap();
+    drop((doc, node)); // the last handles close the data dir
+    let mut config = mergeflow::config::Config::default();
+    config.node.data_dir = dir.path().join("data");
+    let node = Node::builder()
+        .config(config)
+        .api(addr)
+        .start()
+        .await
+        .unwrap();
+    let missed = next_json(&lines);
+    assert_eq!(missed["event"], "missed", "{missed}");
+    assert_eq!(missed["id"], Value::Null);
+    // The `missed` line comes from the new subscription: a write now is live.
+    node.doc("cli/a")
+        .unwrap()
+        .patch(json!({"n": 3}))
+        .await
+        .unwrap();
+    let third = next_json(&lines);
+    assert_eq!(third["data"]["value"], json!({"n": 3, "tags": ["x"]}));
+    // The reader took its 4 lines and closed the pipe: the command ends
+    // at once, without waiting for another event to fail to print.
+    assert!(exits(&mut events).success());
+
+    // Ctrl-C ends it cleanly too (once it runs: it printed a line).
+    let mut events = Command::new(bin())
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines = stdout_lines(&mut events, usize::MAX);
+    let _ = next_json(&lines);
+    let int = Command::new("kill")
+        .args(["-INT", &events.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(int.success());
+    assert!(exits(&mut events).success());
+
+    // A refusal (a bad glob) is an error at once, not a retry.
+    let cli = Cli { api, token: None };
+    let err = tokio::task::spawn_blocking(move || cli.fails(&["events", "--doc", "["]))
+        .await
+        .unwrap();
+    assert!(err.contains("glob"), "{err}");
+    node.shutdown().await.unwrap();
+}

@@ -4,11 +4,14 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Extension, Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use serde_json::Value as Json;
 
-use super::error::WrappedRejection;
+use super::error::{ApiError, WrappedRejection};
 use super::extract::ApiResult;
 use crate::access::Access;
+use crate::doc::DocId;
+use crate::feed::ChangeEvent;
 use crate::node::Node;
 
 /// Query of `GET /v1/events`.
@@ -19,6 +22,101 @@ pub struct EventsQuery {
     pub doc: Option<String>,
     /// Resume after this event id (as the `Last-Event-ID` header does).
     pub after: Option<String>,
+    /// What of the changed doc each `change` event carries besides the
+    /// feed's fields (default: nothing).
+    pub include: Option<Include>,
+}
+
+/// `include` of `GET /v1/events`: what of the changed doc a `change` event
+/// carries, read as `GET /v1/docs/{id}` reads it, at the event's heads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", try_from = "String")]
+pub enum Include {
+    /// `value`: the whole doc right after the change.
+    Doc,
+    /// `values`: `{pointer: value}` for each of the event's `paths`, `null`
+    /// where the change removed what was there.
+    Paths,
+}
+
+impl Include {
+    /// As in the query: `doc` or `paths`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Include::Doc => "doc",
+            Include::Paths => "paths",
+        }
+    }
+}
+
+impl TryFrom<String> for Include {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Include, String> {
+        match s.as_str() {
+            "doc" => Ok(Include::Doc),
+            "paths" => Ok(Include::Paths),
+            _ => Err(format!(
+                "must be `doc` (the doc's JSON) or `paths` (the values at the \
+                 changed paths), got {s:?}"
+            )),
+        }
+    }
+}
+
+/// A `change` event's data with what `include` asked for.
+#[derive(Serialize)]
+struct Included<'a> {
+    #[serde(flatten)]
+    event: &'a ChangeEvent,
+    #[serde(flatten)]
+    extra: serde_json::Map<String, Json>,
+}
+
+/// What `include` adds to change event `e`: `value` (the doc) or `values`
+/// (`{pointer: value}`), with `read_at` `"heads"` (the doc at the event's
+/// heads: right after the change) or `"current"` (a head is not in the doc
+/// any more: its state when the event is sent). When the doc cannot be
+/// read (deleted by this change or since, a store failure) `value` /
+/// `values` is `null` and `read_error` says why, as `{"code", "message"}`
+/// of an API error.
+async fn include(node: &Node, e: &ChangeEvent, what: Include) -> serde_json::Map<String, Json> {
+    let key = match what {
+        Include::Doc => "value",
+        Include::Paths => "values",
+    };
+    let read = if e.deleted {
+        Err(ApiError::new(
+            axum::http::StatusCode::GONE,
+            "deleted",
+            format!("this change deleted doc {:?}", e.doc),
+        ))
+    } else {
+        let paths = (what == Include::Paths).then(|| e.paths.clone());
+        match DocId::new(e.doc.clone()) {
+            Ok(id) => node
+                .docs()
+                .get_at(id, e.heads.clone(), paths)
+                .await
+                .map_err(|err| super::read_error(node, err)),
+            Err(err) => Err(err.into()),
+        }
+    };
+    let mut extra = serde_json::Map::new();
+    match read {
+        Ok((value, at)) => {
+            extra.insert(key.into(), value);
+            extra.insert("read_at".into(), serde_json::json!(at));
+        }
+        Err(err) => {
+            extra.insert(key.into(), Json::Null);
+            extra.insert(
+                "read_error".into(),
+                serde_json::json!({"code": err.code, "message": err.message}),
+            );
+        }
+    }
+    extra
 }
 
 /// Server-Sent Events: `event: change` with a [`crate::feed::ChangeEvent`] as
@@ -27,6 +125,12 @@ pub struct EventsQuery {
 /// this client (it fell behind, or resumed from an id no longer held): re-read
 /// the docs it follows. A comment line every 15 s keeps proxies from closing
 /// the stream. The stream ends when the node shuts down.
+///
+/// With `include` (see [`Include`]) each change event's data also carries
+/// the doc or the values at its paths, read when the event is sent, at the
+/// event's heads (see `include` below for the fields). Events are read one
+/// after the other, in order; a client that reads slower than the node
+/// changes gets `missed` as any slow client does.
 pub(super) async fn events(
     State(node): State<Node>,
     Extension(access): Extension<Access>,
@@ -56,12 +160,29 @@ pub(super) async fn events(
         std::future::ready(keep)
     });
     let runs = runs.filter(move |_| std::future::ready(!scoped));
-    let changes = feed.map(|item| {
+    let (reader, what) = (node.clone(), q.include);
+    let changes = feed.then(move |item| {
+        let node = reader.clone();
+        async move {
+            let crate::feed::FeedItem::Change(e) = &item else {
+                return (item, None);
+            };
+            let extra = match what {
+                Some(what) => Some(include(&node, e, what).await),
+                None => None,
+            };
+            (item, extra)
+        }
+    });
+    let changes = changes.map(|(item, extra)| {
         let event = match item {
-            crate::feed::FeedItem::Change(e) => Event::default()
-                .event("change")
-                .id(e.id.clone())
-                .json_data(&*e),
+            crate::feed::FeedItem::Change(e) => {
+                let event = Event::default().event("change").id(e.id.clone());
+                match extra {
+                    Some(extra) => event.json_data(Included { event: &e, extra }),
+                    None => event.json_data(&*e),
+                }
+            }
             crate::feed::FeedItem::Missed { count } => Event::default()
                 .event("missed")
                 .json_data(serde_json::json!({ "count": count })),

@@ -23,6 +23,7 @@ pub(crate) mod serve;
 mod workflows;
 
 pub use error::{ApiError, ErrorBody, ErrorDetail};
+pub use events::{EventsQuery, Include};
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};

@@ -1,10 +1,9 @@
-//! `mergeflow doc ...` and `mergeflow events`.
+//! `mergeflow doc ...`.
 
 use std::io::Read;
 
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
-use mergeflow::client::Client;
 use mergeflow::doc::Op;
 use serde_json::Value as Json;
 
@@ -258,19 +257,5 @@ pub(crate) fn write_result(json: bool, verb: &str, r: &mergeflow::WriteResult) -
     if r.heads.is_empty() && r.changed {
         bail!("the node returned no heads for a write");
     }
-    Ok(())
-}
-
-/// `mergeflow events`: one JSON line per event until the node ends the
-/// stream (it shut down) or stdout closes.
-pub(crate) async fn events(c: &Client, doc: Option<String>, after: Option<String>) -> Result<()> {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    c.events(doc.as_deref(), after.as_deref(), |event, id, data| {
-        let line = serde_json::json!({ "event": event, "id": id, "data": data });
-        writeln!(out, "{line}").and_then(|()| out.flush()).is_ok()
-    })
-    .await?;
-    eprintln!("the node ended the event stream");
     Ok(())
 }

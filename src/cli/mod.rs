@@ -3,6 +3,7 @@
 pub mod access;
 pub mod backup;
 pub mod doc;
+pub mod events;
 pub mod output;
 pub mod progress;
 pub mod start;

@@ -10,7 +10,10 @@ use crate::doc::Op;
 use crate::runtime::{DocInfo, HistoryEntry, WriteResult};
 use crate::status::Status;
 
+mod events;
 mod workflows;
+
+pub use events::{EventsEnd, EventsRequest, SseEvent, SseParser};
 
 /// Errors of the client, each a one-line reason.
 #[derive(Debug, thiserror::Error)]
@@ -366,64 +369,6 @@ impl Client {
         self.send(opts.apply(req)).await
     }
 
-    /// `GET /v1/events?doc=GLOB&after=ID`: the change feed (and run events)
-    /// as they happen; `on` gets each event's name (`change`, `missed`,
-    /// `run`), its id if it has one, and its data. Returns when the node ends
-    /// the stream (it shut down) or `on` returns false.
-    ///
-    /// # Errors
-    /// [`ClientError`]; a broken stream is [`ClientError::Protocol`].
-    pub async fn events(
-        &self,
-        doc: Option<&str>,
-        after: Option<&str>,
-        mut on: impl FnMut(&str, Option<&str>, Json) -> bool,
-    ) -> Result<(), ClientError> {
-        use futures_util::StreamExt;
-        let mut q: Vec<(&str, &str)> = Vec::new();
-        q.extend(doc.map(|d| ("doc", d)));
-        q.extend(after.map(|a| ("after", a)));
-        let req = self
-            .http
-            .get(format!("{}/v1/events", self.base))
-            .query(&q)
-            .timeout(LONG_OPERATION);
-        let resp = self.send_raw(req).await?;
-        let url = resp.url().to_string();
-        let mut body = resp.bytes_stream();
-        let mut pending: Vec<u8> = Vec::new();
-        let mut event = SseEvent::default();
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| ClientError::Protocol {
-                url: url.clone(),
-                reason: root_cause(&e),
-            })?;
-            pending.extend_from_slice(&chunk);
-            while let Some(end) = pending.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = pending.drain(..=end).collect();
-                let line = String::from_utf8_lossy(&line);
-                let line = line.trim_end_matches(['\r', '\n']);
-                if !line.is_empty() {
-                    event.take_line(line);
-                    continue;
-                }
-                let done = std::mem::take(&mut event);
-                if done.data.is_empty() {
-                    continue; // a keep-alive comment
-                }
-                let data = serde_json::from_str(&done.data).map_err(|e| ClientError::Protocol {
-                    url: url.clone(),
-                    reason: format!("event data is not JSON: {e}"),
-                })?;
-                let name = done.name.as_deref().unwrap_or("message");
-                if !on(name, done.id.as_deref(), data) {
-                    return Ok(());
-                }
-            }
-        }
-        Ok(())
-    }
-
     /// `GET /v1/docs`, every page: the live docs but the node's system docs.
     ///
     /// # Errors
@@ -566,33 +511,6 @@ pub struct Written {
     /// Peers that confirmed they stored it (with `replicas`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replicas: Option<Json>,
-}
-
-/// A Server-Sent Event being read.
-#[derive(Default)]
-struct SseEvent {
-    name: Option<String>,
-    id: Option<String>,
-    data: String,
-}
-
-impl SseEvent {
-    /// Takes one `field: value` line (comments, starting with `:`, are skipped).
-    fn take_line(&mut self, line: &str) {
-        let (field, value) = line.split_once(':').unwrap_or((line, ""));
-        let value = value.strip_prefix(' ').unwrap_or(value);
-        match field {
-            "event" => self.name = Some(value.to_string()),
-            "id" => self.id = Some(value.to_string()),
-            "data" => {
-                if !self.data.is_empty() {
-                    self.data.push('\n');
-                }
-                self.data.push_str(value);
-            }
-            _ => {}
-        }
-    }
 }
 
 /// A response's JSON body.

@@ -5,6 +5,7 @@
 //! the store (`crate::store::Store`, the cache's loads) and runs no threads or tasks.
 //! The runtime (`crate::runtime`) applies writes and remote changes with it.
 
+pub(crate) mod at;
 pub(crate) mod cache;
 pub mod conflict;
 pub(crate) mod container;

@@ -47,7 +47,7 @@ mod writer;
 pub use clients::{ClientOut, ConnId, ConnShared};
 pub use docs::Docs;
 pub use inbox::{ClientConn, Inbox, Stopped};
-pub use read::{DocInfo, DocPage, HistoryEntry, ListQuery, Snapshot};
+pub use read::{DocInfo, DocPage, HistoryEntry, ListQuery, ReadAt, Snapshot};
 pub use replicas::Held;
 pub use state::{Change, ChangeFn, DocsConfig, Parts, PeerSyncView, WriteOpts, WriteResult};
 pub use tick::spawn_tick;

@@ -1,14 +1,15 @@
 //! Reads: a doc's JSON, snapshot, conflicts, actors, heads and history, and
 //! listings, each on a blocking thread with the doc loaded and locked.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
-use automerge::{ActorId, ChangeHash, ObjType, ROOT};
+use automerge::{ActorId, ChangeHash, ObjType, ROOT, ReadDoc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
 use super::docs::Docs;
 use super::state::blocking;
+use crate::doc::at::At;
 use crate::doc::cache::live_meta;
 use crate::doc::heads::{in_history, peel};
 use crate::doc::json::json_at;
@@ -27,6 +28,42 @@ pub struct Snapshot {
     /// replaced by what it was written on), sorted: the state that triggered
     /// it, the same on every node whether or not it has the derived writes.
     pub trigger_heads: Vec<String>,
+}
+
+/// Which state of a doc [`Docs::get_at`] read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadAt {
+    /// The state at the heads asked for.
+    Heads,
+    /// The current state: a head asked for is not in the doc.
+    Current,
+}
+
+/// The doc `doc` (a JSON object), or with `paths` an object of the values
+/// at those JSON Pointers, `null` where one names nothing.
+fn render<R: ReadDoc>(doc: &R, paths: Option<&[String]>) -> Result<Json, DocError> {
+    let Some(paths) = paths else {
+        return to_json(doc, &ROOT, ObjType::Map);
+    };
+    let mut out = serde_json::Map::new();
+    for raw in paths {
+        let value = match Pointer::parse(raw) {
+            Ok(p) if p.is_root() => to_json(doc, &ROOT, ObjType::Map)?,
+            Ok(p) => match json_at(doc, &p) {
+                Ok(v) => v,
+                Err(
+                    DocError::PathNotFound(_)
+                    | DocError::BadPath { .. }
+                    | DocError::TypeMismatch { .. },
+                ) => Json::Null,
+                Err(e) => return Err(e),
+            },
+            Err(_) => Json::Null,
+        };
+        out.insert(raw.clone(), value);
+    }
+    Ok(Json::Object(out))
 }
 
 /// A document in a listing.
@@ -121,6 +158,40 @@ impl Docs {
                 return to_json(doc, &ROOT, ObjType::Map);
             };
             json_at(doc, &ptr)
+        })
+        .await
+    }
+
+    /// Document `id` as it was at `heads` (hex; an event's heads), whole
+    /// (`paths` `None`) or as an object of the values at `paths` (JSON
+    /// Pointers; `null` where a path names nothing in that state). Read as
+    /// [`get`](Self::get) reads, so a deleted doc is [`DocError::Deleted`];
+    /// if a head is not in the doc the current state is read instead, and
+    /// [`ReadAt`] says which.
+    ///
+    /// # Errors
+    /// [`DocError::NotFound`], [`DocError::Deleted`], store errors.
+    pub async fn get_at(
+        &self,
+        id: DocId,
+        heads: Vec<String>,
+        paths: Option<Vec<String>>,
+    ) -> Result<(Json, ReadAt), DocError> {
+        self.with_doc(id, move |_, id, loaded| {
+            let current = &live_meta(id, loaded)?.heads;
+            let doc = &loaded.doc;
+            let same = |a: &[String], b: &[String]| {
+                let set = |v: &[String]| v.iter().cloned().collect::<BTreeSet<_>>();
+                set(a) == set(b)
+            };
+            if same(&heads, current) {
+                return Ok((render(doc, paths.as_deref())?, ReadAt::Heads));
+            }
+            let hashes: Vec<ChangeHash> = heads.iter().filter_map(|h| h.parse().ok()).collect();
+            match At::new(doc, &hashes).filter(|_| hashes.len() == heads.len()) {
+                Some(at) => Ok((render(&at, paths.as_deref())?, ReadAt::Heads)),
+                None => Ok((render(doc, paths.as_deref())?, ReadAt::Current)),
+            }
         })
         .await
     }

@@ -112,7 +112,10 @@ impl Docs {
             urls,
             signer,
             policy,
+            flushed: Default::default(),
+            wake: std::sync::OnceLock::new(),
         });
+        let _ = inner.wake.set(tx.downgrade());
         let thread_inner = inner.clone();
         let handle = std::thread::Builder::new()
             .name("mergeflow-writer".into())

@@ -163,6 +163,12 @@ pub(super) struct Inner {
     pub(super) signer: Option<crate::trust::Signer>,
     /// Who may write what (`net.admins` and the applied grants).
     pub(super) policy: Arc<crate::grants::PolicySlot>,
+    /// Keyed writes' changes, durable now, for the writer to send to peers
+    /// (see [`crate::sync::Input::Broadcast`]).
+    pub(super) flushed: Arc<Mutex<Vec<crate::sync::Input>>>,
+    /// Wakes the writer for them (weak: the writer's queue closes when the
+    /// last `Docs` handle goes).
+    pub(super) wake: std::sync::OnceLock<tokio::sync::mpsc::WeakSender<super::writer::WriterMsg>>,
 }
 
 impl Inner {

@@ -137,6 +137,13 @@ fn write_round(
     {
         sync.handle_all(inputs, &mut round);
     }
+    // Keyed writes of earlier rounds, durable now: to peers.
+    let flushed = std::mem::take(&mut *inner.flushed.lock().unwrap_or_else(|p| p.into_inner()));
+    if let Some(sync) = sync.as_deref_mut() {
+        for input in flushed {
+            sync.handle(input, &mut round);
+        }
+    }
     // Local changes and merges (and clients' changes) go to the sync core
     // (and so to peers) only once the store has them: if storing fails, the
     // doc is reloaded without them and its next change reuses their actor
@@ -153,6 +160,8 @@ fn write_round(
     }
     let clients_wait = client_work.wrote;
     let mut carry = Vec::new();
+    // Keyed writes' changes, sent once this round is flushed.
+    let mut later: Vec<Input> = Vec::new();
     for req in reqs {
         if round.is_poisoned(&req.id) {
             // Remote input (or an earlier write) left the doc suspect; it is
@@ -237,6 +246,25 @@ fn write_round(
             if let Some(mut input) = input.filter(|_| sync.is_some()) {
                 if let Input::LocalChange { ack, .. } = &mut input {
                     *ack = req.ack;
+                }
+                if req.tags.idem.is_some() {
+                    // Sent once durable (see `Input::Broadcast`); the digest
+                    // takes its state now.
+                    if let Input::LocalChange {
+                        doc,
+                        changes,
+                        sigs,
+                        ack,
+                        ..
+                    } = &mut input
+                    {
+                        later.push(Input::Broadcast {
+                            doc: doc.clone(),
+                            changes: std::mem::take(changes),
+                            sigs: std::mem::take(sigs),
+                            ack: *ack,
+                        });
+                    }
                 }
                 local.push(input);
             }
@@ -367,6 +395,23 @@ fn write_round(
                 let _ = reply.send(flushed.map(|()| r).map_err(|m| DocError::Store(m.into())));
             })),
         }
+    }
+    if !later.is_empty() && applied.is_ok() {
+        durable = true;
+        let (queue, wake) = (inner.flushed.clone(), inner.wake.get().cloned());
+        acks.push(Box::new(move |flushed| {
+            if flushed.is_err() {
+                return; // the store failed: the docs are reloaded without them
+            }
+            queue
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(later);
+            // A full queue means the writer runs another round soon anyway.
+            if let Some(tx) = wake.and_then(|w| w.upgrade()) {
+                let _ = tx.try_send(WriterMsg::Sync(Vec::new()));
+            }
+        }));
     }
     // Merged remote changes need a flush too, even with nobody waiting on it.
     if !acks.is_empty() || !touched.is_empty() {

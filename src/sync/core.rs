@@ -283,39 +283,14 @@ impl Core {
                 ack,
             } => {
                 self.digest.set(&doc, &state);
-                if changes
-                    .iter()
-                    .all(|c| c.len() <= self.cfg.max_gossip_change_bytes)
-                {
-                    let mut seen: Vec<u64> = self.local_tag.into_iter().collect();
-                    add_tags(
-                        &mut seen,
-                        self.peers
-                            .iter()
-                            .filter(|(k, _)| self.wants(k, &doc))
-                            .map(|(_, p)| p.tag),
-                    );
-                    let last = changes.len().saturating_sub(1);
-                    let mut sigs = sigs.into_iter();
-                    for (i, change) in changes.into_iter().enumerate() {
-                        let msg = Message::Change {
-                            doc: doc.clone(),
-                            change,
-                            sig: sigs.next().unwrap_or_default(),
-                            // Replicas confirm the write's own change, which
-                            // they can apply only after its geneses.
-                            ack: ack && i == last,
-                            seen: seen.clone(),
-                        };
-                        self.broadcast(msg, None, &mut out);
-                    }
-                } else {
-                    let peers: Vec<PeerKey> = self.peers.keys().cloned().collect();
-                    for peer in peers {
-                        self.sync_doc(now, &peer, &doc, true, docs, &mut out);
-                    }
-                }
+                self.send_local(now, doc, changes, sigs, ack, docs, &mut out);
             }
+            Input::Broadcast {
+                doc,
+                changes,
+                sigs,
+                ack,
+            } => self.send_local(now, doc, changes, sigs, ack, docs, &mut out),
             Input::LocalMerge { doc, state } => {
                 self.digest.set(&doc, &state);
                 self.sync_with_others(now, "", &doc, docs, &mut out);
@@ -357,6 +332,53 @@ impl Core {
             }
         }
         out
+    }
+
+    /// Sends a local write's changes: each on the fast path to the peers
+    /// that hold its doc, or, when one is too big for it, a sync session
+    /// with every peer.
+    fn send_local<D: DocAccess>(
+        &mut self,
+        now: u64,
+        doc: String,
+        changes: Vec<Vec<u8>>,
+        sigs: Vec<Vec<u8>>,
+        ack: bool,
+        docs: &mut D,
+        out: &mut Vec<Output>,
+    ) {
+        if changes
+            .iter()
+            .all(|c| c.len() <= self.cfg.max_gossip_change_bytes)
+        {
+            let mut seen: Vec<u64> = self.local_tag.into_iter().collect();
+            add_tags(
+                &mut seen,
+                self.peers
+                    .iter()
+                    .filter(|(k, _)| self.wants(k, &doc))
+                    .map(|(_, p)| p.tag),
+            );
+            let last = changes.len().saturating_sub(1);
+            let mut sigs = sigs.into_iter();
+            for (i, change) in changes.into_iter().enumerate() {
+                let msg = Message::Change {
+                    doc: doc.clone(),
+                    change,
+                    sig: sigs.next().unwrap_or_default(),
+                    // Replicas confirm the write's own change, which
+                    // they can apply only after its geneses.
+                    ack: ack && i == last,
+                    seen: seen.clone(),
+                };
+                self.broadcast(msg, None, out);
+            }
+        } else {
+            let peers: Vec<PeerKey> = self.peers.keys().cloned().collect();
+            for peer in peers {
+                self.sync_doc(now, &peer, &doc, true, docs, out);
+            }
+        }
     }
 
     /// Queues `msg` for every peer but `except` that is sent its doc: to

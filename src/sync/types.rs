@@ -211,6 +211,22 @@ pub enum Input {
         /// The writer waits for replicas to confirm it.
         ack: bool,
     },
+    /// The changes of a local write with an idempotency key, once durable:
+    /// sent to peers now (the digest took the write's state when it was
+    /// made, through a [`Input::LocalChange`] without changes). Sent only
+    /// once durable, so that no peer can hold a keyed change its writer
+    /// lost in a crash: the writer would apply the key again when it is
+    /// asked again, and the doc would hold the write twice.
+    Broadcast {
+        /// The doc.
+        doc: String,
+        /// As in [`Input::LocalChange`].
+        changes: Vec<Vec<u8>>,
+        /// As in [`Input::LocalChange`].
+        sigs: Vec<Vec<u8>>,
+        /// As in [`Input::LocalChange`].
+        ack: bool,
+    },
     /// A local merge (a restore or import) changed a doc: it is synced
     /// with every peer.
     LocalMerge {

@@ -273,6 +273,7 @@ impl NodeBuilder {
             net: Mutex::new(None),
             progress: Arc::default(),
             server_links: Arc::default(),
+            mqtt: Default::default(),
             policy: policy.clone(),
             seal: SealOnDrop {
                 data_dir: seal_dir,
@@ -339,19 +340,31 @@ impl NodeBuilder {
                 &node.inner.tasks,
             )?;
             let live = net.state.clone();
-            node.inner
-                .workflows
-                .set_live_peers(Arc::new(move || match live.lock() {
-                    Ok(net) => net
-                        .peers
-                        .values()
-                        .filter(|p| p.connected)
-                        .map(|p| p.peer_id.clone())
-                        .collect(),
-                    Err(_) => vec![],
-                }));
+            let live: crate::mqtt::LivePeers = Arc::new(move || match live.lock() {
+                Ok(net) => net
+                    .peers
+                    .values()
+                    .filter(|p| p.connected)
+                    .map(|p| p.peer_id.clone())
+                    .collect(),
+                Err(_) => vec![],
+            });
+            node.inner.workflows.set_live_peers(live.clone());
+            node.inner.mqtt.set_live_peers(live);
             *node.inner.net.lock().expect("not poisoned") = Some(net);
         }
+        crate::mqtt::spawn(
+            &node.inner.config.mqtt,
+            crate::mqtt::Parts {
+                docs: &node.inner.docs,
+                store: &node.inner.store,
+                feed: &node.inner.feed,
+                local: &node.inner.peer_id.to_string(),
+                cancel: &node.inner.cancel,
+                tasks: &node.inner.tasks,
+            },
+            &node.inner.mqtt,
+        );
         crate::amrepo::dial::spawn(
             &node.inner.docs,
             &node.inner.feed,

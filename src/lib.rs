@@ -115,6 +115,7 @@ pub mod grants;
 pub mod http_allow;
 mod latency;
 mod metrics;
+pub mod mqtt;
 #[cfg_attr(not(feature = "test-utils"), allow(dead_code, unused_imports))]
 mod net;
 mod node;
@@ -126,6 +127,7 @@ pub mod scope;
 mod store;
 #[cfg_attr(not(feature = "test-utils"), allow(dead_code, unused_imports))]
 mod sync;
+pub mod topic;
 pub mod trust;
 pub mod workflow;
 

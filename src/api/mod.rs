@@ -19,6 +19,7 @@ mod events;
 mod extract;
 pub(crate) mod guard;
 pub mod history;
+mod mqtt;
 pub(crate) mod serve;
 mod workflows;
 
@@ -109,6 +110,7 @@ pub fn router(node: Node) -> Router {
         .merge(access::routes())
         .merge(automerge::routes(&node, tokens.clone()))
         .merge(backup::routes())
+        .merge(mqtt::routes())
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))

@@ -31,6 +31,8 @@ pub struct Config {
     pub workflow: WorkflowConfig,
     /// `[automerge]`
     pub automerge: AutomergeConfig,
+    /// `[[mqtt]]`: MQTT brokers this node bridges to.
+    pub mqtt: Vec<super::MqttBroker>,
 }
 
 /// `[automerge]`: automerge-repo clients (JS and browser apps, samod) on
@@ -467,6 +469,7 @@ impl Default for Config {
                 max_step_output: 1 << 20,
                 tls_ca: PathBuf::new(),
             },
+            mqtt: Vec::new(),
         }
     }
 }

@@ -100,6 +100,15 @@ impl Config {
         if let Err(e) = crate::http_allow::HttpAllow::new(&self.workflow.http_allow) {
             return invalid("workflow.http_allow", &e);
         }
+        for (i, b) in self.mqtt.iter().enumerate() {
+            let which = |e: String| format!("[[mqtt]] number {} ({}): {e}", i + 1, b.url);
+            b.check().or_else(|e| invalid("mqtt", &which(e)))?;
+            if !b.tls_ca.as_os_str().is_empty()
+                && let Err(e) = crate::http_allow::read_ca(&b.tls_ca)
+            {
+                return invalid("mqtt.tls_ca", &which(e));
+            }
+        }
         if self.workflow.max_step_output == 0 {
             return invalid("workflow.max_step_output", "must be at least 1 (bytes)");
         }

@@ -54,6 +54,8 @@ pub(crate) struct NodeInner {
     pub(crate) progress: Arc<crate::progress::Tasks>,
     /// The `[[automerge.servers]]` links' states.
     pub(crate) server_links: crate::status::ServerLinks,
+    /// The `[[mqtt]]` bridges.
+    pub(crate) mqtt: crate::mqtt::Bridges,
     /// Who may write what (see [`crate::grants`]).
     pub(crate) policy: Arc<crate::grants::PolicySlot>,
     /// Declared last so it drops after the store: seals the data dir once sled
@@ -314,6 +316,46 @@ impl Node {
                 .unwrap_or_else(|p| p.into_inner())
                 .clone(),
         }
+    }
+
+    /// The `[[mqtt]]` bridges' numbers.
+    pub fn mqtt_bridges(&self) -> Vec<crate::mqtt::BridgeInfo> {
+        self.inner.mqtt.info()
+    }
+
+    /// The MQTT bridges' dead letters, newest first, with ids below
+    /// `before`, and how many are kept. Reads sled: call it off the async
+    /// executor.
+    ///
+    /// # Errors
+    /// The store's.
+    pub fn dead_letters(
+        &self,
+        limit: usize,
+        before: Option<u64>,
+    ) -> Result<(Vec<serde_json::Value>, usize), Error> {
+        let letters = self.inner.store.dead_letters(limit, before)?;
+        let count = self.inner.store.dead_letter_count()?;
+        let letters = letters
+            .into_iter()
+            .map(|(id, bytes)| {
+                let mut v: serde_json::Value =
+                    serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+                if let Some(m) = v.as_object_mut() {
+                    m.insert("id".into(), id.into());
+                }
+                v
+            })
+            .collect();
+        Ok((letters, count))
+    }
+
+    /// Removes a dead letter once handled; false if there was none.
+    ///
+    /// # Errors
+    /// The store's.
+    pub fn remove_dead_letter(&self, id: u64) -> Result<bool, Error> {
+        Ok(self.inner.store.remove_dead_letter(id)?)
     }
 
     /// A token cancelled when the node shuts down.

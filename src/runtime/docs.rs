@@ -115,7 +115,13 @@ impl Docs {
             flushed: Default::default(),
             wake: std::sync::OnceLock::new(),
         });
-        let _ = inner.wake.set(tx.downgrade());
+        let weak = tx.downgrade();
+        let _ = inner.wake.set(Arc::new(move || {
+            // A full queue means the writer runs another round soon anyway.
+            if let Some(tx) = weak.upgrade() {
+                let _ = tx.try_send(WriterMsg::Sync(Vec::new()));
+            }
+        }));
         let thread_inner = inner.clone();
         let handle = std::thread::Builder::new()
             .name("mergeflow-writer".into())

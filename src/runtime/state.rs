@@ -166,9 +166,9 @@ pub(super) struct Inner {
     /// Keyed writes' changes, durable now, for the writer to send to peers
     /// (see [`crate::sync::Input::Broadcast`]).
     pub(super) flushed: Arc<Mutex<Vec<crate::sync::Input>>>,
-    /// Wakes the writer for them (weak: the writer's queue closes when the
-    /// last `Docs` handle goes).
-    pub(super) wake: std::sync::OnceLock<tokio::sync::mpsc::WeakSender<super::writer::WriterMsg>>,
+    /// Wakes the writer for them (holding its queue weakly: the queue
+    /// closes when the last `Docs` handle goes).
+    pub(super) wake: std::sync::OnceLock<Arc<dyn Fn() + Send + Sync>>,
 }
 
 impl Inner {

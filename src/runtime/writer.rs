@@ -407,9 +407,8 @@ fn write_round(
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .extend(later);
-            // A full queue means the writer runs another round soon anyway.
-            if let Some(tx) = wake.and_then(|w| w.upgrade()) {
-                let _ = tx.try_send(WriterMsg::Sync(Vec::new()));
+            if let Some(wake) = wake {
+                wake();
             }
         }));
     }

@@ -44,6 +44,7 @@ pub use format::{SCHEMA_VERSION, Stage, check_format};
 pub use seal::seal;
 
 mod batch;
+mod dead;
 mod error;
 mod keys;
 mod records;

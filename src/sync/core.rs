@@ -283,14 +283,28 @@ impl Core {
                 ack,
             } => {
                 self.digest.set(&doc, &state);
-                self.send_local(now, doc, changes, sigs, ack, docs, &mut out);
+                let write = LocalWrite {
+                    doc,
+                    changes,
+                    sigs,
+                    ack,
+                };
+                self.send_local(now, write, docs, &mut out);
             }
             Input::Broadcast {
                 doc,
                 changes,
                 sigs,
                 ack,
-            } => self.send_local(now, doc, changes, sigs, ack, docs, &mut out),
+            } => {
+                let write = LocalWrite {
+                    doc,
+                    changes,
+                    sigs,
+                    ack,
+                };
+                self.send_local(now, write, docs, &mut out);
+            }
             Input::LocalMerge { doc, state } => {
                 self.digest.set(&doc, &state);
                 self.sync_with_others(now, "", &doc, docs, &mut out);
@@ -340,13 +354,16 @@ impl Core {
     fn send_local<D: DocAccess>(
         &mut self,
         now: u64,
-        doc: String,
-        changes: Vec<Vec<u8>>,
-        sigs: Vec<Vec<u8>>,
-        ack: bool,
+        write: LocalWrite,
         docs: &mut D,
         out: &mut Vec<Output>,
     ) {
+        let LocalWrite {
+            doc,
+            changes,
+            sigs,
+            ack,
+        } = write;
         if changes
             .iter()
             .all(|c| c.len() <= self.cfg.max_gossip_change_bytes)
@@ -505,4 +522,12 @@ pub(super) fn sync_message(peer: &str, doc: &str, (data, sigs): (Vec<u8>, Vec<u8
             sigs,
         },
     }
+}
+
+/// A local write's changes on their way to peers (see `send_local`).
+struct LocalWrite {
+    doc: String,
+    changes: Vec<Vec<u8>>,
+    sigs: Vec<Vec<u8>>,
+    ack: bool,
 }

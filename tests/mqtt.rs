@@ -1,0 +1,409 @@
+//! The MQTT bridge against a real Mosquitto (issue 22): readings land in
+//! docs once each while the bridging node is killed and restarted; bad
+//! messages become dead letters; a broker that goes away is reconnected
+//! to; doc changes are published once per state.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::mosquitto::Mosquitto;
+use common::until;
+use mergeflow::client::Client;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use serde_json::{Value, json};
+
+/// Messages a device received: topic, JSON payload, `heads` property.
+type Received = Arc<Mutex<Vec<(String, Value, Option<String>)>>>;
+
+/// A device: an MQTT client of the broker, and how many of its QoS 1
+/// publishes the broker acknowledged.
+struct Device {
+    client: AsyncClient,
+    acked: Arc<Mutex<u64>>,
+    got: Received,
+}
+
+impl Device {
+    fn connect(broker: &Mosquitto, id: &str) -> Device {
+        let mut o = MqttOptions::new(id, "127.0.0.1", broker.port);
+        o.set_keep_alive(Duration::from_secs(30));
+        let (client, eventloop) = AsyncClient::new(o, 1000);
+        let acked = Arc::new(Mutex::new(0));
+        let got = Arc::new(Mutex::new(Vec::new()));
+        tokio::spawn(poll(eventloop, acked.clone(), got.clone()));
+        Device { client, acked, got }
+    }
+
+    fn acked(&self) -> u64 {
+        *self.acked.lock().unwrap()
+    }
+}
+
+async fn poll(mut eventloop: EventLoop, acked: Arc<Mutex<u64>>, got: Received) {
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::PubAck(_))) => *acked.lock().unwrap() += 1,
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let topic = String::from_utf8_lossy(&p.topic).into_owned();
+                let value = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
+                let heads = p.properties.as_ref().and_then(|pr| {
+                    pr.user_properties
+                        .iter()
+                        .find(|(k, _)| k == "heads")
+                        .map(|(_, v)| v.clone())
+                });
+                got.lock().unwrap().push((topic, value, heads));
+            }
+            Ok(_) => {}
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+fn bridge_config(broker: &Mosquitto, client_id: &str, extra: &str) -> String {
+    format!(
+        "[[mqtt]]\nurl = \"{}\"\nclient_id = \"{client_id}\"\n{extra}\
+         [[mqtt.in]]\nsubscribe = \"sensors/+/reading\"\ndoc = \"sensors/{{1}}\"\npath = \"/readings/-\"\n\
+         [[mqtt.in]]\nsubscribe = \"status/#\"\ndoc = \"status/{{1}}\"\nmerge = true\n\
+         [[mqtt.out]]\ndocs = \"alerts/*\"\ntopic = \"out/{{doc}}\"\n",
+        broker.url()
+    )
+}
+
+/// The `seq`s of the readings of `doc` as `get` returns it.
+fn seqs(doc: &Value) -> Vec<u64> {
+    doc["readings"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|r| r["seq"].as_u64()).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readings_acknowledged_by_the_broker_land_once_on_every_node_across_a_kill() {
+    let Some(broker) = Mosquitto::start() else {
+        return;
+    };
+    let seed = common::seed(22);
+    const READINGS: u64 = 10_000;
+    let dir = tempfile::tempdir().unwrap();
+    // B: a node without a bridge, which A syncs to.
+    let b = common::p2p_node(&dir.path().join("b"), vec![], |_| {}).await;
+    let b_addr = common::listen_addr(&b).await;
+    // A: the bridging node, a process (so it can be killed with -9).
+    let conf = dir.path().join("a.toml");
+    std::fs::write(&conf, bridge_config(&broker, "bridge-a", "")).unwrap();
+    let a_dir = dir.path().join("a");
+    let args = ["--config", conf.to_str().unwrap(), "--peer", &b_addr];
+    let a = common::NodeProc::try_start(&a_dir, &args).unwrap();
+    until("A's bridge connected", || async {
+        let s: Value = reqwest::get(format!("{}/v1/mqtt", a.api))
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        (s["bridges"][0]["connected"] == json!(true)).then_some(())
+    })
+    .await;
+
+    let device = Device::connect(&broker, "device-1");
+    let publisher = {
+        let client = device.client.clone();
+        tokio::spawn(async move {
+            for seq in 0..READINGS {
+                let payload = serde_json::to_vec(&json!({ "seq": seq, "c": seq % 40 })).unwrap();
+                client
+                    .publish("sensors/dev1/reading", QoS::AtLeastOnce, false, payload)
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    // Kill A once a third of the readings were taken by the broker, then
+    // bring it back while the device keeps publishing.
+    let kill_at = READINGS / 3 + seed % 1000;
+    while device.acked() < kill_at {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    a.kill9();
+    let a = common::NodeProc::try_start(&a_dir, &args).unwrap();
+    publisher.await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while device.acked() < READINGS {
+        assert!(
+            Instant::now() < deadline,
+            "the broker acknowledged {} of {READINGS}",
+            device.acked()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Every acknowledged reading, once, on both nodes.
+    let a_client = Client::new(&a.api);
+    let want: Vec<u64> = (0..READINGS).collect();
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let on_a = a_client
+            .get("sensors/dev1", None)
+            .await
+            .map(|d| seqs(&d))
+            .unwrap_or_default();
+        let on_b = b
+            .doc("sensors/dev1")
+            .unwrap()
+            .get()
+            .await
+            .map(|d| seqs(&d))
+            .unwrap_or_default();
+        if on_a.len() as u64 >= READINGS && on_b.len() as u64 >= READINGS {
+            for (node, got) in [("A", on_a), ("B", on_b)] {
+                let mut sorted = got.clone();
+                sorted.sort_unstable();
+                assert_eq!(sorted.len(), want.len(), "{node}: {} readings", got.len());
+                assert!(sorted == want, "{node}: every reading once (seed {seed})");
+            }
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "readings: A {}, B {} of {READINGS} (seed {seed})",
+            on_a.len(),
+            on_b.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let s: Value = reqwest::get(format!("{}/v1/mqtt", a.api))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(s["dead_letters"], json!(0), "{s}");
+    drop(a_client);
+    b.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_messages_become_dead_letters_and_a_broker_that_goes_away_is_reconnected_to() {
+    let Some(mut broker) = Mosquitto::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = bridge_config(&broker, "bridge-bad", "max_payload = 1024\n");
+    let brokers: Vec<mergeflow::config::MqttBroker> = {
+        #[derive(serde::Deserialize)]
+        struct Only {
+            mqtt: Vec<mergeflow::config::MqttBroker>,
+        }
+        toml::from_str::<Only>(&cfg).unwrap().mqtt
+    };
+    let node = common::api_node(dir.path(), |c| c.mqtt = brokers).await;
+    let api = format!("http://{}", node.api_addr().unwrap());
+    let status = || async {
+        let s: Value = reqwest::get(format!("{api}/v1/mqtt"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        s
+    };
+    until("the bridge connected", || async {
+        (status().await["bridges"][0]["connected"] == json!(true)).then_some(())
+    })
+    .await;
+    let device = Device::connect(&broker, "device-bad");
+    let sends: Vec<(&str, Vec<u8>)> = vec![
+        ("sensors/d/reading", b"<not json>".to_vec()),
+        ("sensors/d/reading", vec![b' '; 4096]),
+        ("status", b"{\"up\": true}".to_vec()), // status/# with no level 1
+        ("status/d", b"[1, 2]".to_vec()),       // merge takes an object
+        ("sensors/d/reading", b"{\"seq\": 1}".to_vec()),
+        ("status/d", b"{\"up\": true}".to_vec()),
+    ];
+    for (topic, payload) in &sends {
+        device
+            .client
+            .publish(*topic, QoS::AtLeastOnce, false, payload.clone())
+            .await
+            .unwrap();
+    }
+    until("the good messages stored", || async {
+        let d = node.doc("sensors/d").unwrap().get().await.ok()?;
+        let s = node.doc("status/d").unwrap().get().await.ok()?;
+        (seqs(&d) == [1] && s == json!({"up": true})).then_some(())
+    })
+    .await;
+    let dead: Value = until("four dead letters", || async {
+        let d: Value = reqwest::get(format!("{api}/v1/mqtt/dead"))
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        (d["count"] == json!(4)).then_some(d)
+    })
+    .await;
+    let errors: Vec<String> = dead["dead_letters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| format!("{} {}", l["topic"], l["error"]))
+        .collect();
+    let has = |topic: &str, what: &str| {
+        errors
+            .iter()
+            .any(|e| e.starts_with(&format!("\"{topic}\"")) && e.contains(what))
+    };
+    assert!(has("sensors/d/reading", "not JSON"), "{errors:?}");
+    assert!(
+        has("sensors/d/reading", "over max_payload (1024)"),
+        "{errors:?}"
+    );
+    assert!(has("status", "no level 1"), "{errors:?}");
+    assert!(has("status/d", "merge takes a JSON object"), "{errors:?}");
+    let first = dead["dead_letters"][0]["id"].as_u64().unwrap();
+    let gone = reqwest::Client::new()
+        .delete(format!("{api}/v1/mqtt/dead/{first}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gone.status(), 200);
+
+    // The broker goes away (and forgets every session: no persistence),
+    // comes back; the bridge reconnects, subscribes again, and takes more.
+    broker.stop();
+    until("the bridge to notice", || async {
+        (status().await["bridges"][0]["connected"] == json!(false)).then_some(())
+    })
+    .await;
+    broker.restart();
+    until("the bridge back", || async {
+        (status().await["bridges"][0]["connected"] == json!(true)).then_some(())
+    })
+    .await;
+    let device = Device::connect(&broker, "device-bad-2");
+    // Published until stored: the bridge's subscription may follow the
+    // device's first publish by a moment (the broker forgot it).
+    until("a reading after the broker came back", || async {
+        device
+            .client
+            .publish(
+                "sensors/d/reading",
+                QoS::AtLeastOnce,
+                false,
+                b"{\"seq\": 2}".to_vec(),
+            )
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let d = node.doc("sensors/d").unwrap().get().await.ok()?;
+        seqs(&d).contains(&2).then_some(())
+    })
+    .await;
+    let s = status().await;
+    assert!(s["bridges"][0]["last_error"].is_string(), "{s}");
+    node.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doc_changes_are_published_once_per_state_with_their_heads() {
+    let Some(broker) = Mosquitto::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = bridge_config(&broker, "bridge-out", "");
+    #[derive(serde::Deserialize)]
+    struct Only {
+        mqtt: Vec<mergeflow::config::MqttBroker>,
+    }
+    let brokers = toml::from_str::<Only>(&cfg).unwrap().mqtt;
+    let node = common::api_node(dir.path(), |c| c.mqtt = brokers).await;
+    let api = format!("http://{}", node.api_addr().unwrap());
+    until("the bridge connected", || async {
+        let s: Value = reqwest::get(format!("{api}/v1/mqtt"))
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        (s["bridges"][0]["connected"] == json!(true)).then_some(())
+    })
+    .await;
+    let watcher = Device::connect(&broker, "watcher");
+    watcher
+        .client
+        .subscribe("out/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    // The subscription is in place once a probe comes back.
+    until("the watcher subscribed", || async {
+        watcher
+            .client
+            .publish("out/probe", QoS::AtLeastOnce, false, b"1".to_vec())
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let got = watcher.got.lock().unwrap();
+        got.iter().any(|(t, _, _)| t == "out/probe").then_some(())
+    })
+    .await;
+    let mut states = Vec::new();
+    for level in 1..=5 {
+        let w = node
+            .doc("alerts/boiler")
+            .unwrap()
+            .patch(json!({ "level": level }))
+            .await
+            .unwrap();
+        states.push((level, w.heads.join(",")));
+        until("the state published", || async {
+            let got = watcher.got.lock().unwrap();
+            got.iter()
+                .any(|(t, v, _)| t == "out/alerts/boiler" && v["level"] == json!(level))
+                .then_some(())
+        })
+        .await;
+    }
+    // A doc outside the rule's glob is not published.
+    node.doc("other/x")
+        .unwrap()
+        .patch(json!({"a": 1}))
+        .await
+        .unwrap();
+    node.doc("alerts/boiler")
+        .unwrap()
+        .patch(json!({"level": 6}))
+        .await
+        .unwrap();
+    until("the last state", || async {
+        let got = watcher.got.lock().unwrap();
+        got.iter()
+            .any(|(_, v, _)| v["level"] == json!(6))
+            .then_some(())
+    })
+    .await;
+    let got = watcher.got.lock().unwrap().clone();
+    let mut per_heads: BTreeMap<String, u32> = BTreeMap::new();
+    for (topic, value, heads) in &got {
+        if topic == "out/probe" {
+            continue;
+        }
+        assert_eq!(topic, "out/alerts/boiler", "only the rule's docs: {got:?}");
+        let heads = heads.clone().expect("each state carries its heads");
+        *per_heads.entry(heads.clone()).or_default() += 1;
+        if let Some((level, _)) = states.iter().find(|(_, h)| *h == heads) {
+            assert_eq!(value["level"], json!(level), "the doc at those heads");
+        }
+    }
+    assert!(
+        per_heads.values().all(|n| *n == 1),
+        "once per state: {per_heads:?}"
+    );
+    assert_eq!(per_heads.len(), 6, "{per_heads:?}");
+    node.shutdown().await.unwrap();
+}

@@ -79,6 +79,9 @@ pub struct Status {
     /// (`[[automerge.servers]]`), in config order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub automerge_servers: Vec<ServerLinkStatus>,
+    /// The MQTT bridges (`[[mqtt]]`), in config order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mqtt: Vec<crate::mqtt::BridgeInfo>,
 }
 
 /// One `[[automerge.servers]]` link, as `GET /v1/status` shows it.
@@ -255,6 +258,7 @@ pub(crate) fn families(scrape: &Scrape) -> Vec<Family> {
         ]);
     }
     push_peers(&mut samples, peers);
+    push_mqtt(&mut samples, &status.mqtt);
     let mut changes = Family::labelled_counter(
         "changes_applied",
         "Automerge changes stored: made here (local) or merged from peers or a restore (remote)",
@@ -282,6 +286,38 @@ pub(crate) fn families(scrape: &Scrape) -> Vec<Family> {
         samples.push(messages);
     }
     samples
+}
+
+/// Per-bridge series, labelled `broker="<url>"`.
+fn push_mqtt(out: &mut Vec<Family>, bridges: &[crate::mqtt::BridgeInfo]) {
+    if bridges.is_empty() {
+        return;
+    }
+    let mut connected = Family::labelled_gauge(
+        "mqtt_connected",
+        "1 if the MQTT bridge is connected to its broker",
+    );
+    let mut messages = Family::labelled_counter(
+        "mqtt_messages",
+        "MQTT messages taken in, by what became of them: stored in a doc, a duplicate already stored, a dead letter",
+    );
+    let mut published =
+        Family::labelled_counter("mqtt_published", "Doc states published to the broker");
+    for b in bridges {
+        let broker = || vec![("broker", b.url.clone())];
+        connected.push(broker(), Number::Int(u64::from(b.connected)));
+        for (result, n) in [
+            ("stored", b.stored),
+            ("duplicate", b.duplicates),
+            ("dead", b.dead_letters),
+        ] {
+            let mut labels = broker();
+            labels.push(("result", result.into()));
+            messages.push(labels, Number::Int(n));
+        }
+        published.push(broker(), Number::Int(b.published));
+    }
+    out.extend([connected, messages, published]);
 }
 
 /// Per-peer series, labelled `peer="<peer id>"`: one set per peer this node

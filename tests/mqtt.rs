@@ -266,6 +266,29 @@ async fn bad_messages_become_dead_letters_and_a_broker_that_goes_away_is_reconne
     );
     assert!(has("status", "no level 1"), "{errors:?}");
     assert!(has("status/d", "merge takes a JSON object"), "{errors:?}");
+    // The same in /metrics and /v1/status.
+    let text = reqwest::get(format!("{api}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let m = common::samples(&text);
+    let series = |result: &str| {
+        format!(
+            "mergeflow_mqtt_messages_total{{broker=\"{}\",result=\"{result}\"}}",
+            broker.url()
+        )
+    };
+    assert_eq!(m.get(&series("dead")), Some(&4.0), "{text}");
+    assert_eq!(m.get(&series("stored")), Some(&2.0), "{text}");
+    let st: Value = reqwest::get(format!("{api}/v1/status"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(st["mqtt"][0]["dead_letters"], json!(4), "{st}");
     let first = dead["dead_letters"][0]["id"].as_u64().unwrap();
     let gone = reqwest::Client::new()
         .delete(format!("{api}/v1/mqtt/dead/{first}"))

@@ -35,7 +35,7 @@ use std::time::Duration;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{ConnectProperties, Packet};
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::MqttBroker;
@@ -67,7 +67,7 @@ pub struct BridgeStatus {
 }
 
 /// A bridge's numbers, as the API shows them.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BridgeInfo {
     /// The broker.
     pub url: String,

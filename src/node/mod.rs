@@ -315,6 +315,7 @@ impl Node {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .clone(),
+            mqtt: self.inner.mqtt.info(),
         }
     }
 

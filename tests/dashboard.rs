@@ -52,6 +52,8 @@ async fn the_page_has_its_plots_paged_lists_and_dead_runs_and_loads_nothing_else
         ("delivered_by", "which node delivered an effect"),
         ("human(s.uptime_s)", "uptime in human units"),
         ("id=\"error\"", "the one error banner"),
+        ("/v1/mqtt/dead", "the MQTT dead letters"),
+        ("id=\"mqtt-bridges\"", "the MQTT bridges"),
         ("/v1/events", "live updates"),
         ("Authorization", "the token"),
     ] {

@@ -1,5 +1,6 @@
-//! The examples a new user runs, run here as they are: the cluster and IoT
-//! scripts against the binary under test, and the offline-first app.
+//! The examples a new user runs, run here as they are: the cluster, IoT,
+//! ETL and MQTT scripts against the binary under test, and the offline-first
+//! app.
 
 mod common;
 
@@ -25,12 +26,25 @@ fn run(mut cmd: Command, what: &str) -> String {
 }
 
 fn script(path: &str) -> String {
+    run(script_cmd(path), path)
+}
+
+fn script_cmd(path: &str) -> Command {
     let mut cmd = Command::new("bash");
     cmd.arg(root().join(path))
         .env("MERGEFLOW_BIN", common::bin())
         .env_remove("MERGEFLOW_API")
         .env_remove("MERGEFLOW_API_TOKEN");
-    run(cmd, path)
+    cmd
+}
+
+/// Where `cargo test` put the example binaries.
+fn examples_dir() -> PathBuf {
+    let deps = std::env::current_exe().unwrap();
+    deps.parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .join("examples")
 }
 
 #[test]
@@ -66,10 +80,55 @@ fn the_iot_example_derives_resolves_and_alerts() {
 /// builds examples); run the offline-first app.
 #[test]
 fn the_offline_first_example_merges_both_devices_edits() {
-    let deps = std::env::current_exe().unwrap();
-    let dir: &Path = deps.parent().and_then(Path::parent).unwrap();
-    let exe = dir.join("examples").join("offline_first");
+    let exe = examples_dir().join("offline_first");
     assert!(exe.exists(), "{} is not built", exe.display());
     let out = run(Command::new(exe), "examples/offline_first.rs");
     assert!(out.contains("ok: no edit was lost"), "{out}");
+}
+
+#[test]
+fn the_etl_example_pulls_summarizes_and_pushes_each_state_once() {
+    let services = examples_dir().join("etl_services");
+    assert!(services.exists(), "{} is not built", services.display());
+    let mut cmd = script_cmd("examples/etl/run.sh");
+    cmd.env("ETL_SERVICES", services);
+    let out = run(cmd, "examples/etl/run.sh");
+    assert!(out.contains("\"count\":4"), "{out}");
+    assert!(
+        out.contains("catalog on a: C-400 costs 99.5, summary max 99.5"),
+        "{out}"
+    );
+    assert!(out.contains("and on b: summary max 99.5"), "{out}");
+    assert!(out.trim_end().ends_with("ok"), "{out}");
+}
+
+#[test]
+fn the_mqtt_example_brings_readings_in_and_alerts_out() {
+    let out = script_cmd("examples/mqtt/run.sh").output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    if out.status.code() == Some(3) {
+        // No Mosquitto here: CI installs it and asks for it.
+        assert!(
+            std::env::var_os("MERGEFLOW_REQUIRE_MOSQUITTO").is_none(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        println!("skipped: {}", String::from_utf8_lossy(&out.stderr));
+        return;
+    }
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "examples/mqtt/run.sh failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("dev3 on the replica: 5 readings, last 36.5"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("alerts/site {\"hot\":{\"sensors/dev3\""),
+        "{stdout}"
+    );
+    assert!(stdout.trim_end().ends_with("ok"), "{stdout}");
 }

@@ -11,6 +11,7 @@
 //!   records/s from the first trigger until the last batch is stored.
 //!
 //! Prints numbers; asserts nothing. Run: `cargo bench --bench bridge`
+//! (`ONLY=mqtt` or `ONLY=pull` for one part)
 //! (`scripts/bench.sh --bridge`). Skips the MQTT part when the machine has no
 //! `mosquitto` (Debian: `apt-get install mosquitto`).
 
@@ -270,21 +271,47 @@ async fn pull() {
             .unwrap();
     }
     let want = batches as usize * 1000;
+    // Done runs are cheap to count; the doc is read once at the end
+    // (reading a doc of 20,000 records every few ms would slow the writes).
     loop {
-        let got = a
-            .doc("records/all")
+        let done = a
+            .workflows()
+            .runs(
+                Some("pull"),
+                Some(mergeflow::workflow::RunStatus::Done),
+                1000,
+            )
             .unwrap()
-            .get_path("/records")
-            .await
-            .ok()
-            .and_then(|r| r.as_object().map(|m| m.len()))
-            .unwrap_or(0);
-        if got >= want {
+            .len();
+        if done as u64 >= batches {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let took = started.elapsed();
+    let got = a
+        .doc("records/all")
+        .unwrap()
+        .get_path("/records")
+        .await
+        .ok()
+        .and_then(|r| r.as_object().map(|m| m.len()))
+        .unwrap_or(0);
+    assert_eq!(got, want, "every record stored");
+    if std::env::var_os("PULL_RUNS").is_some() {
+        let runs = a.workflows().runs(Some("pull"), None, 1000).unwrap();
+        for r in runs.iter().rev() {
+            let steps: Vec<String> = r
+                .steps
+                .iter()
+                .map(|s| {
+                    let at = |t: Option<u64>| t.map_or(-1, |t| t as i64 - r.created_ms as i64);
+                    format!("{} {}..{} ms", s.id, at(s.started_ms), at(s.finished_ms))
+                })
+                .collect();
+            println!("  run {} {}: {}", r.id, r.doc, steps.join(", "));
+        }
+    }
     println!(
         "pull: {batches} GETs of 1,000 records from a local HTTP source, merged into one doc: {:.2} s, {:.0} records/s",
         took.as_secs_f64(),
@@ -298,6 +325,11 @@ async fn main() {
     if std::env::args().any(|a| a == "--list") {
         return; // cargo test --benches asks for the list of benchmarks
     }
-    mqtt().await;
-    pull().await;
+    let only = std::env::var("ONLY").unwrap_or_default();
+    if only.is_empty() || only == "mqtt" {
+        mqtt().await;
+    }
+    if only.is_empty() || only == "pull" {
+        pull().await;
+    }
 }

@@ -39,6 +39,7 @@ usage() {
 usage: scripts/bench.sh [--seconds S] [--concurrency 1,32] [--docs N] [--p2p]
        scripts/bench.sh --idle [--docs N]      (as root)
        scripts/bench.sh --compare
+       scripts/bench.sh --bridge
   --seconds S        seconds per throughput run (default 5)
   --concurrency LIST writer counts, comma separated (default 1,32)
   --docs N           documents for the reopen measurement, or with --idle the
@@ -48,6 +49,10 @@ usage: scripts/bench.sh [--seconds S] [--concurrency 1,32] [--docs N] [--p2p]
                      side by side (benches/compare; env: WRITES=1000
                      TPUT=10000 TPUT_DOCS=100 CATCHUP=2000
                      ONLY=mergeflow,samod,raw)
+  --bridge           only the bridges: MQTT readings in (throughput, and
+                     latency to a second node at a rate) and pulls from a
+                     local HTTP source (benches/bridge.rs; env: READINGS
+                     RATE SECONDS BATCHES ONLY=mqtt|pull; needs mosquitto)
   --idle             only measure idle traffic, RSS and restart cost of two
                      in-sync nodes in network namespaces (needs root; env:
                      IDLE_SECONDS=120 IDLE_SETTLE=40 RESTART_TAIL=15
@@ -55,7 +60,7 @@ usage: scripts/bench.sh [--seconds S] [--concurrency 1,32] [--docs N] [--p2p]
 USAGE
 }
 
-SECONDS_PER_RUN=5 CONCURRENCY=1,32 DOCS=${DOCS:-10000} P2P='' IDLE='' COMPARE=''
+SECONDS_PER_RUN=5 CONCURRENCY=1,32 DOCS=${DOCS:-10000} P2P='' IDLE='' COMPARE='' BRIDGE=''
 while [ $# -gt 0 ]; do
   case "$1" in
     --seconds) SECONDS_PER_RUN=$2; shift 2 ;;
@@ -64,6 +69,7 @@ while [ $# -gt 0 ]; do
     --p2p) P2P=1; shift ;;
     --idle) IDLE=1; shift ;;
     --compare) COMPARE=1; shift ;;
+    --bridge) BRIDGE=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "unknown argument: $1" >&2; usage >&2; exit 2 ;;
   esac
@@ -243,6 +249,11 @@ if [ -n "$IDLE" ]; then
 fi
 
 cd "$(dirname "$0")/.."
+if [ -n "$BRIDGE" ]; then
+  echo "== bridges: MQTT in (a real Mosquitto) and pulls from HTTP ($(nproc) cores, $(uname -sr))"
+  cargo bench --bench bridge
+  exit 0
+fi
 if [ -n "$COMPARE" ]; then
   echo "== mergeflow, samod and raw Automerge sync over TCP, side by side ($(nproc) cores, $(uname -sr))"
   cargo run --release --quiet --manifest-path benches/compare/Cargo.toml

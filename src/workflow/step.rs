@@ -185,8 +185,15 @@ pub(super) async fn execute(
         }
         // Set once this node has told the others it is retrying this effect.
         let mut claimed = false;
-        let query = match effect_query(shared, sp, b) {
-            Ok(q) => q,
+        let prepared = effect_query(shared, sp, b)
+            .and_then(|q| Ok((q, effect_body(shared, sp, &step.action, b)?)));
+        let (query, input) = match prepared {
+            Ok((q, Some(body))) => (q, Some(body)),
+            Ok((q, None)) => {
+                let input =
+                    effect.then(|| effect_input(shared, &run, &step.id, &effect_key, &json));
+                (q, input)
+            }
             Err(e) => {
                 let s = &mut run.steps[i];
                 s.state = StepState::Failed;
@@ -194,17 +201,6 @@ pub(super) async fn execute(
                 failed_here.push(i);
                 continue;
             }
-        };
-        let input = match effect_body(shared, sp, &step.action, b) {
-            Err(e) => {
-                let s = &mut run.steps[i];
-                s.state = StepState::Failed;
-                s.error = Some(e);
-                failed_here.push(i);
-                continue;
-            }
-            Ok(Some(body)) => Some(body),
-            Ok(None) => effect.then(|| effect_input(shared, &run, &step.id, &effect_key, &json)),
         };
         // Writes after an effect carry a key of their own, the same on
         // every node: one that takes the run over cannot apply them twice.

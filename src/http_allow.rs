@@ -143,11 +143,27 @@ impl HttpAllow {
 }
 
 /// The builder every `http` step client starts from: a 10 s connect
-/// timeout, and `roots` trusted for `https://` besides the system's.
+/// timeout, `roots` trusted for `https://` besides the system's, and
+/// redirects followed only within the same host (a step's headers, which
+/// may carry a secret, never go to another).
 pub fn client_builder(roots: &[reqwest::Certificate]) -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .connect_timeout(std::time::Duration::from_secs(10))
         .tls_certs_merge(roots.iter().cloned())
+        .redirect(reqwest::redirect::Policy::custom(|attempt| {
+            let same = attempt
+                .previous()
+                .first()
+                .is_some_and(|first| first.host_str() == attempt.url().host_str());
+            if attempt.previous().len() >= 10 {
+                attempt.error("more than 10 redirects")
+            } else if same {
+                attempt.follow()
+            } else {
+                let to = attempt.url().to_string();
+                attempt.error(format!("a redirect to another host ({to}) is not followed"))
+            }
+        }))
 }
 
 /// Reads `workflow.tls_ca`: a PEM file of one or more CA certificates.

@@ -24,6 +24,8 @@ use crate::topic;
 const KEPT_PAYLOAD: usize = 64 * 1024;
 /// Longest wait between attempts at a write the store refused.
 const MAX_RETRY_WAIT: Duration = Duration::from_secs(5);
+/// Attempts at a write that failed inside the node before it is a dead letter.
+const MAX_INTERNAL: u32 = 5;
 
 /// The in side of one bridge.
 pub(super) struct Ingest {
@@ -124,6 +126,7 @@ impl Ingest {
         };
         let key = idempotency_key(topic, payload);
         let mut wait = Duration::from_millis(100);
+        let mut internal = 0;
         loop {
             let opts = WriteOpts {
                 ack: false,
@@ -148,7 +151,11 @@ impl Ingest {
                         .error(format!("cannot store a reading for {id}: {e}"));
                     tracing::warn!(broker = %self.broker, doc = %id, err = %e, "MQTT reading not stored yet; retrying");
                 }
-                Err(DocError::Internal(e)) => {
+                // An internal error may be this message's doing (Automerge
+                // failing on it): a few tries, then a dead letter, so that
+                // the messages behind it (acked in order) are not held.
+                Err(DocError::Internal(e)) if internal < MAX_INTERNAL => {
+                    internal += 1;
                     tracing::warn!(broker = %self.broker, doc = %id, err = %e, "MQTT reading not stored yet; retrying");
                 }
                 Err(e) => return self.dead(topic, payload, e.to_string(), cancel).await,
@@ -224,9 +231,11 @@ fn idempotency_key(topic: &str, payload: &[u8]) -> String {
 /// each once taken, in the order they came (MQTT requires it), until the
 /// node stops.
 pub(super) async fn process(
-    mut rx: tokio::sync::mpsc::Receiver<Publish>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Publish>,
     client: AsyncClient,
     ingest: Arc<Ingest>,
+    waiting: Arc<std::sync::atomic::AtomicUsize>,
+    cap: usize,
     cancel: CancellationToken,
 ) {
     let mut pending = FuturesOrdered::new();
@@ -239,8 +248,10 @@ pub(super) async fn process(
                     tracing::debug!(err = %e, "MQTT ack not sent (the connection is going)");
                 }
             }
-            msg = rx.recv() => {
+            // At most `cap` taken at once; the rest wait in the channel.
+            msg = rx.recv(), if pending.len() < cap => {
                 let Some(p) = msg else { break };
+                waiting.fetch_sub(1, Ordering::Relaxed);
                 let (ingest, cancel) = (ingest.clone(), cancel.clone());
                 pending.push_back(async move {
                     let topic = String::from_utf8_lossy(&p.topic).into_owned();

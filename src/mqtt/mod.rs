@@ -63,6 +63,7 @@ pub struct BridgeStatus {
     duplicates: AtomicU64,
     dead: AtomicU64,
     published: AtomicU64,
+    dropped: AtomicU64,
     last_error: Mutex<Option<String>>,
 }
 
@@ -85,6 +86,10 @@ pub struct BridgeInfo {
     pub dead_letters: u64,
     /// Doc states published.
     pub published: u64,
+    /// QoS 0 messages dropped because too many were waiting to be stored
+    /// (QoS 0 is at most once), and doc states too big for the broker.
+    #[serde(default)]
+    pub dropped: u64,
     /// The last connection error, if any since start.
     pub last_error: Option<String>,
 }
@@ -102,6 +107,7 @@ impl BridgeStatus {
             duplicates: n(&self.duplicates),
             dead_letters: n(&self.dead),
             published: n(&self.published),
+            dropped: n(&self.dropped),
             last_error: self
                 .last_error
                 .lock()
@@ -263,10 +269,26 @@ async fn run(
     };
     let cap = usize::from(cfg.inflight) + 16;
     let (client, mut eventloop) = AsyncClient::new(options, cap);
-    let (tx, rx) = tokio::sync::mpsc::channel(cap);
-    tasks.spawn(ingest::process(rx, client.clone(), ingest, cancel.clone()));
+    // This task only polls the connection and never waits on anything
+    // else: requests (acks, subscriptions, publishes) queue up in the
+    // client until it polls again. So messages go on unbounded; QoS 1 ones
+    // are bounded by the receive maximum, QoS 0 ones past `cap` waiting are
+    // dropped (at most once is what QoS 0 promises) and counted.
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let waiting = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    tasks.spawn(ingest::process(
+        rx,
+        client.clone(),
+        ingest,
+        waiting.clone(),
+        cap,
+        cancel.clone(),
+    ));
+    let max_out = Arc::new(std::sync::atomic::AtomicUsize::new(
+        publish::DEFAULT_MAX_OUT,
+    ));
     if let Some(out) = out {
-        tasks.spawn(out.run(client.clone(), feed, cancel.clone()));
+        tasks.spawn(out.run(client.clone(), feed, max_out.clone(), cancel.clone()));
     }
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -276,7 +298,12 @@ async fn run(
         };
         match event {
             Ok(Event::Incoming(Packet::Publish(p))) => {
-                if tx.send(p).await.is_err() {
+                if p.qos == QoS::AtMostOnce && waiting.load(Ordering::Relaxed) >= cap {
+                    status.dropped.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                waiting.fetch_add(1, Ordering::Relaxed);
+                if tx.send(p).is_err() {
                     break;
                 }
             }
@@ -284,17 +311,28 @@ async fn run(
                 status.connected.store(true, Ordering::Relaxed);
                 backoff = Duration::from_millis(100);
                 tracing::info!(broker = %cfg.url, session = ack.session_present, "MQTT bridge connected");
-                // A new session (first time, or the broker forgot us):
-                // subscribe; an old one still has its subscriptions.
-                if !ack.session_present {
-                    for rule in &cfg.inbound {
-                        if let Err(e) = client
-                            .subscribe(rule.subscribe.clone(), QoS::AtLeastOnce)
-                            .await
-                        {
-                            status.error(format!("subscribe {}: {e}", rule.subscribe));
+                // Every rule, on every connection: a new session (the broker
+                // forgot us) has none, an old one may predate a rule added
+                // to the config. Subscribing again is harmless. From another
+                // task: this one must keep polling for the requests to go.
+                let (client, filters, status) = (
+                    client.clone(),
+                    cfg.inbound
+                        .iter()
+                        .map(|r| r.subscribe.clone())
+                        .collect::<Vec<_>>(),
+                    status.clone(),
+                );
+                tokio::spawn(async move {
+                    for f in filters {
+                        if let Err(e) = client.subscribe(f.clone(), QoS::AtLeastOnce).await {
+                            status.error(format!("subscribe {f}: {e}"));
                         }
                     }
+                });
+                // What the broker takes in one packet bounds what goes out.
+                if let Some(max) = ack.properties.as_ref().and_then(|p| p.max_packet_size) {
+                    max_out.store(max as usize, Ordering::Relaxed);
                 }
             }
             Ok(Event::Incoming(Packet::Disconnect(d))) => {

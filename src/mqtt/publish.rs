@@ -23,6 +23,10 @@ use crate::topic;
 
 /// How long states of one doc are folded before the newest is published.
 const FOLD: Duration = Duration::from_millis(20);
+/// Largest state published until the broker says what it takes.
+pub(super) const DEFAULT_MAX_OUT: usize = 256 * 1024;
+/// Room the packet needs besides the payload (topic, properties).
+const HEADROOM: usize = 4096;
 
 /// The out side of one bridge.
 pub(super) struct Publisher {
@@ -73,7 +77,13 @@ impl Publisher {
 
     /// Announces the rules in this node's membership doc, then publishes
     /// the states of the docs it owns until the node stops.
-    pub(super) async fn run(self, client: AsyncClient, feed: Arc<Feed>, cancel: CancellationToken) {
+    pub(super) async fn run(
+        self,
+        client: AsyncClient,
+        feed: Arc<Feed>,
+        max_out: Arc<std::sync::atomic::AtomicUsize>,
+        cancel: CancellationToken,
+    ) {
         let member = crate::workflow::effect::member_doc(&self.local);
         let values: Vec<(Pointer, Json)> = self
             .rules
@@ -113,7 +123,8 @@ impl Publisher {
                         if sent.get(&(i, doc.clone())) == Some(&heads) || !self.owns(i, &doc).await {
                             continue;
                         }
-                        if self.publish(&client, i, &doc, &heads, deleted).await {
+                        let max = max_out.load(Ordering::Relaxed).saturating_sub(HEADROOM);
+                        if self.publish(&client, i, &doc, &heads, deleted, max).await {
                             sent.insert((i, doc), heads);
                         }
                     }
@@ -153,6 +164,7 @@ impl Publisher {
         doc: &str,
         heads: &[String],
         deleted: bool,
+        max: usize,
     ) -> bool {
         let rule = &self.rules[i].0;
         let Ok(topic) = topic::fill(&rule.topic, doc, &["doc"]) else {
@@ -183,6 +195,16 @@ impl Publisher {
             };
             serde_json::to_vec(&value).expect("JSON serializes")
         };
+        // A packet the broker refuses would drop the connection, and come
+        // back with it: such a state is not published, and said so.
+        if payload.len() > max {
+            self.status.dropped.fetch_add(1, Ordering::Relaxed);
+            self.status.error(format!(
+                "{doc}: a state of {} bytes is more than the broker takes ({max}); not published",
+                payload.len()
+            ));
+            return true;
+        }
         let props = PublishProperties {
             user_properties: vec![
                 ("heads".into(), heads.join(",")),

@@ -48,6 +48,15 @@ pub(super) async fn run_effect(
                 // The catalog checked the URL; check again in case the
                 // allow list is stricter than when it loaded.
                 shared.http_allow.check_url(url).map_err(Failure::Final)?;
+                // A definition any peer may have applied reads no secrets
+                // from this node's environment.
+                if headers.values().any(|v| v.contains("${")) {
+                    return Err(Failure::Final(
+                        "headers: an applied definition may not read environment variables \
+                         (it syncs from peers); put it in the node's workflow dir"
+                            .into(),
+                    ));
+                }
                 &shared.http_applied
             } else {
                 &shared.http
@@ -123,14 +132,17 @@ pub(super) async fn delivered(
         Failure::Final(e) => StepError::Final(e),
         Failure::Retry(e) => StepError::Retry(e),
     })?;
-    if mark_now {
-        let by = shared.local.clone();
-        let what = Marker::Handled {
+    let by = shared.local.clone();
+    let what = match mark_now {
+        true => Marker::Handled {
             by,
             when_false: false,
-        };
-        mark(shared, run, key, what).await;
-    }
+        },
+        // The steps after it run here next: the others wait for this node
+        // while it is connected, however long they take.
+        false => Marker::Trying { by },
+    };
+    mark(shared, run, key, what).await;
     let mut out = out;
     out["idempotency_key"] = Json::String(key.to_string());
     Ok((out, vec![]))

@@ -316,6 +316,7 @@ pub(super) async fn execute(
         if skipped_by.is_some() {
             // Dead-lettered and skipped elsewhere: the same here.
             run.status = RunStatus::Skipped;
+            mark_chains(shared, plan, &run, &failed_here).await;
             if let Err(e) = record(shared, &run, &mut cursor).await {
                 tracing::error!(err = %e, "cannot write the run log");
             }
@@ -323,6 +324,8 @@ pub(super) async fn execute(
         }
         run.status = RunStatus::Dead;
         shared.counters.dead.fetch_add(1, Ordering::Relaxed);
+        // Chains that finished before another step failed were handled.
+        mark_chains(shared, plan, &run, &failed_here).await;
         tracing::warn!(run = run.id, workflow = %run.workflow, doc = %run.doc, err = %run.error.as_deref().unwrap_or(""), "workflow run dead-lettered");
         if let Err(e) = record(shared, &run, &mut cursor).await {
             tracing::error!(err = %e, "cannot write the run log");
@@ -332,7 +335,12 @@ pub(super) async fn execute(
         for &i in &failed_here {
             let key = super::effect::effect_key(&run.key, &run.steps[i].id);
             let by = shared.local.clone();
-            let error = run.steps[i].error.clone().unwrap_or_default();
+            // A chain's effect that succeeded dies of the step after it.
+            let error = run.steps[i]
+                .error
+                .clone()
+                .or_else(|| run.error.clone())
+                .unwrap_or_default();
             mark(shared, &run, &key, Marker::Dead { by, error }).await;
         }
         // Followed another node's decision: that node alerts.
@@ -352,17 +360,23 @@ pub(super) async fn execute(
             shared.counters.unchanged.fetch_add(1, Ordering::Relaxed);
         }
     }
+    // Marked before the record: a crash between the two runs the chain
+    // again here (keyed writes), never leaves the others waiting for good.
+    mark_chains(shared, plan, &run, &[]).await;
     if let Err(e) = record(shared, &run, &mut cursor).await {
         tracing::error!(err = %e, "cannot write the run log");
     }
-    mark_chains(shared, plan, &run).await;
 }
 
-/// Marks handled each effect that ran here and that later steps build on,
-/// now that the run is done: until then the other nodes waited, and one
-/// taking the run over would run the effect and those steps again.
-async fn mark_chains(shared: &Arc<Shared>, plan: &Plan, run: &Run) {
+/// Marks handled each effect that ran here and that later steps build on
+/// (but those in `dead`, whose chain failed), now that the run is over:
+/// until then the other nodes waited, and one taking the run over would run
+/// the effect and those steps again.
+async fn mark_chains(shared: &Arc<Shared>, plan: &Plan, run: &Run, dead: &[usize]) {
     for (i, s) in run.steps.iter().enumerate() {
+        if dead.contains(&i) {
+            continue;
+        }
         let chained = plan.steps.iter().any(|p| p.after_effects.contains(&i));
         let here = s.output.as_ref().is_some_and(|o| {
             ["delivered_by", "dead_by", "skipped_by", "ran_on"]

@@ -423,5 +423,15 @@ async fn doc_changes_are_published_once_per_state_with_their_heads() {
         "once per state: {per_heads:?}"
     );
     assert_eq!(per_heads.len(), 6, "{per_heads:?}");
+    // Peers count this node among the rule's owners by its membership doc,
+    // which lists exactly its out rules.
+    let member = format!("_mergeflow/nodes/{}", node.peer_id());
+    let listed = node
+        .doc(&member)
+        .unwrap()
+        .get_path("/mqtt_out")
+        .await
+        .unwrap();
+    assert_eq!(listed.as_object().map(|m| m.len()), Some(1), "{listed}");
     node.shutdown().await.unwrap();
 }

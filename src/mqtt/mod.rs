@@ -153,6 +153,14 @@ pub(crate) struct Parts<'a> {
 
 /// Starts one bridge per `[[mqtt]]` entry, into `bridges`.
 pub(crate) fn spawn(brokers: &[MqttBroker], parts: Parts<'_>, bridges: &Bridges) {
+    let keys: Vec<String> = brokers
+        .iter()
+        .flat_map(|b| b.outbound.iter().map(|r| publish::rule_key(&b.url, r)))
+        .collect();
+    let (docs, local) = (parts.docs.clone(), parts.local.to_string());
+    parts
+        .tasks
+        .spawn(async move { publish::announce(&docs, &local, keys).await });
     for cfg in brokers {
         let client_id = match cfg.client_id.as_str() {
             "" => format!("mergeflow-{}", parts.local),

@@ -39,7 +39,7 @@ pub(super) struct Publisher {
 
 /// The key of rule `r` of the bridge to `url` in membership docs: nodes
 /// with the same rule share its docs, one owner each.
-fn rule_key(url: &str, r: &MqttOut) -> String {
+pub(super) fn rule_key(url: &str, r: &MqttOut) -> String {
     let mut h = Sha256::new();
     for part in [url, &r.docs, &r.topic, &r.path] {
         h.update(part.as_bytes());
@@ -75,8 +75,8 @@ impl Publisher {
         })
     }
 
-    /// Announces the rules in this node's membership doc, then publishes
-    /// the states of the docs it owns until the node stops.
+    /// Publishes the states of the docs it owns until the node stops (its
+    /// rules are in this node's membership doc: [`announce`]).
     pub(super) async fn run(
         self,
         client: AsyncClient,
@@ -84,18 +84,6 @@ impl Publisher {
         max_out: Arc<std::sync::atomic::AtomicUsize>,
         cancel: CancellationToken,
     ) {
-        let member = crate::workflow::effect::member_doc(&self.local);
-        let values: Vec<(Pointer, Json)> = self
-            .rules
-            .iter()
-            .filter_map(|(_, _, k)| Pointer::parse(&format!("/mqtt_out/{k}")).ok())
-            .map(|p| (p, Json::Bool(true)))
-            .collect();
-        if let Ok(id) = DocId::new(member)
-            && let Err(e) = self.docs.write(id, Change::SetIfDifferent(values)).await
-        {
-            tracing::warn!(err = %e, "cannot list this node's MQTT out rules in its membership doc");
-        }
         let mut events = Box::pin(feed.subscribe_quiet(DocGlob::new("**").expect("a valid glob")));
         // Per (rule, doc): the newest state not yet published.
         let mut due: BTreeMap<(usize, String), (Vec<String>, bool)> = BTreeMap::new();
@@ -125,7 +113,11 @@ impl Publisher {
                         }
                         let max = max_out.load(Ordering::Relaxed).saturating_sub(HEADROOM);
                         if self.publish(&client, i, &doc, &heads, deleted, max).await {
-                            sent.insert((i, doc), heads);
+                            // A deleted doc's entry goes: the map holds live docs only.
+                            match deleted {
+                                true => sent.remove(&(i, doc)),
+                                false => sent.insert((i, doc), heads),
+                            };
                         }
                     }
                 }
@@ -226,5 +218,28 @@ impl Publisher {
                 false
             }
         }
+    }
+}
+
+/// Lists this node's out rules (`keys`, of every bridge) in its membership
+/// doc, as the whole map `/mqtt_out`: a rule dropped from the config leaves
+/// it, so peers stop counting this node among that rule's owners. A node
+/// that never had one writes nothing.
+pub(super) async fn announce(docs: &Docs, local: &str, keys: Vec<String>) {
+    let Ok(id) = DocId::new(crate::workflow::effect::member_doc(local)) else {
+        return;
+    };
+    let ptr = Pointer::parse("/mqtt_out").expect("a valid pointer");
+    let had = docs.get(id.clone(), Some(ptr.clone())).await.is_ok();
+    if keys.is_empty() && !had {
+        return;
+    }
+    let map: serde_json::Map<String, Json> =
+        keys.into_iter().map(|k| (k, Json::Bool(true))).collect();
+    if let Err(e) = docs
+        .write(id, Change::SetIfDifferent(vec![(ptr, Json::Object(map))]))
+        .await
+    {
+        tracing::warn!(err = %e, "cannot list this node's MQTT out rules in its membership doc");
     }
 }

@@ -250,6 +250,17 @@ async fn ask_digests(State(node): State<Node>) -> ApiResult<Json<DigestAsked>> {
     Ok(Json(DigestAsked { peers }))
 }
 
+/// Runs a store (sled) call on the blocking pool, off the async executor;
+/// its error becomes the API's.
+async fn off_executor<T: Send + 'static, E: Into<ApiError> + Send + 'static>(
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> ApiResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+        .map_err(Into::into)
+}
+
 async fn no_route(uri: axum::http::Uri) -> ApiError {
     let message = match encoded_doc_path(uri.path()) {
         Some(path) => format!(

@@ -26,7 +26,7 @@ pub(super) fn routes() -> Router<Node> {
 
 async fn bridges(State(node): State<Node>) -> ApiResult<Json<serde_json::Value>> {
     let n = node.clone();
-    let (_, count) = blocking(move || n.dead_letters(0, None)).await?;
+    let (_, count) = super::off_executor(move || n.dead_letters(0, None)).await?;
     Ok(Json(json!({
         "bridges": node.mqtt_bridges(),
         "dead_letters": count,
@@ -47,7 +47,7 @@ async fn dead(
 ) -> ApiResult<Json<serde_json::Value>> {
     let Query(q) = q.map_err(|r| WrappedRejection(r, None))?;
     let limit = q.limit.unwrap_or(100).min(MAX_LIMIT);
-    let (letters, count) = blocking(move || node.dead_letters(limit, q.before)).await?;
+    let (letters, count) = super::off_executor(move || node.dead_letters(limit, q.before)).await?;
     Ok(Json(json!({ "dead_letters": letters, "count": count })))
 }
 
@@ -63,7 +63,7 @@ async fn remove(
             format!("dead letter id {id:?} is not a number"),
         )
     })?;
-    if !blocking(move || node.remove_dead_letter(id)).await? {
+    if !super::off_executor(move || node.remove_dead_letter(id)).await? {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "not_found",
@@ -71,14 +71,4 @@ async fn remove(
         ));
     }
     Ok(Json(json!({ "removed": id })))
-}
-
-/// Runs a store call on the blocking pool.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, crate::Error> + Send + 'static,
-) -> ApiResult<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
-        .map_err(Into::into)
 }

@@ -149,7 +149,7 @@ async fn runs(
     let engine = node.workflows().clone();
     let workflow = q.workflow.clone();
     let before = q.before;
-    let runs = off_executor(move || match before {
+    let runs = super::off_executor(move || match before {
         None => engine.runs(workflow.as_deref(), status, limit),
         Some(b) => engine.runs_before(workflow.as_deref(), status, b, limit),
     })
@@ -178,16 +178,6 @@ async fn runs(
     Ok(resp)
 }
 
-/// Runs a run-log read (sled) on the blocking pool, off the async executor.
-async fn off_executor<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, WorkflowError> + Send + 'static,
-) -> ApiResult<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
-        .map_err(Into::into)
-}
-
 fn run_id(path: Result<Path<String>, PathRejection>) -> ApiResult<u64> {
     let Path(id) = path.map_err(|r| WrappedRejection(r, None))?;
     id.parse().map_err(|_| {
@@ -205,7 +195,7 @@ async fn run(
 ) -> ApiResult<Response> {
     let id = run_id(path)?;
     let engine = node.workflows().clone();
-    let run = off_executor(move || engine.run(id)).await?;
+    let run = super::off_executor(move || engine.run(id)).await?;
     Ok(Json(run).into_response())
 }
 

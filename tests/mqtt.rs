@@ -70,7 +70,7 @@ fn bridge_config(broker: &Mosquitto, client_id: &str, extra: &str) -> String {
         "[[mqtt]]\nurl = \"{}\"\nclient_id = \"{client_id}\"\n{extra}\
          [[mqtt.in]]\nsubscribe = \"sensors/+/reading\"\ndoc = \"sensors/{{1}}\"\npath = \"/readings/-\"\n\
          [[mqtt.in]]\nsubscribe = \"status/#\"\ndoc = \"status/{{1}}\"\nmerge = true\n\
-         [[mqtt.out]]\ndocs = \"alerts/*\"\ntopic = \"out/{{doc}}\"\n",
+         [[mqtt.out]]\npublish = \"alerts/*\"\ntopic = \"out/{{doc}}\"\n",
         broker.url()
     )
 }

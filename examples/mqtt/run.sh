@@ -54,7 +54,7 @@ doc = "sensors/{1}"
 path = "/readings/-"
 
 [[mqtt.out]]
-docs = "alerts/*"
+publish = "alerts/*"
 topic = "alerts/{1}"
 retain = true
 TOML

@@ -69,7 +69,7 @@ pub struct MqttIn {
 #[serde(deny_unknown_fields)]
 pub struct MqttOut {
     /// The docs published, a doc id glob.
-    pub docs: String,
+    pub publish: String,
     /// The topic, a template: `{doc}` is the doc id, `{N}` its level N.
     pub topic: String,
     /// A JSON Pointer: publish only the value there; empty: the whole doc.
@@ -127,8 +127,8 @@ impl MqttBroker {
             }
         }
         for (i, r) in self.outbound.iter().enumerate() {
-            let at = |e: String| format!("out[{i}] ({:?}): {e}", r.docs);
-            crate::feed::DocGlob::new(&r.docs).map_err(|e| at(e.to_string()))?;
+            let at = |e: String| format!("out[{i}] ({:?}): {e}", r.publish);
+            crate::feed::DocGlob::new(&r.publish).map_err(|e| at(e.to_string()))?;
             topic::check_template(&r.topic, None, &["doc"]).map_err(at)?;
             let sample = topic::fill(&r.topic, "a/b/c/d/e/f/g/h/i/j", &["doc"]).unwrap_or_default();
             topic::check_topic(&sample).map_err(at)?;
@@ -187,7 +187,7 @@ mod tests {
     #[test]
     fn brokers_and_rules_are_checked_with_the_rule_named() {
         let ok = "url = \"mqtt://127.0.0.1:1884\"\n[[in]]\nsubscribe = \"sensors/+/reading\"\n\
-                  doc = \"sensors/{1}\"\npath = \"/readings/-\"\n[[out]]\ndocs = \"alerts/*\"\n\
+                  doc = \"sensors/{1}\"\npath = \"/readings/-\"\n[[out]]\npublish = \"alerts/*\"\n\
                   topic = \"alerts/{1}\"\nretain = true\n";
         let b = broker(ok).unwrap();
         assert_eq!(b.address().unwrap(), ("127.0.0.1".into(), 1884, false));
@@ -206,7 +206,10 @@ mod tests {
                 "path (a JSON Pointer) or merge",
             ),
             (ok.replace("alerts/{1}\"", "alerts/+\""), "out[0]"),
-            (ok.replace("docs = \"alerts/*\"", "docs = \"[\""), "out[0]"),
+            (
+                ok.replace("publish = \"alerts/*\"", "publish = \"[\""),
+                "out[0]",
+            ),
         ];
         for (text, want) in bad {
             let e = broker(&text).unwrap_err();

@@ -41,7 +41,7 @@ pub(super) struct Publisher {
 /// with the same rule share its docs, one owner each.
 pub(super) fn rule_key(url: &str, r: &MqttOut) -> String {
     let mut h = Sha256::new();
-    for part in [url, &r.docs, &r.topic, &r.path] {
+    for part in [url, &r.publish, &r.topic, &r.path] {
         h.update(part.as_bytes());
         h.update([0]);
     }
@@ -62,7 +62,7 @@ impl Publisher {
             .outbound
             .iter()
             .filter_map(|r| {
-                let glob = DocGlob::new(&r.docs).ok()?; // checked with the config
+                let glob = DocGlob::new(&r.publish).ok()?; // checked with the config
                 Some((r.clone(), glob, rule_key(&cfg.url, r)))
             })
             .collect();

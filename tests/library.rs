@@ -280,3 +280,137 @@ async fn library_writes_to_system_docs_are_refused_as_over_http() {
     );
     node.shutdown().await.unwrap();
 }
+
+/// Holds the writer thread inside a change to doc `block` until the
+/// returned sender is dropped or sent to; returns once the writer is held.
+async fn hold_writer(node: &Node) -> std::sync::mpsc::Sender<()> {
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let doc = node.doc("block").unwrap();
+    tokio::spawn(async move {
+        doc.change(move |tx| {
+            started_tx.send(()).unwrap();
+            let _ = release_rx.recv();
+            tx.put(automerge::ROOT, "x", 1)?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+    });
+    tokio::task::spawn_blocking(move || started_rx.recv().unwrap())
+        .await
+        .unwrap();
+    release_tx
+}
+
+/// Sends keyed, coalescing writes to `doc` while the writer is held, so
+/// that they all wait in one round; returns their answers in order.
+async fn coalesced(
+    node: &Node,
+    doc: &str,
+    writes: Vec<(&str, serde_json::Value)>,
+) -> Vec<Result<mergeflow::testing::runtime::WriteResult, DocError>> {
+    let release = hold_writer(node).await;
+    let before = node.docs().queued();
+    let mut tasks = Vec::new();
+    for (key, ops) in writes {
+        let (docs, id) = (node.docs().clone(), mergeflow::DocId::new(doc).unwrap());
+        let opts = mergeflow::testing::runtime::WriteOpts {
+            idem: Some(key.to_string()),
+            coalesce: true,
+            ..Default::default()
+        };
+        let change = mergeflow::testing::runtime::Change::Ops(serde_json::from_value(ops).unwrap());
+        tasks.push(tokio::spawn(async move {
+            docs.write_opts(id, change, opts).await
+        }));
+    }
+    let want = before + tasks.len();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while node.docs().queued() < want {
+        assert!(std::time::Instant::now() < deadline, "writes never queued");
+        tokio::task::yield_now().await;
+    }
+    release.send(()).unwrap();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+async fn readings(doc: &mergeflow::DocHandle) -> Vec<u64> {
+    let v = doc.get().await.unwrap();
+    let mut r: Vec<u64> = serde_json::from_value(v["readings"].clone()).unwrap();
+    r.sort_unstable();
+    r
+}
+
+fn append(n: u64) -> serde_json::Value {
+    json!([{ "op": "set", "path": "/readings/-", "value": n }])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coalescing_writes_share_one_change_and_keep_their_keys_and_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = open(dir.path(), |_| {}).await;
+    let doc = node.doc("sensors/a").unwrap();
+
+    // Twenty readings and a repeat of one: one change (after the list's
+    // genesis), each write answered, the repeat as a repeat.
+    let keys: Vec<String> = (0..20).map(|i| format!("k{i}")).collect();
+    let mut writes: Vec<(&str, serde_json::Value)> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| (k.as_str(), append(i as u64)))
+        .collect();
+    writes.push(("k3", append(3)));
+    let answers = coalesced(&node, "sensors/a", writes).await;
+    let changed: Vec<bool> = answers
+        .iter()
+        .map(|a| a.as_ref().unwrap().changed)
+        .collect();
+    // Of the two k3 writes, whichever the writer took first is applied.
+    assert!(changed[3] != changed[20], "{changed:?}");
+    assert_eq!(changed.iter().filter(|c| **c).count(), 20, "{changed:?}");
+    let heads = &answers[0].as_ref().unwrap().heads;
+    assert!(answers.iter().all(|a| &a.as_ref().unwrap().heads == heads));
+    // Concurrent writes: each once, in no promised order.
+    assert_eq!(readings(&doc).await, (0..20).collect::<Vec<_>>());
+    let history = doc.history().await.unwrap();
+    let made: Vec<&str> = history
+        .iter()
+        .filter_map(|h| h.message.as_deref())
+        .filter(|m| m.contains("idem="))
+        .collect();
+    assert_eq!(
+        made.len(),
+        1,
+        "one change for the round's readings: {made:?}"
+    );
+    for k in &keys {
+        assert!(made[0].contains(&format!("idem={k} ")) || made[0].ends_with(&format!("idem={k}")));
+    }
+
+    // A bad write among good ones fails alone; the keys already stored are
+    // repeats, also after a restart (read back from the stored messages).
+    drop(doc);
+    let node = reopen(node, dir.path(), |_| {}).await;
+    let doc = node.doc("sensors/a").unwrap();
+    let writes = vec![
+        ("k20", append(20)),
+        ("bad", json!([{ "op": "increment", "path": "/readings" }])),
+        ("k21", append(21)),
+        ("k0", append(0)),
+    ];
+    let answers = coalesced(&node, "sensors/a", writes).await;
+    assert!(answers[0].as_ref().unwrap().changed);
+    assert!(answers[1].is_err(), "{:?}", answers[1]);
+    assert!(answers[2].as_ref().unwrap().changed);
+    assert!(
+        !answers[3].as_ref().unwrap().changed,
+        "k0 is stored already"
+    );
+    assert_eq!(readings(&doc).await, (0..22).collect::<Vec<_>>());
+    node.shutdown().await.unwrap();
+}

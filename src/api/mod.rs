@@ -536,6 +536,7 @@ async fn write(
         ack: acks,
         idem: key,
         by: access.name().map(str::to_string),
+        coalesce: false,
     };
     Ok(node.docs().write_opts(id, change, opts).await?)
 }

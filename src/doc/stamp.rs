@@ -73,6 +73,10 @@ pub struct Stamp {
     pub prio: i64,
     /// The write's idempotency key.
     pub idem: Option<String>,
+    /// The keys of further writes that share this change (writes that may
+    /// be coalesced, see `WriteOpts::coalesce`), each applied with it. Such a
+    /// change carries no request fingerprint.
+    pub also: Vec<String>,
     /// Fingerprint of the request that carried the key (see
     /// [`fingerprint`]): a later write with the same key and another
     /// fingerprint is a reuse, not a repeat.
@@ -94,6 +98,12 @@ impl Stamp {
             m.push_str(" req=");
             m.push_str(r);
         }
+        // A coalesced change has no `req` (see `WriteOpts::coalesce`): a
+        // node that reads one key per change (the last) pairs none with it.
+        for k in &self.also {
+            m.push_str(" idem=");
+            m.push_str(k);
+        }
         if let Some(b) = &self.by {
             m.push_str(" by=");
             m.push_str(b);
@@ -111,7 +121,11 @@ impl Stamp {
             } else if let Some(v) = word.strip_prefix("prio=") {
                 s.prio = v.parse().unwrap_or(0);
             } else if let Some(v) = word.strip_prefix("idem=") {
-                s.idem = Some(v.to_string());
+                if s.idem.is_none() {
+                    s.idem = Some(v.to_string());
+                } else {
+                    s.also.push(v.to_string());
+                }
             } else if let Some(v) = word.strip_prefix("req=") {
                 s.req = Some(v.to_string());
             } else if let Some(v) = word.strip_prefix("by=") {
@@ -192,6 +206,9 @@ impl IdemIndex {
                 if let Some(k) = stamp.idem {
                     self.keys.entry(k).or_insert(stamp.req);
                 }
+                for k in stamp.also {
+                    self.keys.entry(k).or_insert(None);
+                }
             }
             self.heads = heads;
         }
@@ -229,6 +246,7 @@ mod tests {
             idem: Some("req-1".into()),
             req: Some("00ff".into()),
             by: Some("kitchen-app".into()),
+            also: vec![],
         };
         let m = s.message("workflow w depth 2");
         assert_eq!(
@@ -237,6 +255,17 @@ mod tests {
         );
         assert_eq!(Stamp::parse(&m), s);
         assert_eq!(Stamp::parse("patch"), Stamp::default());
+        // A coalesced change: every key, the first one's fingerprint.
+        let many = Stamp {
+            also: vec!["k2".into(), "k3".into()],
+            ..s.clone()
+        };
+        let m = many.message("ops");
+        assert_eq!(
+            m,
+            "ops hlc=42 prio=-3 idem=req-1 req=00ff idem=k2 idem=k3 by=kitchen-app"
+        );
+        assert_eq!(Stamp::parse(&m), many);
         assert!(check_idempotency_key("abc-123").is_ok());
         assert!(check_idempotency_key("a b").is_err());
         assert!(check_idempotency_key("").is_err());
@@ -258,6 +287,7 @@ mod tests {
         write(&mut doc, "patch hlc=2 prio=0");
         write(&mut doc, "patch hlc=3 prio=0 idem=b");
         write(&mut doc, "patch hlc=4 prio=0 idem=a req=r2");
+        write(&mut doc, "ops hlc=5 prio=0 idem=c idem=d idem=e");
         assert_eq!(
             index.lookup(&doc, "b"),
             Some(None),
@@ -268,6 +298,13 @@ mod tests {
             Some(Some("r1".into())),
             "the first use counts"
         );
+        for k in ["c", "d", "e"] {
+            assert_eq!(
+                index.lookup(&doc, k),
+                Some(None),
+                "every key of a coalesced change"
+            );
+        }
         // A doc that does not hold the heads it was built at starts over.
         let mut other = automerge::Automerge::new();
         write(&mut other, "patch hlc=9 prio=0 idem=c");

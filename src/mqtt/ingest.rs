@@ -128,10 +128,11 @@ impl Ingest {
         let mut wait = Duration::from_millis(100);
         let mut internal = 0;
         loop {
+            // Readings of one doc that wait together share a change.
             let opts = WriteOpts {
-                ack: false,
                 idem: Some(key.clone()),
-                by: None,
+                coalesce: true,
+                ..WriteOpts::default()
             };
             match self
                 .docs

@@ -254,7 +254,7 @@ impl Docs {
             WriteOpts {
                 ack,
                 idem: Some(key),
-                by: None,
+                ..WriteOpts::default()
             },
         )
         .await
@@ -278,18 +278,20 @@ impl Docs {
         }
         // The request's fingerprint, for a write with a key only.
         let body = match &change {
-            _ if opts.idem.is_none() => None,
+            _ if opts.idem.is_none() || opts.coalesce => None,
             Change::Patch(p) => serde_json::to_vec(p).ok().map(|b| ("patch", b)),
             Change::Ops(ops) => serde_json::to_vec(ops).ok().map(|b| ("ops", b)),
             Change::Closure(_) | Change::SetIfDifferent(_) => None,
         };
         let req = body.map(|(kind, body)| crate::doc::stamp::fingerprint(kind, &body));
+        let coalesce = opts.coalesce && opts.idem.is_some() && !opts.ack;
         let tags = WriteTags {
             cause: None,
             idem: opts.idem,
             req,
             lazy: false,
             by: opts.by,
+            coalesce,
         };
         self.submit(id, WriteOp::Change(change), opts.ack, tags)
             .await
@@ -317,9 +319,8 @@ impl Docs {
         let tags = WriteTags {
             cause: Some(cause),
             idem,
-            req: None,
             lazy: true,
-            by: None,
+            ..WriteTags::default()
         };
         self.submit(id, WriteOp::Change(change), false, tags).await
     }
@@ -509,6 +510,12 @@ impl Docs {
             self.inner.changes.local.load(Ordering::Relaxed),
             self.inner.changes.remote.load(Ordering::Relaxed),
         )
+    }
+
+    /// Messages waiting for the writer thread: local writes and peers'
+    /// input not yet taken into a round.
+    pub fn queued(&self) -> usize {
+        self.writer.max_capacity() - self.writer.capacity()
     }
 
     /// Local writes so far: how long each took, from the call to the answer.

@@ -26,7 +26,7 @@ use crate::sync::{DocState, Input};
 
 /// What a local write did: its result, the change in the number of live
 /// docs, what to tell the sync core, and what to tell the change feed.
-type Outcome = (WriteResult, i64, Option<Input>, Option<Touch>);
+pub(super) type Outcome = (WriteResult, i64, Option<Input>, Option<Touch>);
 
 /// Applies one write to its loaded doc and adds what to store to `batch`.
 pub(super) fn apply(
@@ -56,6 +56,7 @@ pub(super) fn apply(
         idem: tags.idem.clone(),
         req: tags.req.clone(),
         by: tags.by.clone(),
+        also: Vec::new(),
     };
     let caused = tags.cause.as_ref().map(|c| c.message());
     let message = |kind: &'static str| stamp.message(caused.as_deref().unwrap_or(kind));
@@ -165,6 +166,94 @@ pub(super) fn apply(
             Ok((result, -1, Some(input), Some(Touch::Deleted)))
         }
     }
+}
+
+/// Applies keyed writes that may share a change (see
+/// `WriteOpts::coalesce`) as one change: `parts` are each write's key and
+/// change, in the order they came. A write whose key the doc's history
+/// holds, or an earlier part's, is skipped. Returns the outcome and, per
+/// part, whether it was applied. Any part failing fails them all, leaving
+/// the doc as it was (the caller then tries each alone).
+pub(super) fn apply_coalesced(
+    inner: &Inner,
+    id: &DocId,
+    loaded: &mut Loaded,
+    parts: &[(&str, &Change)],
+    by: Option<&str>,
+    batch: &mut WriteBatch,
+) -> Result<(Outcome, Vec<bool>), DocError> {
+    if loaded
+        .meta
+        .as_ref()
+        .is_some_and(|m| m.deleted_at_ms.is_some())
+    {
+        return Err(DocError::Deleted(id.to_string()));
+    }
+    let mut seen = std::collections::HashSet::new();
+    let fresh: Vec<bool> = parts
+        .iter()
+        .map(|(key, _)| {
+            seen.insert(*key)
+                && (loaded.meta.is_none() || loaded.idem.lookup(&loaded.doc, key).is_none())
+        })
+        .collect();
+    let mut keys = parts
+        .iter()
+        .zip(&fresh)
+        .filter(|(_, f)| **f)
+        .map(|((k, _), _)| k.to_string());
+    let Some(first) = keys.next() else {
+        let heads = loaded
+            .meta
+            .as_ref()
+            .map(|m| m.heads.clone())
+            .unwrap_or_default();
+        let result = WriteResult {
+            id: id.clone(),
+            heads,
+            changed: false,
+        };
+        return Ok(((result, 0, None, None), fresh));
+    };
+    inner
+        .policy
+        .get()
+        .may_write(&inner.origin, id.as_str())
+        .map_err(DocError::Forbidden)?;
+    inner.check_holds(id)?;
+    let stamp = crate::doc::stamp::Stamp {
+        hlc: inner.clock.tick(now_ms()),
+        prio: inner.cfg.priority,
+        idem: Some(first),
+        also: keys.collect(),
+        req: None,
+        by: by.map(str::to_string),
+    };
+    let (strings, max_depth) = (inner.cfg.strings, inner.cfg.max_depth);
+    let applied = parts.iter().zip(&fresh).filter(|(_, f)| **f);
+    let outcome = commit(
+        inner,
+        id,
+        loaded,
+        &stamp.message("ops"),
+        batch,
+        true,
+        |tx, c| {
+            for ((_, change), _) in applied.clone() {
+                match change {
+                    Change::Patch(p) => apply_merge_patch_with(tx, p, strings, c, max_depth)?,
+                    Change::Ops(ops) => apply_ops_with(tx, ops, strings, c, max_depth)?,
+                    _ => {
+                        return Err(DocError::Internal(
+                            "only patches and ops are coalesced".into(),
+                        ));
+                    }
+                }
+            }
+            Ok(())
+        },
+    )?;
+    Ok((outcome, fresh))
 }
 
 /// The result of a write with idempotency key `key` if one is already in

@@ -43,6 +43,7 @@ mod sigs;
 mod state;
 mod tick;
 mod writer;
+mod writes;
 
 pub use clients::{ClientOut, ConnId, ConnShared};
 pub use docs::Docs;

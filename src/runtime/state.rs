@@ -276,6 +276,9 @@ pub(super) struct WriteTags {
     pub(super) lazy: bool,
     /// The scoped API token making the write (recorded in the change).
     pub(super) by: Option<String>,
+    /// May share one change with other such writes to the doc in the same
+    /// writer round (see [`WriteOpts::coalesce`]).
+    pub(super) coalesce: bool,
 }
 
 /// What a write does.
@@ -306,4 +309,13 @@ pub struct WriteOpts {
     pub idem: Option<String>,
     /// The scoped API token making the write.
     pub by: Option<String>,
+    /// With `idem`: the write may share one Automerge change with other
+    /// coalescing writes to the same doc that wait in the same writer round,
+    /// each keeping its own key and its own answer. Many small writes to one
+    /// doc (sensor readings) then cost one change, one signature and one
+    /// apply on every peer instead of one each. A write that fails together
+    /// with others is tried again alone, so it fails (or succeeds) on its
+    /// own. The key is not tied to the request's content (no
+    /// `IdempotencyKeyReused`): use keys derived from it.
+    pub coalesce: bool,
 }

@@ -17,7 +17,6 @@
 //! with the same actor and sequence number; a peer that holds it gives it
 //! back through sync.
 
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -25,9 +24,9 @@ use tokio::sync::mpsc;
 
 use super::clients::{ClientMsg, ClientRound, Clients, Outgoing};
 use super::host::SyncRuntime;
-use super::local::apply;
 use super::round::{PendingEvent, Round, Touch};
-use super::state::{Inner, WriteOp, WriteReq};
+use super::state::{Inner, WriteReq};
+use super::writes::LocalWrites;
 use crate::doc::DocError;
 use crate::doc::cache::lock_slot;
 use crate::feed::ChangeEvent;
@@ -45,9 +44,6 @@ pub(super) enum WriterMsg {
     /// Finish the writes queued before this and exit.
     Stop,
 }
-
-/// Rounds a local write waits for its doc to be reloaded before it fails.
-const MAX_CARRIED: u32 = 3;
 
 /// The writer thread's loop. Returns when told to stop or when every sender is gone.
 pub(super) fn run(
@@ -114,9 +110,6 @@ fn write_round(
         .map(|s| std::mem::take(&mut s.leftover_sigs))
         .unwrap_or_default();
     let mut round = Round::new(inner, leftovers);
-    let mut results = Vec::with_capacity(msgs.len());
-    // Whether a write that succeeded waits for the flush.
-    let mut durable = false;
     // Remote input first, all of the round's together: fast-path changes of
     // one doc from one peer then cost one Automerge apply, however many
     // frames brought them (a receiver that falls behind catches up in
@@ -151,128 +144,22 @@ fn write_round(
     // as a duplicate sequence. (Any sync the core starts sends what the doc
     // holds, so a merge handled before the store call could carry this
     // round's changes.)
-    let mut local: Vec<Input> = Vec::new();
+    let mut writes = LocalWrites::default();
     let mut client_work = ClientRound::default();
     if !client_msgs.is_empty() {
-        clients.handle(client_msgs, &mut round, &mut client_work, &mut local);
+        clients.handle(client_msgs, &mut round, &mut client_work, &mut writes.local);
         // A client's changes are answered only once flushed.
-        durable |= client_work.wrote;
+        writes.durable |= client_work.wrote;
     }
     let clients_wait = client_work.wrote;
-    let mut carry = Vec::new();
-    // Keyed writes' changes, sent once this round is flushed.
-    let mut later: Vec<Input> = Vec::new();
-    for req in reqs {
-        if round.is_poisoned(&req.id) {
-            // Remote input (or an earlier write) left the doc suspect; it is
-            // reloaded when this round ends. The write waits for the next
-            // round rather than fail, a few times: a peer that sends a bad
-            // change every round must not keep a local write waiting.
-            if req.carried < MAX_CARRIED {
-                let mut req = req;
-                req.carried += 1;
-                carry.push(req);
-                continue;
-            }
-            let e = DocError::Internal(format!(
-                "doc {:?} failed earlier in this write round; retry",
-                req.id.as_str()
-            ));
-            results.push((req.reply, Err(e)));
-            continue;
-        }
-        if let WriteOp::Merge { data, sigs } = &req.op {
-            let merged = round.merge_saved(&req.id, data, sigs);
-            if let (Some(_), Ok((_, Some(state)))) = (&sync, &merged) {
-                local.push(Input::LocalMerge {
-                    doc: req.id.to_string(),
-                    state: state.clone(),
-                });
-            }
-            let merged = merged.map(|(r, _)| r);
-            durable |= merged.is_ok();
-            results.push((req.reply, merged));
-            continue;
-        }
-        let slot = inner.cache.entry(&req.id);
-        let result = {
-            let mut guard = lock_slot(&slot);
-            // A panic (in a library user's closure, or in Automerge) must cost
-            // this write only, not the writer thread. The batch is only touched
-            // after the change succeeded, so it holds nothing of this write.
-            let applied = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                inner
-                    .cache
-                    .ensure_loaded(&req.id, &mut guard)
-                    .and_then(|loaded| {
-                        apply(inner, &req.id, loaded, req.op, &req.tags, &mut round.batch)
-                    })
-            }));
-            let result = applied.unwrap_or_else(|_| {
-                Err(DocError::Internal(format!(
-                    "panic while writing doc {:?}",
-                    req.id.as_str()
-                )))
-            });
-            if let Some(loaded) = guard.as_ref() {
-                inner.cache.note_size(&req.id, loaded);
-            }
-            if let Ok((_, _, _, Some(_))) = &result {
-                // Before the slot is let go (see `UrlIndex`).
-                inner.urls.add([&req.id]);
-            }
-            result
-        };
-        // After an internal error the doc in memory may hold a change the
-        // store will never get: reload it, once this round's batch is stored.
-        if matches!(result, Err(DocError::Internal(_))) {
-            round.poison(&req.id, slot.clone());
-        }
-        let result = result.map(|(r, delta, input, touch)| {
-            if let Some(touch) = touch {
-                round.events.push(PendingEvent {
-                    doc: req.id.clone(),
-                    touch,
-                    after: r.heads.clone(),
-                    from: None,
-                    confirm: false,
-                    cause: req.tags.cause.clone(),
-                });
-            }
-            if r.changed {
-                round.touched.push(slot);
-            }
-            round.live_delta += delta;
-            if let Some(mut input) = input.filter(|_| sync.is_some()) {
-                if let Input::LocalChange { ack, .. } = &mut input {
-                    *ack = req.ack;
-                }
-                if req.tags.idem.is_some() {
-                    // Sent once durable (see `Input::Broadcast`); the digest
-                    // takes its state now.
-                    if let Input::LocalChange {
-                        doc,
-                        changes,
-                        sigs,
-                        ack,
-                        ..
-                    } = &mut input
-                    {
-                        later.push(Input::Broadcast {
-                            doc: doc.clone(),
-                            changes: std::mem::take(changes),
-                            sigs: std::mem::take(sigs),
-                            ack: *ack,
-                        });
-                    }
-                }
-                local.push(input);
-            }
-            durable |= !req.tags.lazy;
-            r
-        });
-        results.push((req.reply, result));
-    }
+    writes.write_all(inner, &mut round, reqs, sync.is_some());
+    let LocalWrites {
+        results,
+        local,
+        later,
+        carry,
+        mut durable,
+    } = writes;
     let batch = std::mem::take(&mut round.batch);
     let applied = if batch.is_empty() {
         Ok(())

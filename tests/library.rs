@@ -412,5 +412,65 @@ async fn coalescing_writes_share_one_change_and_keep_their_keys_and_answers() {
         "k0 is stored already"
     );
     assert_eq!(readings(&doc).await, (0..22).collect::<Vec<_>>());
+    let history = doc.history().await.unwrap();
+    let alone = |k: &str| {
+        history
+            .iter()
+            .filter_map(|h| h.message.as_deref())
+            .filter(|m| m.split(' ').any(|w| w == format!("idem={k}")))
+            .collect::<Vec<_>>()
+    };
+    for k in ["k20", "k21"] {
+        let made = alone(k);
+        assert!(
+            made.len() == 1 && !made[0].contains("at="),
+            "{k} alone: {made:?}"
+        );
+    }
+    // Every key of the coalesced change is known after the restart, not
+    // only the first.
+    let again: Vec<(&str, serde_json::Value)> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| (k.as_str(), append(i as u64)))
+        .collect();
+    let answers = coalesced(&node, "sensors/a", again).await;
+    assert!(answers.iter().all(|a| !a.as_ref().unwrap().changed));
+    assert_eq!(readings(&doc).await, (0..22).collect::<Vec<_>>());
+
+    // Together over the change size cap, each alone under it: each stored.
+    drop(doc);
+    let node = reopen(node, dir.path(), |c| c.doc.max_change_bytes = 1000).await;
+    let big = "x".repeat(300);
+    let writes: Vec<(String, serde_json::Value)> = (0..5)
+        .map(|i| {
+            let op = json!([{ "op": "set", "path": format!("/b{i}"), "value": big }]);
+            (format!("big{i}"), op)
+        })
+        .collect();
+    let answers = coalesced(
+        &node,
+        "sensors/b",
+        writes
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.clone()))
+            .collect(),
+    )
+    .await;
+    assert!(
+        answers.iter().all(|a| a.as_ref().unwrap().changed),
+        "{answers:?}"
+    );
+    let stored = node.doc("sensors/b").unwrap().get().await.unwrap();
+    assert_eq!(stored.as_object().unwrap().len(), 5);
+    let history = node.doc("sensors/b").unwrap().history().await.unwrap();
+    let changes = history
+        .iter()
+        .filter(|h| h.message.as_deref().is_some_and(|m| m.contains("idem=big")))
+        .count();
+    assert_eq!(
+        changes, 5,
+        "one change each, since together they are over the cap"
+    );
     node.shutdown().await.unwrap();
 }

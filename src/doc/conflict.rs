@@ -82,7 +82,15 @@ pub fn conflicts(
                         v.iter()
                             .find(|(start, len, _)| (*start..start + len).contains(&counter))
                     })
-                    .map(|(_, _, s)| s.clone())
+                    .map(|(start, _, s)| {
+                        // A coalesced change: the key of the write that made
+                        // this op (see `Stamp::key_at`).
+                        let mut s = s.clone();
+                        if !s.also.is_empty() {
+                            s.idem = s.key_at(counter - start).map(str::to_string);
+                        }
+                        s
+                    })
                     .unwrap_or_default();
                 ConflictValue {
                     value,
@@ -143,4 +151,48 @@ fn walk(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use automerge::transaction::{CommitOptions, Transactable};
+
+    #[test]
+    fn a_coalesced_change_gives_each_value_the_key_of_the_write_that_made_it() {
+        // Node A coalesced writes k1 (/a = 1) and k2 (/t = 20); node B wrote
+        // /t = 21 under k3 at the same time.
+        let mut a = Automerge::new();
+        a.set_actor(ActorId::from(&[1u8; 16][..]));
+        let mut b = a.fork();
+        b.set_actor(ActorId::from(&[2u8; 16][..]));
+        let mut tx = a.transaction();
+        tx.put(ROOT, "a", 1).unwrap();
+        tx.put(ROOT, "t", 20).unwrap();
+        tx.commit_with(
+            CommitOptions::default()
+                .with_message("ops hlc=5 prio=0 idem=k1 idem=k2 at=1".to_string()),
+        );
+        let mut tx = b.transaction();
+        tx.put(ROOT, "t", 21).unwrap();
+        tx.commit_with(
+            CommitOptions::default().with_message("ops hlc=6 prio=0 idem=k3".to_string()),
+        );
+        a.merge(&mut b).unwrap();
+        let found = conflicts(&a, &|_| true).unwrap();
+        assert_eq!(found.len(), 1);
+        let mut keys: Vec<(Json, Option<String>)> = found[0]
+            .values
+            .iter()
+            .map(|v| (v.value.clone(), v.stamp.idem.clone()))
+            .collect();
+        keys.sort_by_key(|(v, _)| v.as_i64());
+        assert_eq!(
+            keys,
+            [
+                (Json::from(20), Some("k2".to_string())),
+                (Json::from(21), Some("k3".to_string()))
+            ]
+        );
+    }
 }

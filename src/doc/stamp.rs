@@ -74,9 +74,10 @@ pub struct Stamp {
     /// The write's idempotency key.
     pub idem: Option<String>,
     /// The keys of further writes that share this change (writes that may
-    /// be coalesced, see `WriteOpts::coalesce`), each applied with it. Such a
-    /// change carries no request fingerprint.
-    pub also: Vec<String>,
+    /// be coalesced, see `WriteOpts::coalesce`), each with the offset of its
+    /// first op in the change (the ops before it are the earlier writes').
+    /// Such a change carries no request fingerprint.
+    pub also: Vec<(String, u64)>,
     /// Fingerprint of the request that carried the key (see
     /// [`fingerprint`]): a later write with the same key and another
     /// fingerprint is a reuse, not a repeat.
@@ -100,9 +101,14 @@ impl Stamp {
         }
         // A coalesced change has no `req` (see `WriteOpts::coalesce`): a
         // node that reads one key per change (the last) pairs none with it.
-        for k in &self.also {
+        for (k, _) in &self.also {
             m.push_str(" idem=");
             m.push_str(k);
+        }
+        if !self.also.is_empty() {
+            let at: Vec<String> = self.also.iter().map(|(_, o)| o.to_string()).collect();
+            m.push_str(" at=");
+            m.push_str(&at.join(","));
         }
         if let Some(b) = &self.by {
             m.push_str(" by=");
@@ -115,6 +121,7 @@ impl Stamp {
     /// change from a node that did not stamp, or made by hand).
     pub fn parse(message: &str) -> Stamp {
         let mut s = Stamp::default();
+        let mut at: Vec<u64> = Vec::new();
         for word in message.split(' ') {
             if let Some(v) = word.strip_prefix("hlc=") {
                 s.hlc = v.parse().unwrap_or(0);
@@ -124,15 +131,32 @@ impl Stamp {
                 if s.idem.is_none() {
                     s.idem = Some(v.to_string());
                 } else {
-                    s.also.push(v.to_string());
+                    s.also.push((v.to_string(), 0));
                 }
             } else if let Some(v) = word.strip_prefix("req=") {
                 s.req = Some(v.to_string());
             } else if let Some(v) = word.strip_prefix("by=") {
                 s.by = Some(v.to_string());
+            } else if let Some(v) = word.strip_prefix("at=") {
+                at = v.split(',').map(|o| o.parse().unwrap_or(0)).collect();
             }
         }
+        for ((_, o), at) in s.also.iter_mut().zip(at) {
+            *o = at;
+        }
         s
+    }
+
+    /// The idempotency key of the write that made the change's op at
+    /// `offset` (counted from the change's first op): in a coalesced change,
+    /// the key of the write whose ops start at or before it.
+    pub fn key_at(&self, offset: u64) -> Option<&str> {
+        self.also
+            .iter()
+            .rev()
+            .find(|(_, start)| *start <= offset)
+            .map(|(k, _)| k.as_str())
+            .or(self.idem.as_deref())
     }
 }
 
@@ -206,7 +230,7 @@ impl IdemIndex {
                 if let Some(k) = stamp.idem {
                     self.keys.entry(k).or_insert(stamp.req);
                 }
-                for k in stamp.also {
+                for (k, _) in stamp.also {
                     self.keys.entry(k).or_insert(None);
                 }
             }
@@ -257,15 +281,18 @@ mod tests {
         assert_eq!(Stamp::parse("patch"), Stamp::default());
         // A coalesced change: every key, the first one's fingerprint.
         let many = Stamp {
-            also: vec!["k2".into(), "k3".into()],
+            also: vec![("k2".into(), 3), ("k3".into(), 5)],
             ..s.clone()
         };
         let m = many.message("ops");
         assert_eq!(
             m,
-            "ops hlc=42 prio=-3 idem=req-1 req=00ff idem=k2 idem=k3 by=kitchen-app"
+            "ops hlc=42 prio=-3 idem=req-1 req=00ff idem=k2 idem=k3 at=3,5 by=kitchen-app"
         );
         assert_eq!(Stamp::parse(&m), many);
+        let keys: Vec<_> = (0..7).map(|o| many.key_at(o).unwrap()).collect();
+        assert_eq!(keys, ["req-1", "req-1", "req-1", "k2", "k2", "k3", "k3"]);
+        assert_eq!(s.key_at(9), Some("req-1"));
         assert!(check_idempotency_key("abc-123").is_ok());
         assert!(check_idempotency_key("a b").is_err());
         assert!(check_idempotency_key("").is_err());
@@ -287,7 +314,7 @@ mod tests {
         write(&mut doc, "patch hlc=2 prio=0");
         write(&mut doc, "patch hlc=3 prio=0 idem=b");
         write(&mut doc, "patch hlc=4 prio=0 idem=a req=r2");
-        write(&mut doc, "ops hlc=5 prio=0 idem=c idem=d idem=e");
+        write(&mut doc, "ops hlc=5 prio=0 idem=c idem=d idem=e at=1,2");
         assert_eq!(
             index.lookup(&doc, "b"),
             Some(None),

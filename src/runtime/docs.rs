@@ -277,14 +277,14 @@ impl Docs {
             crate::doc::stamp::check_idempotency_key(key).map_err(DocError::BadValue)?;
         }
         // The request's fingerprint, for a write with a key only.
+        let coalesce = opts.coalesce && opts.idem.is_some() && !opts.ack;
         let body = match &change {
-            _ if opts.idem.is_none() || opts.coalesce => None,
+            _ if opts.idem.is_none() || coalesce => None,
             Change::Patch(p) => serde_json::to_vec(p).ok().map(|b| ("patch", b)),
             Change::Ops(ops) => serde_json::to_vec(ops).ok().map(|b| ("ops", b)),
             Change::Closure(_) | Change::SetIfDifferent(_) => None,
         };
         let req = body.map(|(kind, body)| crate::doc::stamp::fingerprint(kind, &body));
-        let coalesce = opts.coalesce && opts.idem.is_some() && !opts.ack;
         let tags = WriteTags {
             cause: None,
             idem: opts.idem,

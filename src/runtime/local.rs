@@ -78,7 +78,7 @@ pub(super) fn apply(
                 inner,
                 id,
                 loaded,
-                &message("create"),
+                &|| message("create"),
                 batch,
                 true,
                 |tx, c| create_root(tx, &map, strings, c),
@@ -93,18 +93,28 @@ pub(super) fn apply(
                     inner,
                     id,
                     loaded,
-                    &message("patch"),
+                    &|| message("patch"),
                     batch,
                     true,
                     |tx, c| apply_merge_patch_with(tx, &p, strings, c, max_depth),
                 ),
-                Change::Ops(ops) => {
-                    commit(inner, id, loaded, &message("ops"), batch, true, |tx, c| {
-                        apply_ops_with(tx, &ops, strings, c, max_depth)
-                    })
-                }
-                Change::SetIfDifferent(values) => {
-                    commit(inner, id, loaded, &message("set"), batch, true, |tx, c| {
+                Change::Ops(ops) => commit(
+                    inner,
+                    id,
+                    loaded,
+                    &|| message("ops"),
+                    batch,
+                    true,
+                    |tx, c| apply_ops_with(tx, &ops, strings, c, max_depth),
+                ),
+                Change::SetIfDifferent(values) => commit(
+                    inner,
+                    id,
+                    loaded,
+                    &|| message("set"),
+                    batch,
+                    true,
+                    |tx, c| {
                         for (ptr, value) in &values {
                             if json_at(tx, ptr).ok().as_ref() == Some(value) {
                                 continue;
@@ -117,8 +127,8 @@ pub(super) fn apply(
                             apply_ops_with(tx, std::slice::from_ref(&op), strings, c, max_depth)?;
                         }
                         Ok(())
-                    })
-                }
+                    },
+                ),
                 Change::Closure(f) => {
                     // A closure runs once: the containers it makes are its own.
                     let mut f = Some(f);
@@ -126,7 +136,7 @@ pub(super) fn apply(
                         inner,
                         id,
                         loaded,
-                        &message("change"),
+                        &|| message("change"),
                         batch,
                         false,
                         |tx, _| {
@@ -221,38 +231,43 @@ pub(super) fn apply_coalesced(
         .may_write(&inner.origin, id.as_str())
         .map_err(DocError::Forbidden)?;
     inner.check_holds(id)?;
-    let stamp = crate::doc::stamp::Stamp {
-        hlc: inner.clock.tick(now_ms()),
-        prio: inner.cfg.priority,
-        idem: Some(first),
-        also: keys.collect(),
-        req: None,
-        by: by.map(str::to_string),
+    let also: Vec<String> = keys.collect();
+    let (hlc, prio) = (inner.clock.tick(now_ms()), inner.cfg.priority);
+    // Where each write's ops start in the change (of the run that commits).
+    let starts = std::cell::RefCell::new(Vec::with_capacity(parts.len()));
+    let message = || {
+        let stamp = crate::doc::stamp::Stamp {
+            hlc,
+            prio,
+            idem: Some(first.clone()),
+            also: also
+                .iter()
+                .cloned()
+                .zip(starts.borrow().iter().skip(1).copied())
+                .collect(),
+            req: None,
+            by: by.map(str::to_string),
+        };
+        stamp.message("ops")
     };
     let (strings, max_depth) = (inner.cfg.strings, inner.cfg.max_depth);
     let applied = parts.iter().zip(&fresh).filter(|(_, f)| **f);
-    let outcome = commit(
-        inner,
-        id,
-        loaded,
-        &stamp.message("ops"),
-        batch,
-        true,
-        |tx, c| {
-            for ((_, change), _) in applied.clone() {
-                match change {
-                    Change::Patch(p) => apply_merge_patch_with(tx, p, strings, c, max_depth)?,
-                    Change::Ops(ops) => apply_ops_with(tx, ops, strings, c, max_depth)?,
-                    _ => {
-                        return Err(DocError::Internal(
-                            "only patches and ops are coalesced".into(),
-                        ));
-                    }
+    let outcome = commit(inner, id, loaded, &message, batch, true, |tx, c| {
+        starts.borrow_mut().clear();
+        for ((_, change), _) in applied.clone() {
+            starts.borrow_mut().push(tx.pending_ops() as u64);
+            match change {
+                Change::Patch(p) => apply_merge_patch_with(tx, p, strings, c, max_depth)?,
+                Change::Ops(ops) => apply_ops_with(tx, ops, strings, c, max_depth)?,
+                _ => {
+                    return Err(DocError::Internal(
+                        "only patches and ops are coalesced".into(),
+                    ));
                 }
             }
-            Ok(())
-        },
-    )?;
+        }
+        Ok(())
+    })?;
     Ok((outcome, fresh))
 }
 
@@ -313,7 +328,7 @@ fn commit<F>(
     inner: &Inner,
     id: &DocId,
     loaded: &mut Loaded,
-    message: &str,
+    message: &dyn Fn() -> String,
     batch: &mut WriteBatch,
     repeatable: bool,
     mut f: F,
@@ -364,9 +379,10 @@ where
         return Ok((result, 0, None, None));
     }
     let now = now_ms();
+    let message = message();
     let opts = || {
         CommitOptions::default()
-            .with_message(message)
+            .with_message(message.clone())
             .with_time((now / 1000) as i64)
     };
     let (hash, mut log) = match tx.commit_with(opts()) {

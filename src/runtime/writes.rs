@@ -234,6 +234,13 @@ impl LocalWrites {
                 if matches!(e, DocError::Internal(_)) {
                     round.poison(&id, slot);
                 }
+                // Alone from here on, in this round or (carried while the
+                // doc is reloaded) the next: one write that fails inside
+                // Automerge must not fail the writes it shared a change with.
+                let mut reqs = reqs;
+                for req in &mut reqs {
+                    req.tags.coalesce = false;
+                }
                 self.each(inner, round, reqs, syncing);
             }
         }

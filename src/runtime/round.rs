@@ -575,18 +575,27 @@ impl DocAccess for Round<'_> {
     }
 
     fn doc_bytes(&mut self, doc: &str) -> Option<(Vec<u8>, Vec<u8>)> {
-        let id = DocId::new(doc).ok()?;
-        let data = self.inner.cache.saved_bytes(&id).ok()??;
-        let hashes: Vec<[u8; 32]> = self
+        // A compact save of the doc as it is in memory: a doc stored as a
+        // snapshot and a tail of changes would go as that, and a change sent
+        // alone costs several times its share of a save (a catch-up of 10,000
+        // small docs is mostly such tails).
+        let (data, hashes): (Vec<u8>, Vec<[u8; 32]>) = self
             .with_loaded(doc, |_, _, loaded| {
-                Ok(loaded
-                    .doc
-                    .get_changes_meta(&[])
-                    .iter()
-                    .map(|c| c.hash.0)
-                    .collect())
+                let live = loaded
+                    .meta
+                    .as_ref()
+                    .is_some_and(|m| m.deleted_at_ms.is_none());
+                Ok(live.then(|| {
+                    let hashes = loaded
+                        .doc
+                        .get_changes_meta(&[])
+                        .iter()
+                        .map(|c| c.hash.0)
+                        .collect();
+                    (loaded.doc.save(), hashes)
+                }))
             })
-            .ok()?;
+            .ok()??;
         let stored = self.inner.store.sigs(doc).ok()?;
         // One scan of the stored signatures; `sig_of` only for those missing.
         let mut sigs = Vec::with_capacity(hashes.len() * crate::trust::SIG_ENTRY_LEN);

@@ -28,10 +28,13 @@
 # With --compare (instead of the benchmarks above) it builds and runs
 # benches/compare, its own crate: mergeflow, samod (the Rust automerge-repo,
 # from crates.io) and raw Automerge sync over a plain TCP socket with no
-# storage, two peers each on loopback, one workload: propagation p50/p99,
-# replicated write throughput, catch-up of a fresh peer, and bytes on the
-# wire for each; then the ratios mergeflow/samod and mergeflow/raw. Env:
-# WRITES (1000), TPUT (10000), TPUT_DOCS (100), CATCHUP (2000), ONLY.
+# storage, two peers each on loopback, one workload: propagation p50/p99
+# (and of the first and last tenth), a sustained stream into a doc with
+# history, replicated write throughput, catch-up of a fresh peer, and bytes
+# on the wire for each; then the ratios mergeflow/samod and mergeflow/raw.
+# Env: WARMUP (200), WRITES (2000), PREFILL (10000), STREAM_RATE (2000),
+# STREAM_SECS (10), TPUT (10000), TPUT_DOCS (100), CATCHUP (10000),
+# CATCHUP_CHANGES (10), ONLY. samod takes about 11 minutes of it.
 set -euo pipefail
 
 usage() {
@@ -46,8 +49,10 @@ usage: scripts/bench.sh [--seconds S] [--concurrency 1,32] [--docs N] [--p2p]
                      documents the two nodes hold (default 10000, or \$DOCS)
   --p2p              also run the peer-to-peer benchmark
   --compare          only run mergeflow, samod and raw Automerge over TCP
-                     side by side (benches/compare; env: WRITES=1000
-                     TPUT=10000 TPUT_DOCS=100 CATCHUP=2000
+                     side by side (benches/compare; env: WARMUP=200
+                     WRITES=2000 PREFILL=10000 STREAM_RATE=2000
+                     STREAM_SECS=10 TPUT=10000 TPUT_DOCS=100
+                     CATCHUP=10000 CATCHUP_CHANGES=10
                      ONLY=mergeflow,samod,raw)
   --bridge           only the bridges: MQTT readings in (throughput, and
                      latency to a second node at a rate) and pulls from a

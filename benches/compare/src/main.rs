@@ -2,13 +2,20 @@
 //!
 //! Each system runs two peers in this one process, connected by TCP on
 //! loopback, through the same workload:
-//! - propagation: `WRITES` (1,000) one-key changes to one doc on A, one at a
-//!   time, each until B has it; p50 and p99 in ms;
+//! - propagation: `WARMUP` (200) one-key changes to one doc on A, then
+//!   `WRITES` (2,000) more, one at a time, each from the write call until B
+//!   has stored it (raw: until B has applied it; it stores nothing); p50 and
+//!   p99 in ms, and the p50 of the first and the last tenth (flat as the
+//!   doc's history grows?);
+//! - stream: one doc prefilled with `PREFILL` (10,000) changes, then
+//!   `STREAM_RATE` (2,000) changes/s by 4 writers for `STREAM_SECS` (10) s;
+//!   each change's lag from its write call until B holds it: p50, p99, max;
 //! - throughput: `TPUT` (10,000) one-key changes spread over `TPUT_DOCS` (100)
 //!   docs by 32 concurrent writers on A; writes per second from the first
 //!   write until B has them all;
-//! - catch-up: A holds `CATCHUP` (2,000) docs of one change each; a fresh B
-//!   connects; seconds until B has every doc at A's heads;
+//! - catch-up: A holds `CATCHUP` (10,000) docs of `CATCHUP_CHANGES` (10)
+//!   changes each; a fresh B connects; seconds until B has every doc at A's
+//!   heads;
 //! - bytes on the wire: TCP payload bytes sent by both peers in each phase.
 //!
 //! The systems:
@@ -37,11 +44,17 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// The one workload every system runs.
 #[derive(Clone, Copy, Debug)]
 struct Workload {
+    warmup: usize,
     writes: usize,
+    prefill: usize,
+    stream_rate: usize,
+    stream_writers: usize,
+    stream_secs: usize,
     tput: usize,
     tput_docs: usize,
     writers: usize,
     catchup: usize,
+    catchup_changes: usize,
 }
 
 /// What one system measured.
@@ -49,11 +62,100 @@ struct Workload {
 struct Outcome {
     p50_ms: f64,
     p99_ms: f64,
+    /// p50 of the first and of the last tenth of the propagated writes.
+    p50_first_ms: f64,
+    p50_last_ms: f64,
     prop_bytes: u64,
+    stream_p50_ms: f64,
+    stream_p99_ms: f64,
+    stream_max_ms: f64,
+    stream_bytes: u64,
     tput_per_s: f64,
     tput_bytes: u64,
     catchup_s: f64,
     catchup_bytes: u64,
+}
+
+impl Outcome {
+    /// Takes the propagation latencies, in the order the writes were made.
+    fn propagation(&mut self, lat: &[Duration]) {
+        let tenth = (lat.len() / 10).max(1);
+        self.p50_first_ms = pct(&mut lat[..tenth].to_vec(), 0.5);
+        self.p50_last_ms = pct(&mut lat[lat.len() - tenth..].to_vec(), 0.5);
+        let mut all = lat.to_vec();
+        self.p50_ms = pct(&mut all, 0.5);
+        self.p99_ms = pct(&mut all, 0.99);
+    }
+
+    /// Takes the stream's lags.
+    fn stream(&mut self, mut lags: Vec<Duration>) {
+        self.stream_p50_ms = pct(&mut lags, 0.5);
+        self.stream_p99_ms = pct(&mut lags, 0.99);
+        self.stream_max_ms = lags.last().map_or(0.0, |d| d.as_secs_f64() * 1000.0);
+    }
+}
+
+/// When each stream write was called, with the heads it returned (its own
+/// change: one writer actor, so A's changes form one chain).
+type Calls = Vec<(Instant, Vec<String>)>;
+
+/// When B's heads were seen, and what they were.
+type Seen = Vec<(Instant, Vec<String>)>;
+
+/// Each stream write's lag: from its call until B first held it. `seq`
+/// gives A's changes their place in A's chain (B holding one holds every
+/// earlier one).
+fn lags(calls: &Calls, seen: &Seen, seq: impl Fn(&str) -> Option<u64>) -> Vec<Duration> {
+    let last = |heads: &[String]| heads.iter().filter_map(|h| seq(h)).max();
+    let mut called: Vec<(u64, Instant)> = calls
+        .iter()
+        .filter_map(|(t, heads)| last(heads).map(|s| (s, *t)))
+        .collect();
+    called.sort_unstable_by_key(|(s, _)| *s);
+    let mut held: Vec<(Instant, u64)> = seen
+        .iter()
+        .filter_map(|(t, heads)| last(heads).map(|s| (*t, s)))
+        .collect();
+    held.sort_unstable_by_key(|(t, _)| *t);
+    let mut out = Vec::with_capacity(called.len());
+    let mut next = 0;
+    for (t, s) in held {
+        while next < called.len() && called[next].0 <= s {
+            out.push(t.saturating_duration_since(called[next].1));
+            next += 1;
+        }
+    }
+    out
+}
+
+/// Runs the stream: `w.stream_rate` writes per second by `w.stream_writers`
+/// tasks for `w.stream_secs`; `write(n)` makes one and returns its heads.
+async fn stream_writes<F, Fut>(w: Workload, write: F) -> Calls
+where
+    F: Fn(usize) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Vec<String>> + Send,
+{
+    let total = w.stream_rate * w.stream_secs;
+    let start = tokio::time::Instant::now() + Duration::from_millis(10);
+    let every = Duration::from_secs_f64(1.0 / w.stream_rate as f64);
+    let mut tasks = Vec::new();
+    for k in 0..w.stream_writers {
+        let write = write.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut calls = Vec::new();
+            for n in (k..total).step_by(w.stream_writers) {
+                tokio::time::sleep_until(start + every * n as u32).await;
+                let t = Instant::now();
+                calls.push((t, write(n).await));
+            }
+            calls
+        }));
+    }
+    let mut calls = Vec::with_capacity(total);
+    for t in tasks {
+        calls.extend(t.await.expect("stream writer"));
+    }
+    calls
 }
 
 /// How often the throughput and catch-up phases look whether B is done.
@@ -104,6 +206,19 @@ fn counted(stream: tokio::net::TcpStream, sent: &Arc<AtomicU64>) -> Counted<toki
         inner: stream,
         sent: sent.clone(),
     }
+}
+
+/// Change hashes as hex, as mergeflow gives them.
+fn hex(heads: &[automerge::ChangeHash]) -> Vec<String> {
+    heads.iter().map(|h| h.to_string()).collect()
+}
+
+/// Each change of `doc` (hex hash) -> its sequence number.
+fn seqs(doc: &automerge::Automerge) -> HashMap<String, u64> {
+    doc.get_changes(&[])
+        .into_iter()
+        .map(|c| (c.hash().to_string(), c.seq()))
+        .collect()
 }
 
 fn pct(v: &mut [Duration], p: f64) -> f64 {
@@ -221,9 +336,12 @@ mod mf {
         a.doc("prop").unwrap().patch(json!({"i": 0})).await.unwrap();
         wait_all(1, |_| same_heads(&a, &b, "prop")).await;
         let mut feed = Box::pin(b.subscribe("prop").unwrap());
-        let before = wire(&[&a, &b]).await;
+        let mut before = 0;
         let mut lat = Vec::with_capacity(w.writes);
-        for i in 1..=w.writes {
+        for i in 1..=w.warmup + w.writes {
+            if i == w.warmup + 1 {
+                before = wire(&[&a, &b]).await;
+            }
             let t = Instant::now();
             let mut want = a
                 .doc("prop")
@@ -245,11 +363,64 @@ mod mf {
                     FeedItem::Missed { .. } => panic!("the benchmark fell behind B's feed"),
                 }
             }
-            lat.push(t.elapsed());
+            if i > w.warmup {
+                lat.push(t.elapsed());
+            }
         }
         out.prop_bytes = wire(&[&a, &b]).await - before;
-        out.p50_ms = pct(&mut lat, 0.5);
-        out.p99_ms = pct(&mut lat, 0.99);
+        out.propagation(&lat);
+
+        // Stream into a doc with history.
+        let writer = a.clone();
+        spread_writes(
+            Workload {
+                tput: w.prefill,
+                tput_docs: 1,
+                ..w
+            },
+            move |_, n| {
+                let doc = writer.doc("hot").unwrap();
+                async move {
+                    doc.patch(json!({"p": n})).await.unwrap();
+                }
+            },
+        )
+        .await;
+        wait_all(1, |_| same_heads(&a, &b, "hot")).await;
+        let seen: Arc<Mutex<Seen>> = Arc::default();
+        let mut feed = Box::pin(b.subscribe("hot").unwrap());
+        let watched = seen.clone();
+        let watcher = tokio::spawn(async move {
+            while let Some(item) = feed.next().await {
+                if let FeedItem::Change(e) = item {
+                    watched
+                        .lock()
+                        .unwrap()
+                        .push((Instant::now(), e.heads.clone()));
+                }
+            }
+        });
+        let before = wire(&[&a, &b]).await;
+        let writer = a.clone();
+        let calls = stream_writes(w, move |n| {
+            let doc = writer.doc("hot").unwrap();
+            async move { doc.patch(json!({"s": n})).await.unwrap().heads }
+        })
+        .await;
+        wait_all(1, |_| same_heads(&a, &b, "hot")).await;
+        out.stream_bytes = wire(&[&a, &b]).await - before;
+        watcher.abort();
+        let seqs: HashMap<String, u64> = a
+            .doc("hot")
+            .unwrap()
+            .history()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|h| (h.hash, h.seq))
+            .collect();
+        let seen = std::mem::take(&mut *seen.lock().unwrap());
+        out.stream(lags(&calls, &seen, |h| seqs.get(h).copied()));
 
         // Throughput.
         let ids: Vec<String> = (0..w.tput_docs).map(|d| format!("tput/{d}")).collect();
@@ -271,20 +442,23 @@ mod mf {
         out.tput_per_s = w.tput as f64 / t.elapsed().as_secs_f64();
         out.tput_bytes = wire(&[&a, &b]).await - before;
         b.shutdown().await.unwrap();
+        a.shutdown().await.unwrap();
 
-        // Catch-up.
+        // Catch-up: a node holding only the catch-up docs, and a fresh one.
+        let a = start(&dir.path().join("a2"), vec![]).await;
+        let a_addr = addr(&a).await;
         let ids: Vec<String> = (0..w.catchup).map(|d| format!("c/{d}")).collect();
         let writer = a.clone();
         spread_writes(
             Workload {
-                tput: w.catchup,
+                tput: w.catchup * w.catchup_changes,
                 tput_docs: w.catchup,
                 ..w
             },
-            move |d, _| {
+            move |d, n| {
                 let doc = writer.doc(&format!("c/{d}")).unwrap();
                 async move {
-                    doc.patch(json!({"n": d})).await.unwrap();
+                    doc.patch(json!({"n": n})).await.unwrap();
                 }
             },
         )
@@ -425,19 +599,56 @@ mod sm {
         let a_doc = create(&a, 0).await;
         let b_doc = found(&b, &a_doc).await;
         let mut changes = Box::pin(b_doc.changes());
-        let before = sent.load(Ordering::Relaxed);
+        let mut before = 0;
         let mut lat = Vec::with_capacity(w.writes);
-        for i in 1..=w.writes {
+        for i in 1..=w.warmup + w.writes {
+            if i == w.warmup + 1 {
+                before = sent.load(Ordering::Relaxed);
+            }
             let t = Instant::now();
             let want = put(&a_doc, "i", i);
             while heads(&b_doc) != want {
                 changes.next().await.expect("change stream ended");
             }
-            lat.push(t.elapsed());
+            if i > w.warmup {
+                lat.push(t.elapsed());
+            }
         }
         out.prop_bytes = sent.load(Ordering::Relaxed) - before;
-        out.p50_ms = pct(&mut lat, 0.5);
-        out.p99_ms = pct(&mut lat, 0.99);
+        out.propagation(&lat);
+
+        // Stream into a doc with history.
+        let a_hot = create(&a, 0).await;
+        for n in 0..w.prefill {
+            put(&a_hot, "p", n);
+        }
+        let b_hot = found(&b, &a_hot).await;
+        let seen: Arc<Mutex<Seen>> = Arc::default();
+        let (watched, b_watch) = (seen.clone(), b_hot.clone());
+        let watcher = tokio::spawn(async move {
+            let mut changes = Box::pin(b_watch.changes());
+            while changes.next().await.is_some() {
+                let h = hex(&heads(&b_watch));
+                watched.lock().unwrap().push((Instant::now(), h));
+            }
+        });
+        let before = sent.load(Ordering::Relaxed);
+        let writer = a_hot.clone();
+        let calls = stream_writes(w, move |n| {
+            let h = hex(&put(&writer, "s", n));
+            async move { h }
+        })
+        .await;
+        wait_all(1, |_| {
+            let same = heads(&a_hot) == heads(&b_hot);
+            async move { same }
+        })
+        .await;
+        out.stream_bytes = sent.load(Ordering::Relaxed) - before;
+        watcher.abort();
+        let seqs = a_hot.with_document(|d| seqs(d));
+        let seen = std::mem::take(&mut *seen.lock().unwrap());
+        out.stream(lags(&calls, &seen, |h| seqs.get(h).copied()));
 
         // Throughput.
         let mut a_docs = Vec::new();
@@ -470,7 +681,11 @@ mod sm {
         // learns ids from the application; nothing lists a repo's docs).
         let mut c_docs = Vec::new();
         for d in 0..w.catchup {
-            c_docs.push(create(&a, d).await);
+            let doc = create(&a, d).await;
+            for n in 1..w.catchup_changes {
+                put(&doc, "n", n);
+            }
+            c_docs.push(doc);
         }
         let before = sent.load(Ordering::Relaxed);
         let t = Instant::now();
@@ -495,8 +710,8 @@ mod raw {
     use automerge::sync::{self, SyncDoc};
     use automerge::transaction::Transactable;
     use automerge::{Automerge, ChangeHash, ROOT};
-    use bytes::Bytes;
-    use futures::{SinkExt, StreamExt};
+    use bytes::{Bytes, BytesMut};
+    use futures::{FutureExt, SinkExt, StreamExt};
     use tokio::sync::{mpsc, watch};
     use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
@@ -504,6 +719,20 @@ mod raw {
         doc: Automerge,
         sync: sync::State,
     }
+
+    impl Entry {
+        fn new() -> Self {
+            Entry {
+                doc: Automerge::new(),
+                sync: sync::State::new(),
+            }
+        }
+    }
+
+    /// Frame kinds: an Automerge sync message (catch-up), or one change as
+    /// committed (live changes).
+    const SYNC: u8 = 0;
+    const CHANGE: u8 = 1;
 
     /// One peer: its docs, the sender of its one connection, and a counter
     /// bumped on every message it applies.
@@ -523,30 +752,38 @@ mod raw {
             }
         }
 
-        /// Sends what the peer lacks of doc `id`, if anything.
-        fn send(&self, id: &str, e: &mut Entry) {
+        /// Sends a frame: `kind` (SYNC or CHANGE), the doc id, the payload.
+        fn frame(&self, kind: u8, id: &str, payload: &[u8]) {
             let out = self.out.lock().unwrap();
             let Some(tx) = out.as_ref() else { return };
+            let mut frame = Vec::with_capacity(3 + id.len() + payload.len());
+            frame.push(kind);
+            frame.extend_from_slice(&(id.len() as u16).to_be_bytes());
+            frame.extend_from_slice(id.as_bytes());
+            frame.extend_from_slice(payload);
+            let _ = tx.send(frame.into());
+        }
+
+        /// Sends what the peer lacks of doc `id`, if anything.
+        fn send(&self, id: &str, e: &mut Entry) {
             if let Some(msg) = e.doc.generate_sync_message(&mut e.sync) {
-                let msg = msg.encode();
-                let mut frame = Vec::with_capacity(2 + id.len() + msg.len());
-                frame.extend_from_slice(&(id.len() as u16).to_be_bytes());
-                frame.extend_from_slice(id.as_bytes());
-                frame.extend_from_slice(&msg);
-                let _ = tx.send(frame.into());
+                self.frame(SYNC, id, &msg.encode());
             }
         }
 
+        /// Commits a one-key change and sends it as it is: the floor of a
+        /// live change's trip (the receiver applies it, nothing more).
         fn put(&self, id: &str, key: &str, n: usize) -> Vec<ChangeHash> {
             let mut docs = self.docs.lock().unwrap();
-            let e = docs.entry(id.to_string()).or_insert_with(|| Entry {
-                doc: Automerge::new(),
-                sync: sync::State::new(),
-            });
+            let e = docs.entry(id.to_string()).or_insert_with(Entry::new);
             let mut tx = e.doc.transaction();
             tx.put(ROOT, key, n as u64).unwrap();
-            tx.commit();
-            self.send(id, e);
+            // (A put of the value already there makes no change.)
+            if let (Some(hash), _) = tx.commit() {
+                let change =
+                    automerge::ReadDoc::get_change_by_hash(&e.doc, &hash).expect("committed");
+                self.frame(CHANGE, id, change.raw_bytes());
+            }
             e.doc.get_heads()
         }
 
@@ -593,23 +830,52 @@ mod raw {
             let peer = self.clone();
             tokio::spawn(async move {
                 while let Some(Ok(frame)) = frames.next().await {
-                    let n = u16::from_be_bytes([frame[0], frame[1]]) as usize;
-                    let id = std::str::from_utf8(&frame[2..2 + n]).unwrap().to_string();
-                    let msg = sync::Message::decode(&frame[2 + n..]).expect("sync message");
-                    {
-                        let mut docs = peer.docs.lock().unwrap();
-                        let e = docs.entry(id.clone()).or_insert_with(|| Entry {
-                            doc: Automerge::new(),
-                            sync: sync::State::new(),
-                        });
-                        e.doc
-                            .receive_sync_message(&mut e.sync, msg)
-                            .expect("apply sync message");
-                        peer.send(&id, e);
+                    // Every frame already here, changes applied per doc in
+                    // one call: Automerge's apply walks the doc's ops, so a
+                    // hot doc applied change by change falls behind.
+                    let mut ready = vec![frame];
+                    while ready.len() < 4096 {
+                        match frames.next().now_or_never() {
+                            Some(Some(Ok(f))) => ready.push(f),
+                            _ => break,
+                        }
                     }
+                    peer.receive(ready);
                     peer.applied.send_modify(|v| *v += 1);
                 }
             });
+        }
+
+        /// Applies frames: changes per doc together, sync messages in turn.
+        fn receive(&self, frames: Vec<BytesMut>) {
+            let mut docs = self.docs.lock().unwrap();
+            let mut pending: HashMap<String, Vec<automerge::Change>> = HashMap::new();
+            let flush = |docs: &mut HashMap<String, Entry>, id: &str, changes: Vec<_>| {
+                let e = docs.entry(id.to_string()).or_insert_with(Entry::new);
+                e.doc.apply_changes(changes).expect("apply changes");
+            };
+            for frame in frames {
+                let n = u16::from_be_bytes([frame[1], frame[2]]) as usize;
+                let id = std::str::from_utf8(&frame[3..3 + n]).unwrap().to_string();
+                let payload = &frame[3 + n..];
+                if frame[0] == CHANGE {
+                    let change = automerge::Change::from_bytes(payload.to_vec()).expect("change");
+                    pending.entry(id).or_default().push(change);
+                    continue;
+                }
+                if let Some(changes) = pending.remove(&id) {
+                    flush(&mut docs, &id, changes);
+                }
+                let msg = sync::Message::decode(payload).expect("sync message");
+                let e = docs.entry(id.clone()).or_insert_with(Entry::new);
+                e.doc
+                    .receive_sync_message(&mut e.sync, msg)
+                    .expect("apply sync message");
+                self.send(&id, e);
+            }
+            for (id, changes) in pending {
+                flush(&mut docs, &id, changes);
+            }
         }
     }
 
@@ -633,20 +899,52 @@ mod raw {
         a.put("prop", "i", 0);
         wait_all(1, |_| std::future::ready(a.same(&b, "prop"))).await;
         let mut applied = b.applied.subscribe();
-        let before = sent.load(Ordering::Relaxed);
+        let mut before = 0;
         let mut lat = Vec::with_capacity(w.writes);
-        for i in 1..=w.writes {
+        for i in 1..=w.warmup + w.writes {
+            if i == w.warmup + 1 {
+                before = sent.load(Ordering::Relaxed);
+            }
             let t = Instant::now();
             let want = Some(a.put("prop", "i", i));
             applied.borrow_and_update();
             while b.heads("prop") != want {
                 applied.changed().await.expect("peer gone");
             }
-            lat.push(t.elapsed());
+            if i > w.warmup {
+                lat.push(t.elapsed());
+            }
         }
         out.prop_bytes = sent.load(Ordering::Relaxed) - before;
-        out.p50_ms = pct(&mut lat, 0.5);
-        out.p99_ms = pct(&mut lat, 0.99);
+        out.propagation(&lat);
+
+        // Stream into a doc with history.
+        for n in 0..w.prefill {
+            a.put("hot", "p", n);
+        }
+        wait_all(1, |_| std::future::ready(a.same(&b, "hot"))).await;
+        let seen: Arc<Mutex<Seen>> = Arc::default();
+        let (watched, b_watch) = (seen.clone(), b.clone());
+        let mut applied = b.applied.subscribe();
+        let watcher = tokio::spawn(async move {
+            while applied.changed().await.is_ok() {
+                let h = hex(&b_watch.heads("hot").unwrap_or_default());
+                watched.lock().unwrap().push((Instant::now(), h));
+            }
+        });
+        let before = sent.load(Ordering::Relaxed);
+        let writer = a.clone();
+        let calls = stream_writes(w, move |n| {
+            let h = hex(&writer.put("hot", "s", n));
+            async move { h }
+        })
+        .await;
+        wait_all(1, |_| std::future::ready(a.same(&b, "hot"))).await;
+        out.stream_bytes = sent.load(Ordering::Relaxed) - before;
+        watcher.abort();
+        let seqs = seqs(&a.docs.lock().unwrap()["hot"].doc);
+        let seen = std::mem::take(&mut *seen.lock().unwrap());
+        out.stream(lags(&calls, &seen, |h| seqs.get(h).copied()));
 
         // Throughput.
         let ids: Vec<String> = (0..w.tput_docs).map(|d| format!("tput/{d}")).collect();
@@ -666,18 +964,23 @@ mod raw {
         out.tput_per_s = w.tput as f64 / t.elapsed().as_secs_f64();
         out.tput_bytes = sent.load(Ordering::Relaxed) - before;
 
-        // Catch-up: a fresh peer; A's docs are offered as it connects.
+        // Catch-up: a peer holding only the catch-up docs, and a fresh one;
+        // its docs are offered as it connects, by the Automerge sync
+        // protocol (which sends a peer that has nothing the doc whole).
         let ids: Vec<String> = (0..w.catchup).map(|d| format!("c/{d}")).collect();
-        for (d, id) in ids.iter().enumerate() {
-            a.put(id, "n", d);
+        let a = Peer::new();
+        for id in &ids {
+            for n in 0..w.catchup_changes {
+                a.put(id, "n", n);
+            }
         }
         let f = Peer::new();
-        let before = sent.load(Ordering::Relaxed);
+        let sent = Arc::new(AtomicU64::new(0));
         let t = Instant::now();
         connect(&a, &f, &sent).await;
         wait_all(ids.len(), |i| std::future::ready(a.same(&f, &ids[i]))).await;
         out.catchup_s = t.elapsed().as_secs_f64();
-        out.catchup_bytes = sent.load(Ordering::Relaxed) - before;
+        out.catchup_bytes = sent.load(Ordering::Relaxed);
         out
     }
 }
@@ -694,12 +997,23 @@ fn env_usize(name: &str, default: usize) -> usize {
 fn print(w: &Workload, results: &[(&str, Outcome)]) {
     let per = |bytes: u64, n: usize| bytes as f64 / n as f64;
     type Row<'a> = (&'a str, &'a dyn Fn(&Outcome) -> f64, &'a str);
-    let rows: [Row; 7] = [
+    let stream = w.stream_rate * w.stream_secs;
+    let rows: [Row; 13] = [
         ("propagation p50, ms", &|o| o.p50_ms, "lower"),
         ("propagation p99, ms", &|o| o.p99_ms, "lower"),
+        ("  p50 first tenth, ms", &|o| o.p50_first_ms, "lower"),
+        ("  p50 last tenth, ms", &|o| o.p50_last_ms, "lower"),
         (
             "bytes per propagated write",
             &|o| per(o.prop_bytes, w.writes),
+            "lower",
+        ),
+        ("stream lag p50, ms", &|o| o.stream_p50_ms, "lower"),
+        ("stream lag p99, ms", &|o| o.stream_p99_ms, "lower"),
+        ("stream lag max, ms", &|o| o.stream_max_ms, "lower"),
+        (
+            "bytes per write (stream)",
+            &|o| per(o.stream_bytes, stream),
             "lower",
         ),
         ("throughput, writes/s", &|o| o.tput_per_s, "higher"),
@@ -744,16 +1058,32 @@ fn print(w: &Workload, results: &[(&str, Outcome)]) {
 #[tokio::main]
 async fn main() {
     let w = Workload {
-        writes: env_usize("WRITES", 1000),
+        warmup: env_usize("WARMUP", 200),
+        writes: env_usize("WRITES", 2000),
+        prefill: env_usize("PREFILL", 10_000),
+        stream_rate: env_usize("STREAM_RATE", 2000),
+        stream_writers: 4,
+        stream_secs: env_usize("STREAM_SECS", 10),
         tput: env_usize("TPUT", 10_000),
         tput_docs: env_usize("TPUT_DOCS", 100),
         writers: 32,
-        catchup: env_usize("CATCHUP", 2000),
+        catchup: env_usize("CATCHUP", 10_000),
+        catchup_changes: env_usize("CATCHUP_CHANGES", 10),
     };
     let only = std::env::var("ONLY").unwrap_or_else(|_| "mergeflow,samod,raw".into());
     println!(
-        "workload: {} propagated writes; {} writes over {} docs by {} writers; catch-up of {} docs",
-        w.writes, w.tput, w.tput_docs, w.writers, w.catchup
+        "workload: {} propagated writes after {} warm-up; a stream of {}/s by {} writers for {} s into a doc of {} changes; {} writes over {} docs by {} writers; catch-up of {} docs of {} changes",
+        w.writes,
+        w.warmup,
+        w.stream_rate,
+        w.stream_writers,
+        w.stream_secs,
+        w.prefill,
+        w.tput,
+        w.tput_docs,
+        w.writers,
+        w.catchup,
+        w.catchup_changes
     );
     let mut results = Vec::new();
     for name in only.split(',') {

@@ -62,6 +62,9 @@ usage: scripts/bench.sh [--seconds S] [--concurrency 1,32] [--docs N] [--p2p]
                      in-sync nodes in network namespaces (needs root; env:
                      IDLE_SECONDS=120 IDLE_SETTLE=40 RESTART_TAIL=15
                      RESTART_CHANGES=100 CONVERGE_TIMEOUT=300)
+  MERGEFLOW_BIN=path   bench that binary (and mergeflow-tools next to it)
+                     instead of building target/release (not --compare,
+                     --bridge)
 USAGE
 }
 
@@ -85,7 +88,7 @@ IDLE_SECONDS=${IDLE_SECONDS:-120} IDLE_SETTLE=${IDLE_SETTLE:-40} RESTART_TAIL=${
 RESTART_CHANGES=${RESTART_CHANGES:-100} CONVERGE_TIMEOUT=${CONVERGE_TIMEOUT:-300}
 IDLE_STATE='' CLUSTER_UP=''
 
-cluster() { MF_CLUSTER_ID=0 MF_CLUSTER_DIR=$IDLE_STATE scripts/netns-cluster.sh "$@"; }
+cluster() { MF_CLUSTER_ID=0 MF_CLUSTER_DIR=$IDLE_STATE MERGEFLOW_BIN=$BIN scripts/netns-cluster.sh "$@"; }
 now() { date +%s.%N; }
 since() { awk -v a="$(now)" -v b="$1" 'BEGIN { printf "%.1f", a - b }'; }
 # Host veth mf-vI counters: "rx_bytes tx_bytes rx_packets tx_packets";
@@ -264,10 +267,17 @@ if [ -n "$COMPARE" ]; then
   cargo run --release --quiet --manifest-path benches/compare/Cargo.toml
   exit 0
 fi
-# Both workspace members: the node and mergeflow-tools (its `bench`).
-cargo build --release --quiet
-BIN=target/release/mergeflow
-TOOLS=target/release/mergeflow-tools
+# Both workspace members: the node and mergeflow-tools (its `bench`); or
+# the binaries named by MERGEFLOW_BIN (mergeflow-tools next to it), as built
+# before (to compare two builds).
+if [ -n "${MERGEFLOW_BIN:-}" ]; then
+  BIN=$MERGEFLOW_BIN
+  TOOLS=$(dirname "$BIN")/mergeflow-tools
+else
+  cargo build --release --quiet
+  BIN=${CARGO_TARGET_DIR:-target}/release/mergeflow
+  TOOLS=${CARGO_TARGET_DIR:-target}/release/mergeflow-tools
+fi
 if [ -n "$IDLE" ]; then
   idle_bench
   exit 0

@@ -251,6 +251,11 @@ pub(crate) fn families(scrape: &Scrape) -> Vec<Family> {
                 s.digests_in_sync,
             ),
             Family::counter(
+                "anti_entropy_digests_skipped",
+                "Due anti-entropy digests not sent: nothing changed since the peer agreed",
+                s.digests_skipped,
+            ),
+            Family::counter(
                 "anti_entropy_docs_differing",
                 "Docs that anti-entropy found different",
                 s.docs_differing,

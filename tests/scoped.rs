@@ -185,7 +185,10 @@ async fn read_grants_decide_what_a_peer_is_sent() {
         a.doc(id).unwrap().patch(json!({"v": 1})).await.unwrap();
     }
     until("shared/x stored on B", || async {
-        data_docs(&b).await.contains(&"shared/x".to_string()).then_some(())
+        data_docs(&b)
+            .await
+            .contains(&"shared/x".to_string())
+            .then_some(())
     })
     .await;
     until("digests in sync", || async {

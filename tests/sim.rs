@@ -516,16 +516,40 @@ fn in_sync_peers_exchange_only_digests() {
     sim.advance(10_000);
     assert!(sim.converged());
     let before = sim.sent;
-    sim.advance(20_000);
-    let per_node_periods = 20_000 / 2_000;
-    // Only digests: about one per peer per anti-entropy period, no syncs.
+    let before_other = sim.sent_not_digest;
+    sim.advance(200_000);
+    let periods = 200_000 / 2_000;
+    // Only digests, and while nothing changes only one per peer per
+    // QUIET_DIGESTS periods (an answer may follow each), not one per period.
+    let quiet = periods / u64::from(mergeflow::testing::sync::QUIET_DIGESTS);
+    let sent = sim.sent - before;
     assert!(
-        sim.sent - before <= 2 * (per_node_periods + 2),
-        "{} messages while in sync",
-        sim.sent - before
+        sent <= 2 * 2 * (quiet + 2),
+        "{sent} messages in {periods} idle periods"
+    );
+    assert_eq!(
+        sim.sent_not_digest, before_other,
+        "only digests while in sync"
     );
     let stats = sim.nodes[1].core.stats();
     assert!(stats.digests_in_sync > 0, "{stats:?}");
+    assert!(stats.digests_skipped >= periods / 2, "{stats:?}");
+
+    // A change the fast path lost (n1 was cut off when n0 made it) is
+    // found at n0's next period: its buckets are no longer what n1 agreed to.
+    sim.side[1] = 1;
+    sim.faults = Some(Faults {
+        loss: 0.0,
+        dup: 0.0,
+        max_delay_ms: 5,
+    });
+    sim.local_edit(0, "d/3");
+    sim.advance(10);
+    sim.side[1] = 0;
+    sim.faults = None;
+    assert!(!sim.converged(), "the change was not lost");
+    sim.advance(2 * 2_000);
+    assert!(sim.converged(), "a lost change waited for a quiet digest");
 }
 
 /// The fast path: a change reaches a node that is not the origin's peer

@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::admission::Admission;
+use super::conns::Conns;
 use super::link::{LinkEvent, Links};
 use super::liveness::Liveness;
 use super::outbox::{InFlight, MAX_OUTBOX, Outbox};
@@ -92,6 +93,8 @@ pub(super) struct EventLoop {
     state: Arc<Mutex<NetState>>,
     /// Peers with a connection (or counted as such: see [`Self::peer_down`]).
     connected: BTreeSet<PeerId>,
+    /// Each peer's connections: one of two dialed at once is closed.
+    conns: Conns,
     statics: Vec<StaticPeer>,
     admission: Admission,
     liveness: Liveness,
@@ -134,6 +137,7 @@ impl EventLoop {
             link_events: p.link_events,
             state: p.state,
             connected: BTreeSet::new(),
+            conns: Conns::default(),
             statics,
             admission: p.admission,
             liveness: p.liveness,
@@ -373,6 +377,14 @@ impl EventLoop {
         }
         if let SwarmEvent::ConnectionClosed {
             peer_id,
+            connection_id,
+            ..
+        } = &ev
+        {
+            self.conns.closed(*peer_id, *connection_id);
+        }
+        if let SwarmEvent::ConnectionClosed {
+            peer_id,
             num_established: 0,
             ..
         } = &ev
@@ -416,8 +428,23 @@ impl EventLoop {
                 let _ = self.swarm.disconnect_peer_id(peer_id);
             }
             SwarmEvent::ConnectionEstablished {
-                peer_id, endpoint, ..
-            } => self.on_connected(peer_id, &endpoint),
+                peer_id,
+                endpoint,
+                connection_id,
+                ..
+            } => {
+                self.on_connected(peer_id, &endpoint);
+                let dups = self.conns.established(
+                    self.local,
+                    peer_id,
+                    connection_id,
+                    endpoint.is_dialer(),
+                );
+                for c in dups {
+                    tracing::debug!(peer = %peer_id, "closing a second connection to the peer");
+                    self.swarm.close_connection(c);
+                }
+            }
             SwarmEvent::ConnectionClosed {
                 peer_id,
                 num_established: 0,

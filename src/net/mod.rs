@@ -49,6 +49,7 @@ use crate::sync::Output;
 
 mod admission;
 mod bans;
+mod conns;
 mod event_loop;
 mod frames;
 pub mod limit;

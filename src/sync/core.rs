@@ -56,6 +56,13 @@ pub(super) struct Peer {
     pub(super) to_push_set: std::collections::HashSet<String>,
     pub(super) next_digest_at: u64,
     pub(super) last_in_sync_at: Option<u64>,
+    /// Our buckets (as this peer compares them) when it last agreed with
+    /// us. While they have not changed, a due digest is skipped: if the
+    /// peer changed since, its own digest tells us (see
+    /// [`QUIET_DIGESTS`]).
+    pub(super) agreed: Option<Vec<u64>>,
+    /// Due digests skipped in a row because nothing changed.
+    pub(super) skipped: u32,
     /// We sent it a digest (not an answer) and no digest from it has come
     /// since: one that comes now crossed ours, and needs no answer (it
     /// gets ours).
@@ -86,6 +93,13 @@ impl Peer {
 /// instead of a whole anti-entropy period later: both sides learn soon that
 /// they agree (or what is still missing).
 pub const CONFIRM_MS: u64 = 1_000;
+/// Due digests skipped in a row while our buckets are as the peer last
+/// agreed to; the next one goes out anyway. Either side that changes sends
+/// its digest at its next period, so two in-sync nodes that change nothing
+/// exchange one digest per this many periods (a check that what each holds
+/// still matches, against what no message announced: a restored backup, a
+/// bug) instead of one per period.
+pub const QUIET_DIGESTS: u32 = 10;
 /// How long out-of-order changes wait for their dependencies before the doc
 /// is synced with the sender.
 pub const HOLD_MS: u64 = 500;
@@ -202,6 +216,8 @@ impl Core {
                         to_push_set: Default::default(),
                         next_digest_at: next,
                         last_in_sync_at: None,
+                        agreed: None,
+                        skipped: 0,
                         awaiting_answer: false,
                         held: HashMap::new(),
                         held_count: 0,
@@ -267,6 +283,15 @@ impl Core {
                     .map(|(k, _)| k.clone())
                     .collect();
                 for peer in due {
+                    if self.quiet(&peer) {
+                        let next = now + self.jittered(rng);
+                        if let Some(p) = self.peers.get_mut(&peer) {
+                            p.next_digest_at = next;
+                            p.skipped += 1;
+                        }
+                        self.stats.digests_skipped += 1;
+                        continue;
+                    }
                     out.push(self.digest_now(now, rng, peer));
                 }
             }
@@ -427,6 +452,19 @@ impl Core {
         base - quarter + rng.random_range(0..=quarter * 2)
     }
 
+    /// True when a due digest to `peer` can be skipped: our buckets are
+    /// as it last agreed to, and fewer than [`QUIET_DIGESTS`] were
+    /// skipped in a row.
+    fn quiet(&self, peer: &str) -> bool {
+        let Some(p) = self.peers.get(peer) else {
+            return false;
+        };
+        p.skipped + 1 < QUIET_DIGESTS
+            && p.agreed
+                .as_deref()
+                .is_some_and(|a| a == &*self.buckets_for(peer))
+    }
+
     /// Our digest for `peer`, as this round's: its next one is a full
     /// period away.
     pub(super) fn digest_now<R: rand::Rng>(
@@ -439,6 +477,7 @@ impl Core {
         if let Some(p) = self.peers.get_mut(&peer) {
             p.next_digest_at = next;
             p.awaiting_answer = true;
+            p.skipped = 0;
         }
         self.digest_to(peer, false)
     }

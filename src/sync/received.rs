@@ -49,6 +49,7 @@ impl Core {
                     let crossed = std::mem::take(&mut p.awaiting_answer);
                     if differing.is_empty() {
                         p.last_in_sync_at = Some(now);
+                        p.agreed = Some(buckets);
                         // Tell it we agree, unless this answers ours or
                         // crossed it (it gets ours): no ping-pong. The
                         // exchange counts as this period's for both sides:

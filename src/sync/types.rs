@@ -444,6 +444,9 @@ pub struct SyncStats {
     pub sessions_reset: u64,
     /// Digests received that matched ours.
     pub digests_in_sync: u64,
+    /// Due digests not sent because nothing changed since the peer last
+    /// agreed (see [`QUIET_DIGESTS`](super::QUIET_DIGESTS)).
+    pub digests_skipped: u64,
     /// Docs found different by anti-entropy.
     pub docs_differing: u64,
     /// Inputs rejected.

@@ -332,3 +332,48 @@ async fn a_gone_peer_keeps_its_last_time_in_sync() {
     assert!(gone.last_in_sync_at.is_some(), "{gone:?}");
     a.shutdown().await.unwrap();
 }
+
+/// Heartbeats alone keep an idle pair connected: with nothing else said
+/// (no digests due, libp2p's ping every 5 min), both nodes still count the
+/// other as heard for three peer timeouts, and no connection closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_alone_keep_an_idle_pair_connected() {
+    let dir = tempfile::tempdir().unwrap();
+    let quiet = |c: &mut mergeflow::config::Config| {
+        c.net.anti_entropy_ms = 600_000;
+        c.net.kademlia = false;
+        c.net.peer_timeout_ms = 2_000;
+        c.net.ping_interval_ms = 1_000;
+    };
+    let a = p2p_node(&dir.path().join("a"), vec![], quiet).await;
+    let b = p2p_node(&dir.path().join("b"), vec![listen_addr(&a).await], quiet).await;
+    let both = || {
+        [(&a, &b), (&b, &a)].iter().all(|(n, other)| {
+            let id = other.peer_id().to_string();
+            n.peers().iter().any(|p| p.peer_id == id && p.connected)
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !both() {
+        assert!(Instant::now() < deadline, "a and b never connected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Watch three timeouts go by: a peer judged silent would be shown
+    // disconnected and its connection closed.
+    let watch_until = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < watch_until {
+        assert!(both(), "a peer was judged silent while heartbeats ran");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for n in [&a, &b] {
+        let m = common::samples(&n.metrics().await);
+        let closed: f64 = m
+            .iter()
+            .filter(|(k, _)| k.starts_with("libp2p_swarm_connections_closed_total"))
+            .map(|(_, v)| v)
+            .sum();
+        assert_eq!(closed, 0.0, "a connection closed: {m:?}");
+    }
+    b.shutdown().await.unwrap();
+    a.shutdown().await.unwrap();
+}

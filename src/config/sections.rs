@@ -268,11 +268,12 @@ pub struct NetTable {
     /// Milliseconds between anti-entropy digests to each peer.
     #[serde(deserialize_with = "crate::duration::de_ms")]
     pub anti_entropy_ms: u64,
-    /// A connected peer not heard from (pings, messages) for this many
+    /// A connected peer not heard from (heartbeats, messages) for this many
     /// milliseconds counts as gone: it is disconnected and redialled.
     #[serde(deserialize_with = "crate::duration::de_ms")]
     pub peer_timeout_ms: u64,
-    /// Milliseconds between pings on each connection.
+    /// Milliseconds between heartbeats to each peer (one byte each way,
+    /// sent by the side with the smaller peer id; see `net::liveness`).
     #[serde(deserialize_with = "crate::duration::de_ms")]
     pub ping_interval_ms: u64,
     /// A sync request unanswered for this many milliseconds fails (its docs
@@ -417,7 +418,7 @@ impl Default for Config {
                 mdns: true,
                 anti_entropy_ms: 30_000,
                 peer_timeout_ms: 8_000,
-                ping_interval_ms: 2_000,
+                ping_interval_ms: 4_000,
                 request_timeout_ms: 30_000,
                 idle_connection_timeout_ms: 60_000,
                 max_streams_per_peer: 256,

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use super::admission::Admission;
 use super::conns::Conns;
 use super::link::{LinkEvent, Links};
-use super::liveness::Liveness;
+use super::liveness::{Liveness, heard_from};
 use super::outbox::{InFlight, MAX_OUTBOX, Outbox};
 use super::peers::NetState;
 use super::swarm::{Behaviour, BehaviourEvent, record};
@@ -471,6 +471,7 @@ impl EventLoop {
                 info,
                 ..
             })) => {
+                self.liveness.identified(peer_id, &info.protocols);
                 // What a peer says it listens on feeds Kademlia, which tells the
                 // peers' peers about it.
                 if let Some(kad) = self.swarm.behaviour_mut().kad.as_mut() {
@@ -542,6 +543,7 @@ impl EventLoop {
         // still closing after its peer fell silent brings the peer back.
         if self.connected.insert(peer_id) {
             tracing::info!(peer = %peer_id, "peer connected");
+            self.liveness.up(peer_id);
             self.inbox.send(Input::PeerUp(peer_id.to_string()));
         }
     }
@@ -659,27 +661,6 @@ impl EventLoop {
                 );
             }
         }
-    }
-}
-
-/// The peer an event shows alive: a connection, an answered ping, a message.
-fn heard_from(ev: &SwarmEvent<BehaviourEvent>) -> Option<PeerId> {
-    match ev {
-        SwarmEvent::ConnectionEstablished { peer_id, .. } => Some(*peer_id),
-        SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
-            peer,
-            result: Ok(_),
-            ..
-        })) => Some(*peer),
-        SwarmEvent::Behaviour(BehaviourEvent::Sync(request_response::Event::Message {
-            peer,
-            ..
-        })) => Some(*peer),
-        SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
-            propagation_source,
-            ..
-        })) => Some(*propagation_source),
-        _ => None,
     }
 }
 

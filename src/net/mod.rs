@@ -231,7 +231,6 @@ pub fn spawn(
         key: cfg.key,
         request_timeout: cfg.request_timeout,
         max_streams_per_peer: cfg.max_streams_per_peer,
-        ping_interval: cfg.ping_interval,
         idle_connection_timeout: cfg.idle_connection_timeout,
     };
     let mut swarm = swarm::build(key, &swarm_cfg, registry).map_err(NetError::Transport)?;
@@ -245,6 +244,15 @@ pub fn spawn(
         swarm.behaviour().stream.new_control(),
         max,
         queues,
+        cancel.clone(),
+        tasks.clone(),
+    )
+    .map_err(NetError::Transport)?;
+    let liveness = liveness::Liveness::with_heartbeats(
+        cfg.peer_timeout,
+        swarm.behaviour().stream.new_control(),
+        *swarm.local_peer_id(),
+        cfg.ping_interval,
         cancel.clone(),
         tasks.clone(),
     )
@@ -270,7 +278,7 @@ pub fn spawn(
         state: state.clone(),
         statics: cfg.peers,
         admission,
-        liveness: liveness::Liveness::new(cfg.peer_timeout),
+        liveness,
         max_streams_per_peer: cfg.max_streams_per_peer,
         frame_target: outbox::FRAME_TARGET.min(max),
         max_redial_backoff: cfg.max_redial_backoff,

@@ -43,13 +43,18 @@ pub(super) fn changes_topic() -> gossipsub::IdentTopic {
 /// Our own Kademlia network, apart from any public one.
 const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/mergeflow/kad/1");
 
+/// Between libp2p pings on a connection. Liveness comes from our own
+/// heartbeats (`liveness`); libp2p's ping stays to answer nodes from before
+/// them, which still ping every `net.ping_interval_ms` and count the answers.
+const LIBP2P_PING_INTERVAL: Duration = Duration::from_secs(300);
+
 /// Between Kademlia's periodic bootstraps.
 const KAD_REFRESH: Duration = Duration::from_secs(300);
 
 /// A ping unanswered for this long fails (logged only: libp2p's ping reports
 /// just the second failure in a row, and silence is judged by `liveness`
 /// from everything heard of the peer): a peer counts as gone
-/// `net.peer_timeout_ms` after it was last heard from, and with a ping
+/// `net.peer_timeout_ms` after it was last heard from, and with a heartbeat
 /// every `net.ping_interval_ms` a live peer is heard that often. The redial
 /// backoff (`net.max_redial_backoff_ms`, 5 s) is short because it bounds how
 /// long after a partition heals the link comes back; frames unanswered past
@@ -75,8 +80,6 @@ pub(super) struct SwarmConfig {
     pub(super) request_timeout: Duration,
     /// Most unanswered sync requests per peer.
     pub(super) max_streams_per_peer: usize,
-    /// Time between pings on each connection.
-    pub(super) ping_interval: Duration,
     /// A connection with no open stream is closed after this long.
     pub(super) idle_connection_timeout: Duration,
 }
@@ -195,7 +198,7 @@ pub(super) fn build(
                 // redialled, instead of holding requests until they time out.
                 ping: ping::Behaviour::new(
                     ping::Config::new()
-                        .with_interval(cfg.ping_interval)
+                        .with_interval(LIBP2P_PING_INTERVAL)
                         .with_timeout(PING_TIMEOUT),
                 ),
                 mdns: mdns.into(),

@@ -107,6 +107,36 @@ impl ChangeSig {
     }
 }
 
+/// Most signers a [`SignerCache`] remembers; past it, it starts over.
+const MAX_CACHED_SIGNERS: usize = 4096;
+
+/// Signers' decoded keys and peer ids: checking many changes by a few
+/// signers (a catch-up brings thousands) decodes each key and spells each
+/// peer id once, not once per change.
+#[derive(Default)]
+pub struct SignerCache(std::collections::HashMap<[u8; 32], Option<(ed25519::PublicKey, String)>>);
+
+impl SignerCache {
+    /// The peer id (as text) of `sig`'s signer if `sig` is a valid
+    /// signature of change `hash` of doc `doc` (as [`ChangeSig::verify`]).
+    pub fn verify(&mut self, sig: &ChangeSig, doc: &str, hash: &[u8; 32]) -> Option<String> {
+        if self.0.len() >= MAX_CACHED_SIGNERS && !self.0.contains_key(&sig.signer) {
+            self.0.clear();
+        }
+        let (key, peer) = self
+            .0
+            .entry(sig.signer)
+            .or_insert_with(|| {
+                let key = ed25519::PublicKey::try_from_bytes(&sig.signer).ok()?;
+                let peer = libp2p::identity::PublicKey::from(key.clone()).to_peer_id();
+                Some((key, peer.to_string()))
+            })
+            .as_ref()?;
+        key.verify(&message(doc, hash), &sig.sig)
+            .then(|| peer.clone())
+    }
+}
+
 /// Signs changes with a node's identity.
 #[derive(Clone)]
 pub struct Signer {
@@ -166,10 +196,26 @@ mod tests {
         let mut bent = sig.clone();
         bent.sig[10] ^= 1;
         assert!(!bent.verify("sensors/a", &h));
-        assert_eq!(ChangeSig::from_bytes(&sig.to_bytes()), Some(sig));
+        assert_eq!(ChangeSig::from_bytes(&sig.to_bytes()), Some(sig.clone()));
         assert_eq!(ChangeSig::from_bytes(&[0u8; 95]), None);
         // Garbage never panics.
         let junk = ChangeSig::from_bytes(&[0xffu8; 96]).unwrap();
         assert!(!junk.verify("sensors/a", &h));
+
+        // The cache answers as `verify` does, with the signer's peer id,
+        // the second time from its decoded key.
+        let mut cache = SignerCache::default();
+        let id = key.public().to_peer_id().to_string();
+        for _ in 0..2 {
+            assert_eq!(cache.verify(&sig, "sensors/a", &h), Some(id.clone()));
+            assert_eq!(cache.verify(&sig, "sensors/b", &h), None, "another doc");
+            assert_eq!(
+                cache.verify(&forged, "sensors/a", &h),
+                None,
+                "another signer"
+            );
+            assert_eq!(cache.verify(&bent, "sensors/a", &h), None);
+            assert_eq!(cache.verify(&junk, "sensors/a", &h), None);
+        }
     }
 }

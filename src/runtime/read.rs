@@ -10,7 +10,7 @@ use serde_json::Value as Json;
 use super::docs::Docs;
 use super::state::blocking;
 use crate::doc::at::At;
-use crate::doc::cache::live_meta;
+use crate::doc::cache::{live_meta, lock_slot};
 use crate::doc::heads::{in_history, peel};
 use crate::doc::json::json_at;
 use crate::doc::{DocError, DocId, Pointer, to_json};
@@ -313,13 +313,27 @@ impl Docs {
         .await
     }
 
-    /// Current heads of document `id`.
+    /// Current heads of document `id`: from memory if the doc is loaded
+    /// (it may be ahead of the store), else from its stored metadata,
+    /// without loading the doc (a doc not in the cache has nothing newer).
     ///
     /// # Errors
-    /// [`DocError::NotFound`], [`DocError::Deleted`].
+    /// [`DocError::NotFound`], [`DocError::Deleted`], store errors.
     pub async fn heads(&self, id: DocId) -> Result<Vec<String>, DocError> {
-        self.with_doc(id, |_, id, loaded| Ok(live_meta(id, loaded)?.heads.clone()))
-            .await
+        let inner = self.inner.clone();
+        blocking(move || {
+            if let Some(slot) = inner.cache.cached(&id)
+                && let Some(loaded) = lock_slot(&slot).as_ref()
+            {
+                return Ok(live_meta(&id, loaded)?.heads.clone());
+            }
+            match inner.store.doc_meta(id.as_str())? {
+                None => Err(DocError::NotFound(id.to_string())),
+                Some(m) if m.deleted_at_ms.is_some() => Err(DocError::Deleted(id.to_string())),
+                Some(m) => Ok(m.heads),
+            }
+        })
+        .await
     }
 
     /// Every change of document `id`, in causal order.

@@ -30,6 +30,8 @@ pub(super) struct SigBook {
     /// Signatures offered in earlier rounds that no stored change used yet
     /// (see [`Leftovers`]).
     pub(super) leftovers: Leftovers,
+    /// Signers' decoded keys and peer ids.
+    signers: crate::trust::SignerCache,
 }
 
 /// True if the copy of `doc` in memory has change `hash` (false when the
@@ -208,15 +210,18 @@ impl SigBook {
             let verified = offered
                 .as_deref()
                 .and_then(ChangeSig::from_bytes)
-                .filter(|sig| sig.verify(id.as_str(), &hash));
+                .and_then(|sig| {
+                    let signer = self.signers.verify(&sig, id.as_str(), &hash)?;
+                    Some((sig, signer))
+                });
             let allowed = verified
                 .as_ref()
-                .map(|sig| may_write(&policy, sig, id.as_str()));
+                .map(|(_, signer)| policy.may_write(signer, id.as_str()));
             let sig = match (verified, allowed) {
-                (Some(sig), Some(Ok(()))) => sig.to_bytes().to_vec(),
+                (Some((sig, _)), Some(Ok(()))) => sig.to_bytes().to_vec(),
                 // When vouching, this node signs in its place (below).
-                (Some(sig), Some(Err(why))) if !self.vouch => {
-                    self.refused_signer = sig.peer_id().map(|p| p.to_string());
+                (Some((_, signer)), Some(Err(why))) if !self.vouch => {
+                    self.refused_signer = Some(signer);
                     return Err(format!(
                         "change {} of doc {:?}: {why}",
                         c.hash(),
@@ -248,17 +253,6 @@ impl SigBook {
         }
         Ok(out)
     }
-}
-
-/// Whether the node that signed a change may write doc `doc` (see
-/// [`crate::grants`]).
-fn may_write(
-    policy: &crate::grants::Policy,
-    sig: &crate::trust::ChangeSig,
-    doc: &str,
-) -> Result<(), String> {
-    let signer = sig.peer_id().map(|p| p.to_string()).unwrap_or_default();
-    policy.may_write(&signer, doc)
 }
 
 /// The tombstone signature a peer sent with its delete of `doc`, once it

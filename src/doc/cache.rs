@@ -342,7 +342,7 @@ mod tests {
     fn slots_in_use_do_not_make_every_miss_scan() {
         let mut cache = Cache::default();
         let mut held = Vec::new();
-        let mut add = |cache: &mut Cache, i: usize| {
+        let add = |cache: &mut Cache, i: usize| {
             cache.tick += 1;
             let slot: SlotRef = Arc::new(Mutex::new(None));
             let entry = CacheEntry {
@@ -352,7 +352,7 @@ mod tests {
             };
             cache
                 .map
-                .insert(DocId::new(&format!("d/{i}")).unwrap(), entry);
+                .insert(DocId::new(format!("d/{i}")).unwrap(), entry);
             cache.evict(10, u64::MAX);
             slot
         };

@@ -54,8 +54,8 @@ pub(super) enum LinkEvent {
     /// A peer sent a frame we refuse (over the size cap); its stream is closed.
     Refused(PeerId, String),
     /// Frames link `link` did not write; `opened` is false when the stream
-    /// could not be opened at all (the peer does not speak the protocol, or
-    /// is gone).
+    /// cannot be opened to this peer (it does not speak the protocol, or
+    /// opening timed out): try no more until it reconnects.
     Unsent {
         peer: PeerId,
         link: u64,
@@ -177,14 +177,21 @@ async fn write_stream(
 ) {
     let opened = tokio::select! {
         _ = cancel.cancelled() => return,
-        s = tokio::time::timeout(OPEN_TIMEOUT, control.open_stream(peer, LINK_PROTOCOL)) => {
-            s.map_err(|_| "timed out".to_string()).and_then(|s| s.map_err(|e| e.to_string()))
-        }
+        s = tokio::time::timeout(OPEN_TIMEOUT, control.open_stream(peer, LINK_PROTOCOL)) => s,
     };
     let mut stream = match opened {
-        Ok(s) => s,
-        Err(e) => {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            // Only a peer that does not speak the protocol is left to
+            // request-response for good; a stream lost with its connection
+            // (one of two dialed at once, closed) is opened again.
+            let supported = !matches!(e, libp2p_stream::OpenStreamError::UnsupportedProtocol(_));
             tracing::debug!(peer = %peer, err = %e, "no frame stream; using request-response");
+            give_back(peer, link, Vec::new(), rx, &events, supported).await;
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(peer = %peer, "frame stream timed out opening; using request-response");
             give_back(peer, link, Vec::new(), rx, &events, false).await;
             return;
         }

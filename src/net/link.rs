@@ -97,12 +97,13 @@ impl Links {
             .accept(LINK_PROTOCOL)
             .map_err(|e| format!("cannot accept {LINK_PROTOCOL}: {e}"))?;
         let (events, rx) = queues.channel("net_link_in", INBOUND_QUEUE);
-        tasks.spawn(accept(
+        let inbound = events.clone();
+        tasks.spawn(accept_streams(
             incoming,
-            max,
-            events.clone(),
+            MAX_INBOUND_PER_PEER,
             cancel.clone(),
             tasks.clone(),
+            move |peer, stream| read_stream(peer, stream, max, inbound.clone()),
         ));
         let links = Links {
             control,
@@ -250,15 +251,19 @@ async fn write_all_flush(stream: &mut Stream, buf: &[u8]) -> io::Result<()> {
     stream.flush().await
 }
 
-/// Takes inbound frame streams, at most [`MAX_INBOUND_PER_PEER`] per peer,
-/// and reads each in its own task.
-async fn accept(
+/// Takes inbound streams of one protocol, at most `max_per_peer` open per
+/// peer at once (more are dropped), and serves each with `serve` in its own
+/// task until it ends or the node stops.
+pub(super) async fn accept_streams<F, Fut>(
     mut incoming: libp2p_stream::IncomingStreams,
-    max: usize,
-    events: mpsc::Sender<LinkEvent>,
+    max_per_peer: usize,
     cancel: CancellationToken,
     tasks: TaskTracker,
-) {
+    serve: F,
+) where
+    F: Fn(PeerId, Stream) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let open: Arc<Mutex<HashMap<PeerId, usize>>> = Arc::default();
     loop {
         let (peer, stream) = tokio::select! {
@@ -271,20 +276,27 @@ async fn accept(
         {
             let mut open = open.lock().expect("not poisoned");
             let n = open.entry(peer).or_default();
-            if *n >= MAX_INBOUND_PER_PEER {
-                tracing::debug!(peer = %peer, "too many frame streams: one dropped");
+            if *n >= max_per_peer {
+                tracing::debug!(peer = %peer, "too many inbound streams: one dropped");
                 continue;
             }
             *n += 1;
         }
-        tasks.spawn(read_stream(
-            peer,
-            stream,
-            max,
-            events.clone(),
-            cancel.clone(),
-            open.clone(),
-        ));
+        let served = serve(peer, stream);
+        let (cancel, open) = (cancel.clone(), open.clone());
+        tasks.spawn(async move {
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                () = served => {}
+            }
+            let mut open = open.lock().expect("not poisoned");
+            if let Some(n) = open.get_mut(&peer) {
+                *n -= 1;
+                if *n == 0 {
+                    open.remove(&peer);
+                }
+            }
+        });
     }
 }
 
@@ -295,31 +307,18 @@ async fn read_stream(
     mut stream: Stream,
     max: usize,
     events: mpsc::Sender<LinkEvent>,
-    cancel: CancellationToken,
-    open: Arc<Mutex<HashMap<PeerId, usize>>>,
 ) {
     loop {
-        let read = tokio::select! {
-            _ = cancel.cancelled() => break,
-            r = read_frame(&mut stream, max) => r,
-        };
-        let event = match read {
+        let event = match read_frame(&mut stream, max).await {
             Ok(frame) => LinkEvent::Frame(peer, frame),
             Err(e) if e.kind() == io::ErrorKind::InvalidData => {
                 LinkEvent::Refused(peer, e.to_string())
             }
-            Err(_) => break, // closed, or the connection is gone
+            Err(_) => return, // closed, or the connection is gone
         };
         let refused = matches!(event, LinkEvent::Refused(..));
         if events.send(event).await.is_err() || refused {
-            break;
-        }
-    }
-    let mut open = open.lock().expect("not poisoned");
-    if let Some(n) = open.get_mut(&peer) {
-        *n -= 1;
-        if *n == 0 {
-            open.remove(&peer);
+            return;
         }
     }
 }

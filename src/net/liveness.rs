@@ -22,7 +22,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use libp2p::futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use libp2p::futures::{AsyncReadExt, AsyncWriteExt};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{PeerId, Stream, StreamProtocol, gossipsub, ping, request_response};
 use tokio_util::sync::CancellationToken;
@@ -95,11 +95,16 @@ impl Liveness {
             .accept(ALIVE_PROTOCOL)
             .map_err(|e| format!("cannot accept {ALIVE_PROTOCOL}: {e}"))?;
         let heard: Arc<Mutex<Heard>> = Arc::default();
-        tasks.spawn(accept(
+        let echoed = heard.clone();
+        tasks.spawn(super::link::accept_streams(
             incoming,
-            heard.clone(),
+            MAX_INBOUND_PER_PEER,
             cancel.clone(),
             tasks.clone(),
+            move |peer, stream| {
+                let heard = echoed.clone();
+                async move { echo(peer, stream, &heard).await }
+            },
         ));
         Ok(Liveness {
             heard,
@@ -254,49 +259,6 @@ async fn beat(
         if !pause().await {
             return;
         }
-    }
-}
-
-/// Takes peers' heartbeat streams, at most [`MAX_INBOUND_PER_PEER`] per
-/// peer, and echoes each in its own task.
-async fn accept(
-    mut incoming: libp2p_stream::IncomingStreams,
-    heard: Arc<Mutex<Heard>>,
-    cancel: CancellationToken,
-    tasks: TaskTracker,
-) {
-    let open: Arc<Mutex<HashMap<PeerId, usize>>> = Arc::default();
-    loop {
-        let (peer, stream) = tokio::select! {
-            _ = cancel.cancelled() => return,
-            s = incoming.next() => match s {
-                Some(s) => s,
-                None => return,
-            },
-        };
-        {
-            let mut open = open.lock().expect("not poisoned");
-            let n = open.entry(peer).or_default();
-            if *n >= MAX_INBOUND_PER_PEER {
-                tracing::debug!(peer = %peer, "too many heartbeat streams: one dropped");
-                continue;
-            }
-            *n += 1;
-        }
-        let (heard, cancel, open) = (heard.clone(), cancel.clone(), open.clone());
-        tasks.spawn(async move {
-            tokio::select! {
-                _ = cancel.cancelled() => {}
-                () = echo(peer, stream, &heard) => {}
-            }
-            let mut open = open.lock().expect("not poisoned");
-            if let Some(n) = open.get_mut(&peer) {
-                *n -= 1;
-                if *n == 0 {
-                    open.remove(&peer);
-                }
-            }
-        });
     }
 }
 

@@ -267,7 +267,13 @@ impl DocCache {
 }
 
 pub fn live_meta<'a>(id: &DocId, loaded: &'a Loaded) -> Result<&'a DocMeta, DocError> {
-    match &loaded.meta {
+    live(id, loaded.meta.as_ref())
+}
+
+/// `meta` if it is a live doc's: [`DocError::NotFound`] for none,
+/// [`DocError::Deleted`] for a tombstone.
+pub fn live<'a>(id: &DocId, meta: Option<&'a DocMeta>) -> Result<&'a DocMeta, DocError> {
+    match meta {
         None => Err(DocError::NotFound(id.to_string())),
         Some(m) if m.deleted_at_ms.is_some() => Err(DocError::Deleted(id.to_string())),
         Some(m) => Ok(m),

@@ -378,20 +378,16 @@ impl EventLoop {
         if let SwarmEvent::ConnectionClosed {
             peer_id,
             connection_id,
+            num_established,
             ..
         } = &ev
         {
             self.conns.closed(*peer_id, *connection_id);
-        }
-        if let SwarmEvent::ConnectionClosed {
-            peer_id,
-            num_established: 0,
-            ..
-        } = &ev
-        {
-            self.admission.forget(peer_id);
-            self.links.disconnected(peer_id);
-            self.liveness.forget(peer_id);
+            if *num_established == 0 {
+                self.admission.forget(peer_id);
+                self.links.disconnected(peer_id);
+                self.liveness.forget(peer_id);
+            }
         } else if let Some(peer) = heard_from(&ev) {
             self.liveness.heard(peer, Instant::now());
         }

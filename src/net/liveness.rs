@@ -153,8 +153,14 @@ impl Liveness {
     /// never judged silent.
     pub(super) fn identified(&mut self, peer: PeerId, protocols: &[StreamProtocol]) {
         if self.beats.is_some() && !protocols.contains(&ALIVE_PROTOCOL) {
-            tracing::info!(peer = %peer, "peer sends no heartbeats (an older node): its silence is noticed only when TCP gives up");
-            lock(&self.heard).exempt.insert(peer);
+            exempt(&self.heard, peer);
+        }
+    }
+
+    /// Stops the heartbeats to `peer`, if this side sends them.
+    fn stop_beats(&mut self, peer: &PeerId) {
+        if let Some(token) = self.beats.as_mut().and_then(|b| b.running.remove(peer)) {
+            token.cancel();
         }
     }
 
@@ -163,9 +169,8 @@ impl Liveness {
         let mut heard = lock(&self.heard);
         heard.at.remove(peer);
         heard.exempt.remove(peer);
-        if let Some(token) = self.beats.as_mut().and_then(|b| b.running.remove(peer)) {
-            token.cancel();
-        }
+        drop(heard);
+        self.stop_beats(peer);
     }
 
     /// The peers of `connected` not heard from within the timeout; each is
@@ -189,9 +194,7 @@ impl Liveness {
         }
         drop(heard);
         for p in &silent {
-            if let Some(token) = self.beats.as_mut().and_then(|b| b.running.remove(p)) {
-                token.cancel();
-            }
+            self.stop_beats(p);
         }
         silent
     }
@@ -199,6 +202,14 @@ impl Liveness {
 
 fn lock(heard: &Mutex<Heard>) -> std::sync::MutexGuard<'_, Heard> {
     heard.lock().expect("not poisoned")
+}
+
+/// `peer` sends and answers no heartbeats (identify said so, or it refused
+/// the stream): it is never judged silent.
+fn exempt(heard: &Mutex<Heard>, peer: PeerId) {
+    if lock(heard).exempt.insert(peer) {
+        tracing::info!(peer = %peer, "peer has no heartbeats (an older node): its silence is noticed only when TCP gives up");
+    }
 }
 
 /// Sends a beat to `peer` every `interval` and waits for its echo, on one
@@ -224,8 +235,7 @@ async fn beat(
         let mut stream = match opened {
             Ok(Ok(s)) => s,
             Ok(Err(libp2p_stream::OpenStreamError::UnsupportedProtocol(_))) => {
-                tracing::info!(peer = %peer, "peer answers no heartbeats (an older node): its silence is noticed only when TCP gives up");
-                lock(&heard).exempt.insert(peer);
+                exempt(&heard, peer);
                 return;
             }
             Ok(Err(e)) => {

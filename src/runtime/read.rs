@@ -10,7 +10,7 @@ use serde_json::Value as Json;
 use super::docs::Docs;
 use super::state::blocking;
 use crate::doc::at::At;
-use crate::doc::cache::{live_meta, lock_slot};
+use crate::doc::cache::{live, live_meta, lock_slot};
 use crate::doc::heads::{in_history, peel};
 use crate::doc::json::json_at;
 use crate::doc::{DocError, DocId, Pointer, to_json};
@@ -327,11 +327,8 @@ impl Docs {
             {
                 return Ok(live_meta(&id, loaded)?.heads.clone());
             }
-            match inner.store.doc_meta(id.as_str())? {
-                None => Err(DocError::NotFound(id.to_string())),
-                Some(m) if m.deleted_at_ms.is_some() => Err(DocError::Deleted(id.to_string())),
-                Some(m) => Ok(m.heads),
-            }
+            let meta = inner.store.doc_meta(id.as_str())?;
+            Ok(live(&id, meta.as_ref())?.heads.clone())
         })
         .await
     }

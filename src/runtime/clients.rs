@@ -332,6 +332,15 @@ impl Clients {
         }
     }
 
+    /// `doc`'s keyed changes are durable now: every connection following it
+    /// gets its next message, which waited (see `Unflushed`).
+    pub(super) fn flushed(&self, doc: &str, work: &mut ClientRound) {
+        let Ok(doc) = DocId::new(doc) else { return };
+        for conn in self.followers.get(&doc).into_iter().flatten() {
+            work.answer.push((*conn, doc.clone()));
+        }
+    }
+
     /// The round's messages to clients, once the store has its batch: the
     /// answers to their input, and the next sync message of every
     /// connection following a doc the round changed.
@@ -375,6 +384,9 @@ impl Clients {
             let Some(state) = c.docs.get_mut(&doc) else {
                 continue;
             };
+            if round.unflushed.contains(doc.as_str()) {
+                continue; // answered by `flushed`
+            }
             // A client gets Automerge sync messages only: signatures are
             // between nodes.
             if let Some((data, _)) = round.generate_sync(doc.as_str(), state) {

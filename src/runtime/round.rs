@@ -42,6 +42,9 @@ pub(super) struct Round<'a> {
     pub(super) confirm: bool,
     /// The signatures of its changes.
     pub(super) sigs: super::sigs::SigBook,
+    /// Docs that sync and clients' messages leave alone for now (the
+    /// writer thread's, lent to each round).
+    pub(super) unflushed: super::writes::Unflushed,
 }
 
 /// What a change did to a doc, for the feed.
@@ -81,6 +84,7 @@ impl<'a> Round<'a> {
             from: None,
             confirm: false,
             sigs: super::sigs::SigBook::with_leftovers(leftovers),
+            unflushed: Default::default(),
         }
     }
 
@@ -456,6 +460,10 @@ impl DocAccess for Round<'_> {
             .flatten()?;
         let sigs = self.sigs.blob(self.inner, doc, carried.iter());
         Some((data, sigs))
+    }
+
+    fn unflushed(&self, doc: &str) -> bool {
+        self.unflushed.contains(doc)
     }
 
     fn offer_sigs(&mut self, doc: &str, sigs: &[u8]) {

@@ -26,7 +26,7 @@ use super::clients::{ClientMsg, ClientRound, Clients, Outgoing};
 use super::host::SyncRuntime;
 use super::round::{PendingEvent, Round, Touch};
 use super::state::{Inner, WriteReq};
-use super::writes::LocalWrites;
+use super::writes::{LocalWrites, Unflushed};
 use crate::doc::DocError;
 use crate::doc::cache::lock_slot;
 use crate::feed::ChangeEvent;
@@ -57,6 +57,7 @@ pub(super) fn run(
     // go first in the next one, once the doc has been reloaded.
     let mut carried: Vec<WriteReq> = Vec::new();
     let mut clients = Clients::default();
+    let mut unflushed = Unflushed::default();
     loop {
         let mut msgs: Vec<WriterMsg> = carried.drain(..).map(WriterMsg::Write).collect();
         if !stop {
@@ -80,7 +81,7 @@ pub(super) fn run(
         if msgs.is_empty() {
             break;
         }
-        carried = write_round(&inner, msgs, sync.as_mut(), &mut clients);
+        carried = write_round(&inner, msgs, sync.as_mut(), &mut clients, &mut unflushed);
         if let Some(sync) = &sync {
             let fp = sync.core.digest().fingerprint();
             *inner
@@ -104,12 +105,14 @@ fn write_round(
     msgs: Vec<WriterMsg>,
     mut sync: Option<&mut SyncRuntime>,
     clients: &mut Clients,
+    unflushed: &mut Unflushed,
 ) -> Vec<WriteReq> {
     let leftovers = sync
         .as_deref_mut()
         .map(|s| std::mem::take(&mut s.leftover_sigs))
         .unwrap_or_default();
     let mut round = Round::new(inner, leftovers);
+    round.unflushed = std::mem::take(unflushed);
     // Remote input first, all of the round's together: fast-path changes of
     // one doc from one peer then cost one Automerge apply, however many
     // frames brought them (a receiver that falls behind catches up in
@@ -130,10 +133,17 @@ fn write_round(
     {
         sync.handle_all(inputs, &mut round);
     }
-    // Keyed writes of earlier rounds, durable now: to peers.
+    // Keyed writes of earlier rounds, durable now: to peers, and what
+    // waited for them to peers and clients.
     let flushed = std::mem::take(&mut *inner.flushed.lock().unwrap_or_else(|p| p.into_inner()));
-    if let Some(sync) = sync.as_deref_mut() {
-        for input in flushed {
+    let mut client_work = ClientRound::default();
+    for input in flushed {
+        if let Input::Broadcast { doc, .. } = &input
+            && round.unflushed.release(doc)
+        {
+            clients.flushed(doc, &mut client_work);
+        }
+        if let Some(sync) = sync.as_deref_mut() {
             sync.handle(input, &mut round);
         }
     }
@@ -145,7 +155,6 @@ fn write_round(
     // holds, so a merge handled before the store call could carry this
     // round's changes.)
     let mut writes = LocalWrites::default();
-    let mut client_work = ClientRound::default();
     if !client_msgs.is_empty() {
         clients.handle(client_msgs, &mut round, &mut client_work, &mut writes.local);
         // A client's changes are answered only once flushed.
@@ -166,6 +175,9 @@ fn write_round(
     } else {
         inner.store.apply(batch)
     };
+    if applied.is_ok() {
+        round.unflushed.hold(&later);
+    }
     if let (Some(sync), Ok(())) = (sync.as_deref_mut(), &applied) {
         for input in local {
             sync.handle(input, &mut round);
@@ -186,8 +198,10 @@ fn write_round(
         poisoned,
         events,
         sigs,
+        unflushed: held,
         ..
     } = round;
+    *unflushed = held;
     for (_, slot) in poisoned {
         *lock_slot(&slot) = None;
     }
@@ -286,10 +300,10 @@ fn write_round(
     if !later.is_empty() && applied.is_ok() {
         durable = true;
         let (queue, wake) = (inner.flushed.clone(), inner.wake.get().cloned());
-        acks.push(Box::new(move |flushed| {
-            if flushed.is_err() {
-                return; // the store failed: the docs are reloaded without them
-            }
+        // After a failed flush too: the docs stop waiting (what the round
+        // held reached the disk or never will), and the changes go as
+        // anti-entropy would send them anyway.
+        acks.push(Box::new(move |_flushed| {
             queue
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())

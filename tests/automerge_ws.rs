@@ -388,3 +388,73 @@ async fn a_node_dials_another_nodes_endpoint_as_a_sync_server() {
     dialer.shutdown().await.unwrap();
     server.shutdown().await.unwrap();
 }
+
+/// A client following a doc gets a keyed write's change (an MQTT reading,
+/// a write with an Idempotency-Key) only once it is durable: with the
+/// node's flushes held, a plain write to another followed doc reaches the
+/// client and the keyed one does not, until the flush.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_gets_a_keyed_change_only_once_durable() {
+    use mergeflow::testing::runtime::Change;
+    let dir = tempfile::tempdir().unwrap();
+    let node = node_with_doc(dir.path(), |_| {}).await;
+    node.doc("keyed")
+        .unwrap()
+        .patch(serde_json::json!({"r": 0}))
+        .await
+        .unwrap();
+    let (mut ws, node_id) = joined(&node, "follower").await;
+    let mut ok = AutoCommit::new();
+    sync_until_quiet(&mut ws, "follower", &node_id, "notes/ok", &mut ok).await;
+    let mut keyed = AutoCommit::new();
+    sync_until_quiet(&mut ws, "follower", &node_id, "keyed", &mut keyed).await;
+
+    node.docs().pause_flushes(true);
+    let docs = node.docs().clone();
+    let write = tokio::spawn(async move {
+        let patch = Change::Patch(serde_json::json!({"r": 1}));
+        docs.write_idempotent("keyed".parse().unwrap(), patch, false, "r-1".into())
+            .await
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while node.doc("keyed").unwrap().get().await.ok() != Some(serde_json::json!({"r": 1})) {
+        assert!(Instant::now() < deadline, "the keyed write never applied");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let docs = node.docs().clone();
+    let plain = tokio::spawn(async move {
+        let patch = Change::Patch(serde_json::json!({"n": 2}));
+        docs.write("notes/ok".parse().unwrap(), patch).await
+    });
+    let (keyed_id, ok_id) = (id_of("keyed"), id_of("notes/ok"));
+    loop {
+        match next(&mut ws).await {
+            Some(WireMessage::Sync { document_id, .. }) if document_id == ok_id => break,
+            Some(WireMessage::Sync { document_id, .. }) => {
+                assert_ne!(
+                    document_id, keyed_id,
+                    "the keyed change left before its flush"
+                );
+            }
+            Some(_) => {}
+            None => panic!("the node closed the connection"),
+        }
+    }
+    assert!(!write.is_finished(), "the write returned before its flush");
+    node.docs().pause_flushes(false);
+    write.await.unwrap().unwrap();
+    plain.await.unwrap().unwrap();
+    loop {
+        match next(&mut ws).await {
+            Some(WireMessage::Sync {
+                document_id, data, ..
+            }) if document_id == keyed_id => {
+                let msg = sync::Message::decode(&data).unwrap();
+                assert!(!msg.changes.is_empty(), "it carries the change");
+                break;
+            }
+            Some(_) => {}
+            None => panic!("the node closed the connection"),
+        }
+    }
+}

@@ -24,8 +24,6 @@ struct SimDocs {
     actor: ActorId,
     docs: BTreeMap<String, Automerge>,
     deleted: BTreeSet<String>,
-    /// Docs with keyed changes not yet durable (see `DocAccess::unflushed`).
-    unflushed: BTreeSet<String>,
 }
 
 impl SimDocs {
@@ -51,10 +49,6 @@ impl SimDocs {
 }
 
 impl DocAccess for SimDocs {
-    fn unflushed(&self, doc: &str) -> bool {
-        self.unflushed.contains(doc)
-    }
-
     fn state(&mut self, doc: &str) -> Option<DocState> {
         (self.docs.contains_key(doc) || self.deleted.contains(doc)).then(|| self.doc_state(doc))
     }
@@ -223,7 +217,6 @@ impl Sim {
                     actor: ActorId::from(vec![i as u8 + 1; 16]),
                     docs: BTreeMap::new(),
                     deleted: BTreeSet::new(),
-                    unflushed: BTreeSet::new(),
                 },
             })
             .collect();
@@ -339,27 +332,9 @@ impl Sim {
     }
 
     fn local_edit(&mut self, node: usize, doc: &str) {
-        let Some((change, state)) = self.edit(node, doc) else {
-            return;
-        };
-        self.input(
-            node,
-            Input::LocalChange {
-                doc: doc.to_string(),
-                changes: vec![change],
-                sigs: vec![Vec::new()],
-                state,
-                ack: false,
-            },
-        );
-    }
-
-    /// A random edit of `doc` on `node`, in its docs only: the change and
-    /// the doc's state after it.
-    fn edit(&mut self, node: usize, doc: &str) -> Option<(Vec<u8>, DocState)> {
         let d = &mut self.nodes[node].docs;
         if d.deleted.contains(doc) {
-            return None;
+            return;
         }
         let key = format!("k{}", self.rng.random_range(0..6u32));
         let value = self.rng.random_range(0..1000i64);
@@ -376,10 +351,22 @@ impl Sim {
         } else {
             tx.put(ROOT, key.as_str(), value).unwrap();
         }
-        // `None`: the same value again, Automerge made no change.
-        let hash = tx.commit().0?;
+        let (hash, _) = tx.commit();
+        let Some(hash) = hash else {
+            return; // the same value again: Automerge made no change
+        };
         let change = am.get_change_by_hash(&hash).unwrap().raw_bytes().to_vec();
-        Some((change, d.doc_state(doc)))
+        let state = d.doc_state(doc);
+        self.input(
+            node,
+            Input::LocalChange {
+                doc: doc.to_string(),
+                changes: vec![change],
+                sigs: vec![Vec::new()],
+                state,
+                ack: false,
+            },
+        );
     }
 
     fn local_delete(&mut self, node: usize, doc: &str) {
@@ -563,57 +550,6 @@ fn in_sync_peers_exchange_only_digests() {
     assert!(!sim.converged(), "the change was not lost");
     sim.advance(2 * 2_000);
     assert!(sim.converged(), "a lost change waited for a quiet digest");
-}
-
-/// A keyed write's change leaves its node only once durable: until its
-/// `Input::Broadcast` comes, sync sessions (which the digest's new state
-/// starts) carry nothing of the doc; then the waiting session sends it even
-/// when the broadcast itself carries no change (a lost frame).
-#[test]
-fn a_keyed_change_leaves_its_node_only_once_durable() {
-    let mut sim = Sim::new(11, 2);
-    for i in 0..3 {
-        sim.local_edit(0, &format!("d/{i}"));
-    }
-    sim.advance(10_000);
-    assert!(sim.converged());
-    let doc = "d/1";
-    sim.nodes[0].docs.unflushed.insert(doc.to_string());
-    let mut states = Vec::new();
-    for _ in 0..3 {
-        if let Some((_, state)) = sim.edit(0, doc) {
-            states.push(state);
-        }
-    }
-    let state = states.pop().expect("an edit changed the doc");
-    let input = Input::LocalChange {
-        doc: doc.to_string(),
-        changes: vec![],
-        sigs: vec![],
-        state,
-        ack: false,
-    };
-    sim.input(0, input);
-    let other = sim.sent_not_digest;
-    sim.advance(20_000);
-    assert!(
-        sim.sent_not_digest > other,
-        "the digests started no session: the test shows nothing"
-    );
-    assert!(
-        !sim.converged(),
-        "a sync message carried a keyed change before its flush"
-    );
-    sim.nodes[0].docs.unflushed.remove(doc);
-    let input = Input::Broadcast {
-        doc: doc.to_string(),
-        changes: vec![],
-        sigs: vec![],
-        ack: false,
-    };
-    sim.input(0, input);
-    sim.advance(200);
-    assert!(sim.converged(), "the waiting session did not go on");
 }
 
 /// The fast path: a change reaches a node that is not the origin's peer

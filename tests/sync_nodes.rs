@@ -340,3 +340,104 @@ async fn a_frame_of_changes_applies_as_a_batch() {
     );
     node.shutdown().await.unwrap();
 }
+
+/// A keyed write (one with an idempotency key: an MQTT reading, a retried
+/// API request) leaves the node only once durable, by every path: a peer
+/// that asks for the doc while the write's flush is pending gets its answer
+/// after the flush, while a durable doc is answered at once. (Had the change
+/// left before and the node crashed, the retried write would be applied
+/// again under the new boot's actor, and the peer would bring the first
+/// copy back: the doc would hold it twice.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_write_leaves_the_node_only_once_durable() {
+    use mergeflow::testing::runtime::Change;
+    use mergeflow::testing::sync::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::builder()
+        .data_dir(dir.path())
+        .sync(SyncConfig::default())
+        .start()
+        .await
+        .unwrap();
+    let mut outputs = node.take_sync_outputs().unwrap();
+    let x = "peer-x".to_string();
+    node.sync_input(Input::PeerUp(x.clone()));
+    node.sync_input(Input::Received {
+        from: x.clone(),
+        msg: Message::Scope {
+            replicate: None,
+            ask: false,
+        },
+    });
+    node.doc("plain")
+        .unwrap()
+        .patch(json!({"a": 1}))
+        .await
+        .unwrap();
+    node.docs().pause_flushes(true);
+    let docs = node.docs().clone();
+    let write = tokio::spawn(async move {
+        let patch = Change::Patch(json!({"r": 1}));
+        docs.write_idempotent("keyed".parse().unwrap(), patch, false, "r-1".into())
+            .await
+    });
+    // Applied in memory (a read sees it) while its flush waits.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while node.doc("keyed").unwrap().get().await.ok() != Some(json!({"r": 1})) {
+        assert!(Instant::now() < deadline, "the keyed write never applied");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The peer asks for both docs, as a peer holding nothing does.
+    let ask = |doc: &str| {
+        use automerge::sync::SyncDoc;
+        let mut state = automerge::sync::State::new();
+        let data = automerge::Automerge::new()
+            .generate_sync_message(&mut state)
+            .unwrap()
+            .encode();
+        Input::Received {
+            from: x.clone(),
+            msg: Message::Sync {
+                doc: doc.into(),
+                data,
+                sigs: vec![],
+            },
+        }
+    };
+    node.sync_input(ask("keyed"));
+    node.sync_input(ask("plain"));
+    let sync_about = |o: &Output, doc: &str| matches!(o, Output::Send { msg: Message::Sync { doc: d, .. }, .. } if d == doc);
+    loop {
+        let o = tokio::time::timeout(Duration::from_secs(60), outputs.recv())
+            .await
+            .expect("an answer about plain")
+            .unwrap();
+        assert!(
+            !sync_about(&o, "keyed"),
+            "the keyed change left before its flush"
+        );
+        if sync_about(&o, "plain") {
+            break;
+        }
+    }
+    assert!(!write.is_finished(), "the write returned before its flush");
+    node.docs().pause_flushes(false);
+    write.await.unwrap().unwrap();
+    loop {
+        let o = tokio::time::timeout(Duration::from_secs(60), outputs.recv())
+            .await
+            .expect("the answer about keyed, after the flush")
+            .unwrap();
+        if let Output::Send {
+            msg: Message::Sync { doc, data, .. },
+            ..
+        } = &o
+            && doc == "keyed"
+        {
+            let msg = automerge::sync::Message::decode(data).unwrap();
+            assert!(!msg.changes.is_empty(), "it carries the change");
+            break;
+        }
+    }
+    node.shutdown().await.unwrap();
+}

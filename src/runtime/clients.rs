@@ -153,6 +153,16 @@ pub(super) struct ClientRound {
 pub(super) struct Outgoing(Vec<(mpsc::Sender<ClientOut>, Arc<ConnShared>, ClientOut)>);
 
 impl Outgoing {
+    /// Takes out the sync messages about docs in `unflushed`: they may
+    /// carry keyed changes not durable yet, and go after the round's flush.
+    pub(super) fn held_back(&mut self, unflushed: &super::writes::Unflushed) -> Outgoing {
+        let (held, now) = std::mem::take(&mut self.0).into_iter().partition(|(_, _, m)| {
+            matches!(m, ClientOut::Sync { doc, .. } if unflushed.contains(doc.as_str()))
+        });
+        self.0 = now;
+        Outgoing(held)
+    }
+
     /// Sends them. A connection whose queue is full is closed: a lost sync
     /// message would leave its session waiting forever.
     pub(super) fn send(self) {
@@ -332,15 +342,6 @@ impl Clients {
         }
     }
 
-    /// `doc`'s keyed changes are durable now: every connection following it
-    /// gets its next message, which waited (see `Unflushed`).
-    pub(super) fn flushed(&self, doc: &str, work: &mut ClientRound) {
-        let Ok(doc) = DocId::new(doc) else { return };
-        for conn in self.followers.get(&doc).into_iter().flatten() {
-            work.answer.push((*conn, doc.clone()));
-        }
-    }
-
     /// The round's messages to clients, once the store has its batch: the
     /// answers to their input, and the next sync message of every
     /// connection following a doc the round changed.
@@ -384,9 +385,6 @@ impl Clients {
             let Some(state) = c.docs.get_mut(&doc) else {
                 continue;
             };
-            if round.unflushed.contains(doc.as_str()) {
-                continue; // answered by `flushed`
-            }
             // A client gets Automerge sync messages only: signatures are
             // between nodes.
             if let Some((data, _)) = round.generate_sync(doc.as_str(), state) {

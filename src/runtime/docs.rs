@@ -37,6 +37,14 @@ impl Docs {
         self.inner.store.fail(on);
     }
 
+    /// Fault injection for tests: while `on`, flushes wait (see
+    /// [`crate::store::Store::pause_flushes`]).
+    #[doc(hidden)]
+    #[cfg(feature = "test-utils")]
+    pub fn pause_flushes(&self, on: bool) {
+        self.inner.store.pause_flushes(on);
+    }
+
     /// Starts the service over `parts.store`, writing with `parts.actor`, and
     /// its writer thread. With `sync`, the writer also runs the sync core,
     /// whose outputs go to the given channel (the network shell's).

@@ -146,6 +146,15 @@ impl SyncRuntime {
                 confirm(round.inner, &peer, &doc, heads);
                 continue;
             }
+            if let Output::Send { msg, .. } | Output::Broadcast { msg, .. } = &out
+                && matches!(msg, Message::Sync { .. } | Message::Doc { .. })
+                && msg.doc().is_some_and(|d| round.unflushed.contains(d))
+            {
+                // It may carry keyed changes not durable yet: sent after
+                // this round's flush (see `Unflushed`).
+                round.deferred.push(out);
+                continue;
+            }
             if let Output::Send { to, msg } = &out {
                 tracing::trace!(peer = %to, kind = msg.kind(), doc = ?msg.doc(), "sync output");
             }

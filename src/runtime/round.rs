@@ -42,9 +42,11 @@ pub(super) struct Round<'a> {
     pub(super) confirm: bool,
     /// The signatures of its changes.
     pub(super) sigs: super::sigs::SigBook,
-    /// Docs that sync and clients' messages leave alone for now (the
-    /// writer thread's, lent to each round).
+    /// Docs whose messages wait for a flush (the writer thread's, lent to
+    /// each round).
     pub(super) unflushed: super::writes::Unflushed,
+    /// Sync outputs about such docs, sent after this round's flush.
+    pub(super) deferred: Vec<crate::sync::Output>,
 }
 
 /// What a change did to a doc, for the feed.
@@ -85,6 +87,7 @@ impl<'a> Round<'a> {
             confirm: false,
             sigs: super::sigs::SigBook::with_leftovers(leftovers),
             unflushed: Default::default(),
+            deferred: Vec::new(),
         }
     }
 
@@ -460,10 +463,6 @@ impl DocAccess for Round<'_> {
             .flatten()?;
         let sigs = self.sigs.blob(self.inner, doc, carried.iter());
         Some((data, sigs))
-    }
-
-    fn unflushed(&self, doc: &str) -> bool {
-        self.unflushed.contains(doc)
     }
 
     fn offer_sigs(&mut self, doc: &str, sigs: &[u8]) {

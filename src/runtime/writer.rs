@@ -133,15 +133,11 @@ fn write_round(
     {
         sync.handle_all(inputs, &mut round);
     }
-    // Keyed writes of earlier rounds, durable now: to peers, and what
-    // waited for them to peers and clients.
+    // Keyed writes of earlier rounds, durable now: to peers.
     let flushed = std::mem::take(&mut *inner.flushed.lock().unwrap_or_else(|p| p.into_inner()));
-    let mut client_work = ClientRound::default();
     for input in flushed {
-        if let Input::Broadcast { doc, .. } = &input
-            && round.unflushed.release(doc)
-        {
-            clients.flushed(doc, &mut client_work);
+        if let Input::Broadcast { doc, .. } = &input {
+            round.unflushed.release(doc);
         }
         if let Some(sync) = sync.as_deref_mut() {
             sync.handle(input, &mut round);
@@ -155,6 +151,7 @@ fn write_round(
     // holds, so a merge handled before the store call could carry this
     // round's changes.)
     let mut writes = LocalWrites::default();
+    let mut client_work = ClientRound::default();
     if !client_msgs.is_empty() {
         clients.handle(client_msgs, &mut round, &mut client_work, &mut writes.local);
         // A client's changes are answered only once flushed.
@@ -184,7 +181,7 @@ fn write_round(
         }
         debug_assert!(round.batch.is_empty(), "local changes store nothing more");
     }
-    let to_clients = match &applied {
+    let mut to_clients = match &applied {
         Ok(()) if !clients.is_empty() => clients.outgoing(&mut round, client_work),
         Ok(()) => Outgoing::default(),
         Err(_) => {
@@ -192,6 +189,7 @@ fn write_round(
             Outgoing::default()
         }
     };
+    let clients_later = to_clients.held_back(&round.unflushed);
     let Round {
         touched,
         live_delta,
@@ -199,6 +197,7 @@ fn write_round(
         events,
         sigs,
         unflushed: held,
+        deferred,
         ..
     } = round;
     *unflushed = held;
@@ -297,13 +296,34 @@ fn write_round(
             })),
         }
     }
+    // Messages that may carry keyed changes not durable before this
+    // round's flush (see `Unflushed`): after it. A failed flush drops them
+    // (a peer's session starts over; a client's connection closes).
+    if !deferred.is_empty() || !clients_later.is_empty() {
+        durable = true;
+        let out = sync.as_ref().map(|s| s.out.clone());
+        acks.push(Box::new(move |flushed| {
+            if flushed.is_err() {
+                clients_later.fail();
+                return;
+            }
+            clients_later.send();
+            if let Some(out) = out {
+                for o in deferred {
+                    let _ = out.try_send(o);
+                }
+            }
+        }));
+    }
     if !later.is_empty() && applied.is_ok() {
         durable = true;
         let (queue, wake) = (inner.flushed.clone(), inner.wake.get().cloned());
-        // After a failed flush too: the docs stop waiting (what the round
-        // held reached the disk or never will), and the changes go as
-        // anti-entropy would send them anyway.
-        acks.push(Box::new(move |_flushed| {
+        acks.push(Box::new(move |flushed| {
+            if flushed.is_err() {
+                // Not on disk, maybe never: not sent, and its docs stay
+                // held (the store refuses everything from now on).
+                return;
+            }
             queue
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())

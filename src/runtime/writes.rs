@@ -46,12 +46,13 @@ pub(super) struct LocalWrites {
 }
 
 /// Docs with keyed local changes whose round is not flushed yet, and how
-/// many such rounds each waits for: no sync message or pushed doc carries
-/// them meanwhile, to a peer or an automerge-repo client (see
-/// [`DocAccess::unflushed`](crate::sync::DocAccess::unflushed)). A change
-/// that left the node before its flush and was then lost in a crash would
-/// come back from that peer, and the keyed write, asked again, would be
-/// applied a second time under the new boot's actor.
+/// many such rounds each waits for. A sync message or pushed doc about such
+/// a doc, to a peer or an automerge-repo client, could carry those
+/// changes: it is sent after the flush of the round that made it (which
+/// follows every earlier round's), not at once. A keyed change that left
+/// the node before its flush and was then lost in a crash would come back
+/// from that peer, and the keyed write, asked again, would be applied a
+/// second time under the new boot's actor.
 #[derive(Default)]
 pub(super) struct Unflushed(HashMap<String, usize>);
 
@@ -65,9 +66,9 @@ impl Unflushed {
         }
     }
 
-    /// A round holding `doc` was flushed (or its flush failed: what it
-    /// held either reached the disk or never will); returns whether the
-    /// doc is free now.
+    /// A round holding `doc` was flushed; returns whether the doc is free
+    /// now. (A round whose flush failed is never released: its changes may
+    /// not be on disk, and the store refuses everything from then on.)
     pub(super) fn release(&mut self, doc: &str) -> bool {
         match self.0.get_mut(doc) {
             Some(n) if *n > 1 => {
@@ -321,13 +322,14 @@ impl LocalWrites {
             round.touched.push(slot);
         }
         round.live_delta += delta;
-        if let Some(mut input) = input.filter(|_| syncing) {
+        if let Some(mut input) = input {
             if let Input::LocalChange { ack: a, .. } = &mut input {
                 *a = ack;
             }
             if tags.idem.is_some() {
                 // Sent once durable (see `Input::Broadcast`); the digest
-                // takes its state now.
+                // takes its state now. Without the sync core too: the
+                // flush also lets go of the doc (see `Unflushed`).
                 if let Input::LocalChange {
                     doc,
                     changes,
@@ -344,7 +346,9 @@ impl LocalWrites {
                     });
                 }
             }
-            self.local.push(input);
+            if syncing {
+                self.local.push(input);
+            }
         }
         self.durable |= !tags.lazy;
         r

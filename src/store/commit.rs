@@ -215,6 +215,7 @@ fn flush_loop(
         let result = if must_flush {
             unflushed = None;
             stats.flushes.fetch_add(1, Ordering::Relaxed);
+            store.wait_unpaused();
             let started = Instant::now();
             let flushed = flusher.flush().map_err(|e| {
                 tracing::error!(err = %e, "store flush failed");

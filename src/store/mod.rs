@@ -82,6 +82,10 @@ pub struct Store {
     /// [`Store::fail`]).
     #[cfg(feature = "test-utils")]
     failing: Arc<std::sync::atomic::AtomicBool>,
+    /// Fault injection: while true, flushes wait (see
+    /// [`Store::pause_flushes`]).
+    #[cfg(feature = "test-utils")]
+    paused: Arc<(Mutex<bool>, std::sync::Condvar)>,
     /// The first I/O error sled reported (see [`Store::failure`]).
     failure: Arc<Mutex<Option<String>>>,
 }
@@ -154,6 +158,8 @@ impl Store {
             synced_blobs: Arc::default(),
             #[cfg(feature = "test-utils")]
             failing: Arc::default(),
+            #[cfg(feature = "test-utils")]
+            paused: Arc::default(),
             failure: Arc::default(),
         };
         match store.meta.get(META_SCHEMA).map_err(sled)? {
@@ -462,6 +468,29 @@ impl Store {
         self.failing.store(on, std::sync::atomic::Ordering::Relaxed);
         if !on {
             *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
+    }
+
+    /// Fault injection for tests: while `on`, the group-commit thread's
+    /// flushes wait (a slow disk): writes are applied and answered only
+    /// once it is off again.
+    #[doc(hidden)]
+    #[cfg(feature = "test-utils")]
+    pub fn pause_flushes(&self, on: bool) {
+        let (lock, cv) = &*self.paused;
+        *lock.lock().unwrap_or_else(|p| p.into_inner()) = on;
+        cv.notify_all();
+    }
+
+    /// Waits while flushes are paused (see [`Store::pause_flushes`]).
+    pub(super) fn wait_unpaused(&self) {
+        #[cfg(feature = "test-utils")]
+        {
+            let (lock, cv) = &*self.paused;
+            let mut paused = lock.lock().unwrap_or_else(|p| p.into_inner());
+            while *paused {
+                paused = cv.wait(paused).unwrap_or_else(|p| p.into_inner());
+            }
         }
     }
 

@@ -3,7 +3,7 @@
 //! returns the outputs. What each message does is in `received.rs`; sync
 //! sessions and whole-doc pushes in `sessions.rs`.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use automerge::sync;
 use rand::RngExt;
@@ -123,9 +123,6 @@ pub struct Core {
     pub(super) lacking: HashSet<String>,
     /// The grants' read rules; `None`: every peer may read every doc.
     pub(super) reads: Option<ReadRule>,
-    /// Per doc, the peers whose next sync message waits until the doc's
-    /// keyed changes are durable (see [`DocAccess::unflushed`]).
-    pub(super) after_flush: HashMap<String, BTreeSet<PeerKey>>,
 }
 
 impl Core {
@@ -145,7 +142,6 @@ impl Core {
             push_budget: cfg_pushes,
             lacking: HashSet::new(),
             reads: None,
-            after_flush: HashMap::new(),
         }
     }
 
@@ -327,13 +323,12 @@ impl Core {
                 ack,
             } => {
                 let write = LocalWrite {
-                    doc: doc.clone(),
+                    doc,
                     changes,
                     sigs,
                     ack,
                 };
                 self.send_local(now, write, docs, &mut out);
-                self.flushed(now, &doc, docs, &mut out);
             }
             Input::LocalMerge { doc, state } => {
                 self.digest.set(&doc, &state);

@@ -59,15 +59,6 @@ impl Core {
             let Some(p) = self.peers.get_mut(peer) else {
                 return;
             };
-            if docs.unflushed(&doc) {
-                // Pushed by a session once durable (see `flushed`).
-                p.push.insert(doc.clone());
-                self.after_flush
-                    .entry(doc)
-                    .or_default()
-                    .insert(peer.to_string());
-                continue;
-            }
             match docs.doc_bytes(&doc) {
                 Some((data, sigs)) if data.len() <= self.cfg.max_push_bytes => {
                     self.push_budget -= 1;
@@ -156,14 +147,6 @@ impl Core {
             session.state.their_need = Some(vec![]);
             session.state.their_have = Some(vec![sync::Have::default()]);
         }
-        if docs.unflushed(doc) {
-            // The session stays open, its message waits (see `flushed`).
-            self.after_flush
-                .entry(doc.to_string())
-                .or_default()
-                .insert(peer.to_string());
-            return true;
-        }
         match docs.generate_sync(doc, &mut session.state) {
             Some(data) => {
                 out.push(sync_message(peer, doc, data));
@@ -231,13 +214,6 @@ impl Core {
             *session = Session::new(now);
             self.stats.sessions_reset += 1;
         }
-        if docs.unflushed(doc) {
-            self.after_flush
-                .entry(doc.to_string())
-                .or_default()
-                .insert(peer.to_string());
-            return;
-        }
         let done = match docs.generate_sync(doc, &mut session.state) {
             Some(data) => {
                 out.push(sync_message(peer, doc, data));
@@ -260,32 +236,6 @@ impl Core {
         if done {
             p.sessions.remove(doc);
             self.start_pending(now, peer, docs, out);
-        }
-    }
-
-    /// The keyed changes of `doc` are durable now (its
-    /// [`Input::Broadcast`](super::Input::Broadcast) came): the messages
-    /// that waited for them go, each from its session's state as it is.
-    pub(super) fn flushed<D: DocAccess>(
-        &mut self,
-        now: u64,
-        doc: &str,
-        docs: &mut D,
-        out: &mut Vec<Output>,
-    ) {
-        if docs.unflushed(doc) {
-            return;
-        }
-        let Some(peers) = self.after_flush.remove(doc) else {
-            return;
-        };
-        for peer in peers {
-            if !self.sync_doc(now, &peer, doc, false, docs, out)
-                && let Some(p) = self.peers.get_mut(&peer)
-            {
-                p.sessions.remove(doc);
-                self.start_pending(now, &peer, docs, out);
-            }
         }
     }
 }

@@ -430,14 +430,6 @@ pub trait DocAccess {
     /// Keeps `state` for (`peer`, `doc`): a session just ended with both
     /// sides at the same heads.
     fn save_sync_state(&mut self, _peer: &str, _doc: &str, _state: &sync::State) {}
-
-    /// Whether `doc` holds keyed local changes that are not durable yet
-    /// (see [`Input::Broadcast`]): while it does, no sync message or pushed
-    /// doc carries it, since either would carry those changes. The core
-    /// sends what waited when their [`Input::Broadcast`] comes.
-    fn unflushed(&self, _doc: &str) -> bool {
-        false
-    }
 }
 /// Counters of the core, for metrics and tests.
 #[derive(Debug, Clone, Default, PartialEq)]

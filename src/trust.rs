@@ -126,15 +126,88 @@ impl SignerCache {
         let (key, peer) = self
             .0
             .entry(sig.signer)
-            .or_insert_with(|| {
-                let key = ed25519::PublicKey::try_from_bytes(&sig.signer).ok()?;
-                let peer = libp2p::identity::PublicKey::from(key.clone()).to_peer_id();
-                Some((key, peer.to_string()))
-            })
+            .or_insert_with(|| decode_signer(&sig.signer))
             .as_ref()?;
         key.verify(&message(doc, hash), &sig.sig)
             .then(|| peer.clone())
     }
+}
+
+impl SignerCache {
+    /// The peer id (as text) of `sig`'s signer, without checking the
+    /// signature: for a signature [`verify_many`] already checked.
+    pub fn signer(&mut self, sig: &ChangeSig) -> Option<String> {
+        if self.0.len() >= MAX_CACHED_SIGNERS && !self.0.contains_key(&sig.signer) {
+            self.0.clear();
+        }
+        self.0
+            .entry(sig.signer)
+            .or_insert_with(|| decode_signer(&sig.signer))
+            .as_ref()
+            .map(|(_, peer)| peer.clone())
+    }
+}
+
+fn decode_signer(signer: &[u8; 32]) -> Option<(ed25519::PublicKey, String)> {
+    let key = ed25519::PublicKey::try_from_bytes(signer).ok()?;
+    let peer = libp2p::identity::PublicKey::from(key.clone()).to_peer_id();
+    Some((key, peer.to_string()))
+}
+
+/// Signatures checked on one thread; [`verify_many`] splits more than
+/// twice this over threads.
+const PER_THREAD: usize = 64;
+
+/// Whether each `(doc, change hash, encoded signature)` is a valid
+/// signature (as [`ChangeSig::verify`]), checked on up to `threads`
+/// threads (the caller's among them) when there are enough: a catch-up
+/// brings thousands at once, and ed25519 checks were half of what the
+/// receiving writer thread did. Each is checked alone, as strictly as
+/// one by one (no batch equation, which could accept what a single
+/// check refuses).
+pub fn verify_many(items: &[(&str, [u8; 32], &[u8])], threads: usize) -> Vec<bool> {
+    // Keys decoded once each: a catch-up's changes come from few signers.
+    let mut keys: std::collections::HashMap<[u8; 32], Option<ed25519::PublicKey>> =
+        Default::default();
+    let sigs: Vec<Option<ChangeSig>> = items
+        .iter()
+        .map(|(_, _, b)| ChangeSig::from_bytes(b))
+        .collect();
+    for sig in sigs.iter().flatten() {
+        keys.entry(sig.signer)
+            .or_insert_with(|| ed25519::PublicKey::try_from_bytes(&sig.signer).ok());
+    }
+    let check = |i: usize| -> bool {
+        let Some(sig) = &sigs[i] else { return false };
+        let (doc, hash, _) = &items[i];
+        keys.get(&sig.signer)
+            .and_then(Option::as_ref)
+            .is_some_and(|key| key.verify(&message(doc, hash), &sig.sig))
+    };
+    let threads = threads.clamp(1, items.len().div_ceil(PER_THREAD).max(1));
+    if threads == 1 {
+        return (0..items.len()).map(check).collect();
+    }
+    let chunk = items.len().div_ceil(threads);
+    let mut out = vec![false; items.len()];
+    std::thread::scope(|scope| {
+        let check = &check;
+        let mut parts = out.chunks_mut(chunk).enumerate();
+        let mine = parts.next();
+        for (n, part) in parts {
+            scope.spawn(move || {
+                for (j, ok) in part.iter_mut().enumerate() {
+                    *ok = check(n * chunk + j);
+                }
+            });
+        }
+        if let Some((_, part)) = mine {
+            for (j, ok) in part.iter_mut().enumerate() {
+                *ok = check(j);
+            }
+        }
+    });
+    out
 }
 
 /// Signs changes with a node's identity.
@@ -217,5 +290,43 @@ mod tests {
             assert_eq!(cache.verify(&bent, "sensors/a", &h), None);
             assert_eq!(cache.verify(&junk, "sensors/a", &h), None);
         }
+    }
+
+    /// `verify_many` answers as `verify` does for each item, in order, on
+    /// one thread or several, whatever the mix of valid and invalid ones.
+    #[test]
+    fn many_signatures_are_checked_as_one_by_one() {
+        let signers: Vec<Signer> = (0..3)
+            .map(|_| Signer::new(&Keypair::generate_ed25519()).unwrap())
+            .collect();
+        let docs: Vec<String> = (0..500).map(|i| format!("d/{i}")).collect();
+        let mut sigs: Vec<Vec<u8>> = Vec::new();
+        let mut want = Vec::new();
+        for (i, doc) in docs.iter().enumerate() {
+            let h = [(i % 251) as u8; 32];
+            let mut sig = signers[i % 3].sign(doc, &h).to_bytes().to_vec();
+            match i % 7 {
+                0 => sig[40] ^= 1,         // a bent signature
+                1 => sig.truncate(95),     // the wrong length
+                2 => sig[..32].fill(0xff), // not a key
+                _ => {}
+            }
+            want.push(i % 7 > 2);
+            sigs.push(sig);
+        }
+        let items: Vec<(&str, [u8; 32], &[u8])> = docs
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (d.as_str(), [(i % 251) as u8; 32], sigs[i].as_slice()))
+            .collect();
+        for threads in [1, 2, 3, 8] {
+            assert_eq!(verify_many(&items, threads), want, "{threads} threads");
+            assert_eq!(
+                verify_many(&items[..10], threads),
+                want[..10],
+                "{threads} threads"
+            );
+        }
+        assert!(verify_many(&[], 2).is_empty());
     }
 }

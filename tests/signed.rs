@@ -332,6 +332,86 @@ async fn changes_without_a_valid_signature_are_refused() {
     node.shutdown().await.unwrap();
 }
 
+/// A pushed doc of many changes (a catch-up: their signatures are checked
+/// on every core before the round, see `SigBook::preverify`) is stored
+/// only if every change's signature checks out: one bent signature among
+/// 120, or one signed for another doc, refuses the whole doc; all good
+/// stores it with each change signed by its signer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_big_push_is_checked_change_by_change() {
+    use automerge::transaction::Transactable;
+    use mergeflow::testing::sync::{Input, Message, Output};
+    use mergeflow::trust::Signer;
+    let dir = tempfile::tempdir().unwrap();
+    let (node, mut outputs) = sync_only_node(dir.path()).await;
+    let peer = Signer::new(&libp2p::identity::Keypair::generate_ed25519()).unwrap();
+    let x = peer.sign("x", &[0; 32]).peer_id().unwrap().to_string();
+    node.sync_input(Input::PeerUp(x.clone()));
+    let mut d = automerge::Automerge::new();
+    for i in 0..120 {
+        let mut tx = d.transaction();
+        tx.put(automerge::ROOT, format!("k{}", i % 7), i).unwrap();
+        tx.commit();
+    }
+    let hashes: Vec<[u8; 32]> = d.get_changes(&[]).iter().map(|c| c.hash().0).collect();
+    let sigs = |doc: &str, bend: Option<usize>, sign_as: &str| {
+        let mut out = Vec::new();
+        for (i, h) in hashes.iter().enumerate() {
+            let mut sig = peer
+                .sign(if bend == Some(i) { sign_as } else { doc }, h)
+                .to_bytes()
+                .to_vec();
+            if bend == Some(i) && sign_as == doc {
+                sig[50] ^= 1;
+            }
+            mergeflow::trust::push_entry(&mut out, h, &sig);
+        }
+        out
+    };
+    let push = |doc: &str, sigs: Vec<u8>| {
+        node.sync_input(Input::Received {
+            from: x.clone(),
+            msg: Message::Doc {
+                doc: doc.into(),
+                data: d.save(),
+                sigs,
+            },
+        });
+    };
+    push("p/bent", sigs("p/bent", Some(77), "p/bent"));
+    push("p/elsewhere", sigs("p/elsewhere", Some(3), "p/other"));
+    push("p/good", sigs("p/good", None, ""));
+    let peer_id = x.clone();
+    until(
+        "p/good stored, every change signed by its signer",
+        || async {
+            let h = node.docs().history("p/good".parse().unwrap()).await.ok()?;
+            (h.len() == 120
+                && h.iter()
+                    .all(|c| c.signed_by.as_deref() == Some(peer_id.as_str())))
+            .then_some(())
+        },
+    )
+    .await;
+    let mut rejected = Vec::new();
+    while rejected.len() < 2 {
+        let o = tokio::time::timeout(std::time::Duration::from_secs(60), outputs.recv())
+            .await
+            .expect("a rejection within the deadline")
+            .expect("outputs open");
+        if let Output::Rejected { reason, .. } = o {
+            rejected.push(reason);
+        }
+    }
+    assert!(
+        rejected.iter().all(|r| r.contains("signature")),
+        "{rejected:#?}"
+    );
+    assert!(node.doc("p/bent").unwrap().get().await.is_err());
+    assert!(node.doc("p/elsewhere").unwrap().get().await.is_err());
+    node.shutdown().await.unwrap();
+}
+
 /// A node that signs nothing (a hostile or broken peer): an honest node
 /// stores none of its changes and bans it, and the hostile node's peers'
 /// own data still converges.

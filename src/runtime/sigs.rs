@@ -3,7 +3,7 @@
 //! what this node vouches for, and finding the signatures of the changes
 //! it sends.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use super::state::Inner;
 use crate::doc::DocId;
@@ -32,6 +32,9 @@ pub(super) struct SigBook {
     pub(super) leftovers: Leftovers,
     /// Signers' decoded keys and peer ids.
     signers: crate::trust::SignerCache,
+    /// Offered signatures already checked this round (see
+    /// [`SigBook::preverify`]): (doc, change hash, encoded signature).
+    preverified: HashSet<(String, [u8; 32], [u8; crate::trust::SIG_LEN])>,
 }
 
 /// True if the copy of `doc` in memory has change `hash` (false when the
@@ -52,6 +55,10 @@ fn in_doc(inner: &Inner, doc: &str, hash: &[u8; 32]) -> bool {
             .is_some()
     })
 }
+
+/// Fewer signatures than this in a round are checked one by one where
+/// they are used (see [`SigBook::preverify`]).
+const PREVERIFY_MIN: usize = 64;
 
 /// How long an offered signature that no change used waits for its change.
 const LEFTOVER_TTL: std::time::Duration = std::time::Duration::from_secs(120);
@@ -104,6 +111,34 @@ impl SigBook {
         unused.retain(|(doc, hash), _| !in_doc(inner, doc, hash));
         self.leftovers.keep(unused);
         self.leftovers
+    }
+
+    /// Checks, on every core, the signatures that the round's sync
+    /// messages and pushed docs carry, when there are many (a catch-up):
+    /// [`check`](Self::check) then only looks up those that passed. A
+    /// few (the fast path's) are checked where they are used, as before.
+    pub(super) fn preverify(&mut self, inputs: &[crate::sync::Input]) {
+        use crate::sync::{Input, Message};
+        let mut items: Vec<(&str, [u8; 32], &[u8])> = Vec::new();
+        for input in inputs {
+            if let Input::Received {
+                msg: Message::Sync { doc, sigs, .. } | Message::Doc { doc, sigs, .. },
+                ..
+            } = input
+            {
+                items.extend(crate::trust::entries(sigs).map(|(h, sig)| (doc.as_str(), h, sig)));
+            }
+        }
+        if items.len() < PREVERIFY_MIN {
+            return;
+        }
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+        let ok = crate::trust::verify_many(&items, threads);
+        for ((doc, hash, sig), ok) in items.into_iter().zip(ok) {
+            if let (true, Ok(sig)) = (ok, sig.try_into()) {
+                self.preverified.insert((doc.to_string(), hash, sig));
+            }
+        }
     }
 
     /// A peer sent `sig` with change `hash` of `doc`.
@@ -211,7 +246,12 @@ impl SigBook {
                 .as_deref()
                 .and_then(ChangeSig::from_bytes)
                 .and_then(|sig| {
-                    let signer = self.signers.verify(&sig, id.as_str(), &hash)?;
+                    let checked = (id.as_str().to_string(), hash, sig.to_bytes());
+                    let signer = if self.preverified.remove(&checked) {
+                        self.signers.signer(&sig)?
+                    } else {
+                        self.signers.verify(&sig, id.as_str(), &hash)?
+                    };
                     Some((sig, signer))
                 });
             let allowed = verified

@@ -131,6 +131,7 @@ fn write_round(
     if let Some(sync) = sync.as_deref_mut()
         && !inputs.is_empty()
     {
+        round.sigs.preverify(&inputs);
         sync.handle_all(inputs, &mut round);
     }
     // Keyed writes of earlier rounds, durable now: to peers.

@@ -275,10 +275,22 @@ pub(crate) fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>>
     })
 }
 
+/// The filter for `log.level`: Kademlia's "Failed to trigger bootstrap: No
+/// known peers" warning (at start and every refresh, on a node that has no
+/// peers yet, which is normal) is left out unless the level names
+/// `libp2p_kad`.
+fn log_directives(level: &str) -> String {
+    if level.contains("libp2p_kad") {
+        level.to_string()
+    } else {
+        format!("{level},libp2p_kad::behaviour=error")
+    }
+}
+
 pub(crate) fn init_logging(config: &Config) {
     use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.level));
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(log_directives(&config.log.level)));
     // Colours only on a terminal: logs redirected to a file stay plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
         && std::env::var_os("NO_COLOR").is_none();
@@ -289,5 +301,18 @@ pub(crate) fn init_logging(config: &Config) {
     match config.log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_directives;
+
+    #[test]
+    fn the_lone_node_bootstrap_warning_is_left_out_unless_kad_is_named() {
+        let f = log_directives("info");
+        assert_eq!(f, "info,libp2p_kad::behaviour=error");
+        tracing_subscriber::EnvFilter::try_new(&f).expect("a valid filter");
+        assert_eq!(log_directives("libp2p_kad=debug"), "libp2p_kad=debug");
     }
 }

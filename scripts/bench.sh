@@ -5,6 +5,8 @@
 #   - time to create $DOCS documents (default 10000);
 #   - reopen time of a node holding them: process start to ready line;
 #   - RSS of the node idle and holding those documents;
+#   - with --catchup: a fresh node started next to the node holding them,
+#     until it holds the same docs at the same heads: time, bytes, RSS;
 #   - with --p2p: propagation A -> B and A -> 5 nodes (p50/p99) and catch-up of a
 #     fresh node to 10,000 docs over libp2p on loopback (cargo bench --bench propagation).
 # Needs only the Rust toolchain; builds the release binary. Uses a temp data dir
@@ -48,6 +50,9 @@ usage: scripts/bench.sh [--seconds S] [--concurrency 1,32] [--docs N] [--p2p]
   --docs N           documents for the reopen measurement, or with --idle the
                      documents the two nodes hold (default 10000, or \$DOCS)
   --p2p              also run the peer-to-peer benchmark
+  --catchup          also time a fresh node catching up from the node holding
+                     the --docs docs over loopback (real processes; needs jq
+                     and curl; env CATCHUP_TIMEOUT=1800 seconds)
   --compare          only run mergeflow, samod and raw Automerge over TCP
                      side by side (benches/compare; env: WARMUP=200
                      WRITES=2000 PREFILL=10000 STREAM_RATE=2000
@@ -68,13 +73,15 @@ usage: scripts/bench.sh [--seconds S] [--concurrency 1,32] [--docs N] [--p2p]
 USAGE
 }
 
-SECONDS_PER_RUN=5 CONCURRENCY=1,32 DOCS=${DOCS:-10000} P2P='' IDLE='' COMPARE='' BRIDGE=''
+SECONDS_PER_RUN=5 CONCURRENCY=1,32 DOCS=${DOCS:-10000} P2P='' IDLE='' COMPARE='' BRIDGE='' CATCHUP=''
+CATCHUP_TIMEOUT=${CATCHUP_TIMEOUT:-1800}
 while [ $# -gt 0 ]; do
   case "$1" in
     --seconds) SECONDS_PER_RUN=$2; shift 2 ;;
     --concurrency) CONCURRENCY=$2; shift 2 ;;
     --docs) DOCS=$2; shift 2 ;;
     --p2p) P2P=1; shift ;;
+    --catchup) CATCHUP=1; shift ;;
     --idle) IDLE=1; shift ;;
     --compare) COMPARE=1; shift ;;
     --bridge) BRIDGE=1; shift ;;
@@ -283,17 +290,24 @@ if [ -n "$IDLE" ]; then
   exit 0
 fi
 WORK=$(mktemp -d)
-PID=
-cleanup() { [ -n "$PID" ] && kill "$PID" 2>/dev/null; wait 2>/dev/null; rm -rf "$WORK"; }
+PID= A_PID= B_PID=
+cleanup() {
+  local p
+  for p in $PID $A_PID $B_PID; do kill "$p" 2>/dev/null; done
+  wait 2>/dev/null
+  rm -rf "$WORK"
+}
 trap cleanup EXIT
 
-# Starts a node on $WORK/data; sets PID and API; prints milliseconds until ready.
+# Starts a node on $WORK/data (or the data dir $1, with more start arguments
+# after it); sets PID and API; prints milliseconds until ready.
 start_node() {
-  local t0 t1
+  local t0 t1 dir=${1:-$WORK/data}
+  shift || true
   rm -f "$WORK/out"
   t0=$(date +%s%N)
-  "$BIN" start --data-dir "$WORK/data" --api 127.0.0.1:0 --log-level error --no-mdns \
-    --listen /ip4/127.0.0.1/tcp/0 >"$WORK/out" 2>"$WORK/err" &
+  "$BIN" start --data-dir "$dir" --api 127.0.0.1:0 --log-level error --no-mdns \
+    --listen /ip4/127.0.0.1/tcp/0 "$@" >"$WORK/out" 2>"$WORK/err" &
   PID=$!
   until grep -q ' ready: ' "$WORK/out" 2>/dev/null; do
     kill -0 "$PID" 2>/dev/null || { cat "$WORK/err" >&2; exit 1; }
@@ -323,6 +337,34 @@ for i in 1 2 3; do
   echo "reopen $i: $(cat "$WORK/ms") ms (docs served: $("$BIN" status --api "$API" --json | grep -o '"docs": *[0-9]*' | grep -o '[0-9]*$'), idle RSS $(ps -o rss= -p "$PID" | xargs) KiB)"
   stop_node
 done
+if [ -n "$CATCHUP" ]; then
+  # A fresh node dials the node holding the docs; done when it holds as
+  # many docs and both digests are equal (every doc at the same heads).
+  echo "== catch-up of a fresh node from the node with $DOCS_NOW docs (loopback)"
+  start_node >/dev/null
+  A_PID=$PID A_API=$API
+  A_ADDR=$("$BIN" status --api "$A_API" --json | jq -r '.listen_addrs[0]')
+  start_node "$WORK/fresh" --peer "$A_ADDR" >/dev/null
+  B_PID=$PID B_API=$API
+  t0=$(date +%s%N)
+  deadline=$((t0 + CATCHUP_TIMEOUT * 1000000000))
+  a_digest=$("$BIN" status --api "$A_API" --json | jq -r .digest)
+  while :; do
+    b=$("$BIN" status --api "$B_API" --json | jq -r '"\(.docs) \(.digest)"')
+    [ "$b" = "$DOCS_NOW $a_digest" ] && break
+    [ "$(date +%s%N)" -lt "$deadline" ] || { echo "catch-up: not done after ${CATCHUP_TIMEOUT}s (fresh node: $b)" >&2; break; }
+    sleep 0.2
+  done
+  t1=$(date +%s%N)
+  sent=$(curl -sf "$A_API/metrics" | awk '/^mergeflow_peer_traffic_bytes_total\{.*direction="out"/ { s += $NF } END { printf "%d", s }')
+  echo "catch-up of $DOCS_NOW docs: $(( (t1 - t0) / 1000000 )) ms (polled every 0.2 s), $sent bytes sent by the full node ($(( sent / DOCS_NOW )) per doc)"
+  echo "RSS: full node $(ps -o rss= -p "$A_PID" | xargs) KiB (peak $(awk '/^VmHWM/ { print $2 }' /proc/"$A_PID"/status) KiB)," \
+    "fresh node $(ps -o rss= -p "$B_PID" | xargs) KiB (peak $(awk '/^VmHWM/ { print $2 }' /proc/"$B_PID"/status) KiB)"
+  stop_node
+  PID=$A_PID
+  stop_node
+  A_PID= B_PID=
+fi
 if [ -n "$P2P" ]; then
   echo "== peer to peer over libp2p on loopback"
   cargo bench --quiet --bench propagation 2>/dev/null | grep -v '^$'

@@ -13,7 +13,9 @@
 #   - messages and bytes the nodes sent each other, per write: the sum over
 #     nodes of mergeflow_peer_messages_total / mergeflow_peer_traffic_bytes_total
 #     {direction="out"} (frames of our protocol, not TCP/IP overhead);
-#   - the nodes' RSS after convergence (mean and max).
+#   - the nodes' RSS after convergence (mean and max);
+#   - per write, summed over nodes: fast-path changes applied, those that
+#     lacked dependencies, sync messages received, docs pushed, sessions reset.
 # Prints numbers; asserts nothing. MERGEFLOW_BIN as for netns-cluster.sh
 # (default target/release/mergeflow); MERGEFLOW_TOOLS_BIN the filler
 # (default target/release/mergeflow-tools); MF_CLUSTER_ID picks the cluster id
@@ -66,6 +68,28 @@ traffic() {
               /^mergeflow_peer_traffic_bytes_total\{.*direction="out"/ { b += $NF }
               END { printf "%d %d\n", m, b }'
 }
+# Sync counters summed over nodes 1..N: "applied missing_deps sync_msgs
+# pushed_out sessions_reset" (what each write cost beyond the fast path).
+sync_counters() {
+  local n=$1 i
+  for ((i = 1; i <= n; i++)); do
+    curl -sf -H "authorization: Bearer $("$NC" token)" "$("$NC" url "$i")/metrics"
+  done | awk '/^mergeflow_sync_changes_applied_total/ { a += $NF }
+              /^mergeflow_sync_changes_missing_deps_total/ { m += $NF }
+              /^mergeflow_sync_messages_received_total/ { s += $NF }
+              /^mergeflow_sync_docs_pushed_out_total/ { p += $NF }
+              /^mergeflow_sync_sessions_reset_total/ { r += $NF }
+              END { printf "%d %d %d %d %d\n", a, m, s, p, r }'
+}
+# Messages sent by kind, summed over nodes 1..N: "kind count" lines.
+kinds() {
+  local n=$1 i
+  for ((i = 1; i <= n; i++)); do
+    curl -sf -H "authorization: Bearer $("$NC" token)" "$("$NC" url "$i")/metrics"
+  done | awk -F'[{}]' '/^mergeflow_net_messages_total\{.*direction="out"/ {
+      split($2, l, "kind=\""); split(l[2], k, "\""); split($3, v, " "); c[k[1]] += v[1] }
+    END { for (x in c) print x, c[x] }' | sort
+}
 rss() { # "mean max" in MiB over nodes 1..N
   local n=$1 i
   for ((i = 1; i <= n; i++)); do
@@ -86,6 +110,8 @@ for n in "${sizes[@]}"; do
   "$NC" wait-converged --timeout 120 >/dev/null
   token=$("$NC" token)
   read -r m0 b0 <<<"$(traffic "$n")"
+  read -r sa0 sm0 ss0 sp0 sr0 <<<"$(sync_counters "$n")"
+  kinds "$n" >"$LOGS/kinds0"
   per=$((DOCS / n))
   t0=$(now)
   FILLS=()
@@ -105,6 +131,12 @@ for n in "${sizes[@]}"; do
     "$(awk -v a="$m1" -v b="$m0" -v w="$writes" 'BEGIN { printf "%.1f", (a - b) / w }')" \
     "$(awk -v a="$b1" -v b="$b0" -v w="$writes" 'BEGIN { printf "%.0f", (a - b) / w }')" \
     "$(rss "$n" | tr ' ' /)"
+  read -r sa1 sm1 ss1 sp1 sr1 <<<"$(sync_counters "$n")"
+  echo "       per write, summed over nodes: $(awk -v w="$writes" -v a=$((sa1 - sa0)) -v m=$((sm1 - sm0)) \
+    -v s=$((ss1 - ss0)) -v p=$((sp1 - sp0)) -v r=$((sr1 - sr0)) 'BEGIN { printf "%.2f fast-path changes applied, %.2f lacking dependencies, %.2f sync messages received, %.2f docs pushed, %.3f sessions reset", a / w, m / w, s / w, p / w, r / w }')"
+  kinds "$n" >"$LOGS/kinds1"
+  echo "       messages sent per write, by kind: $(awk -v w="$writes" 'NR == FNR { b[$1] = $2; next }
+    { printf "%s%s %.3f", (n++ ? ", " : ""), $1, ($2 - b[$1]) / w }' "$LOGS/kinds0" "$LOGS/kinds1")"
   "$NC" down >/dev/null
   UP=''
 done

@@ -226,6 +226,16 @@ pub(crate) fn families(scrape: &Scrape) -> Vec<Family> {
                 s.rejected,
             ),
             Family::counter(
+                "sync_docs_settling",
+                "Docs anti-entropy found different but left to the fast path, having just changed here",
+                s.docs_settling,
+            ),
+            Family::counter(
+                "sync_buckets_settling",
+                "Digest buckets left out of a comparison, docs in them having just changed here",
+                s.buckets_settling,
+            ),
+            Family::counter(
                 "sync_docs_pushed_out",
                 "Whole docs pushed to peers that lacked them",
                 s.docs_pushed_out,

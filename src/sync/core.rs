@@ -63,6 +63,9 @@ pub(super) struct Peer {
     pub(super) agreed: Option<Vec<u64>>,
     /// Due digests skipped in a row because nothing changed.
     pub(super) skipped: u32,
+    /// Since when its digests' busy buckets have been left out (see
+    /// [`Core::settle_buckets`]).
+    pub(super) settling_since: Option<u64>,
     /// We sent it a digest (not an answer) and no digest from it has come
     /// since: one that comes now crossed ours, and needs no answer (it
     /// gets ours).
@@ -100,6 +103,17 @@ pub const CONFIRM_MS: u64 = 1_000;
 /// still matches, against what no message announced: a restored backup, a
 /// bug) instead of one per period.
 pub const QUIET_DIGESTS: u32 = 10;
+/// A doc whose state changed here this recently is not repaired from a
+/// digest comparison (pushed, or synced) yet: a peer that lacks its new
+/// state most likely has the fast-path message in flight or in its queue
+/// (a loaded receiver can be seconds behind), and a push or session then
+/// sends it a second time. The comparison comes again this long after;
+/// what the fast path really lost is repaired then. (A hot doc's lost
+/// change is found sooner, by its next change's missing dependencies.)
+pub const SETTLE_MS: u64 = 1_500;
+/// Longest a peer's digest comparisons leave busy buckets out (see
+/// [`Core::settle_buckets`]).
+pub const MAX_SETTLING_MS: u64 = 15_000;
 /// How long out-of-order changes wait for their dependencies before the doc
 /// is synced with the sender.
 pub const HOLD_MS: u64 = 500;
@@ -123,6 +137,8 @@ pub struct Core {
     pub(super) lacking: HashSet<String>,
     /// The grants' read rules; `None`: every peer may read every doc.
     pub(super) reads: Option<ReadRule>,
+    /// Docs whose state changed here within [`SETTLE_MS`], and when.
+    pub(super) recent: HashMap<String, u64>,
 }
 
 impl Core {
@@ -142,6 +158,7 @@ impl Core {
             push_budget: cfg_pushes,
             lacking: HashSet::new(),
             reads: None,
+            recent: HashMap::new(),
         }
     }
 
@@ -218,6 +235,7 @@ impl Core {
                         last_in_sync_at: None,
                         agreed: None,
                         skipped: 0,
+                        settling_since: None,
                         awaiting_answer: false,
                         held: HashMap::new(),
                         held_count: 0,
@@ -260,6 +278,8 @@ impl Core {
                     self.start_pending(now, peer, docs, &mut out);
                 }
                 self.push_budget = self.cfg.max_pushes_per_tick;
+                self.recent
+                    .retain(|_, at| now.saturating_sub(*at) < SETTLE_MS);
                 let lacked = !self.lacking.is_empty();
                 if lacked {
                     let digest = &self.digest;
@@ -307,7 +327,7 @@ impl Core {
                 state,
                 ack,
             } => {
-                self.digest.set(&doc, &state);
+                self.set_state(now, &doc, &state, true);
                 let write = LocalWrite {
                     doc,
                     changes,
@@ -331,11 +351,11 @@ impl Core {
                 self.send_local(now, write, docs, &mut out);
             }
             Input::LocalMerge { doc, state } => {
-                self.digest.set(&doc, &state);
+                self.set_state(now, &doc, &state, false);
                 self.sync_with_others(now, "", &doc, docs, &mut out);
             }
             Input::LocalDelete { doc } => {
-                self.digest.set(&doc, &DocState::Deleted);
+                self.set_state(now, &doc, &DocState::Deleted, true);
                 for p in self.peers.values_mut() {
                     p.sessions.remove(&doc);
                 }
@@ -427,6 +447,80 @@ impl Core {
     /// all by one broadcast when every one of them holds every doc, else to
     /// each that holds it. Nothing when there is nobody to send it to (a
     /// lone node pays nothing for the fast path).
+    /// Takes `doc`'s new state into the digest; returns whether it changed.
+    /// With `fast` (a local write or delete, or a change that came by the
+    /// fast path: peers are likely getting it by the fast path too) it
+    /// notes when (see [`SETTLE_MS`]); not for what came by repair (a
+    /// pushed doc, a sync session), which peers are not being sent.
+    pub(super) fn set_state(&mut self, now: u64, doc: &str, state: &DocState, fast: bool) -> bool {
+        let changed = self.digest.set(doc, state);
+        if changed && fast {
+            self.recent.insert(doc.to_string(), now);
+        }
+        changed
+    }
+
+    /// Moves the next digest to every peer but `except` to within
+    /// [`CONFIRM_MS`].
+    pub(super) fn digests_soon(&mut self, now: u64, except: &str) {
+        for (k, p) in self.peers.iter_mut() {
+            if k.as_str() != except {
+                p.next_digest_at = p.next_digest_at.min(now + CONFIRM_MS);
+            }
+        }
+    }
+
+    /// Takes out of `differing` (a digest comparison with `peer`) the
+    /// buckets that hold a doc changed here within [`SETTLE_MS`]: while
+    /// writes stream in, nearly every bucket differs by what is still in
+    /// flight, and answering each with its entries (a few KB) cost more
+    /// than the writes. The peer's next digest is moved to [`SETTLE_MS`]
+    /// from now. Not once the peer's buckets have been put off for
+    /// [`MAX_SETTLING_MS`]: a change the fast path lost in a bucket that
+    /// never goes quiet is found then. Returns how many were taken out.
+    pub(super) fn settle_buckets(
+        &mut self,
+        now: u64,
+        peer: &str,
+        differing: &mut Vec<u32>,
+    ) -> usize {
+        let Some(p) = self.peers.get_mut(peer) else {
+            return 0;
+        };
+        let overdue = p
+            .settling_since
+            .is_some_and(|since| now.saturating_sub(since) >= MAX_SETTLING_MS);
+        if differing.is_empty() || self.recent.is_empty() || overdue {
+            p.settling_since = None;
+            return 0;
+        }
+        let n = self.digest.buckets().len() as u32;
+        let hot: HashSet<u32> = self
+            .recent
+            .iter()
+            .filter(|(_, at)| now.saturating_sub(**at) < SETTLE_MS)
+            .map(|(doc, _)| super::digest::bucket_of(doc, n))
+            .collect();
+        let before = differing.len();
+        differing.retain(|b| !hot.contains(b));
+        let settling = before - differing.len();
+        if settling == 0 {
+            p.settling_since = None;
+        } else {
+            p.settling_since.get_or_insert(now);
+            p.next_digest_at = p.next_digest_at.min(now + SETTLE_MS);
+            self.stats.buckets_settling += settling as u64;
+        }
+        settling
+    }
+
+    /// Whether `doc` changed here within [`SETTLE_MS`] of `now`.
+    pub(super) fn settling(&self, now: u64, doc: &str) -> bool {
+        self.recent
+            .get(doc)
+            .is_some_and(|at| now.saturating_sub(*at) < SETTLE_MS)
+    }
+
     pub(super) fn broadcast(&self, msg: Message, except: Option<PeerKey>, out: &mut Vec<Output>) {
         if !self.peers.keys().any(|p| Some(p) != except.as_ref()) {
             return;

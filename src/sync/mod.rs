@@ -63,7 +63,7 @@ mod scope;
 mod sessions;
 mod types;
 
-pub use core::{Core, QUIET_DIGESTS};
+pub use core::{Core, QUIET_DIGESTS, SETTLE_MS};
 pub use digest::{Digest, DocState};
 pub use replicate::{ReadRule, Replicate};
 pub use types::{

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use super::core::{Core, HOLD_MS, MAX_HELD, MAX_LACKING, Session, add_tags};
+use super::core::{Core, HOLD_MS, MAX_HELD, MAX_LACKING, SETTLE_MS, Session, add_tags};
 use super::digest::{DocState, entry_hash};
 use super::types::{Applied, DocAccess, FastChange, Message, Output, PeerKey};
 
@@ -43,11 +43,12 @@ impl Core {
                     );
                     return self.reject(&from, reason, out);
                 }
-                let differing = super::digest::differing(&self.buckets_for(&from), &buckets);
+                let mut differing = super::digest::differing(&self.buckets_for(&from), &buckets);
+                let settling = self.settle_buckets(now, &from, &mut differing);
                 let period = self.cfg.anti_entropy_ms.max(1);
                 if let Some(p) = self.peers.get_mut(&from) {
                     let crossed = std::mem::take(&mut p.awaiting_answer);
-                    if differing.is_empty() {
+                    if differing.is_empty() && settling == 0 {
                         p.last_in_sync_at = Some(now);
                         p.agreed = Some(buckets);
                         // Tell it we agree, unless this answers ours or
@@ -61,7 +62,7 @@ impl Core {
                         }
                     }
                 }
-                if differing.is_empty() {
+                if differing.is_empty() && settling == 0 {
                     self.stats.digests_in_sync += 1;
                 }
                 for bucket in differing {
@@ -112,6 +113,17 @@ impl Core {
                 }
                 self.stats.docs_differing += (differing.len() + lacking) as u64;
                 let deleted = |doc: &str, hash: u64| hash == entry_hash(doc, &DocState::Deleted);
+                // Docs that just changed here are left to the fast path for
+                // now, and compared again soon (see `SETTLE_MS`).
+                let before = differing.len();
+                differing.retain(|(doc, _)| !self.settling(now, doc));
+                let settling = before - differing.len();
+                if settling > 0
+                    && let Some(p) = self.peers.get_mut(&from)
+                {
+                    p.next_digest_at = p.next_digest_at.min(now + SETTLE_MS);
+                    self.stats.docs_settling += settling as u64;
+                }
                 for (doc, push) in differing {
                     let Some(p) = self.peers.get_mut(&from) else {
                         break;
@@ -131,7 +143,9 @@ impl Core {
                         p.pending.push_back(doc);
                     }
                 }
-                if lacking > 0 && answer {
+                // Our entries back, if they asked: they learn what they lack
+                // (a new node's progress), also while it settles here.
+                if (lacking > 0 || settling > 0) && answer {
                     out.push(Output::Send {
                         to: from.clone(),
                         msg: Message::Bucket {
@@ -152,7 +166,7 @@ impl Core {
                     Ok(None) => {}
                     Ok(Some(state)) => {
                         self.stats.docs_pushed_in += 1;
-                        if self.digest.set(&doc, &state) {
+                        if self.set_state(now, &doc, &state, false) {
                             out.push(Output::Merged {
                                 doc: doc.clone(),
                                 from: from.clone(),
@@ -160,7 +174,11 @@ impl Core {
                             });
                         }
                         if before != self.digest.entry(&doc) {
-                            self.sync_with_others(now, &from, &doc, docs, out);
+                            // Others may lack it too, or (most often, a push
+                            // racing the fast path) have it already: a digest
+                            // to each soon tells, where a session per peer
+                            // and pushed doc would cost N messages each.
+                            self.digests_soon(now, &from);
                         }
                     }
                 }
@@ -191,7 +209,7 @@ impl Core {
                     }
                     Ok(None) => {}
                     Ok(Some(state)) => {
-                        if self.digest.set(&doc, &state) {
+                        if self.set_state(now, &doc, &state, false) {
                             out.push(Output::Merged {
                                 doc: doc.clone(),
                                 from: from.clone(),
@@ -230,7 +248,7 @@ impl Core {
                 if let Err(e) = docs.delete(&doc, &sig) {
                     return self.refuse(&from, format!("delete of {doc:?}"), e, out);
                 }
-                self.digest.set(&doc, &DocState::Deleted);
+                self.set_state(now, &doc, &DocState::Deleted, true);
                 for p in self.peers.values_mut() {
                     p.sessions.remove(&doc);
                 }
@@ -331,7 +349,7 @@ impl Core {
             self.refuse(&from, format!("change for {doc:?}"), e, out);
         }
         if let Some(state) = last
-            && self.digest.set(&doc, &state)
+            && self.set_state(now, &doc, &state, true)
         {
             out.push(Output::Merged {
                 doc: doc.clone(),

@@ -449,6 +449,12 @@ pub struct SyncStats {
     pub digests_skipped: u64,
     /// Docs found different by anti-entropy.
     pub docs_differing: u64,
+    /// Of those, docs left to the fast path because they had just changed
+    /// here (see [`SETTLE_MS`](super::SETTLE_MS)).
+    pub docs_settling: u64,
+    /// Buckets a digest comparison left out because docs in them had just
+    /// changed here (see [`SETTLE_MS`](super::SETTLE_MS)).
+    pub buckets_settling: u64,
     /// Inputs rejected.
     pub rejected: u64,
     /// Peer inputs not taken because this node failed (its store).

@@ -694,14 +694,7 @@ async fn a_change_that_waited_for_its_parent_keeps_its_signature() {
         hashes.push(tx.commit().0.unwrap());
     }
     let x = peer.sign("q", &hashes[0].0).peer_id().unwrap().to_string();
-    node.sync_input(Input::PeerUp(x.clone()));
-    node.sync_input(Input::Received {
-        from: x.clone(),
-        msg: Message::Scope {
-            replicate: None,
-            ask: false,
-        },
-    });
+    common::sync_peer_up(&node, &x);
     let push = |h: &automerge::ChangeHash| {
         let bytes = d.get_change_by_hash(h).unwrap().raw_bytes().to_vec();
         let mut sigs = Vec::new();

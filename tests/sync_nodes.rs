@@ -2,6 +2,8 @@
 //! instead of libp2p: concurrent edits converge, merged changes are durable
 //! across a restart, deletes stay deleted, and a node that was down catches up.
 
+mod common;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -361,14 +363,7 @@ async fn a_keyed_write_leaves_the_node_only_once_durable() {
         .unwrap();
     let mut outputs = node.take_sync_outputs().unwrap();
     let x = "peer-x".to_string();
-    node.sync_input(Input::PeerUp(x.clone()));
-    node.sync_input(Input::Received {
-        from: x.clone(),
-        msg: Message::Scope {
-            replicate: None,
-            ask: false,
-        },
-    });
+    common::sync_peer_up(&node, &x);
     node.doc("plain")
         .unwrap()
         .patch(json!({"a": 1}))

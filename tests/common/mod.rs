@@ -280,3 +280,18 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Tells `node`'s sync core (a node started with `.sync(..)` and no
+/// network) that peer `peer` connected and replicates everything, as its
+/// first message on a link would.
+pub fn sync_peer_up(node: &mergeflow::Node, peer: &str) {
+    use mergeflow::testing::sync::{Input, Message};
+    node.sync_input(Input::PeerUp(peer.to_string()));
+    node.sync_input(Input::Received {
+        from: peer.to_string(),
+        msg: Message::Scope {
+            replicate: None,
+            ask: false,
+        },
+    });
+}

@@ -66,6 +66,10 @@ pub(super) struct Peer {
     /// Since when its digests' busy buckets have been left out (see
     /// [`Core::settle_buckets`]).
     pub(super) settling_since: Option<u64>,
+    /// When its connection came up: what changed before then did not go
+    /// to it by the fast path, so nothing settles for it (see
+    /// [`SETTLE_MS`]).
+    pub(super) up_at: u64,
     /// We sent it a digest (not an answer) and no digest from it has come
     /// since: one that comes now crossed ours, and needs no answer (it
     /// gets ours).
@@ -236,6 +240,7 @@ impl Core {
                         agreed: None,
                         skipped: 0,
                         settling_since: None,
+                        up_at: now,
                         awaiting_answer: false,
                         held: HashMap::new(),
                         held_count: 0,
@@ -495,10 +500,11 @@ impl Core {
             return 0;
         }
         let n = self.digest.buckets().len() as u32;
+        let up_at = p.up_at;
         let hot: HashSet<u32> = self
             .recent
             .iter()
-            .filter(|(_, at)| now.saturating_sub(**at) < SETTLE_MS)
+            .filter(|(_, at)| now.saturating_sub(**at) < SETTLE_MS && **at >= up_at)
             .map(|(doc, _)| super::digest::bucket_of(doc, n))
             .collect();
         let before = differing.len();
@@ -514,11 +520,13 @@ impl Core {
         settling
     }
 
-    /// Whether `doc` changed here within [`SETTLE_MS`] of `now`.
-    pub(super) fn settling(&self, now: u64, doc: &str) -> bool {
+    /// Whether `doc` changed here within [`SETTLE_MS`] of `now`, while
+    /// `peer` was connected (so the fast path is carrying it there).
+    pub(super) fn settling(&self, now: u64, peer: &str, doc: &str) -> bool {
+        let up_at = self.peers.get(peer).map_or(u64::MAX, |p| p.up_at);
         self.recent
             .get(doc)
-            .is_some_and(|at| now.saturating_sub(*at) < SETTLE_MS)
+            .is_some_and(|at| now.saturating_sub(*at) < SETTLE_MS && *at >= up_at)
     }
 
     pub(super) fn broadcast(&self, msg: Message, except: Option<PeerKey>, out: &mut Vec<Output>) {

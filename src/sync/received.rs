@@ -116,7 +116,7 @@ impl Core {
                 // Docs that just changed here are left to the fast path for
                 // now, and compared again soon (see `SETTLE_MS`).
                 let before = differing.len();
-                differing.retain(|(doc, _)| !self.settling(now, doc));
+                differing.retain(|(doc, _)| !self.settling(now, &from, doc));
                 let settling = before - differing.len();
                 if settling > 0
                     && let Some(p) = self.peers.get_mut(&from)

@@ -155,7 +155,7 @@ pub(super) struct Outgoing(Vec<(mpsc::Sender<ClientOut>, Arc<ConnShared>, Client
 impl Outgoing {
     /// Takes out the sync messages about docs in `unflushed`: they may
     /// carry keyed changes not durable yet, and go after the round's flush.
-    pub(super) fn held_back(&mut self, unflushed: &super::writes::Unflushed) -> Outgoing {
+    pub(super) fn held_back(&mut self, unflushed: &super::unflushed::Unflushed) -> Outgoing {
         let (held, now) = std::mem::take(&mut self.0).into_iter().partition(|(_, _, m)| {
             matches!(m, ClientOut::Sync { doc, .. } if unflushed.contains(doc.as_str()))
         });

@@ -42,6 +42,7 @@ mod round;
 mod sigs;
 mod state;
 mod tick;
+mod unflushed;
 mod writer;
 mod writes;
 

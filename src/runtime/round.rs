@@ -44,7 +44,7 @@ pub(super) struct Round<'a> {
     pub(super) sigs: super::sigs::SigBook,
     /// Docs whose messages wait for a flush (the writer thread's, lent to
     /// each round).
-    pub(super) unflushed: super::writes::Unflushed,
+    pub(super) unflushed: super::unflushed::Unflushed,
     /// Sync outputs about such docs, sent after this round's flush.
     pub(super) deferred: Vec<crate::sync::Output>,
 }

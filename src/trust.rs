@@ -120,31 +120,27 @@ impl SignerCache {
     /// The peer id (as text) of `sig`'s signer if `sig` is a valid
     /// signature of change `hash` of doc `doc` (as [`ChangeSig::verify`]).
     pub fn verify(&mut self, sig: &ChangeSig, doc: &str, hash: &[u8; 32]) -> Option<String> {
-        if self.0.len() >= MAX_CACHED_SIGNERS && !self.0.contains_key(&sig.signer) {
-            self.0.clear();
-        }
-        let (key, peer) = self
-            .0
-            .entry(sig.signer)
-            .or_insert_with(|| decode_signer(&sig.signer))
-            .as_ref()?;
+        let (key, peer) = self.decoded(&sig.signer)?;
         key.verify(&message(doc, hash), &sig.sig)
             .then(|| peer.clone())
     }
-}
 
-impl SignerCache {
     /// The peer id (as text) of `sig`'s signer, without checking the
     /// signature: for a signature [`verify_many`] already checked.
     pub fn signer(&mut self, sig: &ChangeSig) -> Option<String> {
-        if self.0.len() >= MAX_CACHED_SIGNERS && !self.0.contains_key(&sig.signer) {
+        self.decoded(&sig.signer).map(|(_, peer)| peer.clone())
+    }
+
+    /// `signer`'s decoded key and peer id (`None` if it is not a key),
+    /// decoded once.
+    fn decoded(&mut self, signer: &[u8; 32]) -> Option<&(ed25519::PublicKey, String)> {
+        if self.0.len() >= MAX_CACHED_SIGNERS && !self.0.contains_key(signer) {
             self.0.clear();
         }
         self.0
-            .entry(sig.signer)
-            .or_insert_with(|| decode_signer(&sig.signer))
+            .entry(*signer)
+            .or_insert_with(|| decode_signer(signer))
             .as_ref()
-            .map(|(_, peer)| peer.clone())
     }
 }
 

@@ -246,8 +246,15 @@ impl SigBook {
                 .as_deref()
                 .and_then(ChangeSig::from_bytes)
                 .and_then(|sig| {
-                    let checked = (id.as_str().to_string(), hash, sig.to_bytes());
-                    let signer = if self.preverified.remove(&checked) {
+                    // (No key built when nothing was checked before: the
+                    // fast path's few signatures.)
+                    let checked = !self.preverified.is_empty()
+                        && self.preverified.remove(&(
+                            id.as_str().to_string(),
+                            hash,
+                            sig.to_bytes(),
+                        ));
+                    let signer = if checked {
                         self.signers.signer(&sig)?
                     } else {
                         self.signers.verify(&sig, id.as_str(), &hash)?

@@ -115,6 +115,12 @@ pub const QUIET_DIGESTS: u32 = 10;
 /// what the fast path really lost is repaired then. (A hot doc's lost
 /// change is found sooner, by its next change's missing dependencies.)
 pub const SETTLE_MS: u64 = 1_500;
+/// Whether a doc that changed here at `at` (by a write or the fast path)
+/// is most likely still on its way by the fast path, at `now`, to a peer
+/// whose connection came up at `up_at` (see [`SETTLE_MS`]).
+fn carried_by_fast_path(now: u64, at: u64, up_at: u64) -> bool {
+    now.saturating_sub(at) < SETTLE_MS && at >= up_at
+}
 /// Longest a peer's digest comparisons leave busy buckets out (see
 /// [`Core::settle_buckets`]).
 pub const MAX_SETTLING_MS: u64 = 15_000;
@@ -448,10 +454,6 @@ impl Core {
         }
     }
 
-    /// Queues `msg` for every peer but `except` that is sent its doc: to
-    /// all by one broadcast when every one of them holds every doc, else to
-    /// each that holds it. Nothing when there is nobody to send it to (a
-    /// lone node pays nothing for the fast path).
     /// Takes `doc`'s new state into the digest; returns whether it changed.
     /// With `fast` (a local write or delete, or a change that came by the
     /// fast path: peers are likely getting it by the fast path too) it
@@ -504,7 +506,7 @@ impl Core {
         let hot: HashSet<u32> = self
             .recent
             .iter()
-            .filter(|(_, at)| now.saturating_sub(**at) < SETTLE_MS && **at >= up_at)
+            .filter(|(_, at)| carried_by_fast_path(now, **at, up_at))
             .map(|(doc, _)| super::digest::bucket_of(doc, n))
             .collect();
         let before = differing.len();
@@ -526,9 +528,13 @@ impl Core {
         let up_at = self.peers.get(peer).map_or(u64::MAX, |p| p.up_at);
         self.recent
             .get(doc)
-            .is_some_and(|at| now.saturating_sub(*at) < SETTLE_MS && *at >= up_at)
+            .is_some_and(|at| carried_by_fast_path(now, *at, up_at))
     }
 
+    /// Queues `msg` for every peer but `except` that is sent its doc: to
+    /// all by one broadcast when every one of them holds every doc, else to
+    /// each that holds it. Nothing when there is nobody to send it to (a
+    /// lone node pays nothing for the fast path).
     pub(super) fn broadcast(&self, msg: Message, except: Option<PeerKey>, out: &mut Vec<Output>) {
         if !self.peers.keys().any(|p| Some(p) != except.as_ref()) {
             return;

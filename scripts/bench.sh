@@ -360,6 +360,7 @@ if [ -n "$CATCHUP" ]; then
   echo "catch-up of $DOCS_NOW docs: $(( (t1 - t0) / 1000000 )) ms (polled every 0.2 s), $sent bytes sent by the full node ($(( sent / DOCS_NOW )) per doc)"
   echo "RSS: full node $(ps -o rss= -p "$A_PID" | xargs) KiB (peak $(awk '/^VmHWM/ { print $2 }' /proc/"$A_PID"/status) KiB)," \
     "fresh node $(ps -o rss= -p "$B_PID" | xargs) KiB (peak $(awk '/^VmHWM/ { print $2 }' /proc/"$B_PID"/status) KiB)"
+  echo "docs in memory at once on the fresh node: $("$BIN" status --api "$B_API" --json | jq -r '"\(.docs_cached_peak) at most, \(.docs_cached) now"')"
   stop_node
   PID=$A_PID
   stop_node

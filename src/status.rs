@@ -65,6 +65,13 @@ pub struct Status {
     /// node's initial sync is done when this is 0); absent without sync.
     #[serde(default)]
     pub docs_lacking: Option<u64>,
+    /// Documents loaded in memory now (`store.cache_docs` bounds them, plus
+    /// those in use).
+    #[serde(default)]
+    pub docs_cached: u64,
+    /// The most documents loaded in memory at once since start.
+    #[serde(default)]
+    pub docs_cached_peak: u64,
     /// Light mode (`node.light`, `--light`) is on.
     #[serde(default)]
     pub light: bool,
@@ -147,6 +154,16 @@ pub(crate) fn families(scrape: &Scrape) -> Vec<Family> {
             "peers_connected",
             "Peers connected now",
             status.peers as u64,
+        ),
+        Family::gauge(
+            "docs_cached",
+            "Documents loaded in memory now",
+            status.docs_cached,
+        ),
+        Family::gauge(
+            "docs_cached_peak",
+            "The most documents loaded in memory at once since start",
+            status.docs_cached_peak,
         ),
         Family::gauge("uptime", "Time since the node started", status.uptime_s)
             .in_unit(Unit::Seconds),

@@ -377,3 +377,41 @@ async fn heartbeats_alone_keep_an_idle_pair_connected() {
     b.shutdown().await.unwrap();
     a.shutdown().await.unwrap();
 }
+
+/// A fresh node catching up holds about its doc cache's worth of docs in
+/// memory, not what its peer pushes at once (frames of a thousand docs,
+/// hundreds of frames queued): a writer round takes at most
+/// `store.cache_docs / 2` remote inputs, and trims the cache after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_node_catching_up_holds_few_docs_in_memory() {
+    const DOCS: usize = 600;
+    const CACHE: usize = 32;
+    let dir = tempfile::tempdir().unwrap();
+    let a = start(&dir.path().join("a"), vec![]).await;
+    let writes = (0..DOCS).map(|i| {
+        let a = a.clone();
+        async move {
+            let doc = a.doc(&format!("catchup/{i:04}")).unwrap();
+            doc.patch(json!({ "n": i })).await.unwrap();
+        }
+    });
+    futures_util::future::join_all(writes).await;
+    let a_addr = listen_addr(&a).await;
+    let b = p2p_node(&dir.path().join("b"), vec![a_addr], |c| {
+        c.store.cache_docs = CACHE;
+    })
+    .await;
+    converged(&[&a, &b], "a fresh node with a small cache").await;
+    let status = b.status().await;
+    assert_eq!(status.docs, DOCS as u64);
+    // The cache's bound, plus one round's docs (CACHE / 2), plus slack for
+    // docs a reader (the test's list, the digest) had in use.
+    assert!(
+        status.docs_cached_peak <= (CACHE + CACHE / 2 + 8) as u64,
+        "{} docs in memory at once, cache_docs = {CACHE}",
+        status.docs_cached_peak
+    );
+    assert!(status.docs_cached <= CACHE as u64, "{status:?}");
+    b.shutdown().await.unwrap();
+    a.shutdown().await.unwrap();
+}

@@ -27,6 +27,8 @@ struct Cache {
     /// scan waits for that much more on top of the bound.
     stuck_docs: usize,
     stuck_bytes: u64,
+    /// The most docs the cache has held at once.
+    peak_docs: usize,
 }
 
 struct CacheEntry {
@@ -133,6 +135,7 @@ impl DocCache {
             bytes: 0,
         };
         cache.map.insert(id.clone(), entry);
+        cache.peak_docs = cache.peak_docs.max(cache.map.len());
         cache.evict(self.max_docs, self.max_bytes);
         slot
     }
@@ -206,10 +209,26 @@ impl DocCache {
         cache.evict(self.max_docs, self.max_bytes);
     }
 
+    /// Evicts idle docs down to the bounds now, however far over them slots
+    /// in use had left the cache: the writer calls it after each round, once
+    /// the round's docs are released.
+    pub fn trim(&self) {
+        let mut cache = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        cache.stuck_docs = 0;
+        cache.stuck_bytes = 0;
+        cache.evict(self.max_docs, self.max_bytes);
+    }
+
     /// Docs in the cache and their stored bytes.
     pub fn usage(&self) -> (usize, u64) {
         let cache = self.map.lock().unwrap_or_else(|p| p.into_inner());
         (cache.map.len(), cache.bytes)
+    }
+
+    /// The most docs the cache has held at once since it was made (slots
+    /// in use can hold it over its bound).
+    pub fn peak_docs(&self) -> usize {
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).peak_docs
     }
 
     /// True if `id` is in the cache and loaded (a slot being used counts as loaded).
@@ -373,5 +392,27 @@ mod tests {
         // Released: the next miss past 10 + 2 scans, and gets under.
         drop(add(&mut cache, 12));
         assert_eq!((cache.map.len(), cache.stuck_docs), (9, 0));
+    }
+
+    /// Once the slots a round held are released, `trim` brings the cache
+    /// under its bound at once: without it, a node that went idle after a
+    /// catch-up kept every doc its last rounds had held, since only a miss
+    /// evicts.
+    #[test]
+    fn trim_brings_the_cache_back_under_its_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let cache = DocCache::new(store, ActorId::random(), 10, u64::MAX);
+        let held: Vec<SlotRef> = (0..100)
+            .map(|i| cache.entry(&DocId::new(format!("d/{i}")).unwrap()))
+            .collect();
+        assert_eq!(cache.usage().0, 100, "all in use: none evicted");
+        drop(held);
+        assert_eq!(cache.usage().0, 100, "released, but no miss since");
+        cache.trim();
+        assert_eq!(cache.usage().0, 9, "down to the low-water mark");
+        cache.trim();
+        assert_eq!(cache.usage().0, 9, "under the bound: nothing to do");
+        assert_eq!(cache.peak_docs(), 100);
     }
 }

@@ -307,6 +307,8 @@ impl Node {
             changes_remote,
             tasks: self.inner.progress.list(),
             docs_lacking: self.inner.docs.sync_stats().map(|s| s.docs_lacking),
+            docs_cached: self.inner.docs.cache_usage().0 as u64,
+            docs_cached_peak: self.inner.docs.cache_peak_docs() as u64,
             light: self.inner.config.node.light,
             config: Some(self.inner.config.redacted()),
             automerge_servers: self

@@ -156,6 +156,12 @@ impl Docs {
         self.inner.cache.usage()
     }
 
+    /// The most documents held in memory at once since start (`store.cache_docs`
+    /// bounds it, plus those a writer round or a reader is using).
+    pub fn cache_peak_docs(&self) -> usize {
+        self.inner.cache.peak_docs()
+    }
+
     /// This boot's Automerge actor id.
     pub fn actor(&self) -> &ActorId {
         &self.inner.actor

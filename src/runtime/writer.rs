@@ -53,28 +53,44 @@ pub(super) fn run(
     mut sync: Option<SyncRuntime>,
 ) {
     let max = inner.cfg.write_batch.max(1);
+    // Remote input per round is bounded too: every doc a round changes stays
+    // loaded until its batch is stored, so a catch-up's frames (a thousand
+    // pushed docs each) taken 256 at a time held tens of thousands of docs in
+    // memory at once, however small the doc cache.
+    let max_inputs = (inner.cfg.cache_docs / 2).max(1);
     let mut stop = false;
     // Writes to a doc that remote input left suspect in the last round: they
     // go first in the next one, once the doc has been reloaded.
     let mut carried: Vec<WriteReq> = Vec::new();
+    // Remote input past the last round's bound: first in the next.
+    let mut carried_inputs: Vec<Input> = Vec::new();
     let mut clients = Clients::default();
     let mut unflushed = Unflushed::default();
     loop {
         let mut msgs: Vec<WriterMsg> = carried.drain(..).map(WriterMsg::Write).collect();
+        let mut room = max_inputs;
+        if !carried_inputs.is_empty() {
+            admit(
+                WriterMsg::Sync(std::mem::take(&mut carried_inputs)),
+                &mut msgs,
+                &mut room,
+                &mut carried_inputs,
+            );
+        }
         if !stop {
             if msgs.is_empty() {
                 match rx.blocking_recv() {
                     Some(WriterMsg::Stop) | None => break,
-                    Some(m) => msgs.push(m),
+                    Some(m) => admit(m, &mut msgs, &mut room, &mut carried_inputs),
                 }
             }
-            while msgs.len() < max {
+            while msgs.len() < max && room > 0 {
                 match rx.try_recv() {
                     Ok(WriterMsg::Stop) => {
                         stop = true;
                         break;
                     }
-                    Ok(m) => msgs.push(m),
+                    Ok(m) => admit(m, &mut msgs, &mut room, &mut carried_inputs),
                     Err(_) => break,
                 }
             }
@@ -83,6 +99,9 @@ pub(super) fn run(
             break;
         }
         carried = write_round(&inner, msgs, sync.as_mut(), &mut clients, &mut unflushed);
+        // The round's docs are released: back under the cache's bounds now,
+        // not after as many more misses as the round held docs.
+        inner.cache.trim();
         if let Some(sync) = &sync {
             let fp = sync.core.digest().fingerprint();
             *inner
@@ -93,10 +112,24 @@ pub(super) fn run(
             stats.docs_lacking = sync.core.lacking() as u64;
             *inner.sync_stats.lock().unwrap_or_else(|p| p.into_inner()) = Some(stats);
         }
-        if stop && carried.is_empty() {
+        if stop && carried.is_empty() && carried_inputs.is_empty() {
             break;
         }
     }
+}
+
+/// Adds `msg` to the round's messages; remote input only while the round
+/// has `room` for it, the rest into `over` (empty when called) for the next.
+fn admit(msg: WriterMsg, msgs: &mut Vec<WriterMsg>, room: &mut usize, over: &mut Vec<Input>) {
+    let WriterMsg::Sync(mut inputs) = msg else {
+        msgs.push(msg);
+        return;
+    };
+    if inputs.len() > *room {
+        *over = inputs.split_off(*room);
+    }
+    *room -= inputs.len();
+    msgs.push(WriterMsg::Sync(inputs));
 }
 
 /// Applies one round: local writes and remote input in memory, one sled batch,

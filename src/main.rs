@@ -10,6 +10,12 @@ use clap::{Parser, Subcommand};
 
 mod cli;
 
+/// mimalloc rather than the system's malloc: Automerge makes many small
+/// allocations, and glibc's malloc took a third to a half of a catch-up's
+/// CPU (see BENCHMARKS.md § allocator).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use cli::ClientArgs;
 use cli::doc::{DocCmd, doc};
 use cli::output::{print_json, print_status};

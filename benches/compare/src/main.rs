@@ -1055,6 +1055,12 @@ fn print(w: &Workload, results: &[(&str, Outcome)]) {
     }
 }
 
+/// The mergeflow command's allocator, for all three systems (feature
+/// `mimalloc`, on by default).
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() {
     let w = Workload {

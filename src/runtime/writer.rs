@@ -1,6 +1,7 @@
 //! The writer thread: applies queued writes and remote input in rounds.
 //!
-//! It takes every message waiting in its queue (up to `write_batch`), applies
+//! It takes every message waiting in its queue (up to `write_batch`, and
+//! at most `cache_docs / 2` remote inputs), applies
 //! each local write to its document under the document's lock (`local.rs`)
 //! and remote input through the sync core (`host.rs`, `round.rs`), collects
 //! the changes into one [`WriteBatch`], applies that to sled (crash-safe per

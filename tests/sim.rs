@@ -583,6 +583,36 @@ fn digests_leave_what_just_changed_to_the_fast_path() {
     assert_eq!(pushed, 0, "docs in flight were pushed again: {stats:?}");
 }
 
+/// What changed while a peer was away never went to it by the fast path:
+/// when it comes back, the first digest exchange repairs it at once, not
+/// after the settling time that leaves docs in flight to the fast path.
+#[test]
+fn what_changed_while_a_peer_was_away_is_repaired_without_settling() {
+    let mut sim = Sim::new(7, 2);
+    sim.advance(5_000);
+    sim.linked[0][1] = false;
+    sim.linked[1][0] = false;
+    sim.input(0, Input::PeerDown(peer_name(1)));
+    sim.input(1, Input::PeerDown(peer_name(0)));
+    for i in 0..20 {
+        sim.local_edit(0, &format!("away/{i}"));
+    }
+    sim.advance(100);
+    assert!(!sim.converged(), "the edits reached the peer that was away");
+    let settling_before: u64 = sim.nodes.iter().map(|n| n.core.stats().docs_settling).sum();
+    sim.linked[0][1] = true;
+    sim.linked[1][0] = true;
+    sim.input(0, Input::PeerUp(peer_name(1)));
+    sim.input(1, Input::PeerUp(peer_name(0)));
+    // Well inside the settling time (1.5 s): only a repair that did not
+    // wait for it converges here.
+    sim.advance(1_000);
+    let stats: Vec<_> = sim.nodes.iter().map(|n| n.core.stats().clone()).collect();
+    assert!(sim.converged(), "not repaired within 1 s: {stats:?}");
+    let settling: u64 = stats.iter().map(|s| s.docs_settling).sum();
+    assert_eq!(settling, settling_before, "docs were settled: {stats:?}");
+}
+
 /// The fast path: a change reaches a node that is not the origin's peer
 /// through a relay, long before anti-entropy would bring it; in a full mesh
 /// nobody relays (each node got the change from its origin).

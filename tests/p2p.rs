@@ -220,6 +220,7 @@ async fn without_the_key_or_off_the_allowlist_nothing_is_read_or_written() {
 /// Two nodes that each know only a third one find each other through
 /// Kademlia and connect directly; a QUIC-only node joins too. The fast path
 /// runs on gossipsub here.
+#[cfg(feature = "quic")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peers_of_peers_are_found_through_kademlia_and_quic_works() {
     let dir = tempfile::tempdir().unwrap();

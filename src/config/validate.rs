@@ -273,6 +273,7 @@ impl Config {
         if self.net.max_connections == 0 {
             return invalid("net.max_connections", "must be at least 1");
         }
+        quic_available(&self.net.listen, cfg!(feature = "quic"))?;
         if !self.net.key.is_empty() && self.net.listen.iter().any(|a| a.contains("/quic")) {
             return invalid(
                 "net.listen",
@@ -442,4 +443,18 @@ impl super::sections::NetTable {
     pub fn mdns_on(&self) -> bool {
         self.mdns && (self.closed() || self.open)
     }
+}
+
+/// A `/quic-v1` listen address in a build without the `quic` feature is
+/// refused by name, instead of failing when the swarm starts.
+pub(super) fn quic_available(listen: &[String], built_with_quic: bool) -> Result<(), ConfigError> {
+    if !built_with_quic && listen.iter().any(|a| a.contains("/quic")) {
+        return Err(ConfigError::Invalid {
+            key: "net.listen",
+            message: "this build has no QUIC (built without the `quic` feature): \
+                      listen on TCP (/ip4/.../tcp/PORT) instead"
+                .to_string(),
+        });
+    }
+    Ok(())
 }

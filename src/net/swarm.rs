@@ -14,8 +14,8 @@ use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{
-    StreamProtocol, Swarm, connection_limits, gossipsub, identify, kad, mdns, noise, ping, quic,
-    tcp, yamux,
+    StreamProtocol, Swarm, connection_limits, gossipsub, identify, kad, mdns, noise, ping, tcp,
+    yamux,
 };
 use prometheus_client::registry::Registry;
 
@@ -118,16 +118,24 @@ pub(super) fn build(
                         .boxed(),
                     // Without a network key, QUIC too (TLS 1.3 inside, one
                     // round trip to connect, no head-of-line blocking).
+                    #[cfg(feature = "quic")]
                     None => tcp
                         .upgrade(upgrade::Version::V1)
                         .authenticate(noise)
                         .multiplex(yamux::Config::default())
                         .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
                         .or_transport(
-                            quic::tokio::Transport::new(quic::Config::new(key))
+                            libp2p::quic::tokio::Transport::new(libp2p::quic::Config::new(key))
                                 .map(|(peer, conn), _| (peer, StreamMuxerBox::new(conn))),
                         )
                         .map(|either, _| either.into_inner())
+                        .boxed(),
+                    #[cfg(not(feature = "quic"))]
+                    None => tcp
+                        .upgrade(upgrade::Version::V1)
+                        .authenticate(noise)
+                        .multiplex(yamux::Config::default())
+                        .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
                         .boxed(),
                 };
                 Ok(transport)

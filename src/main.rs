@@ -12,7 +12,7 @@ mod cli;
 
 /// mimalloc rather than the system's malloc: Automerge makes many small
 /// allocations, and glibc's malloc took a third to a half of a catch-up's
-/// CPU (see BENCHMARKS.md § allocator).
+/// CPU (BENCHMARKS.md, "Catch-up memory bounded, and the allocator").
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -21,6 +21,27 @@ use prometheus_client::registry::Registry;
 
 use super::frames::{PROTOCOL, SyncCodec};
 
+/// A connection's transport, as the swarm takes it.
+type Boxed = libp2p::core::transport::Boxed<(libp2p::PeerId, StreamMuxerBox)>;
+
+/// `tcp`, or QUIC: TLS 1.3 inside, one round trip to connect, no
+/// head-of-line blocking.
+#[cfg(feature = "quic")]
+fn with_quic(tcp: Boxed, key: &Keypair) -> Boxed {
+    tcp.or_transport(
+        libp2p::quic::tokio::Transport::new(libp2p::quic::Config::new(key))
+            .map(|(peer, conn), _| (peer, StreamMuxerBox::new(conn))),
+    )
+    .map(|either, _| either.into_inner())
+    .boxed()
+}
+
+/// `tcp` alone: this build has no QUIC (the `quic` feature is off).
+#[cfg(not(feature = "quic"))]
+fn with_quic(tcp: Boxed, _key: &Keypair) -> Boxed {
+    tcp
+}
+
 /// The node's behaviours, in the order libp2p polls them.
 #[derive(NetworkBehaviour)]
 pub(super) struct Behaviour {
@@ -116,27 +137,15 @@ pub(super) fn build(
                         .multiplex(yamux::Config::default())
                         .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
                         .boxed(),
-                    // Without a network key, QUIC too (TLS 1.3 inside, one
-                    // round trip to connect, no head-of-line blocking).
-                    #[cfg(feature = "quic")]
-                    None => tcp
-                        .upgrade(upgrade::Version::V1)
-                        .authenticate(noise)
-                        .multiplex(yamux::Config::default())
-                        .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
-                        .or_transport(
-                            libp2p::quic::tokio::Transport::new(libp2p::quic::Config::new(key))
-                                .map(|(peer, conn), _| (peer, StreamMuxerBox::new(conn))),
-                        )
-                        .map(|either, _| either.into_inner())
-                        .boxed(),
-                    #[cfg(not(feature = "quic"))]
-                    None => tcp
-                        .upgrade(upgrade::Version::V1)
-                        .authenticate(noise)
-                        .multiplex(yamux::Config::default())
-                        .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
-                        .boxed(),
+                    // Without a network key, QUIC too where the build has it.
+                    None => with_quic(
+                        tcp.upgrade(upgrade::Version::V1)
+                            .authenticate(noise)
+                            .multiplex(yamux::Config::default())
+                            .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
+                            .boxed(),
+                        key,
+                    ),
                 };
                 Ok(transport)
             },

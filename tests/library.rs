@@ -1,5 +1,6 @@
 //! The library API: concurrent writers, closures over Automerge transactions,
-//! compaction and cache eviction across reopen, size caps.
+//! compaction (early for small docs) and cache eviction across reopen, size
+//! caps.
 
 use std::path::Path;
 
@@ -140,6 +141,71 @@ async fn compaction_and_eviction_keep_every_change_across_reopen() {
             .unwrap();
         assert_eq!(history.len(), 30);
     }
+    node.shutdown().await.unwrap();
+}
+
+/// A small doc is stored as one compact save once its tail holds 8
+/// changes, whatever `store.compact_after_changes` says above that; the
+/// changes that made it due are never written raw. A big doc keeps its
+/// tail until `store.compact_after_changes`.
+#[tokio::test]
+async fn small_docs_compact_early_and_big_ones_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = open(dir.path(), |_| {}).await;
+    for i in 0..8 {
+        for d in ["small/seven", "small/eight"] {
+            if d == "small/seven" && i == 7 {
+                continue;
+            }
+            node.doc(d).unwrap().patch(json!({ "n": i })).await.unwrap();
+        }
+    }
+    // Over the small-doc bound from its first change.
+    let big = node.doc("big").unwrap();
+    big.patch(json!({ "blob": "x".repeat(20_000) }))
+        .await
+        .unwrap();
+    for i in 0..20 {
+        big.patch(json!({ "n": i })).await.unwrap();
+    }
+    // (A doc handle holds the store open too.)
+    drop(big);
+    node.shutdown().await.unwrap();
+    drop(node);
+    // Off the runtime: the node's last tasks let go of the store on it.
+    let data = dir.path().join("data");
+    tokio::task::spawn_blocking(move || {
+        let store = mergeflow::testing::store::Store::open(&data, 1 << 20).unwrap();
+        let stored = |id: &str| {
+            let meta = store.doc_meta(id).unwrap().unwrap();
+            let data = store.doc_data(id, &meta).unwrap();
+            (meta, data)
+        };
+        let (meta, data) = stored("small/seven");
+        assert_eq!((meta.tail_changes, data.changes.len()), (7, 7));
+        assert!(data.snapshot.is_empty());
+        let (meta, data) = stored("small/eight");
+        assert_eq!((meta.tail_changes, data.changes.len()), (0, 0));
+        assert_eq!(meta.next_seq, 8, "every change still counted");
+        assert_eq!(meta.size_bytes, data.snapshot.len() as u64);
+        let doc = automerge::Automerge::load(&data.snapshot).unwrap();
+        assert_eq!(
+            doc.get_changes(&[]).len(),
+            8,
+            "the save holds all 8 changes"
+        );
+        let (meta, data) = stored("big");
+        assert_eq!((meta.tail_changes, data.changes.len()), (21, 21));
+    })
+    .await
+    .unwrap();
+    let node = open(dir.path(), |_| {}).await;
+    let v = node.doc("small/eight").unwrap().get().await.unwrap();
+    assert_eq!(v["n"], json!(7));
+    assert_eq!(
+        node.doc("big").unwrap().get().await.unwrap()["n"],
+        json!(19)
+    );
     node.shutdown().await.unwrap();
 }
 

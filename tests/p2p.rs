@@ -383,6 +383,62 @@ async fn heartbeats_alone_keep_an_idle_pair_connected() {
 /// memory, not what its peer pushes at once (frames of a thousand docs,
 /// hundreds of frames queued): a writer round takes at most
 /// `store.cache_docs / 2` remote inputs, and trims the cache after it.
+/// A node pushes a doc it holds as a compact save, with every signature,
+/// straight from the store: serving a fresh peer loads none of them (a
+/// load and a save per doc was most of a sender's catch-up CPU). The peer
+/// gets every doc whole and takes every signature.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stored_saves_are_pushed_without_loading_them() {
+    const DOCS: usize = 120;
+    let dir = tempfile::tempdir().unwrap();
+    let a = start(&dir.path().join("a"), vec![]).await;
+    let writes = (0..DOCS).map(|i| {
+        let a = a.clone();
+        async move {
+            let doc = a.doc(&format!("saved/{i:03}")).unwrap();
+            // 8 changes: stored as one save (a small doc compacts at 8).
+            for n in 0..8 {
+                doc.patch(json!({ "i": i, "n": n })).await.unwrap();
+            }
+        }
+    });
+    futures_util::future::join_all(writes).await;
+    // A save and a tail of 4: loaded and saved to go, signed all the same.
+    let tail = a.doc("saved/tail").unwrap();
+    for n in 0..12 {
+        tail.patch(json!({ "n": n })).await.unwrap();
+    }
+    drop(tail);
+    a.shutdown().await.unwrap();
+    drop(a);
+    // Restarted: nothing in memory.
+    let a = start(&dir.path().join("a"), vec![]).await;
+    let a_addr = listen_addr(&a).await;
+    let b = start(&dir.path().join("b"), vec![a_addr]).await;
+    converged(&[&a, &b], "a fresh node from stored saves").await;
+    let loaded = a.status().await.docs_cached_peak;
+    assert!(
+        loaded < 16,
+        "the sender loaded {loaded} docs to push {DOCS} stored saves"
+    );
+    let mut expected: Vec<(String, serde_json::Value)> = (0..DOCS)
+        .step_by(17)
+        .map(|i| (format!("saved/{i:03}"), json!({ "i": i, "n": 7 })))
+        .collect();
+    expected.push(("saved/tail".into(), json!({ "n": 11 })));
+    for (id, value) in expected {
+        assert_eq!(b.doc(&id).unwrap().get().await.unwrap(), value, "{id}");
+        let history = b.doc(&id).unwrap().history().await.unwrap();
+        assert!(history.len() >= 8, "{id}: {history:?}");
+        assert!(
+            history.iter().all(|h| h.signed_by.is_some()),
+            "{id}: a change arrived unsigned: {history:?}"
+        );
+    }
+    b.shutdown().await.unwrap();
+    a.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fresh_node_catching_up_holds_few_docs_in_memory() {
     const DOCS: usize = 600;

@@ -9,8 +9,7 @@ use automerge::transaction::{CommitOptions, Transactable, Transaction};
 use automerge::{Automerge, ChangeHash, ReadDoc};
 
 use super::persist::{
-    append_changes, changed_paths, forget_side_data, maybe_compact, patch_log, roll_back,
-    tail_range,
+    changed_paths, forget_side_data, patch_log, roll_back, store_changes, tail_range,
 };
 use super::round::Touch;
 use super::state::{Change, Inner, WriteOp, WriteResult, WriteTags};
@@ -436,7 +435,7 @@ where
         sigs.push(sig);
     }
     let all = geneses.iter().map(|g| g.raw_bytes()).chain([bytes]);
-    append_changes(batch, id, &mut meta, loaded, now, all.clone());
+    store_changes(inner, batch, id, &mut meta, loaded, now, all.clone());
     inner.changes.local.fetch_add(1, Ordering::Relaxed);
     let input = Input::LocalChange {
         doc: id.to_string(),
@@ -445,7 +444,6 @@ where
         state: DocState::Live(loaded.doc.get_heads()),
         ack: false, // set by the caller, which knows the request
     };
-    maybe_compact(inner, id, loaded, &mut meta, batch);
     let result = WriteResult {
         id: id.clone(),
         heads: meta.heads.clone(),

@@ -11,7 +11,8 @@
 //! - [`Inbox`] is the transport-agnostic way in for peers: a connection id
 //!   (a peer's id as a string) plus a sync [`Input`](crate::sync::Input). The
 //!   writer hands it to the sync core with a [`Round`](round::Round) as the
-//!   core's document access (`host.rs`, `round.rs`); the core's
+//!   core's document access (`host.rs`, `round.rs`; a doc pushed whole:
+//!   `push.rs`); the core's
 //!   [`Output`](crate::sync::Output)s go to the channel given at start, to be
 //!   sent to their connections by the transport (`crate::net` today).
 //!
@@ -36,6 +37,7 @@ mod host;
 mod inbox;
 mod local;
 mod persist;
+mod push;
 mod read;
 mod replicas;
 mod round;

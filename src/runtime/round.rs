@@ -416,40 +416,6 @@ fn store_merged(
     Ok(DocState::Live(loaded.doc.get_heads()))
 }
 
-/// A doc to push as it is stored, with no Automerge load or save: one not
-/// in memory (else memory may be ahead of the store, with changes of this
-/// round), stored as a save with no tail, whose every change has its
-/// signature stored. `None` for any other, which goes the long way.
-///
-/// Every stored change counts once in `next_seq`, and a doc's signatures
-/// are those of its changes (a delete removes them all, leaving only the
-/// tombstone's), so as many signatures as `next_seq` means none is
-/// missing. A doc with changes from before signatures has fewer and goes
-/// the long way, where `sig_of` signs those.
-fn stored_save(inner: &Inner, doc: &str) -> Option<(Vec<u8>, Vec<u8>)> {
-    use crate::trust::{SIG_ENTRY_LEN, TOMBSTONE_HASH, push_entry};
-    let id = DocId::new(doc).ok()?;
-    if inner.cache.is_loaded(&id) {
-        return None;
-    }
-    let meta = inner.store.doc_meta(doc).ok()??;
-    if meta.deleted_at_ms.is_some() || meta.tail_changes != 0 || meta.snapshot_bytes == 0 {
-        return None;
-    }
-    let data = inner.store.doc_data(doc, &meta).ok()?;
-    if !data.changes.is_empty() || data.snapshot.is_empty() {
-        return None;
-    }
-    let stored = inner.store.sigs(doc).ok()?;
-    let mut sigs = Vec::with_capacity(stored.len() * SIG_ENTRY_LEN);
-    let mut n = 0;
-    for (hash, sig) in stored.iter().filter(|(h, _)| **h != TOMBSTONE_HASH) {
-        push_entry(&mut sigs, hash, sig);
-        n += 1;
-    }
-    (n == meta.next_seq).then_some((data.snapshot, sigs))
-}
-
 impl DocAccess for Round<'_> {
     fn tombstone_sig(&mut self, doc: &str) -> Vec<u8> {
         super::sigs::tombstone_sig(self.inner, &mut self.batch, doc)
@@ -615,42 +581,13 @@ impl DocAccess for Round<'_> {
     }
 
     fn doc_bytes(&mut self, doc: &str) -> Option<(Vec<u8>, Vec<u8>)> {
-        if let Some(stored) = stored_save(self.inner, doc) {
+        if let Some(stored) = super::push::stored_save(self.inner, doc) {
             return Some(stored);
         }
-        // A compact save of the doc as it is in memory: a doc stored as a
-        // snapshot and a tail of changes would go as that, and a change sent
-        // alone costs several times its share of a save (a catch-up of 10,000
-        // small docs is mostly such tails).
-        let (data, hashes): (Vec<u8>, Vec<[u8; 32]>) = self
-            .with_loaded(doc, |_, _, loaded| {
-                let live = loaded
-                    .meta
-                    .as_ref()
-                    .is_some_and(|m| m.deleted_at_ms.is_none());
-                Ok(live.then(|| {
-                    let hashes = loaded
-                        .doc
-                        .get_changes_meta(&[])
-                        .iter()
-                        .map(|c| c.hash.0)
-                        .collect();
-                    (loaded.doc.save(), hashes)
-                }))
-            })
+        let (data, hashes) = self
+            .with_loaded(doc, |_, _, loaded| Ok(super::push::save_of(loaded)))
             .ok()??;
-        let stored = self.inner.store.sigs(doc).ok()?;
-        // One scan of the stored signatures; `sig_of` only for those missing.
-        let mut sigs = Vec::with_capacity(hashes.len() * crate::trust::SIG_ENTRY_LEN);
-        for h in &hashes {
-            let sig = match stored.get(h) {
-                Some(s) => Some(s.clone()),
-                None => self.sigs.sig_of(self.inner, doc, h),
-            };
-            if let Some(sig) = sig {
-                crate::trust::push_entry(&mut sigs, h, &sig);
-            }
-        }
+        let sigs = super::push::sigs_of(self.inner, &mut self.sigs, doc, &hashes)?;
         Some((data, sigs))
     }
 

@@ -142,11 +142,24 @@ impl HttpAllow {
     }
 }
 
+/// Makes ring rustls' process-wide crypto provider, unless one is set
+/// already (an embedder's choice stands). reqwest (built without a
+/// provider of its own) and the MQTT bridge take theirs from there; every
+/// HTTP client the node builds calls this first.
+pub fn install_tls_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // An error means another provider was installed first: it is used.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
 /// The builder every `http` step client starts from: a 10 s connect
 /// timeout, `roots` trusted for `https://` besides the system's, and
 /// redirects followed only within the same host (a step's headers, which
 /// may carry a secret, never go to another).
 pub fn client_builder(roots: &[reqwest::Certificate]) -> reqwest::ClientBuilder {
+    install_tls_provider();
     reqwest::Client::builder()
         .connect_timeout(std::time::Duration::from_secs(10))
         .tls_certs_merge(roots.iter().cloned())

@@ -435,3 +435,73 @@ async fn doc_changes_are_published_once_per_state_with_their_heads() {
     assert_eq!(listed.as_object().map(|m| m.len()), Some(1), "{listed}");
     node.shutdown().await.unwrap();
 }
+
+/// `mqtts://`: the bridge trusts a broker whose certificate `tls_ca`
+/// names, and readings arrive over TLS; without `tls_ca` the same broker
+/// is refused, and the bridge says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mqtts_broker_is_trusted_through_tls_ca_and_refused_without() {
+    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let Some(broker) = Mosquitto::start_tls(&ck.cert.pem(), &ck.key_pair.serialize_pem()) else {
+        return;
+    };
+    let tls_port = broker.tls_port.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, ck.cert.pem()).unwrap();
+    let bridge = |name: &str, tls_ca: &str| -> Vec<mergeflow::config::MqttBroker> {
+        #[derive(serde::Deserialize)]
+        struct Only {
+            mqtt: Vec<mergeflow::config::MqttBroker>,
+        }
+        let cfg = format!(
+            "[[mqtt]]\nurl = \"mqtts://127.0.0.1:{tls_port}\"\nclient_id = \"{name}\"\n{tls_ca}\
+             [[mqtt.in]]\nsubscribe = \"sensors/+/reading\"\ndoc = \"sensors/{{1}}\"\n\
+             path = \"/readings/-\"\n"
+        );
+        toml::from_str::<Only>(&cfg).unwrap().mqtt
+    };
+    let trusting = bridge("tls-trusting", &format!("tls_ca = \"{}\"\n", ca.display()));
+    let node = common::api_node(&dir.path().join("a"), |c| c.mqtt = trusting).await;
+    let api = format!("http://{}", node.api_addr().unwrap());
+    bridge_connected(&api, true).await;
+    // The device publishes on the plain listener; the bridge reads over TLS.
+    let device = Device::connect(&broker, "device-tls");
+    device
+        .client
+        .publish(
+            "sensors/t/reading",
+            QoS::AtLeastOnce,
+            false,
+            b"{\"seq\": 1}".to_vec(),
+        )
+        .await
+        .unwrap();
+    until("the reading over TLS", || async {
+        let d = node.doc("sensors/t").unwrap().get().await.ok()?;
+        (seqs(&d) == [1]).then_some(())
+    })
+    .await;
+    node.shutdown().await.unwrap();
+
+    let doubting = bridge("tls-doubting", "");
+    let node = common::api_node(&dir.path().join("b"), |c| c.mqtt = doubting).await;
+    let api = format!("http://{}", node.api_addr().unwrap());
+    let error = until("the bridge's TLS error", || async {
+        let s: Value = reqwest::get(format!("{api}/v1/mqtt"))
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        let bridge = &s["bridges"][0];
+        assert_eq!(bridge["connected"], json!(false), "{s}");
+        bridge["last_error"].as_str().map(str::to_string)
+    })
+    .await;
+    assert!(
+        error.to_lowercase().contains("certificate"),
+        "the error should name the certificate: {error}"
+    );
+    node.shutdown().await.unwrap();
+}

@@ -89,6 +89,7 @@ pub fn http_client(
         v.set_sensitive(true);
         headers.insert(reqwest::header::AUTHORIZATION, v);
     }
+    crate::http_allow::install_tls_provider();
     reqwest::Client::builder()
         .no_proxy()
         .connect_timeout(connect_timeout)

@@ -245,7 +245,7 @@ fn tls_config(cfg: &MqttBroker) -> Result<rumqttc::TlsConfiguration, String> {
                 .map_err(|e| format!("tls_ca {}: {e}", cfg.tls_ca.display()))?;
         }
     }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 pub struct Mosquitto {
     child: Child,
     pub port: u16,
+    /// A second listener, on TLS, when started with [`Mosquitto::start_tls`].
+    pub tls_port: Option<u16>,
     conf: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -33,6 +35,16 @@ impl Mosquitto {
     /// saying why) when there is no `mosquitto` here and CI did not ask
     /// for one.
     pub fn start() -> Option<Mosquitto> {
+        Mosquitto::launch(None)
+    }
+
+    /// [`start`](Mosquitto::start), with a second listener on TLS that
+    /// presents `cert_pem` (its key: `key_pem`, PKCS#8).
+    pub fn start_tls(cert_pem: &str, key_pem: &str) -> Option<Mosquitto> {
+        Mosquitto::launch(Some((cert_pem, key_pem)))
+    }
+
+    fn launch(tls: Option<(&str, &str)>) -> Option<Mosquitto> {
         let Some(bin) = binary() else {
             assert!(
                 std::env::var_os("MERGEFLOW_REQUIRE_MOSQUITTO").is_none(),
@@ -45,15 +57,25 @@ impl Mosquitto {
         let conf = dir.path().join("mosquitto.conf");
         for _ in 0..5 {
             let port = free_port();
-            std::fs::write(
-                &conf,
-                format!(
-                    "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
-                     max_queued_messages 0\nmax_inflight_messages 0\nlog_dest stderr\n\
-                     log_type error\nlog_type warning\n"
-                ),
-            )
-            .unwrap();
+            let mut text = format!(
+                "per_listener_settings false\nallow_anonymous true\npersistence false\n\
+                 max_queued_messages 0\nmax_inflight_messages 0\nlog_dest stderr\n\
+                 log_type error\nlog_type warning\nlistener {port} 127.0.0.1\n"
+            );
+            let tls_port = tls.map(|(cert, key)| {
+                let (cert_file, key_file) =
+                    (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+                std::fs::write(&cert_file, cert).unwrap();
+                std::fs::write(&key_file, key).unwrap();
+                let tls_port = free_port();
+                text += &format!(
+                    "listener {tls_port} 127.0.0.1\ncertfile {}\nkeyfile {}\n",
+                    cert_file.display(),
+                    key_file.display()
+                );
+                tls_port
+            });
+            std::fs::write(&conf, text).unwrap();
             let mut child = Command::new(&bin)
                 .arg("-c")
                 .arg(&conf)
@@ -61,10 +83,13 @@ impl Mosquitto {
                 .stderr(Stdio::inherit())
                 .spawn()
                 .expect("start mosquitto");
-            if wait_listening(port, &mut child) {
+            if wait_listening(port, &mut child)
+                && tls_port.is_none_or(|p| wait_listening(p, &mut child))
+            {
                 return Some(Mosquitto {
                     child,
                     port,
+                    tls_port,
                     conf,
                     _dir: dir,
                 });

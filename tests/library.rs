@@ -146,8 +146,8 @@ async fn compaction_and_eviction_keep_every_change_across_reopen() {
 
 /// A small doc is stored as one compact save once its tail holds 8
 /// changes, whatever `store.compact_after_changes` says above that; the
-/// changes that made it due are never written raw. A big doc keeps its
-/// tail until `store.compact_after_changes`.
+/// changes that made it due are never written raw. A big doc, and one past
+/// 256 changes, keep their tail until `store.compact_after_changes`.
 #[tokio::test]
 async fn small_docs_compact_early_and_big_ones_wait() {
     let dir = tempfile::tempdir().unwrap();
@@ -160,6 +160,13 @@ async fn small_docs_compact_early_and_big_ones_wait() {
             node.doc(d).unwrap().patch(json!({ "n": i })).await.unwrap();
         }
     }
+    // Small in bytes, but past 256 changes: back on the usual rule, so its
+    // tail grows again (it compacted every few changes until then).
+    let busy = node.doc("busy").unwrap();
+    for i in 0..300 {
+        busy.patch(json!({ "n": i })).await.unwrap();
+    }
+    drop(busy);
     // Over the small-doc bound from its first change.
     let big = node.doc("big").unwrap();
     big.patch(json!({ "blob": "x".repeat(20_000) }))
@@ -194,6 +201,9 @@ async fn small_docs_compact_early_and_big_ones_wait() {
             8,
             "the save holds all 8 changes"
         );
+        let (meta, _) = stored("busy");
+        assert!(meta.size_bytes < 16 << 10, "{meta:?}");
+        assert!((40..=256).contains(&meta.tail_changes), "{meta:?}");
         let (meta, data) = stored("big");
         assert_eq!((meta.tail_changes, data.changes.len()), (21, 21));
     })

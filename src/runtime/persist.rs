@@ -130,9 +130,13 @@ pub(super) fn store_changes<'a>(
     }
 }
 
-/// Docs stored in at most this many bytes (snapshot and tail) count as
-/// small for compaction.
+/// Docs stored in at most this many bytes (snapshot and tail), with at
+/// most this many changes, count as small for compaction. The change bound
+/// keeps the extra saves cheap and few: a save costs by the doc's ops, not
+/// its bytes (a list of 2,000 small readings saves in under 16 KiB), and a
+/// busy doc past it compacts by the usual rule.
 const SMALL_DOC_BYTES: u64 = 16 << 10;
+const SMALL_DOC_CHANGES: u64 = 256;
 /// A small doc compacts once its tail holds this many changes (or
 /// `store.compact_after_changes`, if lower).
 const SMALL_DOC_TAIL: u64 = 8;
@@ -144,15 +148,15 @@ const SMALL_DOC_TAIL: u64 = 8;
 /// quarter of its snapshot (amortised O(1) per change; a 100,000-change doc
 /// compacted every 256 changes wrote 290 MiB for 220 KiB), but never past
 /// 16x `store.compact_after_changes`, which bounds load time. The tail must
-/// also hold `store.compact_after_changes` changes, except in a small doc:
-/// there a save costs microseconds, while ten raw one-key changes take six
+/// also hold `store.compact_after_changes` changes, except in a small doc
+/// (see [`SMALL_DOC_BYTES`]): there a save costs microseconds, while ten raw one-key changes take six
 /// times the bytes of the doc's save (930 against 152) and three times as
 /// long to load, both for a read and for a push to a peer. Also due when
 /// the raw changes alone would put the doc over its cap (a big merge from
 /// a peer): what is stored then is the compact save.
 fn compaction_due(inner: &Inner, meta: &DocMeta) -> bool {
     let n = inner.cfg.compact_after_changes;
-    let min_tail = if meta.size_bytes <= SMALL_DOC_BYTES {
+    let min_tail = if meta.size_bytes <= SMALL_DOC_BYTES && meta.next_seq <= SMALL_DOC_CHANGES {
         n.min(SMALL_DOC_TAIL)
     } else {
         n

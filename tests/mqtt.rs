@@ -75,16 +75,30 @@ fn bridge_config(broker: &Mosquitto, client_id: &str, extra: &str) -> String {
     )
 }
 
+/// The `[[mqtt]]` brokers of a config text.
+fn brokers(cfg: &str) -> Vec<mergeflow::config::MqttBroker> {
+    #[derive(serde::Deserialize)]
+    struct Only {
+        mqtt: Vec<mergeflow::config::MqttBroker>,
+    }
+    toml::from_str::<Only>(cfg).unwrap().mqtt
+}
+
+/// `GET /v1/mqtt` of the node at `api`, if it answers with JSON.
+async fn mqtt_status(api: &str) -> Option<Value> {
+    reqwest::get(format!("{api}/v1/mqtt"))
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()
+}
+
 /// Polls `GET /v1/mqtt` of the node at `api` until its first bridge is
 /// connected (or, with `false`, is not).
 async fn bridge_connected(api: &str, connected: bool) {
     until("the bridge's connection state", || async {
-        let s: Value = reqwest::get(format!("{api}/v1/mqtt"))
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
+        let s = mqtt_status(api).await?;
         (s["bridges"][0]["connected"] == json!(connected)).then_some(())
     })
     .await;
@@ -203,24 +217,9 @@ async fn bad_messages_become_dead_letters_and_a_broker_that_goes_away_is_reconne
     };
     let dir = tempfile::tempdir().unwrap();
     let cfg = bridge_config(&broker, "bridge-bad", "max_payload = 1024\n");
-    let brokers: Vec<mergeflow::config::MqttBroker> = {
-        #[derive(serde::Deserialize)]
-        struct Only {
-            mqtt: Vec<mergeflow::config::MqttBroker>,
-        }
-        toml::from_str::<Only>(&cfg).unwrap().mqtt
-    };
-    let node = common::api_node(dir.path(), |c| c.mqtt = brokers).await;
+    let node = common::api_node(dir.path(), |c| c.mqtt = brokers(&cfg)).await;
     let api = format!("http://{}", node.api_addr().unwrap());
-    let status = || async {
-        let s: Value = reqwest::get(format!("{api}/v1/mqtt"))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        s
-    };
+    let status = || async { mqtt_status(&api).await.expect("GET /v1/mqtt") };
     bridge_connected(&api, true).await;
     let device = Device::connect(&broker, "device-bad");
     let sends: Vec<(&str, Vec<u8>)> = vec![
@@ -344,12 +343,7 @@ async fn doc_changes_are_published_once_per_state_with_their_heads() {
     };
     let dir = tempfile::tempdir().unwrap();
     let cfg = bridge_config(&broker, "bridge-out", "");
-    #[derive(serde::Deserialize)]
-    struct Only {
-        mqtt: Vec<mergeflow::config::MqttBroker>,
-    }
-    let brokers = toml::from_str::<Only>(&cfg).unwrap().mqtt;
-    let node = common::api_node(dir.path(), |c| c.mqtt = brokers).await;
+    let node = common::api_node(dir.path(), |c| c.mqtt = brokers(&cfg)).await;
     let api = format!("http://{}", node.api_addr().unwrap());
     bridge_connected(&api, true).await;
     let watcher = Device::connect(&broker, "watcher");
@@ -450,16 +444,11 @@ async fn an_mqtts_broker_is_trusted_through_tls_ca_and_refused_without() {
     let ca = dir.path().join("ca.pem");
     std::fs::write(&ca, ck.cert.pem()).unwrap();
     let bridge = |name: &str, tls_ca: &str| -> Vec<mergeflow::config::MqttBroker> {
-        #[derive(serde::Deserialize)]
-        struct Only {
-            mqtt: Vec<mergeflow::config::MqttBroker>,
-        }
-        let cfg = format!(
+        brokers(&format!(
             "[[mqtt]]\nurl = \"mqtts://127.0.0.1:{tls_port}\"\nclient_id = \"{name}\"\n{tls_ca}\
              [[mqtt.in]]\nsubscribe = \"sensors/+/reading\"\ndoc = \"sensors/{{1}}\"\n\
              path = \"/readings/-\"\n"
-        );
-        toml::from_str::<Only>(&cfg).unwrap().mqtt
+        ))
     };
     let trusting = bridge("tls-trusting", &format!("tls_ca = \"{}\"\n", ca.display()));
     let node = common::api_node(&dir.path().join("a"), |c| c.mqtt = trusting).await;
@@ -488,12 +477,7 @@ async fn an_mqtts_broker_is_trusted_through_tls_ca_and_refused_without() {
     let node = common::api_node(&dir.path().join("b"), |c| c.mqtt = doubting).await;
     let api = format!("http://{}", node.api_addr().unwrap());
     let error = until("the bridge's TLS error", || async {
-        let s: Value = reqwest::get(format!("{api}/v1/mqtt"))
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
+        let s = mqtt_status(&api).await?;
         let bridge = &s["bridges"][0];
         assert_eq!(bridge["connected"], json!(false), "{s}");
         bridge["last_error"].as_str().map(str::to_string)

@@ -137,8 +137,10 @@ pub(super) fn store_changes<'a>(
 /// busy doc past it compacts by the usual rule.
 const SMALL_DOC_BYTES: u64 = 16 << 10;
 const SMALL_DOC_CHANGES: u64 = 256;
-/// A small doc compacts once its tail holds this many changes (or
-/// `store.compact_after_changes`, if lower).
+/// A small doc compacts once its tail holds this many changes and a
+/// quarter of all its changes (or `store.compact_after_changes`, if lower):
+/// at 8, 16, 24, 32, 42, 55, 73, 97, 129, 171 and 227 changes, 11 saves
+/// in its first 256 (32 with the tail of 8 alone).
 const SMALL_DOC_TAIL: u64 = 8;
 
 /// Whether a doc with `meta` (counting the changes being stored) should be
@@ -149,15 +151,16 @@ const SMALL_DOC_TAIL: u64 = 8;
 /// compacted every 256 changes wrote 290 MiB for 220 KiB), but never past
 /// 16x `store.compact_after_changes`, which bounds load time. The tail must
 /// also hold `store.compact_after_changes` changes, except in a small doc
-/// (see [`SMALL_DOC_BYTES`]): there a save costs microseconds, while ten raw one-key changes take six
-/// times the bytes of the doc's save (930 against 152) and three times as
-/// long to load, both for a read and for a push to a peer. Also due when
-/// the raw changes alone would put the doc over its cap (a big merge from
-/// a peer): what is stored then is the compact save.
+/// (see [`SMALL_DOC_BYTES`] and [`SMALL_DOC_TAIL`]): there a save costs
+/// microseconds, while ten raw one-key changes take six times the bytes
+/// of the doc's save (930 against 152) and three times as long to load,
+/// both for a read and for a push to a peer. Also due when the raw
+/// changes alone would put the doc over its cap (a big merge from a
+/// peer): what is stored then is the compact save.
 fn compaction_due(inner: &Inner, meta: &DocMeta) -> bool {
     let n = inner.cfg.compact_after_changes;
     let min_tail = if meta.size_bytes <= SMALL_DOC_BYTES && meta.next_seq <= SMALL_DOC_CHANGES {
-        n.min(SMALL_DOC_TAIL)
+        n.min(SMALL_DOC_TAIL.max(meta.next_seq / 4))
     } else {
         n
     };

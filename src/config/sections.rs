@@ -162,8 +162,8 @@ pub struct StoreConfig {
     /// Stored bytes of the documents kept loaded in memory.
     pub cache_doc_bytes: u64,
     /// Compact a document's change tail into a snapshot at this many changes
-    /// (a document stored in under 16 KiB, with at most 256 changes: at 8,
-    /// if that is fewer).
+    /// (a document stored in under 16 KiB, with at most 256 changes: from 8
+    /// on, if that is fewer).
     pub compact_after_changes: u64,
     /// Remote changes merged from the fast path that nobody waits on are
     /// flushed within this many milliseconds instead of one flush each; 0

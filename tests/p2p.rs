@@ -379,10 +379,6 @@ async fn heartbeats_alone_keep_an_idle_pair_connected() {
     a.shutdown().await.unwrap();
 }
 
-/// A fresh node catching up holds about its doc cache's worth of docs in
-/// memory, not what its peer pushes at once (frames of a thousand docs,
-/// hundreds of frames queued): a writer round takes at most
-/// `store.cache_docs / 2` remote inputs, and trims the cache after it.
 /// A node pushes a doc it holds as a compact save, with every signature,
 /// straight from the store: serving a fresh peer loads none of them (a
 /// load and a save per doc was most of a sender's catch-up CPU). The peer
@@ -439,6 +435,10 @@ async fn stored_saves_are_pushed_without_loading_them() {
     a.shutdown().await.unwrap();
 }
 
+/// A fresh node catching up holds about its doc cache's worth of docs in
+/// memory, not what its peer pushes at once (frames of a thousand docs,
+/// hundreds of frames queued): a writer round takes at most
+/// `store.cache_docs / 2` remote inputs, and trims the cache after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fresh_node_catching_up_holds_few_docs_in_memory() {
     const DOCS: usize = 600;

@@ -27,8 +27,10 @@ pub(super) fn stored_save(inner: &Inner, doc: &str) -> Option<(Vec<u8>, Vec<u8>)
     if meta.deleted_at_ms.is_some() || meta.tail_changes != 0 || meta.snapshot_bytes == 0 {
         return None;
     }
+    // No tail (checked above): the snapshot alone (`doc_data` checks the
+    // meta's count against what is stored).
     let data = inner.store.doc_data(doc, &meta).ok()?;
-    if !data.changes.is_empty() || data.snapshot.is_empty() {
+    if data.snapshot.is_empty() {
         return None;
     }
     let stored = inner.store.sigs(doc).ok()?;

@@ -382,7 +382,10 @@ async fn heartbeats_alone_keep_an_idle_pair_connected() {
 /// A node pushes a doc it holds as a compact save, with every signature,
 /// straight from the store: serving a fresh peer loads none of them (a
 /// load and a save per doc was most of a sender's catch-up CPU). The peer
-/// gets every doc whole and takes every signature.
+/// gets every doc whole and takes every signature. A doc not known to
+/// have every signature stored (one from before signatures, here with a
+/// signature left by a crash making up the count) goes the long way,
+/// where the sender signs what is missing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stored_saves_are_pushed_without_loading_them() {
     const DOCS: usize = 120;
@@ -407,6 +410,11 @@ async fn stored_saves_are_pushed_without_loading_them() {
     drop(tail);
     a.shutdown().await.unwrap();
     drop(a);
+    let legacy = "saved/000";
+    let data = dir.path().join("a");
+    tokio::task::spawn_blocking(move || make_legacy(&data, legacy))
+        .await
+        .unwrap();
     // Restarted: nothing in memory.
     let a = start(&dir.path().join("a"), vec![]).await;
     let a_addr = listen_addr(&a).await;
@@ -422,6 +430,7 @@ async fn stored_saves_are_pushed_without_loading_them() {
         .map(|i| (format!("saved/{i:03}"), json!({ "i": i, "n": 7 })))
         .collect();
     expected.push(("saved/tail".into(), json!({ "n": 11 })));
+    assert!(expected.iter().any(|(id, _)| id == legacy));
     for (id, value) in expected {
         assert_eq!(b.doc(&id).unwrap().get().await.unwrap(), value, "{id}");
         let history = b.doc(&id).unwrap().history().await.unwrap();
@@ -433,6 +442,28 @@ async fn stored_saves_are_pushed_without_loading_them() {
     }
     b.shutdown().await.unwrap();
     a.shutdown().await.unwrap();
+}
+
+/// Makes stored doc `id` look like one written before signatures, with a
+/// crash leftover on top: one change's signature gone, a signature of no
+/// change in its place (as many signatures as changes), and a meta
+/// without the `signed` mark, as a build from before it wrote.
+fn make_legacy(data_dir: &std::path::Path, id: &str) {
+    use mergeflow::testing::store::{Store, WriteBatch};
+    let store = Store::open(data_dir, 1 << 20).unwrap();
+    let mut meta = store.doc_meta(id).unwrap().unwrap();
+    assert!(meta.signed && meta.tail_changes == 0, "{meta:?}");
+    let sigs = store.sigs(id).unwrap();
+    assert_eq!(sigs.len() as u64, meta.next_seq);
+    let (hash, sig) = sigs.iter().next().unwrap();
+    let snapshot = store.doc_data(id, &meta).unwrap().snapshot;
+    meta.signed = false;
+    let mut batch = WriteBatch::default();
+    batch.remove_sig(id, hash);
+    batch.put_sig(id, &[7; 32], sig);
+    batch.compact(id, &snapshot, &meta, meta.next_seq..meta.next_seq);
+    store.apply(batch).unwrap();
+    store.flush().unwrap();
 }
 
 /// A fresh node catching up holds about its doc cache's worth of docs in

@@ -154,6 +154,8 @@ pub(super) fn apply(
             let old = live_meta(id, loaded)?.clone();
             let mut meta = old.clone();
             meta.deleted_at_ms = Some(now_ms());
+            // (A doc made again after its delete goes the long way.)
+            meta.signed = false;
             meta.size_bytes = 0;
             meta.snapshot_bytes = 0;
             meta.tail_changes = 0;
@@ -435,7 +437,17 @@ where
         sigs.push(sig);
     }
     let all = geneses.iter().map(|g| g.raw_bytes()).chain([bytes]);
-    store_changes(inner, batch, id, &mut meta, loaded, now, all.clone());
+    let signed = sigs.iter().all(|s| !s.is_empty());
+    store_changes(
+        inner,
+        batch,
+        id,
+        &mut meta,
+        loaded,
+        now,
+        all.clone(),
+        signed,
+    );
     inner.changes.local.fetch_add(1, Ordering::Relaxed);
     let input = Input::LocalChange {
         doc: id.to_string(),

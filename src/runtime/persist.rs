@@ -91,7 +91,10 @@ pub(super) fn tail_range(meta: &DocMeta) -> std::ops::Range<u64> {
 /// tail and size) alongside, or, when they make a compaction due (see
 /// [`compaction_due`]), as the doc's compact save in their place. The
 /// changes then never reach sled: a pushed 10-change doc is one snapshot
-/// write, not ten inserts and ten removes.
+/// write, not ten inserts and ten removes. `signed`: every one of them has
+/// its signature in `batch` ahead of it (the meta's `signed` stays true
+/// only while that holds for every change the doc ever stored).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn store_changes<'a>(
     inner: &Inner,
     batch: &mut WriteBatch,
@@ -100,7 +103,9 @@ pub(super) fn store_changes<'a>(
     loaded: &Loaded,
     now: u64,
     changes: impl IntoIterator<Item = &'a [u8]>,
+    signed: bool,
 ) {
+    meta.signed &= signed;
     meta.heads = loaded
         .doc
         .get_heads()

@@ -10,13 +10,12 @@ use crate::doc::cache::Loaded;
 /// A doc to push as it is stored, with no Automerge load or save: one not
 /// in memory (else memory may be ahead of the store, with changes of this
 /// round), stored as a save with no tail, whose every change has its
-/// signature stored. `None` for any other, which goes the long way.
+/// signature stored (the meta's `signed`). `None` for any other, which goes
+/// the long way.
 ///
-/// Every stored change counts once in `next_seq`, and a doc's signatures
-/// are those of its changes (a delete removes them all, leaving only the
-/// tombstone's), so as many signatures as `next_seq` means none is
-/// missing. A doc with changes from before signatures has fewer and goes
-/// the long way, where `sig_of` signs those.
+/// The signatures go as stored. One left by a crash between a change's
+/// signature and the change has no change in the save; the receiver takes
+/// the signatures of the changes it gets and passes over the rest.
 pub(super) fn stored_save(inner: &Inner, doc: &str) -> Option<(Vec<u8>, Vec<u8>)> {
     use crate::trust::{SIG_ENTRY_LEN, TOMBSTONE_HASH, push_entry};
     let id = DocId::new(doc).ok()?;
@@ -24,7 +23,11 @@ pub(super) fn stored_save(inner: &Inner, doc: &str) -> Option<(Vec<u8>, Vec<u8>)
         return None;
     }
     let meta = inner.store.doc_meta(doc).ok()??;
-    if meta.deleted_at_ms.is_some() || meta.tail_changes != 0 || meta.snapshot_bytes == 0 {
+    if !meta.signed
+        || meta.deleted_at_ms.is_some()
+        || meta.tail_changes != 0
+        || meta.snapshot_bytes == 0
+    {
         return None;
     }
     // No tail (checked above): the snapshot alone (`doc_data` checks the
@@ -35,12 +38,10 @@ pub(super) fn stored_save(inner: &Inner, doc: &str) -> Option<(Vec<u8>, Vec<u8>)
     }
     let stored = inner.store.sigs(doc).ok()?;
     let mut sigs = Vec::with_capacity(stored.len() * SIG_ENTRY_LEN);
-    let mut n = 0;
     for (hash, sig) in stored.iter().filter(|(h, _)| **h != TOMBSTONE_HASH) {
         push_entry(&mut sigs, hash, sig);
-        n += 1;
     }
-    (n == meta.next_seq).then_some((data.snapshot, sigs))
+    Some((data.snapshot, sigs))
 }
 
 /// A compact save of the doc as it is in memory and its change hashes, or

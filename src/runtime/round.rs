@@ -374,12 +374,14 @@ fn store_merged(
             return Err(why);
         }
     };
+    let signed = sigs.len() == new.len();
     for (hash, sig) in sigs {
         round.batch.put_sig(id.as_str(), &hash, &sig);
         round.sigs.accept(id.as_str(), hash, sig);
     }
     let bytes = new.iter().map(|c| c.raw_bytes());
-    super::persist::store_changes(inner, &mut round.batch, id, &mut meta, loaded, now, bytes);
+    let batch = &mut round.batch;
+    super::persist::store_changes(inner, batch, id, &mut meta, loaded, now, bytes, signed);
     inner
         .changes
         .remote
@@ -637,6 +639,8 @@ impl DocAccess for Round<'_> {
                 .unwrap_or_else(|| DocMeta::new(now_ms()));
             let tail = super::persist::tail_range(&meta);
             meta.deleted_at_ms = Some(now_ms());
+            // (A doc made again after its delete goes the long way.)
+            meta.signed = false;
             meta.size_bytes = 0;
             meta.snapshot_bytes = 0;
             meta.tail_changes = 0;

@@ -100,11 +100,13 @@ impl WriteBatch {
     }
 
     /// Replaces doc `id`'s snapshot (which must include every change in `tail`)
-    /// and removes the changes in `tail`, atomically.
+    /// and removes the changes in `tail` (and a change left at `tail.end` by
+    /// a crash during an append, which no later append would overwrite once
+    /// `meta` moves `next_seq` past it), atomically.
     pub fn compact(&mut self, id: &str, snapshot: &[u8], meta: &DocMeta, tail: Range<u64>) {
-        let n = tail.end - tail.start;
+        let n = tail.end - tail.start + 1;
         let b = self.atomic();
-        for seq in tail {
+        for seq in tail.start..=tail.end {
             b.remove(change_key(id, seq));
         }
         b.insert(snapshot_key(id), snapshot);

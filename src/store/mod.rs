@@ -709,6 +709,7 @@ mod tests {
             created_at_ms: 1,
             updated_at_ms: 1,
             deleted_at_ms: None,
+            signed: false,
         }
     }
 
@@ -803,7 +804,7 @@ mod tests {
     }
 
     #[test]
-    fn compaction_removes_only_covered_changes() {
+    fn compaction_removes_its_tail_and_a_crash_leftover() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path(), 1 << 20).unwrap();
         let mut b = WriteBatch::default();
@@ -811,19 +812,33 @@ mod tests {
             b.append_change("d", seq, &[seq as u8], &meta(seq + 1));
         }
         s.apply(b).unwrap();
-        // Changes 3 and 4 are in the same batch as the compaction of 0..4:
-        // the removal of 3 cancels its insert, 4 stays.
+        // What a crash during the next append leaves: change 3 without
+        // the meta that counts it.
+        s.docs.insert(change_key("d", 3), &b"lost"[..]).unwrap();
+        // The next change (3 again) is stored only in the compaction of
+        // 0..3: nothing would ever overwrite the leftover at 3, so the
+        // compaction removes it.
+        let mut m = meta(4);
+        m.tail_changes = 0;
         let mut b = WriteBatch::default();
-        for seq in 3..5 {
-            b.append_change("d", seq, &[seq as u8], &meta(seq + 1));
-        }
-        let mut m = meta(5);
-        m.tail_changes = 1;
-        b.compact("d", b"snap", &m, 0..4);
+        b.compact("d", b"snap", &m, 0..3);
         s.apply(b).unwrap();
         let data = s.doc_data("d", &m).unwrap();
         assert_eq!(data.snapshot, b"snap");
-        assert_eq!(data.changes, vec![vec![4u8]]);
+        assert!(data.changes.is_empty());
+        assert_eq!(s.docs.scan_prefix(change_prefix("d")).count(), 0);
+        // Changes appended earlier in the compaction's own batch go too:
+        // the removal cancels the insert.
+        let mut b = WriteBatch::default();
+        for seq in 4..6 {
+            b.append_change("d", seq, &[seq as u8], &meta(seq + 1));
+        }
+        let mut m = meta(6);
+        m.tail_changes = 0;
+        b.compact("d", b"snap2", &m, 4..6);
+        s.apply(b).unwrap();
+        assert_eq!(s.doc_data("d", &m).unwrap().snapshot, b"snap2");
+        assert_eq!(s.docs.scan_prefix(change_prefix("d")).count(), 0);
     }
 
     #[test]

@@ -25,6 +25,13 @@ pub struct DocMeta {
     /// Set when the doc was deleted: a tombstone. Data is gone, the meta stays.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deleted_at_ms: Option<u64>,
+    /// Every change stored for the doc has its signature stored, and has
+    /// had since its first change: what lets a push send the stored save
+    /// and signatures without loading the doc. False for docs written
+    /// before it was kept, or with a change stored unsigned (a node
+    /// without an identity, or from before signatures).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub signed: bool,
 }
 
 impl DocMeta {
@@ -39,6 +46,7 @@ impl DocMeta {
             created_at_ms: now_ms,
             updated_at_ms: now_ms,
             deleted_at_ms: None,
+            signed: true,
         }
     }
 }

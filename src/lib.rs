@@ -20,6 +20,14 @@
 //! internals its own tests reach (`mergeflow::testing`). Neither is needed by
 //! an embedder.
 //!
+//! TLS: the node's HTTPS clients (`http` steps, HTTP pulls, [`client`]) and
+//! its `mqtts://` bridge use rustls with ring. Before it builds its first
+//! HTTPS client, the node makes ring rustls' process-wide default provider
+//! ([`http_allow::install_tls_provider`]) unless the application has set
+//! one: an application that calls `CryptoProvider::install_default` itself
+//! should do so before it starts a node (afterwards it gets an error back,
+//! and the node's choice stands).
+//!
 //! # Layout
 //!
 //! One line per module of `src/` (public ones linked):

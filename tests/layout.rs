@@ -2,7 +2,9 @@
 //! by `scripts/check-layout.sh`:
 //! - no import cycle between the modules of `src/`: between files (each file
 //!   is a module), and between top-level modules (`src/doc/` as one);
-//! - no source file over 700 lines, not counting its `#[cfg(test)]` items.
+//! - no source file over 700 lines, not counting its `#[cfg(test)]` items;
+//! - every TLS client of the node (src/ and mergeflow-tools) installs the
+//!   rustls crypto provider before it is built.
 //!
 //! Imports are read from the source text: `use` trees and qualified paths
 //! (`crate::`, `super::`, `self::`, and paths from a child module), with
@@ -38,6 +40,55 @@ fn no_source_file_is_over_700_lines_without_its_tests() {
         over.is_empty(),
         "files over {MAX_LINES} lines in src/; split them by concern:\n{}",
         over.join("\n")
+    );
+}
+
+/// Where the node builds a TLS client that takes rustls' process-wide
+/// crypto provider (reqwest is built without one of its own, and so is
+/// rumqttc's simple TLS setup). Test builds give reqwest a provider through
+/// a dev-dependency, so a client built without
+/// `http_allow::install_tls_provider()` works in every test and fails only
+/// in the node binary: this rule is the check.
+const TAKES_DEFAULT_PROVIDER: [&str; 6] = [
+    "Client::builder()",
+    "Client::new()",
+    "ClientBuilder::new()",
+    "reqwest::get(",
+    "ClientConfig::builder()",
+    "TlsConfiguration::Simple",
+];
+
+#[test]
+fn every_tls_client_of_the_node_installs_the_provider_first() {
+    let mut files = Vec::new();
+    walk(&repo().join("src"), &mut files);
+    walk(&repo().join("tools/mergeflow-tools/src"), &mut files);
+    let mut found = 0;
+    let mut bad = Vec::new();
+    for path in files {
+        let src = std::fs::read_to_string(&path).expect("readable source");
+        let (code, _) = drop_test_items(&blank(&src));
+        let lines: Vec<&str> = code.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            if !TAKES_DEFAULT_PROVIDER.iter().any(|p| line.contains(p)) {
+                continue;
+            }
+            found += 1;
+            let before = &lines[i.saturating_sub(3)..i];
+            if !before.iter().any(|l| l.contains("install_tls_provider()")) {
+                bad.push(format!("  {}:{}: {}", path.display(), i + 1, line.trim()));
+            }
+        }
+    }
+    assert!(
+        found >= 2,
+        "the check found no client at all: is it still reading src/?"
+    );
+    assert!(
+        bad.is_empty(),
+        "TLS clients built without `crate::http_allow::install_tls_provider()` in the 3 lines \
+         before (the node binary has no other provider):\n{}",
+        bad.join("\n")
     );
 }
 

@@ -10,10 +10,16 @@ import { NodeFSStorageAdapter } from "@automerge/automerge-repo-storage-nodefs"
 import { http, onEnd, startNode, until } from "./lib/cluster.mjs"
 
 /** A repo with storage in `dir`, counting the sync bytes it receives. */
+// How often a repo saves a doc or sync state at most (automerge-repo's
+// default). The saves are throttled timers that neither `flush` nor
+// `shutdown` waits for.
+const SAVE_MS = 100
+
 function counted(node, dir) {
   const repo = new Repo({
     network: [new WebSocketClientAdapter(node.ws)],
     storage: new NodeFSStorageAdapter(dir),
+    saveDebounceRate: SAVE_MS,
   })
   const seen = { bytes: 0 }
   repo.networkSubsystem.on("message", (m) => {
@@ -23,9 +29,14 @@ function counted(node, dir) {
 }
 
 test("a client that disconnects and reconnects gets what changed, not the whole doc again", async (t) => {
-  const node = await startNode(t)
+  // Removed last (cleanups run in reverse), once the node and both repos
+  // are gone and a save throttled before the shutdown has fired.
   const dir = mkdtempSync(path.join(tmpdir(), "mergeflow-interop-storage-"))
-  onEnd(t, () => rmSync(dir, { recursive: true, force: true }))
+  onEnd(t, async () => {
+    await new Promise((done) => setTimeout(done, 3 * SAVE_MS))
+    rmSync(dir, { recursive: true, force: true })
+  })
+  const node = await startNode(t)
   // A doc of 20 changes of 100 items each. (Automerge sends the whole doc
   // instead of changes when more than a third of its changes are missing:
   // a change on a doc of one or two changes is always the whole doc.)
@@ -51,7 +62,12 @@ test("a client that disconnects and reconnects gets what changed, not the whole 
   await http(node, "PATCH", "/v1/docs/big%2Fdoc", { extra: "while away" })
 
   const second = counted(node, dir)
-  onEnd(t, () => second.repo.shutdown())
+  // Flushed first: a sync state the repo saves after it has shut down
+  // would land in the storage dir after that dir is removed.
+  onEnd(t, async () => {
+    await second.repo.flush()
+    await second.repo.shutdown()
+  })
   const h2 = await second.repo.find(url)
   await until("the client has the change made while it was away", () => h2.doc().extra === "while away")
   assert.equal(h2.doc().part19.length, 100)

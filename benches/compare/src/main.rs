@@ -30,6 +30,7 @@
 //!
 //! Every socket has TCP_NODELAY (libp2p sets it; the other two are given it).
 //! Prints numbers; asserts nothing. `ONLY=samod,raw` runs a subset.
+//! `COMPACT_AFTER=N` sets mergeflow's `store.compact_after_changes`.
 
 use std::collections::HashMap;
 use std::io;
@@ -280,6 +281,9 @@ mod mf {
         config.net.kademlia = false;
         config.net.peers = peers;
         config.log.level = "error".into();
+        // For experiments: `COMPACT_AFTER=N` sets `store.compact_after_changes`.
+        let default = config.store.compact_after_changes as usize;
+        config.store.compact_after_changes = super::env_usize("COMPACT_AFTER", default) as u64;
         Node::builder()
             .config(config)
             .network(true)

@@ -219,6 +219,94 @@ async fn small_docs_compact_early_and_big_ones_wait() {
     node.shutdown().await.unwrap();
 }
 
+/// A doc past the small-doc bounds compacts off the writer thread (its save
+/// takes milliseconds): under concurrent writes nothing is lost, the
+/// stored tail stays bounded, and what is stored (the save, then the
+/// changes that came while it was made) loads as the doc. A doc deleted
+/// while its saves may be under way stays deleted, with nothing stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn big_docs_compact_off_the_writer_thread_and_lose_nothing() {
+    const WRITERS: usize = 8;
+    const EACH: usize = 60;
+    let dir = tempfile::tempdir().unwrap();
+    let tweak = |c: &mut Config| c.store.compact_after_changes = 16;
+    let node = open(dir.path(), tweak).await;
+    let write_all = |id: &'static str| {
+        let tasks: Vec<_> = (0..WRITERS)
+            .map(|w| {
+                let doc = node.doc(id).unwrap();
+                tokio::spawn(async move {
+                    for i in 0..EACH {
+                        doc.patch(json!({ format!("w{w}"): i, "last": i }))
+                            .await
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        futures_util::future::join_all(tasks)
+    };
+    for t in write_all("hot").await {
+        t.unwrap();
+    }
+    for t in write_all("gone").await {
+        t.unwrap();
+    }
+    node.doc("gone").unwrap().delete().await.unwrap();
+    let check = |v: &serde_json::Value| {
+        for w in 0..WRITERS {
+            assert_eq!(v[format!("w{w}")], json!(EACH - 1), "writer {w}: {v}");
+        }
+    };
+    check(&node.doc("hot").unwrap().get().await.unwrap());
+    node.shutdown().await.unwrap();
+    drop(node);
+    let data = dir.path().join("data");
+    tokio::task::spawn_blocking(move || {
+        let store = mergeflow::testing::store::Store::open(&data, 1 << 20).unwrap();
+        let meta = store.doc_meta("hot").unwrap().unwrap();
+        let stored = store.doc_data("hot", &meta).unwrap();
+        assert!(!stored.snapshot.is_empty(), "{meta:?}");
+        // Past 256 changes with no compaction, the tail would hold 224.
+        assert!(meta.tail_changes < 128, "{meta:?}");
+        assert_eq!(stored.changes.len() as u64, meta.tail_changes);
+        let mut doc = automerge::Automerge::load(&stored.snapshot).unwrap();
+        let tail: Vec<automerge::Change> = stored
+            .changes
+            .iter()
+            .map(|c| automerge::Change::from_bytes(c.clone()).unwrap())
+            .collect();
+        doc.apply_changes(tail).unwrap();
+        assert_eq!(doc.get_changes(&[]).len() as u64, meta.next_seq);
+        let heads: Vec<String> = doc.get_heads().iter().map(|h| h.to_string()).collect();
+        let mut expected = meta.heads.clone();
+        expected.sort();
+        let mut heads = heads;
+        heads.sort();
+        assert_eq!(heads, expected, "the stored doc has the meta's heads");
+        // A save made before the delete, stored after it, would be back.
+        let meta = store.doc_meta("gone").unwrap().unwrap();
+        assert!(meta.deleted_at_ms.is_some(), "{meta:?}");
+        let stored = store.doc_data("gone", &meta).unwrap();
+        assert!(stored.snapshot.is_empty() && stored.changes.is_empty());
+    })
+    .await
+    .unwrap();
+    let node = open(dir.path(), tweak).await;
+    check(&node.doc("hot").unwrap().get().await.unwrap());
+    let history = node.doc("hot").unwrap().history().await.unwrap();
+    assert_eq!(
+        history.iter().filter(|h| !h.genesis).count(),
+        WRITERS * EACH
+    );
+    let gone = node.doc("gone").unwrap().get().await;
+    assert!(
+        matches!(gone, Err(Error::Doc(DocError::Deleted(_)))),
+        "{gone:?}"
+    );
+    node.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn size_caps_name_the_cap_and_store_nothing() {
     let dir = tempfile::tempdir().unwrap();

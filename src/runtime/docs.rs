@@ -122,6 +122,7 @@ impl Docs {
             policy,
             flushed: Default::default(),
             wake: std::sync::OnceLock::new(),
+            compactor: Default::default(),
         });
         let weak = tx.downgrade();
         let _ = inner.wake.set(Arc::new(move || {

@@ -6,7 +6,8 @@
 //! - [`Docs`] is the front door for local writes and reads (the HTTP API, the
 //!   library's [`crate::DocHandle`], workflows, backups): a write is queued
 //!   for the writer thread (`writer.rs`), applied under the doc's lock
-//!   (`local.rs`), stored in one sled batch per round (`persist.rs`) and
+//!   (`local.rs`), stored in one sled batch per round (`persist.rs`; a big
+//!   doc's compaction is saved on a helper thread: `compact.rs`) and
 //!   answered after the group-commit flush.
 //! - [`Inbox`] is the transport-agnostic way in for peers: a connection id
 //!   (a peer's id as a string) plus a sync [`Input`](crate::sync::Input). The
@@ -32,6 +33,7 @@
 //! holds a change the store lacks (other than between steps 1 and 2).
 
 mod clients;
+mod compact;
 mod docs;
 mod host;
 mod inbox;

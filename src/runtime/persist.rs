@@ -121,7 +121,7 @@ pub(super) fn store_changes<'a>(
         meta.tail_changes += 1;
         meta.size_bytes += bytes.len() as u64;
     }
-    if compaction_due(inner, meta) {
+    if compaction_due(inner, meta) && !compacts_later(inner, id, meta, loaded) {
         let snapshot = loaded.doc.save();
         meta.size_bytes = snapshot.len() as u64;
         meta.snapshot_bytes = meta.size_bytes;
@@ -133,6 +133,21 @@ pub(super) fn store_changes<'a>(
         // together (see `WriteBatch::append_changes`).
         batch.append_changes(id.as_str(), first, &changes, meta);
     }
+}
+
+/// Whether a compaction due now is left to the helper thread (see
+/// `compact.rs`), which is asked for it here: for a doc that is not small,
+/// and whose raw changes stay within `doc.max_doc_bytes`. (The changes are
+/// then appended as usual.)
+fn compacts_later(inner: &Inner, id: &DocId, meta: &DocMeta, loaded: &Loaded) -> bool {
+    !is_small(meta)
+        && meta.size_bytes <= inner.cfg.max_doc_bytes
+        && inner.compactor.request(id, &loaded.doc, meta)
+}
+
+/// Whether the small-doc compaction rule applies (see [`SMALL_DOC_BYTES`]).
+fn is_small(meta: &DocMeta) -> bool {
+    meta.size_bytes <= SMALL_DOC_BYTES && meta.next_seq <= SMALL_DOC_CHANGES
 }
 
 /// Docs stored in at most this many bytes (snapshot and tail), with at
@@ -164,7 +179,7 @@ const SMALL_DOC_TAIL: u64 = 8;
 /// peer): what is stored then is the compact save.
 fn compaction_due(inner: &Inner, meta: &DocMeta) -> bool {
     let n = inner.cfg.compact_after_changes;
-    let min_tail = if meta.size_bytes <= SMALL_DOC_BYTES && meta.next_seq <= SMALL_DOC_CHANGES {
+    let min_tail = if is_small(meta) {
         n.min(SMALL_DOC_TAIL.max(meta.next_seq / 4))
     } else {
         n

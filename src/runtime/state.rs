@@ -169,6 +169,8 @@ pub(super) struct Inner {
     /// Wakes the writer for them (holding its queue weakly: the queue
     /// closes when the last `Docs` handle goes).
     pub(super) wake: std::sync::OnceLock<Arc<dyn Fn() + Send + Sync>>,
+    /// Saves big docs for compaction off the writer thread.
+    pub(super) compactor: super::compact::Compactor,
 }
 
 impl Inner {

@@ -148,6 +148,8 @@ fn write_round(
         .unwrap_or_default();
     let mut round = Round::new(inner, leftovers);
     round.unflushed = std::mem::take(unflushed);
+    // Saves the compaction thread made since the last round.
+    super::compact::store_done(inner, &mut round);
     // Remote input first, all of the round's together: fast-path changes of
     // one doc from one peer then cost one Automerge apply, however many
     // frames brought them (a receiver that falls behind catches up in
@@ -210,6 +212,9 @@ fn write_round(
     };
     if applied.is_ok() {
         round.unflushed.hold(&later);
+        inner.compactor.submit(inner.wake.get().cloned());
+    } else {
+        inner.compactor.discard();
     }
     if let (Some(sync), Ok(())) = (sync.as_deref_mut(), &applied) {
         for input in local {

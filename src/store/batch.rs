@@ -104,9 +104,23 @@ impl WriteBatch {
     /// a crash during an append, which no later append would overwrite once
     /// `meta` moves `next_seq` past it), atomically.
     pub fn compact(&mut self, id: &str, snapshot: &[u8], meta: &DocMeta, tail: Range<u64>) {
-        let n = tail.end - tail.start + 1;
+        self.compact_covered(id, snapshot, meta, tail.start..tail.end + 1);
+    }
+
+    /// Replaces doc `id`'s snapshot with one that includes every change in
+    /// `covered` and removes those changes, atomically; the changes after
+    /// them stay, as the tail `meta` counts (a save made off the writer
+    /// thread, while more changes came).
+    pub fn compact_covered(
+        &mut self,
+        id: &str,
+        snapshot: &[u8],
+        meta: &DocMeta,
+        covered: Range<u64>,
+    ) {
+        let n = covered.end - covered.start;
         let b = self.atomic();
-        for seq in tail.start..=tail.end {
+        for seq in covered {
             b.remove(change_key(id, seq));
         }
         b.insert(snapshot_key(id), snapshot);

@@ -842,6 +842,27 @@ mod tests {
     }
 
     #[test]
+    fn a_compaction_made_meanwhile_keeps_the_changes_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), 1 << 20).unwrap();
+        let mut b = WriteBatch::default();
+        for seq in 0..5 {
+            b.append_change("d", seq, &[seq as u8], &meta(seq + 1));
+        }
+        s.apply(b).unwrap();
+        // A save of changes 0..3, made while 3 and 4 came.
+        let mut m = meta(5);
+        m.tail_changes = 2;
+        let mut b = WriteBatch::default();
+        b.compact_covered("d", b"snap", &m, 0..3);
+        s.apply(b).unwrap();
+        let data = s.doc_data("d", &m).unwrap();
+        assert_eq!(data.snapshot, b"snap");
+        assert_eq!(data.changes, vec![vec![3u8], vec![4u8]]);
+        assert_eq!(s.docs.scan_prefix(change_prefix("d")).count(), 2);
+    }
+
+    #[test]
     fn a_change_without_its_meta_is_ignored_then_overwritten() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path(), 1 << 20).unwrap();

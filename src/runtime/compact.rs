@@ -1,0 +1,232 @@
+//! Compaction of big docs off the writer thread.
+//!
+//! A compaction saves the whole doc, and for a doc with a long history
+//! that takes milliseconds (most of it DEFLATE). On the writer thread every
+//! write queued behind it waited: a hot doc of 10,000 changes compacted
+//! every 256, on both nodes, and that was half of a stream's p99 lag
+//! (BENCHMARKS.md, issue 23 at its close). Now the writer hands a clone of
+//! such a doc to a helper thread, which saves it, and a later round stores
+//! the save with the removal of the changes it covers, in one atomic batch,
+//! keeping those that came after.
+//!
+//! Small docs (see `persist::compaction_due`) still compact in the round:
+//! their save costs microseconds, and the changes that made it due are
+//! stored only in the save. So does a doc whose raw changes would put it
+//! over `doc.max_doc_bytes`.
+//!
+//! A save is stored only if it still fits: the doc is in memory (its meta
+//! there is the store's), live, its tail starts where it did, and it holds
+//! every change the save does. Anything else (a delete, a compaction in
+//! between, an eviction, a failed store write) drops it, and the doc
+//! compacts again when it is next due.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, mpsc};
+
+use automerge::{Automerge, ChangeHash, ReadDoc};
+
+use super::round::Round;
+use super::state::Inner;
+use crate::doc::DocId;
+use crate::doc::cache::lock_slot;
+use crate::store::DocMeta;
+
+/// Most docs with a save asked for and not yet stored. Past it a doc
+/// compacts in the round, as before: each request holds a clone of its doc,
+/// and a catch-up of many big docs would otherwise queue a clone of each
+/// faster than one thread saves them.
+const MAX_IN_FLIGHT: usize = 4;
+
+/// What the writer wakes itself with (see `Inner::wake`).
+type Wake = Arc<dyn Fn() + Send + Sync>;
+
+/// A doc to save: a clone as it was after change `covers - 1`.
+struct Request {
+    id: DocId,
+    doc: Automerge,
+    at: Place,
+}
+
+/// Where in a doc's stored sequence a save was taken.
+#[derive(Clone, Copy)]
+struct Place {
+    /// First sequence number of the tail when the save was asked for.
+    tail_start: u64,
+    /// The save holds every change below this sequence number.
+    covers: u64,
+    /// Bytes of the tail changes `tail_start..covers`.
+    tail_bytes: u64,
+}
+
+/// A save made by the helper (`None` if Automerge panicked).
+struct Done {
+    id: DocId,
+    save: Option<(Vec<u8>, Vec<ChangeHash>)>,
+    at: Place,
+}
+
+/// The helper thread and what goes to and from it. Every method but the
+/// helper's own loop is called on the writer thread.
+#[derive(Default)]
+pub(super) struct Compactor {
+    /// Asked for in the round in progress: sent once its batch is stored
+    /// (a save must not hold changes the store may yet refuse).
+    pending: Mutex<Vec<Request>>,
+    /// Docs asked for and not yet stored or dropped: one save at a time.
+    busy: Mutex<HashSet<DocId>>,
+    /// Saves made, for the next round.
+    done: Arc<Mutex<Vec<Done>>>,
+    /// To the helper; started on the first request.
+    tx: Mutex<Option<mpsc::Sender<Request>>>,
+    /// The helper could not be started: compactions stay in the round.
+    unavailable: std::sync::atomic::AtomicBool,
+}
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Compactor {
+    /// Asks for a save of `doc` (just changed, `meta` counting those
+    /// changes). False if the round must compact it itself (the helper
+    /// cannot run, or has [`MAX_IN_FLIGHT`] docs already); true if the save
+    /// is asked for, or one already is.
+    pub(super) fn request(&self, id: &DocId, doc: &Automerge, meta: &DocMeta) -> bool {
+        use std::sync::atomic::Ordering;
+        if self.unavailable.load(Ordering::Relaxed) {
+            return false;
+        }
+        let mut busy = locked(&self.busy);
+        if busy.contains(id) {
+            return true;
+        }
+        if busy.len() >= MAX_IN_FLIGHT {
+            return false;
+        }
+        busy.insert(id.clone());
+        drop(busy);
+        let at = Place {
+            tail_start: super::persist::tail_range(meta).start,
+            covers: meta.next_seq,
+            tail_bytes: meta.size_bytes.saturating_sub(meta.snapshot_bytes),
+        };
+        locked(&self.pending).push(Request {
+            id: id.clone(),
+            doc: doc.clone(),
+            at,
+        });
+        true
+    }
+
+    /// The round's batch is stored: its requests go to the helper, which
+    /// wakes the writer with `wake` when a save is ready.
+    pub(super) fn submit(&self, wake: Option<Wake>) {
+        let pending = std::mem::take(&mut *locked(&self.pending));
+        if pending.is_empty() {
+            return;
+        }
+        let mut tx = locked(&self.tx);
+        if tx.is_none() {
+            *tx = self.start(wake);
+        }
+        let Some(sender) = tx.as_ref() else {
+            // (Logged by `start`.) Their docs compact in the round from now on.
+            let mut busy = locked(&self.busy);
+            for r in pending {
+                busy.remove(&r.id);
+            }
+            return;
+        };
+        for r in pending {
+            let id = r.id.clone();
+            if sender.send(r).is_err() {
+                locked(&self.busy).remove(&id);
+            }
+        }
+    }
+
+    /// The round's batch was not stored: its requests are dropped.
+    pub(super) fn discard(&self) {
+        let pending = std::mem::take(&mut *locked(&self.pending));
+        let mut busy = locked(&self.busy);
+        for r in pending {
+            busy.remove(&r.id);
+        }
+    }
+
+    fn start(&self, wake: Option<Wake>) -> Option<mpsc::Sender<Request>> {
+        let (tx, rx) = mpsc::channel::<Request>();
+        let done = self.done.clone();
+        let started = std::thread::Builder::new()
+            .name("mergeflow-compact".into())
+            .spawn(move || {
+                for r in rx {
+                    let doc = std::panic::AssertUnwindSafe(&r.doc);
+                    let save = std::panic::catch_unwind(|| (doc.save(), doc.get_heads())).ok();
+                    locked(&done).push(Done {
+                        id: r.id,
+                        save,
+                        at: r.at,
+                    });
+                    if let Some(wake) = &wake {
+                        wake();
+                    }
+                }
+            });
+        match started {
+            Ok(_) => Some(tx),
+            Err(e) => {
+                tracing::warn!(err = %e, "cannot start the compaction thread; docs compact on the writer thread");
+                self.unavailable
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                None
+            }
+        }
+    }
+}
+
+/// Adds the saves the helper made to `round`'s batch, each with the removal
+/// of the tail changes it covers, where they still fit (see the module
+/// docs).
+pub(super) fn store_done(inner: &Inner, round: &mut Round<'_>) {
+    let done = std::mem::take(&mut *locked(&inner.compactor.done));
+    for d in done {
+        locked(&inner.compactor.busy).remove(&d.id);
+        let Some((save, heads)) = d.save else {
+            continue;
+        };
+        let Some(slot) = inner.cache.cached(&d.id) else {
+            continue;
+        };
+        let mut guard = lock_slot(&slot);
+        let Some(loaded) = guard.as_mut() else {
+            continue;
+        };
+        let Some(meta) = loaded.meta.as_mut() else {
+            continue;
+        };
+        let fits = meta.deleted_at_ms.is_none()
+            && super::persist::tail_range(meta).start == d.at.tail_start
+            && meta.next_seq >= d.at.covers
+            && heads
+                .iter()
+                .all(|h| loaded.doc.get_change_by_hash(h).is_some());
+        if !fits {
+            continue;
+        }
+        let tail_bytes = meta.size_bytes.saturating_sub(meta.snapshot_bytes);
+        let kept_bytes = tail_bytes.saturating_sub(d.at.tail_bytes);
+        meta.snapshot_bytes = save.len() as u64;
+        meta.size_bytes = meta.snapshot_bytes + kept_bytes;
+        meta.tail_changes = meta.next_seq - d.at.covers;
+        let covered = d.at.tail_start..d.at.covers;
+        round
+            .batch
+            .compact_covered(d.id.as_str(), &save, meta, covered);
+        inner.cache.note_size(&d.id, loaded);
+        drop(guard);
+        // Kept in memory until the batch is stored (as every doc a round
+        // changes): a reload in between would read the old meta.
+        round.touched.push(slot);
+    }
+}

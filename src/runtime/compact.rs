@@ -14,11 +14,12 @@
 //! stored only in the save. So does a doc whose raw changes would put it
 //! over `doc.max_doc_bytes`.
 //!
-//! A save is stored only if it still fits: the doc is in memory (its meta
-//! there is the store's), live, its tail starts where it did, and it holds
-//! every change the save does. Anything else (a delete, a compaction in
-//! between, an eviction, a failed store write) drops it, and the doc
-//! compacts again when it is next due.
+//! The doc stays in memory while its save is made (the request holds its
+//! slot). The save is stored only if it still fits: the doc is loaded (its
+//! meta there is the store's), live, its tail starts where it did, and it
+//! holds every change the save does. Anything else (a delete, a compaction
+//! in between, a failed store write, which unloads the doc) drops it, and
+//! the doc compacts again when it is next due.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, mpsc};
@@ -28,7 +29,7 @@ use automerge::{Automerge, ChangeHash, ReadDoc};
 use super::round::Round;
 use super::state::Inner;
 use crate::doc::DocId;
-use crate::doc::cache::lock_slot;
+use crate::doc::cache::{DocCache, SlotRef, lock_slot};
 use crate::store::DocMeta;
 
 /// Most docs with a save asked for and not yet stored. Past it a doc
@@ -40,9 +41,13 @@ const MAX_IN_FLIGHT: usize = 4;
 /// What the writer wakes itself with (see `Inner::wake`).
 type Wake = Arc<dyn Fn() + Send + Sync>;
 
-/// A doc to save: a clone as it was after change `covers - 1`.
+/// A doc to save: a clone as it was after change `covers - 1`, and its
+/// slot, held so that the doc stays in memory until the save is stored
+/// (a reload would lose Automerge's queue of changes whose dependencies
+/// are missing, and with it what the save may be checked against).
 struct Request {
     id: DocId,
+    slot: SlotRef,
     doc: Automerge,
     at: Place,
 }
@@ -61,6 +66,7 @@ struct Place {
 /// A save made by the helper (`None` if Automerge panicked).
 struct Done {
     id: DocId,
+    slot: SlotRef,
     save: Option<(Vec<u8>, Vec<ChangeHash>)>,
     at: Place,
 }
@@ -91,11 +97,20 @@ impl Compactor {
     /// changes). False if the round must compact it itself (the helper
     /// cannot run, or has [`MAX_IN_FLIGHT`] docs already); true if the save
     /// is asked for, or one already is.
-    pub(super) fn request(&self, id: &DocId, doc: &Automerge, meta: &DocMeta) -> bool {
+    pub(super) fn request(
+        &self,
+        cache: &DocCache,
+        id: &DocId,
+        doc: &Automerge,
+        meta: &DocMeta,
+    ) -> bool {
         use std::sync::atomic::Ordering;
         if self.unavailable.load(Ordering::Relaxed) {
             return false;
         }
+        let Some(slot) = cache.cached(id) else {
+            return false;
+        };
         let mut busy = locked(&self.busy);
         if busy.contains(id) {
             return true;
@@ -112,6 +127,7 @@ impl Compactor {
         };
         locked(&self.pending).push(Request {
             id: id.clone(),
+            slot,
             doc: doc.clone(),
             at,
         });
@@ -162,9 +178,11 @@ impl Compactor {
             .spawn(move || {
                 for r in rx {
                     let doc = std::panic::AssertUnwindSafe(&r.doc);
-                    let save = std::panic::catch_unwind(|| (doc.save(), doc.get_heads())).ok();
+                    let save =
+                        std::panic::catch_unwind(|| (compact_save(&doc), doc.get_heads())).ok();
                     locked(&done).push(Done {
                         id: r.id,
+                        slot: r.slot,
                         save,
                         at: r.at,
                     });
@@ -185,6 +203,18 @@ impl Compactor {
     }
 }
 
+/// A doc's save for the store: without the changes Automerge holds back
+/// until their dependencies arrive (kept by default). Those were never
+/// stored as changes either; a save holding one would, once the missing
+/// dependency came, load with heads its meta does not name. Sync brings
+/// them again.
+pub(super) fn compact_save(doc: &Automerge) -> Vec<u8> {
+    doc.save_with_options(automerge::SaveOptions {
+        retain_orphans: false,
+        ..Default::default()
+    })
+}
+
 /// Adds the saves the helper made to `round`'s batch, each with the removal
 /// of the tail changes it covers, where they still fit (see the module
 /// docs).
@@ -195,9 +225,7 @@ pub(super) fn store_done(inner: &Inner, round: &mut Round<'_>) {
         let Some((save, heads)) = d.save else {
             continue;
         };
-        let Some(slot) = inner.cache.cached(&d.id) else {
-            continue;
-        };
+        let slot = d.slot;
         let mut guard = lock_slot(&slot);
         let Some(loaded) = guard.as_mut() else {
             continue;

@@ -121,8 +121,9 @@ pub(super) fn store_changes<'a>(
         meta.tail_changes += 1;
         meta.size_bytes += bytes.len() as u64;
     }
-    if compaction_due(inner, meta) && !compacts_later(inner, id, meta, loaded) {
-        let snapshot = loaded.doc.save();
+    let many = changes.len() as u64 >= inner.cfg.compact_after_changes;
+    if compaction_due(inner, meta) && (many || !compacts_later(inner, id, meta, loaded)) {
+        let snapshot = super::compact::compact_save(&loaded.doc);
         meta.size_bytes = snapshot.len() as u64;
         meta.snapshot_bytes = meta.size_bytes;
         meta.tail_changes = 0;
@@ -138,11 +139,13 @@ pub(super) fn store_changes<'a>(
 /// Whether a compaction due now is left to the helper thread (see
 /// `compact.rs`), which is asked for it here: for a doc that is not small,
 /// and whose raw changes stay within `doc.max_doc_bytes`. (The changes are
-/// then appended as usual.)
+/// then appended as usual.) Not when the changes being stored are many at
+/// once (a pushed or merged doc, `store.compact_after_changes` or more):
+/// those go into the save in the round and are never written raw.
 fn compacts_later(inner: &Inner, id: &DocId, meta: &DocMeta, loaded: &Loaded) -> bool {
     !is_small(meta)
         && meta.size_bytes <= inner.cfg.max_doc_bytes
-        && inner.compactor.request(id, &loaded.doc, meta)
+        && inner.compactor.request(&inner.cache, id, &loaded.doc, meta)
 }
 
 /// Whether the small-doc compaction rule applies (see [`SMALL_DOC_BYTES`]).

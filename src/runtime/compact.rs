@@ -26,11 +26,9 @@ use std::sync::{Arc, Mutex, mpsc};
 
 use automerge::{Automerge, ChangeHash, ReadDoc};
 
-use super::round::Round;
-use super::state::Inner;
 use crate::doc::DocId;
 use crate::doc::cache::{DocCache, SlotRef, lock_slot};
-use crate::store::DocMeta;
+use crate::store::{DocMeta, WriteBatch};
 
 /// Most docs with a save asked for and not yet stored. Past it a doc
 /// compacts in the round, as before: each request holds a clone of its doc,
@@ -64,7 +62,7 @@ struct Place {
 }
 
 /// A save made by the helper (`None` if Automerge panicked).
-struct Done {
+pub(super) struct Done {
     id: DocId,
     slot: SlotRef,
     save: Option<(Vec<u8>, Vec<ChangeHash>)>,
@@ -121,7 +119,7 @@ impl Compactor {
         busy.insert(id.clone());
         drop(busy);
         let at = Place {
-            tail_start: super::persist::tail_range(meta).start,
+            tail_start: meta.next_seq - meta.tail_changes,
             covers: meta.next_seq,
             tail_bytes: meta.size_bytes.saturating_sub(meta.snapshot_bytes),
         };
@@ -215,46 +213,48 @@ pub(super) fn compact_save(doc: &Automerge) -> Vec<u8> {
     })
 }
 
-/// Adds the saves the helper made to `round`'s batch, each with the removal
-/// of the tail changes it covers, where they still fit (see the module
-/// docs).
-pub(super) fn store_done(inner: &Inner, round: &mut Round<'_>) {
-    let done = std::mem::take(&mut *locked(&inner.compactor.done));
-    for d in done {
-        locked(&inner.compactor.busy).remove(&d.id);
-        let Some((save, heads)) = d.save else {
-            continue;
-        };
-        let slot = d.slot;
+impl Compactor {
+    /// The saves the helper made since the last call. Each is done with as
+    /// far as this compactor goes: the doc may be asked for again.
+    pub(super) fn take_done(&self) -> Vec<Done> {
+        let done = std::mem::take(&mut *locked(&self.done));
+        let mut busy = locked(&self.busy);
+        for d in &done {
+            busy.remove(&d.id);
+        }
+        done
+    }
+}
+
+impl Done {
+    /// Adds this save to `batch`, with the removal of the tail changes it
+    /// covers, if it still fits (see the module docs). Returns the doc's
+    /// slot, to be kept until `batch` is stored, as every slot a round
+    /// changes (a reload in between would read the old meta).
+    pub(super) fn store(self, batch: &mut WriteBatch, cache: &DocCache) -> Option<SlotRef> {
+        let (save, heads) = self.save?;
+        let slot = self.slot;
         let mut guard = lock_slot(&slot);
-        let Some(loaded) = guard.as_mut() else {
-            continue;
-        };
-        let Some(meta) = loaded.meta.as_mut() else {
-            continue;
-        };
+        let loaded = guard.as_mut()?;
+        let meta = loaded.meta.as_mut()?;
         let fits = meta.deleted_at_ms.is_none()
-            && super::persist::tail_range(meta).start == d.at.tail_start
-            && meta.next_seq >= d.at.covers
+            && meta.next_seq - meta.tail_changes == self.at.tail_start
+            && meta.next_seq >= self.at.covers
             && heads
                 .iter()
                 .all(|h| loaded.doc.get_change_by_hash(h).is_some());
         if !fits {
-            continue;
+            return None;
         }
         let tail_bytes = meta.size_bytes.saturating_sub(meta.snapshot_bytes);
-        let kept_bytes = tail_bytes.saturating_sub(d.at.tail_bytes);
+        let kept_bytes = tail_bytes.saturating_sub(self.at.tail_bytes);
         meta.snapshot_bytes = save.len() as u64;
         meta.size_bytes = meta.snapshot_bytes + kept_bytes;
-        meta.tail_changes = meta.next_seq - d.at.covers;
-        let covered = d.at.tail_start..d.at.covers;
-        round
-            .batch
-            .compact_covered(d.id.as_str(), &save, meta, covered);
-        inner.cache.note_size(&d.id, loaded);
+        meta.tail_changes = meta.next_seq - self.at.covers;
+        let covered = self.at.tail_start..self.at.covers;
+        batch.compact_covered(self.id.as_str(), &save, meta, covered);
+        cache.note_size(&self.id, loaded);
         drop(guard);
-        // Kept in memory until the batch is stored (as every doc a round
-        // changes): a reload in between would read the old meta.
-        round.touched.push(slot);
+        Some(slot)
     }
 }

@@ -149,7 +149,11 @@ fn write_round(
     let mut round = Round::new(inner, leftovers);
     round.unflushed = std::mem::take(unflushed);
     // Saves the compaction thread made since the last round.
-    super::compact::store_done(inner, &mut round);
+    for done in inner.compactor.take_done() {
+        if let Some(slot) = done.store(&mut round.batch, &inner.cache) {
+            round.touched.push(slot);
+        }
+    }
     // Remote input first, all of the round's together: fast-path changes of
     // one doc from one peer then cost one Automerge apply, however many
     // frames brought them (a receiver that falls behind catches up in

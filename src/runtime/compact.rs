@@ -24,7 +24,7 @@
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, mpsc};
 
-use automerge::{Automerge, ChangeHash, ReadDoc};
+use automerge::{Automerge, ChangeHash};
 
 use crate::doc::DocId;
 use crate::doc::cache::{DocCache, SlotRef, lock_slot};
@@ -119,7 +119,7 @@ impl Compactor {
         busy.insert(id.clone());
         drop(busy);
         let at = Place {
-            tail_start: meta.next_seq - meta.tail_changes,
+            tail_start: meta.tail_range().start,
             covers: meta.next_seq,
             tail_bytes: meta.size_bytes.saturating_sub(meta.snapshot_bytes),
         };
@@ -145,16 +145,13 @@ impl Compactor {
         }
         let Some(sender) = tx.as_ref() else {
             // (Logged by `start`.) Their docs compact in the round from now on.
-            let mut busy = locked(&self.busy);
-            for r in pending {
-                busy.remove(&r.id);
-            }
+            self.release(pending.iter().map(|r| &r.id));
             return;
         };
         for r in pending {
             let id = r.id.clone();
             if sender.send(r).is_err() {
-                locked(&self.busy).remove(&id);
+                self.release([&id]);
             }
         }
     }
@@ -162,9 +159,22 @@ impl Compactor {
     /// The round's batch was not stored: its requests are dropped.
     pub(super) fn discard(&self) {
         let pending = std::mem::take(&mut *locked(&self.pending));
+        self.release(pending.iter().map(|r| &r.id));
+    }
+
+    /// The saves the helper made since the last call. Each is done with as
+    /// far as this compactor goes: the doc may be asked for again.
+    pub(super) fn take_done(&self) -> Vec<Done> {
+        let done = std::mem::take(&mut *locked(&self.done));
+        self.release(done.iter().map(|d| &d.id));
+        done
+    }
+
+    /// `ids` may be asked for again.
+    fn release<'a>(&self, ids: impl IntoIterator<Item = &'a DocId>) {
         let mut busy = locked(&self.busy);
-        for r in pending {
-            busy.remove(&r.id);
+        for id in ids {
+            busy.remove(id);
         }
     }
 
@@ -213,19 +223,6 @@ pub(super) fn compact_save(doc: &Automerge) -> Vec<u8> {
     })
 }
 
-impl Compactor {
-    /// The saves the helper made since the last call. Each is done with as
-    /// far as this compactor goes: the doc may be asked for again.
-    pub(super) fn take_done(&self) -> Vec<Done> {
-        let done = std::mem::take(&mut *locked(&self.done));
-        let mut busy = locked(&self.busy);
-        for d in &done {
-            busy.remove(&d.id);
-        }
-        done
-    }
-}
-
 impl Done {
     /// Adds this save to `batch`, with the removal of the tail changes it
     /// covers, if it still fits (see the module docs). Returns the doc's
@@ -238,11 +235,11 @@ impl Done {
         let loaded = guard.as_mut()?;
         let meta = loaded.meta.as_mut()?;
         let fits = meta.deleted_at_ms.is_none()
-            && meta.next_seq - meta.tail_changes == self.at.tail_start
+            && meta.tail_range().start == self.at.tail_start
             && meta.next_seq >= self.at.covers
             && heads
                 .iter()
-                .all(|h| loaded.doc.get_change_by_hash(h).is_some());
+                .all(|h| loaded.doc.get_change_meta_by_hash(h).is_some());
         if !fits {
             return None;
         }

@@ -8,9 +8,7 @@ use std::sync::atomic::Ordering;
 use automerge::transaction::{CommitOptions, Transactable, Transaction};
 use automerge::{Automerge, ChangeHash, ReadDoc};
 
-use super::persist::{
-    changed_paths, forget_side_data, patch_log, roll_back, store_changes, tail_range,
-};
+use super::persist::{changed_paths, forget_side_data, patch_log, roll_back, store_changes};
 use super::round::Touch;
 use super::state::{Change, Inner, WriteOp, WriteResult, WriteTags};
 
@@ -154,12 +152,10 @@ pub(super) fn apply(
             let old = live_meta(id, loaded)?.clone();
             let mut meta = old.clone();
             meta.deleted_at_ms = Some(now_ms());
-            // (A doc made again after its delete goes the long way.)
-            meta.signed = false;
             meta.size_bytes = 0;
             meta.snapshot_bytes = 0;
             meta.tail_changes = 0;
-            batch.tombstone(id.as_str(), &meta, tail_range(&old));
+            batch.tombstone(id.as_str(), &meta, old.tail_range());
             forget_side_data(inner, batch, id);
             // Signed like a change: peers take a delete only from a node
             // that may write the doc.

@@ -81,11 +81,6 @@ pub(super) fn patch_prop(action: &automerge::PatchAction) -> Option<automerge::P
     }
 }
 
-/// Sequence numbers of a doc's stored change tail.
-pub(super) fn tail_range(meta: &DocMeta) -> std::ops::Range<u64> {
-    meta.next_seq.saturating_sub(meta.tail_changes)..meta.next_seq
-}
-
 /// Stores `changes`, just applied to the doc in memory, in `batch`: as the
 /// doc's next tail entries with its meta (new heads, update time, sequence,
 /// tail and size) alongside, or, when they make a compaction due (see
@@ -113,7 +108,7 @@ pub(super) fn store_changes<'a>(
         .map(|h| h.to_string())
         .collect();
     meta.updated_at_ms = now;
-    let stored_tail = tail_range(meta);
+    let stored_tail = meta.tail_range();
     let first = meta.next_seq;
     let changes: Vec<&[u8]> = changes.into_iter().collect();
     for bytes in &changes {

@@ -637,10 +637,8 @@ impl DocAccess for Round<'_> {
                 .meta
                 .clone()
                 .unwrap_or_else(|| DocMeta::new(now_ms()));
-            let tail = super::persist::tail_range(&meta);
+            let tail = meta.tail_range();
             meta.deleted_at_ms = Some(now_ms());
-            // (A doc made again after its delete goes the long way.)
-            meta.signed = false;
             meta.size_bytes = 0;
             meta.snapshot_bytes = 0;
             meta.tail_changes = 0;

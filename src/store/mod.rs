@@ -412,7 +412,7 @@ impl Store {
             .map_err(|e| self.sled_err(e))?
             .map(|v| v.to_vec())
             .unwrap_or_default();
-        let first = meta.next_seq.saturating_sub(meta.tail_changes);
+        let first = meta.tail_range().start;
         let mut changes = Vec::new();
         for kv in self
             .docs

@@ -35,6 +35,11 @@ pub struct DocMeta {
 }
 
 impl DocMeta {
+    /// Sequence numbers of the doc's stored change tail.
+    pub fn tail_range(&self) -> std::ops::Range<u64> {
+        self.next_seq.saturating_sub(self.tail_changes)..self.next_seq
+    }
+
     /// The meta of a doc that is being created at `now_ms`: no changes yet.
     pub fn new(now_ms: u64) -> DocMeta {
         DocMeta {
